@@ -1,0 +1,1 @@
+"""blockguardctl: the command-line client of blockguardd."""

@@ -1,0 +1,1 @@
+"""blockguardd: D-Bus objects, scheduler loop, udev watcher, systemd notification."""

@@ -1,0 +1,224 @@
+"""The one error tree of blockguard.
+
+Every error a user can see is a :class:`BlockguardError` subclass. Each class carries
+its user-facing message (``template``, formatted with the keyword fields given at raise
+time), the CLI exit code and the D-Bus error name. The D-Bus layer and the CLI translate
+these mechanically; anything that is not a ``BlockguardError`` is an internal error and
+is reported as :class:`InternalError`, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+DBUS_PREFIX = "org.blockguard1.Error"
+
+
+class ExitCode(enum.IntEnum):
+    """Exit codes of ``blockguardctl`` and ``blockguardd`` (documented in the README)."""
+
+    OK = 0
+    ERROR = 1
+    USAGE = 2
+    NOT_FOUND = 3
+    BUSY = 4
+    PERMISSION = 5
+    DATA = 6
+    ENVIRONMENT = 7
+    INTERNAL = 70
+
+
+class BlockguardError(Exception):
+    """Base of all errors blockguard reports to a user."""
+
+    template: ClassVar[str] = "{detail}"
+    exit_code: ClassVar[ExitCode] = ExitCode.ERROR
+    dbus_name: ClassVar[str] = f"{DBUS_PREFIX}.Failed"
+
+    def __init__(self, **fields: Any) -> None:
+        self.fields = fields
+        try:
+            message = self.template.format(**fields)
+        except (KeyError, IndexError) as missing:
+            # A programming error in a raise site must not hide the original problem.
+            message = f"{self.template} (fields: {fields!r}; missing {missing})"
+        self.message = message
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --- bad input ------------------------------------------------------------------
+
+
+class InvalidInput(BlockguardError):
+    """Something the caller gave is not acceptable."""
+
+    template = "invalid input: {detail}"
+    exit_code = ExitCode.USAGE
+    dbus_name = f"{DBUS_PREFIX}.InvalidInput"
+
+
+class InvalidObjectives(InvalidInput):
+    template = "invalid recovery objectives: {detail}"
+    dbus_name = f"{DBUS_PREFIX}.InvalidObjectives"
+
+
+class InvalidChunkSize(InvalidInput):
+    template = (
+        "chunk size {chunk_size} is not allowed: it must be a power of two "
+        "between 4 KiB and 16 MiB"
+    )
+    dbus_name = f"{DBUS_PREFIX}.InvalidChunkSize"
+
+
+class NotABlockDevice(InvalidInput):
+    template = "{path} is not a block device{why}"
+    dbus_name = f"{DBUS_PREFIX}.NotABlockDevice"
+
+    def __init__(self, path: str, why: str = "") -> None:
+        super().__init__(path=path, why=f" ({why})" if why else "")
+
+
+class DeviceInUse(InvalidInput):
+    template = "{path} is in use: {reason}"
+    exit_code = ExitCode.BUSY
+    dbus_name = f"{DBUS_PREFIX}.DeviceInUse"
+
+
+class DeviceTooSmall(InvalidInput):
+    template = "{path} is too small: {size} bytes, at least {needed} bytes needed"
+    dbus_name = f"{DBUS_PREFIX}.DeviceTooSmall"
+
+
+class DeviceReadOnly(InvalidInput):
+    template = "{path} is read-only"
+    dbus_name = f"{DBUS_PREFIX}.DeviceReadOnly"
+
+
+class AlreadyExists(InvalidInput):
+    template = "{what} {name} already exists"
+    dbus_name = f"{DBUS_PREFIX}.AlreadyExists"
+
+
+# --- lookups ----------------------------------------------------------------------
+
+
+class NotFound(BlockguardError):
+    template = "{what} {name} does not exist"
+    exit_code = ExitCode.NOT_FOUND
+    dbus_name = f"{DBUS_PREFIX}.NotFound"
+
+
+# --- state and permission ---------------------------------------------------------
+
+
+class Busy(BlockguardError):
+    template = "{what} is busy: {reason}"
+    exit_code = ExitCode.BUSY
+    dbus_name = f"{DBUS_PREFIX}.Busy"
+
+
+class NotAuthorized(BlockguardError):
+    template = "not authorized: {detail}"
+    exit_code = ExitCode.PERMISSION
+    dbus_name = f"{DBUS_PREFIX}.NotAuthorized"
+
+
+class TrackingLost(BlockguardError):
+    template = "change tracking of {volume} is not exact: {reason}"
+    exit_code = ExitCode.DATA
+    dbus_name = f"{DBUS_PREFIX}.TrackingLost"
+
+
+class PoolSpaceLow(BlockguardError):
+    template = "pool {pool} has {free} bytes free, {needed} bytes needed"
+    exit_code = ExitCode.ENVIRONMENT
+    dbus_name = f"{DBUS_PREFIX}.PoolSpaceLow"
+
+
+class SnapshotOverflow(BlockguardError):
+    template = "point-in-time snapshot of {volume} filled up; the backup was aborted"
+    exit_code = ExitCode.ENVIRONMENT
+    dbus_name = f"{DBUS_PREFIX}.SnapshotOverflow"
+
+
+# --- data integrity ---------------------------------------------------------------
+
+
+class DataError(BlockguardError):
+    template = "data error: {detail}"
+    exit_code = ExitCode.DATA
+    dbus_name = f"{DBUS_PREFIX}.DataError"
+
+
+class ChecksumMismatch(DataError):
+    template = "checksum mismatch in generation {generation} at chunk {chunk}"
+    dbus_name = f"{DBUS_PREFIX}.ChecksumMismatch"
+
+
+class CorruptMetadata(DataError):
+    template = "{what} is corrupt: {detail}"
+    dbus_name = f"{DBUS_PREFIX}.CorruptMetadata"
+
+
+# --- environment: commands and devices --------------------------------------------
+
+
+class EnvironmentProblem(BlockguardError):
+    template = "{detail}"
+    exit_code = ExitCode.ENVIRONMENT
+    dbus_name = f"{DBUS_PREFIX}.Environment"
+
+
+class CommandNotFound(EnvironmentProblem):
+    template = "required program {program} was not found (looked for {path})"
+    dbus_name = f"{DBUS_PREFIX}.CommandNotFound"
+
+
+class CommandFailed(EnvironmentProblem):
+    """An external command exited non-zero."""
+
+    template = "{program} failed with exit code {returncode}: {stderr_tail}"
+    dbus_name = f"{DBUS_PREFIX}.CommandFailed"
+
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: str) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+        tail = stderr.strip().splitlines()[-1] if stderr.strip() else "(no error output)"
+        super().__init__(program=argv[0], returncode=returncode, stderr_tail=tail)
+
+
+class CommandTimeout(EnvironmentProblem):
+    template = "{program} did not finish within {timeout} s and was killed"
+    dbus_name = f"{DBUS_PREFIX}.CommandTimeout"
+
+    def __init__(self, argv: Sequence[str], timeout: float, stderr: str = "") -> None:
+        self.argv = list(argv)
+        self.timeout = timeout
+        self.stderr = stderr
+        super().__init__(program=argv[0], timeout=timeout)
+
+
+# --- everything else ---------------------------------------------------------------
+
+
+class InternalError(BlockguardError):
+    template = "internal error ({detail}); see the daemon log for details"
+    exit_code = ExitCode.INTERNAL
+    dbus_name = f"{DBUS_PREFIX}.Internal"
+
+
+def all_error_classes() -> list[type[BlockguardError]]:
+    """Every class of the tree, the base included (for tests and the D-Bus contract)."""
+    seen: list[type[BlockguardError]] = []
+    todo: list[type[BlockguardError]] = [BlockguardError]
+    while todo:
+        cls = todo.pop()
+        seen.append(cls)
+        todo.extend(cls.__subclasses__())
+    return seen

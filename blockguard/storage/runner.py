@@ -1,0 +1,193 @@
+"""The one door through which blockguard runs external programs.
+
+Every call takes an argv list (never a shell string), runs with ``LC_ALL=C`` so that
+output parses the same everywhere, has a mandatory timeout, is logged, and is kept in a
+bounded flight recorder that failure reports dump. Program paths can be overridden
+per program, by the constructor or by ``BLOCKGUARD_BIN_<NAME>`` environment variables
+(``BLOCKGUARD_BIN_DMSETUP=/tmp/fake-dmsetup``), so tests can put a failing fake in front.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from blockguard.errors import CommandFailed, CommandNotFound, CommandTimeout, InvalidInput
+
+log = logging.getLogger(__name__)
+
+#: Where programs are looked up when they are not on PATH (root's sbin dirs are often
+#: missing from the PATH of a service or a test).
+SEARCH_PATH = os.pathsep.join(["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
+
+
+@dataclass(frozen=True)
+class CommandRecord:
+    """One finished (or failed to start) call, as kept by the flight recorder."""
+
+    argv: tuple[str, ...]
+    returncode: int | None
+    duration: float
+    stderr_tail: str
+    started: float = field(repr=False)
+
+    def line(self) -> str:
+        rc = "timeout" if self.returncode is None else f"rc={self.returncode}"
+        tail = f" stderr={self.stderr_tail!r}" if self.stderr_tail else ""
+        return f"{time.strftime('%H:%M:%S', time.localtime(self.started))} {rc} " \
+            f"{self.duration:.3f}s {' '.join(self.argv)}{tail}"
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """The outcome of a call that ran to its end."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+    duration: float
+
+
+class Runner:
+    """Runs external programs; see the module docstring for the guarantees.
+
+    :param binaries: program name -> path overrides (take precedence over the environment).
+    :param history: how many calls the flight recorder keeps.
+    :param env: extra environment variables for every call (``LC_ALL`` is always ``C``).
+    """
+
+    def __init__(
+        self,
+        binaries: Mapping[str, str] | None = None,
+        history: int = 100,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self._binaries = dict(binaries or {})
+        self._recorder: collections.deque[CommandRecord] = collections.deque(maxlen=history)
+        self._lock = threading.Lock()
+        self._env = dict(env or {})
+
+    def resolve(self, program: str) -> str:
+        """Return the path that would run for ``program``.
+
+        :raises CommandNotFound: when neither an override nor the search path has it.
+        """
+        override = self._binaries.get(program) or os.environ.get(
+            "BLOCKGUARD_BIN_" + program.upper().replace("-", "_")
+        )
+        if override:
+            if not os.access(override, os.X_OK):
+                raise CommandNotFound(program=program, path=override)
+            return override
+        if os.sep in program:
+            if not os.access(program, os.X_OK):
+                raise CommandNotFound(program=program, path=program)
+            return program
+        search = os.environ.get("PATH", "") + os.pathsep + SEARCH_PATH
+        found = shutil.which(program, path=search)
+        if found is None:
+            raise CommandNotFound(program=program, path=search)
+        return found
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float,
+        input: bytes | str | None = None,  # noqa: A002 - mirrors subprocess.run
+        check: bool = True,
+        env: Mapping[str, str] | None = None,
+    ) -> CommandResult:
+        """Run ``argv`` and wait for it.
+
+        :param argv: program name and arguments; a plain string is refused.
+        :param timeout: seconds before the program is killed (mandatory).
+        :param input: data for the program's stdin (none: stdin is /dev/null).
+        :param check: raise :class:`CommandFailed` on a non-zero exit.
+        :param env: extra environment variables for this call.
+        :raises CommandFailed: non-zero exit with ``check``.
+        :raises CommandTimeout: the timeout passed; the program was killed.
+        :raises CommandNotFound: the program does not exist.
+        """
+        if isinstance(argv, str | bytes) or not argv:
+            raise InvalidInput(detail=f"a command must be a non-empty argv list, not {argv!r}")
+        if not all(isinstance(a, str) for a in argv):
+            raise InvalidInput(detail=f"every argument must be a string: {argv!r}")
+        if timeout is None or timeout <= 0:
+            raise InvalidInput(detail=f"a command needs a positive timeout, got {timeout!r}")
+        argv = [self.resolve(argv[0]), *argv[1:]]
+        call_env = {**os.environ, **self._env, **(env or {}), "LC_ALL": "C"}
+        data = input.encode() if isinstance(input, str) else input
+        started = time.time()
+        t0 = time.monotonic()
+        log.debug("run: %s", argv)
+        try:
+            proc = subprocess.run(
+                argv,
+                input=data,
+                stdin=None if data is not None else subprocess.DEVNULL,
+                capture_output=True,
+                timeout=timeout,
+                env=call_env,
+                check=False,
+                shell=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            stderr = _text(exc.stderr)
+            self._record(argv, None, time.monotonic() - t0, stderr, started)
+            log.warning("command timed out after %ss: %s", timeout, argv)
+            raise CommandTimeout(argv, timeout, stderr) from None
+        except FileNotFoundError:
+            self._record(argv, None, time.monotonic() - t0, "not found", started)
+            raise CommandNotFound(program=argv[0], path=argv[0]) from None
+        duration = time.monotonic() - t0
+        stdout, stderr = _text(proc.stdout), _text(proc.stderr)
+        self._record(argv, proc.returncode, duration, stderr, started)
+        log.debug("rc=%d in %.3fs: %s", proc.returncode, duration, argv)
+        if check and proc.returncode != 0:
+            raise CommandFailed(argv, proc.returncode, stderr)
+        return CommandResult(tuple(argv), proc.returncode, stdout, stderr, duration)
+
+    def _record(
+        self, argv: Sequence[str], rc: int | None, duration: float, stderr: str, started: float
+    ) -> None:
+        tail = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+        with self._lock:
+            self._recorder.append(CommandRecord(tuple(argv), rc, duration, tail, started))
+
+    def history(self) -> list[CommandRecord]:
+        """The last calls, oldest first."""
+        with self._lock:
+            return list(self._recorder)
+
+    def failure_report(self) -> str:
+        """The flight recorder as text, for logs and bug reports."""
+        lines = [r.line() for r in self.history()]
+        return "last commands run:\n" + ("\n".join(lines) if lines else "(none)")
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    if isinstance(data, str):
+        return data
+    return data.decode("utf-8", errors="replace")
+
+
+_default: Runner | None = None
+
+
+def default_runner() -> Runner:
+    """The process-wide runner (one flight recorder for the whole daemon)."""
+    global _default
+    if _default is None:
+        _default = Runner()
+    return _default
