@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 #: Where programs are looked up when they are not on PATH (root's sbin dirs are often
 #: missing from the PATH of a service or a test).
-SEARCH_PATH = os.pathsep.join(["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
+SEARCH_PATH = os.pathsep.join(
+    ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+)
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,10 @@ class CommandRecord:
     def line(self) -> str:
         rc = "timeout" if self.returncode is None else f"rc={self.returncode}"
         tail = f" stderr={self.stderr_tail!r}" if self.stderr_tail else ""
-        return f"{time.strftime('%H:%M:%S', time.localtime(self.started))} {rc} " \
+        return (
+            f"{time.strftime('%H:%M:%S', time.localtime(self.started))} {rc} "
             f"{self.duration:.3f}s {' '.join(self.argv)}{tail}"
+        )
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ class Runner:
         argv: Sequence[str],
         *,
         timeout: float,
-        input: bytes | str | None = None,  # noqa: A002 - mirrors subprocess.run
+        input: bytes | str | None = None,
         check: bool = True,
         env: Mapping[str, str] | None = None,
     ) -> CommandResult:
