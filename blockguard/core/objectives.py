@@ -1,0 +1,347 @@
+"""Recovery objectives: what the administrator asks for (the seed's setup screen, Fig. 2).
+
+The RPO (how much may be lost) is one of an interval, a daily hour in local time, or an
+amount of changed data; the RTO (how long a restore may take) is a duration that refers to a
+restore mode, swap-in (the default: the backup becomes the volume) or copy (the backup is
+copied back to a new device). Either or both may be given. Everything here validates on
+construction, so an invalid ``RecoveryObjectives`` cannot exist.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from blockguard.core.units import (
+    EiB,
+    MiB,
+    format_duration,
+    format_size,
+    parse_duration,
+    parse_size,
+)
+from blockguard.errors import InvalidInput, InvalidObjectives
+
+MIN_INTERVAL = timedelta(minutes=1)
+MAX_INTERVAL = timedelta(days=365)
+MIN_RTO = timedelta(seconds=1)
+MAX_RTO = timedelta(days=30)
+MIN_CHANGED_BYTES = MiB
+MAX_CHANGED_BYTES = EiB
+MAX_GENERATIONS = 10_000
+DEFAULT_GENERATIONS = 7
+
+_HOUR_RE = re.compile(r"([0-9]{1,2}):([0-9]{2})")
+
+
+class RestoreMode(enum.StrEnum):
+    """What the RTO refers to."""
+
+    #: The backup is switched in as the volume (reflink/thin snapshot of the full, deltas
+    #: applied on top): the full costs no copying.
+    SWAP_IN = "swap-in"
+    #: The backup is copied back to a new device: the full is copied too.
+    COPY = "copy"
+
+
+@dataclass(frozen=True)
+class IntervalRPO:
+    """Back up at least every ``interval``."""
+
+    interval: timedelta
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.interval, timedelta):
+            raise InvalidObjectives(detail=f"RPO interval {self.interval!r} is not a duration")
+        if self.interval < MIN_INTERVAL or self.interval > MAX_INTERVAL:
+            raise InvalidObjectives(
+                detail=f"RPO interval {format_duration(self.interval)} is outside "
+                f"{format_duration(MIN_INTERVAL)}..{format_duration(MAX_INTERVAL)}"
+            )
+
+    def describe(self) -> str:
+        """Human description, e.g. ``"every 15m"``."""
+        return f"every {format_duration(self.interval)}"
+
+
+@dataclass(frozen=True)
+class DailyRPO:
+    """Back up once a day at ``hour:minute`` local wall-clock time in ``tz``.
+
+    ``tz`` is an IANA zone name; ``None`` means the system's local zone. On a day when the
+    wall time does not exist (spring forward) the run happens right after the gap; when it
+    exists twice (fall back) it happens at the first of the two. Either way, once.
+    """
+
+    hour: int
+    minute: int = 0
+    tz: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, value, top in (("hour", self.hour, 23), ("minute", self.minute, 59)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+                raise InvalidObjectives(
+                    detail=f"RPO daily {name} {value!r} is not an integer in 0..{top}"
+                )
+        if self.tz is not None:
+            try:
+                ZoneInfo(self.tz)
+            except (ZoneInfoNotFoundError, ValueError) as exc:
+                raise InvalidObjectives(
+                    detail=f"RPO time zone {self.tz!r} is not a known IANA zone name"
+                ) from exc
+
+    @property
+    def at(self) -> str:
+        """The wall time as ``"HH:MM"``."""
+        return f"{self.hour:02d}:{self.minute:02d}"
+
+    def describe(self) -> str:
+        """Human description, e.g. ``"daily at 02:30 Europe/Berlin"``."""
+        return f"daily at {self.at} {self.tz or 'local time'}"
+
+
+@dataclass(frozen=True)
+class ChangedDataRPO:
+    """Back up when ``nbytes`` of the volume have changed since the last backup."""
+
+    nbytes: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.nbytes, bool) or not isinstance(self.nbytes, int):
+            raise InvalidObjectives(detail=f"RPO changed-data amount {self.nbytes!r} is not bytes")
+        if not MIN_CHANGED_BYTES <= self.nbytes <= MAX_CHANGED_BYTES:
+            raise InvalidObjectives(
+                detail=f"RPO changed-data amount {format_size(self.nbytes)} is outside "
+                f"{format_size(MIN_CHANGED_BYTES)}..{format_size(MAX_CHANGED_BYTES)}"
+            )
+
+    def describe(self) -> str:
+        """Human description, e.g. ``"after 10.0 GiB changed"``."""
+        return f"after {format_size(self.nbytes)} changed"
+
+
+RPO = IntervalRPO | DailyRPO | ChangedDataRPO
+
+
+@dataclass(frozen=True)
+class RecoveryObjectives:
+    """The objectives of one volume or group.
+
+    :param rpo: the recovery point objective, or ``None``.
+    :param rto: the recovery time objective, or ``None``.
+    :param restore_mode: what the RTO refers to.
+    :param generations: how many generations to keep (at least 1).
+    """
+
+    rpo: RPO | None = None
+    rto: timedelta | None = None
+    restore_mode: RestoreMode = RestoreMode.SWAP_IN
+    generations: int = DEFAULT_GENERATIONS
+
+    def __post_init__(self) -> None:
+        if self.rpo is None and self.rto is None:
+            raise InvalidObjectives(detail="give an RPO, an RTO or both; neither was given")
+        if self.rpo is not None and not isinstance(
+            self.rpo, IntervalRPO | DailyRPO | ChangedDataRPO
+        ):
+            raise InvalidObjectives(detail=f"RPO {self.rpo!r} is not an interval, hour or amount")
+        if self.rto is not None:
+            if not isinstance(self.rto, timedelta):
+                raise InvalidObjectives(detail=f"RTO {self.rto!r} is not a duration")
+            if self.rto < MIN_RTO or self.rto > MAX_RTO:
+                raise InvalidObjectives(
+                    detail=f"RTO {format_duration(self.rto)} is outside "
+                    f"{format_duration(MIN_RTO)}..{format_duration(MAX_RTO)}"
+                )
+        try:
+            mode = RestoreMode(self.restore_mode)
+        except ValueError as exc:
+            raise InvalidObjectives(
+                detail=f"restore mode {self.restore_mode!r} is not one of "
+                f"{', '.join(m.value for m in RestoreMode)}"
+            ) from exc
+        object.__setattr__(self, "restore_mode", mode)
+        g = self.generations
+        if isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= MAX_GENERATIONS:
+            raise InvalidObjectives(
+                detail=f"generations {g!r} is not an integer in 1..{MAX_GENERATIONS}"
+            )
+
+    def describe(self) -> str:
+        """One line for display, e.g. ``"RPO every 1h, RTO 5m (swap-in), 7 generations"``."""
+        parts = []
+        if self.rpo is not None:
+            parts.append(f"RPO {self.rpo.describe()}")
+        if self.rto is not None:
+            parts.append(f"RTO {format_duration(self.rto)} ({self.restore_mode.value})")
+        parts.append(f"{self.generations} generations")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly form for the catalog; :meth:`from_dict` reads it back."""
+        rpo: dict[str, Any] | None
+        match self.rpo:
+            case IntervalRPO(interval=interval):
+                rpo = {"kind": "interval", "seconds": interval.total_seconds()}
+            case DailyRPO() as daily:
+                rpo = {"kind": "daily", "at": daily.at, "tz": daily.tz}
+            case ChangedDataRPO(nbytes=nbytes):
+                rpo = {"kind": "changed", "bytes": nbytes}
+            case _:
+                rpo = None
+        return {
+            "rpo": rpo,
+            "rto_seconds": None if self.rto is None else self.rto.total_seconds(),
+            "restore_mode": self.restore_mode.value,
+            "generations": self.generations,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RecoveryObjectives:
+        """Rebuild objectives stored with :meth:`to_dict`.
+
+        :param data: the stored mapping.
+        :raises InvalidObjectives: if the mapping is malformed or its values are invalid.
+        """
+        if not isinstance(data, Mapping):
+            raise InvalidObjectives(detail=f"stored objectives {data!r} are not a mapping")
+        try:
+            raw_rpo = data.get("rpo")
+            rpo: RPO | None
+            if raw_rpo is None:
+                rpo = None
+            elif raw_rpo["kind"] == "interval":
+                rpo = IntervalRPO(timedelta(seconds=float(raw_rpo["seconds"])))
+            elif raw_rpo["kind"] == "daily":
+                rpo = parse_daily(raw_rpo["at"], raw_rpo.get("tz"))
+            elif raw_rpo["kind"] == "changed":
+                rpo = ChangedDataRPO(int(raw_rpo["bytes"]))
+            else:
+                raise InvalidObjectives(detail=f"stored RPO kind {raw_rpo['kind']!r} is unknown")
+            rto_seconds = data.get("rto_seconds")
+            rto = None if rto_seconds is None else timedelta(seconds=float(rto_seconds))
+            return cls(
+                rpo=rpo,
+                rto=rto,
+                restore_mode=RestoreMode(data.get("restore_mode", RestoreMode.SWAP_IN.value)),
+                generations=data.get("generations", DEFAULT_GENERATIONS),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidObjectives(
+                detail=f"stored objectives {dict(data)!r} are malformed: {exc}"
+            ) from exc
+
+
+def parse_daily(text: str, tz: str | None = None) -> DailyRPO:
+    """Parse a wall time ``"HH:MM"`` (24-hour) into a :class:`DailyRPO`.
+
+    :param text: the time of day, e.g. ``"02:30"``.
+    :param tz: IANA zone name, or ``None`` for local time.
+    :raises InvalidObjectives: if the time does not parse or is out of range (``"25:00"``).
+    """
+    match = _HOUR_RE.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None:
+        raise InvalidObjectives(detail=f"daily hour {text!r} is not HH:MM (e.g. 02:30)")
+    hour, minute = int(match.group(1)), int(match.group(2))
+    if hour > 23 or minute > 59:
+        raise InvalidObjectives(detail=f"daily hour {text!r} is not a time of day (00:00..23:59)")
+    return DailyRPO(hour, minute, tz)
+
+
+def parse_rpo(text: str, tz: str | None = None) -> RPO:
+    """Parse an RPO as typed by a user.
+
+    Accepted forms: ``"every 15m"`` or ``"15m"`` (interval); ``"daily 02:30"``,
+    ``"at 02:30"`` or ``"02:30"`` (daily hour); ``"changed 10GiB"`` or ``"10G"`` (amount of
+    changed data). Without a keyword, a duration with lower-case units wins over a size.
+
+    :param text: the user's text.
+    :param tz: zone name for a daily hour (``None``: local time).
+    :raises InvalidObjectives: naming the text, if it is none of the forms or out of range.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidObjectives(detail=f"RPO {text!r} is empty")
+    words = text.strip().split(None, 1)
+    keyword = words[0].lower()
+    rest = words[1] if len(words) == 2 else ""
+    try:
+        if keyword == "every":
+            return IntervalRPO(parse_duration(rest))
+        if keyword in ("daily", "at"):
+            return parse_daily(rest, tz)
+        if keyword == "changed":
+            return ChangedDataRPO(parse_size(rest))
+    except InvalidObjectives:
+        raise
+    except InvalidInput as exc:
+        raise InvalidObjectives(detail=f"RPO {text!r}: {exc.fields.get('detail', exc)}") from exc
+    body = text.strip()
+    if _HOUR_RE.fullmatch(body):
+        return parse_daily(body, tz)
+    try:
+        return IntervalRPO(parse_duration(body))
+    except InvalidObjectives:
+        raise
+    except InvalidInput:
+        pass
+    try:
+        return ChangedDataRPO(parse_size(body))
+    except InvalidObjectives:
+        raise
+    except InvalidInput as exc:
+        raise InvalidObjectives(
+            detail=f"RPO {text!r} is not an interval (15m, every 4h), a daily hour "
+            "(02:30, daily 02:30) or an amount of changed data (10GiB, changed 10G)"
+        ) from exc
+
+
+def parse_rto(text: str | float | timedelta) -> timedelta:
+    """Parse an RTO duration (``"5m"``, ``"1h30m"``); the range is checked by the objectives.
+
+    :param text: the user's text, seconds, or a timedelta.
+    :raises InvalidObjectives: naming the text if it does not parse.
+    """
+    try:
+        return parse_duration(text)
+    except InvalidInput as exc:
+        raise InvalidObjectives(detail=f"RTO {text!r}: {exc.fields.get('detail', exc)}") from exc
+
+
+def parse_objectives(
+    rpo: str | None = None,
+    rto: str | None = None,
+    *,
+    generations: str | int | None = None,
+    restore_mode: str | None = None,
+    tz: str | None = None,
+) -> RecoveryObjectives:
+    """Build objectives from user strings (CLI, D-Bus); ``None``/empty means "not given".
+
+    :param rpo: see :func:`parse_rpo`.
+    :param rto: see :func:`parse_rto`.
+    :param generations: number of generations to keep (default 7).
+    :param restore_mode: ``"swap-in"`` (default) or ``"copy"``.
+    :param tz: zone name for a daily-hour RPO (default: local time).
+    :raises InvalidObjectives: naming the offending value.
+    """
+    gens: int = DEFAULT_GENERATIONS
+    if generations is not None and generations != "":
+        if isinstance(generations, str):
+            if not generations.strip().isdigit():
+                raise InvalidObjectives(detail=f"generations {generations!r} is not a whole number")
+            gens = int(generations.strip())
+        else:
+            gens = generations
+    mode = restore_mode or RestoreMode.SWAP_IN
+    return RecoveryObjectives(
+        rpo=parse_rpo(rpo, tz) if rpo else None,
+        rto=parse_rto(rto) if rto else None,
+        restore_mode=mode,  # type: ignore[arg-type]  # validated and coerced in __post_init__
+        generations=gens,
+    )

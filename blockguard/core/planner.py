@@ -1,0 +1,239 @@
+"""The backup planner (the seed's Fig. 7): which method, on which pool device, and why.
+
+One pure function, :func:`plan_backup`. It only decides; the daemon does. The rule: take an
+incremental if the whole chain since the full plus this one restores within the RTO; else a
+differential; else a full. Before falling back to a costlier method, try placing the new
+data on a faster pool device. If not even a full meets the RTO, still back up (with the
+lowest estimated restore time) and say the objective is infeasible and what speed it needs.
+Only a full is possible without a full to build on or when change tracking is not exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from blockguard.core.objectives import RecoveryObjectives, RestoreMode
+from blockguard.core.perftable import DeviceSpeed
+from blockguard.core.restore_model import (
+    BackupMethod,
+    Chain,
+    ChangeSets,
+    RestoreEstimate,
+    estimate_chain,
+)
+from blockguard.core.units import format_duration, format_rate, format_size
+from blockguard.errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One (method, device) the planner considered, with its restore estimate."""
+
+    method: BackupMethod
+    device_id: str
+    nbytes: int
+    estimate: RestoreEstimate
+
+
+@dataclass(frozen=True)
+class PlanDecision:
+    """What to back up now, where, and why.
+
+    :param method: full, differential or incremental.
+    :param device_id: the pool device to put the new data on.
+    :param nbytes: bytes the backup stores.
+    :param estimate: estimated restore time of the newest state after this backup.
+    :param feasible: ``False`` if the RTO cannot be met by any method on any device.
+    :param reasons: human-readable reasons, with the numbers used.
+    :param needed_rate: when infeasible, the restore rate (pool read and target write,
+        bytes/s) that would meet the RTO.
+    :param considered: the best placement found for each method that was possible.
+    """
+
+    method: BackupMethod
+    device_id: str
+    nbytes: int
+    estimate: RestoreEstimate
+    feasible: bool
+    reasons: tuple[str, ...]
+    needed_rate: float | None = None
+    considered: tuple[Placement, ...] = ()
+
+    def describe(self) -> str:
+        """The reasons as one paragraph."""
+        return "; ".join(self.reasons)
+
+
+def _what(method: BackupMethod, chain: Chain | None, nbytes: int) -> str:
+    """How the restore of ``method`` reads, e.g. "incremental chain 3 generations, 12.0 GiB"."""
+    if method is BackupMethod.INCREMENTAL and chain is not None:
+        generations = chain.incrementals_since_base() + 1
+        has_diff = any(d.method is BackupMethod.DIFFERENTIAL for d in chain.restore_deltas())
+        base = " on a differential" if has_diff else ""
+        return f"incremental chain {generations} generations{base} (this one {format_size(nbytes)})"
+    if method is BackupMethod.DIFFERENTIAL:
+        return f"differential {format_size(nbytes)}"
+    if method is BackupMethod.FULL:
+        return f"full {format_size(nbytes)}"
+    return f"{method.value} {format_size(nbytes)}"
+
+
+def _est(placement: Placement) -> str:
+    e = placement.estimate
+    return f"restores {format_size(e.nbytes)}, est {format_duration(e.seconds)}"
+
+
+def plan_backup(
+    chain: Chain | None,
+    changes: ChangeSets,
+    speeds: Mapping[str, DeviceSpeed],
+    objectives: RecoveryObjectives,
+    *,
+    candidates: Sequence[str] | None = None,
+    copy_target: DeviceSpeed | None = None,
+    correction: float = 1.0,
+    full_required: str | None = None,
+) -> PlanDecision:
+    """Decide the method and placement of the backup to take now.
+
+    :param chain: the generations since the last full, or ``None`` if there is no full yet.
+    :param changes: the current change-set sizes and tracker state.
+    :param speeds: speeds of all pool devices by identity (the chain's devices included).
+    :param objectives: the volume's objectives; only the RTO and restore mode matter here.
+    :param candidates: pool devices with room for the new data, in the pool's order of
+        preference (the first is where the data goes unless a faster one is needed);
+        default: all of ``speeds``.
+    :param copy_target: speed of the restore target in copy mode (the protected volume's
+        own entry stands in for its replacement); unused in swap-in mode.
+    :param correction: factor learnt from real restores.
+    :param full_required: a reason the caller needs a full (e.g. a damaged chain), or ``None``.
+    :raises InvalidInput: if there is no candidate device, or copy mode lacks ``copy_target``.
+    :raises NotFound: if a device of the chain has no speed.
+    """
+    order = list(speeds) if candidates is None else list(candidates)
+    if not order:
+        raise InvalidInput(detail="no pool device has room for the backup")
+    for device in order:
+        if device not in speeds:
+            raise InvalidInput(detail=f"candidate pool device {device} has no performance entry")
+    mode = objectives.restore_mode
+    if mode is RestoreMode.COPY and copy_target is None:
+        raise InvalidInput(detail="copy-mode objectives need the restore target's speed")
+
+    reasons: list[str] = []
+    only_full = []
+    if chain is None:
+        only_full.append("no full backup yet")
+    if not changes.tracker_exact:
+        only_full.append("change tracking is not exact")
+    if full_required:
+        only_full.append(full_required)
+    if only_full:
+        methods = [BackupMethod.FULL]
+        reasons.append(f"full needed: {'; '.join(only_full)}")
+    else:
+        methods = list(BackupMethod)
+
+    base = chain if chain is not None else Chain(changes.volume_bytes, order[0])
+
+    def place(method: BackupMethod) -> list[Placement]:
+        nbytes = changes.nbytes(method)
+        result = []
+        for device in order:
+            after = base.with_backup(method, nbytes, device, changes.scattered)
+            estimate = estimate_chain(after, speeds, mode, copy_target, correction)
+            result.append(Placement(method, device, nbytes, estimate))
+        # Preferred device first, then fastest restore first; stable for equal estimates.
+        return [result[0], *sorted(result[1:], key=lambda p: p.estimate.seconds)]
+
+    placements = {method: place(method) for method in methods}
+    best = {m: min(ps, key=lambda p: p.estimate.seconds) for m, ps in placements.items()}
+    considered = tuple(best[m] for m in methods)
+
+    rto = objectives.rto
+    if rto is None:
+        choice = placements[methods[0]][0]
+        reasons.append(
+            f"no RTO set: {choice.method.value} is the cheapest backup; "
+            f"{_what(choice.method, chain, choice.nbytes)} on {choice.device_id}, {_est(choice)}"
+        )
+        return PlanDecision(
+            choice.method,
+            choice.device_id,
+            choice.nbytes,
+            choice.estimate,
+            True,
+            tuple(reasons),
+            None,
+            considered,
+        )
+
+    limit = rto.total_seconds()
+    rto_text = format_duration(rto)
+    for method in methods:
+        first = placements[method][0]
+        what = _what(method, chain, first.nbytes)
+        if first.estimate.seconds <= limit:
+            reasons.append(f"{what} on {first.device_id}, {_est(first)} <= RTO {rto_text}")
+            return PlanDecision(
+                method,
+                first.device_id,
+                first.nbytes,
+                first.estimate,
+                True,
+                tuple(reasons),
+                None,
+                considered,
+            )
+        fitting = [p for p in placements[method][1:] if p.estimate.seconds <= limit]
+        if fitting:
+            # Fastest that fits: it leaves the most room for the deltas that will follow.
+            chosen = fitting[0]
+            reasons.append(
+                f"{what} on {first.device_id}, {_est(first)} > RTO {rto_text}; "
+                f"on faster device {chosen.device_id}, {_est(chosen)} <= RTO {rto_text}"
+            )
+            return PlanDecision(
+                method,
+                chosen.device_id,
+                chosen.nbytes,
+                chosen.estimate,
+                True,
+                tuple(reasons),
+                None,
+                considered,
+            )
+        fastest = best[method]
+        on_fastest = (
+            f" (fastest device {fastest.device_id}: "
+            f"est {format_duration(fastest.estimate.seconds)})"
+            if fastest.device_id != first.device_id
+            else ""
+        )
+        reasons.append(f"{what} on {first.device_id}, {_est(first)} > RTO {rto_text}{on_fastest}")
+
+    # Nothing meets the RTO: still protect the data, with the quickest restore available.
+    choice = min(considered, key=lambda p: (p.estimate.seconds, p.method.cost_rank))
+    needed = choice.estimate.nbytes * choice.estimate.correction / limit
+    best_seq = max(speeds[d].seq_read for d in order)
+    best_rand = max(speeds[d].rand_read for d in order)
+    target_note = ""
+    if copy_target is not None and mode is RestoreMode.COPY:
+        target_note = f", the target writes {format_rate(copy_target.seq_write)} sequentially"
+    reasons.append(
+        f"RTO {rto_text} cannot be met: the quickest restore, after a {choice.method.value} on "
+        f"{choice.device_id}, {_est(choice)}; it needs a restore rate of at least "
+        f"{format_rate(needed)} (pool read and target write), the fastest pool device reads "
+        f"{format_rate(best_seq)} sequentially and {format_rate(best_rand)} at random{target_note}"
+    )
+    return PlanDecision(
+        choice.method,
+        choice.device_id,
+        choice.nbytes,
+        choice.estimate,
+        False,
+        tuple(reasons),
+        needed,
+        considered,
+    )

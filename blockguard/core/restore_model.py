@@ -1,0 +1,443 @@
+"""The restore-time model: how long would a restore take, and why.
+
+For each piece to restore, time = bytes / min(read speed where it is stored, write speed of
+the restore target), with the random-at-chunk-size figures for scattered chunks and the
+sequential ones for contiguous data (the seed, step 704). The full base costs nothing in
+swap-in mode (it is switched in as a reflink/thin snapshot; only the deltas are written onto
+it, so the target is the device holding the full) and is copied sequentially in copy mode.
+The sum is multiplied by a correction learnt from real restores (median of measured /
+predicted of the last few, clamped), so that the model answers, at any moment, "if this
+volume failed now, the restore would take X".
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from blockguard.core.objectives import RestoreMode
+from blockguard.core.perftable import DeviceSpeed
+from blockguard.core.units import format_duration, format_rate, format_size
+from blockguard.errors import InvalidInput, NotFound
+
+#: How many recent real restores the correction looks at.
+CORRECTION_WINDOW = 5
+#: A correction outside this range means the model or a measurement is broken; clamping keeps
+#: one bad sample (a restore that waited on a lock, a cached read) from steering the planner.
+CORRECTION_MIN = 0.5
+CORRECTION_MAX = 4.0
+
+
+class BackupMethod(enum.StrEnum):
+    """Kind of a generation. Members are listed from cheapest to costliest to take."""
+
+    INCREMENTAL = "incremental"
+    DIFFERENTIAL = "differential"
+    FULL = "full"
+
+    @property
+    def cost_rank(self) -> int:
+        """0 for the cheapest backup (incremental), 2 for the costliest (full)."""
+        return list(BackupMethod).index(self)
+
+
+def _check_bytes(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(detail=f"{name} {value!r} is not a byte count >= 0")
+    return value
+
+
+@dataclass(frozen=True)
+class StoredDelta:
+    """A differential or incremental generation as stored in the pool.
+
+    :param method: ``DIFFERENTIAL`` or ``INCREMENTAL``.
+    :param nbytes: bytes of changed chunks it holds.
+    :param device_id: pool device it is stored on.
+    :param scattered: whether its chunks land scattered on the target (random I/O).
+    """
+
+    method: BackupMethod
+    nbytes: int
+    device_id: str
+    scattered: bool = True
+
+    def __post_init__(self) -> None:
+        method = BackupMethod(self.method)
+        if method is BackupMethod.FULL:
+            raise InvalidInput(detail="a stored delta cannot be a full backup")
+        object.__setattr__(self, "method", method)
+        _check_bytes("delta size", self.nbytes)
+
+
+@dataclass(frozen=True)
+class Chain:
+    """The generations since (and including) the last full, oldest first.
+
+    :param full_bytes: size of the full base.
+    :param full_device_id: pool device holding the full.
+    :param deltas: the differentials and incrementals taken since, oldest first.
+    """
+
+    full_bytes: int
+    full_device_id: str
+    deltas: tuple[StoredDelta, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_bytes("full size", self.full_bytes)
+        object.__setattr__(self, "deltas", tuple(self.deltas))
+
+    def restore_deltas(self) -> tuple[StoredDelta, ...]:
+        """The deltas a restore of the newest generation applies, in order.
+
+        A differential holds everything since the full, so the restore needs the last
+        differential and the incrementals after it; without a differential, all incrementals.
+        """
+        start = 0
+        for index, delta in enumerate(self.deltas):
+            if delta.method is BackupMethod.DIFFERENTIAL:
+                start = index
+        return self.deltas[start:]
+
+    def incrementals_since_base(self) -> int:
+        """How many incrementals the newest generation stacks on its full or differential."""
+        return sum(1 for d in self.restore_deltas() if d.method is BackupMethod.INCREMENTAL)
+
+    def with_backup(
+        self, method: BackupMethod, nbytes: int, device_id: str, scattered: bool = True
+    ) -> Chain:
+        """The chain after taking one more backup (a full starts a new chain).
+
+        :param method: the kind of the new backup.
+        :param nbytes: its size (the volume size for a full).
+        :param device_id: the pool device it is placed on.
+        :param scattered: whether a delta's chunks are scattered.
+        """
+        if BackupMethod(method) is BackupMethod.FULL:
+            return Chain(nbytes, device_id)
+        return Chain(
+            self.full_bytes,
+            self.full_device_id,
+            (*self.deltas, StoredDelta(method, nbytes, device_id, scattered)),
+        )
+
+
+@dataclass(frozen=True)
+class RestorePiece:
+    """One piece of a restore: bytes read from one place and written to the target.
+
+    :param label: for display, e.g. ``"incremental 3 on nvme0"``.
+    :param nbytes: bytes to copy.
+    :param source: speed of the device it is read from.
+    :param scattered: random at chunk size (``True``) or sequential (``False``).
+    """
+
+    label: str
+    nbytes: int
+    source: DeviceSpeed
+    scattered: bool
+
+
+@dataclass(frozen=True)
+class PieceTime:
+    """A piece with the rate used and the time it takes (before correction)."""
+
+    piece: RestorePiece
+    rate: float
+    seconds: float
+
+    def describe(self) -> str:
+        """e.g. ``"incremental 1 on hdd0: 2.0 GiB at 20.0 MiB/s = 1m42s"``."""
+        return (
+            f"{self.piece.label}: {format_size(self.piece.nbytes)} at "
+            f"{format_rate(self.rate)} = {format_duration(self.seconds)}"
+        )
+
+
+@dataclass(frozen=True)
+class RestoreEstimate:
+    """An estimated restore time with its breakdown.
+
+    :param mode: the restore mode estimated.
+    :param parts: the pieces copied, with rates and times (before correction).
+    :param correction: factor applied to the predicted sum (from real restores).
+    """
+
+    mode: RestoreMode
+    parts: tuple[PieceTime, ...]
+    correction: float = 1.0
+
+    @property
+    def predicted_seconds(self) -> float:
+        """The model's time before correction."""
+        return sum(p.seconds for p in self.parts)
+
+    @property
+    def seconds(self) -> float:
+        """The corrected estimate in seconds."""
+        return self.predicted_seconds * self.correction
+
+    @property
+    def duration(self) -> timedelta:
+        """The corrected estimate."""
+        return timedelta(seconds=self.seconds)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the restore copies."""
+        return sum(p.piece.nbytes for p in self.parts)
+
+    def describe(self) -> str:
+        """e.g. ``"est 5m12s for 12.0 GiB (3 pieces, correction x1.10)"``."""
+        correction = f", correction x{self.correction:.2f}" if self.correction != 1.0 else ""
+        return (
+            f"est {format_duration(self.seconds)} for {format_size(self.nbytes)} "
+            f"({len(self.parts)} pieces copied, {self.mode.value}{correction})"
+        )
+
+
+def piece_time(piece: RestorePiece, target: DeviceSpeed) -> PieceTime:
+    """Time of one piece: bytes / min(source read, target write) for its access pattern.
+
+    :param piece: what is copied, from where.
+    :param target: speed of the device written during the restore.
+    """
+    rate = min(piece.source.read(piece.scattered), target.write(piece.scattered))
+    return PieceTime(piece, rate, piece.nbytes / rate)
+
+
+def estimate_pieces(
+    full: RestorePiece | None,
+    deltas: Sequence[RestorePiece],
+    target: DeviceSpeed,
+    mode: RestoreMode,
+    correction: float = 1.0,
+) -> RestoreEstimate:
+    """Estimate a restore made of a full base and deltas applied on top.
+
+    :param full: the full base, or ``None`` if there is nothing to copy for it. In swap-in
+        mode it is switched in and costs nothing; in copy mode it is copied sequentially.
+    :param deltas: the deltas to apply, in order.
+    :param target: the device written: the device holding the full (swap-in) or the new
+        device (copy).
+    :param mode: the restore mode.
+    :param correction: factor learnt from real restores (see :func:`correction_factor`).
+    """
+    if not math.isfinite(correction) or correction <= 0:
+        raise InvalidInput(detail=f"restore-time correction {correction!r} is not positive")
+    mode = RestoreMode(mode)
+    parts: list[PieceTime] = []
+    if full is not None and mode is RestoreMode.COPY:
+        sequential = RestorePiece(full.label, full.nbytes, full.source, scattered=False)
+        parts.append(piece_time(sequential, target))
+    parts.extend(piece_time(piece, target) for piece in deltas)
+    return RestoreEstimate(mode, tuple(parts), correction)
+
+
+def _speed(speeds: Mapping[str, DeviceSpeed], device_id: str) -> DeviceSpeed:
+    try:
+        return speeds[device_id]
+    except KeyError:
+        raise NotFound(what="performance entry of device", name=device_id) from None
+
+
+def restore_target(
+    chain: Chain,
+    speeds: Mapping[str, DeviceSpeed],
+    mode: RestoreMode,
+    copy_target: DeviceSpeed | None,
+) -> DeviceSpeed:
+    """The device a restore of ``chain`` writes to.
+
+    :param chain: the chain restored.
+    :param speeds: speeds of the pool devices by identity.
+    :param mode: swap-in writes onto the snapshot of the full, on the full's device; copy
+        writes to ``copy_target``.
+    :param copy_target: the new device of a copy restore (the protected volume's own entry
+        is a fair stand-in for its replacement).
+    :raises InvalidInput: in copy mode without ``copy_target``.
+    """
+    if RestoreMode(mode) is RestoreMode.SWAP_IN:
+        return _speed(speeds, chain.full_device_id)
+    if copy_target is None:
+        raise InvalidInput(detail="a copy-mode restore estimate needs the target device's speed")
+    return copy_target
+
+
+def estimate_chain(
+    chain: Chain,
+    speeds: Mapping[str, DeviceSpeed],
+    mode: RestoreMode,
+    copy_target: DeviceSpeed | None = None,
+    correction: float = 1.0,
+) -> RestoreEstimate:
+    """Estimate restoring the newest generation of ``chain``.
+
+    :param chain: the generations since the last full.
+    :param speeds: speeds of the pool devices by identity.
+    :param mode: the restore mode.
+    :param copy_target: the restore target's speed in copy mode.
+    :param correction: factor learnt from real restores.
+    :raises NotFound: if a device of the chain has no speed.
+    """
+    target = restore_target(chain, speeds, mode, copy_target)
+    full = RestorePiece(
+        f"full on {chain.full_device_id}",
+        chain.full_bytes,
+        _speed(speeds, chain.full_device_id),
+        scattered=False,
+    )
+    deltas = [
+        RestorePiece(
+            f"{d.method.value} {i} on {d.device_id}",
+            d.nbytes,
+            _speed(speeds, d.device_id),
+            d.scattered,
+        )
+        for i, d in enumerate(chain.restore_deltas(), start=1)
+    ]
+    return estimate_pieces(full, deltas, target, mode, correction)
+
+
+@dataclass(frozen=True)
+class RestoreSample:
+    """One real restore: what the model predicted (before correction) and what it took."""
+
+    predicted_seconds: float
+    measured_seconds: float
+
+
+def correction_factor(
+    history: Sequence[RestoreSample],
+    window: int = CORRECTION_WINDOW,
+    low: float = CORRECTION_MIN,
+    high: float = CORRECTION_MAX,
+) -> float:
+    """Median of measured / predicted over the last ``window`` real restores, clamped.
+
+    Samples with a non-positive or non-finite figure are ignored (a restore of nothing says
+    nothing about speed). Without usable samples the factor is 1.
+
+    :param history: real restores, oldest first.
+    :param window: how many of the most recent samples count.
+    :param low: lower clamp.
+    :param high: upper clamp.
+    """
+    usable = [
+        s.measured_seconds / s.predicted_seconds
+        for s in history
+        if math.isfinite(s.predicted_seconds)
+        and math.isfinite(s.measured_seconds)
+        and s.predicted_seconds > 0
+        and s.measured_seconds > 0
+    ][-window:]
+    if not usable:
+        return 1.0
+    return min(high, max(low, statistics.median(usable)))
+
+
+@dataclass(frozen=True)
+class ChangeSets:
+    """What a backup taken now would copy, and how the change tracker stands.
+
+    :param incremental_bytes: changed since the previous backup of any kind.
+    :param differential_bytes: changed since the last full.
+    :param volume_bytes: the size of a new full.
+    :param tracker_exact: ``False`` if change tracking was lost (crash, overflow): only a
+        full backup is then safe.
+    :param scattered: whether the changed chunks are scattered (random I/O on restore).
+    """
+
+    incremental_bytes: int
+    differential_bytes: int
+    volume_bytes: int
+    tracker_exact: bool = True
+    scattered: bool = True
+
+    def __post_init__(self) -> None:
+        _check_bytes("incremental change-set size", self.incremental_bytes)
+        _check_bytes("differential change-set size", self.differential_bytes)
+        _check_bytes("volume size", self.volume_bytes)
+
+    def nbytes(self, method: BackupMethod) -> int:
+        """Bytes a backup of ``method`` would store."""
+        return {
+            BackupMethod.INCREMENTAL: self.incremental_bytes,
+            BackupMethod.DIFFERENTIAL: self.differential_bytes,
+            BackupMethod.FULL: self.volume_bytes,
+        }[BackupMethod(method)]
+
+
+def what_if(
+    chain: Chain | None,
+    changes: ChangeSets,
+    device_id: str,
+    speeds: Mapping[str, DeviceSpeed],
+    mode: RestoreMode,
+    copy_target: DeviceSpeed | None = None,
+    correction: float = 1.0,
+) -> dict[BackupMethod, RestoreEstimate]:
+    """Estimated restore time of the newest state after taking each kind of backup now.
+
+    Methods that cannot be taken (no full yet) are left out.
+
+    :param chain: the current chain, or ``None`` when there is no full yet.
+    :param changes: the current change sets.
+    :param device_id: the pool device the new data would go to.
+    :param speeds: speeds of the pool devices by identity.
+    :param mode: the restore mode.
+    :param copy_target: the restore target's speed in copy mode.
+    :param correction: factor learnt from real restores.
+    """
+    base = chain if chain is not None else Chain(changes.volume_bytes, device_id)
+    result: dict[BackupMethod, RestoreEstimate] = {}
+    for method in BackupMethod:
+        if chain is None and method is not BackupMethod.FULL:
+            continue
+        after = base.with_backup(method, changes.nbytes(method), device_id, changes.scattered)
+        result[method] = estimate_chain(after, speeds, mode, copy_target, correction)
+    return result
+
+
+def bytes_restorable_within(
+    budget: timedelta,
+    chain: Chain | None,
+    device_id: str,
+    speeds: Mapping[str, DeviceSpeed],
+    mode: RestoreMode,
+    copy_target: DeviceSpeed | None = None,
+    correction: float = 1.0,
+    scattered: bool = True,
+) -> int:
+    """How many more changed bytes an incremental on ``device_id`` could hold and the newest
+    state still restore within ``budget`` (the seed's reference value when only an RTO is
+    given). 0 when the chain alone already takes the whole budget.
+
+    :param budget: the RTO.
+    :param chain: the current chain (``None``: no full yet, the budget is measured from an
+        empty chain on ``device_id``).
+    :param device_id: where the next delta would be stored.
+    :param speeds: speeds of the pool devices by identity.
+    :param mode: the restore mode.
+    :param copy_target: the restore target's speed in copy mode.
+    :param correction: factor learnt from real restores.
+    :param scattered: whether the changed chunks are scattered.
+    """
+    mode = RestoreMode(mode)
+    if chain is None:
+        current = 0.0
+        target = _speed(speeds, device_id) if mode is RestoreMode.SWAP_IN else copy_target
+        if target is None:
+            raise InvalidInput(detail="a copy-mode estimate needs the target device's speed")
+    else:
+        current = estimate_chain(chain, speeds, mode, copy_target, correction).seconds
+        target = restore_target(chain, speeds, mode, copy_target)
+    left = budget.total_seconds() - current
+    if left <= 0:
+        return 0
+    rate = min(_speed(speeds, device_id).read(scattered), target.write(scattered))
+    return int(left / correction * rate)
