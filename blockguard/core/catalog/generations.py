@@ -1,0 +1,435 @@
+"""Generations: the catalog's mirror of the pool manifests.
+
+The pool is the source of truth; :meth:`GenerationStore.rebuild_generations` replaces a
+volume's rows from its manifests. The rules a chain obeys are checked the same way for
+rows added one by one and for rows rebuilt from manifests.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Mapping, Sequence, Sized
+from typing import Any, NamedTuple
+
+from blockguard.core.catalog._db import CatalogBase
+from blockguard.core.catalog.rows import (
+    GENERATION_KINDS,
+    Generation,
+    check_choice,
+    check_count,
+    check_name,
+    check_number,
+    check_uuid,
+    decode_json,
+    encode_json,
+    new_id,
+)
+from blockguard.errors import (
+    AlreadyExists,
+    Busy,
+    CorruptMetadata,
+    InvalidInput,
+    NotFound,
+)
+
+
+class _Link(NamedTuple):
+    """What the chain rules need to know of a generation."""
+
+    volume: str
+    kind: str
+    base: str | None
+    state: str
+
+
+def _generation(row: sqlite3.Row) -> Generation:
+    return Generation(
+        id=row["id"],
+        volume=row["volume"],
+        pool=row["pool"],
+        kind=row["kind"],
+        base=row["base"],
+        parent=row["parent"],
+        created=row["created"],
+        bytes_stored=row["bytes_stored"],
+        chunks=row["chunks"],
+        state=row["state"],
+        committed_at=row["committed_at"],
+        location=decode_json(f"location of generation {row['id']}", row["location"]),
+        manifest_checksum=row["manifest_checksum"],
+    )
+
+
+def _chain_problem(
+    gid: str,
+    volume: str,
+    kind: str,
+    base: str | None,
+    parent: str | None,
+    committed: bool,
+    lookup: Callable[[str], _Link | None],
+) -> tuple[str, str | None] | None:
+    """Why this generation's links are wrong, or ``None``.
+
+    :returns: (problem, the id that does not exist if that is the problem)
+    """
+    if kind == "full":
+        # A new full may be made from the previous one, but once made it stands alone:
+        # linking it would keep the old full from ever being removed.
+        if base is not None or parent is not None:
+            return f"full generation {gid} cannot have a base or parent", None
+    elif base is None:
+        return f"{kind} generation {gid} needs a base full", None
+    if kind == "incremental" and parent is None:
+        return f"incremental generation {gid} needs a parent", None
+    if kind == "differential" and parent != base:
+        return f"differential generation {gid} must have its base {base} as parent", None
+    for role, other in (("base", base), ("parent", parent)):
+        if other is None:
+            continue
+        if other == gid:
+            return f"generation {gid} cannot be its own {role}", None
+        link = lookup(other)
+        if link is None:
+            return f"{role} generation {other} of {gid} does not exist", other
+        if link.volume != volume:
+            return f"{role} generation {other} of {gid} belongs to volume {link.volume}", None
+        if role == "base" and link.kind != "full":
+            return f"base generation {other} of {gid} is {link.kind}, not full", None
+        if role == "parent" and kind == "incremental" and other != base and link.base != base:
+            return f"parent generation {other} of {gid} is not in the chain of {base}", None
+        if committed and link.state != "committed":
+            return f"{role} generation {other} of committed {gid} is not committed", None
+    return None
+
+
+def _manifest_fields(volume: str, pool: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The row a manifest dict describes; :raises CorruptMetadata: what is wrong with it."""
+    raw_id = manifest.get("id") if isinstance(manifest, Mapping) else None
+    what = f"manifest of generation {raw_id}" if raw_id else f"manifest of volume {volume}"
+    if not isinstance(manifest, Mapping):
+        raise CorruptMetadata(what=what, detail=f"it is a {type(manifest).__name__}, not a dict")
+    for key in ("id", "kind", "created"):
+        if manifest.get(key) is None:
+            raise CorruptMetadata(what=what, detail=f"it has no {key!r}")
+    if manifest.get("volume", volume) != volume:
+        raise CorruptMetadata(
+            what=what, detail=f"it belongs to volume {manifest['volume']}, not {volume}"
+        )
+    chunks = manifest.get("chunks", 0)
+    try:
+        gid = check_uuid("generation", manifest["id"])
+        base = manifest.get("base")
+        parent = manifest.get("parent")
+        return {
+            "id": gid,
+            "volume": volume,
+            "pool": check_name("pool", manifest.get("pool", pool)),
+            "kind": check_choice("generation kind", manifest["kind"], GENERATION_KINDS),
+            "base": None if base is None else check_uuid("base generation", base),
+            "parent": None if parent is None else check_uuid("parent generation", parent),
+            "created": check_number("creation time", manifest["created"]),
+            "bytes_stored": check_count(
+                "bytes stored", manifest.get("bytes_stored", manifest.get("bytes", 0))
+            ),
+            "chunks": check_count(
+                "chunk count",
+                len(chunks)
+                if isinstance(chunks, Sized) and not isinstance(chunks, str)
+                else chunks,
+            ),
+            "committed": bool(manifest.get("committed", True)),
+            "committed_at": check_number(
+                "commit time", manifest.get("committed_at", manifest["created"])
+            ),
+            "location": encode_json("location", manifest.get("location") or {}),
+            "manifest_checksum": manifest.get("manifest_checksum", manifest.get("checksum")),
+        }
+    except InvalidInput as e:
+        raise CorruptMetadata(what=what, detail=str(e)) from None
+
+
+class GenerationStore(CatalogBase):
+    """Generations (mixed into the Catalog)."""
+
+    def add_generation(
+        self,
+        volume: str,
+        kind: str,
+        *,
+        id: str | None = None,
+        pool: str | None = None,
+        base: str | None = None,
+        parent: str | None = None,
+        created: float | None = None,
+        bytes_stored: int = 0,
+        chunks: int = 0,
+        location: dict[str, Any] | None = None,
+        manifest_checksum: str | None = None,
+    ) -> Generation:
+        """Record a generation being written; it is pending until committed.
+
+        A full has no base or parent; a differential's parent is its base; an incremental's parent
+        is its base or another generation on the same base.
+
+        :param id: the generation's UUID (a new one by default)
+        :param pool: where it is stored (by default the volume's pool)
+        :raises NotFound: the volume, pool, base or parent does not exist
+        :raises AlreadyExists: a generation with that id exists
+        """
+        check_choice("generation kind", kind, GENERATION_KINDS)
+        gid = new_id() if id is None else check_uuid("generation", id)
+        base = None if base is None else check_uuid("base generation", base)
+        if kind == "differential" and parent is None:
+            parent = base
+        parent = None if parent is None else check_uuid("parent generation", parent)
+        check_count(f"bytes stored of generation {gid}", bytes_stored)
+        check_count(f"chunk count of generation {gid}", chunks)
+        created = self.now() if created is None else check_number("creation time", created)
+        location_json = encode_json(f"location of generation {gid}", location or {})
+        with self.transaction() as conn:
+            row = conn.execute("SELECT pool_name FROM volumes WHERE name = ?", (volume,)).fetchone()
+            if row is None:
+                raise NotFound(what="volume", name=volume)
+            pool = pool or row[0]
+            if pool is None:
+                raise InvalidInput(detail=f"volume {volume} has no pool; name the pool to use")
+            if not conn.execute("SELECT 1 FROM pools WHERE name = ?", (pool,)).fetchone():
+                raise NotFound(what="pool", name=pool)
+            if self._link(conn, gid) is not None:
+                raise AlreadyExists(what="generation", name=gid)
+            problem = _chain_problem(
+                gid, volume, kind, base, parent, False, lambda g: self._link(conn, g)
+            )
+            if problem is not None:
+                text, missing = problem
+                if missing is not None:
+                    raise NotFound(what="generation", name=missing)
+                raise InvalidInput(detail=text)
+            conn.execute(
+                """INSERT INTO generations (id, volume, pool, kind, base, parent, created,
+                       bytes_stored, chunks, location, manifest_checksum)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    gid,
+                    volume,
+                    pool,
+                    kind,
+                    base,
+                    parent,
+                    created,
+                    bytes_stored,
+                    chunks,
+                    location_json,
+                    manifest_checksum,
+                ),
+            )
+            return self.get_generation(gid)
+
+    def commit_generation(
+        self,
+        id: str,
+        *,
+        bytes_stored: int | None = None,
+        chunks: int | None = None,
+        location: dict[str, Any] | None = None,
+        manifest_checksum: str | None = None,
+    ) -> Generation:
+        """Mark a generation committed (its manifest is on the pool), with its final figures.
+
+        :raises NotFound: no such generation
+        :raises InvalidInput: it is committed already, or its base or parent is not
+        """
+        check_count(f"bytes stored of generation {id}", bytes_stored, optional=True)
+        check_count(f"chunk count of generation {id}", chunks, optional=True)
+        location_json = encode_json(f"location of generation {id}", location, optional=True)
+        with self.transaction() as conn:
+            gen = self._get_generation(conn, id)
+            if gen.committed:
+                raise InvalidInput(detail=f"generation {id} is already committed")
+            for role, other in (("base", gen.base), ("parent", gen.parent)):
+                link = None if other is None else self._link(conn, other)
+                if link is not None and link.state != "committed":
+                    raise InvalidInput(
+                        detail=f"generation {id} cannot commit before its {role} {other}"
+                    )
+            conn.execute(
+                """UPDATE generations SET state = 'committed', committed_at = ?,
+                       bytes_stored = coalesce(?, bytes_stored), chunks = coalesce(?, chunks),
+                       location = coalesce(?, location),
+                       manifest_checksum = coalesce(?, manifest_checksum)
+                   WHERE id = ?""",
+                (self.now(), bytes_stored, chunks, location_json, manifest_checksum, gen.id),
+            )
+            return self._get_generation(conn, gen.id)
+
+    def get_generation(self, id: str) -> Generation:
+        """:raises NotFound: no such generation"""
+        with self._reading() as conn:
+            return self._get_generation(conn, id)
+
+    def list_generations(self, volume: str, *, committed_only: bool = False) -> list[Generation]:
+        """A volume's generations, oldest first.
+
+        :raises NotFound: no volume of that name
+        """
+        with self._reading() as conn:
+            if not conn.execute("SELECT 1 FROM volumes WHERE name = ?", (volume,)).fetchone():
+                raise NotFound(what="volume", name=volume)
+            query = "SELECT * FROM generations WHERE volume = ?"
+            if committed_only:
+                query += " AND state = 'committed'"
+            rows = conn.execute(query + " ORDER BY created, rowid", (volume,)).fetchall()
+        return [_generation(r) for r in rows]
+
+    def restore_chain(self, id: str) -> list[Generation]:
+        """What a restore of this generation reads: its base full first, it last.
+
+        :raises NotFound: no such generation
+        """
+        with self._reading() as conn:
+            chain = [self._get_generation(conn, id)]
+            while chain[-1].parent is not None and chain[-1].kind != "full":
+                chain.append(self._get_generation(conn, chain[-1].parent))
+        return chain[::-1]
+
+    def dependents(self, id: str) -> list[str]:
+        """Generations that need this one to restore (directly by base or parent)."""
+        with self._reading() as conn:
+            self._get_generation(conn, id)
+            return self._dependents(conn, id)
+
+    def remove_generation(self, id: str) -> None:
+        """Forget a generation (retention removed it from the pool).
+
+        :raises NotFound: no such generation
+        :raises Busy: other generations depend on it
+        """
+        with self.transaction() as conn:
+            self._get_generation(conn, id)
+            users = self._dependents(conn, id)
+            if users:
+                raise Busy(
+                    what=f"generation {id}", reason=f"generations {', '.join(users)} depend on it"
+                )
+            conn.execute("DELETE FROM generations WHERE id = ?", (id,))
+
+    def remove_pending_generations(self, volume: str | None = None) -> list[str]:
+        """Forget generations that never committed (for cleanup after a crash).
+
+        :returns: their ids
+        """
+        query, args = "SELECT id FROM generations WHERE state = 'pending'", []
+        if volume is not None:
+            query += " AND volume = ?"
+            args.append(volume)
+        with self.transaction() as conn:
+            ids = [r[0] for r in conn.execute(query, args)]
+            conn.executemany("DELETE FROM generations WHERE id = ?", [(i,) for i in ids])
+        return ids
+
+    def rebuild_generations(
+        self, volume: str, manifests: Sequence[Mapping[str, Any]], *, pool: str | None = None
+    ) -> list[Generation]:
+        """Replace a volume's generations with those the pool's manifests describe.
+
+        Keys read from each manifest: ``id``, ``kind``, ``created`` (required), ``base``,
+        ``parent``, ``bytes_stored`` (or ``bytes``), ``chunks`` (a count or the chunk
+        collection), ``location``, ``manifest_checksum`` (or ``checksum``), ``pool``,
+        ``volume`` (must match if present) and ``committed`` (default true); other keys
+        are ignored. All or nothing: one bad manifest changes nothing.
+
+        :param pool: the pool they were read from (by default the volume's pool)
+        :raises NotFound: the volume or pool does not exist
+        :raises CorruptMetadata: a manifest is incomplete or its chain is broken
+        """
+        with self.transaction() as conn:
+            row = conn.execute("SELECT pool_name FROM volumes WHERE name = ?", (volume,)).fetchone()
+            if row is None:
+                raise NotFound(what="volume", name=volume)
+            pool = pool or row[0]
+            if pool is None:
+                raise InvalidInput(detail=f"volume {volume} has no pool; name the pool to use")
+            fields = [_manifest_fields(volume, pool, m) for m in manifests]
+            by_id: dict[str, dict[str, Any]] = {}
+            for f in fields:
+                if f["id"] in by_id:
+                    raise CorruptMetadata(
+                        what=f"manifest of generation {f['id']}", detail="the id appears twice"
+                    )
+                by_id[f["id"]] = f
+
+            def lookup(gid: str) -> _Link | None:
+                f = by_id.get(gid)
+                if f is None:
+                    return None
+                return _Link(
+                    volume, f["kind"], f["base"], "committed" if f["committed"] else "pending"
+                )
+
+            for f in fields:
+                problem = _chain_problem(
+                    f["id"], volume, f["kind"], f["base"], f["parent"], f["committed"], lookup
+                )
+                if problem is not None:
+                    raise CorruptMetadata(
+                        what=f"manifest of generation {f['id']}", detail=problem[0]
+                    )
+                if not conn.execute("SELECT 1 FROM pools WHERE name = ?", (f["pool"],)).fetchone():
+                    raise NotFound(what="pool", name=f["pool"])
+                other = self._link(conn, f["id"])
+                if other is not None and other.volume != volume:
+                    raise CorruptMetadata(
+                        what=f"manifest of generation {f['id']}",
+                        detail=f"the id is already used by volume {other.volume}",
+                    )
+            conn.execute("DELETE FROM generations WHERE volume = ?", (volume,))
+            conn.executemany(
+                """INSERT INTO generations (id, volume, pool, kind, base, parent, created,
+                       bytes_stored, chunks, state, committed_at, location, manifest_checksum)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                [
+                    (
+                        f["id"],
+                        volume,
+                        f["pool"],
+                        f["kind"],
+                        f["base"],
+                        f["parent"],
+                        f["created"],
+                        f["bytes_stored"],
+                        f["chunks"],
+                        "committed" if f["committed"] else "pending",
+                        f["committed_at"] if f["committed"] else None,
+                        f["location"],
+                        f["manifest_checksum"],
+                    )
+                    for f in fields
+                ],
+            )
+        return self.list_generations(volume)
+
+    # --- helpers ---------------------------------------------------------------------
+
+    @staticmethod
+    def _get_generation(conn: sqlite3.Connection, gid: str) -> Generation:
+        row = conn.execute("SELECT * FROM generations WHERE id = ?", (gid,)).fetchone()
+        if row is None:
+            raise NotFound(what="generation", name=gid)
+        return _generation(row)
+
+    @staticmethod
+    def _link(conn: sqlite3.Connection, gid: str) -> _Link | None:
+        row = conn.execute(
+            "SELECT volume, kind, base, state FROM generations WHERE id = ?", (gid,)
+        ).fetchone()
+        return None if row is None else _Link(*row)
+
+    @staticmethod
+    def _dependents(conn: sqlite3.Connection, gid: str) -> list[str]:
+        rows = conn.execute(
+            """SELECT id FROM generations WHERE (base = ? OR parent = ?) AND id != ?
+               ORDER BY created""",
+            (gid, gid, gid),
+        )
+        return [r[0] for r in rows]
