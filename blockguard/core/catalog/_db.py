@@ -63,23 +63,6 @@ def _prepare_file(path: Path) -> None:
         ) from e
 
 
-def _check_readonly(path: Path) -> None:
-    """Refuse a foreign or too-new catalog before anything could write to it."""
-    if path.stat().st_size == 0:
-        return
-    uri = f"{path.resolve().as_uri()}?mode=ro"
-    try:
-        conn = sqlite3.connect(uri, uri=True)
-    except sqlite3.Error as e:
-        raise _translate(e, path) from e
-    try:
-        schema.check_compatible(conn, path)
-    except sqlite3.Error as e:
-        raise _translate(e, path) from e
-    finally:
-        conn.close()
-
-
 class CatalogBase:
     """One connection to the catalog, shared by threads under a lock.
 
@@ -103,7 +86,6 @@ class CatalogBase:
         self._depth = 0
         self._conn: sqlite3.Connection | None = None
         _prepare_file(self.path)
-        _check_readonly(self.path)
         try:
             # isolation_level=None: transactions are begun and ended here explicitly, never
             # implicitly by the sqlite3 module.
@@ -113,6 +95,11 @@ class CatalogBase:
         except sqlite3.Error as e:
             raise _translate(e, self.path) from e
         try:
+            # Before anything writes (even switching to WAL rewrites the header): a foreign
+            # or newer catalog must be left exactly as it was. A read-write connection
+            # rather than a read-only one, because only the former removes the -wal and
+            # -shm files it had to create when it closes.
+            schema.check_compatible(conn, self.path)
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise EnvironmentProblem(

@@ -8,16 +8,16 @@ rows added one by one and for rows rebuilt from manifests.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence, Sized
-from typing import Any, NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from blockguard.core.catalog._db import CatalogBase
+from blockguard.core.catalog.chains import Link, chain_problem, manifest_fields
 from blockguard.core.catalog.rows import (
     GENERATION_KINDS,
     Generation,
     check_choice,
     check_count,
-    check_name,
     check_number,
     check_uuid,
     decode_json,
@@ -31,15 +31,6 @@ from blockguard.errors import (
     InvalidInput,
     NotFound,
 )
-
-
-class _Link(NamedTuple):
-    """What the chain rules need to know of a generation."""
-
-    volume: str
-    kind: str
-    base: str | None
-    state: str
 
 
 def _generation(row: sqlite3.Row) -> Generation:
@@ -58,95 +49,6 @@ def _generation(row: sqlite3.Row) -> Generation:
         location=decode_json(f"location of generation {row['id']}", row["location"]),
         manifest_checksum=row["manifest_checksum"],
     )
-
-
-def _chain_problem(
-    gid: str,
-    volume: str,
-    kind: str,
-    base: str | None,
-    parent: str | None,
-    committed: bool,
-    lookup: Callable[[str], _Link | None],
-) -> tuple[str, str | None] | None:
-    """Why this generation's links are wrong, or ``None``.
-
-    :returns: (problem, the id that does not exist if that is the problem)
-    """
-    if kind == "full":
-        # A new full may be made from the previous one, but once made it stands alone:
-        # linking it would keep the old full from ever being removed.
-        if base is not None or parent is not None:
-            return f"full generation {gid} cannot have a base or parent", None
-    elif base is None:
-        return f"{kind} generation {gid} needs a base full", None
-    if kind == "incremental" and parent is None:
-        return f"incremental generation {gid} needs a parent", None
-    if kind == "differential" and parent != base:
-        return f"differential generation {gid} must have its base {base} as parent", None
-    for role, other in (("base", base), ("parent", parent)):
-        if other is None:
-            continue
-        if other == gid:
-            return f"generation {gid} cannot be its own {role}", None
-        link = lookup(other)
-        if link is None:
-            return f"{role} generation {other} of {gid} does not exist", other
-        if link.volume != volume:
-            return f"{role} generation {other} of {gid} belongs to volume {link.volume}", None
-        if role == "base" and link.kind != "full":
-            return f"base generation {other} of {gid} is {link.kind}, not full", None
-        if role == "parent" and kind == "incremental" and other != base and link.base != base:
-            return f"parent generation {other} of {gid} is not in the chain of {base}", None
-        if committed and link.state != "committed":
-            return f"{role} generation {other} of committed {gid} is not committed", None
-    return None
-
-
-def _manifest_fields(volume: str, pool: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """The row a manifest dict describes; :raises CorruptMetadata: what is wrong with it."""
-    raw_id = manifest.get("id") if isinstance(manifest, Mapping) else None
-    what = f"manifest of generation {raw_id}" if raw_id else f"manifest of volume {volume}"
-    if not isinstance(manifest, Mapping):
-        raise CorruptMetadata(what=what, detail=f"it is a {type(manifest).__name__}, not a dict")
-    for key in ("id", "kind", "created"):
-        if manifest.get(key) is None:
-            raise CorruptMetadata(what=what, detail=f"it has no {key!r}")
-    if manifest.get("volume", volume) != volume:
-        raise CorruptMetadata(
-            what=what, detail=f"it belongs to volume {manifest['volume']}, not {volume}"
-        )
-    chunks = manifest.get("chunks", 0)
-    try:
-        gid = check_uuid("generation", manifest["id"])
-        base = manifest.get("base")
-        parent = manifest.get("parent")
-        return {
-            "id": gid,
-            "volume": volume,
-            "pool": check_name("pool", manifest.get("pool", pool)),
-            "kind": check_choice("generation kind", manifest["kind"], GENERATION_KINDS),
-            "base": None if base is None else check_uuid("base generation", base),
-            "parent": None if parent is None else check_uuid("parent generation", parent),
-            "created": check_number("creation time", manifest["created"]),
-            "bytes_stored": check_count(
-                "bytes stored", manifest.get("bytes_stored", manifest.get("bytes", 0))
-            ),
-            "chunks": check_count(
-                "chunk count",
-                len(chunks)
-                if isinstance(chunks, Sized) and not isinstance(chunks, str)
-                else chunks,
-            ),
-            "committed": bool(manifest.get("committed", True)),
-            "committed_at": check_number(
-                "commit time", manifest.get("committed_at", manifest["created"])
-            ),
-            "location": encode_json("location", manifest.get("location") or {}),
-            "manifest_checksum": manifest.get("manifest_checksum", manifest.get("checksum")),
-        }
-    except InvalidInput as e:
-        raise CorruptMetadata(what=what, detail=str(e)) from None
 
 
 class GenerationStore(CatalogBase):
@@ -198,7 +100,7 @@ class GenerationStore(CatalogBase):
                 raise NotFound(what="pool", name=pool)
             if self._link(conn, gid) is not None:
                 raise AlreadyExists(what="generation", name=gid)
-            problem = _chain_problem(
+            problem = chain_problem(
                 gid, volume, kind, base, parent, False, lambda g: self._link(conn, g)
             )
             if problem is not None:
@@ -350,7 +252,7 @@ class GenerationStore(CatalogBase):
             pool = pool or row[0]
             if pool is None:
                 raise InvalidInput(detail=f"volume {volume} has no pool; name the pool to use")
-            fields = [_manifest_fields(volume, pool, m) for m in manifests]
+            fields = [manifest_fields(volume, pool, m) for m in manifests]
             by_id: dict[str, dict[str, Any]] = {}
             for f in fields:
                 if f["id"] in by_id:
@@ -359,16 +261,16 @@ class GenerationStore(CatalogBase):
                     )
                 by_id[f["id"]] = f
 
-            def lookup(gid: str) -> _Link | None:
+            def lookup(gid: str) -> Link | None:
                 f = by_id.get(gid)
                 if f is None:
                     return None
-                return _Link(
+                return Link(
                     volume, f["kind"], f["base"], "committed" if f["committed"] else "pending"
                 )
 
             for f in fields:
-                problem = _chain_problem(
+                problem = chain_problem(
                     f["id"], volume, f["kind"], f["base"], f["parent"], f["committed"], lookup
                 )
                 if problem is not None:
@@ -419,11 +321,11 @@ class GenerationStore(CatalogBase):
         return _generation(row)
 
     @staticmethod
-    def _link(conn: sqlite3.Connection, gid: str) -> _Link | None:
+    def _link(conn: sqlite3.Connection, gid: str) -> Link | None:
         row = conn.execute(
             "SELECT volume, kind, base, state FROM generations WHERE id = ?", (gid,)
         ).fetchone()
-        return None if row is None else _Link(*row)
+        return None if row is None else Link(*row)
 
     @staticmethod
     def _dependents(conn: sqlite3.Connection, gid: str) -> list[str]:
