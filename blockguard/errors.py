@@ -69,8 +69,7 @@ class InvalidObjectives(InvalidInput):
 
 class InvalidChunkSize(InvalidInput):
     template = (
-        "chunk size {chunk_size} is not allowed: it must be a power of two "
-        "between 4 KiB and 16 MiB"
+        "chunk size {chunk_size} is not allowed: it must be a power of two between 4 KiB and 16 MiB"
     )
     dbus_name = f"{DBUS_PREFIX}.InvalidChunkSize"
 
