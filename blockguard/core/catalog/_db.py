@@ -81,7 +81,9 @@ class CatalogBase:
     ) -> None:
         self.path = Path(path) if path is not None else default_catalog_path()
         self._clock = clock
-        # Re-entrant so that a method can call another inside the same transaction.
+        # Held for a whole transaction, so no thread reads another's uncommitted writes
+        # on the shared connection; re-entrant so that a method can call another inside
+        # the same transaction.
         self._lock = threading.RLock()
         self._depth = 0
         self._conn: sqlite3.Connection | None = None
