@@ -1,0 +1,61 @@
+"""Which generations to delete when only N are kept (pure: no devices, no pool).
+
+A generation can only be restored with the generations it depends on: an incremental
+needs its parent chain down to the full, a differential its base full. Keeping N therefore
+keeps the N newest generations *and everything they depend on*; everything else goes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GenerationRef:
+    """The part of a generation that retention looks at."""
+
+    generation_id: str
+    kind: str  # "full" | "differential" | "incremental"
+    base_id: str | None
+    parent_id: str | None
+    created: float
+
+
+def dependencies(gen: GenerationRef, by_id: dict[str, GenerationRef]) -> set[str]:
+    """Every generation ``gen`` needs to be restored (transitively), ``gen`` excluded.
+
+    Ids that are not in ``by_id`` are still returned: a missing dependency is never
+    something this function may hide.
+    """
+    needed: set[str] = set()
+    todo = [d for d in (gen.parent_id, gen.base_id) if d]
+    while todo:
+        dep = todo.pop()
+        if dep in needed:
+            continue
+        needed.add(dep)
+        ref = by_id.get(dep)
+        if ref is not None:
+            todo.extend(d for d in (ref.parent_id, ref.base_id) if d)
+    return needed
+
+
+def select_for_deletion(generations: Iterable[GenerationRef], keep: int) -> list[str]:
+    """Ids to delete so that the ``keep`` newest generations stay restorable.
+
+    :param generations: all generations of one volume, in any order.
+    :param keep: how many of the newest to keep (at least 1).
+    :returns: ids to delete, oldest first; never one a kept generation depends on.
+    """
+    if keep < 1:
+        raise ValueError("keep must be at least 1")
+    ordered: Sequence[GenerationRef] = sorted(
+        generations, key=lambda g: (g.created, g.generation_id)
+    )
+    by_id = {g.generation_id: g for g in ordered}
+    kept: set[str] = set()
+    for gen in ordered[-keep:]:
+        kept.add(gen.generation_id)
+        kept |= dependencies(gen, by_id)
+    return [g.generation_id for g in ordered if g.generation_id not in kept]

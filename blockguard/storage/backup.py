@@ -1,0 +1,169 @@
+"""Back up one point-in-time copy of a volume into a pool as a new generation.
+
+The caller owns the point-in-time copy: ``source`` is a snapshot (a thin snapshot, a
+dm-snapshot, or on the host a stable loop device) whose content does not change while
+the backup runs; ``volume`` says which volume it is a copy of.
+"""
+
+from __future__ import annotations
+
+import array
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pyroaring import BitMap
+
+from blockguard.errors import InvalidInput
+from blockguard.storage.blockdev import BlockDevice
+from blockguard.storage.copyengine import (
+    DEFAULT_EXTENT_BYTES,
+    CopyItem,
+    DeviceSource,
+    Progress,
+    copy_chunks,
+    extents,
+)
+from blockguard.storage.manifest import (
+    GenerationKind,
+    Manifest,
+    VolumeIdentity,
+    check_chunk_size,
+    chunk_count,
+    crash_point,
+    new_checksum_array,
+)
+from blockguard.storage.pool.base import PoolBackend, RetentionResult, SpaceAlert
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    """A committed generation and what came with it."""
+
+    manifest: Manifest
+    bytes_copied: int
+    duration: float
+    retention: RetentionResult | None = None
+    space_alert: SpaceAlert | None = None
+
+
+def run_backup(
+    pool: PoolBackend,
+    volume: VolumeIdentity,
+    source: str,
+    kind: GenerationKind | str,
+    changed: BitMap | None,
+    *,
+    chunk_size: int,
+    base_id: str | None = None,
+    parent_id: str | None = None,
+    progress: Progress | None = None,
+    keep: int | None = None,
+    extent_bytes: int = DEFAULT_EXTENT_BYTES,
+) -> BackupResult:
+    """Copy ``source`` (a snapshot of ``volume``) into ``pool`` as a committed generation.
+
+    :param kind: ``full``, ``differential`` or ``incremental``.
+    :param changed: chunk indexes changed since the reference generation, or None (all):
+        since ``base_id`` for a differential, since ``parent_id`` for an incremental, and
+        for a full since ``base_id`` (the previous full, which the pool clones when it can:
+        only the changed chunks are then read). A full with no ``base_id`` reads everything.
+    :param base_id: the base full (differential) or the full to clone (full).
+    :param parent_id: the previous generation (incremental); its base is inherited.
+    :param keep: apply retention (keep this many generations) after the commit.
+    :raises InvalidInput: inconsistent kind, ids, sizes or chunk size.
+    :raises PoolSpaceLow: the pool cannot hold the generation.
+    :raises ChecksumMismatch: a stored checksum of the cloned full is inconsistent.
+    """
+    started = time.monotonic()
+    kind = GenerationKind(kind)
+    check_chunk_size(chunk_size)
+    progress = progress or Progress()
+    clone_from: str | None = None
+    if kind is GenerationKind.FULL:
+        clone_from = base_id if changed is not None else None
+        if clone_from is None:
+            changed = None
+        base_id = parent_id = None
+    elif kind is GenerationKind.DIFFERENTIAL:
+        base = _reference(pool, volume, base_id, chunk_size, "base")
+        if not base.is_full:
+            raise InvalidInput(detail=f"the base {base_id} of a differential must be a full")
+        parent_id = base_id
+    else:
+        parent = _reference(pool, volume, parent_id, chunk_size, "parent")
+        base_id = parent.generation_id if parent.is_full else parent.base_id
+    if kind is not GenerationKind.FULL and changed is None:
+        raise InvalidInput(detail=f"a {kind} backup needs the set of changed chunks")
+
+    nchunks = chunk_count(volume.size, chunk_size)
+    with BlockDevice(source, direct=True) as src:
+        if src.size != volume.size:
+            raise InvalidInput(
+                detail=f"source {source} has {src.size} bytes, volume {volume.name} {volume.size}"
+            )
+        writer = pool.begin_generation(
+            volume,
+            kind,
+            chunk_size,
+            changed,
+            base_id=base_id,
+            parent_id=parent_id,
+            clone_from=clone_from,
+        )
+        with writer:
+            todo: BitMap | None
+            if kind is GenerationKind.FULL and writer.cloned_from is not None:
+                assert changed is not None
+                with pool.open_generation(writer.cloned_from) as prev:
+                    sums = array.array("Q", prev.checksums())
+                todo = changed
+                full_slots = True
+            elif kind is GenerationKind.FULL:
+                sums, todo, full_slots = new_checksum_array(nchunks), None, True
+            else:
+                assert changed is not None
+                todo, full_slots = changed, False
+                sums = new_checksum_array(len(changed))
+            max_count = max(1, extent_bytes // chunk_size)
+            todo_bytes = sum(
+                min(count * chunk_size, volume.size - first * chunk_size)
+                for first, count in extents(todo, nchunks, max_count)
+            )
+            progress.start(todo_bytes)
+            reader = DeviceSource(src, chunk_size)
+            items = (CopyItem(reader, f, n) for f, n in extents(todo, nchunks, max_count))
+            slots = writer.draft.changed
+
+            def sink(first: int, view: memoryview, digests: Sequence[int]) -> None:
+                writer.write_chunks(first, view, digests)
+                slot = first if full_slots else slots.rank(first) - 1
+                sums[slot : slot + len(digests)] = array.array("Q", digests)
+
+            copied = copy_chunks(
+                items,
+                sink,
+                chunk_size=chunk_size,
+                volume_size=volume.size,
+                progress=progress,
+                extent_bytes=extent_bytes,
+            )
+            crash_point("before-commit")
+            manifest = writer.commit(sums)
+    retention = pool.apply_retention(volume.name, keep) if keep else None
+    alert = pool.check_space(pool.next_backup_estimate(volume.name), volume.name)
+    return BackupResult(manifest, copied, time.monotonic() - started, retention, alert)
+
+
+def _reference(
+    pool: PoolBackend, volume: VolumeIdentity, gen_id: str | None, chunk_size: int, what: str
+) -> Manifest:
+    if not gen_id:
+        raise InvalidInput(detail=f"this backup kind needs its {what} generation id")
+    ref = pool.manifest(volume.name, gen_id)
+    if ref.chunk_size != chunk_size or ref.volume.size != volume.size:
+        raise InvalidInput(
+            detail=f"{what} {gen_id} has chunk size {ref.chunk_size} and volume size "
+            f"{ref.volume.size}; this backup has {chunk_size} and {volume.size}"
+        )
+    return ref

@@ -1,0 +1,346 @@
+"""What every pool backend is: the interface the data path and the daemon program against.
+
+A pool stores generations. The backends differ in where the bytes go — an XFS directory
+with reflinks (``dir``), thin LVs in a VG (``lvm``), another host over SSH, an S3 bucket —
+but all of them:
+
+- create or open a pool by name (``create``/``open`` classmethods, backend-specific
+  arguments: devices for ``dir``/``lvm``, a URL and credentials for remote ones);
+- take chunks through a :class:`GenerationWriter` in increasing chunk order, and commit
+  the manifest last; anything uncommitted is garbage that the next ``open`` removes;
+- are the source of truth: :meth:`PoolBackend.generations` reads the manifests stored on
+  the pool, never a catalog;
+- read chunks back through a :class:`GenerationReader`;
+- make a writable volume from a full for swap-in (:meth:`PoolBackend.swap_in`).
+
+Generic policy (dependency chains, retention, the space alert) lives here, once.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from pyroaring import BitMap
+
+from blockguard.core.retention import GenerationRef, select_for_deletion
+from blockguard.errors import CorruptMetadata, NotFound, PoolSpaceLow
+from blockguard.storage.manifest import GenerationKind, Manifest, VolumeIdentity
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PoolDevice:
+    """A disk that belongs to a pool."""
+
+    path: str
+    devno: str
+    size: int
+    area: str  # the backend's name for the space on it (a mount point, a PV name)
+
+
+@dataclass(frozen=True)
+class PoolCapacity:
+    total: int
+    used: int
+    free: int
+
+
+@dataclass(frozen=True)
+class SpaceAlert:
+    """Published when the pool's free space will not hold the next backup."""
+
+    pool: str
+    free: int
+    needed: int
+    volume: str | None = None
+
+    @property
+    def message(self) -> str:
+        what = f" for volume {self.volume}" if self.volume else ""
+        return f"pool {self.pool} has {self.free} bytes free, {self.needed} needed{what}"
+
+
+AlertCallback = Callable[[SpaceAlert], None]
+
+
+@dataclass(frozen=True)
+class FreedGeneration:
+    generation_id: str
+    kind: str
+    bytes: int  # bytes this generation had stored (shared reflinked blocks may stay used)
+
+
+@dataclass(frozen=True)
+class RetentionResult:
+    """What applying a retention rule freed."""
+
+    freed: list[FreedGeneration] = field(default_factory=list)
+    measured_bytes: int = 0  # free-space growth the pool measured (0 if it cannot tell)
+
+    @property
+    def freed_ids(self) -> list[str]:
+        return [f.generation_id for f in self.freed]
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.bytes for f in self.freed)
+
+
+class GenerationWriter(ABC):
+    """Receives one generation's chunks and commits it.
+
+    ``draft`` is the manifest to be (ids, kind, changed set); ``cloned_from`` is set when
+    the backend made a new full as a clone of that earlier full, in which case only the
+    chunks changed since it have to be written. Use as a context manager: leaving without
+    :meth:`commit` aborts.
+    """
+
+    def __init__(self, draft: Manifest, cloned_from: Manifest | None) -> None:
+        self.draft = draft
+        self.cloned_from = cloned_from
+        self.committed: Manifest | None = None
+
+    @property
+    def generation_id(self) -> str:
+        return self.draft.generation_id
+
+    @abstractmethod
+    def write_chunks(self, first: int, view: memoryview, digests: Sequence[int]) -> None:
+        """Store the chunks starting at ``first`` (called in increasing chunk order)."""
+
+    @abstractmethod
+    def commit(self, checksums: array.array[int]) -> Manifest:
+        """Make the data durable, then write the manifest last; returns it.
+
+        :param checksums: one xxh3_64 per stored chunk (see :mod:`..manifest`).
+        """
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Remove everything written; idempotent."""
+
+    def __enter__(self) -> GenerationWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if self.committed is None:
+            self.abort()
+
+
+class GenerationReader(ABC):
+    """Reads a committed generation's chunks; a chunk source for the copy engine."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self._sums: array.array[int] | None = None
+
+    @abstractmethod
+    def read_chunks(self, first: int, view: memoryview) -> None:
+        """Fill ``view`` with stored chunks ``first, first+1, ...`` (all stored here)."""
+
+    @abstractmethod
+    def _load_checksums(self) -> array.array[int]:
+        """The checksum array, checked against the manifest."""
+
+    def checksums(self) -> array.array[int]:
+        if self._sums is None:
+            self._sums = self._load_checksums()
+        return self._sums
+
+    def expected(self, first: int, count: int) -> Sequence[int]:
+        """Stored checksums of ``count`` consecutive stored chunks from ``first``."""
+        slot = self.manifest.checksum_slot(first)
+        return self.checksums()[slot : slot + count]
+
+    def close(self) -> None:  # noqa: B027 - optional hook; most readers hold nothing
+        """Release what the reader holds."""
+
+    def __enter__(self) -> GenerationReader:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class SwapInVolume(ABC):
+    """A writable block device made from a full for swap-in; the caller releases it."""
+
+    def __init__(self, device: str, image: str | None) -> None:
+        self.device = device
+        self.image = image
+
+    @abstractmethod
+    def release(self, *, keep_image: bool = False) -> None:
+        """Detach the device (and delete its backing unless ``keep_image``)."""
+
+
+class PoolBackend(ABC):
+    """A named pool of backup space. See the module docstring for the contract."""
+
+    kind: ClassVar[str] = "?"
+    #: True when :meth:`begin_generation` can make a full as a cheap clone of an earlier one.
+    can_clone_full: ClassVar[bool] = False
+
+    def __init__(self, name: str, alert: AlertCallback | None = None) -> None:
+        self.name = name
+        self.alert = alert
+
+    # --- devices and space --------------------------------------------------------
+
+    @abstractmethod
+    def devices(self) -> list[PoolDevice]: ...
+
+    @abstractmethod
+    def add_device(
+        self, path: str, *, protected: Sequence[str] = (), force: bool = False
+    ) -> PoolDevice:
+        """Add a disk (same refusals as pool creation)."""
+
+    @abstractmethod
+    def capacity(self) -> PoolCapacity: ...
+
+    # --- generations ---------------------------------------------------------------
+
+    @abstractmethod
+    def begin_generation(
+        self,
+        volume: VolumeIdentity,
+        kind: GenerationKind,
+        chunk_size: int,
+        changed: BitMap | None,
+        *,
+        base_id: str | None,
+        parent_id: str | None,
+        clone_from: str | None = None,
+    ) -> GenerationWriter:
+        """Start a generation. ``changed`` None means every chunk (a full from scratch).
+
+        :param clone_from: for a full: an earlier full of the volume that ``changed`` is
+            relative to; the backend clones it when it can (``writer.cloned_from``).
+        :raises PoolSpaceLow: the pool cannot hold it.
+        """
+
+    @abstractmethod
+    def generations(self, volume: str | None = None) -> list[Manifest]:
+        """Committed generations (of one volume, or all), oldest first, from the pool."""
+
+    @abstractmethod
+    def open_generation(self, manifest: Manifest) -> GenerationReader: ...
+
+    @abstractmethod
+    def remove_generation(self, volume: str, generation_id: str) -> FreedGeneration:
+        """Delete one generation (crash-safe: it is gone or still whole)."""
+
+    @abstractmethod
+    def swap_in(self, full: Manifest, label: str) -> SwapInVolume:
+        """A writable device whose content is the full ``full`` (a clone: instant)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the pool (unmount what this object mounted)."""
+
+    def __enter__(self) -> PoolBackend:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # --- generic policy -------------------------------------------------------------
+
+    def volumes(self) -> list[str]:
+        return sorted({m.volume.name for m in self.generations()})
+
+    def manifest(self, volume: str, generation_id: str) -> Manifest:
+        """:raises NotFound: no committed generation with that id."""
+        for m in self.generations(volume):
+            if m.generation_id == generation_id:
+                return m
+        raise NotFound(what="generation", name=f"{volume}/{generation_id}")
+
+    def chain(self, volume: str, generation_id: str) -> list[Manifest]:
+        """The generations needed to restore one: its full first, itself last.
+
+        :raises CorruptMetadata: a link of the chain is missing or inconsistent.
+        """
+        by_id = {m.generation_id: m for m in self.generations(volume)}
+        if generation_id not in by_id:
+            raise NotFound(what="generation", name=f"{volume}/{generation_id}")
+        chain = [by_id[generation_id]]
+        while not chain[-1].is_full:
+            link = chain[-1]
+            parent = by_id.get(link.parent_id or "")
+            if parent is None:
+                raise CorruptMetadata(
+                    what=f"generation {link.generation_id}",
+                    detail=f"its parent {link.parent_id} is missing",
+                )
+            if (
+                parent.chunk_size != link.chunk_size
+                or parent.volume.size != link.volume.size
+                or len(chain) > len(by_id)
+            ):
+                raise CorruptMetadata(
+                    what=f"generation {link.generation_id}",
+                    detail=f"it does not fit its parent {parent.generation_id}",
+                )
+            chain.append(parent)
+        chain.reverse()
+        if chain[-1].base_id not in (None, chain[0].generation_id):
+            raise CorruptMetadata(
+                what=f"generation {generation_id}",
+                detail=f"its base {chain[-1].base_id} is not the full of its chain",
+            )
+        return chain
+
+    def estimate_bytes(self, volume: VolumeIdentity, changed_chunks: int | None, chunk: int) -> int:
+        """Pool space a generation of ``changed_chunks`` chunks needs (None: all)."""
+        if changed_chunks is None:
+            return volume.size
+        return min(volume.size, changed_chunks * chunk)
+
+    def check_space(self, needed: int, volume: str | None = None) -> SpaceAlert | None:
+        """Alert (callback and return value) when ``needed`` bytes do not fit."""
+        free = self.capacity().free
+        if free >= needed:
+            return None
+        alert = SpaceAlert(self.name, free, needed, volume)
+        log.warning("%s", alert.message)
+        if self.alert is not None:
+            self.alert(alert)
+        return alert
+
+    def require_space(self, needed: int, volume: str | None = None) -> None:
+        """:raises PoolSpaceLow: ``needed`` bytes do not fit (after alerting)."""
+        alert = self.check_space(needed, volume)
+        if alert is not None:
+            raise PoolSpaceLow(pool=self.name, free=alert.free, needed=alert.needed)
+
+    def next_backup_estimate(self, volume: str) -> int:
+        """A guess at the next backup's size: the largest of the last few, or a full."""
+        gens = self.generations(volume)
+        if not gens:
+            return 0
+        if not self.can_clone_full:
+            return gens[-1].volume.size
+        return max(m.bytes_stored for m in gens[-4:])
+
+    def apply_retention(self, volume: str, keep: int) -> RetentionResult:
+        """Keep the ``keep`` newest generations of ``volume`` and their dependencies."""
+        gens = self.generations(volume)
+        refs = [
+            GenerationRef(m.generation_id, m.kind.value, m.base_id, m.parent_id, m.created)
+            for m in gens
+        ]
+        doomed = select_for_deletion(refs, keep)
+        before = self.capacity().free
+        # Newest first: a generation is removed only after everything that depends on
+        # it, so an interrupted retention never leaves a broken chain behind.
+        freed = [self.remove_generation(volume, gid) for gid in reversed(doomed)]
+        freed.reverse()
+        after = self.capacity().free if freed else before
+        return RetentionResult(freed, max(0, after - before))

@@ -1,0 +1,610 @@
+"""The ``dir`` pool backend: XFS with reflink on each pool disk, for hosts without dm.
+
+Each disk is one *area*: its own XFS (``mkfs.xfs -m reflink=1``) mounted under
+``MOUNT_ROOT/POOL/area-N``, with ``pool.json`` naming the pool. Generations live in
+``volumes/VOLUME/GENERATION_ID/``:
+
+- a full is ``image`` (the volume's bytes at their own offsets); a new full is a FICLONE
+  of the previous full's image (instant, shares extents) with the changed chunks written
+  over it;
+- a differential or incremental is ``chunks``: the changed chunks packed in chunk order,
+  so that a chunk's slot is its rank in the changed set stored in the manifest;
+- ``checksums.xxh3`` and, committed last, ``manifest.json``.
+
+A generation being written holds an flock on its ``.writing`` file; a directory with no
+manifest whose lock can be taken is garbage and ``open`` removes it, as it removes
+``*.deleted`` directories left by an interrupted removal.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import stat
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from pyroaring import BitMap
+
+from blockguard.errors import (
+    Busy,
+    CorruptMetadata,
+    EnvironmentProblem,
+    InvalidInput,
+    NotFound,
+)
+from blockguard.storage.blockdev import device_rdev, mounted_devnos
+from blockguard.storage.manifest import (
+    MANIFEST_NAME,
+    GenerationKind,
+    Manifest,
+    VolumeIdentity,
+    check_chunk_size,
+    check_name,
+    checksum_bytes,
+    checksum_digest,
+    checksums_from_bytes,
+    crash_point,
+    fsync_dir,
+    new_generation_id,
+    read_manifest,
+    write_atomic,
+)
+from blockguard.storage.pool.base import (
+    AlertCallback,
+    FreedGeneration,
+    GenerationReader,
+    GenerationWriter,
+    PoolBackend,
+    PoolCapacity,
+    PoolDevice,
+    SwapInVolume,
+)
+from blockguard.storage.pool.registration import devno, refuse_unless_free
+from blockguard.storage.runner import Runner, default_runner
+
+log = logging.getLogger(__name__)
+
+FICLONE = 0x40049409
+POOL_FILE = "pool.json"
+POOL_FORMAT = "blockguard-dir-pool"
+#: mkfs.xfs refuses file systems under 300 MB.
+MIN_DEVICE_SIZE = 320 << 20
+DATA_FULL = "image"
+DATA_PACKED = "chunks"
+CHECKSUMS = "checksums.xxh3"
+LOCK = ".writing"
+DELETED = ".deleted"
+
+
+class PoolFile:
+    """A regular file of the pool, opened without following links, verified with fstat."""
+
+    def __init__(self, path: Path, *, write: bool = False, create: bool = False) -> None:
+        flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW
+        flags |= os.O_DIRECT
+        if create:
+            flags |= os.O_CREAT | os.O_EXCL
+        self.path = path
+        self.fd = os.open(path, flags, 0o600)
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+            os.close(self.fd)
+            raise EnvironmentProblem(detail=f"{path} is not a regular file")
+
+    def pread_into(self, view: memoryview, offset: int) -> int:
+        done = 0
+        while done < len(view):
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n == 0:
+                break
+            done += n
+        return done
+
+    def pwrite_all(self, view: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(view):
+            done += os.pwritev(self.fd, [view[done:]], offset + done)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class DirPool(PoolBackend):
+    """A pool of XFS areas; create with :meth:`create`, reopen with :meth:`open`."""
+
+    kind = "dir"
+    can_clone_full = True
+
+    def __init__(
+        self, name: str, mount_root: Path, runner: Runner, alert: AlertCallback | None
+    ) -> None:
+        super().__init__(name, alert)
+        self.mount_root = Path(mount_root)
+        self.runner = runner
+        self.pool_uuid = ""
+        self._areas: list[tuple[PoolDevice, Path]] = []
+        self._mounted_by_me: list[Path] = []
+        self.damaged: list[str] = []
+
+    # --- creation and opening -------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        name: str,
+        device: str,
+        mount_root: str | os.PathLike[str],
+        *,
+        protected: Sequence[str] = (),
+        force: bool = False,
+        runner: Runner | None = None,
+        alert: AlertCallback | None = None,
+    ) -> DirPool:
+        """Register ``device`` as a new pool (mkfs + mount).
+
+        :raises DeviceInUse: the disk is in use or holds data (without ``force``).
+        :raises DeviceTooSmall: below :data:`MIN_DEVICE_SIZE`.
+        """
+        check_name(name, "pool name")
+        pool = cls(name, Path(mount_root), runner or default_runner(), alert)
+        pool.pool_uuid = str(uuid.uuid4())
+        pool._format_area(device, 0, protected=protected, force=force)
+        return pool
+
+    @classmethod
+    def open(
+        cls,
+        name: str,
+        devices: Sequence[str],
+        mount_root: str | os.PathLike[str],
+        *,
+        runner: Runner | None = None,
+        alert: AlertCallback | None = None,
+    ) -> DirPool:
+        """Open an existing pool: mount its areas (unless mounted) and remove garbage.
+
+        :raises CorruptMetadata: a device does not carry this pool.
+        """
+        check_name(name, "pool name")
+        pool = cls(name, Path(mount_root), runner or default_runner(), alert)
+        try:
+            for index, device in enumerate(devices):
+                mnt = pool._mount_area(device, index)
+                info = _read_pool_file(mnt)
+                if info["pool"] != name or (pool.pool_uuid and info["pool_uuid"] != pool.pool_uuid):
+                    raise CorruptMetadata(
+                        what=f"pool area on {device}", detail=f"it belongs to pool {info['pool']}"
+                    )
+                pool.pool_uuid = info["pool_uuid"]
+                pool._areas.append((pool._device(device, mnt), mnt))
+            pool.collect_garbage()
+        except BaseException:
+            pool.close()
+            raise
+        return pool
+
+    def add_device(
+        self, path: str, *, protected: Sequence[str] = (), force: bool = False
+    ) -> PoolDevice:
+        return self._format_area(path, len(self._areas), protected=protected, force=force)
+
+    def _format_area(
+        self, device: str, index: int, *, protected: Sequence[str], force: bool
+    ) -> PoolDevice:
+        known = [d.path for d, _ in self._areas]
+        check = refuse_unless_free(
+            device,
+            protected=[*protected, *known],
+            min_size=MIN_DEVICE_SIZE,
+            force=force,
+            runner=self.runner,
+        )
+        if check.has_data:
+            log.warning("overwriting %s (forced): %s", device, "; ".join(check.has_data))
+            self.runner.run(["wipefs", "-a", "-q", device], timeout=60)
+            self.runner.run(["partx", "-d", device], timeout=60, check=False)
+        argv = ["mkfs.xfs", "-q", "-m", "reflink=1"]
+        self.runner.run([*argv, *(["-f"] if force else []), device], timeout=300)
+        mnt = self._mount_area(device, index)
+        (mnt / "volumes").mkdir(exist_ok=True)
+        info = {
+            "format": POOL_FORMAT,
+            "format_version": 1,
+            "pool": self.name,
+            "pool_uuid": self.pool_uuid,
+            "area": f"area-{index}",
+            "created": time.time(),
+        }
+        write_atomic(mnt / POOL_FILE, json.dumps(info, indent=1).encode())
+        dev = self._device(device, mnt)
+        self._areas.append((dev, mnt))
+        return dev
+
+    def _mount_area(self, device: str, index: int) -> Path:
+        rdev = device_rdev(device)
+        existing = mounted_devnos().get(devno(rdev))
+        if existing is not None:
+            return Path(existing)
+        mnt = self.mount_root / self.name / f"area-{index}"
+        mnt.mkdir(parents=True, exist_ok=True)
+        self.runner.run(
+            ["mount", "-t", "xfs", "-o", "noatime,nodev,nosuid,noexec", device, str(mnt)],
+            timeout=120,
+        )
+        self._mounted_by_me.append(mnt)
+        return mnt
+
+    def _device(self, path: str, mnt: Path) -> PoolDevice:
+        rdev = device_rdev(path)
+        st = os.statvfs(mnt)
+        return PoolDevice(path, devno(rdev), st.f_blocks * st.f_frsize, str(mnt))
+
+    def close(self) -> None:
+        """Unmount the areas this object mounted."""
+        while self._mounted_by_me:
+            mnt = self._mounted_by_me.pop()
+            self.runner.run(["umount", str(mnt)], timeout=120)
+        self._areas.clear()
+
+    # --- space ----------------------------------------------------------------------
+
+    def devices(self) -> list[PoolDevice]:
+        return [d for d, _ in self._areas]
+
+    def capacity(self) -> PoolCapacity:
+        total = free = 0
+        for _, mnt in self._areas:
+            st = os.statvfs(mnt)
+            total += st.f_blocks * st.f_frsize
+            free += st.f_bavail * st.f_frsize
+        return PoolCapacity(total, total - free, free)
+
+    def _area_free(self, mnt: Path) -> int:
+        st = os.statvfs(mnt)
+        return st.f_bavail * st.f_frsize
+
+    # --- garbage --------------------------------------------------------------------
+
+    def collect_garbage(self) -> list[str]:
+        """Remove uncommitted and half-deleted generations; returns what was removed."""
+        removed: list[str] = []
+        for _, mnt in self._areas:
+            for vol in _subdirs(mnt / "volumes"):
+                for gen in _subdirs(vol):
+                    if gen.name.endswith(DELETED) or not (gen / MANIFEST_NAME).exists():
+                        if _writer_alive(gen):
+                            continue
+                        shutil.rmtree(gen, ignore_errors=True)
+                        removed.append(str(gen))
+                    else:
+                        for stray in (gen / LOCK, gen / f".{MANIFEST_NAME}.tmp"):
+                            if stray.exists() and not _writer_alive(gen):
+                                stray.unlink(missing_ok=True)
+                if removed:
+                    fsync_dir(vol)
+        if removed:
+            log.info("removed uncommitted generations: %s", removed)
+        return removed
+
+    # --- generations ----------------------------------------------------------------
+
+    def generations(self, volume: str | None = None) -> list[Manifest]:
+        found: list[Manifest] = []
+        damaged: list[str] = []
+        for _, mnt in self._areas:
+            vols = [mnt / "volumes" / volume] if volume else _subdirs(mnt / "volumes")
+            for vol in vols:
+                for gen in _subdirs(vol):
+                    if gen.name.endswith(DELETED) or not (gen / MANIFEST_NAME).exists():
+                        continue
+                    try:
+                        found.append(read_manifest(gen))
+                    except CorruptMetadata as exc:
+                        log.error("%s", exc)
+                        damaged.append(str(gen))
+        self.damaged = damaged
+        return sorted(found, key=lambda m: (m.created, m.generation_id))
+
+    def _gen_dir(self, volume: str, generation_id: str) -> Path:
+        check_name(volume, "volume name")
+        check_name(generation_id, "generation id")
+        for _, mnt in self._areas:
+            d = mnt / "volumes" / volume / generation_id
+            if (d / MANIFEST_NAME).exists():
+                return d
+        raise NotFound(what="generation", name=f"{volume}/{generation_id}")
+
+    def begin_generation(
+        self,
+        volume: VolumeIdentity,
+        kind: GenerationKind,
+        chunk_size: int,
+        changed: BitMap | None,
+        *,
+        base_id: str | None,
+        parent_id: str | None,
+        clone_from: str | None = None,
+    ) -> GenerationWriter:
+        check_chunk_size(chunk_size)
+        if kind is not GenerationKind.FULL and changed is None:
+            raise InvalidInput(detail=f"a {kind} generation needs its changed-chunk set")
+        source: Manifest | None = None
+        if kind is GenerationKind.FULL and clone_from and changed is not None:
+            source = self.manifest(volume.name, clone_from)
+            if (
+                not source.is_full
+                or source.volume.size != volume.size
+                or source.chunk_size != chunk_size
+            ):
+                source = None
+        if not self._areas:
+            raise EnvironmentProblem(detail=f"pool {self.name} has no devices")
+        # A clone shares the source's extents: only the changed chunks need new space.
+        changed_count: int | None = None
+        if changed is not None and (kind is not GenerationKind.FULL or source is not None):
+            changed_count = len(changed)
+        needed = self.estimate_bytes(volume, changed_count, chunk_size)
+        area = max((mnt for _, mnt in self._areas), key=self._area_free)
+        if source is not None:
+            src_area = self._gen_dir(volume.name, source.generation_id).parents[2]
+            if self._area_free(src_area) >= needed:
+                area = src_area
+            else:
+                source = None
+                needed = volume.size
+        self.require_space(needed, volume.name)
+        draft = Manifest(
+            generation_id=new_generation_id(),
+            volume=volume,
+            chunk_size=chunk_size,
+            kind=kind,
+            base_id=None if kind is GenerationKind.FULL else base_id,
+            parent_id=None if kind is GenerationKind.FULL else parent_id,
+            changed=BitMap() if changed is None else BitMap(changed),
+            created=time.time(),
+        )
+        gen_dir = area / "volumes" / volume.name / draft.generation_id
+        src_image = None
+        if source is not None:
+            src_dir = self._gen_dir(volume.name, source.generation_id)
+            if src_dir.parents[2] == area:
+                src_image = src_dir / source.storage.get("data", DATA_FULL)
+            else:
+                source = None
+        return DirGenerationWriter(draft, gen_dir, source, src_image)
+
+    def open_generation(self, manifest: Manifest) -> GenerationReader:
+        return DirGenerationReader(
+            manifest, self._gen_dir(manifest.volume.name, manifest.generation_id)
+        )
+
+    def remove_generation(self, volume: str, generation_id: str) -> FreedGeneration:
+        gens = self.generations(volume)
+        target = next((m for m in gens if m.generation_id == generation_id), None)
+        if target is None:
+            raise NotFound(what="generation", name=f"{volume}/{generation_id}")
+        users = [m.generation_id for m in gens if generation_id in (m.parent_id, m.base_id)]
+        if users:
+            raise Busy(
+                what=f"generation {generation_id}", reason=f"{', '.join(users)} depend on it"
+            )
+        gen = self._gen_dir(volume, generation_id)
+        doomed = gen.with_name(gen.name + DELETED)
+        # The rename is the commit point of a removal: afterwards the generation is gone
+        # for every reader, and an interrupted rmtree is finished by the next open.
+        os.rename(gen, doomed)
+        fsync_dir(gen.parent)
+        crash_point("remove-renamed")
+        shutil.rmtree(doomed)
+        return FreedGeneration(generation_id, target.kind.value, target.bytes_stored)
+
+    def swap_in(self, full: Manifest, label: str) -> SwapInVolume:
+        check_name(label, "swap-in label")
+        if not full.is_full:
+            raise InvalidInput(detail=f"generation {full.generation_id} is not a full")
+        src = self._gen_dir(full.volume.name, full.generation_id)
+        area = src.parents[2]
+        (area / "swapin").mkdir(exist_ok=True)
+        image = area / "swapin" / f"{label}.img"
+        if image.exists():
+            raise Busy(what=f"swap-in image {image}", reason="it already exists")
+        clone_file(src / full.storage.get("data", DATA_FULL), image)
+        try:
+            dev = self.runner.run(
+                ["losetup", "--find", "--show", "--direct-io=on", str(image)], timeout=60
+            ).stdout.strip()
+        except BaseException:
+            image.unlink(missing_ok=True)
+            raise
+        return DirSwapIn(dev, str(image), self.runner)
+
+    def swap_ins(self) -> list[str]:
+        """Swap-in images that exist on the pool (attached or not)."""
+        return sorted(str(p) for _, mnt in self._areas for p in (mnt / "swapin").glob("*.img"))
+
+
+class DirSwapIn(SwapInVolume):
+    def __init__(self, device: str, image: str, runner: Runner) -> None:
+        super().__init__(device, image)
+        self.runner = runner
+
+    def release(self, *, keep_image: bool = False) -> None:
+        self.runner.run(["losetup", "-d", self.device], timeout=60)
+        if not keep_image and self.image:
+            Path(self.image).unlink(missing_ok=True)
+
+
+class DirGenerationWriter(GenerationWriter):
+    """Writes one generation directory; see the module docstring for the layout."""
+
+    def __init__(
+        self, draft: Manifest, gen_dir: Path, source: Manifest | None, src_image: Path | None
+    ) -> None:
+        gen_dir.mkdir(parents=True)
+        self.dir = gen_dir
+        self._lock_fd = os.open(gen_dir / LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        self._bytes = 0
+        self._file: PoolFile | None = None
+        try:
+            cloned = None
+            if draft.is_full:
+                image = gen_dir / DATA_FULL
+                if src_image is not None and source is not None:
+                    try:
+                        clone_file(src_image, image)
+                        cloned = source
+                    except OSError as exc:
+                        if exc.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL):
+                            raise
+                        image.unlink(missing_ok=True)
+                crash_point("after-clone")
+                self._file = PoolFile(image, write=True, create=cloned is None)
+                if cloned is None:
+                    os.posix_fallocate(self._file.fd, 0, draft.volume.size)
+            else:
+                self._file = PoolFile(gen_dir / DATA_PACKED, write=True, create=True)
+                if draft.changed:
+                    os.posix_fallocate(self._file.fd, 0, len(draft.changed) * draft.chunk_size)
+        except BaseException:
+            self._cleanup()
+            raise
+        if cloned is None and draft.is_full:
+            draft = draft.with_(changed=BitMap(range(draft.chunks)))
+        super().__init__(draft.with_(cloned_from=cloned.generation_id if cloned else None), cloned)
+
+    def write_chunks(self, first: int, view: memoryview, digests: Sequence[int]) -> None:
+        assert self._file is not None
+        slot = first if self.draft.is_full else self.draft.changed.rank(first) - 1
+        self._file.pwrite_all(view, slot * self.draft.chunk_size)
+        self._bytes += len(view)
+        crash_point("chunks-written")
+
+    def commit(self, checksums: array.array[int]) -> Manifest:
+        assert self._file is not None
+        os.fsync(self._file.fd)
+        raw = checksum_bytes(checksums)
+        crash_point("before-checksums")
+        write_atomic(self.dir / CHECKSUMS, raw)
+        manifest = self.draft.with_(
+            bytes_stored=self._bytes,
+            checksum_count=len(checksums),
+            checksum_digest=checksum_digest(raw),
+            storage={
+                "layout": "image" if self.draft.is_full else "packed",
+                "data": DATA_FULL if self.draft.is_full else DATA_PACKED,
+                "checksums": CHECKSUMS,
+            },
+        )
+        fsync_dir(self.dir)
+        fsync_dir(self.dir.parent)
+        fsync_dir(self.dir.parent.parent)
+        crash_point("before-manifest")
+        write_atomic(self.dir / MANIFEST_NAME, manifest.to_json())
+        crash_point("after-manifest")
+        self.committed = manifest
+        self._file.close()
+        (self.dir / LOCK).unlink(missing_ok=True)
+        os.close(self._lock_fd)
+        self._lock_fd = -1
+        return manifest
+
+    def abort(self) -> None:
+        if self.committed is None:
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+class DirGenerationReader(GenerationReader):
+    def __init__(self, manifest: Manifest, gen_dir: Path) -> None:
+        super().__init__(manifest)
+        self.dir = gen_dir
+        self._file = PoolFile(gen_dir / manifest.storage.get("data", DATA_FULL))
+
+    def read_chunks(self, first: int, view: memoryview) -> None:
+        slot = self.manifest.checksum_slot(first)
+        got = self._file.pread_into(view, slot * self.manifest.chunk_size)
+        if got != len(view):
+            raise CorruptMetadata(
+                what=f"generation {self.manifest.generation_id}",
+                detail=f"its data ends early at chunk {first}",
+            )
+
+    def _load_checksums(self) -> array.array[int]:
+        path = self.dir / self.manifest.storage.get("checksums", CHECKSUMS)
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise CorruptMetadata(what=str(path), detail=exc.strerror or str(exc)) from None
+        return checksums_from_bytes(raw, self.manifest, str(path))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def clone_file(src: Path, dst: Path) -> None:
+    """Reflink ``src`` to a new ``dst`` (FICLONE: shares extents, instant), durably."""
+    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.ioctl(dfd, FICLONE, sfd)
+            os.fsync(dfd)
+        except BaseException:
+            os.close(dfd)
+            dfd = -1
+            dst.unlink(missing_ok=True)
+            raise
+        finally:
+            if dfd >= 0:
+                os.close(dfd)
+    finally:
+        os.close(sfd)
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        return sorted(p for p in path.iterdir() if p.is_dir() and not p.is_symlink())
+    except FileNotFoundError:
+        return []
+
+
+def _writer_alive(gen: Path) -> bool:
+    """True while a (live) writer holds the generation's lock."""
+    try:
+        fd = os.open(gen / LOCK, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _read_pool_file(mnt: Path) -> dict[str, str]:
+    try:
+        info = json.loads((mnt / POOL_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CorruptMetadata(what=str(mnt / POOL_FILE), detail=str(exc)) from None
+    if not isinstance(info, dict) or info.get("format") != POOL_FORMAT:
+        raise CorruptMetadata(what=str(mnt / POOL_FILE), detail="not a blockguard dir pool")
+    return info

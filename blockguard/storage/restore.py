@@ -1,0 +1,290 @@
+"""Restore a generation: to a new device, in place, or by swap-in; and verify one.
+
+Each chunk is read once, from the newest generation of the chain that holds it, and its
+checksum is checked on the way; a mismatch stops the restore and names the chunk and the
+generation. Each restore reports its measured duration and bytes for the restore-time
+model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from pyroaring import BitMap
+
+from blockguard.errors import DeviceInUse, DeviceTooSmall, InvalidInput
+from blockguard.storage.blockdev import BlockDevice, in_use_reasons
+from blockguard.storage.copyengine import (
+    DEFAULT_EXTENT_BYTES,
+    CopyItem,
+    DeviceSource,
+    Progress,
+    copy_chunks,
+    device_sink,
+    discard_sink,
+    extents,
+)
+from blockguard.storage.manifest import Manifest
+from blockguard.storage.pool.base import GenerationReader, PoolBackend, SwapInVolume
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """What a restore did and how long it took.
+
+    :param mode: ``device``, ``in-place`` or ``swap-in``.
+    :param target: the device written (for swap-in: the new loop/LV device).
+    :param bytes_read: bytes read from the pool (and from the clone, when verified).
+    :param bytes_written: bytes written to the target.
+    """
+
+    volume: str
+    generation_id: str
+    mode: str
+    target: str
+    chain: tuple[str, ...]
+    bytes_read: int
+    bytes_written: int
+    duration: float
+    swap: SwapInVolume | None = None
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    generation_id: str
+    chunks: int
+    bytes: int
+    duration: float
+
+
+def plan_chunks(chain: Sequence[Manifest]) -> list[tuple[Manifest, BitMap]]:
+    """For each generation of a chain (full first), the chunks to take from it.
+
+    A chunk comes from the newest generation that holds it.
+    """
+    remaining = BitMap(range(chain[0].chunks))
+    plan: list[tuple[Manifest, BitMap]] = []
+    for gen in reversed(chain):
+        own = remaining if gen.is_full else gen.changed & remaining
+        remaining = remaining - own
+        plan.append((gen, own))
+    plan.reverse()
+    return plan
+
+
+def restore_to_device(
+    pool: PoolBackend,
+    volume: str,
+    generation_id: str,
+    target: str,
+    *,
+    progress: Progress | None = None,
+    extent_bytes: int = DEFAULT_EXTENT_BYTES,
+) -> RestoreResult:
+    """Write the generation's content to a new, unused device at least as large.
+
+    :raises DeviceInUse: the target is mounted, held, partitioned or an LVM PV.
+    :raises DeviceTooSmall: the target is smaller than the volume.
+    :raises ChecksumMismatch: a stored chunk is damaged (names chunk and generation).
+    """
+    return _restore(pool, volume, generation_id, target, "device", progress, extent_bytes)
+
+
+def restore_in_place(
+    pool: PoolBackend,
+    volume: str,
+    generation_id: str,
+    original: str,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    extent_bytes: int = DEFAULT_EXTENT_BYTES,
+) -> RestoreResult:
+    """Overwrite the original volume with the generation's content (needs ``force``).
+
+    :raises InvalidInput: ``force`` was not given, or the device is not the volume's size.
+    :raises DeviceInUse: the volume is mounted or otherwise in use.
+    """
+    if not force:
+        raise InvalidInput(
+            detail=f"restoring {volume} in place overwrites {original}; it needs force"
+        )
+    return _restore(pool, volume, generation_id, original, "in-place", progress, extent_bytes)
+
+
+def swap_in(
+    pool: PoolBackend,
+    volume: str,
+    generation_id: str,
+    *,
+    label: str | None = None,
+    verify_base: bool = True,
+    progress: Progress | None = None,
+    extent_bytes: int = DEFAULT_EXTENT_BYTES,
+) -> RestoreResult:
+    """Make a new volume from the chain's full (a clone) and apply the deltas to it.
+
+    The result's ``target`` is the device to resume service on; ``swap.release()``
+    detaches and deletes it. With ``verify_base`` the clone's chunks that no delta
+    replaces are read back and checked too (not instant, but every chunk is verified).
+    """
+    started = time.monotonic()
+    progress = progress or Progress()
+    chain = pool.chain(volume, generation_id)
+    plan = plan_chunks(chain)
+    full = chain[0]
+    label = label or f"{volume}-{generation_id}"
+    swap = pool.swap_in(full, label)
+    try:
+        read = written = 0
+        with BlockDevice(swap.device, write=True, direct=True, exclusive=True) as dev:
+            if dev.size < full.volume.size:
+                raise DeviceTooSmall(path=swap.device, size=dev.size, needed=full.volume.size)
+            deltas = [(gen, own) for gen, own in plan if not gen.is_full]
+            todo = sum(_bytes(gen, own) for gen, own in deltas)
+            progress.start(todo + (_bytes(full, plan[0][1]) if verify_base else 0))
+            with contextlib.ExitStack() as stack:
+                readers = [stack.enter_context(pool.open_generation(g)) for g, _ in deltas]
+                items = _merged_items(readers, [own for _, own in deltas], extent_bytes)
+                written = copy_chunks(
+                    items,
+                    device_sink(dev, full.chunk_size),
+                    chunk_size=full.chunk_size,
+                    volume_size=full.volume.size,
+                    progress=progress,
+                    extent_bytes=extent_bytes,
+                )
+            read = written
+            if verify_base:
+                with pool.open_generation(full) as base:
+                    source = DeviceSource(dev, full.chunk_size)
+                    max_count = max(1, extent_bytes // full.chunk_size)
+                    items = (
+                        CopyItem(source, f, n, base.expected(f, n), full.generation_id)
+                        for f, n in extents(plan[0][1], full.chunks, max_count)
+                    )
+                    read += copy_chunks(
+                        items,
+                        discard_sink,
+                        chunk_size=full.chunk_size,
+                        volume_size=full.volume.size,
+                        progress=progress,
+                        extent_bytes=extent_bytes,
+                    )
+            dev.flush()
+    except BaseException:
+        swap.release()
+        raise
+    return RestoreResult(
+        volume,
+        generation_id,
+        "swap-in",
+        swap.device,
+        tuple(g.generation_id for g in chain),
+        read,
+        written,
+        time.monotonic() - started,
+        swap,
+    )
+
+
+def verify(
+    pool: PoolBackend,
+    volume: str,
+    generation_id: str,
+    *,
+    progress: Progress | None = None,
+    extent_bytes: int = DEFAULT_EXTENT_BYTES,
+) -> VerifyResult:
+    """Re-read every stored chunk of one generation and check its checksum.
+
+    :raises ChecksumMismatch: naming the first damaged chunk and the generation.
+    :raises CorruptMetadata: the manifest or checksum array is damaged.
+    """
+    started = time.monotonic()
+    manifest = pool.manifest(volume, generation_id)
+    stored = manifest.stored_chunks()
+    progress = progress or Progress()
+    progress.start(_bytes(manifest, stored))
+    with pool.open_generation(manifest) as reader:
+        items = _merged_items([reader], [stored], extent_bytes)
+        nbytes = copy_chunks(
+            items,
+            discard_sink,
+            chunk_size=manifest.chunk_size,
+            volume_size=manifest.volume.size,
+            progress=progress,
+            extent_bytes=extent_bytes,
+        )
+    return VerifyResult(generation_id, len(stored), nbytes, time.monotonic() - started)
+
+
+def _restore(
+    pool: PoolBackend,
+    volume: str,
+    generation_id: str,
+    target: str,
+    mode: str,
+    progress: Progress | None,
+    extent_bytes: int,
+) -> RestoreResult:
+    started = time.monotonic()
+    progress = progress or Progress()
+    chain = pool.chain(volume, generation_id)
+    size = chain[0].volume.size
+    if reasons := in_use_reasons(target):
+        raise DeviceInUse(path=target, reason="; ".join(reasons))
+    with BlockDevice(target, write=True, direct=True, exclusive=True) as dev:
+        if dev.size < size or (mode == "in-place" and dev.size != size):
+            raise DeviceTooSmall(path=target, size=dev.size, needed=size)
+        plan = plan_chunks(chain)
+        progress.start(sum(_bytes(gen, own) for gen, own in plan))
+        with contextlib.ExitStack() as stack:
+            readers = [stack.enter_context(pool.open_generation(g)) for g, _ in plan]
+            items = _merged_items(readers, [own for _, own in plan], extent_bytes)
+            nbytes = copy_chunks(
+                items,
+                device_sink(dev, chain[0].chunk_size),
+                chunk_size=chain[0].chunk_size,
+                volume_size=size,
+                progress=progress,
+                extent_bytes=extent_bytes,
+            )
+        dev.flush()
+    return RestoreResult(
+        volume,
+        generation_id,
+        mode,
+        target,
+        tuple(g.generation_id for g in chain),
+        nbytes,
+        nbytes,
+        time.monotonic() - started,
+    )
+
+
+def _merged_items(
+    readers: Sequence[GenerationReader], chunks: Sequence[BitMap], extent_bytes: int
+) -> Iterator[CopyItem]:
+    """Items of every reader, in target order (so the target is written sequentially)."""
+
+    def items_of(reader: GenerationReader, own: BitMap) -> Iterator[CopyItem]:
+        m = reader.manifest
+        max_count = max(1, extent_bytes // m.chunk_size)
+        for first, count in extents(own, m.chunks, max_count):
+            yield CopyItem(reader, first, count, reader.expected(first, count), m.generation_id)
+
+    streams = [items_of(r, own) for r, own in zip(readers, chunks, strict=True)]
+    return heapq.merge(*streams, key=lambda item: item.first)
+
+
+def _bytes(manifest: Manifest, chunks: BitMap) -> int:
+    n = len(chunks) * manifest.chunk_size
+    last = manifest.chunks - 1
+    if last in chunks:
+        n -= manifest.chunk_size - manifest.chunk_bytes(last)
+    return n
