@@ -1,0 +1,366 @@
+"""The actions of blockguardctl: each is a few lines over :class:`~blockguard.cli.client.Client`.
+
+Every action gets the client, the parsed arguments and an :class:`Output`, and either prints
+a human table (rich) or, with ``--json``, one JSON document on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from blockguard.cli.client import JOB, POOL, VOLUME, Client, RemoteError, variant
+from blockguard.cli.errors import CliError
+from blockguard.errors import ExitCode
+
+GENERATION_FIELDS = ("id", "method", "parent", "created", "bytes", "state")
+
+
+def human_size(nbytes: float) -> str:
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(value) < 1024 or unit == "PiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} PiB"
+
+
+def human_time(unix: int) -> str:
+    if not unix:
+        return "-"
+    return datetime.datetime.fromtimestamp(unix).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def human_seconds(seconds: float) -> str:
+    if seconds < 0:
+        return "?"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+class Output:
+    """Human tables on stdout, or JSON with ``--json``; progress always goes to stderr."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.console = Console(highlight=False)
+        self.err = Console(stderr=True, highlight=False)
+
+    def json(self, data: Any) -> None:
+        sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    def table(
+        self, title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+    ) -> None:
+        table = Table(title=title)
+        for column in columns:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*(str(c) for c in row))
+        self.console.print(table)
+
+    def fields(self, pairs: Iterable[tuple[str, Any]]) -> None:
+        table = Table(show_header=False, box=None)
+        table.add_column(style="bold")
+        table.add_column()
+        for key, value in pairs:
+            table.add_row(key, str(value))
+        self.console.print(table)
+
+    def line(self, text: str) -> None:
+        self.console.print(text)
+
+
+def generations_as_dicts(structs: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
+    return [dict(zip(GENERATION_FIELDS, s, strict=True)) for s in structs]
+
+
+def _find(client: Client, interface: str, what: str, name: str) -> tuple[str, dict[str, Any]]:
+    for path, props in client.objects(interface).items():
+        if props.get("Name") == name:
+            return path, props
+    raise CliError(f"{what} {name} does not exist", ExitCode.NOT_FOUND)
+
+
+# --- jobs ---------------------------------------------------------------------------------
+
+
+def _job_row(path: str, job: dict[str, Any]) -> list[Any]:
+    error = job.get("Error") or ["", ""]
+    return [
+        job["Id"],
+        job["Kind"],
+        job["Target"],
+        job["State"],
+        f"{job['Progress'] * 100:.0f}%",
+        human_size(job["BytesDone"]),
+        f"{human_size(job['Rate'])}/s" if job["Rate"] else "-",
+        error[1] or "",
+    ]
+
+
+def finish_job(client: Client, path: str, args: argparse.Namespace, out: Output) -> None:
+    """Wait for a job (with a progress bar) unless ``--no-wait``; fail if the job failed."""
+    if args.no_wait:
+        if out.as_json:
+            out.json({"job": path})
+        else:
+            out.line(f"started job {path.rsplit('/', 1)[-1]} ({path})")
+        return
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeRemainingColumn(),
+        console=out.err,
+        disable=not out.err.is_terminal,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(path.rsplit("/", 1)[-1], total=1.0)
+
+        def show(job: dict[str, Any]) -> None:
+            progress.update(
+                task, completed=job["Progress"], description=f"{job['Kind']} {job['Target']}"
+            )
+
+        job = client.wait_job(path, on_progress=show)
+    if out.as_json:
+        out.json({"job": path, **job})
+    if job["State"] == "failed":
+        name, message = job["Error"]
+        raise RemoteError(name, message)
+    if not out.as_json:
+        result = ", ".join(f"{k}={v}" for k, v in sorted(job.get("Result", {}).items()))
+        out.line(f"{job['Kind']} of {job['Target']} done" + (f": {result}" if result else ""))
+
+
+def jobs(client: Client, args: argparse.Namespace, out: Output) -> None:
+    found = client.objects(JOB)
+    if out.as_json:
+        out.json([{"path": p, **j} for p, j in found.items()])
+        return
+    out.table(
+        "Jobs",
+        ["id", "kind", "target", "state", "progress", "bytes", "rate", "error"],
+        (_job_row(p, j) for p, j in sorted(found.items(), key=lambda pj: pj[1]["Id"])),
+    )
+
+
+# --- pools --------------------------------------------------------------------------------
+
+
+def pool_create(client: Client, args: argparse.Namespace, out: Output) -> None:
+    path = client.call("CreatePool", "ssasb", args.name, args.backend, args.devices, args.force)
+    _report_path(out, "created pool", args.name, path)
+
+
+def pool_extend(client: Client, args: argparse.Namespace, out: Output) -> None:
+    path = client.call("ExtendPool", "sasb", args.name, args.devices, args.force)
+    _report_path(out, "extended pool", args.name, path)
+
+
+def pool_remove(client: Client, args: argparse.Namespace, out: Output) -> None:
+    client.call("RemovePool", "sb", args.name, args.force)
+    _report_path(out, "removed pool", args.name, None)
+
+
+def pool_list(client: Client, args: argparse.Namespace, out: Output) -> None:
+    found = client.objects(POOL)
+    if out.as_json:
+        out.json([{"path": p, **v} for p, v in found.items()])
+        return
+    out.table(
+        "Pools",
+        ["name", "backend", "state", "capacity", "free", "devices"],
+        (
+            [
+                p["Name"],
+                p["Backend"],
+                p["State"],
+                human_size(p["Capacity"]),
+                human_size(p["Free"]),
+                " ".join(d[0] for d in p["Devices"]),
+            ]
+            for p in found.values()
+        ),
+    )
+
+
+def _report_path(out: Output, verb: str, name: str, path: str | None) -> None:
+    if out.as_json:
+        out.json({"name": name, "path": path})
+    else:
+        out.line(f"{verb} {name}" + (f" ({path})" if path else ""))
+
+
+# --- volumes ------------------------------------------------------------------------------
+
+
+def protect(client: Client, args: argparse.Namespace, out: Output) -> None:
+    path = client.call("Protect", "ssts", args.device, args.name, args.chunk_size, args.backend)
+    objectives = _objectives(args)
+    if objectives:
+        client.call("SetObjectives", "sa{sv}", args.name, objectives)
+    _report_path(out, "protecting", args.name, path)
+
+
+def unprotect(client: Client, args: argparse.Namespace, out: Output) -> None:
+    client.call("Unprotect", "s", args.name)
+    _report_path(out, "no longer protecting", args.name, None)
+
+
+def _objectives(args: argparse.Namespace) -> dict[str, Any]:
+    given = {
+        "rpo": args.rpo,
+        "rto": args.rto,
+        "restore_mode": args.restore_mode,
+        "generations": args.generations,
+        "tz": args.tz,
+    }
+    return {k: variant(v) for k, v in given.items() if v is not None}
+
+
+def objectives(client: Client, args: argparse.Namespace, out: Output) -> None:
+    values = _objectives(args)
+    if not values:
+        raise CliError("give at least one of --rpo, --rto, --generations", ExitCode.USAGE)
+    paths = client.call("SetObjectives", "sa{sv}", args.target, values)
+    if out.as_json:
+        out.json({"volumes": paths})
+    else:
+        out.line(f"objectives set for {len(paths)} volume(s)")
+
+
+def _volume_json(path: str, v: dict[str, Any]) -> dict[str, Any]:
+    return {"path": path, **v, "Generations": generations_as_dicts(v["Generations"])}
+
+
+def volume_list(client: Client, args: argparse.Namespace, out: Output) -> None:
+    found = client.objects(VOLUME)
+    if out.as_json:
+        out.json([_volume_json(p, v) for p, v in found.items()])
+        return
+    out.table(
+        "Volumes",
+        ["name", "device", "pool", "tracking", "generations", "next", "next backup"],
+        (
+            [
+                v["Name"],
+                v["Device"],
+                v["Pool"],
+                v["TrackerState"],
+                len(v["Generations"]),
+                v["NextMethod"],
+                human_time(v["NextBackup"]),
+            ]
+            for v in found.values()
+        ),
+    )
+
+
+def volume_show(client: Client, args: argparse.Namespace, out: Output) -> None:
+    path, v = _find(client, VOLUME, "volume", args.name)
+    if out.as_json:
+        out.json(_volume_json(path, v))
+        return
+    objectives = ", ".join(f"{k}={val}" for k, val in sorted(v["Objectives"].items())) or "-"
+    estimates = ", ".join(
+        f"{k} {human_seconds(s)}" for k, s in sorted(v["EstimatedRestoreSeconds"].items())
+    )
+    out.fields(
+        [
+            ("name", v["Name"]),
+            ("device", v["Device"]),
+            ("pool", v["Pool"]),
+            ("tracking", f"{v['TrackerState']} ({v['Backend']}, chunk {v['ChunkSize']})"),
+            ("objectives", objectives),
+            ("changed since backup", human_size(v["ChangedBytesSinceBackup"])),
+            ("changed since full", human_size(v["ChangedBytesSinceFull"])),
+            ("restore estimates", estimates or "-"),
+            ("next method", f"{v['NextMethod']}: {'; '.join(v['NextMethodReasons'])}"),
+            ("next backup", human_time(v["NextBackup"])),
+            ("generations", len(v["Generations"])),
+            ("object", path),
+        ]
+    )
+
+
+def generations(client: Client, args: argparse.Namespace, out: Output) -> None:
+    gens = generations_as_dicts(client.call("ListGenerations", "s", args.volume))
+    if out.as_json:
+        out.json(gens)
+        return
+    out.table(
+        f"Generations of {args.volume}",
+        ["id", "method", "based on", "created", "size", "state"],
+        (
+            [
+                g["id"],
+                g["method"],
+                g["parent"] or "-",
+                human_time(g["created"]),
+                human_size(g["bytes"]),
+                g["state"],
+            ]
+            for g in gens
+        ),
+    )
+
+
+def plan(client: Client, args: argparse.Namespace, out: Output) -> None:
+    from blockguard.cli.client import plain
+
+    decision = plain(client.call("Plan", "s", args.volume))
+    if out.as_json:
+        out.json(decision)
+        return
+    feasible = "" if decision.get("feasible", True) else " (the objectives cannot be met!)"
+    out.line(f"The next backup of {args.volume} would be [bold]{decision['method']}[/]{feasible}.")
+    for reason in decision.get("reasons", []):
+        out.line(f"  because {reason}")
+    estimates = decision.get("estimated_restore_seconds", {})
+    if estimates:
+        out.table(
+            "Estimated restore time",
+            ["method", "seconds"],
+            ([k, human_seconds(s)] for k, s in sorted(estimates.items())),
+        )
+
+
+def status(client: Client, args: argparse.Namespace, out: Output) -> None:
+    from blockguard.cli.client import plain
+
+    summary = plain(client.call("GetStatus"))
+    if out.as_json:
+        out.json(summary)
+        return
+    out.line(summary.get("summary", ""))
+
+
+# --- long operations ----------------------------------------------------------------------
+
+
+def backup(client: Client, args: argparse.Namespace, out: Output) -> None:
+    finish_job(client, client.call("BackupNow", "s", args.volume), args, out)
+
+
+def restore(client: Client, args: argparse.Namespace, out: Output) -> None:
+    path = client.call(
+        "Restore", "ssssb", args.volume, args.generation, args.mode, args.target, args.force
+    )
+    finish_job(client, path, args, out)
+
+
+def verify(client: Client, args: argparse.Namespace, out: Output) -> None:
+    finish_job(client, client.call("Verify", "s", args.generation), args, out)

@@ -1,0 +1,166 @@
+"""A small synchronous D-Bus client of blockguardd for the CLI (dbus-fast underneath)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+from dbus_fast.errors import DBusError
+
+BUS_NAME = "org.blockguard1"
+ROOT_PATH = "/org/blockguard1"
+MANAGER = "org.blockguard1.Manager"
+VOLUME = "org.blockguard1.Volume"
+POOL = "org.blockguard1.Pool"
+JOB = "org.blockguard1.Job"
+
+
+def plain(value: Any) -> Any:
+    """Variants and nested containers as plain, JSON-friendly Python values."""
+    if isinstance(value, Variant):
+        return plain(value.value)
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+def variant(value: Any) -> Variant:
+    """A CLI value as a Variant for ``a{sv}`` arguments."""
+    if isinstance(value, bool):
+        return Variant("b", value)
+    if isinstance(value, int):
+        return Variant("t" if value >= 0 else "x", value)
+    if isinstance(value, float):
+        return Variant("d", value)
+    return Variant("s", str(value))
+
+
+class RemoteError(Exception):
+    """An error reply from the bus or the daemon: a D-Bus error name and its message."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name}: {message}")
+        self.name = name
+        self.message = message
+
+
+class Client:
+    """Calls blockguardd; every call runs to completion on a private event loop.
+
+    :param address: ``"system"`` (honours DBUS_SYSTEM_BUS_ADDRESS), ``"session"`` or an
+        address such as ``unix:path=/run/dbus/system_bus_socket``.
+    """
+
+    def __init__(self, address: str = "system") -> None:
+        self.address = address
+        self._loop = asyncio.new_event_loop()
+        self._bus: MessageBus | None = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._bus is not None:
+            self._bus.disconnect()
+            self._bus = None
+        self._loop.close()
+
+    def _run(self, coro: Any) -> Any:
+        return self._loop.run_until_complete(coro)
+
+    async def _connect(self) -> MessageBus:
+        if self.address == "system":
+            bus = MessageBus(bus_type=BusType.SYSTEM)
+        elif self.address == "session":
+            bus = MessageBus(bus_type=BusType.SESSION)
+        else:
+            bus = MessageBus(bus_address=self.address)
+        return await bus.connect()
+
+    def _connected(self) -> MessageBus:
+        if self._bus is None:
+            self._bus = self._run(self._connect())
+        return self._bus
+
+    def call(
+        self,
+        member: str,
+        signature: str = "",
+        *body: Any,
+        path: str = ROOT_PATH,
+        interface: str = MANAGER,
+    ) -> Any:
+        """Call a method; returns the single return value, a list for several, None for none.
+
+        :raises RemoteError: for an error reply.
+        """
+        bus = self._connected()
+        reply = self._run(
+            bus.call(
+                Message(
+                    destination=BUS_NAME,
+                    path=path,
+                    interface=interface,
+                    member=member,
+                    signature=signature,
+                    body=list(body),
+                )
+            )
+        )
+        if reply.message_type == MessageType.ERROR:
+            text = reply.body[0] if reply.body else ""
+            raise RemoteError(reply.error_name or "unknown", str(text))
+        if not reply.body:
+            return None
+        return reply.body[0] if len(reply.body) == 1 else reply.body
+
+    def properties(self, path: str, interface: str) -> dict[str, Any]:
+        """All properties of one object, as plain values."""
+        values = self.call(
+            "GetAll", "s", interface, path=path, interface="org.freedesktop.DBus.Properties"
+        )
+        return plain(values)
+
+    def objects(self, interface: str) -> dict[str, dict[str, Any]]:
+        """Every object implementing ``interface``: path -> plain properties."""
+        managed = self.call(
+            "GetManagedObjects", path=ROOT_PATH, interface="org.freedesktop.DBus.ObjectManager"
+        )
+        return {
+            path: plain(ifaces[interface])
+            for path, ifaces in sorted(managed.items())
+            if interface in ifaces
+        }
+
+    def wait_job(
+        self,
+        path: str,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        interval: float = 0.2,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Poll a job until it is done or failed; returns its final properties."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            props = self.properties(path, JOB)
+            if on_progress is not None:
+                on_progress(props)
+            if props.get("State") in ("done", "failed"):
+                return props
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {path} did not finish within {timeout} s")
+            time.sleep(interval)
+
+
+__all__ = ["Client", "DBusError", "RemoteError", "plain", "variant"]

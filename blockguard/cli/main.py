@@ -1,0 +1,191 @@
+"""``blockguardctl``: the command-line client of blockguardd.
+
+The argument tree is data (:data:`TREE`), turned into argparse parsers by
+:func:`build_parser`; each leaf names a small function of :mod:`blockguard.cli.actions`.
+Failures are explained in one plain sentence on stderr with a documented
+:class:`~blockguard.errors.ExitCode`; ``--propagate`` re-raises them instead (for tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from blockguard.cli import actions
+from blockguard.cli.client import Client
+from blockguard.cli.errors import explain
+from blockguard.errors import ExitCode
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argparse argument: ``Arg("--force", action="store_true", help=...)``."""
+
+    flags: tuple[str, ...]
+    options: dict[str, Any]
+
+    def __init__(self, *flags: str, **options: Any) -> None:
+        object.__setattr__(self, "flags", flags)
+        object.__setattr__(self, "options", options)
+
+
+@dataclass(frozen=True)
+class Cmd:
+    """A (sub)command: either ``run`` (a leaf) or ``sub`` (a group of commands)."""
+
+    name: str
+    help: str
+    run: Callable[..., None] | None = None
+    args: tuple[Arg, ...] = ()
+    sub: tuple[Cmd, ...] = field(default_factory=tuple)
+
+
+FORCE = Arg("--force", action="store_true", help="do it even if it destroys something")
+NO_WAIT = Arg("--no-wait", action="store_true", help="print the job and return at once")
+OBJECTIVE_ARGS = (
+    Arg("--rpo", help="recovery point objective: 15m, every 4h, daily 02:30, changed 10GiB"),
+    Arg("--rto", help="recovery time objective, e.g. 5m"),
+    Arg("--restore-mode", choices=["swap-in", "copy"], help="what the RTO refers to"),
+    Arg("--generations", type=int, help="how many generations to keep"),
+    Arg("--tz", help="time zone of a daily RPO (default: local time)"),
+)
+
+TREE = Cmd(
+    "blockguardctl",
+    "Control blockguardd, the block-layer backup daemon.",
+    sub=(
+        Cmd(
+            "pool",
+            "backup pools",
+            sub=(
+                Cmd(
+                    "create",
+                    "create a pool on the given disks",
+                    actions.pool_create,
+                    (
+                        Arg("name"),
+                        Arg("devices", nargs="+", metavar="DEVICE"),
+                        Arg("--backend", default="", help="pool backend (default: automatic)"),
+                        FORCE,
+                    ),
+                ),
+                Cmd(
+                    "extend",
+                    "add disks to a pool",
+                    actions.pool_extend,
+                    (Arg("name"), Arg("devices", nargs="+", metavar="DEVICE"), FORCE),
+                ),
+                Cmd("remove", "remove a pool", actions.pool_remove, (Arg("name"), FORCE)),
+                Cmd("list", "list pools", actions.pool_list),
+            ),
+        ),
+        Cmd(
+            "volume",
+            "protected volumes",
+            sub=(
+                Cmd("list", "list protected volumes", actions.volume_list),
+                Cmd("show", "show one volume", actions.volume_show, (Arg("name"),)),
+            ),
+        ),
+        Cmd(
+            "protect",
+            "start protecting a block device",
+            actions.protect,
+            (
+                Arg("device"),
+                Arg("name", help="name of the volume"),
+                Arg("--chunk-size", type=int, default=0, help="tracking chunk in bytes"),
+                Arg("--backend", default="", help="tracking backend (default: automatic)"),
+                *OBJECTIVE_ARGS,
+            ),
+        ),
+        Cmd("unprotect", "stop protecting a volume", actions.unprotect, (Arg("name"),)),
+        Cmd(
+            "objectives",
+            "set the recovery objectives of a volume or group",
+            actions.objectives,
+            (Arg("target", metavar="VOLUME_OR_GROUP"), *OBJECTIVE_ARGS),
+        ),
+        Cmd("backup", "back a volume up now", actions.backup, (Arg("volume"), NO_WAIT)),
+        Cmd(
+            "restore",
+            "restore a generation",
+            actions.restore,
+            (
+                Arg("volume"),
+                Arg("--generation", default="", help="generation id (default: the newest)"),
+                Arg("--mode", default="copy", choices=["copy", "swap-in"]),
+                Arg("--target", default="", help="device to restore onto (default: the original)"),
+                FORCE,
+                NO_WAIT,
+            ),
+        ),
+        Cmd(
+            "generations", "list the generations of a volume", actions.generations, (Arg("volume"),)
+        ),
+        Cmd("verify", "verify a generation", actions.verify, (Arg("generation"), NO_WAIT)),
+        Cmd("status", "one-line summary of the daemon", actions.status),
+        Cmd(
+            "plan", "explain what the next backup would be and why", actions.plan, (Arg("volume"),)
+        ),
+        Cmd("jobs", "list recent jobs", actions.jobs),
+    ),
+)
+
+
+def _add(parser: argparse.ArgumentParser, cmd: Cmd) -> None:
+    for arg in cmd.args:
+        parser.add_argument(*arg.flags, **arg.options)
+    if cmd.run is not None:
+        parser.set_defaults(func=cmd.run)
+    if cmd.sub:
+        subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+        for child in cmd.sub:
+            _add(subparsers.add_parser(child.name, help=child.help, description=child.help), child)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=TREE.name, description=TREE.help)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument(
+        "--bus",
+        default=os.environ.get("BLOCKGUARD_BUS", "system"),
+        help="'system' (default; honours DBUS_SYSTEM_BUS_ADDRESS), 'session' or an address",
+    )
+    parser.add_argument(
+        "--propagate", action="store_true", help="re-raise errors with a traceback (debugging)"
+    )
+    _add(parser, TREE)
+    return parser
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse and run; errors propagate (``main`` explains them)."""
+    args = build_parser().parse_args(argv)
+    out = actions.Output(args.json)
+    with Client(args.bus) as client:
+        args.func(client, args, out)
+    return ExitCode.OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    propagate = "--propagate" in args
+    try:
+        return int(run(args))
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        if propagate:
+            raise
+        message, code = explain(exc)
+        sys.stderr.write(f"blockguardctl: {message}\n")
+        return int(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,440 @@
+"""blockguardd on D-Bus: ``org.blockguard1.Manager`` and the tree of exported objects.
+
+A thin adapter over :class:`~blockguard.daemon.service.Service`: each method converts its
+arguments, calls the service in a worker thread (so the loop never blocks), and returns the
+object path of what it created. Service events become signals and property changes.
+The API contract is the committed introspection XML in ``tests/daemon/introspection/``.
+"""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+from dbus_fast import BusType, NameFlag, RequestNameReply
+from dbus_fast.aio import MessageBus
+from dbus_fast.annotations import DBusSignature
+from dbus_fast.constants import PropertyAccess
+from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
+
+import blockguard
+from blockguard.daemon import service as svc
+from blockguard.daemon.dbusutil import (
+    BUS_NAME,
+    DEFAULT_ADMIN_GROUP,
+    IFACE_PREFIX,
+    ROOT_PATH,
+    Authorizer,
+    Bool,
+    GenerationStructs,
+    ObjPath,
+    ObjPaths,
+    Str,
+    Strs,
+    UInt64,
+    VarDict,
+    from_variant,
+    handler,
+    job_path,
+    pool_path,
+    record_current_call,
+    to_vardict,
+    volume_path,
+)
+from blockguard.daemon.jobs import Job
+from blockguard.daemon.objects import JobObject, PoolObject, VolumeObject, generation_struct
+from blockguard.errors import EnvironmentProblem, InvalidInput, NotFound
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ObjectTree:
+    """The exported volume, pool and job objects, kept in step with the service.
+
+    Every method must be called in the loop's thread.
+    """
+
+    def __init__(self, bus: MessageBus, loop: asyncio.AbstractEventLoop) -> None:
+        self.bus = bus
+        self.loop = loop
+        self.volumes: dict[str, VolumeObject] = {}
+        self.pools: dict[str, PoolObject] = {}
+        self.jobs: dict[int, JobObject] = {}
+
+    def volume(self, info: svc.VolumeInfo) -> str:
+        """Export the volume or update its properties; returns its path."""
+        path = volume_path(info.name)
+        obj = self.volumes.get(info.name)
+        if obj is None:
+            self.volumes[info.name] = obj = VolumeObject(info)
+            self.bus.export(path, obj)
+        else:
+            obj.update(info)
+        return path
+
+    def remove_volume(self, name: str) -> None:
+        if self.volumes.pop(name, None) is not None:
+            self.bus.unexport(volume_path(name))
+
+    def pool(self, info: svc.PoolInfo) -> str:
+        path = pool_path(info.name)
+        obj = self.pools.get(info.name)
+        if obj is None:
+            self.pools[info.name] = obj = PoolObject(info)
+            self.bus.export(path, obj)
+        else:
+            obj.update(info)
+        return path
+
+    def remove_pool(self, name: str) -> None:
+        if self.pools.pop(name, None) is not None:
+            self.bus.unexport(pool_path(name))
+
+    def job(self, job: Job) -> str:
+        """Export the job (once) and follow its changes with PropertiesChanged."""
+        path = job_path(job.id)
+        if job.id in self.jobs:
+            return path
+        obj = JobObject(job)
+        self.jobs[job.id] = obj
+        self.bus.export(path, obj)
+
+        def changed(_job: Job, _fields: dict[str, Any]) -> None:
+            # Called in the worker thread: hand over to the loop.
+            self.loop.call_soon_threadsafe(obj.refresh)
+
+        job.subscribe(changed)
+        obj.refresh()  # it may have moved on between creation and export
+        return path
+
+    def remove_job(self, job_id: int) -> None:
+        if self.jobs.pop(job_id, None) is not None:
+            self.bus.unexport(job_path(job_id))
+
+
+Signal2 = Annotated[list[Any], DBusSignature("ss")]
+
+
+class ManagerInterface(ServiceInterface):
+    """``org.blockguard1.Manager`` at ``/org/blockguard1``.
+
+    Methods marked ``read_only`` may be called by anyone; all others need root or the
+    admin group (checked here and by the bus policy ``data/org.blockguard1.conf``).
+    """
+
+    def __init__(self, service: svc.Service, tree: ObjectTree, authorizer: Authorizer) -> None:
+        super().__init__(f"{IFACE_PREFIX}.Manager")
+        self.service = service
+        self.tree = tree
+        self.authorizer = authorizer
+        self.status_line = ""
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(fn, *args)
+
+    # --- pools ---
+
+    @dbus_method()
+    @handler()
+    async def CreatePool(self, name: Str, backend: Str, devices: Strs, force: Bool) -> ObjPath:
+        info = await self._call(self.service.create_pool, name, backend, list(devices), force)
+        return self.tree.pool(info)
+
+    @dbus_method()
+    @handler()
+    async def ExtendPool(self, name: Str, devices: Strs, force: Bool) -> ObjPath:
+        info = await self._call(self.service.extend_pool, name, list(devices), force)
+        return self.tree.pool(info)
+
+    @dbus_method()
+    @handler()
+    async def RemovePool(self, name: Str, force: Bool) -> None:
+        await self._call(self.service.remove_pool, name, force)
+        self.tree.remove_pool(name)
+
+    # --- volumes ---
+
+    @dbus_method()
+    @handler()
+    async def Protect(self, device: Str, name: Str, chunk_size: UInt64, backend: Str) -> ObjPath:
+        """chunk_size 0 and backend "" mean: let the daemon choose."""
+        info = await self._call(
+            self.service.protect, device, name, chunk_size or None, backend or None
+        )
+        return self.tree.volume(info)
+
+    @dbus_method()
+    @handler()
+    async def Unprotect(self, name: Str) -> None:
+        await self._call(self.service.unprotect, name)
+        self.tree.remove_volume(name)
+
+    @dbus_method()
+    @handler()
+    async def SetObjectives(self, volume_or_group: Str, objectives: VarDict) -> ObjPaths:
+        plain = from_variant(objectives)
+        names = await self._call(self.service.set_objectives, volume_or_group, plain)
+        paths = []
+        for name in names:
+            paths.append(self.tree.volume(await self._call(self.service.get_volume, name)))
+        return paths
+
+    # --- long operations: each returns a Job path ---
+
+    @dbus_method()
+    @handler()
+    async def BackupNow(self, volume: Str) -> ObjPath:
+        return self.tree.job(await self._call(self.service.backup_now, volume))
+
+    @dbus_method()
+    @handler()
+    async def Restore(
+        self, volume: Str, generation: Str, mode: Str, target: Str, force: Bool
+    ) -> ObjPath:
+        """generation "" means the newest; target "" the original device."""
+        if mode not in ("copy", "swap-in"):
+            raise InvalidInput(detail=f"restore mode {mode!r} is not copy or swap-in")
+        job = await self._call(self.service.restore, volume, generation, mode, target, force)
+        return self.tree.job(job)
+
+    @dbus_method()
+    @handler()
+    async def Verify(self, generation: Str) -> ObjPath:
+        return self.tree.job(await self._call(self.service.verify, generation))
+
+    # --- reading ---
+
+    @dbus_method()
+    @handler(read_only=True)
+    async def Plan(self, volume: Str) -> VarDict:
+        return to_vardict(await self._call(self.service.plan, volume))
+
+    @dbus_method()
+    @handler(read_only=True)
+    async def ListVolumes(self) -> ObjPaths:
+        return [self.tree.volume(v) for v in await self._call(self.service.list_volumes)]
+
+    @dbus_method()
+    @handler(read_only=True)
+    async def ListPools(self) -> ObjPaths:
+        return [self.tree.pool(p) for p in await self._call(self.service.list_pools)]
+
+    @dbus_method()
+    @handler(read_only=True)
+    async def ListJobs(self) -> ObjPaths:
+        return [self.tree.job(j) for j in await self._call(self.service.list_jobs)]
+
+    @dbus_method()
+    @handler(read_only=True)
+    async def ListGenerations(self, volume: Str) -> GenerationStructs:
+        gens = await self._call(self.service.list_generations, volume)
+        return [generation_struct(g) for g in gens]
+
+    @dbus_method()
+    @handler(read_only=True)
+    async def GetStatus(self) -> VarDict:
+        return to_vardict(await self._call(self.service.status))
+
+    # --- properties ---
+
+    @dbus_property(access=PropertyAccess.READ)
+    @handler(read_only=True)
+    def Version(self) -> Str:
+        return blockguard.__version__
+
+    @dbus_property(access=PropertyAccess.READ)
+    @handler(read_only=True)
+    def Status(self) -> Str:
+        return self.status_line
+
+    def set_status(self, line: str) -> None:
+        if line != self.status_line:
+            self.status_line = line
+            self.emit_properties_changed({"Status": line})
+
+    # --- signals (arguments documented in docs/busctl.md) ---
+
+    @dbus_signal()
+    def BackupStarted(self, volume: str, job: str) -> Annotated[list[Any], DBusSignature("so")]:
+        return [volume, job]
+
+    @dbus_signal()
+    def BackupFinished(
+        self, volume: str, generation: str, method: str, nbytes: int
+    ) -> Annotated[list[Any], DBusSignature("ssst")]:
+        return [volume, generation, method, nbytes]
+
+    @dbus_signal()
+    def BackupFailed(
+        self, volume: str, error_name: str, message: str
+    ) -> Annotated[list[Any], DBusSignature("sss")]:
+        return [volume, error_name, message]
+
+    @dbus_signal()
+    def RestoreFinished(
+        self, volume: str, generation: str, target: str
+    ) -> Annotated[list[Any], DBusSignature("sss")]:
+        return [volume, generation, target]
+
+    @dbus_signal()
+    def PoolSpaceLow(
+        self, pool: str, free: int, needed: int
+    ) -> Annotated[list[Any], DBusSignature("stt")]:
+        return [pool, free, needed]
+
+    @dbus_signal()
+    def ObjectiveInfeasible(self, volume: str, reason: str) -> Signal2:
+        return [volume, reason]
+
+    @dbus_signal()
+    def TrackingLost(self, volume: str, reason: str) -> Signal2:
+        return [volume, reason]
+
+
+async def connect(address: str) -> MessageBus:
+    """Connect to ``"system"``, ``"session"`` or a D-Bus address.
+
+    The system bus honours ``DBUS_SYSTEM_BUS_ADDRESS`` (which the tests set).
+    """
+    if address == "system":
+        bus = MessageBus(bus_type=BusType.SYSTEM)
+    elif address == "session":
+        bus = MessageBus(bus_type=BusType.SESSION)
+    else:
+        bus = MessageBus(bus_address=address)
+    try:
+        return await bus.connect()
+    except (OSError, ValueError) as exc:
+        raise EnvironmentProblem(
+            detail=f"cannot connect to the D-Bus bus {address}: {exc}"
+        ) from exc
+
+
+class DaemonBus:
+    """Everything blockguardd exports, wired to a service.
+
+    :param bus: a connected bus.
+    :param service: the domain facade (already open).
+    :param admin_group: group whose members may change things besides root.
+    """
+
+    def __init__(
+        self, bus: MessageBus, service: svc.Service, admin_group: str = DEFAULT_ADMIN_GROUP
+    ) -> None:
+        self.bus = bus
+        self.service = service
+        self.loop = asyncio.get_running_loop()
+        self.tree = ObjectTree(bus, self.loop)
+        self.manager = ManagerInterface(service, self.tree, Authorizer(bus, admin_group))
+        self.on_status: Callable[[str], None] | None = None
+
+    async def start(self) -> None:
+        """Export the objects, then take the bus name (fails if someone else holds it)."""
+        self.bus.add_message_handler(record_current_call)
+        self.bus.export(ROOT_PATH, self.manager)
+        for pool in self.service.list_pools():
+            self.tree.pool(pool)
+        for volume in self.service.list_volumes():
+            self.tree.volume(volume)
+        for job in self.service.list_jobs():
+            self.tree.job(job)
+        self.service.subscribe(self._event_from_any_thread)
+        self.refresh_status()
+        reply = await self.bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+            raise EnvironmentProblem(
+                detail=f"the bus name {BUS_NAME} is taken ({reply.name}): "
+                "is another blockguardd running?"
+            )
+        log.info("holding bus name %s", BUS_NAME)
+
+    def forget_job_from_any_thread(self, job: Job) -> None:
+        """For :meth:`JobRunner.on_forget_job`: unexport the job in the loop."""
+        self._soon(self.tree.remove_job, job.id)
+
+    def _soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        # A closed loop means we are shutting down and nobody listens any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def _event_from_any_thread(self, event: svc.ServiceEvent) -> None:
+        self._soon(self._handle_event, event)
+
+    def refresh_status(self) -> str:
+        line = str(self.service.status().get("summary", ""))
+        self.manager.set_status(line)
+        if self.on_status is not None:
+            self.on_status(line)
+        return line
+
+    def _handle_event(self, event: svc.ServiceEvent) -> None:
+        try:
+            self._dispatch(event)
+        except Exception:
+            log.exception("handling service event %r failed", event)
+        self.refresh_status()
+
+    def _refresh_volume(self, name: str) -> None:
+        try:
+            self.tree.volume(self.service.get_volume(name))
+        except NotFound:
+            self.tree.remove_volume(name)
+
+    def _refresh_pool(self, name: str) -> None:
+        try:
+            self.tree.pool(self.service.get_pool(name))
+        except NotFound:
+            self.tree.remove_pool(name)
+
+    def _dispatch(self, event: svc.ServiceEvent) -> None:
+        m = self.manager
+        match event:
+            case svc.VolumeChanged(volume=name):
+                self._refresh_volume(name)
+            case svc.VolumeRemoved(volume=name):
+                self.tree.remove_volume(name)
+            case svc.PoolChanged(pool=name):
+                self._refresh_pool(name)
+            case svc.PoolRemoved(pool=name):
+                self.tree.remove_pool(name)
+            case svc.JobAdded(job=job):
+                self.tree.job(job)
+            case svc.BackupStarted(volume=volume, job_id=job_id):
+                log.info("backup of %s started", volume, extra={"VOLUME": volume, "JOB": job_id})
+                m.BackupStarted(volume, job_path(job_id))
+            case svc.BackupFinished(volume=volume, generation=gen, method=method, bytes=nbytes):
+                log.info(
+                    "backup of %s finished: %s generation %s, %d bytes",
+                    volume,
+                    method,
+                    gen,
+                    nbytes,
+                    extra={"VOLUME": volume, "GENERATION": gen},
+                )
+                m.BackupFinished(volume, gen, method, nbytes)
+            case svc.BackupFailed(volume=volume, error_name=name, message=message):
+                log.warning("backup of %s failed: %s", volume, message, extra={"VOLUME": volume})
+                m.BackupFailed(volume, name, message)
+            case svc.RestoreFinished(volume=volume, generation=gen, target=target):
+                log.info(
+                    "restore of %s to %s finished",
+                    gen,
+                    target,
+                    extra={"VOLUME": volume, "GENERATION": gen},
+                )
+                m.RestoreFinished(volume, gen, target)
+            case svc.PoolSpaceLow(pool=pool, free=free, needed=needed):
+                log.warning("pool %s is low on space", pool, extra={"POOL": pool})
+                m.PoolSpaceLow(pool, free, needed)
+            case svc.ObjectiveInfeasible(volume=volume, reason=reason):
+                log.warning("objectives of %s: %s", volume, reason, extra={"VOLUME": volume})
+                m.ObjectiveInfeasible(volume, reason)
+            case svc.TrackingLost(volume=volume, reason=reason):
+                log.error("tracking of %s lost: %s", volume, reason, extra={"VOLUME": volume})
+                m.TrackingLost(volume, reason)
+                self._refresh_volume(volume)
+            case _:
+                log.warning("unknown service event %r", event)

@@ -1,0 +1,324 @@
+"""The per-object D-Bus interfaces: ``org.blockguard1.Volume``, ``.Pool`` and ``.Job``.
+
+Each object holds the last snapshot the service gave for it; :meth:`update` swaps in a new
+snapshot and emits ``PropertiesChanged`` for exactly the properties that changed, so the
+getters never call into the service (and never block the loop).
+"""
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from dbus_fast.constants import PropertyAccess
+from dbus_fast.service import ServiceInterface, dbus_property
+
+from blockguard.daemon.dbusutil import (
+    IFACE_PREFIX,
+    Bool,
+    Double,
+    ErrorPair,
+    GenerationStructs,
+    PoolDevices,
+    SecondsDict,
+    Str,
+    Strs,
+    UInt32,
+    UInt64,
+    VarDict,
+    handler,
+    to_vardict,
+)
+from blockguard.daemon.jobs import Job, JobSnapshot
+from blockguard.daemon.service import GenerationInfo, PoolInfo, VolumeInfo
+
+READ = PropertyAccess.READ
+
+
+def generation_struct(gen: GenerationInfo) -> list[Any]:
+    """A generation as the D-Bus struct ``(ssstts)``: id, method, parent, created, bytes, state."""
+    return [gen.id, gen.method, gen.parent, int(gen.created), int(gen.bytes), gen.state]
+
+
+class _Snapshotted(ServiceInterface):
+    """Keeps a snapshot and emits PropertiesChanged for the D-Bus properties that differ."""
+
+    #: D-Bus property name -> function of the snapshot giving its D-Bus value.
+    PROPERTIES: ClassVar[dict[str, Callable[[Any], Any]]] = {}
+
+    def __init__(self, name: str, snapshot: Any) -> None:
+        super().__init__(name)
+        self.snapshot = snapshot
+
+    def value(self, prop: str) -> Any:
+        return self.PROPERTIES[prop](self.snapshot)
+
+    def update(self, snapshot: Any) -> None:
+        old = {prop: fn(self.snapshot) for prop, fn in self.PROPERTIES.items()}
+        self.snapshot = snapshot
+        changed = {
+            prop: fn(snapshot) for prop, fn in self.PROPERTIES.items() if fn(snapshot) != old[prop]
+        }
+        if changed:
+            self.emit_properties_changed(changed)
+
+
+class VolumeObject(_Snapshotted):
+    """``org.blockguard1.Volume`` at ``/org/blockguard1/volume/<escaped name>``."""
+
+    PROPERTIES = {  # noqa: RUF012 -- a class-level constant table, never mutated
+        "Name": lambda v: v.name,
+        "Device": lambda v: v.device,
+        "Pool": lambda v: v.pool,
+        "Backend": lambda v: v.backend,
+        "ChunkSize": lambda v: int(v.chunk_size),
+        "Group": lambda v: v.group,
+        "Objectives": lambda v: to_vardict(v.objectives),
+        "TrackerState": lambda v: v.tracker_state,
+        "ChangedBytesSinceBackup": lambda v: int(v.changed_bytes_since_backup),
+        "ChangedBytesSinceFull": lambda v: int(v.changed_bytes_since_full),
+        "EstimatedRestoreSeconds": lambda v: {
+            k: float(s) for k, s in v.estimated_restore_seconds.items()
+        },
+        "NextMethod": lambda v: v.next_method,
+        "NextMethodReasons": lambda v: list(v.next_method_reasons),
+        "NextBackup": lambda v: int(v.next_backup),
+        "Generations": lambda v: [generation_struct(g) for g in v.generations],
+    }
+
+    def __init__(self, info: VolumeInfo) -> None:
+        super().__init__(f"{IFACE_PREFIX}.Volume", info)
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def Name(self) -> Str:
+        return self.value("Name")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def Device(self) -> Str:
+        return self.value("Device")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def Pool(self) -> Str:
+        return self.value("Pool")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def Backend(self) -> Str:
+        return self.value("Backend")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def ChunkSize(self) -> UInt64:
+        return self.value("ChunkSize")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def Group(self) -> Str:
+        return self.value("Group")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def Objectives(self) -> VarDict:
+        return self.value("Objectives")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def TrackerState(self) -> Str:
+        return self.value("TrackerState")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def ChangedBytesSinceBackup(self) -> UInt64:
+        return self.value("ChangedBytesSinceBackup")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def ChangedBytesSinceFull(self) -> UInt64:
+        return self.value("ChangedBytesSinceFull")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def EstimatedRestoreSeconds(self) -> SecondsDict:
+        return self.value("EstimatedRestoreSeconds")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def NextMethod(self) -> Str:
+        return self.value("NextMethod")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def NextMethodReasons(self) -> Strs:
+        return self.value("NextMethodReasons")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def NextBackup(self) -> UInt64:
+        return self.value("NextBackup")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def Generations(self) -> GenerationStructs:
+        return self.value("Generations")
+
+
+def _pool_devices(pool: PoolInfo) -> list[list[Any]]:
+    return [
+        [
+            d.path,
+            to_vardict({"size": int(d.size), "state": d.state})
+            | to_vardict({k: float(v) for k, v in d.perf.items()}),
+        ]
+        for d in pool.devices
+    ]
+
+
+class PoolObject(_Snapshotted):
+    """``org.blockguard1.Pool`` at ``/org/blockguard1/pool/<escaped name>``."""
+
+    PROPERTIES = {  # noqa: RUF012 -- a class-level constant table, never mutated
+        "Name": lambda p: p.name,
+        "Backend": lambda p: p.backend,
+        "Devices": _pool_devices,
+        "Capacity": lambda p: int(p.capacity),
+        "Free": lambda p: int(p.free),
+        "State": lambda p: p.state,
+    }
+
+    def __init__(self, info: PoolInfo) -> None:
+        super().__init__(f"{IFACE_PREFIX}.Pool", info)
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def Name(self) -> Str:
+        return self.value("Name")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def Backend(self) -> Str:
+        return self.value("Backend")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def Devices(self) -> PoolDevices:
+        return self.value("Devices")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def Capacity(self) -> UInt64:
+        return self.value("Capacity")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def Free(self) -> UInt64:
+        return self.value("Free")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def State(self) -> Str:
+        return self.value("State")
+
+
+class JobObject(_Snapshotted):
+    """``org.blockguard1.Job`` at ``/org/blockguard1/job/<n>``.
+
+    Eta is seconds left (-1 while unknown); Rate is bytes per second; Started and Finished
+    are unix times (0 until then); Error is (D-Bus error name, message) or ("", "").
+    """
+
+    PROPERTIES = {  # noqa: RUF012 -- a class-level constant table, never mutated
+        "Id": lambda j: j.id,
+        "Kind": lambda j: j.kind.value,
+        "Target": lambda j: j.target,
+        "State": lambda j: j.state.value,
+        "Progress": lambda j: float(j.progress),
+        "BytesDone": lambda j: int(j.bytes_done),
+        "BytesTotal": lambda j: int(j.bytes_total),
+        "Rate": lambda j: float(j.rate),
+        "Eta": lambda j: float(j.eta),
+        "Error": lambda j: list(j.error),
+        "Result": lambda j: to_vardict(j.result),
+        "Started": lambda j: int(j.started),
+        "Finished": lambda j: int(j.finished),
+        "Done": lambda j: j.state.value in ("done", "failed"),
+    }
+
+    def __init__(self, job: Job) -> None:
+        super().__init__(f"{IFACE_PREFIX}.Job", job.snapshot())
+        self.job = job
+
+    def refresh(self) -> None:
+        """Take a new snapshot of the job (called in the loop after it changed)."""
+        new: JobSnapshot = self.job.snapshot()
+        self.update(new)
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def Id(self) -> UInt32:
+        return self.value("Id")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def Kind(self) -> Str:
+        return self.value("Kind")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def Target(self) -> Str:
+        return self.value("Target")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def State(self) -> Str:
+        return self.value("State")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def Progress(self) -> Double:
+        return self.value("Progress")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def BytesDone(self) -> UInt64:
+        return self.value("BytesDone")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def BytesTotal(self) -> UInt64:
+        return self.value("BytesTotal")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def Rate(self) -> Double:
+        return self.value("Rate")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def Eta(self) -> Double:
+        return self.value("Eta")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def Error(self) -> ErrorPair:
+        return self.value("Error")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def Result(self) -> VarDict:
+        return self.value("Result")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def Started(self) -> UInt64:
+        return self.value("Started")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def Finished(self) -> UInt64:
+        return self.value("Finished")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def Done(self) -> Bool:
+        return self.value("Done")

@@ -1,0 +1,301 @@
+"""The one facade between the daemon's adapters (D-Bus, udev, scheduler) and the domain.
+
+The D-Bus layer never talks to the catalog, the planner or storage directly: every operation
+goes through a :class:`Service`. This module defines its interface and the plain value types
+it exchanges; it imports neither D-Bus nor storage. Implementations:
+
+- :class:`blockguard.daemon.memory.MemoryService`: in memory, no devices; the skeleton's
+  tests use it;
+- the real one (catalog + planner + storage), to be plugged in by ``--service``.
+
+Threading contract: the adapters call methods from worker threads (``asyncio.to_thread``),
+so an implementation must be thread-safe. ``list_*``/``get_*``/``plan``/``status`` must be
+quick (they read state that is kept in memory); long work goes into a :class:`Job`.
+Events are delivered by calling the subscribers in whatever thread raised them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from blockguard.daemon.jobs import Job
+
+# --- values ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PoolDeviceInfo:
+    """One disk of a pool and its measured performance table.
+
+    :param perf: measured figures, e.g. ``{"seq_read_bps": 1.4e9, "seq_write_bps": 2.2e9,
+        "rand_read_iops": 9000.0, "rand_write_iops": 8000.0}``; empty until measured.
+    """
+
+    path: str
+    size: int
+    state: str = "ok"  # ok | missing | failed
+    perf: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    name: str
+    backend: str
+    devices: tuple[PoolDeviceInfo, ...]
+    capacity: int
+    free: int
+    state: str = "ok"  # ok | degraded | full
+
+
+@dataclass(frozen=True)
+class GenerationInfo:
+    """One backup generation. ``id`` is unique in the daemon (e.g. ``"db@3"``)."""
+
+    id: str
+    volume: str
+    method: str  # full | differential | incremental
+    parent: str  # id of the generation it is based on, "" for a full
+    created: int  # unix time of the backup point
+    bytes: int  # bytes stored for this generation
+    state: str = "ok"  # ok | verifying | corrupt
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """A protected volume as the clients see it.
+
+    :param objectives: the objectives as given (keys ``rpo``, ``rto``, ``restore_mode``,
+        ``generations``, ``tz``; only the ones set), plus ``group`` if inherited.
+    :param estimated_restore_seconds: restore method -> predicted seconds.
+    :param next_backup: unix time of the next scheduled backup, 0 if none is scheduled.
+    """
+
+    name: str
+    device: str
+    pool: str
+    backend: str
+    chunk_size: int
+    group: str
+    objectives: Mapping[str, Any]
+    tracker_state: str  # exact | lost | initialising | stopped
+    changed_bytes_since_backup: int
+    changed_bytes_since_full: int
+    estimated_restore_seconds: Mapping[str, float]
+    next_method: str
+    next_method_reasons: tuple[str, ...]
+    next_backup: int
+    generations: tuple[GenerationInfo, ...]
+
+
+@dataclass(frozen=True)
+class WatchTargets:
+    """What the udev watcher must look out for: device path -> pool or volume name."""
+
+    pool_devices: Mapping[str, str]
+    volume_devices: Mapping[str, str]
+
+
+# --- events ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackupStarted:
+    volume: str
+    job_id: int
+
+
+@dataclass(frozen=True)
+class BackupFinished:
+    volume: str
+    generation: str
+    method: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class BackupFailed:
+    volume: str
+    error_name: str
+    message: str
+
+
+@dataclass(frozen=True)
+class RestoreFinished:
+    volume: str
+    generation: str
+    target: str
+
+
+@dataclass(frozen=True)
+class PoolSpaceLow:
+    pool: str
+    free: int
+    needed: int
+
+
+@dataclass(frozen=True)
+class ObjectiveInfeasible:
+    volume: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class TrackingLost:
+    volume: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class VolumeChanged:
+    """Some property of the volume changed (or it was just protected)."""
+
+    volume: str
+
+
+@dataclass(frozen=True)
+class VolumeRemoved:
+    volume: str
+
+
+@dataclass(frozen=True)
+class PoolChanged:
+    pool: str
+
+
+@dataclass(frozen=True)
+class PoolRemoved:
+    pool: str
+
+
+@dataclass(frozen=True)
+class JobAdded:
+    """A job was started (by a client or by the scheduler): the adapters export it."""
+
+    job: Job
+
+
+ServiceEvent = (
+    BackupStarted
+    | BackupFinished
+    | BackupFailed
+    | RestoreFinished
+    | PoolSpaceLow
+    | ObjectiveInfeasible
+    | TrackingLost
+    | VolumeChanged
+    | VolumeRemoved
+    | PoolChanged
+    | PoolRemoved
+    | JobAdded
+)
+
+EventCallback = Callable[[ServiceEvent], None]
+
+
+# --- the facade ----------------------------------------------------------------------
+
+
+@runtime_checkable
+class Service(Protocol):
+    """Every domain operation the daemon offers. Errors are :class:`BlockguardError` only."""
+
+    # life cycle
+    def open(self) -> None:
+        """Open the catalog and state; the daemon reports READY=1 only after this returned."""
+
+    def close(self) -> None:
+        """Flush and close; running jobs are abandoned (they are failed on the next open)."""
+
+    def subscribe(self, callback: EventCallback) -> None:
+        """Call ``callback(event)`` for every :data:`ServiceEvent`."""
+
+    def status(self) -> dict[str, Any]:
+        """A summary: ``{"volumes": n, "pools": n, "running_jobs": n, "summary": "one line"}``."""
+
+    # pools
+    def create_pool(
+        self, name: str, backend: str, devices: Sequence[str], force: bool
+    ) -> PoolInfo: ...
+
+    def extend_pool(self, name: str, devices: Sequence[str], force: bool) -> PoolInfo: ...
+
+    def remove_pool(self, name: str, force: bool) -> None: ...
+
+    def list_pools(self) -> list[PoolInfo]: ...
+
+    def get_pool(self, name: str) -> PoolInfo:
+        """:raises NotFound: if there is no such pool."""
+
+    # volumes
+    def protect(
+        self, device: str, name: str, chunk_size: int | None, backend: str | None
+    ) -> VolumeInfo:
+        """Start protecting ``device`` as volume ``name``.
+
+        :param chunk_size: tracking granularity in bytes; ``None`` for the default.
+        :param backend: tracking backend (e.g. ``"era"``, ``"thin"``); ``None`` to choose.
+        """
+
+    def unprotect(self, volume: str) -> None: ...
+
+    def set_objectives(self, volume_or_group: str, objectives: Mapping[str, Any]) -> list[str]:
+        """Set the objectives of a volume or of every volume of a group.
+
+        :param objectives: keys ``rpo`` (text such as ``"every 15m"``), ``rto`` (``"5m"``),
+            ``restore_mode`` (``"swap-in"``/``"copy"``), ``generations`` (int), ``tz``.
+        :returns: the names of the volumes whose objectives changed.
+        :raises InvalidObjectives: naming the offending value.
+        """
+
+    def list_volumes(self) -> list[VolumeInfo]: ...
+
+    def get_volume(self, name: str) -> VolumeInfo: ...
+
+    def list_generations(self, volume: str) -> list[GenerationInfo]: ...
+
+    def get_generation(self, generation: str) -> GenerationInfo: ...
+
+    def plan(self, volume: str) -> dict[str, Any]:
+        """What the next backup of ``volume`` would be, without doing it.
+
+        :returns: ``{"method": str, "reasons": [str], "estimated_restore_seconds":
+            {method: float}, "estimated_bytes": int, "feasible": bool, "next_backup": int}``.
+        """
+
+    # long operations
+    def backup_now(self, volume: str) -> Job: ...
+
+    def restore(self, volume: str, generation: str, mode: str, target: str, force: bool) -> Job:
+        """Restore ``generation`` of ``volume``.
+
+        :param generation: a generation id, or ``""`` for the newest.
+        :param mode: ``"copy"`` (onto ``target``) or ``"swap-in"``.
+        :param target: the device to restore onto; ``""`` means the original device.
+        """
+
+    def verify(self, generation: str) -> Job: ...
+
+    def list_jobs(self) -> list[Job]: ...
+
+    def get_job(self, job_id: int) -> Job: ...
+
+    # hooks for the daemon's adapters
+    def reestablish_tracking(self) -> list[str]:
+        """Set up change tracking of every protected volume again (at boot, before mounts).
+
+        :returns: the names of the volumes whose tracking is active.
+        """
+
+    def watch_targets(self) -> WatchTargets:
+        """The devices the udev watcher reports about."""
+
+    def pool_device_vanished(self, device: str) -> None:
+        """A pool disk disappeared: mark its pool degraded."""
+
+    def rescan_tracking(self, volume: str) -> None:
+        """The volume's device changed under us: check that tracking is still exact."""
+
+
+ServiceFactory = Callable[..., Service]
