@@ -541,8 +541,8 @@ class ChangeTracker(abc.ABC):
             raise InvalidInput(detail="checksums and change set describe different volume sizes")
         path = os.fspath(source) if source is not None else self.volume
         unchanged = BitMap.flip(claimed.chunks, 0, claimed.n_chunks)
-        k = count if count is not None else math.ceil(fraction * len(unchanged))  # type: ignore[operator]
-        k = min(k, len(unchanged))
+        wanted = count if fraction is None else math.ceil(fraction * len(unchanged))
+        k = min(wanted or 0, len(unchanged))
         rng = rng or random.Random()
         sample = BitMap(unchanged[i] for i in rng.sample(range(len(unchanged)), k))
         with BlockDevice(path, direct=True) as dev:
