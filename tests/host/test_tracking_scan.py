@@ -504,3 +504,14 @@ def test_an_interrupted_write_leaves_the_old_state(loopdev, state_dir: Path) -> 
     assert ls(state_dir) == ["a.ref", INDEX_NAME]
     assert again.state().is_exact
     assert list(again.changed("a")) == [0]
+
+
+def test_a_scan_abandoned_midway_frees_its_buffers(loopdev) -> None:
+    from blockguard.storage.tracking.scan import _digest_blocks
+
+    dev = loopdev(4 * MiB)
+    with BlockDevice(dev, direct=True) as bd:
+        blocks = _digest_blocks(bd, 64 * KiB, 1 * MiB)
+        first, digests = next(blocks)
+        assert first == 0 and len(digests) == 16 * 16
+        blocks.close()  # must not raise BufferError for the block read ahead

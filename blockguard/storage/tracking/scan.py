@@ -130,7 +130,10 @@ def _digest_blocks(
                 yield first, digests
     finally:
         # A consumer that stops early (or an error) must not free a buffer that the
-        # reader is still filling: the executor's exit has waited for it by now.
+        # reader is still filling: the executor's exit has waited for it by now, and a
+        # block it read but nobody took still holds the buffer.
+        if pending is not None and pending.done() and pending.exception() is None:
+            pending.result().release()
         for view in views:
             view.release()
         for buf in buffers:
