@@ -322,6 +322,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    crash_point(f"atomic-{path.name}")
     os.rename(tmp, path)
     fsync_dir(path.parent)
 
