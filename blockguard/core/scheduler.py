@@ -20,6 +20,11 @@ from blockguard.core.objectives import ChangedDataRPO, DailyRPO, IntervalRPO, Re
 from blockguard.core.units import format_duration, format_size
 from blockguard.errors import InvalidInput
 
+#: With only an RTO, back up when the changes reach this much less than what is still
+#: restorable: the tracker is polled, so changes keep arriving between the check and the
+#: snapshot, and a backup that lands just past the limit would have to be a full.
+RTO_MARGIN = 0.1
+
 
 class Trigger(enum.StrEnum):
     """Why a backup is (or will be) due."""
@@ -128,6 +133,7 @@ def schedule(
     now: datetime,
     restorable_bytes: int | None = None,
     zone: tzinfo | None = None,
+    rto_margin: float = RTO_MARGIN,
 ) -> ScheduleDecision:
     """Decide whether a backup of one volume (or group) is due now.
 
@@ -138,6 +144,8 @@ def schedule(
     :param restorable_bytes: with an RTO and no RPO: how many changed bytes can still be
         restored within the RTO (:func:`blockguard.core.restore_model.bytes_restorable_within`).
     :param zone: zone for a daily RPO without its own (default: the system's local zone).
+    :param rto_margin: with an RTO and no RPO, the fraction of ``restorable_bytes`` kept in
+        reserve: the backup is due when the changes reach the rest.
     :raises InvalidInput: on naive datetimes or a negative byte count.
     """
     _aware("now", now)
@@ -203,9 +211,11 @@ def schedule(
         raise InvalidInput(
             detail="objectives without an RPO need the bytes still restorable within the RTO"
         )
+    if not 0 <= rto_margin < 1:
+        raise InvalidInput(detail=f"RTO margin {rto_margin!r} is not in [0, 1)")
     return _by_amount(
         changed_bytes,
-        max(0, restorable_bytes),
+        int(max(0, restorable_bytes) * (1 - rto_margin)),
         Trigger.RTO_HEADROOM,
         f"amount still restorable within RTO {format_duration(objectives.rto or 0)}",
     )
