@@ -172,6 +172,13 @@ def test_rto_only_backs_up_when_changes_reach_what_is_still_restorable() -> None
     )
     assert due.due and due.trigger is Trigger.RTO_HEADROOM
     assert "within RTO 5m" in due.reason and "2.0 GiB" in due.reason
+    # A tenth is kept in reserve for the writes between the check and the snapshot.
+    reserve = {"last_backup": T0, "restorable_bytes": 10 * GiB, "now": T0}
+    assert schedule(objectives, changed_bytes=9 * GiB, **reserve).due
+    assert not schedule(objectives, changed_bytes=9 * GiB - 1, **reserve).due
+    assert not schedule(objectives, changed_bytes=9 * GiB, rto_margin=0.05, **reserve).due
+    with pytest.raises(InvalidInput, match="margin"):
+        schedule(objectives, changed_bytes=1, rto_margin=1.0, **reserve)
     # No headroom left but nothing changed: nothing to protect.
     idle = schedule(objectives, last_backup=T0, changed_bytes=0, restorable_bytes=0, now=T0)
     assert not idle.due
