@@ -100,6 +100,7 @@ class Client:
         *body: Any,
         path: str = ROOT_PATH,
         interface: str = MANAGER,
+        destination: str = BUS_NAME,
     ) -> Any:
         """Call a method; returns the single return value, a list for several, None for none.
 
@@ -109,7 +110,7 @@ class Client:
         reply = self._run(
             bus.call(
                 Message(
-                    destination=BUS_NAME,
+                    destination=destination,
                     path=path,
                     interface=interface,
                     member=member,

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
-from dbus_fast import BusType, NameFlag, RequestNameReply
+from dbus_fast import BusType, Message, MessageType, NameFlag, RequestNameReply
 from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusSignature
 from dbus_fast.constants import PropertyAccess
@@ -40,6 +40,7 @@ from blockguard.daemon.dbusutil import (
     pool_path,
     record_current_call,
     to_vardict,
+    unescape_path_element,
     volume_path,
 )
 from blockguard.daemon.jobs import Job
@@ -109,6 +110,14 @@ class ObjectTree:
         job.subscribe(changed)
         obj.refresh()  # it may have moved on between creation and export
         return path
+
+    def paths(self) -> set[str]:
+        """Object paths of every exported volume, pool and job."""
+        return (
+            {volume_path(n) for n in self.volumes}
+            | {pool_path(n) for n in self.pools}
+            | {job_path(i) for i in self.jobs}
+        )
 
     def remove_job(self, job_id: int) -> None:
         if self.jobs.pop(job_id, None) is not None:
@@ -334,6 +343,7 @@ class DaemonBus:
     async def start(self) -> None:
         """Export the objects, then take the bus name (fails if someone else holds it)."""
         self.bus.add_message_handler(record_current_call)
+        self.bus.add_message_handler(self._unknown_object)
         self.bus.export(ROOT_PATH, self.manager)
         for pool in self.service.list_pools():
             self.tree.pool(pool)
@@ -350,6 +360,28 @@ class DaemonBus:
                 "is another blockguardd running?"
             )
         log.info("holding bus name %s", BUS_NAME)
+
+    def _unknown_object(self, msg: Message) -> Message | bool:
+        """Calls to a volume, pool or job that does not exist get our named NotFound error.
+
+        (Without this the client gets the generic ``UnknownObject``; introspection of such
+        paths still works as usual.)
+        """
+        if msg.message_type != MessageType.METHOD_CALL or not msg.path:
+            return False
+        if msg.interface == "org.freedesktop.DBus.Introspectable":
+            return False
+        kind, _, element = msg.path.removeprefix(ROOT_PATH + "/").partition("/")
+        if kind not in ("volume", "pool", "job") or not element or "/" in element:
+            return False
+        if msg.path in self.tree.paths():
+            return False
+        try:
+            name = element if kind == "job" else unescape_path_element(element)
+        except (ValueError, UnicodeDecodeError):
+            name = element
+        error = NotFound(what=kind, name=name)
+        return Message.new_error(msg, error.dbus_name, error.message)
 
     def forget_job_from_any_thread(self, job: Job) -> None:
         """For :meth:`JobRunner.on_forget_job`: unexport the job in the loop."""

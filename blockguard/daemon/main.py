@@ -159,7 +159,8 @@ async def serve(args: argparse.Namespace) -> int:
         notifier.start_watchdog()
         log.info("ready: %s", status)
 
-        disconnected = loop.create_task(bus.wait_for_disconnect())
+        # Shielded: cancelling our wait must not cancel the bus's own disconnect future.
+        disconnected = asyncio.shield(bus.wait_for_disconnect())
         stopping = loop.create_task(stop.wait())
         done, _ = await asyncio.wait({disconnected, stopping}, return_when=asyncio.FIRST_COMPLETED)
         lost_bus = disconnected in done
@@ -172,8 +173,8 @@ async def serve(args: argparse.Namespace) -> int:
             watcher.stop()
         if not lost_bus:
             bus.disconnect()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(bus.wait_for_disconnect(), 5)
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(bus.wait_for_disconnect()), 5)
         return ExitCode.ENVIRONMENT if lost_bus else ExitCode.OK
     finally:
         notifier.close()
