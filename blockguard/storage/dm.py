@@ -1,0 +1,127 @@
+"""device-mapper through dmsetup, with device nodes verified.
+
+Without udev (the guest kernel, early boot, a lagging udev), ``dmsetup create`` may leave
+no ``/dev/mapper/NAME``; a later write to that path would fill a regular file. So every
+create/resume here ends with :meth:`DeviceMapper.node`, which checks the node is the block
+device the kernel reports for NAME, and makes it (``dmsetup mknodes``) if it is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+from blockguard.errors import CommandFailed, NotABlockDevice, NotFound
+from blockguard.storage.runner import Runner, default_runner
+
+TIMEOUT = 60
+
+
+@dataclass(frozen=True)
+class DmInfo:
+    name: str
+    major: int
+    minor: int
+    open_count: int
+    suspended: bool
+
+    @property
+    def rdev(self) -> int:
+        return os.makedev(self.major, self.minor)
+
+
+class DeviceMapper:
+    """dmsetup, one call per operation, all through the runner."""
+
+    def __init__(self, runner: Runner | None = None) -> None:
+        self.run = runner or default_runner()
+
+    def _dmsetup(self, *args: str, check: bool = True) -> str:
+        return self.run.run(["dmsetup", *args], timeout=TIMEOUT, check=check).stdout
+
+    def info(self, name: str) -> DmInfo | None:
+        """Kernel facts about NAME, or None when no such dm device exists."""
+        res = self.run.run(
+            ["dmsetup", "info", "-c", "--noheadings", "--separator", ":",
+             "-o", "name,major,minor,open,attr", name],
+            timeout=TIMEOUT, check=False,
+        )  # fmt: skip
+        if res.returncode != 0 or not res.stdout.strip():
+            return None
+        fields = res.stdout.strip().split(":")
+        return DmInfo(fields[0], int(fields[1]), int(fields[2]), int(fields[3]), "s" in fields[4])
+
+    def exists(self, name: str) -> bool:
+        return self.info(name) is not None
+
+    def create(self, name: str, table: str, uuid: str | None = None) -> str:
+        """Create NAME with TABLE; return its verified node path."""
+        args = ["create", name, "--table", table]
+        if uuid:
+            args += ["--uuid", uuid]
+        self._dmsetup(*args)
+        return self.node(name)
+
+    def table(self, name: str) -> str:
+        if not self.exists(name):
+            raise NotFound(what="device-mapper device", name=name)
+        return self._dmsetup("table", name).strip()
+
+    def status(self, name: str) -> str:
+        return self._dmsetup("status", name).strip()
+
+    def message(self, name: str, message: str) -> str:
+        return self._dmsetup("message", name, "0", *message.split())
+
+    def suspend(self, name: str) -> None:
+        self._dmsetup("suspend", name)
+
+    def resume(self, name: str) -> None:
+        self._dmsetup("resume", name)
+        self.node(name)
+
+    def reload(self, name: str, table: str) -> None:
+        """Load TABLE as NAME's inactive table (active at the next resume)."""
+        self._dmsetup("reload", name, "--table", table)
+
+    def remove(self, name: str, missing_ok: bool = True) -> None:
+        try:
+            self._dmsetup("remove", "--retry", name)
+        except CommandFailed:
+            if missing_ok and not self.exists(name):
+                return
+            raise
+
+    def node(self, name: str) -> str:
+        """``/dev/mapper/NAME``, verified to be NAME's block device; created if missing."""
+        info = self.info(name)
+        if info is None:
+            raise NotFound(what="device-mapper device", name=name)
+        path = f"/dev/mapper/{name}"
+        if not self._node_ok(path, info.rdev):
+            self._dmsetup("mknodes", name)
+            if not self._node_ok(path, info.rdev):
+                raise NotABlockDevice(path, f"no node for dm device {info.major}:{info.minor}")
+        return path
+
+    @staticmethod
+    def _node_ok(path: str, rdev: int) -> bool:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if stat.S_ISREG(st.st_mode):
+            # The trap of the platform notes: a plain file where a node should be.
+            raise NotABlockDevice(path, "a regular file stands where the device node should be")
+        if stat.S_ISLNK(st.st_mode):
+            st = os.stat(path)
+        return stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev
+
+    def name_of(self, rdev: int) -> str | None:
+        """The dm name of a device number, or None if it is not a dm device."""
+        try:
+            with open(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/dm/name") as f:
+                return f.read().strip()
+        except OSError:
+            return None
