@@ -27,7 +27,7 @@ from blockguard.errors import BlockguardError, ChecksumMismatch, EnvironmentProb
 from blockguard.storage.blockdev import BlockDevice, aligned_buffer
 
 DEFAULT_EXTENT_BYTES = 8 << 20
-DEFAULT_DEPTH = 4
+DEFAULT_READERS = 2
 
 
 class Progress:
@@ -193,61 +193,101 @@ def copy_chunks(
     volume_size: int,
     progress: Progress | None = None,
     extent_bytes: int = DEFAULT_EXTENT_BYTES,
-    depth: int = DEFAULT_DEPTH,
+    readers: int = DEFAULT_READERS,
 ) -> int:
     """Copy every item to ``sink``, overlapping reads and writes; returns the bytes copied.
 
-    Items must have ``count * chunk_size <= extent_bytes``. The last chunk of the volume
-    may be short: the views passed around are cut to the volume's end.
+    ``readers`` threads read (and hash) items in parallel, which keeps several requests
+    in flight for scattered small extents; the sink still receives the items strictly in
+    their given order, from the calling thread. Items must have ``count * chunk_size <=
+    extent_bytes``. The last chunk of the volume may be short: the views passed around
+    are cut to the volume's end.
 
     :raises ChecksumMismatch: an item's data does not match its expected checksums.
     :raises BlockguardError: the copy was cancelled through ``progress``.
     """
     progress = progress or Progress()
     progress.start()
-    free: queue.Queue[memoryview] = queue.Queue()
-    buffers = [aligned_buffer(extent_bytes) for _ in range(depth)]
-    for b in buffers:
-        free.put(memoryview(b))
-    filled: queue.Queue[tuple[CopyItem, memoryview, int, list[int]] | BaseException | None]
-    filled = queue.Queue()
+    free: queue.Queue[memoryview | None] = queue.Queue()
+    for _ in range(readers + 2):
+        free.put(memoryview(aligned_buffer(extent_bytes)))
+    source = iter(items)
+    take = threading.Lock()
+    ready = threading.Condition()
+    results: dict[int, tuple[CopyItem, memoryview, int, list[int]] | BaseException] = {}
+    state = {"issued": 0, "finished": 0}
     stop = threading.Event()
+
+    def read_one(item: CopyItem, buf: memoryview) -> tuple[CopyItem, memoryview, int, list[int]]:
+        if progress.cancelled:
+            raise BlockguardError(detail="the copy was cancelled")
+        start = item.first * chunk_size
+        nbytes = min(item.count * chunk_size, volume_size - start)
+        if nbytes <= 0 or item.count * chunk_size > extent_bytes:
+            raise EnvironmentProblem(detail=f"bad copy extent {item!r}")
+        view = buf[:nbytes]
+        item.source.read_chunks(item.first, view)
+        digests = [
+            xxhash.xxh3_64_intdigest(view[off : off + chunk_size])
+            for off in range(0, nbytes, chunk_size)
+        ]
+        if item.expected is not None:
+            for i, (got, want) in enumerate(zip(digests, item.expected, strict=True)):
+                if got != want:
+                    raise ChecksumMismatch(generation=item.generation_id, chunk=item.first + i)
+        return item, buf, nbytes, digests
 
     def reader() -> None:
         try:
-            for item in items:
+            while True:
                 buf = free.get()
-                if stop.is_set():
+                if buf is None or stop.is_set():
                     return
-                if progress.cancelled:
-                    raise BlockguardError(detail="the copy was cancelled")
-                start = item.first * chunk_size
-                nbytes = min(item.count * chunk_size, volume_size - start)
-                if nbytes <= 0 or item.count * chunk_size > extent_bytes:
-                    raise EnvironmentProblem(detail=f"bad copy extent {item!r}")
-                view = buf[:nbytes]
-                item.source.read_chunks(item.first, view)
-                digests = [
-                    xxhash.xxh3_64_intdigest(view[off : off + chunk_size])
-                    for off in range(0, nbytes, chunk_size)
-                ]
-                if item.expected is not None:
-                    for i, (got, want) in enumerate(zip(digests, item.expected, strict=True)):
-                        if got != want:
-                            raise ChecksumMismatch(
-                                generation=item.generation_id, chunk=item.first + i
-                            )
-                filled.put((item, buf, nbytes, digests))
-            filled.put(None)
-        except BaseException as exc:
-            filled.put(exc)
+                with take:
+                    seq = state["issued"]
+                    try:
+                        item = next(source)
+                    except StopIteration:
+                        free.put(buf)
+                        return
+                    except BaseException as exc:  # the plan itself failed
+                        state["issued"] += 1
+                        with ready:
+                            results[seq] = exc
+                            ready.notify_all()
+                        return
+                    state["issued"] += 1
+                try:
+                    got: tuple[CopyItem, memoryview, int, list[int]] | BaseException
+                    got = read_one(item, buf)
+                except BaseException as exc:
+                    got = exc
+                with ready:
+                    results[seq] = got
+                    ready.notify_all()
+                if isinstance(got, BaseException):
+                    return
+        finally:
+            with ready:
+                state["finished"] += 1
+                ready.notify_all()
 
-    thread = threading.Thread(target=reader, name="blockguard-copy-reader", daemon=True)
-    thread.start()
+    threads = [
+        threading.Thread(target=reader, name=f"blockguard-copy-reader-{n}", daemon=True)
+        for n in range(readers)
+    ]
+    for t in threads:
+        t.start()
     copied = 0
     try:
+        seq = 0
         while True:
-            got = filled.get()
+            with ready:
+                while seq not in results and not (
+                    state["finished"] == readers and seq >= state["issued"]
+                ):
+                    ready.wait()
+                got = results.pop(seq, None)
             if got is None:
                 break
             if isinstance(got, BaseException):
@@ -257,10 +297,12 @@ def copy_chunks(
             copied += nbytes
             progress.advance(nbytes)
             free.put(buf)
+            seq += 1
     finally:
         stop.set()
-        # Wake a reader waiting for a buffer so that it sees ``stop`` and ends.
-        free.put(memoryview(bytearray(0)))
-        thread.join()
+        for _ in threads:  # wake readers waiting for a buffer so that they see ``stop``
+            free.put(None)
+        for t in threads:
+            t.join()
         progress.finish()
     return copied

@@ -311,10 +311,9 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file so that it exists either complete or not at all, durably."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+def write_durable(path: Path, data: bytes) -> None:
+    """Write a new file and fsync it (its directory entry is the caller's to sync)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         view = memoryview(data)
         while view:
@@ -322,6 +321,12 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that it exists either complete or not at all, durably."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write_durable(tmp, data)
     crash_point(f"atomic-{path.name}")
     os.rename(tmp, path)
     fsync_dir(path.parent)
