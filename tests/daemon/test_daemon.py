@@ -200,8 +200,10 @@ def test_job_properties_changed_and_backup_signals(
         _watch(
             daemon.address,
             backup,
-            lambda msgs: any(m.member == "BackupFinished" for m in msgs)
-            and any(_job_state(m) == "done" for m in msgs),
+            lambda msgs: (
+                any(m.member == "BackupFinished" for m in msgs)
+                and any(_job_state(m) == "done" for m in msgs)
+            ),
         )
     )
     members = [m.member for m in seen]
@@ -279,8 +281,14 @@ def test_reestablish_tracking_only_exits(tmp_path: Any) -> None:
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "blockguard.daemon.main", "--reestablish-tracking-only",
-         "--state-dir", str(tmp_path / "state")],
+        [
+            sys.executable,
+            "-m",
+            "blockguard.daemon.main",
+            "--reestablish-tracking-only",
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
         capture_output=True,
         text=True,
         timeout=30,
