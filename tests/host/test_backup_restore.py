@@ -113,7 +113,14 @@ class Writer(threading.Thread):
         self.join()
 
 
-def make_history(pool: DirPool, vol: Volume, snap: str, kinds: list[str], ident: VolumeIdentity):
+def make_history(
+    pool: DirPool,
+    vol: Volume,
+    snap: str,
+    kinds: list[str],
+    ident: VolumeIdentity,
+    keep: int | None = None,
+):
     """Run backups of the given kinds; returns [(manifest, sha at its backup point)]."""
     history = []
     marks: dict[str, int] = {}
@@ -134,6 +141,7 @@ def make_history(pool: DirPool, vol: Volume, snap: str, kinds: list[str], ident:
                 chunk_size=CHUNK,
                 base_id=ref if kind != "incremental" else None,
                 parent_id=ref if kind == "incremental" else None,
+                keep=keep,
             )
         m = result.manifest
         marks[m.generation_id] = mark
@@ -341,3 +349,25 @@ def test_retention_after_commit_reports_what_was_freed(pool: DirPool, loopdev) -
     assert result.retention.bytes == history[1][0].bytes_stored + history[2][0].bytes_stored
     restore_to_device(pool, "v", result.manifest.generation_id, target)
     assert sha256_of(target, VOLUME_SIZE) == mark_sha[1]
+
+
+def test_keep_three_over_ten_generations(pool: DirPool, loopdev) -> None:
+    """Retention after every commit never strands a kept generation; all kept restore."""
+    rng = random.Random(3)
+    orig = loopdev(VOLUME_SIZE, "volume.img")
+    snap = loopdev(VOLUME_SIZE, "snap.img")
+    target = loopdev(VOLUME_SIZE, "target.img")
+    vol = Volume(orig, rng)
+    try:
+        history = make_history(pool, vol, snap, KINDS, VolumeIdentity("v", VOLUME_SIZE), keep=3)
+    finally:
+        vol.close()
+    kept = pool.generations("v")
+    shas = {m.generation_id: sha for m, sha in history}
+    assert 3 <= len(kept) < len(KINDS)
+    assert [m.generation_id for m in kept[-3:]] == [m.generation_id for m, _ in history[-3:]]
+    for m in kept:
+        chain = pool.chain("v", m.generation_id)  # raises if a link is missing
+        assert chain[0].is_full
+        restore_to_device(pool, "v", m.generation_id, target)
+        assert sha256_of(target, VOLUME_SIZE) == shas[m.generation_id]

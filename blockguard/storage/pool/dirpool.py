@@ -18,15 +18,10 @@ manifest whose lock can be taken is garbage and ``open`` removes it, as it remov
 
 from __future__ import annotations
 
-import array
-import errno
-import fcntl
 import json
 import logging
-import mmap
 import os
 import shutil
-import stat
 import time
 import uuid
 from collections.abc import Sequence
@@ -41,7 +36,7 @@ from blockguard.errors import (
     InvalidInput,
     NotFound,
 )
-from blockguard.storage.blockdev import aligned_buffer, device_rdev, mounted_devnos
+from blockguard.storage.blockdev import device_rdev, mounted_devnos
 from blockguard.storage.manifest import (
     MANIFEST_NAME,
     GenerationKind,
@@ -49,15 +44,11 @@ from blockguard.storage.manifest import (
     VolumeIdentity,
     check_chunk_size,
     check_name,
-    checksum_bytes,
-    checksum_digest,
-    checksums_from_bytes,
     crash_point,
     fsync_dir,
     new_generation_id,
     read_manifest,
     write_atomic,
-    write_durable,
 )
 from blockguard.storage.pool.base import (
     AlertCallback,
@@ -69,57 +60,23 @@ from blockguard.storage.pool.base import (
     PoolDevice,
     SwapInVolume,
 )
+from blockguard.storage.pool.dirgen import (
+    DATA_FULL,
+    LOCK,
+    DirGenerationReader,
+    DirGenerationWriter,
+    clone_file,
+    writer_alive,
+)
 from blockguard.storage.pool.registration import devno, refuse_unless_free
 from blockguard.storage.runner import Runner, default_runner
 
 log = logging.getLogger(__name__)
-
-FICLONE = 0x40049409
 POOL_FILE = "pool.json"
 POOL_FORMAT = "blockguard-dir-pool"
 #: mkfs.xfs refuses file systems under 300 MB.
 MIN_DEVICE_SIZE = 320 << 20
-DATA_FULL = "image"
-DATA_PACKED = "chunks"
-CHECKSUMS = "checksums.xxh3"
-LOCK = ".writing"
 DELETED = ".deleted"
-#: Small packed extents are gathered into writes of up to this size.
-STAGE_BYTES = 8 << 20
-
-
-class PoolFile:
-    """A regular file of the pool, opened without following links, verified with fstat."""
-
-    def __init__(self, path: Path, *, write: bool = False, create: bool = False) -> None:
-        flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW
-        flags |= os.O_DIRECT
-        if create:
-            flags |= os.O_CREAT | os.O_EXCL
-        self.path = path
-        self.fd = os.open(path, flags, 0o600)
-        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
-            os.close(self.fd)
-            raise EnvironmentProblem(detail=f"{path} is not a regular file")
-
-    def pread_into(self, view: memoryview, offset: int) -> int:
-        done = 0
-        while done < len(view):
-            n = os.preadv(self.fd, [view[done:]], offset + done)
-            if n == 0:
-                break
-            done += n
-        return done
-
-    def pwrite_all(self, view: memoryview, offset: int) -> None:
-        done = 0
-        while done < len(view):
-            done += os.pwritev(self.fd, [view[done:]], offset + done)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 class DirPool(PoolBackend):
@@ -285,13 +242,13 @@ class DirPool(PoolBackend):
             for vol in _subdirs(mnt / "volumes"):
                 for gen in _subdirs(vol):
                     if gen.name.endswith(DELETED) or not (gen / MANIFEST_NAME).exists():
-                        if _writer_alive(gen):
+                        if writer_alive(gen):
                             continue
                         shutil.rmtree(gen, ignore_errors=True)
                         removed.append(str(gen))
                     else:
                         for stray in (gen / LOCK, gen / f".{MANIFEST_NAME}.tmp"):
-                            if stray.exists() and not _writer_alive(gen):
+                            if stray.exists() and not writer_alive(gen):
                                 stray.unlink(missing_ok=True)
                 if removed:
                     fsync_dir(vol)
@@ -447,194 +404,11 @@ class DirSwapIn(SwapInVolume):
             Path(self.image).unlink(missing_ok=True)
 
 
-class DirGenerationWriter(GenerationWriter):
-    """Writes one generation directory; see the module docstring for the layout."""
-
-    def __init__(
-        self, draft: Manifest, gen_dir: Path, source: Manifest | None, src_image: Path | None
-    ) -> None:
-        self._new_volume_dir = not gen_dir.parent.exists()
-        gen_dir.mkdir(parents=True)
-        self.dir = gen_dir
-        self._stage: mmap.mmap | None = None
-        self._staged = 0
-        self._stage_offset = 0
-        self._lock_fd = os.open(gen_dir / LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        self._bytes = 0
-        self._file: PoolFile | None = None
-        try:
-            cloned = None
-            if draft.is_full:
-                image = gen_dir / DATA_FULL
-                if src_image is not None and source is not None:
-                    try:
-                        clone_file(src_image, image)
-                        cloned = source
-                    except OSError as exc:
-                        if exc.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL):
-                            raise
-                        image.unlink(missing_ok=True)
-                crash_point("after-clone")
-                self._file = PoolFile(image, write=True, create=cloned is None)
-                if cloned is None:
-                    os.posix_fallocate(self._file.fd, 0, draft.volume.size)
-            else:
-                self._file = PoolFile(gen_dir / DATA_PACKED, write=True, create=True)
-                if draft.changed:
-                    os.posix_fallocate(self._file.fd, 0, len(draft.changed) * draft.chunk_size)
-        except BaseException:
-            self._cleanup()
-            raise
-        if cloned is None and draft.is_full:
-            draft = draft.with_(changed=BitMap(range(draft.chunks)))
-        super().__init__(draft.with_(cloned_from=cloned.generation_id if cloned else None), cloned)
-
-    def write_chunks(self, first: int, view: memoryview, digests: Sequence[int]) -> None:
-        assert self._file is not None
-        offset = self._slot(first) * self.draft.chunk_size
-        if self.draft.is_full or len(view) >= STAGE_BYTES // 2:
-            self._flush_stage()
-            self._file.pwrite_all(view, offset)
-        else:
-            # Packed chunks are contiguous in the file even when they are scattered in
-            # the volume: gather small extents into one large write instead of paying
-            # an O_DIRECT write (and an XFS extent conversion) per extent.
-            if self._staged and (
-                offset != self._stage_offset + self._staged
-                or self._staged + len(view) > STAGE_BYTES
-            ):
-                self._flush_stage()
-            if self._stage is None:
-                self._stage = aligned_buffer(STAGE_BYTES)
-            if not self._staged:
-                self._stage_offset = offset
-            self._stage[self._staged : self._staged + len(view)] = view
-            self._staged += len(view)
-        self._bytes += len(view)
-        crash_point("chunks-written")
-
-    def _slot(self, chunk: int) -> int:
-        return chunk if self.draft.is_full else self.draft.changed.rank(chunk) - 1
-
-    def _flush_stage(self) -> None:
-        if self._staged and self._stage is not None and self._file is not None:
-            self._file.pwrite_all(memoryview(self._stage)[: self._staged], self._stage_offset)
-        self._staged = 0
-
-    def commit(self, checksums: array.array[int]) -> Manifest:
-        assert self._file is not None
-        self._flush_stage()
-        os.fsync(self._file.fd)
-        raw = checksum_bytes(checksums)
-        crash_point("before-checksums")
-        # No rename needed: the manifest, written after it, is what commits it.
-        write_durable(self.dir / CHECKSUMS, raw)
-        crash_point("after-checksums")
-        manifest = self.draft.with_(
-            bytes_stored=self._bytes,
-            checksum_count=len(checksums),
-            checksum_digest=checksum_digest(raw),
-            storage={
-                "layout": "image" if self.draft.is_full else "packed",
-                "data": DATA_FULL if self.draft.is_full else DATA_PACKED,
-                "checksums": CHECKSUMS,
-            },
-        )
-        fsync_dir(self.dir)
-        fsync_dir(self.dir.parent)
-        if self._new_volume_dir:
-            fsync_dir(self.dir.parent.parent)
-        crash_point("before-manifest")
-        write_atomic(self.dir / MANIFEST_NAME, manifest.to_json())
-        crash_point("after-manifest")
-        self.committed = manifest
-        self._file.close()
-        (self.dir / LOCK).unlink(missing_ok=True)
-        os.close(self._lock_fd)
-        self._lock_fd = -1
-        return manifest
-
-    def abort(self) -> None:
-        if self.committed is None:
-            self._cleanup()
-
-    def _cleanup(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
-
-
-class DirGenerationReader(GenerationReader):
-    def __init__(self, manifest: Manifest, gen_dir: Path) -> None:
-        super().__init__(manifest)
-        self.dir = gen_dir
-        self._file = PoolFile(gen_dir / manifest.storage.get("data", DATA_FULL))
-
-    def read_chunks(self, first: int, view: memoryview) -> None:
-        slot = self.manifest.checksum_slot(first)
-        got = self._file.pread_into(view, slot * self.manifest.chunk_size)
-        if got != len(view):
-            raise CorruptMetadata(
-                what=f"generation {self.manifest.generation_id}",
-                detail=f"its data ends early at chunk {first}",
-            )
-
-    def _load_checksums(self) -> array.array[int]:
-        path = self.dir / self.manifest.storage.get("checksums", CHECKSUMS)
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise CorruptMetadata(what=str(path), detail=exc.strerror or str(exc)) from None
-        return checksums_from_bytes(raw, self.manifest, str(path))
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def clone_file(src: Path, dst: Path) -> None:
-    """Reflink ``src`` to a new ``dst`` (FICLONE: shares extents, instant), durably."""
-    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    try:
-        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.ioctl(dfd, FICLONE, sfd)
-            os.fsync(dfd)
-        except BaseException:
-            os.close(dfd)
-            dfd = -1
-            dst.unlink(missing_ok=True)
-            raise
-        finally:
-            if dfd >= 0:
-                os.close(dfd)
-    finally:
-        os.close(sfd)
-
-
 def _subdirs(path: Path) -> list[Path]:
     try:
         return sorted(p for p in path.iterdir() if p.is_dir() and not p.is_symlink())
     except FileNotFoundError:
         return []
-
-
-def _writer_alive(gen: Path) -> bool:
-    """True while a (live) writer holds the generation's lock."""
-    try:
-        fd = os.open(gen / LOCK, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def _read_pool_file(mnt: Path) -> dict[str, str]:
