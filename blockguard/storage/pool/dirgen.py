@@ -14,6 +14,7 @@ import mmap
 import os
 import shutil
 import stat
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -94,6 +95,14 @@ class DirGenerationWriter(GenerationWriter):
         self._bytes = 0
         self._file: PoolFile | None = None
         try:
+            # A concurrent open() may have taken the directory for garbage between our
+            # mkdir and flock: then the lock we hold is on a removed file.
+            try:
+                same = os.stat(gen_dir / LOCK).st_ino == os.fstat(self._lock_fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                raise EnvironmentProblem(detail=f"{gen_dir} was removed while being created")
             cloned = None
             if draft.is_full:
                 image = gen_dir / DATA_FULL
@@ -245,10 +254,25 @@ def clone_file(src: Path, dst: Path) -> None:
         os.close(sfd)
 
 
+#: A generation directory younger than this with no lock file may be one a writer has
+#: just made and not locked yet.
+LOCK_GRACE = 10.0
+
+
 def writer_alive(gen: Path) -> bool:
-    """True while a (live) writer holds the generation's lock."""
+    """True while a (live) writer holds the generation's lock (or may be about to)."""
     try:
         fd = os.open(gen / LOCK, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        try:
+            return (
+                time.time() - gen.stat().st_mtime < LOCK_GRACE
+                and not (gen / MANIFEST_NAME).exists()
+                and not gen.name.endswith(".deleted")
+                and not any(gen.iterdir())
+            )
+        except FileNotFoundError:
+            return False
     except OSError:
         return False
     try:
