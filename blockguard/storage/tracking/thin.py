@@ -58,6 +58,10 @@ class _State:
     references: dict[str, str] = field(default_factory=dict)  # reference -> snapshot LV
     unknown: dict[str, str] = field(default_factory=dict)
     serial: int = 0
+    # Fixed for the life of an LV, so polling needs no lvs call: thin device ids (volume
+    # and snapshots, by LV name) and the pool's dm name.
+    thin_ids: dict[str, int] = field(default_factory=dict)
+    pool_dm: str = ""
 
 
 class ThinTracker(ChangeTracker):
@@ -99,7 +103,10 @@ class ThinTracker(ChangeTracker):
             f"{vg}/{info.pool}",
         )  # fmt: skip
         pool_block = int(out.strip())
-        tracker = cls(state_dir, _State(vg, lv, info.pool, chunk_size, info.size, pool_block), run)
+        state = _State(vg, lv, info.pool, chunk_size, info.size, pool_block)
+        state.thin_ids[lv] = info.thin_id or 0
+        state.pool_dm = lvm.lv(vg, info.pool).dm_name
+        tracker = cls(state_dir, state, run)
         tracker._save()
         return tracker
 
@@ -139,12 +146,15 @@ class ThinTracker(ChangeTracker):
         self._s.serial += 1
         snap = f"bgref-{self._s.lv}-{self._s.serial}"
         self._lvm.lvm("lvcreate", "-qq", "-s", f"{self._s.vg}/{self._s.lv}", "-n", snap)
+        self._s.thin_ids[snap] = self._thin_id(snap)
         old = self._s.references.get(name)
         self._s.references[name] = snap
         self._s.unknown.pop(name, None)
         self._save()
         if old and old not in self._s.references.values():
             self._remove_snapshot(old)
+            self._s.thin_ids.pop(old, None)
+            self._save()
 
     def reference_device(self, name: str) -> str:
         """Activate reference ``name``'s snapshot and return its (verified) device path:
@@ -163,6 +173,8 @@ class ThinTracker(ChangeTracker):
         self._save()
         if snap not in self._s.references.values():
             self._remove_snapshot(snap)
+            self._s.thin_ids.pop(snap, None)
+            self._save()
 
     def mark_unknown(self, reason: str) -> None:
         for ref in self._s.references:
@@ -175,12 +187,17 @@ class ThinTracker(ChangeTracker):
     def changed_many(self, names: Iterable[str]) -> dict[str, ChangeSet]:
         names = list(names)
         snaps = {n: self._snapshot_of(n) for n in names}
-        self._check()
         for n in names:
             if n in self._s.unknown:
                 raise TrackingLost(volume=self.volume, reason=self._s.unknown[n])
-        ids = {n: self._thin_id(s) for n, s in snaps.items()}
-        live = self._thin_id(self._s.lv)
+        with BlockDevice(self.volume) as vol:  # an ioctl, not an lvs: this path is polled
+            if vol.size != self._s.volume_size:
+                self.mark_unknown(
+                    f"{self.volume} was resized from {self._s.volume_size} to {vol.size} bytes"
+                )
+                raise TrackingLost(volume=self.volume, reason="the volume was resized")
+        ids = {n: self._s.thin_ids[s] for n, s in snaps.items()}
+        live = self._s.thin_ids[self._s.lv]
         try:
             blocks = self._thin_delta_many(ids, live)
         except BlockguardError as exc:
@@ -194,7 +211,7 @@ class ThinTracker(ChangeTracker):
         for n in (older, newer):
             if n in self._s.unknown:
                 raise TrackingLost(volume=self.volume, reason=self._s.unknown[n])
-        ranges = self._thin_delta_many({"x": self._thin_id(a)}, self._thin_id(b))["x"]
+        ranges = self._thin_delta_many({"x": self._s.thin_ids[a]}, self._s.thin_ids[b])["x"]
         return self._to_changeset(ranges)
 
     # --- internals ---------------------------------------------------------------------
@@ -211,11 +228,8 @@ class ThinTracker(ChangeTracker):
             raise CorruptMetadata(what=f"{self._s.vg}/{lv}", detail="no thin device id")
         return info.thin_id
 
-    def _pool_dm(self) -> str:
-        return self._lvm.lv(self._s.vg, self._s.pool).dm_name
-
     def _thin_delta_many(self, ids: dict[str, int], live: int) -> dict[str, list[tuple[int, int]]]:
-        pool = self._pool_dm()
+        pool = self._s.pool_dm
         tpool = f"{pool}-tpool"
         tmeta = self._dm.node(f"{pool}_tmeta")
         self._dm.message(tpool, "reserve_metadata_snap")
