@@ -36,6 +36,7 @@ import sys
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import BinaryIO, Protocol
 
 from pyroaring import BitMap
@@ -165,7 +166,7 @@ class _Metadata:
         pairs: list[tuple[int, memoryview]] = []
         seen: set[int] = set()
         level = [root]
-        for depth in range(_MAX_DEPTH):
+        for _level in range(_MAX_DEPTH):
             for b in level:
                 if b in seen:
                     raise self.corrupt(f"{what}: node {b} is reached twice (a loop)")
@@ -215,7 +216,7 @@ class _Metadata:
         if nr == 0 and not is_leaf:
             raise self.corrupt(f"{where}: an internal node without entries")
         keys = list(struct.unpack_from(f"<{nr}Q", data, _NODE_HEADER))
-        if any(k2 <= k1 for k1, k2 in zip(keys, keys[1:], strict=False)):
+        if any(k2 <= k1 for k1, k2 in pairwise(keys)):
             raise self.corrupt(f"{where}: keys not in ascending order")
         base = _NODE_HEADER + 8 * max_entries
         values = [data[base + i * vsize : base + (i + 1) * vsize] for i in range(nr)]
