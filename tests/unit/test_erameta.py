@@ -261,3 +261,12 @@ def test_bitmap_from_bits_matches_naive(density: float) -> None:
     for i in want:
         data[i // 8] |= 1 << (i % 8)
     assert bitmap_from_bits(data) == want
+
+
+@pytest.mark.parametrize("card", [4095, 4096, 4097])
+def test_bitmap_from_bits_at_the_array_bitset_boundary(card: int) -> None:
+    want = BitMap(range(65536 + 3, 65536 + 3 + 15 * card, 15))
+    data = bytearray(3 * 8192)
+    for i in want:
+        data[i // 8] |= 1 << (i % 8)
+    assert bitmap_from_bits(data) == want

@@ -30,7 +30,6 @@ suspend it is archived and empty).
 from __future__ import annotations
 
 import os
-import re
 import stat
 import struct
 import sys
@@ -383,46 +382,43 @@ def _u32(area: memoryview) -> memoryview | array:
 
 _COOKIE_NO_RUNS = 12346
 _CHUNK = 8192  # bytes of bits per roaring container (2^16 values)
-_BIT_OFFSETS = [tuple(i for i in range(8) if byte >> i & 1) for byte in range(256)]
-_NONZERO = re.compile(rb"[^\x00]+")
+_INVERT = bytes(255 - i for i in range(256))
 
 
 def bitmap_from_bits(data: bytes | bytearray | memoryview) -> BitMap:
     """A BitMap of the set bits of ``data`` (bit i = byte i//8, bit i%8: dm-bitset order).
 
-    Built as roaring's portable serialization: dense 64 Ki-bit chunks are copied as
-    bitset containers, sparse ones become sorted arrays; no per-bit Python work for
-    dense data.
+    Built from roaring's portable serialization, with no per-bit Python work: a chunk of
+    2^16 bits with more than 4096 set is copied as a bitset container; a sparser one (which
+    the format wants as a sorted array) is inverted, copied as a bitset, and subtracted
+    from its full range.
     """
     data = bytes(data)
-    headers: list[bytes] = []
-    bodies: list[bytes] = []
+    dense: list[tuple[int, int, bytes]] = []
+    inverted: list[tuple[int, int, bytes]] = []
     for key, start in enumerate(range(0, len(data), _CHUNK)):
-        chunk = data[start : start + _CHUNK]
+        chunk = data[start : start + _CHUNK].ljust(_CHUNK, b"\x00")
         card = int.from_bytes(chunk, "little").bit_count()
-        if card == 0:
-            continue
-        headers.append(struct.pack("<HH", key, card - 1))
         if card > 4096:
-            bodies.append(chunk.ljust(_CHUNK, b"\x00"))
-        else:
-            positions = array("H")
-            for m in _NONZERO.finditer(chunk):
-                for at in range(m.start(), m.end()):
-                    bit0 = at * 8
-                    positions.extend(bit0 + i for i in _BIT_OFFSETS[chunk[at]])
-            if sys.byteorder != "little":
-                positions.byteswap()
-            bodies.append(positions.tobytes())
-    offset = 8 + 8 * len(headers)
-    offsets = []
-    for body in bodies:
-        offsets.append(struct.pack("<I", offset))
-        offset += len(body)
-    blob = b"".join(
-        [struct.pack("<II", _COOKIE_NO_RUNS, len(headers)), *headers, *offsets, *bodies]
-    )
-    return BitMap.deserialize(blob)
+            dense.append((key, card, chunk))
+        elif card:
+            inverted.append((key, 65536 - card, chunk.translate(_INVERT)))
+    result = _deserialize_bitsets(dense)
+    if inverted:
+        full = BitMap()
+        for key, _, _ in inverted:
+            full.add_range(key << 16, (key + 1) << 16)
+        result |= full - _deserialize_bitsets(inverted)
+    return result
+
+
+def _deserialize_bitsets(containers: list[tuple[int, int, bytes]]) -> BitMap:
+    """Roaring's portable format with only bitset containers (each card > 4096)."""
+    head = [struct.pack("<II", _COOKIE_NO_RUNS, len(containers))]
+    head += [struct.pack("<HH", key, card - 1) for key, card, _ in containers]
+    first = 8 + 8 * len(containers)
+    head += [struct.pack("<I", first + i * _CHUNK) for i in range(len(containers))]
+    return BitMap.deserialize(b"".join(head + [bits for _, _, bits in containers]))
 
 
 # --- CRC-32C as dm-persistent-data uses it ------------------------------------------------
