@@ -42,7 +42,7 @@ from typing import BinaryIO, Literal, Protocol
 from pyroaring import BitMap
 
 from blockguard.errors import CorruptMetadata, NotABlockDevice, NotFound
-from blockguard.storage.blockdev import BlockDevice
+from blockguard.storage.blockdev import BlockDevice, aligned_buffer
 
 MD_BLOCK = 4096
 SUPERBLOCK_MAGIC = 2126579579
@@ -134,7 +134,7 @@ class _Metadata:
             while j < len(wanted) and wanted[j] == wanted[j - 1] + 1 and j - i < _READ_RUN:
                 j += 1
             first, count = wanted[i], j - i
-            buf = memoryview(bytearray(count * MD_BLOCK))
+            buf = memoryview(aligned_buffer(count * MD_BLOCK))  # O_DIRECT-ready
             if self.dev.pread_into(buf, first * MD_BLOCK) != len(buf):
                 raise self.corrupt(f"{what}: short read at block {first} (device truncated?)")
             for k in range(count):
@@ -471,7 +471,9 @@ class _opened:
             os.close(fd)
             if not stat.S_ISBLK(mode):
                 raise NotABlockDevice(path, "nor a regular file")
-        dev = BlockDevice(path)  # verifies S_ISBLK after open
+        # O_DIRECT: dm-era writes through dm-bufio, not the page cache, so buffered reads
+        # could return blocks cached by an earlier poll (era_invalidate reads direct too).
+        dev = BlockDevice(path, direct=True)  # verifies S_ISBLK after open
         self._close.append(dev)
         return dev, path
 
