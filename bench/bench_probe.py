@@ -102,7 +102,7 @@ def fio_rate(
         "--thread",
         "--group_reporting",
         "--time_based",
-        f"--runtime={duration}s",
+        f"--runtime={round(duration * 1000)}ms",  # fio truncates "0.75s" to 0
         "--output-format=json",
         f"--scramble_buffers={int(scramble)}",
     ]
