@@ -188,9 +188,11 @@ def measure(
             p = statistics.median(probe)
             f = statistics.median(fio) if fio else None
             s = statistics.median(scrambled) if scrambled else None
+            # Median of the back-to-back pairs' ratios: cancels the drift of the machine's load.
+            r = statistics.median(a / b for a, b in zip(probe, fio, strict=True)) if fio else None
             print(
                 f"{kind.value:<11} {depth:>3} {format_rate(p):>12} "
-                f"{format_rate(f) if f else '-':>12} {f'{p / f:.2f}' if f else '-':>6} "
+                f"{format_rate(f) if f else '-':>12} {f'{r:.2f}' if r else '-':>6} "
                 f"{format_rate(s) if s else '-':>12}"
             )
 
