@@ -1,0 +1,193 @@
+"""One backup of one volume: point in time, plan, copy, move the tracker, retention.
+
+On the host there is no snapshot facility without device-mapper: a scan-tracked plain
+device is read as it is, so the generation is crash-consistent only if the caller
+quiesces the volume (unmounts it, freezes its file system, or stops the writers) for the
+duration of the backup. Era and thin tracking take their point in time from dm.
+
+For scan tracking the new reference's chunk hashes are computed while the chunks are
+copied (the copy engine's own checksums are xxh3_64, the tracker's xxh3_128, so the
+written chunks are hashed once more in memory) and merged with the reference the
+change set was relative to: no second read of the volume.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pyroaring import BitMap
+
+from blockguard.core.objectives import DEFAULT_GENERATIONS
+from blockguard.core.restore_model import BackupMethod
+from blockguard.daemon import service as svc
+from blockguard.daemon.engine import ids
+from blockguard.daemon.engine.events import EventHub
+from blockguard.daemon.engine.jobbook import JobProgress
+from blockguard.daemon.engine.planning import decide
+from blockguard.daemon.engine.pools import PoolRegistry
+from blockguard.daemon.engine.tracking import LAST_BACKUP, LAST_FULL, VolumeTracking
+from blockguard.daemon.engine.volumes import VolumeRegistry
+from blockguard.daemon.jobs import ProgressReporter
+from blockguard.errors import TrackingLost
+from blockguard.storage.backup import run_backup
+from blockguard.storage.blockdev import BlockDevice
+from blockguard.storage.manifest import VolumeIdentity
+from blockguard.storage.pool.base import GenerationWriter, PoolBackend
+from blockguard.storage.tracking import DIGEST_SIZE, ChunkHashes, chunk_digest
+from blockguard.storage.tracking.base import chunk_count
+
+log = logging.getLogger(__name__)
+
+
+class _HashingWriter:
+    """A generation writer that also keeps the tracker's hash of every chunk written."""
+
+    def __init__(
+        self, inner: GenerationWriter, hashes: bytearray, written: BitMap, chunk: int, delay: float
+    ) -> None:
+        self._inner = inner
+        self._hashes = hashes
+        self._written = written
+        self._chunk = chunk
+        self._delay = delay
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def write_chunks(self, first: int, view: memoryview, digests: Sequence[int]) -> None:
+        self._inner.write_chunks(first, view, digests)
+        size = self._chunk
+        for i, offset in enumerate(range(0, len(view), size)):
+            at = (first + i) * DIGEST_SIZE
+            self._hashes[at : at + DIGEST_SIZE] = chunk_digest(view[offset : offset + size])
+        self._written.add_range(first, first + -(-len(view) // size))
+        if self._delay:
+            time.sleep(self._delay)  # test hook: a slow backup that can be killed midway
+
+    def __enter__(self) -> _HashingWriter:
+        self._inner.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._inner.__exit__(*exc)
+
+
+class _HashingPool:
+    """The pool as ``run_backup`` sees it, handing out :class:`_HashingWriter`s."""
+
+    def __init__(self, inner: PoolBackend, hashes: bytearray, chunk: int, delay: float) -> None:
+        self._inner = inner
+        self.hashes = hashes
+        self.written = BitMap()
+        self._chunk = chunk
+        self._delay = delay
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def begin_generation(self, *args: Any, **kwargs: Any) -> _HashingWriter:
+        writer = self._inner.begin_generation(*args, **kwargs)
+        return _HashingWriter(writer, self.hashes, self.written, self._chunk, self._delay)
+
+
+def back_up(
+    name: str,
+    volumes: VolumeRegistry,
+    pools: PoolRegistry,
+    events: EventHub,
+    progress: ProgressReporter,
+    serial: int,
+    delay: float,
+) -> dict[str, Any]:
+    """Take one backup of volume ``name`` (the body of a backup job)."""
+    vol = volumes.catalog.get_volume(name)
+    assert vol.pool is not None
+    tracking: VolumeTracking | None = volumes.tracking.get(name)
+    if tracking is None:
+        raise TrackingLost(volume=name, reason=volumes.lost.get(name, "no tracker"))
+    pool = pools.backend(vol.pool)
+    point = tracking.begin_point(vol.device_path, serial)
+    try:
+        inputs = volumes.inputs(name)
+        decision = decide(inputs)
+        if inputs.lost_reason:
+            events.emit(svc.TrackingLost(name, inputs.lost_reason))
+        if not decision.feasible:
+            events.emit(svc.ObjectiveInfeasible(name, decision.reasons[-1]))
+        kind = decision.method
+        view = inputs.view
+        changed: BitMap | None = None
+        base_id = parent_id = None
+        ref_role = None
+        if kind is BackupMethod.FULL:
+            if view.newest_full is not None and LAST_FULL in inputs.sets:
+                changed, ref_role = inputs.sets[LAST_FULL].chunks, LAST_FULL
+                base_id = view.newest_full.generation_id
+        elif kind is BackupMethod.DIFFERENTIAL:
+            assert view.newest_full is not None
+            changed, ref_role = inputs.sets[LAST_FULL].chunks, LAST_FULL
+            base_id = view.newest_full.generation_id
+        else:
+            assert view.newest is not None
+            changed, ref_role = inputs.sets[LAST_BACKUP].chunks, LAST_BACKUP
+            parent_id = view.newest.generation_id
+        with BlockDevice(point.source) as dev:
+            size, rdev = dev.size, dev.rdev
+        nchunks = chunk_count(size, vol.chunk_size)
+        base = None
+        if ref_role is not None:
+            trusted = tracking.roles()[ref_role].ref
+            stored = tracking.stored_hashes(trusted)
+            base = None if stored is None else stored.digests
+        hashes = bytearray(base) if base is not None else bytearray(nchunks * DIGEST_SIZE)
+        proxy = _HashingPool(pool, hashes, vol.chunk_size, delay)
+        objectives = inputs.objectives
+        keep = objectives.generations if objectives is not None else DEFAULT_GENERATIONS
+        result = run_backup(
+            proxy,  # type: ignore[arg-type]  # duck-typed wrapper of the pool
+            VolumeIdentity(name, size, f"{os.major(rdev)}:{os.minor(rdev)}"),
+            point.source,
+            kind.value,
+            changed,
+            chunk_size=vol.chunk_size,
+            base_id=base_id,
+            parent_id=parent_id,
+            progress=JobProgress(progress),
+            keep=keep,
+        )
+        complete = base is not None or len(proxy.written) == nchunks
+        new_hashes = ChunkHashes(vol.chunk_size, size, hashes) if complete else None
+        tracking.commit_point(
+            point, result.manifest.generation_id, kind is BackupMethod.FULL, new_hashes
+        )
+    except BaseException:
+        tracking.abort_point(point)
+        raise
+    gen = ids.public_id(name, result.manifest.generation_id)
+    freed = [] if result.retention is None else result.retention.freed_ids
+    volumes.sync_generations(name)
+    volumes.refresh(name)
+    events.emit(svc.BackupFinished(name, gen, kind.value, result.bytes_copied))
+    log.info(
+        "backup of %s: %s %s, %d bytes in %.2fs; retention freed %s",
+        name,
+        kind.value,
+        gen,
+        result.bytes_copied,
+        result.duration,
+        freed or "nothing",
+        extra={"VOLUME": name, "GENERATION": gen},
+    )
+    return {
+        "generation": gen,
+        "method": kind.value,
+        "bytes": result.bytes_copied,
+        "seconds": result.duration,
+        "reasons": list(decision.reasons),
+        "feasible": decision.feasible,
+        "freed": [ids.public_id(name, g) for g in freed],
+    }

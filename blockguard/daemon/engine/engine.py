@@ -1,0 +1,350 @@
+"""The real :class:`~blockguard.daemon.service.Service`: catalog, planner and storage.
+
+It composes the parts of this package (pools, volumes and their tracking, jobs, backups,
+restores, the scheduler) and is what ``blockguardd`` runs by default. Every public
+method validates and refuses before it changes anything, so a refused call leaves the
+catalog and the devices as they were. One lock orders the changes; long work runs in
+jobs.
+
+On open (also after a crash): the state directory is locked against a second daemon,
+jobs the previous daemon left running are failed ("daemon restarted"), pools are
+reopened (which collects the garbage of interrupted backups) and trackers reopened, so
+tracking continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import logging
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from blockguard.core.catalog import Catalog
+from blockguard.daemon import service as svc
+from blockguard.daemon.engine import ids
+from blockguard.daemon.engine.backups import back_up
+from blockguard.daemon.engine.events import EventHub
+from blockguard.daemon.engine.jobbook import JobBook
+from blockguard.daemon.engine.pools import PoolRegistry
+from blockguard.daemon.engine.restores import (
+    check_restore,
+    find_generation,
+    run_restore,
+    run_verify,
+)
+from blockguard.daemon.engine.scheduling import Scheduler
+from blockguard.daemon.engine.settings import Settings
+from blockguard.daemon.engine.volumes import VolumeRegistry
+from blockguard.daemon.jobs import Job, JobKind, JobRunner, JobState, ProgressReporter
+from blockguard.errors import BlockguardError, Busy, EnvironmentProblem, NotFound
+from blockguard.storage.runner import default_runner
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """See the module docstring.
+
+    :param state_dir: catalog, tracker state, the lock (and pool mounts by default).
+    :param runner: runs the jobs.
+    :param settings: tunables (by default from the environment, see ``settings``).
+    """
+
+    def __init__(
+        self, state_dir: Path, runner: JobRunner, settings: Settings | None = None
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.runner = runner
+        self.settings = settings or Settings.from_env(self.state_dir)
+        self.events = EventHub()
+        self.cmd = default_runner()
+        self._lock = threading.RLock()
+        self._lock_fd: int | None = None
+        self._serial = itertools.count(1)
+        self.catalog: Catalog | None = None
+        self._pools: PoolRegistry | None = None
+        self._volumes: VolumeRegistry | None = None
+        self._jobs: JobBook | None = None
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    @property
+    def pools(self) -> PoolRegistry:
+        if self._pools is None:
+            raise EnvironmentProblem(detail="the service is not open")
+        return self._pools
+
+    @property
+    def volumes(self) -> VolumeRegistry:
+        if self._volumes is None:
+            raise EnvironmentProblem(detail="the service is not open")
+        return self._volumes
+
+    @property
+    def jobs(self) -> JobBook:
+        if self._jobs is None:
+            raise EnvironmentProblem(detail="the service is not open")
+        return self._jobs
+
+    def open(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Busy(what=str(self.state_dir), reason="another blockguardd uses it") from None
+        self._lock_fd = fd
+        # Serial numbers of tracker references: unique across daemon lives.
+        self._serial = itertools.count(int.from_bytes(os.urandom(3), "big") << 16)
+        try:
+            self.catalog = Catalog(self.state_dir / "catalog.db")
+            self._pools = PoolRegistry(self.catalog, self.settings, self.events, self.cmd)
+            self._volumes = VolumeRegistry(
+                self.catalog, self._pools, self.settings, self.events, self.cmd
+            )
+            self._jobs = JobBook(self.catalog, self.runner, self.events)
+            self._jobs.fail_interrupted()
+            self._pools.open_all()
+            self._volumes.open_all()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._pools is not None:
+            self._pools.close()
+        if self.catalog is not None:
+            self.catalog.close()
+            self.catalog = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def subscribe(self, callback: svc.EventCallback) -> None:
+        self.events.subscribe(callback)
+
+    def status(self) -> dict[str, Any]:
+        volumes = self.volumes.all_infos()
+        pools = self.pools.names()
+        running = sum(1 for j in self.runner.list() if not j.is_finished)
+        summary = f"{len(volumes)} volumes, {len(pools)} pools, {running} jobs running"
+        degraded = [p.name for p in self.pools.catalog.list_pools() if p.state != "ok"]
+        lost = [v.name for v in volumes if v.tracker_state == "lost"]
+        if degraded:
+            summary += f"; degraded pools: {', '.join(degraded)}"
+        if lost:
+            summary += f"; tracking lost: {', '.join(lost)}"
+        return {
+            "volumes": len(volumes),
+            "pools": len(pools),
+            "running_jobs": running,
+            "summary": summary,
+        }
+
+    async def run_scheduler(self) -> None:
+        """The scheduler loop (the daemon runs it as a task on its event loop)."""
+        scheduler = Scheduler(
+            self.volumes, self.backup_now, self.jobs.busy_volumes, self.settings.scheduler_interval
+        )
+        await scheduler.run()
+
+    def scheduler(self) -> Scheduler:
+        """A scheduler on this engine (tests call :meth:`Scheduler.tick` directly)."""
+        return Scheduler(
+            self.volumes, self.backup_now, self.jobs.busy_volumes, self.settings.scheduler_interval
+        )
+
+    # --- pools ----------------------------------------------------------------------------
+
+    def _protected_devices(self) -> list[str]:
+        return [v.device_path for v in self.volumes.catalog.list_volumes()]
+
+    def create_pool(
+        self, name: str, backend: str, devices: Sequence[str], force: bool
+    ) -> svc.PoolInfo:
+        with self._lock:
+            return self.pools.create(
+                name, backend, list(devices), bool(force), self._protected_devices()
+            )
+
+    def extend_pool(self, name: str, devices: Sequence[str], force: bool) -> svc.PoolInfo:
+        with self._lock:
+            return self.pools.extend(name, list(devices), bool(force), self._protected_devices())
+
+    def remove_pool(self, name: str, force: bool) -> None:
+        with self._lock:
+            self.pools.require_known(name)
+            users = [v.name for v in self.volumes.catalog.list_volumes() if v.pool == name]
+            if not force:
+                self.pools.refuse_if_used(name, users)
+            busy = self.jobs.busy_volumes() & set(users)
+            if busy:
+                raise Busy(what=f"pool {name}", reason=f"volumes {', '.join(busy)} have jobs")
+            for volume in users:
+                self.volumes.unprotect(volume)
+            self.pools.remove(name)
+
+    def list_pools(self) -> list[svc.PoolInfo]:
+        return [self.pools.info(n) for n in self.pools.names()]
+
+    def get_pool(self, name: str) -> svc.PoolInfo:
+        return self.pools.info(name)
+
+    # --- volumes --------------------------------------------------------------------------
+
+    def protect(
+        self, device: str, name: str, chunk_size: int | None, backend: str | None
+    ) -> svc.VolumeInfo:
+        with self._lock:
+            return self.volumes.protect(device, name, chunk_size, backend)
+
+    def unprotect(self, volume: str) -> None:
+        with self._lock:
+            self.volumes.catalog.get_volume(volume)
+            self.jobs.reserve(volume)
+            try:
+                self.volumes.unprotect(volume)
+            finally:
+                self.jobs.release(volume)
+
+    def set_objectives(self, volume_or_group: str, objectives: Mapping[str, Any]) -> list[str]:
+        with self._lock:
+            return self.volumes.set_objectives(volume_or_group, objectives)
+
+    def list_volumes(self) -> list[svc.VolumeInfo]:
+        return self.volumes.all_infos()
+
+    def get_volume(self, name: str) -> svc.VolumeInfo:
+        return self.volumes.info(name)
+
+    def list_generations(self, volume: str) -> list[svc.GenerationInfo]:
+        return list(self.volumes.info(volume).generations)
+
+    def get_generation(self, generation: str) -> svc.GenerationInfo:
+        volume, _ = ids.split_public_id(generation)
+        for gen in self.volumes.info(volume).generations if volume in self._names() else ():
+            if gen.id == generation:
+                return gen
+        raise NotFound(what="generation", name=generation)
+
+    def _names(self) -> set[str]:
+        return {v.name for v in self.volumes.all_infos()}
+
+    def plan(self, volume: str) -> dict[str, Any]:
+        return self.volumes.plan(volume)
+
+    # --- long operations ------------------------------------------------------------------
+
+    def backup_now(self, volume: str) -> Job:
+        with self._lock:
+            vol = self.volumes.catalog.get_volume(volume)
+            self.jobs.reserve(volume)
+            serial = next(self._serial)
+
+            def work(progress: ProgressReporter, _record: str) -> dict[str, Any]:
+                return back_up(
+                    volume,
+                    self.volumes,
+                    self.pools,
+                    self.events,
+                    progress,
+                    serial,
+                    self.settings.backup_delay,
+                )
+
+            def finished(job: Job) -> None:
+                if job.snapshot().state is JobState.FAILED:
+                    self.events.emit(svc.BackupFailed(volume, *job.snapshot().error))
+
+            job = self.jobs.submit(
+                JobKind.BACKUP, volume, volume, work, finished, pool=vol.pool, reserved=True
+            )
+        self.events.emit(svc.BackupStarted(volume, job.id))
+        return job
+
+    def restore(self, volume: str, generation: str, mode: str, target: str, force: bool) -> Job:
+        with self._lock:
+            self.jobs.reserve(volume)
+            try:
+                request = check_restore(
+                    self.volumes, self.pools, volume, generation, mode, target, bool(force)
+                )
+            except BaseException:
+                self.jobs.release(volume)
+                raise
+
+            def work(progress: ProgressReporter, record: str) -> dict[str, Any]:
+                return run_restore(
+                    request, self.volumes, self.pools, self.events, progress, record, bool(force)
+                )
+
+            return self.jobs.submit(
+                JobKind.RESTORE,
+                volume,
+                volume,
+                work,
+                pool=request.pool,
+                generation=ids.catalog_id(volume, request.manifest.generation_id),
+                reserved=True,
+            )
+
+    def verify(self, generation: str) -> Job:
+        with self._lock:
+            volume, _ = ids.split_public_id(generation)
+            self.volumes.catalog.get_volume(volume)
+            manifest = find_generation(self.volumes, volume, generation)
+
+            def work(progress: ProgressReporter, _record: str) -> dict[str, Any]:
+                return run_verify(volume, manifest, self.volumes, self.pools, progress)
+
+            return self.jobs.submit(
+                JobKind.VERIFY,
+                volume,
+                generation,
+                work,
+                generation=ids.catalog_id(volume, manifest.generation_id),
+            )
+
+    def list_jobs(self) -> list[Job]:
+        return self.jobs.list()
+
+    def get_job(self, job_id: int) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise NotFound(what="job", name=str(job_id))
+        return job
+
+    # --- hooks of the adapters ------------------------------------------------------------
+
+    def reestablish_tracking(self) -> list[str]:
+        """Trackers were reopened by :meth:`open` (era re-creates its dm device there)."""
+        return sorted(self.volumes.tracking)
+
+    def watch_targets(self) -> svc.WatchTargets:
+        return svc.WatchTargets(
+            pool_devices={d.device_path: d.pool for d in self.pools.catalog.list_pool_devices()},
+            volume_devices={v.device_path: v.name for v in self.volumes.catalog.list_volumes()},
+        )
+
+    def pool_device_vanished(self, device: str) -> None:
+        self.pools.device_vanished(device)
+
+    def rescan_tracking(self, volume: str) -> None:
+        try:
+            self.volumes.refresh(volume)
+        except NotFound:
+            return
+        except BlockguardError as exc:
+            self.volumes.lost[volume] = str(exc)
+            self.volumes.cache[volume] = self.volumes.bare_info(volume, str(exc))
+            self.events.emit(svc.TrackingLost(volume, str(exc)), svc.VolumeChanged(volume))
+
+
+def make_service(state_dir: Path, runner: JobRunner) -> Engine:
+    """The factory ``blockguardd --service blockguard.daemon.engine:make_service`` calls."""
+    return Engine(Path(state_dir), runner)

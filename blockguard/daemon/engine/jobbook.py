@@ -1,0 +1,191 @@
+"""Jobs of the real service: one at a time per volume, each mirrored in the catalog.
+
+The :class:`~blockguard.daemon.jobs.JobRunner` runs the work and keeps the jobs of this
+daemon's life; the catalog keeps every job's history across restarts. Jobs a previous
+daemon left running are failed at start ("daemon restarted") and listed again with ids
+from :data:`HISTORY_IDS` (the runner numbers this life's jobs from 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from blockguard.core.catalog import Catalog
+from blockguard.daemon import service as svc
+from blockguard.daemon.engine.events import EventHub
+from blockguard.daemon.jobs import Job, JobKind, JobRunner, JobState, ProgressReporter
+from blockguard.errors import BlockguardError, Busy
+from blockguard.storage.copyengine import Progress
+
+log = logging.getLogger(__name__)
+
+#: Jobs of earlier daemon lives get ids from here on (far above this life's numbers).
+HISTORY_IDS = 1 << 31
+#: Seconds between two progress writes of one job to the catalog.
+PROGRESS_INTERVAL = 2.0
+RESTART_REASON = "daemon restarted while the job was running"
+
+
+class JobBook:
+    """See the module docstring.
+
+    :param catalog: the job history.
+    :param runner: runs the work.
+    :param events: where JobAdded goes.
+    """
+
+    def __init__(self, catalog: Catalog, runner: JobRunner, events: EventHub) -> None:
+        self.catalog = catalog
+        self.runner = runner
+        self.events = events
+        self._lock = threading.Lock()
+        self._busy: dict[str, int] = {}
+        self.history: list[Job] = []
+
+    def fail_interrupted(self) -> list[Job]:
+        """At start: fail what the previous daemon left running; keep them for listing."""
+        failed = self.catalog.mark_running_jobs_failed(RESTART_REASON)
+        for n, rec in enumerate(failed):
+            if rec.kind not in {k.value for k in JobKind}:
+                continue
+            job = Job(HISTORY_IDS + n, JobKind(rec.kind), rec.volume or "")
+            job.update(
+                state=JobState.FAILED,
+                error=("org.blockguard1.Error.Failed", f"{RESTART_REASON} (job {rec.id})"),
+                started=rec.started or rec.created,
+                finished=rec.finished or time.time(),
+                bytes_done=rec.bytes_done,
+                bytes_total=rec.bytes_total or 0,
+                progress=rec.progress,
+                result={"catalog_job": rec.id},
+            )
+            self.history.append(job)
+            log.warning(
+                "job %s (%s of %s) failed: %s", rec.id, rec.kind, rec.volume, RESTART_REASON
+            )
+        return self.history
+
+    def busy_volumes(self) -> set[str]:
+        with self._lock:
+            return set(self._busy)
+
+    def reserve(self, volume: str) -> None:
+        """:raises Busy: a job of ``volume`` is queued or running."""
+        with self._lock:
+            if volume in self._busy:
+                raise Busy(what=f"volume {volume}", reason=f"job {self._busy[volume]} is running")
+            self._busy[volume] = 0
+
+    def release(self, volume: str) -> None:
+        with self._lock:
+            self._busy.pop(volume, None)
+
+    def submit(
+        self,
+        kind: JobKind,
+        volume: str,
+        target: str,
+        work: Callable[[ProgressReporter, str], dict[str, Any]],
+        on_finish: Callable[[Job], None] | None = None,
+        *,
+        pool: str | None = None,
+        generation: str | None = None,
+        reserved: bool = False,
+    ) -> Job:
+        """Run ``work(progress, catalog_job_id)`` as a job of ``volume``.
+
+        :param reserved: the caller already holds the volume (:meth:`reserve`).
+        :raises Busy: another job of the volume is queued or running.
+        """
+        if not reserved:
+            self.reserve(volume)
+        try:
+            record = self.catalog.create_job(
+                kind.value, volume=volume, pool=pool, generation=generation
+            )
+        except BaseException:
+            self.release(volume)
+            raise
+        last = [0.0]
+
+        def run(progress: ProgressReporter) -> dict[str, Any]:
+            self.catalog.update_job(record.id, state="running")
+            job = progress.job
+
+            def follow(_job: Job, changed: dict[str, Any]) -> None:
+                now = time.monotonic()
+                if "bytes_done" in changed and now - last[0] >= PROGRESS_INTERVAL:
+                    last[0] = now
+                    snap = job.snapshot()
+                    try:
+                        self.catalog.update_job(
+                            record.id,
+                            progress=min(snap.progress, 1.0),
+                            bytes_done=snap.bytes_done,
+                            bytes_total=snap.bytes_total,
+                        )
+                    except BlockguardError as exc:
+                        log.debug("progress of job %s not recorded: %s", record.id, exc)
+
+            job.subscribe(follow)
+            return work(progress, record.id)
+
+        def finished(job: Job) -> None:
+            try:
+                snap = job.snapshot()
+                if snap.state is JobState.DONE:
+                    self.catalog.finish_job(record.id, "done", result=_jsonable(snap.result))
+                else:
+                    self.catalog.finish_job(record.id, "failed", error=snap.error[1] or "failed")
+            except BlockguardError as exc:
+                log.error("job %s not recorded as finished: %s", record.id, exc)
+            finally:
+                self.release(volume)
+            if on_finish is not None:
+                on_finish(job)
+
+        job = self.runner.submit(kind, target, run, on_finish=finished)
+        with self._lock:
+            if volume in self._busy:
+                self._busy[volume] = job.id
+        self.events.emit(svc.JobAdded(job))
+        return job
+
+    def list(self) -> list[Job]:
+        return [*self.history, *self.runner.list()]
+
+    def get(self, job_id: int) -> Job | None:
+        for job in self.history:
+            if job.id == job_id:
+                return job
+        return self.runner.get(job_id)
+
+
+class JobProgress(Progress):
+    """The copy engine's progress, forwarded to the job."""
+
+    def __init__(self, report: ProgressReporter) -> None:
+        super().__init__()
+        self._report = report
+
+    def start(self, total: int | None = None) -> None:
+        super().start(total)
+        self._report(self.bytes_done, self.total)
+
+    def advance(self, nbytes: int) -> None:
+        super().advance(nbytes)
+        self._report(self.bytes_done, self.total)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)

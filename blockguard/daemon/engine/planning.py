@@ -1,0 +1,213 @@
+"""From the pool, the tracker and the catalog to the planner's and scheduler's inputs.
+
+This module gathers (the chain from the pool's manifests, the change sets from the
+tracker, the speeds from the performance table, the correction from measured restores)
+and calls the pure deciders of ``blockguard.core``; it decides nothing itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from blockguard.core.objectives import IntervalRPO, RecoveryObjectives, parse_objectives
+from blockguard.core.perftable import DeviceSpeed
+from blockguard.core.planner import PlanDecision, plan_backup
+from blockguard.core.restore_model import (
+    BackupMethod,
+    Chain,
+    ChangeSets,
+    RestoreSample,
+    StoredDelta,
+    bytes_restorable_within,
+    correction_factor,
+    what_if,
+)
+from blockguard.core.scheduler import ScheduleDecision, schedule
+from blockguard.errors import InvalidObjectives
+from blockguard.storage.manifest import Manifest
+from blockguard.storage.tracking import ChangeSet
+
+#: The keys a client may set; the values are kept as given (strings as typed).
+OBJECTIVE_KEYS = ("rpo", "rto", "restore_mode", "generations", "tz")
+#: Stand-in objectives for planning a volume that has none: no RTO, so the cheapest method.
+_NO_OBJECTIVES = RecoveryObjectives(rpo=IntervalRPO(timedelta(days=1)))
+
+
+def parse_given(given: Mapping[str, Any]) -> RecoveryObjectives:
+    """Objectives as a client gives them (see :data:`OBJECTIVE_KEYS`), validated.
+
+    :raises InvalidObjectives: naming the offending key or value.
+    """
+    if not isinstance(given, Mapping):
+        raise InvalidObjectives(detail=f"objectives {given!r} are not a dictionary")
+    unknown = sorted(set(given) - set(OBJECTIVE_KEYS))
+    if unknown:
+        raise InvalidObjectives(
+            detail=f"unknown keys {unknown}; known: {', '.join(OBJECTIVE_KEYS)}"
+        )
+    for key in ("rpo", "restore_mode", "tz"):
+        if key in given and not isinstance(given[key], str):
+            raise InvalidObjectives(detail=f"{key} {given[key]!r} must be text")
+    rto = given.get("rto")
+    if rto is not None and (isinstance(rto, bool) or not isinstance(rto, str | int | float)):
+        raise InvalidObjectives(detail=f"rto {rto!r} must be a duration such as 5m")
+    gens = given.get("generations")
+    if gens is not None and (isinstance(gens, bool) or not isinstance(gens, str | int)):
+        raise InvalidObjectives(detail=f"generations {gens!r} must be a whole number")
+    if isinstance(rto, int | float) and rto <= 0:
+        raise InvalidObjectives(detail=f"RTO {rto!r} must be positive")
+    return parse_objectives(
+        rpo=given.get("rpo") or None,
+        rto=str(rto) + "s" if isinstance(rto, int | float) else rto,
+        generations=gens,
+        restore_mode=given.get("restore_mode") or None,
+        tz=given.get("tz") or None,
+    )
+
+
+def clean_given(given: Mapping[str, Any]) -> dict[str, Any]:
+    """What is stored and shown: the given keys, with generations as an int."""
+    parsed = parse_given(given)
+    clean = {k: given[k] for k in OBJECTIVE_KEYS if given.get(k) not in (None, "")}
+    clean["generations"] = parsed.generations
+    clean["restore_mode"] = parsed.restore_mode.value
+    return clean
+
+
+@dataclass(frozen=True)
+class ChainView:
+    """What the pool holds of one volume, as the model sees it."""
+
+    chain: Chain | None
+    newest: Manifest | None
+    newest_full: Manifest | None
+
+
+def chain_view(manifests: Sequence[Manifest], device_of: Callable[[Manifest], str]) -> ChainView:
+    """The chain since the newest full (the manifests oldest first)."""
+    newest = manifests[-1] if manifests else None
+    fulls = [m for m in manifests if m.is_full]
+    if not fulls:
+        return ChainView(None, newest, None)
+    full = fulls[-1]
+    deltas = tuple(
+        StoredDelta(BackupMethod(m.kind.value), m.bytes_stored, device_of(m))
+        for m in manifests
+        if not m.is_full and m.base_id == full.generation_id
+    )
+    return ChainView(Chain(full.volume.size, device_of(full), deltas), newest, full)
+
+
+@dataclass
+class PlanInputs:
+    """Everything the planner and the scheduler need about one volume, gathered."""
+
+    view: ChainView
+    changes: ChangeSets
+    sets: dict[str, ChangeSet]
+    speeds: dict[str, DeviceSpeed]
+    candidates: list[str]
+    objectives: RecoveryObjectives | None
+    correction: float
+    copy_target: DeviceSpeed
+    lost_reason: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def correction_from(records: Sequence[Any]) -> float:
+    """The model's correction from catalog restore records (newest first)."""
+    samples = [
+        RestoreSample(r.predicted_seconds, r.measured_seconds)
+        for r in reversed(records)
+        if r.predicted_seconds is not None
+    ]
+    return correction_factor(samples)
+
+
+def decide(inputs: PlanInputs) -> PlanDecision:
+    return plan_backup(
+        inputs.view.chain,
+        inputs.changes,
+        inputs.speeds,
+        inputs.objectives or _NO_OBJECTIVES,
+        candidates=inputs.candidates,
+        copy_target=inputs.copy_target,
+        correction=inputs.correction,
+    )
+
+
+def estimates(inputs: PlanInputs) -> dict[str, float]:
+    """Method -> estimated restore seconds of the newest state after a backup of it now."""
+    objectives = inputs.objectives or _NO_OBJECTIVES
+    result = what_if(
+        inputs.view.chain,
+        inputs.changes,
+        inputs.candidates[0],
+        inputs.speeds,
+        objectives.restore_mode,
+        inputs.copy_target,
+        inputs.correction,
+    )
+    return {method.value: est.seconds for method, est in result.items()}
+
+
+def schedule_of(inputs: PlanInputs, now: datetime) -> ScheduleDecision | None:
+    """When the next backup is due, or None without objectives."""
+    objectives = inputs.objectives
+    if objectives is None:
+        return None
+    newest = inputs.view.newest
+    last = None if newest is None else datetime.fromtimestamp(newest.created, UTC)
+    restorable = None
+    if objectives.rpo is None and objectives.rto is not None:
+        restorable = bytes_restorable_within(
+            objectives.rto,
+            inputs.view.chain,
+            inputs.candidates[0],
+            inputs.speeds,
+            objectives.restore_mode,
+            inputs.copy_target,
+            inputs.correction,
+        )
+    return schedule(
+        objectives,
+        last_backup=last,
+        changed_bytes=inputs.changes.incremental_bytes if newest is not None else 0,
+        now=now,
+        restorable_bytes=restorable,
+    )
+
+
+def plan_dict(inputs: PlanInputs, now: datetime) -> dict[str, Any]:
+    """The answer of ``Plan``: method, reasons, estimates, feasibility, next backup."""
+    decision = decide(inputs)
+    reasons = list(decision.reasons)
+    if inputs.lost_reason:
+        reasons.insert(0, f"tracking not exact: {inputs.lost_reason}")
+    due = schedule_of(inputs, now)
+    next_backup = 0
+    if due is not None:
+        if due.due:
+            next_backup = int(now.timestamp())
+        elif due.next_due is not None:
+            next_backup = int(due.next_due.timestamp())
+    plan: dict[str, Any] = {
+        "method": decision.method.value,
+        "reasons": reasons,
+        "estimated_restore_seconds": estimates(inputs),
+        "estimated_bytes": decision.nbytes,
+        "estimated_seconds": decision.estimate.seconds,
+        "feasible": decision.feasible,
+        "next_backup": next_backup,
+        "device": decision.device_id,
+        "changed_bytes_since_backup": inputs.changes.incremental_bytes,
+        "changed_bytes_since_full": inputs.changes.differential_bytes,
+        "tracker_exact": inputs.changes.tracker_exact,
+        "schedule": "" if due is None else due.reason,
+    }
+    if decision.needed_rate is not None:
+        plan["needed_rate"] = decision.needed_rate
+    return plan

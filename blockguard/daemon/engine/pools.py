@@ -1,0 +1,385 @@
+"""Pools of the real service: registration (with a probe of each disk), reopening, state.
+
+The catalog remembers which disks make up which pool; the pool backend (``dir`` on XFS
+with reflink here, ``lvm`` where device-mapper exists) holds the data. At daemon start
+every pool is reopened from the catalog, which also removes the garbage a crash left;
+a pool whose disk is missing is opened on the disks that remain and marked degraded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from blockguard.core.catalog import Catalog, DeviceIdentity, PerfEntry
+from blockguard.core.perftable import DeviceSpeed
+from blockguard.daemon import service as svc
+from blockguard.daemon.engine.events import EventHub
+from blockguard.daemon.engine.ids import check_name
+from blockguard.daemon.engine.settings import Settings
+from blockguard.errors import (
+    AlreadyExists,
+    BlockguardError,
+    Busy,
+    DeviceInUse,
+    EnvironmentProblem,
+    InvalidInput,
+    NotABlockDevice,
+    NotFound,
+)
+from blockguard.storage.blockdev import BlockDevice, device_rdev, mounted_devnos
+from blockguard.storage.manifest import Manifest
+from blockguard.storage.pool.base import PoolBackend, SpaceAlert
+from blockguard.storage.pool.dirpool import MIN_DEVICE_SIZE, DirPool
+from blockguard.storage.pool.registration import refuse_unless_free
+from blockguard.storage.runner import Runner
+
+log = logging.getLogger(__name__)
+
+POOL_BACKENDS = ("dir", "lvm")
+
+
+def lvm_backend_available() -> bool:
+    """The lvm pool backend needs its module (being written) and device-mapper."""
+    if not os.path.exists("/dev/mapper/control"):
+        return False
+    try:
+        importlib.import_module("blockguard.storage.pool.lvmpool")
+    except ImportError:
+        return False
+    return True
+
+
+def _block_device(path: object) -> str:
+    """:raises NotABlockDevice: unless ``path`` is an absolute path of a block device."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise NotABlockDevice(str(path), "not an absolute path")
+    with BlockDevice(path):
+        pass
+    return path
+
+
+def _describe(path: str) -> tuple[str | None, Callable[..., object] | None]:
+    """A stable identity of the disk, and the probe function (None if not installed)."""
+    try:
+        probe = importlib.import_module("blockguard.storage.probe")
+    except ImportError:
+        return None, None
+    try:
+        return probe.describe_device(path).device_id, probe.probe_device
+    except BlockguardError as exc:
+        log.warning("cannot describe %s: %s", path, exc)
+        return None, probe.probe_device
+
+
+class PoolRegistry:
+    """The pools of one daemon (thread-safe under the service's lock).
+
+    :param catalog: where pools and their disks are remembered.
+    :param settings: mount root, probe duration, default speed.
+    :param events: where PoolChanged and PoolSpaceLow go.
+    :param cmd: the runner for mkfs/mount/losetup.
+    """
+
+    def __init__(self, catalog: Catalog, settings: Settings, events: EventHub, cmd: Runner) -> None:
+        self.catalog = catalog
+        self.settings = settings
+        self.events = events
+        self.cmd = cmd
+        self.lock = threading.RLock()
+        self.open_pools: dict[str, PoolBackend] = {}
+
+    # --- life cycle -------------------------------------------------------------------
+
+    def open_all(self) -> list[str]:
+        """Reopen every pool of the catalog (garbage is collected on the way)."""
+        opened = []
+        for pool in self.catalog.list_pools():
+            devices = self.catalog.list_pool_devices(pool.name)
+            present, missing = [], []
+            for dev in devices:
+                try:
+                    _block_device(dev.device_path)
+                    present.append(dev.device_path)
+                except BlockguardError:
+                    missing.append(dev.device_path)
+            for path in missing:
+                self.catalog.set_pool_device_state(path, "missing")
+            try:
+                backend = DirPool.open(
+                    pool.name, present, self.settings.mount_root, runner=self.cmd, alert=self._alert
+                )
+            except BlockguardError as exc:
+                log.error("cannot open pool %s: %s", pool.name, exc, extra={"POOL": pool.name})
+                self.catalog.set_pool_state(pool.name, "missing", str(exc))
+                continue
+            self.open_pools[pool.name] = backend
+            if missing:
+                self.catalog.set_pool_state(
+                    pool.name, "degraded", f"missing disks: {', '.join(missing)}"
+                )
+            opened.append(pool.name)
+        return opened
+
+    def close(self) -> None:
+        """Close every pool and unmount the areas under our mount root."""
+        with self.lock:
+            for name, backend in list(self.open_pools.items()):
+                with contextlib.suppress(BlockguardError):
+                    self._close_backend(name, backend)
+            self.open_pools.clear()
+
+    def _close_backend(self, name: str, backend: PoolBackend) -> None:
+        areas = [Path(d.area) for d in backend.devices()]
+        backend.close()
+        # A daemon that restarted after a crash adopted the mounts of its predecessor;
+        # it unmounts them on a clean stop like the ones it made itself.
+        root = self.settings.mount_root.resolve()
+        mounted = set(mounted_devnos().values())
+        for area in areas:
+            if area.resolve().is_relative_to(root) and str(area) in mounted:
+                self.cmd.run(["umount", str(area)], timeout=120, check=False)
+
+    # --- registration ---------------------------------------------------------------
+
+    def _check_new_devices(
+        self, devices: Sequence[str], protected: Sequence[str], force: bool
+    ) -> None:
+        if not isinstance(devices, list | tuple) or not devices:
+            raise InvalidInput(detail="give at least one pool device")
+        if len(set(devices)) != len(devices):
+            raise InvalidInput(detail="a device is listed twice")
+        rdevs = {}
+        for path in devices:
+            _block_device(path)
+            rdevs[path] = device_rdev(path)
+        if len(set(rdevs.values())) != len(rdevs):
+            raise InvalidInput(detail="two of the paths given are the same device")
+        for dev in self.catalog.list_pool_devices():
+            for path, rdev in rdevs.items():
+                with contextlib.suppress(BlockguardError):
+                    if dev.device_path == path or device_rdev(dev.device_path) == rdev:
+                        raise DeviceInUse(path=path, reason=f"it is a disk of pool {dev.pool}")
+        for path in devices:
+            refuse_unless_free(
+                path, protected=protected, min_size=MIN_DEVICE_SIZE, force=force, runner=self.cmd
+            )
+
+    def _measure(self, path: str) -> tuple[str, DeviceSpeed | None]:
+        """Identity key and, unless probing is off, the measured speed of a free disk."""
+        with BlockDevice(path) as dev:
+            ident = dev.identity
+        serial, probe = _describe(path)
+        key = DeviceIdentity(ident.major, ident.minor, ident.size, serial).key
+        if probe is None or self.settings.probe_seconds <= 0:
+            return key, None
+        writable = importlib.import_module("blockguard.storage.probe").WritableRegion
+        # The disk passed the registration checks and is about to be formatted: writing
+        # anywhere on it harms nothing.
+        region = writable(0, min(ident.size, 256 << 20) // (1 << 20) * (1 << 20))
+        try:
+            result = probe(
+                path,
+                writable=region,
+                duration=self.settings.probe_seconds,
+                depths=(1, 4),
+                expect_rdev=os.makedev(ident.major, ident.minor),
+            )
+            return key, result.speed()  # type: ignore[attr-defined]
+        except BlockguardError as exc:
+            log.warning("probe of %s failed (%s); using the default speed", path, exc)
+            return key, None
+
+    def _record_device(
+        self, pool: str, path: str, area_size: int, measured: tuple[str, DeviceSpeed | None]
+    ) -> None:
+        with BlockDevice(path) as dev:
+            ident = dev.identity
+        key, speed = measured
+        serial = key.removeprefix("serial:") if key.startswith("serial:") else None
+        self.catalog.add_pool_device(
+            pool, path, DeviceIdentity(ident.major, ident.minor, ident.size, serial), area_size
+        )
+        if speed is not None:
+            self.catalog.upsert_perf(
+                PerfEntry(
+                    device_key=key,
+                    kind="pool",
+                    measured_at=time.time(),
+                    source="probe",
+                    device_path=path,
+                    capacity=ident.size,
+                    seq_read=speed.seq_read,
+                    seq_write=speed.seq_write,
+                    rand_read=speed.rand_read,
+                    rand_write=speed.rand_write,
+                    chunk_size=speed.chunk_size,
+                )
+            )
+
+    def create(
+        self, name: str, backend: str, devices: Sequence[str], force: bool, protected: list[str]
+    ) -> svc.PoolInfo:
+        check_name("pool", name)
+        backend = backend or ("lvm" if lvm_backend_available() else "dir")
+        if backend not in POOL_BACKENDS:
+            raise InvalidInput(detail=f"pool backend {backend!r} is not one of {POOL_BACKENDS}")
+        if backend == "lvm":
+            raise EnvironmentProblem(
+                detail="the lvm pool backend needs device-mapper and its module; "
+                "use the dir backend on this host"
+            )
+        with self.lock:
+            if any(p.name == name for p in self.catalog.list_pools()):
+                raise AlreadyExists(what="pool", name=name)
+            self._check_new_devices(devices, protected, force)
+            measured = {path: self._measure(path) for path in devices}
+            pool = DirPool.create(
+                name,
+                devices[0],
+                self.settings.mount_root,
+                protected=protected,
+                force=force,
+                runner=self.cmd,
+                alert=self._alert,
+            )
+            try:
+                for path in devices[1:]:
+                    pool.add_device(path, protected=protected, force=force)
+                with self.catalog.transaction():
+                    self.catalog.add_pool(name, "dir", str(self.settings.mount_root / name))
+                    for dev in pool.devices():
+                        self._record_device(name, dev.path, dev.size, measured[dev.path])
+            except BaseException:
+                self._close_backend(name, pool)
+                raise
+            self.open_pools[name] = pool
+        self.events.emit(svc.PoolChanged(name))
+        return self.info(name)
+
+    def extend(
+        self, name: str, devices: Sequence[str], force: bool, protected: list[str]
+    ) -> svc.PoolInfo:
+        with self.lock:
+            pool = self.backend(name)
+            self._check_new_devices(devices, protected, force)
+            measured = {path: self._measure(path) for path in devices}
+            for path in devices:
+                dev = pool.add_device(path, protected=protected, force=force)
+                self._record_device(name, dev.path, dev.size, measured[path])
+        self.events.emit(svc.PoolChanged(name))
+        return self.info(name)
+
+    def remove(self, name: str) -> None:
+        """Forget a pool (its volumes must be gone) and unmount it; the data stays on disk."""
+        with self.lock:
+            self.catalog.get_pool(name)
+            with self.catalog.transaction():
+                for dev in self.catalog.list_pool_devices(name):
+                    self.catalog.remove_pool_device(name, dev.device_path)
+                self.catalog.remove_pool(name)
+            backend = self.open_pools.pop(name, None)
+            if backend is not None:
+                self._close_backend(name, backend)
+        self.events.emit(svc.PoolRemoved(name))
+
+    # --- queries --------------------------------------------------------------------
+
+    def backend(self, name: str) -> PoolBackend:
+        """:raises NotFound: no such pool; :raises EnvironmentProblem: it could not be opened."""
+        pool = self.catalog.get_pool(name)
+        backend = self.open_pools.get(name)
+        if backend is None:
+            raise EnvironmentProblem(
+                detail=f"pool {name} is not available ({pool.state}: {pool.state_reason})"
+            )
+        return backend
+
+    def names(self) -> list[str]:
+        return [p.name for p in self.catalog.list_pools()]
+
+    def device_paths(self) -> list[str]:
+        return [d.device_path for d in self.catalog.list_pool_devices()]
+
+    def speed_of(self, device_path: str) -> tuple[DeviceSpeed, bool]:
+        """The speed of a pool disk and whether it was measured (else the default)."""
+        for dev in self.catalog.list_pool_devices():
+            if dev.device_path == device_path:
+                entry = self.catalog.get_perf(dev.identity.key, "pool")
+                figures = (
+                    None
+                    if entry is None
+                    else (entry.seq_read, entry.seq_write, entry.rand_read, entry.rand_write)
+                )
+                if figures is not None and all(f for f in figures):
+                    return DeviceSpeed(*figures, chunk_size=entry.chunk_size or 65536), True  # type: ignore[arg-type,union-attr]
+        return DeviceSpeed.uniform(self.settings.default_speed), False
+
+    def speeds(self, pool: str) -> dict[str, DeviceSpeed]:
+        """Pool disk path -> speed, for the restore-time model."""
+        return {
+            d.device_path: self.speed_of(d.device_path)[0]
+            for d in self.catalog.list_pool_devices(pool)
+            if d.state == "ok"
+        }
+
+    def device_of(self, pool: str, manifest: Manifest) -> str:
+        """The pool disk a generation is stored on."""
+        backend = self.backend(pool)
+        for dev in backend.devices():
+            gen_dir = Path(dev.area) / "volumes" / manifest.volume.name / manifest.generation_id
+            if gen_dir.is_dir():
+                return dev.path
+        devices = backend.devices()
+        if not devices:
+            raise EnvironmentProblem(detail=f"pool {pool} has no devices")
+        return devices[0].path
+
+    def info(self, name: str) -> svc.PoolInfo:
+        pool = self.catalog.get_pool(name)
+        backend = self.open_pools.get(name)
+        devices = []
+        for dev in self.catalog.list_pool_devices(name):
+            speed, measured = self.speed_of(dev.device_path)
+            perf = {
+                "seq_read_bps": speed.seq_read,
+                "seq_write_bps": speed.seq_write,
+                "rand_read_bps": speed.rand_read,
+                "rand_write_bps": speed.rand_write,
+                "measured": 1.0 if measured else 0.0,
+            }
+            devices.append(svc.PoolDeviceInfo(dev.device_path, dev.identity.size, dev.state, perf))
+        capacity = free = 0
+        if backend is not None:
+            with contextlib.suppress(OSError, BlockguardError):
+                cap = backend.capacity()
+                capacity, free = cap.total, cap.free
+        return svc.PoolInfo(name, pool.backend, tuple(devices), capacity, free, pool.state)
+
+    # --- events ---------------------------------------------------------------------
+
+    def _alert(self, alert: SpaceAlert) -> None:
+        self.events.emit(svc.PoolSpaceLow(alert.pool, alert.free, alert.needed))
+
+    def device_vanished(self, device: str) -> None:
+        with self.lock:
+            for dev in self.catalog.list_pool_devices():
+                if dev.device_path == device and dev.state == "ok":
+                    self.catalog.set_pool_device_state(device, "missing")
+                    self.catalog.set_pool_state(dev.pool, "degraded", f"disk {device} vanished")
+                    self.events.emit(svc.PoolChanged(dev.pool))
+
+    def require_known(self, name: str) -> None:
+        """:raises NotFound: no such pool."""
+        if name not in self.names():
+            raise NotFound(what="pool", name=name)
+
+    def refuse_if_used(self, name: str, users: list[str]) -> None:
+        if users:
+            raise Busy(what=f"pool {name}", reason=f"it holds volumes {', '.join(users)}")

@@ -1,0 +1,105 @@
+"""The scheduler loop: looks at every volume now and then and starts the backups due.
+
+The decisions are :mod:`blockguard.core.scheduler`'s: on the RPO interval, at the daily
+hour, when the changes reach the RPO amount or (with only an RTO) what can still be
+restored in time. Runs missed while the daemon was down collapse into one (the decision
+is computed from the last backup's time). No volume gets a second job while one runs.
+A group starts only when no member is busy, all members at once: with device-mapper the
+point-in-time copies are taken back to back; on the host (scan tracking, no snapshots)
+"one point in time" holds only as far as the caller keeps the members quiet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from blockguard.core.scheduler import (
+    ScheduleDecision,
+    group_schedule,
+    group_startable,
+    startable,
+)
+from blockguard.daemon.engine.volumes import VolumeRegistry
+from blockguard.errors import BlockguardError
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """See the module docstring.
+
+    :param volumes: the volumes (their refresh computes each one's schedule decision).
+    :param start_backup: starts a backup job of a volume (raises Busy if one runs).
+    :param busy: the volumes with a job queued or running.
+    :param interval: seconds between two looks.
+    """
+
+    def __init__(
+        self,
+        volumes: VolumeRegistry,
+        start_backup: Callable[[str], object],
+        busy: Callable[[], set[str]],
+        interval: float,
+    ) -> None:
+        self.volumes = volumes
+        self.start_backup = start_backup
+        self.busy = busy
+        self.interval = interval
+
+    def decisions(self) -> dict[str, ScheduleDecision]:
+        """Each volume's decision now (volumes without objectives are left out)."""
+        result = {}
+        running = self.busy()
+        for vol in self.volumes.catalog.list_volumes():
+            if vol.name in running:
+                continue
+            try:
+                self.volumes.refresh(vol.name)
+            except BlockguardError as exc:
+                log.warning("cannot schedule %s: %s", vol.name, exc, extra={"VOLUME": vol.name})
+                continue
+            due = self.volumes.last_due.get(vol.name)
+            if due is not None:
+                result[vol.name] = due
+        return result
+
+    def tick(self) -> list[str]:
+        """Start the backups that are due; returns the volumes started."""
+        decisions = self.decisions()
+        running = self.busy()
+        groups: dict[str, list[str]] = {}
+        solo = []
+        for vol in self.volumes.catalog.list_volumes():
+            if vol.group is not None:
+                groups.setdefault(vol.group, []).append(vol.name)
+            elif vol.name in decisions and decisions[vol.name].due:
+                solo.append(vol.name)
+        chosen = startable(solo, running)
+        for _group, members in sorted(groups.items()):
+            mine = {m: decisions[m] for m in members if m in decisions}
+            if mine and group_schedule(mine).due and group_startable(members, running):
+                chosen.extend(members)
+        started = []
+        for name in chosen:
+            reason = decisions[name].reason if name in decisions else "group member"
+            try:
+                self.start_backup(name)
+            except BlockguardError as exc:
+                log.warning("scheduled backup of %s not started: %s", name, exc)
+                continue
+            log.info("scheduled backup of %s: %s", name, reason, extra={"VOLUME": name})
+            started.append(name)
+        return started
+
+    async def run(self) -> None:
+        """Tick every :attr:`interval` seconds until cancelled (0: never)."""
+        if self.interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await asyncio.to_thread(self.tick)
+            except Exception:
+                log.exception("scheduler tick failed")

@@ -1,0 +1,67 @@
+"""Tunables of the real service, read once from the environment when the daemon starts.
+
+Defaults are what a production daemon wants; tests (and slow or fast hosts) override them:
+
+``BLOCKGUARD_PROBE_SECONDS``
+    seconds per probe test when a pool disk is registered (default 1); ``0`` skips the
+    probe and uses the unmeasured default entry below.
+``BLOCKGUARD_DEFAULT_SPEED``
+    bytes/s assumed for every figure of a device that was not measured (default 100 MB/s).
+``BLOCKGUARD_SCHEDULER_INTERVAL``
+    seconds between two looks of the scheduler (default 30); ``0`` turns it off.
+``BLOCKGUARD_MOUNT_ROOT``
+    where pool areas are mounted (default ``STATE_DIR/pools``).
+``BLOCKGUARD_TEST_BACKUP_DELAY``
+    test hook: seconds to sleep after each extent a backup writes (makes a backup slow
+    enough to be killed in the middle).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from blockguard.errors import InvalidInput
+
+
+def _number(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "")
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidInput(detail=f"{name}={raw!r} is not a number") from None
+    if value < 0:
+        raise InvalidInput(detail=f"{name}={raw!r} is negative")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """See the module docstring for what each field means."""
+
+    state_dir: Path
+    mount_root: Path
+    probe_seconds: float = 1.0
+    default_speed: float = 100e6
+    scheduler_interval: float = 30.0
+    backup_delay: float = 0.0
+
+    @classmethod
+    def from_env(cls, state_dir: Path, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        state_dir = Path(state_dir)
+        speed = _number(env, "BLOCKGUARD_DEFAULT_SPEED", 100e6)
+        if speed <= 0:
+            raise InvalidInput(detail="BLOCKGUARD_DEFAULT_SPEED must be positive")
+        return cls(
+            state_dir=state_dir,
+            mount_root=Path(env.get("BLOCKGUARD_MOUNT_ROOT") or state_dir / "pools"),
+            probe_seconds=_number(env, "BLOCKGUARD_PROBE_SECONDS", 1.0),
+            default_speed=speed,
+            scheduler_interval=_number(env, "BLOCKGUARD_SCHEDULER_INTERVAL", 30.0),
+            backup_delay=_number(env, "BLOCKGUARD_TEST_BACKUP_DELAY", 0.0),
+        )

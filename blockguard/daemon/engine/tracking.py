@@ -1,0 +1,305 @@
+"""Change tracking of one protected volume, tied to the generations it describes.
+
+Each volume has a :class:`~blockguard.storage.tracking.ChangeTracker` (thin for LVM thin
+volumes, era for other block devices when device-mapper is available, scan otherwise) in
+``STATE_DIR/volumes/NAME/tracker``, and ``roles.json`` beside it saying which tracker
+reference stands for which generation: ``last-backup`` (the newest generation) and
+``last-full`` (the newest full). The roles file is written after the pool committed the
+generation and after the tracker holds the new reference, so after a crash anywhere a
+role either still names the generation its reference describes, or it names an older one
+than the pool's newest — then the role is not trusted and the next backup is a full.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from blockguard.errors import (
+    BlockguardError,
+    CorruptMetadata,
+    EnvironmentProblem,
+    InvalidInput,
+    NotFound,
+)
+from blockguard.storage.manifest import write_atomic
+from blockguard.storage.runner import Runner
+from blockguard.storage.tracking import ChangeSet, ChangeTracker, ChunkHashes
+from blockguard.storage.tracking.scan import ScanTracker
+
+log = logging.getLogger(__name__)
+
+TRACKING_BACKENDS = ("scan", "era", "thin")
+ROLES_FILE = "roles.json"
+LAST_BACKUP = "last-backup"
+LAST_FULL = "last-full"
+
+
+def dm_targets(cmd: Runner) -> set[str]:
+    """The device-mapper targets the kernel offers (empty without device-mapper)."""
+    if not os.path.exists("/dev/mapper/control"):
+        return set()
+    try:
+        out = cmd.run(["dmsetup", "targets"], timeout=30, check=False)
+    except BlockguardError:
+        return set()
+    if out.returncode != 0:
+        return set()
+    return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
+
+
+def _thin_lv(device: str, cmd: Runner) -> tuple[str, str] | None:
+    """``(vg, lv)`` if ``device`` is an LVM thin volume."""
+    try:
+        out = cmd.run(
+            ["lvs", "--noheadings", "-o", "vg_name,lv_name,segtype", device],
+            timeout=30,
+            check=False,
+        )
+    except BlockguardError:
+        return None
+    fields = out.stdout.split()
+    if out.returncode == 0 and len(fields) == 3 and fields[2] == "thin":
+        return fields[0], fields[1]
+    return None
+
+
+def choose_backend(device: str, asked: str | None, cmd: Runner) -> str:
+    """The tracking backend for ``device``: as asked, or thin > era > scan by availability.
+
+    :raises InvalidInput: an unknown backend.
+    :raises EnvironmentProblem: era or thin asked where device-mapper cannot provide it.
+    """
+    if asked is not None and asked not in TRACKING_BACKENDS:
+        raise InvalidInput(
+            detail=f"tracking backend {asked!r} is not one of {', '.join(TRACKING_BACKENDS)}"
+        )
+    if asked == "scan":
+        return asked
+    targets = dm_targets(cmd)
+    if asked == "era" and "era" not in targets:
+        raise EnvironmentProblem(
+            detail="the era tracking backend needs device-mapper with the era target, "
+            "which this kernel does not offer; use scan"
+        )
+    if asked == "thin" and _thin_lv(device, cmd) is None:
+        raise InvalidInput(detail=f"{device} is not an LVM thin volume: thin tracking needs one")
+    if asked is not None:
+        return asked
+    if "thin" in targets and _thin_lv(device, cmd) is not None:
+        return "thin"
+    return "era" if "era" in targets else "scan"
+
+
+@dataclass(frozen=True)
+class Role:
+    """A tracker reference and the generation (pool id) whose content it describes."""
+
+    ref: str
+    generation: str
+
+
+@dataclass
+class PointInTime:
+    """What a backup reads, and the tracker reference it becomes once committed."""
+
+    source: str
+    ref: str
+
+
+class VolumeTracking:
+    """A volume's tracker and its roles (see the module docstring).
+
+    :param directory: ``STATE_DIR/volumes/NAME``.
+    :param tracker: the opened tracker.
+    """
+
+    def __init__(self, directory: Path, tracker: ChangeTracker) -> None:
+        self.directory = directory
+        self.tracker = tracker
+
+    @property
+    def backend(self) -> str:
+        return self.tracker.backend
+
+    # --- creating and opening ------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        directory: Path,
+        device: str,
+        backend: str,
+        chunk_size: int,
+        cmd: Runner,
+        era_metadata: str | None = None,
+    ) -> VolumeTracking:
+        """Start tracking ``device`` (nothing has to be undone if this raises)."""
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        state = directory / "tracker"
+        tracker: ChangeTracker
+        if backend == "scan":
+            tracker = ScanTracker(device, state, chunk_size)
+        elif backend == "era":
+            from blockguard.storage.tracking.era import EraTracker
+
+            if era_metadata is None:
+                raise EnvironmentProblem(detail="era tracking needs metadata space on the pool")
+            tracker = EraTracker.protect(
+                device, era_metadata, state, chunk_size, name=directory.name, runner=cmd
+            )
+        else:
+            from blockguard.storage.tracking.thin import ThinTracker
+
+            vg_lv = _thin_lv(device, cmd)
+            if vg_lv is None:
+                raise InvalidInput(detail=f"{device} is not an LVM thin volume")
+            tracker = ThinTracker.protect(vg_lv[0], vg_lv[1], state, chunk_size, runner=cmd)
+        tracking = cls(directory, tracker)
+        tracking.save_roles({})
+        return tracking
+
+    @classmethod
+    def open(
+        cls, directory: Path, device: str, backend: str, chunk_size: int, cmd: Runner
+    ) -> VolumeTracking:
+        """Continue tracking after a daemon restart; references no role names are dropped
+        (a crash between a tracker update and the roles file leaves such orphans)."""
+        state = directory / "tracker"
+        tracker: ChangeTracker
+        if backend == "scan":
+            tracker = ScanTracker(device, state, chunk_size)
+        elif backend == "era":
+            from blockguard.storage.tracking.era import EraTracker
+
+            tracker = EraTracker.open(state, cmd)
+        elif backend == "thin":
+            from blockguard.storage.tracking.thin import ThinTracker
+
+            tracker = ThinTracker.open(state, cmd)
+        else:
+            raise CorruptMetadata(what=f"volume state {directory}", detail=f"backend {backend}")
+        tracking = cls(directory, tracker)
+        tracking.drop_orphans()
+        return tracking
+
+    def remove(self) -> None:
+        """Stop tracking and delete the state (dm devices of era are taken away)."""
+        detach = getattr(self.tracker, "detach", None)
+        if detach is not None:
+            try:
+                detach()
+            except BlockguardError as exc:
+                log.warning("detaching the tracker of %s: %s", self.directory.name, exc)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    # --- roles ----------------------------------------------------------------------
+
+    def roles(self) -> dict[str, Role]:
+        path = self.directory / ROLES_FILE
+        try:
+            doc = json.loads(path.read_text())
+            return {k: Role(v["ref"], v["generation"]) for k, v in doc["roles"].items()}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("roles of %s are unreadable (%s): a full backup follows", path, exc)
+            return {}
+
+    def save_roles(self, roles: dict[str, Role]) -> None:
+        doc = {"format": 1, "roles": {k: vars(v) for k, v in sorted(roles.items())}}
+        write_atomic(self.directory / ROLES_FILE, json.dumps(doc, indent=1).encode())
+
+    def drop_orphans(self) -> None:
+        used = {r.ref for r in self.roles().values()}
+        for ref in self.tracker.references():
+            if ref not in used:
+                try:
+                    self.tracker.drop_reference(ref)
+                except BlockguardError as exc:
+                    log.warning("dropping reference %s: %s", ref, exc)
+
+    def trusted(self, newest: str | None, newest_full: str | None) -> tuple[dict[str, str], str]:
+        """Role -> reference for the roles that describe the pool's newest generations.
+
+        :returns: the trusted roles and, if one is not, why (for TrackingLost).
+        """
+        roles = self.roles()
+        refs = set(self.tracker.references())
+        trusted: dict[str, str] = {}
+        problems = []
+        for role, want in ((LAST_BACKUP, newest), (LAST_FULL, newest_full)):
+            have = roles.get(role)
+            if want is None:
+                continue
+            if have is None or have.ref not in refs:
+                problems.append(f"no tracker reference for {role} ({want})")
+            elif have.generation != want:
+                problems.append(
+                    f"{role} reference describes generation {have.generation}, "
+                    f"the pool's is {want} (interrupted backup)"
+                )
+            else:
+                trusted[role] = have.ref
+        state = self.tracker.state()
+        if not state.is_exact:
+            problems.append(state.reason)
+            trusted = {}
+        return trusted, "; ".join(problems)
+
+    def change_sets(self, refs: dict[str, str]) -> dict[str, ChangeSet]:
+        """Role -> chunks changed since its reference (one read for the scan backend)."""
+        by_ref = self.tracker.changed_many(sorted(set(refs.values())))
+        return {role: by_ref[ref] for role, ref in refs.items()}
+
+    # --- a backup's point in time ----------------------------------------------------
+
+    def begin_point(self, device: str, serial: int) -> PointInTime:
+        """Start a backup: the source to read and the name of the reference it becomes.
+
+        scan: the volume itself (no snapshot without device-mapper: the content is
+        consistent only if nobody writes during the backup); era: the volume after a
+        suspend/resume that starts a new era; thin: a thin snapshot taken now.
+        """
+        ref = f"b{serial}"
+        if self.backend == "era":
+            with self.tracker.point_in_time():  # type: ignore[attr-defined]
+                pass
+        elif self.backend == "thin":
+            self.tracker.add_reference(ref, replace=True)
+            return PointInTime(self.tracker.reference_device(ref), ref)  # type: ignore[attr-defined]
+        return PointInTime(device, ref)
+
+    def commit_point(
+        self, point: PointInTime, generation: str, full: bool, hashes: ChunkHashes | None
+    ) -> None:
+        """After the pool committed ``generation``: the point becomes its reference."""
+        if self.backend == "scan":
+            self.tracker.add_reference(point.ref, replace=True, hashes=hashes)  # type: ignore[call-arg]
+        elif self.backend == "era":
+            self.tracker.commit_reference(point.ref, replace=True)  # type: ignore[attr-defined]
+        roles = self.roles()
+        roles[LAST_BACKUP] = Role(point.ref, generation)
+        if full:
+            roles[LAST_FULL] = Role(point.ref, generation)
+        self.save_roles(roles)
+        self.drop_orphans()
+
+    def abort_point(self, point: PointInTime) -> None:
+        if point.ref in self.tracker.references() and point.ref not in {
+            r.ref for r in self.roles().values()
+        }:
+            try:
+                self.tracker.drop_reference(point.ref)
+            except (BlockguardError, NotFound) as exc:
+                log.warning("dropping reference %s: %s", point.ref, exc)
+
+    def stored_hashes(self, ref: str) -> ChunkHashes | None:
+        """The content hashes of a scan reference (None for other backends)."""
+        if isinstance(self.tracker, ScanTracker):
+            return self.tracker.stored_hashes(ref)
+        return None

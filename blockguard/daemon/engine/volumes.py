@@ -1,0 +1,369 @@
+"""Protected volumes of the real service: protect, objectives, and what clients see.
+
+A volume's :class:`~blockguard.daemon.service.VolumeInfo` is recomputed (the tracker
+asked for its change sets, the planner for its choice) when something changed — a
+backup, new objectives, a scheduler tick, an explicit ``Plan`` — and kept, so reads are
+quick. The catalog's generation rows are kept in step with the pool's manifests.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from blockguard.core.catalog import Catalog, DeviceIdentity
+from blockguard.core.perftable import DeviceSpeed
+from blockguard.core.restore_model import ChangeSets
+from blockguard.core.scheduler import ScheduleDecision
+from blockguard.daemon import service as svc
+from blockguard.daemon.engine import ids
+from blockguard.daemon.engine.events import EventHub
+from blockguard.daemon.engine.planning import (
+    PlanInputs,
+    chain_view,
+    clean_given,
+    correction_from,
+    parse_given,
+    plan_dict,
+    schedule_of,
+)
+from blockguard.daemon.engine.pools import PoolRegistry
+from blockguard.daemon.engine.settings import Settings
+from blockguard.daemon.engine.tracking import LAST_BACKUP, LAST_FULL, VolumeTracking, choose_backend
+from blockguard.errors import (
+    AlreadyExists,
+    BlockguardError,
+    EnvironmentProblem,
+    InvalidInput,
+    NotFound,
+    TrackingLost,
+)
+from blockguard.storage.blockdev import BlockDevice
+from blockguard.storage.manifest import Manifest
+from blockguard.storage.runner import Runner
+from blockguard.storage.tracking import DEFAULT_CHUNK_SIZE, check_protectable, validate_chunk_size
+
+log = logging.getLogger(__name__)
+
+
+def manifest_row(m: Manifest) -> dict[str, Any]:
+    """A pool manifest as the catalog's ``rebuild_generations`` reads it."""
+    vol = m.volume.name
+    return {
+        "id": ids.catalog_id(vol, m.generation_id),
+        "kind": m.kind.value,
+        "created": m.created,
+        "base": None if m.base_id is None else ids.catalog_id(vol, m.base_id),
+        "parent": None if m.parent_id is None else ids.catalog_id(vol, m.parent_id),
+        "bytes_stored": m.bytes_stored,
+        "chunks": len(m.stored_chunks()) if not m.is_full else m.chunks,
+        "location": {"pool_id": m.generation_id},
+        "manifest_checksum": m.checksum_digest or None,
+    }
+
+
+class VolumeRegistry:
+    """The protected volumes of one daemon; see the module docstring."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        pools: PoolRegistry,
+        settings: Settings,
+        events: EventHub,
+        cmd: Runner,
+    ) -> None:
+        self.catalog = catalog
+        self.pools = pools
+        self.settings = settings
+        self.events = events
+        self.cmd = cmd
+        self.lock = threading.RLock()
+        self.tracking: dict[str, VolumeTracking] = {}
+        self.cache: dict[str, svc.VolumeInfo] = {}
+        self.lost: dict[str, str] = {}
+        self.corrupt: set[str] = set()
+        self.last_plan: dict[str, dict[str, Any]] = {}
+        self.last_due: dict[str, ScheduleDecision | None] = {}
+
+    def directory(self, name: str) -> Path:
+        return self.settings.state_dir / "volumes" / name
+
+    # --- life cycle -------------------------------------------------------------------
+
+    def open_all(self) -> list[str]:
+        """Reopen every volume's tracker (tracking continues) and sync its generations."""
+        active = []
+        for vol in self.catalog.list_volumes():
+            try:
+                self.tracking[vol.name] = VolumeTracking.open(
+                    self.directory(vol.name),
+                    vol.device_path,
+                    vol.tracker_backend,
+                    vol.chunk_size,
+                    self.cmd,
+                )
+                active.append(vol.name)
+            except BlockguardError as exc:
+                log.error("tracking of %s cannot continue: %s", vol.name, exc)
+                self.lost[vol.name] = str(exc)
+            try:
+                self.sync_generations(vol.name)
+                self.refresh(vol.name)
+            except BlockguardError as exc:
+                log.error("volume %s: %s", vol.name, exc, extra={"VOLUME": vol.name})
+                self.cache[vol.name] = self.bare_info(vol.name, str(exc))
+        return active
+
+    # --- protect ----------------------------------------------------------------------
+
+    def protect(
+        self, device: str, name: str, chunk_size: int | None, backend: str | None
+    ) -> svc.VolumeInfo:
+        ids.check_name("volume", name)
+        chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+        validate_chunk_size(chunk)
+        if not isinstance(device, str) or not device.startswith("/"):
+            raise InvalidInput(detail=f"device {device!r} must be an absolute path")
+        with self.lock:
+            if any(v.name == name for v in self.catalog.list_volumes()):
+                raise AlreadyExists(what="volume", name=name)
+            pools = self.pools.names()
+            if not pools:
+                raise InvalidInput(detail="there is no pool to back up into; create one first")
+            protected = [v.device_path for v in self.catalog.list_volumes()]
+            size = check_protectable(device, self.pools.device_paths(), protected, chunk)
+            chosen = choose_backend(device, backend, self.cmd)
+            pool = pools[0]
+            with BlockDevice(device) as dev:
+                ident = dev.identity
+            directory = self.directory(name)
+            tracking = VolumeTracking.create(directory, device, chosen, chunk, self.cmd)
+            try:
+                self.catalog.add_volume(
+                    name,
+                    device,
+                    DeviceIdentity(ident.major, ident.minor, size),
+                    chunk_size=chunk,
+                    tracker_backend=chosen,
+                    pool=pool,
+                )
+            except BaseException:
+                tracking.remove()
+                raise
+            self.tracking[name] = tracking
+            self.sync_generations(name)
+            info = self.refresh(name)
+        log.info("protecting %s as %s (%s tracking)", device, name, chosen, extra={"VOLUME": name})
+        return info
+
+    def unprotect(self, name: str) -> None:
+        with self.lock:
+            self.catalog.get_volume(name)
+            self.catalog.remove_volume(name, drop_generations=True)
+            tracking = self.tracking.pop(name, None)
+            if tracking is not None:
+                tracking.remove()
+            self.cache.pop(name, None)
+            self.lost.pop(name, None)
+        self.events.emit(svc.VolumeRemoved(name))
+
+    def set_objectives(self, target: str, given: Mapping[str, Any]) -> list[str]:
+        clean = clean_given(given)
+        with self.lock:
+            volumes = {v.name: v for v in self.catalog.list_volumes()}
+            if target in volumes:
+                self.catalog.update_volume(target, objectives=clean)
+                names = [target]
+            elif target in {g.name for g in self.catalog.list_groups()}:
+                self.catalog.set_group_objectives(target, clean)
+                names = [v.name for v in volumes.values() if v.group == target]
+            else:
+                raise NotFound(what="volume or group", name=target)
+            for name in names:
+                self.refresh(name)
+        return names
+
+    # --- generations ------------------------------------------------------------------
+
+    def manifests(self, name: str) -> list[Manifest]:
+        vol = self.catalog.get_volume(name)
+        if vol.pool is None:
+            return []
+        return self.pools.backend(vol.pool).generations(name)
+
+    def sync_generations(self, name: str) -> None:
+        """Make the catalog's rows of ``name`` mirror the pool's manifests (if they differ)."""
+        manifests = self.manifests(name)
+        rows = [manifest_row(m) for m in manifests]
+        have = {(g.id, g.state) for g in self.catalog.list_generations(name)}
+        if have != {(r["id"], "committed") for r in rows}:
+            self.catalog.rebuild_generations(name, rows)
+
+    def generation_infos(
+        self, name: str, manifests: list[Manifest]
+    ) -> tuple[svc.GenerationInfo, ...]:
+        return tuple(
+            svc.GenerationInfo(
+                id=ids.public_id(name, m.generation_id),
+                volume=name,
+                method=m.kind.value,
+                parent="" if m.parent_id is None else ids.public_id(name, m.parent_id),
+                created=int(m.created),
+                bytes=m.bytes_stored,
+                state="corrupt" if ids.public_id(name, m.generation_id) in self.corrupt else "ok",
+            )
+            for m in manifests
+        )
+
+    # --- planning ---------------------------------------------------------------------
+
+    def objectives_of(self, name: str) -> dict[str, Any]:
+        vol = self.catalog.get_volume(name)
+        if vol.objectives:
+            return dict(vol.objectives)
+        if vol.group is not None:
+            group = self.catalog.get_group(vol.group)
+            if group.objectives:
+                return {**group.objectives, "group": vol.group}
+        return {}
+
+    def inputs(self, name: str) -> PlanInputs:
+        """Gather what the planner needs now (asks the tracker: a full read for scan)."""
+        vol = self.catalog.get_volume(name)
+        if vol.pool is None:
+            raise EnvironmentProblem(detail=f"volume {name} has no pool")
+        manifests = self.manifests(name)
+        view = chain_view(manifests, lambda m: self.pools.device_of(vol.pool, m))  # type: ignore[arg-type]
+        with BlockDevice(vol.device_path) as dev:
+            size = dev.size
+        tracking = self.tracking.get(name)
+        sets = {}
+        problem = ""
+        if view.newest is not None:
+            if tracking is None:
+                problem = self.lost.get(name, "the tracker could not be opened")
+            else:
+                newest_full = None if view.newest_full is None else view.newest_full.generation_id
+                trusted, problem = tracking.trusted(view.newest.generation_id, newest_full)
+                try:
+                    sets = tracking.change_sets(trusted)
+                except TrackingLost as exc:
+                    problem, sets = exc.message, {}
+        exact = view.newest is None or (LAST_BACKUP in sets and LAST_FULL in sets)
+        if exact:
+            problem = ""
+        changes = ChangeSets(
+            incremental_bytes=sets[LAST_BACKUP].changed_bytes if exact and sets else size,
+            differential_bytes=sets[LAST_FULL].changed_bytes if exact and sets else size,
+            volume_bytes=size,
+            tracker_exact=exact,
+        )
+        speeds = self.pools.speeds(vol.pool)
+        candidates = list(speeds)
+        if not candidates:
+            raise EnvironmentProblem(detail=f"pool {vol.pool} has no working disk")
+        default = DeviceSpeed.uniform(self.settings.default_speed)
+        if view.chain is not None:
+            for device in {view.chain.full_device_id} | {d.device_id for d in view.chain.deltas}:
+                speeds.setdefault(device, default)
+        given = self.objectives_of(name)
+        given.pop("group", None)
+        return PlanInputs(
+            view=view,
+            changes=changes,
+            sets=sets,
+            speeds=speeds,
+            candidates=candidates,
+            objectives=parse_given(given) if given else None,
+            correction=correction_from(self.catalog.recent_restores(name)),
+            copy_target=default,
+            lost_reason=problem,
+        )
+
+    def plan(self, name: str) -> dict[str, Any]:
+        with self.lock:
+            self.catalog.get_volume(name)
+            self.refresh(name)
+            return dict(self.last_plan[name])
+
+    def refresh(self, name: str) -> svc.VolumeInfo:
+        """Recompute the volume's info (and its plan); emits VolumeChanged/TrackingLost."""
+        with self.lock:
+            inputs = self.inputs(name)
+            now = datetime.now(UTC)
+            plan = plan_dict(inputs, now)
+            self.last_plan[name] = plan
+            self.last_due[name] = schedule_of(inputs, now)
+            vol = self.catalog.get_volume(name)
+            newly_lost = bool(inputs.lost_reason) and self.lost.get(name) != inputs.lost_reason
+            if inputs.lost_reason:
+                self.lost[name] = inputs.lost_reason
+                state = "lost"
+            else:
+                self.lost.pop(name, None)
+                state = "exact" if inputs.view.newest is not None else "initialising"
+            catalog_state = "unknown" if state != "exact" else "exact"
+            reason = inputs.lost_reason or ("never backed up" if state == "initialising" else "")
+            if (vol.tracker_state, vol.tracker_reason) != (catalog_state, reason):
+                self.catalog.set_tracker_state(name, catalog_state, reason)
+            info = svc.VolumeInfo(
+                name=name,
+                device=vol.device_path,
+                pool=vol.pool or "",
+                backend=vol.tracker_backend,
+                chunk_size=vol.chunk_size,
+                group=vol.group or "",
+                objectives=self.objectives_of(name),
+                tracker_state=state,
+                changed_bytes_since_backup=inputs.changes.incremental_bytes,
+                changed_bytes_since_full=inputs.changes.differential_bytes,
+                estimated_restore_seconds=plan["estimated_restore_seconds"],
+                next_method=plan["method"],
+                next_method_reasons=tuple(plan["reasons"]),
+                next_backup=plan["next_backup"],
+                generations=self.generation_infos(
+                    name, [] if inputs.view.newest is None else self.manifests(name)
+                ),
+            )
+            self.cache[name] = info
+        events: list[svc.ServiceEvent] = [svc.VolumeChanged(name)]
+        if newly_lost:
+            events.insert(0, svc.TrackingLost(name, inputs.lost_reason))
+        self.events.emit(*events)
+        return info
+
+    def bare_info(self, name: str, problem: str) -> svc.VolumeInfo:
+        vol = self.catalog.get_volume(name)
+        return svc.VolumeInfo(
+            name=name,
+            device=vol.device_path,
+            pool=vol.pool or "",
+            backend=vol.tracker_backend,
+            chunk_size=vol.chunk_size,
+            group=vol.group or "",
+            objectives=self.objectives_of(name),
+            tracker_state="lost" if name in self.lost else "stopped",
+            changed_bytes_since_backup=0,
+            changed_bytes_since_full=0,
+            estimated_restore_seconds={},
+            next_method="full",
+            next_method_reasons=(problem,),
+            next_backup=0,
+            generations=(),
+        )
+
+    def info(self, name: str) -> svc.VolumeInfo:
+        with self.lock:
+            info = self.cache.get(name)
+        if info is None:
+            raise NotFound(what="volume", name=name)
+        return info
+
+    def all_infos(self) -> list[svc.VolumeInfo]:
+        with self.lock:
+            return [self.cache[n] for n in sorted(self.cache)]
