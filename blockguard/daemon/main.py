@@ -31,6 +31,7 @@ from blockguard.errors import BlockguardError, EnvironmentProblem, ExitCode, Inv
 log = logging.getLogger("blockguardd")
 
 DEFAULT_STATE_DIR = "/var/lib/blockguard"
+DEFAULT_SERVICE = "blockguard.daemon.engine:make_service"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -53,9 +54,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--service",
-        default="memory",
-        help="the domain implementation: 'memory' (in-memory skeleton) or MODULE:FACTORY, "
-        "a callable taking state_dir= and runner= and returning a Service",
+        default=DEFAULT_SERVICE,
+        help=f"the domain implementation: MODULE:FACTORY, a callable taking state_dir= and "
+        f"runner= and returning a Service (default {DEFAULT_SERVICE}, the real one), or "
+        "'memory' (the in-memory skeleton, for tests)",
     )
     parser.add_argument(
         "--admin-group",
@@ -153,6 +155,10 @@ async def serve(args: argparse.Namespace) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
 
+        # A service with a scheduler (the real one) runs it on this loop.
+        run_scheduler = getattr(service, "run_scheduler", None)
+        scheduler = loop.create_task(run_scheduler()) if run_scheduler is not None else None
+
         status = daemon_bus.refresh_status()
         daemon_bus.on_status = notifier.status
         notifier.ready(status)
@@ -168,6 +174,8 @@ async def serve(args: argparse.Namespace) -> int:
             task.cancel()
 
         notifier.stopping()
+        if scheduler is not None:
+            scheduler.cancel()
         log.info("shutting down%s", " (lost the bus)" if lost_bus else "")
         if watcher is not None:
             watcher.stop()

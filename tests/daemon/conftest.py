@@ -265,6 +265,9 @@ def start_daemon(
                 "none",
                 "--log-level",
                 "debug",
+                # The skeleton's tests rely on the in-memory service's toy behaviour (files
+                # as devices, sleeping jobs); the engine's tests pass --service themselves.
+                *([] if "--service" in extra_args else ["--service", "memory"]),
                 *extra_args,
             ],
             stdout=log,
