@@ -140,6 +140,15 @@ class _Lv:
         return len(self.attr) > 5 and self.attr[5] == "o"
 
 
+@dataclass(frozen=True)
+class _Space:
+    vg_size: int
+    vg_free: int
+    thin_size: int
+    thin_free: int
+    thin_meta_percent: float
+
+
 class LvmPool(PoolBackend):
     """A pool in a VG; create with :meth:`create`, reopen with :meth:`open`."""
 
@@ -430,38 +439,44 @@ class LvmPool(PoolBackend):
             for path, (size, _) in sorted(self._pv_free().items())
         ]
 
-    def _thin_free(self, lvs: dict[str, _Lv] | None = None) -> int:
-        tp = (lvs or self._lvs())[THIN_POOL]
-        return int(tp.size * (1 - (tp.data_percent or 0.0) / 100))
+    def _space(self) -> _Space:
+        """The VG's and the thin pool's space, in one lvs call."""
+        out = self.lvm.lvm(
+            "lvs", "--noheadings", "--nosuffix", "--units", "b", "--separator", "|", "-o",
+            "vg_size,vg_free,lv_size,data_percent,metadata_percent", f"{self.vg}/{THIN_POOL}",
+        )  # fmt: skip
+        f = [x.strip() for x in out.strip().split("|")]
+        size, used = int(f[2]), float(f[3] or 0.0)
+        return _Space(int(f[0]), int(f[1]), size, int(size * (1 - used / 100)), float(f[4] or 0))
 
     def capacity(self) -> PoolCapacity:
         """Free = the VG's unallocated space + what the thin pool has not used."""
-        total, vg_free = self._vg_space()
-        free = vg_free + self._thin_free()
-        return PoolCapacity(total, total - free, free)
+        sp = self._space()
+        free = sp.vg_free + sp.thin_free
+        return PoolCapacity(sp.vg_size, sp.vg_size - free, free)
 
     def _ensure_thin_room(self, needed: int) -> None:
         """Grow the thin pool (data, and metadata above its limit) from the VG's free space.
 
         :raises PoolSpaceLow: the VG cannot give what is missing.
         """
-        lvs = self._lvs()
-        tp = lvs[THIN_POOL]
-        margin = max(16 << 20, tp.size // 20)
-        missing = needed + margin - self._thin_free(lvs)
-        where = [self.preferred_device] if self.preferred_device else []
+        sp = self._space()
+        margin = max(16 << 20, sp.thin_size // 20)
+        missing = needed + margin - sp.thin_free
         if missing > 0:
             grow = _round_up(missing, EXTENT)
-            _, vg_free = self._vg_space()
-            if vg_free < grow:
-                raise PoolSpaceLow(pool=self.name, free=self._thin_free(lvs) + vg_free,
-                                   needed=needed + margin)  # fmt: skip
+            if sp.vg_free < grow:
+                raise PoolSpaceLow(
+                    pool=self.name, free=sp.thin_free + sp.vg_free, needed=needed + margin
+                )
+            where = [self.preferred_device] if self.preferred_device else []
             self.lvm.lvm("lvextend", "-qq", "-L", f"+{grow}b", f"{self.vg}/{THIN_POOL}", *where)
-        if (tp.metadata_percent or 0.0) >= THIN_META_LIMIT:
-            meta = lvs.get(f"{THIN_POOL}_tmeta")
+        if sp.thin_meta_percent >= THIN_META_LIMIT:
+            meta = self._lvs().get(f"{THIN_POOL}_tmeta")
             grow = _round_up(meta.size if meta else 4 << 20, EXTENT)
-            self.lvm.lvm("lvextend", "-qq", "--poolmetadatasize", f"+{grow}b",
-                         f"{self.vg}/{THIN_POOL}")  # fmt: skip
+            self.lvm.lvm(
+                "lvextend", "-qq", "--poolmetadatasize", f"+{grow}b", f"{self.vg}/{THIN_POOL}"
+            )
 
     def _place(self, needed: int) -> list[str]:
         """The PV a new linear LV goes on: the preferred one if it has room, else the
