@@ -277,7 +277,6 @@ class LvmPool(PoolBackend):
         """
         pool = cls(name, devices, mount_root, runner or default_runner(), alert)
         try:
-            pool._vg_space()
             pool._mount_meta()
             info = _read_pool_file(pool.meta_dir)
             if info.get("pool") != name or info.get("vg") != pool.vg:
@@ -387,7 +386,11 @@ class LvmPool(PoolBackend):
         """The verified device node of VG/LV, activating it when needed."""
         name = dm_name(self.vg, lv)
         if self.dm.info(name) is None:
-            self.lvm.lvm("lvchange", "-qq", "-ay", "-K", f"{self.vg}/{lv}")
+            try:
+                self.lvm.lvm("lvchange", "-qq", "-ay", "-K", f"{self.vg}/{lv}")
+            except CommandFailed:
+                self._vg_space()  # NotFound names the VG and the disks when it is missing
+                raise
         return self.dm.node(name)
 
     def _remove_lv(self, lv: str) -> None:
@@ -455,12 +458,11 @@ class LvmPool(PoolBackend):
         free = sp.vg_free + sp.thin_free
         return PoolCapacity(sp.vg_size, sp.vg_size - free, free)
 
-    def _ensure_thin_room(self, needed: int) -> None:
+    def _ensure_thin_room(self, needed: int, sp: _Space) -> None:
         """Grow the thin pool (data, and metadata above its limit) from the VG's free space.
 
         :raises PoolSpaceLow: the VG cannot give what is missing.
         """
-        sp = self._space()
         margin = max(16 << 20, sp.thin_size // 20)
         missing = needed + margin - sp.thin_free
         if missing > 0:
@@ -589,9 +591,11 @@ class LvmPool(PoolBackend):
         else:
             needed = len(changed or ()) * chunk_size
         needed = min(needed, _round_up(volume.size, EXTENT))
-        self.require_space(needed, volume.name)
+        sp = self._space()
+        if sp.vg_free + sp.thin_free < needed:
+            self.require_space(needed, volume.name)  # alerts and raises
         if kind is GenerationKind.FULL:
-            self._ensure_thin_room(needed)
+            self._ensure_thin_room(needed, sp)
         draft = Manifest(
             generation_id=new_generation_id(),
             volume=volume,
