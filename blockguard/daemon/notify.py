@@ -41,6 +41,7 @@ class Notifier:
         if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
             self._watchdog_usec = int(usec)
         self._sock: socket.socket | None = None
+        self._last_status: str | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
 
     @property
@@ -66,8 +67,15 @@ class Notifier:
         )
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # Non-blocking: this runs on the event loop, and a manager that does not
+                # read (its queue holds only ~10 datagrams) must not stop the daemon.
+                self._sock = socket.socket(
+                    socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+                )
             self._sock.sendto(payload.encode(), _socket_address(self.address))
+        except BlockingIOError:
+            log.debug("sd_notify to %s dropped (its queue is full): %s", self.address, payload)
+            return False
         except OSError as exc:
             log.warning("sd_notify to %s failed: %s", self.address, exc)
             return False
@@ -77,6 +85,10 @@ class Notifier:
         return self.notify(READY=1, STATUS=status, MAINPID=os.getpid())
 
     def status(self, status: str) -> bool:
+        """Send ``STATUS=`` if it differs from the last one sent."""
+        if status == self._last_status:
+            return False
+        self._last_status = status
         return self.notify(STATUS=status)
 
     def stopping(self, status: str = "shutting down") -> bool:

@@ -14,10 +14,12 @@ tracking continues where it stopped.
 
 from __future__ import annotations
 
+import faulthandler
 import fcntl
 import itertools
 import logging
 import os
+import signal
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -91,6 +93,8 @@ class Engine:
         return self._jobs
 
     def open(self) -> None:
+        # kill -USR1 dumps every thread's stack to the log: the flight recorder of a hang.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
