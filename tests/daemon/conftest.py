@@ -362,6 +362,10 @@ class EngineHarness:
     daemons: list[Daemon] = field(default_factory=list)
 
     def start(self, **env: str) -> Daemon:
+        # A restarted daemon must be waited for, not the READY of the one before it.
+        while self.notify.receive(0.01) is not None:
+            pass
+        self.notify.messages.clear()
         daemon = start_daemon(
             self.bus,
             self.tmp_path,
