@@ -231,13 +231,14 @@ class Engine:
 
     def get_generation(self, generation: str) -> svc.GenerationInfo:
         volume, _ = ids.split_public_id(generation)
-        for gen in self.volumes.info(volume).generations if volume in self._names() else ():
+        try:
+            generations = self.volumes.info(volume).generations
+        except NotFound:
+            generations = ()
+        for gen in generations:
             if gen.id == generation:
                 return gen
         raise NotFound(what="generation", name=generation)
-
-    def _names(self) -> set[str]:
-        return {v.name for v in self.volumes.all_infos()}
 
     def plan(self, volume: str) -> dict[str, Any]:
         return self.volumes.plan(volume)
