@@ -47,7 +47,7 @@ pytestmark = pytest.mark.guest
 
 MiB = 1 << 20
 CHUNK = 64 << 10
-SIZE = 16 * MiB
+SIZE = 8 * MiB
 VOLVG = "bglvol"
 KINDS = [
     "full", "incremental", "incremental", "differential", "incremental",
@@ -161,7 +161,7 @@ class Writer(threading.Thread):
     def run(self) -> None:
         buf = aligned_buffer(4096)
         with BlockDevice(self.path, write=True, direct=True) as dev:
-            while not self.stop.wait(0.02):
+            while not self.stop.wait(0.03):
                 buf[:] = self.rng.randbytes(4096)
                 dev.pwrite_all(memoryview(buf), self.rng.randrange(SIZE // 4096 // 8) * 4096)
                 self.writes += 1

@@ -66,13 +66,13 @@ def test_pit_under_stacked_era_and_plain_lv(loopdev, volvg: str, tmp_path: Path)
             assert sha256_of(pit.source) == before
             # Multi-chunk bios: every chunk they cover must be copied out, not the first.
             write_span(t.device, MiB + 4096, rng.randbytes(512 << 10))
-            write_span(t.device, 9 * MiB, rng.randbytes(1 << 20))
+            write_span(t.device, 5 * MiB, rng.randbytes(1 << 20))
             assert sha256_of(t.device) != before
             assert sha256_of(pit.source) == before
             pit.commit()
         assert pit_layers() == [] and sh("dmsetup", "table", "blockguard-era-pv") == era_table
         # The reference is the copy's point: the writes after it, exactly.
-        assert t.changed("p1").chunks == touched(MiB + 4096, 512 << 10) | touched(9 * MiB, MiB)
+        assert t.changed("p1").chunks == touched(MiB + 4096, 512 << 10) | touched(5 * MiB, MiB)
         assert t.state().is_exact
     finally:
         t.detach()
@@ -121,8 +121,8 @@ def test_exception_store_overflow_aborts_backup_cleanly(make_pool, era_volume: E
     t = era_volume
     top_table = sh("dmsetup", "table", f"{VOLVG}-data")
     write_span(t.device, 0, os.urandom(SIZE))
-    new_data = os.urandom(6 * MiB)  # far more than a 1 MiB store holds
-    progress = WriteOnFirstExtent(t.device, 8 * MiB, new_data)
+    new_data = os.urandom(4 * MiB)  # far more than a 1 MiB store holds
+    progress = WriteOnFirstExtent(t.device, 4 * MiB, new_data)
     ident = VolumeIdentity("vol", SIZE)
     with (
         DmSnapshotPointInTime(t.device, pool.cow_store(MiB, "vol"), tracker=t, name="p") as pit,
@@ -143,7 +143,7 @@ def test_exception_store_overflow_aborts_backup_cleanly(make_pool, era_volume: E
     assert sh("dmsetup", "table", f"{VOLVG}-data") == top_table
     assert "p" not in t.references() and t.state().is_exact
     # Writes were never blocked: they all landed, and the volume is still writable.
-    assert read_span(t.device, 8 * MiB, len(new_data)) == new_data
+    assert read_span(t.device, 4 * MiB, len(new_data)) == new_data
     more = os.urandom(MiB)
     write_span(t.device, 0, more)
     assert read_span(t.device, 0, MiB) == more
