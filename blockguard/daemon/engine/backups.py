@@ -1,9 +1,12 @@
 """One backup of one volume: point in time, plan, copy, move the tracker, retention.
 
-On the host there is no snapshot facility without device-mapper: a scan-tracked plain
-device is read as it is, so the generation is crash-consistent only if the caller
-quiesces the volume (unmounts it, freezes its file system, or stops the writers) for the
-duration of the backup. Era and thin tracking take their point in time from dm.
+The backup reads a point-in-time copy while the volume stays online (see
+:mod:`blockguard.storage.snapshot`): a thin snapshot for thin volumes; a dm-snapshot
+with its exception store on the lvm pool for era-tracked volumes and for plain dm
+volumes (thick LVs) under scan tracking. Where there is no device-mapper (this host), or
+the pool is a ``dir`` pool, a scan-tracked device is read as it is, so the generation is
+crash-consistent only if the caller quiesces the volume (unmounts it, freezes its file
+system, or stops the writers) for the duration of the backup.
 
 For scan tracking the new reference's chunk hashes are computed while the chunks are
 copied (the copy engine's own checksums are xxh3_64, the tracker's xxh3_128, so the
@@ -24,7 +27,7 @@ from pyroaring import BitMap
 from blockguard.core.objectives import DEFAULT_GENERATIONS
 from blockguard.core.restore_model import BackupMethod
 from blockguard.daemon import service as svc
-from blockguard.daemon.engine import ids
+from blockguard.daemon.engine import ids, poolspace
 from blockguard.daemon.engine.events import EventHub
 from blockguard.daemon.engine.jobbook import JobProgress
 from blockguard.daemon.engine.planning import decide
@@ -32,11 +35,12 @@ from blockguard.daemon.engine.pools import PoolRegistry
 from blockguard.daemon.engine.tracking import LAST_BACKUP, LAST_FULL, VolumeTracking
 from blockguard.daemon.engine.volumes import VolumeRegistry
 from blockguard.daemon.jobs import ProgressReporter
-from blockguard.errors import TrackingLost
+from blockguard.errors import InvalidInput, TrackingLost
 from blockguard.storage.backup import run_backup
 from blockguard.storage.blockdev import BlockDevice
 from blockguard.storage.manifest import VolumeIdentity
 from blockguard.storage.pool.base import GenerationWriter, PoolBackend
+from blockguard.storage.snapshot import backup_point_in_time
 from blockguard.storage.tracking import DIGEST_SIZE, ChunkHashes, chunk_digest
 from blockguard.storage.tracking.base import chunk_count
 
@@ -103,16 +107,27 @@ def back_up(
     serial: int,
     delay: float,
 ) -> dict[str, Any]:
-    """Take one backup of volume ``name`` (the body of a backup job)."""
+    """Take one backup of volume ``name`` (the body of a backup job).
+
+    The point in time comes first; the change sets and the planner's choice are taken
+    after it (for era and thin they then include writes made since, a harmless superset;
+    scan compares the copy itself). A copy whose exception store filled fails the job
+    with SnapshotOverflow; nothing is committed and the volume is not affected.
+    """
     vol = volumes.catalog.get_volume(name)
     assert vol.pool is not None
     tracking: VolumeTracking | None = volumes.tracking.get(name)
     if tracking is None:
         raise TrackingLost(volume=name, reason=volumes.lost.get(name, "no tracker"))
     pool = pools.backend(vol.pool)
-    point = tracking.begin_point(vol.device_path, serial)
+    with BlockDevice(vol.device_path) as dev:
+        size, rdev = dev.size, dev.rdev
+    cow = poolspace.cow_factory(pool, f"{name}-{serial}")
+    point = tracking.begin_point(
+        vol.device_path, serial, cow, poolspace.cow_size(size, volumes.settings.cow_size)
+    )
     try:
-        inputs = volumes.inputs(name)
+        inputs = volumes.inputs(name, source=point.source)
         decision = decide(inputs)
         if inputs.lost_reason:
             events.emit(svc.TrackingLost(name, inputs.lost_reason))
@@ -136,7 +151,8 @@ def back_up(
             changed, ref_role = inputs.sets[LAST_BACKUP].chunks, LAST_BACKUP
             parent_id = view.newest.generation_id
         with BlockDevice(point.source) as dev:
-            size, rdev = dev.size, dev.rdev
+            if dev.size != size:
+                raise InvalidInput(detail=f"{point.source} has {dev.size} bytes, {name} {size}")
         nchunks = chunk_count(size, vol.chunk_size)
         base = None
         if ref_role is not None:
@@ -145,20 +161,24 @@ def back_up(
             base = None if stored is None else stored.digests
         hashes = bytearray(base) if base is not None else bytearray(nchunks * DIGEST_SIZE)
         proxy = _HashingPool(pool, hashes, vol.chunk_size, delay)
+        if decision.device_id and hasattr(pool, "preferred_device"):
+            pool.preferred_device = decision.device_id  # the planner's disk for the delta
         objectives = inputs.objectives
         keep = objectives.generations if objectives is not None else DEFAULT_GENERATIONS
-        result = run_backup(
-            proxy,  # type: ignore[arg-type]  # duck-typed wrapper of the pool
-            VolumeIdentity(name, size, f"{os.major(rdev)}:{os.minor(rdev)}"),
-            point.source,
-            kind.value,
-            changed,
-            chunk_size=vol.chunk_size,
-            base_id=base_id,
-            parent_id=parent_id,
-            progress=JobProgress(progress),
-            keep=keep,
-        )
+        ident = VolumeIdentity(name, size, f"{os.major(rdev)}:{os.minor(rdev)}")
+        args: dict[str, Any] = {
+            "chunk_size": vol.chunk_size,
+            "base_id": base_id,
+            "parent_id": parent_id,
+            "progress": JobProgress(progress),
+            "keep": keep,
+        }
+        if point.copy is not None:
+            # Checks the copy is still valid after the copy; commits it (era: its era
+            # becomes the reference) only then.
+            result = backup_point_in_time(point.copy, proxy, ident, kind.value, changed, **args)  # type: ignore[arg-type]
+        else:
+            result = run_backup(proxy, ident, point.source, kind.value, changed, **args)  # type: ignore[arg-type]
         complete = base is not None or len(proxy.written) == nchunks
         new_hashes = ChunkHashes(vol.chunk_size, size, hashes) if complete else None
         tracking.commit_point(
@@ -167,6 +187,7 @@ def back_up(
     except BaseException:
         tracking.abort_point(point)
         raise
+    tracking.end_point(point)
     gen = ids.public_id(name, result.manifest.generation_id)
     freed = [] if result.retention is None else result.retention.freed_ids
     volumes.sync_generations(name)

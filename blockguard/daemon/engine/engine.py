@@ -7,8 +7,9 @@ catalog and the devices as they were. One lock orders the changes; long work run
 jobs.
 
 On open (also after a crash): the state directory is locked against a second daemon,
-jobs the previous daemon left running are failed ("daemon restarted"), pools are
-reopened (which collects the garbage of interrupted backups) and trackers reopened, so
+jobs the previous daemon left running are failed ("daemon restarted"), the dm-snapshot
+layers of their point-in-time copies are undone, pools are reopened (which collects the
+garbage of interrupted backups, exception stores included) and trackers reopened, so
 tracking continues where it stopped.
 """
 
@@ -44,6 +45,7 @@ from blockguard.daemon.engine.volumes import VolumeRegistry
 from blockguard.daemon.jobs import Job, JobKind, JobRunner, JobState, ProgressReporter
 from blockguard.errors import BlockguardError, Busy, EnvironmentProblem, NotFound
 from blockguard.storage.runner import default_runner
+from blockguard.storage.snapshot import recover_stale_points_in_time
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +115,23 @@ class Engine:
             )
             self._jobs = JobBook(self.catalog, self.runner, self.events)
             self._jobs.fail_interrupted()
+            self._recover_points_in_time()
             self._pools.open_all()
             self._volumes.open_all()
         except BaseException:
             self.close()
             raise
+
+    def _recover_points_in_time(self) -> None:
+        """Undo the snapshot layers of backups a killed daemon left (each volume gets its
+        own table back) before the pools reopen: their exception stores are then no
+        longer held open and are collected as garbage."""
+        if not os.path.exists("/dev/mapper/control"):
+            return
+        try:
+            recover_stale_points_in_time(self.cmd)
+        except BlockguardError as exc:
+            log.error("cannot undo the point-in-time copies of interrupted backups: %s", exc)
 
     def close(self) -> None:
         if self._pools is not None:

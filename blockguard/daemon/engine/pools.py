@@ -37,7 +37,7 @@ from blockguard.storage.blockdev import BlockDevice, device_rdev, mounted_devnos
 from blockguard.storage.manifest import Manifest
 from blockguard.storage.pool.base import PoolBackend, SpaceAlert
 from blockguard.storage.pool.dirpool import MIN_DEVICE_SIZE, DirPool
-from blockguard.storage.pool.registration import refuse_unless_free
+from blockguard.storage.pool.registration import devno, refuse_unless_free
 from blockguard.storage.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ class PoolRegistry:
         self.cmd = cmd
         self.lock = threading.RLock()
         self.open_pools: dict[str, PoolBackend] = {}
+        self._placement: dict[tuple[str, str], str] = {}
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -112,9 +113,7 @@ class PoolRegistry:
             for path in missing:
                 self.catalog.set_pool_device_state(path, "missing")
             try:
-                backend = DirPool.open(
-                    pool.name, present, self.settings.mount_root, runner=self.cmd, alert=self._alert
-                )
+                backend = self._open_backend(pool.name, pool.backend, present)
             except BlockguardError as exc:
                 log.error("cannot open pool %s: %s", pool.name, exc, extra={"POOL": pool.name})
                 self.catalog.set_pool_state(pool.name, "missing", str(exc))
@@ -127,6 +126,16 @@ class PoolRegistry:
             opened.append(pool.name)
         return opened
 
+    def _open_backend(self, name: str, kind: str, devices: list[str]) -> PoolBackend:
+        opener: Callable[..., PoolBackend]
+        if kind == "lvm":
+            if not lvm_backend_available():
+                raise EnvironmentProblem(detail="the lvm pool backend needs device-mapper")
+            opener = importlib.import_module("blockguard.storage.pool.lvmpool").LvmPool.open
+        else:
+            opener = DirPool.open
+        return opener(name, devices, self.settings.mount_root, runner=self.cmd, alert=self._alert)
+
     def close(self) -> None:
         """Close every pool and unmount the areas under our mount root."""
         with self.lock:
@@ -136,7 +145,10 @@ class PoolRegistry:
             self.open_pools.clear()
 
     def _close_backend(self, name: str, backend: PoolBackend) -> None:
-        areas = [Path(d.area) for d in backend.devices()]
+        if backend.kind == "lvm":
+            areas = [Path(backend.meta_dir)]  # type: ignore[attr-defined]
+        else:
+            areas = [Path(d.area) for d in backend.devices()]
         backend.close()
         # A daemon that restarted after a crash adopted the mounts of its predecessor;
         # it unmounts them on a clean stop like the ones it made itself.
@@ -230,7 +242,7 @@ class PoolRegistry:
         backend = backend or ("lvm" if lvm_backend_available() else "dir")
         if backend not in POOL_BACKENDS:
             raise InvalidInput(detail=f"pool backend {backend!r} is not one of {POOL_BACKENDS}")
-        if backend == "lvm":
+        if backend == "lvm" and not lvm_backend_available():
             raise EnvironmentProblem(
                 detail="the lvm pool backend needs device-mapper and its module; "
                 "use the dir backend on this host"
@@ -240,24 +252,45 @@ class PoolRegistry:
                 raise AlreadyExists(what="pool", name=name)
             self._check_new_devices(devices, protected, force)
             measured = {path: self._measure(path) for path in devices}
-            pool = DirPool.create(
-                name,
-                devices[0],
-                self.settings.mount_root,
-                protected=protected,
-                force=force,
-                runner=self.cmd,
-                alert=self._alert,
-            )
+            pool: PoolBackend
+            if backend == "lvm":
+                lvm = importlib.import_module("blockguard.storage.pool.lvmpool")
+                # LvmPool.create removes what it made if it fails half-way.
+                pool = lvm.LvmPool.create(
+                    name,
+                    list(devices),
+                    self.settings.mount_root,
+                    protected=protected,
+                    force=force,
+                    runner=self.cmd,
+                    alert=self._alert,
+                )
+                rest: Sequence[str] = ()
+            else:
+                pool = DirPool.create(
+                    name,
+                    devices[0],
+                    self.settings.mount_root,
+                    protected=protected,
+                    force=force,
+                    runner=self.cmd,
+                    alert=self._alert,
+                )
+                rest = devices[1:]
             try:
-                for path in devices[1:]:
+                for path in rest:
                     pool.add_device(path, protected=protected, force=force)
                 with self.catalog.transaction():
-                    self.catalog.add_pool(name, "dir", str(self.settings.mount_root / name))
-                    for dev in pool.devices():
-                        self._record_device(name, dev.path, dev.size, measured[dev.path])
+                    self.catalog.add_pool(name, backend, str(self.settings.mount_root / name))
+                    # By device number: LVM may name a PV otherwise than it was given.
+                    sizes = {d.devno: d.size for d in pool.devices()}
+                    for path in devices:
+                        size = sizes.get(devno(device_rdev(path)), 0)
+                        self._record_device(name, path, size, measured[path])
             except BaseException:
                 self._close_backend(name, pool)
+                if backend == "lvm":
+                    pool.destroy()  # type: ignore[attr-defined]
                 raise
             self.open_pools[name] = pool
         self.events.emit(svc.PoolChanged(name))
@@ -272,7 +305,7 @@ class PoolRegistry:
             measured = {path: self._measure(path) for path in devices}
             for path in devices:
                 dev = pool.add_device(path, protected=protected, force=force)
-                self._record_device(name, dev.path, dev.size, measured[path])
+                self._record_device(name, path, dev.size, measured[path])
         self.events.emit(svc.PoolChanged(name))
         return self.info(name)
 
@@ -332,6 +365,13 @@ class PoolRegistry:
     def device_of(self, pool: str, manifest: Manifest) -> str:
         """The pool disk a generation is stored on."""
         backend = self.backend(pool)
+        if backend.kind == "lvm":
+            # Where an LV lies does not change: one lvs call per generation, not per look.
+            key = (pool, manifest.generation_id)
+            if key not in self._placement:
+                pvs = backend.lv_devices(manifest)  # type: ignore[attr-defined]
+                self._placement[key] = pvs[0] if pvs else backend.devices()[0].path
+            return self._placement[key]
         for dev in backend.devices():
             gen_dir = Path(dev.area) / "volumes" / manifest.volume.name / manifest.generation_id
             if gen_dir.is_dir():

@@ -11,6 +11,10 @@ Defaults are what a production daemon wants; tests (and slow or fast hosts) over
     seconds between two looks of the scheduler (default 30); ``0`` turns it off.
 ``BLOCKGUARD_MOUNT_ROOT``
     where pool areas are mounted (default ``STATE_DIR/pools``).
+``BLOCKGUARD_COW_SIZE``
+    bytes of the exception store of a backup's point-in-time copy (dm-snapshot on pool
+    space); default 0: a quarter of the volume, at least 4 MiB. Writes to the volume
+    during a backup beyond it make the backup fail (the volume is never affected).
 ``BLOCKGUARD_TEST_BACKUP_DELAY``
     test hook: seconds to sleep after each extent a backup writes (makes a backup slow
     enough to be killed in the middle).
@@ -49,6 +53,7 @@ class Settings:
     default_speed: float = 100e6
     scheduler_interval: float = 30.0
     backup_delay: float = 0.0
+    cow_size: int = 0
 
     @classmethod
     def from_env(cls, state_dir: Path, env: Mapping[str, str] | None = None) -> Settings:
@@ -64,4 +69,5 @@ class Settings:
             default_speed=speed,
             scheduler_interval=_number(env, "BLOCKGUARD_SCHEDULER_INTERVAL", 30.0),
             backup_delay=_number(env, "BLOCKGUARD_TEST_BACKUP_DELAY", 0.0),
+            cow_size=int(_number(env, "BLOCKGUARD_COW_SIZE", 0)),
         )

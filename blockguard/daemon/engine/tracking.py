@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,9 @@ from blockguard.errors import (
     InvalidInput,
     NotFound,
 )
+from blockguard.storage import snapshot as pit
+from blockguard.storage.blockdev import device_rdev
+from blockguard.storage.dm import DeviceMapper
 from blockguard.storage.manifest import write_atomic
 from blockguard.storage.runner import Runner
 from blockguard.storage.tracking import ChangeSet, ChangeTracker, ChunkHashes
@@ -68,9 +72,11 @@ def _thin_lv(device: str, cmd: Runner) -> tuple[str, str] | None:
     return None
 
 
-def choose_backend(device: str, asked: str | None, cmd: Runner) -> str:
+def choose_backend(device: str, asked: str | None, cmd: Runner, era_space: bool = True) -> str:
     """The tracking backend for ``device``: as asked, or thin > era > scan by availability.
 
+    :param era_space: the volume's pool can hold dm-era metadata (an lvm pool); without
+        it era is refused when asked and not chosen by itself.
     :raises InvalidInput: an unknown backend.
     :raises EnvironmentProblem: era or thin asked where device-mapper cannot provide it.
     """
@@ -86,13 +92,18 @@ def choose_backend(device: str, asked: str | None, cmd: Runner) -> str:
             detail="the era tracking backend needs device-mapper with the era target, "
             "which this kernel does not offer; use scan"
         )
+    if asked == "era" and not era_space:
+        raise EnvironmentProblem(
+            detail="era tracking keeps its metadata on an lvm pool, and the volume's pool "
+            "is not one: use scan, or create an lvm pool first"
+        )
     if asked == "thin" and _thin_lv(device, cmd) is None:
         raise InvalidInput(detail=f"{device} is not an LVM thin volume: thin tracking needs one")
     if asked is not None:
         return asked
     if "thin" in targets and _thin_lv(device, cmd) is not None:
         return "thin"
-    return "era" if "era" in targets else "scan"
+    return "era" if "era" in targets and era_space else "scan"
 
 
 @dataclass(frozen=True)
@@ -105,10 +116,15 @@ class Role:
 
 @dataclass
 class PointInTime:
-    """What a backup reads, and the tracker reference it becomes once committed."""
+    """What a backup reads, and the tracker reference it becomes once committed.
+
+    :ivar copy: the point-in-time copy ``source`` belongs to (None: the live volume,
+        where device-mapper cannot make one).
+    """
 
     source: str
     ref: str
+    copy: pit.PointInTime | None = None
 
 
 class VolumeTracking:
@@ -118,9 +134,10 @@ class VolumeTracking:
     :param tracker: the opened tracker.
     """
 
-    def __init__(self, directory: Path, tracker: ChangeTracker) -> None:
+    def __init__(self, directory: Path, tracker: ChangeTracker, cmd: Runner) -> None:
         self.directory = directory
         self.tracker = tracker
+        self.cmd = cmd
 
     @property
     def backend(self) -> str:
@@ -159,7 +176,7 @@ class VolumeTracking:
             if vg_lv is None:
                 raise InvalidInput(detail=f"{device} is not an LVM thin volume")
             tracker = ThinTracker.protect(vg_lv[0], vg_lv[1], state, chunk_size, runner=cmd)
-        tracking = cls(directory, tracker)
+        tracking = cls(directory, tracker, cmd)
         tracking.save_roles({})
         return tracking
 
@@ -177,13 +194,14 @@ class VolumeTracking:
             from blockguard.storage.tracking.era import EraTracker
 
             tracker = EraTracker.open(state, cmd)
+            _resume_if_suspended(tracker.device, cmd)
         elif backend == "thin":
             from blockguard.storage.tracking.thin import ThinTracker
 
             tracker = ThinTracker.open(state, cmd)
         else:
             raise CorruptMetadata(what=f"volume state {directory}", detail=f"backend {backend}")
-        tracking = cls(directory, tracker)
+        tracking = cls(directory, tracker, cmd)
         tracking.drop_orphans()
         return tracking
 
@@ -251,36 +269,71 @@ class VolumeTracking:
             trusted = {}
         return trusted, "; ".join(problems)
 
-    def change_sets(self, refs: dict[str, str]) -> dict[str, ChangeSet]:
-        """Role -> chunks changed since its reference (one read for the scan backend)."""
-        by_ref = self.tracker.changed_many(sorted(set(refs.values())))
+    def change_sets(self, refs: dict[str, str], source: str | None = None) -> dict[str, ChangeSet]:
+        """Role -> chunks changed since its reference (one read for the scan backend).
+
+        :param source: a backup's point-in-time copy: the scan backend compares *its*
+            content (the copy is what the backup reads); era and thin answer for the live
+            volume, a superset of the changes up to the copy.
+        """
+        tracker = self.tracker
+        if source is not None and isinstance(tracker, ScanTracker) and source != tracker.volume:
+            tracker = ScanTracker(source, tracker.state_dir, tracker.chunk_size)
+        by_ref = tracker.changed_many(sorted(set(refs.values())))
         return {role: by_ref[ref] for role, ref in refs.items()}
 
     # --- a backup's point in time ----------------------------------------------------
 
-    def begin_point(self, device: str, serial: int) -> PointInTime:
-        """Start a backup: the source to read and the name of the reference it becomes.
+    def begin_point(
+        self, device: str, serial: int, cow: Callable[[int], pit.CowStore] | None, cow_size: int
+    ) -> PointInTime:
+        """Start a backup: a point-in-time copy to read, and the reference it becomes.
 
-        scan: the volume itself (no snapshot without device-mapper: the content is
-        consistent only if nobody writes during the backup); era: the volume after a
-        suspend/resume that starts a new era; thin: a thin snapshot taken now.
+        thin: a thin snapshot taken now (it is the reference). era: a dm-snapshot under
+        the era device, taken while it is suspended (the resume starts the reference
+        era). scan: a dm-snapshot of a dm volume of linear segments; any other device
+        is read live (no snapshot without device-mapper: the content is consistent only
+        if nobody writes during the backup). Exception stores come from ``cow`` (pool
+        space, ``cow_size`` bytes); without one, an era volume cannot be backed up.
+
+        :raises EnvironmentProblem: era tracking with no exception store to be had.
         """
         ref = f"b{serial}"
+        if self.backend == "thin":
+            copy: pit.PointInTime = pit.ThinPointInTime(self.tracker, ref)  # type: ignore[arg-type]
+            return PointInTime(copy.source, ref, copy)
         if self.backend == "era":
-            with self.tracker.point_in_time():  # type: ignore[attr-defined]
-                pass
-        elif self.backend == "thin":
-            self.tracker.add_reference(ref, replace=True)
-            return PointInTime(self.tracker.reference_device(ref), ref)  # type: ignore[attr-defined]
+            if cow is None:
+                raise EnvironmentProblem(
+                    detail="a point-in-time copy of an era-tracked volume needs an exception "
+                    "store on an lvm pool"
+                )
+            era = self.tracker
+            copy = pit.DmSnapshotPointInTime(
+                era.device,  # type: ignore[attr-defined]
+                cow(cow_size),
+                tracker=era,  # type: ignore[arg-type]
+                name=ref,
+                runner=self.cmd,
+            )
+            return PointInTime(copy.source, ref, copy)
+        if cow is not None and _linear_dm(device, self.cmd):
+            copy = pit.DmSnapshotPointInTime(device, cow(cow_size), runner=self.cmd)
+            return PointInTime(copy.source, ref, copy)
         return PointInTime(device, ref)
 
     def commit_point(
         self, point: PointInTime, generation: str, full: bool, hashes: ChunkHashes | None
     ) -> None:
-        """After the pool committed ``generation``: the point becomes its reference."""
+        """After the pool committed ``generation`` (and the copy was committed, which for
+        era made the point's era the reference): the point becomes its reference."""
         if self.backend == "scan":
-            self.tracker.add_reference(point.ref, replace=True, hashes=hashes)  # type: ignore[call-arg]
-        elif self.backend == "era":
+            scan: ScanTracker = self.tracker  # type: ignore[assignment]
+            if hashes is not None:
+                scan.add_reference(point.ref, replace=True, hashes=hashes)
+            else:
+                scan.add_reference(point.ref, replace=True, source=point.source)
+        elif self.backend == "era" and point.copy is None:
             self.tracker.commit_reference(point.ref, replace=True)  # type: ignore[attr-defined]
         roles = self.roles()
         roles[LAST_BACKUP] = Role(point.ref, generation)
@@ -289,17 +342,52 @@ class VolumeTracking:
         self.save_roles(roles)
         self.drop_orphans()
 
+    def end_point(self, point: PointInTime) -> None:
+        """Release the copy (always, committed or not): the volume gets its table back."""
+        if point.copy is not None:
+            point.copy.release()
+
     def abort_point(self, point: PointInTime) -> None:
-        if point.ref in self.tracker.references() and point.ref not in {
-            r.ref for r in self.roles().values()
-        }:
-            try:
-                self.tracker.drop_reference(point.ref)
-            except (BlockguardError, NotFound) as exc:
-                log.warning("dropping reference %s: %s", point.ref, exc)
+        """After a failed backup: release the copy and drop the reference it would be."""
+        try:
+            self.end_point(point)
+        finally:
+            if point.ref in self.tracker.references() and point.ref not in {
+                r.ref for r in self.roles().values()
+            }:
+                try:
+                    self.tracker.drop_reference(point.ref)
+                except (BlockguardError, NotFound) as exc:
+                    log.warning("dropping reference %s: %s", point.ref, exc)
 
     def stored_hashes(self, ref: str) -> ChunkHashes | None:
         """The content hashes of a scan reference (None for other backends)."""
         if isinstance(self.tracker, ScanTracker):
             return self.tracker.stored_hashes(ref)
         return None
+
+
+def _linear_dm(device: str, cmd: Runner) -> bool:
+    """``device`` is a dm device of linear or striped segments only (an LVM thick LV):
+    its table can be moved under a snapshot-origin."""
+    dm = DeviceMapper(cmd)
+    try:
+        name = dm.name_of(device_rdev(device))
+        if name is None:
+            return False
+        table = dm.table(name)
+    except BlockguardError:
+        return False
+    kinds = {line.split()[2] for line in table.splitlines() if len(line.split()) > 2}
+    return bool(kinds) and kinds <= {"linear", "striped"}
+
+
+def _resume_if_suspended(device: str, cmd: Runner) -> None:
+    """A daemon killed between a suspend and its resume leaves the volume suspended
+    (writers hang): resume it. The new era it starts only adds changes."""
+    dm = DeviceMapper(cmd)
+    name = dm.name_of(device_rdev(device))
+    info = None if name is None else dm.info(name)
+    if info is not None and info.suspended:
+        log.warning("resuming %s, left suspended by an interrupted backup", name)
+        dm.resume(info.name)

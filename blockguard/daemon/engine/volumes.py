@@ -20,7 +20,7 @@ from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.restore_model import ChangeSets
 from blockguard.core.scheduler import ScheduleDecision
 from blockguard.daemon import service as svc
-from blockguard.daemon.engine import ids
+from blockguard.daemon.engine import ids, poolspace
 from blockguard.daemon.engine.events import EventHub
 from blockguard.daemon.engine.planning import (
     PlanInputs,
@@ -100,6 +100,9 @@ class VolumeRegistry:
         active = []
         for vol in self.catalog.list_volumes():
             try:
+                if vol.tracker_backend == "era" and vol.pool is not None:
+                    # After a reboot the metadata LV is not active yet.
+                    poolspace.era_metadata_device(self.pools.backend(vol.pool), vol.name)
                 self.tracking[vol.name] = VolumeTracking.open(
                     self.directory(vol.name),
                     vol.device_path,
@@ -137,12 +140,25 @@ class VolumeRegistry:
                 raise InvalidInput(detail="there is no pool to back up into; create one first")
             protected = [v.device_path for v in self.catalog.list_volumes()]
             size = check_protectable(device, self.pools.device_paths(), protected, chunk)
-            chosen = choose_backend(device, backend, self.cmd)
             pool = pools[0]
+            backend_of_pool = self.pools.backend(pool)
+            chosen = choose_backend(
+                device, backend, self.cmd, era_space=poolspace.is_lvm(backend_of_pool)
+            )
             with BlockDevice(device) as dev:
                 ident = dev.identity
             directory = self.directory(name)
-            tracking = VolumeTracking.create(directory, device, chosen, chunk, self.cmd)
+            era_metadata = None
+            if chosen == "era":
+                era_metadata = poolspace.allocate_era_metadata(backend_of_pool, name, size, chunk)
+            try:
+                tracking = VolumeTracking.create(
+                    directory, device, chosen, chunk, self.cmd, era_metadata=era_metadata
+                )
+            except BaseException:
+                if era_metadata is not None:
+                    poolspace.release_era_metadata(backend_of_pool, name)
+                raise
             try:
                 self.catalog.add_volume(
                     name,
@@ -154,6 +170,8 @@ class VolumeRegistry:
                 )
             except BaseException:
                 tracking.remove()
+                if era_metadata is not None:
+                    poolspace.release_era_metadata(backend_of_pool, name)
                 raise
             self.tracking[name] = tracking
             self.sync_generations(name)
@@ -163,11 +181,16 @@ class VolumeRegistry:
 
     def unprotect(self, name: str) -> None:
         with self.lock:
-            self.catalog.get_volume(name)
+            vol = self.catalog.get_volume(name)
             self.catalog.remove_volume(name, drop_generations=True)
             tracking = self.tracking.pop(name, None)
             if tracking is not None:
                 tracking.remove()
+            if vol.tracker_backend == "era" and vol.pool is not None:
+                try:
+                    poolspace.release_era_metadata(self.pools.backend(vol.pool), name)
+                except BlockguardError as exc:
+                    log.warning("era metadata of %s stays on pool %s: %s", name, vol.pool, exc)
             self.cache.pop(name, None)
             self.lost.pop(name, None)
         self.events.emit(svc.VolumeRemoved(name))
@@ -232,8 +255,12 @@ class VolumeRegistry:
                 return {**group.objectives, "group": vol.group}
         return {}
 
-    def inputs(self, name: str) -> PlanInputs:
-        """Gather what the planner needs now (asks the tracker: a full read for scan)."""
+    def inputs(self, name: str, source: str | None = None) -> PlanInputs:
+        """Gather what the planner needs now (asks the tracker: a full read for scan).
+
+        :param source: a backup's point-in-time copy of the volume (see
+            :meth:`VolumeTracking.change_sets`).
+        """
         vol = self.catalog.get_volume(name)
         if vol.pool is None:
             raise EnvironmentProblem(detail=f"volume {name} has no pool")
@@ -251,7 +278,7 @@ class VolumeRegistry:
                 newest_full = None if view.newest_full is None else view.newest_full.generation_id
                 trusted, problem = tracking.trusted(view.newest.generation_id, newest_full)
                 try:
-                    sets = tracking.change_sets(trusted)
+                    sets = tracking.change_sets(trusted, source)
                 except TrackingLost as exc:
                     problem, sets = exc.message, {}
         exact = view.newest is None or (LAST_BACKUP in sets and LAST_FULL in sets)
