@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Predicted vs measured restore time on real restores (issue 5), in one run.
 
-Run as root on the host: ``.venv/bin/python bench/bench_restore_model.py [--size-mib N]``.
+Run as root on the host: ``.venv/bin/python bench/bench_restore_model.py [--size-mib N]``;
+in the guest: ``scripts/vm run --disk 1G --disk 1G --disk 128M -- .venv/bin/python
+bench/bench_restore_model.py --size-mib 128 --devices /dev/vda /dev/vdb /dev/vdc``.
 
 The pool disk and the restore target are loop devices (``--direct-io=on``); both are
 measured first by the project's probe (the pool disk before its file system is made, so
@@ -77,6 +79,13 @@ def main() -> int:
     ap.add_argument("--chunk-kib", type=int, default=64)
     ap.add_argument("--probe-seconds", type=float, default=1.0)
     ap.add_argument("--tmp", default="/var/tmp")
+    ap.add_argument(
+        "--devices",
+        nargs=3,
+        metavar=("POOL", "TARGET", "SOURCE"),
+        help="use these block devices (wiped!) as pool disk, restore target and source "
+        "volume instead of loop devices; in the guest: --devices /dev/vda /dev/vdb /dev/vdc",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (loop devices, mkfs, mount)", file=sys.stderr)
@@ -87,11 +96,15 @@ def main() -> int:
     cases: list[tuple[str, float, float]] = []
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=args.tmp)))
-        src = stack.enter_context(loop_device(tmp / "source.img", size))
-        pooldev = stack.enter_context(loop_device(tmp / "pool.img", 3 * size + 512 * MiB))
-        target = stack.enter_context(loop_device(tmp / "target.img", size))
-        # Sparse loop files read holes at memory speed; real disks have data everywhere.
-        fill_random(pooldev, 3 * size + 512 * MiB)
+        if args.devices:
+            pooldev, target, src = args.devices
+        else:
+            src = stack.enter_context(loop_device(tmp / "source.img", size))
+            pooldev = stack.enter_context(loop_device(tmp / "pool.img", 3 * size + 512 * MiB))
+            target = stack.enter_context(loop_device(tmp / "target.img", size))
+        # Sparse files read holes at memory speed; real disks have data everywhere.
+        with BlockDevice(pooldev) as d:
+            fill_random(pooldev, d.size - d.size % (8 * MiB))
         fill_random(target, size)
         pool_speed = speed_of(pooldev, chunk, args.probe_seconds)
         target_speed = speed_of(target, chunk, args.probe_seconds)

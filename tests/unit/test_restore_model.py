@@ -19,6 +19,8 @@ from blockguard.core.perftable import (
     Transport,
 )
 from blockguard.core.restore_model import (
+    CORRECTION_MAX,
+    CORRECTION_MIN,
     BackupMethod,
     Chain,
     ChangeSets,
@@ -169,8 +171,10 @@ def test_correction_is_the_median_of_recent_ratios() -> None:
 def test_correction_is_clamped_and_ignores_empty_samples() -> None:
     assert correction_factor([]) == 1.0
     assert correction_factor([RestoreSample(0, 50), RestoreSample(10, 0)]) == 1.0
-    assert correction_factor([RestoreSample(100, 1)] * 3) == 0.5
-    assert correction_factor([RestoreSample(1, 100)] * 3) == 4.0
+    assert correction_factor([RestoreSample(100, 1)] * 3) == CORRECTION_MIN == 0.5
+    assert correction_factor([RestoreSample(1, 100)] * 3) == CORRECTION_MAX == 10.0
+    # A steady slowdown inside the range is learnt as it is, not cut off.
+    assert correction_factor([RestoreSample(1, 4.6)] * 3) == pytest.approx(4.6)
 
 
 def test_correction_multiplies_the_estimate() -> None:
