@@ -30,6 +30,7 @@ from blockguard.core.catalog import Catalog
 from blockguard.daemon import service as svc
 from blockguard.daemon.engine import ids
 from blockguard.daemon.engine.backups import back_up
+from blockguard.daemon.engine.cmdguard import GuardedRunner
 from blockguard.daemon.engine.events import EventHub
 from blockguard.daemon.engine.jobbook import JobBook
 from blockguard.daemon.engine.pools import PoolRegistry
@@ -44,7 +45,6 @@ from blockguard.daemon.engine.settings import Settings
 from blockguard.daemon.engine.volumes import VolumeRegistry
 from blockguard.daemon.jobs import Job, JobKind, JobRunner, JobState, ProgressReporter
 from blockguard.errors import BlockguardError, Busy, EnvironmentProblem, NotFound
-from blockguard.storage.runner import default_runner
 from blockguard.storage.snapshot import recover_stale_points_in_time
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,8 @@ class Engine:
         self.runner = runner
         self.settings = settings or Settings.from_env(self.state_dir)
         self.events = EventHub()
-        self.cmd = default_runner()
+        # One runner for the daemon (one flight recorder), guarded: see cmdguard.
+        self.cmd = GuardedRunner()
         self._lock = threading.RLock()
         self._lock_fd: int | None = None
         self._serial = itertools.count(1)

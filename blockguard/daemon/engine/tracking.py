@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from blockguard.daemon.engine.cmdguard import exclusive
 from blockguard.errors import (
     BlockguardError,
     CorruptMetadata,
@@ -166,9 +167,10 @@ class VolumeTracking:
 
             if era_metadata is None:
                 raise EnvironmentProblem(detail="era tracking needs metadata space on the pool")
-            tracker = EraTracker.protect(
-                device, era_metadata, state, chunk_size, name=directory.name, runner=cmd
-            )
+            with exclusive(cmd):
+                tracker = EraTracker.protect(
+                    device, era_metadata, state, chunk_size, name=directory.name, runner=cmd
+                )
         else:
             from blockguard.storage.tracking.thin import ThinTracker
 
@@ -193,8 +195,9 @@ class VolumeTracking:
         elif backend == "era":
             from blockguard.storage.tracking.era import EraTracker
 
-            tracker = EraTracker.open(state, cmd)
-            _resume_if_suspended(tracker.device, cmd)
+            with exclusive(cmd):
+                tracker = EraTracker.open(state, cmd)
+                _resume_if_suspended(tracker.device, cmd)
         elif backend == "thin":
             from blockguard.storage.tracking.thin import ThinTracker
 
@@ -210,7 +213,8 @@ class VolumeTracking:
         detach = getattr(self.tracker, "detach", None)
         if detach is not None:
             try:
-                detach()
+                with exclusive(self.cmd):
+                    detach()
             except BlockguardError as exc:
                 log.warning("detaching the tracker of %s: %s", self.directory.name, exc)
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -309,16 +313,20 @@ class VolumeTracking:
                     "store on an lvm pool"
                 )
             era = self.tracker
-            copy = pit.DmSnapshotPointInTime(
-                era.device,  # type: ignore[attr-defined]
-                cow(cow_size),
-                tracker=era,  # type: ignore[arg-type]
-                name=ref,
-                runner=self.cmd,
-            )
+            store = cow(cow_size)
+            with exclusive(self.cmd):
+                copy = pit.DmSnapshotPointInTime(
+                    era.device,  # type: ignore[attr-defined]
+                    store,
+                    tracker=era,  # type: ignore[arg-type]
+                    name=ref,
+                    runner=self.cmd,
+                )
             return PointInTime(copy.source, ref, copy)
         if cow is not None and _linear_dm(device, self.cmd):
-            copy = pit.DmSnapshotPointInTime(device, cow(cow_size), runner=self.cmd)
+            store = cow(cow_size)
+            with exclusive(self.cmd):
+                copy = pit.DmSnapshotPointInTime(device, store, runner=self.cmd)
             return PointInTime(copy.source, ref, copy)
         return PointInTime(device, ref)
 
@@ -345,7 +353,8 @@ class VolumeTracking:
     def end_point(self, point: PointInTime) -> None:
         """Release the copy (always, committed or not): the volume gets its table back."""
         if point.copy is not None:
-            point.copy.release()
+            with exclusive(self.cmd):
+                point.copy.release()
 
     def abort_point(self, point: PointInTime) -> None:
         """After a failed backup: release the copy and drop the reference it would be."""
