@@ -63,35 +63,44 @@ def pit_layers() -> list[str]:
     return [n for n in dm_names() if n.startswith(PREFIX)]
 
 
-def resume_suspended() -> list[str]:
-    """Resume every suspended dm device (a test that failed half-way must not leave
-    writers blocked in the kernel: the guest could not even power off)."""
+def suspended() -> list[str]:
+    """The dm devices that are suspended now."""
     out = sh("dmsetup", "info", "-c", "--noheadings", "-o", "name,attr", "--separator", ":",
              check=False)  # fmt: skip
-    resumed = []
+    found = []
     for line in out.splitlines():
         name, _, attr = line.strip().rpartition(":")
         if name and "s" in attr:
-            sh("dmsetup", "resume", name, check=False)
-            resumed.append(name)
-    return resumed
+            found.append(name)
+    return found
+
+
+def resume_suspended() -> list[str]:
+    """Resume every suspended dm device (a test that failed half-way must not leave
+    writers blocked in the kernel: the guest could not even power off)."""
+    names = suspended()
+    for name in names:
+        sh("dmsetup", "resume", name, check=False)
+    return names
 
 
 def save_diagnostics(harness: EngineHarness, directory: Path) -> None:
     """Daemon logs (with a stack dump of any daemon still running) and the kernel's dm
     state, for a failure in the guest to be read on the host."""
     directory.mkdir(parents=True, exist_ok=True)
-    for daemon in harness.daemons:
-        if daemon.process.poll() is None:
-            daemon.process.send_signal(signal.SIGUSR1)  # faulthandler: every thread's stack
-    time.sleep(1)
+    running = [d for d in harness.daemons if d.process.poll() is None]
+    for daemon in running:
+        daemon.process.send_signal(signal.SIGUSR1)  # faulthandler: every thread's stack
+    if running:
+        time.sleep(1)
     for n, daemon in enumerate(harness.daemons):
         with contextlib.suppress(OSError):
             shutil.copy(daemon.log_path, directory / f"blockguardd-{n}.log")
-    # Tasks blocked in the kernel (a hung suspend or resume) into the kernel log.
-    with contextlib.suppress(OSError), open("/proc/sysrq-trigger", "w") as f:
-        f.write("w")
-    time.sleep(0.5)
+    if suspended():
+        # Tasks blocked in the kernel (a hung suspend or resume) into the kernel log.
+        with contextlib.suppress(OSError), open("/proc/sysrq-trigger", "w") as f:
+            f.write("w")
+        time.sleep(0.5)
     state = [["dmsetup", "info", "-c"], ["dmsetup", "table"], ["dmesg"]]
     (directory / "dm.txt").write_text(
         "\n".join(f"$ {' '.join(argv)}\n{sh(*argv, check=False)}" for argv in state)

@@ -58,8 +58,8 @@ POOL_VG = "bg_p1"
 SPEED = str(2 * MiB)
 #: The writer's region: inside region A, which every round rewrites.
 W_OFF, W_LEN = 0, 512 << 10
-A = (0, 3 * MiB // 2)
-B = (8 * MiB, 3 * MiB)
+A = (0, 5 * MiB // 2)
+B = (8 * MiB, 2 * MiB)
 C = (2 * MiB, 12 * MiB)
 VOLS = ("thick", "thin")
 
@@ -328,11 +328,9 @@ def test_lvm_pool_era_and_thin_over_dbus(world: World, engine: EngineHarness) ->
         both = dict.fromkeys(VOLS)
         steps: list[tuple[str, list[tuple[int, int]]]] = [
             ("full", [(0, SIZE)]),  # no full yet
-            ("incremental", [A]),  # chain 1.5 MiB: 0.75 s
-            ("incremental", [A]),  # chain 3 MiB: 1.5 s
-            ("differential", [A]),  # chain 4.5 MiB > 2 s; differential 1.5 MiB
-            ("full", [A, B]),  # differential 4.5 MiB and chain 6 MiB: both > 2 s
-            ("incremental", [A]),
+            ("incremental", [A]),  # chain 2.5 MiB: 1.25 s
+            ("differential", [A]),  # chain 5 MiB: 2.5 s > 2 s; differential 2.5 MiB
+            ("full", [A, B]),  # differential 4.5 MiB and chain 7 MiB: both > 2 s
         ]
         for n, (method, writes) in enumerate(steps):
             for vol in VOLS:
@@ -346,22 +344,22 @@ def test_lvm_pool_era_and_thin_over_dbus(world: World, engine: EngineHarness) ->
             assert [g[1] for g in gens] == [m for m, _ in steps]
         assert pit_layers() == [] and not {n for n in pool_lvs() if n.startswith("cow-")}
         # Swap-in of the differential: a thin snapshot of its full with the delta applied.
-        swapped = restore(client, world, {"thick": history[3]["thick"].generation}, "swap-in")
-        assert sha(read_all(swapped["thick"]["target"])) == history[3]["thick"].digest
+        swapped = restore(client, world, {"thick": history[2]["thick"].generation}, "swap-in")
+        assert sha(read_all(swapped["thick"]["target"])) == history[2]["thick"].digest
         verify = wait_jobs(
-            client, {"thin": client.call("Verify", "s", history[2]["thin"].generation)}
+            client, {"thin": client.call("Verify", "s", history[1]["thin"].generation)}
         )
         assert verify["thin"]["State"] == "done" and verify["thin"]["Result"]["ok"] is True
         t1 = time.monotonic()
         daemon.stop()
 
     # --- a full exception store, then kill -9 in the middle of two backups -----------------
-    daemon = engine.start(**env, BLOCKGUARD_TEST_BACKUP_DELAY="2", BLOCKGUARD_COW_SIZE=str(MiB))
+    daemon = engine.start(**env, BLOCKGUARD_TEST_BACKUP_DELAY="1.5", BLOCKGUARD_COW_SIZE=str(MiB))
     era_table = sh("dmsetup", "table", f"{VG}-thick")
     with Client(daemon.address) as client:
         for vol in VOLS:
             write_span(world.volumes[vol], *C, seed=7 + len(vol))
-        # 12 MiB to copy (two extents, a 2 s pause after the first): 4 MiB written then
+        # 12 MiB to copy (two extents, a pause after the first): 4 MiB written then
         # overflow the 1 MiB store; the volume takes every write and the backup fails.
         job = client.call("BackupNow", "s", "thick")
         wait_running(client, {"thick": job})
@@ -406,11 +404,11 @@ def test_lvm_pool_era_and_thin_over_dbus(world: World, engine: EngineHarness) ->
         for vol in VOLS:
             gens = plain(client.call("ListGenerations", "s", vol))
             assert [g[0] for g in gens] == [h[vol].generation for h in history]
-        # Committed generations restore bit-exact: the newest and an older incremental.
-        for n in (len(history) - 1, 2):
-            restore(client, world, {v: history[n][v].generation for v in VOLS})
-            for vol in VOLS:
-                assert sha(read_all(world.targets[vol])) == history[n][vol].digest
+        # Committed generations restore bit-exact: the newest full, an older incremental.
+        kept = {"thick": history[-1]["thick"], "thin": history[1]["thin"]}
+        restore(client, world, {v: p.generation for v, p in kept.items()})
+        for vol, p in kept.items():
+            assert sha(read_all(world.targets[vol])) == p.digest
         # Tracking continued and is exact: the changes since the last backup are exactly
         # the writes after its point (the writer's), C, the overflow's and the killed run's.
         for vol in VOLS:
@@ -425,6 +423,12 @@ def test_lvm_pool_era_and_thin_over_dbus(world: World, engine: EngineHarness) ->
         # The next backups (writes going on) are correct.
         after = back_up(client, world, dict.fromkeys(VOLS), seed=5000)
         resolve(client, world, [after])
+        # Unprotect gives the LV its own table back, and the pool its metadata space.
+        before = read_all(world.volumes["thick"])
+        client.call("Unprotect", "s", "thick")
+        assert dm_type(f"{VG}-thick") == "linear" and "era-thick" not in pool_lvs()
+        assert not [n for n in dm_names() if n.startswith("blockguard-")]
+        assert read_all(world.volumes["thick"]) == before
     assert "Traceback" not in daemon.log()
     t3 = time.monotonic()
     print(f"guest times: history {t1 - t0:.1f}s, overflow+kill {t2 - t1:.1f}s, "

@@ -8,6 +8,12 @@ reference stands for which generation: ``last-backup`` (the newest generation) a
 generation and after the tracker holds the new reference, so after a crash anywhere a
 role either still names the generation its reference describes, or it names an older one
 than the pool's newest — then the role is not trusted and the next backup is a full.
+
+Era tracking keeps its metadata on an LV of the volume's lvm pool (see ``poolspace``);
+with a ``dir`` pool it is not offered (scan is chosen instead, and asking for era is
+refused). A backup's point in time is a copy from :mod:`blockguard.storage.snapshot`
+(:meth:`VolumeTracking.begin_point`); table swaps run under the runner's exclusive
+section (see ``cmdguard``).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +46,8 @@ from blockguard.storage.tracking.scan import ScanTracker
 log = logging.getLogger(__name__)
 
 TRACKING_BACKENDS = ("scan", "era", "thin")
+#: Held while a thin pool's metadata snapshot is reserved (see change_sets).
+_THIN_METADATA = threading.Lock()
 ROLES_FILE = "roles.json"
 LAST_BACKUP = "last-backup"
 LAST_FULL = "last-full"
@@ -139,6 +148,7 @@ class VolumeTracking:
         self.directory = directory
         self.tracker = tracker
         self.cmd = cmd
+        self._reading = threading.Lock()
 
     @property
     def backend(self) -> str:
@@ -283,7 +293,11 @@ class VolumeTracking:
         tracker = self.tracker
         if source is not None and isinstance(tracker, ScanTracker) and source != tracker.volume:
             tracker = ScanTracker(source, tracker.state_dir, tracker.chunk_size)
-        by_ref = tracker.changed_many(sorted(set(refs.values())))
+        # dm holds one metadata snapshot at a time: per era device, and per thin pool (which
+        # thin volumes share); a second reservation fails and tracking would be lost.
+        guard = _THIN_METADATA if self.backend == "thin" else self._reading
+        with guard:
+            by_ref = tracker.changed_many(sorted(set(refs.values())))
         return {role: by_ref[ref] for role, ref in refs.items()}
 
     # --- a backup's point in time ----------------------------------------------------
