@@ -20,10 +20,12 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
+from typing import cast
 
 from blockguard.errors import EnvironmentProblem, NotABlockDevice
 from blockguard.storage.blockdev import BlockDevice
 from blockguard.storage.pool.base import PoolBackend
+from blockguard.storage.pool.lvmpool import LvmPool
 from blockguard.storage.snapshot import CowStore
 from blockguard.storage.tracking.era import era_metadata_size
 
@@ -43,12 +45,16 @@ def is_lvm(pool: PoolBackend) -> bool:
     return pool.kind == "lvm"
 
 
+def _lvm(pool: PoolBackend) -> LvmPool:
+    return cast(LvmPool, pool)
+
+
 def era_lv_name(volume: str) -> str:
     return (ERA_PREFIX + _LV_UNSAFE.sub("_", volume))[:120]
 
 
 def _lv_path(pool: PoolBackend, lv: str) -> str:
-    return f"/dev/{pool.vg}/{lv}"  # type: ignore[attr-defined]  # lvm pools only
+    return f"/dev/{_lvm(pool).vg}/{lv}"
 
 
 def allocate_era_metadata(pool: PoolBackend, volume: str, volume_size: int, chunk: int) -> str:
@@ -68,8 +74,8 @@ def allocate_era_metadata(pool: PoolBackend, volume: str, volume_size: int, chun
     size = era_metadata_size(volume_size, chunk)
     release_era_metadata(pool, volume)
     pool.require_space(size, volume)
-    lvm = pool.lvm  # type: ignore[attr-defined]
-    lvm.lvm("lvcreate", "-qq", "-y", "-Wy", "-Zy", "-L", f"{size}b", "-n", lv, pool.vg)  # type: ignore[attr-defined]
+    vg = _lvm(pool).vg
+    _lvm(pool).lvm.lvm("lvcreate", "-qq", "-y", "-Wy", "-Zy", "-L", f"{size}b", "-n", lv, vg)
     try:
         return era_metadata_device(pool, volume)
     except BaseException:
@@ -86,7 +92,7 @@ def era_metadata_device(pool: PoolBackend, volume: str) -> str:
             return path
     except NotABlockDevice:
         log.info("activating era metadata %s", path)
-    pool.lvm.lvm("lvchange", "-qq", "-ay", f"{pool.vg}/{lv}")  # type: ignore[attr-defined]
+    _lvm(pool).lvm.lvm("lvchange", "-qq", "-ay", f"{_lvm(pool).vg}/{lv}")
     with BlockDevice(path):
         return path
 
@@ -96,8 +102,9 @@ def release_era_metadata(pool: PoolBackend, volume: str) -> None:
     if not is_lvm(pool):
         return
     lv = era_lv_name(volume)
-    if pool.lvm.exists(pool.vg, lv):  # type: ignore[attr-defined]
-        pool.lvm.lvm("lvremove", "-qq", "-f", f"{pool.vg}/{lv}")  # type: ignore[attr-defined]
+    lvm_pool = _lvm(pool)
+    if lvm_pool.lvm.exists(lvm_pool.vg, lv):
+        lvm_pool.lvm.lvm("lvremove", "-qq", "-f", f"{lvm_pool.vg}/{lv}")
 
 
 def cow_size(volume_size: int, configured: int) -> int:
@@ -112,4 +119,4 @@ def cow_factory(pool: PoolBackend, label: str) -> CowFactory | None:
     cannot lend block space; the backup then reads the live volume)."""
     if not is_lvm(pool):
         return None
-    return lambda size: pool.cow_store(size, _LV_UNSAFE.sub("_", label))  # type: ignore[attr-defined]
+    return lambda size: _lvm(pool).cow_store(size, _LV_UNSAFE.sub("_", label))
