@@ -35,14 +35,19 @@ class Lvm:
         self.run = runner or default_runner()
         self.devices = list(devices)
 
-    def _config(self) -> list[str]:
-        if not self.devices:
-            return []
-        accept = ", ".join(f'"a|^{d}$|"' for d in self.devices)
-        return ["--config", f'devices {{ filter = [ {accept}, "r|.*|" ] }}']
+    def config_args(self) -> list[str]:
+        """``--config`` arguments every lvm call of blockguard carries."""
+        # Never look into a suspended device: a status query of a suspended dm-era device
+        # blocks in the kernel (seen on 6.1), and the resume that would end the suspension
+        # then hangs behind it. blockguard suspends devices for its point-in-time copies.
+        settings = "ignore_suspended_devices = 1"
+        if self.devices:
+            accept = ", ".join(f'"a|^{d}$|"' for d in self.devices)
+            settings += f' filter = [ {accept}, "r|.*|" ]'
+        return ["--config", f"devices {{ {settings} }}"]
 
     def lvm(self, command: str, *args: str) -> str:
-        return self.run.run(["lvm", command, *self._config(), *args], timeout=TIMEOUT).stdout
+        return self.run.run(["lvm", command, *self.config_args(), *args], timeout=TIMEOUT).stdout
 
     def lv(self, vg: str, lv: str) -> LvInfo:
         """Facts about VG/LV.
@@ -50,7 +55,7 @@ class Lvm:
         :raises NotFound: no such LV.
         """
         res = self.run.run(
-            ["lvm", "lvs", *self._config(), "--noheadings", "--nosuffix", "--units", "b",
+            ["lvm", "lvs", *self.config_args(), "--noheadings", "--nosuffix", "--units", "b",
              "--separator", "|", "-o",
              "vg_name,lv_name,lv_size,segtype,pool_lv,thin_id,data_percent,metadata_percent,"
              "lv_dm_path", f"{vg}/{lv}"],

@@ -38,6 +38,7 @@ from blockguard.errors import (
 from blockguard.storage import snapshot as pit
 from blockguard.storage.blockdev import device_rdev
 from blockguard.storage.dm import DeviceMapper
+from blockguard.storage.lvm import Lvm
 from blockguard.storage.manifest import write_atomic
 from blockguard.storage.runner import Runner
 from blockguard.storage.tracking import ChangeSet, ChangeTracker, ChunkHashes
@@ -70,7 +71,14 @@ def _thin_lv(device: str, cmd: Runner) -> tuple[str, str] | None:
     """``(vg, lv)`` if ``device`` is an LVM thin volume."""
     try:
         out = cmd.run(
-            ["lvs", "--noheadings", "-o", "vg_name,lv_name,segtype", device],
+            [
+                "lvs",
+                *Lvm(cmd).config_args(),
+                "--noheadings",
+                "-o",
+                "vg_name,lv_name,segtype",
+                device,
+            ],
             timeout=30,
             check=False,
         )

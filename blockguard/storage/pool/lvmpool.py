@@ -305,10 +305,10 @@ class LvmPool(PoolBackend):
         if info is not None and f"{info.major}:{info.minor}" in mnt:
             self.runner.run(["umount", mnt[f"{info.major}:{info.minor}"]], timeout=120)
         self._mounted_by_me = False
-        self.runner.run(["lvm", "vgremove", *self.lvm._config(), "-ff", "-y", self.vg],
+        self.runner.run(["lvm", "vgremove", *self.lvm.config_args(), "-ff", "-y", self.vg],
                         timeout=300, check=False)  # fmt: skip
         if self.lvm.devices:
-            self.runner.run(["lvm", "pvremove", *self.lvm._config(), "-ff", "-y",
+            self.runner.run(["lvm", "pvremove", *self.lvm.config_args(), "-ff", "-y",
                              *self.lvm.devices], timeout=300, check=False)  # fmt: skip
 
     def add_device(
@@ -414,7 +414,7 @@ class LvmPool(PoolBackend):
 
     def _vg_space(self) -> tuple[int, int]:
         res = self.runner.run(
-            ["lvm", "vgs", *self.lvm._config(), "--noheadings", "--nosuffix", "--units", "b",
+            ["lvm", "vgs", *self.lvm.config_args(), "--noheadings", "--nosuffix", "--units", "b",
              "--separator", "|", "-o", "vg_size,vg_free", self.vg],
             timeout=120, check=False,
         )  # fmt: skip
