@@ -214,7 +214,12 @@ def test_in_place_needs_force_and_refuses_mounted(pool: DirPool, loopdev, tmp_pa
     m = run_backup(pool, ident, orig, "full", None, chunk_size=CHUNK).manifest
     with pytest.raises(InvalidInput, match="needs force"):
         restore_in_place(pool, "vol0", m.generation_id, orig)
-    subprocess.run(["mkfs.ext4", "-q", orig], check=True, timeout=60)
+    # No lazy init: ext4lazyinit would write inode tables behind our back after mounting.
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", orig],
+        check=True,
+        timeout=60,
+    )
     mnt = tmp_path / "m"
     mnt.mkdir()
     subprocess.run(["mount", orig, str(mnt)], check=True, timeout=60)
