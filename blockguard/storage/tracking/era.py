@@ -44,6 +44,7 @@ from blockguard.errors import (
 )
 from blockguard.storage.blockdev import BlockDevice, device_rdev
 from blockguard.storage.dm import DeviceMapper
+from blockguard.storage.manifest import write_atomic
 from blockguard.storage.runner import Runner, default_runner
 from blockguard.storage.tracking.base import (
     ChangeSet,
@@ -416,17 +417,8 @@ class EraTracker(ChangeTracker):
 
     def _save(self) -> None:
         self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self._dir / "era.json.tmp"
-        with open(tmp, "w") as f:
-            json.dump(asdict(self._s), f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._dir / "era.json")
-        fd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        doc = json.dumps(asdict(self._s), indent=1, sort_keys=True).encode()
+        write_atomic(self._dir / "era.json", doc)  # tmp, fsync, rename, fsync the directory
 
 
 def parse_era_invalidate(xml_text: str) -> BitMap:

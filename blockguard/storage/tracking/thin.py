@@ -34,6 +34,7 @@ from blockguard.errors import (
 from blockguard.storage.blockdev import BlockDevice
 from blockguard.storage.dm import DeviceMapper
 from blockguard.storage.lvm import Lvm
+from blockguard.storage.manifest import write_atomic
 from blockguard.storage.runner import Runner, default_runner
 from blockguard.storage.tracking.base import (
     ChangeSet,
@@ -285,12 +286,8 @@ class ThinTracker(ChangeTracker):
 
     def _save(self) -> None:
         self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self._dir / "thin.json.tmp"
-        with open(tmp, "w") as f:
-            json.dump(asdict(self._s), f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._dir / "thin.json")
+        doc = json.dumps(asdict(self._s), indent=1, sort_keys=True).encode()
+        write_atomic(self._dir / "thin.json", doc)  # tmp, fsync, rename, fsync the directory
 
 
 def parse_thin_delta(xml_text: str) -> list[tuple[int, int]]:
