@@ -21,15 +21,22 @@ from __future__ import annotations
 import array
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 from pyroaring import BitMap
 
 from blockguard.core.retention import GenerationRef, select_for_deletion
 from blockguard.errors import CorruptMetadata, NotFound, PoolSpaceLow
-from blockguard.storage.manifest import GenerationKind, Manifest, VolumeIdentity
+from blockguard.storage.manifest import (
+    MANIFEST_NAME,
+    GenerationKind,
+    Manifest,
+    VolumeIdentity,
+    read_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +74,32 @@ class SpaceAlert:
 
 
 AlertCallback = Callable[[SpaceAlert], None]
+#: Name suffix of a generation directory whose removal was committed.
+DELETED_SUFFIX = ".deleted"
+
+
+@dataclass(frozen=True)
+class DamagedGeneration:
+    """A generation the pool holds but cannot use as it is.
+
+    :param generation_id: the pool's id (the directory name when the manifest is unreadable).
+    :param reason: what is wrong, for a person.
+    :param manifest: the manifest when it could be read (then something else is damaged,
+        e.g. its data file is missing), else None.
+    """
+
+    volume: str
+    generation_id: str
+    reason: str
+    manifest: Manifest | None = None
+
+
+@dataclass(frozen=True)
+class PoolScan:
+    """What a pool holds of one volume (or all): good manifests and damaged entries."""
+
+    manifests: list[Manifest]
+    damaged: list[DamagedGeneration] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -230,6 +263,15 @@ class PoolBackend(ABC):
     def generations(self, volume: str | None = None) -> list[Manifest]:
         """Committed generations (of one volume, or all), oldest first, from the pool."""
 
+    def scan(self, volume: str | None = None) -> PoolScan:
+        """Good manifests and damaged entries (unreadable manifest, missing data file).
+
+        Backends that can tell override this; damaged entries are reported here only,
+        so the daemon learns about them in one place. Readable manifests of damaged
+        entries are also in :meth:`generations` (storage code may still remove them).
+        """
+        return PoolScan(self.generations(volume))
+
     @abstractmethod
     def open_generation(self, manifest: Manifest) -> GenerationReader: ...
 
@@ -330,10 +372,22 @@ class PoolBackend(ABC):
         return max(m.bytes_stored for m in gens[-4:])
 
     def apply_retention(self, volume: str, keep: int) -> RetentionResult:
-        """Keep the ``keep`` newest generations of ``volume`` and their dependencies."""
+        """Keep the ``keep`` newest generations of ``volume`` and their dependencies.
+
+        Empty deltas do not count (see :mod:`blockguard.core.retention`). Damaged
+        generations whose manifest cannot be read are not seen here and stay until
+        removed by hand: nothing tells what depends on them.
+        """
         gens = self.generations(volume)
         refs = [
-            GenerationRef(m.generation_id, m.kind.value, m.base_id, m.parent_id, m.created)
+            GenerationRef(
+                m.generation_id,
+                m.kind.value,
+                m.base_id,
+                m.parent_id,
+                m.created,
+                empty=not m.is_full and not m.changed,
+            )
             for m in gens
         ]
         doomed = select_for_deletion(refs, keep)
@@ -344,3 +398,60 @@ class PoolBackend(ABC):
         freed.reverse()
         after = self.capacity().free if freed else before
         return RetentionResult(freed, max(0, after - before))
+
+
+def scan_generation_dirs(
+    volume_dirs: Iterable[Path], files_problem: Callable[[Path, Manifest], str | None]
+) -> PoolScan:
+    """Read the committed generation directories of some volumes (shared by file backends).
+
+    A directory with a manifest is committed; an unreadable manifest, or a readable one
+    whose files ``files_problem`` finds wrong, is reported as damaged (never removed:
+    the garbage collector only takes what was never committed).
+    """
+    good: list[Manifest] = []
+    damaged: list[DamagedGeneration] = []
+    for vol in volume_dirs:
+        try:
+            gens = sorted(p for p in vol.iterdir() if p.is_dir() and not p.is_symlink())
+        except FileNotFoundError:
+            continue
+        for gen in gens:
+            if gen.name.endswith(DELETED_SUFFIX) or not (gen / MANIFEST_NAME).exists():
+                continue
+            try:
+                manifest = read_manifest(gen)
+            except CorruptMetadata as exc:
+                log.error("%s", exc)
+                damaged.append(
+                    DamagedGeneration(vol.name, gen.name, f"its manifest is unreadable: {exc}")
+                )
+                continue
+            problem = files_problem(gen, manifest)
+            if problem:
+                log.error("generation %s/%s is damaged: %s", vol.name, gen.name, problem)
+                damaged.append(DamagedGeneration(vol.name, gen.name, problem, manifest))
+            else:
+                good.append(manifest)
+    good.sort(key=lambda m: (m.created, m.generation_id))
+    damaged.sort(key=lambda d: d.generation_id)
+    return PoolScan(good, damaged)
+
+
+def file_problem(path: Path, what: str, min_size: int, exact: bool = False) -> str | None:
+    """Why a generation's file cannot be what its manifest says, or None (one stat)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return f"its {what} {path.name} is missing"
+    except OSError as exc:
+        return f"its {what} {path.name} cannot be read: {exc.strerror or exc}"
+    if size < min_size or (exact and size != min_size):
+        return f"its {what} {path.name} has {size} bytes, {min_size} expected"
+    return None
+
+
+def manifests_of(scan: PoolScan) -> list[Manifest]:
+    """Every readable manifest of a scan (good and damaged), oldest first."""
+    found = scan.manifests + [d.manifest for d in scan.damaged if d.manifest is not None]
+    return sorted(found, key=lambda m: (m.created, m.generation_id))

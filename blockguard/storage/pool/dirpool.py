@@ -47,7 +47,6 @@ from blockguard.storage.manifest import (
     crash_point,
     fsync_dir,
     new_generation_id,
-    read_manifest,
     write_atomic,
 )
 from blockguard.storage.pool.base import (
@@ -58,9 +57,14 @@ from blockguard.storage.pool.base import (
     PoolBackend,
     PoolCapacity,
     PoolDevice,
+    PoolScan,
     SwapInVolume,
+    file_problem,
+    manifests_of,
+    scan_generation_dirs,
 )
 from blockguard.storage.pool.dirgen import (
+    CHECKSUMS,
     DATA_FULL,
     LOCK,
     DirGenerationReader,
@@ -259,21 +263,28 @@ class DirPool(PoolBackend):
     # --- generations ----------------------------------------------------------------
 
     def generations(self, volume: str | None = None) -> list[Manifest]:
-        found: list[Manifest] = []
-        damaged: list[str] = []
+        return manifests_of(self.scan(volume))
+
+    def scan(self, volume: str | None = None) -> PoolScan:
+        vols = [
+            vol
+            for _, mnt in self._areas
+            for vol in ([mnt / "volumes" / volume] if volume else _subdirs(mnt / "volumes"))
+        ]
+        found = scan_generation_dirs(vols, _files_problem)
+        self.damaged = [
+            str(self._damaged_dir(d.volume, d.generation_id))
+            for d in found.damaged
+            if d.manifest is None
+        ]
+        return found
+
+    def _damaged_dir(self, volume: str, generation_id: str) -> Path:
         for _, mnt in self._areas:
-            vols = [mnt / "volumes" / volume] if volume else _subdirs(mnt / "volumes")
-            for vol in vols:
-                for gen in _subdirs(vol):
-                    if gen.name.endswith(DELETED) or not (gen / MANIFEST_NAME).exists():
-                        continue
-                    try:
-                        found.append(read_manifest(gen))
-                    except CorruptMetadata as exc:
-                        log.error("%s", exc)
-                        damaged.append(str(gen))
-        self.damaged = damaged
-        return sorted(found, key=lambda m: (m.created, m.generation_id))
+            d = mnt / "volumes" / volume / generation_id
+            if d.exists():
+                return d
+        return Path(volume, generation_id)
 
     def _gen_dir(self, volume: str, generation_id: str) -> Path:
         check_name(volume, "volume name")
@@ -409,6 +420,22 @@ def _subdirs(path: Path) -> list[Path]:
         return sorted(p for p in path.iterdir() if p.is_dir() and not p.is_symlink())
     except FileNotFoundError:
         return []
+
+
+def _files_problem(gen: Path, m: Manifest) -> str | None:
+    """A committed generation's data and checksum files, as its manifest describes them."""
+    if m.is_full:
+        data_min = m.volume.size
+    else:
+        data_min = 0 if not m.changed else (len(m.changed) - 1) * m.chunk_size + 1
+    return file_problem(gen / m.storage.get("data", DATA_FULL), "data file", data_min) or (
+        file_problem(
+            gen / m.storage.get("checksums", CHECKSUMS),
+            "checksum array",
+            8 * m.checksum_count,
+            exact=True,
+        )
+    )
 
 
 def _read_pool_file(mnt: Path) -> dict[str, str]:

@@ -69,7 +69,6 @@ from blockguard.storage.manifest import (
     crash_point,
     fsync_dir,
     new_generation_id,
-    read_manifest,
     write_atomic,
 )
 from blockguard.storage.pool.base import (
@@ -80,9 +79,13 @@ from blockguard.storage.pool.base import (
     PoolBackend,
     PoolCapacity,
     PoolDevice,
+    PoolScan,
     SwapInVolume,
+    file_problem,
+    manifests_of,
+    scan_generation_dirs,
 )
-from blockguard.storage.pool.dirgen import LOCK, writer_alive
+from blockguard.storage.pool.dirgen import CHECKSUMS, LOCK, writer_alive
 from blockguard.storage.pool.lvmgen import (
     LvCowStore,
     LvmGenerationReader,
@@ -537,20 +540,13 @@ class LvmPool(PoolBackend):
     # --- generations ----------------------------------------------------------------
 
     def generations(self, volume: str | None = None) -> list[Manifest]:
-        found: list[Manifest] = []
-        damaged: list[str] = []
+        return manifests_of(self.scan(volume))
+
+    def scan(self, volume: str | None = None) -> PoolScan:
         root = self.meta_dir / "volumes"
-        for vol in [root / volume] if volume else _subdirs(root):
-            for gen in _subdirs(vol):
-                if gen.name.endswith(DELETED) or not (gen / MANIFEST_NAME).exists():
-                    continue
-                try:
-                    found.append(read_manifest(gen))
-                except CorruptMetadata as exc:
-                    log.error("%s", exc)
-                    damaged.append(str(gen))
-        self.damaged = damaged
-        return sorted(found, key=lambda m: (m.created, m.generation_id))
+        found = scan_generation_dirs([root / volume] if volume else _subdirs(root), _files_problem)
+        self.damaged = [str(root / d.volume / d.generation_id) for d in found.damaged]
+        return found
 
     def _gen_dir(self, volume: str, generation_id: str) -> Path:
         check_name(volume, "volume name")
@@ -732,3 +728,13 @@ def _read_pool_file(meta: Path) -> dict[str, object]:
     if not isinstance(info, dict) or info.get("format") != POOL_FORMAT:
         raise CorruptMetadata(what=str(meta / POOL_FILE), detail="not a blockguard lvm pool")
     return info
+
+
+def _files_problem(gen: Path, m: Manifest) -> str | None:
+    """The checksum array on the metadata file system (the data LV is checked on use)."""
+    return file_problem(
+        gen / m.storage.get("checksums", CHECKSUMS),
+        "checksum array",
+        8 * m.checksum_count,
+        exact=True,
+    )
