@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from pyroaring import BitMap
 
-from blockguard.errors import DeviceInUse, DeviceTooSmall, InvalidInput
+from blockguard.errors import CorruptMetadata, DeviceInUse, DeviceTooSmall, InvalidInput
 from blockguard.storage.blockdev import BlockDevice, in_use_reasons
 from blockguard.storage.copyengine import (
     DEFAULT_EXTENT_BYTES,
@@ -55,10 +55,13 @@ class RestoreResult:
 
 @dataclass(frozen=True)
 class VerifyResult:
+    """What a verify read back; ``chain`` lists the generations read, full first."""
+
     generation_id: str
     chunks: int
     bytes: int
     duration: float
+    chain: tuple[str, ...] = ()
 
 
 def plan_chunks(chain: Sequence[Manifest]) -> list[tuple[Manifest, BitMap]]:
@@ -221,6 +224,66 @@ def verify(
             extent_bytes=extent_bytes,
         )
     return VerifyResult(generation_id, len(stored), nbytes, time.monotonic() - started)
+
+
+def verify_chain(
+    pool: PoolBackend,
+    volume: str,
+    generation_id: str,
+    *,
+    progress: Progress | None = None,
+    extent_bytes: int = DEFAULT_EXTENT_BYTES,
+) -> VerifyResult:
+    """Re-read every stored chunk of each generation a restore of this one needs.
+
+    The full comes first, then each delta of the chain; a generation passes only when
+    its whole chain does (a delta whose parent is damaged cannot be restored).
+
+    :raises ChecksumMismatch: naming the first damaged chunk and the generation holding it.
+    :raises CorruptMetadata: a link of the chain is missing, or a generation's checksum
+        array or data is damaged (``generation`` field: that generation's id).
+    """
+    started = time.monotonic()
+    chain = pool.chain(volume, generation_id)
+    progress = progress or Progress()
+    progress.start(sum(_bytes(m, m.stored_chunks()) for m in chain))
+    chunks = nbytes = 0
+    for manifest in chain:
+        stored = manifest.stored_chunks()
+        try:
+            with pool.open_generation(manifest) as reader:
+                items = _merged_items([reader], [stored], extent_bytes)
+                nbytes += copy_chunks(
+                    items,
+                    discard_sink,
+                    chunk_size=manifest.chunk_size,
+                    volume_size=manifest.volume.size,
+                    progress=progress,
+                    extent_bytes=extent_bytes,
+                )
+        except CorruptMetadata as exc:
+            if exc.fields.get("generation"):
+                raise
+            raise CorruptMetadata(
+                what=f"generation {manifest.generation_id}",
+                detail=str(exc),
+                generation=manifest.generation_id,
+            ) from exc
+        except FileNotFoundError as exc:
+            # A data file that vanished: the generation is damaged.
+            raise CorruptMetadata(
+                what=f"generation {manifest.generation_id}",
+                detail=f"its data file is missing: {exc.filename or exc}",
+                generation=manifest.generation_id,
+            ) from exc
+        chunks += len(stored)
+    return VerifyResult(
+        generation_id,
+        chunks,
+        nbytes,
+        time.monotonic() - started,
+        tuple(m.generation_id for m in chain),
+    )
 
 
 def _restore(

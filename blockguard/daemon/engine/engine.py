@@ -317,7 +317,7 @@ class Engine:
         with self._lock:
             volume, _ = ids.split_public_id(generation)
             self.volumes.catalog.get_volume(volume)
-            manifest = find_generation(self.volumes, volume, generation)
+            manifest = find_generation(self.volumes, volume, generation, reverify=True)
 
             def work(progress: ProgressReporter, _record: str) -> dict[str, Any]:
                 return run_verify(volume, manifest, self.volumes, self.pools, progress)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blockguard.core.objectives import IntervalRPO, RecoveryObjectives, parse_objectives
 from blockguard.core.perftable import DeviceSpeed
@@ -29,6 +29,9 @@ from blockguard.core.scheduler import ScheduleDecision, schedule
 from blockguard.errors import InvalidObjectives
 from blockguard.storage.manifest import Manifest
 from blockguard.storage.tracking import ChangeSet
+
+if TYPE_CHECKING:
+    from blockguard.daemon.engine.volumes import VolumeGenerations
 
 #: The keys a client may set; the values are kept as given (strings as typed).
 OBJECTIVE_KEYS = ("rpo", "rto", "restore_mode", "generations", "tz")
@@ -115,6 +118,10 @@ class PlanInputs:
     copy_target: DeviceSpeed
     lost_reason: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: why the next backup must be a full (a corrupt generation in the current chain)
+    full_required: str | None = None
+    #: the pool's generations of the volume, corrupt ones included
+    generations: VolumeGenerations | None = None
 
 
 def correction_from(records: Sequence[Any]) -> float:
@@ -136,6 +143,7 @@ def decide(inputs: PlanInputs) -> PlanDecision:
         candidates=inputs.candidates,
         copy_target=inputs.copy_target,
         correction=inputs.correction,
+        full_required=inputs.full_required,
     )
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
+from blockguard.core.damage import Damage, DamageCause
 from blockguard.core.objectives import RestoreMode
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.restore_model import BackupMethod, Chain, StoredDelta, estimate_chain
@@ -27,6 +28,7 @@ from blockguard.daemon.jobs import ProgressReporter
 from blockguard.errors import (
     BlockguardError,
     ChecksumMismatch,
+    CorruptMetadata,
     DeviceInUse,
     DeviceTooSmall,
     InvalidInput,
@@ -34,7 +36,14 @@ from blockguard.errors import (
 )
 from blockguard.storage.blockdev import BlockDevice, device_rdev, in_use_reasons
 from blockguard.storage.manifest import Manifest
-from blockguard.storage.restore import restore_in_place, restore_to_device, swap_in, verify
+from blockguard.storage.pool.base import PoolBackend
+from blockguard.storage.restore import (
+    RestoreResult,
+    restore_in_place,
+    restore_to_device,
+    swap_in,
+    verify_chain,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,24 +62,60 @@ class RestoreRequest:
     pool: str
 
 
-def find_generation(volumes: VolumeRegistry, volume: str, generation: str) -> Manifest:
-    """The manifest of ``generation`` (``""``: the newest) of ``volume``.
+def find_generation(
+    volumes: VolumeRegistry, volume: str, generation: str, *, reverify: bool = False
+) -> Manifest:
+    """The manifest of ``generation`` (``""``: the newest usable one) of ``volume``.
 
+    :param reverify: for a verify: a generation found corrupt by an earlier verify or
+        restore may be read again (the damage may have been repaired or transient);
+        damage the pool reports (its manifest, checksum array or data file) still refuses.
     :raises NotFound: no such volume or generation.
     :raises InvalidInput: the id is malformed or belongs to another volume.
+    :raises CorruptMetadata: the generation or one it depends on is damaged.
+    :raises ChecksumMismatch: a stored chunk of it was found damaged.
     """
-    manifests = volumes.manifests(volume)
+    gens = volumes.scan(volume)
     if not generation:
-        if not manifests:
+        usable = gens.usable
+        if not usable:
+            if gens.corrupt:
+                newest = max(gens.corrupt)
+                error = gens.error(volume, newest)
+                assert error is not None
+                raise error
             raise NotFound(what="generation of volume", name=volume)
-        return manifests[-1]
+        return usable[-1]
     owner, pool_id = ids.split_public_id(generation)
     if owner != volume:
         raise InvalidInput(detail=f"generation {generation} belongs to volume {owner}")
-    for m in manifests:
+    damage = gens.corrupt.get(pool_id)
+    if damage is not None:
+        found_on_use = damage.source in volumes.found_corrupt.get(volume, {})
+        if not (reverify and found_on_use):
+            error = gens.error(volume, pool_id)
+            assert error is not None
+            raise error
+    for m in gens.manifests:
         if m.generation_id == pool_id:
             return m
     raise NotFound(what="generation", name=generation)
+
+
+def _damage_of(exc: BlockguardError, chain: list[str]) -> tuple[str, Damage] | None:
+    """The chain member an error of a verify or restore blames, and its damage."""
+    if isinstance(exc, ChecksumMismatch):
+        culprit = str(exc.fields.get("generation", ""))
+        chunk = exc.fields.get("chunk")
+        cause, reason = DamageCause.CHECKSUM, f"chunk {chunk} does not match its checksum"
+    elif isinstance(exc, CorruptMetadata):
+        culprit = str(exc.fields.get("generation", ""))
+        chunk, cause, reason = None, DamageCause.METADATA, exc.message
+    else:
+        return None
+    if culprit not in chain:
+        return None
+    return culprit, Damage(culprit, cause, reason, chunk if isinstance(chunk, int) else None)
 
 
 def check_restore(
@@ -161,19 +206,10 @@ def run_restore(
     pool = pools.backend(request.pool)
     gen_id = request.manifest.generation_id
     watch = JobProgress(progress)
-    if request.how == "swap-in":
-        result = swap_in(pool, request.volume, gen_id, progress=watch)
-    elif request.how == "in-place":
-        result = restore_in_place(
-            pool, request.volume, gen_id, request.target, force=force, progress=watch
-        )
-        tracking = volumes.tracking.get(request.volume)
-        if tracking is not None and tracking.backend != "scan":
-            # Only the scan backend compares content; the others saw writes they cannot
-            # attribute (era: they bypassed the era device).
-            tracking.tracker.mark_unknown(f"restored in place from {gen_id}")
-    else:
-        result = restore_to_device(pool, request.volume, gen_id, request.target, progress=watch)
+    try:
+        result = _do_restore(request, volumes, pool, gen_id, watch, force)
+    except (ChecksumMismatch, CorruptMetadata) as exc:
+        _blame(volumes, pool, request.volume, request.manifest, exc)
     public = ids.public_id(request.volume, gen_id)
     volumes.catalog.record_restore(
         request.volume,
@@ -199,6 +235,30 @@ def run_restore(
     }
 
 
+def _do_restore(
+    request: RestoreRequest,
+    volumes: VolumeRegistry,
+    pool: PoolBackend,
+    gen_id: str,
+    watch: JobProgress,
+    force: bool,
+) -> RestoreResult:
+    if request.how == "swap-in":
+        result = swap_in(pool, request.volume, gen_id, progress=watch)
+    elif request.how == "in-place":
+        result = restore_in_place(
+            pool, request.volume, gen_id, request.target, force=force, progress=watch
+        )
+        tracking = volumes.tracking.get(request.volume)
+        if tracking is not None and tracking.backend != "scan":
+            # Only the scan backend compares content; the others saw writes they cannot
+            # attribute (era: they bypassed the era device).
+            tracking.tracker.mark_unknown(f"restored in place from {gen_id}")
+    else:
+        result = restore_to_device(pool, request.volume, gen_id, request.target, progress=watch)
+    return result
+
+
 def run_verify(
     volume: str,
     manifest: Manifest,
@@ -206,21 +266,50 @@ def run_verify(
     pools: PoolRegistry,
     progress: ProgressReporter,
 ) -> dict[str, Any]:
-    """The body of a verify job: re-read every stored chunk of one generation."""
+    """The body of a verify job: re-read every stored chunk of the generation's whole
+    restore chain (its full and every delta it needs).
+
+    A damaged chunk or checksum array marks the generation that holds it corrupt (and
+    with it every generation that depends on it); the error names that generation.
+    """
     pool_name = volumes.catalog.get_volume(volume).pool
     assert pool_name is not None
     public = ids.public_id(volume, manifest.generation_id)
+    pool = pools.backend(pool_name)
     try:
-        result = verify(
-            pools.backend(pool_name), volume, manifest.generation_id, progress=JobProgress(progress)
-        )
-    except ChecksumMismatch:
-        volumes.corrupt.add(public)
-        with contextlib.suppress(BlockguardError):
-            volumes.refresh(volume)
-        raise
-    if public in volumes.corrupt:
-        volumes.corrupt.discard(public)
-        with contextlib.suppress(BlockguardError):
-            volumes.refresh(volume)
-    return {"generation": public, "ok": True, "chunks": result.chunks, "bytes": result.bytes}
+        result = verify_chain(pool, volume, manifest.generation_id, progress=JobProgress(progress))
+    except (ChecksumMismatch, CorruptMetadata) as exc:
+        _blame(volumes, pool, volume, manifest, exc)
+    volumes.clear_corrupt(volume, list(result.chain))
+    return {
+        "generation": public,
+        "ok": True,
+        "chunks": result.chunks,
+        "bytes": result.bytes,
+        "chain": [ids.public_id(volume, g) for g in result.chain],
+    }
+
+
+def _blame(
+    volumes: VolumeRegistry,
+    pool: PoolBackend,
+    volume: str,
+    manifest: Manifest,
+    exc: ChecksumMismatch | CorruptMetadata,
+) -> NoReturn:
+    """Mark the chain member ``exc`` blames corrupt and raise the error, naming it."""
+    try:
+        chain = [m.generation_id for m in pool.chain(volume, manifest.generation_id)]
+    except BlockguardError:
+        chain = [manifest.generation_id]
+    found = _damage_of(exc, chain)
+    if found is None:
+        raise exc
+    culprit, damage = found
+    volumes.mark_corrupt(volume, culprit, damage)
+    public = ids.public_id(volume, culprit)
+    if isinstance(exc, ChecksumMismatch):
+        raise ChecksumMismatch(generation=public, chunk=damage.chunk) from exc
+    raise CorruptMetadata(
+        what=f"generation {public}", detail=str(exc.fields.get("detail", exc)), generation=public
+    ) from exc

@@ -8,16 +8,20 @@ quick. The catalog's generation rows are kept in step with the pool's manifests.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from blockguard.core.catalog import Catalog, DeviceIdentity
+from blockguard.core.damage import Damage, DamageCause, full_required_reason, unusable
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.restore_model import ChangeSets
+from blockguard.core.retention import GenerationRef
 from blockguard.core.scheduler import ScheduleDecision
 from blockguard.daemon import service as svc
 from blockguard.daemon.engine import ids, poolspace
@@ -37,6 +41,8 @@ from blockguard.daemon.engine.tracking import LAST_BACKUP, LAST_FULL, VolumeTrac
 from blockguard.errors import (
     AlreadyExists,
     BlockguardError,
+    ChecksumMismatch,
+    CorruptMetadata,
     EnvironmentProblem,
     InvalidInput,
     NotFound,
@@ -44,6 +50,7 @@ from blockguard.errors import (
 )
 from blockguard.storage.blockdev import BlockDevice
 from blockguard.storage.manifest import Manifest
+from blockguard.storage.pool.base import DamagedGeneration
 from blockguard.storage.runner import Runner
 from blockguard.storage.tracking import DEFAULT_CHUNK_SIZE, check_protectable, validate_chunk_size
 
@@ -66,6 +73,50 @@ def manifest_row(m: Manifest) -> dict[str, Any]:
     }
 
 
+def generation_ref(m: Manifest) -> GenerationRef:
+    return GenerationRef(m.generation_id, m.kind.value, m.base_id, m.parent_id, m.created)
+
+
+def id_time(pool_id: str) -> float:
+    """Creation time from a pool id (``20261103T120501.123456Z-...``; 0 if it has none)."""
+    try:
+        stamp = pool_id.split("-", 1)[0]
+        return datetime.strptime(stamp, "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return 0.0
+
+
+@dataclass(frozen=True)
+class VolumeGenerations:
+    """What the pool holds of one volume, and what of it is usable.
+
+    :param manifests: every readable manifest, oldest first (corrupt ones included).
+    :param damaged: what the pool reported damaged (an unreadable manifest has no manifest).
+    :param corrupt: pool id -> why it cannot be used: damaged, found corrupt by a verify
+        or a restore, or depending on such a generation.
+    :param full_required: why the next backup must be a full, or None.
+    """
+
+    manifests: list[Manifest]
+    damaged: list[DamagedGeneration]
+    corrupt: dict[str, Damage]
+    full_required: str | None
+
+    @property
+    def usable(self) -> list[Manifest]:
+        return [m for m in self.manifests if m.generation_id not in self.corrupt]
+
+    def error(self, volume: str, pool_id: str) -> BlockguardError | None:
+        """The error a use of this generation raises, or None when it is usable."""
+        damage = self.corrupt.get(pool_id)
+        if damage is None:
+            return None
+        public = ids.public_id(volume, pool_id)
+        if damage.cause is DamageCause.CHECKSUM and damage.source == pool_id:
+            return ChecksumMismatch(generation=public, chunk=damage.chunk)
+        return CorruptMetadata(what=f"generation {public}", detail=damage.describe(pool_id))
+
+
 class VolumeRegistry:
     """The protected volumes of one daemon; see the module docstring."""
 
@@ -86,7 +137,9 @@ class VolumeRegistry:
         self.tracking: dict[str, VolumeTracking] = {}
         self.cache: dict[str, svc.VolumeInfo] = {}
         self.lost: dict[str, str] = {}
-        self.corrupt: set[str] = set()
+        #: Generations found corrupt on use (verify, restore), by volume and pool id. The
+        #: pool's own damage reports are read from the pool each time instead.
+        self.found_corrupt: dict[str, dict[str, Damage]] = {}
         self.last_plan: dict[str, dict[str, Any]] = {}
         self.last_due: dict[str, ScheduleDecision | None] = {}
 
@@ -219,18 +272,71 @@ class VolumeRegistry:
             return []
         return self.pools.backend(vol.pool).generations(name)
 
+    def scan(self, name: str) -> VolumeGenerations:
+        """The pool's generations of ``name`` with their damage and its consequences."""
+        vol = self.catalog.get_volume(name)
+        if vol.pool is None:
+            return VolumeGenerations([], [], {}, None)
+        found = self.pools.backend(vol.pool).scan(name)
+        readable = found.manifests + [d.manifest for d in found.damaged if d.manifest]
+        readable.sort(key=lambda m: (m.created, m.generation_id))
+        damaged = {
+            d.generation_id: Damage(d.generation_id, DamageCause.METADATA, d.reason)
+            for d in found.damaged
+        }
+        damaged.update(
+            (gid, d)
+            for gid, d in self.found_corrupt.get(name, {}).items()
+            if gid not in damaged and any(m.generation_id == gid for m in readable)
+        )
+        refs = [generation_ref(m) for m in readable]
+        corrupt = unusable(refs, damaged)
+        created = {d.generation_id: id_time(d.generation_id) for d in found.damaged}
+        return VolumeGenerations(
+            readable, found.damaged, corrupt, full_required_reason(refs, corrupt, created)
+        )
+
+    def mark_corrupt(self, name: str, pool_id: str, damage: Damage) -> None:
+        """Remember a generation found corrupt on use (and show it at once)."""
+        with self.lock:
+            self.found_corrupt.setdefault(name, {})[pool_id] = damage
+            log.error(
+                "generation %s is corrupt: %s",
+                ids.public_id(name, pool_id),
+                damage.reason,
+                extra={"VOLUME": name},
+            )
+        with contextlib.suppress(BlockguardError):
+            self.refresh(name)
+
+    def clear_corrupt(self, name: str, pool_ids: list[str]) -> None:
+        """Forget on-use findings for generations that were read back whole since."""
+        with self.lock:
+            known = self.found_corrupt.get(name, {})
+            cleared = [gid for gid in pool_ids if known.pop(gid, None) is not None]
+        if cleared:
+            with contextlib.suppress(BlockguardError):
+                self.refresh(name)
+
     def sync_generations(self, name: str) -> None:
-        """Make the catalog's rows of ``name`` mirror the pool's manifests (if they differ)."""
-        manifests = self.manifests(name)
-        rows = [manifest_row(m) for m in manifests]
+        """Make the catalog's rows of ``name`` mirror the pool's manifests (if they differ).
+
+        Only generations whose whole chain is readable go into the catalog (its chain
+        rules refuse a row whose parent is not there); the damaged ones are still listed
+        to clients, as corrupt, from the pool.
+        """
+        gens = self.scan(name)
+        unreadable = {gid for gid, d in gens.corrupt.items() if d.cause is DamageCause.METADATA}
+        rows = [manifest_row(m) for m in gens.manifests if m.generation_id not in unreadable]
         have = {(g.id, g.state) for g in self.catalog.list_generations(name)}
         if have != {(r["id"], "committed") for r in rows}:
             self.catalog.rebuild_generations(name, rows)
 
     def generation_infos(
-        self, name: str, manifests: list[Manifest]
+        self, name: str, gens: VolumeGenerations
     ) -> tuple[svc.GenerationInfo, ...]:
-        return tuple(
+        """Every generation the pool holds, corrupt ones included (state ``corrupt``)."""
+        infos = [
             svc.GenerationInfo(
                 id=ids.public_id(name, m.generation_id),
                 volume=name,
@@ -238,10 +344,26 @@ class VolumeRegistry:
                 parent="" if m.parent_id is None else ids.public_id(name, m.parent_id),
                 created=int(m.created),
                 bytes=m.bytes_stored,
-                state="corrupt" if ids.public_id(name, m.generation_id) in self.corrupt else "ok",
+                state="corrupt" if m.generation_id in gens.corrupt else "ok",
             )
-            for m in manifests
+            for m in gens.manifests
+        ]
+        # An unreadable manifest tells nothing but its id (which carries its time).
+        infos.extend(
+            svc.GenerationInfo(
+                id=ids.public_id(name, d.generation_id),
+                volume=name,
+                method="unknown",
+                parent="",
+                created=int(id_time(d.generation_id)),
+                bytes=0,
+                state="corrupt",
+            )
+            for d in gens.damaged
+            if d.manifest is None
         )
+        infos.sort(key=lambda g: (g.created, g.id))
+        return tuple(infos)
 
     # --- planning ---------------------------------------------------------------------
 
@@ -264,8 +386,10 @@ class VolumeRegistry:
         vol = self.catalog.get_volume(name)
         if vol.pool is None:
             raise EnvironmentProblem(detail=f"volume {name} has no pool")
-        manifests = self.manifests(name)
+        gens = self.scan(name)
+        manifests = gens.usable
         view = chain_view(manifests, lambda m: self.pools.device_of(vol.pool, m))  # type: ignore[arg-type]
+        newest_all = gens.manifests[-1] if gens.manifests else None
         with BlockDevice(vol.device_path) as dev:
             size = dev.size
         tracking = self.tracking.get(name)
@@ -276,7 +400,9 @@ class VolumeRegistry:
                 problem = self.lost.get(name, "the tracker could not be opened")
             else:
                 newest_full = None if view.newest_full is None else view.newest_full.generation_id
-                trusted, problem = tracking.trusted(view.newest.generation_id, newest_full)
+                # The tracker's last backup is the newest generation, usable or not.
+                newest = (newest_all or view.newest).generation_id
+                trusted, problem = tracking.trusted(newest, newest_full)
                 try:
                     sets = tracking.change_sets(trusted, source)
                 except TrackingLost as exc:
@@ -310,6 +436,8 @@ class VolumeRegistry:
             correction=correction_from(self.catalog.recent_restores(name)),
             copy_target=default,
             lost_reason=problem,
+            full_required=gens.full_required,
+            generations=gens,
         )
 
     def plan(self, name: str) -> dict[str, Any]:
@@ -353,9 +481,7 @@ class VolumeRegistry:
                 next_method=plan["method"],
                 next_method_reasons=tuple(plan["reasons"]),
                 next_backup=plan["next_backup"],
-                generations=self.generation_infos(
-                    name, [] if inputs.view.newest is None else self.manifests(name)
-                ),
+                generations=self.generation_infos(name, inputs.generations),
             )
             self.cache[name] = info
         events: list[svc.ServiceEvent] = [svc.VolumeChanged(name)]
@@ -366,6 +492,10 @@ class VolumeRegistry:
 
     def bare_info(self, name: str, problem: str) -> svc.VolumeInfo:
         vol = self.catalog.get_volume(name)
+        generations: tuple[svc.GenerationInfo, ...] = ()
+        with contextlib.suppress(BlockguardError):
+            # What the pool holds stays visible while the volume cannot be planned.
+            generations = self.generation_infos(name, self.scan(name))
         return svc.VolumeInfo(
             name=name,
             device=vol.device_path,
@@ -381,7 +511,7 @@ class VolumeRegistry:
             next_method="full",
             next_method_reasons=(problem,),
             next_backup=0,
-            generations=(),
+            generations=generations,
         )
 
     def info(self, name: str) -> svc.VolumeInfo:
