@@ -3,6 +3,12 @@
 A generation can only be restored with the generations it depends on: an incremental
 needs its parent chain down to the full, a differential its base full. Keeping N therefore
 keeps the N newest generations *and everything they depend on*; everything else goes.
+
+A delta that changed nothing (``empty``) holds the same content as the generation it
+builds on, so it does not count towards N: backups of an idle volume must not push real
+generations out. An empty one is kept only while it is the newest generation or a kept
+one depends on it (the daemon builds an incremental after an empty incremental on the
+empty one's parent, so empty ones do not pile up in a chain).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ class GenerationRef:
     base_id: str | None
     parent_id: str | None
     created: float
+    empty: bool = False  # a delta that stored no chunk
 
 
 def dependencies(gen: GenerationRef, by_id: dict[str, GenerationRef]) -> set[str]:
@@ -54,8 +61,10 @@ def select_for_deletion(generations: Iterable[GenerationRef], keep: int) -> list
         generations, key=lambda g: (g.created, g.generation_id)
     )
     by_id = {g.generation_id: g for g in ordered}
+    counted = [g for g in ordered if not g.empty]
+    roots = counted[-keep:] + list(ordered[-1:])
     kept: set[str] = set()
-    for gen in ordered[-keep:]:
+    for gen in roots:
         kept.add(gen.generation_id)
         kept |= dependencies(gen, by_id)
     return [g.generation_id for g in ordered if g.generation_id not in kept]

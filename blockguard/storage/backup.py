@@ -8,13 +8,14 @@ the backup runs; ``volume`` says which volume it is a copy of.
 from __future__ import annotations
 
 import array
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pyroaring import BitMap
 
-from blockguard.errors import InvalidInput
+from blockguard.errors import BlockguardError, InvalidInput
 from blockguard.storage.blockdev import BlockDevice
 from blockguard.storage.copyengine import (
     DEFAULT_EXTENT_BYTES,
@@ -35,16 +36,23 @@ from blockguard.storage.manifest import (
 )
 from blockguard.storage.pool.base import PoolBackend, RetentionResult, SpaceAlert
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class BackupResult:
-    """A committed generation and what came with it."""
+    """A committed generation and what came with it.
+
+    :param warnings: what failed after the commit (retention, the space check): the
+        generation is committed all the same, so the backup did not fail.
+    """
 
     manifest: Manifest
     bytes_copied: int
     duration: float
     retention: RetentionResult | None = None
     space_alert: SpaceAlert | None = None
+    warnings: tuple[str, ...] = ()
 
 
 def run_backup(
@@ -74,6 +82,10 @@ def run_backup(
     :raises InvalidInput: inconsistent kind, ids, sizes or chunk size.
     :raises PoolSpaceLow: the pool cannot hold the generation.
     :raises ChecksumMismatch: a stored checksum of the cloned full is inconsistent.
+
+    The manifest is the commit point: anything raised before it (or by the commit
+    itself) leaves no generation behind. What runs after it (retention, the space
+    check) cannot undo it, so its failures are logged and returned as ``warnings``.
     """
     started = time.monotonic()
     kind = GenerationKind(kind)
@@ -150,9 +162,31 @@ def run_backup(
             )
             crash_point("before-commit")
             manifest = writer.commit(sums)
-    retention = pool.apply_retention(volume.name, keep) if keep else None
-    alert = pool.check_space(pool.next_backup_estimate(volume.name), volume.name)
-    return BackupResult(manifest, copied, time.monotonic() - started, retention, alert)
+    warnings: list[str] = []
+    retention = apply_retention_after_commit(pool, volume.name, keep, warnings)
+    alert = None
+    try:
+        alert = pool.check_space(pool.next_backup_estimate(volume.name), volume.name)
+    except BlockguardError as exc:
+        warnings.append(f"space check failed: {exc}")
+        log.warning("after backup %s of %s: %s", manifest.generation_id, volume.name, warnings[-1])
+    return BackupResult(
+        manifest, copied, time.monotonic() - started, retention, alert, tuple(warnings)
+    )
+
+
+def apply_retention_after_commit(
+    pool: PoolBackend, volume: str, keep: int | None, warnings: list[str]
+) -> RetentionResult | None:
+    """Retention after a committed backup: a failure is a warning, not a failed backup."""
+    if not keep:
+        return None
+    try:
+        return pool.apply_retention(volume, keep)
+    except BlockguardError as exc:
+        warnings.append(f"retention failed: {exc}")
+        log.warning("after a backup of %s: %s", volume, warnings[-1])
+        return None
 
 
 def _reference(

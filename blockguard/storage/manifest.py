@@ -31,7 +31,7 @@ from typing import Any
 import xxhash
 from pyroaring import BitMap
 
-from blockguard.errors import CorruptMetadata, InvalidChunkSize, InvalidInput
+from blockguard.errors import CorruptMetadata, EnvironmentProblem, InvalidChunkSize, InvalidInput
 
 FORMAT = "blockguard-generation"
 FORMAT_VERSION = 1
@@ -353,6 +353,15 @@ def read_manifest(directory: Path) -> Manifest:
 # --- crash testing ----------------------------------------------------------------------
 
 _crash_hits: dict[str, int] = {}
+_fail_hits: dict[str, int] = {}
+
+
+def _reached(wanted: str, name: str, hits: dict[str, int]) -> bool:
+    point, _, nth = wanted.partition("@")
+    if point != name:
+        return False
+    hits[name] = hits.get(name, 0) + 1
+    return hits[name] == int(nth or 1)
 
 
 def crash_point(name: str) -> None:
@@ -360,7 +369,12 @@ def crash_point(name: str) -> None:
 
     Active only when ``BLOCKGUARD_TEST_CRASH_AT`` is ``NAME`` or ``NAME@N`` (the N-th
     time the point is reached); crash tests use it to stop a backup exactly there.
+    ``BLOCKGUARD_TEST_FAIL_AT`` (same form) raises :class:`EnvironmentProblem` there
+    instead: a failure the process survives, for tests of what a failed commit leaves.
     """
+    failing = os.environ.get("BLOCKGUARD_TEST_FAIL_AT")
+    if failing and _reached(failing, name, _fail_hits):
+        raise EnvironmentProblem(detail=f"test fault injected at {name} (BLOCKGUARD_TEST_FAIL_AT)")
     wanted = os.environ.get("BLOCKGUARD_TEST_CRASH_AT")
     if not wanted:
         return

@@ -40,7 +40,7 @@ from typing import Protocol
 from pyroaring import BitMap
 
 from blockguard.errors import BlockguardError, InvalidInput, SnapshotOverflow
-from blockguard.storage.backup import BackupResult, run_backup
+from blockguard.storage.backup import BackupResult, apply_retention_after_commit, run_backup
 from blockguard.storage.blockdev import BlockDevice, aligned_buffer, device_rdev
 from blockguard.storage.copyengine import DEFAULT_EXTENT_BYTES, Progress
 from blockguard.storage.dm import DeviceMapper
@@ -387,8 +387,9 @@ def backup_point_in_time(
         pool.remove_generation(volume.name, result.manifest.generation_id)
         raise SnapshotOverflow(volume=volume.name)
     pit.commit()
-    retention = pool.apply_retention(volume.name, keep) if keep else None
-    return replace(result, retention=retention)
+    warnings = list(result.warnings)
+    retention = apply_retention_after_commit(pool, volume.name, keep, warnings)
+    return replace(result, retention=retention, warnings=tuple(warnings))
 
 
 def recover_stale_points_in_time(runner: Runner | None = None) -> list[str]:

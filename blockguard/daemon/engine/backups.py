@@ -35,10 +35,10 @@ from blockguard.daemon.engine.pools import PoolRegistry
 from blockguard.daemon.engine.tracking import LAST_BACKUP, LAST_FULL, VolumeTracking
 from blockguard.daemon.engine.volumes import VolumeRegistry
 from blockguard.daemon.jobs import ProgressReporter
-from blockguard.errors import InvalidInput, TrackingLost
-from blockguard.storage.backup import run_backup
+from blockguard.errors import BlockguardError, InvalidInput, TrackingLost
+from blockguard.storage.backup import apply_retention_after_commit, run_backup
 from blockguard.storage.blockdev import BlockDevice
-from blockguard.storage.manifest import VolumeIdentity
+from blockguard.storage.manifest import GenerationKind, Manifest, VolumeIdentity, crash_point
 from blockguard.storage.pool.base import GenerationWriter, PoolBackend
 from blockguard.storage.snapshot import backup_point_in_time
 from blockguard.storage.tracking import DIGEST_SIZE, ChunkHashes, chunk_digest
@@ -139,7 +139,13 @@ def back_up(
         base_id = parent_id = None
         ref_role = None
         if kind is BackupMethod.FULL:
-            if view.newest_full is not None and LAST_FULL in inputs.sets:
+            # After corruption the full is read from the volume alone: a clone of the
+            # newest full would carry a damaged chunk of it into the new chain.
+            if (
+                inputs.full_required is None
+                and view.newest_full is not None
+                and LAST_FULL in inputs.sets
+            ):
                 changed, ref_role = inputs.sets[LAST_FULL].chunks, LAST_FULL
                 base_id = view.newest_full.generation_id
         elif kind is BackupMethod.DIFFERENTIAL:
@@ -149,7 +155,7 @@ def back_up(
         else:
             assert view.newest is not None
             changed, ref_role = inputs.sets[LAST_BACKUP].chunks, LAST_BACKUP
-            parent_id = view.newest.generation_id
+            parent_id = empty_parent(view.newest) if not changed else view.newest.generation_id
         with BlockDevice(point.source) as dev:
             if dev.size != size:
                 raise InvalidInput(detail=f"{point.source} has {dev.size} bytes, {name} {size}")
@@ -171,7 +177,9 @@ def back_up(
             "base_id": base_id,
             "parent_id": parent_id,
             "progress": JobProgress(progress),
-            "keep": keep,
+            # Retention runs after the tracker moved too (below): a backup that fails
+            # before then must not have removed older generations.
+            "keep": None,
         }
         if point.copy is not None:
             # Checks the copy is still valid after the copy; commits it (era: its era
@@ -181,17 +189,31 @@ def back_up(
             result = run_backup(proxy, ident, point.source, kind.value, changed, **args)  # type: ignore[arg-type]
         complete = base is not None or len(proxy.written) == nchunks
         new_hashes = ChunkHashes(vol.chunk_size, size, hashes) if complete else None
-        tracking.commit_point(
-            point, result.manifest.generation_id, kind is BackupMethod.FULL, new_hashes
-        )
+        try:
+            crash_point("before-tracker-commit")
+            tracking.commit_point(
+                point, result.manifest.generation_id, kind is BackupMethod.FULL, new_hashes
+            )
+        except BaseException:
+            # The tracker did not move to the new generation: withdraw it, so that a
+            # failed job leaves the pool as it found it.
+            withdraw(pool, name, result.manifest.generation_id)
+            raise
     except BaseException:
         tracking.abort_point(point)
         raise
     tracking.end_point(point)
+    # Committed: from here on nothing fails the backup; problems are warnings.
     gen = ids.public_id(name, result.manifest.generation_id)
-    freed = [] if result.retention is None else result.retention.freed_ids
-    volumes.sync_generations(name)
-    volumes.refresh(name)
+    warnings = list(result.warnings)
+    retention = apply_retention_after_commit(pool, name, keep, warnings)
+    freed = [] if retention is None else retention.freed_ids
+    for step in (volumes.sync_generations, volumes.refresh):
+        try:
+            step(name)
+        except BlockguardError as exc:
+            warnings.append(f"{step.__name__} failed: {exc}")
+            log.error("after backup %s: %s", gen, warnings[-1], extra={"VOLUME": name})
     events.emit(svc.BackupFinished(name, gen, kind.value, result.bytes_copied))
     log.info(
         "backup of %s: %s %s, %d bytes in %.2fs; retention freed %s",
@@ -211,4 +233,31 @@ def back_up(
         "reasons": list(decision.reasons),
         "feasible": decision.feasible,
         "freed": [ids.public_id(name, g) for g in freed],
+        "warnings": warnings,
     }
+
+
+def empty_parent(newest: Manifest) -> str:
+    """The parent of an incremental that changed nothing.
+
+    Its content is its parent's, so an incremental after an empty one may as well build
+    on the last one that stored something: then empty incrementals never depend on each
+    other, and retention (which does not count them) can drop all but the newest.
+    """
+    if newest.kind is GenerationKind.INCREMENTAL and not newest.changed and newest.parent_id:
+        return newest.parent_id
+    return newest.generation_id
+
+
+def withdraw(pool: PoolBackend, volume: str, generation_id: str) -> None:
+    """Remove a committed generation of a backup that failed after its commit."""
+    try:
+        pool.remove_generation(volume, generation_id)
+    except BlockguardError as exc:
+        log.error(
+            "backup of %s failed after commit and %s could not be removed: %s",
+            volume,
+            generation_id,
+            exc,
+            extra={"VOLUME": volume},
+        )
