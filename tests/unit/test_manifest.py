@@ -140,3 +140,16 @@ def test_extents_coalesce_and_split() -> None:
     assert list(extents(None, 10, 4)) == [(0, 4), (4, 4), (8, 2)]
     assert list(extents(BitMap([3, 20]), 10, 4)) == [(3, 1)]  # beyond the volume: ignored
     assert list(extents(BitMap(), 10, 4)) == []
+
+
+def test_fail_point_raises_at_the_nth_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    from blockguard.errors import EnvironmentProblem
+    from blockguard.storage import manifest as mod
+
+    monkeypatch.setattr(mod, "_fail_hits", {})
+    monkeypatch.setenv("BLOCKGUARD_TEST_FAIL_AT", "some-point@2")
+    mod.crash_point("other-point")
+    mod.crash_point("some-point")
+    with pytest.raises(EnvironmentProblem, match="fault injected at some-point"):
+        mod.crash_point("some-point")
+    mod.crash_point("some-point")  # only the N-th pass fails

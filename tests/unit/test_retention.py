@@ -86,3 +86,21 @@ def test_applying_retention_after_each_commit_stays_consistent(kinds: list[str],
         by_id = {g.generation_id: g for g in pool}
         for g in pool:
             assert dependencies(g, by_id) <= set(by_id)
+
+
+def test_empty_deltas_do_not_count() -> None:
+    full = GenerationRef("g0", "full", None, None, 0.0)
+    real = GenerationRef("g1", "incremental", "g0", "g0", 1.0)
+    # Idle backups: each empty incremental builds on the last one that stored data.
+    empties = [
+        GenerationRef(f"e{i}", "incremental", "g0", "g1", 2.0 + i, empty=True) for i in range(4)
+    ]
+    doomed = select_for_deletion([full, real, *empties], 2)
+    assert doomed == ["e0", "e1", "e2"]  # the newest empty one stays, both real ones too
+
+
+def test_an_empty_generation_others_depend_on_stays() -> None:
+    full = GenerationRef("g0", "full", None, None, 0.0)
+    empty = GenerationRef("e1", "incremental", "g0", "g0", 1.0, empty=True)
+    after = GenerationRef("g2", "incremental", "g0", "e1", 2.0)
+    assert select_for_deletion([full, empty, after], 1) == []
