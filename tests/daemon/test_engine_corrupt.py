@@ -178,26 +178,27 @@ def test_corrupt_parent_chunk_fails_the_dependent_verify(
         gens = list(points)
         # Flip one byte of the first incremental's only chunk.
         chunks = gen_dir(daemon, gens[1]) / "chunks"
-        fd = os.open(chunks, os.O_RDWR)
-        try:
-            byte = os.pread(fd, 1, 4096)
-            os.pwrite(fd, bytes([byte[0] ^ 0xFF]), 4096)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        flip(chunks, 4096)
 
         props = run_job(client, client.call("Verify", "s", gens[2]))
         assert props["State"] == "failed"
         name, message = props["Error"]  # type: ignore[misc]
         assert name == MISMATCH and gens[1] in message and "chunk" in message
-
         want = {g: "ok" if i == 0 else "corrupt" for i, g in enumerate(gens)}
+        assert states(client)["ListGenerations"] == want
+    daemon.stop()
+
+    # What a verify found is recorded on the pool: a new daemon knows it too.
+    daemon = engine.start()
+    with Client(daemon.address) as client:
         for listing, got in states(client).items():
             assert got == want, listing
         assert cli_states(daemon) == want
+        untouched = sha256_of(targets[0])
         refused(lambda: restore(client, gens[1], targets[0]), MISMATCH)
         message = refused(lambda: restore(client, gens[3], targets[0]), CORRUPT)
         assert gens[1].split("@", 1)[1] in message
+        assert sha256_of(targets[0]) == untouched
 
         props = restore(client, gens[0], targets[0])
         assert props["State"] == "done", props["Error"]
@@ -209,7 +210,24 @@ def test_corrupt_parent_chunk_fails_the_dependent_verify(
         assert props["State"] == "done", props["Error"]
         assert sha256_of(targets[1], SIZE) == sha256_of(volume)
         assert plain(client.call("Plan", "s", "db"))["method"] == "incremental"
+
+        # Repaired (the byte flipped back), a verify of the chain reads it whole again.
+        flip(chunks, 4096)
+        props = run_job(client, client.call("Verify", "s", gens[3]))
+        assert props["State"] == "done", props["Error"]
+        assert set(states(client)["ListGenerations"].values()) == {"ok"}
     assert "Traceback" not in daemon.log()
+
+
+def flip(path: Path, offset: int) -> None:
+    """Invert one byte of a pool file, durably."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        byte = os.pread(fd, 1, offset)
+        os.pwrite(fd, bytes([byte[0] ^ 0xFF]), offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("point", ["before-manifest", "after-manifest", "before-tracker-commit"])

@@ -151,3 +151,24 @@ def test_retention_failure_after_commit_is_a_warning(
     assert result.retention is None
     assert len(result.warnings) == 1 and "retention failed" in result.warnings[0]
     assert [m.generation_id for m in pool.generations("v")] == [result.manifest.generation_id]
+
+
+def test_damage_found_on_use_is_recorded_on_the_pool(
+    pool: DirPool, loopdev: Callable[..., str], tmp_path: Path
+) -> None:
+    gens = three(pool, loopdev(SIZE))
+    gid = gens[1].generation_id
+    assert pool.mark_damaged("v", gid, "chunk 2 does not match its checksum", 2)
+    devices = [d.path for d in pool.devices()]
+    pool.close()
+    reopened = DirPool.open("p", devices, tmp_path / "root")
+    try:
+        (damaged,) = reopened.scan("v").damaged
+        assert (damaged.generation_id, damaged.found_on_use, damaged.chunk) == (gid, True, 2)
+        assert damaged.manifest == gens[1]
+        assert "chunk 2" in damaged.reason
+        reopened.clear_damaged("v", gid)
+        assert reopened.scan("v").damaged == []
+        assert len(reopened.scan("v").manifests) == 3
+    finally:
+        reopened.close()

@@ -90,12 +90,10 @@ def find_generation(
     if owner != volume:
         raise InvalidInput(detail=f"generation {generation} belongs to volume {owner}")
     damage = gens.corrupt.get(pool_id)
-    if damage is not None:
-        found_on_use = damage.source in volumes.found_corrupt.get(volume, {})
-        if not (reverify and found_on_use):
-            error = gens.error(volume, pool_id)
-            assert error is not None
-            raise error
+    if damage is not None and not (reverify and damage.source in gens.found_on_use):
+        error = gens.error(volume, pool_id)
+        assert error is not None
+        raise error
     for m in gens.manifests:
         if m.generation_id == pool_id:
             return m

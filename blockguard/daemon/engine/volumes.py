@@ -50,7 +50,7 @@ from blockguard.errors import (
 )
 from blockguard.storage.blockdev import BlockDevice
 from blockguard.storage.manifest import Manifest
-from blockguard.storage.pool.base import DamagedGeneration
+from blockguard.storage.pool.base import DamagedGeneration, PoolBackend
 from blockguard.storage.runner import Runner
 from blockguard.storage.tracking import DEFAULT_CHUNK_SIZE, check_protectable, validate_chunk_size
 
@@ -95,12 +95,14 @@ class VolumeGenerations:
     :param corrupt: pool id -> why it cannot be used: damaged, found corrupt by a verify
         or a restore, or depending on such a generation.
     :param full_required: why the next backup must be a full, or None.
+    :param found_on_use: ids a verify or restore found damaged (a verify may read them again).
     """
 
     manifests: list[Manifest]
     damaged: list[DamagedGeneration]
     corrupt: dict[str, Damage]
     full_required: str | None
+    found_on_use: frozenset[str] = frozenset()
 
     @property
     def usable(self) -> list[Manifest]:
@@ -137,8 +139,8 @@ class VolumeRegistry:
         self.tracking: dict[str, VolumeTracking] = {}
         self.cache: dict[str, svc.VolumeInfo] = {}
         self.lost: dict[str, str] = {}
-        #: Generations found corrupt on use (verify, restore), by volume and pool id. The
-        #: pool's own damage reports are read from the pool each time instead.
+        #: Generations found corrupt on use (verify, restore), by volume and pool id; the
+        #: pool keeps a record of them too, which is what survives a restart.
         self.found_corrupt: dict[str, dict[str, Damage]] = {}
         self.last_plan: dict[str, dict[str, Any]] = {}
         self.last_due: dict[str, ScheduleDecision | None] = {}
@@ -281,23 +283,33 @@ class VolumeRegistry:
         readable = found.manifests + [d.manifest for d in found.damaged if d.manifest]
         readable.sort(key=lambda m: (m.created, m.generation_id))
         damaged = {
-            d.generation_id: Damage(d.generation_id, DamageCause.METADATA, d.reason)
+            d.generation_id: Damage(
+                d.generation_id,
+                DamageCause.METADATA if d.chunk is None else DamageCause.CHECKSUM,
+                d.reason,
+                d.chunk,
+            )
             for d in found.damaged
         }
-        damaged.update(
-            (gid, d)
-            for gid, d in self.found_corrupt.get(name, {}).items()
-            if gid not in damaged and any(m.generation_id == gid for m in readable)
-        )
+        on_use = {d.generation_id for d in found.damaged if d.found_on_use}
+        for gid, d in self.found_corrupt.get(name, {}).items():
+            if gid not in damaged and any(m.generation_id == gid for m in readable):
+                damaged[gid] = d
+                on_use.add(gid)
         refs = [generation_ref(m) for m in readable]
         corrupt = unusable(refs, damaged)
         created = {d.generation_id: id_time(d.generation_id) for d in found.damaged}
         return VolumeGenerations(
-            readable, found.damaged, corrupt, full_required_reason(refs, corrupt, created)
+            readable,
+            found.damaged,
+            corrupt,
+            full_required_reason(refs, corrupt, created),
+            frozenset(on_use),
         )
 
     def mark_corrupt(self, name: str, pool_id: str, damage: Damage) -> None:
-        """Remember a generation found corrupt on use (and show it at once)."""
+        """Record a generation found corrupt on use, on the pool (so a restart or another
+        host knows it too) and here (in case the pool cannot take the record)."""
         with self.lock:
             self.found_corrupt.setdefault(name, {})[pool_id] = damage
             log.error(
@@ -306,17 +318,36 @@ class VolumeRegistry:
                 damage.reason,
                 extra={"VOLUME": name},
             )
+            try:
+                self._pool_of(name).mark_damaged(name, pool_id, damage.reason, damage.chunk)
+            except (BlockguardError, OSError) as exc:
+                log.error("cannot record the damage of %s on its pool: %s", pool_id, exc)
         with contextlib.suppress(BlockguardError):
             self.refresh(name)
 
     def clear_corrupt(self, name: str, pool_ids: list[str]) -> None:
-        """Forget on-use findings for generations that were read back whole since."""
+        """Forget findings on use for generations that were read back whole since."""
         with self.lock:
             known = self.found_corrupt.get(name, {})
             cleared = [gid for gid in pool_ids if known.pop(gid, None) is not None]
+            recorded = {d.generation_id for d in self.scan(name).damaged if d.found_on_use}
+            for gid in recorded.intersection(pool_ids):
+                if gid not in cleared:
+                    cleared.append(gid)
+                try:
+                    self._pool_of(name).clear_damaged(name, gid)
+                except (BlockguardError, OSError) as exc:
+                    log.error("cannot clear the damage record of %s: %s", gid, exc)
         if cleared:
+            log.info("generations %s were read back whole", cleared, extra={"VOLUME": name})
             with contextlib.suppress(BlockguardError):
                 self.refresh(name)
+
+    def _pool_of(self, name: str) -> PoolBackend:
+        pool = self.catalog.get_volume(name).pool
+        if pool is None:
+            raise EnvironmentProblem(detail=f"volume {name} has no pool")
+        return self.pools.backend(pool)
 
     def sync_generations(self, name: str) -> None:
         """Make the catalog's rows of ``name`` mirror the pool's manifests (if they differ).

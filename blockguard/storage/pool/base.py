@@ -19,7 +19,9 @@ Generic policy (dependency chains, retention, the space alert) lives here, once.
 from __future__ import annotations
 
 import array
+import json
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +37,9 @@ from blockguard.storage.manifest import (
     GenerationKind,
     Manifest,
     VolumeIdentity,
+    fsync_dir,
     read_manifest,
+    write_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -76,6 +80,8 @@ class SpaceAlert:
 AlertCallback = Callable[[SpaceAlert], None]
 #: Name suffix of a generation directory whose removal was committed.
 DELETED_SUFFIX = ".deleted"
+#: A generation directory's record of damage found on use (see ``mark_damaged``).
+DAMAGE_RECORD = "damaged.json"
 
 
 @dataclass(frozen=True)
@@ -86,12 +92,17 @@ class DamagedGeneration:
     :param reason: what is wrong, for a person.
     :param manifest: the manifest when it could be read (then something else is damaged,
         e.g. its data file is missing), else None.
+    :param found_on_use: recorded by :meth:`PoolBackend.mark_damaged` (a verify or a
+        restore found it), not seen in its files by the scan.
+    :param chunk: the damaged chunk, when a checksum found it.
     """
 
     volume: str
     generation_id: str
     reason: str
     manifest: Manifest | None = None
+    found_on_use: bool = False
+    chunk: int | None = None
 
 
 @dataclass(frozen=True)
@@ -272,6 +283,19 @@ class PoolBackend(ABC):
         """
         return PoolScan(self.generations(volume))
 
+    def mark_damaged(
+        self, volume: str, generation_id: str, reason: str, chunk: int | None = None
+    ) -> bool:
+        """Record on the pool that using a generation found it damaged, so that every
+        later scan (also after a restart, or on another host) reports it.
+
+        :returns: False when this backend cannot record it (then only the caller knows).
+        """
+        return False
+
+    def clear_damaged(self, volume: str, generation_id: str) -> None:  # noqa: B027 - optional
+        """Forget a :meth:`mark_damaged` record (the generation was read back whole)."""
+
     @abstractmethod
     def open_generation(self, manifest: Manifest) -> GenerationReader: ...
 
@@ -427,6 +451,11 @@ def scan_generation_dirs(
                     DamagedGeneration(vol.name, gen.name, f"its manifest is unreadable: {exc}")
                 )
                 continue
+            record = read_damage_record(gen)
+            if record is not None:
+                reason, chunk = record
+                damaged.append(DamagedGeneration(vol.name, gen.name, reason, manifest, True, chunk))
+                continue
             problem = files_problem(gen, manifest)
             if problem:
                 log.error("generation %s/%s is damaged: %s", vol.name, gen.name, problem)
@@ -455,3 +484,34 @@ def manifests_of(scan: PoolScan) -> list[Manifest]:
     """Every readable manifest of a scan (good and damaged), oldest first."""
     found = scan.manifests + [d.manifest for d in scan.damaged if d.manifest is not None]
     return sorted(found, key=lambda m: (m.created, m.generation_id))
+
+
+def write_damage_record(gen: Path, reason: str, chunk: int | None) -> None:
+    """Write a generation directory's :data:`DAMAGE_RECORD` (atomically)."""
+    body = {"reason": reason, "chunk": chunk, "recorded": time.time()}
+    write_atomic(gen / DAMAGE_RECORD, json.dumps(body).encode())
+
+
+def read_damage_record(gen: Path) -> tuple[str, int | None] | None:
+    """(reason, chunk) of a :data:`DAMAGE_RECORD`, or None without one.
+
+    An unreadable record still means the generation was found damaged.
+    """
+    try:
+        body = json.loads((gen / DAMAGE_RECORD).read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return "a verify or restore found it damaged", None
+    if not isinstance(body, dict):
+        return "a verify or restore found it damaged", None
+    chunk = body.get("chunk")
+    return str(body.get("reason") or "found damaged"), chunk if isinstance(chunk, int) else None
+
+
+def remove_damage_record(gen: Path) -> None:
+    try:
+        (gen / DAMAGE_RECORD).unlink()
+    except FileNotFoundError:
+        return
+    fsync_dir(gen)

@@ -61,7 +61,9 @@ from blockguard.storage.pool.base import (
     SwapInVolume,
     file_problem,
     manifests_of,
+    remove_damage_record,
     scan_generation_dirs,
+    write_damage_record,
 )
 from blockguard.storage.pool.dirgen import (
     CHECKSUMS,
@@ -285,6 +287,15 @@ class DirPool(PoolBackend):
             if d.exists():
                 return d
         return Path(volume, generation_id)
+
+    def mark_damaged(
+        self, volume: str, generation_id: str, reason: str, chunk: int | None = None
+    ) -> bool:
+        write_damage_record(self._gen_dir(volume, generation_id), reason, chunk)
+        return True
+
+    def clear_damaged(self, volume: str, generation_id: str) -> None:
+        remove_damage_record(self._gen_dir(volume, generation_id))
 
     def _gen_dir(self, volume: str, generation_id: str) -> Path:
         check_name(volume, "volume name")

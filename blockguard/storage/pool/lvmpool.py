@@ -83,7 +83,9 @@ from blockguard.storage.pool.base import (
     SwapInVolume,
     file_problem,
     manifests_of,
+    remove_damage_record,
     scan_generation_dirs,
+    write_damage_record,
 )
 from blockguard.storage.pool.dirgen import CHECKSUMS, LOCK, writer_alive
 from blockguard.storage.pool.lvmgen import (
@@ -547,6 +549,15 @@ class LvmPool(PoolBackend):
         found = scan_generation_dirs([root / volume] if volume else _subdirs(root), _files_problem)
         self.damaged = [str(root / d.volume / d.generation_id) for d in found.damaged]
         return found
+
+    def mark_damaged(
+        self, volume: str, generation_id: str, reason: str, chunk: int | None = None
+    ) -> bool:
+        write_damage_record(self._gen_dir(volume, generation_id), reason, chunk)
+        return True
+
+    def clear_damaged(self, volume: str, generation_id: str) -> None:
+        remove_damage_record(self._gen_dir(volume, generation_id))
 
     def _gen_dir(self, volume: str, generation_id: str) -> Path:
         check_name(volume, "volume name")
