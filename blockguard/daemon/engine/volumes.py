@@ -352,13 +352,17 @@ class VolumeRegistry:
     def sync_generations(self, name: str) -> None:
         """Make the catalog's rows of ``name`` mirror the pool's manifests (if they differ).
 
-        Only generations whose whole chain is readable go into the catalog (its chain
-        rules refuse a row whose parent is not there); the damaged ones are still listed
+        Only generations whose whole chain has readable manifests go into the catalog (its
+        chain rules refuse a row whose parent is not there); the others are still listed
         to clients, as corrupt, from the pool.
         """
         gens = self.scan(name)
-        unreadable = {gid for gid, d in gens.corrupt.items() if d.cause is DamageCause.METADATA}
-        rows = [manifest_row(m) for m in gens.manifests if m.generation_id not in unreadable]
+        rows = []
+        included: set[str] = set()
+        for m in gens.manifests:  # oldest first: a parent comes before its dependents
+            if all(d is None or d in included for d in (m.parent_id, m.base_id)):
+                included.add(m.generation_id)
+                rows.append(manifest_row(m))
         have = {(g.id, g.state) for g in self.catalog.list_generations(name)}
         if have != {(r["id"], "committed") for r in rows}:
             self.catalog.rebuild_generations(name, rows)
