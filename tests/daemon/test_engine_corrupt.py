@@ -135,6 +135,8 @@ def test_truncated_manifest_marks_it_and_its_dependents(
         untouched = sha256_of(targets[0])
         refused(lambda: restore(client, gens[4], targets[0]), CORRUPT)
         refused(lambda: restore(client, gens[7], targets[0]), CORRUPT)
+        # "" is the newest, which is corrupt: refused, not quietly an older one.
+        refused(lambda: restore(client, "", targets[0]), CORRUPT)
         assert sha256_of(targets[0]) == untouched
         message = refused(lambda: client.call("Verify", "s", gens[6]), CORRUPT)
         assert gens[4].split("@", 1)[1] in message  # names the broken parent

@@ -65,7 +65,7 @@ class RestoreRequest:
 def find_generation(
     volumes: VolumeRegistry, volume: str, generation: str, *, reverify: bool = False
 ) -> Manifest:
-    """The manifest of ``generation`` (``""``: the newest usable one) of ``volume``.
+    """The manifest of ``generation`` (``""``: the newest) of ``volume``.
 
     :param reverify: for a verify: a generation found corrupt by an earlier verify or
         restore may be read again (the damage may have been repaired or transient);
@@ -77,15 +77,12 @@ def find_generation(
     """
     gens = volumes.scan(volume)
     if not generation:
-        usable = gens.usable
-        if not usable:
-            if gens.corrupt:
-                newest = max(gens.corrupt)
-                error = gens.error(volume, newest)
-                assert error is not None
-                raise error
+        # The newest is what was asked for: when it is corrupt, say so rather than
+        # quietly taking an older one.
+        newest = gens.newest_id()
+        if newest is None:
             raise NotFound(what="generation of volume", name=volume)
-        return usable[-1]
+        generation = ids.public_id(volume, newest)
     owner, pool_id = ids.split_public_id(generation)
     if owner != volume:
         raise InvalidInput(detail=f"generation {generation} belongs to volume {owner}")

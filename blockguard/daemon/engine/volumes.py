@@ -104,6 +104,12 @@ class VolumeGenerations:
     full_required: str | None
     found_on_use: frozenset[str] = frozenset()
 
+    def newest_id(self) -> str | None:
+        """The newest generation's id, usable or not (an unreadable one by its id's time)."""
+        stamps = [(m.created, m.generation_id) for m in self.manifests]
+        stamps += [(id_time(d.generation_id), d.generation_id) for d in self.damaged]
+        return max(stamps)[1] if stamps else None
+
     @property
     def usable(self) -> list[Manifest]:
         return [m for m in self.manifests if m.generation_id not in self.corrupt]
@@ -485,6 +491,8 @@ class VolumeRegistry:
         """Recompute the volume's info (and its plan); emits VolumeChanged/TrackingLost."""
         with self.lock:
             inputs = self.inputs(name)
+            gens = inputs.generations
+            assert gens is not None  # inputs() always scans the pool
             now = datetime.now(UTC)
             plan = plan_dict(inputs, now)
             self.last_plan[name] = plan
@@ -516,7 +524,7 @@ class VolumeRegistry:
                 next_method=plan["method"],
                 next_method_reasons=tuple(plan["reasons"]),
                 next_backup=plan["next_backup"],
-                generations=self.generation_infos(name, inputs.generations),
+                generations=self.generation_infos(name, gens),
             )
             self.cache[name] = info
         events: list[svc.ServiceEvent] = [svc.VolumeChanged(name)]
