@@ -473,3 +473,41 @@ def test_registration_refuses_each_in_use_case(loopdev, tmp_path: Path) -> None:
     finally:
         for p in made:
             p.destroy()
+
+
+def test_damage_is_reported_and_verify_reads_the_whole_chain(make_pool, loopdev) -> None:
+    from blockguard.storage.restore import verify_chain
+
+    pool = make_pool()
+    vol = loopdev(SIZE, "vol.img")
+    rng = random.Random(11)
+    ident = VolumeIdentity("vol", SIZE)
+    random_writes(vol, SIZE, CHUNK, rng, 40)
+    gens = [run_backup(pool, ident, vol, "full", None, chunk_size=CHUNK).manifest]
+    for _ in range(2):
+        changed = random_writes(vol, SIZE, CHUNK, rng, 10)
+        gens.append(
+            run_backup(
+                pool, ident, vol, "incremental", changed, chunk_size=CHUNK,
+                parent_id=gens[-1].generation_id,
+            ).manifest
+        )  # fmt: skip
+    assert verify_chain(pool, "vol", gens[2].generation_id).chain == tuple(
+        m.generation_id for m in gens
+    )
+    bad = next(c for c in range(SIZE // CHUNK) if c not in gens[1].changed | gens[2].changed)
+    flip_byte(pool, gens[0].generation_id, bad)
+    with pytest.raises(ChecksumMismatch, match=f"generation {gens[0].generation_id} at chunk"):
+        verify_chain(pool, "vol", gens[2].generation_id)
+
+    assert pool.mark_damaged("vol", gens[0].generation_id, "a bad chunk", bad)
+    manifest = pool._gen_dir("vol", gens[1].generation_id) / MANIFEST_NAME
+    manifest.write_bytes(manifest.read_bytes()[:64])
+    scan = pool.scan("vol")
+    assert [m.generation_id for m in scan.manifests] == [gens[2].generation_id]
+    found = {d.generation_id: d for d in scan.damaged}
+    assert set(found) == {gens[0].generation_id, gens[1].generation_id}
+    assert found[gens[0].generation_id].found_on_use and found[gens[0].generation_id].chunk == bad
+    assert found[gens[1].generation_id].manifest is None
+    pool.clear_damaged("vol", gens[0].generation_id)
+    assert [d.generation_id for d in pool.scan("vol").damaged] == [gens[1].generation_id]
