@@ -126,6 +126,8 @@ def test_truncated_manifest_marks_it_and_its_dependents(
         for listing, got in states(client).items():
             assert got == want, listing
         assert cli_states(daemon) == want
+        # Tracking goes on: the tracker's last backup is the newest generation, corrupt or not.
+        assert client.properties(VOLUME_PATH, VOLUME)["TrackerState"] == "exact"
         listed = {g[0]: g for g in plain(client.call("ListGenerations", "s", "db"))}
         assert listed[gens[4]][1] == "unknown"  # its manifest says nothing more
         assert listed[gens[5]][1] == "incremental"

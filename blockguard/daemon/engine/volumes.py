@@ -430,7 +430,10 @@ class VolumeRegistry:
         gens = self.scan(name)
         manifests = gens.usable
         view = chain_view(manifests, lambda m: self.pools.device_of(vol.pool, m))  # type: ignore[arg-type]
-        newest_all = gens.manifests[-1] if gens.manifests else None
+        # The tracker's roles describe the newest generation and the newest full that were
+        # made, usable or not (a corrupt one forces a full anyway, see full_required).
+        newest_any = gens.newest_id()
+        fulls_any = [m.generation_id for m in gens.manifests if m.is_full]
         with BlockDevice(vol.device_path) as dev:
             size = dev.size
         tracking = self.tracking.get(name)
@@ -440,10 +443,8 @@ class VolumeRegistry:
             if tracking is None:
                 problem = self.lost.get(name, "the tracker could not be opened")
             else:
-                newest_full = None if view.newest_full is None else view.newest_full.generation_id
-                # The tracker's last backup is the newest generation, usable or not.
-                newest = (newest_all or view.newest).generation_id
-                trusted, problem = tracking.trusted(newest, newest_full)
+                newest_full = fulls_any[-1] if fulls_any else None
+                trusted, problem = tracking.trusted(newest_any, newest_full)
                 try:
                     sets = tracking.change_sets(trusted, source)
                 except TrackingLost as exc:
