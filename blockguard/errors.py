@@ -134,9 +134,24 @@ class TrackingLost(BlockguardError):
 
 
 class PoolSpaceLow(BlockguardError):
+    """The pool cannot hold what is asked of it.
+
+    Raised before a write when the shortfall is known (``needed`` given), and by the I/O
+    edge when the file system of the pool said ENOSPC/EDQUOT in the middle of a write
+    (``needed`` unknown: then ``path``, the file being written, is named instead).
+    """
+
     template = "pool {pool} has {free} bytes free, {needed} bytes needed"
     exit_code = ExitCode.ENVIRONMENT
     dbus_name = f"{DBUS_PREFIX}.PoolSpaceLow"
+
+    def __init__(self, **fields: Any) -> None:
+        if fields.get("needed") is None:
+            # Shadows the class template for this instance only: a full file system
+            # does not say how much more it would have needed.
+            self.template = "pool {pool} ran out of space writing {path} ({free} bytes free)"
+            fields.setdefault("path", "its data")
+        super().__init__(**fields)
 
 
 class SnapshotOverflow(BlockguardError):
@@ -190,6 +205,25 @@ class CommandFailed(EnvironmentProblem):
         self.stderr = stderr
         tail = stderr.strip().splitlines()[-1] if stderr.strip() else "(no error output)"
         super().__init__(program=argv[0], returncode=returncode, stderr_tail=tail)
+
+
+class DeviceIOError(EnvironmentProblem):
+    """The kernel reported an I/O error (EIO and the like) on a device or a pool file.
+
+    Exit code ENVIRONMENT, not DATA: the device (or its transport) failed; nothing says
+    that data blockguard stored is wrong (checksums, which catch that, are DATA errors).
+    The admin's next step is the device's health, not a verify.
+    """
+
+    template = "I/O error on {path} at offset {offset} while {op}: {reason}"
+    dbus_name = f"{DBUS_PREFIX}.DeviceIO"
+
+
+class DeviceVanished(EnvironmentProblem):
+    """The device went away (ENODEV/ENXIO) while blockguard was using it."""
+
+    template = "{path} disappeared while {op} at offset {offset}: {reason}"
+    dbus_name = f"{DBUS_PREFIX}.DeviceVanished"
 
 
 class CommandTimeout(EnvironmentProblem):

@@ -201,6 +201,23 @@ class ProgressReporter:
 WorkFunction = Callable[[ProgressReporter], dict[str, Any] | None]
 
 
+#: The attribute of an exception that carries a failure report (see attach_failure_report).
+_REPORT_ATTR = "blockguard_failure_report"
+
+
+def attach_failure_report(exc: BaseException, report: str) -> None:
+    """Let ``exc`` carry ``report`` (the flight recorder's last calls) to the failed job.
+
+    The job's ``Result`` then has it as ``failure_report``, next to the error.
+    """
+    setattr(exc, _REPORT_ATTR, report)
+
+
+def _failure_result(exc: BaseException) -> dict[str, Any]:
+    report = getattr(exc, _REPORT_ATTR, None)
+    return {"failure_report": report} if isinstance(report, str) and report else {}
+
+
 class JobRunner:
     """Runs jobs in a small thread pool and keeps the recent ones for listing.
 
@@ -257,7 +274,10 @@ class JobRunner:
         except BlockguardError as exc:
             log.warning("job %s failed: %s", job.id, exc, extra=extra)
             job.update(
-                error=(exc.dbus_name, exc.message), state=JobState.FAILED, finished=time.time()
+                error=(exc.dbus_name, exc.message),
+                result=_failure_result(exc),
+                state=JobState.FAILED,
+                finished=time.time(),
             )
         except Exception as exc:
             # The traceback goes to the log only; clients see a plain internal error.
@@ -265,6 +285,7 @@ class JobRunner:
             internal = InternalError(detail=f"{type(exc).__name__} in job {job.id}")
             job.update(
                 error=(internal.dbus_name, internal.message),
+                result=_failure_result(exc),
                 state=JobState.FAILED,
                 finished=time.time(),
             )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blockguard.errors import DeviceInUse, DeviceReadOnly, EnvironmentProblem, NotABlockDevice
+from blockguard.storage.ioedge import io_edge, map_oserror
 
 # ioctl numbers from <linux/fs.h>
 BLKGETSIZE64 = 0x80081272
@@ -106,25 +107,41 @@ class BlockDevice:
         return _ioctl_int(self.fd, BLKROGET) != 0
 
     def pread_into(self, buf: memoryview, offset: int) -> int:
-        """Read ``len(buf)`` bytes at ``offset``; short only at the device end."""
+        """Read ``len(buf)`` bytes at ``offset``; short only at the device end.
+
+        :raises DeviceIOError: the kernel failed the read (see :mod:`.ioedge` for the rest).
+        """
         done = 0
-        while done < len(buf):
-            n = os.preadv(self.fd, [buf[done:]], offset + done)
-            if n == 0:
-                break
-            done += n
+        try:
+            while done < len(buf):
+                n = os.preadv(self.fd, [buf[done:]], offset + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError as exc:
+            raise map_oserror(exc, path=self.path, op="reading", offset=offset + done) from exc
         return done
 
     def pwrite_all(self, buf: memoryview | bytes, offset: int) -> None:
-        """Write all of ``buf`` at ``offset``."""
+        """Write all of ``buf`` at ``offset``.
+
+        :raises DeviceIOError: the kernel failed the write (see :mod:`.ioedge` for the rest).
+        """
         view = memoryview(buf)
         done = 0
-        while done < len(view):
-            done += os.pwritev(self.fd, [view[done:]], offset + done)
+        try:
+            while done < len(view):
+                done += os.pwritev(self.fd, [view[done:]], offset + done)
+        except OSError as exc:
+            raise map_oserror(exc, path=self.path, op="writing", offset=offset + done) from exc
 
     def flush(self) -> None:
-        """Make every write so far durable on the device."""
-        os.fsync(self.fd)
+        """Make every write so far durable on the device.
+
+        :raises DeviceIOError: a write-back failed (the kernel reports it here, once).
+        """
+        with io_edge(self.path, "flushing"):
+            os.fsync(self.fd)
 
     def close(self) -> None:
         if self.fd >= 0:

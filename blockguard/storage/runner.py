@@ -10,6 +10,8 @@ per program, by the constructor or by ``BLOCKGUARD_BIN_<NAME>`` environment vari
 from __future__ import annotations
 
 import collections
+import dataclasses
+import enum
 import logging
 import os
 import shutil
@@ -30,22 +32,47 @@ SEARCH_PATH = os.pathsep.join(
 )
 
 
-@dataclass(frozen=True)
+class CommandState(enum.StrEnum):
+    """Where a recorded call is: a hung command shows as ``running``."""
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    TIMEOUT = "timeout"
+    NOT_FOUND = "not-found"
+    ERROR = "error"
+
+
+@dataclass
 class CommandRecord:
-    """One finished (or failed to start) call, as kept by the flight recorder."""
+    """One call as kept by the flight recorder: recorded when it starts, completed when
+    it ends, so that a command that hangs is in the report (as ``running``).
+
+    Fields change only under the owning runner's lock (see :meth:`Runner.history`, which
+    hands out copies).
+    """
 
     argv: tuple[str, ...]
-    returncode: int | None
-    duration: float
-    stderr_tail: str
     started: float = field(repr=False)
+    thread: str = ""
+    state: CommandState = CommandState.RUNNING
+    returncode: int | None = None
+    duration: float = 0.0
+    stderr_tail: str = ""
+    t0: float = field(default=0.0, repr=False)
 
-    def line(self) -> str:
-        rc = "timeout" if self.returncode is None else f"rc={self.returncode}"
+    def line(self, now: float | None = None) -> str:
+        """One line of the failure report; ``now`` (monotonic) ages a running call."""
+        if self.state is CommandState.RUNNING:
+            age = (now if now is not None else time.monotonic()) - self.t0
+            outcome, seconds = "running", age
+        elif self.state is CommandState.FINISHED:
+            outcome, seconds = f"rc={self.returncode}", self.duration
+        else:
+            outcome, seconds = self.state.value, self.duration
         tail = f" stderr={self.stderr_tail!r}" if self.stderr_tail else ""
         return (
-            f"{time.strftime('%H:%M:%S', time.localtime(self.started))} {rc} "
-            f"{self.duration:.3f}s {' '.join(self.argv)}{tail}"
+            f"{time.strftime('%H:%M:%S', time.localtime(self.started))} {outcome} "
+            f"{seconds:.3f}s [{self.thread}] {' '.join(self.argv)}{tail}"
         )
 
 
@@ -130,8 +157,8 @@ class Runner:
         argv = [self.resolve(argv[0]), *argv[1:]]
         call_env = {**os.environ, **self._env, **(env or {}), "LC_ALL": "C"}
         data = input.encode() if isinstance(input, str) else input
-        started = time.time()
-        t0 = time.monotonic()
+        record = self._start(argv)
+        t0 = record.t0
         log.debug("run: %s", argv)
         try:
             proc = subprocess.run(
@@ -146,35 +173,62 @@ class Runner:
             )
         except subprocess.TimeoutExpired as exc:
             stderr = _text(exc.stderr)
-            self._record(argv, None, time.monotonic() - t0, stderr, started)
+            self._finish(record, CommandState.TIMEOUT, None, stderr)
             log.warning("command timed out after %ss: %s", timeout, argv)
             raise CommandTimeout(argv, timeout, stderr) from None
         except FileNotFoundError:
-            self._record(argv, None, time.monotonic() - t0, "not found", started)
+            self._finish(record, CommandState.NOT_FOUND, None, "not found")
             raise CommandNotFound(program=argv[0], path=argv[0]) from None
+        except BaseException as exc:
+            # Not left "running" for ever: it never started, or we were interrupted.
+            self._finish(record, CommandState.ERROR, None, f"{type(exc).__name__}: {exc}")
+            raise
         duration = time.monotonic() - t0
         stdout, stderr = _text(proc.stdout), _text(proc.stderr)
-        self._record(argv, proc.returncode, duration, stderr, started)
+        self._finish(record, CommandState.FINISHED, proc.returncode, stderr)
         log.debug("rc=%d in %.3fs: %s", proc.returncode, duration, argv)
         if check and proc.returncode != 0:
             raise CommandFailed(argv, proc.returncode, stderr)
         return CommandResult(tuple(argv), proc.returncode, stdout, stderr, duration)
 
-    def _record(
-        self, argv: Sequence[str], rc: int | None, duration: float, stderr: str, started: float
+    def _start(self, argv: Sequence[str]) -> CommandRecord:
+        # Recorded before the program starts: a call that never returns must still be
+        # in the report of the failure it causes.
+        record = CommandRecord(
+            tuple(argv),
+            started=time.time(),
+            thread=threading.current_thread().name,
+            t0=time.monotonic(),
+        )
+        with self._lock:
+            self._recorder.append(record)
+        return record
+
+    def _finish(
+        self, record: CommandRecord, state: CommandState, rc: int | None, stderr: str
     ) -> None:
         tail = stderr.strip().splitlines()[-1] if stderr.strip() else ""
         with self._lock:
-            self._recorder.append(CommandRecord(tuple(argv), rc, duration, tail, started))
+            record.state = state
+            record.returncode = rc
+            record.duration = time.monotonic() - record.t0
+            record.stderr_tail = tail
 
     def history(self) -> list[CommandRecord]:
-        """The last calls, oldest first."""
+        """The last calls, oldest first (copies: they do not change afterwards)."""
         with self._lock:
-            return list(self._recorder)
+            return [dataclasses.replace(r) for r in self._recorder]
 
-    def failure_report(self) -> str:
-        """The flight recorder as text, for logs and bug reports."""
-        lines = [r.line() for r in self.history()]
+    def failure_report(self, last: int | None = None) -> str:
+        """The flight recorder as text, for logs, failed jobs and bug reports.
+
+        :param last: only the newest ``last`` calls (None: all that are kept).
+        """
+        records = self.history()
+        if last is not None:
+            records = records[-last:] if last > 0 else []
+        now = time.monotonic()
+        lines = [r.line(now) for r in records]
         return "last commands run:\n" + ("\n".join(lines) if lines else "(none)")
 
 

@@ -114,7 +114,7 @@ class Engine:
             self._volumes = VolumeRegistry(
                 self.catalog, self._pools, self.settings, self.events, self.cmd
             )
-            self._jobs = JobBook(self.catalog, self.runner, self.events)
+            self._jobs = JobBook(self.catalog, self.runner, self.events, recorder=self.cmd)
             self._jobs.fail_interrupted()
             self._recover_points_in_time()
             self._pools.open_all()

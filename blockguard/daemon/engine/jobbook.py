@@ -17,9 +17,17 @@ from typing import Any
 from blockguard.core.catalog import Catalog
 from blockguard.daemon import service as svc
 from blockguard.daemon.engine.events import EventHub
-from blockguard.daemon.jobs import Job, JobKind, JobRunner, JobState, ProgressReporter
+from blockguard.daemon.jobs import (
+    Job,
+    JobKind,
+    JobRunner,
+    JobState,
+    ProgressReporter,
+    attach_failure_report,
+)
 from blockguard.errors import BlockguardError, Busy
 from blockguard.storage.copyengine import Progress
+from blockguard.storage.runner import Runner
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +36,8 @@ HISTORY_IDS = 1 << 31
 #: Seconds between two progress writes of one job to the catalog.
 PROGRESS_INTERVAL = 2.0
 RESTART_REASON = "daemon restarted while the job was running"
+#: How many of the flight recorder's newest calls a failed job reports.
+FAILURE_REPORT_CALLS = 20
 
 
 class JobBook:
@@ -36,12 +46,20 @@ class JobBook:
     :param catalog: the job history.
     :param runner: runs the work.
     :param events: where JobAdded goes.
+    :param recorder: the command runner whose flight recorder a failed job reports.
     """
 
-    def __init__(self, catalog: Catalog, runner: JobRunner, events: EventHub) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        runner: JobRunner,
+        events: EventHub,
+        recorder: Runner | None = None,
+    ) -> None:
         self.catalog = catalog
         self.runner = runner
         self.events = events
+        self.recorder = recorder
         self._lock = threading.Lock()
         self._busy: dict[str, int] = {}
         self.history: list[Job] = []
@@ -132,7 +150,11 @@ class JobBook:
                         log.debug("progress of job %s not recorded: %s", record.id, exc)
 
             job.subscribe(follow)
-            return work(progress, record.id)
+            try:
+                return work(progress, record.id)
+            except Exception as exc:
+                self._report_failure(job, exc)
+                raise
 
         def finished(job: Job) -> None:
             try:
@@ -140,7 +162,12 @@ class JobBook:
                 if snap.state is JobState.DONE:
                     self.catalog.finish_job(record.id, "done", result=_jsonable(snap.result))
                 else:
-                    self.catalog.finish_job(record.id, "failed", error=snap.error[1] or "failed")
+                    self.catalog.finish_job(
+                        record.id,
+                        "failed",
+                        error=snap.error[1] or "failed",
+                        result=_jsonable(snap.result) or None,
+                    )
             except BlockguardError as exc:
                 log.error("job %s not recorded as finished: %s", record.id, exc)
             finally:
@@ -154,6 +181,18 @@ class JobBook:
                 self._busy[volume] = job.id
         self.events.emit(svc.JobAdded(job))
         return job
+
+    def _report_failure(self, job: Job, exc: BaseException) -> None:
+        """Attach the flight recorder's last calls to a failing job's error, and log them.
+
+        The :class:`~blockguard.daemon.jobs.JobRunner` puts the report in the job's
+        ``Result`` (and so in the catalog); the journal gets it here, with the job's id.
+        """
+        if self.recorder is None:
+            return
+        report = self.recorder.failure_report(last=FAILURE_REPORT_CALLS)
+        attach_failure_report(exc, report)
+        log.warning("job %s failed: %s\n%s", job.id, exc, report, extra={"JOB": job.id})
 
     def list(self) -> list[Job]:
         return [*self.history, *self.runner.list()]

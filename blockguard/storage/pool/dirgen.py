@@ -22,6 +22,7 @@ from pyroaring import BitMap
 
 from blockguard.errors import CorruptMetadata, EnvironmentProblem
 from blockguard.storage.blockdev import aligned_buffer
+from blockguard.storage.ioedge import io_edge, map_oserror
 from blockguard.storage.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -45,32 +46,61 @@ STAGE_BYTES = 8 << 20
 
 
 class PoolFile:
-    """A regular file of the pool, opened without following links, verified with fstat."""
+    """A regular file of the pool, opened without following links, verified with fstat.
 
-    def __init__(self, path: Path, *, write: bool = False, create: bool = False) -> None:
+    Its I/O goes through the I/O edge: a failure names the file, the offset and (for a
+    full file system) the pool.
+
+    :param pool: the pool the file belongs to (named in :class:`PoolSpaceLow`).
+    """
+
+    def __init__(
+        self, path: Path, *, write: bool = False, create: bool = False, pool: str | None = None
+    ) -> None:
         flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW
         flags |= os.O_DIRECT
         if create:
             flags |= os.O_CREAT | os.O_EXCL
         self.path = path
-        self.fd = os.open(path, flags, 0o600)
+        self.pool = pool
+        with io_edge(path, "opening", pool=pool):
+            self.fd = os.open(path, flags, 0o600)
         if not stat.S_ISREG(os.fstat(self.fd).st_mode):
             os.close(self.fd)
             raise EnvironmentProblem(detail=f"{path} is not a regular file")
 
     def pread_into(self, view: memoryview, offset: int) -> int:
         done = 0
-        while done < len(view):
-            n = os.preadv(self.fd, [view[done:]], offset + done)
-            if n == 0:
-                break
-            done += n
+        try:
+            while done < len(view):
+                n = os.preadv(self.fd, [view[done:]], offset + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError as exc:
+            raise map_oserror(
+                exc, path=self.path, op="reading", offset=offset + done, pool=self.pool
+            ) from exc
         return done
 
     def pwrite_all(self, view: memoryview, offset: int) -> None:
         done = 0
-        while done < len(view):
-            done += os.pwritev(self.fd, [view[done:]], offset + done)
+        try:
+            while done < len(view):
+                done += os.pwritev(self.fd, [view[done:]], offset + done)
+        except OSError as exc:
+            raise map_oserror(
+                exc, path=self.path, op="writing", offset=offset + done, pool=self.pool
+            ) from exc
+
+    def allocate(self, size: int) -> None:
+        """Reserve ``size`` bytes up front (a full pool fails here, before any copying)."""
+        with io_edge(self.path, "allocating", offset=0, pool=self.pool):
+            os.posix_fallocate(self.fd, 0, size)
+
+    def flush(self) -> None:
+        with io_edge(self.path, "flushing", pool=self.pool):
+            os.fsync(self.fd)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -82,18 +112,33 @@ class DirGenerationWriter(GenerationWriter):
     """Writes one generation directory; see the module docstring for the layout."""
 
     def __init__(
-        self, draft: Manifest, gen_dir: Path, source: Manifest | None, src_image: Path | None
+        self,
+        draft: Manifest,
+        gen_dir: Path,
+        source: Manifest | None,
+        src_image: Path | None,
+        pool: str | None = None,
     ) -> None:
-        self._new_volume_dir = not gen_dir.parent.exists()
-        gen_dir.mkdir(parents=True)
+        self.pool = pool
         self.dir = gen_dir
+        self._lock_fd = -1
+        self._file: PoolFile | None = None
+        self._new_volume_dir = not gen_dir.parent.exists()
+        with io_edge(gen_dir, "creating", pool=pool):
+            gen_dir.mkdir(parents=True)
+        try:
+            with io_edge(gen_dir / LOCK, "creating", pool=pool):
+                self._lock_fd = os.open(
+                    gen_dir / LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600
+                )
+        except BaseException:
+            self._cleanup()
+            raise
         self._stage: mmap.mmap | None = None
         self._staged = 0
         self._stage_offset = 0
-        self._lock_fd = os.open(gen_dir / LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         self._bytes = 0
-        self._file: PoolFile | None = None
         try:
             # A concurrent open() may have taken the directory for garbage between our
             # mkdir and flock: then the lock we hold is on a removed file.
@@ -112,16 +157,16 @@ class DirGenerationWriter(GenerationWriter):
                         cloned = source
                     except OSError as exc:
                         if exc.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL):
-                            raise
+                            raise map_oserror(exc, path=image, op="cloning", pool=pool) from exc
                         image.unlink(missing_ok=True)
                 crash_point("after-clone")
-                self._file = PoolFile(image, write=True, create=cloned is None)
+                self._file = PoolFile(image, write=True, create=cloned is None, pool=pool)
                 if cloned is None:
-                    os.posix_fallocate(self._file.fd, 0, draft.volume.size)
+                    self._file.allocate(draft.volume.size)
             else:
-                self._file = PoolFile(gen_dir / DATA_PACKED, write=True, create=True)
+                self._file = PoolFile(gen_dir / DATA_PACKED, write=True, create=True, pool=pool)
                 if draft.changed:
-                    os.posix_fallocate(self._file.fd, 0, len(draft.changed) * draft.chunk_size)
+                    self._file.allocate(len(draft.changed) * draft.chunk_size)
         except BaseException:
             self._cleanup()
             raise
@@ -164,7 +209,12 @@ class DirGenerationWriter(GenerationWriter):
     def commit(self, checksums: array.array[int]) -> Manifest:
         assert self._file is not None
         self._flush_stage()
-        os.fsync(self._file.fd)
+        self._file.flush()
+        with io_edge(self.dir, "committing", pool=self.pool):
+            return self._commit(checksums)
+
+    def _commit(self, checksums: array.array[int]) -> Manifest:
+        assert self._file is not None
         raw = checksum_bytes(checksums)
         crash_point("before-checksums")
         # No rename needed: the manifest, written after it, is what commits it.
@@ -208,10 +258,10 @@ class DirGenerationWriter(GenerationWriter):
 
 
 class DirGenerationReader(GenerationReader):
-    def __init__(self, manifest: Manifest, gen_dir: Path) -> None:
+    def __init__(self, manifest: Manifest, gen_dir: Path, pool: str | None = None) -> None:
         super().__init__(manifest)
         self.dir = gen_dir
-        self._file = PoolFile(gen_dir / manifest.storage.get("data", DATA_FULL))
+        self._file = PoolFile(gen_dir / manifest.storage.get("data", DATA_FULL), pool=pool)
 
     def read_chunks(self, first: int, view: memoryview) -> None:
         slot = self.manifest.checksum_slot(first)

@@ -363,11 +363,11 @@ class DirPool(PoolBackend):
                 src_image = src_dir / source.storage.get("data", DATA_FULL)
             else:
                 source = None
-        return DirGenerationWriter(draft, gen_dir, source, src_image)
+        return DirGenerationWriter(draft, gen_dir, source, src_image, pool=self.name)
 
     def open_generation(self, manifest: Manifest) -> GenerationReader:
         return DirGenerationReader(
-            manifest, self._gen_dir(manifest.volume.name, manifest.generation_id)
+            manifest, self._gen_dir(manifest.volume.name, manifest.generation_id), pool=self.name
         )
 
     def remove_generation(self, volume: str, generation_id: str) -> FreedGeneration:

@@ -1,0 +1,107 @@
+"""The I/O edge: the one place where an ``OSError`` of block or pool I/O becomes a named error.
+
+The idea is borg's ``BackupIO``: every read, write, fsync or allocation of a device or of a
+pool's data file runs inside :func:`io_edge` (or calls :func:`map_oserror` in a hot loop),
+which knows *what* was being done *where*; the errno then says which named error the user
+sees. An EIO in the middle of a backup is thus "I/O error on /dev/sdb at offset 4194304
+while reading", never "internal error (OSError in job 7)".
+
+=================  ==============================================================
+errno              error
+=================  ==============================================================
+ENOSPC, EDQUOT     :class:`~blockguard.errors.PoolSpaceLow` when a pool is known,
+                   else :class:`~blockguard.errors.DeviceIOError` (a write past the
+                   end of a block device also says ENOSPC)
+EROFS, EPERM on a  :class:`~blockguard.errors.DeviceReadOnly`
+write
+EBUSY              :class:`~blockguard.errors.DeviceInUse`
+ENODEV, ENXIO      :class:`~blockguard.errors.DeviceVanished`
+anything else      :class:`~blockguard.errors.DeviceIOError` (EIO, EREMOTEIO, ...)
+=================  ==============================================================
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from blockguard.errors import (
+    BlockguardError,
+    DeviceInUse,
+    DeviceIOError,
+    DeviceReadOnly,
+    DeviceVanished,
+    PoolSpaceLow,
+)
+
+SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+READ_ONLY = frozenset({errno.EROFS})
+BUSY = frozenset({errno.EBUSY})
+VANISHED = frozenset({errno.ENODEV, errno.ENXIO})
+
+
+def map_oserror(
+    exc: OSError,
+    *,
+    path: str | os.PathLike[str],
+    op: str,
+    offset: int | None = None,
+    pool: str | None = None,
+) -> BlockguardError:
+    """The named error for ``exc``, raised by ``op`` on ``path`` (see the module table).
+
+    :param exc: what the kernel said.
+    :param path: the device or pool file that was being used.
+    :param op: what was being done, as a gerund ("reading", "writing", "flushing").
+    :param offset: the byte offset of the failed request, when there was one.
+    :param pool: the pool that ``path`` belongs to; only then is ENOSPC a full pool.
+    """
+    where = os.fspath(path)
+    code = exc.errno or 0
+    reason = exc.strerror or str(exc)
+    at = "?" if offset is None else str(offset)
+    if code in SPACE and pool is not None:
+        return PoolSpaceLow(pool=pool, free=_free_bytes(where), needed=None, path=where)
+    if code in READ_ONLY or (code == errno.EPERM and op.startswith("writ")):
+        return DeviceReadOnly(path=where)
+    if code in BUSY:
+        return DeviceInUse(path=where, reason=f"the kernel refused {op} ({reason})")
+    if code in VANISHED:
+        return DeviceVanished(path=where, op=op, offset=at, reason=reason)
+    return DeviceIOError(path=where, op=op, offset=at, reason=f"{reason} (errno {code})")
+
+
+@contextmanager
+def io_edge(
+    path: str | os.PathLike[str],
+    op: str,
+    *,
+    offset: int | None = None,
+    pool: str | None = None,
+) -> Iterator[None]:
+    """Run the body with every ``OSError`` turned into its named error.
+
+    The original ``OSError`` stays the ``__cause__`` (for the daemon log and the CLI's
+    explanation of the cause chain). Parameters as for :func:`map_oserror`.
+    """
+    try:
+        yield
+    except OSError as exc:
+        raise map_oserror(exc, path=path, op=op, offset=offset, pool=pool) from exc
+
+
+def _free_bytes(path: str) -> int | str:
+    """Free bytes of the file system holding ``path`` (best effort: ``"?"`` if unknown)."""
+    probe = path
+    while probe and not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    try:
+        st = os.statvfs(probe or "/")
+    except OSError:
+        return "?"
+    return st.f_bavail * st.f_frsize
