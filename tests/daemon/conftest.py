@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.timeouts import scaled
+
 REPO = Path(__file__).resolve().parents[2]
 POLICY_FILE = REPO / "data" / "org.blockguard1.conf"
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
@@ -178,7 +180,11 @@ class NotifyListener:
         return fields
 
     def wait_for(self, key: str, value: str | None = None, timeout: float = 15.0) -> dict[str, str]:
-        """Wait for a message setting ``key`` (to ``value``); earlier ones are kept too."""
+        """Wait for a message setting ``key`` (to ``value``); earlier ones are kept too.
+
+        ``timeout`` is a base: it is scaled to the harness (:mod:`tests.timeouts`).
+        """
+        timeout = scaled(timeout)
         for message in self.messages:
             if key in message and (value is None or message[key] == value):
                 return message
@@ -223,7 +229,7 @@ class Daemon:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout)
+                self.process.wait(scaled(timeout))
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
@@ -278,7 +284,8 @@ def start_daemon(
     daemon = Daemon(process, bus, state_dir, notify, log_path)
     if wait_ready:
         try:
-            notify.wait_for("READY", "1", timeout=20)
+            # A loaded machine or a guest under TCG can take a minute to get here.
+            notify.wait_for("READY", "1", timeout=60)
         except AssertionError as exc:
             daemon.stop()
             raise AssertionError(f"{exc}\n--- daemon log ---\n{daemon.log()}") from None
@@ -431,4 +438,5 @@ def write_random(path: str, offset: int, nbytes: int, seed: int) -> None:
 
 def run_job(client: object, path: str, timeout: float = 60) -> dict[str, object]:
     """Wait for a job (by its D-Bus path) and return its final properties."""
-    return client.wait_job(path, interval=0.05, timeout=timeout)  # type: ignore[attr-defined]
+    bound = scaled(timeout)
+    return client.wait_job(path, interval=0.05, timeout=bound)  # type: ignore[attr-defined]

@@ -14,6 +14,7 @@ from dbus_fast.aio import MessageBus
 
 from blockguard.cli.client import JOB, POOL, VOLUME, Client, RemoteError
 from blockguard.errors import ExitCode
+from tests.timeouts import scaled
 
 from .conftest import Daemon, PrivateBus
 
@@ -160,7 +161,7 @@ async def _watch(address: str, action: Callable[[MessageBus], Any], until: Calla
     )
     await action(bus)
     try:
-        await asyncio.wait_for(done.wait(), 20)
+        await asyncio.wait_for(done.wait(), scaled(60))
     finally:
         bus.disconnect()
     return seen
@@ -232,7 +233,7 @@ def test_failed_job_reports_named_error(
 ) -> None:
     _setup_volume(client, images, "failing-disk")
     path = client.call("BackupNow", "s", "failing-disk")
-    job = client.wait_job(path, timeout=20)
+    job = client.wait_job(path, timeout=scaled(60))
     assert job["State"] == "failed"
     assert job["Error"][0] == E + "DataError"
     assert "simulated read error" in job["Error"][1]
@@ -243,13 +244,13 @@ def test_restore_and_verify_jobs(
     daemon: Daemon, client: Client, images: Callable[..., str]
 ) -> None:
     _setup_volume(client, images)
-    client.wait_job(client.call("BackupNow", "s", "db"), timeout=20)
+    client.wait_job(client.call("BackupNow", "s", "db"), timeout=scaled(60))
     target = images("target.img")
     job = client.wait_job(
-        client.call("Restore", "ssssb", "db", "", "copy", target, False), timeout=20
+        client.call("Restore", "ssssb", "db", "", "copy", target, False), timeout=scaled(60)
     )
     assert job["State"] == "done" and job["Result"]["target"] == target
-    job = client.wait_job(client.call("Verify", "s", "db@1"), timeout=20)
+    job = client.wait_job(client.call("Verify", "s", "db@1"), timeout=scaled(60))
     assert job["State"] == "done" and job["Result"]["ok"] is True
     assert len(client.call("ListJobs")) == 3
 
@@ -263,7 +264,7 @@ def test_second_daemon_refuses_to_start(
     other.mkdir()
     second = start_daemon(bus, other, notify_socket, wait_ready=False)
     try:
-        assert second.process.wait(20) == ExitCode.ENVIRONMENT
+        assert second.process.wait(scaled(60)) == ExitCode.ENVIRONMENT
     finally:
         second.stop()
     assert "is another blockguardd running?" in second.log()
@@ -271,7 +272,7 @@ def test_second_daemon_refuses_to_start(
 
 def test_sigterm_shuts_down_cleanly(daemon: Daemon) -> None:
     daemon.process.send_signal(signal.SIGTERM)
-    assert daemon.process.wait(15) == 0
+    assert daemon.process.wait(scaled(60)) == 0
     daemon.notify.wait_for("STOPPING", "1")
     assert "Traceback" not in daemon.log()
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import pytest
 
 from blockguard.cli.client import JOB, VOLUME, Client, RemoteError, plain
+from tests.timeouts import scaled
 
 from .conftest import EngineHarness, MiB, run_job, sha256_of, write_random
 
@@ -47,7 +48,7 @@ def test_kill_9_during_a_backup(engine: EngineHarness, loopdev: Callable[..., st
 
         write_random(volume, 8 * MiB, 48 * MiB, seed=3)
         job = client.call("BackupNow", "s", "db")
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + scaled(120)
         while True:
             props = client.properties(job, JOB)
             if props["State"] == "running" and 0 < props["BytesDone"] < props["BytesTotal"]:
@@ -63,7 +64,7 @@ def test_kill_9_during_a_backup(engine: EngineHarness, loopdev: Callable[..., st
                 call()
             assert info.value.name == "org.blockguard1.Error.Busy"
         daemon.process.kill()
-        daemon.process.wait(10)
+        daemon.process.wait(scaled(60))
     current = sha256_of(volume)
 
     daemon = engine.start()

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 from blockguard.cli.client import JOB, Client, plain, variant
+from tests.timeouts import scaled
 
 from .conftest import EngineHarness, MiB, sha256_of, write_random
 
@@ -18,7 +19,7 @@ SIZE = 32 * MiB
 
 
 def wait_generations(client: Client, count: int, timeout: float = 15) -> list[list[object]]:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while True:
         gens = plain(client.call("ListGenerations", "s", "db"))
         running = [p for p in client.objects(JOB).values() if p["State"] in ("queued", "running")]

@@ -22,6 +22,7 @@ from blockguard.daemon.jobs import JobKind, JobRunner, JobState
 from blockguard.daemon.logsetup import FieldsFormatter, setup_logging, under_systemd
 from blockguard.daemon.memory import validate_objectives
 from blockguard.errors import InvalidObjectives, NotAuthorized, NotFound
+from tests.timeouts import scaled
 
 
 def test_job_runs_in_a_thread_and_reports_changes() -> None:
@@ -32,7 +33,7 @@ def test_job_runs_in_a_thread_and_reports_changes() -> None:
 
     def work(progress: Any) -> dict[str, Any]:
         threads.add(threading.current_thread().name)
-        gate.wait(5)
+        gate.wait(scaled(60))
         for done in (25, 50, 100):
             progress(done, 100)
         return {"bytes": 100}
@@ -40,7 +41,7 @@ def test_job_runs_in_a_thread_and_reports_changes() -> None:
     job = runner.submit(JobKind.BACKUP, "db", work)
     job.subscribe(lambda _j, changed: changes.append(changed))
     gate.set()
-    assert job.wait(5)
+    assert job.wait(scaled(60))
     runner.shutdown(wait=True)
     assert job.state is JobState.DONE and job.result == {"bytes": 100}
     assert threads and all(name.startswith("job") for name in threads)
@@ -60,7 +61,7 @@ def test_job_errors_are_named_and_plain() -> None:
 
     a = runner.submit(JobKind.VERIFY, "g", missing)
     b = runner.submit(JobKind.VERIFY, "g", crash)
-    assert a.wait(5) and b.wait(5)
+    assert a.wait(scaled(60)) and b.wait(scaled(60))
     runner.shutdown(wait=True)
     assert a.error == ("org.blockguard1.Error.NotFound", "volume x does not exist")
     assert b.state is JobState.FAILED
@@ -73,8 +74,8 @@ def test_runner_forgets_old_finished_jobs() -> None:
     forgotten: list[int] = []
     runner.on_forget_job(lambda j: forgotten.append(j.id))
     for _ in range(4):
-        runner.submit(JobKind.VERIFY, "g", lambda _p: None).wait(5)
-    runner.submit(JobKind.VERIFY, "g", lambda _p: None).wait(5)
+        runner.submit(JobKind.VERIFY, "g", lambda _p: None).wait(scaled(60))
+    runner.submit(JobKind.VERIFY, "g", lambda _p: None).wait(scaled(60))
     runner.shutdown(wait=True)
     assert forgotten == [1, 2]
     assert [j.id for j in runner.list()] == [3, 4, 5]

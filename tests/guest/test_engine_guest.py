@@ -46,6 +46,7 @@ from tests.guest.daemon_fixture import (
     resume_suspended,
     sh,
 )
+from tests.timeouts import scaled
 
 pytestmark = pytest.mark.guest
 pool_disks = lp.pool_disks
@@ -230,7 +231,7 @@ def engine(world: World, tmp_path: Path) -> Iterator[EngineHarness]:
 def wait_jobs(client: Client, jobs: dict[str, str], timeout: float = 60) -> dict[str, dict]:
     """Poll jobs (volume -> job path) until all are done or failed."""
     final: dict[str, dict] = {}
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while len(final) < len(jobs):
         assert time.monotonic() < deadline, f"jobs {jobs} did not finish"
         for vol, path in jobs.items():

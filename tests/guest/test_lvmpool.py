@@ -426,7 +426,7 @@ def test_registration_refuses_each_in_use_case(loopdev, tmp_path: Path) -> None:
     try:
         # Mounted.
         dev = loopdev(160 * MiB, "mounted.img")
-        sh("mkfs.ext4", "-q", dev)
+        sh("mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev)
         (tmp_path / "m").mkdir()
         sh("mount", dev, str(tmp_path / "m"))
         try:
@@ -458,7 +458,7 @@ def test_registration_refuses_each_in_use_case(loopdev, tmp_path: Path) -> None:
         sh("lvm", "pvcreate", "-qq", pv)
         assert_refused([pv], root, "it is an LVM physical volume.*force would overwrite")
         fs = loopdev(160 * MiB, "fs.img")
-        sh("mkfs.ext4", "-q", fs)
+        sh("mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", fs)
         assert_refused([fs], root, "it contains a ext4 signature.*force would overwrite")
         # Protected, too small: not even with force.
         assert_refused([good], root, "it is the protected volume", protected=[good], force=True)

@@ -50,7 +50,8 @@ def test_in_use_reasons_names_mount_and_lvm_label(loopdev, tmp_path: Path) -> No
 
     dev = loopdev(32 << 20)
     assert in_use_reasons(dev) == []
-    subprocess.run(["mkfs.ext4", "-q", dev], check=True, timeout=60)
+    lazy_off = "lazy_itable_init=0,lazy_journal_init=0"
+    subprocess.run(["mkfs.ext4", "-q", "-E", lazy_off, dev], check=True, timeout=60)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     subprocess.run(["mount", dev, str(mnt)], check=True, timeout=60)

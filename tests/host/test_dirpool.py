@@ -22,6 +22,8 @@ from blockguard.storage.pool.dirpool import DirPool
 MiB = 1 << 20
 POOL_SIZE = 512 * MiB
 CHUNK = 64 << 10
+#: ext4 made without lazy init: no background writes behind a before/after hash.
+LAZY_OFF = "lazy_itable_init=0,lazy_journal_init=0"
 
 
 def run(*argv: str) -> str:
@@ -74,7 +76,7 @@ def assert_refused(
 
 def test_refuses_mounted_disk(loopdev, tmp_path: Path) -> None:
     dev = loopdev(POOL_SIZE)
-    run("mkfs.ext4", "-q", dev)
+    run("mkfs.ext4", "-q", "-E", LAZY_OFF, dev)
     mnt = tmp_path / "elsewhere"
     mnt.mkdir()
     run("mount", dev, str(mnt))
@@ -97,7 +99,7 @@ def test_refuses_partitioned_disk_unless_forced(partitioned: str, tmp_path: Path
 
 def test_refuses_disk_with_mounted_partition_even_forced(partitioned: str, tmp_path: Path) -> None:
     part = partitioned + "p1"
-    run("mkfs.ext4", "-q", part)
+    run("mkfs.ext4", "-q", "-E", LAZY_OFF, part)
     mnt = tmp_path / "partmnt"
     mnt.mkdir()
     run("mount", part, str(mnt))
@@ -123,7 +125,7 @@ def test_refuses_lvm_physical_volume_unless_forced(loopdev, tmp_path: Path) -> N
 
 def test_refuses_disk_with_filesystem_unless_forced(loopdev, tmp_path: Path) -> None:
     dev = loopdev(POOL_SIZE)
-    run("mkfs.ext4", "-q", dev)
+    run("mkfs.ext4", "-q", "-E", LAZY_OFF, dev)
     assert_refused(dev, tmp_path / "root", "it contains a ext4 signature.*force")
 
 

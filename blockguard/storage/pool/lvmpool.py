@@ -232,7 +232,9 @@ class LvmPool(PoolBackend):
             pool.lvm.lvm("lvcreate", "-qq", "-y", "-Wy", "-L", f"{meta_size}b", "-n", META_LV,
                          pool.vg, first)  # fmt: skip
             meta_dev = pool._lv_device(META_LV)
-            run.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-L", "bgmeta", "-E", "nodiscard",
+            run.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-L", "bgmeta", "-E",
+                     # No lazy init: no writes behind our back after mkfs.
+                     "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
                      meta_dev], timeout=300)  # fmt: skip
             _, vg_free = pool._vg_space()
             if thin_device:
