@@ -51,6 +51,8 @@ class BlockDevice:
     :param direct: ``O_DIRECT`` (I/O must use aligned buffers, offsets and sizes).
     :param exclusive: ``O_EXCL``: fail if the device is mounted or held by the kernel.
     :param expect_rdev: the ``st_rdev`` the caller means; a different device is refused.
+    :param pool: the pool the device belongs to (a thin LV of an lvm pool): then ENOSPC is
+        a full pool (:class:`~blockguard.errors.PoolSpaceLow`), not a device error.
     """
 
     def __init__(
@@ -61,8 +63,10 @@ class BlockDevice:
         direct: bool = False,
         exclusive: bool = False,
         expect_rdev: int | None = None,
+        pool: str | None = None,
     ) -> None:
         self.path = os.fspath(path)
+        self.pool = pool
         flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC
         if direct:
             flags |= os.O_DIRECT
@@ -119,7 +123,9 @@ class BlockDevice:
                     break
                 done += n
         except OSError as exc:
-            raise map_oserror(exc, path=self.path, op="reading", offset=offset + done) from exc
+            raise map_oserror(
+                exc, path=self.path, op="reading", offset=offset + done, pool=self.pool
+            ) from exc
         return done
 
     def pwrite_all(self, buf: memoryview | bytes, offset: int) -> None:
@@ -133,14 +139,16 @@ class BlockDevice:
             while done < len(view):
                 done += os.pwritev(self.fd, [view[done:]], offset + done)
         except OSError as exc:
-            raise map_oserror(exc, path=self.path, op="writing", offset=offset + done) from exc
+            raise map_oserror(
+                exc, path=self.path, op="writing", offset=offset + done, pool=self.pool
+            ) from exc
 
     def flush(self) -> None:
         """Make every write so far durable on the device.
 
         :raises DeviceIOError: a write-back failed (the kernel reports it here, once).
         """
-        with io_edge(self.path, "flushing"):
+        with io_edge(self.path, "flushing", pool=self.pool):
             os.fsync(self.fd)
 
     def close(self) -> None:

@@ -123,7 +123,7 @@ class Writer(threading.Thread):
             self.error = exc
 
     def wait_writes(self, n: int, timeout: float = 30) -> int:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while len(self.log) < n:
             assert self.error is None and time.monotonic() < deadline, self.error
             time.sleep(0.01)
@@ -384,7 +384,7 @@ def test_lvm_pool_era_and_thin_over_dbus(world: World, engine: EngineHarness) ->
             wait_running(client, jobs)
             assert len(pit_layers()) == 2  # the thick volume's copy: origin and snapshot
             daemon.process.kill()
-            daemon.process.wait(10)
+            daemon.process.wait(scaled(10))
             time.sleep(0.3)  # the volumes keep taking writes with the daemon gone
         finally:
             killed_logs = {vol: w.finish() for vol, w in writers.items()}
@@ -438,7 +438,7 @@ def test_lvm_pool_era_and_thin_over_dbus(world: World, engine: EngineHarness) ->
 
 def wait_running(client: Client, jobs: dict[str, str], timeout: float = 60) -> None:
     """Until every job is copying: running, some but not all bytes done."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     pending = set(jobs)
     while pending:
         for vol in list(pending):

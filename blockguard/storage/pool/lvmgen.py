@@ -21,6 +21,7 @@ from pathlib import Path
 
 from blockguard.errors import CorruptMetadata, EnvironmentProblem
 from blockguard.storage.blockdev import BlockDevice, aligned_buffer
+from blockguard.storage.ioedge import io_edge
 from blockguard.storage.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -81,8 +82,10 @@ class LvmGenerationWriter(GenerationWriter):
         device: str | None,
         remove_lv: Callable[[str], None],
         new_volume_dir: bool,
+        pool: str | None = None,
     ) -> None:
         super().__init__(draft, cloned)
+        self.pool = pool
         self.dir = gen_dir
         self.lv = lv
         self._lock_fd = lock_fd
@@ -95,7 +98,7 @@ class LvmGenerationWriter(GenerationWriter):
         self._dev: BlockDevice | None = None
         try:
             if device is not None:
-                self._dev = BlockDevice(device, write=True, direct=True, exclusive=True)
+                self._dev = BlockDevice(device, write=True, direct=True, exclusive=True, pool=pool)
         except BaseException:
             self._cleanup()
             raise
@@ -137,6 +140,11 @@ class LvmGenerationWriter(GenerationWriter):
         if self._dev is not None:
             # For a thin LV this flush also commits the pool's mappings of the new blocks.
             self._dev.flush()
+        # The manifest and checksums live on the pool's metadata file system.
+        with io_edge(self.dir, "committing", pool=self.pool):
+            return self._commit(checksums)
+
+    def _commit(self, checksums: array.array[int]) -> Manifest:
         raw = checksum_bytes(checksums)
         crash_point("before-checksums")
         write_durable(self.dir / CHECKSUMS, raw)

@@ -645,7 +645,15 @@ class LvmPool(PoolBackend):
             os.close(lock_fd)
             raise
         return LvmGenerationWriter(
-            draft, source, gen_dir, lock_fd, lv, device, self._remove_lv, new_volume_dir
+            draft,
+            source,
+            gen_dir,
+            lock_fd,
+            lv,
+            device,
+            self._remove_lv,
+            new_volume_dir,
+            pool=self.name,
         )
 
     def open_generation(self, manifest: Manifest) -> GenerationReader:
