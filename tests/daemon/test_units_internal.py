@@ -180,3 +180,37 @@ def test_logging_target_and_fields() -> None:
     record.JOB = 4
     line = FieldsFormatter("%(message)s").format(record)
     assert line == "backup done [VOLUME=db JOB=4]"
+
+
+def test_failed_job_carries_the_flight_recorder(tmp_path: Any, caplog: Any) -> None:
+    """A job that fails reports the last commands run: in its Result, the catalog, the log."""
+    from blockguard.core.catalog import Catalog
+    from blockguard.daemon.engine.events import EventHub
+    from blockguard.daemon.engine.jobbook import JobBook
+    from blockguard.errors import DeviceIOError
+    from blockguard.storage.runner import Runner
+
+    catalog = Catalog(tmp_path / "catalog.db")
+    recorder = Runner()
+    runner = JobRunner()
+    book = JobBook(catalog, runner, EventHub(), recorder=recorder)
+
+    def work(_progress: Any, _catalog_job: str) -> dict[str, Any]:
+        recorder.run(["sh", "-c", "echo pool disk gone >&2; exit 3"], timeout=30, check=False)
+        raise DeviceIOError(path="/dev/vdz", op="writing", offset=8192, reason="EIO")
+
+    with caplog.at_level(logging.WARNING, logger="blockguard.daemon.engine.jobbook"):
+        job = book.submit(JobKind.BACKUP, "db", "db", work)
+        assert job.wait(scaled(60))
+        runner.shutdown(wait=True)
+    assert job.state is JobState.FAILED
+    assert job.error == (
+        "org.blockguard1.Error.DeviceIO",
+        "I/O error on /dev/vdz at offset 8192 while writing: EIO",
+    )
+    report = job.result["failure_report"]
+    assert report.startswith("last commands run:\n") and "rc=3" in report
+    assert "pool disk gone" in report and "echo pool disk gone" in report
+    [record] = catalog.list_jobs(volume="db")
+    assert record.state == "failed" and record.result["failure_report"] == report
+    assert any("pool disk gone" in r.getMessage() for r in caplog.records)
