@@ -41,6 +41,7 @@ from blockguard.storage.snapshot import (
 )
 from blockguard.storage.tracking.era import EraTracker
 from blockguard.storage.tracking.thin import ThinTracker
+from tests.fsutil import frozen
 from tests.guest.workload import random_writes
 
 pytestmark = pytest.mark.guest
@@ -430,7 +431,9 @@ def test_registration_refuses_each_in_use_case(loopdev, tmp_path: Path) -> None:
         (tmp_path / "m").mkdir()
         sh("mount", dev, str(tmp_path / "m"))
         try:
-            assert_refused([good, dev], root, f"it is mounted on {tmp_path / 'm'}", force=True)
+            # Frozen: a mounted ext4 writes its journal on its own (see tests/fsutil.py).
+            with frozen(tmp_path / "m"):
+                assert_refused([good, dev], root, f"it is mounted on {tmp_path / 'm'}", force=True)
         finally:
             sh("umount", str(tmp_path / "m"))
         # Held: a dm device is built on it.

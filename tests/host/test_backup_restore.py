@@ -24,6 +24,7 @@ from blockguard.storage.copyengine import Progress
 from blockguard.storage.manifest import GenerationKind, VolumeIdentity
 from blockguard.storage.pool.dirpool import DirPool
 from blockguard.storage.restore import restore_in_place, restore_to_device, swap_in, verify
+from tests.fsutil import frozen
 
 MiB = 1 << 20
 CHUNK = 64 << 10
@@ -224,11 +225,13 @@ def test_in_place_needs_force_and_refuses_mounted(pool: DirPool, loopdev, tmp_pa
     mnt.mkdir()
     subprocess.run(["mount", orig, str(mnt)], check=True, timeout=60)
     try:
-        before = sha256_of(orig, VOLUME_SIZE)
-        with pytest.raises(DeviceInUse, match="mounted on"):
-            restore_in_place(pool, "vol0", m.generation_id, orig, force=True)
-        # (compared while mounted: unmounting ext4 updates its superblock)
-        assert sha256_of(orig, VOLUME_SIZE) == before
+        # Frozen: a mounted ext4 writes its journal on its own (see tests/fsutil.py).
+        with frozen(mnt):
+            before = sha256_of(orig, VOLUME_SIZE)
+            with pytest.raises(DeviceInUse, match="mounted on"):
+                restore_in_place(pool, "vol0", m.generation_id, orig, force=True)
+            # (compared while mounted: unmounting ext4 updates its superblock)
+            assert sha256_of(orig, VOLUME_SIZE) == before
     finally:
         subprocess.run(["umount", str(mnt)], check=True, timeout=60)
 

@@ -18,6 +18,7 @@ from blockguard.storage.backup import run_backup
 from blockguard.storage.manifest import MANIFEST_NAME, GenerationKind, VolumeIdentity
 from blockguard.storage.pool.base import SpaceAlert
 from blockguard.storage.pool.dirpool import DirPool
+from tests.fsutil import frozen
 
 MiB = 1 << 20
 POOL_SIZE = 512 * MiB
@@ -81,7 +82,8 @@ def test_refuses_mounted_disk(loopdev, tmp_path: Path) -> None:
     mnt.mkdir()
     run("mount", dev, str(mnt))
     try:
-        assert_refused(dev, tmp_path / "root", f"in use: it is mounted on {mnt}", force=True)
+        with frozen(mnt):  # no journal writes behind the hash (tests/fsutil.py)
+            assert_refused(dev, tmp_path / "root", f"in use: it is mounted on {mnt}", force=True)
     finally:
         run("umount", str(mnt))
 
@@ -104,12 +106,13 @@ def test_refuses_disk_with_mounted_partition_even_forced(partitioned: str, tmp_p
     mnt.mkdir()
     run("mount", part, str(mnt))
     try:
-        assert_refused(
-            partitioned,
-            tmp_path / "root",
-            f"its partition .*p1: it is mounted on {mnt}",
-            force=True,
-        )
+        with frozen(mnt):  # no journal writes behind the hash (tests/fsutil.py)
+            assert_refused(
+                partitioned,
+                tmp_path / "root",
+                f"its partition .*p1: it is mounted on {mnt}",
+                force=True,
+            )
     finally:
         run("umount", str(mnt))
 
