@@ -161,9 +161,10 @@ async def serve(args: argparse.Namespace) -> int:
 
         status = daemon_bus.refresh_status()
         daemon_bus.on_status = notifier.status
+        # Logged before READY=1 goes out, so whoever saw READY finds the line in the log.
+        log.info("ready: %s", status)
         notifier.ready(status)
         notifier.start_watchdog()
-        log.info("ready: %s", status)
 
         # Shielded: cancelling our wait must not cancel the bus's own disconnect future.
         disconnected = asyncio.shield(bus.wait_for_disconnect())
