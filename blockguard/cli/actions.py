@@ -208,10 +208,18 @@ def _report_path(out: Output, verb: str, name: str, path: str | None) -> None:
 
 
 def protect(client: Client, args: argparse.Namespace, out: Output) -> None:
-    path = client.call("Protect", "ssts", args.device, args.name, args.chunk_size, args.backend)
-    objectives = _objectives(args)
-    if objectives:
-        client.call("SetObjectives", "sa{sv}", args.name, objectives)
+    # One call: the daemon checks the objectives before it creates anything, so a refused
+    # objective leaves no volume behind.
+    path = client.call(
+        "Protect",
+        "sstssa{sv}",
+        args.device,
+        args.name,
+        args.chunk_size,
+        args.backend,
+        args.pool,
+        _objectives(args),
+    )
     _report_path(out, "protecting", args.name, path)
 
 
@@ -234,7 +242,11 @@ def _objectives(args: argparse.Namespace) -> dict[str, Any]:
 def objectives(client: Client, args: argparse.Namespace, out: Output) -> None:
     values = _objectives(args)
     if not values:
-        raise CliError("give at least one of --rpo, --rto, --generations", ExitCode.USAGE)
+        raise CliError(
+            "give at least one of --rpo, --rto, --restore-mode, --generations, --tz "
+            '(only those are set; "" clears one)',
+            ExitCode.USAGE,
+        )
     paths = client.call("SetObjectives", "sa{sv}", args.target, values)
     if out.as_json:
         out.json({"volumes": paths})

@@ -18,6 +18,7 @@ from typing import Any
 from blockguard.cli import actions
 from blockguard.cli.client import Client
 from blockguard.cli.errors import explain
+from blockguard.core.objectives import MAX_GENERATIONS
 from blockguard.errors import ExitCode
 
 
@@ -44,14 +45,66 @@ class Cmd:
     sub: tuple[Cmd, ...] = field(default_factory=tuple)
 
 
+#: The largest value of a D-Bus ``t`` (u64).
+U64_MAX = (1 << 64) - 1
+
+
+def bounded_int(what: str, low: int, high: int, clearable: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a whole number in ``low..high``, checked before any call.
+
+    argparse turns the ``ArgumentTypeError`` into a usage error (exit 2) that names the
+    option and the value, so no number reaches the bus that it cannot carry.
+
+    :param clearable: an empty string passes through (it clears an objective).
+    """
+
+    def parse(text: str) -> int | str:
+        if clearable and text == "":
+            return ""
+        stripped = text.strip()
+        # isdigit() alone lets "²" or "١" through, which int() may refuse or misread.
+        if not (stripped.isascii() and stripped.isdigit()) or len(stripped) > 20:
+            raise argparse.ArgumentTypeError(f"{what} {text!r} is not a whole number")
+        value = int(stripped)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{what} {text!r} is outside {low}..{high}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in "invalid <name> value"
+    return parse
+
+
+def objective_text(what: str) -> Callable[[str], str]:
+    """An argparse type for text objectives: printable, at most 200 characters."""
+
+    def parse(text: str) -> str:
+        if len(text) > 200 or not text.isprintable():
+            raise argparse.ArgumentTypeError(
+                f"{what} {text[:40]!r} must be printable text of at most 200 characters"
+            )
+        return text
+
+    parse.__name__ = what
+    return parse
+
+
 FORCE = Arg("--force", action="store_true", help="do it even if it destroys something")
 NO_WAIT = Arg("--no-wait", action="store_true", help="print the job and return at once")
+#: Objectives: only the options given are set; an empty value ("") clears that objective.
 OBJECTIVE_ARGS = (
-    Arg("--rpo", help="recovery point objective: 15m, every 4h, daily 02:30, changed 10GiB"),
-    Arg("--rto", help="recovery time objective, e.g. 5m"),
-    Arg("--restore-mode", choices=["swap-in", "copy"], help="what the RTO refers to"),
-    Arg("--generations", type=int, help="how many generations to keep"),
-    Arg("--tz", help="time zone of a daily RPO (default: local time)"),
+    Arg(
+        "--rpo",
+        type=objective_text("rpo"),
+        help='recovery point objective: 15m, every 4h, daily 02:30, changed 10GiB ("" clears)',
+    ),
+    Arg("--rto", type=objective_text("rto"), help='recovery time objective, e.g. 5m ("" clears)'),
+    Arg("--restore-mode", choices=["swap-in", "copy", ""], help="what the RTO refers to"),
+    Arg(
+        "--generations",
+        type=bounded_int("generations", 1, MAX_GENERATIONS, clearable=True),
+        help=f"how many generations to keep (1..{MAX_GENERATIONS})",
+    ),
+    Arg("--tz", type=objective_text("tz"), help="time zone of a daily RPO (default: local time)"),
 )
 
 TREE = Cmd(
@@ -98,8 +151,18 @@ TREE = Cmd(
             (
                 Arg("device"),
                 Arg("name", help="name of the volume"),
-                Arg("--chunk-size", type=int, default=0, help="tracking chunk in bytes"),
+                Arg(
+                    "--chunk-size",
+                    type=bounded_int("chunk size", 0, U64_MAX),
+                    default=0,
+                    help="tracking chunk in bytes (default: automatic)",
+                ),
                 Arg("--backend", default="", help="tracking backend (default: automatic)"),
+                Arg(
+                    "--pool",
+                    default="",
+                    help="pool to back up into (default: the one with the most room)",
+                ),
                 *OBJECTIVE_ARGS,
             ),
         ),

@@ -104,6 +104,10 @@ def parse_size(text: str | int) -> int:
     return round(float(number) * factor)
 
 
+#: Durations from here on do not fit a timedelta (about 2.7 million years).
+_MAX_SECONDS = timedelta.max.total_seconds() - 86400
+
+
 def parse_duration(text: str | int | float | timedelta) -> timedelta:
     """Parse a duration such as ``"90s"``, ``"15m"``, ``"4h"``, ``"1d"`` or ``"1h30m"``.
 
@@ -128,6 +132,9 @@ def parse_duration(text: str | int | float | timedelta) -> timedelta:
         raise InvalidInput(detail=f"duration {text!r} is not finite")
     if seconds < 0:
         raise InvalidInput(detail=f"duration {text!r} is negative")
+    if seconds >= _MAX_SECONDS:
+        # timedelta itself would raise OverflowError, which is no message for a user.
+        raise InvalidInput(detail=f"duration {text!r} is longer than any objective can be")
     return timedelta(seconds=seconds)
 
 

@@ -168,10 +168,24 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_method()
     @handler()
-    async def Protect(self, device: Str, name: Str, chunk_size: UInt64, backend: Str) -> ObjPath:
-        """chunk_size 0 and backend "" mean: let the daemon choose."""
+    async def Protect(
+        self,
+        device: Str,
+        name: Str,
+        chunk_size: UInt64,
+        backend: Str,
+        pool: Str,
+        objectives: VarDict,
+    ) -> ObjPath:
+        """chunk_size 0, backend "" and pool "" mean: let the daemon choose."""
         info = await self._call(
-            self.service.protect, device, name, chunk_size or None, backend or None
+            self.service.protect,
+            device,
+            name,
+            chunk_size or None,
+            backend or None,
+            pool or None,
+            from_variant(objectives),
         )
         return self.tree.volume(info)
 

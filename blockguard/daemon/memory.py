@@ -19,6 +19,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from blockguard.core.objective_sets import clean_given, merge_given, parse_given
+from blockguard.core.objectives import IntervalRPO
 from blockguard.daemon import service as svc
 from blockguard.daemon.jobs import Job, JobKind, JobRunner, ProgressReporter
 from blockguard.errors import (
@@ -28,7 +30,6 @@ from blockguard.errors import (
     DeviceInUse,
     InvalidChunkSize,
     InvalidInput,
-    InvalidObjectives,
     NotABlockDevice,
     NotFound,
 )
@@ -38,9 +39,6 @@ POOL_BACKENDS = ("file", "reflink", "thin")
 TRACKING_BACKENDS = ("era", "thin", "snapshot")
 DEFAULT_CHUNK_SIZE = 64 * 1024
 FAKE_RATE = 200e6  # bytes/s used for the fake restore-time estimates
-OBJECTIVE_KEYS = {"rpo", "rto", "restore_mode", "generations", "tz"}
-_DURATION_RE = re.compile(r"(?:every\s+)?([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)")
-_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def _check_name(what: str, name: str) -> None:
@@ -72,48 +70,9 @@ def _device_size(path: str) -> int:
         os.close(fd)
 
 
-def _duration_seconds(key: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise InvalidObjectives(detail=f"{key} {value!r} is not a duration")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        match = _DURATION_RE.fullmatch(value.strip())
-        if match is None:
-            raise InvalidObjectives(detail=f"{key} {value!r} is not a duration such as 15m or 4h")
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    else:
-        raise InvalidObjectives(detail=f"{key} {value!r} is not a duration")
-    if not 1 <= seconds <= 365 * 86400:
-        raise InvalidObjectives(detail=f"{key} {value!r} is outside 1s..365d")
-    return seconds
-
-
 def validate_objectives(objectives: Mapping[str, Any]) -> dict[str, Any]:
-    """The memory service's (simplified) check of objectives; returns the cleaned mapping."""
-    unknown = set(objectives) - OBJECTIVE_KEYS
-    if unknown:
-        raise InvalidObjectives(
-            detail=f"unknown keys {sorted(unknown)}; known: {sorted(OBJECTIVE_KEYS)}"
-        )
-    if "rpo" not in objectives and "rto" not in objectives:
-        raise InvalidObjectives(detail="give an RPO, an RTO or both; neither was given")
-    clean: dict[str, Any] = {}
-    for key in ("rpo", "rto"):
-        if key in objectives:
-            _duration_seconds(key.upper(), objectives[key])
-            clean[key] = str(objectives[key])
-    mode = objectives.get("restore_mode", "swap-in")
-    if mode not in ("swap-in", "copy"):
-        raise InvalidObjectives(detail=f"restore mode {mode!r} is not swap-in or copy")
-    clean["restore_mode"] = mode
-    gens = objectives.get("generations", 7)
-    if isinstance(gens, bool) or not isinstance(gens, int) or not 1 <= gens <= 10_000:
-        raise InvalidObjectives(detail=f"generations {gens!r} is not an integer in 1..10000")
-    clean["generations"] = gens
-    if "tz" in objectives:
-        clean["tz"] = str(objectives["tz"])
-    return clean
+    """A new set of objectives, checked as the engine checks it (the same code)."""
+    return clean_given(objectives)
 
 
 class MemoryService:
@@ -258,9 +217,16 @@ class MemoryService:
     # volumes --------------------------------------------------------------------------
 
     def protect(
-        self, device: str, name: str, chunk_size: int | None, backend: str | None
+        self,
+        device: str,
+        name: str,
+        chunk_size: int | None,
+        backend: str | None,
+        pool: str | None = None,
+        objectives: Mapping[str, Any] | None = None,
     ) -> svc.VolumeInfo:
         _check_name("volume", name)
+        stored = validate_objectives(objectives) if objectives else {}
         chunk = chunk_size or DEFAULT_CHUNK_SIZE
         if chunk & (chunk - 1) or not 4096 <= chunk <= 16 * 1024 * 1024:
             raise InvalidChunkSize(chunk_size=chunk)
@@ -278,7 +244,9 @@ class MemoryService:
                 raise DeviceInUse(path=device, reason=f"it belongs to {used[device]}")
             if not self._pools:
                 raise InvalidInput(detail="there is no pool to back up into; create one first")
-            pool = next(iter(self._pools))
+            if pool is not None and pool not in self._pools:
+                raise NotFound(what="pool", name=pool)
+            pool = pool or next(iter(self._pools))
             volume = svc.VolumeInfo(
                 name=name,
                 device=device,
@@ -286,7 +254,7 @@ class MemoryService:
                 backend=backend,
                 chunk_size=chunk,
                 group="",
-                objectives={},
+                objectives=stored,
                 tracker_state="exact",
                 changed_bytes_since_backup=0,
                 changed_bytes_since_full=0,
@@ -310,13 +278,14 @@ class MemoryService:
         self._emit(svc.VolumeRemoved(volume))
 
     def set_objectives(self, volume_or_group: str, objectives: Mapping[str, Any]) -> list[str]:
-        clean = validate_objectives(objectives)
         with self._lock:
             names = [v.name for v in self._volumes.values() if volume_or_group in (v.name, v.group)]
             if not names:
                 raise NotFound(what="volume or group", name=volume_or_group)
+            # Every merge is checked before any volume changes: all or nothing.
+            merged = {n: merge_given(self._volumes[n].objectives, objectives) for n in names}
             for name in names:
-                self._update_volume(name, objectives=clean)
+                self._update_volume(name, objectives=merged[name])
         for name in names:
             self._emit(svc.VolumeChanged(name))
         return names
@@ -370,13 +339,16 @@ class MemoryService:
             "differential": size / FAKE_RATE * 1.2,
             "incremental": size / FAKE_RATE * (1 + 0.1 * len(volume.generations)),
         }
-        rto = volume.objectives.get("rto")
-        feasible = rto is None or estimate[method] <= _duration_seconds("RTO", rto)
-        rpo = volume.objectives.get("rpo")
+        parsed = parse_given(volume.objectives)
+        rto = None if parsed is None else parsed.rto
+        feasible = rto is None or estimate[method] <= rto.total_seconds()
+        # The toy schedule: an interval RPO from the last backup; other RPO kinds daily.
+        rpo = None if parsed is None else parsed.rpo
         last = volume.generations[-1].created if volume.generations else 0
         next_backup = 0
         if rpo is not None:
-            next_backup = int(max(last, time.time()) + _duration_seconds("RPO", rpo))
+            every = rpo.interval.total_seconds() if isinstance(rpo, IntervalRPO) else 86400
+            next_backup = int(max(last, time.time()) + every)
         return {
             "method": method,
             "reasons": reasons,

@@ -230,21 +230,36 @@ class Service(Protocol):
 
     # volumes
     def protect(
-        self, device: str, name: str, chunk_size: int | None, backend: str | None
+        self,
+        device: str,
+        name: str,
+        chunk_size: int | None,
+        backend: str | None,
+        pool: str | None = None,
+        objectives: Mapping[str, Any] | None = None,
     ) -> VolumeInfo:
-        """Start protecting ``device`` as volume ``name``.
+        """Start protecting ``device`` as volume ``name``, with its objectives, in one step.
+
+        Everything is checked before anything is created, so a refusal leaves nothing
+        behind (no volume without the objectives the client asked for).
 
         :param chunk_size: tracking granularity in bytes; ``None`` for the default.
         :param backend: tracking backend (e.g. ``"era"``, ``"thin"``); ``None`` to choose.
+        :param pool: the pool to back up into; ``None`` to place the volume on the pool
+            with the most free space that holds a full backup of it.
+        :param objectives: as for :meth:`set_objectives`; ``None`` or empty for none.
+        :raises PoolSpaceLow: no pool (or not the one named) has room for a full backup.
+        :raises InvalidObjectives: naming the offending key and value.
         """
 
     def unprotect(self, volume: str) -> None: ...
 
     def set_objectives(self, volume_or_group: str, objectives: Mapping[str, Any]) -> list[str]:
-        """Set the objectives of a volume or of every volume of a group.
+        """Set the given objectives of a volume or of a group; the other keys stay as they are.
 
         :param objectives: keys ``rpo`` (text such as ``"every 15m"``), ``rto`` (``"5m"``),
-            ``restore_mode`` (``"swap-in"``/``"copy"``), ``generations`` (int), ``tz``.
+            ``restore_mode`` (``"swap-in"``/``"copy"``), ``generations`` (int), ``tz``;
+            an empty string as a value removes that key. Nothing is stored on refusal.
         :returns: the names of the volumes whose objectives changed.
         :raises InvalidObjectives: naming the offending value.
         """

@@ -11,11 +11,40 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
+from pathlib import Path
 
 from blockguard.errors import CommandFailed, NotABlockDevice, NotFound
 from blockguard.storage.runner import Runner, default_runner
 
 TIMEOUT = 60
+
+#: Where the kernel shows a loaded device-mapper driver (module or built in).
+_DRIVER_LISTS = (Path("/proc/misc"), Path("/proc/devices"))
+_DRIVER_MODULE = Path("/sys/module/dm_mod")
+
+
+def driver_loaded(lists: tuple[Path, ...] = _DRIVER_LISTS, module: Path = _DRIVER_MODULE) -> bool:
+    """Whether the running kernel has the device-mapper driver.
+
+    The node ``/dev/mapper/control`` says nothing: it can exist (a container's /dev, a
+    left-over devtmpfs entry) on a kernel without the driver, and then every dmsetup or lvm
+    call fails ("lvm failed with exit code 3"). The driver registers ``device-mapper`` in
+    /proc/misc (the control node) and /proc/devices (the block major); as a module it also
+    appears as /sys/module/dm_mod.
+
+    :param lists: the /proc files to look in (tests pass their own).
+    :param module: the module's sysfs directory.
+    """
+    if module.is_dir():
+        return True
+    for path in lists:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        if any(line.split()[1:2] == ["device-mapper"] for line in text.splitlines()):
+            return True
+    return False
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ def _read_only_methods() -> set[str]:
 
 def _root_daemon_with_volume(client: Client, images: Callable[..., str]) -> None:
     client.call("CreatePool", "ssasb", "p1", "", [images("pool.img")], False)
-    client.call("Protect", "ssts", images("db.img"), "db", 0, "")
+    client.call("Protect", "sstssa{sv}", images("db.img"), "db", 0, "", "", {})
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ def _expect(name: str, fn: Callable[[], Any]) -> RemoteError:
 
 def _setup_volume(client: Client, images: Callable[..., str], name: str = "db") -> str:
     client.call("CreatePool", "ssasb", "p1", "", [images("pool1.img")], False)
-    return client.call("Protect", "ssts", images(f"{name}.img"), name, 0, "")
+    return client.call("Protect", "sstssa{sv}", images(f"{name}.img"), name, 0, "", "", {})
 
 
 def test_name_is_owned_and_ready_sent(daemon: Daemon, client: Client) -> None:
@@ -101,12 +101,15 @@ def test_named_errors_never_tracebacks(
     )
     _expect(
         E + "NotABlockDevice",
-        lambda: client.call("Protect", "ssts", "/nonexistent/disk", "x", 0, ""),
+        lambda: client.call("Protect", "sstssa{sv}", "/nonexistent/disk", "x", 0, "", "", {}),
     )
-    _expect(E + "NotABlockDevice", lambda: client.call("Protect", "ssts", "/dev/null", "x", 0, ""))
+    _expect(
+        E + "NotABlockDevice",
+        lambda: client.call("Protect", "sstssa{sv}", "/dev/null", "x", 0, "", "", {}),
+    )
     _expect(
         E + "DeviceInUse",
-        lambda: client.call("Protect", "ssts", pool_disk, "x", 0, ""),
+        lambda: client.call("Protect", "sstssa{sv}", pool_disk, "x", 0, "", "", {}),
     )
     _expect(
         E + "AlreadyExists",
@@ -114,7 +117,7 @@ def test_named_errors_never_tracebacks(
     )
     _expect(
         E + "InvalidChunkSize",
-        lambda: client.call("Protect", "ssts", images("c.img"), "c", 12345, ""),
+        lambda: client.call("Protect", "sstssa{sv}", images("c.img"), "c", 12345, "", "", {}),
     )
     _expect(
         E + "InvalidInput",

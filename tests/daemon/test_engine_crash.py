@@ -37,7 +37,7 @@ def test_kill_9_during_a_backup(engine: EngineHarness, loopdev: Callable[..., st
     points = []
     with Client(daemon.address) as client:
         client.call("CreatePool", "ssasb", "p1", "dir", [pool_disk], False)
-        client.call("Protect", "ssts", volume, "db", 0, "")
+        client.call("Protect", "sstssa{sv}", volume, "db", 0, "", "", {})
         write_random(volume, 0, SIZE, seed=1)
         for n in range(2):
             if n:

@@ -73,7 +73,7 @@ def test_backups_follow_the_rto_and_restore_bit_exact(
     with Client(daemon.address) as client:
         try:
             client.call("CreatePool", "ssasb", "p1", "dir", [pool_disk], False)
-            path = client.call("Protect", "ssts", volume, "db", 0, "")
+            path = client.call("Protect", "sstssa{sv}", volume, "db", 0, "", "", {})
             props = client.properties(path, VOLUME)
             assert props["Backend"] == "scan" and props["TrackerState"] == "initialising"
             client.call(

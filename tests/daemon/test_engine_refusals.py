@@ -105,7 +105,7 @@ def test_refused_calls_change_nothing(
     daemon = engine.start()
     with Client(daemon.address) as client:
         client.call("CreatePool", "ssasb", "p1", "dir", [pool_disk], False)
-        client.call("Protect", "ssts", volume, "db", 0, "")
+        client.call("Protect", "sstssa{sv}", volume, "db", 0, "", "", {})
         client.call("SetObjectives", "sa{sv}", "db", {"rto": variant("5m")})
         write_random(volume, 0, 32 * MiB, seed=7)
         gen = run_job(client, client.call("BackupNow", "s", "db"))["Result"]["generation"]
@@ -119,7 +119,9 @@ def test_refused_calls_change_nothing(
             return lambda: client.call("CreatePool", "ssasb", name, backend, devices, False)
 
         def protect(device: str, name: str, chunk: int = 0, backend: str = "") -> Callable:
-            return lambda: client.call("Protect", "ssts", device, name, chunk, backend)
+            return lambda: client.call(
+                "Protect", "sstssa{sv}", device, name, chunk, backend, "", {}
+            )
 
         def restore(generation: str, mode: str, target: str, volume: str = "db") -> Callable:
             return lambda: client.call("Restore", "ssssb", volume, generation, mode, target, False)
@@ -226,7 +228,7 @@ def test_refused_calls_change_nothing(
             ("CreatePool", ["p2", "dir", f"['{free}']", "false"]),
             ("ExtendPool", ["p1", f"['{free}']", "false"]),
             ("RemovePool", ["p1", "true"]),
-            ("Protect", [free, "x", "0", ""]),
+            ("Protect", [free, "x", "0", "", "", "@a{sv} {}"]),
             ("Unprotect", ["db"]),
             ("SetObjectives", ["db", "{'rto': <'1m'>}"]),
             ("BackupNow", ["db"]),

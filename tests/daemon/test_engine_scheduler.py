@@ -37,7 +37,7 @@ def test_scheduler_backs_up_when_due(engine: EngineHarness, loopdev: Callable[..
     with Client(daemon.address) as client:
         client.call("CreatePool", "ssasb", "p1", "dir", [pool_disk], False)
         write_random(volume, 0, SIZE, seed=1)
-        client.call("Protect", "ssts", volume, "db", 0, "")
+        client.call("Protect", "sstssa{sv}", volume, "db", 0, "", "", {})
         client.call("SetObjectives", "sa{sv}", "db", {"rpo": variant("changed 2MiB")})
 
         gens = wait_generations(client, 1)

@@ -44,7 +44,7 @@ def _canonical(xml: str) -> str:
 def exported(daemon: Daemon, images: Callable[..., str]) -> dict[str, str]:
     with Client(daemon.address) as client:
         client.call("CreatePool", "ssasb", "p1", "", [images("p.img")], False)
-        client.call("Protect", "ssts", images("db.img"), "db", 0, "")
+        client.call("Protect", "sstssa{sv}", images("db.img"), "db", 0, "", "", {})
         client.call("BackupNow", "s", "db")
         return {name: _interface_xml(client, path, name) for name, path in INTERFACES.items()}
 

@@ -315,7 +315,7 @@ def test_lvm_pool_era_and_thin_over_dbus(world: World, engine: EngineHarness) ->
         pool = client.call("CreatePool", "ssasb", "p1", "lvm", world.pool_disks, False)
         assert client.properties(pool, POOL)["Backend"] == "lvm"
         for vol in VOLS:
-            path = client.call("Protect", "ssts", world.volumes[vol], vol, CHUNK, "")
+            path = client.call("Protect", "sstssa{sv}", world.volumes[vol], vol, CHUNK, "", "", {})
             props = client.properties(path, VOLUME)
             assert props["Backend"] == {"thick": "era", "thin": "thin"}[vol], props
             assert props["Device"] == world.volumes[vol]

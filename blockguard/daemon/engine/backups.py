@@ -24,7 +24,6 @@ from typing import Any
 
 from pyroaring import BitMap
 
-from blockguard.core.objectives import DEFAULT_GENERATIONS
 from blockguard.core.restore_model import BackupMethod
 from blockguard.daemon import service as svc
 from blockguard.daemon.engine import ids, poolspace
@@ -169,8 +168,7 @@ def back_up(
         proxy = _HashingPool(pool, hashes, vol.chunk_size, delay)
         if decision.device_id and hasattr(pool, "preferred_device"):
             pool.preferred_device = decision.device_id  # the planner's disk for the delta
-        objectives = inputs.objectives
-        keep = objectives.generations if objectives is not None else DEFAULT_GENERATIONS
+        keep = inputs.keep
         ident = VolumeIdentity(name, size, f"{os.major(rdev)}:{os.minor(rdev)}")
         args: dict[str, Any] = {
             "chunk_size": vol.chunk_size,

@@ -45,6 +45,7 @@ from blockguard.daemon.engine.settings import Settings
 from blockguard.daemon.engine.volumes import VolumeRegistry
 from blockguard.daemon.jobs import Job, JobKind, JobRunner, JobState, ProgressReporter
 from blockguard.errors import BlockguardError, Busy, EnvironmentProblem, NotFound
+from blockguard.storage import dm
 from blockguard.storage.snapshot import recover_stale_points_in_time
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class Engine:
         """Undo the snapshot layers of backups a killed daemon left (each volume gets its
         own table back) before the pools reopen: their exception stores are then no
         longer held open and are collected as garbage."""
-        if not os.path.exists("/dev/mapper/control"):
+        if not dm.driver_loaded():
             return
         try:
             recover_stale_points_in_time(self.cmd)
@@ -217,10 +218,16 @@ class Engine:
     # --- volumes --------------------------------------------------------------------------
 
     def protect(
-        self, device: str, name: str, chunk_size: int | None, backend: str | None
+        self,
+        device: str,
+        name: str,
+        chunk_size: int | None,
+        backend: str | None,
+        pool: str | None = None,
+        objectives: Mapping[str, Any] | None = None,
     ) -> svc.VolumeInfo:
         with self._lock:
-            return self.volumes.protect(device, name, chunk_size, backend)
+            return self.volumes.protect(device, name, chunk_size, backend, pool, objectives)
 
     def unprotect(self, volume: str) -> None:
         with self._lock:

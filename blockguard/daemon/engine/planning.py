@@ -7,12 +7,21 @@ and calls the pure deciders of ``blockguard.core``; it decides nothing itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from blockguard.core.objectives import IntervalRPO, RecoveryObjectives, parse_objectives
+from blockguard.core.objective_sets import (
+    CLEAR,
+    OBJECTIVE_KEYS,
+    check_value,
+    clean_given,
+    generations_of,
+    merge_given,
+    parse_given,
+)
+from blockguard.core.objectives import DEFAULT_GENERATIONS, IntervalRPO, RecoveryObjectives
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.planner import PlanDecision, plan_backup
 from blockguard.core.restore_model import (
@@ -26,58 +35,24 @@ from blockguard.core.restore_model import (
     what_if,
 )
 from blockguard.core.scheduler import ScheduleDecision, schedule
-from blockguard.errors import InvalidObjectives
 from blockguard.storage.manifest import Manifest
 from blockguard.storage.tracking import ChangeSet
 
 if TYPE_CHECKING:
     from blockguard.daemon.engine.volumes import VolumeGenerations
 
-#: The keys a client may set; the values are kept as given (strings as typed).
-OBJECTIVE_KEYS = ("rpo", "rto", "restore_mode", "generations", "tz")
+__all__ = [
+    "CLEAR",
+    "OBJECTIVE_KEYS",
+    "check_value",
+    "clean_given",
+    "generations_of",
+    "merge_given",
+    "parse_given",
+]
+
 #: Stand-in objectives for planning a volume that has none: no RTO, so the cheapest method.
 _NO_OBJECTIVES = RecoveryObjectives(rpo=IntervalRPO(timedelta(days=1)))
-
-
-def parse_given(given: Mapping[str, Any]) -> RecoveryObjectives:
-    """Objectives as a client gives them (see :data:`OBJECTIVE_KEYS`), validated.
-
-    :raises InvalidObjectives: naming the offending key or value.
-    """
-    if not isinstance(given, Mapping):
-        raise InvalidObjectives(detail=f"objectives {given!r} are not a dictionary")
-    unknown = sorted(set(given) - set(OBJECTIVE_KEYS))
-    if unknown:
-        raise InvalidObjectives(
-            detail=f"unknown keys {unknown}; known: {', '.join(OBJECTIVE_KEYS)}"
-        )
-    for key in ("rpo", "restore_mode", "tz"):
-        if key in given and not isinstance(given[key], str):
-            raise InvalidObjectives(detail=f"{key} {given[key]!r} must be text")
-    rto = given.get("rto")
-    if rto is not None and (isinstance(rto, bool) or not isinstance(rto, str | int | float)):
-        raise InvalidObjectives(detail=f"rto {rto!r} must be a duration such as 5m")
-    gens = given.get("generations")
-    if gens is not None and (isinstance(gens, bool) or not isinstance(gens, str | int)):
-        raise InvalidObjectives(detail=f"generations {gens!r} must be a whole number")
-    if isinstance(rto, int | float) and rto <= 0:
-        raise InvalidObjectives(detail=f"RTO {rto!r} must be positive")
-    return parse_objectives(
-        rpo=given.get("rpo") or None,
-        rto=str(rto) + "s" if isinstance(rto, int | float) else rto,
-        generations=gens,
-        restore_mode=given.get("restore_mode") or None,
-        tz=given.get("tz") or None,
-    )
-
-
-def clean_given(given: Mapping[str, Any]) -> dict[str, Any]:
-    """What is stored and shown: the given keys, with generations as an int."""
-    parsed = parse_given(given)
-    clean = {k: given[k] for k in OBJECTIVE_KEYS if given.get(k) not in (None, "")}
-    clean["generations"] = parsed.generations
-    clean["restore_mode"] = parsed.restore_mode.value
-    return clean
 
 
 @dataclass(frozen=True)
@@ -116,6 +91,8 @@ class PlanInputs:
     objectives: RecoveryObjectives | None
     correction: float
     copy_target: DeviceSpeed
+    #: How many generations retention keeps (objectives may say so without an RPO or RTO).
+    keep: int = DEFAULT_GENERATIONS
     lost_reason: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     #: why the next backup must be a full (a corrupt generation in the current chain)

@@ -33,6 +33,7 @@ from blockguard.errors import (
     NotABlockDevice,
     NotFound,
 )
+from blockguard.storage import dm
 from blockguard.storage.blockdev import BlockDevice, device_rdev, mounted_devnos
 from blockguard.storage.manifest import Manifest
 from blockguard.storage.pool.base import PoolBackend, SpaceAlert
@@ -47,7 +48,7 @@ POOL_BACKENDS = ("dir", "lvm")
 
 def lvm_backend_available() -> bool:
     """The lvm pool backend needs its module (being written) and device-mapper."""
-    if not os.path.exists("/dev/mapper/control"):
+    if not dm.driver_loaded():
         return False
     try:
         importlib.import_module("blockguard.storage.pool.lvmpool")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import threading
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from blockguard.errors import (
     InvalidInput,
     NotFound,
 )
+from blockguard.storage import dm
 from blockguard.storage import snapshot as pit
 from blockguard.storage.blockdev import device_rdev
 from blockguard.storage.dm import DeviceMapper
@@ -56,7 +56,7 @@ LAST_FULL = "last-full"
 
 def dm_targets(cmd: Runner) -> set[str]:
     """The device-mapper targets the kernel offers (empty without device-mapper)."""
-    if not os.path.exists("/dev/mapper/control"):
+    if not dm.driver_loaded():
         return set()
     try:
         out = cmd.run(["dmsetup", "targets"], timeout=30, check=False)

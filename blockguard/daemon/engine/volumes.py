@@ -31,6 +31,8 @@ from blockguard.daemon.engine.planning import (
     chain_view,
     clean_given,
     correction_from,
+    generations_of,
+    merge_given,
     parse_given,
     plan_dict,
     schedule_of,
@@ -46,6 +48,7 @@ from blockguard.errors import (
     EnvironmentProblem,
     InvalidInput,
     NotFound,
+    PoolSpaceLow,
     TrackingLost,
 )
 from blockguard.storage.blockdev import BlockDevice
@@ -55,6 +58,10 @@ from blockguard.storage.runner import Runner
 from blockguard.storage.tracking import DEFAULT_CHUNK_SIZE, check_protectable, validate_chunk_size
 
 log = logging.getLogger(__name__)
+
+#: A new volume's pool must hold a full backup plus 1/PLACEMENT_MARGIN of it (at least
+#: 4 MiB): manifests, hashes and the file system's own blocks.
+PLACEMENT_MARGIN = 10
 
 
 def manifest_row(m: Manifest) -> dict[str, Any]:
@@ -186,22 +193,34 @@ class VolumeRegistry:
     # --- protect ----------------------------------------------------------------------
 
     def protect(
-        self, device: str, name: str, chunk_size: int | None, backend: str | None
+        self,
+        device: str,
+        name: str,
+        chunk_size: int | None,
+        backend: str | None,
+        pool: str | None = None,
+        objectives: Mapping[str, Any] | None = None,
     ) -> svc.VolumeInfo:
         ids.check_name("volume", name)
         chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
         validate_chunk_size(chunk)
         if not isinstance(device, str) or not device.startswith("/"):
             raise InvalidInput(detail=f"device {device!r} must be an absolute path")
+        # Checked before anything is created: a refusal leaves no volume behind.
+        stored = clean_given(objectives) if objectives else None
         with self.lock:
             if any(v.name == name for v in self.catalog.list_volumes()):
                 raise AlreadyExists(what="volume", name=name)
-            pools = self.pools.names()
-            if not pools:
+            if not self.pools.names():
                 raise InvalidInput(detail="there is no pool to back up into; create one first")
+            if pool is not None:
+                self.pools.require_known(pool)
             protected = [v.device_path for v in self.catalog.list_volumes()]
             size = check_protectable(device, self.pools.device_paths(), protected, chunk)
-            pool = pools[0]
+            # What the asked backend needs of the kernel is checked before the space it
+            # needs on a pool: the error then names the real cause.
+            choose_backend(device, backend, self.cmd, era_space=True)
+            pool = self.place(size, pool)
             backend_of_pool = self.pools.backend(pool)
             chosen = choose_backend(
                 device, backend, self.cmd, era_space=poolspace.is_lvm(backend_of_pool)
@@ -228,6 +247,7 @@ class VolumeRegistry:
                     chunk_size=chunk,
                     tracker_backend=chosen,
                     pool=pool,
+                    objectives=stored,
                 )
             except BaseException:
                 tracking.remove()
@@ -257,20 +277,45 @@ class VolumeRegistry:
         self.events.emit(svc.VolumeRemoved(name))
 
     def set_objectives(self, target: str, given: Mapping[str, Any]) -> list[str]:
-        clean = clean_given(given)
+        """Merge ``given`` into the target's own set (see :func:`merge_given`)."""
         with self.lock:
             volumes = {v.name: v for v in self.catalog.list_volumes()}
             if target in volumes:
-                self.catalog.update_volume(target, objectives=clean)
+                merged = merge_given(volumes[target].objectives or {}, given)
+                self.catalog.update_volume(target, objectives=merged)
                 names = [target]
             elif target in {g.name for g in self.catalog.list_groups()}:
-                self.catalog.set_group_objectives(target, clean)
+                merged = merge_given(self.catalog.get_group(target).objectives or {}, given)
+                self.catalog.set_group_objectives(target, merged)
                 names = [v.name for v in volumes.values() if v.group == target]
             else:
                 raise NotFound(what="volume or group", name=target)
             for name in names:
                 self.refresh(name)
         return names
+
+    def place(self, size: int, wanted: str | None) -> str:
+        """The pool a new volume of ``size`` bytes backs up into.
+
+        A full backup must fit, with a margin for manifests and the file system's own
+        needs; of the pools where it does, the one with the most free space.
+
+        :param wanted: the pool the client named, or ``None`` to choose.
+        :raises PoolSpaceLow: naming the pool with the most room and what is needed.
+        """
+        needed = size + max(size // PLACEMENT_MARGIN, 4 * 1024 * 1024)
+        free: dict[str, int] = {}
+        for pool in [wanted] if wanted is not None else self.pools.names():
+            try:
+                free[pool] = self.pools.backend(pool).capacity().free
+            except (OSError, BlockguardError) as exc:
+                # A pool whose space cannot be read is no candidate; the refusal names it.
+                log.warning("pool %s: free space unknown: %s", pool, exc)
+                free[pool] = 0
+        best = max(sorted(free), key=lambda p: free[p])
+        if free[best] < needed:
+            raise PoolSpaceLow(pool=best, free=free[best], needed=needed)
+        return best
 
     # --- generations ------------------------------------------------------------------
 
@@ -474,7 +519,8 @@ class VolumeRegistry:
             sets=sets,
             speeds=speeds,
             candidates=candidates,
-            objectives=parse_given(given) if given else None,
+            objectives=parse_given(given),
+            keep=generations_of(given),
             correction=correction_from(self.catalog.recent_restores(name)),
             copy_target=default,
             lost_reason=problem,

@@ -1,0 +1,176 @@
+"""Stored sets of objectives as clients give them: checked key by key, merged, parsed.
+
+A volume's (or group's) objectives are kept as the client typed them (``"every 15m"``,
+``"5m"``), so ``Objectives`` shows what was asked for. ``SetObjectives`` sets only the
+keys it is given (an empty string removes one), so setting ``rto`` never drops an ``rpo``
+or resets ``generations``. Every value is checked before anything is stored, and numbers
+before any conversion, so a D-Bus ``t`` of 2**64-1 is a named refusal, not an
+``OverflowError``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from blockguard.core.objectives import (
+    DEFAULT_GENERATIONS,
+    MAX_GENERATIONS,
+    MAX_RTO,
+    MIN_RTO,
+    RecoveryObjectives,
+    RestoreMode,
+    parse_objectives,
+    parse_rpo,
+    parse_rto,
+)
+from blockguard.errors import InvalidObjectives
+
+#: The keys a client may set; the values are kept as given (strings as typed).
+OBJECTIVE_KEYS = ("rpo", "rto", "restore_mode", "generations", "tz")
+#: The value that removes a key from a stored set (``SetObjectives`` sets only the keys given).
+CLEAR = ""
+#: No objective is typed with more characters than this; longer text is refused unread.
+MAX_TEXT = 200
+
+
+def _refuse(key: str, value: Any, why: str) -> InvalidObjectives:
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    return InvalidObjectives(detail=f"{key} {shown} {why}")
+
+
+def _check_text(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _refuse(key, value, "must be text")
+    if len(value) > MAX_TEXT or "\0" in value or not value.isprintable():
+        raise _refuse(key, value, f"must be printable text of at most {MAX_TEXT} characters")
+    return value
+
+
+def check_value(key: str, value: Any) -> Any:
+    """One given objective, checked on its own; returns the value to store.
+
+    Numbers are checked before any conversion, so an overflowing D-Bus integer (``t`` at
+    2**64-1) or a NaN is a named refusal, never an ``OverflowError``.
+
+    :raises InvalidObjectives: naming ``key`` and ``value``.
+    """
+    if key not in OBJECTIVE_KEYS:
+        raise _refuse(key, value, f"is not an objective; known: {', '.join(OBJECTIVE_KEYS)}")
+    if key == "rto":
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise _refuse(key, value, "must be a duration such as 5m (or seconds)")
+        if isinstance(value, int | float):
+            if not math.isfinite(value) or not MIN_RTO.total_seconds() <= value <= (
+                MAX_RTO.total_seconds()
+            ):
+                raise _refuse(
+                    key,
+                    value,
+                    f"is outside {MIN_RTO.total_seconds():.0f}..{MAX_RTO.total_seconds():.0f} "
+                    "seconds",
+                )
+            return value
+        rto = parse_rto(_check_text(key, value))
+        if not MIN_RTO <= rto <= MAX_RTO:
+            raise _refuse(key, value, "is outside 1s..30d")
+        return value
+    if key == "generations":
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise _refuse(key, value, "must be a whole number")
+        if isinstance(value, str):
+            text = _check_text(key, value).strip()
+            if not (text.isascii() and text.isdigit()) or len(text) > 6:
+                raise _refuse(key, value, f"is not a whole number in 1..{MAX_GENERATIONS}")
+            value = int(text)
+        if not 1 <= value <= MAX_GENERATIONS:
+            raise _refuse(key, value, f"is not a whole number in 1..{MAX_GENERATIONS}")
+        return value
+    text = _check_text(key, value)
+    if key == "rpo":
+        parse_rpo(text)
+    elif key == "restore_mode":
+        try:
+            RestoreMode(text)
+        except ValueError:
+            raise _refuse(
+                key, value, f"is not one of {', '.join(m.value for m in RestoreMode)}"
+            ) from None
+    elif key == "tz":
+        try:
+            ZoneInfo(text)
+        except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
+            raise _refuse(key, value, "is not a known IANA zone name") from exc
+    return text
+
+
+def merge_given(current: Mapping[str, Any], given: Any) -> dict[str, Any]:
+    """The stored set after a client's ``SetObjectives``: only the keys given change.
+
+    A key given as :data:`CLEAR` (the empty string) is removed. The result is checked as a
+    whole (a daily RPO with its zone), so a refusal leaves nothing half-set.
+
+    :param current: the set stored now (``{}`` for none).
+    :param given: what the client sent.
+    :raises InvalidObjectives: naming the offending key and value.
+    """
+    if not isinstance(given, Mapping):
+        raise InvalidObjectives(detail=f"objectives {given!r} are not a dictionary")
+    if not given:
+        raise InvalidObjectives(
+            detail=f"no objective given; known: {', '.join(OBJECTIVE_KEYS)} "
+            "(an empty string clears one)"
+        )
+    unknown = sorted(str(k) for k in set(given) - set(OBJECTIVE_KEYS))
+    if unknown:
+        raise InvalidObjectives(
+            detail=f"unknown keys {unknown}; known: {', '.join(OBJECTIVE_KEYS)}"
+        )
+    merged = dict(current)
+    for key, value in given.items():
+        if value == CLEAR:
+            merged.pop(key, None)
+        else:
+            merged[key] = check_value(key, value)
+    parse_given(merged)
+    return merged
+
+
+def parse_given(given: Mapping[str, Any]) -> RecoveryObjectives | None:
+    """A stored set of objectives (see :data:`OBJECTIVE_KEYS`) for the planner.
+
+    :returns: ``None`` when the set has neither an RPO nor an RTO (it may still say how
+        many generations to keep: :func:`generations_of`).
+    :raises InvalidObjectives: naming the offending key or value.
+    """
+    if not isinstance(given, Mapping):
+        raise InvalidObjectives(detail=f"objectives {given!r} are not a dictionary")
+    unknown = sorted(str(k) for k in set(given) - set(OBJECTIVE_KEYS))
+    if unknown:
+        raise InvalidObjectives(
+            detail=f"unknown keys {unknown}; known: {', '.join(OBJECTIVE_KEYS)}"
+        )
+    checked = {k: check_value(k, v) for k, v in given.items() if v not in (None, CLEAR)}
+    if "rpo" not in checked and "rto" not in checked:
+        return None
+    rto = checked.get("rto")
+    return parse_objectives(
+        rpo=checked.get("rpo"),
+        rto=f"{rto}s" if isinstance(rto, int | float) else rto,
+        generations=checked.get("generations"),
+        restore_mode=checked.get("restore_mode"),
+        tz=checked.get("tz"),
+    )
+
+
+def generations_of(given: Mapping[str, Any]) -> int:
+    """How many generations a stored set keeps (the default when it does not say)."""
+    value = given.get("generations")
+    return DEFAULT_GENERATIONS if value in (None, CLEAR) else check_value("generations", value)
+
+
+def clean_given(given: Mapping[str, Any]) -> dict[str, Any]:
+    """A complete new set, checked (what ``Protect`` stores): :func:`merge_given` on nothing."""
+    return merge_given({}, given)
