@@ -73,7 +73,10 @@ def check_value(key: str, value: Any) -> Any:
                     "seconds",
                 )
             return value
-        rto = parse_rto(_check_text(key, value))
+        try:
+            rto = parse_rto(_check_text(key, value))
+        except InvalidObjectives as exc:
+            raise _refuse(key, value, f"is refused: {exc.fields.get('detail', exc)}") from exc
         if not MIN_RTO <= rto <= MAX_RTO:
             raise _refuse(key, value, "is outside 1s..30d")
         return value
@@ -90,7 +93,11 @@ def check_value(key: str, value: Any) -> Any:
         return value
     text = _check_text(key, value)
     if key == "rpo":
-        parse_rpo(text)
+        try:
+            parse_rpo(text)
+        except InvalidObjectives as exc:
+            # The parser names what it understood ("interval 0s"); the user typed text.
+            raise _refuse(key, value, f"is refused: {exc.fields.get('detail', exc)}") from exc
     elif key == "restore_mode":
         try:
             RestoreMode(text)

@@ -83,6 +83,8 @@ class BlockDevice:
                 raise DeviceInUse(path=self.path, reason="it is open exclusively") from None
             if exc.errno == 30:  # EROFS
                 raise DeviceReadOnly(path=self.path) from None
+            if exc.errno in (40, 36, 20):  # ELOOP, ENAMETOOLONG, ENOTDIR: a bad path
+                raise NotABlockDevice(self.path, exc.strerror or "") from None
             raise EnvironmentProblem(detail=f"cannot open {self.path}: {exc.strerror}") from None
         try:
             st = os.fstat(fd)
