@@ -43,7 +43,7 @@ def pool_entries(daemon: Daemon) -> list[str]:
 
 def setup_volume(client: Client, pool_disk: str, volume: str, keep: int = 20) -> None:
     client.call("CreatePool", "ssasb", "p1", "dir", [pool_disk], False)
-    client.call("Protect", "ssts", volume, "db", 0, "")
+    client.call("Protect", "sstssa{sv}", volume, "db", 0, "", "", {})
     # An RPO and no RTO: the planner takes the cheapest method (incrementals).
     client.call(
         "SetObjectives", "sa{sv}", "db", {"rpo": variant("1h"), "generations": variant(keep)}
