@@ -16,7 +16,6 @@ its next backup is a full; the others stay *detached* (see :mod:`.volumes`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -45,14 +44,20 @@ def _check_devices(pools: PoolRegistry, volumes: VolumeRegistry, devices: Sequen
         raise InvalidInput(detail="two of the paths given are the same device")
     for dev in pools.catalog.list_pool_devices():
         for path, rdev in rdevs.items():
-            with contextlib.suppress(BlockguardError):
-                if dev.device_path == path or device_rdev(dev.device_path) == rdev:
-                    raise DeviceInUse(path=path, reason=f"it is a disk of pool {dev.pool}")
+            if dev.device_path == path or _rdev_or_none(dev.device_path) == rdev:
+                raise DeviceInUse(path=path, reason=f"it is a disk of pool {dev.pool}")
     for vol in volumes.catalog.list_volumes():
         for path, rdev in rdevs.items():
-            with contextlib.suppress(BlockguardError):
-                if device_rdev(vol.device_path) == rdev:
-                    raise DeviceInUse(path=path, reason=f"it is protected volume {vol.name}")
+            if _rdev_or_none(vol.device_path) == rdev:
+                raise DeviceInUse(path=path, reason=f"it is protected volume {vol.name}")
+
+
+def _rdev_or_none(path: str) -> int | None:
+    """The device number of a known disk; None when it is absent (vanished, detached)."""
+    try:
+        return device_rdev(path)
+    except (BlockguardError, OSError):
+        return None
 
 
 def _verified(backend: PoolBackend) -> tuple[list[Manifest], dict[str, dict[str, Damage]]]:

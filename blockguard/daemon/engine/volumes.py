@@ -9,14 +9,16 @@ A *detached* volume is a catalog volume without device or tracker (after ``Unpro
 without ``delete_generations``, or an import whose original device is absent): its
 generations stay listed, restorable (to a target) and under retention; it is never backed
 up. The catalog marks it with the tracker backend :data:`DETACHED` and a placeholder
-device path under ``/dev/null`` (which can never be a device); the original device stays
-in the volume record on the pool. ``Protect`` of a device under its name re-attaches it.
+device path under ``/dev/blockguard-detached/`` (where no device node is made); the
+original device stays in the volume record on the pool. ``Protect`` of a device under its
+name re-attaches it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Mapping
@@ -71,9 +73,9 @@ DETACHED = "detached"
 
 
 def detached_path(name: str) -> str:
-    """The catalog's placeholder device of a detached volume: unique, never a device
-    (``/dev/null`` is not a directory), so no check can mistake it for a real disk."""
-    return f"/dev/null/detached/{name}"
+    """The catalog's placeholder device of a detached volume: unique and absent (no
+    device node is ever made there), so every check sees "it does not exist"."""
+    return f"/dev/blockguard-detached/{name}"
 
 
 def is_detached(vol: Volume) -> bool:
@@ -244,6 +246,11 @@ class VolumeRegistry:
             with BlockDevice(device) as dev:
                 ident = dev.identity
             directory = self.directory(name)
+            if directory.exists() and name not in self.tracking:
+                # Tracker state of a volume the catalog forgot (a lost catalog, an import):
+                # its references name nothing any more; the new tracker starts afresh.
+                log.warning("removing stale tracker state %s", directory)
+                shutil.rmtree(directory)
             era_metadata = None
             if chosen == "era":
                 era_metadata = poolspace.allocate_era_metadata(backend_of_pool, name, size, chunk)
