@@ -173,6 +173,7 @@ def test_new_host_imports_and_detaches_a_missing_volume(
     pool_disk = loopdev(POOL_SIZE, "pool.img")  # type: ignore[operator]
     devices = {n: loopdev(VOLUME_SIZE, f"{n}.img") for n in ("db", "web")}  # type: ignore[operator]
     scratch = loopdev(VOLUME_SIZE, "scratch.img")  # type: ignore[operator]
+    other = loopdev(POOL_SIZE, "other.img")  # type: ignore[operator]
     daemon = engine.start()
     with Client(daemon.address) as client:
         client.call("CreatePool", "ssasb", "p1", "dir", [pool_disk], False)
@@ -191,6 +192,15 @@ def test_new_host_imports_and_detaches_a_missing_volume(
     engine.daemons.append(daemon)
     with Client(daemon.address) as client:
         assert plain(client.call("ListPools")) == []  # a fresh state directory starts
+        # The new host has a pool p1 of its own: the import is refused, nothing changes.
+        client.call("CreatePool", "ssasb", "p1", "dir", [other], False)
+        view, disk = catalog_view(client), sha256_of(pool_disk)
+        with pytest.raises(RemoteError) as clash:
+            client.call("ImportPool", "as", [pool_disk])
+        assert error_name(clash.value) == "org.blockguard1.Error.AlreadyExists"
+        assert "pool p1" in clash.value.message
+        assert catalog_view(client) == view and sha256_of(pool_disk) == disk
+        client.call("RemovePool", "sbb", "p1", False, False)
         assert client.call("ImportPool", "as", [pool_disk]) == "p1"
         assert {v: generations(client, v) for v in devices} == before
         web = client.properties("/org/blockguard1/volume/web", VOLUME)
