@@ -271,7 +271,7 @@ class Engine:
     def import_pool(self, devices: Sequence[str]) -> str:
         """Rebuild the catalog rows of the pool on ``devices`` (see :mod:`.importing`)."""
         with self._lock:
-            name = import_pool(self.pools, self.volumes, list(devices), self._protected_devices())
+            name = import_pool(self.pools, self.volumes, list(devices))
             self._mark_used()
             return name
 

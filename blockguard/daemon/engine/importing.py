@@ -96,9 +96,7 @@ def _device_matches(record: VolumeRecord) -> bool:
     return (ident.major, ident.minor) == (record.major, record.minor)
 
 
-def import_pool(
-    pools: PoolRegistry, volumes: VolumeRegistry, devices: Sequence[str], protected: list[str]
-) -> str:
+def import_pool(pools: PoolRegistry, volumes: VolumeRegistry, devices: Sequence[str]) -> str:
     """Import the pool on ``devices``; returns its name. See the module docstring.
 
     :raises NotAPool: a disk holds no blockguard pool, or the disks hold different pools.
