@@ -7,8 +7,10 @@ backup time; refusals are checked to change nothing.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,8 @@ from blockguard.cli.client import VOLUME, Client, RemoteError, plain, variant
 from .conftest import (
     ENGINE,
     ENGINE_ENV,
+    REPO,
+    Daemon,
     EngineHarness,
     MiB,
     run_job,
@@ -29,6 +33,13 @@ from .conftest import (
 VOLUME_SIZE = 32 * MiB
 POOL_SIZE = 400 * MiB
 CATALOG_LOST_EXIT = 7
+
+
+def ctl(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    """blockguardctl against ``daemon``."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, "-m", "blockguard.cli.main", "--bus", daemon.address, *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
 
 
 def error_name(exc: BaseException) -> str:
@@ -201,7 +212,9 @@ def test_new_host_imports_and_detaches_a_missing_volume(
         assert "pool p1" in clash.value.message
         assert catalog_view(client) == view and sha256_of(pool_disk) == disk
         client.call("RemovePool", "sbb", "p1", False, False)
-        assert client.call("ImportPool", "as", [pool_disk]) == "p1"
+        imported = ctl(daemon, "--json", "pool", "import", pool_disk)
+        assert imported.returncode == 0, imported.stderr
+        assert json.loads(imported.stdout)["name"] == "p1"
         assert {v: generations(client, v) for v in devices} == before
         web = client.properties("/org/blockguard1/volume/web", VOLUME)
         assert web["TrackerState"] == "detached" and web["Device"] == "", web
@@ -254,7 +267,8 @@ def test_unprotect_and_remove_pool_keep_generations_unless_told(
         assert catalog_view(client) == view
 
         # With delete_generations, web's generations leave the pool and the catalog.
-        client.call("Unprotect", "sb", "web", True)
+        done = ctl(daemon, "unprotect", "web", "--delete-generations")
+        assert done.returncode == 0, done.stderr
         assert "web" not in {v["Name"] for v in client.objects(VOLUME).values()}
         assert not list((area / "volumes" / "web").glob("*/manifest.json"))
         assert not (area / "records" / "web.json").exists()
