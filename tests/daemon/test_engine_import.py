@@ -278,8 +278,16 @@ def test_unprotect_and_remove_pool_keep_generations_unless_told(
         props = client.properties("/org/blockguard1/volume/db", VOLUME)
         assert props["TrackerState"] != "detached" and props["Device"] == devices["db"]
         assert generations(client, "db") == db_gens
-        _gen, method = backup(client, "db")
+        newest, method = backup(client, "db")
         assert method == "full"
+
+        # Retention still applies to a detached volume (when its objectives change).
+        client.call("Unprotect", "sb", "db", False)
+        client.call(
+            "SetObjectives", "sa{sv}", "db", {"rto": variant("2s"), "generations": variant(1)}
+        )
+        assert generations(client, "db") == [(newest, "full")]
+        assert len(list((area / "volumes" / "db").glob("*/manifest.json"))) == 1
 
         client.call("RemovePool", "sbb", "p1", True, True)
         assert plain(client.call("ListPools")) == []
