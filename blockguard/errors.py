@@ -98,6 +98,13 @@ class DeviceReadOnly(InvalidInput):
     dbus_name = f"{DBUS_PREFIX}.DeviceReadOnly"
 
 
+class NotAPool(InvalidInput):
+    """The disks given to ``pool import`` do not hold (one whole) blockguard pool."""
+
+    template = "{path} does not hold a blockguard pool: {detail}"
+    dbus_name = f"{DBUS_PREFIX}.NotAPool"
+
+
 class AlreadyExists(InvalidInput):
     template = "{what} {name} already exists"
     dbus_name = f"{DBUS_PREFIX}.AlreadyExists"
@@ -119,6 +126,14 @@ class Busy(BlockguardError):
     template = "{what} is busy: {reason}"
     exit_code = ExitCode.BUSY
     dbus_name = f"{DBUS_PREFIX}.Busy"
+
+
+class VolumeDetached(BlockguardError):
+    """The volume has no device or tracker (its generations are kept and restorable)."""
+
+    template = "volume {volume} is detached: {detail}"
+    exit_code = ExitCode.BUSY
+    dbus_name = f"{DBUS_PREFIX}.VolumeDetached"
 
 
 class NotAuthorized(BlockguardError):
@@ -235,6 +250,17 @@ class CommandTimeout(EnvironmentProblem):
         self.timeout = timeout
         self.stderr = stderr
         super().__init__(program=argv[0], timeout=timeout)
+
+
+class CatalogLost(EnvironmentProblem):
+    """The catalog is empty although the state directory was used before."""
+
+    template = (
+        "the catalog {path} is empty but {evidence}: the backups are still on the pool "
+        "disks. Start the daemon once with --allow-empty-catalog (or "
+        "BLOCKGUARD_ALLOW_EMPTY_CATALOG=1), then import each pool: {hint}"
+    )
+    dbus_name = f"{DBUS_PREFIX}.CatalogLost"
 
 
 # --- everything else ---------------------------------------------------------------

@@ -363,9 +363,9 @@ class Demo:
         for kind, what in reversed(self.undo):
             with contextlib.suppress(Exception):
                 if kind == "unprotect":
-                    self.ctl("unprotect", str(what))
+                    self.ctl("unprotect", str(what), "--delete-generations")
                 elif kind == "pool":
-                    self.ctl("pool", "remove", str(what), "--force")
+                    self.ctl("pool", "remove", str(what), "--force", "--delete-generations")
                 elif kind == "daemon":
                     what.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
                     what.wait(30)  # type: ignore[attr-defined]

@@ -171,8 +171,13 @@ def pool_extend(client: Client, args: argparse.Namespace, out: Output) -> None:
 
 
 def pool_remove(client: Client, args: argparse.Namespace, out: Output) -> None:
-    client.call("RemovePool", "sb", args.name, args.force)
+    client.call("RemovePool", "sbb", args.name, args.force, args.delete_generations)
     _report_path(out, "removed pool", args.name, None)
+
+
+def pool_import(client: Client, args: argparse.Namespace, out: Output) -> None:
+    name = client.call("ImportPool", "as", args.devices)
+    _report_path(out, "imported pool", name, None)
 
 
 def pool_list(client: Client, args: argparse.Namespace, out: Output) -> None:
@@ -224,8 +229,9 @@ def protect(client: Client, args: argparse.Namespace, out: Output) -> None:
 
 
 def unprotect(client: Client, args: argparse.Namespace, out: Output) -> None:
-    client.call("Unprotect", "s", args.name)
-    _report_path(out, "no longer protecting", args.name, None)
+    client.call("Unprotect", "sb", args.name, args.delete_generations)
+    verb = "no longer protecting" if args.delete_generations else "detached (generations kept)"
+    _report_path(out, verb, args.name, None)
 
 
 def _objectives(args: argparse.Namespace) -> dict[str, Any]:

@@ -89,6 +89,11 @@ def objective_text(what: str) -> Callable[[str], str]:
 
 
 FORCE = Arg("--force", action="store_true", help="do it even if it destroys something")
+DELETE_GENERATIONS = Arg(
+    "--delete-generations",
+    action="store_true",
+    help="also delete its generations from the pool (default: keep them)",
+)
 NO_WAIT = Arg("--no-wait", action="store_true", help="print the job and return at once")
 #: Objectives: only the options given are set; an empty value ("") clears that objective.
 OBJECTIVE_ARGS = (
@@ -132,7 +137,18 @@ TREE = Cmd(
                     actions.pool_extend,
                     (Arg("name"), Arg("devices", nargs="+", metavar="DEVICE"), FORCE),
                 ),
-                Cmd("remove", "remove a pool", actions.pool_remove, (Arg("name"), FORCE)),
+                Cmd(
+                    "remove",
+                    "remove a pool (refused while it holds generations)",
+                    actions.pool_remove,
+                    (Arg("name"), FORCE, DELETE_GENERATIONS),
+                ),
+                Cmd(
+                    "import",
+                    "rebuild the catalog of a pool from its disks (lost catalog, new host)",
+                    actions.pool_import,
+                    (Arg("devices", nargs="+", metavar="DEVICE"),),
+                ),
                 Cmd("list", "list pools", actions.pool_list),
             ),
         ),
@@ -166,7 +182,12 @@ TREE = Cmd(
                 *OBJECTIVE_ARGS,
             ),
         ),
-        Cmd("unprotect", "stop protecting a volume", actions.unprotect, (Arg("name"),)),
+        Cmd(
+            "unprotect",
+            "stop protecting a volume (its generations are kept: it becomes detached)",
+            actions.unprotect,
+            (Arg("name"), DELETE_GENERATIONS),
+        ),
         Cmd(
             "objectives",
             "set the recovery objectives of a volume or group",

@@ -160,9 +160,20 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_method()
     @handler()
-    async def RemovePool(self, name: Str, force: Bool) -> None:
-        await self._call(self.service.remove_pool, name, force)
+    async def RemovePool(self, name: Str, force: Bool, delete_generations: Bool) -> None:
+        await self._call(self.service.remove_pool, name, force, delete_generations)
         self.tree.remove_pool(name)
+
+    @dbus_method()
+    @handler()
+    async def ImportPool(self, devices: Strs) -> Str:
+        """Rebuild the catalog rows of the pool on ``devices``; returns its name."""
+        name = await self._call(self.service.import_pool, list(devices))
+        self.tree.pool(await self._call(self.service.get_pool, name))
+        for info in await self._call(self.service.list_volumes):
+            if info.pool == name:
+                self.tree.volume(info)
+        return name
 
     # --- volumes ---
 
@@ -191,9 +202,13 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_method()
     @handler()
-    async def Unprotect(self, name: Str) -> None:
-        await self._call(self.service.unprotect, name)
-        self.tree.remove_volume(name)
+    async def Unprotect(self, name: Str, delete_generations: Bool) -> None:
+        """Without ``delete_generations`` a volume with generations stays, detached."""
+        await self._call(self.service.unprotect, name, delete_generations)
+        try:
+            self.tree.volume(await self._call(self.service.get_volume, name))
+        except NotFound:
+            self.tree.remove_volume(name)
 
     @dbus_method()
     @handler()

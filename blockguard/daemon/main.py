@@ -71,6 +71,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="uevents to watch: 'auto' takes udev events when udevd runs, else kernel events",
     )
     parser.add_argument(
+        "--allow-empty-catalog",
+        action="store_true",
+        help="start even when the catalog is empty although this state directory was used "
+        "before (a lost catalog: import the pools with 'blockguardctl pool import'); "
+        "also BLOCKGUARD_ALLOW_EMPTY_CATALOG=1",
+    )
+    parser.add_argument(
         "--reestablish-tracking-only",
         action="store_true",
         help="set up change tracking of all protected volumes again and exit (early boot)",
@@ -115,6 +122,9 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     notifier = Notifier()
     runner = JobRunner()
+    if args.allow_empty_catalog:
+        # The service factory takes only state_dir and runner: the engine reads this.
+        os.environ["BLOCKGUARD_ALLOW_EMPTY_CATALOG"] = "1"
     service = make_service(args.service, args.state_dir, runner)
     await asyncio.to_thread(service.open)
     try:

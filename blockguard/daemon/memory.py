@@ -31,7 +31,9 @@ from blockguard.errors import (
     InvalidChunkSize,
     InvalidInput,
     NotABlockDevice,
+    NotAPool,
     NotFound,
+    VolumeDetached,
 )
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
@@ -190,12 +192,15 @@ class MemoryService:
         self._emit(svc.PoolChanged(name))
         return pool
 
-    def remove_pool(self, name: str, force: bool) -> None:
+    def remove_pool(self, name: str, force: bool, delete_generations: bool = False) -> None:
         with self._lock:
             self.get_pool(name)
             users = [v.name for v in self._volumes.values() if v.pool == name]
             if users and not force:
                 raise Busy(what=f"pool {name}", reason=f"it holds volumes {', '.join(users)}")
+            held = sum(len(self._volumes[v].generations) for v in users)
+            if held and not delete_generations:
+                raise Busy(what=f"pool {name}", reason=f"it holds {held} generations")
             for volume in users:
                 del self._volumes[volume]
             del self._pools[name]
@@ -268,14 +273,27 @@ class MemoryService:
         self._emit(svc.VolumeChanged(name))
         return volume
 
-    def unprotect(self, volume: str) -> None:
+    def unprotect(self, volume: str, delete_generations: bool = False) -> None:
         with self._lock:
-            self.get_volume(volume)
+            info = self.get_volume(volume)
             busy = [j for j in self.runner.list() if j.target == volume and not j.is_finished]
             if busy:
                 raise Busy(what=f"volume {volume}", reason=f"job {busy[0].id} is running")
-            del self._volumes[volume]
-        self._emit(svc.VolumeRemoved(volume))
+            if info.generations and not delete_generations:
+                # Like the real engine: the generations stay, the volume is detached.
+                self._update_volume(volume, device="", backend="", tracker_state="detached")
+                detached = True
+            else:
+                del self._volumes[volume]
+                detached = False
+        self._emit(svc.VolumeChanged(volume) if detached else svc.VolumeRemoved(volume))
+
+    def import_pool(self, devices: Sequence[str]) -> str:
+        """The skeleton has no pool disks to read: every device is refused."""
+        if not devices:
+            raise InvalidInput(detail="give the pool's disks")
+        _device_size(devices[0])
+        raise NotAPool(path=devices[0], detail="the in-memory service cannot read pools")
 
     def set_objectives(self, volume_or_group: str, objectives: Mapping[str, Any]) -> list[str]:
         with self._lock:
@@ -375,6 +393,8 @@ class MemoryService:
 
     def backup_now(self, volume: str) -> Job:
         info = self.get_volume(volume)
+        if info.tracker_state == "detached":
+            raise VolumeDetached(volume=volume, detail="it has no device")
         plan = self._plan(info)
         nbytes = max(int(plan["estimated_bytes"]), 1)
         sleep = self._sleep_work(nbytes)

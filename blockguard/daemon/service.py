@@ -221,7 +221,20 @@ class Service(Protocol):
 
     def extend_pool(self, name: str, devices: Sequence[str], force: bool) -> PoolInfo: ...
 
-    def remove_pool(self, name: str, force: bool) -> None: ...
+    def remove_pool(self, name: str, force: bool, delete_generations: bool = False) -> None:
+        """Forget a pool; ``force`` unprotects its volumes.
+
+        :raises Busy: it holds generations and ``delete_generations`` is not set (naming
+            how many), or volumes and ``force`` is not set.
+        """
+
+    def import_pool(self, devices: Sequence[str]) -> str:
+        """Rebuild the catalog rows of the pool on ``devices`` from the disks alone
+        (read-only); returns the pool's name. Volumes whose device is absent are detached.
+
+        :raises NotAPool: a disk does not hold a blockguard pool.
+        :raises AlreadyExists: the catalog has a pool or volume of that name.
+        """
 
     def list_pools(self) -> list[PoolInfo]: ...
 
@@ -252,7 +265,11 @@ class Service(Protocol):
         :raises InvalidObjectives: naming the offending key and value.
         """
 
-    def unprotect(self, volume: str) -> None: ...
+    def unprotect(self, volume: str, delete_generations: bool = False) -> None:
+        """Stop tracking ``volume``. By default its generations are kept: it becomes
+        *detached* (listed, restorable to a target, under retention; ``protect`` of a
+        device under its name re-attaches it). ``delete_generations`` deletes them from
+        the pool and the catalog."""
 
     def set_objectives(self, volume_or_group: str, objectives: Mapping[str, Any]) -> list[str]:
         """Set the given objectives of a volume or of a group; the other keys stay as they are.

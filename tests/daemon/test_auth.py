@@ -72,8 +72,8 @@ def test_policy_denies_nobody_changes_but_allows_reads(
     assert denied.returncode != 0
     assert "Access denied" in denied.stderr or "AccessDenied" in denied.stderr, denied.stderr
     for member, sig, args in (
-        ("Unprotect", "s", ["db"]),
-        ("RemovePool", "sb", ["p1", "true"]),
+        ("Unprotect", "sb", ["db", "false"]),
+        ("RemovePool", "sbb", ["p1", "true", "false"]),
         ("CreatePool", "ssasb", ["p2", "", "1", "/dev/null", "false"]),
     ):
         result = busctl(
@@ -131,8 +131,9 @@ def test_daemon_refuses_nobody_even_if_the_bus_allows(
         "/org/blockguard1",
         "org.blockguard1.Manager",
         "Unprotect",
-        "s",
+        "sb",
         "db",
+        "false",
         user=NOBODY,
     )
     assert result.returncode != 0
@@ -167,8 +168,9 @@ def test_admin_group_member_may_change(
         "/org/blockguard1",
         "org.blockguard1.Manager",
         "Unprotect",
-        "s",
+        "sb",
         "db",
+        "false",
         user=member,
     )
     assert result.returncode == 0, result.stderr

@@ -67,7 +67,7 @@ def test_objects_are_exported_and_enumerable(
     pools = client.objects(POOL)
     assert pools["/org/blockguard1/pool/p1"]["Devices"][0][1]["size"] == 64 * 1024 * 1024
     assert client.call("ListVolumes") == [path]
-    client.call("Unprotect", "s", "my-vol")
+    client.call("Unprotect", "sb", "my-vol", False)
     assert client.objects(VOLUME) == {}
 
 
@@ -124,7 +124,7 @@ def test_named_errors_never_tracebacks(
         lambda: client.call("Restore", "ssssb", "db", "", "sideways", "", False),
     )
     _expect(E + "InvalidInput", lambda: client.call("CreatePool", "ssasb", "../x", "", [], False))
-    _expect(E + "Busy", lambda: client.call("RemovePool", "sb", "p1", False))
+    _expect(E + "Busy", lambda: client.call("RemovePool", "sbb", "p1", False, False))
     # Nothing of that changed anything.
     assert list(client.objects(VOLUME)) == ["/org/blockguard1/volume/db"]
     assert client.objects(VOLUME)["/org/blockguard1/volume/db"]["Objectives"] == {}

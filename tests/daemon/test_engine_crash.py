@@ -58,7 +58,7 @@ def test_kill_9_during_a_backup(engine: EngineHarness, loopdev: Callable[..., st
         # One job per volume: a second backup and an unprotect are refused meanwhile.
         for call in (
             lambda: client.call("BackupNow", "s", "db"),
-            lambda: client.call("Unprotect", "s", "db"),
+            lambda: client.call("Unprotect", "sb", "db", False),
         ):
             with pytest.raises(RemoteError) as info:
                 call()

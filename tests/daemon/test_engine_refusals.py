@@ -154,12 +154,12 @@ def test_refused_calls_change_nothing(
             (
                 "remove an unknown pool",
                 "NotFound",
-                lambda: client.call("RemovePool", "sb", "nope", False),
+                lambda: client.call("RemovePool", "sbb", "nope", False, False),
             ),
             (
                 "remove a pool in use",
                 "Busy",
-                lambda: client.call("RemovePool", "sb", "p1", False),
+                lambda: client.call("RemovePool", "sbb", "p1", False, False),
             ),
             ("protect a missing path", "NotABlockDevice", protect("/dev/nonexistent", "x")),
             ("protect a regular file", "NotABlockDevice", protect(str(plain_file), "x")),
@@ -221,15 +221,15 @@ def test_refused_calls_change_nothing(
             (
                 "unprotect an unknown volume",
                 "NotFound",
-                lambda: client.call("Unprotect", "s", "nope"),
+                lambda: client.call("Unprotect", "sb", "nope", False),
             ),
         ]
         nobody: list[tuple[str, list[str]]] = [
             ("CreatePool", ["p2", "dir", f"['{free}']", "false"]),
             ("ExtendPool", ["p1", f"['{free}']", "false"]),
-            ("RemovePool", ["p1", "true"]),
+            ("RemovePool", ["p1", "true", "false"]),
             ("Protect", [free, "x", "0", "", "", "@a{sv} {}"]),
-            ("Unprotect", ["db"]),
+            ("Unprotect", ["db", "false"]),
             ("SetObjectives", ["db", "{'rto': <'1m'>}"]),
             ("BackupNow", ["db"]),
             ("Restore", ["db", "", "copy", free, "false"]),

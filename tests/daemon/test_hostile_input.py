@@ -699,13 +699,13 @@ DBUS_CASES: list[tuple[str, frozenset[str] | str, Call]] = [
     ("extend with the volume", IN_USE, call("ExtendPool", "sasb", "p1", [VOLUME], True)),
     ("extend with its own disk", IN_USE, call("ExtendPool", "sasb", "p1", [POOL_DISK], True)),
     ("extend with a file", NOT_BLOCK, call("ExtendPool", "sasb", "p1", [FILE], False)),
-    ("remove an unknown pool", "NotFound", call("RemovePool", "sb", "nope", False)),
+    ("remove an unknown pool", "NotFound", call("RemovePool", "sbb", "nope", False, False)),
     (
         "remove an empty pool name",
         frozenset({"NotFound", "InvalidInput"}),
-        call("RemovePool", "sb", "", False),
+        call("RemovePool", "sbb", "", False, False),
     ),
-    ("remove a pool in use", "Busy", call("RemovePool", "sb", "p1", False)),
+    ("remove a pool in use", "Busy", call("RemovePool", "sbb", "p1", False, False)),
 ]
 
 

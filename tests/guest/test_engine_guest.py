@@ -426,7 +426,7 @@ def test_lvm_pool_era_and_thin_over_dbus(world: World, engine: EngineHarness) ->
         resolve(client, world, [after])
         # Unprotect gives the LV its own table back, and the pool its metadata space.
         before = read_all(world.volumes["thick"])
-        client.call("Unprotect", "s", "thick")
+        client.call("Unprotect", "sb", "thick", False)
         assert dm_type(f"{VG}-thick") == "linear" and "era-thick" not in pool_lvs()
         assert not [n for n in dm_names() if n.startswith("blockguard-")]
         assert read_all(world.volumes["thick"]) == before

@@ -153,3 +153,32 @@ def test_fail_point_raises_at_the_nth_pass(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(EnvironmentProblem, match="fault injected at some-point"):
         mod.crash_point("some-point")
     mod.crash_point("some-point")  # only the N-th pass fails
+
+
+def test_volume_record_round_trip_and_refusals() -> None:
+    from blockguard.storage.pool.base import VolumeRecord
+
+    record = VolumeRecord(
+        name="db",
+        device_path="/dev/vg0/db",
+        major=253,
+        minor=4,
+        size=1 << 30,
+        serial=None,
+        chunk_size=65536,
+        tracker_backend="era",
+        objectives={"rto": "5m", "generations": 9},
+        group="web",
+        group_objectives={"rpo": "every 1h"},
+        updated=12.5,
+    )
+    assert VolumeRecord.from_json(record.to_json(), "r") == record
+    for bad in (
+        b"not json",
+        b"[]",
+        b'{"format": "other"}',
+        record.to_json().replace(b'"db"', b'"../x"'),
+        record.to_json().replace(b'"chunk_size"', b'"chunk"'),
+    ):
+        with pytest.raises(CorruptMetadata):
+            VolumeRecord.from_json(bad, "r")

@@ -11,13 +11,21 @@ jobs the previous daemon left running are failed ("daemon restarted"), the dm-sn
 layers of their point-in-time copies are undone, pools are reopened (which collects the
 garbage of interrupted backups, exception stores included) and trackers reopened, so
 tracking continues where it stopped.
+
+The state directory remembers that it was used (:data:`USED_MARKER`, written when a pool
+is created, extended or imported, listing the pools and their disks). Opening refuses an
+empty catalog in a used state directory with :class:`CatalogLost`, naming the disks to
+``pool import``, unless ``BLOCKGUARD_ALLOW_EMPTY_CATALOG=1`` (``blockguardd
+--allow-empty-catalog``) says the reset is deliberate.
 """
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import fcntl
 import itertools
+import json
 import logging
 import os
 import signal
@@ -32,6 +40,7 @@ from blockguard.daemon.engine import ids
 from blockguard.daemon.engine.backups import back_up
 from blockguard.daemon.engine.cmdguard import GuardedRunner
 from blockguard.daemon.engine.events import EventHub
+from blockguard.daemon.engine.importing import import_pool
 from blockguard.daemon.engine.jobbook import JobBook
 from blockguard.daemon.engine.pools import PoolRegistry
 from blockguard.daemon.engine.restores import (
@@ -42,13 +51,18 @@ from blockguard.daemon.engine.restores import (
 )
 from blockguard.daemon.engine.scheduling import Scheduler
 from blockguard.daemon.engine.settings import Settings
-from blockguard.daemon.engine.volumes import VolumeRegistry
+from blockguard.daemon.engine.volumes import VolumeRegistry, is_detached
 from blockguard.daemon.jobs import Job, JobKind, JobRunner, JobState, ProgressReporter
-from blockguard.errors import BlockguardError, Busy, EnvironmentProblem, NotFound
+from blockguard.errors import BlockguardError, Busy, CatalogLost, EnvironmentProblem, NotFound
 from blockguard.storage import dm
+from blockguard.storage.manifest import write_atomic
 from blockguard.storage.snapshot import recover_stale_points_in_time
 
 log = logging.getLogger(__name__)
+
+#: In the state directory: the pools this directory has served (see the module docstring).
+USED_MARKER = "pools-used.json"
+ALLOW_EMPTY_ENV = "BLOCKGUARD_ALLOW_EMPTY_CATALOG"
 
 
 class Engine:
@@ -116,6 +130,7 @@ class Engine:
                 self.catalog, self._pools, self.settings, self.events, self.cmd
             )
             self._jobs = JobBook(self.catalog, self.runner, self.events, recorder=self.cmd)
+            self._refuse_lost_catalog()
             self._jobs.fail_interrupted()
             self._recover_points_in_time()
             self._pools.open_all()
@@ -123,6 +138,57 @@ class Engine:
         except BaseException:
             self.close()
             raise
+
+    # --- the used-state marker ---------------------------------------------------------
+
+    def _used_pools(self) -> dict[str, list[str]]:
+        try:
+            data = json.loads((self.state_dir / USED_MARKER).read_text())
+            pools = data["pools"]
+            return {str(k): [str(d) for d in v] for k, v in pools.items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("%s is unreadable (%s); treating it as in use", USED_MARKER, exc)
+            return {"?": []}
+
+    def _mark_used(self) -> None:
+        """Record the catalog's pools and their disks in the marker (atomically)."""
+        assert self.catalog is not None
+        pools = {
+            p.name: [d.device_path for d in self.catalog.list_pool_devices(p.name)]
+            for p in self.catalog.list_pools()
+        }
+        body = json.dumps({"pools": pools}, indent=1, sort_keys=True).encode()
+        write_atomic(self.state_dir / USED_MARKER, body)
+
+    def _refuse_lost_catalog(self) -> None:
+        """:raises CatalogLost: an empty catalog in a state directory used before."""
+        assert self.catalog is not None
+        if self.catalog.list_pools() or self.catalog.list_volumes():
+            return
+        used = self._used_pools()
+        trackers = sorted(p.name for p in (self.state_dir / "volumes").glob("*") if p.is_dir())
+        if not used and not trackers:
+            return
+        evidence = (
+            f"this state directory served pools {', '.join(sorted(used))}"
+            if used
+            else f"it holds the tracker state of volumes {', '.join(trackers)}"
+        )
+        if os.environ.get(ALLOW_EMPTY_ENV) == "1":
+            log.warning(
+                "starting on an empty catalog although %s (%s=1)", evidence, ALLOW_EMPTY_ENV
+            )
+            return
+        hints = [
+            f"blockguardctl pool import {' '.join(devices)}" for devices in used.values() if devices
+        ]
+        raise CatalogLost(
+            path=str(self.state_dir / "catalog.db"),
+            evidence=evidence,
+            hint="; ".join(hints) or "blockguardctl pool import DEVICE...",
+        )
 
     def _recover_points_in_time(self) -> None:
         """Undo the snapshot layers of backups a killed daemon left (each volume gets its
@@ -155,8 +221,11 @@ class Engine:
         summary = f"{len(volumes)} volumes, {len(pools)} pools, {running} jobs running"
         degraded = [p.name for p in self.pools.catalog.list_pools() if p.state != "ok"]
         lost = [v.name for v in volumes if v.tracker_state == "lost"]
+        detached = [v.name for v in volumes if v.tracker_state == "detached"]
         if degraded:
             summary += f"; degraded pools: {', '.join(degraded)}"
+        if detached:
+            summary += f"; detached: {', '.join(detached)}"
         if lost:
             summary += f"; tracking lost: {', '.join(lost)}"
         return {
@@ -182,32 +251,67 @@ class Engine:
     # --- pools ----------------------------------------------------------------------------
 
     def _protected_devices(self) -> list[str]:
-        return [v.device_path for v in self.volumes.catalog.list_volumes()]
+        return [v.device_path for v in self.volumes.catalog.list_volumes() if not is_detached(v)]
 
     def create_pool(
         self, name: str, backend: str, devices: Sequence[str], force: bool
     ) -> svc.PoolInfo:
         with self._lock:
-            return self.pools.create(
+            info = self.pools.create(
                 name, backend, list(devices), bool(force), self._protected_devices()
             )
+            self._mark_used()
+            return info
 
     def extend_pool(self, name: str, devices: Sequence[str], force: bool) -> svc.PoolInfo:
         with self._lock:
-            return self.pools.extend(name, list(devices), bool(force), self._protected_devices())
+            info = self.pools.extend(name, list(devices), bool(force), self._protected_devices())
+            self._mark_used()
+            return info
 
-    def remove_pool(self, name: str, force: bool) -> None:
+    def import_pool(self, devices: Sequence[str]) -> str:
+        """Rebuild the catalog rows of the pool on ``devices`` (see :mod:`.importing`)."""
+        with self._lock:
+            name = import_pool(self.pools, self.volumes, list(devices))
+            self._mark_used()
+            return name
+
+    def remove_pool(self, name: str, force: bool, delete_generations: bool = False) -> None:
+        """Forget a pool. ``force`` unprotects its volumes; it is refused while the pool
+        holds generations unless ``delete_generations`` (which deletes them from the
+        pool's disks first): nothing committed is dropped silently."""
         with self._lock:
             self.pools.require_known(name)
             users = [v.name for v in self.volumes.catalog.list_volumes() if v.pool == name]
             if not force:
                 self.pools.refuse_if_used(name, users)
+            held = sum(len(self.volumes.catalog.list_generations(v)) for v in users)
+            with contextlib.suppress(BlockguardError):
+                held = max(held, len(self.pools.backend(name).generations()))
+            if held and not delete_generations:
+                raise Busy(
+                    what=f"pool {name}",
+                    reason=f"it holds {held} generations; remove it with delete_generations "
+                    "(blockguardctl pool remove --delete-generations) to delete them",
+                )
             busy = self.jobs.busy_volumes() & set(users)
             if busy:
                 raise Busy(what=f"pool {name}", reason=f"volumes {', '.join(busy)} have jobs")
             for volume in users:
-                self.volumes.unprotect(volume)
+                self.volumes.unprotect(volume, delete_generations=True)
+            with contextlib.suppress(EnvironmentProblem):
+                self.pools.backend(name)  # raises when the pool could not be opened
+                self._delete_strays(name)
             self.pools.remove(name)
+            self._mark_used()
+
+    def _delete_strays(self, name: str) -> None:
+        """Delete generations and records no catalog volume names (newest first)."""
+        backend = self.pools.backend(name)
+        for m in reversed(backend.generations()):
+            backend.remove_generation(m.volume.name, m.generation_id)
+        for volume in backend.volume_records():
+            backend.remove_volume_record(volume)
 
     def list_pools(self) -> list[svc.PoolInfo]:
         return [self.pools.info(n) for n in self.pools.names()]
@@ -229,12 +333,12 @@ class Engine:
         with self._lock:
             return self.volumes.protect(device, name, chunk_size, backend, pool, objectives)
 
-    def unprotect(self, volume: str) -> None:
+    def unprotect(self, volume: str, delete_generations: bool = False) -> None:
         with self._lock:
             self.volumes.catalog.get_volume(volume)
             self.jobs.reserve(volume)
             try:
-                self.volumes.unprotect(volume)
+                self.volumes.unprotect(volume, bool(delete_generations))
             finally:
                 self.jobs.release(volume)
 
@@ -270,6 +374,7 @@ class Engine:
     def backup_now(self, volume: str) -> Job:
         with self._lock:
             vol = self.volumes.catalog.get_volume(volume)
+            self.volumes.require_attached(volume)
             self.jobs.reserve(volume)
             serial = next(self._serial)
 
@@ -355,7 +460,11 @@ class Engine:
     def watch_targets(self) -> svc.WatchTargets:
         return svc.WatchTargets(
             pool_devices={d.device_path: d.pool for d in self.pools.catalog.list_pool_devices()},
-            volume_devices={v.device_path: v.name for v in self.volumes.catalog.list_volumes()},
+            volume_devices={
+                v.device_path: v.name
+                for v in self.volumes.catalog.list_volumes()
+                if not is_detached(v)
+            },
         )
 
     def pool_device_vanished(self, device: str) -> None:

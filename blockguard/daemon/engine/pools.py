@@ -127,7 +127,9 @@ class PoolRegistry:
             opened.append(pool.name)
         return opened
 
-    def _open_backend(self, name: str, kind: str, devices: list[str]) -> PoolBackend:
+    def _open_backend(
+        self, name: str, kind: str, devices: list[str], *, collect: bool = True
+    ) -> PoolBackend:
         opener: Callable[..., PoolBackend]
         if kind == "lvm":
             if not lvm_backend_available():
@@ -135,7 +137,35 @@ class PoolRegistry:
             opener = importlib.import_module("blockguard.storage.pool.lvmpool").LvmPool.open
         else:
             opener = DirPool.open
-        return opener(name, devices, self.settings.mount_root, runner=self.cmd, alert=self._alert)
+        return opener(
+            name,
+            devices,
+            self.settings.mount_root,
+            runner=self.cmd,
+            alert=self._alert,
+            collect=collect,
+        )
+
+    # --- import -------------------------------------------------------------------------
+
+    def lvm_backend_available(self) -> bool:
+        return lvm_backend_available()
+
+    def open_for_import(self, name: str, kind: str, devices: list[str]) -> PoolBackend:
+        """Open a pool found on disks without collecting its garbage (import writes
+        nothing to the pool); the caller adopts it or closes it."""
+        if kind == "lvm" and not lvm_backend_available():
+            raise EnvironmentProblem(detail="the lvm pool backend needs device-mapper")
+        return self._open_backend(name, kind, devices, collect=False)
+
+    def adopt(self, name: str, backend: PoolBackend) -> None:
+        """Serve an imported pool (its catalog rows exist now)."""
+        with self.lock:
+            self.open_pools[name] = backend
+
+    def close_backend(self, name: str, backend: PoolBackend) -> None:
+        """Close a pool that was opened but not adopted (an import refused late)."""
+        self._close_backend(name, backend)
 
     def close(self) -> None:
         """Close every pool and unmount the areas under our mount root."""

@@ -23,7 +23,7 @@ from blockguard.daemon.engine import ids
 from blockguard.daemon.engine.events import EventHub
 from blockguard.daemon.engine.jobbook import JobProgress
 from blockguard.daemon.engine.pools import PoolRegistry, _block_device
-from blockguard.daemon.engine.volumes import VolumeRegistry
+from blockguard.daemon.engine.volumes import VolumeRegistry, is_detached
 from blockguard.daemon.jobs import ProgressReporter
 from blockguard.errors import (
     BlockguardError,
@@ -33,6 +33,7 @@ from blockguard.errors import (
     DeviceTooSmall,
     InvalidInput,
     NotFound,
+    VolumeDetached,
 )
 from blockguard.storage.blockdev import BlockDevice, device_rdev, in_use_reasons
 from blockguard.storage.manifest import Manifest
@@ -134,6 +135,10 @@ def check_restore(
         raise InvalidInput(detail=f"restore mode {mode!r} is not copy or swap-in")
     if not isinstance(target, str):
         raise InvalidInput(detail=f"target {target!r} is not a path")
+    if is_detached(vol) and not target:
+        raise VolumeDetached(
+            volume=volume, detail="it has no device to restore in place; give a target device"
+        )
     original = not target or target == vol.device_path
     if not original:
         _block_device(target)

@@ -21,7 +21,7 @@ from blockguard.core.scheduler import (
     group_startable,
     startable,
 )
-from blockguard.daemon.engine.volumes import VolumeRegistry
+from blockguard.daemon.engine.volumes import VolumeRegistry, is_detached
 from blockguard.errors import BlockguardError
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class Scheduler:
         result = {}
         running = self.busy()
         for vol in self.volumes.catalog.list_volumes():
-            if vol.name in running:
+            if vol.name in running or is_detached(vol):
                 continue
             try:
                 self.volumes.refresh(vol.name)
@@ -72,6 +72,8 @@ class Scheduler:
         groups: dict[str, list[str]] = {}
         solo = []
         for vol in self.volumes.catalog.list_volumes():
+            if is_detached(vol):
+                continue  # nothing to back up: no device, no tracker
             if vol.group is not None:
                 groups.setdefault(vol.group, []).append(vol.name)
             elif vol.name in decisions and decisions[vol.name].due:

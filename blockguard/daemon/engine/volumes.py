@@ -4,21 +4,32 @@ A volume's :class:`~blockguard.daemon.service.VolumeInfo` is recomputed (the tra
 asked for its change sets, the planner for its choice) when something changed — a
 backup, new objectives, a scheduler tick, an explicit ``Plan`` — and kept, so reads are
 quick. The catalog's generation rows are kept in step with the pool's manifests.
+
+A *detached* volume is a catalog volume without device or tracker (after ``Unprotect``
+without ``delete_generations``, or an import whose original device is absent): its
+generations stay listed, restorable (to a target) and under retention; it is never backed
+up. The catalog marks it with the tracker backend :data:`DETACHED` and a placeholder
+device path under ``/dev/blockguard-detached/`` (where no device node is made); the
+original device stays in the volume record on the pool. ``Protect`` of a device under its
+name re-attaches it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from blockguard.core.catalog import Catalog, DeviceIdentity
+from blockguard.core.catalog import Catalog, DeviceIdentity, Volume
 from blockguard.core.damage import Damage, DamageCause, full_required_reason, unusable
+from blockguard.core.objectives import DEFAULT_GENERATIONS
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.restore_model import ChangeSets
 from blockguard.core.retention import GenerationRef
@@ -50,10 +61,11 @@ from blockguard.errors import (
     NotFound,
     PoolSpaceLow,
     TrackingLost,
+    VolumeDetached,
 )
 from blockguard.storage.blockdev import BlockDevice
 from blockguard.storage.manifest import Manifest
-from blockguard.storage.pool.base import DamagedGeneration, PoolBackend
+from blockguard.storage.pool.base import DamagedGeneration, PoolBackend, VolumeRecord
 from blockguard.storage.runner import Runner
 from blockguard.storage.tracking import DEFAULT_CHUNK_SIZE, check_protectable, validate_chunk_size
 
@@ -62,6 +74,19 @@ log = logging.getLogger(__name__)
 #: A new volume's pool must hold a full backup plus 1/PLACEMENT_MARGIN of it (at least
 #: 4 MiB): manifests, hashes and the file system's own blocks.
 PLACEMENT_MARGIN = 10
+
+#: The tracker backend of a detached volume in the catalog (it has no tracker).
+DETACHED = "detached"
+
+
+def detached_path(name: str) -> str:
+    """The catalog's placeholder device of a detached volume: unique and absent (no
+    device node is ever made there), so every check sees "it does not exist"."""
+    return f"/dev/blockguard-detached/{name}"
+
+
+def is_detached(vol: Volume) -> bool:
+    return vol.tracker_backend == DETACHED
 
 
 def manifest_row(m: Manifest) -> dict[str, Any]:
@@ -167,6 +192,9 @@ class VolumeRegistry:
         """Reopen every volume's tracker (tracking continues) and sync its generations."""
         active = []
         for vol in self.catalog.list_volumes():
+            if is_detached(vol):
+                self._open_detached(vol.name)
+                continue
             try:
                 if vol.tracker_backend == "era" and vol.pool is not None:
                     # After a reboot the metadata LV is not active yet.
@@ -190,6 +218,14 @@ class VolumeRegistry:
                 self.cache[vol.name] = self.bare_info(vol.name, str(exc))
         return active
 
+    def _open_detached(self, name: str) -> None:
+        try:
+            self.sync_generations(name)
+            self.refresh(name)
+        except BlockguardError as exc:
+            log.error("volume %s: %s", name, exc, extra={"VOLUME": name})
+            self.cache[name] = self.bare_info(name, str(exc))
+
     # --- protect ----------------------------------------------------------------------
 
     def protect(
@@ -209,18 +245,28 @@ class VolumeRegistry:
         # Checked before anything is created: a refusal leaves no volume behind.
         stored = clean_given(objectives) if objectives else None
         with self.lock:
-            if any(v.name == name for v in self.catalog.list_volumes()):
+            existing = next((v for v in self.catalog.list_volumes() if v.name == name), None)
+            if existing is not None and not is_detached(existing):
                 raise AlreadyExists(what="volume", name=name)
             if not self.pools.names():
                 raise InvalidInput(detail="there is no pool to back up into; create one first")
+            if existing is not None and existing.pool is not None:
+                # Re-attaching keeps the volume on the pool that holds its generations.
+                if pool is not None and pool != existing.pool:
+                    raise InvalidInput(
+                        detail=f"volume {name} has its generations on pool {existing.pool}, "
+                        f"not {pool}"
+                    )
+                pool = existing.pool
             if pool is not None:
                 self.pools.require_known(pool)
-            protected = [v.device_path for v in self.catalog.list_volumes()]
+            protected = [v.device_path for v in self.catalog.list_volumes() if not is_detached(v)]
             size = check_protectable(device, self.pools.device_paths(), protected, chunk)
             # What the asked backend needs of the kernel is checked before the space it
             # needs on a pool: the error then names the real cause.
             choose_backend(device, backend, self.cmd, era_space=True)
-            pool = self.place(size, pool)
+            if existing is None or existing.pool is None:
+                pool = self.place(size, pool)
             backend_of_pool = self.pools.backend(pool)
             chosen = choose_backend(
                 device, backend, self.cmd, era_space=poolspace.is_lvm(backend_of_pool)
@@ -228,6 +274,11 @@ class VolumeRegistry:
             with BlockDevice(device) as dev:
                 ident = dev.identity
             directory = self.directory(name)
+            if directory.exists() and name not in self.tracking:
+                # Tracker state of a volume the catalog forgot (a lost catalog, an import):
+                # its references name nothing any more; the new tracker starts afresh.
+                log.warning("removing stale tracker state %s", directory)
+                shutil.rmtree(directory)
             era_metadata = None
             if chosen == "era":
                 era_metadata = poolspace.allocate_era_metadata(backend_of_pool, name, size, chunk)
@@ -240,16 +291,40 @@ class VolumeRegistry:
                     poolspace.release_era_metadata(backend_of_pool, name)
                 raise
             try:
-                self.catalog.add_volume(
-                    name,
-                    device,
-                    DeviceIdentity(ident.major, ident.minor, size),
-                    chunk_size=chunk,
-                    tracker_backend=chosen,
-                    pool=pool,
-                    objectives=stored,
-                )
+                if existing is None:
+                    self.catalog.add_volume(
+                        name,
+                        device,
+                        DeviceIdentity(ident.major, ident.minor, size),
+                        chunk_size=chunk,
+                        tracker_backend=chosen,
+                        pool=pool,
+                        objectives=stored,
+                    )
+                else:
+                    # Re-attach: the generations stay; a fresh tracker, so the next
+                    # backup is a full.
+                    self.catalog.update_volume(
+                        name,
+                        device_path=device,
+                        identity=DeviceIdentity(ident.major, ident.minor, size),
+                        chunk_size=chunk,
+                        tracker_backend=chosen,
+                    )
+                    if stored:
+                        self.catalog.update_volume(
+                            name, objectives={**existing.objectives, **stored}
+                        )
+                self.write_record(name)
             except BaseException:
+                if existing is not None:
+                    self.catalog.update_volume(
+                        name,
+                        device_path=existing.device_path,
+                        identity=existing.identity,
+                        chunk_size=existing.chunk_size,
+                        tracker_backend=existing.tracker_backend,
+                    )
                 tracking.remove()
                 if era_metadata is not None:
                     poolspace.release_era_metadata(backend_of_pool, name)
@@ -260,21 +335,104 @@ class VolumeRegistry:
         log.info("protecting %s as %s (%s tracking)", device, name, chosen, extra={"VOLUME": name})
         return info
 
-    def unprotect(self, name: str) -> None:
+    def unprotect(self, name: str, delete_generations: bool = False) -> None:
+        """Stop tracking ``name``.
+
+        Without ``delete_generations`` a volume that has generations becomes detached
+        (they stay listed, restorable and under retention); one without generations is
+        forgotten. With it, its generations are deleted from the pool (newest first, so
+        an interruption never breaks a chain), then its record and its catalog rows.
+        """
         with self.lock:
             vol = self.catalog.get_volume(name)
-            self.catalog.remove_volume(name, drop_generations=True)
+            backend = None
+            if vol.pool is not None:
+                try:
+                    backend = self.pools.backend(vol.pool)
+                except BlockguardError as exc:
+                    # Deleting: the catalog rows go; what the disks hold cannot be reached.
+                    log.warning("pool %s of %s is unavailable: %s", vol.pool, name, exc)
+            manifests = [] if backend is None else backend.generations(name)
+            if delete_generations and backend is not None:
+                for m in reversed(manifests):
+                    backend.remove_generation(name, m.generation_id)
+                backend.remove_volume_record(name)
+            # An unavailable pool still holds what the catalog lists: keep it too.
+            listed = backend is None and bool(self.catalog.list_generations(name))
+            held = bool(manifests) or listed
+            keep = held and not delete_generations
+            if keep:
+                self.catalog.update_volume(
+                    name, device_path=detached_path(name), tracker_backend=DETACHED
+                )
+            else:
+                self.catalog.remove_volume(name, drop_generations=True)
+                if backend is not None:
+                    backend.remove_volume_record(name)
             tracking = self.tracking.pop(name, None)
             if tracking is not None:
                 tracking.remove()
-            if vol.tracker_backend == "era" and vol.pool is not None:
+            if vol.tracker_backend == "era" and backend is not None:
                 try:
-                    poolspace.release_era_metadata(self.pools.backend(vol.pool), name)
+                    poolspace.release_era_metadata(backend, name)
                 except BlockguardError as exc:
                     log.warning("era metadata of %s stays on pool %s: %s", name, vol.pool, exc)
             self.cache.pop(name, None)
             self.lost.pop(name, None)
-        self.events.emit(svc.VolumeRemoved(name))
+            self.last_due.pop(name, None)
+            if keep:
+                self.sync_generations(name)
+                self.retain_detached(name)
+                self.refresh(name)
+        if not keep:
+            self.events.emit(svc.VolumeRemoved(name))
+        log.info(
+            "%s %s",
+            "detached" if keep else "unprotected",
+            name,
+            extra={"VOLUME": name},
+        )
+
+    def retain_detached(self, name: str) -> list[str]:
+        """Apply the volume's retention to a detached volume (no backup will do it)."""
+        vol = self.catalog.get_volume(name)
+        if not is_detached(vol) or vol.pool is None:
+            return []
+        given = self.objectives_of(name)
+        keep = int(given.get("generations", DEFAULT_GENERATIONS))
+        result = self.pools.backend(vol.pool).apply_retention(name, keep)
+        if result.freed_ids:
+            self.sync_generations(name)
+        return result.freed_ids
+
+    def record_of(self, name: str) -> VolumeRecord:
+        """The volume record the pool keeps of ``name`` (see :class:`VolumeRecord`)."""
+        vol = self.catalog.get_volume(name)
+        group_objectives: dict[str, Any] = {}
+        if vol.group is not None:
+            group_objectives = dict(self.catalog.get_group(vol.group).objectives)
+        return VolumeRecord(
+            name=name,
+            device_path=vol.device_path,
+            major=vol.identity.major or 0,
+            minor=vol.identity.minor or 0,
+            size=vol.identity.size,
+            serial=vol.identity.serial,
+            chunk_size=vol.chunk_size,
+            tracker_backend=vol.tracker_backend,
+            objectives=dict(vol.objectives),
+            group=vol.group,
+            group_objectives=group_objectives,
+            updated=time.time(),
+        )
+
+    def write_record(self, name: str) -> None:
+        """Store the volume record on its pool (not for a detached volume: the record
+        keeps the device it had)."""
+        vol = self.catalog.get_volume(name)
+        if vol.pool is None or is_detached(vol):
+            return
+        self.pools.backend(vol.pool).write_volume_record(self.record_of(name))
 
     def set_objectives(self, target: str, given: Mapping[str, Any]) -> list[str]:
         """Merge ``given`` into the target's own set (see :func:`merge_given`)."""
@@ -291,6 +449,8 @@ class VolumeRegistry:
             else:
                 raise NotFound(what="volume or group", name=target)
             for name in names:
+                self.write_record(name)
+                self.retain_detached(name)
                 self.refresh(name)
         return names
 
@@ -530,13 +690,15 @@ class VolumeRegistry:
 
     def plan(self, name: str) -> dict[str, Any]:
         with self.lock:
-            self.catalog.get_volume(name)
+            self.require_attached(name)
             self.refresh(name)
             return dict(self.last_plan[name])
 
     def refresh(self, name: str) -> svc.VolumeInfo:
         """Recompute the volume's info (and its plan); emits VolumeChanged/TrackingLost."""
         with self.lock:
+            if is_detached(self.catalog.get_volume(name)):
+                return self._refresh_detached(name)
             inputs = self.inputs(name)
             gens = inputs.generations
             assert gens is not None  # inputs() always scans the pool
@@ -579,6 +741,41 @@ class VolumeRegistry:
             events.insert(0, svc.TrackingLost(name, inputs.lost_reason))
         self.events.emit(*events)
         return info
+
+    def _refresh_detached(self, name: str) -> svc.VolumeInfo:
+        vol = self.catalog.get_volume(name)
+        reason = "detached: no device is tracked; protect a device under this name to resume"
+        if (vol.tracker_state, vol.tracker_reason) != ("unknown", reason):
+            self.catalog.set_tracker_state(name, "unknown", reason)
+        self.last_due[name] = None
+        self.last_plan.pop(name, None)
+        info = svc.VolumeInfo(
+            name=name,
+            device="",
+            pool=vol.pool or "",
+            backend="",
+            chunk_size=vol.chunk_size,
+            group=vol.group or "",
+            objectives=self.objectives_of(name),
+            tracker_state=DETACHED,
+            changed_bytes_since_backup=0,
+            changed_bytes_since_full=0,
+            estimated_restore_seconds={},
+            next_method="",
+            next_method_reasons=(reason,),
+            next_backup=0,
+            generations=self.generation_infos(name, self.scan(name)),
+        )
+        self.cache[name] = info
+        self.events.emit(svc.VolumeChanged(name))
+        return info
+
+    def require_attached(self, name: str) -> None:
+        """:raises VolumeDetached: ``name`` has no device to back up."""
+        if is_detached(self.catalog.get_volume(name)):
+            raise VolumeDetached(
+                volume=name, detail="it has no device; protect a device under this name first"
+            )
 
     def bare_info(self, name: str, problem: str) -> svc.VolumeInfo:
         vol = self.catalog.get_volume(name)

@@ -11,7 +11,9 @@ but all of them:
 - are the source of truth: :meth:`PoolBackend.generations` reads the manifests stored on
   the pool, never a catalog;
 - read chunks back through a :class:`GenerationReader`;
-- make a writable volume from a full for swap-in (:meth:`PoolBackend.swap_in`).
+- make a writable volume from a full for swap-in (:meth:`PoolBackend.swap_in`);
+- keep one :class:`VolumeRecord` per volume (``records/VOLUME.json``, written atomically)
+  so that a catalog can be rebuilt from the pool alone (``pool import``).
 
 Generic policy (dependency chains, retention, the space alert) lives here, once.
 """
@@ -21,12 +23,13 @@ from __future__ import annotations
 import array
 import json
 import logging
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pyroaring import BitMap
 
@@ -37,6 +40,7 @@ from blockguard.storage.manifest import (
     GenerationKind,
     Manifest,
     VolumeIdentity,
+    check_name,
     fsync_dir,
     read_manifest,
     write_atomic,
@@ -111,6 +115,52 @@ class PoolScan:
 
     manifests: list[Manifest]
     damaged: list[DamagedGeneration] = field(default_factory=list)
+
+
+RECORDS_DIR = "records"
+RECORD_FORMAT = "blockguard-volume"
+
+
+@dataclass(frozen=True)
+class VolumeRecord:
+    """What the pool keeps about a volume so a catalog can be rebuilt from it alone.
+
+    Tracking references are not kept: an imported volume starts tracking afresh (its
+    next backup is a full).
+    """
+
+    name: str
+    device_path: str
+    major: int
+    minor: int
+    size: int
+    serial: str | None
+    chunk_size: int
+    tracker_backend: str
+    objectives: dict[str, Any] = field(default_factory=dict)
+    group: str | None = None
+    group_objectives: dict[str, Any] = field(default_factory=dict)
+    updated: float = 0.0
+
+    def to_json(self) -> bytes:
+        return (json.dumps({"format": RECORD_FORMAT, **asdict(self)}, indent=1) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> VolumeRecord:
+        """:raises CorruptMetadata: not a readable volume record."""
+        try:
+            body = json.loads(data)
+            if not isinstance(body, dict) or body.pop("format", None) != RECORD_FORMAT:
+                raise ValueError("not a blockguard volume record")
+            record = cls(**body)
+            check_name(record.name, "volume name")
+            if not isinstance(record.objectives, dict):
+                raise ValueError("objectives is not a mapping")
+        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+            raise CorruptMetadata(what=where, detail=str(exc)) from None
+        except Exception as exc:  # InvalidInput of a bad name
+            raise CorruptMetadata(what=where, detail=str(exc)) from None
+        return record
 
 
 @dataclass(frozen=True)
@@ -315,6 +365,54 @@ class PoolBackend(ABC):
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+    # --- volume records ---------------------------------------------------------------
+
+    @abstractmethod
+    def record_dirs(self) -> list[Path]:
+        """Where volume records live (every ``dir`` area: each holds a full copy)."""
+
+    def write_volume_record(self, record: VolumeRecord) -> None:
+        """Store (replace) the record of ``record.name`` atomically, in every place."""
+        check_name(record.name, "volume name")
+        for directory in self.record_dirs():
+            new = not directory.exists()
+            directory.mkdir(exist_ok=True)
+            if new:
+                fsync_dir(directory.parent)
+            write_atomic(directory / f"{record.name}.json", record.to_json())
+
+    def remove_volume_record(self, name: str) -> None:
+        """Forget the record of ``name`` (only once its generations are deleted)."""
+        check_name(name, "volume name")
+        for directory in self.record_dirs():
+            path = directory / f"{name}.json"
+            if path.exists():
+                path.unlink()
+                fsync_dir(directory)
+
+    def volume_records(self) -> dict[str, VolumeRecord]:
+        """Every readable record by volume name (the newest copy when areas differ);
+        unreadable ones are logged and left out."""
+        found: dict[str, VolumeRecord] = {}
+        for directory in self.record_dirs():
+            try:
+                names = sorted(os.listdir(directory))
+            except FileNotFoundError:
+                continue
+            for entry in names:
+                if not entry.endswith(".json") or entry.startswith("."):
+                    continue
+                path = directory / entry
+                try:
+                    record = VolumeRecord.from_json(path.read_bytes(), str(path))
+                except (OSError, CorruptMetadata) as exc:
+                    log.error("volume record %s: %s", path, exc)
+                    continue
+                old = found.get(record.name)
+                if old is None or record.updated > old.updated:
+                    found[record.name] = record
+        return found
 
     # --- generic policy -------------------------------------------------------------
 

@@ -50,6 +50,7 @@ from blockguard.storage.manifest import (
     write_atomic,
 )
 from blockguard.storage.pool.base import (
+    RECORDS_DIR,
     AlertCallback,
     FreedGeneration,
     GenerationReader,
@@ -136,9 +137,12 @@ class DirPool(PoolBackend):
         *,
         runner: Runner | None = None,
         alert: AlertCallback | None = None,
+        collect: bool = True,
     ) -> DirPool:
         """Open an existing pool: mount its areas (unless mounted) and remove garbage.
 
+        :param collect: remove the garbage of interrupted writes (``pool import`` does
+            not: it changes nothing on the pool).
         :raises CorruptMetadata: a device does not carry this pool.
         """
         check_name(name, "pool name")
@@ -153,7 +157,8 @@ class DirPool(PoolBackend):
                     )
                 pool.pool_uuid = info["pool_uuid"]
                 pool._areas.append((pool._device(device, mnt), mnt))
-            pool.collect_garbage()
+            if collect:
+                pool.collect_garbage()
         except BaseException:
             pool.close()
             raise
@@ -409,6 +414,9 @@ class DirPool(PoolBackend):
             image.unlink(missing_ok=True)
             raise
         return DirSwapIn(dev, str(image), self.runner)
+
+    def record_dirs(self) -> list[Path]:
+        return [mnt / RECORDS_DIR for _, mnt in self._areas]
 
     def swap_ins(self) -> list[str]:
         """Swap-in images that exist on the pool (attached or not)."""

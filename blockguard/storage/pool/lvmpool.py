@@ -72,6 +72,7 @@ from blockguard.storage.manifest import (
     write_atomic,
 )
 from blockguard.storage.pool.base import (
+    RECORDS_DIR,
     AlertCallback,
     FreedGeneration,
     GenerationReader,
@@ -276,9 +277,11 @@ class LvmPool(PoolBackend):
         *,
         runner: Runner | None = None,
         alert: AlertCallback | None = None,
+        collect: bool = True,
     ) -> LvmPool:
         """Open an existing pool: activate and mount its metadata, remove garbage.
 
+        :param collect: remove garbage (``pool import`` does not: it changes nothing).
         :raises NotFound: no VG of this pool on ``devices``.
         :raises CorruptMetadata: the metadata file system does not describe this pool.
         """
@@ -292,7 +295,8 @@ class LvmPool(PoolBackend):
                     detail=f"it describes pool {info.get('pool')} in VG {info.get('vg')}",
                 )
             pool.pool_uuid = str(info.get("pool_uuid", ""))
-            pool.collect_garbage()
+            if collect:
+                pool.collect_garbage()
         except BaseException:
             pool.close()
             raise
@@ -709,6 +713,9 @@ class LvmPool(PoolBackend):
             self.lvm.lvm("lvchange", "-qq", "-an", f"{self.vg}/{lv}")
         else:
             self._remove_lv(lv)
+
+    def record_dirs(self) -> list[Path]:
+        return [self.meta_dir / RECORDS_DIR]
 
     def swap_ins(self) -> list[str]:
         """Swap-in volumes on the pool (``VG/LV``), active or not."""

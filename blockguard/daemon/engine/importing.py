@@ -1,0 +1,204 @@
+"""``pool import``: rebuild the catalog rows of a pool from its disks alone.
+
+A pool is self-describing: ``pool.json`` (or the VG) names it, a volume record per volume
+keeps what the catalog knew of it (device, identity, chunk size, objectives, group), and
+a manifest per generation holds everything a restore needs. Import reads all of that and
+writes nothing to the pool: the disks are identified through read-only mounts, the pool
+is opened without its garbage collection, and every manifest's checksum array is checked
+against the manifest before anything is recorded.
+
+Every refusal (a disk that is not a pool, a pool or volume name the catalog already has,
+a disk the catalog already knows) comes before the catalog changes; the rows are written
+in one transaction. Only then is each volume whose original device is present (same
+device number and size, or the same serial) protected again with a fresh tracker, so
+its next backup is a full; the others stay *detached* (see :mod:`.volumes`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from blockguard.core.catalog import DeviceIdentity
+from blockguard.core.damage import Damage, DamageCause
+from blockguard.daemon import service as svc
+from blockguard.daemon.engine.pools import PoolRegistry, _block_device, _describe
+from blockguard.daemon.engine.volumes import DETACHED, VolumeRegistry, detached_path
+from blockguard.errors import AlreadyExists, BlockguardError, DeviceInUse, InvalidInput
+from blockguard.storage.blockdev import BlockDevice, device_rdev
+from blockguard.storage.manifest import Manifest
+from blockguard.storage.pool.base import PoolBackend, VolumeRecord
+from blockguard.storage.pool.discover import identify
+
+log = logging.getLogger(__name__)
+
+
+def _check_devices(pools: PoolRegistry, volumes: VolumeRegistry, devices: Sequence[str]) -> None:
+    if not isinstance(devices, list | tuple) or not devices:
+        raise InvalidInput(detail="give the pool's disks")
+    if len(set(devices)) != len(devices):
+        raise InvalidInput(detail="a device is listed twice")
+    rdevs = {path: device_rdev(_block_device(path)) for path in devices}
+    if len(set(rdevs.values())) != len(rdevs):
+        raise InvalidInput(detail="two of the paths given are the same device")
+    for dev in pools.catalog.list_pool_devices():
+        for path, rdev in rdevs.items():
+            if dev.device_path == path or _rdev_or_none(dev.device_path) == rdev:
+                raise DeviceInUse(path=path, reason=f"it is a disk of pool {dev.pool}")
+    for vol in volumes.catalog.list_volumes():
+        for path, rdev in rdevs.items():
+            if _rdev_or_none(vol.device_path) == rdev:
+                raise DeviceInUse(path=path, reason=f"it is protected volume {vol.name}")
+
+
+def _rdev_or_none(path: str) -> int | None:
+    """The device number of a known disk; None when it is absent (vanished, detached)."""
+    try:
+        return device_rdev(path)
+    except (BlockguardError, OSError):
+        return None
+
+
+def _verified(backend: PoolBackend) -> tuple[list[Manifest], dict[str, dict[str, Damage]]]:
+    """Every readable manifest (oldest first), and by volume the generations whose
+    checksum array does not match their manifest (imported, and shown corrupt)."""
+    found = backend.scan()
+    manifests = found.manifests + [d.manifest for d in found.damaged if d.manifest]
+    manifests.sort(key=lambda m: (m.created, m.generation_id))
+    bad: dict[str, dict[str, Damage]] = {}
+    for m in found.manifests:
+        try:
+            with backend.open_generation(m) as reader:
+                reader.checksums()
+        except BlockguardError as exc:
+            log.error("import of pool %s: generation %s: %s", backend.name, m.generation_id, exc)
+            damage = Damage(m.generation_id, DamageCause.METADATA, str(exc))
+            bad.setdefault(m.volume.name, {})[m.generation_id] = damage
+    for d in found.damaged:
+        log.error("import of pool %s: %s is damaged: %s", backend.name, d.generation_id, d.reason)
+    return manifests, bad
+
+
+def _device_matches(record: VolumeRecord) -> bool:
+    """Whether the record's original device is there and is the same disk."""
+    try:
+        with BlockDevice(record.device_path) as dev:
+            ident = dev.identity
+    except BlockguardError:
+        return False
+    if ident.size != record.size:
+        return False
+    if record.serial:
+        serial, _ = _describe(record.device_path)
+        if serial is not None:
+            return serial == record.serial
+    return (ident.major, ident.minor) == (record.major, record.minor)
+
+
+def import_pool(pools: PoolRegistry, volumes: VolumeRegistry, devices: Sequence[str]) -> str:
+    """Import the pool on ``devices``; returns its name. See the module docstring.
+
+    :raises NotAPool: a disk holds no blockguard pool, or the disks hold different pools.
+    :raises AlreadyExists: the catalog has a pool or volume of the same name.
+    :raises DeviceInUse: a disk is already a pool disk or a protected volume.
+    """
+    _check_devices(pools, volumes, devices)
+    scratch = pools.settings.mount_root
+    found = identify(list(devices), scratch, pools.cmd, lvm_available=pools.lvm_backend_available())
+    if found.name in pools.names():
+        raise AlreadyExists(what="pool", name=found.name)
+    backend = pools.open_for_import(found.name, found.kind, list(found.devices))
+    try:
+        records = backend.volume_records()
+        manifests, bad = _verified(backend)
+        by_volume: dict[str, list[Manifest]] = {}
+        for m in manifests:
+            by_volume.setdefault(m.volume.name, []).append(m)
+        names = sorted(set(records) | set(by_volume))
+        known = {v.name for v in volumes.catalog.list_volumes()}
+        clash = sorted(known & set(names))
+        if clash:
+            raise AlreadyExists(what="volume", name=", ".join(clash))
+        _add_rows(pools, volumes, backend, found.devices, records, by_volume, names)
+    except BaseException:
+        pools.close_backend(found.name, backend)
+        raise
+    for volume, damage in bad.items():
+        volumes.found_corrupt.setdefault(volume, {}).update(damage)
+    pools.events.emit(svc.PoolChanged(found.name))
+    for name in names:
+        # Only chains with readable manifests become catalog rows (the catalog's rules);
+        # the rest is listed from the pool, as corrupt.
+        volumes.sync_generations(name)
+    for name in names:
+        record = records.get(name)
+        if record is not None and record.tracker_backend != DETACHED and _device_matches(record):
+            try:
+                chosen = record.tracker_backend or None
+                volumes.protect(record.device_path, name, record.chunk_size, chosen)
+                log.info("import: %s protected again on %s", name, record.device_path)
+                continue
+            except BlockguardError as exc:
+                log.warning("import: %s stays detached: %s", name, exc)
+        volumes.refresh(name)
+    log.info(
+        "imported pool %s (%s) from %s: volumes %s, %d generations",
+        found.name,
+        found.kind,
+        ", ".join(found.devices),
+        ", ".join(names) or "none",
+        len(manifests),
+        extra={"POOL": found.name},
+    )
+    return found.name
+
+
+def _add_rows(
+    pools: PoolRegistry,
+    volumes: VolumeRegistry,
+    backend: PoolBackend,
+    devices: Sequence[str],
+    records: dict[str, VolumeRecord],
+    by_volume: dict[str, list[Manifest]],
+    names: list[str],
+) -> None:
+    """The catalog rows of the pool, its disks and its volumes (detached), in one
+    transaction; the pool is served from then on."""
+    catalog = pools.catalog
+    name = backend.name
+    groups = {g.name for g in catalog.list_groups()}
+    with catalog.transaction():
+        location = str(pools.settings.mount_root / name)
+        catalog.add_pool(name, backend.kind, location if backend.kind == "dir" else f"bg_{name}")
+        sizes = {d.devno: d.size for d in backend.devices()}
+        for path in devices:
+            with BlockDevice(path) as dev:
+                ident = dev.identity
+            serial, _ = _describe(path)
+            size = sizes.get(f"{ident.major}:{ident.minor}", ident.size)
+            catalog.add_pool_device(
+                name, path, DeviceIdentity(ident.major, ident.minor, ident.size, serial), size
+            )
+        for volume in names:
+            record = records.get(volume)
+            gens = by_volume.get(volume, [])
+            chunk = record.chunk_size if record is not None else gens[-1].chunk_size
+            size = record.size if record is not None else gens[-1].volume.size
+            objectives: dict[str, Any] = dict(record.objectives) if record is not None else {}
+            group = record.group if record is not None else None
+            if group is not None and group not in groups:
+                catalog.add_group(group, dict(record.group_objectives) if record else {})
+                groups.add(group)
+            catalog.add_volume(
+                volume,
+                detached_path(volume),
+                DeviceIdentity(None, None, size, None),
+                chunk_size=chunk,
+                tracker_backend=DETACHED,
+                objectives=objectives,
+                group=group,
+                pool=name,
+                tracker_reason="detached",
+            )
+    pools.adopt(name, backend)
