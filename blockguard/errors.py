@@ -88,6 +88,33 @@ class DeviceInUse(InvalidInput):
     dbus_name = f"{DBUS_PREFIX}.DeviceInUse"
 
 
+class ProtectedDevice(DeviceInUse):
+    """A device whose family (partitions, disk, stack, loops) holds a protected volume."""
+
+    template = (
+        "{path} cannot be used as {purpose}: it {relation} {device}, "
+        "the device of protected volume {volume}"
+    )
+    dbus_name = f"{DBUS_PREFIX}.ProtectedDevice"
+
+
+class PoolDiskRefused(DeviceInUse):
+    """A device whose family holds a disk of a pool in the catalog."""
+
+    template = "{path} cannot be used as {purpose}: it {relation} {device}, a disk of pool {pool}"
+    dbus_name = f"{DBUS_PREFIX}.PoolDisk"
+
+
+class ForeignPool(DeviceInUse):
+    """A device whose family holds a blockguard pool label this catalog does not know."""
+
+    template = (
+        "{path} cannot be used as {purpose}: it {relation} {device}, which holds the "
+        "blockguard pool {pool}; to use that pool here, run 'blockguardctl pool import {device}'"
+    )
+    dbus_name = f"{DBUS_PREFIX}.PoolLabel"
+
+
 class DeviceTooSmall(InvalidInput):
     template = "{path} is too small: {size} bytes, at least {needed} bytes needed"
     dbus_name = f"{DBUS_PREFIX}.DeviceTooSmall"

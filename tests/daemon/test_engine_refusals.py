@@ -133,8 +133,8 @@ def test_refused_calls_change_nothing(
             ("pool on a character device", "NotABlockDevice", pool("p2", ["/dev/null"])),
             ("pool on a relative path", "NotABlockDevice", pool("p2", ["loop0"])),
             ("pool on a mounted disk", "DeviceInUse", pool("p2", [busy])),
-            ("the protected volume as a pool disk", "DeviceInUse", pool("p2", [volume])),
-            ("a disk of another pool", "DeviceInUse", pool("p2", [pool_disk])),
+            ("the protected volume as a pool disk", "ProtectedDevice", pool("p2", [volume])),
+            ("a disk of another pool", "PoolDisk", pool("p2", [pool_disk])),
             ("duplicate pool", "AlreadyExists", pool("p1", [free])),
             ("pool name with a slash", "InvalidInput", pool("../x", [free])),
             ("unknown pool backend", "InvalidInput", pool("p2", [free], "zfs")),
@@ -148,7 +148,7 @@ def test_refused_calls_change_nothing(
             ),
             (
                 "extend with the protected volume",
-                "DeviceInUse",
+                "ProtectedDevice",
                 lambda: client.call("ExtendPool", "sasb", "p1", [volume], False),
             ),
             (
@@ -163,7 +163,7 @@ def test_refused_calls_change_nothing(
             ),
             ("protect a missing path", "NotABlockDevice", protect("/dev/nonexistent", "x")),
             ("protect a regular file", "NotABlockDevice", protect(str(plain_file), "x")),
-            ("protect a pool disk", "DeviceInUse", protect(pool_disk, "x")),
+            ("protect a pool disk", "PoolDisk", protect(pool_disk, "x")),
             ("protect the volume twice", "AlreadyExists", protect(volume, "x")),
             ("duplicate volume name", "AlreadyExists", protect(free, "db")),
             ("chunk size not a power of two", "InvalidChunkSize", protect(free, "x", 12345)),
@@ -201,7 +201,7 @@ def test_refused_calls_change_nothing(
             ("malformed generation id", "InvalidInput", restore("nonsense", "copy", free)),
             ("generation of another volume", "InvalidInput", restore(other_gen, "copy", free)),
             ("restore onto a mounted device", "DeviceInUse", restore("", "copy", busy)),
-            ("restore onto a pool disk", "DeviceInUse", restore("", "copy", pool_disk)),
+            ("restore onto a pool disk", "PoolDisk", restore("", "copy", pool_disk)),
             ("restore onto a too small device", "DeviceTooSmall", restore("", "copy", small)),
             (
                 "restore onto a regular file",

@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 from pyroaring import BitMap
 
-from blockguard.errors import Busy, DeviceInUse, DeviceTooSmall, PoolSpaceLow
+from blockguard.errors import (
+    Busy,
+    DeviceInUse,
+    DeviceTooSmall,
+    PoolDiskRefused,
+    PoolSpaceLow,
+    ProtectedDevice,
+)
 from blockguard.storage.backup import run_backup
 from blockguard.storage.manifest import MANIFEST_NAME, GenerationKind, VolumeIdentity
 from blockguard.storage.pool.base import SpaceAlert
@@ -110,7 +117,7 @@ def test_refuses_disk_with_mounted_partition_even_forced(partitioned: str, tmp_p
             assert_refused(
                 partitioned,
                 tmp_path / "root",
-                f"its partition .*p1: it is mounted on {mnt}",
+                f"its partition .*p1 is mounted on {mnt}",
                 force=True,
             )
     finally:
@@ -135,7 +142,12 @@ def test_refuses_disk_with_filesystem_unless_forced(loopdev, tmp_path: Path) -> 
 def test_refuses_protected_volume_even_forced(loopdev, tmp_path: Path) -> None:
     dev = loopdev(POOL_SIZE)
     assert_refused(
-        dev, tmp_path / "root", "it is the protected volume", protected=[dev], force=True
+        dev,
+        tmp_path / "root",
+        f"it is {dev}, the device of protected volume",
+        ProtectedDevice,
+        protected=[dev],
+        force=True,
     )
 
 
@@ -206,7 +218,7 @@ def test_add_device_grows_capacity(pool: DirPool, loopdev) -> None:
     after = pool.capacity()
     assert len(pool.devices()) == 2 and dev.area.endswith("area-1")
     assert after.total > before.total + 300 * MiB
-    with pytest.raises(DeviceInUse, match="mounted"):
+    with pytest.raises(PoolDiskRefused, match=f"it is {dev.path}, a disk of pool p"):
         pool.add_device(dev.path, force=True)
 
 

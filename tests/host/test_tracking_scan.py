@@ -14,13 +14,13 @@ from pyroaring import BitMap
 
 from blockguard.errors import (
     AlreadyExists,
-    DeviceInUse,
     DeviceReadOnly,
     DeviceTooSmall,
     InvalidChunkSize,
     InvalidInput,
     NotABlockDevice,
     NotFound,
+    PoolDiskRefused,
     TrackingLost,
 )
 from blockguard.storage.blockdev import BlockDevice, aligned_buffer
@@ -420,7 +420,7 @@ def test_protect_refusals_name_the_problem_and_create_nothing(
         (tmp_path, [], [], {}, NotABlockDevice, "it is a directory"),
         (vol, [], [str(alias)], {}, AlreadyExists, f"protected volume {vol} ({alias}) already"),
         (alias, [pool_disk], [vol], {}, AlreadyExists, "already exists"),
-        (pool_disk, [pool_disk], [], {}, DeviceInUse, f"{pool_disk} is in use: it is or shares"),
+        (pool_disk, [pool_disk], [], {}, PoolDiskRefused, f"it is {pool_disk}, a disk of pool"),
         (read_only, [], [], {}, DeviceReadOnly, f"{read_only} is read-only"),
         (loopdev(512 * KiB), [], [], {}, DeviceTooSmall, "524288 bytes, at least 1048576"),
         (

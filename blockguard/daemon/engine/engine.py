@@ -250,22 +250,17 @@ class Engine:
 
     # --- pools ----------------------------------------------------------------------------
 
-    def _protected_devices(self) -> list[str]:
-        return [v.device_path for v in self.volumes.catalog.list_volumes() if not is_detached(v)]
-
     def create_pool(
         self, name: str, backend: str, devices: Sequence[str], force: bool
     ) -> svc.PoolInfo:
         with self._lock:
-            info = self.pools.create(
-                name, backend, list(devices), bool(force), self._protected_devices()
-            )
+            info = self.pools.create(name, backend, list(devices), bool(force))
             self._mark_used()
             return info
 
     def extend_pool(self, name: str, devices: Sequence[str], force: bool) -> svc.PoolInfo:
         with self._lock:
-            info = self.pools.extend(name, list(devices), bool(force), self._protected_devices())
+            info = self.pools.extend(name, list(devices), bool(force))
             self._mark_used()
             return info
 

@@ -21,13 +21,13 @@ from blockguard.core.catalog import Catalog, DeviceIdentity, PerfEntry
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.daemon import service as svc
 from blockguard.daemon.engine.events import EventHub
+from blockguard.daemon.engine.gate import build_gate
 from blockguard.daemon.engine.ids import check_name
 from blockguard.daemon.engine.settings import Settings
 from blockguard.errors import (
     AlreadyExists,
     BlockguardError,
     Busy,
-    DeviceInUse,
     EnvironmentProblem,
     InvalidInput,
     NotABlockDevice,
@@ -40,6 +40,7 @@ from blockguard.storage.pool.base import PoolBackend, SpaceAlert
 from blockguard.storage.pool.dirpool import MIN_DEVICE_SIZE, DirPool
 from blockguard.storage.pool.registration import devno, refuse_unless_free
 from blockguard.storage.runner import Runner
+from blockguard.storage.safety import SafetyGate
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +192,11 @@ class PoolRegistry:
 
     # --- registration ---------------------------------------------------------------
 
-    def _check_new_devices(
-        self, devices: Sequence[str], protected: Sequence[str], force: bool
-    ) -> None:
+    def gate(self) -> SafetyGate:
+        """The safety gate of every protected volume and pool disk of the catalog."""
+        return build_gate(self.catalog, self.cmd)
+
+    def _check_new_devices(self, devices: Sequence[str], gate: SafetyGate, force: bool) -> None:
         if not isinstance(devices, list | tuple) or not devices:
             raise InvalidInput(detail="give at least one pool device")
         if len(set(devices)) != len(devices):
@@ -204,17 +207,19 @@ class PoolRegistry:
             rdevs[path] = device_rdev(path)
         if len(set(rdevs.values())) != len(rdevs):
             raise InvalidInput(detail="two of the paths given are the same device")
-        for dev in self.catalog.list_pool_devices():
-            for path, rdev in rdevs.items():
-                with contextlib.suppress(BlockguardError):
-                    if dev.device_path == path or device_rdev(dev.device_path) == rdev:
-                        raise DeviceInUse(path=path, reason=f"it is a disk of pool {dev.pool}")
         for path in devices:
+            # The others given with it count as pool disks: a disk and its own partition
+            # (or a device stacked on it) cannot both be taken.
+            others = {p: "being created" for p in devices if p != path}
             refuse_unless_free(
-                path, protected=protected, min_size=MIN_DEVICE_SIZE, force=force, runner=self.cmd
+                path,
+                gate=gate.adding(pool_disks=others),
+                min_size=MIN_DEVICE_SIZE,
+                force=force,
+                runner=self.cmd,
             )
 
-    def _measure(self, path: str) -> tuple[str, DeviceSpeed | None]:
+    def _measure(self, path: str, gate: SafetyGate, force: bool) -> tuple[str, DeviceSpeed | None]:
         """Identity key and, unless probing is off, the measured speed of a free disk."""
         with BlockDevice(path) as dev:
             ident = dev.identity
@@ -222,6 +227,9 @@ class PoolRegistry:
         key = DeviceIdentity(ident.major, ident.minor, ident.size, serial).key
         if probe is None or self.settings.probe_seconds <= 0:
             return key, None
+        # The probe writes: the gate is asked again right before it, not only at the
+        # start of the registration.
+        gate.check_writable(path, purpose="a pool disk (probe)", force=force)
         writable = importlib.import_module("blockguard.storage.probe").WritableRegion
         # The disk passed the registration checks and is about to be formatted: writing
         # anywhere on it harms nothing.
@@ -266,9 +274,7 @@ class PoolRegistry:
                 )
             )
 
-    def create(
-        self, name: str, backend: str, devices: Sequence[str], force: bool, protected: list[str]
-    ) -> svc.PoolInfo:
+    def create(self, name: str, backend: str, devices: Sequence[str], force: bool) -> svc.PoolInfo:
         check_name("pool", name)
         backend = backend or ("lvm" if lvm_backend_available() else "dir")
         if backend not in POOL_BACKENDS:
@@ -281,8 +287,9 @@ class PoolRegistry:
         with self.lock:
             if any(p.name == name for p in self.catalog.list_pools()):
                 raise AlreadyExists(what="pool", name=name)
-            self._check_new_devices(devices, protected, force)
-            measured = {path: self._measure(path) for path in devices}
+            gate = self.gate()
+            self._check_new_devices(devices, gate, force)
+            measured = {path: self._measure(path, gate, force) for path in devices}
             pool: PoolBackend
             if backend == "lvm":
                 lvm = importlib.import_module("blockguard.storage.pool.lvmpool")
@@ -291,10 +298,10 @@ class PoolRegistry:
                     name,
                     list(devices),
                     self.settings.mount_root,
-                    protected=protected,
                     force=force,
                     runner=self.cmd,
                     alert=self._alert,
+                    gate=gate,
                 )
                 rest: Sequence[str] = ()
             else:
@@ -302,15 +309,15 @@ class PoolRegistry:
                     name,
                     devices[0],
                     self.settings.mount_root,
-                    protected=protected,
                     force=force,
                     runner=self.cmd,
                     alert=self._alert,
+                    gate=gate,
                 )
                 rest = devices[1:]
             try:
                 for path in rest:
-                    pool.add_device(path, protected=protected, force=force)
+                    pool.add_device(path, force=force, gate=gate)
                 with self.catalog.transaction():
                     self.catalog.add_pool(name, backend, str(self.settings.mount_root / name))
                     # By device number: LVM may name a PV otherwise than it was given.
@@ -327,15 +334,14 @@ class PoolRegistry:
         self.events.emit(svc.PoolChanged(name))
         return self.info(name)
 
-    def extend(
-        self, name: str, devices: Sequence[str], force: bool, protected: list[str]
-    ) -> svc.PoolInfo:
+    def extend(self, name: str, devices: Sequence[str], force: bool) -> svc.PoolInfo:
         with self.lock:
             pool = self.backend(name)
-            self._check_new_devices(devices, protected, force)
-            measured = {path: self._measure(path) for path in devices}
+            gate = self.gate()
+            self._check_new_devices(devices, gate, force)
+            measured = {path: self._measure(path, gate, force) for path in devices}
             for path in devices:
-                dev = pool.add_device(path, protected=protected, force=force)
+                dev = pool.add_device(path, force=force, gate=gate)
                 self._record_device(name, path, dev.size, measured[path])
         self.events.emit(svc.PoolChanged(name))
         return self.info(name)

@@ -1,7 +1,8 @@
 """Restore and verify jobs: checks done before a job exists, the work, what is learnt.
 
-Every refusal (unknown generation, a target that is mounted, a pool disk, another
-protected volume, too small; in place without force) is raised by :func:`check_restore`
+Every refusal (unknown generation; a target that is mounted, shares blocks with a pool
+disk or another protected volume, holds data without force, is too small; in place
+without force) is raised by :func:`check_restore`, through the daemon's safety gate,
 before any job or catalog row is created. Each finished restore is recorded with its
 measured duration and bytes next to the model's prediction (before correction), which is
 what the restore-time model's correction learns from.
@@ -29,13 +30,13 @@ from blockguard.errors import (
     BlockguardError,
     ChecksumMismatch,
     CorruptMetadata,
-    DeviceInUse,
     DeviceTooSmall,
     InvalidInput,
+    NotABlockDevice,
     NotFound,
     VolumeDetached,
 )
-from blockguard.storage.blockdev import BlockDevice, device_rdev, in_use_reasons
+from blockguard.storage.blockdev import BlockDevice, device_rdev
 from blockguard.storage.manifest import Manifest
 from blockguard.storage.pool.base import PoolBackend
 from blockguard.storage.restore import (
@@ -142,27 +143,23 @@ def check_restore(
     original = not target or target == vol.device_path
     if not original:
         _block_device(target)
-        with contextlib.suppress(BlockguardError):
+        try:
             original = device_rdev(target) == device_rdev(vol.device_path)
+        except NotABlockDevice:
+            # The volume's own device is gone: the target cannot be it.
+            original = False
+    gate = pools.gate()
     if original:
         if not force:
             raise InvalidInput(
                 detail=f"restoring {volume} in place overwrites {vol.device_path}; it needs force"
             )
-        if reasons := in_use_reasons(vol.device_path):
-            raise DeviceInUse(path=vol.device_path, reason="; ".join(reasons))
+        # Its own device may be written (force was given), never what shares its blocks.
+        gate.check_writable(
+            vol.device_path, purpose="an in-place restore target", force=True, own_volume=volume
+        )
         return RestoreRequest(volume, manifest, "in-place", vol.device_path, vol.pool)
-    rdev = device_rdev(target)
-    for path in pools.device_paths():
-        with contextlib.suppress(BlockguardError):
-            if device_rdev(path) == rdev:
-                raise DeviceInUse(path=target, reason="it is a pool disk")
-    for other in volumes.catalog.list_volumes():
-        with contextlib.suppress(BlockguardError):
-            if device_rdev(other.device_path) == rdev:
-                raise DeviceInUse(path=target, reason=f"it is protected volume {other.name}")
-    if reasons := in_use_reasons(target):
-        raise DeviceInUse(path=target, reason="; ".join(reasons))
+    gate.check_writable(target, purpose="a restore target", force=force)
     with BlockDevice(target) as dev:
         if dev.size < manifest.volume.size:
             raise DeviceTooSmall(path=target, size=dev.size, needed=manifest.volume.size)

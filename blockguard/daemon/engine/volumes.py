@@ -261,7 +261,9 @@ class VolumeRegistry:
             if pool is not None:
                 self.pools.require_known(pool)
             protected = [v.device_path for v in self.catalog.list_volumes() if not is_detached(v)]
-            size = check_protectable(device, self.pools.device_paths(), protected, chunk)
+            size = check_protectable(
+                device, self.pools.device_paths(), protected, chunk, gate=self.pools.gate()
+            )
             # What the asked backend needs of the kernel is checked before the space it
             # needs on a pool: the error then names the real cause.
             choose_backend(device, backend, self.cmd, era_space=True)

@@ -29,7 +29,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pyroaring import BitMap
 
@@ -45,6 +45,9 @@ from blockguard.storage.manifest import (
     read_manifest,
     write_atomic,
 )
+
+if TYPE_CHECKING:
+    from blockguard.storage.safety import SafetyGate
 
 log = logging.getLogger(__name__)
 
@@ -292,9 +295,14 @@ class PoolBackend(ABC):
 
     @abstractmethod
     def add_device(
-        self, path: str, *, protected: Sequence[str] = (), force: bool = False
+        self,
+        path: str,
+        *,
+        protected: Sequence[str] = (),
+        force: bool = False,
+        gate: SafetyGate | None = None,
     ) -> PoolDevice:
-        """Add a disk (same refusals as pool creation)."""
+        """Add a disk (same refusals as pool creation; ``gate``: the daemon's gate)."""
 
     @abstractmethod
     def capacity(self) -> PoolCapacity: ...

@@ -75,8 +75,10 @@ from blockguard.storage.pool.dirgen import (
     clone_file,
     writer_alive,
 )
-from blockguard.storage.pool.registration import devno, refuse_unless_free
+from blockguard.storage.pool.label import dir_label
+from blockguard.storage.pool.registration import check_disk, devno, legacy_gate
 from blockguard.storage.runner import Runner, default_runner
+from blockguard.storage.safety import SafetyGate
 
 log = logging.getLogger(__name__)
 POOL_FILE = "pool.json"
@@ -116,16 +118,19 @@ class DirPool(PoolBackend):
         force: bool = False,
         runner: Runner | None = None,
         alert: AlertCallback | None = None,
+        gate: SafetyGate | None = None,
     ) -> DirPool:
-        """Register ``device`` as a new pool (mkfs + mount).
+        """Register ``device`` as a new pool (mkfs + mount); its XFS gets the pool label.
 
-        :raises DeviceInUse: the disk is in use or holds data (without ``force``).
+        :param gate: the daemon's safety gate (else one knowing only ``protected``).
+        :raises DeviceInUse: the disk is in use or holds data (without ``force``); the
+            subclasses name a protected volume, pool disk or pool label in its family.
         :raises DeviceTooSmall: below :data:`MIN_DEVICE_SIZE`.
         """
         check_name(name, "pool name")
         pool = cls(name, Path(mount_root), runner or default_runner(), alert)
         pool.pool_uuid = str(uuid.uuid4())
-        pool._format_area(device, 0, protected=protected, force=force)
+        pool._format_area(device, 0, protected=protected, force=force, gate=gate)
         return pool
 
     @classmethod
@@ -165,26 +170,36 @@ class DirPool(PoolBackend):
         return pool
 
     def add_device(
-        self, path: str, *, protected: Sequence[str] = (), force: bool = False
+        self,
+        path: str,
+        *,
+        protected: Sequence[str] = (),
+        force: bool = False,
+        gate: SafetyGate | None = None,
     ) -> PoolDevice:
-        return self._format_area(path, len(self._areas), protected=protected, force=force)
+        return self._format_area(
+            path, len(self._areas), protected=protected, force=force, gate=gate
+        )
 
     def _format_area(
-        self, device: str, index: int, *, protected: Sequence[str], force: bool
+        self,
+        device: str,
+        index: int,
+        *,
+        protected: Sequence[str],
+        force: bool,
+        gate: SafetyGate | None,
     ) -> PoolDevice:
-        known = [d.path for d, _ in self._areas]
-        check = refuse_unless_free(
-            device,
-            protected=[*protected, *known],
-            min_size=MIN_DEVICE_SIZE,
-            force=force,
-            runner=self.runner,
+        known = {d.path: self.name for d, _ in self._areas}
+        base = gate if gate is not None else legacy_gate(protected, self.runner)
+        check = check_disk(
+            device, gate=base.adding(pool_disks=known), min_size=MIN_DEVICE_SIZE, force=force
         )
         if check.has_data:
             log.warning("overwriting %s (forced): %s", device, "; ".join(check.has_data))
             self.runner.run(["wipefs", "-a", "-q", device], timeout=60)
             self.runner.run(["partx", "-d", device], timeout=60, check=False)
-        argv = ["mkfs.xfs", "-q", "-m", "reflink=1"]
+        argv = ["mkfs.xfs", "-q", "-m", "reflink=1", "-L", dir_label(self.name)]
         self.runner.run([*argv, *(["-f"] if force else []), device], timeout=300)
         mnt = self._mount_area(device, index)
         (mnt / "volumes").mkdir(exist_ok=True)

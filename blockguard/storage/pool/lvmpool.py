@@ -89,6 +89,7 @@ from blockguard.storage.pool.base import (
     write_damage_record,
 )
 from blockguard.storage.pool.dirgen import CHECKSUMS, LOCK, writer_alive
+from blockguard.storage.pool.label import VG_TAG
 from blockguard.storage.pool.lvmgen import (
     LvCowStore,
     LvmGenerationReader,
@@ -97,8 +98,9 @@ from blockguard.storage.pool.lvmgen import (
     lock_generation_dir,
     lv_name_of,
 )
-from blockguard.storage.pool.registration import DiskCheck, devno, refuse_unless_free
+from blockguard.storage.pool.registration import DiskCheck, check_disk, devno, legacy_gate
 from blockguard.storage.runner import Runner, default_runner
+from blockguard.storage.safety import SafetyGate
 
 log = logging.getLogger(__name__)
 POOL_FILE = "pool.json"
@@ -199,6 +201,7 @@ class LvmPool(PoolBackend):
         thin_device: str | None = None,
         runner: Runner | None = None,
         alert: AlertCallback | None = None,
+        gate: SafetyGate | None = None,
     ) -> LvmPool:
         """Register ``devices`` as a new pool: PVs, VG, metadata LV and thin pool.
 
@@ -208,7 +211,9 @@ class LvmPool(PoolBackend):
         :param thin_fraction: share of the VG given to the thin pool at first (it grows
             from the VG's free space when a full needs it).
         :param thin_device: the PV the thin pool (the fulls) is allocated on.
-        :raises DeviceInUse: a disk is in use or holds data (without ``force``).
+        :param gate: the daemon's safety gate (else one knowing only ``protected``).
+        :raises DeviceInUse: a disk is in use or holds data (without ``force``); the
+            subclasses name a protected volume, pool disk or pool label in its family.
         :raises DeviceTooSmall: a disk is below :data:`MIN_DEVICE_SIZE`.
         :raises AlreadyExists: a VG of the pool's name exists.
         """
@@ -217,7 +222,7 @@ class LvmPool(PoolBackend):
             raise InvalidInput(detail="a pool needs at least one disk")
         run = runner or default_runner()
         pool = cls(name, devices, mount_root, run, alert)
-        checks = [pool._check_device(d, protected, force, list(devices)) for d in devices]
+        checks = [pool._check_device(d, protected, force, list(devices), gate) for d in devices]
         # Unfiltered on purpose: a VG of this name on any disk would clash.
         if run.run(["lvm", "vgs", pool.vg], timeout=60, check=False).returncode == 0:
             raise AlreadyExists(what="volume group", name=pool.vg)
@@ -226,7 +231,8 @@ class LvmPool(PoolBackend):
             for check in checks:
                 pool._wipe_if_forced(check.path, check.has_data)
             pool.lvm.lvm("pvcreate", "-qq", "-y", *devices)
-            pool.lvm.lvm("vgcreate", "-qq", "-y", "-s", f"{EXTENT}b", pool.vg, *devices)
+            pool.lvm.lvm("vgcreate", "-qq", "-y", "-s", f"{EXTENT}b", "--addtag", VG_TAG,
+                         pool.vg, *devices)  # fmt: skip
             total = sum(c.size for c in checks)
             meta_size = max(META_MIN, _round_up(total // 256, EXTENT))
             first = thin_device or devices[0]
@@ -323,9 +329,14 @@ class LvmPool(PoolBackend):
                              *self.lvm.devices], timeout=300, check=False)  # fmt: skip
 
     def add_device(
-        self, path: str, *, protected: Sequence[str] = (), force: bool = False
+        self,
+        path: str,
+        *,
+        protected: Sequence[str] = (),
+        force: bool = False,
+        gate: SafetyGate | None = None,
     ) -> PoolDevice:
-        check = self._check_device(path, protected, force, self.lvm.devices)
+        check = self._check_device(path, protected, force, self.lvm.devices, gate)
         self._wipe_if_forced(path, check.has_data)
         self.lvm.devices.append(path)
         try:
@@ -337,15 +348,19 @@ class LvmPool(PoolBackend):
         return next(d for d in self.devices() if d.path == path)
 
     def _check_device(
-        self, path: str, protected: Sequence[str], force: bool, known: Sequence[str]
+        self,
+        path: str,
+        protected: Sequence[str],
+        force: bool,
+        known: Sequence[str],
+        gate: SafetyGate | None,
     ) -> DiskCheck:
-        others = [d for d in known if d != path]
-        return refuse_unless_free(
-            path,
-            protected=[*protected, *others],
-            min_size=MIN_DEVICE_SIZE,
-            force=force,
-            runner=self.runner,
+        # The pool's other disks (or those given with this one) count as its pool disks:
+        # a disk given twice under two names, or with its own partition, is refused.
+        others = {d: self.name for d in known if d != path}
+        base = gate if gate is not None else legacy_gate(protected, self.runner)
+        return check_disk(
+            path, gate=base.adding(pool_disks=others), min_size=MIN_DEVICE_SIZE, force=force
         )
 
     def _wipe_if_forced(self, path: str, has_data: Sequence[str]) -> None:

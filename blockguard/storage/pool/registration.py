@@ -1,23 +1,23 @@
 """May this disk become pool space? The refusals every backend applies before writing.
 
-A disk is refused, with every reason named and nothing changed, when it is mounted, an
-active swap device, held by another device, a protected volume, too small, or has a
-mounted or held partition. Disks that merely *hold data* (a partition table, a file
-system or an LVM label that nothing uses) are refused too unless ``force`` is given.
+The decision is the safety gate's (:mod:`blockguard.storage.safety`): a disk is refused,
+with the reason named and nothing changed, when it or a device sharing its blocks is a
+protected volume, a pool disk or holds a blockguard pool label (never lifted by
+``force``), when it is mounted, swap or held, or when it is too small. Disks that merely
+*hold data* (a partition table, a file system or an LVM label that nothing uses) are
+refused too unless ``force`` is given.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from blockguard.errors import DeviceInUse, DeviceTooSmall, NotABlockDevice
-from blockguard.storage.blockdev import BlockDevice, device_rdev, in_use_reasons, partitions
+from blockguard.errors import DeviceTooSmall
+from blockguard.storage.blockdev import BlockDevice
 from blockguard.storage.runner import Runner
-
-#: Reasons from :func:`in_use_reasons` that mean "it holds data" rather than "it is used".
-_DATA_ONLY = ("it has partitions", "it is an LVM physical volume")
+from blockguard.storage.safety import SafetyGate
 
 
 @dataclass(frozen=True)
@@ -27,66 +27,63 @@ class DiskCheck:
     path: str
     rdev: int
     size: int
-    blocking: list[str]
     has_data: list[str]
 
 
-def check_disk(path: str, *, protected: Sequence[str], min_size: int, runner: Runner) -> DiskCheck:
-    """Collect every reason not to take ``path`` (reads only)."""
-    rdev = device_rdev(path)
-    blocking: list[str] = []
-    has_data: list[str] = []
-    for other in protected:
-        try:
-            if device_rdev(other) == rdev:
-                blocking.append(f"it is the protected volume {other}")
-        except NotABlockDevice:
-            continue
-    for reason in in_use_reasons(path):
-        (has_data if reason.startswith(_DATA_ONLY) else blocking).append(reason)
-    for part in partitions(rdev):
-        for reason in in_use_reasons(f"/dev/{part}"):
-            if not reason.startswith(_DATA_ONLY):
-                blocking.append(f"its partition {part}: {reason}")
-    signature = _signature(path, runner)
-    if signature and not any(r.startswith(_DATA_ONLY) for r in has_data):
-        has_data.append(f"it contains {signature}")
+def legacy_gate(protected: Sequence[str] | Mapping[str, str], runner: Runner) -> SafetyGate:
+    """A gate for callers that only know protected device paths (named by their path)."""
+    if isinstance(protected, Mapping):
+        return SafetyGate(protected, {}, runner)
+    return SafetyGate({path: path for path in protected}, {}, runner)
+
+
+def check_disk(
+    path: str, *, gate: SafetyGate, min_size: int, force: bool, purpose: str = "a pool disk"
+) -> DiskCheck:
+    """Raise unless ``path`` may be overwritten as pool space; reads only.
+
+    :raises ProtectedDevice: it shares blocks with a protected volume.
+    :raises PoolDiskRefused: it shares blocks with a pool disk.
+    :raises ForeignPool: it (or a device sharing its blocks) holds a blockguard pool.
+    :raises DeviceInUse: in use; or holds data (without ``force``).
+    :raises DeviceTooSmall: smaller than ``min_size``.
+    """
+    family, refusals = gate.assess(path, purpose=purpose)
+    for refusal in refusals:
+        if not refusal.foreign_data:
+            raise refusal.error
     with BlockDevice(path) as dev:
         size = dev.size
-    return DiskCheck(path, rdev, size, blocking, has_data)
+    if size < min_size:
+        raise DeviceTooSmall(path=path, size=size, needed=min_size)
+    data = [r for r in refusals if r.foreign_data]
+    if data and not force:
+        raise data[0].error
+    has_data = [str(r.error.fields.get("reason", r.error)) for r in data]
+    return DiskCheck(path, family.device.rdev, size, has_data)
 
 
 def refuse_unless_free(
-    path: str, *, protected: Sequence[str], min_size: int, force: bool, runner: Runner
+    path: str,
+    *,
+    protected: Sequence[str] | Mapping[str, str] = (),
+    min_size: int,
+    force: bool,
+    runner: Runner,
+    gate: SafetyGate | None = None,
+    purpose: str = "a pool disk",
 ) -> DiskCheck:
-    """Raise unless ``path`` may be overwritten as pool space.
+    """Raise unless ``path`` may be overwritten as pool space (see :func:`check_disk`).
 
-    :raises DeviceInUse: naming every reason (``force`` lifts only the "has data" ones).
-    :raises DeviceTooSmall: smaller than ``min_size``.
+    :param gate: the daemon's gate; without one, a gate of ``protected`` paths is used.
     """
-    check = check_disk(path, protected=protected, min_size=min_size, runner=runner)
-    if check.blocking:
-        raise DeviceInUse(path=path, reason="; ".join(check.blocking + check.has_data))
-    if check.size < min_size:
-        raise DeviceTooSmall(path=path, size=check.size, needed=min_size)
-    if check.has_data and not force:
-        raise DeviceInUse(
-            path=path, reason="; ".join(check.has_data) + " (force would overwrite it)"
-        )
-    return check
-
-
-def _signature(path: str, runner: Runner) -> str:
-    """What ``blkid`` finds on the disk itself (low-level probe; no udev needed)."""
-    result = runner.run(["blkid", "-p", "-o", "export", path], timeout=30, check=False)
-    if result.returncode != 0:
-        return ""
-    fields = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
-    if "TYPE" in fields:
-        return f"a {fields['TYPE']} signature"
-    if "PTTYPE" in fields:
-        return f"a {fields['PTTYPE']} partition table"
-    return ""
+    return check_disk(
+        path,
+        gate=gate if gate is not None else legacy_gate(protected, runner),
+        min_size=min_size,
+        force=force,
+        purpose=purpose,
+    )
 
 
 def devno(rdev: int) -> str:

@@ -7,12 +7,13 @@ from collections.abc import Iterable, Mapping
 
 from blockguard.errors import (
     AlreadyExists,
-    DeviceInUse,
     DeviceReadOnly,
     DeviceTooSmall,
     NotABlockDevice,
 )
-from blockguard.storage.blockdev import BlockDevice, device_rdev, sysfs_dir
+from blockguard.storage.blockdev import BlockDevice, device_rdev
+from blockguard.storage.runner import default_runner
+from blockguard.storage.safety import SafetyGate
 from blockguard.storage.tracking.changeset import (
     DEFAULT_CHUNK_SIZE,
     MIN_VOLUME_SIZE,
@@ -24,22 +25,30 @@ from blockguard.storage.tracking.changeset import (
 
 def check_protectable(
     path: str | os.PathLike[str],
-    pool_devices: Iterable[str | os.PathLike[str]],
+    pool_devices: Iterable[str | os.PathLike[str]] | Mapping[str, str],
     protected: Iterable[str | os.PathLike[str]] | Mapping[str, object],
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    *,
+    gate: SafetyGate | None = None,
 ) -> int:
     """Decide whether ``path`` may be protected; only reads, creates nothing.
 
-    Devices are compared by device number, and through partitions and stacking (a
-    partition of a pool disk, or a dm device built on one, is refused too).
+    The safety gate compares the device's whole family (its partitions, the disk it is a
+    partition of, what is stacked on it and what it is stacked on, loop backings) with
+    every protected volume and pool disk: two volumes may never track the same blocks,
+    and a pool's space is never a volume.
 
-    :param pool_devices: the pool's disks.
+    :param pool_devices: the pool disks (paths, or a mapping path -> pool name); ignored
+        when ``gate`` is given.
     :param protected: volumes already protected (paths, or a mapping keyed by path).
+    :param gate: the daemon's safety gate (knows every volume and pool disk by name).
     :returns: the volume's size in bytes.
     :raises InvalidChunkSize: bad ``chunk_size``.
     :raises NotABlockDevice: missing, or not a block device.
     :raises AlreadyExists: it (the same device) is already protected.
-    :raises DeviceInUse: it is, contains or sits on a pool disk.
+    :raises ProtectedDevice: a device of its family is a protected volume.
+    :raises PoolDiskRefused: a device of its family is a pool disk.
+    :raises ForeignPool: a device of its family holds a blockguard pool.
     :raises DeviceReadOnly: the kernel says it is read-only.
     :raises DeviceTooSmall: smaller than 1 MiB or than one chunk.
     """
@@ -50,11 +59,14 @@ def check_protectable(
     for other in protected:
         if _rdev_or_none(other) == rdev:
             raise AlreadyExists(what="protected volume", name=f"{path} ({os.fspath(other)})")
-    mine = _related_devices(rdev)
-    for disk in pool_devices:
-        disk_rdev = _rdev_or_none(disk)
-        if disk_rdev is not None and mine & _related_devices(disk_rdev):
-            raise DeviceInUse(path=path, reason=f"it is or shares a disk with pool disk {disk}")
+    if gate is None:
+        disks = (
+            dict(pool_devices)
+            if isinstance(pool_devices, Mapping)
+            else {os.fspath(d): os.fspath(d) for d in pool_devices}
+        )
+        gate = SafetyGate({os.fspath(p): os.fspath(p) for p in protected}, disks, default_runner())
+    gate.check_unclaimed(path, purpose="a protected volume")
     if read_only:
         raise DeviceReadOnly(path=path)
     needed = max(MIN_VOLUME_SIZE, chunk_size)
@@ -68,31 +80,3 @@ def _rdev_or_none(path: str | os.PathLike[str]) -> int | None:
         return device_rdev(path)
     except NotABlockDevice:
         return None
-
-
-def _related_devices(rdev: int) -> set[int]:
-    """The device, its whole disk or partitions, and everything it is stacked on."""
-    found: set[int] = set()
-    todo = [sysfs_dir(rdev)]
-    while todo:
-        d = todo.pop()
-        number = _sysfs_devno(d)
-        if number is None or number in found:
-            continue
-        found.add(number)
-        if (d / "partition").exists():
-            todo.append(d.parent)
-        todo.extend(p for p in d.iterdir() if (p / "partition").exists())
-        slaves = d / "slaves"
-        if slaves.is_dir():
-            todo.extend(p.resolve() for p in slaves.iterdir())
-    return found
-
-
-def _sysfs_devno(d: os.PathLike[str]) -> int | None:
-    try:
-        with open(os.path.join(d, "dev")) as f:
-            major, minor = f.read().strip().split(":")
-    except (OSError, ValueError):
-        return None
-    return os.makedev(int(major), int(minor))
