@@ -27,12 +27,13 @@ from blockguard.errors import (
     AlreadyExists,
     Busy,
     DataError,
-    DeviceInUse,
     InvalidChunkSize,
     InvalidInput,
     NotABlockDevice,
     NotAPool,
     NotFound,
+    PoolDiskRefused,
+    ProtectedDevice,
     VolumeDetached,
 )
 
@@ -141,22 +142,28 @@ class MemoryService:
 
     # pools ----------------------------------------------------------------------------
 
-    def _devices_in_use(self) -> dict[str, str]:
-        used = {d.path: f"pool {p.name}" for p in self._pools.values() for d in p.devices}
-        used.update({v.device: f"volume {v.name}" for v in self._volumes.values()})
-        return used
+    def _refuse_used(self, path: str, purpose: str) -> None:
+        """The real engine's gate, reduced to the toy's files: the same error names."""
+        for pool in self._pools.values():
+            if any(d.path == path for d in pool.devices):
+                raise PoolDiskRefused(
+                    path=path, purpose=purpose, relation="is", device=path, pool=pool.name
+                )
+        for vol in self._volumes.values():
+            if vol.device == path:
+                raise ProtectedDevice(
+                    path=path, purpose=purpose, relation="is", device=path, volume=vol.name
+                )
 
     def _new_pool_devices(self, devices: Sequence[str]) -> list[svc.PoolDeviceInfo]:
         if not devices:
             raise InvalidInput(detail="give at least one pool device")
         if len(set(devices)) != len(devices):
             raise InvalidInput(detail="a device is listed twice")
-        used = self._devices_in_use()
         new = []
         for path in devices:
             size = _device_size(path)
-            if path in used:
-                raise DeviceInUse(path=path, reason=f"it belongs to {used[path]}")
+            self._refuse_used(path, "a pool disk")
             new.append(svc.PoolDeviceInfo(path=path, size=size))
         return new
 
@@ -244,9 +251,7 @@ class MemoryService:
             if name in self._volumes:
                 raise AlreadyExists(what="volume", name=name)
             _device_size(device)
-            used = self._devices_in_use()
-            if device in used:
-                raise DeviceInUse(path=device, reason=f"it belongs to {used[device]}")
+            self._refuse_used(device, "a protected volume")
             if not self._pools:
                 raise InvalidInput(detail="there is no pool to back up into; create one first")
             if pool is not None and pool not in self._pools:
@@ -445,9 +450,8 @@ class MemoryService:
             raise InvalidInput(detail=f"restore mode {mode!r} is not copy or swap-in")
         target = target or info.device
         _device_size(target)
-        used = self._devices_in_use()
-        if target != info.device and target in used:
-            raise DeviceInUse(path=target, reason=f"it belongs to {used[target]}")
+        if target != info.device:
+            self._refuse_used(target, "a restore target")
         sleep = self._sleep_work(max(gen.bytes, 1))
 
         def work(progress: ProgressReporter) -> dict[str, Any]:

@@ -108,7 +108,7 @@ def test_named_errors_never_tracebacks(
         lambda: client.call("Protect", "sstssa{sv}", "/dev/null", "x", 0, "", "", {}),
     )
     _expect(
-        E + "DeviceInUse",
+        E + "PoolDisk",
         lambda: client.call("Protect", "sstssa{sv}", pool_disk, "x", 0, "", "", {}),
     )
     _expect(

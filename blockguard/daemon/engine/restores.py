@@ -203,6 +203,17 @@ def run_restore(
     pool = pools.backend(request.pool)
     gen_id = request.manifest.generation_id
     watch = JobProgress(progress)
+    if request.how != "swap-in":
+        # Asked again when the job starts: a device may have been protected, mounted or
+        # stacked on since the request was accepted.
+        pools.gate().check_writable(
+            request.target,
+            purpose="an in-place restore target"
+            if request.how == "in-place"
+            else "a restore target",
+            force=force or request.how == "in-place",
+            own_volume=request.volume if request.how == "in-place" else None,
+        )
     try:
         result = _do_restore(request, volumes, pool, gen_id, watch, force)
     except (ChecksumMismatch, CorruptMetadata) as exc:
