@@ -401,7 +401,9 @@ class SafetyGate:
             if member.rdev in swaps:
                 reasons.append(f"{who} is an active swap device")
         for member in family:
-            if member.direction == UP and member.relation != "has the partition":
+            if member.relation == "is under":
+                reasons.append(f"it is held by {member.name}")
+            elif member.direction == UP and member.relation != "has the partition":
                 reasons.append(f"it {member.relation} {member.label}")
         return reasons
 
@@ -411,14 +413,15 @@ class SafetyGate:
         parts = [m.name for m in family if m.relation == "has the partition"]
         if parts:
             found.append(f"it has partitions ({', '.join(parts)})")
-        if device.path:
+        if device.path and has_lvm_label(device.path):
+            found.append("it is an LVM physical volume")
+        if device.path and not found:
+            # What blkid sees matters only when nothing above already said it holds data.
             fields = probe_signature(device.path, self.runner)
             if "TYPE" in fields:
                 found.append(f"it contains a {fields['TYPE']} signature")
             elif "PTTYPE" in fields:
                 found.append(f"it contains a {fields['PTTYPE']} partition table")
-            if fields.get("TYPE") != "LVM2_member" and has_lvm_label(device.path):
-                found.append("it is an LVM physical volume")
         return found
 
 

@@ -24,6 +24,7 @@ from blockguard.errors import (
     DeviceInUse,
     DeviceTooSmall,
     PoolSpaceLow,
+    ProtectedDevice,
 )
 from blockguard.storage.backup import run_backup
 from blockguard.storage.blockdev import BlockDevice, aligned_buffer
@@ -464,7 +465,8 @@ def test_registration_refuses_each_in_use_case(loopdev, tmp_path: Path) -> None:
         sh("mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", fs)
         assert_refused([fs], root, "it contains a ext4 signature.*force would overwrite")
         # Protected, too small: not even with force.
-        assert_refused([good], root, "it is the protected volume", protected=[good], force=True)
+        assert_refused([good], root, f"it is {good}, the device of protected volume",
+                       ProtectedDevice, protected=[good], force=True)  # fmt: skip
         assert_refused([loopdev(64 * MiB, "small.img")], root, "too small", DeviceTooSmall,
                        force=True)  # fmt: skip
         # Forced, the "has data" cases are taken over.
