@@ -269,6 +269,11 @@ class SafetyGate:
         """The family of ``path`` and the protected volumes, pool disks and pool labels
         in it (never lifted by force)."""
         family = device_family(device_rdev(path))
+        if own_volume is not None:
+            # A volume's own device: what it is built on was judged when it was protected,
+            # and its tracker may since have stacked it on pool space (dm-era's metadata
+            # LV lives in the pool): only what is built on it can be someone else's.
+            family = Family([m for m in family if m.direction != DOWN])
         refusals: list[Refusal] = []
         by_rdev = {m.rdev: m for m in family}
         for volume, device in sorted(self.protected.items()):
@@ -344,7 +349,8 @@ class SafetyGate:
         """Raise unless ``path`` may be overwritten for ``purpose``.
 
         :param force: lifts only the "holds foreign data" refusal.
-        :param own_volume: the volume whose own device this is (an in-place restore).
+        :param own_volume: the volume whose own device this is (an in-place restore):
+            that volume's device is allowed, and what it is built on is not looked at.
         :returns: the family, for the caller's log.
         :raises NotABlockDevice: ``path`` is not a block device.
         :raises ProtectedDevice: a family member is a protected volume.
