@@ -114,7 +114,7 @@ def test_dm_lvm_and_partition_topologies_are_refused(stack: Stack, tmp_path: Pat
                 (f"{parted}p1", "part"),
             ]
             for dev, name in protected:
-                client.call("Protect", "ssts", dev, name, 0, "scan")
+                client.call("Protect", "sstssa{sv}", dev, name, 0, "scan", "", {})
             client.call("SetObjectives", "sa{sv}", "db", {"rto": variant("5m")})
             write_random(db, 0, 16 * MiB, seed=5)
             run_job(client, client.call("BackupNow", "s", "db"), timeout=600)
@@ -145,7 +145,9 @@ def test_dm_lvm_and_partition_topologies_are_refused(stack: Stack, tmp_path: Pat
                     (
                         f"protect: {what}",
                         error,
-                        lambda t=target: client.call("Protect", "ssts", t, "again", 0, "scan"),
+                        lambda t=target: client.call(
+                            "Protect", "sstssa{sv}", t, "again", 0, "scan", "", {}
+                        ),
                     )
                 )
 

@@ -190,8 +190,8 @@ def test_every_topology_is_refused_by_every_operation(
     with Client(daemon.address) as client:
         client.call("CreatePool", "ssasb", "p1", "dir", [pool_disk], False)
         for dev, name in [(db, "db"), (with_part + "p1", "part"), (whole, "whole")]:
-            client.call("Protect", "ssts", dev, name, 0, "")
-        client.call("Protect", "ssts", fs_vol, "fsvol", 0, "")
+            client.call("Protect", "sstssa{sv}", dev, name, 0, "", "", {})
+        client.call("Protect", "sstssa{sv}", fs_vol, "fsvol", 0, "", "", {})
         client.call("SetObjectives", "sa{sv}", "db", {"rto": variant("5m")})
         write_random(db, 0, 32 * MiB, seed=9)
         run_job(client, client.call("BackupNow", "s", "db"))
@@ -236,7 +236,9 @@ def test_every_topology_is_refused_by_every_operation(
                 (
                     f"protect: {what}",
                     again,
-                    lambda t=target: client.call("Protect", "ssts", t, "again", 0, ""),
+                    lambda t=target: client.call(
+                        "Protect", "sstssa{sv}", t, "again", 0, "", "", {}
+                    ),
                 )
             )
         for op, make in (("restore", restore), ("create", create), ("extend", extend)):
@@ -273,12 +275,12 @@ def test_refusal_messages_name_the_volume_pool_and_device(
     daemon = engine.start()
     with Client(daemon.address) as client:
         client.call("CreatePool", "ssasb", "p1", "dir", [pool_disk], False)
-        client.call("Protect", "ssts", disk + "p1", "part", 0, "")
+        client.call("Protect", "sstssa{sv}", disk + "p1", "part", 0, "", "", {})
         with pytest.raises(RemoteError) as info:
             client.call("CreatePool", "ssasb", "p2", "dir", [disk], True)
         assert f"has the partition {disk}p1, the device of protected volume part" in str(info.value)
         with pytest.raises(RemoteError) as info:
-            client.call("Protect", "ssts", devices.loop(pool_disk), "x", 0, "")
+            client.call("Protect", "sstssa{sv}", devices.loop(pool_disk), "x", 0, "", "", {})
         assert f"{pool_disk}, a disk of pool p1" in str(info.value)
         with pytest.raises(RemoteError) as info:
             client.call("CreatePool", "ssasb", "p2", "dir", [labelled], True)
@@ -296,7 +298,7 @@ def test_force_lifts_only_the_foreign_data_refusal(engine: EngineHarness, device
     daemon = engine.start()
     with Client(daemon.address) as client:
         client.call("CreatePool", "ssasb", "p1", "dir", [pool_disk], False)
-        client.call("Protect", "ssts", db, "db", 0, "")
+        client.call("Protect", "sstssa{sv}", db, "db", 0, "", "", {})
         client.call("SetObjectives", "sa{sv}", "db", {"rto": variant("5m")})
         write_random(db, 0, 32 * MiB, seed=11)
         run_job(client, client.call("BackupNow", "s", "db"))
