@@ -147,6 +147,17 @@ def frozen(*mount_points: Path) -> Iterator[None]:
             subprocess.run(["fsfreeze", "-u", str(point)], timeout=30)
 
 
+@contextlib.contextmanager
+def thawed(point: Path) -> Iterator[None]:
+    """Let the daemon write the (module-frozen) file system at ``point`` for a while: a
+    write to a frozen file system blocks until it is thawed."""
+    subprocess.run(["fsfreeze", "-u", str(point)], check=True, timeout=30)
+    try:
+        yield
+    finally:
+        subprocess.run(["fsfreeze", "-f", str(point)], check=True, timeout=30)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     if os.geteuid() != 0:
@@ -761,16 +772,23 @@ def test_restore_onto_another_protected_volume(world: World) -> None:
     if not hasattr(errors, "ProtectedDevice"):
         pytest.skip("the restore-target gate (part GATE) is not merged yet")
     sig = manager_signature(world.client, "Protect")
-    world.client.call("Protect", sig, world.free, "other", 0, "", "", {})
+    # Protect and unprotect write the volume's record on the pool: thawed for them only.
+    with thawed(world.pool_mnt):
+        world.client.call("Protect", sig, world.free, "other", 0, "", "", {})
     try:
         before = snapshot(world)
+        pool_before = sha256_of(world.pool_disk)
         with pytest.raises(RemoteError) as info:
             restore(FREE)(world)
         assert info.value.name in _full_names(IN_USE), info.value
         assert snapshot(world) == before
+        assert sha256_of(world.pool_disk) == pool_before
     finally:
-        unprotect("other")(world)
+        with thawed(world.pool_mnt):
+            unprotect("other")(world)
         world.baseline = snapshot(world)  # type: ignore[attr-defined]
+        # The record came and went: the pool disk's bytes moved on purpose.
+        world.pool_hash = sha256_of(world.pool_disk)  # type: ignore[attr-defined]
 
 
 # --- the CLI against the same daemon -------------------------------------------------------
