@@ -245,8 +245,22 @@ class CommandFailed(EnvironmentProblem):
         self.argv = list(argv)
         self.returncode = returncode
         self.stderr = stderr
-        tail = stderr.strip().splitlines()[-1] if stderr.strip() else "(no error output)"
+        tail = stderr_tail(stderr) or "(no error output)"
         super().__init__(program=argv[0], returncode=returncode, stderr_tail=tail)
+
+
+def stderr_tail(stderr: str, lines: int = 3) -> str:
+    """The last lines of a command's error output that say something, joined by " | ".
+
+    Usage hints ("Run `vgcreate --help' for more information.") are dropped: lvm prints one
+    after the line that names the real problem, which a last-line tail would lose.
+    """
+    kept = [
+        line.strip()
+        for line in stderr.splitlines()
+        if line.strip() and not (line.strip().startswith("Run `") and "--help" in line)
+    ]
+    return " | ".join(kept[-lines:])
 
 
 class DeviceIOError(EnvironmentProblem):

@@ -21,7 +21,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from blockguard.errors import CommandFailed, CommandNotFound, CommandTimeout, InvalidInput
+from blockguard.errors import (
+    CommandFailed,
+    CommandNotFound,
+    CommandTimeout,
+    InvalidInput,
+    stderr_tail,
+)
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +213,7 @@ class Runner:
     def _finish(
         self, record: CommandRecord, state: CommandState, rc: int | None, stderr: str
     ) -> None:
-        tail = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+        tail = stderr_tail(stderr)
         with self._lock:
             record.state = state
             record.returncode = rc

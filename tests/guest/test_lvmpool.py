@@ -31,7 +31,7 @@ from blockguard.storage.blockdev import BlockDevice, aligned_buffer
 from blockguard.storage.manifest import MANIFEST_NAME, GenerationKind, VolumeIdentity
 from blockguard.storage.pool.base import SpaceAlert
 from blockguard.storage.pool.lvmgen import lv_name_of
-from blockguard.storage.pool.lvmpool import LvmPool
+from blockguard.storage.pool.lvmpool import META_LV, LvmPool
 from blockguard.storage.restore import restore_in_place, restore_to_device, swap_in, verify
 from blockguard.storage.snapshot import (
     PREFIX,
@@ -97,13 +97,33 @@ def pool_disks(loopdev) -> Iterator[list[str]]:
         disks = [loopdev(768 * MiB, "pool0.img"), loopdev(768 * MiB, "pool1.img")]
     disks = disks[:2]
     for d in disks:
-        wipe(d)
+        release(d)
     try:
         yield disks
     finally:
         for d in disks:
-            sh("lvm", "pvremove", "-ff", "-y", d, check=False)
-            wipe(d)
+            release(d)
+
+
+def holders(dev: str) -> list[str]:
+    base = Path("/sys/class/block") / Path(os.path.realpath(dev)).name / "holders"
+    return sorted(p.name for p in base.iterdir()) if base.exists() else []
+
+
+def release(dev: str) -> None:
+    """Give a pool disk back blank: remove the VG on it (named by the disk's own PV label,
+    so only what a test made there), its PV label and the first MiB. A disk still held by a
+    device-mapper device afterwards fails here, naming the holder, not later in vgcreate."""
+    vg = sh("lvm", "pvs", "--noheadings", "-o", "vg_name", dev, check=False).strip()
+    if vg:
+        for mnt in sh("findmnt", "-rn", "-o", "TARGET", "-S", f"/dev/mapper/{vg}-{META_LV}",
+                      check=False).split():  # fmt: skip
+            sh("umount", "-l", mnt, check=False)
+        sh("lvm", "vgremove", "-ff", "-y", vg, check=False)
+    sh("lvm", "pvremove", "-ff", "-y", dev, check=False)
+    wipe(dev)
+    left = holders(dev)
+    assert not left, f"{dev} is still held by {left} (a device an earlier test left behind)"
 
 
 @pytest.fixture

@@ -37,9 +37,11 @@ def test_messages_name_the_bad_input() -> None:
     )
 
 
-def test_command_failed_uses_last_stderr_line() -> None:
-    err = CommandFailed(["dmsetup", "create", "x"], 1, "warning\ndevice-mapper: create failed\n")
-    assert str(err) == "dmsetup failed with exit code 1: device-mapper: create failed"
+def test_command_failed_uses_the_last_stderr_lines() -> None:
+    err = CommandFailed(["dmsetup", "create", "x"], 1, "a\nwarning\ndevice-mapper: create failed\n")
+    assert str(err) == (
+        "dmsetup failed with exit code 1: a | warning | device-mapper: create failed"
+    )
     assert err.exit_code == ExitCode.ENVIRONMENT
 
 
@@ -49,3 +51,17 @@ def test_missing_field_does_not_hide_the_error() -> None:
         dbus_name = "org.blockguard1.Error.OddForTest"
 
     assert "needs {thing}" in str(Odd())
+
+
+def test_command_failed_keeps_the_line_that_names_the_problem_not_the_usage_hint() -> None:
+    from blockguard.errors import CommandFailed
+
+    stderr = (
+        "  WARNING: something minor\n"
+        "  Device /dev/vda excluded: device is rejected by filter config.\n"
+        "  Run `vgcreate --help' for more information.\n"
+    )
+    err = CommandFailed(["/usr/sbin/lvm", "vgcreate", "vg", "/dev/vda"], 3, stderr)
+    assert "Device /dev/vda excluded" in str(err)
+    assert "--help" not in str(err)
+    assert "(no error output)" in str(CommandFailed(["x"], 1, "\n  \n"))

@@ -298,6 +298,8 @@ class VolumeTracking:
             content (the copy is what the backup reads); era and thin answer for the live
             volume, a superset of the changes up to the copy.
         """
+        if not refs:  # nothing is trusted: no reference to ask about, and no read to do
+            return {}
         tracker = self.tracker
         if source is not None and isinstance(tracker, ScanTracker) and source != tracker.volume:
             tracker = ScanTracker(source, tracker.state_dir, tracker.chunk_size)

@@ -216,6 +216,9 @@ class VolumeRegistry:
             except BlockguardError as exc:
                 log.error("volume %s: %s", vol.name, exc, extra={"VOLUME": vol.name})
                 self.cache[vol.name] = self.bare_info(vol.name, str(exc))
+            except Exception as exc:  # a bug seen on one volume must not stop the daemon
+                log.exception("volume %s: internal error", vol.name, extra={"VOLUME": vol.name})
+                self.cache[vol.name] = self.bare_info(vol.name, f"internal error: {exc!r}")
         return active
 
     def _open_detached(self, name: str) -> None:

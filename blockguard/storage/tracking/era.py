@@ -327,6 +327,8 @@ class EraTracker(ChangeTracker):
 
     def changed_many(self, names: Iterable[str]) -> dict[str, ChangeSet]:
         names = list(names)
+        if not names:
+            return {}
         for n in names:
             if n not in self._s.references:
                 raise NotFound(what="reference", name=n)

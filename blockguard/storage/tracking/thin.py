@@ -187,6 +187,8 @@ class ThinTracker(ChangeTracker):
 
     def changed_many(self, names: Iterable[str]) -> dict[str, ChangeSet]:
         names = list(names)
+        if not names:
+            return {}
         snaps = {n: self._snapshot_of(n) for n in names}
         for n in names:
             if n in self._s.unknown:
