@@ -213,7 +213,7 @@ def world(pool_disks: list[str], loopdev) -> Iterator[World]:
             + [n for n in names if n.startswith(f"{POOL_VG}-s")]
         )
         for vg in (VG, POOL_VG):
-            sh("lvm", "vgremove", "-ff", "-y", vg, check=False)
+            lp.forget_vg(vg)
         sh("lvm", "pvremove", "-ff", "-y", pv, check=False)
 
 

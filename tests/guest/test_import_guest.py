@@ -49,7 +49,7 @@ def engine(pool_disks: list[str], tmp_path: Path) -> Iterator[EngineHarness]:
         with engine_on_private_bus(tmp_path, results) as harness:
             yield harness
     finally:
-        sh("lvm", "vgremove", "-ff", "-y", POOL_VG, check=False)
+        lp.forget_vg(POOL_VG)
 
 
 def test_lvm_pool_import_after_the_catalog_is_lost(

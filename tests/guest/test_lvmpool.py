@@ -8,6 +8,7 @@ their own on a loop device.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -110,6 +111,24 @@ def holders(dev: str) -> list[str]:
     return sorted(p.name for p in base.iterdir()) if base.exists() else []
 
 
+def forget_vg(vg: str) -> None:
+    """Remove a VG a test made, and the /dev/VG directory lvm leaves behind without udev.
+
+    LVs whose dm devices were taken apart with dmsetup keep their /dev/VG/LV symlinks (lvm
+    makes them itself when no udev runs, and only removes those it deactivates); a later
+    ``vgcreate`` of the same name then fails with "/dev/VG: already exists in filesystem".
+    Only dangling symlinks are removed, and the directory only once it is empty.
+    """
+    sh("lvm", "vgremove", "-ff", "-y", vg, check=False)
+    top = Path("/dev") / vg
+    if top.is_dir() and not top.is_symlink():
+        for link in top.iterdir():
+            if link.is_symlink() and not link.exists():
+                link.unlink()
+        with contextlib.suppress(OSError):
+            top.rmdir()
+
+
 def release(dev: str) -> None:
     """Give a pool disk back blank: remove the VG on it (named by the disk's own PV label,
     so only what a test made there), its PV label and the first MiB. A disk still held by a
@@ -119,7 +138,7 @@ def release(dev: str) -> None:
         for mnt in sh("findmnt", "-rn", "-o", "TARGET", "-S", f"/dev/mapper/{vg}-{META_LV}",
                       check=False).split():  # fmt: skip
             sh("umount", "-l", mnt, check=False)
-        sh("lvm", "vgremove", "-ff", "-y", vg, check=False)
+        forget_vg(vg)
     sh("lvm", "pvremove", "-ff", "-y", dev, check=False)
     wipe(dev)
     left = holders(dev)
