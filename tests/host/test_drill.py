@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from blockguard.errors import ProtectedDevice
-from blockguard.storage.drill import DRILL_VOLUME, DEFAULT_SHAPES, run_drill
+from blockguard.storage.drill import DEFAULT_SHAPES, DRILL_VOLUME, run_drill
 from blockguard.storage.pool.dirpool import DirPool
 from blockguard.storage.runner import default_runner
 from blockguard.storage.safety import SafetyGate
