@@ -390,17 +390,19 @@ def estimate_chain(
     fitted = terms_for(terms, chain.full_device_id, mode)
     if fitted is not None:
         probe = estimate_chain(chain, speeds, mode, copy_target)
+        shape = chain.shape()
         per_byte = fitted.per_byte
         if mode is RestoreMode.COPY and copy_target is not None:
             # The drill writes to the pool; a copy's own target may be slower.
             per_byte = max(per_byte, 1.0 / copy_target.write(False))
+        terms = fitted.breakdown(shape, per_byte)
+        # The spread was measured on the restore path, not on a slower copy target: only
+        # the fitted path's own time is widened by it.
+        path = fitted.seconds(shape)
+        upper = terms.total + (fitted.upper_factor - 1.0) * path
+        factor = upper / terms.total if terms.total > 0 else fitted.upper_factor
         return RestoreEstimate(
-            mode,
-            probe.parts,
-            1.0,
-            fitted.breakdown(chain.shape(), per_byte),
-            fitted.upper_factor,
-            chain.full_device_id,
+            mode, probe.parts, 1.0, terms, max(1.0, factor), chain.full_device_id
         )
     target = restore_target(chain, speeds, mode, copy_target)
     full = RestorePiece(

@@ -9,6 +9,7 @@ import sqlite3
 from blockguard.cli.client import VOLUME, Client, plain, variant
 
 from .conftest import EngineHarness, MiB, run_job, write_random
+from .test_cli import ctl
 
 VOLUME_SIZE = 16 * MiB
 POOL_SIZE = 400 * MiB
@@ -42,6 +43,9 @@ def test_drill_calibrates_the_plan(engine: EngineHarness, loopdev: object) -> No
         assert plan["restore_mode"] == "copy"
         assert plan["estimated_upper_seconds"] == plan["estimated_seconds"]
         assert set(plan["restore_breakdown"]) == TERMS
+        shown = ctl(daemon, "plan", "db")
+        assert shown.returncode == 0, shown.stderr
+        assert "uncalibrated: no drill or restore" in shown.stdout
 
         job = run_job(client, client.call("Drill", "s", "p1"))
         assert job["State"] == "done", job["Error"]
@@ -63,6 +67,11 @@ def test_drill_calibrates_the_plan(engine: EngineHarness, loopdev: object) -> No
         est = props["RestoreEstimate"]
         assert est["calibrated"] is True and est["mode"] == "copy"
         assert est["upper_seconds"] >= est["seconds"]
+        shown = ctl(daemon, "plan", "db")
+        assert "calibrated from 7 restore samples" in shown.stdout, shown.stdout
+        assert "by term: fixed" in shown.stdout and "upper" in shown.stdout
+        shown = ctl(daemon, "volume", "show", "db")
+        assert "restore calibration" in shown.stdout and "calibrated from" in shown.stdout
 
         # A real restore is a sample of its own, with the promise it was made.
         backup = run_job(client, client.call("BackupNow", "s", "db"))
@@ -74,4 +83,10 @@ def test_drill_calibrates_the_plan(engine: EngineHarness, loopdev: object) -> No
         assert ("db", "copy", "restore") in _samples(engine)
 
         # The drill left nothing of its own on the pool.
+        assert not list((engine.tmp_path).rglob("@drill*"))
+
+        # blockguardctl pool drill waits for the job and shows each restore and the terms.
+        shown = ctl(daemon, "pool", "drill", "p1")
+        assert shown.returncode == 0, shown.stderr
+        assert "full+diff+2" in shown.stdout and "per generation" in shown.stdout
         assert not list((engine.tmp_path).rglob("@drill*"))

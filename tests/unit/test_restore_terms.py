@@ -133,11 +133,13 @@ def test_estimate_uses_the_terms_of_the_fulls_device_and_mode() -> None:
 
 
 def test_a_slow_copy_target_bounds_the_bandwidth() -> None:
-    terms = {("pool", "copy"): PathTerms(0.0, 0.0, 0.0, 1 / (500 * MB), 8)}
+    terms = {("pool", "copy"): PathTerms(0.5, 0.0, 0.0, 1 / (500 * MB), 8, 2.0)}
     est = estimate_chain(
         Chain(100 * MB, "pool"), SPEEDS, RestoreMode.COPY, DeviceSpeed.uniform(50 * MB), 1.0, terms
     )
-    assert est.seconds == pytest.approx(2.0)
+    assert est.seconds == pytest.approx(2.5)  # 0.5 + 100 MB at the target's 50 MB/s
+    # The spread widens the measured path (0.5 + 0.2 s) only, not the target's writes.
+    assert est.upper_seconds == pytest.approx(2.5 + 0.7)
 
 
 def test_planner_holds_the_rto_against_the_upper_estimate() -> None:
