@@ -10,6 +10,7 @@ samples is "uncalibrated" and planned with the probe-only model.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +70,12 @@ def samples_of(records: Iterable[PathSampleRecord]) -> list[PathSample]:
     ]
 
 
+@functools.lru_cache(maxsize=64)
+def _fit(samples: tuple[PathSample, ...]) -> PathTerms | None:
+    # Plans are recomputed on every volume change; the samples change far less often.
+    return fit_terms(samples)
+
+
 def calibration(catalog: Catalog, devices: Sequence[str]) -> Calibration:
     """Fit the terms of each of ``devices`` in each mode from its recent samples."""
     terms: dict[tuple[str, str], PathTerms] = {}
@@ -77,7 +84,7 @@ def calibration(catalog: Catalog, devices: Sequence[str]) -> Calibration:
         for mode in MODES:
             records = catalog.path_samples(device, mode, FIT_WINDOW)
             counts[device, mode] = len(records)
-            fitted = fit_terms(samples_of(records))
+            fitted = _fit(tuple(samples_of(records)))
             if fitted is not None:
                 terms[device, mode] = fitted
     return Calibration(terms, counts)
