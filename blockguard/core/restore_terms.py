@@ -36,6 +36,8 @@ UPPER_QUANTILE = 0.9
 HUBER_K = 1.345
 #: Re-weighting rounds of the robust fit.
 IRLS_ROUNDS = 12
+#: Re-weighting rounds of each leave-one-out fit (for the upper factor only).
+LOO_ROUNDS = 4
 #: A relative error below this is noise, not a reason to down-weight (the scale's floor).
 MIN_SCALE = 0.02
 
@@ -247,6 +249,7 @@ def fit_terms(
     *,
     min_samples: int = MIN_SAMPLES,
     rounds: int = IRLS_ROUNDS,
+    loo: bool = True,
 ) -> PathTerms | None:
     """Fit the four terms to measured samples of one pool device and mode.
 
@@ -255,7 +258,12 @@ def fit_terms(
     deviation). Columns are scaled to their largest value first, so that a byte count and
     a constant meet on equal terms.
 
+    The upper factor is the :data:`UPPER_QUANTILE` of measured / predicted where each
+    sample is predicted by a fit of the others (leave-one-out), so that it says how far
+    off the model is for a restore it has not seen.
+
     :param samples: recent samples, any order.
+    :param loo: compute the upper factor leave-one-out (else from the fit's own residuals).
     :returns: the terms, or None with fewer than ``min_samples`` usable samples.
     """
     usable = _usable(samples)
@@ -278,7 +286,17 @@ def fit_terms(
         robust = [1.0 if abs(r) <= HUBER_K * s else HUBER_K * s / abs(r) for r in residuals]
     coef = [x[i] / scale[i] for i in range(4)]
     terms = PathTerms(coef[0], coef[1], coef[2], coef[3], samples=len(usable))
-    ratios = [
-        s.measured_seconds / p for s in usable if (p := terms.seconds(s.shape)) > 0
-    ]  # fmt: skip
+    if not loo or len(usable) <= max(1, min_samples):
+        ratios = [s.measured_seconds / p for s in usable if (p := terms.seconds(s.shape)) > 0]
+    else:
+        # Leave-one-out: each sample measured against a fit that did not see it. In-sample
+        # residuals of four terms fitted to a handful of drill restores are too kind.
+        ratios = []
+        for i, sample in enumerate(usable):
+            others = fit_terms(
+                usable[:i] + usable[i + 1 :], min_samples=min_samples, rounds=LOO_ROUNDS, loo=False
+            )
+            model = terms if others is None else others
+            if (p := model.seconds(sample.shape)) > 0:
+                ratios.append(sample.measured_seconds / p)
     return PathTerms(*coef, samples=len(usable), upper_factor=upper_factor(ratios))
