@@ -324,6 +324,8 @@ class Engine:
             busy = self.jobs.busy_volumes() & set(users)
             if busy:
                 raise Busy(what=f"pool {name}", reason=f"volumes {', '.join(busy)} have jobs")
+            if f"{DRILL_VOLUME}:{name}" in self.jobs.busy_volumes():
+                raise Busy(what=f"pool {name}", reason="a restore drill of it is running")
             for volume in users:
                 self.volumes.unprotect(volume, delete_generations=True)
             with contextlib.suppress(EnvironmentProblem):
