@@ -62,8 +62,12 @@ DEFAULT_DRILL_BYTES = 64 * 1024 * 1024
 DRILL_CHUNK_SIZE = 64 * 1024
 #: Share of the chunks an incremental changes (scattered, one chunk each).
 INCREMENTAL_SHARE = 0.01
-#: Share of the chunks the differential holds.
-DIFFERENTIAL_SHARE = 0.03
+#: Share of the chunks the differential holds: larger than an incremental's, so that the
+#: drill also sees restores dominated by scattered extents (the fit needs their cost).
+DIFFERENTIAL_SHARE = 0.10
+#: Each shape is restored this many times in each mode: single restores of a few tens of
+#: MiB are noisy on a busy host.
+DEFAULT_REPEATS = 2
 MODES = ("copy", "swap-in")
 #: Bytes written per call of the generation writer for a full.
 _FULL_STEP = 1024 * 1024
@@ -249,6 +253,7 @@ def run_drill(
     gate: SafetyGate | None = None,
     progress: Progress | None = None,
     seed: int | None = None,
+    repeats: int = DEFAULT_REPEATS,
 ) -> DrillResult:
     """Write the drill's chains on ``pool``, restore each shape in each mode, time it,
     and remove everything written.
@@ -257,6 +262,7 @@ def run_drill(
     :param gate: the daemon's safety gate: every scratch device is judged by it before it
         is written (:meth:`SafetyGate.check_scratch`).
     :param seed: for the scattered chunk positions (random when None).
+    :param repeats: restores of each shape in each mode.
     :raises InvalidInput: a size too small for a chunk, or an unknown mode.
     """
     check_chunk_size(chunk_size)
@@ -274,7 +280,9 @@ def run_drill(
     # An interrupted drill (a crash) left its own generations: remove them first.
     _remove(pool, pool.generations(DRILL_VOLUME))
     sizes = sorted({s.size_share for s in shapes})
-    todo = len(shapes) * len(modes)
+    if repeats < 1:
+        raise InvalidInput(detail=f"drill repeats {repeats!r} must be at least 1")
+    todo = len(shapes) * len(modes) * repeats
     progress.start(todo)
     samples: list[DrillSample] = []
     written: list[Manifest] = []
@@ -295,7 +303,7 @@ def run_drill(
                     gate.check_scratch(
                         scratch.device, pool=pool.name, purpose="a restore drill's scratch target"
                     )
-                for shape in group:
+                for shape in [s for s in group for _ in range(repeats)]:
                     for mode in modes:
                         serial += 1
                         result = _timed_restore(pool, targets[shape.name], mode, scratch, serial)

@@ -58,17 +58,17 @@ def test_drill_calibrates_the_plan(engine: EngineHarness, loopdev: object) -> No
 
         plan = plain(client.call("Plan", "s", "db"))
         assert plan["calibrated"] is True, plan["calibration"]
-        assert plan["calibration"].startswith("calibrated from 7 restore samples")
+        assert plan["calibration"].startswith("calibrated from 14 restore samples")
         assert plan["estimated_upper_seconds"] >= plan["estimated_seconds"] > 0
         assert set(plan["restore_breakdown"]) == TERMS
         assert sum(plan["restore_breakdown"].values()) == plan["estimated_seconds"]
-        assert plan["restore_terms"]["samples"] == 7
+        assert plan["restore_terms"]["samples"] == 14  # 7 shapes, each restored twice
         props = plain(client.properties(path, VOLUME))
         est = props["RestoreEstimate"]
         assert est["calibrated"] is True and est["mode"] == "copy"
         assert est["upper_seconds"] >= est["seconds"]
         shown = ctl(daemon, "plan", "db")
-        assert "calibrated from 7 restore samples" in shown.stdout, shown.stdout
+        assert "calibrated from 14 restore samples" in shown.stdout, shown.stdout
         assert "by term: fixed" in shown.stdout and "upper" in shown.stdout
         shown = ctl(daemon, "volume", "show", "db")
         assert "restore calibration" in shown.stdout and "calibrated from" in shown.stdout
