@@ -202,6 +202,53 @@ def pool_list(client: Client, args: argparse.Namespace, out: Output) -> None:
     )
 
 
+def pool_drill(client: Client, args: argparse.Namespace, out: Output) -> None:
+    """Run a restore drill and show what each restore took and the terms fitted."""
+    from blockguard.cli.client import plain
+
+    path = client.call("Drill", "s", args.name)
+    if args.no_wait or out.as_json:
+        finish_job(client, path, args, out)
+        return
+    job = plain(client.wait_job(path))
+    if job["State"] == "failed":
+        name, message = job["Error"]
+        raise RemoteError(name, message)
+    result = job.get("Result", {})
+    out.table(
+        f"Restore drill of pool {args.name}",
+        ["shape", "mode", "generations", "extents", "size", "took", "predicted before"],
+        (
+            [
+                s["shape"],
+                s["mode"],
+                s["generations"],
+                s["extents"],
+                human_size(s["bytes"]),
+                human_seconds(s["seconds"]),
+                "-" if s["predicted_seconds"] < 0 else human_seconds(s["predicted_seconds"]),
+            ]
+            for s in result.get("samples", [])
+        ),
+    )
+    for key, t in sorted(result.get("terms", {}).items()):
+        out.line(f"{key}: {_terms_text(t)}")
+
+
+def _terms_text(t: dict[str, Any]) -> str:
+    bandwidth = t.get("bandwidth", 0.0)
+    rate = "unlimited" if not bandwidth else f"{human_size(int(bandwidth))}/s"
+    return (
+        f"fixed {t['fixed_seconds']:.3f}s + {t['seconds_per_generation']:.4f}s per generation "
+        f"+ {1000 * t['seconds_per_extent']:.3f}ms per extent, bandwidth {rate} "
+        f"({int(t['samples'])} samples, upper x{t['upper_factor']:.2f})"
+    )
+
+
+def _breakdown_text(breakdown: dict[str, float]) -> str:
+    return " + ".join(f"{k} {human_seconds(v)}" for k, v in breakdown.items())
+
+
 def _report_path(out: Output, verb: str, name: str, path: str | None) -> None:
     if out.as_json:
         out.json({"name": name, "path": path})
@@ -306,12 +353,27 @@ def volume_show(client: Client, args: argparse.Namespace, out: Output) -> None:
             ("changed since backup", human_size(v["ChangedBytesSinceBackup"])),
             ("changed since full", human_size(v["ChangedBytesSinceFull"])),
             ("restore estimates", estimates or "-"),
+            *_estimate_fields(v.get("RestoreEstimate", {})),
             ("next method", f"{v['NextMethod']}: {'; '.join(v['NextMethodReasons'])}"),
             ("next backup", human_time(v["NextBackup"])),
             ("generations", len(v["Generations"])),
             ("object", path),
         ]
     )
+
+
+def _estimate_fields(est: dict[str, Any]) -> list[tuple[str, Any]]:
+    if not est:
+        return []
+    return [
+        (
+            "restore estimate",
+            f"{human_seconds(est['seconds'])}, upper {human_seconds(est['upper_seconds'])} "
+            f"({est['mode']})",
+        ),
+        ("restore calibration", est["calibration"]),
+        ("restore breakdown", _breakdown_text(est["breakdown"])),
+    ]
 
 
 def generations(client: Client, args: argparse.Namespace, out: Output) -> None:
@@ -347,12 +409,25 @@ def plan(client: Client, args: argparse.Namespace, out: Output) -> None:
     out.line(f"The next backup of {args.volume} would be [bold]{decision['method']}[/]{feasible}.")
     for reason in decision.get("reasons", []):
         out.line(f"  because {reason}")
+    if "estimated_upper_seconds" in decision:
+        out.line(
+            f"Restore estimate {human_seconds(decision['estimated_seconds'])}, upper "
+            f"{human_seconds(decision['estimated_upper_seconds'])} "
+            f"({decision['restore_mode']}; {decision['calibration']})"
+        )
+        out.line(f"  by term: {_breakdown_text(decision['restore_breakdown'])}")
+        if "restore_terms" in decision:
+            out.line(f"  terms: {_terms_text(decision['restore_terms'])}")
     estimates = decision.get("estimated_restore_seconds", {})
+    uppers = decision.get("upper_restore_seconds", {})
     if estimates:
         out.table(
             "Estimated restore time",
-            ["method", "seconds"],
-            ([k, human_seconds(s)] for k, s in sorted(estimates.items())),
+            ["method", "estimate", "upper"],
+            (
+                [k, human_seconds(s), human_seconds(uppers[k]) if k in uppers else "-"]
+                for k, s in sorted(estimates.items())
+            ),
         )
 
 

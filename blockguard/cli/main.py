@@ -150,6 +150,12 @@ TREE = Cmd(
                     (Arg("devices", nargs="+", metavar="DEVICE"),),
                 ),
                 Cmd("list", "list pools", actions.pool_list),
+                Cmd(
+                    "drill",
+                    "calibrate the restore-time model with a restore drill on the pool",
+                    actions.pool_drill,
+                    (Arg("name"), NO_WAIT),
+                ),
             ),
         ),
         Cmd(

@@ -20,6 +20,7 @@ from blockguard.core.restore_model import (
     Chain,
     ChangeSets,
     RestoreEstimate,
+    TermBook,
     estimate_chain,
 )
 from blockguard.core.units import format_duration, format_rate, format_size
@@ -81,7 +82,10 @@ def _what(method: BackupMethod, chain: Chain | None, nbytes: int) -> str:
 
 def _est(placement: Placement) -> str:
     e = placement.estimate
-    return f"restores {format_size(e.nbytes)}, est {format_duration(e.seconds)}"
+    upper = ""
+    if e.upper_seconds != e.seconds:
+        upper = f" (upper {format_duration(e.upper_seconds)})"
+    return f"restores {format_size(e.nbytes)}, est {format_duration(e.seconds)}{upper}"
 
 
 def plan_backup(
@@ -94,6 +98,7 @@ def plan_backup(
     copy_target: DeviceSpeed | None = None,
     correction: float = 1.0,
     full_required: str | None = None,
+    terms: TermBook | None = None,
 ) -> PlanDecision:
     """Decide the method and placement of the backup to take now.
 
@@ -108,6 +113,8 @@ def plan_backup(
         own entry stands in for its replacement); unused in swap-in mode.
     :param correction: factor learnt from real restores.
     :param full_required: a reason the caller needs a full (e.g. a damaged chain), or ``None``.
+    :param terms: fitted restore-path terms by (pool device, mode); the RTO is held against
+        the upper estimate (the point estimate times the spread of its recent errors).
     :raises InvalidInput: if there is no candidate device, or copy mode lacks ``copy_target``.
     :raises NotFound: if a device of the chain has no speed.
     """
@@ -141,14 +148,16 @@ def plan_backup(
         nbytes = changes.nbytes(method)
         result = []
         for device in order:
-            after = base.with_backup(method, nbytes, device, changes.scattered)
-            estimate = estimate_chain(after, speeds, mode, copy_target, correction)
+            after = base.with_backup(
+                method, nbytes, device, changes.scattered, changes.extents(method)
+            )
+            estimate = estimate_chain(after, speeds, mode, copy_target, correction, terms)
             result.append(Placement(method, device, nbytes, estimate))
         # Preferred device first, then fastest restore first; stable for equal estimates.
-        return [result[0], *sorted(result[1:], key=lambda p: p.estimate.seconds)]
+        return [result[0], *sorted(result[1:], key=lambda p: p.estimate.upper_seconds)]
 
     placements = {method: place(method) for method in methods}
-    best = {m: min(ps, key=lambda p: p.estimate.seconds) for m, ps in placements.items()}
+    best = {m: min(ps, key=lambda p: p.estimate.upper_seconds) for m, ps in placements.items()}
     considered = tuple(best[m] for m in methods)
 
     rto = objectives.rto
@@ -174,7 +183,7 @@ def plan_backup(
     for method in methods:
         first = placements[method][0]
         what = _what(method, chain, first.nbytes)
-        if first.estimate.seconds <= limit:
+        if first.estimate.upper_seconds <= limit:
             reasons.append(f"{what} on {first.device_id}, {_est(first)} <= RTO {rto_text}")
             return PlanDecision(
                 method,
@@ -186,7 +195,7 @@ def plan_backup(
                 None,
                 considered,
             )
-        fitting = [p for p in placements[method][1:] if p.estimate.seconds <= limit]
+        fitting = [p for p in placements[method][1:] if p.estimate.upper_seconds <= limit]
         if fitting:
             # Fastest that fits: it leaves the most room for the deltas that will follow.
             chosen = fitting[0]
@@ -207,14 +216,14 @@ def plan_backup(
         fastest = best[method]
         on_fastest = (
             f" (fastest device {fastest.device_id}: "
-            f"est {format_duration(fastest.estimate.seconds)})"
+            f"est {format_duration(fastest.estimate.upper_seconds)})"
             if fastest.device_id != first.device_id
             else ""
         )
         reasons.append(f"{what} on {first.device_id}, {_est(first)} > RTO {rto_text}{on_fastest}")
 
     # Nothing meets the RTO: still protect the data, with the quickest restore available.
-    choice = min(considered, key=lambda p: (p.estimate.seconds, p.method.cost_rank))
+    choice = min(considered, key=lambda p: (p.estimate.upper_seconds, p.method.cost_rank))
     needed = choice.estimate.nbytes * choice.estimate.correction / limit
     best_seq = max(speeds[d].seq_read for d in order)
     best_rand = max(speeds[d].rand_read for d in order)

@@ -5,9 +5,16 @@ the restore target), with the random-at-chunk-size figures for scattered chunks 
 sequential ones for contiguous data (the seed, step 704). The full base costs nothing in
 swap-in mode (it is switched in as a reflink/thin snapshot; only the deltas are written onto
 it, so the target is the device holding the full) and is copied sequentially in copy mode.
-The sum is multiplied by a correction learnt from real restores (median of measured /
-predicted of the last few, clamped), so that the model answers, at any moment, "if this
-volume failed now, the restore would take X".
+That probe-only sum is multiplied by a correction learnt from real restores (median of
+measured / predicted of the last few, clamped).
+
+Once the pool device holding the full has been measured on its real restore path (a drill
+or enough real restores, see :mod:`blockguard.core.restore_terms`), its fitted terms
+replace the probe-only model: fixed cost + per generation read + per scattered extent +
+bytes / min(path bandwidth, target write). Either way the estimate carries its breakdown by
+term and an upper estimate (point x the spread of recent measured / predicted), which is
+what the planner holds against the RTO, so that the model answers, at any moment, "if this
+volume failed now, the restore would take X, at most Y".
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from datetime import timedelta
 
 from blockguard.core.objectives import RestoreMode
 from blockguard.core.perftable import DeviceSpeed
+from blockguard.core.restore_terms import PathTerms, RestoreShape, TermBreakdown
 from blockguard.core.units import format_duration, format_rate, format_size
 from blockguard.errors import InvalidInput, NotFound
 
@@ -34,6 +42,12 @@ CORRECTION_WINDOW = 5
 #: kernel: copy 4.3-4.9x, swap-in 4.3-5.5x); learning that they are faster could break the RTO.
 CORRECTION_MIN = 0.5
 CORRECTION_MAX = 10.0
+#: Size of one scattered extent of a delta whose extents are not known (one 64 KiB chunk:
+#: the worst case of the default chunk size).
+DEFAULT_EXTENT_BYTES = 64 * 1024
+
+#: Fitted restore-path terms by (pool device, restore mode value).
+TermBook = Mapping[tuple[str, str], PathTerms]
 
 
 class BackupMethod(enum.StrEnum):
@@ -63,12 +77,15 @@ class StoredDelta:
     :param nbytes: bytes of changed chunks it holds.
     :param device_id: pool device it is stored on.
     :param scattered: whether its chunks land scattered on the target (random I/O).
+    :param extents: runs of adjacent chunks it holds; None: not known (every
+        :data:`DEFAULT_EXTENT_BYTES` its own extent when scattered, one when not).
     """
 
     method: BackupMethod
     nbytes: int
     device_id: str
     scattered: bool = True
+    extents: int | None = None
 
     def __post_init__(self) -> None:
         method = BackupMethod(self.method)
@@ -76,6 +93,17 @@ class StoredDelta:
             raise InvalidInput(detail="a stored delta cannot be a full backup")
         object.__setattr__(self, "method", method)
         _check_bytes("delta size", self.nbytes)
+        if self.extents is not None:
+            _check_bytes("delta extents", self.extents)
+
+    @property
+    def extent_count(self) -> int:
+        """Its extents, or the guess when they are not known."""
+        if self.extents is not None:
+            return self.extents
+        if not self.scattered:
+            return 1 if self.nbytes else 0
+        return -(-self.nbytes // DEFAULT_EXTENT_BYTES)
 
 
 @dataclass(frozen=True)
@@ -112,7 +140,12 @@ class Chain:
         return sum(1 for d in self.restore_deltas() if d.method is BackupMethod.INCREMENTAL)
 
     def with_backup(
-        self, method: BackupMethod, nbytes: int, device_id: str, scattered: bool = True
+        self,
+        method: BackupMethod,
+        nbytes: int,
+        device_id: str,
+        scattered: bool = True,
+        extents: int | None = None,
     ) -> Chain:
         """The chain after taking one more backup (a full starts a new chain).
 
@@ -120,13 +153,30 @@ class Chain:
         :param nbytes: its size (the volume size for a full).
         :param device_id: the pool device it is placed on.
         :param scattered: whether a delta's chunks are scattered.
+        :param extents: a delta's runs of adjacent chunks, when known.
         """
         if BackupMethod(method) is BackupMethod.FULL:
             return Chain(nbytes, device_id)
         return Chain(
             self.full_bytes,
             self.full_device_id,
-            (*self.deltas, StoredDelta(method, nbytes, device_id, scattered)),
+            (*self.deltas, StoredDelta(method, nbytes, device_id, scattered, extents)),
+        )
+
+    def shape(self) -> RestoreShape:
+        """The shape of a restore of the newest generation (see :class:`RestoreShape`).
+
+        Every chunk is moved once (copy: read and written; swap-in: the deltas written and
+        the rest of the clone read back to verify it), so the bytes are the full's size.
+        Overlaps between deltas are not known here: their extents are summed (an upper
+        bound).
+        """
+        deltas = self.restore_deltas()
+        return RestoreShape(
+            generations=1 + len(deltas),
+            chunks=-(-sum(d.nbytes for d in deltas) // DEFAULT_EXTENT_BYTES),
+            extents=sum(d.extent_count for d in deltas),
+            nbytes=self.full_bytes,
         )
 
 
@@ -169,16 +219,42 @@ class RestoreEstimate:
     :param mode: the restore mode estimated.
     :param parts: the pieces copied, with rates and times (before correction).
     :param correction: factor applied to the predicted sum (from real restores).
+    :param terms: the fitted terms' breakdown, when the pool device and mode are
+        calibrated (the pieces are then only the probe-only model's view, for display).
+    :param upper_factor: the upper estimate is the estimate times this (>= 1).
+    :param device_id: the pool device whose terms were used (the full's).
     """
 
     mode: RestoreMode
     parts: tuple[PieceTime, ...]
     correction: float = 1.0
+    terms: TermBreakdown | None = None
+    upper_factor: float = 1.0
+    device_id: str = ""
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether fitted terms (a drill or real restores) made this estimate."""
+        return self.terms is not None
+
+    @property
+    def breakdown(self) -> TermBreakdown:
+        """Seconds by term (the probe-only model puts everything under transfer)."""
+        if self.terms is not None:
+            return self.terms
+        return TermBreakdown(transfer=self.predicted_seconds * self.correction)
 
     @property
     def predicted_seconds(self) -> float:
         """The model's time before correction."""
+        if self.terms is not None:
+            return self.terms.total
         return sum(p.seconds for p in self.parts)
+
+    @property
+    def upper_seconds(self) -> float:
+        """The upper estimate: what the planner holds against the RTO."""
+        return self.seconds * self.upper_factor
 
     @property
     def seconds(self) -> float:
@@ -198,9 +274,17 @@ class RestoreEstimate:
     def describe(self) -> str:
         """e.g. ``"est 5m12s for 12.0 GiB (3 pieces, correction x1.10)"``."""
         correction = f", correction x{self.correction:.2f}" if self.correction != 1.0 else ""
+        if self.terms is not None:
+            t = self.terms
+            return (
+                f"est {format_duration(self.seconds)} (upper {format_duration(self.upper_seconds)})"
+                f" for {format_size(self.nbytes)} ({self.mode.value}: fixed "
+                f"{format_duration(t.fixed)} + generations {format_duration(t.generations)} + "
+                f"extents {format_duration(t.extents)} + transfer {format_duration(t.transfer)})"
+            )
         return (
             f"est {format_duration(self.seconds)} for {format_size(self.nbytes)} "
-            f"({len(self.parts)} pieces copied, {self.mode.value}{correction})"
+            f"({len(self.parts)} pieces copied, {self.mode.value}{correction}, uncalibrated)"
         )
 
 
@@ -249,6 +333,10 @@ def _speed(speeds: Mapping[str, DeviceSpeed], device_id: str) -> DeviceSpeed:
         raise NotFound(what="performance entry of device", name=device_id) from None
 
 
+def _write_of(target: DeviceSpeed | None) -> float:
+    return math.inf if target is None else target.write(True)
+
+
 def restore_target(
     chain: Chain,
     speeds: Mapping[str, DeviceSpeed],
@@ -272,12 +360,20 @@ def restore_target(
     return copy_target
 
 
+def terms_for(terms: TermBook | None, device_id: str, mode: RestoreMode) -> PathTerms | None:
+    """The fitted terms of ``device_id`` in ``mode``, or None (uncalibrated)."""
+    if not terms:
+        return None
+    return terms.get((device_id, RestoreMode(mode).value))
+
+
 def estimate_chain(
     chain: Chain,
     speeds: Mapping[str, DeviceSpeed],
     mode: RestoreMode,
     copy_target: DeviceSpeed | None = None,
     correction: float = 1.0,
+    terms: TermBook | None = None,
 ) -> RestoreEstimate:
     """Estimate restoring the newest generation of ``chain``.
 
@@ -285,9 +381,29 @@ def estimate_chain(
     :param speeds: speeds of the pool devices by identity.
     :param mode: the restore mode.
     :param copy_target: the restore target's speed in copy mode.
-    :param correction: factor learnt from real restores.
+    :param correction: factor learnt from real restores (probe-only model only).
+    :param terms: fitted terms by (pool device, mode); those of the full's device are
+        used when present.
     :raises NotFound: if a device of the chain has no speed.
     """
+    mode = RestoreMode(mode)
+    fitted = terms_for(terms, chain.full_device_id, mode)
+    if fitted is not None:
+        probe = estimate_chain(chain, speeds, mode, copy_target)
+        shape = chain.shape()
+        per_byte = fitted.per_byte
+        if mode is RestoreMode.COPY and copy_target is not None:
+            # The drill writes to the pool; a copy's own target may be slower.
+            per_byte = max(per_byte, 1.0 / copy_target.write(False))
+        terms = fitted.breakdown(shape, per_byte)
+        # The spread was measured on the restore path, not on a slower copy target: only
+        # the fitted path's own time is widened by it.
+        path = fitted.seconds(shape)
+        upper = terms.total + (fitted.upper_factor - 1.0) * path
+        factor = upper / terms.total if terms.total > 0 else fitted.upper_factor
+        return RestoreEstimate(
+            mode, probe.parts, 1.0, terms, max(1.0, factor), chain.full_device_id
+        )
     target = restore_target(chain, speeds, mode, copy_target)
     full = RestorePiece(
         f"full on {chain.full_device_id}",
@@ -304,7 +420,10 @@ def estimate_chain(
         )
         for i, d in enumerate(chain.restore_deltas(), start=1)
     ]
-    return estimate_pieces(full, deltas, target, mode, correction)
+    estimate = estimate_pieces(full, deltas, target, mode, correction)
+    return RestoreEstimate(
+        estimate.mode, estimate.parts, estimate.correction, device_id=chain.full_device_id
+    )
 
 
 @dataclass(frozen=True)
@@ -354,6 +473,9 @@ class ChangeSets:
     :param tracker_exact: ``False`` if change tracking was lost (crash, overflow): only a
         full backup is then safe.
     :param scattered: whether the changed chunks are scattered (random I/O on restore).
+    :param incremental_extents: runs of adjacent chunks of the incremental change set,
+        when known.
+    :param differential_extents: the same for the differential change set.
     """
 
     incremental_bytes: int
@@ -361,6 +483,8 @@ class ChangeSets:
     volume_bytes: int
     tracker_exact: bool = True
     scattered: bool = True
+    incremental_extents: int | None = None
+    differential_extents: int | None = None
 
     def __post_init__(self) -> None:
         _check_bytes("incremental change-set size", self.incremental_bytes)
@@ -375,6 +499,14 @@ class ChangeSets:
             BackupMethod.FULL: self.volume_bytes,
         }[BackupMethod(method)]
 
+    def extents(self, method: BackupMethod) -> int | None:
+        """Runs of adjacent chunks a delta of ``method`` would store (None: not known)."""
+        return {
+            BackupMethod.INCREMENTAL: self.incremental_extents,
+            BackupMethod.DIFFERENTIAL: self.differential_extents,
+            BackupMethod.FULL: None,
+        }[BackupMethod(method)]
+
 
 def what_if(
     chain: Chain | None,
@@ -384,6 +516,7 @@ def what_if(
     mode: RestoreMode,
     copy_target: DeviceSpeed | None = None,
     correction: float = 1.0,
+    terms: TermBook | None = None,
 ) -> dict[BackupMethod, RestoreEstimate]:
     """Estimated restore time of the newest state after taking each kind of backup now.
 
@@ -396,14 +529,21 @@ def what_if(
     :param mode: the restore mode.
     :param copy_target: the restore target's speed in copy mode.
     :param correction: factor learnt from real restores.
+    :param terms: fitted restore-path terms (see :func:`estimate_chain`).
     """
     base = chain if chain is not None else Chain(changes.volume_bytes, device_id)
     result: dict[BackupMethod, RestoreEstimate] = {}
     for method in BackupMethod:
         if chain is None and method is not BackupMethod.FULL:
             continue
-        after = base.with_backup(method, changes.nbytes(method), device_id, changes.scattered)
-        result[method] = estimate_chain(after, speeds, mode, copy_target, correction)
+        after = base.with_backup(
+            method,
+            changes.nbytes(method),
+            device_id,
+            changes.scattered,
+            changes.extents(method),
+        )
+        result[method] = estimate_chain(after, speeds, mode, copy_target, correction, terms)
     return result
 
 
@@ -416,6 +556,7 @@ def bytes_restorable_within(
     copy_target: DeviceSpeed | None = None,
     correction: float = 1.0,
     scattered: bool = True,
+    terms: TermBook | None = None,
 ) -> int:
     """How many more changed bytes an incremental on ``device_id`` could hold and the newest
     state still restore within ``budget`` (the seed's reference value when only an RTO is
@@ -430,8 +571,30 @@ def bytes_restorable_within(
     :param copy_target: the restore target's speed in copy mode.
     :param correction: factor learnt from real restores.
     :param scattered: whether the changed chunks are scattered.
+    :param terms: fitted restore-path terms; when the device holding the full has them,
+        the upper estimate is held against the budget, and a new delta costs one
+        generation plus one extent per :data:`DEFAULT_EXTENT_BYTES` (scattered).
     """
     mode = RestoreMode(mode)
+    full_device = chain.full_device_id if chain is not None else device_id
+    fitted = terms_for(terms, full_device, mode)
+    if fitted is not None:
+        if chain is None:
+            current = fitted.seconds(Chain(0, device_id).shape())
+            factor = fitted.upper_factor
+        else:
+            estimate = estimate_chain(chain, speeds, mode, copy_target, correction, terms)
+            current, factor = estimate.seconds, estimate.upper_factor
+        left = budget.total_seconds() / factor - current - fitted.per_generation
+        per_byte = fitted.per_extent / DEFAULT_EXTENT_BYTES if scattered else 0.0
+        if left <= 0:
+            return 0
+        if per_byte <= 0:
+            # The fit sees no cost in a delta's size: any size fits; the rate of the
+            # probe-only model still bounds what can be moved.
+            rate = min(_speed(speeds, device_id).read(scattered), _write_of(copy_target))
+            return int(left * rate)
+        return int(left / per_byte)
     if chain is None:
         current = 0.0
         target = _speed(speeds, device_id) if mode is RestoreMode.SWAP_IN else copy_target

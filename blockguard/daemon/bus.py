@@ -243,6 +243,12 @@ class ManagerInterface(ServiceInterface):
     async def Verify(self, generation: Str) -> ObjPath:
         return self.tree.job(await self._call(self.service.verify, generation))
 
+    @dbus_method()
+    @handler()
+    async def Drill(self, pool: Str) -> ObjPath:
+        """Calibrate the restore-time model of ``pool`` with a restore drill."""
+        return self.tree.job(await self._call(self.service.drill, pool))
+
     # --- reading ---
 
     @dbus_method()

@@ -36,6 +36,7 @@ class JobKind(enum.StrEnum):
     BACKUP = "backup"
     RESTORE = "restore"
     VERIFY = "verify"
+    DRILL = "drill"
 
 
 #: The attributes of a job that subscribers are told about (names as in :meth:`Job.snapshot`).

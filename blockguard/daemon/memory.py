@@ -475,6 +475,19 @@ class MemoryService:
         self._emit(svc.JobAdded(job))
         return job
 
+    def drill(self, pool: str) -> Job:
+        """A drill that only takes a moment: nothing here has a restore path to measure."""
+        self.get_pool(pool)
+        sleep = self._sleep_work(1)
+
+        def work(progress: ProgressReporter) -> dict[str, Any]:
+            sleep(progress)
+            return {"pool": pool, "samples": []}
+
+        job = self.runner.submit(JobKind.DRILL, pool, work)
+        self._emit(svc.JobAdded(job))
+        return job
+
     def list_jobs(self) -> list[Job]:
         return self.runner.list()
 

@@ -78,6 +78,7 @@ class VolumeObject(_Snapshotted):
         "EstimatedRestoreSeconds": lambda v: {
             k: float(s) for k, s in v.estimated_restore_seconds.items()
         },
+        "RestoreEstimate": lambda v: to_vardict(v.restore_estimate),
         "NextMethod": lambda v: v.next_method,
         "NextMethodReasons": lambda v: list(v.next_method_reasons),
         "NextBackup": lambda v: int(v.next_backup),
@@ -141,6 +142,13 @@ class VolumeObject(_Snapshotted):
     @handler(read_only=True)
     def EstimatedRestoreSeconds(self) -> SecondsDict:
         return self.value("EstimatedRestoreSeconds")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def RestoreEstimate(self) -> VarDict:
+        """The next method's restore estimate: seconds, upper_seconds, calibrated,
+        calibration, mode, breakdown (seconds by term), upper_by_method."""
+        return self.value("RestoreEstimate")
 
     @dbus_property(access=READ)
     @handler(read_only=True)

@@ -87,6 +87,9 @@ class VolumeInfo:
     next_method_reasons: tuple[str, ...]
     next_backup: int
     generations: tuple[GenerationInfo, ...]
+    #: the estimate of the next method's restore: ``seconds``, ``upper_seconds``,
+    #: ``calibrated``, ``calibration`` (why or why not), ``breakdown`` (seconds by term)
+    restore_estimate: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -308,6 +311,14 @@ class Service(Protocol):
         """
 
     def verify(self, generation: str) -> Job: ...
+
+    def drill(self, pool: str) -> Job:
+        """Calibrate the restore-time model of a pool with a restore drill (a job): a
+        synthetic chain written on the pool, restored in each mode, timed, removed.
+
+        :raises NotFound: no such pool.
+        :raises Busy: a drill of the pool is already queued or running.
+        """
 
     def list_jobs(self) -> list[Job]: ...
 

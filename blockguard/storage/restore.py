@@ -40,6 +40,9 @@ class RestoreResult:
     :param target: the device written (for swap-in: the new loop/LV device).
     :param bytes_read: bytes read from the pool (and from the clone, when verified).
     :param bytes_written: bytes written to the target.
+    :param chunks: chunks written to the target.
+    :param extents: runs of adjacent chunks written from the deltas (the scattered
+        writes; the restore-time model's shape, with ``len(chain)`` generations read).
     """
 
     volume: str
@@ -51,6 +54,8 @@ class RestoreResult:
     bytes_written: int
     duration: float
     swap: SwapInVolume | None = None
+    chunks: int = 0
+    extents: int = 0
 
 
 @dataclass(frozen=True)
@@ -192,6 +197,8 @@ def swap_in(
         written,
         time.monotonic() - started,
         swap,
+        sum(len(own) for gen, own in plan if not gen.is_full),
+        _delta_extents(plan),
     )
 
 
@@ -327,6 +334,8 @@ def _restore(
         nbytes,
         nbytes,
         time.monotonic() - started,
+        chunks=sum(len(own) for _, own in plan),
+        extents=_delta_extents(plan),
     )
 
 
@@ -343,6 +352,13 @@ def _merged_items(
 
     streams = [items_of(r, own) for r, own in zip(readers, chunks, strict=True)]
     return heapq.merge(*streams, key=lambda item: item.first)
+
+
+def _delta_extents(plan: Sequence[tuple[Manifest, BitMap]]) -> int:
+    """Runs of adjacent chunks the deltas of a plan write (the full's are sequential)."""
+    return sum(
+        sum(1 for _ in extents(own, gen.chunks, gen.chunks)) for gen, own in plan if not gen.is_full
+    )
 
 
 def _bytes(manifest: Manifest, chunks: BitMap) -> int:

@@ -365,6 +365,27 @@ class SafetyGate:
             raise refusal.error
         return family
 
+    def check_scratch(self, path: str, *, pool: str, purpose: str) -> Family:
+        """Raise unless ``path`` may be overwritten as scratch space of ``pool``.
+
+        A drill's scratch device (a clone the pool made of a drill generation: a loop device
+        on a file of a dir pool, a thin snapshot of an lvm pool) lies on ``pool``'s own disks
+        by construction, so only that claim is lifted; every other refusal stands (a
+        protected volume, another pool, a mount, a holder). Its content is the drill's own.
+
+        :raises NotABlockDevice: ``path`` is not a block device.
+        :raises DeviceInUse: any refusal of :meth:`check_writable` but ``pool``'s disks.
+        """
+        family, refusals = self.assess(path, purpose=purpose)
+        for refusal in refusals:
+            error = refusal.error
+            if refusal.foreign_data:
+                continue
+            if isinstance(error, PoolDiskRefused) and error.fields.get("pool") == pool:
+                continue
+            raise error
+        return family
+
     def check_unclaimed(self, path: str, *, purpose: str, own_volume: str | None = None) -> Family:
         """Raise if a family member of ``path`` is protected, a pool disk or holds a pool
         label (for operations that do not overwrite the device, such as protect).

@@ -342,11 +342,14 @@ def client(daemon: Daemon) -> Iterator[object]:
 ENGINE = "blockguard.daemon.engine:make_service"
 MiB = 1 << 20
 #: The daemon's environment for engine tests: no probe (loop devices are too fast for an
-#: RTO of seconds to matter), every device at 8 MiB/s, no scheduler unless a test asks.
+#: RTO of seconds to matter), every device at 8 MiB/s, no scheduler unless a test asks,
+#: no restore drill unless a test asks (``Drill``), and a small one then.
 ENGINE_ENV = {
     "BLOCKGUARD_PROBE_SECONDS": "0",
     "BLOCKGUARD_DEFAULT_SPEED": str(8 * MiB),
     "BLOCKGUARD_SCHEDULER_INTERVAL": "0",
+    "BLOCKGUARD_DRILL_AUTO": "0",
+    "BLOCKGUARD_DRILL_BYTES": str(4 * MiB),
 }
 
 

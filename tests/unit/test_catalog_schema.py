@@ -82,7 +82,7 @@ def test_v1_catalog_is_upgraded_with_its_data(tmp_path: Path) -> None:
     path = tmp_path / "catalog.db"
     ids = _make_v1(path)
     with Catalog(path) as c:
-        assert c.schema_version == CURRENT_VERSION == 2
+        assert c.schema_version == CURRENT_VERSION == 3
         assert c.integrity_problems() == []
         # v1 data is all there.
         vol = c.get_volume("pg")
@@ -111,6 +111,35 @@ def test_v1_catalog_is_upgraded_with_its_data(tmp_path: Path) -> None:
             predicted_seconds=1.5,
         )
         assert c.recent_restores("pg")[0].predicted_seconds == 1.5
+        # v3 things too: drill jobs and restore path samples round-trip.
+        drill = c.create_job("drill", pool="fast")
+        c.finish_job(drill.id, result={"samples": 2})
+        assert c.get_job(drill.id).kind == "drill"
+        for volume, source, seconds in (("", "drill", 0.5), ("pg", "restore", 2.0)):
+            c.record_path_sample(
+                volume=volume,
+                pool_device="/dev/sdb",
+                mode="swap-in",
+                source=source,
+                generations=3,
+                chunks=40,
+                extents=7,
+                nbytes=4096000,
+                measured_seconds=seconds,
+                predicted_seconds=1.5,
+            )
+        got = c.path_samples("/dev/sdb", "swap-in")
+        assert [(s.volume, s.source, s.measured_seconds) for s in got] == [
+            ("pg", "restore", 2.0),
+            ("", "drill", 0.5),
+        ]
+        assert (got[0].generations, got[0].chunks, got[0].extents, got[0].bytes) == (
+            3,
+            40,
+            7,
+            4096000,
+        )
+        assert c.path_samples("/dev/sdb", "copy") == []
         # The interrupted v1 job is handled like any other after a restart.
         assert [j.id for j in c.mark_running_jobs_failed("restarted")] == [ids["running"]]
     # The upgraded catalog has exactly the shape of a new one.
@@ -124,19 +153,19 @@ def test_failed_upgrade_changes_nothing(tmp_path: Path, monkeypatch: pytest.Monk
     _make_v1(path)
     before = _shape(path)
     broken = catalog_schema.Migration(
-        3,
+        CURRENT_VERSION + 1,
         "a step that fails half-way",
         ("CREATE TABLE extra (a)", "INSERT INTO nowhere VALUES (1)"),
     )
     monkeypatch.setattr(catalog_schema, "MIGRATIONS", (*catalog_schema.MIGRATIONS, broken))
-    monkeypatch.setattr(catalog_schema, "CURRENT_VERSION", 3)
+    monkeypatch.setattr(catalog_schema, "CURRENT_VERSION", CURRENT_VERSION + 1)
     with pytest.raises(Exception, match="nowhere"):
         Catalog(path)
     monkeypatch.undo()
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
     conn.close()
-    assert _shape(path) == before  # neither v2's jobs rebuild nor v3's table stayed
+    assert _shape(path) == before  # neither the jobs rebuilds nor the new tables stayed
 
 
 def test_newer_catalog_is_refused_and_left_untouched(tmp_path: Path) -> None:
@@ -151,7 +180,7 @@ def test_newer_catalog_is_refused_and_left_untouched(tmp_path: Path) -> None:
         Catalog(path)
     message = str(raised.value)
     assert str(path) in message
-    assert "schema version 9 is newer than the newest this blockguard knows (2)" in message
+    assert "schema version 9 is newer than the newest this blockguard knows (3)" in message
     assert _snapshot(path) == before
 
 

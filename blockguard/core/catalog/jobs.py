@@ -11,8 +11,10 @@ from blockguard.core.catalog.rows import (
     JOB_FINAL_STATES,
     JOB_KINDS,
     JOB_STATES,
+    PATH_SAMPLE_SOURCES,
     Job,
     JobEvent,
+    PathSampleRecord,
     RestoreRecord,
     check_choice,
     check_count,
@@ -57,6 +59,23 @@ def _restore(row: sqlite3.Row) -> RestoreRecord:
         measured_seconds=row["measured_seconds"],
         at=row["at"],
         job=row["job"],
+    )
+
+
+def _sample(row: sqlite3.Row) -> PathSampleRecord:
+    return PathSampleRecord(
+        seq=row["seq"],
+        volume=row["volume"],
+        pool_device=row["pool_device"],
+        mode=row["mode"],
+        source=row["source"],
+        generations=row["generations"],
+        chunks=row["chunks"],
+        extents=row["extents"],
+        bytes=row["bytes"],
+        predicted_seconds=row["predicted_seconds"],
+        measured_seconds=row["measured_seconds"],
+        at=row["at"],
     )
 
 
@@ -327,6 +346,84 @@ class JobStore(CatalogBase):
         with self._reading() as conn:
             rows = conn.execute(query + " ORDER BY at DESC, seq DESC LIMIT ?", [*args, n])
             return [_restore(r) for r in rows]
+
+    # --- restore path samples ------------------------------------------------------------
+
+    def record_path_sample(
+        self,
+        *,
+        volume: str,
+        pool_device: str,
+        mode: str,
+        source: str,
+        generations: int,
+        chunks: int,
+        extents: int,
+        nbytes: int,
+        measured_seconds: float,
+        predicted_seconds: float | None = None,
+        at: float | None = None,
+    ) -> PathSampleRecord:
+        """Keep one measured restore (or drill restore) with its shape.
+
+        :param volume: the volume restored, ``""`` for a pool-level drill.
+        :param pool_device: the pool device holding the chain's full.
+        :param mode: the restore mode the sample measures (``copy``, ``swap-in``).
+        :param source: ``restore`` or ``drill``.
+        """
+        if volume != "":
+            check_name("volume", volume)
+        check_name("pool device", pool_device)
+        check_name("restore mode", mode)
+        check_choice("sample source", source, PATH_SAMPLE_SOURCES)
+        check_count("generations read", generations)
+        check_count("chunks written", chunks)
+        check_count("extents written", extents)
+        check_count("bytes restored", nbytes)
+        check_number("measured restore seconds", measured_seconds)
+        check_number("predicted restore seconds", predicted_seconds, optional=True)
+        at = self.now() if at is None else check_number("sample time", at)
+        with self.transaction() as conn:
+            cur = conn.execute(
+                """INSERT INTO path_samples (volume, pool_device, mode, source, generations,
+                       chunks, extents, bytes, predicted_seconds, measured_seconds, at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    volume,
+                    pool_device,
+                    mode,
+                    source,
+                    generations,
+                    chunks,
+                    extents,
+                    nbytes,
+                    predicted_seconds,
+                    measured_seconds,
+                    at,
+                ),
+            )
+            row = conn.execute(
+                "SELECT * FROM path_samples WHERE seq = ?", (cur.lastrowid,)
+            ).fetchone()
+            return _sample(row)
+
+    def path_samples(
+        self, pool_device: str | None = None, mode: str | None = None, n: int = 40
+    ) -> list[PathSampleRecord]:
+        """The ``n`` newest samples (of one pool device and/or mode); newest first."""
+        check_count("number of samples", n)
+        query, where, args = "SELECT * FROM path_samples", [], []
+        if pool_device is not None:
+            where.append("pool_device = ?")
+            args.append(pool_device)
+        if mode is not None:
+            where.append("mode = ?")
+            args.append(mode)
+        if where:
+            query += " WHERE " + " AND ".join(where)
+        with self._reading() as conn:
+            rows = conn.execute(query + " ORDER BY at DESC, seq DESC LIMIT ?", [*args, n])
+            return [_sample(r) for r in rows]
 
     # --- helpers ---------------------------------------------------------------------
 

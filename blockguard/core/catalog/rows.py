@@ -17,7 +17,8 @@ POOL_DEVICE_STATES = ("ok", "missing", "failed")
 PERF_KINDS = ("pool", "volume")
 PERF_SOURCES = ("probe", "live")
 GENERATION_KINDS = ("full", "differential", "incremental")
-JOB_KINDS = ("backup", "restore", "verify", "probe")
+JOB_KINDS = ("backup", "restore", "verify", "probe", "drill")
+PATH_SAMPLE_SOURCES = ("restore", "drill")
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 JOB_FINAL_STATES = ("done", "failed", "cancelled")
 
@@ -183,6 +184,30 @@ class RestoreRecord:
     measured_seconds: float
     at: float
     job: str | None
+
+
+@dataclass(frozen=True)
+class PathSampleRecord:
+    """One measured restore path sample: a real restore or a drill restore.
+
+    :param volume: the restored volume, ``""`` for a pool-level drill.
+    :param pool_device: the pool device holding the chain's full.
+    :param mode: the restore mode (``copy`` or ``swap-in``).
+    :param source: ``restore`` or ``drill``.
+    """
+
+    seq: int
+    volume: str
+    pool_device: str
+    mode: str
+    source: str
+    generations: int
+    chunks: int
+    extents: int
+    bytes: int
+    predicted_seconds: float | None
+    measured_seconds: float
+    at: float
 
 
 # --- checks -------------------------------------------------------------------------

@@ -202,9 +202,56 @@ _V2 = (
     "CREATE INDEX restores_volume ON restores(volume, at)",
 )
 
+# v3: drill jobs, and every measured restore path sample (real restores and drills) with
+# its shape, which the restore-time model fits its terms to (issue 14). ``jobs`` is rebuilt
+# again for its CHECK, as in v2.
+_V3 = (
+    """
+    CREATE TABLE jobs_v3 (
+        id TEXT PRIMARY KEY NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('backup', 'restore', 'verify', 'probe', 'drill')),
+        volume TEXT,
+        pool TEXT,
+        generation TEXT,
+        state TEXT NOT NULL
+            CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
+        progress REAL NOT NULL DEFAULT 0 CHECK (progress >= 0 AND progress <= 1),
+        bytes_done INTEGER NOT NULL DEFAULT 0 CHECK (bytes_done >= 0),
+        bytes_total INTEGER CHECK (bytes_total IS NULL OR bytes_total >= 0),
+        created REAL NOT NULL,
+        started REAL,
+        finished REAL,
+        error TEXT,
+        result TEXT
+    )""",
+    "INSERT INTO jobs_v3 SELECT * FROM jobs",
+    "DROP TABLE jobs",
+    "ALTER TABLE jobs_v3 RENAME TO jobs",
+    "CREATE INDEX jobs_volume ON jobs(volume, created)",
+    "CREATE INDEX jobs_state ON jobs(state)",
+    # No foreign keys, like restores: evidence outlives volumes and pool devices.
+    """
+    CREATE TABLE path_samples (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        volume TEXT NOT NULL,
+        pool_device TEXT NOT NULL CHECK (length(pool_device) > 0),
+        mode TEXT NOT NULL CHECK (length(mode) > 0),
+        source TEXT NOT NULL CHECK (source IN ('restore', 'drill')),
+        generations INTEGER NOT NULL CHECK (generations >= 0),
+        chunks INTEGER NOT NULL CHECK (chunks >= 0),
+        extents INTEGER NOT NULL CHECK (extents >= 0),
+        bytes INTEGER NOT NULL CHECK (bytes >= 0),
+        predicted_seconds REAL CHECK (predicted_seconds IS NULL OR predicted_seconds >= 0),
+        measured_seconds REAL NOT NULL CHECK (measured_seconds >= 0),
+        at REAL NOT NULL
+    )""",
+    "CREATE INDEX path_samples_device ON path_samples(pool_device, mode, at)",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "volumes, groups, pools, performance table, generations, jobs", _V1),
     Migration(2, "probe jobs, job results, measured restores", _V2),
+    Migration(3, "drill jobs, restore path samples", _V3),
 )
 
 CURRENT_VERSION = MIGRATIONS[-1].version

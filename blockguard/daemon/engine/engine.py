@@ -38,6 +38,7 @@ from blockguard.core.catalog import Catalog
 from blockguard.daemon import service as svc
 from blockguard.daemon.engine import ids
 from blockguard.daemon.engine.backups import back_up
+from blockguard.daemon.engine.calibration import run_drill_job
 from blockguard.daemon.engine.cmdguard import GuardedRunner
 from blockguard.daemon.engine.events import EventHub
 from blockguard.daemon.engine.importing import import_pool
@@ -55,6 +56,7 @@ from blockguard.daemon.engine.volumes import VolumeRegistry, is_detached
 from blockguard.daemon.jobs import Job, JobKind, JobRunner, JobState, ProgressReporter
 from blockguard.errors import BlockguardError, Busy, CatalogLost, EnvironmentProblem, NotFound
 from blockguard.storage import dm
+from blockguard.storage.drill import DRILL_VOLUME
 from blockguard.storage.manifest import write_atomic
 from blockguard.storage.snapshot import recover_stale_points_in_time
 
@@ -256,13 +258,43 @@ class Engine:
         with self._lock:
             info = self.pools.create(name, backend, list(devices), bool(force))
             self._mark_used()
-            return info
+        self._auto_drill(name)
+        return info
 
     def extend_pool(self, name: str, devices: Sequence[str], force: bool) -> svc.PoolInfo:
         with self._lock:
             info = self.pools.extend(name, list(devices), bool(force))
             self._mark_used()
-            return info
+        self._auto_drill(name)
+        return info
+
+    def drill(self, pool: str) -> Job:
+        """Calibrate the restore-time model of ``pool`` with a restore drill (a job).
+
+        :raises Busy: a drill of the pool is already queued or running.
+        """
+        with self._lock:
+            self.pools.backend(pool)  # NotFound / EnvironmentProblem before any job
+            key = f"{DRILL_VOLUME}:{pool}"
+
+            def work(progress: ProgressReporter, _record: str) -> dict[str, Any]:
+                result = run_drill_job(pool, self.pools, self.settings, progress)
+                for volume in self.volumes.catalog.list_volumes():
+                    if volume.pool == pool:
+                        with contextlib.suppress(BlockguardError):
+                            self.volumes.refresh(volume.name)
+                return result
+
+            return self.jobs.submit(JobKind.DRILL, key, pool, work, pool=pool)
+
+    def _auto_drill(self, pool: str) -> None:
+        """Drill after a pool change or a protect, unless turned off or already running."""
+        if not self.settings.drill_auto:
+            return
+        try:
+            self.drill(pool)
+        except BlockguardError as exc:
+            log.info("no restore drill of pool %s now: %s", pool, exc)
 
     def import_pool(self, devices: Sequence[str]) -> str:
         """Rebuild the catalog rows of the pool on ``devices`` (see :mod:`.importing`)."""
@@ -292,6 +324,8 @@ class Engine:
             busy = self.jobs.busy_volumes() & set(users)
             if busy:
                 raise Busy(what=f"pool {name}", reason=f"volumes {', '.join(busy)} have jobs")
+            if f"{DRILL_VOLUME}:{name}" in self.jobs.busy_volumes():
+                raise Busy(what=f"pool {name}", reason="a restore drill of it is running")
             for volume in users:
                 self.volumes.unprotect(volume, delete_generations=True)
             with contextlib.suppress(EnvironmentProblem):
@@ -326,7 +360,10 @@ class Engine:
         objectives: Mapping[str, Any] | None = None,
     ) -> svc.VolumeInfo:
         with self._lock:
-            return self.volumes.protect(device, name, chunk_size, backend, pool, objectives)
+            info = self.volumes.protect(device, name, chunk_size, backend, pool, objectives)
+        if info.pool:
+            self._auto_drill(info.pool)
+        return info
 
     def unprotect(self, volume: str, delete_generations: bool = False) -> None:
         with self._lock:

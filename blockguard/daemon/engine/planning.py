@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from pyroaring import BitMap
+
 from blockguard.core.objective_sets import (
     CLEAR,
     OBJECTIVE_KEYS,
@@ -28,6 +30,7 @@ from blockguard.core.restore_model import (
     BackupMethod,
     Chain,
     ChangeSets,
+    RestoreEstimate,
     RestoreSample,
     StoredDelta,
     bytes_restorable_within,
@@ -35,6 +38,7 @@ from blockguard.core.restore_model import (
     what_if,
 )
 from blockguard.core.scheduler import ScheduleDecision, schedule
+from blockguard.daemon.engine.calibration import Calibration, estimate_dict
 from blockguard.storage.manifest import Manifest
 from blockguard.storage.tracking import ChangeSet
 
@@ -64,6 +68,11 @@ class ChainView:
     newest_full: Manifest | None
 
 
+def runs(chunks: BitMap) -> int:
+    """Runs of adjacent chunks in a set (the extents a restore writes them as)."""
+    return len(chunks) - len(chunks & chunks.shift(1))
+
+
 def chain_view(manifests: Sequence[Manifest], device_of: Callable[[Manifest], str]) -> ChainView:
     """The chain since the newest full (the manifests oldest first)."""
     newest = manifests[-1] if manifests else None
@@ -72,7 +81,9 @@ def chain_view(manifests: Sequence[Manifest], device_of: Callable[[Manifest], st
         return ChainView(None, newest, None)
     full = fulls[-1]
     deltas = tuple(
-        StoredDelta(BackupMethod(m.kind.value), m.bytes_stored, device_of(m))
+        StoredDelta(
+            BackupMethod(m.kind.value), m.bytes_stored, device_of(m), extents=runs(m.changed)
+        )
         for m in manifests
         if not m.is_full and m.base_id == full.generation_id
     )
@@ -99,6 +110,8 @@ class PlanInputs:
     full_required: str | None = None
     #: the pool's generations of the volume, corrupt ones included
     generations: VolumeGenerations | None = None
+    #: the restore-path terms fitted from drills and restores of the pool's devices
+    calibration: Calibration = field(default_factory=Calibration)
 
 
 def correction_from(records: Sequence[Any]) -> float:
@@ -121,11 +134,12 @@ def decide(inputs: PlanInputs) -> PlanDecision:
         copy_target=inputs.copy_target,
         correction=inputs.correction,
         full_required=inputs.full_required,
+        terms=inputs.calibration.terms,
     )
 
 
-def estimates(inputs: PlanInputs) -> dict[str, float]:
-    """Method -> estimated restore seconds of the newest state after a backup of it now."""
+def what_ifs(inputs: PlanInputs) -> dict[str, RestoreEstimate]:
+    """Method -> restore estimate of the newest state after a backup of it now."""
     objectives = inputs.objectives or _NO_OBJECTIVES
     result = what_if(
         inputs.view.chain,
@@ -135,8 +149,14 @@ def estimates(inputs: PlanInputs) -> dict[str, float]:
         objectives.restore_mode,
         inputs.copy_target,
         inputs.correction,
+        inputs.calibration.terms,
     )
-    return {method.value: est.seconds for method, est in result.items()}
+    return {method.value: est for method, est in result.items()}
+
+
+def estimates(inputs: PlanInputs) -> dict[str, float]:
+    """Method -> estimated restore seconds of the newest state after a backup of it now."""
+    return {method: est.seconds for method, est in what_ifs(inputs).items()}
 
 
 def schedule_of(inputs: PlanInputs, now: datetime) -> ScheduleDecision | None:
@@ -156,6 +176,7 @@ def schedule_of(inputs: PlanInputs, now: datetime) -> ScheduleDecision | None:
             objectives.restore_mode,
             inputs.copy_target,
             inputs.correction,
+            terms=inputs.calibration.terms,
         )
     return schedule(
         objectives,
@@ -179,10 +200,18 @@ def plan_dict(inputs: PlanInputs, now: datetime) -> dict[str, Any]:
             next_backup = int(now.timestamp())
         elif due.next_due is not None:
             next_backup = int(due.next_due.timestamp())
+    options = what_ifs(inputs)
+    chosen = estimate_dict(decision.estimate, inputs.calibration)
     plan: dict[str, Any] = {
         "method": decision.method.value,
         "reasons": reasons,
-        "estimated_restore_seconds": estimates(inputs),
+        "estimated_restore_seconds": {m: e.seconds for m, e in options.items()},
+        "upper_restore_seconds": {m: e.upper_seconds for m, e in options.items()},
+        "estimated_upper_seconds": decision.estimate.upper_seconds,
+        "calibrated": decision.estimate.calibrated,
+        "calibration": chosen["calibration"],
+        "restore_breakdown": chosen["breakdown"],
+        "restore_mode": chosen["mode"],
         "estimated_bytes": decision.nbytes,
         "estimated_seconds": decision.estimate.seconds,
         "feasible": decision.feasible,
@@ -195,4 +224,6 @@ def plan_dict(inputs: PlanInputs, now: datetime) -> dict[str, Any]:
     }
     if decision.needed_rate is not None:
         plan["needed_rate"] = decision.needed_rate
+    if "terms" in chosen:
+        plan["restore_terms"] = chosen["terms"]
     return plan

@@ -5,7 +5,8 @@ disk or another protected volume, holds data without force, is too small; in pla
 without force) is raised by :func:`check_restore`, through the daemon's safety gate,
 before any job or catalog row is created. Each finished restore is recorded with its
 measured duration and bytes next to the model's prediction (before correction), which is
-what the restore-time model's correction learns from.
+what the probe-only model's correction learns from, and as a restore path sample with its
+shape (generations read, chunks and extents written), which the fitted terms learn from.
 """
 
 from __future__ import annotations
@@ -18,11 +19,19 @@ from typing import Any, NoReturn
 from blockguard.core.damage import Damage, DamageCause
 from blockguard.core.objectives import RestoreMode
 from blockguard.core.perftable import DeviceSpeed
-from blockguard.core.restore_model import BackupMethod, Chain, StoredDelta, estimate_chain
+from blockguard.core.restore_model import (
+    BackupMethod,
+    Chain,
+    RestoreEstimate,
+    StoredDelta,
+    estimate_chain,
+)
 from blockguard.daemon import service as svc
 from blockguard.daemon.engine import ids
+from blockguard.daemon.engine.calibration import calibration, model_mode, record_restore_sample
 from blockguard.daemon.engine.events import EventHub
 from blockguard.daemon.engine.jobbook import JobProgress
+from blockguard.daemon.engine.planning import correction_from, runs
 from blockguard.daemon.engine.pools import PoolRegistry, _block_device
 from blockguard.daemon.engine.volumes import VolumeRegistry, is_detached
 from blockguard.daemon.jobs import ProgressReporter
@@ -166,10 +175,14 @@ def check_restore(
     return RestoreRequest(volume, manifest, "new-device", target, vol.pool)
 
 
-def predicted_seconds(
-    pools: PoolRegistry, request: RestoreRequest, copy_target: DeviceSpeed
-) -> float:
-    """The model's restore time for this request, before the learnt correction."""
+def restore_estimate(
+    pools: PoolRegistry,
+    request: RestoreRequest,
+    copy_target: DeviceSpeed,
+    correction: float = 1.0,
+) -> tuple[RestoreEstimate, RestoreEstimate, str]:
+    """The model's estimate of this request: (as the planner sees it, the probe-only model
+    before correction, the pool device holding the full)."""
     chain = pools.backend(request.pool).chain(request.volume, request.manifest.generation_id)
     device = {m.generation_id: pools.device_of(request.pool, m) for m in chain}
     full = chain[0]
@@ -177,15 +190,30 @@ def predicted_seconds(
         full.volume.size,
         device[full.generation_id],
         tuple(
-            StoredDelta(BackupMethod(m.kind.value), m.bytes_stored, device[m.generation_id])
+            StoredDelta(
+                BackupMethod(m.kind.value),
+                m.bytes_stored,
+                device[m.generation_id],
+                extents=runs(m.changed),
+            )
             for m in chain[1:]
         ),
     )
     speeds = pools.speeds(request.pool)
     for path in device.values():
         speeds.setdefault(path, copy_target)
-    mode = RestoreMode.SWAP_IN if request.how == "swap-in" else RestoreMode.COPY
-    return estimate_chain(model, speeds, mode, copy_target).predicted_seconds
+    mode = RestoreMode(model_mode(request.how))
+    cal = calibration(pools.catalog, sorted(set(device.values())))
+    planned = estimate_chain(model, speeds, mode, copy_target, correction, cal.terms)
+    probe = estimate_chain(model, speeds, mode, copy_target)
+    return planned, probe, device[full.generation_id]
+
+
+def predicted_seconds(
+    pools: PoolRegistry, request: RestoreRequest, copy_target: DeviceSpeed
+) -> float:
+    """The probe-only model's restore time for this request, before the learnt correction."""
+    return restore_estimate(pools, request, copy_target)[1].predicted_seconds
 
 
 def run_restore(
@@ -199,7 +227,9 @@ def run_restore(
 ) -> dict[str, Any]:
     """The body of a restore job."""
     copy_target = DeviceSpeed.uniform(volumes.settings.default_speed)
-    predicted = predicted_seconds(pools, request, copy_target)
+    correction = correction_from(volumes.catalog.recent_restores(request.volume))
+    planned, probe, full_device = restore_estimate(pools, request, copy_target, correction)
+    predicted = probe.predicted_seconds
     pool = pools.backend(request.pool)
     gen_id = request.manifest.generation_id
     watch = JobProgress(progress)
@@ -229,6 +259,9 @@ def run_restore(
         predicted_seconds=predicted,
         job=job_record,
     )
+    record_restore_sample(
+        volumes.catalog, request.volume, full_device, request.how, result, planned.seconds
+    )
     with contextlib.suppress(BlockguardError):
         volumes.refresh(request.volume)
     events.emit(svc.RestoreFinished(request.volume, public, result.target))
@@ -238,7 +271,11 @@ def run_restore(
         "target": result.target,
         "bytes": result.bytes_written,
         "seconds": result.duration,
-        "predicted_seconds": predicted,
+        # What the planner promised for this restore (the mode it restores in).
+        "predicted_seconds": planned.seconds,
+        "upper_seconds": planned.upper_seconds,
+        "calibrated": planned.calibrated,
+        "probe_predicted_seconds": predicted,
         "chain": [ids.public_id(request.volume, g) for g in result.chain],
     }
 

@@ -15,6 +15,11 @@ Defaults are what a production daemon wants; tests (and slow or fast hosts) over
     bytes of the exception store of a backup's point-in-time copy (dm-snapshot on pool
     space); default 0: a quarter of the volume, at least 4 MiB. Writes to the volume
     during a backup beyond it make the backup fail (the volume is never affected).
+``BLOCKGUARD_DRILL_BYTES``
+    size of a restore drill's synthetic volume (default 64 MiB; a multiple of 128 KiB).
+``BLOCKGUARD_DRILL_AUTO``
+    ``1`` (default): drill a pool when it is created or extended and when a volume is
+    protected on it; ``0``: only on request (``blockguardctl pool drill``).
 ``BLOCKGUARD_TEST_BACKUP_DELAY``
     test hook: seconds to sleep after each extent a backup writes (makes a backup slow
     enough to be killed in the middle).
@@ -54,6 +59,8 @@ class Settings:
     scheduler_interval: float = 30.0
     backup_delay: float = 0.0
     cow_size: int = 0
+    drill_bytes: int = 64 * 1024 * 1024
+    drill_auto: bool = True
 
     @classmethod
     def from_env(cls, state_dir: Path, env: Mapping[str, str] | None = None) -> Settings:
@@ -70,4 +77,6 @@ class Settings:
             scheduler_interval=_number(env, "BLOCKGUARD_SCHEDULER_INTERVAL", 30.0),
             backup_delay=_number(env, "BLOCKGUARD_TEST_BACKUP_DELAY", 0.0),
             cow_size=int(_number(env, "BLOCKGUARD_COW_SIZE", 0)),
+            drill_bytes=int(_number(env, "BLOCKGUARD_DRILL_BYTES", 64 * 1024 * 1024)),
+            drill_auto=bool(_number(env, "BLOCKGUARD_DRILL_AUTO", 1)),
         )

@@ -36,6 +36,7 @@ from blockguard.core.retention import GenerationRef
 from blockguard.core.scheduler import ScheduleDecision
 from blockguard.daemon import service as svc
 from blockguard.daemon.engine import ids, poolspace
+from blockguard.daemon.engine.calibration import calibration
 from blockguard.daemon.engine.events import EventHub
 from blockguard.daemon.engine.planning import (
     PlanInputs,
@@ -46,6 +47,7 @@ from blockguard.daemon.engine.planning import (
     merge_given,
     parse_given,
     plan_dict,
+    runs,
     schedule_of,
 )
 from blockguard.daemon.engine.pools import PoolRegistry
@@ -667,6 +669,8 @@ class VolumeRegistry:
             differential_bytes=sets[LAST_FULL].changed_bytes if exact and sets else size,
             volume_bytes=size,
             tracker_exact=exact,
+            incremental_extents=runs(sets[LAST_BACKUP].chunks) if exact and sets else None,
+            differential_extents=runs(sets[LAST_FULL].chunks) if exact and sets else None,
         )
         speeds = self.pools.speeds(vol.pool)
         candidates = list(speeds)
@@ -691,6 +695,7 @@ class VolumeRegistry:
             lost_reason=problem,
             full_required=gens.full_required,
             generations=gens,
+            calibration=calibration(self.catalog, sorted(speeds)),
         )
 
     def plan(self, name: str) -> dict[str, Any]:
@@ -739,6 +744,15 @@ class VolumeRegistry:
                 next_method_reasons=tuple(plan["reasons"]),
                 next_backup=plan["next_backup"],
                 generations=self.generation_infos(name, gens),
+                restore_estimate={
+                    "seconds": plan["estimated_seconds"],
+                    "upper_seconds": plan["estimated_upper_seconds"],
+                    "calibrated": plan["calibrated"],
+                    "calibration": plan["calibration"],
+                    "mode": plan["restore_mode"],
+                    "breakdown": plan["restore_breakdown"],
+                    "upper_by_method": plan["upper_restore_seconds"],
+                },
             )
             self.cache[name] = info
         events: list[svc.ServiceEvent] = [svc.VolumeChanged(name)]

@@ -374,6 +374,23 @@ class PoolBackend(ABC):
     def __exit__(self, *_: object) -> None:
         self.close()
 
+    def volume_dirs(self, volume: str) -> list[Path]:
+        """The directories the pool keeps a volume's generations in (may not exist)."""
+        return []
+
+    def remove_volume_dirs(self, volume: str) -> None:
+        """Remove a volume's directories once they hold no generation (else leave them)."""
+        check_name(volume, "volume name")
+        for directory in self.volume_dirs(volume):
+            try:
+                directory.rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.info("volume directory %s stays: %s", directory, exc.strerror or exc)
+                continue
+            fsync_dir(directory.parent)
+
     # --- volume records ---------------------------------------------------------------
 
     @abstractmethod

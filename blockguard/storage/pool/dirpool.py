@@ -433,6 +433,9 @@ class DirPool(PoolBackend):
     def record_dirs(self) -> list[Path]:
         return [mnt / RECORDS_DIR for _, mnt in self._areas]
 
+    def volume_dirs(self, volume: str) -> list[Path]:
+        return [mnt / "volumes" / volume for _, mnt in self._areas]
+
     def swap_ins(self) -> list[str]:
         """Swap-in images that exist on the pool (attached or not)."""
         return sorted(str(p) for _, mnt in self._areas for p in (mnt / "swapin").glob("*.img"))

@@ -732,6 +732,9 @@ class LvmPool(PoolBackend):
     def record_dirs(self) -> list[Path]:
         return [self.meta_dir / RECORDS_DIR]
 
+    def volume_dirs(self, volume: str) -> list[Path]:
+        return [self.meta_dir / "volumes" / volume]
+
     def swap_ins(self) -> list[str]:
         """Swap-in volumes on the pool (``VG/LV``), active or not."""
         return sorted(f"{self.vg}/{n}" for n in self._lvs() if n.startswith(SWAP_PREFIX))

@@ -1,0 +1,202 @@
+"""Calibrating the restore-time model: drills, samples of real restores, fitted terms.
+
+A drill (:mod:`blockguard.storage.drill`) runs as a job when a pool is created or extended,
+when a volume is protected, and on request (``Drill``); each of its timed restores, and
+every real restore, is stored in the catalog as a restore path sample with its shape. The
+planner's terms are fitted from the recent samples of each pool device and restore mode
+(:func:`blockguard.core.restore_terms.fit_terms`); a pool device and mode without enough
+samples is "uncalibrated" and planned with the probe-only model.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from blockguard.core.catalog import Catalog, PathSampleRecord
+from blockguard.core.objectives import RestoreMode
+from blockguard.core.restore_model import RestoreEstimate
+from blockguard.core.restore_terms import (
+    FIT_WINDOW,
+    MIN_SAMPLES,
+    PathSample,
+    PathTerms,
+    RestoreShape,
+    fit_terms,
+)
+from blockguard.daemon.engine.pools import PoolRegistry
+from blockguard.daemon.engine.settings import Settings
+from blockguard.daemon.jobs import ProgressReporter
+from blockguard.storage.drill import DrillResult, run_drill
+from blockguard.storage.restore import RestoreResult
+
+log = logging.getLogger(__name__)
+
+MODES = (RestoreMode.COPY.value, RestoreMode.SWAP_IN.value)
+
+
+def model_mode(how: str) -> str:
+    """The model's restore mode of a restore request (``new-device``/``in-place`` copy)."""
+    return RestoreMode.SWAP_IN.value if how == "swap-in" else RestoreMode.COPY.value
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The fitted terms of some pool devices, with how many samples each had."""
+
+    terms: dict[tuple[str, str], PathTerms] = field(default_factory=dict)
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def describe(self, device: str, mode: str) -> str:
+        """``calibrated (N samples)`` or why not, for ``plan``."""
+        n = self.counts.get((device, mode), 0)
+        if (device, mode) in self.terms:
+            return f"calibrated from {n} restore samples of {device} in {mode} mode"
+        if n == 0:
+            return f"uncalibrated: no drill or restore has measured {device} in {mode} mode"
+        return (
+            f"uncalibrated: {n} restore samples of {device} in {mode} mode, "
+            f"{MIN_SAMPLES} needed to fit the model"
+        )
+
+
+def samples_of(records: Iterable[PathSampleRecord]) -> list[PathSample]:
+    return [
+        PathSample(RestoreShape(r.generations, r.chunks, r.extents, r.bytes), r.measured_seconds)
+        for r in records
+    ]
+
+
+@functools.lru_cache(maxsize=64)
+def _fit(samples: tuple[PathSample, ...]) -> PathTerms | None:
+    # Plans are recomputed on every volume change; the samples change far less often.
+    return fit_terms(samples)
+
+
+def calibration(catalog: Catalog, devices: Sequence[str]) -> Calibration:
+    """Fit the terms of each of ``devices`` in each mode from its recent samples."""
+    terms: dict[tuple[str, str], PathTerms] = {}
+    counts: dict[tuple[str, str], int] = {}
+    for device in devices:
+        for mode in MODES:
+            records = catalog.path_samples(device, mode, FIT_WINDOW)
+            counts[device, mode] = len(records)
+            fitted = _fit(tuple(samples_of(records)))
+            if fitted is not None:
+                terms[device, mode] = fitted
+    return Calibration(terms, counts)
+
+
+def estimate_dict(estimate: RestoreEstimate, cal: Calibration) -> dict[str, Any]:
+    """An estimate as ``plan`` and ``volume show`` give it."""
+    mode = estimate.mode.value
+    found: dict[str, Any] = {
+        "seconds": estimate.seconds,
+        "upper_seconds": estimate.upper_seconds,
+        "calibrated": estimate.calibrated,
+        "calibration": cal.describe(estimate.device_id, mode),
+        "mode": mode,
+        "device": estimate.device_id,
+        "breakdown": estimate.breakdown.as_dict(),
+    }
+    fitted = cal.terms.get((estimate.device_id, mode))
+    if fitted is not None:
+        found["terms"] = fitted.as_dict()
+    return found
+
+
+def record_restore_sample(
+    catalog: Catalog,
+    volume: str,
+    device: str,
+    how: str,
+    result: RestoreResult,
+    predicted: float | None,
+) -> None:
+    """Store a real restore as a sample of its full's pool device and mode."""
+    catalog.record_path_sample(
+        volume=volume,
+        pool_device=device,
+        mode=model_mode(how),
+        source="restore",
+        generations=len(result.chain),
+        chunks=result.chunks,
+        extents=result.extents,
+        nbytes=result.bytes_read,
+        measured_seconds=result.duration,
+        predicted_seconds=predicted,
+    )
+
+
+def record_drill(
+    catalog: Catalog, pools: PoolRegistry, pool: str, result: DrillResult
+) -> list[dict[str, Any]]:
+    """Store a drill's samples (volume ""), each with what the model predicted before."""
+    devices = {}
+    for sample in result.samples:
+        key = sample.full.generation_id
+        if key not in devices:
+            devices[key] = pools.device_of(pool, sample.full)
+    before = calibration(catalog, sorted(set(devices.values())))
+    rows = []
+    for sample in result.samples:
+        device = devices[sample.full.generation_id]
+        shape = RestoreShape(sample.generations, sample.chunks, sample.extents, sample.nbytes)
+        fitted = before.terms.get((device, sample.mode))
+        predicted = None if fitted is None else fitted.seconds(shape)
+        catalog.record_path_sample(
+            volume="",
+            pool_device=device,
+            mode=sample.mode,
+            source="drill",
+            generations=sample.generations,
+            chunks=sample.chunks,
+            extents=sample.extents,
+            nbytes=sample.nbytes,
+            measured_seconds=sample.seconds,
+            predicted_seconds=predicted,
+        )
+        rows.append(
+            {
+                "shape": sample.shape,
+                "mode": sample.mode,
+                "device": device,
+                "generations": sample.generations,
+                "extents": sample.extents,
+                "bytes": sample.nbytes,
+                "seconds": sample.seconds,
+                "predicted_seconds": -1.0 if predicted is None else predicted,
+            }
+        )
+    return rows
+
+
+def run_drill_job(
+    pool: str, pools: PoolRegistry, settings: Settings, progress: ProgressReporter
+) -> dict[str, Any]:
+    """The body of a drill job: drill the pool, store the samples, report the terms."""
+    from blockguard.daemon.engine.jobbook import JobProgress
+
+    backend = pools.backend(pool)
+    with pools.lock:
+        gate = pools.gate()
+    result = run_drill(
+        backend, volume_bytes=settings.drill_bytes, gate=gate, progress=JobProgress(progress)
+    )
+    rows = record_drill(pools.catalog, pools, pool, result)
+    devices = sorted({r["device"] for r in rows})
+    after = calibration(pools.catalog, devices)
+    return {
+        "pool": pool,
+        "samples": rows,
+        "seconds": result.duration,
+        "terms": {
+            f"{device} {mode}": after.terms[device, mode].as_dict()
+            for device in devices
+            for mode in MODES
+            if (device, mode) in after.terms
+        },
+    }

@@ -1,0 +1,111 @@
+"""A restore drill on a real dir pool over loop devices: samples of each shape and mode,
+nothing left behind, nothing written outside the pool."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blockguard.errors import ProtectedDevice
+from blockguard.storage.drill import DEFAULT_SHAPES, DRILL_VOLUME, run_drill
+from blockguard.storage.pool.dirpool import DirPool
+from blockguard.storage.runner import default_runner
+from blockguard.storage.safety import SafetyGate
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def pool(loopdev, tmp_path: Path) -> Iterator[DirPool]:
+    p = DirPool.create("drillpool", loopdev(512 * MiB, "pool.img"), tmp_path / "mnt")
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def _sha(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(4 * MiB):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _drill_loops() -> list[str]:
+    """Attached loop devices whose backing file is a drill scratch image."""
+    found = []
+    for entry in Path("/sys/block").iterdir():
+        backing = entry / "loop" / "backing_file"
+        if entry.name.startswith("loop") and backing.exists() and "@drill" in backing.read_text():
+            found.append(entry.name)
+    return found
+
+
+def test_drill_records_every_shape_and_mode_and_leaves_nothing(loopdev, pool: DirPool) -> None:
+    # A bystander: a protected volume's device, with data, that the drill must not touch.
+    bystander = loopdev(16 * MiB, "bystander.img")
+    with open(bystander, "r+b") as f:
+        f.write(os.urandom(16 * MiB))
+    before = _sha(bystander)
+    area = Path(pool.devices()[0].area)
+    gate = SafetyGate({"vol": bystander}, {pool.devices()[0].path: "drillpool"}, default_runner())
+
+    result = run_drill(pool, volume_bytes=8 * MiB, gate=gate, seed=14, repeats=1)
+
+    # One sample per shape and mode, with the shape each restore really had.
+    assert len(result.samples) == 2 * len(DEFAULT_SHAPES)
+    by = {(s.shape, s.mode): s for s in result.samples}
+    for mode in ("copy", "swap-in"):
+        assert by["full", mode].generations == 1
+        assert by["full", mode].extents == 0
+        assert by["full+8", mode].generations == 9
+        assert by["full+diff+2", mode].generations == 4
+        assert by["full+8", mode].extents > by["full+1", mode].extents > 0
+        # The differential holds 10 % of the chunks: the drill's most scattered restore.
+        assert by["full+diff+2", mode].extents > by["full+8", mode].extents
+        assert by["full", mode].nbytes == 8 * MiB
+        assert by["half full", mode].nbytes == 4 * MiB
+        assert all(s.seconds > 0 for s in result.samples)
+    # 1 % of 128 chunks: one or two chunks per incremental, each its own extent here.
+    assert by["full+1", "copy"].extents == by["full+1", "swap-in"].extents
+    assert by["full", "copy"].chunks == 128  # a copy writes every chunk
+    assert by["full", "swap-in"].chunks == 0  # a swap-in writes only the deltas
+    assert result.written  # it did write generations on the pool...
+
+    # ...and removed every one of them, its volume directory, its scratch images and loops.
+    assert pool.generations(DRILL_VOLUME) == []
+    assert not (area / "volumes" / DRILL_VOLUME).exists()
+    assert not list((area / "swapin").glob("@drill*"))
+    assert _drill_loops() == []
+    assert _sha(bystander) == before
+
+
+def test_the_gate_stops_a_drill_whose_scratch_device_is_not_its_own(
+    loopdev, pool: DirPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the pool handed out a protected device as scratch, the gate refuses before any
+    write, and the drill still removes what it wrote."""
+    victim = loopdev(8 * MiB, "victim.img")
+    with open(victim, "r+b") as f:
+        f.write(os.urandom(8 * MiB))
+    before = _sha(victim)
+    gate = SafetyGate({"vol": victim}, {pool.devices()[0].path: "drillpool"}, default_runner())
+    real_swap_in = pool.swap_in
+
+    def wrong_scratch(full, label):  # type: ignore[no-untyped-def]
+        swap = real_swap_in(full, label)
+        swap.release()
+        swap.device = victim
+        swap.release = lambda **_: None  # type: ignore[method-assign]
+        return swap
+
+    monkeypatch.setattr(pool, "swap_in", wrong_scratch)
+    with pytest.raises(ProtectedDevice):
+        run_drill(pool, volume_bytes=4 * MiB, gate=gate, modes=("copy",))
+    assert _sha(victim) == before
+    assert pool.generations(DRILL_VOLUME) == []

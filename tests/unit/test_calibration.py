@@ -1,0 +1,57 @@
+"""From catalog samples to fitted terms: uncalibrated until enough samples, per device and mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from blockguard.core.catalog import Catalog
+from blockguard.core.restore_terms import PathTerms, RestoreShape
+from blockguard.daemon.engine.calibration import calibration
+
+TRUE = PathTerms(fixed=0.2, per_generation=0.05, per_extent=0.001, per_byte=1e-8)
+SHAPES = [
+    RestoreShape(1, 512, 0, 32 << 20),
+    RestoreShape(1, 1024, 0, 64 << 20),
+    RestoreShape(5, 1024, 40, 64 << 20),
+    RestoreShape(9, 1024, 80, 64 << 20),
+    RestoreShape(4, 1024, 120, 64 << 20),
+]
+
+
+def _record(c: Catalog, shape: RestoreShape, mode: str = "copy", device: str = "/dev/sdb") -> None:
+    c.record_path_sample(
+        volume="",
+        pool_device=device,
+        mode=mode,
+        source="drill",
+        generations=shape.generations,
+        chunks=shape.chunks,
+        extents=shape.extents,
+        nbytes=shape.nbytes,
+        measured_seconds=TRUE.seconds(shape),
+    )
+
+
+def test_a_device_is_calibrated_per_mode_once_it_has_enough_samples(tmp_path: Path) -> None:
+    with Catalog(tmp_path / "catalog.db") as c:
+        cal = calibration(c, ["/dev/sdb"])
+        assert cal.terms == {}
+        assert cal.describe("/dev/sdb", "copy").startswith("uncalibrated: no drill or restore")
+        for shape in SHAPES[:3]:
+            _record(c, shape)
+        cal = calibration(c, ["/dev/sdb"])
+        assert cal.describe("/dev/sdb", "copy") == (
+            "uncalibrated: 3 restore samples of /dev/sdb in copy mode, 4 needed to fit the model"
+        )
+        for shape in SHAPES[3:]:
+            _record(c, shape)
+        _record(c, SHAPES[0], device="/dev/sdc")  # another device's sample does not count
+        cal = calibration(c, ["/dev/sdb", "/dev/sdc"])
+        assert set(cal.terms) == {("/dev/sdb", "copy")}
+        fitted = cal.terms["/dev/sdb", "copy"]
+        for shape in SHAPES:
+            assert fitted.seconds(shape) == pytest.approx(TRUE.seconds(shape), rel=0.01)
+        assert cal.describe("/dev/sdb", "copy").startswith("calibrated from 5 restore samples")
+        assert cal.describe("/dev/sdb", "swap-in").startswith("uncalibrated")
