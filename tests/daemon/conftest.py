@@ -231,9 +231,36 @@ class Daemon:
             try:
                 self.process.wait(scaled(timeout))
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+                self.kill()
         return self.process.returncode
+
+    def kill(self) -> None:
+        """kill -9 the daemon and every command it was running, as systemd does when the
+        main process of a unit dies (KillMode=control-group): an lvm or dmsetup call left
+        running would otherwise finish after the next daemon has collected the garbage of
+        the killed one (an lvcreate that lands after the new daemon's pool scan)."""
+        pgid = self.process.pid  # started with start_new_session: the group is the daemon's
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        self.process.wait(scaled(10))
+        deadline = time.monotonic() + scaled(10)
+        while _group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _group_members(pgid), f"still running after kill -9: {_group_members(pgid)}"
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group, from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(stat.parent.name))
+    return members
 
 
 def start_daemon(
@@ -280,6 +307,8 @@ def start_daemon(
             stderr=subprocess.STDOUT,
             env=environ,
             text=True,
+            # Its own process group, which its commands inherit: Daemon.kill takes them all.
+            start_new_session=True,
         )
     daemon = Daemon(process, bus, state_dir, notify, log_path)
     if wait_ready:

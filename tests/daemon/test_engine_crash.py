@@ -63,8 +63,7 @@ def test_kill_9_during_a_backup(engine: EngineHarness, loopdev: Callable[..., st
             with pytest.raises(RemoteError) as info:
                 call()
             assert info.value.name == "org.blockguard1.Error.Busy"
-        daemon.process.kill()
-        daemon.process.wait(scaled(60))
+        daemon.kill()
     current = sha256_of(volume)
 
     daemon = engine.start()

@@ -383,8 +383,7 @@ def test_lvm_pool_era_and_thin_over_dbus(world: World, engine: EngineHarness) ->
             jobs = {vol: client.call("BackupNow", "s", vol) for vol in VOLS}
             wait_running(client, jobs)
             assert len(pit_layers()) == 2  # the thick volume's copy: origin and snapshot
-            daemon.process.kill()
-            daemon.process.wait(scaled(10))
+            daemon.kill()
             time.sleep(0.3)  # the volumes keep taking writes with the daemon gone
         finally:
             killed_logs = {vol: w.finish() for vol, w in writers.items()}
