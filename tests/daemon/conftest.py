@@ -272,7 +272,13 @@ def start_daemon(
     wait_ready: bool = True,
 ) -> Daemon:
     state_dir = tmp_path / "state"
+    # Each daemon of a test keeps its own log (a restarted one must not overwrite the log of
+    # the one that was killed: that is the log a failure needs).
     log_path = tmp_path / "blockguardd.log"
+    n = 1
+    while log_path.exists():
+        n += 1
+        log_path = tmp_path / f"blockguardd-{n}.log"
     environ = dict(os.environ)
     environ.update(
         {

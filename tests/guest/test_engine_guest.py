@@ -355,7 +355,12 @@ def test_lvm_pool_era_and_thin_over_dbus(world: World, engine: EngineHarness) ->
         daemon.stop()
 
     # --- a full exception store, then kill -9 in the middle of two backups -----------------
-    daemon = engine.start(**env, BLOCKGUARD_TEST_BACKUP_DELAY="1.5", BLOCKGUARD_COW_SIZE=str(MiB))
+    # The pause after each extent must outlast what a loaded guest takes between seeing both
+    # backups copy and the kill (the thin backup starts seconds after the thick one): with a
+    # fixed 1.5 s the thick full committed on the pool before the kill (its job then fails
+    # as "daemon restarted" while its generation is there, a different case from this one).
+    delay = str(scaled(1.5))
+    daemon = engine.start(**env, BLOCKGUARD_TEST_BACKUP_DELAY=delay, BLOCKGUARD_COW_SIZE=str(MiB))
     era_table = sh("dmsetup", "table", f"{VG}-thick")
     with Client(daemon.address) as client:
         for vol in VOLS:
