@@ -215,3 +215,45 @@ def test_failed_job_carries_the_flight_recorder(tmp_path: Any, caplog: Any) -> N
     [record] = catalog.list_jobs(volume="db")
     assert record.state == "failed" and record.result["failure_report"] == report
     assert any("pool disk gone" in r.getMessage() for r in caplog.records)
+
+
+def test_a_volume_whose_job_clients_see_done_is_free_for_the_next_request(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner publishes done before the finish hook records the job in the catalog and
+    releases its volume; a client that waited for done and asks at once (a restore of the
+    generation it just made) must not get Busy: the request waits for the release. A job
+    still running keeps the volume Busy."""
+    import threading
+
+    from blockguard.core.catalog import Catalog
+    from blockguard.daemon.engine.events import EventHub
+    from blockguard.daemon.engine.jobbook import JobBook
+    from blockguard.errors import Busy
+
+    catalog = Catalog(tmp_path / "catalog.db")
+    runner = JobRunner()
+    book = JobBook(catalog, runner, EventHub())
+    in_hook, leave_hook, go_on = threading.Event(), threading.Event(), threading.Event()
+    real_finish = catalog.finish_job
+
+    def slow_finish(*args: Any, **kwargs: Any) -> None:  # a catalog write on a loaded machine
+        in_hook.set()
+        leave_hook.wait(scaled(60))
+        real_finish(*args, **kwargs)
+
+    running = book.submit(JobKind.BACKUP, "web", "web", lambda *_: go_on.wait(scaled(60)) and {})
+    with pytest.raises(Busy):  # running: refused at once
+        book.reserve("web")
+    monkeypatch.setattr(catalog, "finish_job", slow_finish)
+    job = book.submit(JobKind.BACKUP, "db", "db", lambda *_: {"generation": "db@1"})
+    assert in_hook.wait(scaled(60))
+    assert job.state is JobState.DONE  # what a client sees...
+    assert "db" in book.busy_volumes()  # ...while the hook still holds the volume
+    threading.Timer(0.2, leave_hook.set).start()
+    book.reserve("db")  # waits for the release instead of failing Busy
+    assert catalog.list_jobs(volume="db")[0].state == "done"
+    book.release("db")
+    go_on.set()
+    assert running.wait(scaled(60))
+    runner.shutdown(wait=True)

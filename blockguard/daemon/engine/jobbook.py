@@ -36,6 +36,8 @@ HISTORY_IDS = 1 << 31
 #: Seconds between two progress writes of one job to the catalog.
 PROGRESS_INTERVAL = 2.0
 RESTART_REASON = "daemon restarted while the job was running"
+#: How long a request waits for a finished job's volume to be released by its finish hook.
+SETTLE_SECONDS = 30.0
 #: How many of the flight recorder's newest calls a failed job reports.
 FAILURE_REPORT_CALLS = 20
 
@@ -61,6 +63,7 @@ class JobBook:
         self.events = events
         self.recorder = recorder
         self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
         self._busy: dict[str, int] = {}
         self.history: list[Job] = []
 
@@ -92,8 +95,21 @@ class JobBook:
             return set(self._busy)
 
     def reserve(self, volume: str) -> None:
-        """:raises Busy: a job of ``volume`` is queued or running."""
+        """Hold ``volume`` for a job.
+
+        A job that clients already see done or failed still holds its volume while its
+        finish hook records it in the catalog (the runner publishes the state first): a
+        request made in that moment waits for the release (at most :data:`SETTLE_SECONDS`)
+        instead of failing Busy, since a client that waited for the job did nothing wrong.
+
+        :raises Busy: a job of ``volume`` is queued or running.
+        """
         with self._lock:
+            holder = self._busy.get(volume)
+            if holder:
+                job = self.runner.get(holder)
+                if job is not None and job.is_finished:
+                    self._freed.wait_for(lambda: volume not in self._busy, SETTLE_SECONDS)
             if volume in self._busy:
                 raise Busy(what=f"volume {volume}", reason=f"job {self._busy[volume]} is running")
             self._busy[volume] = 0
@@ -101,6 +117,7 @@ class JobBook:
     def release(self, volume: str) -> None:
         with self._lock:
             self._busy.pop(volume, None)
+            self._freed.notify_all()
 
     def submit(
         self,
