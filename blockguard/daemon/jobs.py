@@ -249,6 +249,8 @@ class JobRunner:
         target: str,
         work: WorkFunction,
         on_finish: Callable[[Job], None] | None = None,
+        *,
+        settle: Callable[[Job, dict[str, Any]], None] | None = None,
     ) -> Job:
         """Create a job for ``work`` and queue it.
 
@@ -256,48 +258,60 @@ class JobRunner:
         :param target: the volume or generation it works on.
         :param work: the function that does it, called in a worker thread.
         :param on_finish: called in the worker thread once the job is done or failed.
+        :param settle: called in the worker thread with the job's final fields (state,
+            result, error, finished) *before* clients can see them.
         """
         job = Job(next(self._ids), kind, target)
         with self._lock:
             self._jobs[job.id] = job
         for callback in self._on_new:
             callback(job)
-        self._executor.submit(self._run, job, work, on_finish)
+        self._executor.submit(self._run, job, work, on_finish, settle)
         self._forget_old()
         return job
 
-    def _run(self, job: Job, work: WorkFunction, on_finish: Callable[[Job], None] | None) -> None:
+    def _run(
+        self,
+        job: Job,
+        work: WorkFunction,
+        on_finish: Callable[[Job], None] | None,
+        settle: Callable[[Job, dict[str, Any]], None] | None = None,
+    ) -> None:
         job.update(state=JobState.RUNNING, started=time.time())
         extra = {"JOB": job.id}
         log.info("job %s started: %s %s", job.id, job.kind.value, job.target, extra=extra)
+        final: dict[str, Any]
         try:
             result = work(ProgressReporter(job)) or {}
         except BlockguardError as exc:
             log.warning("job %s failed: %s", job.id, exc, extra=extra)
-            job.update(
-                error=(exc.dbus_name, exc.message),
-                result=_failure_result(exc),
-                state=JobState.FAILED,
-                finished=time.time(),
-            )
+            final = {
+                "error": (exc.dbus_name, exc.message),
+                "result": _failure_result(exc),
+                "state": JobState.FAILED,
+            }
         except Exception as exc:
             # The traceback goes to the log only; clients see a plain internal error.
             log.exception("job %s failed unexpectedly", job.id, extra=extra)
             internal = InternalError(detail=f"{type(exc).__name__} in job {job.id}")
-            job.update(
-                error=(internal.dbus_name, internal.message),
-                result=_failure_result(exc),
-                state=JobState.FAILED,
-                finished=time.time(),
-            )
+            final = {
+                "error": (internal.dbus_name, internal.message),
+                "result": _failure_result(exc),
+                "state": JobState.FAILED,
+            }
         else:
-            job.update(
-                result=dict(result),
-                progress=1.0,
-                eta=0.0,
-                state=JobState.DONE,
-                finished=time.time(),
-            )
+            final = {"result": dict(result), "progress": 1.0, "eta": 0.0, "state": JobState.DONE}
+        final["finished"] = time.time()
+        # What must hold once clients see the job finished (its record, its volume
+        # released) is settled before the state is published: a client that waited for
+        # "done" and asks at once finds the volume free.
+        if settle is not None:
+            try:
+                settle(job, final)
+            except Exception:
+                log.exception("settling job %s failed", job.id, extra=extra)
+        job.update(**final)
+        if final["state"] is JobState.DONE:
             log.info("job %s done", job.id, extra=extra)
         if on_finish is not None:
             try:

@@ -220,10 +220,10 @@ def test_failed_job_carries_the_flight_recorder(tmp_path: Any, caplog: Any) -> N
 def test_a_volume_whose_job_clients_see_done_is_free_for_the_next_request(
     tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The runner publishes done before the finish hook records the job in the catalog and
-    releases its volume; a client that waited for done and asks at once (a restore of the
-    generation it just made) must not get Busy: the request waits for the release. A job
-    still running keeps the volume Busy."""
+    """A job's record and its volume's release are settled before clients can see it
+    finished: a client that waited for done and asks at once (a restore of the generation
+    it just made) is never refused Busy, and finds the job recorded. A job still running
+    keeps its volume Busy."""
     import threading
 
     from blockguard.core.catalog import Catalog
@@ -234,12 +234,12 @@ def test_a_volume_whose_job_clients_see_done_is_free_for_the_next_request(
     catalog = Catalog(tmp_path / "catalog.db")
     runner = JobRunner()
     book = JobBook(catalog, runner, EventHub())
-    in_hook, leave_hook, go_on = threading.Event(), threading.Event(), threading.Event()
+    in_write, leave_write, go_on = threading.Event(), threading.Event(), threading.Event()
     real_finish = catalog.finish_job
 
     def slow_finish(*args: Any, **kwargs: Any) -> None:  # a catalog write on a loaded machine
-        in_hook.set()
-        leave_hook.wait(scaled(60))
+        in_write.set()
+        leave_write.wait(scaled(60))
         real_finish(*args, **kwargs)
 
     running = book.submit(JobKind.BACKUP, "web", "web", lambda *_: go_on.wait(scaled(60)) and {})
@@ -247,11 +247,16 @@ def test_a_volume_whose_job_clients_see_done_is_free_for_the_next_request(
         book.reserve("web")
     monkeypatch.setattr(catalog, "finish_job", slow_finish)
     job = book.submit(JobKind.BACKUP, "db", "db", lambda *_: {"generation": "db@1"})
-    assert in_hook.wait(scaled(60))
-    assert job.state is JobState.DONE  # what a client sees...
-    assert "db" in book.busy_volumes()  # ...while the hook still holds the volume
-    threading.Timer(0.2, leave_hook.set).start()
-    book.reserve("db")  # waits for the release instead of failing Busy
+    assert in_write.wait(scaled(60))
+    # While the record is being written the job is not finished to clients, and its
+    # volume is still held.
+    assert job.state is JobState.RUNNING
+    with pytest.raises(Busy):
+        book.reserve("db")
+    leave_write.set()
+    assert job.wait(scaled(60))
+    assert job.state is JobState.DONE and job.result == {"generation": "db@1"}
+    book.reserve("db")  # at once: done means released
     assert catalog.list_jobs(volume="db")[0].state == "done"
     book.release("db")
     go_on.set()

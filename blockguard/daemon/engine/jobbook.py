@@ -36,8 +36,6 @@ HISTORY_IDS = 1 << 31
 #: Seconds between two progress writes of one job to the catalog.
 PROGRESS_INTERVAL = 2.0
 RESTART_REASON = "daemon restarted while the job was running"
-#: How long a request waits for a finished job's volume to be released by its finish hook.
-SETTLE_SECONDS = 30.0
 #: How many of the flight recorder's newest calls a failed job reports.
 FAILURE_REPORT_CALLS = 20
 
@@ -63,7 +61,6 @@ class JobBook:
         self.events = events
         self.recorder = recorder
         self._lock = threading.Lock()
-        self._freed = threading.Condition(self._lock)
         self._busy: dict[str, int] = {}
         self.history: list[Job] = []
 
@@ -95,21 +92,8 @@ class JobBook:
             return set(self._busy)
 
     def reserve(self, volume: str) -> None:
-        """Hold ``volume`` for a job.
-
-        A job that clients already see done or failed still holds its volume while its
-        finish hook records it in the catalog (the runner publishes the state first): a
-        request made in that moment waits for the release (at most :data:`SETTLE_SECONDS`)
-        instead of failing Busy, since a client that waited for the job did nothing wrong.
-
-        :raises Busy: a job of ``volume`` is queued or running.
-        """
+        """:raises Busy: a job of ``volume`` is queued or running."""
         with self._lock:
-            holder = self._busy.get(volume)
-            if holder:
-                job = self.runner.get(holder)
-                if job is not None and job.is_finished:
-                    self._freed.wait_for(lambda: volume not in self._busy, SETTLE_SECONDS)
             if volume in self._busy:
                 raise Busy(what=f"volume {volume}", reason=f"job {self._busy[volume]} is running")
             self._busy[volume] = 0
@@ -117,7 +101,6 @@ class JobBook:
     def release(self, volume: str) -> None:
         with self._lock:
             self._busy.pop(volume, None)
-            self._freed.notify_all()
 
     def submit(
         self,
@@ -173,26 +156,24 @@ class JobBook:
                 self._report_failure(job, exc)
                 raise
 
-        def finished(job: Job) -> None:
+        def settle(_job: Job, final: dict[str, Any]) -> None:
+            # Before clients see the job finished: its record, then its volume released.
             try:
-                snap = job.snapshot()
-                if snap.state is JobState.DONE:
-                    self.catalog.finish_job(record.id, "done", result=_jsonable(snap.result))
+                if final["state"] is JobState.DONE:
+                    self.catalog.finish_job(record.id, "done", result=_jsonable(final["result"]))
                 else:
                     self.catalog.finish_job(
                         record.id,
                         "failed",
-                        error=snap.error[1] or "failed",
-                        result=_jsonable(snap.result) or None,
+                        error=final["error"][1] or "failed",
+                        result=_jsonable(final.get("result")) or None,
                     )
             except BlockguardError as exc:
                 log.error("job %s not recorded as finished: %s", record.id, exc)
             finally:
                 self.release(volume)
-            if on_finish is not None:
-                on_finish(job)
 
-        job = self.runner.submit(kind, target, run, on_finish=finished)
+        job = self.runner.submit(kind, target, run, on_finish=on_finish, settle=settle)
         with self._lock:
             if volume in self._busy:
                 self._busy[volume] = job.id
