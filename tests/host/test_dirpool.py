@@ -24,6 +24,7 @@ from blockguard.errors import (
 from blockguard.storage.backup import run_backup
 from blockguard.storage.manifest import MANIFEST_NAME, GenerationKind, VolumeIdentity
 from blockguard.storage.pool.base import SpaceAlert
+from blockguard.storage.pool.dirgen import creating
 from blockguard.storage.pool.dirpool import DirPool
 from tests.fsutil import frozen
 
@@ -187,16 +188,24 @@ def test_open_removes_uncommitted_but_not_live_writers(pool: DirPool, loopdev) -
     dead = area / "volumes" / "v" / "20200101T000000.000000Z-deadbeef"
     dead.mkdir()
     (dead / "image").write_bytes(b"x" * 4096)
+    # A writer killed between its mkdir and its lock file: an empty directory, just made.
+    # Nothing of this process is creating it, so it is garbage at once (a reopen within
+    # seconds of the kill, as after a quick daemon restart, must not keep it).
+    empty = area / "volumes" / "v" / "20200101T000000.000002Z-0badf00d"
+    empty.mkdir()
+    # One this process's writer is creating right now (mkdir done, lock not yet held).
+    creating_now = area / "volumes" / "v" / "20200101T000000.000003Z-c0ffee00"
     half_removed = area / "volumes" / "v" / "20200101T000000.000001Z-00000000.deleted"
     half_removed.mkdir()
     (half_removed / MANIFEST_NAME).write_text("{}")
     live = pool.begin_generation(
         ident, GenerationKind.FULL, CHUNK, None, base_id=None, parent_id=None
     )
-    with live:
+    with live, creating(creating_now):
+        creating_now.mkdir()
         removed = pool.collect_garbage()
-        assert sorted(removed) == sorted([str(dead), str(half_removed)])
-        assert live.dir.exists()
+        assert sorted(removed) == sorted([str(dead), str(empty), str(half_removed)])
+        assert live.dir.exists() and creating_now.exists()
         assert len(pool.generations("v")) == 1
     assert not live.dir.exists()  # left without commit: aborted
 

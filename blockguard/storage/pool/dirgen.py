@@ -8,14 +8,15 @@ written last, and ``.writing``, whose flock marks a live writer.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import fcntl
 import mmap
 import os
 import shutil
 import stat
-import time
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from pyroaring import BitMap
@@ -124,20 +125,21 @@ class DirGenerationWriter(GenerationWriter):
         self._lock_fd = -1
         self._file: PoolFile | None = None
         self._new_volume_dir = not gen_dir.parent.exists()
-        with io_edge(gen_dir, "creating", pool=pool):
-            gen_dir.mkdir(parents=True)
-        try:
-            with io_edge(gen_dir / LOCK, "creating", pool=pool):
-                self._lock_fd = os.open(
-                    gen_dir / LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600
-                )
-        except BaseException:
-            self._cleanup()
-            raise
         self._stage: mmap.mmap | None = None
         self._staged = 0
         self._stage_offset = 0
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        with creating(gen_dir):
+            with io_edge(gen_dir, "creating", pool=pool):
+                gen_dir.mkdir(parents=True)
+            try:
+                with io_edge(gen_dir / LOCK, "creating", pool=pool):
+                    self._lock_fd = os.open(
+                        gen_dir / LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600
+                    )
+            except BaseException:
+                self._cleanup()
+                raise
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         self._bytes = 0
         try:
             # A concurrent open() may have taken the directory for garbage between our
@@ -304,25 +306,38 @@ def clone_file(src: Path, dst: Path) -> None:
         os.close(sfd)
 
 
-#: A generation directory younger than this with no lock file may be one a writer has
-#: just made and not locked yet.
-LOCK_GRACE = 10.0
+_creating: set[str] = set()
+_creating_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def creating(gen: Path) -> Iterator[None]:
+    """Mark ``gen`` as being created by a writer of this process until its lock is held.
+
+    Between a writer's mkdir and its flock the directory has no locked ``.writing`` file;
+    a garbage collection of this process that looked then would take it for garbage. It
+    asks :func:`writer_alive`, which knows these directories. (Pools are written by one
+    process: the daemon holding its state directory; a writer of a killed process left
+    garbage, whatever its age.)"""
+    key = str(gen)
+    with _creating_lock:
+        _creating.add(key)
+    try:
+        yield
+    finally:
+        with _creating_lock:
+            _creating.discard(key)
 
 
 def writer_alive(gen: Path) -> bool:
-    """True while a (live) writer holds the generation's lock (or may be about to)."""
+    """True while a live writer holds the generation's lock or is creating it."""
+    with _creating_lock:
+        if str(gen) in _creating:
+            return True
     try:
         fd = os.open(gen / LOCK, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
-        try:
-            return (
-                time.time() - gen.stat().st_mtime < LOCK_GRACE
-                and not (gen / MANIFEST_NAME).exists()
-                and not gen.name.endswith(".deleted")
-                and not any(gen.iterdir())
-            )
-        except FileNotFoundError:
-            return False
+        return False
     except OSError:
         return False
     try:

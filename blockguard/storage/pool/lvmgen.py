@@ -34,7 +34,7 @@ from blockguard.storage.manifest import (
     write_durable,
 )
 from blockguard.storage.pool.base import GenerationReader, GenerationWriter, SwapInVolume
-from blockguard.storage.pool.dirgen import CHECKSUMS, LOCK
+from blockguard.storage.pool.dirgen import CHECKSUMS, LOCK, creating
 
 #: Small packed extents are gathered into writes of up to this size.
 STAGE_BYTES = 8 << 20
@@ -52,9 +52,10 @@ def lock_generation_dir(gen_dir: Path) -> int:
 
     :raises EnvironmentProblem: a concurrent garbage collection removed it meanwhile.
     """
-    gen_dir.mkdir(parents=True)
-    fd = os.open(gen_dir / LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    with creating(gen_dir):
+        gen_dir.mkdir(parents=True)
+        fd = os.open(gen_dir / LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         same = os.stat(gen_dir / LOCK).st_ino == os.fstat(fd).st_ino
     except FileNotFoundError:
