@@ -43,7 +43,7 @@ from blockguard.core.restore_model import (
     estimate_chain,
 )
 from blockguard.core.restore_terms import PathSample, RestoreShape, fit_terms
-from blockguard.daemon.engine.planning import runs
+from blockguard.engine.planning import runs
 from blockguard.storage.backup import run_backup
 from blockguard.storage.blockdev import BlockDevice
 from blockguard.storage.drill import run_drill

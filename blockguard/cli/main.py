@@ -18,7 +18,7 @@ from typing import Any
 from blockguard.cli import actions
 from blockguard.cli.client import Client
 from blockguard.cli.errors import explain
-from blockguard.core.objectives import MAX_GENERATIONS
+from blockguard.core.vocab import MAX_GENERATIONS
 from blockguard.errors import ExitCode
 
 

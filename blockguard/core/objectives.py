@@ -25,6 +25,7 @@ from blockguard.core.units import (
     parse_duration,
     parse_size,
 )
+from blockguard.core.vocab import MAX_GENERATIONS
 from blockguard.errors import InvalidInput, InvalidObjectives
 
 MIN_INTERVAL = timedelta(minutes=1)
@@ -33,7 +34,7 @@ MIN_RTO = timedelta(seconds=1)
 MAX_RTO = timedelta(days=30)
 MIN_CHANGED_BYTES = MiB
 MAX_CHANGED_BYTES = EiB
-MAX_GENERATIONS = 10_000
+
 DEFAULT_GENERATIONS = 7
 
 _HOUR_RE = re.compile(r"([0-9]{1,2}):([0-9]{2})")

@@ -1,6 +1,6 @@
 """blockguardd on D-Bus: ``org.blockguard1.Manager`` and the tree of exported objects.
 
-A thin adapter over :class:`~blockguard.daemon.service.Service`: each method converts its
+A thin adapter over :class:`~blockguard.engine.service.Service`: each method converts its
 arguments, calls the service in a worker thread (so the loop never blocks), and returns the
 object path of what it created. Service events become signals and property changes.
 The API contract is the committed introspection XML in ``tests/daemon/introspection/``.
@@ -19,7 +19,6 @@ from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
 import blockguard
-from blockguard.daemon import service as svc
 from blockguard.daemon.dbusutil import (
     BUS_NAME,
     DEFAULT_ADMIN_GROUP,
@@ -43,8 +42,9 @@ from blockguard.daemon.dbusutil import (
     unescape_path_element,
     volume_path,
 )
-from blockguard.daemon.jobs import Job
 from blockguard.daemon.objects import JobObject, PoolObject, VolumeObject, generation_struct
+from blockguard.engine import service as svc
+from blockguard.engine.jobs import Job
 from blockguard.errors import EnvironmentProblem, InvalidInput, NotFound
 
 log = logging.getLogger(__name__)

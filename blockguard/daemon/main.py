@@ -21,17 +21,17 @@ from pathlib import Path
 
 from blockguard.daemon.bus import DaemonBus, connect
 from blockguard.daemon.dbusutil import DEFAULT_ADMIN_GROUP
-from blockguard.daemon.jobs import JobRunner
 from blockguard.daemon.logsetup import setup_logging
 from blockguard.daemon.notify import Notifier
-from blockguard.daemon.service import Service
 from blockguard.daemon.udevwatch import RescanRequest, UdevWatcher
+from blockguard.engine.jobs import JobRunner
+from blockguard.engine.service import Service
 from blockguard.errors import BlockguardError, EnvironmentProblem, ExitCode, InvalidInput
 
 log = logging.getLogger("blockguardd")
 
 DEFAULT_STATE_DIR = "/var/lib/blockguard"
-DEFAULT_SERVICE = "blockguard.daemon.engine:make_service"
+DEFAULT_SERVICE = "blockguard.engine.engine:make_service"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""An in-memory :class:`~blockguard.daemon.service.Service` for the daemon skeleton and its tests.
+"""An in-memory :class:`~blockguard.engine.service.Service` for the daemon skeleton and its tests.
 
 It keeps pools, volumes and generations in dictionaries, copies no data and touches no
 device: "backups" are jobs that sleep in small steps and report progress. Device paths must
@@ -21,8 +21,8 @@ from typing import Any
 
 from blockguard.core.objective_sets import clean_given, merge_given, parse_given
 from blockguard.core.objectives import IntervalRPO
-from blockguard.daemon import service as svc
-from blockguard.daemon.jobs import Job, JobKind, JobRunner, ProgressReporter
+from blockguard.engine import service as svc
+from blockguard.engine.jobs import Job, JobKind, JobRunner, ProgressReporter
 from blockguard.errors import (
     AlreadyExists,
     Busy,

@@ -27,8 +27,8 @@ from blockguard.daemon.dbusutil import (
     handler,
     to_vardict,
 )
-from blockguard.daemon.jobs import Job, JobSnapshot
-from blockguard.daemon.service import GenerationInfo, PoolInfo, VolumeInfo
+from blockguard.engine.jobs import Job, JobSnapshot
+from blockguard.engine.service import GenerationInfo, PoolInfo, VolumeInfo
 
 READ = PropertyAccess.READ
 

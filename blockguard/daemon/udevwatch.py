@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from blockguard.daemon.service import WatchTargets
+from blockguard.engine.service import WatchTargets
 
 log = logging.getLogger(__name__)
 

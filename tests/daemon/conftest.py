@@ -374,7 +374,7 @@ def client(daemon: Daemon) -> Iterator[object]:
 
 # --- the real engine on loop devices ----------------------------------------------------
 
-ENGINE = "blockguard.daemon.engine:make_service"
+ENGINE = "blockguard.engine.engine:make_service"
 MiB = 1 << 20
 #: The daemon's environment for engine tests: no probe (loop devices are too fast for an
 #: RTO of seconds to matter), every device at 8 MiB/s, no scheduler unless a test asks,

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from blockguard.daemon.service import WatchTargets
 from blockguard.daemon.udevwatch import Debouncer, DeviceEvent, RescanRequest, UdevWatcher
+from blockguard.engine.service import WatchTargets
 
 
 @dataclass

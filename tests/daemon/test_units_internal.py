@@ -18,9 +18,9 @@ from blockguard.daemon.dbusutil import (
     to_variant,
     unescape_path_element,
 )
-from blockguard.daemon.jobs import JobKind, JobRunner, JobState
 from blockguard.daemon.logsetup import FieldsFormatter, setup_logging, under_systemd
 from blockguard.daemon.memory import validate_objectives
+from blockguard.engine.jobs import JobKind, JobRunner, JobState
 from blockguard.errors import InvalidObjectives, NotAuthorized, NotFound
 from tests.timeouts import scaled
 
@@ -186,8 +186,8 @@ def test_logging_target_and_fields() -> None:
 def test_failed_job_carries_the_flight_recorder(tmp_path: Any, caplog: Any) -> None:
     """A job that fails reports the last commands run: in its Result, the catalog, the log."""
     from blockguard.core.catalog import Catalog
-    from blockguard.daemon.engine.events import EventHub
-    from blockguard.daemon.engine.jobbook import JobBook
+    from blockguard.engine.events import EventHub
+    from blockguard.engine.jobbook import JobBook
     from blockguard.errors import DeviceIOError
     from blockguard.storage.runner import Runner
 
@@ -200,7 +200,7 @@ def test_failed_job_carries_the_flight_recorder(tmp_path: Any, caplog: Any) -> N
         recorder.run(["sh", "-c", "echo pool disk gone >&2; exit 3"], timeout=30, check=False)
         raise DeviceIOError(path="/dev/vdz", op="writing", offset=8192, reason="EIO")
 
-    with caplog.at_level(logging.WARNING, logger="blockguard.daemon.engine.jobbook"):
+    with caplog.at_level(logging.WARNING, logger="blockguard.engine.jobbook"):
         job = book.submit(JobKind.BACKUP, "db", "db", work)
         assert job.wait(scaled(60))
         runner.shutdown(wait=True)
@@ -227,8 +227,8 @@ def test_a_volume_whose_job_clients_see_done_is_free_for_the_next_request(
     import threading
 
     from blockguard.core.catalog import Catalog
-    from blockguard.daemon.engine.events import EventHub
-    from blockguard.daemon.engine.jobbook import JobBook
+    from blockguard.engine.events import EventHub
+    from blockguard.engine.jobbook import JobBook
     from blockguard.errors import Busy
 
     catalog = Catalog(tmp_path / "catalog.db")

@@ -8,7 +8,7 @@ import pytest
 
 from blockguard.core.catalog import Catalog
 from blockguard.core.restore_terms import PathTerms, RestoreShape
-from blockguard.daemon.engine.calibration import calibration
+from blockguard.engine.calibration import calibration
 
 TRUE = PathTerms(fixed=0.2, per_generation=0.05, per_extent=0.001, per_byte=1e-8)
 SHAPES = [

@@ -27,9 +27,9 @@ from blockguard.core.restore_terms import (
     RestoreShape,
     fit_terms,
 )
-from blockguard.daemon.engine.pools import PoolRegistry
-from blockguard.daemon.engine.settings import Settings
-from blockguard.daemon.jobs import ProgressReporter
+from blockguard.engine.jobs import ProgressReporter
+from blockguard.engine.pools import PoolRegistry
+from blockguard.engine.settings import Settings
 from blockguard.storage.drill import DrillResult, run_drill
 from blockguard.storage.restore import RestoreResult
 
@@ -178,7 +178,7 @@ def run_drill_job(
     pool: str, pools: PoolRegistry, settings: Settings, progress: ProgressReporter
 ) -> dict[str, Any]:
     """The body of a drill job: drill the pool, store the samples, report the terms."""
-    from blockguard.daemon.engine.jobbook import JobProgress
+    from blockguard.engine.jobbook import JobProgress
 
     backend = pools.backend(pool)
     with pools.lock:

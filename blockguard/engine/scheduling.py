@@ -21,7 +21,7 @@ from blockguard.core.scheduler import (
     group_startable,
     startable,
 )
-from blockguard.daemon.engine.volumes import VolumeRegistry, is_detached
+from blockguard.engine.volumes import VolumeRegistry, is_detached
 from blockguard.errors import BlockguardError
 
 log = logging.getLogger(__name__)

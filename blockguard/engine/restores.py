@@ -26,15 +26,15 @@ from blockguard.core.restore_model import (
     StoredDelta,
     estimate_chain,
 )
-from blockguard.daemon import service as svc
-from blockguard.daemon.engine import ids
-from blockguard.daemon.engine.calibration import calibration, model_mode, record_restore_sample
-from blockguard.daemon.engine.events import EventHub
-from blockguard.daemon.engine.jobbook import JobProgress
-from blockguard.daemon.engine.planning import correction_from, runs
-from blockguard.daemon.engine.pools import PoolRegistry, _block_device
-from blockguard.daemon.engine.volumes import VolumeRegistry, is_detached
-from blockguard.daemon.jobs import ProgressReporter
+from blockguard.engine import ids
+from blockguard.engine import service as svc
+from blockguard.engine.calibration import calibration, model_mode, record_restore_sample
+from blockguard.engine.events import EventHub
+from blockguard.engine.jobbook import JobProgress
+from blockguard.engine.jobs import ProgressReporter
+from blockguard.engine.planning import correction_from, runs
+from blockguard.engine.pools import PoolRegistry, _block_device
+from blockguard.engine.volumes import VolumeRegistry, is_detached
 from blockguard.errors import (
     BlockguardError,
     ChecksumMismatch,

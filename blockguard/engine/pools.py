@@ -19,11 +19,11 @@ from pathlib import Path
 
 from blockguard.core.catalog import Catalog, DeviceIdentity, PerfEntry
 from blockguard.core.perftable import DeviceSpeed
-from blockguard.daemon import service as svc
-from blockguard.daemon.engine.events import EventHub
-from blockguard.daemon.engine.gate import build_gate
-from blockguard.daemon.engine.ids import check_name
-from blockguard.daemon.engine.settings import Settings
+from blockguard.engine import service as svc
+from blockguard.engine.events import EventHub
+from blockguard.engine.gate import build_gate
+from blockguard.engine.ids import check_name
+from blockguard.engine.settings import Settings
 from blockguard.errors import (
     AlreadyExists,
     BlockguardError,

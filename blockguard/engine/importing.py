@@ -22,9 +22,9 @@ from typing import Any
 
 from blockguard.core.catalog import DeviceIdentity
 from blockguard.core.damage import Damage, DamageCause
-from blockguard.daemon import service as svc
-from blockguard.daemon.engine.pools import PoolRegistry, _block_device, _describe
-from blockguard.daemon.engine.volumes import DETACHED, VolumeRegistry, detached_path
+from blockguard.engine import service as svc
+from blockguard.engine.pools import PoolRegistry, _block_device, _describe
+from blockguard.engine.volumes import DETACHED, VolumeRegistry, detached_path
 from blockguard.errors import AlreadyExists, BlockguardError, DeviceInUse, InvalidInput
 from blockguard.storage.blockdev import BlockDevice, device_rdev
 from blockguard.storage.manifest import Manifest

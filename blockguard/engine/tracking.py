@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from blockguard.daemon.engine.cmdguard import exclusive
+from blockguard.engine.cmdguard import exclusive
 from blockguard.errors import (
     BlockguardError,
     CorruptMetadata,

@@ -1,6 +1,6 @@
 """Jobs of the real service: one at a time per volume, each mirrored in the catalog.
 
-The :class:`~blockguard.daemon.jobs.JobRunner` runs the work and keeps the jobs of this
+The :class:`~blockguard.engine.jobs.JobRunner` runs the work and keeps the jobs of this
 daemon's life; the catalog keeps every job's history across restarts. Jobs a previous
 daemon left running are failed at start ("daemon restarted") and listed again with ids
 from :data:`HISTORY_IDS` (the runner numbers this life's jobs from 1).
@@ -15,9 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 from blockguard.core.catalog import Catalog
-from blockguard.daemon import service as svc
-from blockguard.daemon.engine.events import EventHub
-from blockguard.daemon.jobs import (
+from blockguard.engine import service as svc
+from blockguard.engine.events import EventHub
+from blockguard.engine.jobs import (
     Job,
     JobKind,
     JobRunner,
@@ -183,7 +183,7 @@ class JobBook:
     def _report_failure(self, job: Job, exc: BaseException) -> None:
         """Attach the flight recorder's last calls to a failing job's error, and log them.
 
-        The :class:`~blockguard.daemon.jobs.JobRunner` puts the report in the job's
+        The :class:`~blockguard.engine.jobs.JobRunner` puts the report in the job's
         ``Result`` (and so in the catalog); the journal gets it here, with the job's id.
         """
         if self.recorder is None:

@@ -38,12 +38,12 @@ from blockguard.core.restore_model import (
     what_if,
 )
 from blockguard.core.scheduler import ScheduleDecision, schedule
-from blockguard.daemon.engine.calibration import Calibration, estimate_dict
+from blockguard.engine.calibration import Calibration, estimate_dict
 from blockguard.storage.manifest import Manifest
 from blockguard.storage.tracking import ChangeSet
 
 if TYPE_CHECKING:
-    from blockguard.daemon.engine.volumes import VolumeGenerations
+    from blockguard.engine.volumes import VolumeGenerations
 
 __all__ = [
     "CLEAR",

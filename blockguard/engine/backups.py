@@ -25,15 +25,15 @@ from typing import Any
 from pyroaring import BitMap
 
 from blockguard.core.restore_model import BackupMethod
-from blockguard.daemon import service as svc
-from blockguard.daemon.engine import ids, poolspace
-from blockguard.daemon.engine.events import EventHub
-from blockguard.daemon.engine.jobbook import JobProgress
-from blockguard.daemon.engine.planning import decide
-from blockguard.daemon.engine.pools import PoolRegistry
-from blockguard.daemon.engine.tracking import LAST_BACKUP, LAST_FULL, VolumeTracking
-from blockguard.daemon.engine.volumes import VolumeRegistry
-from blockguard.daemon.jobs import ProgressReporter
+from blockguard.engine import ids, poolspace
+from blockguard.engine import service as svc
+from blockguard.engine.events import EventHub
+from blockguard.engine.jobbook import JobProgress
+from blockguard.engine.jobs import ProgressReporter
+from blockguard.engine.planning import decide
+from blockguard.engine.pools import PoolRegistry
+from blockguard.engine.tracking import LAST_BACKUP, LAST_FULL, VolumeTracking
+from blockguard.engine.volumes import VolumeRegistry
 from blockguard.errors import BlockguardError, InvalidInput, TrackingLost
 from blockguard.storage.backup import apply_retention_after_commit, run_backup
 from blockguard.storage.blockdev import BlockDevice

@@ -1,6 +1,6 @@
 """Protected volumes of the real service: protect, objectives, and what clients see.
 
-A volume's :class:`~blockguard.daemon.service.VolumeInfo` is recomputed (the tracker
+A volume's :class:`~blockguard.engine.service.VolumeInfo` is recomputed (the tracker
 asked for its change sets, the planner for its choice) when something changed — a
 backup, new objectives, a scheduler tick, an explicit ``Plan`` — and kept, so reads are
 quick. The catalog's generation rows are kept in step with the pool's manifests.
@@ -34,11 +34,11 @@ from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.restore_model import ChangeSets
 from blockguard.core.retention import GenerationRef
 from blockguard.core.scheduler import ScheduleDecision
-from blockguard.daemon import service as svc
-from blockguard.daemon.engine import ids, poolspace
-from blockguard.daemon.engine.calibration import calibration
-from blockguard.daemon.engine.events import EventHub
-from blockguard.daemon.engine.planning import (
+from blockguard.engine import ids, poolspace
+from blockguard.engine import service as svc
+from blockguard.engine.calibration import calibration
+from blockguard.engine.events import EventHub
+from blockguard.engine.planning import (
     PlanInputs,
     chain_view,
     clean_given,
@@ -50,9 +50,9 @@ from blockguard.daemon.engine.planning import (
     runs,
     schedule_of,
 )
-from blockguard.daemon.engine.pools import PoolRegistry
-from blockguard.daemon.engine.settings import Settings
-from blockguard.daemon.engine.tracking import LAST_BACKUP, LAST_FULL, VolumeTracking, choose_backend
+from blockguard.engine.pools import PoolRegistry
+from blockguard.engine.settings import Settings
+from blockguard.engine.tracking import LAST_BACKUP, LAST_FULL, VolumeTracking, choose_backend
 from blockguard.errors import (
     AlreadyExists,
     BlockguardError,

@@ -1,4 +1,4 @@
-"""The real :class:`~blockguard.daemon.service.Service`: catalog, planner and storage.
+"""The real :class:`~blockguard.engine.service.Service`: catalog, planner and storage.
 
 It composes the parts of this package (pools, volumes and their tracking, jobs, backups,
 restores, the scheduler) and is what ``blockguardd`` runs by default. Every public
@@ -35,25 +35,25 @@ from pathlib import Path
 from typing import Any
 
 from blockguard.core.catalog import Catalog
-from blockguard.daemon import service as svc
-from blockguard.daemon.engine import ids
-from blockguard.daemon.engine.backups import back_up
-from blockguard.daemon.engine.calibration import run_drill_job
-from blockguard.daemon.engine.cmdguard import GuardedRunner
-from blockguard.daemon.engine.events import EventHub
-from blockguard.daemon.engine.importing import import_pool
-from blockguard.daemon.engine.jobbook import JobBook
-from blockguard.daemon.engine.pools import PoolRegistry
-from blockguard.daemon.engine.restores import (
+from blockguard.engine import ids
+from blockguard.engine import service as svc
+from blockguard.engine.backups import back_up
+from blockguard.engine.calibration import run_drill_job
+from blockguard.engine.cmdguard import GuardedRunner
+from blockguard.engine.events import EventHub
+from blockguard.engine.importing import import_pool
+from blockguard.engine.jobbook import JobBook
+from blockguard.engine.jobs import Job, JobKind, JobRunner, JobState, ProgressReporter
+from blockguard.engine.pools import PoolRegistry
+from blockguard.engine.restores import (
     check_restore,
     find_generation,
     run_restore,
     run_verify,
 )
-from blockguard.daemon.engine.scheduling import Scheduler
-from blockguard.daemon.engine.settings import Settings
-from blockguard.daemon.engine.volumes import VolumeRegistry, is_detached
-from blockguard.daemon.jobs import Job, JobKind, JobRunner, JobState, ProgressReporter
+from blockguard.engine.scheduling import Scheduler
+from blockguard.engine.settings import Settings
+from blockguard.engine.volumes import VolumeRegistry, is_detached
 from blockguard.errors import BlockguardError, Busy, CatalogLost, EnvironmentProblem, NotFound
 from blockguard.storage import dm
 from blockguard.storage.drill import DRILL_VOLUME
@@ -514,5 +514,5 @@ class Engine:
 
 
 def make_service(state_dir: Path, runner: JobRunner) -> Engine:
-    """The factory ``blockguardd --service blockguard.daemon.engine:make_service`` calls."""
+    """The factory ``blockguardd --service blockguard.engine.engine:make_service`` calls."""
     return Engine(Path(state_dir), runner)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from blockguard.daemon import service as svc
+from blockguard.engine import service as svc
 
 log = logging.getLogger(__name__)
 

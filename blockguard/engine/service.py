@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from blockguard.daemon.jobs import Job
+from blockguard.engine.jobs import Job
 
 # --- values ------------------------------------------------------------------------
 

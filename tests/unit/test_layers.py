@@ -1,0 +1,115 @@
+"""The layers hold on imports: each package imports only what its layer may touch.
+
+core      pure decisions and the vocabulary: nothing of storage, engine, daemon, cli, D-Bus
+storage   everything that touches a device: core, never engine, daemon, cli or D-Bus
+engine    the application: core and storage, never daemon, cli or D-Bus
+daemon    D-Bus adapters: the engine's service interface and jobs only, never storage or core
+          decisions (the vocabulary excepted)
+cli       a D-Bus client: errors, the vocabulary and itself
+
+Every import statement counts, including the ones inside functions. The test reads the
+source with ``ast``; it imports nothing of blockguard.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2] / "blockguard"
+
+ALWAYS = ("blockguard.errors", "blockguard.core.vocab")
+# Which blockguard modules each layer may import (prefixes), and which outside packages it
+# must not.
+ALLOWED: dict[str, tuple[str, ...]] = {
+    "core": ("blockguard.core",),
+    "storage": ("blockguard.core", "blockguard.storage"),
+    "engine": ("blockguard.core", "blockguard.storage", "blockguard.engine"),
+    "daemon": ("blockguard.daemon", "blockguard.engine.service", "blockguard.engine.jobs"),
+    "cli": ("blockguard.cli",),
+}
+FORBIDDEN_OUTSIDE: dict[str, tuple[str, ...]] = {
+    "core": ("dbus_fast", "pyudev", "systemd"),
+    "storage": ("dbus_fast",),
+    "engine": ("dbus_fast",),
+    "daemon": (),
+    "cli": (),
+}
+# The daemon's entry point names the package (for __version__) and loads the engine's
+# factory by a string; nothing else is excepted.
+EXCEPTIONS: dict[str, set[str]] = {
+    "daemon/bus.py": {"blockguard"},
+    # The in-memory fake leaves the package with the rest of issue 10.
+    "daemon/memory.py": {
+        "blockguard.core.objective_sets.clean_given",
+        "blockguard.core.objective_sets.merge_given",
+        "blockguard.core.objective_sets.parse_given",
+        "blockguard.core.objectives.IntervalRPO",
+    },
+}
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    package = ".".join(("blockguard", *path.relative_to(ROOT).parent.parts))
+    return _imports_of(path.read_text(), package)
+
+
+def _imports_of(text: str, package: str) -> list[tuple[int, str]]:
+    tree = ast.parse(text)
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            # "from pkg import name": name may be a submodule, so judge pkg.name.
+            found.extend(
+                (node.lineno, f"{module}.{alias.name}".lstrip(".")) for alias in node.names
+            )
+    return sorted(found)
+
+
+def _within(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def _modules(layer: str) -> list[Path]:
+    return sorted((ROOT / layer).rglob("*.py"))
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_layer_imports_only_what_it_may(layer: str) -> None:
+    bad: list[str] = []
+    for path in _modules(layer):
+        rel = str(path.relative_to(ROOT))
+        for line, module in _imports(path):
+            if module in EXCEPTIONS.get(rel, set()):
+                continue
+            if module == "blockguard" or module.startswith("blockguard."):
+                if not _within(module, ALLOWED[layer] + ALWAYS):
+                    bad.append(f"{rel}:{line} imports {module}")
+            elif _within(module, FORBIDDEN_OUTSIDE[layer]):
+                bad.append(f"{rel}:{line} imports {module}")
+    assert not bad, f"{layer} reaches outside its layer:\n" + "\n".join(bad)
+
+
+def test_every_package_is_a_known_layer() -> None:
+    packages = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert packages == set(ALLOWED), "a new package needs its place in the layer rules"
+
+
+def test_the_checker_resolves_relative_and_nested_imports() -> None:
+    text = "from ...engine import jobs\ndef f():\n    import dbus_fast\nfrom . import vocab\n"
+    found = [m for _, m in _imports_of(text, "blockguard.core.catalog")]
+    assert found == ["blockguard.engine.jobs", "dbus_fast", "blockguard.core.catalog.vocab"]
+    found = [
+        m for _, m in _imports_of("from blockguard.engine import service", "blockguard.daemon")
+    ]
+    assert found == ["blockguard.engine.service"]
+    assert not _within("blockguard.engine.jobs", ALLOWED["core"] + ALWAYS)
