@@ -19,9 +19,8 @@ from blockguard.daemon.dbusutil import (
     unescape_path_element,
 )
 from blockguard.daemon.logsetup import FieldsFormatter, setup_logging, under_systemd
-from blockguard.daemon.memory import validate_objectives
 from blockguard.engine.jobs import JobKind, JobRunner, JobState
-from blockguard.errors import InvalidObjectives, NotAuthorized, NotFound
+from blockguard.errors import NotAuthorized, NotFound
 from tests.timeouts import scaled
 
 
@@ -153,14 +152,6 @@ def test_to_variant() -> None:
     assert to_variant({"full": 1.5}) == Variant("a{sd}", {"full": 1.5})
     assert to_variant(["a"]) == Variant("as", ["a"])
     assert to_variant({"n": 1}).signature == "a{sv}"
-
-
-def test_objective_validation_of_the_memory_service() -> None:
-    # Only the keys given are stored; the defaults (7 generations) apply when read.
-    assert validate_objectives({"rpo": "every 15m"}) == {"rpo": "every 15m"}
-    for bad in ({}, {"rpo": "0m"}, {"rto": -3}, {"rpo": "15m", "generations": 0}, {"x": 1}):
-        with pytest.raises(InvalidObjectives):
-            validate_objectives(bad)
 
 
 def test_logging_target_and_fields() -> None:
