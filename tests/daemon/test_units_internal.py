@@ -19,8 +19,9 @@ from blockguard.daemon.dbusutil import (
     unescape_path_element,
 )
 from blockguard.daemon.logsetup import FieldsFormatter, setup_logging, under_systemd
+from blockguard.daemon.main import make_service
 from blockguard.engine.jobs import JobKind, JobRunner, JobState
-from blockguard.errors import NotAuthorized, NotFound
+from blockguard.errors import EnvironmentProblem, InvalidInput, NotAuthorized, NotFound
 from tests.timeouts import scaled
 
 
@@ -152,6 +153,21 @@ def test_to_variant() -> None:
     assert to_variant({"full": 1.5}) == Variant("a{sd}", {"full": 1.5})
     assert to_variant(["a"]) == Variant("as", ["a"])
     assert to_variant({"n": 1}).signature == "a{sv}"
+
+
+@pytest.mark.parametrize("kind", ["memory", "engine:", ":make_service", ""])
+def test_service_option_takes_module_and_factory_only(kind: str, tmp_path: Any) -> None:
+    # There is no built-in fake service: anything but MODULE:FACTORY is refused by name.
+    runner = JobRunner()
+    try:
+        with pytest.raises(InvalidInput) as info:
+            make_service(kind, tmp_path, runner)
+        assert repr(kind) in str(info.value)
+        with pytest.raises(EnvironmentProblem) as missing:
+            make_service("blockguard.daemon.memory:MemoryService", tmp_path, runner)
+        assert "blockguard.daemon.memory" in str(missing.value)
+    finally:
+        runner.shutdown(wait=False)
 
 
 def test_logging_target_and_fields() -> None:
