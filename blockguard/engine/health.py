@@ -217,6 +217,7 @@ class HealthKeeper:
         self.pools = pools
         self.alerts = alerts
         self.catalog = volumes.catalog
+        self._space: dict[str, tuple[int, int]] = {}
         # One assessment at a time: two could see the same new condition and raise twice.
         self._lock = threading.Lock()
 
@@ -241,6 +242,17 @@ class HealthKeeper:
                 log.warning("no health facts of pool %s: %s", name, exc)
         return vols, pools
 
+    def _publish_space(self, pools: list[PoolFacts]) -> None:
+        """A pool whose space changed since the last look is announced (PoolChanged), so
+        the D-Bus Pool object's Free follows backups, retention and garbage collection."""
+        changed = []
+        for p in pools:
+            if self._space.get(p.name) != (p.capacity, p.free):
+                self._space[p.name] = (p.capacity, p.free)
+                changed.append(svc.PoolChanged(p.name))
+        if changed:
+            self.pools.events.emit(*changed)
+
     def assess(self) -> dict[str, Any]:
         """Assess now; raise and resolve alerts; write the metrics file. Returns the
         health as :meth:`Service.health <blockguard.engine.service.Service.health>` does."""
@@ -252,6 +264,7 @@ class HealthKeeper:
             active = self.alerts.active_records()
             jobs = [(j.kind, j.state) for j in self.catalog.list_jobs()]
             metrics.write(self.settings.metrics_file, metrics.render(health, jobs, active))
+        self._publish_space(pools)
         result = health.as_dict()
         result["time"] = now
         return result
