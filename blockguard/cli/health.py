@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import sys
 import time
 from typing import Any
 
@@ -55,14 +56,14 @@ def _versus(value: float, limit: float) -> str:
 
 
 def _fetch(client: Client) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    summary = plain(client.call("GetStatus"))
     try:
         health = plain(client.call("GetHealth"))
     except RemoteError as exc:
         if exc.name != EnvironmentProblem.dbus_name:
             raise
         health = None  # a service without health assessment (the in-memory one)
-    return summary, health
+    # After GetHealth: the summary then tells the level just assessed.
+    return plain(client.call("GetStatus")), health
 
 
 def _headline(health: dict[str, Any]) -> str:
@@ -71,9 +72,16 @@ def _headline(health: dict[str, Any]) -> str:
     return f"BLOCKGUARD {level}: " + ("; ".join(reasons) if reasons else "all objectives met")
 
 
+def _headline_out(line: str) -> None:
+    """The first line for monitoring: one line whatever the terminal's width."""
+    sys.stdout.write(" ".join(line.split()) + "\n")
+    sys.stdout.flush()
+
+
 def _show(out: Output, summary: dict[str, Any], health: dict[str, Any]) -> None:
-    now = time.time()
-    out.line(f"{str(health.get('level', '?')).upper()}: {summary.get('summary', '')}")
+    # The assessment's own clock, so "ago" and the RPO age agree.
+    now = float(health.get("time") or time.time())
+    out.line(str(summary.get("summary", "")))
     volumes = health.get("volumes", [])
     if volumes:
         out.table(
@@ -132,7 +140,7 @@ def status(client: Client, args: argparse.Namespace, out: Output) -> None:
         if out.as_json:
             out.json({"level": "unknown", "code": int(CheckCode.UNKNOWN), "message": message})
         else:
-            out.line(f"BLOCKGUARD UNKNOWN: {message}")
+            _headline_out(f"BLOCKGUARD UNKNOWN: {message}")
         raise SystemExit(CheckCode.UNKNOWN) from None
     if health is None:
         health = {"level": "unknown", "code": int(CheckCode.UNKNOWN), "alerts": []}
@@ -140,6 +148,6 @@ def status(client: Client, args: argparse.Namespace, out: Output) -> None:
     if out.as_json:
         out.json({**summary, "health": health})
     else:
-        out.line(_headline(health))
+        _headline_out(_headline(health))
         _show(out, summary, health)
     raise SystemExit(code)

@@ -10,7 +10,8 @@ Each raised or resolved alert goes out three ways:
 - every executable in the alert directory (``/etc/blockguard/alert.d``), run with the
   alert as one JSON document on stdin (:func:`alert_record`), one at a time, in a thread
   of their own, each with a timeout. A hook that fails or hangs is logged; it never
-  holds up or breaks the daemon.
+  holds up or breaks the daemon. A hook that someone besides its owner (root) may
+  change is not run: the daemon would run it as root.
 
 Which alerts are active is kept in ``STATE_DIR/alerts.json``, so a restart neither
 raises again what is still going on nor forgets to resolve it. :meth:`AlertCenter.fire`
@@ -25,6 +26,7 @@ import os
 import queue
 import re
 import socket
+import stat
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -96,11 +98,28 @@ class HookRunner:
         except OSError as exc:
             log.error("cannot read the alert hook directory %s: %s", self.directory, exc)
             return []
-        return [
-            p
-            for p in entries
-            if _HOOK_NAME.fullmatch(p.name) and p.is_file() and os.access(p, os.X_OK)
-        ]
+        return [p for p in entries if _HOOK_NAME.fullmatch(p.name) and self._trusted(p)]
+
+    @staticmethod
+    def _trusted(path: Path) -> bool:
+        """An executable file that only its owner (root, or whoever runs the daemon) may
+        change: the daemon runs hooks with its own rights."""
+        try:
+            st = path.stat()
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or not os.access(path, os.X_OK):
+            return False
+        if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+            log.error(
+                "alert hook %s is not run: it must belong to root and not be writable by "
+                "group or others (mode %o, owner uid %d)",
+                path,
+                stat.S_IMODE(st.st_mode),
+                st.st_uid,
+            )
+            return False
+        return True
 
     def submit(self, record: dict[str, Any]) -> None:
         if self._thread is None:

@@ -269,6 +269,10 @@ class Engine:
             summary += f"; detached: {', '.join(detached)}"
         if lost:
             summary += f"; tracking lost: {', '.join(lost)}"
+        last = self._health.last if self._health is not None else None
+        if last is not None and last[0] != "ok":
+            alerts = f"{last[1]} alert" + ("s" if last[1] != 1 else "")
+            summary += f"; health {last[0]}: {alerts} (blockguardctl status)"
         return {
             "volumes": len(volumes),
             "pools": len(pools),

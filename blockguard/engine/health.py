@@ -218,6 +218,8 @@ class HealthKeeper:
         self.alerts = alerts
         self.catalog = volumes.catalog
         self._space: dict[str, tuple[int, int]] = {}
+        #: the last assessment's level and alert count (for the one-line status)
+        self.last: tuple[str, int] | None = None
         # One assessment at a time: two could see the same new condition and raise twice.
         self._lock = threading.Lock()
 
@@ -260,6 +262,8 @@ class HealthKeeper:
             now = clock(self.settings)
             vols, pools = self.facts()
             health = assess_health(vols, pools, thresholds_of(self.settings), now)
+            # Before the alerts go out: their event refreshes the status line, which says it.
+            self.last = (health.level.label, len(health.conditions))
             self.alerts.update(health.conditions)
             active = self.alerts.active_records()
             jobs = [(j.kind, j.state) for j in self.catalog.list_jobs()]

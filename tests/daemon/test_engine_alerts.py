@@ -153,6 +153,8 @@ def test_alerts_hooks_metrics_and_check_codes(
             assert check.returncode == 2, check.stdout + check.stderr
             assert check.stdout.startswith("BLOCKGUARD CRITICAL"), check.stdout
             assert "RPO 15m" in check.stdout
+            summary = plain(client.call("GetStatus"))["summary"]
+            assert "health critical: 2 alerts" in summary, summary
             plain(client.call("GetHealth"))  # assessed again: nothing new
             calls = wait_calls(calls_file, 2)
             missed = of(calls, "rpo-missed")

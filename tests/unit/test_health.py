@@ -150,13 +150,16 @@ def lines(path: Path, count: int, timeout: float = 10) -> list[dict]:
         time.sleep(0.02)
 
 
-def test_alert_center_raises_once_resolves_once_and_survives_a_restart(tmp_path: Path) -> None:
+def test_alert_center_raises_once_resolves_once_and_survives_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     hooks = tmp_path / "alert.d"
     out = tmp_path / "calls"
     hook(hooks, "10-record", f"cat >> {out}\n")
     hook(hooks, "20-fails", "echo broken >&2; exit 4\n")
     hook(hooks, "30-hangs", "sleep 30\n")
     hook(hooks, "record.bak~", f"cat >> {out}\n")  # not a run-parts name: never run
+    hook(hooks, "40-open", f"cat >> {out}\n").chmod(0o777)  # anyone may change it: not run
     events = EventHub()
     seen: list[object] = []
     events.subscribe(seen.append)
@@ -181,6 +184,10 @@ def test_alert_center_raises_once_resolves_once_and_survives_a_restart(tmp_path:
     calls = lines(out, 2)
     assert [c["state"] for c in calls] == ["raised", "resolved"]
     assert calls[1]["message"].startswith("resolved: ")
+    logged = caplog.text
+    assert "40-open is not run" in logged and "mode 777" in logged
+    assert "20-fails exited 4" in logged and "broken" in logged
+    assert "30-hangs failed" in logged
 
 
 def test_no_hook_directory_is_fine(tmp_path: Path) -> None:
