@@ -26,7 +26,9 @@ from blockguard.cli.client import POOL, Client, plain, variant
 from blockguard.core.health import MESSAGE_IDS, AlertKind
 from tests.timeouts import scaled
 
-from .conftest import REPO, Daemon, EngineHarness, MiB, run_job, write_random
+from tests.support.bus import REPO
+from tests.support.daemon import Daemon, EngineHarness, run_job
+from tests.support.devices import MiB, write_random
 
 SIZE = 64 * MiB
 
@@ -258,3 +260,43 @@ def test_alerts_hooks_metrics_and_check_codes(
     check = ctl(daemon.address, "status", "--check")
     assert check.returncode == 3, check.stdout + check.stderr
     assert check.stdout.startswith("BLOCKGUARD UNKNOWN"), check.stdout
+
+
+def test_failing_scheduled_backups_back_off_but_backup_now_runs(
+    engine: EngineHarness, loopdev: Callable[..., str], tmp_path: Path
+) -> None:
+    """Every backup fails; the scheduler looks five times a second. After the first
+    failure it holds the volume back (an hour here) instead of retrying on each look;
+    BackupNow still runs at once."""
+    pool_disk = loopdev(400 * MiB, "pool.img")
+    volume = loopdev(16 * MiB, "db.img")
+    daemon = engine.start(
+        BLOCKGUARD_SCHEDULER_INTERVAL="0.2",
+        BLOCKGUARD_TEST_FAIL_AT="before-commit@1+",
+        BLOCKGUARD_RETRY_BASE="3600",
+    )
+    with Client(daemon.address) as client:
+        client.call("CreatePool", "ssasb", "p1", "dir", [pool_disk], False)
+        write_random(volume, 0, 16 * MiB, seed=5)
+        client.call("Protect", "sstssa{sv}", volume, "db", 0, "", "", {})
+        # The first full is due at once.
+        client.call("SetObjectives", "sa{sv}", "db", {"rpo": variant("every 1h")})
+
+        def backups() -> list[dict[str, Any]]:
+            found = client.objects("org.blockguard1.Job").values()
+            return [j for j in found if j["Kind"] == "backup"]
+
+        deadline = time.monotonic() + scaled(60)
+        while daemon.log().count("backup of db held back") < 10:
+            assert time.monotonic() < deadline, daemon.log()[-3000:]
+            time.sleep(0.1)
+        jobs = backups()
+        assert len(jobs) == 1 and jobs[0]["State"] == "failed", jobs
+
+        manual = run_job(client, client.call("BackupNow", "s", "db"))
+        assert manual["State"] == "failed" and "test fault injected" in manual["Error"][1]
+        held = daemon.log().count("backup of db held back")
+        while daemon.log().count("backup of db held back") < held + 5:
+            assert time.monotonic() < deadline, daemon.log()[-3000:]
+            time.sleep(0.1)
+        assert len(backups()) == 2
