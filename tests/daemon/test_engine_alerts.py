@@ -300,3 +300,43 @@ def test_failing_scheduled_backups_back_off_but_backup_now_runs(
             assert time.monotonic() < deadline, daemon.log()[-3000:]
             time.sleep(0.1)
         assert len(backups()) == 2
+
+
+def test_infeasible_objective_alerts_once_and_resolves(
+    engine: EngineHarness, loopdev: Callable[..., str], tmp_path: Path
+) -> None:
+    """An RTO of 1 s for a copy restore of 32 MiB at the harness's 8 MiB/s cannot be met;
+    relaxed to an hour, it can."""
+    pool_disk = loopdev(400 * MiB, "pool.img")
+    volume = loopdev(32 * MiB, "db.img")
+    hooks = tmp_path / "alert.d"
+    hooks.mkdir()
+    calls_file = tmp_path / "hook-calls"
+    (hooks / "record").write_text(f"#!/bin/sh\ncat >> {calls_file}\n")
+    (hooks / "record").chmod(0o755)
+    daemon = engine.start(BLOCKGUARD_ALERT_DIR=str(hooks))
+    with Client(daemon.address) as client:
+        client.call("CreatePool", "ssasb", "p1", "dir", [pool_disk], False)
+        write_random(volume, 0, 32 * MiB, seed=9)
+        tight = {"rto": variant("1s"), "restore_mode": variant("copy")}
+        client.call("Protect", "sstssa{sv}", volume, "db", 0, "", "", tight)
+        job = run_job(client, client.call("BackupNow", "s", "db"))
+        assert job["State"] == "done", job["Error"]
+        check = ctl(daemon.address, "status", "--check")
+        assert check.returncode == 2, check.stdout + check.stderr
+        calls = wait_calls(calls_file, 1)
+        assert [(c["kind"], c["state"]) for c in calls] == [("objective-infeasible", "raised")]
+        assert calls[0]["volume"] == "db" and calls[0]["severity"] == "critical"
+        assert calls[0]["details"]["rto_seconds"] == 1
+        assert calls[0]["details"]["estimate_upper_seconds"] > 1
+
+        client.call("SetObjectives", "sa{sv}", "db", {"rto": variant("1h")})
+        check = ctl(daemon.address, "status", "--check")
+        assert check.returncode == 0, check.stdout + check.stderr
+        calls = wait_calls(calls_file, 2)
+        assert [(c["kind"], c["state"]) for c in calls] == [
+            ("objective-infeasible", "raised"),
+            ("objective-infeasible", "resolved"),
+        ]
+    daemon.stop()
+    assert len(hook_calls(calls_file)) == 2
