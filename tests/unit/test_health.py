@@ -243,3 +243,36 @@ def test_metrics_parse_back_with_prometheus_client(tmp_path: Path) -> None:
     assert value("blockguard_jobs", kind="backup", state="done") == 2
     assert value("blockguard_job_failures", kind="backup") == 1
     assert value("blockguard_alert_active", kind="pool-space-low", subject="p1") == 1
+
+
+def test_alerts_reach_the_journal_with_their_message_id(tmp_path: Path) -> None:
+    """Under systemd the daemon logs through JournalHandler: an alert's entry carries the
+    kind's MESSAGE_ID and the ALERT fields (journald itself is not needed to see that)."""
+    import logging
+
+    from blockguard.daemon.logsetup import _journal_handler
+
+    handler = _journal_handler()
+    if handler is None:
+        pytest.skip("systemd-python is not installed")
+    sent: list[dict[str, object]] = []
+    # journal.send's own signature: the message is the positional MESSAGE.
+    handler.send = lambda MESSAGE, **fields: sent.append({"MESSAGE": MESSAGE, **fields})
+    logger = logging.getLogger("blockguard.engine.alerts")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        center = AlertCenter(tmp_path, EventHub(), tmp_path / "none", hook_timeout=1)
+        low = assess([], [PoolFacts("p1", 1000, 1)], T, NOW).conditions
+        center.update(low)
+        center.update([])
+        center.close()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    entries = [e for e in sent if e.get("ALERT") == "pool-space-low"]
+    assert [e["ALERT_STATE"] for e in entries] == ["raised", "resolved"]
+    assert all(e["MESSAGE_ID"] == MESSAGE_IDS[AlertKind.POOL_SPACE_LOW] for e in entries)
+    assert entries[0]["POOL"] == "p1" and entries[0]["PRIORITY"] == "4"  # warning
+    assert "pool p1" in str(entries[0]["MESSAGE"])
