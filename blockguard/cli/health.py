@@ -24,9 +24,8 @@ import time
 from typing import Any
 
 from blockguard.cli.actions import Output, human_seconds, human_size
-from blockguard.cli.client import Client, RemoteError, plain
+from blockguard.cli.client import Client, plain
 from blockguard.cli.errors import explain
-from blockguard.errors import EnvironmentProblem
 
 
 class CheckCode(enum.IntEnum):
@@ -55,13 +54,8 @@ def _versus(value: float, limit: float) -> str:
     return f"{_seconds(value)} / {human_seconds(limit)}"
 
 
-def _fetch(client: Client) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    try:
-        health = plain(client.call("GetHealth"))
-    except RemoteError as exc:
-        if exc.name != EnvironmentProblem.dbus_name:
-            raise
-        health = None  # a service without health assessment (the in-memory one)
+def _fetch(client: Client) -> tuple[dict[str, Any], dict[str, Any]]:
+    health = plain(client.call("GetHealth"))
     # After GetHealth: the summary then tells the level just assessed.
     return plain(client.call("GetStatus")), health
 
@@ -128,8 +122,6 @@ def status(client: Client, args: argparse.Namespace, out: Output) -> None:
         summary, health = _fetch(client)
         if out.as_json:
             out.json({**summary, "health": health})
-        elif health is None:
-            out.line(summary.get("summary", ""))
         else:
             _show(out, summary, health)
         return
@@ -142,8 +134,6 @@ def status(client: Client, args: argparse.Namespace, out: Output) -> None:
         else:
             _headline_out(f"BLOCKGUARD UNKNOWN: {message}")
         raise SystemExit(CheckCode.UNKNOWN) from None
-    if health is None:
-        health = {"level": "unknown", "code": int(CheckCode.UNKNOWN), "alerts": []}
     code = CheckCode(int(health.get("code", CheckCode.UNKNOWN)))
     if out.as_json:
         out.json({**summary, "health": health})

@@ -286,10 +286,7 @@ class ManagerInterface(ServiceInterface):
     @handler(read_only=True)
     async def GetHealth(self) -> VarDict:
         """Health now (assessing it raises and resolves alerts); see docs/busctl.md."""
-        health = getattr(self.service, "health", None)
-        if health is None:
-            raise EnvironmentProblem(detail="this service does not assess health")
-        return to_vardict(await self._call(health))
+        return to_vardict(await self._call(self.service.health))
 
     # --- properties ---
 

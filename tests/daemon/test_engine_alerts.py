@@ -24,11 +24,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from blockguard.cli.client import POOL, Client, plain, variant
 from blockguard.core.health import MESSAGE_IDS, AlertKind
-from tests.timeouts import scaled
-
 from tests.support.bus import REPO
 from tests.support.daemon import Daemon, EngineHarness, run_job
 from tests.support.devices import MiB, write_random
+from tests.timeouts import scaled
 
 SIZE = 64 * MiB
 
