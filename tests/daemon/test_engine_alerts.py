@@ -329,6 +329,12 @@ def test_infeasible_objective_alerts_once_and_resolves(
         assert calls[0]["details"]["rto_seconds"] == 1
         assert calls[0]["details"]["estimate_upper_seconds"] > 1
 
+    # A restart does not raise again what is still going on (the daemon assesses at start).
+    daemon.stop()
+    daemon = engine.start(BLOCKGUARD_ALERT_DIR=str(hooks))
+    with Client(daemon.address) as client:
+        assert plain(client.call("GetHealth"))["level"] == "critical"
+        assert len(hook_calls(calls_file)) == 1
         client.call("SetObjectives", "sa{sv}", "db", {"rto": variant("1h")})
         check = ctl(daemon.address, "status", "--check")
         assert check.returncode == 0, check.stdout + check.stderr
