@@ -151,6 +151,10 @@ POKING_EVENTS = (
 )
 
 
+#: Set in the thread of an assessment while it announces pool space changes.
+_publishing = threading.local()
+
+
 class HealthMonitor:
     """Calls ``assess`` in a thread of its own when poked, and every ``interval`` seconds.
 
@@ -173,8 +177,10 @@ class HealthMonitor:
         self._wake.set()
 
     def on_event(self, event: svc.ServiceEvent) -> None:
-        """An event subscriber: poke on the events that can change health."""
-        if isinstance(event, POKING_EVENTS):
+        """An event subscriber: poke on the events that can change health (not on the
+        PoolChanged an assessment itself announces: during a backup the space changes at
+        every look, and each would ask for the next)."""
+        if isinstance(event, POKING_EVENTS) and not getattr(_publishing, "active", False):
             self.poke()
 
     def stop(self) -> None:
@@ -253,7 +259,11 @@ class HealthKeeper:
                 self._space[p.name] = (p.capacity, p.free)
                 changed.append(svc.PoolChanged(p.name))
         if changed:
-            self.pools.events.emit(*changed)
+            _publishing.active = True
+            try:
+                self.pools.events.emit(*changed)
+            finally:
+                _publishing.active = False
 
     def assess(self) -> dict[str, Any]:
         """Assess now; raise and resolve alerts; write the metrics file. Returns the

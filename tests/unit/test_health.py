@@ -276,3 +276,22 @@ def test_alerts_reach_the_journal_with_their_message_id(tmp_path: Path) -> None:
     assert all(e["MESSAGE_ID"] == MESSAGE_IDS[AlertKind.POOL_SPACE_LOW] for e in entries)
     assert entries[0]["POOL"] == "p1" and entries[0]["PRIORITY"] == "4"  # warning
     assert "pool p1" in str(entries[0]["MESSAGE"])
+
+
+def test_monitor_pokes_on_health_events_but_not_on_its_own_space_news() -> None:
+    from blockguard.engine import health as engine_health
+
+    monitor = engine_health.HealthMonitor(lambda: None, interval=0)
+    monitor.on_event(svc.VolumeChanged("db"))  # every refresh: not a reason
+    assert not monitor._wake.is_set()
+    engine_health._publishing.active = True
+    try:
+        monitor.on_event(svc.PoolChanged("p1"))
+    finally:
+        engine_health._publishing.active = False
+    assert not monitor._wake.is_set()
+    monitor.on_event(svc.PoolChanged("p1"))
+    assert monitor._wake.is_set()
+    monitor._wake.clear()
+    monitor.on_event(svc.BackupFailed("db", "Environment", "disk gone"))
+    assert monitor._wake.is_set()
