@@ -261,6 +261,66 @@ def group_schedule(decisions: Mapping[str, ScheduleDecision]) -> GroupSchedule:
     return GroupSchedule(bool(due), min(times) if times else None, reasons)
 
 
+@dataclass(frozen=True)
+class DrillDecision:
+    """Whether a volume's restore drill is due now, and when the next one is.
+
+    :param due: a drill should start now.
+    :param next_due: when it is or becomes due (``None``: drills are off, or there is
+        nothing to drill yet).
+    :param reason: human explanation with the numbers used.
+    """
+
+    due: bool
+    next_due: datetime | None
+    reason: str
+
+
+def drill_schedule(
+    interval: timedelta | None,
+    *,
+    last_drill: datetime | None,
+    newest_generation: datetime | None,
+    now: datetime,
+) -> DrillDecision:
+    """Decide whether the restore drill of one volume is due now.
+
+    A volume is drilled every ``interval`` from its last drill (whatever that drill found);
+    the first drill is due as soon as there is a generation to restore, and drills missed
+    while the daemon was down collapse into one run now.
+
+    :param interval: how often (:func:`blockguard.core.objective_sets.drill_of`), or
+        ``None`` when drills are off.
+    :param last_drill: when the last drill of the volume started, or ``None``.
+    :param newest_generation: the point in time of the newest generation, or ``None``.
+    :param now: the current time (timezone-aware).
+    :raises InvalidInput: on naive datetimes or a non-positive interval.
+    """
+    _aware("now", now)
+    if interval is None:
+        return DrillDecision(False, None, "restore drills are off")
+    if interval <= timedelta(0):
+        raise InvalidInput(detail=f"drill interval {interval!r} is not positive")
+    if newest_generation is None:
+        return DrillDecision(False, None, "nothing to drill: the volume has no generation yet")
+    if last_drill is None:
+        return DrillDecision(True, now, "never drilled: the first restore drill is due")
+    _aware("last drill", last_drill)
+    due_at = last_drill + interval
+    age = max(now - last_drill, timedelta(0))  # a clock set back must not print "-3m"
+    every = format_duration(interval)
+    if now >= due_at:
+        return DrillDecision(
+            True, due_at, f"last drill {format_duration(age)} ago >= drill interval {every}"
+        )
+    return DrillDecision(
+        False,
+        due_at,
+        f"last drill {format_duration(age)} ago < drill interval {every}; "
+        f"next at {due_at.isoformat()}",
+    )
+
+
 def startable(due: Iterable[str], running: Collection[str]) -> list[str]:
     """The due volumes that can start now: never two jobs on one volume at once.
 
