@@ -55,6 +55,7 @@ from blockguard.engine.restores import (
 )
 from blockguard.engine.scheduling import Scheduler
 from blockguard.engine.settings import Settings
+from blockguard.engine.voldrills import start_volume_drill
 from blockguard.engine.volumes import VolumeRegistry, is_detached
 from blockguard.errors import BlockguardError, Busy, CatalogLost, EnvironmentProblem, NotFound
 from blockguard.storage import dm
@@ -273,11 +274,16 @@ class Engine:
         if last is not None and last[0] != "ok":
             alerts = f"{last[1]} alert" + ("s" if last[1] != 1 else "")
             summary += f"; health {last[0]}: {alerts} (blockguardctl status)"
+        drills = {v.name: dict(v.last_drill) for v in volumes if v.last_drill}
+        failed = sorted(n for n, d in drills.items() if d.get("result") != "ok")
+        if failed:
+            summary += f"; restore drill failed: {', '.join(failed)}"
         return {
             "volumes": len(volumes),
             "pools": len(pools),
             "running_jobs": running,
             "summary": summary,
+            "drills": drills,
         }
 
     async def run_scheduler(self) -> None:
@@ -296,6 +302,7 @@ class Engine:
             self.jobs.busy_volumes,
             self.settings.scheduler_interval,
             held=self.health_keeper.retry_hold,
+            start_drill=self.drill_volume,
         )
 
     # --- pools ----------------------------------------------------------------------------
@@ -334,6 +341,12 @@ class Engine:
                 return result
 
             return self.jobs.submit(JobKind.DRILL, key, pool, work, pool=pool)
+
+    def drill_volume(self, volume: str) -> Job:
+        """Run the restore drill of ``volume`` now (see :mod:`.voldrills`)."""
+        with self._lock:
+            self.volumes.require_attached(volume)
+            return start_volume_drill(volume, self.volumes, self.pools, self.jobs, self.events)
 
     def _auto_drill(self, pool: str) -> None:
         """Drill after a pool change or a protect, unless turned off or already running."""

@@ -1,0 +1,221 @@
+"""Restore drills of volumes (issue 14): is the RTO promise still kept?
+
+A volume whose objectives ask for drills (``drill``; weekly by default with an RTO) has
+its newest generation restored, when due, into scratch space on its pool in the mode its
+RTO refers to, read back against the stored checksums, timed, and the scratch removed
+(:mod:`blockguard.storage.voldrill`). The drill is a job of the volume (one job per volume
+at a time, so never while its backup runs). Its timing is stored like a real restore's:
+a restore path sample (the fitted terms learn from it) and a measured restore (the
+probe-only model's correction learns from it).
+
+The last drill of each volume (when, ok or failed and why, measured vs predicted, the RTO
+it was held against) is what ``status`` and the volume's ``LastDrill`` show; it is read
+back from the job history after a restart. A drill that took longer than the RTO, or
+could not restore or verify the generation, raises the alert (``ObjectiveInfeasible``,
+and a warning in the journal). Its measurement also bounds the plan: a chain that
+contains the drilled one restores no quicker than the drill measured
+(:func:`floors_of`), so the next backup is one whose restore fits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from blockguard.core.perftable import DeviceSpeed
+from blockguard.core.units import format_duration
+from blockguard.engine import ids
+from blockguard.engine import service as svc
+from blockguard.engine.calibration import model_mode
+from blockguard.engine.drillbook import FAILED, OK, DrillRecord, drill_mode
+from blockguard.engine.events import EventHub
+from blockguard.engine.jobbook import JobBook, JobProgress
+from blockguard.engine.jobs import Job, JobKind, ProgressReporter
+from blockguard.engine.planning import correction_from, parse_given
+from blockguard.engine.pools import PoolRegistry
+from blockguard.engine.restores import (
+    RestoreRequest,
+    _blame,
+    find_generation,
+    restore_estimate,
+)
+from blockguard.errors import BlockguardError, ChecksumMismatch, CorruptMetadata
+from blockguard.storage.voldrill import VOLUME_DRILL_LABEL, drill_volume
+
+if TYPE_CHECKING:
+    from blockguard.engine.volumes import VolumeRegistry
+
+log = logging.getLogger(__name__)
+
+
+def run_volume_drill(
+    volume: str,
+    volumes: VolumeRegistry,
+    pools: PoolRegistry,
+    progress: ProgressReporter,
+    job_record: str,
+    started: float,
+) -> dict[str, Any]:
+    """The body of a volume drill job; returns the drill's record as the job's result.
+
+    :raises ChecksumMismatch: a stored chunk of the chain is damaged (the generation that
+        holds it is marked corrupt).
+    :raises DrillMismatch: the restored bytes differ from the stored checksums.
+    """
+    vol = volumes.catalog.get_volume(volume)
+    assert vol.pool is not None
+    manifest = find_generation(volumes, volume, "")
+    given = volumes.objectives_of(volume)
+    given.pop("group", None)
+    objectives = parse_given(given)
+    mode = drill_mode(objectives)
+    rto = 0.0 if objectives is None or objectives.rto is None else objectives.rto.total_seconds()
+    request = RestoreRequest(
+        volume, manifest, "swap-in" if mode == "swap-in" else "new-device", "", vol.pool
+    )
+    copy_target = DeviceSpeed.uniform(volumes.settings.default_speed)
+    correction = correction_from(volumes.catalog.recent_restores(volume))
+    planned, probe, full_device = restore_estimate(pools, request, copy_target, correction)
+    backend = pools.backend(vol.pool)
+    with pools.lock:
+        gate = pools.gate()
+    try:
+        found = drill_volume(
+            backend,
+            volume,
+            manifest.generation_id,
+            mode,
+            gate=gate,
+            pool_name=vol.pool,
+            label=f"{VOLUME_DRILL_LABEL}{job_record.replace('-', '')[:16]}",
+            progress=JobProgress(progress),
+            read_delay=volumes.settings.drill_read_delay,
+        )
+    except (ChecksumMismatch, CorruptMetadata) as exc:
+        _blame(volumes, backend, volume, manifest, exc)
+    result = found.restore
+    measured = result.duration
+    public = ids.public_id(volume, manifest.generation_id)
+    volumes.catalog.record_path_sample(
+        volume=volume,
+        pool_device=full_device,
+        mode=model_mode(request.how),
+        source="drill",
+        generations=len(result.chain),
+        chunks=result.chunks,
+        extents=result.extents,
+        nbytes=result.bytes_read,
+        measured_seconds=measured,
+        predicted_seconds=planned.seconds,
+    )
+    volumes.catalog.record_restore(
+        volume,
+        ids.catalog_id(volume, manifest.generation_id),
+        method=manifest.kind.value,
+        mode=request.how,
+        bytes_restored=result.bytes_written,
+        measured_seconds=measured,
+        predicted_seconds=probe.predicted_seconds,
+        job=job_record,
+    )
+    problem = ""
+    if rto and measured > rto:
+        problem = (
+            f"the restore of {public} took {format_duration(measured)}, more than the RTO "
+            f"{format_duration(rto)} (predicted {format_duration(planned.seconds)}, upper "
+            f"{format_duration(planned.upper_seconds)})"
+        )
+    record = DrillRecord(
+        at=started,
+        result=FAILED if problem else OK,
+        problem=problem,
+        measured_seconds=measured,
+        predicted_seconds=planned.seconds,
+        upper_seconds=planned.upper_seconds,
+        rto_seconds=rto,
+        mode=mode,
+        generation=public,
+        chain=tuple(result.chain),
+        verified_bytes=found.verified_bytes,
+    )
+    return {**record.as_dict(), "volume": volume, "verify_seconds": found.verify_seconds}
+
+
+def start_volume_drill(
+    volume: str, volumes: VolumeRegistry, pools: PoolRegistry, jobs: JobBook, events: EventHub
+) -> Job:
+    """Submit the restore drill of ``volume`` as a job of the volume.
+
+    :raises Busy: a job of the volume is queued or running.
+    :raises NotFound: no such volume, or it has no generation to drill.
+    :raises CorruptMetadata: its newest generation is known to be damaged.
+    """
+    vol = volumes.catalog.get_volume(volume)
+    jobs.reserve(volume)
+    try:
+        manifest = find_generation(volumes, volume, "")
+    except BaseException:
+        jobs.release(volume)
+        raise
+    started = time.time()
+
+    def work(progress: ProgressReporter, record: str) -> dict[str, Any]:
+        try:
+            result = run_volume_drill(volume, volumes, pools, progress, record, started)
+        except BlockguardError as exc:
+            finished(volumes, events, volume, DrillRecord(started, FAILED, exc.message))
+            raise
+        except Exception as exc:
+            problem = f"internal error: {type(exc).__name__}"
+            finished(volumes, events, volume, DrillRecord(started, FAILED, problem))
+            raise
+        drill = DrillRecord.from_result(result)
+        if drill is not None:
+            finished(volumes, events, volume, drill)
+        return result
+
+    return jobs.submit(
+        JobKind.DRILL,
+        volume,
+        volume,
+        work,
+        pool=vol.pool,
+        generation=ids.catalog_id(volume, manifest.generation_id),
+        reserved=True,
+    )
+
+
+def finished(volumes: VolumeRegistry, events: EventHub, volume: str, drill: DrillRecord) -> None:
+    """Keep a drill's record, raise the alert if it failed, and plan the volume again
+    (the drill's measurement bounds the next backup's method)."""
+    volumes.drills.set(volume, drill)
+    if drill.result == FAILED:
+        message = f"restore drill failed: {drill.problem}"
+        log.warning(
+            "volume %s: %s",
+            volume,
+            message,
+            extra={
+                "VOLUME": volume,
+                "DRILL_RESULT": drill.result,
+                "DRILL_MEASURED_SECONDS": drill.measured_seconds,
+                "DRILL_PREDICTED_SECONDS": drill.predicted_seconds,
+                "DRILL_UPPER_SECONDS": drill.upper_seconds,
+                "DRILL_RTO_SECONDS": drill.rto_seconds,
+                "GENERATION": drill.generation,
+            },
+        )
+        events.emit(svc.ObjectiveInfeasible(volume, message))
+    else:
+        log.info(
+            "volume %s: restore drill ok, %.2fs (predicted %.2fs, RTO %.0fs)",
+            volume,
+            drill.measured_seconds,
+            drill.predicted_seconds,
+            drill.rto_seconds,
+            extra={"VOLUME": volume, "DRILL_RESULT": drill.result},
+        )
+    with contextlib.suppress(BlockguardError):
+        volumes.refresh(volume)
