@@ -101,6 +101,7 @@ def drill_volume(
     :param read_delay: a test's fault: seconds every generation read takes more.
     :raises ChecksumMismatch: a stored chunk is damaged (names chunk and generation).
     :raises DrillMismatch: the restored device does not hold what the chain stores.
+    :raises PoolSpaceLow: the scratch writes and the next backup would not both fit.
     """
     if mode not in MODES:
         raise InvalidInput(detail=f"drill mode {mode!r} is not one of {', '.join(MODES)}")
@@ -109,6 +110,14 @@ def drill_volume(
     progress = progress or Progress()
     source: PoolBackend = pool if read_delay <= 0 else DelayedReads(pool, read_delay)  # type: ignore[assignment]
     chain = pool.chain(volume, generation_id)
+    # Writing over a clone allocates (copy on write): a drill must not take the room the
+    # next backup needs.
+    if mode == "copy":
+        writes = chain[0].volume.size
+    else:
+        writes = sum(len(own) for g, own in plan_chunks(chain) if not g.is_full)
+        writes *= chain[0].chunk_size
+    pool.require_space(writes + pool.next_backup_estimate(volume), volume)
     if mode == "swap-in":
         result = swap_in(source, volume, generation_id, label=label, progress=progress)
         assert result.swap is not None

@@ -173,6 +173,14 @@ def test_slow_drill_alerts_and_makes_the_next_backup_a_full(
         assert "restore drill failed: db" in status, status
         assert "failed, db@" in status and "against RTO 1.0s: the restore of" in status
 
+    # The last drill is kept in the job history: a restarted daemon knows it, and plans by it.
+    daemon.stop()
+    daemon = engine.start(BLOCKGUARD_TEST_DRILL_DELAY="1.5")
+    with Client(daemon.address) as client:
+        again = plain(client.properties(VOLUME_PATH, VOLUME))["LastDrill"]
+        assert again == last
+        assert plain(client.call("Plan", "s", "db"))["method"] == "full"
+
         backup = run_job(client, client.call("BackupNow", "s", "db"))
         assert backup["State"] == "done", backup["Error"]
         assert backup["Result"]["method"] == "full", backup["Result"]["reasons"]
