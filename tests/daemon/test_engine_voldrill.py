@@ -23,9 +23,10 @@ from typing import Any
 from dbus_fast.aio import MessageBus
 
 from blockguard.cli.client import JOB, VOLUME, Client, plain
+from tests.support.daemon import Daemon, EngineHarness, run_job
+from tests.support.devices import MiB, write_random
 from tests.timeouts import scaled
 
-from .conftest import Daemon, EngineHarness, MiB, run_job, write_random
 from .test_cli import ctl
 from .test_daemon import _watch
 from .test_engine_corrupt import flip, gen_dir
