@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from blockguard.core.objectives import ChangedDataRPO, DailyRPO, IntervalRPO, RecoveryObjectives
+from blockguard.core.objectives import (
+    MIN_DRILL_INTERVAL,
+    ChangedDataRPO,
+    DailyRPO,
+    IntervalRPO,
+    RecoveryObjectives,
+)
 from blockguard.core.units import format_duration, format_size
 from blockguard.errors import InvalidInput
 
@@ -282,18 +288,22 @@ def drill_schedule(
     last_drill: datetime | None,
     newest_generation: datetime | None,
     now: datetime,
+    last_failed: bool = False,
 ) -> DrillDecision:
     """Decide whether the restore drill of one volume is due now.
 
-    A volume is drilled every ``interval`` from its last drill (whatever that drill found);
-    the first drill is due as soon as there is a generation to restore, and drills missed
-    while the daemon was down collapse into one run now.
+    A volume is drilled every ``interval`` from its last drill; the first drill is due as
+    soon as there is a generation to restore, and drills missed while the daemon was down
+    collapse into one run now. After a failed drill, the next one is due as soon as a newer
+    generation exists (the backup that was to fix it: is the promise kept again?), but not
+    sooner than :data:`~blockguard.core.objectives.MIN_DRILL_INTERVAL` after the failed one.
 
     :param interval: how often (:func:`blockguard.core.objective_sets.drill_of`), or
         ``None`` when drills are off.
     :param last_drill: when the last drill of the volume started, or ``None``.
     :param newest_generation: the point in time of the newest generation, or ``None``.
     :param now: the current time (timezone-aware).
+    :param last_failed: the last drill failed (missed the RTO, or could not restore).
     :raises InvalidInput: on naive datetimes or a non-positive interval.
     """
     _aware("now", now)
@@ -309,6 +319,21 @@ def drill_schedule(
     due_at = last_drill + interval
     age = max(now - last_drill, timedelta(0))  # a clock set back must not print "-3m"
     every = format_duration(interval)
+    if last_failed and _aware("newest generation", newest_generation) > last_drill:
+        retry_at = min(due_at, last_drill + MIN_DRILL_INTERVAL)
+        if now >= retry_at:
+            return DrillDecision(
+                True,
+                retry_at,
+                f"the last drill ({format_duration(age)} ago) failed and a newer generation "
+                "exists: drill it",
+            )
+        return DrillDecision(
+            False,
+            retry_at,
+            f"the last drill ({format_duration(age)} ago) failed; the newer generation is "
+            f"drilled at {retry_at.isoformat()}",
+        )
     if now >= due_at:
         return DrillDecision(
             True, due_at, f"last drill {format_duration(age)} ago >= drill interval {every}"

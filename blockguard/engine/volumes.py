@@ -784,6 +784,7 @@ class VolumeRegistry:
                 None if newest is None else datetime.fromtimestamp(newest.created, UTC)
             ),
             now=now,
+            last_failed=last is not None and last.result != "ok",
         )
         self.drill_due[name] = decision
         return decision

@@ -185,6 +185,9 @@ def test_slow_drill_alerts_and_makes_the_next_backup_a_full(
         backup = run_job(client, client.call("BackupNow", "s", "db"))
         assert backup["State"] == "done", backup["Error"]
         assert backup["Result"]["method"] == "full", backup["Result"]["reasons"]
+        # Is the promise kept again? The new full is drilled an hour after the failed drill.
+        props = plain(client.properties(VOLUME_PATH, VOLUME))
+        assert props["NextDrill"] == int(last["at"] + 3600)
         # The drilled chain is no longer the one a new incremental extends.
         write_random(volume, 8 * MiB, 64 * 1024, seed=3)
         assert plain(client.call("Plan", "s", "db"))["method"] == "incremental"

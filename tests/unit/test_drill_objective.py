@@ -101,6 +101,24 @@ def test_drill_is_due_on_its_interval_and_missed_ones_collapse() -> None:
     assert late.due and late.next_due == last + WEEK
 
 
+def test_after_a_failed_drill_the_next_generation_is_drilled_soon() -> None:
+    last = T0 - timedelta(minutes=30)
+    # Nothing newer yet: the interval counts as usual.
+    same = drill_schedule(WEEK, last_drill=last, newest_generation=last, now=T0, last_failed=True)
+    assert not same.due and same.next_due == last + WEEK
+    # A newer generation (the backup that was to fix it), but within the hour after it.
+    newer = T0 - timedelta(minutes=5)
+    soon = drill_schedule(WEEK, last_drill=last, newest_generation=newer, now=T0, last_failed=True)
+    assert not soon.due and soon.next_due == last + timedelta(hours=1)
+    later = T0 + timedelta(minutes=31)
+    due = drill_schedule(
+        WEEK, last_drill=last, newest_generation=newer, now=later, last_failed=True
+    )
+    assert due.due and "failed and a newer generation exists" in due.reason
+    ok = drill_schedule(WEEK, last_drill=last, newest_generation=newer, now=later)
+    assert not ok.due  # after a drill that passed, only the interval counts
+
+
 def test_drills_off_are_never_due() -> None:
     off = drill_schedule(None, last_drill=None, newest_generation=T0, now=T0)
     assert not off.due and off.next_due is None and "off" in off.reason
