@@ -18,10 +18,13 @@ from typing import Any
 from blockguard.core.catalog import Catalog
 from blockguard.core.restore_model import BackupMethod
 from blockguard.engine.jobs import JobKind
+from blockguard.storage.copyengine import Progress
 from blockguard.storage.manifest import Manifest
 
 OK = "ok"
 FAILED = "failed"
+#: A drill stopped so that a restore of its volume need not wait (no alert).
+STOPPED = "stopped"
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class DrillRecord:
     """The last restore drill of a volume, as ``status`` and ``LastDrill`` show it.
 
     :param at: unix time the drill started.
-    :param result: ``ok`` or ``failed``.
+    :param result: ``ok``, ``failed`` or ``stopped`` (for a restore of the volume).
     :param problem: why it failed ("" when ok).
     :param measured_seconds: how long the restore took (-1: it did not finish).
     :param predicted_seconds: the planner's estimate of that restore (-1: unknown).
@@ -98,6 +101,39 @@ class DrillBook:
         self.catalog = catalog
         self._lock = threading.Lock()
         self._last: dict[str, DrillRecord | None] = {}
+        #: drills queued or running: volume -> the stop request and the copy's progress
+        self._stops: dict[str, tuple[threading.Event, Progress | None]] = {}
+
+    def submitted(self, volume: str) -> threading.Event:
+        """A drill of ``volume`` was submitted; returns the event that asks it to stop."""
+        event = threading.Event()
+        with self._lock:
+            self._stops[volume] = (event, None)
+        return event
+
+    def running(self, volume: str, progress: Progress) -> None:
+        """The drill's copy runs with ``progress`` (stopped at once if asked already)."""
+        with self._lock:
+            event, _ = self._stops.get(volume, (threading.Event(), None))
+            self._stops[volume] = (event, progress)
+        if event.is_set():
+            progress.cancel()
+
+    def ended(self, volume: str) -> None:
+        with self._lock:
+            self._stops.pop(volume, None)
+
+    def stop(self, volume: str) -> bool:
+        """Ask the drill of ``volume`` to stop at its next extent; False if none runs."""
+        with self._lock:
+            found = self._stops.get(volume)
+        if found is None:
+            return False
+        event, progress = found
+        event.set()
+        if progress is not None:
+            progress.cancel()
+        return True
 
     def last(self, volume: str) -> DrillRecord | None:
         with self._lock:

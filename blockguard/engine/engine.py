@@ -30,6 +30,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,8 @@ log = logging.getLogger(__name__)
 #: In the state directory: the pools this directory has served (see the module docstring).
 USED_MARKER = "pools-used.json"
 ALLOW_EMPTY_ENV = "BLOCKGUARD_ALLOW_EMPTY_CATALOG"
+#: Seconds a restore waits for a stopped restore drill of its volume to let go of it.
+DRILL_STOP_WAIT = 60.0
 
 
 class Engine:
@@ -275,7 +278,7 @@ class Engine:
             alerts = f"{last[1]} alert" + ("s" if last[1] != 1 else "")
             summary += f"; health {last[0]}: {alerts} (blockguardctl status)"
         drills = {v.name: dict(v.last_drill) for v in volumes if v.last_drill}
-        failed = sorted(n for n, d in drills.items() if d.get("result") != "ok")
+        failed = sorted(n for n, d in drills.items() if d.get("result") == "failed")
         if failed:
             summary += f"; restore drill failed: {', '.join(failed)}"
         return {
@@ -347,6 +350,17 @@ class Engine:
         with self._lock:
             self.volumes.require_attached(volume)
             return start_volume_drill(volume, self.volumes, self.pools, self.jobs, self.events)
+
+    def _stop_drill(self, volume: str) -> None:
+        """A restore never waits behind a restore drill of its volume: the drill is
+        stopped (at its next extent; its scratch space released) and the restore goes on
+        once the volume is free. Waited for outside the engine's lock."""
+        if not self.volumes.drills.stop(volume):
+            return
+        log.info("stopping the restore drill of %s for a restore", volume, extra={"VOLUME": volume})
+        deadline = time.monotonic() + DRILL_STOP_WAIT
+        while volume in self.jobs.busy_volumes() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _auto_drill(self, pool: str) -> None:
         """Drill after a pool change or a protect, unless turned off or already running."""
@@ -493,6 +507,7 @@ class Engine:
         return job
 
     def restore(self, volume: str, generation: str, mode: str, target: str, force: bool) -> Job:
+        self._stop_drill(volume)
         with self._lock:
             self.jobs.reserve(volume)
             try:

@@ -29,7 +29,7 @@ from blockguard.core.units import format_duration
 from blockguard.engine import ids
 from blockguard.engine import service as svc
 from blockguard.engine.calibration import model_mode
-from blockguard.engine.drillbook import FAILED, OK, DrillRecord, drill_mode
+from blockguard.engine.drillbook import FAILED, OK, STOPPED, DrillRecord, drill_mode
 from blockguard.engine.events import EventHub
 from blockguard.engine.jobbook import JobBook, JobProgress
 from blockguard.engine.jobs import Job, JobKind, ProgressReporter
@@ -54,7 +54,7 @@ def run_volume_drill(
     volume: str,
     volumes: VolumeRegistry,
     pools: PoolRegistry,
-    progress: ProgressReporter,
+    watch: JobProgress,
     job_record: str,
     started: float,
 ) -> dict[str, Any]:
@@ -90,7 +90,7 @@ def run_volume_drill(
             gate=gate,
             pool_name=vol.pool,
             label=f"{VOLUME_DRILL_LABEL}{job_record.replace('-', '')[:16]}",
-            progress=JobProgress(progress),
+            progress=watch,
             read_delay=volumes.settings.drill_read_delay,
         )
     except (ChecksumMismatch, CorruptMetadata) as exc:
@@ -160,31 +160,44 @@ def start_volume_drill(
         jobs.release(volume)
         raise
     started = time.time()
+    volumes.drills.submitted(volume)
 
     def work(progress: ProgressReporter, record: str) -> dict[str, Any]:
+        watch = JobProgress(progress)
+        volumes.drills.running(volume, watch)
         try:
-            result = run_volume_drill(volume, volumes, pools, progress, record, started)
+            result = run_volume_drill(volume, volumes, pools, watch, record, started)
         except BlockguardError as exc:
-            finished(volumes, events, volume, DrillRecord(started, FAILED, exc.message))
+            if watch.cancelled:
+                why = f"stopped for a restore of the volume ({exc.message})"
+                finished(volumes, events, volume, DrillRecord(started, STOPPED, why))
+            else:
+                finished(volumes, events, volume, DrillRecord(started, FAILED, exc.message))
             raise
         except Exception as exc:
             problem = f"internal error: {type(exc).__name__}"
             finished(volumes, events, volume, DrillRecord(started, FAILED, problem))
             raise
+        finally:
+            volumes.drills.ended(volume)
         drill = DrillRecord.from_result(result)
         if drill is not None:
             finished(volumes, events, volume, drill)
         return result
 
-    return jobs.submit(
-        JobKind.DRILL,
-        volume,
-        volume,
-        work,
-        pool=vol.pool,
-        generation=ids.catalog_id(volume, manifest.generation_id),
-        reserved=True,
-    )
+    try:
+        return jobs.submit(
+            JobKind.DRILL,
+            volume,
+            volume,
+            work,
+            pool=vol.pool,
+            generation=ids.catalog_id(volume, manifest.generation_id),
+            reserved=True,
+        )
+    except BaseException:
+        volumes.drills.ended(volume)
+        raise
 
 
 def finished(volumes: VolumeRegistry, events: EventHub, volume: str, drill: DrillRecord) -> None:
@@ -208,6 +221,8 @@ def finished(volumes: VolumeRegistry, events: EventHub, volume: str, drill: Dril
             },
         )
         events.emit(svc.ObjectiveInfeasible(volume, message))
+    elif drill.result == STOPPED:
+        log.info("volume %s: restore drill %s", volume, drill.problem, extra={"VOLUME": volume})
     else:
         log.info(
             "volume %s: restore drill ok, %.2fs (predicted %.2fs, RTO %.0fs)",

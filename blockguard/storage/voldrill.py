@@ -66,12 +66,16 @@ class DelayedReads:
     """A pool whose generations each take ``delay`` seconds more to open: a fault that
     makes a drill's restore slow the way a slow or busy pool disk does (tests only)."""
 
-    def __init__(self, pool: PoolBackend, delay: float) -> None:
+    def __init__(self, pool: PoolBackend, delay: float, progress: Progress) -> None:
         self._pool = pool
         self._delay = delay
+        self._progress = progress
 
     def open_generation(self, manifest: Manifest) -> Any:
-        time.sleep(self._delay)
+        until = time.monotonic() + self._delay
+        # In steps: a stopped drill (see Progress.cancel) stops waiting too.
+        while not self._progress.cancelled and time.monotonic() < until:
+            time.sleep(min(0.05, max(0.0, until - time.monotonic())))
         return self._pool.open_generation(manifest)
 
     def __getattr__(self, name: str) -> Any:
@@ -108,7 +112,7 @@ def drill_volume(
     if not label.startswith(VOLUME_DRILL_LABEL):
         raise InvalidInput(detail=f"drill label {label!r} must start with {VOLUME_DRILL_LABEL}")
     progress = progress or Progress()
-    source: PoolBackend = pool if read_delay <= 0 else DelayedReads(pool, read_delay)  # type: ignore[assignment]
+    source: PoolBackend = pool if read_delay <= 0 else DelayedReads(pool, read_delay, progress)  # type: ignore[assignment]
     chain = pool.chain(volume, generation_id)
     # Writing over a clone allocates (copy on write): a drill must not take the room the
     # next backup needs.

@@ -24,7 +24,7 @@ from dbus_fast.aio import MessageBus
 
 from blockguard.cli.client import JOB, VOLUME, Client, plain
 from tests.support.daemon import Daemon, EngineHarness, run_job
-from tests.support.devices import MiB, write_random
+from tests.support.devices import MiB, sha256_of, write_random
 from tests.timeouts import scaled
 
 from .test_cli import ctl
@@ -52,7 +52,8 @@ def _samples(daemon: Daemon) -> list[tuple[str, str, str]]:
 def _no_scratch_left(daemon: Daemon) -> None:
     assert not list(daemon.state_dir.rglob("@vdrill*"))
     attached = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
-    assert "@vdrill" not in attached, attached
+    mine = [line for line in attached.splitlines() if str(daemon.state_dir) in line]
+    assert not [line for line in mine if "@vdrill" in line], mine
 
 
 def _wait_drill(client: Client, timeout: float = 60) -> dict[str, Any]:
@@ -247,4 +248,37 @@ def test_drill_is_refused_while_the_volume_is_busy_and_without_generations(
         assert drill["Result"]["result"] == "ok"
         # The refusals started nothing: the one drill job is the one asked for last.
         assert [p["Kind"] for p in client.objects(JOB).values()].count("drill") == 1
+    _no_scratch_left(daemon)
+
+
+def test_a_restore_stops_the_drill_of_its_volume(
+    engine: EngineHarness, loopdev: Callable[..., str]
+) -> None:
+    pool_disk = loopdev(POOL_SIZE, "pool.img")
+    volume = loopdev(SIZE, "db.img")
+    target = loopdev(SIZE, "new.img")
+    write_random(volume, 0, SIZE, seed=1)
+    # Every generation read of a drill takes a minute: only a stop ends it in time.
+    daemon = engine.start(BLOCKGUARD_TEST_DRILL_DELAY="60")
+    assert ctl(daemon, "pool", "create", "p1", pool_disk).returncode == 0
+    assert ctl(daemon, "protect", volume, "db", "--rto", "1h").returncode == 0
+    with Client(daemon.address) as client:
+        backup = run_job(client, client.call("BackupNow", "s", "db"))
+        assert backup["State"] == "done", backup["Error"]
+        drill = client.call("DrillVolume", "s", "db")
+        deadline = time.monotonic() + scaled(30)
+        while client.properties(drill, JOB)["State"] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+        restore = run_job(client, client.call("Restore", "ssssb", "db", "", "copy", target, False))
+        assert restore["State"] == "done", restore["Error"]
+        assert sha256_of(target, SIZE) == sha256_of(volume)
+        stopped = run_job(client, drill)
+        assert stopped["State"] == "failed" and "cancelled" in stopped["Error"][1]
+        last = plain(client.properties(VOLUME_PATH, VOLUME))["LastDrill"]
+        assert last["result"] == "stopped" and "for a restore" in last["problem"]
+    # A drill stopped for a restore is no alarm.
+    assert "restore drill failed" not in daemon.log()
+    assert "restore drill failed" not in flat(ctl(daemon, "status").stdout)
     _no_scratch_left(daemon)
