@@ -64,6 +64,8 @@ def run_volume_drill(
         holds it is marked corrupt).
     :raises DrillMismatch: the restored bytes differ from the stored checksums.
     """
+    if watch.cancelled:  # stopped for a restore while it was queued
+        raise BlockguardError(detail="the drill was cancelled before it began")
     vol = volumes.catalog.get_volume(volume)
     assert vol.pool is not None
     manifest = find_generation(volumes, volume, "")
