@@ -123,6 +123,11 @@ class DrillBook:
         with self._lock:
             self._stops.pop(volume, None)
 
+    def busy(self) -> list[str]:
+        """The volumes whose drill is queued or running."""
+        with self._lock:
+            return sorted(self._stops)
+
     def stop(self, volume: str) -> bool:
         """Ask the drill of ``volume`` to stop at its next extent; False if none runs."""
         with self._lock:

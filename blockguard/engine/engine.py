@@ -247,6 +247,8 @@ class Engine:
             self._monitor = None
         if self._health is not None:
             self._health.alerts.close()
+        if self._volumes is not None:
+            self._stop_drills()
         if self._pools is not None:
             self._pools.close()
         if self.catalog is not None:
@@ -361,6 +363,19 @@ class Engine:
         deadline = time.monotonic() + DRILL_STOP_WAIT
         while volume in self.jobs.busy_volumes() and time.monotonic() < deadline:
             time.sleep(0.05)
+
+    def _stop_drills(self) -> None:
+        """At shutdown: stop the running restore drills of volumes and let them release
+        their scratch space before the pools are closed (a loop device left attached to a
+        scratch image would keep its pool area mounted)."""
+        running = self.volumes.drills.busy()
+        for volume in running:
+            self.volumes.drills.stop(volume)
+        deadline = time.monotonic() + DRILL_STOP_WAIT
+        while self.volumes.drills.busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if running:
+            log.info("restore drills of %s stopped for the shutdown", ", ".join(running))
 
     def _auto_drill(self, pool: str) -> None:
         """Drill after a pool change or a protect, unless turned off or already running."""

@@ -282,3 +282,26 @@ def test_a_restore_stops_the_drill_of_its_volume(
     assert "restore drill failed" not in daemon.log()
     assert "restore drill failed" not in flat(ctl(daemon, "status").stdout)
     _no_scratch_left(daemon)
+
+
+def test_a_daemon_stopped_during_a_drill_leaves_no_scratch_behind(
+    engine: EngineHarness, loopdev: Callable[..., str]
+) -> None:
+    pool_disk = loopdev(POOL_SIZE, "pool.img")
+    volume = loopdev(SIZE, "db.img")
+    write_random(volume, 0, SIZE, seed=1)
+    daemon = engine.start(BLOCKGUARD_TEST_DRILL_DELAY="60")
+    assert ctl(daemon, "pool", "create", "p1", pool_disk).returncode == 0
+    assert ctl(daemon, "protect", volume, "db", "--rto", "1h").returncode == 0
+    with Client(daemon.address) as client:
+        assert run_job(client, client.call("BackupNow", "s", "db"))["State"] == "done"
+        drill = client.call("DrillVolume", "s", "db")
+        deadline = time.monotonic() + scaled(30)
+        while not list(daemon.state_dir.rglob("@vdrill*")):  # its scratch clone exists
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert client.properties(drill, JOB)["State"] == "running"
+    assert daemon.stop() == 0
+    # (The pool area is unmounted now: what is left attached is what counts.)
+    attached = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert "@vdrill" not in attached, attached
