@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any
 
-from blockguard.cli.actions import Output, human_seconds, human_size
+from blockguard.cli.actions import Output, drill_text, human_seconds, human_size
 from blockguard.cli.client import Client, plain
 from blockguard.cli.errors import explain
 
@@ -112,6 +112,8 @@ def _show(out: Output, summary: dict[str, Any], health: dict[str, Any]) -> None:
                 for p in pools
             ),
         )
+    for name, drill in sorted(summary.get("drills", {}).items()):
+        out.line(f"{name}: last restore drill {drill_text(drill)}")
     for alert in health.get("alerts", []):
         out.line(f"{alert['severity']}: {alert['message']}")
 

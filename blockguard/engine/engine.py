@@ -242,13 +242,13 @@ class Engine:
             log.error("cannot undo the point-in-time copies of interrupted backups: %s", exc)
 
     def close(self) -> None:
+        if self._volumes is not None:
+            self._stop_drills()
         if self._monitor is not None:
             self._monitor.stop()
             self._monitor = None
         if self._health is not None:
             self._health.alerts.close()
-        if self._volumes is not None:
-            self._stop_drills()
         if self._pools is not None:
             self._pools.close()
         if self.catalog is not None:
@@ -351,7 +351,7 @@ class Engine:
         """Run the restore drill of ``volume`` now (see :mod:`.voldrills`)."""
         with self._lock:
             self.volumes.require_attached(volume)
-            return start_volume_drill(volume, self.volumes, self.pools, self.jobs, self.events)
+            return start_volume_drill(volume, self.volumes, self.pools, self.jobs, self.alerts)
 
     def _stop_drill(self, volume: str) -> None:
         """A restore never waits behind a restore drill of its volume: the drill is

@@ -11,10 +11,11 @@ probe-only model's correction learns from it).
 The last drill of each volume (when, ok or failed and why, measured vs predicted, the RTO
 it was held against) is what ``status`` and the volume's ``LastDrill`` show; it is read
 back from the job history after a restart. A drill that took longer than the RTO, or
-could not restore or verify the generation, raises the alert (``ObjectiveInfeasible``,
-and a warning in the journal). Its measurement also bounds the plan: a chain that
-contains the drilled one restores no quicker than the drill measured
-(:func:`floors_of`), so the next backup is one whose restore fits.
+could not restore or verify the generation, raises the one-shot alert
+``drill-missed-rto`` or ``drill-failed`` (:mod:`blockguard.engine.alerts`). Its
+measurement also bounds the plan: a chain that contains the drilled one restores no
+quicker than the drill measured (:func:`floors_of`), so the next backup is one whose
+restore fits.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from blockguard.core.health import AlertKind
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.units import format_duration
 from blockguard.engine import ids
-from blockguard.engine import service as svc
+from blockguard.engine.alerts import AlertCenter
 from blockguard.engine.calibration import model_mode
 from blockguard.engine.drillbook import FAILED, OK, STOPPED, DrillRecord, drill_mode
-from blockguard.engine.events import EventHub
 from blockguard.engine.jobbook import JobBook, JobProgress
 from blockguard.engine.jobs import Job, JobKind, ProgressReporter
 from blockguard.engine.planning import correction_from, parse_given
@@ -146,7 +147,7 @@ def run_volume_drill(
 
 
 def start_volume_drill(
-    volume: str, volumes: VolumeRegistry, pools: PoolRegistry, jobs: JobBook, events: EventHub
+    volume: str, volumes: VolumeRegistry, pools: PoolRegistry, jobs: JobBook, alerts: AlertCenter
 ) -> Job:
     """Submit the restore drill of ``volume`` as a job of the volume.
 
@@ -172,19 +173,19 @@ def start_volume_drill(
         except BlockguardError as exc:
             if watch.cancelled:
                 why = f"stopped for a restore of the volume ({exc.message})"
-                finished(volumes, events, volume, DrillRecord(started, STOPPED, why))
+                finished(volumes, alerts, volume, DrillRecord(started, STOPPED, why))
             else:
-                finished(volumes, events, volume, DrillRecord(started, FAILED, exc.message))
+                finished(volumes, alerts, volume, DrillRecord(started, FAILED, exc.message))
             raise
         except Exception as exc:
             problem = f"internal error: {type(exc).__name__}"
-            finished(volumes, events, volume, DrillRecord(started, FAILED, problem))
+            finished(volumes, alerts, volume, DrillRecord(started, FAILED, problem))
             raise
         finally:
             volumes.drills.ended(volume)
         drill = DrillRecord.from_result(result)
         if drill is not None:
-            finished(volumes, events, volume, drill)
+            finished(volumes, alerts, volume, drill)
         return result
 
     try:
@@ -202,27 +203,30 @@ def start_volume_drill(
         raise
 
 
-def finished(volumes: VolumeRegistry, events: EventHub, volume: str, drill: DrillRecord) -> None:
+def finished(volumes: VolumeRegistry, alerts: AlertCenter, volume: str, drill: DrillRecord) -> None:
     """Keep a drill's record, raise the alert if it failed, and plan the volume again
     (the drill's measurement bounds the next backup's method)."""
     volumes.drills.set(volume, drill)
     if drill.result == FAILED:
-        message = f"restore drill failed: {drill.problem}"
+        message = f"volume {volume}: restore drill failed: {drill.problem}"
+        details = {
+            "generation": drill.generation,
+            "mode": drill.mode,
+            "measured_seconds": drill.measured_seconds,
+            "predicted_seconds": drill.predicted_seconds,
+            "upper_seconds": drill.upper_seconds,
+            "rto_seconds": drill.rto_seconds,
+        }
         log.warning(
-            "volume %s: %s",
-            volume,
+            "%s",
             message,
-            extra={
-                "VOLUME": volume,
-                "DRILL_RESULT": drill.result,
-                "DRILL_MEASURED_SECONDS": drill.measured_seconds,
-                "DRILL_PREDICTED_SECONDS": drill.predicted_seconds,
-                "DRILL_UPPER_SECONDS": drill.upper_seconds,
-                "DRILL_RTO_SECONDS": drill.rto_seconds,
-                "GENERATION": drill.generation,
-            },
+            extra={"VOLUME": volume, **{f"DRILL_{k.upper()}": v for k, v in details.items()}},
         )
-        events.emit(svc.ObjectiveInfeasible(volume, message))
+        # Measured: the restore ran and was timed, so it missed the RTO; else it could not
+        # restore or verify the generation.
+        missed = drill.measured_seconds >= 0
+        kind = AlertKind.DRILL_MISSED_RTO if missed else AlertKind.DRILL_FAILED
+        alerts.fire(kind, volume, message, details)
     elif drill.result == STOPPED:
         log.info("volume %s: restore drill %s", volume, drill.problem, extra={"VOLUME": volume})
     else:

@@ -6,7 +6,7 @@ default): its newest generation restored into scratch space on its pool, read ba
 the stored checksums, timed against the RTO, the scratch removed; ``status`` and ``volume
 show`` give the last drill. A drill made slow by a fault (every generation read of the
 drill takes 1.5 s more, as from a slow pool disk) misses an RTO of 1 s: it raises the
-``ObjectiveInfeasible`` signal and the next backup becomes a full instead of an
+one-shot ``drill-missed-rto`` alert and the next backup becomes a full instead of an
 incremental. A drill that finds a damaged chunk fails, alerts, and the next backup is a
 full too.
 """
@@ -131,10 +131,10 @@ def _drill_watching_signals(daemon: Daemon) -> tuple[subprocess.CompletedProcess
 
     def until(seen: list[Any]) -> bool:
         # _watch waits for the action before it waits for this.
-        return any(m.member == "ObjectiveInfeasible" for m in seen)
+        return any(m.member == "Alert" for m in seen)
 
     seen = asyncio.run(_watch(daemon.address, action, until))
-    alerts = [m.body for m in seen if m.member == "ObjectiveInfeasible"]
+    alerts = [m.body[:5] for m in seen if m.member == "Alert"]
     return done["out"], alerts
 
 
@@ -157,8 +157,10 @@ def test_slow_drill_alerts_and_makes_the_next_backup_a_full(
     out, alerts = _drill_watching_signals(daemon)
     assert out.returncode == 1, (out.stdout, out.stderr)
     assert "more than the RTO 1s" in flat(out.stderr), out.stderr
-    assert len(alerts) == 1 and alerts[0][0] == "db", alerts
-    assert alerts[0][1].startswith("restore drill failed: the restore of db@"), alerts
+    # kind, subject, state, severity, message
+    assert len(alerts) == 1, alerts
+    assert alerts[0][:4] == ["drill-missed-rto", "db", "raised", "warning"], alerts
+    assert alerts[0][4].startswith("volume db: restore drill failed: the restore of db@")
     assert "restore drill failed" in daemon.log()
 
     with Client(daemon.address) as client:
@@ -216,7 +218,9 @@ def test_drill_that_finds_damage_alerts_and_makes_the_next_backup_a_full(
     out, alerts = _drill_watching_signals(daemon)
     assert out.returncode != 0 and "checksum mismatch" in out.stderr, out.stderr
     assert newest in out.stderr
-    assert len(alerts) == 1 and "checksum mismatch" in alerts[0][1], alerts
+    assert len(alerts) == 1, alerts
+    assert alerts[0][:4] == ["drill-failed", "db", "raised", "critical"], alerts
+    assert "checksum mismatch" in alerts[0][4]
 
     with Client(daemon.address) as client:
         last = plain(client.properties(VOLUME_PATH, VOLUME))["LastDrill"]
