@@ -1,8 +1,9 @@
 """Restore drills of volumes (issue 14): is the RTO promise still kept?
 
 A volume whose objectives ask for drills (``drill``; weekly by default with an RTO) has
-its newest generation restored, when due, into scratch space on its pool in the mode its
-RTO refers to, read back against the stored checksums, timed, and the scratch removed
+its newest generation restored, when due, in the mode its RTO refers to (swap-in into a
+clone on its pool, read back and released; copy as pool drills time it, the read side
+alone), every chunk checked against its stored checksum, and timed
 (:mod:`blockguard.storage.voldrill`). The drill is a job of the volume (one job per volume
 at a time, so never while its backup runs). Its timing is stored like a real restore's:
 a restore path sample (the fitted terms learn from it) and a measured restore (the
@@ -82,16 +83,12 @@ def run_volume_drill(
     correction = correction_from(volumes.catalog.recent_restores(volume))
     planned, probe, full_device = restore_estimate(pools, request, copy_target, correction)
     backend = pools.backend(vol.pool)
-    with pools.lock:
-        gate = pools.gate()
     try:
         found = drill_volume(
             backend,
             volume,
             manifest.generation_id,
             mode,
-            gate=gate,
-            pool_name=vol.pool,
             label=f"{VOLUME_DRILL_LABEL}{job_record.replace('-', '')[:16]}",
             progress=watch,
             read_delay=volumes.settings.drill_read_delay,

@@ -1,20 +1,21 @@
-"""A volume's restore drill: its newest generation restored into scratch space on its pool,
-the restored bytes read back against the stored checksums, the scratch space removed.
+"""A volume's restore drill: its newest generation restored as the volume's RTO says, every
+restored chunk checked against its stored checksum, nothing left behind.
 
 The restore is the project's own (:mod:`blockguard.storage.restore`), in the mode the
-volume's RTO refers to:
+volume's RTO refers to, timed as pool drills time it (:mod:`blockguard.storage.drill`):
 
-- copy: :func:`~blockguard.storage.restore.restore_to_device` onto a clone of the chain's
-  full that the pool makes (a loop device on a reflinked file of a dir pool, a thin
-  snapshot of an lvm pool: the scratch space pool drills use), judged by the safety gate's
-  :meth:`~blockguard.storage.safety.SafetyGate.check_scratch` before it is written;
-- swap-in: :func:`~blockguard.storage.restore.swap_in` as a real swap-in runs (its own clone).
+- swap-in: :func:`~blockguard.storage.restore.swap_in` as a real swap-in runs (a clone of
+  the full on the pool, the deltas applied), then every chunk of the clone read back
+  against the checksum stored for it in the generation that provides it, so a restore
+  path that writes wrong bytes is caught (:class:`~blockguard.errors.DrillMismatch`); the
+  clone is released, also on failure;
+- copy: :func:`~blockguard.storage.restore.rehearse`, the copy's read side alone (the same
+  readers, windows and checksum checks, the data dropped): a copy's target is a device of
+  its own whose writes the model takes from its speed, and writing into a clone on the
+  pool would time the pool's copy-on-write allocation instead.
 
-The restore checks every chunk it reads from the pool (damage there is the stored
-generation's); the read-back then checks every chunk of the restored device against the
-checksum stored for it in the generation that provides it, so a restore path that writes
-wrong bytes is caught too (:class:`~blockguard.errors.DrillMismatch`). Nothing but the
-scratch clone is written, and it is released also on failure.
+Either way a chunk damaged on the pool stops the drill with
+:class:`~blockguard.errors.ChecksumMismatch`, naming it and its generation.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from blockguard.errors import ChecksumMismatch, DrillMismatch, InvalidInput
 from blockguard.storage.blockdev import BlockDevice
@@ -40,10 +41,7 @@ from blockguard.storage.copyengine import (
 )
 from blockguard.storage.manifest import Manifest
 from blockguard.storage.pool.base import GenerationReader, PoolBackend
-from blockguard.storage.restore import RestoreResult, plan_chunks, restore_to_device, swap_in
-
-if TYPE_CHECKING:
-    from blockguard.storage.safety import SafetyGate
+from blockguard.storage.restore import RestoreResult, plan_chunks, rehearse, swap_in
 
 log = logging.getLogger(__name__)
 
@@ -88,19 +86,15 @@ def drill_volume(
     generation_id: str,
     mode: str,
     *,
-    gate: SafetyGate | None,
-    pool_name: str,
     label: str,
     progress: Progress | None = None,
     read_delay: float = 0.0,
 ) -> VolumeDrillResult:
-    """Restore ``generation_id`` of ``volume`` into scratch space on ``pool``, read it back
-    against the stored checksums, and remove the scratch space.
+    """Restore ``generation_id`` of ``volume`` as a drill (see the module docstring): every
+    restored chunk checked against its stored checksum, nothing left on ``pool``.
 
     :param mode: ``copy`` or ``swap-in`` (what the volume's RTO refers to).
-    :param gate: the daemon's safety gate; a copy's scratch clone is judged by it before
-        it is written.
-    :param label: the scratch clone's name (unique per drill; starts with
+    :param label: a swap-in drill's clone's name (unique per drill; starts with
         :data:`VOLUME_DRILL_LABEL`).
     :param read_delay: a test's fault: seconds every generation read takes more.
     :raises ChecksumMismatch: a stored chunk is damaged (names chunk and generation).
@@ -113,39 +107,23 @@ def drill_volume(
         raise InvalidInput(detail=f"drill label {label!r} must start with {VOLUME_DRILL_LABEL}")
     progress = progress or Progress()
     source: PoolBackend = pool if read_delay <= 0 else DelayedReads(pool, read_delay, progress)  # type: ignore[assignment]
-    chain = pool.chain(volume, generation_id)
-    # Writing over a clone allocates (copy on write): a drill must not take the room the
-    # next backup needs.
     if mode == "copy":
-        writes = chain[0].volume.size
-    else:
-        writes = sum(len(own) for g, own in plan_chunks(chain) if not g.is_full)
-        writes *= chain[0].chunk_size
+        result = rehearse(source, volume, generation_id, progress=progress)
+        return VolumeDrillResult(result, result.chunks, result.bytes_read, 0.0)
+    chain = pool.chain(volume, generation_id)
+    # The deltas written over the clone allocate (copy on write): a drill must not take the
+    # room the next backup needs.
+    writes = sum(len(own) for g, own in plan_chunks(chain) if not g.is_full)
+    writes *= chain[0].chunk_size
     pool.require_space(writes + pool.next_backup_estimate(volume), volume)
-    if mode == "swap-in":
-        result = swap_in(source, volume, generation_id, label=label, progress=progress)
-        assert result.swap is not None
-        release = result.swap.release
-    else:
-        scratch = pool.swap_in(chain[0], label)
-        release = scratch.release
-        try:
-            if gate is not None:
-                gate.check_scratch(
-                    scratch.device, pool=pool_name, purpose="a volume drill's scratch target"
-                )
-            result = restore_to_device(
-                source, volume, generation_id, scratch.device, progress=progress
-            )
-        except BaseException:
-            scratch.release()
-            raise
+    result = swap_in(source, volume, generation_id, label=label, progress=progress)
+    assert result.swap is not None
     try:
         started = time.monotonic()
         chunks, nbytes = read_back(pool, volume, chain, result.target, progress)
         verify_seconds = time.monotonic() - started
     finally:
-        release()
+        result.swap.release()
     return VolumeDrillResult(result, chunks, nbytes, verify_seconds)
 
 

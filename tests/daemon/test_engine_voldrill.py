@@ -239,7 +239,8 @@ def test_drill_is_refused_while_the_volume_is_busy_and_without_generations(
     volume = loopdev(SIZE, "db.img")
     daemon = engine.start(BLOCKGUARD_TEST_BACKUP_DELAY="3")
     assert ctl(daemon, "pool", "create", "p1", pool_disk).returncode == 0
-    assert ctl(daemon, "protect", volume, "db", "--rto", "1h").returncode == 0
+    out = ctl(daemon, "protect", volume, "db", "--rto", "1h", "--restore-mode", "copy")
+    assert out.returncode == 0, out.stderr
     none = ctl(daemon, "volume", "drill", "db")
     assert none.returncode == 3 and "generation" in none.stderr, none.stderr
     with Client(daemon.address) as client:
@@ -249,7 +250,11 @@ def test_drill_is_refused_while_the_volume_is_busy_and_without_generations(
         assert run_job(client, job)["State"] == "done"
         drill = run_job(client, client.call("DrillVolume", "s", "db"))
         assert drill["State"] == "done", drill["Error"]
-        assert drill["Result"]["result"] == "ok"
+        # Copy mode, as pool drills time it: the read side, every chunk checked.
+        result = drill["Result"]
+        assert result["result"] == "ok" and result["mode"] == "copy"
+        assert result["verified_bytes"] == SIZE
+        assert ("db", "copy", "drill") in _samples(daemon)
         # The refusals started nothing: the one drill job is the one asked for last.
         assert [p["Kind"] for p in client.objects(JOB).values()].count("drill") == 1
     _no_scratch_left(daemon)
