@@ -13,10 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from blockguard.core.objectives import RecoveryObjectives, RestoreMode
+from blockguard.core.objectives import RecoveryObjectives
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.restore_model import (
-    BackupMethod,
     Chain,
     ChangeSets,
     RestoreEstimate,
@@ -24,6 +23,7 @@ from blockguard.core.restore_model import (
     estimate_chain,
 )
 from blockguard.core.units import format_duration, format_rate, format_size
+from blockguard.core.vocab import GenerationKind, RestoreMode
 from blockguard.errors import InvalidInput
 
 
@@ -31,7 +31,7 @@ from blockguard.errors import InvalidInput
 class Placement:
     """One (method, device) the planner considered, with its restore estimate."""
 
-    method: BackupMethod
+    method: GenerationKind
     device_id: str
     nbytes: int
     estimate: RestoreEstimate
@@ -52,7 +52,7 @@ class PlanDecision:
     :param considered: the best placement found for each method that was possible.
     """
 
-    method: BackupMethod
+    method: GenerationKind
     device_id: str
     nbytes: int
     estimate: RestoreEstimate
@@ -66,16 +66,16 @@ class PlanDecision:
         return "; ".join(self.reasons)
 
 
-def _what(method: BackupMethod, chain: Chain | None, nbytes: int) -> str:
+def _what(method: GenerationKind, chain: Chain | None, nbytes: int) -> str:
     """How the restore of ``method`` reads, e.g. "incremental chain 3 generations, 12.0 GiB"."""
-    if method is BackupMethod.INCREMENTAL and chain is not None:
+    if method is GenerationKind.INCREMENTAL and chain is not None:
         generations = chain.incrementals_since_base() + 1
-        has_diff = any(d.method is BackupMethod.DIFFERENTIAL for d in chain.restore_deltas())
+        has_diff = any(d.method is GenerationKind.DIFFERENTIAL for d in chain.restore_deltas())
         base = " on a differential" if has_diff else ""
         return f"incremental chain {generations} generations{base} (this one {format_size(nbytes)})"
-    if method is BackupMethod.DIFFERENTIAL:
+    if method is GenerationKind.DIFFERENTIAL:
         return f"differential {format_size(nbytes)}"
-    if method is BackupMethod.FULL:
+    if method is GenerationKind.FULL:
         return f"full {format_size(nbytes)}"
     return f"{method.value} {format_size(nbytes)}"
 
@@ -137,14 +137,14 @@ def plan_backup(
     if full_required:
         only_full.append(full_required)
     if only_full:
-        methods = [BackupMethod.FULL]
+        methods = [GenerationKind.FULL]
         reasons.append(f"full needed: {'; '.join(only_full)}")
     else:
-        methods = list(BackupMethod)
+        methods = list(GenerationKind)
 
     base = chain if chain is not None else Chain(changes.volume_bytes, order[0])
 
-    def place(method: BackupMethod) -> list[Placement]:
+    def place(method: GenerationKind) -> list[Placement]:
         nbytes = changes.nbytes(method)
         result = []
         for device in order:

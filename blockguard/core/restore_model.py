@@ -19,17 +19,16 @@ volume failed now, the restore would take X, at most Y".
 
 from __future__ import annotations
 
-import enum
 import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from blockguard.core.objectives import RestoreMode
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.restore_terms import PathTerms, RestoreShape, TermBreakdown
 from blockguard.core.units import format_duration, format_rate, format_size
+from blockguard.core.vocab import GenerationKind, RestoreMode
 from blockguard.errors import InvalidInput, NotFound
 
 #: How many recent real restores the correction looks at.
@@ -50,19 +49,6 @@ DEFAULT_EXTENT_BYTES = 64 * 1024
 TermBook = Mapping[tuple[str, str], PathTerms]
 
 
-class BackupMethod(enum.StrEnum):
-    """Kind of a generation. Members are listed from cheapest to costliest to take."""
-
-    INCREMENTAL = "incremental"
-    DIFFERENTIAL = "differential"
-    FULL = "full"
-
-    @property
-    def cost_rank(self) -> int:
-        """0 for the cheapest backup (incremental), 2 for the costliest (full)."""
-        return list(BackupMethod).index(self)
-
-
 def _check_bytes(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidInput(detail=f"{name} {value!r} is not a byte count >= 0")
@@ -81,15 +67,15 @@ class StoredDelta:
         :data:`DEFAULT_EXTENT_BYTES` its own extent when scattered, one when not).
     """
 
-    method: BackupMethod
+    method: GenerationKind
     nbytes: int
     device_id: str
     scattered: bool = True
     extents: int | None = None
 
     def __post_init__(self) -> None:
-        method = BackupMethod(self.method)
-        if method is BackupMethod.FULL:
+        method = GenerationKind(self.method)
+        if method is GenerationKind.FULL:
             raise InvalidInput(detail="a stored delta cannot be a full backup")
         object.__setattr__(self, "method", method)
         _check_bytes("delta size", self.nbytes)
@@ -131,17 +117,17 @@ class Chain:
         """
         start = 0
         for index, delta in enumerate(self.deltas):
-            if delta.method is BackupMethod.DIFFERENTIAL:
+            if delta.method is GenerationKind.DIFFERENTIAL:
                 start = index
         return self.deltas[start:]
 
     def incrementals_since_base(self) -> int:
         """How many incrementals the newest generation stacks on its full or differential."""
-        return sum(1 for d in self.restore_deltas() if d.method is BackupMethod.INCREMENTAL)
+        return sum(1 for d in self.restore_deltas() if d.method is GenerationKind.INCREMENTAL)
 
     def with_backup(
         self,
-        method: BackupMethod,
+        method: GenerationKind,
         nbytes: int,
         device_id: str,
         scattered: bool = True,
@@ -155,7 +141,7 @@ class Chain:
         :param scattered: whether a delta's chunks are scattered.
         :param extents: a delta's runs of adjacent chunks, when known.
         """
-        if BackupMethod(method) is BackupMethod.FULL:
+        if GenerationKind(method) is GenerationKind.FULL:
             return Chain(nbytes, device_id)
         return Chain(
             self.full_bytes,
@@ -491,21 +477,21 @@ class ChangeSets:
         _check_bytes("differential change-set size", self.differential_bytes)
         _check_bytes("volume size", self.volume_bytes)
 
-    def nbytes(self, method: BackupMethod) -> int:
+    def nbytes(self, method: GenerationKind) -> int:
         """Bytes a backup of ``method`` would store."""
         return {
-            BackupMethod.INCREMENTAL: self.incremental_bytes,
-            BackupMethod.DIFFERENTIAL: self.differential_bytes,
-            BackupMethod.FULL: self.volume_bytes,
-        }[BackupMethod(method)]
+            GenerationKind.INCREMENTAL: self.incremental_bytes,
+            GenerationKind.DIFFERENTIAL: self.differential_bytes,
+            GenerationKind.FULL: self.volume_bytes,
+        }[GenerationKind(method)]
 
-    def extents(self, method: BackupMethod) -> int | None:
+    def extents(self, method: GenerationKind) -> int | None:
         """Runs of adjacent chunks a delta of ``method`` would store (None: not known)."""
         return {
-            BackupMethod.INCREMENTAL: self.incremental_extents,
-            BackupMethod.DIFFERENTIAL: self.differential_extents,
-            BackupMethod.FULL: None,
-        }[BackupMethod(method)]
+            GenerationKind.INCREMENTAL: self.incremental_extents,
+            GenerationKind.DIFFERENTIAL: self.differential_extents,
+            GenerationKind.FULL: None,
+        }[GenerationKind(method)]
 
 
 def what_if(
@@ -517,7 +503,7 @@ def what_if(
     copy_target: DeviceSpeed | None = None,
     correction: float = 1.0,
     terms: TermBook | None = None,
-) -> dict[BackupMethod, RestoreEstimate]:
+) -> dict[GenerationKind, RestoreEstimate]:
     """Estimated restore time of the newest state after taking each kind of backup now.
 
     Methods that cannot be taken (no full yet) are left out.
@@ -532,9 +518,9 @@ def what_if(
     :param terms: fitted restore-path terms (see :func:`estimate_chain`).
     """
     base = chain if chain is not None else Chain(changes.volume_bytes, device_id)
-    result: dict[BackupMethod, RestoreEstimate] = {}
-    for method in BackupMethod:
-        if chain is None and method is not BackupMethod.FULL:
+    result: dict[GenerationKind, RestoreEstimate] = {}
+    for method in GenerationKind:
+        if chain is None and method is not GenerationKind.FULL:
             continue
         after = base.with_backup(
             method,

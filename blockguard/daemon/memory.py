@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 import stat
 import threading
 import time
@@ -19,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from blockguard.core import vocab
 from blockguard.core.objective_sets import clean_given, merge_given, parse_given
 from blockguard.core.objectives import IntervalRPO
 from blockguard.engine import service as svc
@@ -37,19 +37,10 @@ from blockguard.errors import (
     VolumeDetached,
 )
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 POOL_BACKENDS = ("file", "reflink", "thin")
 TRACKING_BACKENDS = ("era", "thin", "snapshot")
 DEFAULT_CHUNK_SIZE = 64 * 1024
 FAKE_RATE = 200e6  # bytes/s used for the fake restore-time estimates
-
-
-def _check_name(what: str, name: str) -> None:
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise InvalidInput(
-            detail=f"{what} name {name!r} must be 1-64 letters, digits, '_', '.', '+', '-' "
-            "and start with a letter or digit"
-        )
 
 
 def _device_size(path: str) -> int:
@@ -170,7 +161,7 @@ class MemoryService:
     def create_pool(
         self, name: str, backend: str, devices: Sequence[str], force: bool
     ) -> svc.PoolInfo:
-        _check_name("pool", name)
+        vocab.check_name("pool", name)
         backend = backend or "file"
         if backend not in POOL_BACKENDS:
             raise InvalidInput(detail=f"pool backend {backend!r} is not one of {POOL_BACKENDS}")
@@ -237,7 +228,7 @@ class MemoryService:
         pool: str | None = None,
         objectives: Mapping[str, Any] | None = None,
     ) -> svc.VolumeInfo:
-        _check_name("volume", name)
+        vocab.check_name("volume", name)
         stored = validate_objectives(objectives) if objectives else {}
         chunk = chunk_size or DEFAULT_CHUNK_SIZE
         if chunk & (chunk - 1) or not 4096 <= chunk <= 16 * 1024 * 1024:
@@ -446,8 +437,7 @@ class MemoryService:
         gen = info.generations[-1] if not generation else self.get_generation(generation)
         if gen.volume != volume:
             raise InvalidInput(detail=f"generation {gen.id} belongs to volume {gen.volume}")
-        if mode not in ("copy", "swap-in"):
-            raise InvalidInput(detail=f"restore mode {mode!r} is not copy or swap-in")
+        vocab.check_choice("restore mode", mode, vocab.RESTORE_MODES)
         target = target or info.device
         _device_size(target)
         if target != info.device:

@@ -17,14 +17,13 @@ change set was relative to: no second read of the volume.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from pyroaring import BitMap
 
-from blockguard.core.restore_model import BackupMethod
+from blockguard.core.vocab import GenerationKind, devno
 from blockguard.engine import ids, poolspace
 from blockguard.engine import service as svc
 from blockguard.engine.events import EventHub
@@ -37,7 +36,7 @@ from blockguard.engine.volumes import VolumeRegistry
 from blockguard.errors import BlockguardError, InvalidInput, TrackingLost
 from blockguard.storage.backup import apply_retention_after_commit, run_backup
 from blockguard.storage.blockdev import BlockDevice
-from blockguard.storage.manifest import GenerationKind, Manifest, VolumeIdentity, crash_point
+from blockguard.storage.manifest import Manifest, VolumeIdentity, crash_point
 from blockguard.storage.pool.base import GenerationWriter, PoolBackend
 from blockguard.storage.snapshot import backup_point_in_time
 from blockguard.storage.tracking import DIGEST_SIZE, ChunkHashes, chunk_digest
@@ -137,7 +136,7 @@ def back_up(
         changed: BitMap | None = None
         base_id = parent_id = None
         ref_role = None
-        if kind is BackupMethod.FULL:
+        if kind is GenerationKind.FULL:
             # After corruption the full is read from the volume alone: a clone of the
             # newest full would carry a damaged chunk of it into the new chain.
             if (
@@ -147,7 +146,7 @@ def back_up(
             ):
                 changed, ref_role = inputs.sets[LAST_FULL].chunks, LAST_FULL
                 base_id = view.newest_full.generation_id
-        elif kind is BackupMethod.DIFFERENTIAL:
+        elif kind is GenerationKind.DIFFERENTIAL:
             assert view.newest_full is not None
             changed, ref_role = inputs.sets[LAST_FULL].chunks, LAST_FULL
             base_id = view.newest_full.generation_id
@@ -169,7 +168,7 @@ def back_up(
         if decision.device_id and hasattr(pool, "preferred_device"):
             pool.preferred_device = decision.device_id  # the planner's disk for the delta
         keep = inputs.keep
-        ident = VolumeIdentity(name, size, f"{os.major(rdev)}:{os.minor(rdev)}")
+        ident = VolumeIdentity(name, size, devno(rdev))
         args: dict[str, Any] = {
             "chunk_size": vol.chunk_size,
             "base_id": base_id,
@@ -190,7 +189,7 @@ def back_up(
         try:
             crash_point("before-tracker-commit")
             tracking.commit_point(
-                point, result.manifest.generation_id, kind is BackupMethod.FULL, new_hashes
+                point, result.manifest.generation_id, kind is GenerationKind.FULL, new_hashes
             )
         except BaseException:
             # The tracker did not move to the new generation: withdraw it, so that a

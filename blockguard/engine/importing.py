@@ -22,6 +22,7 @@ from typing import Any
 
 from blockguard.core.catalog import DeviceIdentity
 from blockguard.core.damage import Damage, DamageCause
+from blockguard.core.vocab import PoolKind
 from blockguard.engine import service as svc
 from blockguard.engine.pools import PoolRegistry, _block_device, _describe
 from blockguard.engine.volumes import DETACHED, VolumeRegistry, detached_path
@@ -170,7 +171,9 @@ def _add_rows(
     groups = {g.name for g in catalog.list_groups()}
     with catalog.transaction():
         location = str(pools.settings.mount_root / name)
-        catalog.add_pool(name, backend.kind, location if backend.kind == "dir" else f"bg_{name}")
+        catalog.add_pool(
+            name, backend.kind, location if backend.kind == PoolKind.DIR else f"bg_{name}"
+        )
         sizes = {d.devno: d.size for d in backend.devices()}
         for path in devices:
             with BlockDevice(path) as dev:

@@ -27,7 +27,6 @@ from blockguard.core.objectives import DEFAULT_GENERATIONS, IntervalRPO, Recover
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.planner import PlanDecision, plan_backup
 from blockguard.core.restore_model import (
-    BackupMethod,
     Chain,
     ChangeSets,
     RestoreEstimate,
@@ -38,6 +37,7 @@ from blockguard.core.restore_model import (
     what_if,
 )
 from blockguard.core.scheduler import ScheduleDecision, schedule
+from blockguard.core.vocab import GenerationKind
 from blockguard.engine.calibration import Calibration, estimate_dict
 from blockguard.storage.manifest import Manifest
 from blockguard.storage.tracking import ChangeSet
@@ -82,7 +82,7 @@ def chain_view(manifests: Sequence[Manifest], device_of: Callable[[Manifest], st
     full = fulls[-1]
     deltas = tuple(
         StoredDelta(
-            BackupMethod(m.kind.value), m.bytes_stored, device_of(m), extents=runs(m.changed)
+            GenerationKind(m.kind.value), m.bytes_stored, device_of(m), extents=runs(m.changed)
         )
         for m in manifests
         if not m.is_full and m.base_id == full.generation_id

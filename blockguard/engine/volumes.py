@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from blockguard.core import vocab
 from blockguard.core.catalog import Catalog, DeviceIdentity, Volume
 from blockguard.core.damage import Damage, DamageCause, full_required_reason, unusable
 from blockguard.core.objectives import DEFAULT_GENERATIONS
@@ -34,6 +35,7 @@ from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.restore_model import ChangeSets
 from blockguard.core.retention import GenerationRef
 from blockguard.core.scheduler import ScheduleDecision
+from blockguard.core.vocab import GenerationKind, TrackingKind
 from blockguard.engine import ids, poolspace
 from blockguard.engine import service as svc
 from blockguard.engine.calibration import calibration
@@ -108,7 +110,7 @@ def manifest_row(m: Manifest) -> dict[str, Any]:
 
 
 def generation_ref(m: Manifest) -> GenerationRef:
-    return GenerationRef(m.generation_id, m.kind.value, m.base_id, m.parent_id, m.created)
+    return GenerationRef(m.generation_id, m.kind, m.base_id, m.parent_id, m.created)
 
 
 def id_time(pool_id: str) -> float:
@@ -198,7 +200,7 @@ class VolumeRegistry:
                 self._open_detached(vol.name)
                 continue
             try:
-                if vol.tracker_backend == "era" and vol.pool is not None:
+                if vol.tracker_backend == TrackingKind.ERA and vol.pool is not None:
                     # After a reboot the metadata LV is not active yet.
                     poolspace.era_metadata_device(self.pools.backend(vol.pool), vol.name)
                 self.tracking[vol.name] = VolumeTracking.open(
@@ -242,7 +244,7 @@ class VolumeRegistry:
         pool: str | None = None,
         objectives: Mapping[str, Any] | None = None,
     ) -> svc.VolumeInfo:
-        ids.check_name("volume", name)
+        vocab.check_name("volume", name)
         chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
         validate_chunk_size(chunk)
         if not isinstance(device, str) or not device.startswith("/"):
@@ -287,7 +289,7 @@ class VolumeRegistry:
                 log.warning("removing stale tracker state %s", directory)
                 shutil.rmtree(directory)
             era_metadata = None
-            if chosen == "era":
+            if chosen == TrackingKind.ERA:
                 era_metadata = poolspace.allocate_era_metadata(backend_of_pool, name, size, chunk)
             try:
                 tracking = VolumeTracking.create(
@@ -379,7 +381,7 @@ class VolumeRegistry:
             tracking = self.tracking.pop(name, None)
             if tracking is not None:
                 tracking.remove()
-            if vol.tracker_backend == "era" and backend is not None:
+            if vol.tracker_backend == TrackingKind.ERA and backend is not None:
                 try:
                     poolspace.release_era_metadata(backend, name)
                 except BlockguardError as exc:
@@ -814,7 +816,7 @@ class VolumeRegistry:
             changed_bytes_since_backup=0,
             changed_bytes_since_full=0,
             estimated_restore_seconds={},
-            next_method="full",
+            next_method=GenerationKind.FULL.value,
             next_method_reasons=(problem,),
             next_backup=0,
             generations=generations,

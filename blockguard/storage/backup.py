@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from pyroaring import BitMap
 
+from blockguard.core.vocab import GenerationKind
 from blockguard.errors import BlockguardError, InvalidInput
 from blockguard.storage.blockdev import BlockDevice
 from blockguard.storage.copyengine import (
@@ -26,7 +27,6 @@ from blockguard.storage.copyengine import (
     extents,
 )
 from blockguard.storage.manifest import (
-    GenerationKind,
     Manifest,
     VolumeIdentity,
     check_chunk_size,

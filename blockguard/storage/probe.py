@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from blockguard.core import vocab
 from blockguard.core.perftable import (
     DEFAULT_CHUNK_SIZE,
     DeviceRole,
@@ -419,7 +420,7 @@ def describe_device(
         capacity = dev.size
     sysdir = sysfs_dir(rdev)
     disk = sysdir.parent if (sysdir / "partition").exists() else sysdir
-    devno = f"{os.major(rdev)}:{os.minor(rdev)}"
+    devno = vocab.devno(rdev)
     return DeviceDescription(
         device_id=_identity(sysdir, disk, devno),
         kernel_name=sysdir.name,

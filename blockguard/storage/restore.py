@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from pyroaring import BitMap
 
+from blockguard.core.vocab import RestoreTarget
 from blockguard.errors import CorruptMetadata, DeviceInUse, DeviceTooSmall, InvalidInput
 from blockguard.storage.blockdev import BlockDevice, in_use_reasons
 from blockguard.storage.copyengine import (
@@ -36,7 +37,7 @@ from blockguard.storage.pool.base import GenerationReader, PoolBackend, SwapInVo
 class RestoreResult:
     """What a restore did and how long it took.
 
-    :param mode: ``device``, ``in-place`` or ``swap-in``.
+    :param mode: where the data went.
     :param target: the device written (for swap-in: the new loop/LV device).
     :param bytes_read: bytes read from the pool (and from the clone, when verified).
     :param bytes_written: bytes written to the target.
@@ -47,7 +48,7 @@ class RestoreResult:
 
     volume: str
     generation_id: str
-    mode: str
+    mode: RestoreTarget
     target: str
     chain: tuple[str, ...]
     bytes_read: int
@@ -99,7 +100,9 @@ def restore_to_device(
     :raises DeviceTooSmall: the target is smaller than the volume.
     :raises ChecksumMismatch: a stored chunk is damaged (names chunk and generation).
     """
-    return _restore(pool, volume, generation_id, target, "device", progress, extent_bytes)
+    return _restore(
+        pool, volume, generation_id, target, RestoreTarget.NEW_DEVICE, progress, extent_bytes
+    )
 
 
 def restore_in_place(
@@ -121,7 +124,9 @@ def restore_in_place(
         raise InvalidInput(
             detail=f"restoring {volume} in place overwrites {original}; it needs force"
         )
-    return _restore(pool, volume, generation_id, original, "in-place", progress, extent_bytes)
+    return _restore(
+        pool, volume, generation_id, original, RestoreTarget.IN_PLACE, progress, extent_bytes
+    )
 
 
 def swap_in(
@@ -190,7 +195,7 @@ def swap_in(
     return RestoreResult(
         volume,
         generation_id,
-        "swap-in",
+        RestoreTarget.SWAP_IN,
         swap.device,
         tuple(g.generation_id for g in chain),
         read,
@@ -298,7 +303,7 @@ def _restore(
     volume: str,
     generation_id: str,
     target: str,
-    mode: str,
+    mode: RestoreTarget,
     progress: Progress | None,
     extent_bytes: int,
 ) -> RestoreResult:
@@ -309,7 +314,7 @@ def _restore(
     if reasons := in_use_reasons(target):
         raise DeviceInUse(path=target, reason="; ".join(reasons))
     with BlockDevice(target, write=True, direct=True, exclusive=True) as dev:
-        if dev.size < size or (mode == "in-place" and dev.size != size):
+        if dev.size < size or (mode is RestoreTarget.IN_PLACE and dev.size != size):
             raise DeviceTooSmall(path=target, size=dev.size, needed=size)
         plan = plan_chunks(chain)
         progress.start(sum(_bytes(gen, own) for gen, own in plan))

@@ -32,6 +32,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blockguard.core import vocab
 from blockguard.errors import (
     DeviceInUse,
     ForeignPool,
@@ -102,7 +103,7 @@ def _devno_of(directory: Path) -> int | None:
 
 
 def _sysdir(rdev: int) -> Path | None:
-    d = SYS_DEV_BLOCK / f"{os.major(rdev)}:{os.minor(rdev)}"
+    d = SYS_DEV_BLOCK / vocab.devno(rdev)
     return d.resolve() if d.exists() else None
 
 
@@ -173,7 +174,7 @@ def device_family(rdev: int) -> Family:
             return None
         directory = _sysdir(number)
         seen.add(number)
-        name = directory.name if directory else f"{os.major(number)}:{os.minor(number)}"
+        name = directory.name if directory else vocab.devno(number)
         node = _node(number, directory) if directory else ""
         family.members.append(Member(number, name, node, direction, relation))
         return directory
@@ -422,7 +423,7 @@ class SafetyGate:
                 who = f"its partition {member.name}"
             else:
                 who = f"{member.label} (built on it)"
-            devno = f"{os.major(member.rdev)}:{os.minor(member.rdev)}"
+            devno = vocab.devno(member.rdev)
             if devno in mounts:
                 reasons.append(f"{who} is mounted on {mounts[devno]}")
             if member.rdev in swaps:

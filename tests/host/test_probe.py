@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from blockguard.core.objectives import RecoveryObjectives, RestoreMode
+from blockguard.core.objectives import RecoveryObjectives
 from blockguard.core.perftable import (
     DeviceRole,
     DeviceSpeed,
@@ -27,8 +27,9 @@ from blockguard.core.perftable import (
     Transport,
 )
 from blockguard.core.planner import plan_backup
-from blockguard.core.restore_model import BackupMethod, ChangeSets
+from blockguard.core.restore_model import ChangeSets
 from blockguard.core.units import GiB, MiB, format_rate
+from blockguard.core.vocab import GenerationKind, RestoreMode
 from blockguard.errors import InvalidInput, NotABlockDevice
 from blockguard.storage import cgroup
 from blockguard.storage.blockdev import BlockDevice, aligned_buffer, device_rdev, sysfs_dir
@@ -235,7 +236,7 @@ def test_throttled_pool_disks_measured_and_planner_follows_the_figures(loopdev) 
         copy_target=target,
     )
     print(decision.describe())
-    assert decision.method is BackupMethod.FULL
+    assert decision.method is GenerationKind.FULL
     assert decision.feasible
     assert decision.device_id == ids[fast]
     assert decision.estimate.seconds <= rto.total_seconds()

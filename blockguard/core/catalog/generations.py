@@ -14,9 +14,7 @@ from typing import Any
 from blockguard.core.catalog._db import CatalogBase
 from blockguard.core.catalog.chains import Link, chain_problem, manifest_fields
 from blockguard.core.catalog.rows import (
-    GENERATION_KINDS,
     Generation,
-    check_choice,
     check_count,
     check_number,
     check_uuid,
@@ -24,6 +22,7 @@ from blockguard.core.catalog.rows import (
     encode_json,
     new_id,
 )
+from blockguard.core.vocab import GENERATION_KINDS, GenerationKind, check_choice
 from blockguard.errors import (
     AlreadyExists,
     Busy,
@@ -82,7 +81,7 @@ class GenerationStore(CatalogBase):
         check_choice("generation kind", kind, GENERATION_KINDS)
         gid = new_id() if id is None else check_uuid("generation", id)
         base = None if base is None else check_uuid("base generation", base)
-        if kind == "differential" and parent is None:
+        if kind == GenerationKind.DIFFERENTIAL and parent is None:
             parent = base
         parent = None if parent is None else check_uuid("parent generation", parent)
         check_count(f"bytes stored of generation {gid}", bytes_stored)
@@ -191,7 +190,7 @@ class GenerationStore(CatalogBase):
         """
         with self._reading() as conn:
             chain = [self._get_generation(conn, id)]
-            while chain[-1].parent is not None and chain[-1].kind != "full":
+            while chain[-1].parent is not None and chain[-1].kind != GenerationKind.FULL:
                 chain.append(self._get_generation(conn, chain[-1].parent))
         return chain[::-1]
 
