@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from blockguard.core import vocab
+from blockguard.core.catalog import Catalog
 from blockguard.core.damage import Damage, DamageCause
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.restore_model import (
@@ -247,19 +248,7 @@ def run_restore(
     except (ChecksumMismatch, CorruptMetadata) as exc:
         _blame(volumes, pool, request.volume, request.manifest, exc)
     public = ids.public_id(request.volume, gen_id)
-    volumes.catalog.record_restore(
-        request.volume,
-        ids.catalog_id(request.volume, gen_id),
-        method=request.manifest.kind.value,
-        mode=request.how.value,
-        bytes_restored=result.bytes_written,
-        measured_seconds=result.duration,
-        predicted_seconds=predicted,
-        job=job_record,
-    )
-    record_restore_sample(
-        volumes.catalog, request.volume, full_device, request.how, result, planned.seconds
-    )
+    _record(volumes.catalog, request, job_record, result, predicted, planned.seconds, full_device)
     with contextlib.suppress(BlockguardError):
         volumes.refresh(request.volume)
     events.emit(svc.RestoreFinished(request.volume, public, result.target))
@@ -276,6 +265,30 @@ def run_restore(
         "probe_predicted_seconds": predicted,
         "chain": [ids.public_id(request.volume, g) for g in result.chain],
     }
+
+
+def _record(
+    catalog: Catalog,
+    request: RestoreRequest,
+    job_record: str,
+    result: RestoreResult,
+    predicted: float,
+    planned: float,
+    full_device: str,
+) -> None:
+    """Keep a finished restore for the learnt correction and as a sample of its path."""
+    gen_id = request.manifest.generation_id
+    catalog.record_restore(
+        request.volume,
+        ids.catalog_id(request.volume, gen_id),
+        method=request.manifest.kind.value,
+        mode=request.how.value,
+        bytes_restored=result.bytes_written,
+        measured_seconds=result.duration,
+        predicted_seconds=predicted,
+        job=job_record,
+    )
+    record_restore_sample(catalog, request.volume, full_device, request.how, result, planned)
 
 
 def _do_restore(

@@ -71,7 +71,12 @@ from blockguard.storage.blockdev import BlockDevice
 from blockguard.storage.manifest import Manifest
 from blockguard.storage.pool.base import DamagedGeneration, PoolBackend, VolumeRecord
 from blockguard.storage.runner import Runner
-from blockguard.storage.tracking import DEFAULT_CHUNK_SIZE, check_protectable, validate_chunk_size
+from blockguard.storage.tracking import (
+    DEFAULT_CHUNK_SIZE,
+    ChangeSet,
+    check_protectable,
+    validate_chunk_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +166,24 @@ class VolumeGenerations:
         return CorruptMetadata(what=f"generation {public}", detail=damage.describe(pool_id))
 
 
+@dataclass(frozen=True)
+class _ProtectPlan:
+    """A checked protect request: where the volume goes and how it is tracked.
+
+    :param existing: the detached volume being re-attached, or None for a new one.
+    """
+
+    name: str
+    device: str
+    chunk: int
+    size: int
+    identity: DeviceIdentity
+    pool: str
+    pool_backend: PoolBackend
+    backend: str
+    existing: Volume | None
+
+
 class VolumeRegistry:
     """The protected volumes of one daemon; see the module docstring."""
 
@@ -244,105 +267,147 @@ class VolumeRegistry:
         pool: str | None = None,
         objectives: Mapping[str, Any] | None = None,
     ) -> svc.VolumeInfo:
+        """Protect ``device`` as volume ``name``, or re-attach it to the detached ``name``.
+
+        Everything is checked before anything is created: a refusal leaves no volume.
+        """
         vocab.check_name("volume", name)
         chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
         validate_chunk_size(chunk)
         if not isinstance(device, str) or not device.startswith("/"):
             raise InvalidInput(detail=f"device {device!r} must be an absolute path")
-        # Checked before anything is created: a refusal leaves no volume behind.
         stored = clean_given(objectives) if objectives else None
         with self.lock:
-            existing = next((v for v in self.catalog.list_volumes() if v.name == name), None)
-            if existing is not None and not is_detached(existing):
-                raise AlreadyExists(what="volume", name=name)
-            if not self.pools.names():
-                raise InvalidInput(detail="there is no pool to back up into; create one first")
-            if existing is not None and existing.pool is not None:
-                # Re-attaching keeps the volume on the pool that holds its generations.
-                if pool is not None and pool != existing.pool:
-                    raise InvalidInput(
-                        detail=f"volume {name} has its generations on pool {existing.pool}, "
-                        f"not {pool}"
-                    )
-                pool = existing.pool
-            if pool is not None:
-                self.pools.require_known(pool)
-            protected = [v.device_path for v in self.catalog.list_volumes() if not is_detached(v)]
-            size = check_protectable(
-                device, self.pools.device_paths(), protected, chunk, gate=self.pools.gate()
-            )
-            # What the asked backend needs of the kernel is checked before the space it
-            # needs on a pool: the error then names the real cause.
-            choose_backend(device, backend, self.cmd, era_space=True)
-            if existing is None or existing.pool is None:
-                pool = self.place(size, pool)
-            backend_of_pool = self.pools.backend(pool)
-            chosen = choose_backend(
-                device, backend, self.cmd, era_space=poolspace.is_lvm(backend_of_pool)
-            )
-            with BlockDevice(device) as dev:
-                ident = dev.identity
-            directory = self.directory(name)
-            if directory.exists() and name not in self.tracking:
-                # Tracker state of a volume the catalog forgot (a lost catalog, an import):
-                # its references name nothing any more; the new tracker starts afresh.
-                log.warning("removing stale tracker state %s", directory)
-                shutil.rmtree(directory)
-            era_metadata = None
-            if chosen == TrackingKind.ERA:
-                era_metadata = poolspace.allocate_era_metadata(backend_of_pool, name, size, chunk)
+            plan = self._protect_plan(device, name, chunk, backend, pool)
+            tracking, era_metadata = self._start_tracking(plan)
             try:
-                tracking = VolumeTracking.create(
-                    directory, device, chosen, chunk, self.cmd, era_metadata=era_metadata
-                )
+                self._record_protected(plan, stored)
             except BaseException:
-                if era_metadata is not None:
-                    poolspace.release_era_metadata(backend_of_pool, name)
-                raise
-            try:
-                if existing is None:
-                    self.catalog.add_volume(
-                        name,
-                        device,
-                        DeviceIdentity(ident.major, ident.minor, size),
-                        chunk_size=chunk,
-                        tracker_backend=chosen,
-                        pool=pool,
-                        objectives=stored,
-                    )
-                else:
-                    # Re-attach: the generations stay; a fresh tracker, so the next
-                    # backup is a full.
+                if plan.existing is not None:
                     self.catalog.update_volume(
                         name,
-                        device_path=device,
-                        identity=DeviceIdentity(ident.major, ident.minor, size),
-                        chunk_size=chunk,
-                        tracker_backend=chosen,
-                    )
-                    if stored:
-                        self.catalog.update_volume(
-                            name, objectives={**existing.objectives, **stored}
-                        )
-                self.write_record(name)
-            except BaseException:
-                if existing is not None:
-                    self.catalog.update_volume(
-                        name,
-                        device_path=existing.device_path,
-                        identity=existing.identity,
-                        chunk_size=existing.chunk_size,
-                        tracker_backend=existing.tracker_backend,
+                        device_path=plan.existing.device_path,
+                        identity=plan.existing.identity,
+                        chunk_size=plan.existing.chunk_size,
+                        tracker_backend=plan.existing.tracker_backend,
                     )
                 tracking.remove()
                 if era_metadata is not None:
-                    poolspace.release_era_metadata(backend_of_pool, name)
+                    poolspace.release_era_metadata(plan.pool_backend, name)
                 raise
             self.tracking[name] = tracking
             self.sync_generations(name)
             info = self.refresh(name)
-        log.info("protecting %s as %s (%s tracking)", device, name, chosen, extra={"VOLUME": name})
+        log.info(
+            "protecting %s as %s (%s tracking)", device, name, plan.backend, extra={"VOLUME": name}
+        )
         return info
+
+    def _protect_plan(
+        self, device: str, name: str, chunk: int, backend: str | None, pool: str | None
+    ) -> _ProtectPlan:
+        """Check a protect request and decide its pool and tracking backend (changes nothing).
+
+        :raises AlreadyExists: ``name`` is protected already.
+        :raises InvalidInput: no pool, or a detached volume asked onto another pool.
+        """
+        existing = next((v for v in self.catalog.list_volumes() if v.name == name), None)
+        if existing is not None and not is_detached(existing):
+            raise AlreadyExists(what="volume", name=name)
+        if not self.pools.names():
+            raise InvalidInput(detail="there is no pool to back up into; create one first")
+        if existing is not None and existing.pool is not None:
+            # Re-attaching keeps the volume on the pool that holds its generations.
+            if pool is not None and pool != existing.pool:
+                raise InvalidInput(
+                    detail=f"volume {name} has its generations on pool {existing.pool}, not {pool}"
+                )
+            pool = existing.pool
+        if pool is not None:
+            self.pools.require_known(pool)
+        protected = [v.device_path for v in self.catalog.list_volumes() if not is_detached(v)]
+        size = check_protectable(
+            device, self.pools.device_paths(), protected, chunk, gate=self.pools.gate()
+        )
+        # What the asked backend needs of the kernel is checked before the space it
+        # needs on a pool: the error then names the real cause.
+        choose_backend(device, backend, self.cmd, era_space=True)
+        if existing is None or existing.pool is None:
+            pool = self.place(size, pool)
+        assert pool is not None
+        pool_backend = self.pools.backend(pool)
+        chosen = choose_backend(device, backend, self.cmd, era_space=poolspace.is_lvm(pool_backend))
+        with BlockDevice(device) as dev:
+            ident = dev.identity
+        return _ProtectPlan(
+            name=name,
+            device=device,
+            chunk=chunk,
+            size=size,
+            identity=DeviceIdentity(ident.major, ident.minor, size),
+            pool=pool,
+            pool_backend=pool_backend,
+            backend=chosen,
+            existing=existing,
+        )
+
+    def _start_tracking(self, plan: _ProtectPlan) -> tuple[VolumeTracking, str | None]:
+        """Create the volume's tracker (and its era metadata on an lvm pool).
+
+        :returns: the tracker and the era metadata device, if one was allocated.
+        """
+        directory = self.directory(plan.name)
+        if directory.exists() and plan.name not in self.tracking:
+            # Tracker state of a volume the catalog forgot (a lost catalog, an import):
+            # its references name nothing any more; the new tracker starts afresh.
+            log.warning("removing stale tracker state %s", directory)
+            shutil.rmtree(directory)
+        era_metadata = None
+        if plan.backend == TrackingKind.ERA:
+            era_metadata = poolspace.allocate_era_metadata(
+                plan.pool_backend, plan.name, plan.size, plan.chunk
+            )
+        try:
+            tracking = VolumeTracking.create(
+                directory,
+                plan.device,
+                plan.backend,
+                plan.chunk,
+                self.cmd,
+                era_metadata=era_metadata,
+            )
+        except BaseException:
+            if era_metadata is not None:
+                poolspace.release_era_metadata(plan.pool_backend, plan.name)
+            raise
+        return tracking, era_metadata
+
+    def _record_protected(self, plan: _ProtectPlan, stored: dict[str, Any] | None) -> None:
+        """The catalog row (new, or the detached one re-attached) and the pool's record."""
+        if plan.existing is None:
+            self.catalog.add_volume(
+                plan.name,
+                plan.device,
+                plan.identity,
+                chunk_size=plan.chunk,
+                tracker_backend=plan.backend,
+                pool=plan.pool,
+                objectives=stored,
+            )
+        else:
+            # Re-attach: the generations stay; a fresh tracker, so the next backup is a full.
+            self.catalog.update_volume(
+                plan.name,
+                device_path=plan.device,
+                identity=plan.identity,
+                chunk_size=plan.chunk,
+                tracker_backend=plan.backend,
+            )
+            if stored:
+                self.catalog.update_volume(
+                    plan.name, objectives={**plan.existing.objectives, **stored}
+                )
+        self.write_record(plan.name)
 
     def unprotect(self, name: str, delete_generations: bool = False) -> None:
         """Stop tracking ``name``.
@@ -644,25 +709,9 @@ class VolumeRegistry:
         gens = self.scan(name)
         manifests = gens.usable
         view = chain_view(manifests, lambda m: self.pools.device_of(vol.pool, m))  # type: ignore[arg-type]
-        # The tracker's roles describe the newest generation and the newest full that were
-        # made, usable or not (a corrupt one forces a full anyway, see full_required).
-        newest_any = gens.newest_id()
-        fulls_any = [m.generation_id for m in gens.manifests if m.is_full]
         with BlockDevice(vol.device_path) as dev:
             size = dev.size
-        tracking = self.tracking.get(name)
-        sets = {}
-        problem = ""
-        if view.newest is not None:
-            if tracking is None:
-                problem = self.lost.get(name, "the tracker could not be opened")
-            else:
-                newest_full = fulls_any[-1] if fulls_any else None
-                trusted, problem = tracking.trusted(newest_any, newest_full)
-                try:
-                    sets = tracking.change_sets(trusted, source)
-                except TrackingLost as exc:
-                    problem, sets = exc.message, {}
+        sets, problem = ({}, "") if view.newest is None else self._change_sets(name, gens, source)
         exact = view.newest is None or (LAST_BACKUP in sets and LAST_FULL in sets)
         if exact:
             problem = ""
@@ -699,6 +748,22 @@ class VolumeRegistry:
             generations=gens,
             calibration=calibration(self.catalog, sorted(speeds)),
         )
+
+    def _change_sets(
+        self, name: str, gens: VolumeGenerations, source: str | None
+    ) -> tuple[dict[str, ChangeSet], str]:
+        """The tracker's change sets since its trusted references, or why there are none."""
+        tracking = self.tracking.get(name)
+        if tracking is None:
+            return {}, self.lost.get(name, "the tracker could not be opened")
+        # The tracker's roles describe the newest generation and the newest full that were
+        # made, usable or not (a corrupt one forces a full anyway, see full_required).
+        fulls_any = [m.generation_id for m in gens.manifests if m.is_full]
+        trusted, problem = tracking.trusted(gens.newest_id(), fulls_any[-1] if fulls_any else None)
+        try:
+            return tracking.change_sets(trusted, source), problem
+        except TrackingLost as exc:
+            return {}, exc.message
 
     def plan(self, name: str) -> dict[str, Any]:
         with self.lock:
