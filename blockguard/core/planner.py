@@ -17,13 +17,13 @@ from blockguard.core.objectives import RecoveryObjectives
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.restore_model import (
     Chain,
-    ChangeSets,
     RestoreEstimate,
     TermBook,
     estimate_chain,
 )
 from blockguard.core.units import format_duration, format_rate, format_size
 from blockguard.core.vocab import GenerationKind, RestoreMode
+from blockguard.core.what_if import ChangeSets
 from blockguard.errors import InvalidInput
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from blockguard.core.catalog import DeviceIdentity
 from blockguard.core.damage import Damage, DamageCause
 from blockguard.core.vocab import PoolKind
+from blockguard.engine import protection
 from blockguard.engine import service as svc
 from blockguard.engine.pools import PoolRegistry, _block_device, _describe
 from blockguard.engine.volumes import DETACHED, VolumeRegistry, detached_path
@@ -137,7 +138,7 @@ def import_pool(pools: PoolRegistry, volumes: VolumeRegistry, devices: Sequence[
         if record is not None and record.tracker_backend != DETACHED and _device_matches(record):
             try:
                 chosen = record.tracker_backend or None
-                volumes.protect(record.device_path, name, record.chunk_size, chosen)
+                protection.protect(volumes, record.device_path, name, record.chunk_size, chosen)
                 log.info("import: %s protected again on %s", name, record.device_path)
                 continue
             except BlockguardError as exc:

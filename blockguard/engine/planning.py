@@ -28,22 +28,20 @@ from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.planner import PlanDecision, plan_backup
 from blockguard.core.restore_model import (
     Chain,
-    ChangeSets,
     RestoreEstimate,
     RestoreSample,
     StoredDelta,
-    bytes_restorable_within,
     correction_factor,
-    what_if,
 )
 from blockguard.core.scheduler import ScheduleDecision, schedule
 from blockguard.core.vocab import GenerationKind
+from blockguard.core.what_if import ChangeSets, bytes_restorable_within, what_if
 from blockguard.engine.calibration import Calibration, estimate_dict
 from blockguard.storage.manifest import Manifest
 from blockguard.storage.tracking import ChangeSet
 
 if TYPE_CHECKING:
-    from blockguard.engine.volumes import VolumeGenerations
+    from blockguard.engine.generations import VolumeGenerations
 
 __all__ = [
     "CLEAR",

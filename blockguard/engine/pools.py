@@ -1,5 +1,7 @@
 """Pools of the real service: registration (with a probe of each disk), reopening, state.
 
+(One thing at ~460 lines: the pool registry: create, extend, reopen, remove, state, speeds.)
+
 The catalog remembers which disks make up which pool; the pool backend (``dir`` on XFS
 with reflink here, ``lvm`` where device-mapper exists) holds the data. At daemon start
 every pool is reopened from the catalog, which also removes the garbage a crash left;
@@ -34,7 +36,7 @@ from blockguard.errors import (
     NotABlockDevice,
     NotFound,
 )
-from blockguard.storage import dm
+from blockguard.storage import devinfo, dm
 from blockguard.storage.blockdev import BlockDevice, device_rdev, mounted_devnos
 from blockguard.storage.manifest import Manifest
 from blockguard.storage.pool.base import PoolBackend, SpaceAlert
@@ -73,7 +75,7 @@ def _describe(path: str) -> tuple[str | None, Callable[..., object] | None]:
     except ImportError:
         return None, None
     try:
-        return probe.describe_device(path).device_id, probe.probe_device
+        return devinfo.describe_device(path).device_id, probe.probe_device
     except BlockguardError as exc:
         log.warning("cannot describe %s: %s", path, exc)
         return None, probe.probe_device

@@ -1,5 +1,7 @@
 """Change tracking of one protected volume, tied to the generations it describes.
 
+(One thing at ~430 lines: a volume's tracker tied to its generations, and its backend choice.)
+
 Each volume has a :class:`~blockguard.storage.tracking.ChangeTracker` (thin for LVM thin
 volumes, era for other block devices when device-mapper is available, scan otherwise) in
 ``STATE_DIR/volumes/NAME/tracker``, and ``roles.json`` beside it saying which tracker

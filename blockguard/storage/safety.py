@@ -1,5 +1,7 @@
 """The one safety gate in front of every operation that writes a device.
 
+(One thing at ~460 lines: the gate and the device family it judges; neither is used alone.)
+
 A device is never judged alone: writing it also writes whatever shares its blocks. Its
 *family* (:func:`device_family`), read from sysfs, is
 

@@ -1,5 +1,7 @@
 """Point-in-time copies of a volume that stays online: the source a backup reads.
 
+(One thing at ~450 lines: point-in-time copies behind one interface, and their crash recovery.)
+
 Two kinds, one interface (:class:`PointInTime`):
 
 - **thin volumes**: a :class:`~.tracking.thin.ThinTracker` reference *is* a thin snapshot;

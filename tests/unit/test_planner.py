@@ -14,12 +14,12 @@ from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.planner import PlanDecision, plan_backup
 from blockguard.core.restore_model import (
     Chain,
-    ChangeSets,
     StoredDelta,
     estimate_chain,
 )
 from blockguard.core.units import format_duration, format_rate, format_size
 from blockguard.core.vocab import GenerationKind, RestoreMode
+from blockguard.core.what_if import ChangeSets
 from blockguard.errors import InvalidInput
 
 MB = 10**6

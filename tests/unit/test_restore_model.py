@@ -21,19 +21,17 @@ from blockguard.core.restore_model import (
     CORRECTION_MAX,
     CORRECTION_MIN,
     Chain,
-    ChangeSets,
     RestorePiece,
     RestoreSample,
     StoredDelta,
-    bytes_restorable_within,
     correction_factor,
     estimate_chain,
     estimate_pieces,
     piece_time,
-    what_if,
 )
 from blockguard.core.units import GiB, KiB, MiB
 from blockguard.core.vocab import GenerationKind, RestoreMode
+from blockguard.core.what_if import ChangeSets, bytes_restorable_within, what_if
 from blockguard.errors import InvalidInput, NotFound
 
 MB = 10**6

@@ -12,9 +12,7 @@ from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.planner import plan_backup
 from blockguard.core.restore_model import (
     Chain,
-    ChangeSets,
     StoredDelta,
-    bytes_restorable_within,
     estimate_chain,
 )
 from blockguard.core.restore_terms import (
@@ -27,6 +25,7 @@ from blockguard.core.restore_terms import (
 )
 from blockguard.core.units import MiB
 from blockguard.core.vocab import GenerationKind, RestoreMode
+from blockguard.core.what_if import ChangeSets, bytes_restorable_within
 from blockguard.errors import InvalidInput
 
 MB = 10**6

@@ -27,13 +27,12 @@ from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.planner import plan_backup
 from blockguard.core.restore_model import (
     Chain,
-    ChangeSets,
-    bytes_restorable_within,
     estimate_chain,
 )
 from blockguard.core.scheduler import schedule
 from blockguard.core.units import GiB, MiB
 from blockguard.core.vocab import GenerationKind, RestoreMode
+from blockguard.core.what_if import ChangeSets, bytes_restorable_within
 
 MB = 10**6
 EXTENT = 64 * MiB  # the simulated tracker's granularity

@@ -1,5 +1,7 @@
 """The era backend: dm-era between a volume and its users.
 
+(One thing at ~450 lines: the era tracker's life: interpose, checkpoint, read, recover, remove.)
+
 Placement (the choice, documented): for an LVM logical volume the era target is
 *interposed* so applications keep the LV's path and device number: the LV's current
 table moves to a new dm device ``blockguard-inner-<dm name>``, and the LV's own dm device
