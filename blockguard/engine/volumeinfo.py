@@ -59,23 +59,7 @@ def detached(
     generations: tuple[svc.GenerationInfo, ...],
 ) -> svc.VolumeInfo:
     """A volume without device or tracker: its generations, nothing planned."""
-    return svc.VolumeInfo(
-        name=vol.name,
-        device="",
-        pool=vol.pool or "",
-        backend="",
-        chunk_size=vol.chunk_size,
-        group=vol.group or "",
-        objectives=objectives,
-        tracker_state=DETACHED,
-        changed_bytes_since_backup=0,
-        changed_bytes_since_full=0,
-        estimated_restore_seconds={},
-        next_method="",
-        next_method_reasons=(reason,),
-        next_backup=0,
-        generations=generations,
-    )
+    return _idle(vol, objectives, DETACHED, "", reason, generations, attached=False)
 
 
 def stopped(
@@ -86,20 +70,35 @@ def stopped(
     generations: tuple[svc.GenerationInfo, ...],
 ) -> svc.VolumeInfo:
     """A volume that cannot be planned now (its tracker is lost or the pool failed)."""
+    state = "lost" if lost else "stopped"
+    return _idle(vol, objectives, state, GenerationKind.FULL.value, problem, generations)
+
+
+def _idle(
+    vol: Volume,
+    objectives: dict[str, Any],
+    state: str,
+    next_method: str,
+    reason: str,
+    generations: tuple[svc.GenerationInfo, ...],
+    *,
+    attached: bool = True,
+) -> svc.VolumeInfo:
+    """A volume with nothing planned: no change counts, no estimate, one reason."""
     return svc.VolumeInfo(
         name=vol.name,
-        device=vol.device_path,
+        device=vol.device_path if attached else "",
         pool=vol.pool or "",
-        backend=vol.tracker_backend,
+        backend=vol.tracker_backend if attached else "",
         chunk_size=vol.chunk_size,
         group=vol.group or "",
         objectives=objectives,
-        tracker_state="lost" if lost else "stopped",
+        tracker_state=state,
         changed_bytes_since_backup=0,
         changed_bytes_since_full=0,
         estimated_restore_seconds={},
-        next_method=GenerationKind.FULL.value,
-        next_method_reasons=(problem,),
+        next_method=next_method,
+        next_method_reasons=(reason,),
         next_backup=0,
         generations=generations,
     )
