@@ -2,8 +2,9 @@
 """Predicted vs measured restore time on real restores (issue 5), in one run.
 
 Run as root on the host: ``.venv/bin/python bench/bench_restore_model.py [--size-mib N]``;
-in the guest: ``scripts/vm run --disk 1G --disk 1G --disk 128M -- .venv/bin/python
-bench/bench_restore_model.py --size-mib 128 --devices /dev/vda /dev/vdb /dev/vdc``.
+in the guest, with a second pool disk slowed by dm-delay: ``scripts/vm run --disk 1G
+--disk 1G --disk 128M --disk 1G -- .venv/bin/python bench/bench_restore_model.py
+--size-mib 128 --devices /dev/vda /dev/vdb /dev/vdc --slow-device /dev/vdd --slow-ms 20``.
 
 The pool disk and the restore target are loop devices (``--direct-io=on``); both are
 measured first by the project's probe (the pool disk before its file system is made, so
@@ -24,9 +25,13 @@ import argparse
 import contextlib
 import os
 import random
+import stat
 import statistics
+import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyroaring import BitMap
@@ -34,15 +39,15 @@ from pyroaring import BitMap
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_datapath import fill_random, loop_device
-from blockguard.core.objectives import RestoreMode
+from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.restore_model import (
-    BackupMethod,
     Chain,
     RestoreSample,
     correction_factor,
     estimate_chain,
 )
 from blockguard.core.restore_terms import PathSample, RestoreShape, fit_terms
+from blockguard.core.vocab import GenerationKind, RestoreMode
 from blockguard.engine.planning import runs
 from blockguard.storage.backup import run_backup
 from blockguard.storage.blockdev import BlockDevice
@@ -53,14 +58,20 @@ from blockguard.storage.probe import WritableRegion, probe_device
 from blockguard.storage.restore import restore_to_device, swap_in
 
 MiB = 1 << 20
-# (kind, fraction of chunks changed since the previous backup)
+# (kind, fraction of chunks changed since the previous backup): chains of 1-8
+# incrementals of scattered chunks, then a differential and incrementals on it.
 HISTORY = [
+    ("incremental", 0.01),
     ("incremental", 0.02),
     ("incremental", 0.05),
-    ("differential", 0.03),
+    ("incremental", 0.01),
     ("incremental", 0.10),
+    ("incremental", 0.01),
     ("incremental", 0.04),
-    ("differential", 0.06),
+    ("incremental", 0.01),
+    ("differential", 0.03),
+    ("incremental", 0.02),
+    ("incremental", 0.06),
 ]
 
 
@@ -79,48 +90,38 @@ def speed_of(path: str, chunk: int, duration: float):
     ).speed()
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size-mib", type=int, default=512)
-    ap.add_argument("--chunk-kib", type=int, default=64)
-    ap.add_argument("--probe-seconds", type=float, default=1.0)
-    ap.add_argument("--tmp", default="/var/tmp")
-    ap.add_argument("--drill-mib", type=int, default=64, help="size of the calibration drill")
-    ap.add_argument(
-        "--devices",
-        nargs=3,
-        metavar=("POOL", "TARGET", "SOURCE"),
-        help="use these block devices (wiped!) as pool disk, restore target and source "
-        "volume instead of loop devices; in the guest: --devices /dev/vda /dev/vdb /dev/vdc",
-    )
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("needs root (loop devices, mkfs, mount)", file=sys.stderr)
-        return 2
+@dataclass
+class Results:
+    #: (label, model's estimate, measured) for the model alone and with a learnt correction
+    cases: list[tuple[str, float, float]] = field(default_factory=list)
+    #: (label, calibrated estimate, its upper estimate, measured)
+    calibrated: list[tuple[str, float, float, float]] = field(default_factory=list)
+
+
+def run_pool(
+    name: str,
+    pooldev: str,
+    src: str,
+    target: str,
+    target_speed: DeviceSpeed,
+    args: argparse.Namespace,
+    tmp: Path,
+    out: Results,
+) -> None:
+    """On one pool disk: probe it, calibrate by a drill, back up the history and restore
+    every generation in both modes, each compared with its estimates."""
     size, chunk = args.size_mib * MiB, args.chunk_kib * 1024
     nchunks = size // chunk
     rng = random.Random(5)
-    cases: list[tuple[str, float, float]] = []
-    # (label, calibrated estimate, its upper estimate, measured)
-    calibrated: list[tuple[str, float, float, float]] = []
     with contextlib.ExitStack() as stack:
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=args.tmp)))
-        if args.devices:
-            pooldev, target, src = args.devices
-        else:
-            src = stack.enter_context(loop_device(tmp / "source.img", size))
-            pooldev = stack.enter_context(loop_device(tmp / "pool.img", 3 * size + 512 * MiB))
-            target = stack.enter_context(loop_device(tmp / "target.img", size))
         # Sparse files read holes at memory speed; real disks have data everywhere.
         with BlockDevice(pooldev) as d:
             fill_random(pooldev, d.size - d.size % (8 * MiB))
-        fill_random(target, size)
         pool_speed = speed_of(pooldev, chunk, args.probe_seconds)
-        target_speed = speed_of(target, chunk, args.probe_seconds)
         speeds = {"pool": pool_speed}
-        print(f"pool   {pool_speed}\ntarget {target_speed}")
+        print(f"{name}: pool {pool_speed}")
         fill_random(src, size)
-        pool = DirPool.create("bench", pooldev, tmp / "mnt", force=True)
+        pool = DirPool.create(f"bench-{name}", pooldev, tmp / f"mnt-{name}", force=True)
         stack.callback(pool.close)
         ident = VolumeIdentity("benchvol", size)
         drill = run_drill(pool, volume_bytes=args.drill_mib * MiB, seed=14)
@@ -137,8 +138,8 @@ def main() -> int:
             )
             if fitted is not None:
                 terms["pool", mode] = fitted
-                print(f"drill {mode}: {fitted}")
-        print(f"drill took {drill.duration:.2f} s for {len(drill.samples)} restores")
+                print(f"{name}: drill {mode}: {fitted}")
+        print(f"{name}: drill took {drill.duration:.2f} s for {len(drill.samples)} restores")
 
         full = run_backup(pool, ident, src, "full", None, chunk_size=chunk)
         full_id = parent = full.manifest.generation_id
@@ -157,10 +158,10 @@ def main() -> int:
                     res = swap_in(pool, "benchvol", gen)
                     if res.swap is not None:
                         res.swap.release()
-                name = f"{label:<28} {mode.value:<8}"
+                label_mode = f"{name} {label:<26} {mode.value:<8}"
                 if est.seconds > 0:  # a full swapped in is a clone: nothing to predict
-                    cases.append((name, est.seconds, res.duration))
-                calibrated.append((name, cal.seconds, cal.upper_seconds, res.duration))
+                    out.cases.append((label_mode, est.seconds, res.duration))
+                out.calibrated.append((label_mode, cal.seconds, cal.upper_seconds, res.duration))
 
         measure("full", chain)
         for kind, fraction in HISTORY:
@@ -174,12 +175,75 @@ def main() -> int:
             )  # fmt: skip
             parent = res.manifest.generation_id
             chain = chain.with_backup(
-                BackupMethod(kind), len(copy_set) * chunk, "pool", extents=runs(BitMap(copy_set))
+                GenerationKind(kind), len(copy_set) * chunk, "pool", extents=runs(BitMap(copy_set))
             )
-            label = f"{kind} {len(copy_set)} chunks ({len(chain.restore_deltas())} deltas)"
+            label = f"{kind[:4]} {len(copy_set)} ch, {len(chain.restore_deltas())} deltas"
             measure(label, chain)
 
-    print(f"\n{'case':<38} {'predicted':>10} {'measured':>10} {'ratio':>7} {'corrected':>10}")
+
+@contextlib.contextmanager
+def delayed(device: str, ms: int) -> Iterator[str]:
+    """``device`` behind dm-delay: every read and write waits ``ms`` (guest kernel only)."""
+    with BlockDevice(device) as d:
+        sectors = d.size // 512
+    name = f"bench-slow-{os.getpid()}"
+    table = f"0 {sectors} delay {device} 0 {ms} {device} 0 {ms}"
+    subprocess.run(["dmsetup", "create", name, "--table", table], check=True, timeout=60)
+    path = f"/dev/mapper/{name}"
+    try:
+        # Without udev the node may be missing: a write to the path would fill a file.
+        if not Path(path).exists() or not stat.S_ISBLK(os.stat(path).st_mode):
+            subprocess.run(["dmsetup", "mknodes", name], check=True, timeout=60)
+        if not stat.S_ISBLK(os.stat(path).st_mode):
+            raise SystemExit(f"{path} is not a block device")
+        yield path
+    finally:
+        subprocess.run(["dmsetup", "remove", name], timeout=60, check=False)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mib", type=int, default=512)
+    ap.add_argument("--chunk-kib", type=int, default=64)
+    ap.add_argument("--probe-seconds", type=float, default=1.0)
+    ap.add_argument("--tmp", default="/var/tmp")
+    ap.add_argument("--drill-mib", type=int, default=64, help="size of the calibration drill")
+    ap.add_argument(
+        "--devices",
+        nargs=3,
+        metavar=("POOL", "TARGET", "SOURCE"),
+        help="use these block devices (wiped!) as pool disk, restore target and source "
+        "volume instead of loop devices; in the guest: --devices /dev/vda /dev/vdb /dev/vdc",
+    )
+    ap.add_argument(
+        "--slow-device",
+        help="a second pool disk (wiped!), run again behind dm-delay (needs device-mapper)",
+    )
+    ap.add_argument("--slow-ms", type=int, default=20, help="dm-delay of the slow disk (ms)")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("needs root (loop devices, mkfs, mount)", file=sys.stderr)
+        return 2
+    size, chunk = args.size_mib * MiB, args.chunk_kib * 1024
+    out = Results()
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=args.tmp)))
+        if args.devices:
+            pooldev, target, src = args.devices
+        else:
+            src = stack.enter_context(loop_device(tmp / "source.img", size))
+            pooldev = stack.enter_context(loop_device(tmp / "pool.img", 3 * size + 512 * MiB))
+            target = stack.enter_context(loop_device(tmp / "target.img", size))
+        fill_random(target, size)
+        target_speed = speed_of(target, chunk, args.probe_seconds)
+        print(f"target {target_speed}")
+        run_pool("fast", pooldev, src, target, target_speed, args, tmp, out)
+        if args.slow_device:
+            slow = stack.enter_context(delayed(args.slow_device, args.slow_ms))
+            run_pool(f"slow{args.slow_ms}ms", slow, src, target, target_speed, args, tmp, out)
+    cases, calibrated = out.cases, out.calibrated
+
+    print(f"\n{'case':<48} {'predicted':>10} {'measured':>10} {'ratio':>7} {'corrected':>10}")
     raw_err, corr_err = [], []
     # The correction is learnt per restore mode: copying back and swapping in err
     # differently (a swap-in writes onto a reflinked clone, copy-on-write in the pool).
@@ -193,18 +257,18 @@ def main() -> int:
         if seen:  # the first restore of a mode has nothing to learn from yet
             corr_err.append(abs(measured - corrected) / measured)
         seen.append(RestoreSample(predicted, measured))
-        print(f"{label:<38} {predicted:>9.3f}s {measured:>9.3f}s {measured / predicted:>7.2f} "
+        print(f"{label:<48} {predicted:>9.3f}s {measured:>9.3f}s {measured / predicted:>7.2f} "
               f"{corrected:>9.3f}s")  # fmt: skip
     print(f"\nmedian error, model alone:          {100 * statistics.median(raw_err):.1f} %")
     print(f"median error, with learnt correction: {100 * statistics.median(corr_err):.1f} % "
           f"over {len(corr_err)} cases after the first of each mode (target <= 15 %)")  # fmt: skip
-    print(f"\ncalibrated by the drill\n{'case':<38} {'estimate':>10} {'upper':>10} "
+    print(f"\ncalibrated by the drill\n{'case':<48} {'estimate':>10} {'upper':>10} "
           f"{'measured':>10} {'error':>7}")  # fmt: skip
     cal_err, within = [], 0
     for label, estimate, upper, measured in calibrated:
         cal_err.append(abs(measured - estimate) / measured)
         within += measured <= upper
-        print(f"{label:<38} {estimate:>9.3f}s {upper:>9.3f}s {measured:>9.3f}s "
+        print(f"{label:<48} {estimate:>9.3f}s {upper:>9.3f}s {measured:>9.3f}s "
               f"{100 * cal_err[-1]:>6.1f}%")  # fmt: skip
     share = 100 * within / len(cal_err)
     print(f"median error, drill-calibrated: {100 * statistics.median(cal_err):.1f} % over "

@@ -5,18 +5,23 @@ when a volume is protected, and on request (``Drill``); each of its timed restor
 every real restore, is stored in the catalog as a restore path sample with its shape. The
 planner's terms are fitted from the recent samples of each pool device and restore mode
 (:func:`blockguard.core.restore_terms.fit_terms`); a pool device and mode without enough
-samples is "uncalibrated" and planned with the probe-only model.
+samples is "uncalibrated" and planned with the probe-only model — unless another device
+of the same pool was drilled: a drill places its synthetic chain on one device of the
+pool, so the others borrow its terms, their bytes term scaled by the two devices' probed
+read speeds and never cheaper than the drilled device's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from blockguard.core.catalog import Catalog, PathSampleRecord
+from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.restore_model import RestoreEstimate
 from blockguard.core.restore_terms import (
     FIT_WINDOW,
@@ -42,10 +47,18 @@ class Calibration:
 
     terms: dict[tuple[str, str], PathTerms] = field(default_factory=dict)
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: (device, mode) -> (the drilled device whose terms it borrowed, bytes scale)
+    borrowed: dict[tuple[str, str], tuple[str, float]] = field(default_factory=dict)
 
     def describe(self, device: str, mode: str) -> str:
         """``calibrated (N samples)`` or why not, for ``plan``."""
         n = self.counts.get((device, mode), 0)
+        if (device, mode) in self.borrowed:
+            donor, scale = self.borrowed[device, mode]
+            return (
+                f"calibrated from {self.counts.get((donor, mode), 0)} restore samples of "
+                f"{donor} in {mode} mode (same pool; bytes x{scale:.2f} by probed read speeds)"
+            )
         if (device, mode) in self.terms:
             return f"calibrated from {n} restore samples of {device} in {mode} mode"
         if n == 0:
@@ -69,8 +82,16 @@ def _fit(samples: tuple[PathSample, ...]) -> PathTerms | None:
     return fit_terms(samples)
 
 
-def calibration(catalog: Catalog, devices: Sequence[str]) -> Calibration:
-    """Fit the terms of each of ``devices`` in each mode from its recent samples."""
+def calibration(
+    catalog: Catalog,
+    devices: Sequence[str],
+    speeds: Mapping[str, DeviceSpeed] | None = None,
+) -> Calibration:
+    """Fit the terms of each of ``devices`` in each mode from its recent samples.
+
+    :param speeds: probed speeds of ``devices`` when they are one pool's: a device without
+        enough samples then borrows the terms of the one with the most (see the module).
+    """
     terms: dict[tuple[str, str], PathTerms] = {}
     counts: dict[tuple[str, str], int] = {}
     for device in devices:
@@ -80,7 +101,19 @@ def calibration(catalog: Catalog, devices: Sequence[str]) -> Calibration:
             fitted = _fit(tuple(samples_of(records)))
             if fitted is not None:
                 terms[device, mode] = fitted
-    return Calibration(terms, counts)
+    borrowed: dict[tuple[str, str], tuple[str, float]] = {}
+    for device in devices:
+        for mode in RESTORE_MODES:
+            donors = [d for d in devices if (d, mode) in terms and d in (speeds or {})]
+            if (device, mode) in terms or speeds is None or device not in speeds or not donors:
+                continue
+            donor = max(donors, key=lambda d, mode=mode: counts[d, mode])
+            own = speeds[device].read(False)
+            scale = max(1.0, speeds[donor].read(False) / own) if own > 0 else 1.0
+            fitted = terms[donor, mode]
+            terms[device, mode] = dataclasses.replace(fitted, per_byte=fitted.per_byte * scale)
+            borrowed[device, mode] = (donor, scale)
+    return Calibration(terms, counts, borrowed)
 
 
 def estimate_dict(estimate: RestoreEstimate, cal: Calibration) -> dict[str, Any]:

@@ -199,10 +199,11 @@ def restore_estimate(
         ),
     )
     speeds = pools.speeds(request.pool)
+    pool_speeds = dict(speeds)
     for path in device.values():
         speeds.setdefault(path, copy_target)
     mode = request.how.mode
-    cal = calibration(pools.catalog, sorted(set(device.values())))
+    cal = calibration(pools.catalog, sorted(set(device.values()) | set(speeds)), pool_speeds)
     planned = estimate_chain(model, speeds, mode, copy_target, correction, cal.terms)
     probe = estimate_chain(model, speeds, mode, copy_target)
     return planned, probe, device[full.generation_id]

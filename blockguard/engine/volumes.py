@@ -354,6 +354,7 @@ class VolumeRegistry:
             differential_extents=runs(sets[LAST_FULL].chunks) if exact and sets else None,
         )
         speeds = self.pools.speeds(vol.pool)
+        pool_speeds = dict(speeds)
         candidates = list(speeds)
         if not candidates:
             raise EnvironmentProblem(detail=f"pool {vol.pool} has no working disk")
@@ -376,7 +377,7 @@ class VolumeRegistry:
             lost_reason=problem,
             full_required=gens.full_required,
             generations=gens,
-            calibration=calibration(self.catalog, sorted(speeds)),
+            calibration=calibration(self.catalog, sorted(speeds), pool_speeds),
         )
 
     def _change_sets(

@@ -132,6 +132,18 @@ class CopyItem:
     count: int
     expected: Sequence[int] | None = None
     generation_id: str = "?"
+    #: For an item gathered from several generations: ``(first chunk, generation id)``
+    #: of each part, ascending; a mismatch names the part's generation.
+    owners: tuple[tuple[int, str], ...] = ()
+
+    def owner(self, chunk: int) -> str:
+        """The generation that holds ``chunk`` of this item."""
+        name = self.generation_id
+        for first, generation_id in self.owners:
+            if first > chunk:
+                break
+            name = generation_id
+        return name
 
 
 class DeviceSource:
@@ -254,7 +266,8 @@ def _read_item(
     if item.expected is not None:
         for i, (got, want) in enumerate(zip(digests, item.expected, strict=True)):
             if got != want:
-                raise ChecksumMismatch(generation=item.generation_id, chunk=item.first + i)
+                chunk = item.first + i
+                raise ChecksumMismatch(generation=item.owner(chunk), chunk=chunk)
     return item, buf, nbytes, digests
 
 

@@ -55,3 +55,36 @@ def test_a_device_is_calibrated_per_mode_once_it_has_enough_samples(tmp_path: Pa
             assert fitted.seconds(shape) == pytest.approx(TRUE.seconds(shape), rel=0.01)
         assert cal.describe("/dev/sdb", "copy").startswith("calibrated from 5 restore samples")
         assert cal.describe("/dev/sdb", "swap-in").startswith("uncalibrated")
+
+
+def test_an_undrilled_device_of_the_pool_borrows_the_drilled_ones_terms(tmp_path: Path) -> None:
+    """A drill places its chain on one device of the pool; the others are not left
+    uncalibrated, and a slower one is never estimated cheaper than the drilled one."""
+    from blockguard.core.perftable import DeviceSpeed
+
+    speeds = {
+        "/dev/sdb": DeviceSpeed.uniform(200e6),
+        "/dev/sdc": DeviceSpeed.uniform(100e6),  # half as fast: bytes cost twice
+        "/dev/sdd": DeviceSpeed.uniform(400e6),  # faster: no cheaper than the drilled one
+    }
+    with Catalog(tmp_path / "catalog.db") as c:
+        for shape in SHAPES:
+            _record(c, shape)
+        devices = sorted(speeds)
+        assert set(calibration(c, devices).terms) == {("/dev/sdb", "copy")}
+        cal = calibration(c, devices, speeds)
+        drilled = cal.terms["/dev/sdb", "copy"]
+        slow, fast = cal.terms["/dev/sdc", "copy"], cal.terms["/dev/sdd", "copy"]
+        assert slow.per_byte == pytest.approx(2 * drilled.per_byte)
+        assert (slow.fixed, slow.per_generation, slow.per_extent) == (
+            drilled.fixed,
+            drilled.per_generation,
+            drilled.per_extent,
+        )
+        assert fast == drilled
+        assert cal.describe("/dev/sdc", "copy") == (
+            "calibrated from 5 restore samples of /dev/sdb in copy mode "
+            "(same pool; bytes x2.00 by probed read speeds)"
+        )
+        # Nothing to borrow in a mode no device was measured in.
+        assert ("/dev/sdc", "swap-in") not in cal.terms
