@@ -85,6 +85,8 @@ class DeviceMapper:
     def names(self) -> list[str]:
         """The names of every dm device (empty when dmsetup fails)."""
         res = self.run.run(["dmsetup", "ls"], timeout=TIMEOUT, check=False)
+        if res.returncode != 0 or res.stdout.strip() == "No devices found":
+            return []
         return [line.split()[0] for line in res.stdout.splitlines() if line.split()]
 
     def uuid(self, name: str) -> str:
