@@ -15,7 +15,7 @@ import stat
 from pathlib import Path
 
 from blockguard.errors import EnvironmentProblem
-from blockguard.storage.ioedge import io_edge, map_oserror
+from blockguard.storage.ioedge import io_edge, map_oserror, read_at, write_at
 from blockguard.storage.manifest import Manifest, crash_point
 from blockguard.storage.pool.store import (
     StagedGenerationWriter,
@@ -53,28 +53,10 @@ class PoolFile:
             raise EnvironmentProblem(detail=f"{path} is not a regular file")
 
     def pread_into(self, view: memoryview, offset: int) -> int:
-        done = 0
-        try:
-            while done < len(view):
-                n = os.preadv(self.fd, [view[done:]], offset + done)
-                if n == 0:
-                    break
-                done += n
-        except OSError as exc:
-            raise map_oserror(
-                exc, path=self.path, op="reading", offset=offset + done, pool=self.pool
-            ) from exc
-        return done
+        return read_at(self.fd, view, offset, path=self.path, pool=self.pool)
 
     def pwrite_all(self, view: memoryview, offset: int) -> None:
-        done = 0
-        try:
-            while done < len(view):
-                done += os.pwritev(self.fd, [view[done:]], offset + done)
-        except OSError as exc:
-            raise map_oserror(
-                exc, path=self.path, op="writing", offset=offset + done, pool=self.pool
-            ) from exc
+        write_at(self.fd, view, offset, path=self.path, pool=self.pool)
 
     def allocate(self, size: int) -> None:
         """Reserve ``size`` bytes up front (a full pool fails here, before any copying)."""
