@@ -61,7 +61,16 @@ class _Snapshotted(ServiceInterface):
             self.emit_properties_changed(changed)
 
 
-class VolumeObject(_Snapshotted):
+class _Named(_Snapshotted):
+    """An object whose snapshot has a ``Name`` (volumes and pools): the property, once."""
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def Name(self) -> Str:
+        return self.value("Name")
+
+
+class VolumeObject(_Named):
     """``org.blockguard1.Volume`` at ``/org/blockguard1/volume/<escaped name>``."""
 
     PROPERTIES = {  # noqa: RUF012 -- a class-level constant table, never mutated
@@ -89,11 +98,6 @@ class VolumeObject(_Snapshotted):
 
     def __init__(self, info: VolumeInfo) -> None:
         super().__init__(f"{IFACE_PREFIX}.Volume", info)
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def Name(self) -> Str:
-        return self.value("Name")
 
     @dbus_property(access=READ)
     @handler(read_only=True)
@@ -196,7 +200,7 @@ def _pool_devices(pool: PoolInfo) -> list[list[Any]]:
     ]
 
 
-class PoolObject(_Snapshotted):
+class PoolObject(_Named):
     """``org.blockguard1.Pool`` at ``/org/blockguard1/pool/<escaped name>``."""
 
     PROPERTIES = {  # noqa: RUF012 -- a class-level constant table, never mutated
@@ -210,11 +214,6 @@ class PoolObject(_Snapshotted):
 
     def __init__(self, info: PoolInfo) -> None:
         super().__init__(f"{IFACE_PREFIX}.Pool", info)
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def Name(self) -> Str:
-        return self.value("Name")
 
     @dbus_property(access=READ)
     @handler(read_only=True)
