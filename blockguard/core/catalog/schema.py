@@ -31,6 +31,17 @@ class Migration:
     apply: Callable[[sqlite3.Connection], None] | None = None
 
 
+#: The columns of a job's run, the same in every version of ``jobs`` (frozen with them).
+_JOB_RUN_COLUMNS = """\
+        state TEXT NOT NULL
+            CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
+        progress REAL NOT NULL DEFAULT 0 CHECK (progress >= 0 AND progress <= 1),
+        bytes_done INTEGER NOT NULL DEFAULT 0 CHECK (bytes_done >= 0),
+        bytes_total INTEGER CHECK (bytes_total IS NULL OR bytes_total >= 0),
+        created REAL NOT NULL,
+        started REAL,
+        finished REAL,"""
+
 _V1 = (
     """
     CREATE TABLE groups (
@@ -124,19 +135,12 @@ _V1 = (
     "CREATE INDEX generations_base ON generations(base)",
     "CREATE INDEX generations_parent ON generations(parent)",
     # jobs.volume has no foreign key on purpose: job history outlives an unprotected volume.
-    """
+    f"""
     CREATE TABLE jobs (
         id TEXT PRIMARY KEY NOT NULL,
         kind TEXT NOT NULL CHECK (kind IN ('backup', 'restore', 'verify')),
         volume TEXT,
-        state TEXT NOT NULL
-            CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
-        progress REAL NOT NULL DEFAULT 0 CHECK (progress >= 0 AND progress <= 1),
-        bytes_done INTEGER NOT NULL DEFAULT 0 CHECK (bytes_done >= 0),
-        bytes_total INTEGER CHECK (bytes_total IS NULL OR bytes_total >= 0),
-        created REAL NOT NULL,
-        started REAL,
-        finished REAL,
+{_JOB_RUN_COLUMNS}
         error TEXT
     )""",
     "CREATE INDEX jobs_volume ON jobs(volume, created)",
@@ -170,14 +174,7 @@ def _rebuilt_jobs(version: int, kinds: tuple[str, ...], copy: str) -> tuple[str,
         volume TEXT,
         pool TEXT,
         generation TEXT,
-        state TEXT NOT NULL
-            CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
-        progress REAL NOT NULL DEFAULT 0 CHECK (progress >= 0 AND progress <= 1),
-        bytes_done INTEGER NOT NULL DEFAULT 0 CHECK (bytes_done >= 0),
-        bytes_total INTEGER CHECK (bytes_total IS NULL OR bytes_total >= 0),
-        created REAL NOT NULL,
-        started REAL,
-        finished REAL,
+{_JOB_RUN_COLUMNS}
         error TEXT,
         result TEXT
     )""",
