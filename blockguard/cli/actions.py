@@ -110,6 +110,31 @@ def _job_row(path: str, job: dict[str, Any]) -> list[Any]:
     ]
 
 
+def _raise_if_failed(job: dict[str, Any]) -> None:
+    """A failed job's D-Bus error, raised as the command's error."""
+    if job["State"] == "failed":
+        name, message = job["Error"]
+        raise RemoteError(name, message)
+
+
+def _drill(
+    client: Client, method: str, args: argparse.Namespace, out: Output
+) -> dict[str, Any] | None:
+    """Start a drill (``method`` on ``args.name``) and wait for its result.
+
+    With ``--no-wait`` or ``--json`` the job is reported as any job is, and None returned.
+    """
+    from blockguard.cli.client import plain
+
+    path = client.call(method, "s", args.name)
+    if args.no_wait or out.as_json:
+        finish_job(client, path, args, out)
+        return None
+    job = plain(client.wait_job(path))
+    _raise_if_failed(job)
+    return job.get("Result", {})
+
+
 def finish_job(client: Client, path: str, args: argparse.Namespace, out: Output) -> None:
     """Wait for a job (with a progress bar) unless ``--no-wait``; fail if the job failed."""
     if args.no_wait:
@@ -137,9 +162,7 @@ def finish_job(client: Client, path: str, args: argparse.Namespace, out: Output)
         job = client.wait_job(path, on_progress=show)
     if out.as_json:
         out.json({"job": path, **job})
-    if job["State"] == "failed":
-        name, message = job["Error"]
-        raise RemoteError(name, message)
+    _raise_if_failed(job)
     if not out.as_json:
         result = ", ".join(f"{k}={v}" for k, v in sorted(job.get("Result", {}).items()))
         out.line(f"{job['Kind']} of {job['Target']} done" + (f": {result}" if result else ""))
@@ -204,17 +227,9 @@ def pool_list(client: Client, args: argparse.Namespace, out: Output) -> None:
 
 def pool_drill(client: Client, args: argparse.Namespace, out: Output) -> None:
     """Run a restore drill and show what each restore took and the terms fitted."""
-    from blockguard.cli.client import plain
-
-    path = client.call("Drill", "s", args.name)
-    if args.no_wait or out.as_json:
-        finish_job(client, path, args, out)
+    result = _drill(client, "Drill", args, out)
+    if result is None:
         return
-    job = plain(client.wait_job(path))
-    if job["State"] == "failed":
-        name, message = job["Error"]
-        raise RemoteError(name, message)
-    result = job.get("Result", {})
     out.table(
         f"Restore drill of pool {args.name}",
         ["shape", "mode", "generations", "extents", "size", "took", "predicted before"],
@@ -385,17 +400,9 @@ def drill_text(drill: dict[str, Any]) -> str:
 
 def volume_drill(client: Client, args: argparse.Namespace, out: Output) -> None:
     """Run a volume's restore drill now; a drill that failed its RTO fails the command."""
-    from blockguard.cli.client import plain
-
-    path = client.call("DrillVolume", "s", args.name)
-    if args.no_wait or out.as_json:
-        finish_job(client, path, args, out)
+    result = _drill(client, "DrillVolume", args, out)
+    if result is None:
         return
-    job = plain(client.wait_job(path))
-    if job["State"] == "failed":
-        name, message = job["Error"]
-        raise RemoteError(name, message)
-    result = job.get("Result", {})
     out.line(f"restore drill of {args.name}: {drill_text(result)}")
     if result.get("result") != "ok":
         raise CliError(f"the restore drill of {args.name} failed: {result.get('problem')}")

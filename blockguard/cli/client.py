@@ -11,6 +11,8 @@ from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.errors import DBusError
 
+from blockguard.core.vocab import scalar_signature
+
 BUS_NAME = "org.blockguard1"
 ROOT_PATH = "/org/blockguard1"
 MANAGER = "org.blockguard1.Manager"
@@ -33,14 +35,9 @@ def plain(value: Any) -> Any:
 
 
 def variant(value: Any) -> Variant:
-    """A CLI value as a Variant for ``a{sv}`` arguments."""
-    if isinstance(value, bool):
-        return Variant("b", value)
-    if isinstance(value, int):
-        return Variant("t" if value >= 0 else "x", value)
-    if isinstance(value, float):
-        return Variant("d", value)
-    return Variant("s", str(value))
+    """A CLI value as a Variant for ``a{sv}`` arguments (anything not a scalar as text)."""
+    signature = scalar_signature(value)
+    return Variant(signature, value) if signature else Variant("s", str(value))
 
 
 class RemoteError(Exception):

@@ -114,3 +114,21 @@ def check_name(what: str, name: object) -> str:
 def devno(rdev: int) -> str:
     """``MAJ:MIN`` of a device number, as sysfs, dmsetup and the cgroup files spell it."""
     return f"{os.major(rdev)}:{os.minor(rdev)}"
+
+
+def scalar_signature(value: object) -> str | None:
+    """The D-Bus type a plain scalar travels as in ``a{sv}``: the client and the daemon
+    must spell a value the same way (an objective sent as ``t`` is read back as ``t``).
+
+    :returns: ``b`` for bool, ``t`` for an int (``x`` if negative), ``d`` for a float,
+        ``s`` for a str; None for anything else (the caller decides).
+    """
+    if isinstance(value, bool):
+        return "b"
+    if isinstance(value, int):
+        return "t" if value >= 0 else "x"
+    if isinstance(value, float):
+        return "d"
+    if isinstance(value, str):
+        return "s"
+    return None

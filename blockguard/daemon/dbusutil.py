@@ -31,6 +31,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusSignature
 from dbus_fast.errors import DBusError
 
+from blockguard.core.vocab import scalar_signature
 from blockguard.errors import BlockguardError, InternalError, NotAuthorized
 
 log = logging.getLogger(__name__)
@@ -133,14 +134,8 @@ def to_variant(value: Any) -> Variant:
     """
     if isinstance(value, Variant):
         return value
-    if isinstance(value, bool):
-        return Variant("b", value)
-    if isinstance(value, int):
-        return Variant("t" if value >= 0 else "x", value)
-    if isinstance(value, float):
-        return Variant("d", value)
-    if isinstance(value, str):
-        return Variant("s", value)
+    if signature := scalar_signature(value):
+        return Variant(signature, value)
     if isinstance(value, Mapping):
         if value and all(isinstance(v, float) for v in value.values()):
             return Variant("a{sd}", {str(k): v for k, v in value.items()})

@@ -61,6 +61,21 @@ class _Snapshotted(ServiceInterface):
             self.emit_properties_changed(changed)
 
 
+def _snapshot_property(prop: str, annotation: Any) -> Any:
+    """The read-only D-Bus property ``prop`` of type ``annotation`` (a dbus-fast signature
+    annotation), read from the object's ``PROPERTIES`` table, with the usual error mapping.
+
+    Every property of these objects is such a getter: one definition serves them all.
+    """
+
+    def getter(self: _Snapshotted) -> Any:
+        return self.value(prop)
+
+    getter.__name__ = getter.__qualname__ = prop
+    getter.__annotations__ = {"return": annotation}
+    return dbus_property(access=READ)(handler(read_only=True)(getter))
+
+
 class VolumeObject(_Snapshotted):
     """``org.blockguard1.Volume`` at ``/org/blockguard1/volume/<escaped name>``."""
 
@@ -90,99 +105,28 @@ class VolumeObject(_Snapshotted):
     def __init__(self, info: VolumeInfo) -> None:
         super().__init__(f"{IFACE_PREFIX}.Volume", info)
 
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def Name(self) -> Str:
-        return self.value("Name")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def Device(self) -> Str:
-        return self.value("Device")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def Pool(self) -> Str:
-        return self.value("Pool")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def Backend(self) -> Str:
-        return self.value("Backend")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def ChunkSize(self) -> UInt64:
-        return self.value("ChunkSize")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def Group(self) -> Str:
-        return self.value("Group")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def Objectives(self) -> VarDict:
-        return self.value("Objectives")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def TrackerState(self) -> Str:
-        return self.value("TrackerState")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def ChangedBytesSinceBackup(self) -> UInt64:
-        return self.value("ChangedBytesSinceBackup")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def ChangedBytesSinceFull(self) -> UInt64:
-        return self.value("ChangedBytesSinceFull")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def EstimatedRestoreSeconds(self) -> SecondsDict:
-        return self.value("EstimatedRestoreSeconds")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def RestoreEstimate(self) -> VarDict:
-        """The next method's restore estimate: seconds, upper_seconds, calibrated,
-        calibration, mode, breakdown (seconds by term), upper_by_method."""
-        return self.value("RestoreEstimate")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def NextMethod(self) -> Str:
-        return self.value("NextMethod")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def NextMethodReasons(self) -> Strs:
-        return self.value("NextMethodReasons")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def NextBackup(self) -> UInt64:
-        return self.value("NextBackup")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def Generations(self) -> GenerationStructs:
-        return self.value("Generations")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def LastDrill(self) -> VarDict:
-        """The last restore drill: at, result (ok | failed), problem, measured_seconds,
-        predicted_seconds, upper_seconds, rto_seconds, mode, generation; empty if none."""
-        return self.value("LastDrill")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def NextDrill(self) -> UInt64:
-        return self.value("NextDrill")
+    Name = _snapshot_property("Name", Str)
+    Device = _snapshot_property("Device", Str)
+    Pool = _snapshot_property("Pool", Str)
+    Backend = _snapshot_property("Backend", Str)
+    ChunkSize = _snapshot_property("ChunkSize", UInt64)
+    Group = _snapshot_property("Group", Str)
+    Objectives = _snapshot_property("Objectives", VarDict)
+    TrackerState = _snapshot_property("TrackerState", Str)
+    ChangedBytesSinceBackup = _snapshot_property("ChangedBytesSinceBackup", UInt64)
+    ChangedBytesSinceFull = _snapshot_property("ChangedBytesSinceFull", UInt64)
+    EstimatedRestoreSeconds = _snapshot_property("EstimatedRestoreSeconds", SecondsDict)
+    #: The next method's restore estimate: seconds, upper_seconds, calibrated,
+    #: calibration, mode, breakdown (seconds by term), upper_by_method.
+    RestoreEstimate = _snapshot_property("RestoreEstimate", VarDict)
+    NextMethod = _snapshot_property("NextMethod", Str)
+    NextMethodReasons = _snapshot_property("NextMethodReasons", Strs)
+    NextBackup = _snapshot_property("NextBackup", UInt64)
+    Generations = _snapshot_property("Generations", GenerationStructs)
+    #: The last restore drill: at, result (ok | failed), problem, measured_seconds,
+    #: predicted_seconds, upper_seconds, rto_seconds, mode, generation; empty if none.
+    LastDrill = _snapshot_property("LastDrill", VarDict)
+    NextDrill = _snapshot_property("NextDrill", UInt64)
 
 
 def _pool_devices(pool: PoolInfo) -> list[list[Any]]:
@@ -211,35 +155,12 @@ class PoolObject(_Snapshotted):
     def __init__(self, info: PoolInfo) -> None:
         super().__init__(f"{IFACE_PREFIX}.Pool", info)
 
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def Name(self) -> Str:
-        return self.value("Name")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def Backend(self) -> Str:
-        return self.value("Backend")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def Devices(self) -> PoolDevices:
-        return self.value("Devices")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def Capacity(self) -> UInt64:
-        return self.value("Capacity")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def Free(self) -> UInt64:
-        return self.value("Free")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def State(self) -> Str:
-        return self.value("State")
+    Name = _snapshot_property("Name", Str)
+    Backend = _snapshot_property("Backend", Str)
+    Devices = _snapshot_property("Devices", PoolDevices)
+    Capacity = _snapshot_property("Capacity", UInt64)
+    Free = _snapshot_property("Free", UInt64)
+    State = _snapshot_property("State", Str)
 
 
 class JobObject(_Snapshotted):
@@ -275,72 +196,17 @@ class JobObject(_Snapshotted):
         new: JobSnapshot = self.job.snapshot()
         self.update(new)
 
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def Id(self) -> UInt32:
-        return self.value("Id")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def Kind(self) -> Str:
-        return self.value("Kind")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def Target(self) -> Str:
-        return self.value("Target")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def State(self) -> Str:
-        return self.value("State")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def Progress(self) -> Double:
-        return self.value("Progress")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def BytesDone(self) -> UInt64:
-        return self.value("BytesDone")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def BytesTotal(self) -> UInt64:
-        return self.value("BytesTotal")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def Rate(self) -> Double:
-        return self.value("Rate")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def Eta(self) -> Double:
-        return self.value("Eta")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def Error(self) -> ErrorPair:
-        return self.value("Error")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def Result(self) -> VarDict:
-        return self.value("Result")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def Started(self) -> UInt64:
-        return self.value("Started")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def Finished(self) -> UInt64:
-        return self.value("Finished")
-
-    @dbus_property(access=READ)
-    @handler(read_only=True)
-    def Done(self) -> Bool:
-        return self.value("Done")
+    Id = _snapshot_property("Id", UInt32)
+    Kind = _snapshot_property("Kind", Str)
+    Target = _snapshot_property("Target", Str)
+    State = _snapshot_property("State", Str)
+    Progress = _snapshot_property("Progress", Double)
+    BytesDone = _snapshot_property("BytesDone", UInt64)
+    BytesTotal = _snapshot_property("BytesTotal", UInt64)
+    Rate = _snapshot_property("Rate", Double)
+    Eta = _snapshot_property("Eta", Double)
+    Error = _snapshot_property("Error", ErrorPair)
+    Result = _snapshot_property("Result", VarDict)
+    Started = _snapshot_property("Started", UInt64)
+    Finished = _snapshot_property("Finished", UInt64)
+    Done = _snapshot_property("Done", Bool)

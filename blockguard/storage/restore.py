@@ -230,16 +230,7 @@ def verify(
     stored = manifest.stored_chunks()
     progress = progress or Progress()
     progress.start(_bytes(manifest, stored))
-    with pool.open_generation(manifest) as reader:
-        items = _merged_items([reader], [stored], extent_bytes)
-        nbytes = copy_chunks(
-            items,
-            discard_sink,
-            chunk_size=manifest.chunk_size,
-            volume_size=manifest.volume.size,
-            progress=progress,
-            extent_bytes=extent_bytes,
-        )
+    nbytes = _read_back(pool, manifest, stored, progress, extent_bytes)
     return VerifyResult(generation_id, len(stored), nbytes, time.monotonic() - started)
 
 
@@ -268,16 +259,7 @@ def verify_chain(
     for manifest in chain:
         stored = manifest.stored_chunks()
         try:
-            with pool.open_generation(manifest) as reader:
-                items = _merged_items([reader], [stored], extent_bytes)
-                nbytes += copy_chunks(
-                    items,
-                    discard_sink,
-                    chunk_size=manifest.chunk_size,
-                    volume_size=manifest.volume.size,
-                    progress=progress,
-                    extent_bytes=extent_bytes,
-                )
+            nbytes += _read_back(pool, manifest, stored, progress, extent_bytes)
         except CorruptMetadata as exc:
             if exc.fields.get("generation"):
                 raise
@@ -392,6 +374,24 @@ def _result(
         chunks=sum(len(own) for _, own in plan),
         extents=_delta_extents(plan),
     )
+
+
+def _read_back(
+    pool: PoolBackend, manifest: Manifest, stored: BitMap, progress: Progress, extent_bytes: int
+) -> int:
+    """Read one generation's ``stored`` chunks and check each against its checksum.
+
+    :returns: the bytes read.
+    """
+    with pool.open_generation(manifest) as reader:
+        return copy_chunks(
+            _merged_items([reader], [stored], extent_bytes),
+            discard_sink,
+            chunk_size=manifest.chunk_size,
+            volume_size=manifest.volume.size,
+            progress=progress,
+            extent_bytes=extent_bytes,
+        )
 
 
 def _merged_items(

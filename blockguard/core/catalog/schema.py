@@ -31,6 +31,17 @@ class Migration:
     apply: Callable[[sqlite3.Connection], None] | None = None
 
 
+#: The columns of a job's run, the same in every version of ``jobs`` (frozen with them).
+_JOB_RUN_COLUMNS = """\
+        state TEXT NOT NULL
+            CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
+        progress REAL NOT NULL DEFAULT 0 CHECK (progress >= 0 AND progress <= 1),
+        bytes_done INTEGER NOT NULL DEFAULT 0 CHECK (bytes_done >= 0),
+        bytes_total INTEGER CHECK (bytes_total IS NULL OR bytes_total >= 0),
+        created REAL NOT NULL,
+        started REAL,
+        finished REAL,"""
+
 _V1 = (
     """
     CREATE TABLE groups (
@@ -124,19 +135,12 @@ _V1 = (
     "CREATE INDEX generations_base ON generations(base)",
     "CREATE INDEX generations_parent ON generations(parent)",
     # jobs.volume has no foreign key on purpose: job history outlives an unprotected volume.
-    """
+    f"""
     CREATE TABLE jobs (
         id TEXT PRIMARY KEY NOT NULL,
         kind TEXT NOT NULL CHECK (kind IN ('backup', 'restore', 'verify')),
         volume TEXT,
-        state TEXT NOT NULL
-            CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
-        progress REAL NOT NULL DEFAULT 0 CHECK (progress >= 0 AND progress <= 1),
-        bytes_done INTEGER NOT NULL DEFAULT 0 CHECK (bytes_done >= 0),
-        bytes_total INTEGER CHECK (bytes_total IS NULL OR bytes_total >= 0),
-        created REAL NOT NULL,
-        started REAL,
-        finished REAL,
+{_JOB_RUN_COLUMNS}
         error TEXT
     )""",
     "CREATE INDEX jobs_volume ON jobs(volume, created)",
@@ -152,38 +156,50 @@ _V1 = (
     "CREATE INDEX job_events_job ON job_events(job, seq)",
 )
 
+
+def _rebuilt_jobs(version: int, kinds: tuple[str, ...], copy: str) -> tuple[str, ...]:
+    """The statements that rebuild ``jobs`` with a new CHECK on ``kind`` (v2 and v3).
+
+    SQLite cannot change a CHECK constraint in place: create ``jobs_v<version>``, ``copy``
+    the rows into it, drop ``jobs``, rename, index again. The columns are those of v2 and
+    v3 alike; this helper is frozen with them (a step that changes a column writes its own).
+    """
+    table = f"jobs_v{version}"
+    checked = ", ".join(f"'{kind}'" for kind in kinds)
+    return (
+        f"""
+    CREATE TABLE {table} (
+        id TEXT PRIMARY KEY NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ({checked})),
+        volume TEXT,
+        pool TEXT,
+        generation TEXT,
+{_JOB_RUN_COLUMNS}
+        error TEXT,
+        result TEXT
+    )""",
+        copy,
+        "DROP TABLE jobs",
+        f"ALTER TABLE {table} RENAME TO jobs",
+        "CREATE INDEX jobs_volume ON jobs(volume, created)",
+        "CREATE INDEX jobs_state ON jobs(state)",
+    )
+
+
 # v2: probe jobs, jobs that say what they worked on and what came out, and the measured
 # restores the restore-time model learns from. SQLite cannot change a CHECK constraint in
 # place, so ``jobs`` is rebuilt (the documented create-copy-drop-rename procedure; foreign
 # keys are off during migrations and checked before commit).
 _V2 = (
-    """
-    CREATE TABLE jobs_v2 (
-        id TEXT PRIMARY KEY NOT NULL,
-        kind TEXT NOT NULL CHECK (kind IN ('backup', 'restore', 'verify', 'probe')),
-        volume TEXT,
-        pool TEXT,
-        generation TEXT,
-        state TEXT NOT NULL
-            CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
-        progress REAL NOT NULL DEFAULT 0 CHECK (progress >= 0 AND progress <= 1),
-        bytes_done INTEGER NOT NULL DEFAULT 0 CHECK (bytes_done >= 0),
-        bytes_total INTEGER CHECK (bytes_total IS NULL OR bytes_total >= 0),
-        created REAL NOT NULL,
-        started REAL,
-        finished REAL,
-        error TEXT,
-        result TEXT
-    )""",
-    """
+    *_rebuilt_jobs(
+        2,
+        ("backup", "restore", "verify", "probe"),
+        """
     INSERT INTO jobs_v2 (id, kind, volume, state, progress, bytes_done, bytes_total,
                          created, started, finished, error)
     SELECT id, kind, volume, state, progress, bytes_done, bytes_total,
            created, started, finished, error FROM jobs""",
-    "DROP TABLE jobs",
-    "ALTER TABLE jobs_v2 RENAME TO jobs",
-    "CREATE INDEX jobs_volume ON jobs(volume, created)",
-    "CREATE INDEX jobs_state ON jobs(state)",
+    ),
     # No foreign keys: a restore stays evidence for the model after retention removed
     # its generation or the volume was unprotected.
     """
@@ -206,29 +222,11 @@ _V2 = (
 # its shape, which the restore-time model fits its terms to (issue 14). ``jobs`` is rebuilt
 # again for its CHECK, as in v2.
 _V3 = (
-    """
-    CREATE TABLE jobs_v3 (
-        id TEXT PRIMARY KEY NOT NULL,
-        kind TEXT NOT NULL CHECK (kind IN ('backup', 'restore', 'verify', 'probe', 'drill')),
-        volume TEXT,
-        pool TEXT,
-        generation TEXT,
-        state TEXT NOT NULL
-            CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
-        progress REAL NOT NULL DEFAULT 0 CHECK (progress >= 0 AND progress <= 1),
-        bytes_done INTEGER NOT NULL DEFAULT 0 CHECK (bytes_done >= 0),
-        bytes_total INTEGER CHECK (bytes_total IS NULL OR bytes_total >= 0),
-        created REAL NOT NULL,
-        started REAL,
-        finished REAL,
-        error TEXT,
-        result TEXT
-    )""",
-    "INSERT INTO jobs_v3 SELECT * FROM jobs",
-    "DROP TABLE jobs",
-    "ALTER TABLE jobs_v3 RENAME TO jobs",
-    "CREATE INDEX jobs_volume ON jobs(volume, created)",
-    "CREATE INDEX jobs_state ON jobs(state)",
+    *_rebuilt_jobs(
+        3,
+        ("backup", "restore", "verify", "probe", "drill"),
+        "INSERT INTO jobs_v3 SELECT * FROM jobs",
+    ),
     # No foreign keys, like restores: evidence outlives volumes and pool devices.
     """
     CREATE TABLE path_samples (

@@ -4,38 +4,6 @@
 :mod:`blockguard.storage.tracking.scan`; ``era`` and ``thin`` (device-mapper) live beside it.
 """
 
-from blockguard.storage.tracking.base import (
-    DEFAULT_CHUNK_SIZE,
-    DIGEST_SIZE,
-    MAX_CHUNK_SIZE,
-    MIN_CHUNK_SIZE,
-    MIN_VOLUME_SIZE,
-    ChangeSet,
-    ChangeTracker,
-    ChunkHashes,
-    Exactness,
-    TrackerState,
-    VerificationResult,
-    check_protectable,
-    chunk_digest,
-    validate_chunk_size,
-    validate_reference_name,
-)
-
-__all__ = [
-    "DEFAULT_CHUNK_SIZE",
-    "DIGEST_SIZE",
-    "MAX_CHUNK_SIZE",
-    "MIN_CHUNK_SIZE",
-    "MIN_VOLUME_SIZE",
-    "ChangeSet",
-    "ChangeTracker",
-    "ChunkHashes",
-    "Exactness",
-    "TrackerState",
-    "VerificationResult",
-    "check_protectable",
-    "chunk_digest",
-    "validate_chunk_size",
-    "validate_reference_name",
-]
+# The package's names are base's public ones, listed once in base.__all__.
+from blockguard.storage.tracking.base import *  # noqa: F403 -- re-export of base.__all__
+from blockguard.storage.tracking.base import __all__ as __all__

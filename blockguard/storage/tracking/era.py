@@ -49,13 +49,9 @@ from blockguard.storage.blockdev import BlockDevice, device_rdev
 from blockguard.storage.dm import DeviceMapper, era_invalidate
 from blockguard.storage.manifest import write_atomic
 from blockguard.storage.runner import Runner, default_runner
-from blockguard.storage.tracking.base import (
-    ChangeSet,
-    ChangeTracker,
-    TrackerState,
-    validate_reference_name,
-)
+from blockguard.storage.tracking.base import ChangeSet, TrackerState, validate_reference_name
 from blockguard.storage.tracking.erameta import read_written_since
+from blockguard.storage.tracking.kept import KeptReferencesTracker
 
 SECTOR = 512
 #: dm-era keeps a u32 era per block plus one bitset per archived era; 4 KiB blocks.
@@ -104,7 +100,7 @@ class _State:
     detached_write_ios: int | None = None
 
 
-class EraTracker(ChangeTracker):
+class EraTracker(KeptReferencesTracker):
     """Change tracking with dm-era; see the module docstring.
 
     Use :meth:`protect` to set it up on a volume and :meth:`open` to continue after a
@@ -274,13 +270,7 @@ class EraTracker(ChangeTracker):
 
     def state(self) -> TrackerState:
         self._check_live()
-        if self._s.unknown:
-            reasons = "; ".join(f"{r}: {why}" for r, why in sorted(self._s.unknown.items()))
-            return TrackerState.unknown(reasons)
-        return TrackerState.exact()
-
-    def references(self) -> list[str]:
-        return sorted(self._s.references)
+        return self._kept_state()
 
     def add_reference(self, name: str, *, replace: bool = False) -> None:
         with self.point_in_time():
@@ -315,17 +305,7 @@ class EraTracker(ChangeTracker):
     def drop_reference(self, name: str) -> None:
         if name not in self._s.references:
             raise NotFound(what="reference", name=name)
-        del self._s.references[name]
-        self._s.unknown.pop(name, None)
-        self._save()
-
-    def mark_unknown(self, reason: str) -> None:
-        for ref in self._s.references:
-            self._s.unknown.setdefault(ref, reason)
-        self._save()
-
-    def changed(self, name: str) -> ChangeSet:
-        return self.changed_many([name])[name]
+        self._forget(name)
 
     def changed_many(self, names: Iterable[str]) -> dict[str, ChangeSet]:
         names = list(names)
@@ -335,9 +315,7 @@ class EraTracker(ChangeTracker):
             if n not in self._s.references:
                 raise NotFound(what="reference", name=n)
         self._check_live()
-        for n in names:
-            if n in self._s.unknown:
-                raise TrackingLost(volume=self.volume, reason=self._s.unknown[n])
+        self._refuse_unknown(names)
         oldest = min(self._s.references[n] for n in names)
         try:
             by_era = self._written_since(oldest)

@@ -36,12 +36,8 @@ from blockguard.storage.dm import DeviceMapper, thin_delta
 from blockguard.storage.lvm import Lvm
 from blockguard.storage.manifest import write_atomic
 from blockguard.storage.runner import Runner, default_runner
-from blockguard.storage.tracking.base import (
-    ChangeSet,
-    ChangeTracker,
-    TrackerState,
-    validate_reference_name,
-)
+from blockguard.storage.tracking.base import ChangeSet, TrackerState, validate_reference_name
+from blockguard.storage.tracking.kept import KeptReferencesTracker
 
 #: Refuse a new snapshot above these pool fill levels (percent).
 DATA_LIMIT = 90.0
@@ -65,7 +61,7 @@ class _State:
     pool_dm: str = ""
 
 
-class ThinTracker(ChangeTracker):
+class ThinTracker(KeptReferencesTracker):
     """Change tracking for an LVM thin volume; see the module docstring."""
 
     backend: ClassVar[str] = "thin"
@@ -122,14 +118,7 @@ class ThinTracker(ChangeTracker):
 
     def state(self) -> TrackerState:
         self._check()
-        if self._s.unknown:
-            return TrackerState.unknown(
-                "; ".join(f"{r}: {why}" for r, why in sorted(self._s.unknown.items()))
-            )
-        return TrackerState.exact()
-
-    def references(self) -> list[str]:
-        return sorted(self._s.references)
+        return self._kept_state()
 
     def add_reference(self, name: str, *, replace: bool = False) -> None:
         """Take a thin snapshot of the volume as reference ``name``.
@@ -165,30 +154,18 @@ class ThinTracker(ChangeTracker):
 
     def drop_reference(self, name: str) -> None:
         snap = self._snapshot_of(name)
-        del self._s.references[name]
-        self._s.unknown.pop(name, None)
-        self._save()
+        self._forget(name)
         if snap not in self._s.references.values():
             self._remove_snapshot(snap)
             self._s.thin_ids.pop(snap, None)
             self._save()
-
-    def mark_unknown(self, reason: str) -> None:
-        for ref in self._s.references:
-            self._s.unknown.setdefault(ref, reason)
-        self._save()
-
-    def changed(self, name: str) -> ChangeSet:
-        return self.changed_many([name])[name]
 
     def changed_many(self, names: Iterable[str]) -> dict[str, ChangeSet]:
         names = list(names)
         if not names:
             return {}
         snaps = {n: self._snapshot_of(n) for n in names}
-        for n in names:
-            if n in self._s.unknown:
-                raise TrackingLost(volume=self.volume, reason=self._s.unknown[n])
+        self._refuse_unknown(names)
         with BlockDevice(self.volume) as vol:  # an ioctl, not an lvs: this path is polled
             if vol.size != self._s.volume_size:
                 self.mark_unknown(
@@ -207,9 +184,7 @@ class ThinTracker(ChangeTracker):
     def changed_between(self, older: str, newer: str) -> ChangeSet:
         """Chunks that differ between two references' snapshots (exact, no live volume)."""
         a, b = self._snapshot_of(older), self._snapshot_of(newer)
-        for n in (older, newer):
-            if n in self._s.unknown:
-                raise TrackingLost(volume=self.volume, reason=self._s.unknown[n])
+        self._refuse_unknown((older, newer))
         ranges = self._thin_delta_many({"x": self._s.thin_ids[a]}, self._s.thin_ids[b])["x"]
         return self._to_changeset(ranges)
 
