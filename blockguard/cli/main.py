@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from blockguard import __version__
 from blockguard.cli import actions
 from blockguard.cli.client import Client
 from blockguard.cli.errors import explain
@@ -240,6 +241,7 @@ def _add(parser: argparse.ArgumentParser, cmd: Cmd) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=TREE.name, description=TREE.help)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument(
         "--bus",
