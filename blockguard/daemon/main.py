@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib
+import importlib.metadata
 import logging
 import os
 import signal
@@ -19,7 +20,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from blockguard import __version__
 from blockguard.daemon.bus import DaemonBus, connect
 from blockguard.daemon.dbusutil import DEFAULT_ADMIN_GROUP
 from blockguard.daemon.logsetup import setup_logging
@@ -27,7 +27,6 @@ from blockguard.daemon.notify import Notifier
 from blockguard.daemon.udevwatch import RescanRequest, UdevWatcher
 from blockguard.engine.jobs import JobRunner
 from blockguard.engine.service import Service
-from blockguard.engine.settings import CONFIG_ENV, DEFAULT_CONFIG, Settings, config_path
 from blockguard.errors import BlockguardError, EnvironmentProblem, ExitCode, InvalidInput
 
 log = logging.getLogger("blockguardd")
@@ -36,16 +35,24 @@ DEFAULT_STATE_DIR = "/var/lib/blockguard"
 DEFAULT_SERVICE = "blockguard.engine.engine:make_service"
 
 
+def _version() -> str:
+    """The installed distribution's version (pyproject takes it from blockguard.__version__)."""
+    try:
+        return importlib.metadata.version("blockguard")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="blockguardd", description="Block-layer backup daemon (D-Bus name org.blockguard1)."
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument(
         "--config",
         type=Path,
-        help=f"settings file (TOML; default $BLOCKGUARD_CONFIG or {DEFAULT_CONFIG}, which may "
-        "be missing); BLOCKGUARD_* environment variables override it",
+        help="settings file (TOML; default $BLOCKGUARD_CONFIG or /etc/blockguard/blockguard.toml, "
+        "which may be missing); BLOCKGUARD_* environment variables override it",
     )
     parser.add_argument(
         "--bus",
@@ -135,11 +142,9 @@ async def serve(args: argparse.Namespace) -> int:
         # The service factory takes only state_dir and runner: the engine reads this.
         os.environ["BLOCKGUARD_ALLOW_EMPTY_CATALOG"] = "1"
     if args.config is not None:
-        os.environ[CONFIG_ENV] = str(args.config)  # read by the engine's Settings.from_env
-    # Read the settings now, whatever the service: a bad key stops the start with its name.
-    Settings.from_env(args.state_dir)
-    path = config_path()
-    log.info("settings: %s%s and the environment", path, "" if path.exists() else " (absent)")
+        # The service factory takes only state_dir and runner: the engine's settings read
+        # this, when the service is made (a bad key stops the start there, named).
+        os.environ["BLOCKGUARD_CONFIG"] = str(args.config)
     service = make_service(args.service, args.state_dir, runner)
     await asyncio.to_thread(service.open)
     try:

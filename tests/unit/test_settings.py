@@ -95,7 +95,7 @@ def test_daemon_refuses_to_start_naming_the_key(tmp_path: Path) -> None:
 
     config = write(tmp_path, "drill_atuo = false\n")
     argv = [sys.executable, "-m", "blockguard.daemon.main", "--config", str(config)]
-    argv += ["--service", "memory", "--state-dir", str(tmp_path / "state"), "--bus", "unix:path=/x"]
+    argv += ["--state-dir", str(tmp_path / "state"), "--bus", "unix:path=/x"]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert "unknown key 'drill_atuo'" in result.stderr
