@@ -43,7 +43,8 @@ def _version() -> str:
         return "(not installed)"
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also read by scripts/install for the man page and completion)."""
     parser = argparse.ArgumentParser(
         prog="blockguardd", description="Block-layer backup daemon (D-Bus name org.blockguard1)."
     )
@@ -98,7 +99,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="set up change tracking of all protected volumes again and exit (early boot)",
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def make_service(kind: str, state_dir: Path, runner: JobRunner) -> Service:

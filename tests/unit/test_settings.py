@@ -99,3 +99,17 @@ def test_daemon_refuses_to_start_naming_the_key(tmp_path: Path) -> None:
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert "unknown key 'drill_atuo'" in result.stderr
+
+
+def test_every_key_is_documented() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    for key, env_name in Settings.keys().items():
+        assert f"| `{key}` |" in doc and f"`{env_name}`" in doc, key
+
+
+def test_the_sample_file_is_valid_and_says_the_defaults(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    text = (repo / "data" / "blockguard.toml").read_text()
+    uncommented = "\n".join(line.removeprefix("#") for line in text.splitlines() if "= " in line)
+    config = write(tmp_path, uncommented.replace("/var/lib/blockguard", str(tmp_path)))
+    assert Settings.from_env(tmp_path, env={}, config=config) == Settings.from_env(tmp_path, env={})
