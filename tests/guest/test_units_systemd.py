@@ -36,6 +36,7 @@ UNIT = "blockguard.service"
 WATCHDOG_SEC = 10
 DROPIN = Path("/etc/systemd/system/blockguard.service.d/test.conf")
 CONFIG = Path("/etc/blockguard/blockguard.toml")
+ISOLATION = {"DBUS_SYSTEM_BUS_ADDRESS", "BLOCKGUARD_CONFIG", "BLOCKGUARD_STATE_DIR"}
 
 if os.environ.get("BLOCKGUARD_VM_INIT") != "systemd":
     pytest.skip(
@@ -46,7 +47,9 @@ if os.environ.get("BLOCKGUARD_VM_INIT") != "systemd":
 
 def sh(*argv: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run a command (never through a shell); fail with its output."""
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=scaled(timeout))
+    # The real system bus and the real configuration, not the test isolation's stand-ins.
+    env = {k: v for k, v in os.environ.items() if k not in ISOLATION}
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=scaled(timeout), env=env)
     if check and result.returncode != 0:
         pytest.fail(f"{' '.join(argv)} -> {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
