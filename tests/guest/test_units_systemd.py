@@ -169,3 +169,14 @@ def test_unit_stops_cleanly(installed: str) -> None:
     assert state["ActiveState"] == "inactive", state
     assert state["Result"] == "success" and state["ExecMainStatus"] == "0", state
     assert "shutting down" in journal()
+
+
+def test_bus_activation_starts_the_unit(installed: str) -> None:
+    """The activation file: the first call to org.blockguard1 starts blockguard.service."""
+    assert show("ActiveState")["ActiveState"] == "inactive"
+    # Under emulation the start may outlast the bus's activation timeout: the call may fail,
+    # the unit must start all the same.
+    sh("blockguardctl", "status", check=False, timeout=600)
+    wait_for("activation", lambda: show("ActiveState")["ActiveState"] == "active", 600)
+    assert "Activating via systemd" in sh("journalctl", "--no-pager", "-u", "dbus.service").stdout
+    sh("systemctl", "stop", UNIT, timeout=300)
