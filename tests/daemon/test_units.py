@@ -51,8 +51,8 @@ def test_main_unit_is_notify_with_watchdog_and_bus_name() -> None:
         "WatchdogSec=30",
         "Restart=on-failure",
         "ProtectSystem=strict",
-        "DeviceAllow=block-* rw",
-        "DeviceAllow=/dev/mapper/control rw",
+        "DeviceAllow=block-* rwm",
+        "DeviceAllow=/dev/mapper/control rwm",
         "RestrictAddressFamilies=AF_UNIX AF_NETLINK",
         f"ExecStart={INSTALLED} --bus system --state-dir /var/lib/blockguard",
     ):
