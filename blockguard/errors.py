@@ -62,6 +62,13 @@ class InvalidInput(BlockguardError):
     dbus_name = f"{DBUS_PREFIX}.InvalidInput"
 
 
+class InvalidConfig(InvalidInput):
+    """The daemon's configuration file (or an environment variable over it) is unusable."""
+
+    template = "configuration {source}: {detail}"
+    dbus_name = f"{DBUS_PREFIX}.InvalidConfig"
+
+
 class InvalidObjectives(InvalidInput):
     template = "invalid recovery objectives: {detail}"
     dbus_name = f"{DBUS_PREFIX}.InvalidObjectives"

@@ -30,6 +30,10 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if name.startswith("BLOCKGUARD_BIN_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("BLOCKGUARD_STATE_DIR", str(tmp_path / "state"))
+    # An installed /etc/blockguard/blockguard.toml must not change what a test's daemon does.
+    config = tmp_path / "blockguard-test.toml"
+    config.write_text("")
+    monkeypatch.setenv("BLOCKGUARD_CONFIG", str(config))
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/blockguard-test-bus")
 
 

@@ -9,6 +9,7 @@ Failures are explained in one plain sentence on stderr with a documented
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -47,6 +48,14 @@ class Cmd:
 
 #: The largest value of a D-Bus ``t`` (u64).
 U64_MAX = (1 << 64) - 1
+
+
+def _version() -> str:
+    """The installed distribution's version (pyproject takes it from blockguard.__version__)."""
+    try:
+        return importlib.metadata.version("blockguard")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
 
 
 def bounded_int(what: str, low: int, high: int, clearable: bool = False) -> Callable[[str], Any]:
@@ -264,6 +273,7 @@ def _add(parser: argparse.ArgumentParser, cmd: Cmd) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=TREE.name, description=TREE.help)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument(
         "--bus",

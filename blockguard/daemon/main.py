@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib
+import importlib.metadata
 import logging
 import os
 import signal
@@ -34,9 +35,25 @@ DEFAULT_STATE_DIR = "/var/lib/blockguard"
 DEFAULT_SERVICE = "blockguard.engine.engine:make_service"
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def _version() -> str:
+    """The installed distribution's version (pyproject takes it from blockguard.__version__)."""
+    try:
+        return importlib.metadata.version("blockguard")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also read by scripts/install for the man page and completion)."""
     parser = argparse.ArgumentParser(
         prog="blockguardd", description="Block-layer backup daemon (D-Bus name org.blockguard1)."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="settings file (TOML; default $BLOCKGUARD_CONFIG or /etc/blockguard/blockguard.toml, "
+        "which may be missing); BLOCKGUARD_* environment variables override it",
     )
     parser.add_argument(
         "--bus",
@@ -81,7 +98,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="set up change tracking of all protected volumes again and exit (early boot)",
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def make_service(kind: str, state_dir: Path, runner: JobRunner) -> Service:
@@ -119,6 +140,10 @@ async def serve(args: argparse.Namespace) -> int:
     if args.allow_empty_catalog:
         # The service factory takes only state_dir and runner: the engine reads this.
         os.environ["BLOCKGUARD_ALLOW_EMPTY_CATALOG"] = "1"
+    if args.config is not None:
+        # The service factory takes only state_dir and runner: the engine's settings read
+        # this, when the service is made (a bad key stops the start there, named).
+        os.environ["BLOCKGUARD_CONFIG"] = str(args.config)
     service = make_service(args.service, args.state_dir, runner)
     await asyncio.to_thread(service.open)
     try:

@@ -1,8 +1,9 @@
 """The systemd units pass ``systemd-analyze verify``; the udev rules are well-formed.
 
 ``systemd-analyze verify`` insists that ExecStart's binary exists. The units name the
-installed path (/usr/bin/blockguardd); the test verifies copies whose ExecStart points at
-this checkout's venv script instead, so nothing has to be installed to run it.
+path scripts/install installs (/usr/local/lib/blockguard/bin/blockguardd); the test verifies
+copies whose ExecStart points at this checkout's venv script instead, so nothing has to be
+installed to run it. tests/guest/test_units_systemd.py runs them under a real systemd.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = sorted((REPO / "systemd").glob("*.service"))
+INSTALLED = "/usr/local/lib/blockguard/bin/blockguardd"
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
@@ -27,7 +29,7 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     assert [u.name for u in UNITS] == ["blockguard-early.service", "blockguard.service"]
     copies = []
     for unit in UNITS:
-        text = unit.read_text().replace("/usr/bin/blockguardd", str(binary))
+        text = unit.read_text().replace(INSTALLED, str(binary))
         copy = tmp_path / unit.name
         copy.write_text(text)
         copies.append(str(copy))
@@ -49,12 +51,30 @@ def test_main_unit_is_notify_with_watchdog_and_bus_name() -> None:
         "WatchdogSec=30",
         "Restart=on-failure",
         "ProtectSystem=strict",
-        "ReadWritePaths=/var/lib/blockguard",
-        "DeviceAllow=block-* rw",
-        "DeviceAllow=/dev/mapper/control rw",
-        "PrivateNetwork=yes",
+        "DeviceAllow=block-* rwm",
+        "DeviceAllow=/dev/mapper/control rwm",
+        "RestrictAddressFamilies=AF_UNIX AF_NETLINK",
+        f"ExecStart={INSTALLED} --bus system --state-dir /var/lib/blockguard",
     ):
         assert re.search(rf"^{re.escape(line)}$", text, re.M), line
+    # LVM's locks and metadata backups stay writable under ProtectSystem=strict.
+    writable = re.search(r"^ReadWritePaths=(.*)$", text, re.M)
+    assert writable is not None
+    assert "/var/lib/blockguard" in writable.group(1).split()
+    for path in ("/run/lock/lvm", "/etc/lvm/backup", "/etc/lvm/archive"):
+        assert f"-{path}" in writable.group(1).split(), path
+
+
+@pytest.mark.parametrize("unit", [u.name for u in UNITS])
+def test_units_do_not_cut_off_device_events_or_wait_for_udev_settle(unit: str) -> None:
+    text = (REPO / "systemd" / unit).read_text()
+    directives = [line for line in text.splitlines() if not line.startswith("#")]
+    assert not any(line.startswith("PrivateNetwork=") for line in directives)
+    assert not any("systemd-udev-settle" in line for line in directives)
+    assert any(
+        line == f"ExecStart={INSTALLED}" or line.startswith(f"ExecStart={INSTALLED} ")
+        for line in directives
+    )
 
 
 def test_early_unit_runs_before_filesystems() -> None:
