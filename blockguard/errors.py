@@ -28,6 +28,7 @@ class ExitCode(enum.IntEnum):
     DATA = 6
     ENVIRONMENT = 7
     INTERNAL = 70
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT): the CLI stopped waiting; the job goes on
 
 
 class BlockguardError(Exception):
@@ -144,6 +145,19 @@ class NotFound(BlockguardError):
     template = "{what} {name} does not exist"
     exit_code = ExitCode.NOT_FOUND
     dbus_name = f"{DBUS_PREFIX}.NotFound"
+
+
+class NoSuchGeneration(NotFound):
+    template = "generation {name} does not exist ({hint})"
+    dbus_name = f"{DBUS_PREFIX}.NoSuchGeneration"
+
+
+class AmbiguousGeneration(InvalidInput):
+    template = (
+        "generation {name} is ambiguous: it could be {candidates}; give more of the id, "
+        "or its number"
+    )
+    dbus_name = f"{DBUS_PREFIX}.AmbiguousGeneration"
 
 
 # --- state and permission ---------------------------------------------------------

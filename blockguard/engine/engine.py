@@ -390,11 +390,13 @@ class Engine:
     def get_generation(self, generation: str) -> svc.GenerationInfo:
         volume, _ = ids.split_public_id(generation)
         try:
-            generations = self.volumes.info(volume).generations
+            found = self.volumes.scan(volume).selectable()
         except NotFound:
-            generations = ()
-        for gen in generations:
-            if gen.id == generation:
+            raise NotFound(what="generation", name=generation) from None
+        pool_id = ids.resolve_generation(volume, generation, found)
+        public = ids.public_id(volume, pool_id)
+        for gen in self.volumes.info(volume).generations:
+            if gen.id == public:
                 return gen
         raise NotFound(what="generation", name=generation)
 
@@ -469,7 +471,7 @@ class Engine:
             return self.jobs.submit(
                 JobKind.VERIFY,
                 volume,
-                generation,
+                ids.public_id(volume, manifest.generation_id),
                 work,
                 generation=ids.catalog_id(volume, manifest.generation_id),
             )

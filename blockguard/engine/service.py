@@ -51,7 +51,8 @@ class PoolInfo:
 
 @dataclass(frozen=True)
 class GenerationInfo:
-    """One backup generation. ``id`` is unique in the daemon (e.g. ``"db@3"``)."""
+    """One backup generation. ``id`` is the long id, unique in the daemon
+    (``db@20261103T120501.123456Z-1a2b3c4d``); ``number`` its short form's (``db@3``)."""
 
     id: str
     volume: str
@@ -60,6 +61,7 @@ class GenerationInfo:
     created: int  # unix time of the backup point
     bytes: int  # bytes stored for this generation
     state: str = "ok"  # ok | verifying | corrupt
+    number: int = 0  # the volume's running number (db@7); 0 when unknown (unreadable)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from blockguard.storage.manifest import (
     check_name,
     fsync_dir,
     read_manifest,
+    sequence_numbers,
     write_atomic,
 )
 
@@ -331,6 +332,12 @@ class PoolBackend(ABC):
     @abstractmethod
     def generations(self, volume: str | None = None) -> list[Manifest]:
         """Committed generations (of one volume, or all), oldest first, from the pool."""
+
+    def next_sequence(self, volume: str) -> int:
+        """The running number a new generation of ``volume`` gets (one past the newest)."""
+        found = self.scan(volume)
+        readable = found.manifests + [d.manifest for d in found.damaged if d.manifest]
+        return max(sequence_numbers(readable).values(), default=0) + 1
 
     def scan(self, volume: str | None = None) -> PoolScan:
         """Good manifests and damaged entries (unreadable manifest, missing data file).

@@ -374,6 +374,7 @@ class DirPool(PoolBackend):
             parent_id=None if kind is GenerationKind.FULL else parent_id,
             changed=BitMap() if changed is None else BitMap(changed),
             created=time.time(),
+            sequence=self.next_sequence(volume.name),
         )
         gen_dir = area / "volumes" / volume.name / draft.generation_id
         src_image = None

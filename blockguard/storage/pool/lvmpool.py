@@ -633,6 +633,7 @@ class LvmPool(PoolBackend):
             parent_id=None if kind is GenerationKind.FULL else parent_id,
             changed=BitMap() if changed is None else BitMap(changed),
             created=time.time(),
+            sequence=self.next_sequence(volume.name),
             cloned_from=source.generation_id if source is not None else None,
         )
         if kind is GenerationKind.FULL and source is None:
