@@ -17,7 +17,7 @@ from typing import Any
 
 from blockguard.cli import actions
 from blockguard.cli.client import Client
-from blockguard.cli.errors import explain
+from blockguard.cli.errors import explain, next_step
 from blockguard.core.vocab import MAX_GENERATIONS
 from blockguard.errors import ExitCode
 
@@ -206,8 +206,16 @@ TREE = Cmd(
             "restore a generation",
             actions.restore,
             (
-                Arg("volume"),
-                Arg("--generation", default="", help="generation id (default: the newest)"),
+                Arg(
+                    "volume",
+                    metavar="VOLUME[@GENERATION]",
+                    help="the volume, or one of its generations: db@7, db@latest~1, db@<id prefix>",
+                ),
+                Arg(
+                    "--generation",
+                    default="",
+                    help="7, latest, latest~2 or a unique prefix of the id (default: the newest)",
+                ),
                 Arg("--mode", default="copy", choices=["copy", "swap-in"]),
                 Arg("--target", default="", help="device to restore onto (default: the original)"),
                 FORCE,
@@ -217,30 +225,60 @@ TREE = Cmd(
         Cmd(
             "generations", "list the generations of a volume", actions.generations, (Arg("volume"),)
         ),
-        Cmd("verify", "verify a generation", actions.verify, (Arg("generation"), NO_WAIT)),
+        Cmd(
+            "verify",
+            "verify a generation",
+            actions.verify,
+            (Arg("generation", help="db@7, db@latest, db@latest~2 or db@<id prefix>"), NO_WAIT),
+        ),
         Cmd("status", "one-line summary of the daemon", actions.status),
         Cmd(
             "plan", "explain what the next backup would be and why", actions.plan, (Arg("volume"),)
         ),
-        Cmd("jobs", "list recent jobs", actions.jobs),
+        Cmd(
+            "jobs",
+            "list recent jobs (or follow one)",
+            actions.jobs,
+            sub=(
+                Cmd("list", "list recent jobs", actions.jobs),
+                Cmd(
+                    "wait",
+                    "follow a job until it ends (its exit code is the job's)",
+                    actions.jobs_wait,
+                    (Arg("id", type=bounded_int("job id", 1, U64_MAX)),),
+                ),
+            ),
+        ),
     ),
 )
 
 
-def _add(parser: argparse.ArgumentParser, cmd: Cmd) -> None:
+JSON_HELP = "print one JSON document (docs/cli-json.md) instead of tables"
+
+
+def _add(parser: argparse.ArgumentParser, cmd: Cmd, top: bool = False) -> None:
+    if not top:
+        # --json is accepted anywhere on the line; SUPPRESS keeps a subcommand from
+        # resetting what an earlier --json set.
+        parser.add_argument(
+            "--json", action="store_true", default=argparse.SUPPRESS, help=JSON_HELP
+        )
     for arg in cmd.args:
         parser.add_argument(*arg.flags, **arg.options)
     if cmd.run is not None:
         parser.set_defaults(func=cmd.run)
     if cmd.sub:
-        subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+        # A command that runs by itself (``jobs``) has optional subcommands.
+        subparsers = parser.add_subparsers(
+            title="commands", metavar="COMMAND", required=cmd.run is None
+        )
         for child in cmd.sub:
             _add(subparsers.add_parser(child.name, help=child.help, description=child.help), child)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=TREE.name, description=TREE.help)
-    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--json", action="store_true", help=JSON_HELP)
     parser.add_argument(
         "--bus",
         default=os.environ.get("BLOCKGUARD_BUS", "system"),
@@ -249,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--propagate", action="store_true", help="re-raise errors with a traceback (debugging)"
     )
-    _add(parser, TREE)
+    _add(parser, TREE, top=True)
     return parser
 
 
@@ -274,6 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         message, code = explain(exc)
         sys.stderr.write(f"blockguardctl: {message}\n")
+        step = next_step(exc)
+        if step:
+            sys.stderr.write(f"  next: {step}\n")
         return int(code)
 
 

@@ -30,33 +30,38 @@ def ctl(daemon: Daemon, *args: str, bus_env: bool = False) -> subprocess.Complet
 
 def test_full_round_in_json(daemon: Daemon, images: Callable[..., str]) -> None:
     pool = json.loads(ctl(daemon, "--json", "pool", "create", "p1", images("p.img")).stdout)
-    assert pool == {"name": "p1", "path": "/org/blockguard1/pool/p1"}
-    out = ctl(daemon, "--json", "protect", images("db.img"), "db", "--rpo", "15m", "--rto", "5m")
+    assert pool == {"schema": 1, "name": "p1", "path": "/org/blockguard1/pool/p1"}
+    out = ctl(daemon, "protect", images("db.img"), "db", "--rpo", "15m", "--rto", "5m", "--json")
     assert out.returncode == 0, out.stderr
     # DBUS_SYSTEM_BUS_ADDRESS is honoured when --bus is not given.
     volumes = json.loads(ctl(daemon, "--json", "volume", "list", bus_env=True).stdout)
-    assert volumes[0]["Name"] == "db"
-    assert volumes[0]["Objectives"]["rpo"] == "15m"
-    backup = ctl(daemon, "--json", "backup", "db")
+    assert volumes["schema"] == 1
+    assert volumes["volumes"][0]["name"] == "db"
+    assert volumes["volumes"][0]["objectives"]["rpo"] == "15m"
+    # --json anywhere on the line.
+    backup = ctl(daemon, "backup", "--json", "db")
     assert backup.returncode == 0, backup.stderr
-    job = json.loads(backup.stdout)
-    assert job["State"] == "done" and job["Result"]["method"] == "full"
-    gens = json.loads(ctl(daemon, "--json", "generations", "db").stdout)
+    job = json.loads(backup.stdout)["job"]
+    assert job["state"] == "done" and job["result"]["method"] == "full"
+    assert job["error"] is None and job["bytes_done"] >= 0
+    gens = json.loads(ctl(daemon, "generations", "db", "--json").stdout)["generations"]
     assert [g["id"] for g in gens] == ["db@1"]
-    plan = json.loads(ctl(daemon, "--json", "plan", "db").stdout)
+    assert set(gens[0]) >= {"id", "number", "short_id", "method", "parent", "created", "bytes"}
+    plan = json.loads(ctl(daemon, "--json", "plan", "db").stdout)["plan"]
     assert plan["method"] == "incremental" and plan["reasons"]
-    verify = json.loads(ctl(daemon, "--json", "verify", "db@1").stdout)
-    assert verify["Result"]["ok"] is True
+    verify = json.loads(ctl(daemon, "--json", "verify", "db@1").stdout)["job"]
+    assert verify["result"]["ok"] is True
     started = json.loads(ctl(daemon, "--json", "restore", "db", "--no-wait").stdout)
-    assert started["job"].startswith("/org/blockguard1/job/")
-    jobs = json.loads(ctl(daemon, "--json", "jobs").stdout)
-    assert {j["Kind"] for j in jobs} == {"backup", "verify", "restore"}
+    assert started["job"]["path"] == f"/org/blockguard1/job/{started['job']['id']}"
+    jobs = json.loads(ctl(daemon, "jobs", "--json").stdout)["jobs"]
+    assert {j["kind"] for j in jobs} == {"backup", "verify", "restore"}
     status = json.loads(ctl(daemon, "--json", "status").stdout)
     assert status["volumes"] == 1 and status["pools"] == 1
-    show = json.loads(ctl(daemon, "--json", "volume", "show", "db").stdout)
-    assert show["Generations"][0]["method"] == "full"
-    pools = json.loads(ctl(daemon, "--json", "pool", "list").stdout)
-    assert pools[0]["Capacity"] == 64 * 1024 * 1024
+    show = json.loads(ctl(daemon, "--json", "volume", "show", "db").stdout)["volume"]
+    assert show["generations"][0]["method"] == "full"
+    pools = json.loads(ctl(daemon, "--json", "pool", "list").stdout)["pools"]
+    assert pools[0]["capacity"] == 64 * 1024 * 1024
+    assert all(set(d) >= {"path", "size", "state"} for d in pools[0]["devices"])
 
 
 def test_human_output(daemon: Daemon, images: Callable[..., str]) -> None:
