@@ -7,17 +7,9 @@ a human table (rich) or, with ``--json``, one JSON document on stdout.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from typing import Any
 
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from blockguard.cli import shapes
 from blockguard.cli.client import JOB, POOL, VOLUME, Client, RemoteError, plain, variant
@@ -115,51 +107,51 @@ def _wait_with_bar(client: Client, path: str, out: Output) -> dict[str, Any]:
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn("{task.percentage:>3.0f}%"),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
+        # Sizes and rates in the vocabulary's units, like every other line.
+        TextColumn("{task.fields[done]}"),
+        TextColumn("{task.fields[rate]}"),
         TimeRemainingColumn(),
         console=out.err,
         disable=not out.err.is_terminal,
         transient=True,
     ) as progress:
-        task = progress.add_task(f"job {_job_id(path)}", total=None)
+        task = progress.add_task(f"job {_job_id(path)}", total=None, done="", rate="")
 
         def show(job: dict[str, Any]) -> None:
-            total = job.get("BytesTotal") or None
+            total = job.get("BytesTotal") or 0
+            done = format_size(job["BytesDone"])
             progress.update(
                 task,
-                total=total,
+                total=total or None,
                 completed=job["BytesDone"] if total else 0,
                 description=f"{job['Kind']} {job['Target']}",
+                done=f"{done} of {format_size(total)}" if total else done,
+                rate=format_rate(job["Rate"]) if job.get("Rate") else "",
             )
 
         return client.wait_job(path, on_progress=show)
 
 
-#: How each kind of job's result reads: (key, label, formatter); missing keys are skipped.
-_RESULT_FIELDS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
-    ("generation", "", str),
-    ("method", "", str),
-    ("mode", "", str),
-    ("bytes", "", format_size),
-    ("seconds", "in", format_duration),
-    ("target", "onto", str),
-    ("ok", "ok", text),
-    ("chunks", "chunks", str),
-    ("freed", "retention removed", text),
-)
-
-
 def _result_line(job: dict[str, Any]) -> str:
-    """``backup of db done: full db@3 (db@2026...), 64.0 MiB in 2.1s`` — every value
-    formatted for a person; warnings on their own lines."""
+    """``backup of db done: full db@3 (db@2026...), 32.0 MiB in 2.1s`` — every value
+    formatted for a person; warnings on lines of their own."""
     result = plain(job.get("Result", {}))
     parts = []
-    for key, label, fmt in _RESULT_FIELDS:
-        value = result.get(key)
-        if value in (None, "", []):
-            continue
-        parts.append(f"{label} {fmt(value)}".strip())
+    what = " ".join(str(result[k]) for k in ("method", "mode") if result.get(k))
+    generation = result.get("generation", "")
+    if generation and result.get("number"):
+        generation = f"{generation.partition('@')[0]}@{result['number']} ({generation})"
+    if what or generation:
+        parts.append(f"{what} {generation}".strip())
+    if "bytes" in result:
+        took = f" in {format_duration(result['seconds'])}" if "seconds" in result else ""
+        parts.append(f"{format_size(result['bytes'])}{took}")
+    if result.get("target"):
+        parts.append(f"onto {result['target']}")
+    if "ok" in result:
+        parts.append(f"ok {text(result['ok'])}")
+    if result.get("freed"):
+        parts.append(f"retention removed {text(result['freed'])}")
     line = f"{job['Kind']} of {job['Target']} done" + (f": {', '.join(parts)}" if parts else "")
     for warning in result.get("warnings", []) or []:
         line += f"\nwarning: {warning}"

@@ -225,6 +225,7 @@ def back_up(
     )
     return {
         "generation": gen,
+        "number": result.manifest.sequence,
         "method": kind.value,
         "bytes": result.bytes_copied,
         "seconds": result.duration,

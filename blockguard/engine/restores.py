@@ -262,6 +262,7 @@ def run_restore(
     events.emit(svc.RestoreFinished(request.volume, public, result.target))
     return {
         "generation": public,
+        "number": request.manifest.sequence,
         "mode": request.how,
         "target": result.target,
         "bytes": result.bytes_written,
@@ -323,6 +324,7 @@ def run_verify(
     volumes.clear_corrupt(volume, list(result.chain))
     return {
         "generation": public,
+        "number": manifest.sequence,
         "ok": True,
         "chunks": result.chunks,
         "bytes": result.bytes,
