@@ -34,7 +34,7 @@ def _find(client: Client, interface: str, what: str, name: str) -> tuple[str, di
             return path, props
     listing = "pool list" if interface == POOL else "volume list"
     raise CliError(
-        f"{what} {name} does not exist ('blockguardctl {listing}' shows them)", ExitCode.NOT_FOUND
+        f"{what} {name} does not exist; blockguardctl {listing} shows them", ExitCode.NOT_FOUND
     )
 
 
@@ -83,14 +83,14 @@ def finish_job(client: Client, path: str, args: argparse.Namespace, out: Output)
         if out.as_json:
             out.json({"job": {"id": int(job_id), "path": path}})
         else:
-            out.line(f"started job {job_id}; 'blockguardctl jobs wait {job_id}' follows it")
+            out.line(f"started job {job_id}; blockguardctl jobs wait {job_id} follows it")
         return
     try:
         job = _wait_with_bar(client, path, out)
     except KeyboardInterrupt:
         raise CliError(
-            f"stopped waiting; job {job_id} goes on in the daemon "
-            f"('blockguardctl jobs wait {job_id}' follows it, 'blockguardctl jobs' lists it)",
+            f"stopped waiting; job {job_id} goes on in the daemon: "
+            f"blockguardctl jobs wait {job_id} follows it, blockguardctl jobs lists it",
             ExitCode.INTERRUPTED,
         ) from None
     if out.as_json:
@@ -511,7 +511,11 @@ def status(client: Client, args: argparse.Namespace, out: Output) -> None:
 
 
 def backup(client: Client, args: argparse.Namespace, out: Output) -> None:
-    finish_job(client, client.call("BackupNow", "s", args.volume), args, out)
+    if args.full:
+        path = client.call("BackupNowWithOptions", "sa{sv}", args.volume, {"full": variant(True)})
+    else:
+        path = client.call("BackupNow", "s", args.volume)
+    finish_job(client, path, args, out)
 
 
 def restore(client: Client, args: argparse.Namespace, out: Output) -> None:

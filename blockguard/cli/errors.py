@@ -99,16 +99,16 @@ _NEXT_STEPS: dict[str, str] = {
     "NotAuthorized": "run it as root, or as a member of group blockguard",
     "ServiceUnknown": "start the daemon: systemctl start blockguard",
     "NameHasNoOwner": "start the daemon: systemctl start blockguard",
-    "Busy": "'blockguardctl jobs' shows what runs; 'blockguardctl jobs wait ID' waits for it",
-    "PoolSpaceLow": "add a disk ('blockguardctl pool extend POOL DEVICE') or keep fewer "
-    "generations ('blockguardctl objectives VOLUME --generations N')",
-    "InvalidObjectives": "'blockguardctl objectives --help' shows the forms (15m, every 4h, "
+    "Busy": "blockguardctl jobs shows what runs, blockguardctl jobs wait ID waits for it",
+    "PoolSpaceLow": "add a disk with blockguardctl pool extend POOL DEVICE, or keep fewer "
+    "generations with blockguardctl objectives VOLUME --generations N",
+    "InvalidObjectives": "blockguardctl objectives --help shows the forms (15m, every 4h, "
     "daily 02:30, changed 10GiB)",
-    "VolumeDetached": "protect its device again ('blockguardctl protect DEVICE NAME'), or "
+    "VolumeDetached": "protect its device again with blockguardctl protect DEVICE NAME, or "
     "restore it onto another device with --target",
-    "ChecksumMismatch": "restore an older generation ('blockguardctl generations VOLUME' "
+    "ChecksumMismatch": "restore an older generation (blockguardctl generations VOLUME "
     "lists them); the next backup of the volume is a full",
-    "CorruptMetadata": "restore an older generation ('blockguardctl generations VOLUME' "
+    "CorruptMetadata": "restore an older generation (blockguardctl generations VOLUME "
     "lists them); the next backup of the volume is a full",
     "Internal": "the daemon's log has the details: journalctl -u blockguard",
 }
@@ -123,7 +123,7 @@ def next_step(exc: BaseException) -> str | None:
             if short == "NotFound":
                 for what, listing in (("volume", "volume list"), ("pool", "pool list")):
                     if link.message.startswith(f"{what} "):
-                        return f"'blockguardctl {listing}' shows them"
+                        return f"blockguardctl {listing} shows them"
                 return None
             return _NEXT_STEPS.get(short)
         if isinstance(link, BlockguardError):

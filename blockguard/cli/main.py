@@ -200,7 +200,20 @@ TREE = Cmd(
             actions.objectives,
             (Arg("target", metavar="VOLUME_OR_GROUP"), *OBJECTIVE_ARGS),
         ),
-        Cmd("backup", "back a volume up now", actions.backup, (Arg("volume"), NO_WAIT)),
+        Cmd(
+            "backup",
+            "back a volume up now",
+            actions.backup,
+            (
+                Arg("volume"),
+                Arg(
+                    "--full",
+                    action="store_true",
+                    help="take a full backup whatever the planner would choose",
+                ),
+                NO_WAIT,
+            ),
+        ),
         Cmd(
             "restore",
             "restore a generation",

@@ -229,6 +229,18 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_method()
     @handler()
+    async def BackupNowWithOptions(self, volume: Str, options: VarDict) -> ObjPath:
+        """``BackupNow`` with options: ``full`` (b) takes a full whatever the planner says."""
+        given = from_variant(options)
+        unknown = sorted(set(given) - {"full"})
+        if unknown or not isinstance(given.get("full", False), bool):
+            raise InvalidInput(detail=f"backup options are full (b); got {sorted(given)}")
+        full = given.get("full", False)
+        job = await self._call(self.service.backup_now, volume, *([True] if full else []))
+        return self.tree.job(job)
+
+    @dbus_method()
+    @handler()
     async def Restore(
         self, volume: Str, generation: Str, mode: Str, target: Str, force: Bool
     ) -> ObjPath:

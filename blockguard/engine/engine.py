@@ -132,6 +132,7 @@ class Engine:
                 self.catalog, self._pools, self.settings, self.events, self.cmd
             )
             self._jobs = JobBook(self.catalog, self.runner, self.events, recorder=self.cmd)
+            self._jobs.keep_ids_in(self.state_dir / "last-job-id")
             self._refuse_lost_catalog()
             self._jobs.fail_interrupted()
             self._recover_points_in_time()
@@ -405,7 +406,7 @@ class Engine:
 
     # --- long operations ------------------------------------------------------------------
 
-    def backup_now(self, volume: str) -> Job:
+    def backup_now(self, volume: str, full: bool = False) -> Job:
         with self._lock:
             vol = self.volumes.catalog.get_volume(volume)
             self.volumes.require_attached(volume)
@@ -421,6 +422,7 @@ class Engine:
                     progress,
                     serial,
                     self.settings.backup_delay,
+                    full=full,
                 )
 
             def finished(job: Job) -> None:

@@ -73,6 +73,24 @@ def short_id(volume: str, number: int) -> str:
 _LATEST_RE = re.compile(r"latest(?:~([0-9]{1,6}))?")
 #: Digits only and shorter than the 8-digit date a long id starts with: a running number.
 _NUMBER_RE = re.compile(r"[0-9]{1,7}")
+#: What each character of a long id is (``20261103T120501.123456Z-1a2b3c4d``), to tell a
+#: prefix of one from something that cannot be.
+_LONG_ID_SHAPE = "D" * 8 + "T" + "D" * 6 + "." + "D" * 6 + "Z-" + "H" * 8
+
+
+def _could_be_long_id(text: str) -> bool:
+    if len(text) > len(_LONG_ID_SHAPE):
+        return False
+    for char, shape in zip(text, _LONG_ID_SHAPE, strict=False):
+        if shape == "D":
+            ok = char.isascii() and char.isdigit()
+        elif shape == "H":
+            ok = char in "0123456789abcdef"
+        else:
+            ok = char == shape
+        if not ok:
+            return False
+    return True
 
 
 def resolve_generation(volume: str, text: str, generations: Sequence[tuple[str, int]]) -> str:
@@ -105,6 +123,11 @@ def resolve_generation(volume: str, text: str, generations: Sequence[tuple[str, 
             if number == int(selector):
                 return pool_id
     else:
+        if not _could_be_long_id(selector):
+            raise InvalidInput(
+                detail=f"generation {shown} is not a generation: give VOLUME@NUMBER, "
+                "VOLUME@latest, VOLUME@latest~N or the start of its id (VOLUME@20261201T18)"
+            )
         matches = [pool_id for pool_id, _ in generations if pool_id.startswith(selector)]
         if selector in matches:
             return selector
@@ -131,4 +154,4 @@ def _range_hint(volume: str, generations: Sequence[tuple[str, int]]) -> str:
     have = f"{volume} has {len(generations)}"
     if numbers:
         have += f", numbered {min(numbers)}..{max(numbers)}"
-    return f"{have}; 'blockguardctl generations {volume}' lists them"
+    return f"{have}; blockguardctl generations {volume} lists them"

@@ -235,6 +235,12 @@ class JobRunner:
         self._on_new: list[Callable[[Job], None]] = []
         self._on_forget: list[Callable[[Job], None]] = []
 
+    def continue_after(self, last_id: int) -> None:
+        """Number the next job ``last_id + 1`` (a restarted daemon goes on counting, so a
+        job id seen before a restart never names another job after it)."""
+        with self._lock:
+            self._ids = itertools.count(max(last_id, max(self._jobs, default=0)) + 1)
+
     def on_new_job(self, callback: Callable[[Job], None]) -> None:
         """Call ``callback(job)`` (in the submitting thread) for every new job."""
         self._on_new.append(callback)

@@ -302,7 +302,8 @@ class Service(Protocol):
         """
 
     # long operations
-    def backup_now(self, volume: str) -> Job: ...
+    def backup_now(self, volume: str, full: bool = False) -> Job:
+        """Back ``volume`` up now (``full``: a full whatever the planner would choose)."""
 
     def restore(self, volume: str, generation: str, mode: str, target: str, force: bool) -> Job:
         """Restore ``generation`` of ``volume``.

@@ -72,12 +72,34 @@ class Terminal:
     def run(self, command: str, timeout: float = 120) -> tuple[str, int, list[str]]:
         """Type ``command`` on a clear screen; returns the screen when it finished, its exit
         status and every screen seen meanwhile (progress shows only while it runs)."""
+        self.start(command)
+        return self.finish(command, timeout)
+
+    def start(self, command: str) -> None:
+        """Type ``command`` on a clear screen and return at once."""
         self._type("clear")
         self._tmux("clear-history", "-t", "0")
         deadline = time.monotonic() + scaled(5)
         while self.screen().strip() not in ("$", "") and time.monotonic() < deadline:
             time.sleep(0.05)
         self._type(f'{command}; echo "__DONE $?"')
+
+    def wait_for(self, pattern: str, timeout: float = 60) -> str:
+        """The screen once ``pattern`` (a regex) is on it."""
+        deadline = time.monotonic() + scaled(timeout)
+        while True:
+            text = self.screen()
+            self.captures.append(text)
+            if re.search(pattern, text):
+                return text
+            assert time.monotonic() < deadline, f"{pattern!r} never showed:\n{text}"
+            time.sleep(0.05)
+
+    def interrupt(self) -> None:
+        self._tmux("send-keys", "-t", "0", "C-c")
+
+    def finish(self, command: str, timeout: float = 120) -> tuple[str, int, list[str]]:
+        """Wait for the command :meth:`start` typed to end (see :meth:`run`)."""
         seen = []
         deadline = time.monotonic() + scaled(timeout)
         while True:
@@ -102,7 +124,8 @@ def terminal(engine: EngineHarness, tmp_path: Path) -> Iterator[tuple[Terminal, 
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed (scripts/bootstrap installs it)")
     # A short probe, so that pool create has something to show while it waits.
-    daemon = engine.start(BLOCKGUARD_PROBE_SECONDS="1.5")
+    # A slow backup (per extent written), so that Ctrl-C can come while one runs.
+    daemon = engine.start(BLOCKGUARD_PROBE_SECONDS="1.5", BLOCKGUARD_TEST_BACKUP_DELAY="0.1")
     term = Terminal(tmp_path / "tmux.sock", daemon.address)
     try:
         yield term, daemon.address
@@ -152,8 +175,21 @@ def test_first_hour_in_a_terminal(terminal: tuple[Terminal, str], loopdev: objec
     assert rc == 0 and "backup of db done" in screen, screen
     write_random(volume, 8 * MiB, 1 * MiB, seed=3)
 
+    # Ctrl-C stops the waiting, not the backup; jobs wait follows it to its end.
+    term.start("bgctl backup db --full")
+    term.wait_for(r"backup db .*%")
+    term.interrupt()
+    screen, rc, _ = term.finish("backup")
+    assert rc == 130, screen
+    found = re.search(r"stopped waiting; job (\d+) goes on in the daemon", screen)
+    assert found, screen
+    screen, rc, _ = term.run(f"bgctl jobs wait {found.group(1)}")
+    assert rc == 0, screen
+    # A full of a volume with a full already clones it: only the changed chunks are copied.
+    assert re.search(r"backup of db done: full db@3 \(db@\S+\), \S+ MiB in ", screen), screen
+
     gens = ctl_json(address, "generations", "db")["generations"]
-    assert [g["short_id"] for g in gens] == ["db@1", "db@2"]
+    assert [g["short_id"] for g in gens] == ["db@1", "db@2", "db@3"]
     screen, rc, _ = term.run("bgctl generations db")
     assert rc == 0, screen
     for g in gens:
@@ -165,7 +201,7 @@ def test_first_hour_in_a_terminal(terminal: tuple[Terminal, str], loopdev: objec
 
     screen, rc, _ = term.run("bgctl verify db@latest")
     assert rc == 0, screen
-    assert f"verify of {gens[1]['id']} done: db@2 ({gens[1]['id']})" in screen, screen
+    assert f"verify of {gens[2]['id']} done: db@3 ({gens[2]['id']})" in screen, screen
     assert "ok yes" in screen, screen
 
     screen, rc, _ = term.run(f"bgctl restore db@2 --target {target}")
@@ -175,7 +211,7 @@ def test_first_hour_in_a_terminal(terminal: tuple[Terminal, str], loopdev: objec
 
     screen, rc, _ = term.run("bgctl restore db@20 --target /dev/null")
     assert rc == 3, screen
-    assert "generation db@20 does not exist" in screen and "numbered 1..2" in screen, screen
+    assert "generation db@20 does not exist" in screen and "numbered 1..3" in screen, screen
 
     help_text, _, _ = term.run("bgctl status --help")
     if "--check" in help_text:

@@ -59,7 +59,14 @@ def test_nothing_matching_says_what_there_is(text: str) -> None:
         resolve_generation("db", text, GENS)
     assert text in str(err.value)
     assert "numbered 1..4" in str(err.value)
-    assert "blockguardctl generations db" in str(err.value)
+    assert "blockguardctl generations db lists them" in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["db@nonsense", "db@latest~x", "db@2026120xT", "db@-1", "db@"])
+def test_what_cannot_be_a_generation_is_a_usage_error(text: str) -> None:
+    with pytest.raises(InvalidInput) as err:
+        resolve_generation("db", text, GENS)
+    assert not isinstance(err.value, NoSuchGeneration)
 
 
 def test_another_volumes_generation_is_refused() -> None:
