@@ -163,6 +163,11 @@ class AmbiguousGeneration(InvalidInput):
 # --- state and permission ---------------------------------------------------------
 
 
+class JobCancelled(BlockguardError):
+    template = "job {job} was cancelled on request{consequence}"
+    dbus_name = f"{DBUS_PREFIX}.Cancelled"
+
+
 class Busy(BlockguardError):
     template = "{what} is busy: {reason}"
     exit_code = ExitCode.BUSY

@@ -155,6 +155,11 @@ def _result_line(job: dict[str, Any]) -> str:
     line = f"{job['Kind']} of {job['Target']} done" + (f": {', '.join(parts)}" if parts else "")
     for warning in result.get("warnings", []) or []:
         line += f"\nwarning: {warning}"
+    if result.get("mode") == "swap-in" and result.get("target"):
+        line += (
+            f"\nservice can resume on {result['target']}; once it moved off it again: "
+            f"blockguardctl restore --release {result['target']}"
+        )
     return line
 
 
@@ -170,6 +175,21 @@ def jobs(client: Client, args: argparse.Namespace, out: Output) -> None:
 def jobs_wait(client: Client, args: argparse.Namespace, out: Output) -> None:
     """Follow a job started earlier (``--no-wait``, another terminal, the scheduler)."""
     finish_job(client, f"{JOB_PATH}{args.id}", args, out)
+
+
+def jobs_cancel(client: Client, args: argparse.Namespace, out: Output) -> None:
+    """Cancel a job and (unless ``--no-wait``) wait until it stopped."""
+    client.call("CancelJob", "t", args.id)
+    path = f"{JOB_PATH}{args.id}"
+    job = client.properties(path, JOB) if args.no_wait else client.wait_job(path)
+    if out.as_json:
+        out.json({"job": shapes.job(path, job)})
+    elif job["State"] == "done":
+        out.line(f"job {args.id} ended before it could stop: {_result_line(job)}")
+    elif job["State"] == "failed":
+        out.line(job["Error"][1])
+    else:
+        out.line(f"job {args.id} is stopping")
 
 
 # --- pools --------------------------------------------------------------------------------
@@ -519,6 +539,13 @@ def backup(client: Client, args: argparse.Namespace, out: Output) -> None:
 
 
 def restore(client: Client, args: argparse.Namespace, out: Output) -> None:
+    if args.swap_ins or args.release:
+        if args.volume or (args.swap_ins and args.release):
+            raise CliError("give --swap-ins or --release alone", ExitCode.USAGE)
+        (swap_ins if args.swap_ins else release_swap_in)(client, args, out)
+        return
+    if not args.volume:
+        raise CliError("give the volume (or VOLUME@GENERATION) to restore", ExitCode.USAGE)
     # "restore db@2" names the volume and the generation at once.
     volume, at, _ = args.volume.partition("@")
     if at and args.generation:
@@ -535,6 +562,29 @@ def restore(client: Client, args: argparse.Namespace, out: Output) -> None:
         args.force,
     )
     finish_job(client, path, args, out)
+
+
+def swap_ins(client: Client, args: argparse.Namespace, out: Output) -> None:
+    found = [
+        {"pool": pool, "name": name, "device": device or None}
+        for pool, name, device in client.call("ListSwapIns")
+    ]
+    if out.as_json:
+        out.json({"swap_ins": found})
+        return
+    out.table(
+        "Swap-ins",
+        (Column("device", keep=True), Column("pool"), Column("name", keep=True)),
+        ([s["device"] or "(detached)", s["pool"], s["name"]] for s in found),
+    )
+
+
+def release_swap_in(client: Client, args: argparse.Namespace, out: Output) -> None:
+    client.call("ReleaseSwapIn", "s", args.release)
+    if out.as_json:
+        out.json({"released": args.release})
+    else:
+        out.line(f"released swap-in {args.release}")
 
 
 def verify(client: Client, args: argparse.Namespace, out: Output) -> None:

@@ -221,8 +221,21 @@ TREE = Cmd(
             (
                 Arg(
                     "volume",
+                    nargs="?",
+                    default="",
                     metavar="VOLUME[@GENERATION]",
                     help="the volume, or one of its generations: db@7, db@latest~1, db@<id prefix>",
+                ),
+                Arg(
+                    "--release",
+                    metavar="SWAP_IN",
+                    default="",
+                    help="detach and delete a swap-in (its device or name) once service left it",
+                ),
+                Arg(
+                    "--swap-ins",
+                    action="store_true",
+                    help="list the swap-ins restores left (attached or not)",
                 ),
                 Arg(
                     "--generation",
@@ -259,6 +272,12 @@ TREE = Cmd(
                     "follow a job until it ends (its exit code is the job's)",
                     actions.jobs_wait,
                     (Arg("id", type=bounded_int("job id", 1, U64_MAX)),),
+                ),
+                Cmd(
+                    "cancel",
+                    "stop a job (a backup commits nothing; a restore leaves a partial target)",
+                    actions.jobs_cancel,
+                    (Arg("id", type=bounded_int("job id", 1, U64_MAX)), NO_WAIT),
                 ),
             ),
         ),

@@ -68,10 +68,25 @@ class Output:
     """Human output on stdout (tables, lines), or JSON with ``--json``; progress and
     notes go to stderr."""
 
-    def __init__(self, as_json: bool, stdout: Any = None, stderr: Any = None) -> None:
+    def __init__(
+        self,
+        as_json: bool,
+        stdout: Any = None,
+        stderr: Any = None,
+        *,
+        terminal: bool | None = None,
+        width: int | None = None,
+    ) -> None:
+        """:param terminal: and ``width``: as if stdout were a terminal that wide (tests)."""
         self.as_json = as_json
         self.stdout = stdout or sys.stdout
-        self.console = Console(file=self.stdout, highlight=False, soft_wrap=True)
+        self.console = Console(
+            file=self.stdout,
+            highlight=False,
+            soft_wrap=True,
+            force_terminal=terminal,
+            width=width,
+        )
         self.err = Console(file=stderr or sys.stderr, highlight=False)
 
     @property
@@ -109,11 +124,23 @@ class Output:
             self._plain(columns, cells)
             return
         width = self.console.width or shutil.get_terminal_size().columns
-        shown = _fit(columns, cells, width)
+        shown, need = _fit(columns, cells, width)
+        if shown is None:
+            # Even alone, the columns that must stay whole are wider than the terminal:
+            # plain lines, which the terminal wraps, cut nothing.
+            if title:
+                self.stdout.write(f"{title}\n")
+            self._plain(columns, cells)
+            return
         table = Table(title=title, title_justify="left")
         for i in shown:
             col = columns[i]
-            table.add_column(col.title, no_wrap=col.keep, overflow="fold")
+            table.add_column(
+                col.title,
+                no_wrap=col.keep,
+                overflow="fold",
+                min_width=need[i] if col.keep else None,
+            )
         for row in cells:
             table.add_row(*(escape(row[i]) for i in shown))
         self.console.print(table)
@@ -130,9 +157,12 @@ class Output:
         self.stdout.flush()
 
 
-def _fit(columns: Sequence[Column], cells: list[list[str]], width: int) -> list[int]:
-    """The columns to show: all, unless the ones that must stay whole do not fit beside
-    them; then the droppable ones go, lowest ``drop`` first."""
+def _fit(
+    columns: Sequence[Column], cells: list[list[str]], width: int
+) -> tuple[list[int] | None, list[int]]:
+    """The columns to show and each column's widest cell: all, unless the ones that must
+    stay whole do not fit beside them; then the droppable ones go, lowest ``drop`` first.
+    None when even that does not fit."""
     header = [c.title for c in columns]
     need = [max(len(r[i]) for r in [header, *cells]) for i in range(len(columns))]
     shown = list(range(len(columns)))
@@ -145,4 +175,6 @@ def _fit(columns: Sequence[Column], cells: list[list[str]], width: int) -> list[
         if total() <= width:
             break
         shown.remove(i)
-    return shown
+    if total() > width and sum(need[i] + 3 for i in shown if columns[i].keep) + 1 > width:
+        return None, need
+    return shown, need

@@ -31,6 +31,7 @@ from blockguard.daemon.dbusutil import (
     ObjPaths,
     Str,
     Strs,
+    SwapIns,
     UInt64,
     VarDict,
     from_variant,
@@ -249,6 +250,25 @@ class ManagerInterface(ServiceInterface):
             raise InvalidInput(detail=f"restore mode {mode!r} is not copy or swap-in")
         job = await self._call(self.service.restore, volume, generation, mode, target, force)
         return self.tree.job(job)
+
+    @dbus_method()
+    @handler()
+    async def CancelJob(self, job_id: UInt64) -> None:
+        """Stop a queued or running job (it fails with org.blockguard1.Error.Cancelled)."""
+        await self._call(self.service.cancel_job, int(job_id))
+
+    @dbus_method()
+    @handler(read_only=True)
+    async def ListSwapIns(self) -> SwapIns:
+        """Swap-ins restores left: (pool, name, device; "" when detached)."""
+        found = await self._call(self.service.list_swap_ins)
+        return [[s["pool"], s["name"], s["device"]] for s in found]
+
+    @dbus_method()
+    @handler()
+    async def ReleaseSwapIn(self, name_or_device: Str) -> None:
+        """Detach and delete a swap-in (refused while its device is mounted or open)."""
+        await self._call(self.service.release_swap_in, name_or_device)
 
     @dbus_method()
     @handler()

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from blockguard.core.catalog import Catalog
-from blockguard.engine import ids
+from blockguard.engine import ids, swapins
 from blockguard.engine import service as svc
 from blockguard.engine.backups import back_up
 from blockguard.engine.calibration import run_drill_job
@@ -461,6 +461,13 @@ class Engine:
                 reserved=True,
             )
 
+    def list_swap_ins(self) -> list[dict[str, Any]]:
+        return swapins.list_swap_ins(self.pools)
+
+    def release_swap_in(self, which: str) -> dict[str, Any]:
+        with self._lock:
+            return swapins.release_swap_in(self.pools, which)
+
     def verify(self, generation: str) -> Job:
         with self._lock:
             volume, _ = ids.split_public_id(generation)
@@ -486,6 +493,11 @@ class Engine:
         if job is None:
             raise NotFound(what="job", name=str(job_id))
         return job
+
+    def cancel_job(self, job_id: int) -> None:
+        job = self.get_job(job_id)
+        job.cancel()
+        log.info("job %d (%s of %s) cancelled on request", job.id, job.kind.value, job.target)
 
     # --- hooks of the adapters ------------------------------------------------------------
 

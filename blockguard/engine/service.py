@@ -302,6 +302,14 @@ class Service(Protocol):
         """
 
     # long operations
+    def list_swap_ins(self) -> list[dict[str, Any]]:
+        """Swap-ins restores left: ``{"pool", "name", "device"}`` each."""
+        ...
+
+    def release_swap_in(self, which: str) -> dict[str, Any]:
+        """Detach and delete a swap-in (by its name or device); returns what it was."""
+        ...
+
     def backup_now(self, volume: str, full: bool = False) -> Job:
         """Back ``volume`` up now (``full``: a full whatever the planner would choose)."""
 
@@ -326,6 +334,13 @@ class Service(Protocol):
     def list_jobs(self) -> list[Job]: ...
 
     def get_job(self, job_id: int) -> Job: ...
+
+    def cancel_job(self, job_id: int) -> None:
+        """Ask a queued or running job to stop; it fails with ``JobCancelled``.
+
+        :raises NotFound: no such job.
+        :raises InvalidInput: it already ended.
+        """
 
     # hooks for the daemon's adapters
     def reestablish_tracking(self) -> list[str]:

@@ -1,11 +1,16 @@
-"""Job ids go on counting across a daemon restart: an id seen before it never names
-another job after it."""
+"""Jobs an admin handles: ids go on counting across a daemon restart (an id seen before it
+never names another job after it), and a cancelled backup commits nothing."""
 
 from __future__ import annotations
 
-from blockguard.cli.client import Client
+import time
 
-from .conftest import EngineHarness, MiB, run_job
+import pytest
+
+from blockguard.cli.client import JOB, Client, RemoteError
+from tests.timeouts import scaled
+
+from .conftest import EngineHarness, MiB, run_job, write_random
 
 
 def test_a_restarted_daemon_numbers_jobs_on(engine: EngineHarness, loopdev: object) -> None:
@@ -26,3 +31,36 @@ def test_a_restarted_daemon_numbers_jobs_on(engine: EngineHarness, loopdev: obje
     first_id = int(first.rsplit("/", 1)[-1])
     assert int(second.rsplit("/", 1)[-1]) == first_id + 1
     assert props["Id"] == first_id + 1
+
+
+def test_a_cancelled_backup_commits_nothing(engine: EngineHarness, loopdev: object) -> None:
+    pool_disk = loopdev(400 * MiB, "pool.img")  # type: ignore[operator]
+    volume = loopdev(32 * MiB, "db.img")  # type: ignore[operator]
+    write_random(volume, 0, 32 * MiB, seed=7)
+    # Slow (a pause per extent written), so that the cancel lands while it copies.
+    daemon = engine.start(BLOCKGUARD_TEST_BACKUP_DELAY="0.3")
+    with Client(daemon.address) as client:
+        client.call("CreatePool", "ssasb", "p1", "dir", [pool_disk], False)
+        client.call("Protect", "sstssa{sv}", volume, "db", 0, "", "", {})
+        path = client.call("BackupNow", "s", "db")
+        job_id = int(path.rsplit("/", 1)[-1])
+        deadline = time.monotonic() + scaled(60)
+        while client.properties(path, JOB)["BytesDone"] == 0:
+            assert time.monotonic() < deadline, "the backup never started copying"
+            time.sleep(0.02)
+        client.call("CancelJob", "t", job_id)
+        props = run_job(client, path)
+        assert props["State"] == "failed"
+        assert props["Error"][0] == "org.blockguard1.Error.Cancelled"
+        assert "nothing was committed" in props["Error"][1]
+        assert client.call("ListGenerations", "s", "db") == []
+        with pytest.raises(RemoteError) as ended:
+            client.call("CancelJob", "t", job_id)
+        assert "already ended" in ended.value.message
+        with pytest.raises(RemoteError) as missing:
+            client.call("CancelJob", "t", 999_999)
+        assert missing.value.name == "org.blockguard1.Error.NotFound"
+        again = run_job(client, client.call("BackupNow", "s", "db"))
+        assert again["State"] == "done", again["Error"]
+        gens = client.call("ListGenerations", "s", "db")
+        assert [(g[1], g[6]) for g in gens] == [("full", 1)]

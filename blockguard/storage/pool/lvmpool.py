@@ -740,6 +740,18 @@ class LvmPool(PoolBackend):
         """Swap-in volumes on the pool (``VG/LV``), active or not."""
         return sorted(f"{self.vg}/{n}" for n in self._lvs() if n.startswith(SWAP_PREFIX))
 
+    def swap_in_devices(self) -> list[tuple[str, str]]:
+        found = []
+        for name in self.swap_ins():
+            dm = dm_name(self.vg, name.split("/", 1)[1])
+            found.append((name, self.dm.node(dm) if self.dm.info(dm) is not None else ""))
+        return found
+
+    def release_swap_in(self, name: str) -> None:
+        if name not in self.swap_ins():
+            raise NotFound(what="swap-in", name=name)
+        self._remove_lv(name.split("/", 1)[1])
+
     def cow_store(self, size: int, label: str) -> LvCowStore:
         """A new linear LV of at least ``size`` bytes to hold a dm-snapshot's exceptions.
 
