@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support.devices import LoopFactory
 
 IN_GUEST = os.environ.get("BLOCKGUARD_GUEST") == "1"
 
@@ -31,39 +31,6 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
             monkeypatch.delenv(name)
     monkeypatch.setenv("BLOCKGUARD_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/blockguard-test-bus")
-
-
-def _need_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root for loop devices")
-
-
-class LoopFactory:
-    """Creates loop devices over sparse files and always detaches them."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.devices: list[str] = []
-
-    def __call__(self, size: int, name: str | None = None, direct_io: bool = False) -> str:
-        _need_root()
-        backing = self.directory / (name or f"loop{len(self.devices)}.img")
-        with open(backing, "wb") as f:
-            f.truncate(size)
-        argv = ["losetup", "--find", "--show"]
-        if direct_io:
-            argv.append("--direct-io=on")
-        dev = subprocess.run(
-            [*argv, str(backing)], check=True, capture_output=True, text=True, timeout=30
-        ).stdout.strip()
-        self.devices.append(dev)
-        return dev
-
-    def cleanup(self) -> None:
-        for dev in reversed(self.devices):
-            with contextlib.suppress(Exception):
-                subprocess.run(["losetup", "-d", dev], capture_output=True, timeout=30)
-        self.devices.clear()
 
 
 @pytest.fixture

@@ -55,9 +55,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--service",
         default=DEFAULT_SERVICE,
-        help=f"the domain implementation: MODULE:FACTORY, a callable taking state_dir= and "
-        f"runner= and returning a Service (default {DEFAULT_SERVICE}, the real one), or "
-        "'memory' (the in-memory skeleton, for tests)",
+        help="the domain implementation: MODULE:FACTORY, a callable taking state_dir= and "
+        f"runner= and returning a Service (default {DEFAULT_SERVICE}, the real engine)",
     )
     parser.add_argument(
         "--admin-group",
@@ -86,15 +85,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def make_service(kind: str, state_dir: Path, runner: JobRunner) -> Service:
-    """Build the service named by ``--service``."""
-    if kind == "memory":
-        from blockguard.daemon.memory import MemoryService
-
-        seconds = float(os.environ.get("BLOCKGUARD_MEMORY_JOB_SECONDS", "1.0"))
-        return MemoryService(state_dir, runner, job_seconds=seconds)
+    """Build the service named by ``--service`` (``MODULE:FACTORY``)."""
     module_name, sep, attr = kind.partition(":")
-    if not sep:
-        raise InvalidInput(detail=f"--service {kind!r} is neither 'memory' nor MODULE:FACTORY")
+    if not sep or not module_name or not attr:
+        raise InvalidInput(detail=f"--service {kind!r} is not MODULE:FACTORY")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:

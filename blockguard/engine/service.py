@@ -2,11 +2,9 @@
 
 The D-Bus layer never talks to the catalog, the planner or storage directly: every operation
 goes through a :class:`Service`. This module defines its interface and the plain value types
-it exchanges; it imports neither D-Bus nor storage. Implementations:
-
-- :class:`blockguard.daemon.memory.MemoryService`: in memory, no devices; the skeleton's
-  tests use it;
-- the real one (catalog + planner + storage), to be plugged in by ``--service``.
+it exchanges; it imports neither D-Bus nor storage. The implementation is the engine
+(:func:`blockguard.engine.engine.make_service`: catalog + planner + storage), which
+``blockguardd --service`` loads by default; the D-Bus and CLI tests run on it too.
 
 Threading contract: the adapters call methods from worker threads (``asyncio.to_thread``),
 so an implementation must be thread-safe. ``list_*``/``get_*``/``plan``/``status`` must be

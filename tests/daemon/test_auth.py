@@ -1,7 +1,8 @@
 """Authorisation: anyone may read, only root (or the admin group) may change anything.
 
 Two layers are tested separately: the bus policy (data/org.blockguard1.conf, on a bus with
-system-bus defaults) and the daemon's own check (on a bus that allows everything).
+system-bus defaults) and the daemon's own check (on a bus that allows everything). The
+daemon runs the real engine, with a dir pool and a volume on loop devices.
 """
 
 from __future__ import annotations
@@ -9,14 +10,14 @@ from __future__ import annotations
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
 
 import pytest
 
 from blockguard.cli.client import Client
 from blockguard.daemon.bus import ManagerInterface
-
-from .conftest import NOBODY, POLICY_FILE, Daemon, PrivateBus
+from tests.support.bus import NOBODY, POLICY_FILE
+from tests.support.daemon import Daemon, EngineHarness
+from tests.support.devices import LoopFactory, MiB, sha256_of
 
 pytestmark = pytest.mark.skipif(
     shutil.which("busctl") is None or shutil.which("setpriv") is None,
@@ -42,22 +43,24 @@ def _read_only_methods() -> set[str]:
     return {n for n in names if getattr(getattr(ManagerInterface, n), "read_only", False)}
 
 
-def _root_daemon_with_volume(client: Client, images: Callable[..., str]) -> None:
-    client.call("CreatePool", "ssasb", "p1", "", [images("pool.img")], False)
-    client.call("Protect", "sstssa{sv}", images("db.img"), "db", 0, "", "", {})
+def _root_daemon_with_volume(client: Client, loopdev: LoopFactory) -> None:
+    client.call("CreatePool", "ssasb", "p1", "dir", [loopdev(400 * MiB, "pool.img")], False)
+    client.call("Protect", "sstssa{sv}", loopdev(16 * MiB, "db.img"), "db", 0, "", "", {})
 
 
 @pytest.fixture
-def policy_daemon(policy_bus: PrivateBus, daemon_factory: Callable[..., Daemon]) -> Daemon:
-    return daemon_factory(policy_bus)
+def policy_daemon(policy_engine: EngineHarness) -> Daemon:
+    return policy_engine.start()
 
 
 def test_policy_denies_nobody_changes_but_allows_reads(
-    policy_daemon: Daemon, images: Callable[..., str]
+    policy_daemon: Daemon, loopdev: LoopFactory
 ) -> None:
     address = policy_daemon.address
     with Client(address) as root:
-        _root_daemon_with_volume(root, images)
+        _root_daemon_with_volume(root, loopdev)
+    volume = loopdev.devices[1]
+    untouched = sha256_of(volume)
     denied = busctl(
         address,
         "call",
@@ -113,17 +116,17 @@ def test_policy_denies_nobody_changes_but_allows_reads(
     assert plan.returncode == 0, plan.stderr
     intro = busctl(address, "introspect", "org.blockguard1", "/org/blockguard1", user=NOBODY)
     assert intro.returncode == 0 and "BackupNow" in intro.stdout
-    # Nothing changed: the volume and the pool are still there.
+    # Nothing changed: the volume and the pool are still there, no job ran.
     with Client(address) as root:
         assert root.call("ListVolumes") == ["/org/blockguard1/volume/db"]
+        assert root.call("ListPools") == ["/org/blockguard1/pool/p1"]
         assert root.call("ListJobs") == []
+    assert sha256_of(volume) == untouched
 
 
-def test_daemon_refuses_nobody_even_if_the_bus_allows(
-    daemon: Daemon, images: Callable[..., str]
-) -> None:
+def test_daemon_refuses_nobody_even_if_the_bus_allows(daemon: Daemon, loopdev: LoopFactory) -> None:
     with Client(daemon.address) as root:
-        _root_daemon_with_volume(root, images)
+        _root_daemon_with_volume(root, loopdev)
     result = busctl(
         daemon.address,
         "call",
@@ -153,13 +156,11 @@ def test_daemon_refuses_nobody_even_if_the_bus_allows(
         assert root.call("ListVolumes") == ["/org/blockguard1/volume/db"]
 
 
-def test_admin_group_member_may_change(
-    bus: PrivateBus, daemon_factory: Callable[..., Daemon], images: Callable[..., str]
-) -> None:
+def test_admin_group_member_may_change(engine: EngineHarness, loopdev: LoopFactory) -> None:
     # nogroup (65534) stands in for the blockguard group, which the test host lacks.
-    daemon = daemon_factory(bus, "--admin-group", "nogroup")
+    daemon = engine.start("--admin-group", "nogroup")
     with Client(daemon.address) as root:
-        _root_daemon_with_volume(root, images)
+        _root_daemon_with_volume(root, loopdev)
     member = ["setpriv", "--reuid=65534", "--regid=65534", "--groups=65534"]
     result = busctl(
         daemon.address,

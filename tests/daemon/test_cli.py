@@ -1,4 +1,5 @@
-"""blockguardctl against the real daemon: --json parses, errors are plain, exit codes map."""
+"""blockguardctl against the real daemon (the engine, a dir pool and a volume on loop
+devices): --json parses, errors are plain and change nothing, exit codes map."""
 
 from __future__ import annotations
 
@@ -6,16 +7,19 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 
 import pytest
 
-from blockguard.cli.client import RemoteError
+from blockguard.cli.client import Client, RemoteError
 from blockguard.cli.errors import CliError, explain
 from blockguard.cli.main import TREE, build_parser, main
 from blockguard.errors import ExitCode, all_error_classes
+from tests.support.bus import REPO
+from tests.support.daemon import Daemon, run_job
+from tests.support.devices import LoopFactory, MiB, sha256_of, write_random
 
-from .conftest import REPO, Daemon
+POOL_SIZE = 400 * MiB  # a dir pool is XFS, which wants 300 MiB at least
+VOLUME_SIZE = 16 * MiB
 
 
 def ctl(daemon: Daemon, *args: str, bus_env: bool = False) -> subprocess.CompletedProcess:
@@ -28,31 +32,57 @@ def ctl(daemon: Daemon, *args: str, bus_env: bool = False) -> subprocess.Complet
     return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=60, env=env)
 
 
-def test_full_round_in_json(daemon: Daemon, images: Callable[..., str]) -> None:
-    pool = json.loads(ctl(daemon, "--json", "pool", "create", "p1", images("p.img")).stdout)
+def _pool_and_volume(daemon: Daemon, loopdev: LoopFactory) -> str:
+    """Pool p1 and volume db (random data) through the CLI; the volume's device."""
+    assert ctl(daemon, "pool", "create", "p1", loopdev(POOL_SIZE, "p.img")).returncode == 0
+    device = loopdev(VOLUME_SIZE, "db.img")
+    write_random(device, 0, VOLUME_SIZE, seed=1)
+    assert ctl(daemon, "protect", device, "db").returncode == 0
+    return device
+
+
+def test_full_round_in_json(daemon: Daemon, loopdev: LoopFactory) -> None:
+    pool_disk = loopdev(POOL_SIZE, "p.img")
+    device = loopdev(VOLUME_SIZE, "db.img")
+    target = loopdev(VOLUME_SIZE, "target.img")
+    write_random(device, 0, VOLUME_SIZE, seed=1)
+    pool = json.loads(ctl(daemon, "--json", "pool", "create", "p1", pool_disk).stdout)
     assert pool == {"schema": 1, "name": "p1", "path": "/org/blockguard1/pool/p1"}
-    out = ctl(daemon, "protect", images("db.img"), "db", "--rpo", "15m", "--rto", "5m", "--json")
+    # --json anywhere on the line.
+    out = ctl(daemon, "protect", device, "db", "--rpo", "15m", "--rto", "5m", "--json")
     assert out.returncode == 0, out.stderr
     # DBUS_SYSTEM_BUS_ADDRESS is honoured when --bus is not given.
-    volumes = json.loads(ctl(daemon, "--json", "volume", "list", bus_env=True).stdout)
-    assert volumes["schema"] == 1
-    assert volumes["volumes"][0]["name"] == "db"
-    assert volumes["volumes"][0]["objectives"]["rpo"] == "15m"
-    # --json anywhere on the line.
+    listing = json.loads(ctl(daemon, "--json", "volume", "list", bus_env=True).stdout)
+    assert listing["schema"] == 1
+    volumes = listing["volumes"]
+    assert volumes[0]["name"] == "db" and volumes[0]["device"] == device
+    assert volumes[0]["objectives"] == {"rpo": "15m", "rto": "5m"}
+    plan = json.loads(ctl(daemon, "--json", "plan", "db").stdout)["plan"]
+    assert plan["method"] == "full" and "full needed: no full backup yet" in plan["reasons"]
     backup = ctl(daemon, "backup", "--json", "db")
     assert backup.returncode == 0, backup.stderr
     job = json.loads(backup.stdout)["job"]
     assert job["state"] == "done" and job["result"]["method"] == "full"
-    assert job["error"] is None and job["bytes_done"] >= 0
+    assert job["result"]["bytes"] == VOLUME_SIZE and job["error"] is None
+    generation = job["result"]["generation"]
     gens = json.loads(ctl(daemon, "generations", "db", "--json").stdout)["generations"]
-    assert [g["id"] for g in gens] == ["db@1"]
-    assert set(gens[0]) >= {"id", "number", "short_id", "method", "parent", "created", "bytes"}
+    assert [(g["id"], g["number"], g["short_id"]) for g in gens] == [(generation, 1, "db@1")]
+    assert gens[0]["parent"] is None
+    # Nothing changed since the full, which restores within the RTO: an (empty) incremental.
     plan = json.loads(ctl(daemon, "--json", "plan", "db").stdout)["plan"]
-    assert plan["method"] == "incremental" and plan["reasons"]
-    verify = json.loads(ctl(daemon, "--json", "verify", "db@1").stdout)["job"]
-    assert verify["result"]["ok"] is True
-    started = json.loads(ctl(daemon, "--json", "restore", "db", "--no-wait").stdout)
-    assert started["job"]["path"] == f"/org/blockguard1/job/{started['job']['id']}"
+    assert plan["method"] == "incremental" and plan["feasible"] is True
+    assert any("RTO" in reason for reason in plan["reasons"]), plan["reasons"]
+    verify = json.loads(ctl(daemon, "--json", "verify", "db@latest").stdout)["job"]
+    assert verify["result"]["ok"] is True and verify["result"]["bytes"] == VOLUME_SIZE
+    assert verify["result"]["generation"] == generation and verify["result"]["number"] == 1
+    started = json.loads(
+        ctl(daemon, "--json", "restore", "db@1", "--target", target, "--no-wait").stdout
+    )["job"]
+    assert started["path"] == f"/org/blockguard1/job/{started['id']}"
+    with Client(daemon.address) as client:
+        restored = run_job(client, started["path"])
+    assert restored["State"] == "done", restored["Error"]
+    assert sha256_of(target) == sha256_of(device)
     jobs = json.loads(ctl(daemon, "jobs", "--json").stdout)["jobs"]
     assert {j["kind"] for j in jobs} == {"backup", "verify", "restore"}
     status = json.loads(ctl(daemon, "--json", "status").stdout)
@@ -60,18 +90,21 @@ def test_full_round_in_json(daemon: Daemon, images: Callable[..., str]) -> None:
     show = json.loads(ctl(daemon, "--json", "volume", "show", "db").stdout)["volume"]
     assert show["generations"][0]["method"] == "full"
     pools = json.loads(ctl(daemon, "--json", "pool", "list").stdout)["pools"]
-    assert pools[0]["capacity"] == 64 * 1024 * 1024
-    assert all(set(d) >= {"path", "size", "state"} for d in pools[0]["devices"])
+    assert pools[0]["backend"] == "dir" and pools[0]["devices"][0]["path"] == pool_disk
+    assert pools[0]["devices"][0]["size"] == POOL_SIZE
+    assert VOLUME_SIZE < pools[0]["free"] <= pools[0]["capacity"] < POOL_SIZE
 
 
-def test_human_output(daemon: Daemon, images: Callable[..., str]) -> None:
-    ctl(daemon, "pool", "create", "p1", images("p.img"))
-    ctl(daemon, "protect", images("db.img"), "db")
+def test_human_output(daemon: Daemon, loopdev: LoopFactory) -> None:
+    device = _pool_and_volume(daemon, loopdev)
     out = ctl(daemon, "plan", "db")
     assert out.returncode == 0
     assert "The next backup of db would be full" in out.stdout
-    assert "no generation exists yet" in out.stdout
-    assert "db" in ctl(daemon, "volume", "list").stdout
+    assert "no full backup yet" in out.stdout
+    listing = ctl(daemon, "volume", "list")
+    assert listing.returncode == 0 and "db" in listing.stdout and "p1" in listing.stdout
+    shown = ctl(daemon, "volume", "show", "db")
+    assert shown.returncode == 0 and device in shown.stdout
 
 
 @pytest.mark.parametrize(
@@ -87,14 +120,20 @@ def test_human_output(daemon: Daemon, images: Callable[..., str]) -> None:
     ],
 )
 def test_errors_are_plain_with_exit_codes(
-    daemon: Daemon, images: Callable[..., str], args: list[str], code: ExitCode, words: str
+    daemon: Daemon, loopdev: LoopFactory, args: list[str], code: ExitCode, words: str
 ) -> None:
-    ctl(daemon, "pool", "create", "p1", images("p.img"))
-    ctl(daemon, "protect", images("db.img"), "db")
+    device = _pool_and_volume(daemon, loopdev)
+    before = ctl(daemon, "--json", "volume", "list").stdout, ctl(daemon, "--json", "jobs").stdout
+    untouched = sha256_of(device)
     out = ctl(daemon, *args)
     assert out.returncode == code, out.stderr
     assert words in out.stderr
     assert "Traceback" not in out.stderr and out.stdout == ""
+    # The refusal changed nothing: the same volume, objectives, pool and jobs, no byte written.
+    after = ctl(daemon, "--json", "volume", "list").stdout, ctl(daemon, "--json", "jobs").stdout
+    assert after == before
+    assert json.loads(ctl(daemon, "--json", "pool", "list").stdout)[0]["Name"] == "p1"
+    assert sha256_of(device) == untouched
 
 
 def test_daemon_not_running(tmp_path) -> None:

@@ -1,8 +1,13 @@
-"""blockguardd on a private bus: name, objects, named errors, jobs, signals, shutdown."""
+"""blockguardd on a private bus: name, objects, named errors, jobs, signals, shutdown.
+
+The daemon runs the real engine: a dir pool on a loop device, a volume on another one,
+tracked by scanning.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 from collections.abc import Callable
@@ -14,11 +19,15 @@ from dbus_fast.aio import MessageBus
 
 from blockguard.cli.client import JOB, POOL, VOLUME, Client, RemoteError
 from blockguard.errors import ExitCode
+from tests.support.bus import PrivateBus
+from tests.support.daemon import ENGINE_ENV, Daemon, EngineHarness
+from tests.support.devices import LoopFactory, MiB, sha256_of, write_random
 from tests.timeouts import scaled
 
-from .conftest import Daemon, PrivateBus
-
 E = "org.blockguard1.Error."
+POOL_SIZE = 400 * MiB  # a dir pool is XFS, which wants 300 MiB at least
+VOLUME_SIZE = 16 * MiB
+CHUNK = 64 * 1024  # the default chunk size
 
 
 def _no_traceback(message: str) -> None:
@@ -34,9 +43,20 @@ def _expect(name: str, fn: Callable[[], Any]) -> RemoteError:
     return info.value
 
 
-def _setup_volume(client: Client, images: Callable[..., str], name: str = "db") -> str:
-    client.call("CreatePool", "ssasb", "p1", "", [images("pool1.img")], False)
-    return client.call("Protect", "sstssa{sv}", images(f"{name}.img"), name, 0, "", "", {})
+def _setup_volume(
+    client: Client, loopdev: LoopFactory, name: str = "db", size: int = VOLUME_SIZE
+) -> str:
+    """Pool p1 (dir, on ``pool1.img``) and volume ``name`` (on ``NAME.img``, random data);
+    returns the volume's D-Bus path."""
+    pool_disk = loopdev(POOL_SIZE, "pool1.img")
+    client.call("CreatePool", "ssasb", "p1", "dir", [pool_disk], False)
+    device = loopdev(size, f"{name}.img")
+    write_random(device, 0, size, seed=1)
+    return client.call("Protect", "sstssa{sv}", device, name, 0, "", "", {})
+
+
+def _volume(client: Client, path: str = "/org/blockguard1/volume/db") -> dict[str, Any]:
+    return client.properties(path, VOLUME)
 
 
 def test_name_is_owned_and_ready_sent(daemon: Daemon, client: Client) -> None:
@@ -55,27 +75,39 @@ def test_name_is_owned_and_ready_sent(daemon: Daemon, client: Client) -> None:
 
 
 def test_objects_are_exported_and_enumerable(
-    daemon: Daemon, client: Client, images: Callable[..., str]
+    daemon: Daemon, client: Client, loopdev: LoopFactory
 ) -> None:
-    path = _setup_volume(client, images, "my-vol")
+    path = _setup_volume(client, loopdev, "my-vol")
     assert path == "/org/blockguard1/volume/my_2dvol"
     volumes = client.objects(VOLUME)
     assert list(volumes) == [path]
     assert volumes[path]["Name"] == "my-vol"
-    assert volumes[path]["TrackerState"] == "exact"
+    # Scan tracking knows nothing until the first backup has read the whole volume.
+    assert volumes[path]["Backend"] == "scan"
+    assert volumes[path]["TrackerState"] == "initialising"
     assert volumes[path]["NextMethod"] == "full"
+    assert "full needed: no full backup yet" in volumes[path]["NextMethodReasons"]
+    assert volumes[path]["Device"] == str(loopdev.devices[1])
     pools = client.objects(POOL)
-    assert pools["/org/blockguard1/pool/p1"]["Devices"][0][1]["size"] == 64 * 1024 * 1024
+    pool = pools["/org/blockguard1/pool/p1"]
+    assert pool["Backend"] == "dir"
+    assert pool["Devices"][0][0] == loopdev.devices[0]
+    assert pool["Devices"][0][1]["size"] == POOL_SIZE
+    # The capacity is the pool file system's, less than the disk it is made on.
+    assert VOLUME_SIZE < pool["Free"] <= pool["Capacity"] < POOL_SIZE
     assert client.call("ListVolumes") == [path]
     client.call("Unprotect", "sb", "my-vol", False)
     assert client.objects(VOLUME) == {}
 
 
 def test_named_errors_never_tracebacks(
-    daemon: Daemon, client: Client, images: Callable[..., str]
+    daemon: Daemon, client: Client, loopdev: LoopFactory
 ) -> None:
-    _setup_volume(client, images)
-    pool_disk = images("pool1.img")
+    _setup_volume(client, loopdev)
+    pool_disk, volume = loopdev.devices
+    spare = loopdev(VOLUME_SIZE, "spare.img")
+    hashes = {dev: sha256_of(dev) for dev in (volume, spare)}
+    before = (client.objects(POOL), _volume(client))
     _expect(
         E + "NotFound",
         lambda: client.properties("/org/blockguard1/volume/nothere", VOLUME),
@@ -84,50 +116,78 @@ def test_named_errors_never_tracebacks(
         E + "NotFound",
         lambda: client.properties("/org/blockguard1/job/999", JOB),
     )
-    _expect(E + "NotFound", lambda: client.call("BackupNow", "s", "nothere"))
-    _expect(E + "NotFound", lambda: client.call("Plan", "s", "nothere"))
-    _expect(E + "NotFound", lambda: client.call("Verify", "s", "db@42"))
-    _expect(
-        E + "InvalidObjectives",
-        lambda: client.call("SetObjectives", "sa{sv}", "db", {"rpo": Variant("s", "-5m")}),
+    assert (
+        "nothere"
+        in _expect(E + "NotFound", lambda: client.call("BackupNow", "s", "nothere")).message
     )
-    _expect(
-        E + "InvalidObjectives",
-        lambda: client.call("SetObjectives", "sa{sv}", "db", {"bogus": Variant("t", 1)}),
+    _expect(E + "NotFound", lambda: client.call("Plan", "s", "nothere"))
+    assert "db@42" in _expect(E + "NotFound", lambda: client.call("Verify", "s", "db@42")).message
+    assert (
+        "-5m"
+        in _expect(
+            E + "InvalidObjectives",
+            lambda: client.call("SetObjectives", "sa{sv}", "db", {"rpo": Variant("s", "-5m")}),
+        ).message
+    )
+    assert (
+        "bogus"
+        in _expect(
+            E + "InvalidObjectives",
+            lambda: client.call("SetObjectives", "sa{sv}", "db", {"bogus": Variant("t", 1)}),
+        ).message
     )
     _expect(
         E + "InvalidObjectives",
         lambda: client.call("SetObjectives", "sa{sv}", "db", {"rto": Variant("t", 0)}),
     )
-    _expect(
-        E + "NotABlockDevice",
-        lambda: client.call("Protect", "sstssa{sv}", "/nonexistent/disk", "x", 0, "", "", {}),
+    assert (
+        "/nonexistent/disk"
+        in _expect(
+            E + "NotABlockDevice",
+            lambda: client.call("Protect", "sstssa{sv}", "/nonexistent/disk", "x", 0, "", "", {}),
+        ).message
     )
-    _expect(
-        E + "NotABlockDevice",
-        lambda: client.call("Protect", "sstssa{sv}", "/dev/null", "x", 0, "", "", {}),
+    assert (
+        "character device"
+        in _expect(
+            E + "NotABlockDevice",
+            lambda: client.call("Protect", "sstssa{sv}", "/dev/null", "x", 0, "", "", {}),
+        ).message
     )
-    _expect(
+    refused = _expect(
         E + "PoolDisk",
         lambda: client.call("Protect", "sstssa{sv}", pool_disk, "x", 0, "", "", {}),
     )
+    assert pool_disk in refused.message and "pool p1" in refused.message
     _expect(
         E + "AlreadyExists",
-        lambda: client.call("CreatePool", "ssasb", "p1", "", [images("other.img")], False),
+        lambda: client.call("CreatePool", "ssasb", "p1", "dir", [spare], False),
     )
-    _expect(
-        E + "InvalidChunkSize",
-        lambda: client.call("Protect", "sstssa{sv}", images("c.img"), "c", 12345, "", "", {}),
+    assert (
+        "12345"
+        in _expect(
+            E + "InvalidChunkSize",
+            lambda: client.call("Protect", "sstssa{sv}", spare, "c", 12345, "", "", {}),
+        ).message
     )
-    _expect(
-        E + "InvalidInput",
-        lambda: client.call("Restore", "ssssb", "db", "", "sideways", "", False),
+    assert (
+        "sideways"
+        in _expect(
+            E + "InvalidInput",
+            lambda: client.call("Restore", "ssssb", "db", "", "sideways", "", False),
+        ).message
     )
     _expect(E + "InvalidInput", lambda: client.call("CreatePool", "ssasb", "../x", "", [], False))
-    _expect(E + "Busy", lambda: client.call("RemovePool", "sbb", "p1", False, False))
-    # Nothing of that changed anything.
+    assert (
+        "volumes db"
+        in _expect(E + "Busy", lambda: client.call("RemovePool", "sbb", "p1", False, False)).message
+    )
+    # Nothing of that changed anything: no volume, pool, objective or job, no byte written.
     assert list(client.objects(VOLUME)) == ["/org/blockguard1/volume/db"]
-    assert client.objects(VOLUME)["/org/blockguard1/volume/db"]["Objectives"] == {}
+    assert (client.objects(POOL), _volume(client)) == before
+    assert _volume(client)["Objectives"] == {}
+    assert client.call("ListJobs") == []
+    assert {dev: sha256_of(dev) for dev in hashes} == hashes
     assert "Traceback" not in daemon.log()
 
 
@@ -193,79 +253,128 @@ def _job_state(msg: Message) -> str | None:
 
 
 def test_job_properties_changed_and_backup_signals(
-    daemon: Daemon, client: Client, images: Callable[..., str]
+    engine: EngineHarness, loopdev: LoopFactory
 ) -> None:
-    _setup_volume(client, images)
+    # Slowed down (the engine's test hook: a pause after each extent written, of up to
+    # 8 MiB), so that the job reports progress several times before it is done.
+    daemon = engine.start(BLOCKGUARD_TEST_BACKUP_DELAY="0.2")
+    size = 64 * MiB
+    with Client(daemon.address) as client:
+        _setup_volume(client, loopdev, size=size)
 
-    async def backup(bus: MessageBus) -> None:
-        await _call(bus, "BackupNow", "s", "db")
+        async def backup(bus: MessageBus) -> None:
+            await _call(bus, "BackupNow", "s", "db")
 
-    seen = asyncio.run(
-        _watch(
-            daemon.address,
-            backup,
-            lambda msgs: (
-                any(m.member == "BackupFinished" for m in msgs)
-                and any(_job_state(m) == "done" for m in msgs)
-            ),
+        seen = asyncio.run(
+            _watch(
+                daemon.address,
+                backup,
+                lambda msgs: (
+                    any(m.member == "BackupFinished" for m in msgs)
+                    and any(_job_state(m) == "done" for m in msgs)
+                ),
+            )
         )
-    )
-    members = [m.member for m in seen]
-    assert "BackupStarted" in members
-    started = next(m for m in seen if m.member == "BackupStarted")
-    assert started.body[0] == "db" and started.body[1].startswith("/org/blockguard1/job/")
-    job_changes = [
-        m.body[1]
-        for m in seen
-        if m.member == "PropertiesChanged" and m.body[0] == "org.blockguard1.Job"
-    ]
-    progresses = [c["Progress"].value for c in job_changes if "Progress" in c]
-    assert len(progresses) >= 3, job_changes
-    assert progresses == sorted(progresses) and progresses[-1] == 1.0
-    assert any(c.get("State", Variant("s", "")).value == "done" for c in job_changes)
-    finished = next(m for m in seen if m.member == "BackupFinished")
-    assert finished.body[:3] == ["db", "db@1", "full"]
-    # The volume object follows: a generation appeared, the next backup is not a full.
-    volume = client.properties("/org/blockguard1/volume/db", VOLUME)
-    assert [g[0] for g in volume["Generations"]] == ["db@1"]
-    assert volume["NextMethod"] == "incremental"
+        members = [m.member for m in seen]
+        assert "BackupStarted" in members
+        started = next(m for m in seen if m.member == "BackupStarted")
+        assert started.body[0] == "db" and started.body[1].startswith("/org/blockguard1/job/")
+        job_changes = [
+            m.body[1]
+            for m in seen
+            if m.member == "PropertiesChanged" and m.body[0] == "org.blockguard1.Job"
+        ]
+        progresses = [c["Progress"].value for c in job_changes if "Progress" in c]
+        assert len(progresses) >= 3, job_changes
+        assert progresses == sorted(progresses) and progresses[-1] == 1.0
+        assert any(c.get("State", Variant("s", "")).value == "done" for c in job_changes)
+        finished = next(m for m in seen if m.member == "BackupFinished")
+        volume, generation, method, nbytes = finished.body
+        # The first backup is a full: every byte of the volume was copied.
+        assert (volume, method, nbytes) == ("db", "full", size)
+        assert generation.startswith("db@")
+        # The volume object follows: a generation appeared, the next backup is not a full.
+        props = _volume(client)
+        assert [g[0] for g in props["Generations"]] == [generation]
+        assert props["TrackerState"] == "exact"
+        assert props["NextMethod"] == "incremental"
+    assert "Traceback" not in daemon.log()
 
 
 def test_failed_job_reports_named_error(
-    daemon: Daemon, client: Client, images: Callable[..., str]
+    daemon: Daemon, client: Client, loopdev: LoopFactory
 ) -> None:
-    _setup_volume(client, images, "failing-disk")
-    path = client.call("BackupNow", "s", "failing-disk")
-    job = client.wait_job(path, timeout=scaled(60))
+    _setup_volume(client, loopdev)
+    # The pool's file system fills up behind the daemon's back (room for less than a full).
+    area = daemon.state_dir / "pools" / "p1" / "area-0"
+    fs = os.statvfs(area)
+    filler = area / "filler"
+    subprocess.run(
+        ["fallocate", "-l", str(fs.f_bavail * fs.f_frsize - MiB), str(filler)],
+        check=True,
+        timeout=60,
+    )
+    entries = sorted(p.name for p in area.iterdir())
+    job = client.wait_job(client.call("BackupNow", "s", "db"), timeout=scaled(60))
     assert job["State"] == "failed"
-    assert job["Error"][0] == E + "DataError"
-    assert "simulated read error" in job["Error"][1]
-    _no_traceback(job["Error"][1])
+    name, message = job["Error"]
+    assert name == E + "PoolSpaceLow"
+    assert "pool p1" in message and f"{VOLUME_SIZE} bytes needed" in message
+    _no_traceback(message)
+    # Nothing was kept of it: no generation, nothing new in the pool.
+    assert _volume(client)["Generations"] == []
+    assert sorted(p.name for p in area.iterdir()) == entries
+    # With room again, the same backup succeeds.
+    filler.unlink()
+    job = client.wait_job(client.call("BackupNow", "s", "db"), timeout=scaled(60))
+    assert job["State"] == "done", job["Error"]
+    assert job["Result"]["method"] == "full"
 
 
-def test_restore_and_verify_jobs(
-    daemon: Daemon, client: Client, images: Callable[..., str]
-) -> None:
-    _setup_volume(client, images)
-    client.wait_job(client.call("BackupNow", "s", "db"), timeout=scaled(60))
-    target = images("target.img")
+def test_restore_and_verify_jobs(daemon: Daemon, client: Client, loopdev: LoopFactory) -> None:
+    _setup_volume(client, loopdev)
+    volume = loopdev.devices[1]
+    backup = client.wait_job(client.call("BackupNow", "s", "db"), timeout=scaled(60))
+    assert backup["State"] == "done", backup["Error"]
+    generation = backup["Result"]["generation"]
+    target = loopdev(VOLUME_SIZE, "target.img")
     job = client.wait_job(
         client.call("Restore", "ssssb", "db", "", "copy", target, False), timeout=scaled(60)
     )
-    assert job["State"] == "done" and job["Result"]["target"] == target
-    job = client.wait_job(client.call("Verify", "s", "db@1"), timeout=scaled(60))
-    assert job["State"] == "done" and job["Result"]["ok"] is True
+    assert job["State"] == "done", job["Error"]
+    assert job["Result"]["target"] == target and job["Result"]["generation"] == generation
+    assert sha256_of(target) == sha256_of(volume)
+    job = client.wait_job(client.call("Verify", "s", generation), timeout=scaled(60))
+    assert job["State"] == "done", job["Error"]
+    # Every chunk of the full was read back and checked.
+    assert job["Result"]["ok"] is True
+    assert job["Result"]["chunks"] == VOLUME_SIZE // CHUNK
+    assert job["Result"]["bytes"] == VOLUME_SIZE
     assert len(client.call("ListJobs")) == 3
+
+    # A verify reads the stored data: one flipped byte of the full image fails the next one.
+    pool_id = generation.split("@", 1)[1]
+    image = daemon.state_dir / "pools" / "p1" / "area-0" / "volumes" / "db" / pool_id / "image"
+    fd = os.open(image, os.O_RDWR)
+    try:
+        byte = os.pread(fd, 1, 4096)
+        os.pwrite(fd, bytes([byte[0] ^ 0xFF]), 4096)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    job = client.wait_job(client.call("Verify", "s", generation), timeout=scaled(60))
+    assert job["State"] == "failed"
+    assert job["Error"][0] == E + "ChecksumMismatch" and generation in job["Error"][1]
 
 
 def test_second_daemon_refuses_to_start(
     daemon: Daemon, bus: PrivateBus, tmp_path: Any, notify_socket: Any
 ) -> None:
-    from .conftest import start_daemon
+    from tests.support.daemon import start_daemon
 
     other = tmp_path / "other"
     other.mkdir()
-    second = start_daemon(bus, other, notify_socket, wait_ready=False)
+    second = start_daemon(bus, other, notify_socket, wait_ready=False, env=dict(ENGINE_ENV))
     try:
         assert second.process.wait(scaled(60)) == ExitCode.ENVIRONMENT
     finally:

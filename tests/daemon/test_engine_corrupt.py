@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from blockguard.cli.client import JOB, VOLUME, Client, RemoteError, plain, variant
-
-from .conftest import REPO, Daemon, EngineHarness, MiB, run_job, sha256_of, write_random
+from tests.support.bus import REPO
+from tests.support.daemon import Daemon, EngineHarness, run_job
+from tests.support.devices import MiB, sha256_of, write_random
 
 SIZE = 32 * MiB
 POOL_SIZE = 400 * MiB

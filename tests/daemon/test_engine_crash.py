@@ -15,9 +15,9 @@ from collections.abc import Callable
 import pytest
 
 from blockguard.cli.client import JOB, VOLUME, Client, RemoteError, plain
+from tests.support.daemon import EngineHarness, run_job
+from tests.support.devices import MiB, sha256_of, write_random
 from tests.timeouts import scaled
-
-from .conftest import EngineHarness, MiB, run_job, sha256_of, write_random
 
 SIZE = 64 * MiB
 

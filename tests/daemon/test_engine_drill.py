@@ -7,8 +7,9 @@ from __future__ import annotations
 import sqlite3
 
 from blockguard.cli.client import VOLUME, Client, plain, variant
+from tests.support.daemon import EngineHarness, run_job
+from tests.support.devices import MiB, write_random
 
-from .conftest import EngineHarness, MiB, run_job, write_random
 from .test_cli import ctl
 
 VOLUME_SIZE = 16 * MiB

@@ -14,8 +14,8 @@ import subprocess
 
 from blockguard.cli.client import JOB, VOLUME, Client, plain, variant
 from blockguard.core.units import parse_duration, parse_size
-
-from .conftest import EngineHarness, MiB, run_job, sha256_of, write_random
+from tests.support.daemon import EngineHarness, run_job
+from tests.support.devices import MiB, sha256_of, write_random
 
 VOLUME_SIZE = 64 * MiB
 POOL_SIZE = 400 * MiB

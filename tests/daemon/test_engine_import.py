@@ -16,19 +16,9 @@ from pathlib import Path
 import pytest
 
 from blockguard.cli.client import VOLUME, Client, RemoteError, plain, variant
-
-from .conftest import (
-    ENGINE,
-    ENGINE_ENV,
-    REPO,
-    Daemon,
-    EngineHarness,
-    MiB,
-    run_job,
-    sha256_of,
-    start_daemon,
-    write_random,
-)
+from tests.support.bus import REPO
+from tests.support.daemon import ENGINE, ENGINE_ENV, Daemon, EngineHarness, run_job, start_daemon
+from tests.support.devices import MiB, sha256_of, write_random
 
 VOLUME_SIZE = 32 * MiB
 POOL_SIZE = 400 * MiB

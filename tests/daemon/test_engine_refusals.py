@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 
 from blockguard.cli.client import Client, RemoteError, variant
-
-from .conftest import NOBODY, EngineHarness, MiB, run_job, sha256_of, write_random
+from tests.support.bus import NOBODY
+from tests.support.daemon import EngineHarness, run_job
+from tests.support.devices import MiB, sha256_of, write_random
 
 E = "org.blockguard1.Error."
 

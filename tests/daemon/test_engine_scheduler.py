@@ -11,9 +11,9 @@ import time
 from collections.abc import Callable
 
 from blockguard.cli.client import JOB, Client, plain, variant
+from tests.support.daemon import EngineHarness
+from tests.support.devices import MiB, sha256_of, write_random
 from tests.timeouts import scaled
-
-from .conftest import EngineHarness, MiB, sha256_of, write_random
 
 SIZE = 32 * MiB
 

@@ -31,21 +31,9 @@ from dbus_fast import Variant
 
 from blockguard.cli.client import Client, RemoteError
 from blockguard.errors import ExitCode
-
-from ..conftest import LoopFactory
-from .conftest import (
-    ENGINE,
-    ENGINE_ENV,
-    PERMISSIVE,
-    REPO,
-    NotifyListener,
-    run_job,
-    sha256_of,
-    start_bus,
-    start_daemon,
-    unmount_under,
-    write_random,
-)
+from tests.support.bus import PERMISSIVE, REPO, NotifyListener, start_bus
+from tests.support.daemon import ENGINE, ENGINE_ENV, run_job, start_daemon
+from tests.support.devices import LoopFactory, sha256_of, unmount_under, write_random
 
 MiB = 1 << 20
 E = "org.blockguard1.Error."

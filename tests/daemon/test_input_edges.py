@@ -13,8 +13,9 @@ from dbus_fast import Variant
 
 from blockguard.cli.client import VOLUME, Client, RemoteError
 from blockguard.errors import ExitCode
-
-from .conftest import REPO, EngineHarness, MiB
+from tests.support.bus import REPO
+from tests.support.daemon import EngineHarness
+from tests.support.devices import MiB
 
 E = "org.blockguard1.Error."
 SIG = "sstssa{sv}"

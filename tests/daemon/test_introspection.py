@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from blockguard.cli.client import Client
-
-from .conftest import Daemon
+from tests.support.daemon import Daemon, run_job
+from tests.support.devices import LoopFactory, MiB
 
 COMMITTED = Path(__file__).parent / "introspection"
 INTERFACES = {
@@ -41,11 +40,14 @@ def _canonical(xml: str) -> str:
 
 
 @pytest.fixture
-def exported(daemon: Daemon, images: Callable[..., str]) -> dict[str, str]:
+def exported(daemon: Daemon, loopdev: LoopFactory) -> dict[str, str]:
+    """The real daemon with one object of each kind: pool p1, volume db, job 1 (a backup)."""
     with Client(daemon.address) as client:
-        client.call("CreatePool", "ssasb", "p1", "", [images("p.img")], False)
-        client.call("Protect", "sstssa{sv}", images("db.img"), "db", 0, "", "", {})
-        client.call("BackupNow", "s", "db")
+        client.call("CreatePool", "ssasb", "p1", "dir", [loopdev(400 * MiB, "p.img")], False)
+        client.call("Protect", "sstssa{sv}", loopdev(16 * MiB, "db.img"), "db", 0, "", "", {})
+        job = client.call("BackupNow", "s", "db")
+        assert job == INTERFACES["org.blockguard1.Job"]
+        assert run_job(client, job)["State"] == "done"
         return {name: _interface_xml(client, path, name) for name, path in INTERFACES.items()}
 
 

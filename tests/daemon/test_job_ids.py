@@ -8,9 +8,9 @@ import time
 import pytest
 
 from blockguard.cli.client import JOB, Client, RemoteError
+from tests.support.daemon import EngineHarness, run_job
+from tests.support.devices import MiB, write_random
 from tests.timeouts import scaled
-
-from .conftest import EngineHarness, MiB, run_job, write_random
 
 
 def test_a_restarted_daemon_numbers_jobs_on(engine: EngineHarness, loopdev: object) -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
 from pathlib import Path
 
 from blockguard.daemon.notify import Notifier
-
-from .conftest import Daemon, NotifyListener, PrivateBus
+from tests.support.bus import NotifyListener
+from tests.support.daemon import Daemon, EngineHarness
+from tests.support.devices import LoopFactory, MiB
 
 
 def test_path_socket_receives_assignments(tmp_path: Path) -> None:
@@ -54,9 +54,9 @@ def test_unreachable_socket_is_not_fatal(tmp_path: Path) -> None:
 
 
 def test_daemon_sends_ready_status_and_watchdog(
-    bus: PrivateBus, daemon_factory: Callable[..., Daemon], images: Callable[..., str]
+    engine: EngineHarness, loopdev: LoopFactory
 ) -> None:
-    daemon = daemon_factory(bus, env={"WATCHDOG_USEC": "200000"})
+    daemon = engine.start(WATCHDOG_USEC="200000")
     ready = daemon.notify.wait_for("READY", "1")
     assert ready["STATUS"].startswith("0 volumes")
     assert int(ready["MAINPID"]) == daemon.process.pid
@@ -71,16 +71,13 @@ def test_daemon_sends_ready_status_and_watchdog(
     from blockguard.cli.client import Client
 
     with Client(daemon.address) as client:
-        client.call("CreatePool", "ssasb", "p1", "", [images("p.img")], False)
+        client.call("CreatePool", "ssasb", "p1", "dir", [loopdev(400 * MiB, "p.img")], False)
     daemon.notify.wait_for("STATUS", "0 volumes, 1 pools, 0 jobs running")
     assert daemon.stop() == 0
     daemon.notify.wait_for("STOPPING", "1")
 
 
-def test_ready_only_after_the_name_is_held(
-    bus: PrivateBus, daemon_factory: Callable[..., Daemon]
-) -> None:
-    daemon = daemon_factory(bus)
+def test_ready_only_after_the_name_is_held(daemon: Daemon) -> None:
     # READY came (the fixture waited for it): at that moment the name must have an owner.
     from blockguard.cli.client import Client
 

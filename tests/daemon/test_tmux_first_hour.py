@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.bus import REPO
+from tests.support.daemon import EngineHarness
+from tests.support.devices import MiB, sha256_of, write_random
 from tests.timeouts import scaled
-
-from .conftest import REPO, EngineHarness, MiB, sha256_of, write_random
 
 VOLUME_SIZE = 32 * MiB
 POOL_SIZE = 400 * MiB

@@ -19,9 +19,9 @@ from blockguard.daemon.dbusutil import (
     unescape_path_element,
 )
 from blockguard.daemon.logsetup import FieldsFormatter, setup_logging, under_systemd
-from blockguard.daemon.memory import validate_objectives
+from blockguard.daemon.main import make_service
 from blockguard.engine.jobs import JobKind, JobRunner, JobState
-from blockguard.errors import InvalidObjectives, NotAuthorized, NotFound
+from blockguard.errors import EnvironmentProblem, InvalidInput, NotAuthorized, NotFound
 from tests.timeouts import scaled
 
 
@@ -155,12 +155,19 @@ def test_to_variant() -> None:
     assert to_variant({"n": 1}).signature == "a{sv}"
 
 
-def test_objective_validation_of_the_memory_service() -> None:
-    # Only the keys given are stored; the defaults (7 generations) apply when read.
-    assert validate_objectives({"rpo": "every 15m"}) == {"rpo": "every 15m"}
-    for bad in ({}, {"rpo": "0m"}, {"rto": -3}, {"rpo": "15m", "generations": 0}, {"x": 1}):
-        with pytest.raises(InvalidObjectives):
-            validate_objectives(bad)
+@pytest.mark.parametrize("kind", ["memory", "engine:", ":make_service", ""])
+def test_service_option_takes_module_and_factory_only(kind: str, tmp_path: Any) -> None:
+    # There is no built-in fake service: anything but MODULE:FACTORY is refused by name.
+    runner = JobRunner()
+    try:
+        with pytest.raises(InvalidInput) as info:
+            make_service(kind, tmp_path, runner)
+        assert repr(kind) in str(info.value)
+        with pytest.raises(EnvironmentProblem) as missing:
+            make_service("blockguard.daemon.memory:MemoryService", tmp_path, runner)
+        assert "blockguard.daemon.memory" in str(missing.value)
+    finally:
+        runner.shutdown(wait=False)
 
 
 def test_logging_target_and_fields() -> None:

@@ -1,7 +1,7 @@
 """blockguardd with the real engine on a private bus, inside the guest; dm/LVM clean-up.
 
-The bus, the notify socket and the daemon come from the host-side daemon tests
-(``tests/daemon/conftest.py``): the same code starts them here. What the guest adds is
+The bus, the notify socket and the daemon come from the harness the host-side daemon tests
+use (:mod:`tests.support`): the same code starts them here. What the guest adds is
 taking apart what the daemon leaves in the kernel after a test (also after a kill -9):
 point-in-time layers, era devices interposed on LVs, volume groups.
 """
@@ -18,12 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from blockguard.storage.snapshot import PREFIX
-from tests.daemon.conftest import (
-    PERMISSIVE,
-    EngineHarness,
-    NotifyListener,
-    start_bus,
-)
+from tests.support.bus import PERMISSIVE, NotifyListener, start_bus
+from tests.support.daemon import EngineHarness
 
 __all__ = [
     "EngineHarness",

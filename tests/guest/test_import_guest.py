@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from blockguard.cli.client import VOLUME, Client, plain
-from tests.daemon.conftest import ENGINE, ENGINE_ENV, start_daemon
 from tests.guest import test_lvmpool as lp
 from tests.guest.daemon_fixture import EngineHarness, engine_on_private_bus, sh
+from tests.support.daemon import ENGINE, ENGINE_ENV, start_daemon
 
 pytestmark = pytest.mark.guest
 pool_disks = lp.pool_disks

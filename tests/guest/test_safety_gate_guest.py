@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 
 from blockguard.cli.client import Client, RemoteError, variant
-from tests.daemon.conftest import run_job, sha256_of, write_random
 from tests.daemon.test_engine_refusals import catalog_dump, frozen
 from tests.guest.daemon_fixture import engine_on_private_bus, sh
+from tests.support.daemon import run_job
+from tests.support.devices import sha256_of, write_random
 
 pytestmark = pytest.mark.guest
 

@@ -1,6 +1,6 @@
-"""Fixtures of the host tests: the real daemon on a private bus (from the daemon tests)."""
+"""Fixtures of the host tests: the real daemon on a private bus (:mod:`tests.support`)."""
 
-from tests.daemon.conftest import (  # noqa: F401 (fixtures, used by name)
+from tests.support.fixtures import (  # noqa: F401 (fixtures, used by name)
     bus,
     engine,
     notify_socket,

@@ -29,8 +29,9 @@ from blockguard.errors import (
 from blockguard.storage.blockdev import device_rdev
 from blockguard.storage.runner import default_runner
 from blockguard.storage.safety import DOWN, SELF, UP, SafetyGate, device_family
-from tests.daemon.conftest import EngineHarness, run_job, sha256_of, write_random
 from tests.daemon.test_engine_refusals import catalog_dump, frozen
+from tests.support.daemon import EngineHarness, run_job
+from tests.support.devices import sha256_of, write_random
 
 MiB = 1 << 20
 E = "org.blockguard1.Error."

@@ -41,13 +41,6 @@ FORBIDDEN_OUTSIDE: dict[str, tuple[str, ...]] = {
 # factory by a string; nothing else is excepted.
 EXCEPTIONS: dict[str, set[str]] = {
     "daemon/bus.py": {"blockguard"},
-    # The in-memory fake leaves the package with the rest of issue 10.
-    "daemon/memory.py": {
-        "blockguard.core.objective_sets.clean_given",
-        "blockguard.core.objective_sets.merge_given",
-        "blockguard.core.objective_sets.parse_given",
-        "blockguard.core.objectives.IntervalRPO",
-    },
 }
 
 

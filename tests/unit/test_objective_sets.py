@@ -12,6 +12,7 @@ import pytest
 from blockguard.cli.main import U64_MAX, bounded_int, build_parser
 from blockguard.core.objective_sets import (
     check_value,
+    clean_given,
     generations_of,
     merge_given,
     parse_given,
@@ -32,6 +33,14 @@ def test_only_the_keys_given_change() -> None:
     assert merge_given(BASE, {"rpo": ""}) == {"generations": 9}
     assert merge_given(BASE, {"rpo": "", "generations": ""}) == {}
     assert merge_given({}, {"restore_mode": "copy"}) == {"restore_mode": "copy"}
+
+
+def test_a_new_set_stores_only_the_keys_given_and_refuses_bad_sets() -> None:
+    # What Protect stores: the defaults (7 generations) apply when read, not when stored.
+    assert clean_given({"rpo": "every 15m"}) == {"rpo": "every 15m"}
+    for bad in ({}, {"rpo": "0m"}, {"rto": -3}, {"rpo": "15m", "generations": 0}, {"x": 1}):
+        with pytest.raises(InvalidObjectives):
+            clean_given(bad)
 
 
 def test_sets_without_rpo_or_rto_plan_nothing_but_keep_generations() -> None:
