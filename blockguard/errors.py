@@ -142,14 +142,15 @@ class AlreadyExists(InvalidInput):
 
 
 class NotFound(BlockguardError):
-    template = "{what} {name} does not exist"
+    """:param hint: what there is instead, or how to find it (optional)."""
+
+    template = "{what} {name} does not exist{hint}"
     exit_code = ExitCode.NOT_FOUND
     dbus_name = f"{DBUS_PREFIX}.NotFound"
 
-
-class NoSuchGeneration(NotFound):
-    template = "generation {name} does not exist ({hint})"
-    dbus_name = f"{DBUS_PREFIX}.NoSuchGeneration"
+    def __init__(self, **fields: Any) -> None:
+        hint = fields.pop("hint", "")
+        super().__init__(**fields, hint=f" ({hint})" if hint else "")
 
 
 class AmbiguousGeneration(InvalidInput):

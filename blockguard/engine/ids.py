@@ -22,7 +22,7 @@ import re
 import uuid
 from collections.abc import Sequence
 
-from blockguard.errors import AmbiguousGeneration, InvalidInput, NoSuchGeneration
+from blockguard.errors import AmbiguousGeneration, InvalidInput, NotFound
 
 #: Volume and pool names: they become directory names, dm names and D-Bus path elements.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
@@ -102,7 +102,7 @@ def resolve_generation(volume: str, text: str, generations: Sequence[tuple[str, 
         oldest first; number 0 when it has none (an unreadable manifest).
     :raises InvalidInput: ``text`` is malformed or names another volume.
     :raises AmbiguousGeneration: a prefix that more than one id starts with.
-    :raises NoSuchGeneration: nothing matches.
+    :raises NotFound: nothing matches (the message says what there is).
     """
     if not isinstance(text, str) or not text:
         raise InvalidInput(detail="give a generation, e.g. VOLUME@7, VOLUME@latest or its id")
@@ -139,7 +139,7 @@ def resolve_generation(volume: str, text: str, generations: Sequence[tuple[str, 
                 name=shown,
                 candidates=", ".join(_describe(volume, g, numbered[g]) for g in matches),
             )
-    raise NoSuchGeneration(name=shown, hint=_range_hint(volume, generations))
+    raise NotFound(what="generation", name=shown, hint=_range_hint(volume, generations))
 
 
 def _describe(volume: str, pool_id: str, number: int) -> str:

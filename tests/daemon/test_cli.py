@@ -132,7 +132,7 @@ def test_errors_are_plain_with_exit_codes(
     # The refusal changed nothing: the same volume, objectives, pool and jobs, no byte written.
     after = ctl(daemon, "--json", "volume", "list").stdout, ctl(daemon, "--json", "jobs").stdout
     assert after == before
-    assert json.loads(ctl(daemon, "--json", "pool", "list").stdout)[0]["Name"] == "p1"
+    assert json.loads(ctl(daemon, "--json", "pool", "list").stdout)["pools"][0]["name"] == "p1"
     assert sha256_of(device) == untouched
 
 

@@ -9,7 +9,7 @@ import pytest
 from pyroaring import BitMap
 
 from blockguard.engine.ids import resolve_generation, short_id
-from blockguard.errors import AmbiguousGeneration, InvalidInput, NoSuchGeneration
+from blockguard.errors import AmbiguousGeneration, InvalidInput, NotFound
 from blockguard.storage.manifest import (
     GenerationKind,
     Manifest,
@@ -55,7 +55,7 @@ def test_an_ambiguous_prefix_lists_the_candidates() -> None:
 
 @pytest.mark.parametrize("text", ["db@3", "db@9", "db@latest~4", "db@2027", "db@20261203"])
 def test_nothing_matching_says_what_there_is(text: str) -> None:
-    with pytest.raises(NoSuchGeneration) as err:
+    with pytest.raises(NotFound) as err:
         resolve_generation("db", text, GENS)
     assert text in str(err.value)
     assert "numbered 1..4" in str(err.value)
@@ -66,7 +66,7 @@ def test_nothing_matching_says_what_there_is(text: str) -> None:
 def test_what_cannot_be_a_generation_is_a_usage_error(text: str) -> None:
     with pytest.raises(InvalidInput) as err:
         resolve_generation("db", text, GENS)
-    assert not isinstance(err.value, NoSuchGeneration)
+    assert not isinstance(err.value, NotFound)
 
 
 def test_another_volumes_generation_is_refused() -> None:
@@ -75,7 +75,7 @@ def test_another_volumes_generation_is_refused() -> None:
 
 
 def test_no_generations_yet() -> None:
-    with pytest.raises(NoSuchGeneration, match="db has no generations yet"):
+    with pytest.raises(NotFound, match="db has no generations yet"):
         resolve_generation("db", "db@latest", [])
 
 
