@@ -517,16 +517,6 @@ def plan(client: Client, args: argparse.Namespace, out: Output) -> None:
         )
 
 
-def status(client: Client, args: argparse.Namespace, out: Output) -> None:
-    from blockguard.cli.client import plain
-
-    summary = plain(client.call("GetStatus"))
-    if out.as_json:
-        out.json(summary)
-        return
-    out.line(summary.get("summary", ""))
-
-
 # --- long operations ----------------------------------------------------------------------
 
 

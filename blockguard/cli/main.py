@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from blockguard.cli import actions
+from blockguard.cli import actions, health
 from blockguard.cli.client import Client
 from blockguard.cli.errors import explain, next_step
 from blockguard.core.vocab import MAX_GENERATIONS
@@ -257,7 +257,19 @@ TREE = Cmd(
             actions.verify,
             (Arg("generation", help="db@7, db@latest, db@latest~2 or db@<id prefix>"), NO_WAIT),
         ),
-        Cmd("status", "one-line summary of the daemon", actions.status),
+        Cmd(
+            "status",
+            "health of every volume and pool: last backup, RPO and RTO, pool space",
+            health.status,
+            (
+                Arg(
+                    "--check",
+                    action="store_true",
+                    help="for monitoring: exit 0 ok, 1 warning, 2 critical (an objective "
+                    "missed), 3 unknown (daemon unreachable)",
+                ),
+            ),
+        ),
         Cmd(
             "plan", "explain what the next backup would be and why", actions.plan, (Arg("volume"),)
         ),

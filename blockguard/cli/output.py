@@ -117,8 +117,14 @@ class Output:
         self.stdout.flush()
 
     def table(
-        self, title: str | None, columns: Sequence[Column], rows: Iterable[Sequence[Any]]
+        self,
+        title: str | None,
+        columns: Sequence[Column | str],
+        rows: Iterable[Sequence[Any]],
     ) -> None:
+        """A table (see the module docstring); a plain string is a column that may be
+        squeezed but is never dropped."""
+        columns = [c if isinstance(c, Column) else Column(c) for c in columns]
         cells = [[text(c) for c in row] for row in rows]
         if not self.is_terminal:
             self._plain(columns, cells)

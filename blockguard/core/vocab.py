@@ -85,8 +85,6 @@ def format_ago(unix: float, now: float | None = None) -> str:
         return "-"
     delta = (time.time() if now is None else now) - unix
     span = abs(delta)
-    if span < 1:
-        return "now"
     text = format_duration(span if span < 60 else round(span))
     if span >= 60:
         # Seconds are noise beside minutes, and so on: keep the two largest units.

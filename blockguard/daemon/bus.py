@@ -314,6 +314,12 @@ class ManagerInterface(ServiceInterface):
     async def GetStatus(self) -> VarDict:
         return to_vardict(await self._call(self.service.status))
 
+    @dbus_method()
+    @handler(read_only=True)
+    async def GetHealth(self) -> VarDict:
+        """Health now (assessing it raises and resolves alerts); see docs/busctl.md."""
+        return to_vardict(await self._call(self.service.health))
+
     # --- properties ---
 
     @dbus_property(access=PropertyAccess.READ)
@@ -368,6 +374,12 @@ class ManagerInterface(ServiceInterface):
     @dbus_signal()
     def TrackingLost(self, volume: str, reason: str) -> Signal2:
         return [volume, reason]
+
+    @dbus_signal()
+    def Alert(
+        self, kind: str, subject: str, state: str, severity: str, message: str, record: str
+    ) -> Annotated[list[Any], DBusSignature("ssssss")]:
+        return [kind, subject, state, severity, message, record]
 
 
 async def connect(address: str) -> MessageBus:
@@ -535,5 +547,15 @@ class DaemonBus:
                 log.error("tracking of %s lost: %s", volume, reason, extra={"VOLUME": volume})
                 m.TrackingLost(volume, reason)
                 self._refresh_volume(volume)
+            case svc.AlertChanged():
+                # The engine logged it already, with its journal MESSAGE_ID.
+                m.Alert(
+                    event.kind,
+                    event.subject,
+                    event.state,
+                    event.severity,
+                    event.message,
+                    event.record,
+                )
             case _:
                 log.warning("unknown service event %r", event)

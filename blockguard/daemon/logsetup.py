@@ -16,7 +16,7 @@ import sys
 from collections.abc import Mapping
 
 #: The structured fields blockguard uses (journal field names are upper case).
-FIELDS = ("VOLUME", "POOL", "GENERATION", "JOB")
+FIELDS = ("VOLUME", "POOL", "GENERATION", "JOB", "MESSAGE_ID", "ALERT", "ALERT_STATE")
 
 
 def under_systemd(environ: Mapping[str, str] | None = None) -> bool:

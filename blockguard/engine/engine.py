@@ -37,10 +37,12 @@ from typing import Any
 from blockguard.core.catalog import Catalog
 from blockguard.engine import ids, swapins
 from blockguard.engine import service as svc
+from blockguard.engine.alerts import AlertCenter
 from blockguard.engine.backups import back_up
 from blockguard.engine.calibration import run_drill_job
 from blockguard.engine.cmdguard import GuardedRunner
 from blockguard.engine.events import EventHub
+from blockguard.engine.health import HealthKeeper, HealthMonitor
 from blockguard.engine.importing import import_pool
 from blockguard.engine.jobbook import JobBook
 from blockguard.engine.jobs import Job, JobKind, JobRunner, JobState, ProgressReporter
@@ -91,6 +93,8 @@ class Engine:
         self._pools: PoolRegistry | None = None
         self._volumes: VolumeRegistry | None = None
         self._jobs: JobBook | None = None
+        self._health: HealthKeeper | None = None
+        self._monitor: HealthMonitor | None = None
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -138,9 +142,39 @@ class Engine:
             self._recover_points_in_time()
             self._pools.open_all()
             self._volumes.open_all()
+            self._open_health()
         except BaseException:
             self.close()
             raise
+
+    def _open_health(self) -> None:
+        """Alerts and the health monitor (started with the scheduler: not in early boot)."""
+        assert self._volumes is not None and self._pools is not None
+        alerts = AlertCenter(
+            self.state_dir,
+            self.events,
+            self.settings.alert_dir,
+            self.settings.alert_hook_timeout,
+        )
+        self._health = HealthKeeper(self.settings, self._volumes, self._pools, alerts)
+        self._monitor = HealthMonitor(self._health.assess, self.settings.health_interval)
+        self.events.subscribe(self._monitor.on_event)
+
+    @property
+    def alerts(self) -> AlertCenter:
+        """Where other parts send alerts (e.g. ``engine.alerts.fire(...)`` for a drill)."""
+        return self.health_keeper.alerts
+
+    @property
+    def health_keeper(self) -> HealthKeeper:
+        if self._health is None:
+            raise EnvironmentProblem(detail="the service is not open")
+        return self._health
+
+    def health(self) -> dict[str, Any]:
+        result = self.health_keeper.assess()
+        result["summary"] = self.status()["summary"]
+        return result
 
     # --- the used-state marker ---------------------------------------------------------
 
@@ -205,6 +239,11 @@ class Engine:
             log.error("cannot undo the point-in-time copies of interrupted backups: %s", exc)
 
     def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.stop()
+            self._monitor = None
+        if self._health is not None:
+            self._health.alerts.close()
         if self._pools is not None:
             self._pools.close()
         if self.catalog is not None:
@@ -231,6 +270,10 @@ class Engine:
             summary += f"; detached: {', '.join(detached)}"
         if lost:
             summary += f"; tracking lost: {', '.join(lost)}"
+        last = self._health.last if self._health is not None else None
+        if last is not None and last[0] != "ok":
+            alerts = f"{last[1]} alert" + ("s" if last[1] != 1 else "")
+            summary += f"; health {last[0]}: {alerts} (blockguardctl status)"
         return {
             "volumes": len(volumes),
             "pools": len(pools),
@@ -239,16 +282,21 @@ class Engine:
         }
 
     async def run_scheduler(self) -> None:
-        """The scheduler loop (the daemon runs it as a task on its event loop)."""
-        scheduler = Scheduler(
-            self.volumes, self.backup_now, self.jobs.busy_volumes, self.settings.scheduler_interval
-        )
-        await scheduler.run()
+        """The scheduler loop (the daemon runs it as a task on its event loop); the
+        health monitor runs alongside it, in its own thread."""
+        if self._monitor is not None:
+            self._monitor.start()
+            self._monitor.poke()  # an assessment at start: alerts of the time we were down
+        await self.scheduler().run()
 
     def scheduler(self) -> Scheduler:
         """A scheduler on this engine (tests call :meth:`Scheduler.tick` directly)."""
         return Scheduler(
-            self.volumes, self.backup_now, self.jobs.busy_volumes, self.settings.scheduler_interval
+            self.volumes,
+            self.backup_now,
+            self.jobs.busy_volumes,
+            self.settings.scheduler_interval,
+            held=self.health_keeper.retry_hold,
         )
 
     # --- pools ----------------------------------------------------------------------------

@@ -7,6 +7,11 @@ is computed from the last backup's time). No volume gets a second job while one 
 A group starts only when no member is busy, all members at once: with device-mapper the
 point-in-time copies are taken back to back; on the host (scan tracking, no snapshots)
 "one point in time" holds only as far as the caller keeps the members quiet.
+
+A volume whose backups fail is held back: it is tried again after a delay that doubles
+with each failure in a row, up to a cap (:func:`blockguard.core.health.retry_delay`),
+instead of on every tick. A group waits while any member is held. ``BackupNow`` is
+never held.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class Scheduler:
     :param start_backup: starts a backup job of a volume (raises Busy if one runs).
     :param busy: the volumes with a job queued or running.
     :param interval: seconds between two looks.
+    :param held: seconds before a volume whose backups fail may be tried again (0: now).
     """
 
     def __init__(
@@ -42,8 +48,10 @@ class Scheduler:
         start_backup: Callable[[str], object],
         busy: Callable[[], set[str]],
         interval: float,
+        held: Callable[[str], float] | None = None,
     ) -> None:
         self.volumes = volumes
+        self.held = held
         self.start_backup = start_backup
         self.busy = busy
         self.interval = interval
@@ -83,6 +91,7 @@ class Scheduler:
             mine = {m: decisions[m] for m in members if m in decisions}
             if mine and group_schedule(mine).due and group_startable(members, running):
                 chosen.extend(members)
+        chosen = self._not_held(chosen, groups)
         started = []
         for name in chosen:
             reason = decisions[name].reason if name in decisions else "group member"
@@ -94,6 +103,25 @@ class Scheduler:
             log.info("scheduled backup of %s: %s", name, reason, extra={"VOLUME": name})
             started.append(name)
         return started
+
+    def _not_held(self, chosen: list[str], groups: dict[str, list[str]]) -> list[str]:
+        """``chosen`` without the volumes (and groups with a member) in retry back-off."""
+        if self.held is None:
+            return chosen
+        held = {}
+        for name in chosen:
+            wait = self.held(name)
+            if wait > 0:
+                held[name] = wait
+        if not held:
+            return chosen
+        blocked = set(held)
+        for members in groups.values():
+            if blocked.intersection(members):
+                blocked.update(members)
+        for name, wait in sorted(held.items()):
+            log.debug("backup of %s held back %.0fs after failures", name, wait)
+        return [n for n in chosen if n not in blocked]
 
     async def run(self) -> None:
         """Tick every :attr:`interval` seconds until cancelled (0: never)."""

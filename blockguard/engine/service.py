@@ -151,6 +151,22 @@ class TrackingLost:
 
 
 @dataclass(frozen=True)
+class AlertChanged:
+    """An alert was raised or resolved (see :mod:`blockguard.engine.alerts`).
+
+    :param state: ``raised`` or ``resolved``.
+    :param record: the whole alert as JSON (what the alert hooks get).
+    """
+
+    kind: str
+    subject: str
+    state: str
+    severity: str
+    message: str
+    record: str
+
+
+@dataclass(frozen=True)
 class VolumeChanged:
     """Some property of the volume changed (or it was just protected)."""
 
@@ -187,6 +203,7 @@ ServiceEvent = (
     | PoolSpaceLow
     | ObjectiveInfeasible
     | TrackingLost
+    | AlertChanged
     | VolumeChanged
     | VolumeRemoved
     | PoolChanged
@@ -216,6 +233,12 @@ class Service(Protocol):
 
     def status(self) -> dict[str, Any]:
         """A summary: ``{"volumes": n, "pools": n, "running_jobs": n, "summary": "one line"}``."""
+
+    def health(self) -> dict[str, Any]:
+        """Assess health now (raising and resolving alerts) and return it:
+        ``{"level": "ok"|"warning"|"critical", "code": 0|1|2, "volumes": [row],
+        "pools": [row], "alerts": [active alert], "summary": str}`` (see
+        :mod:`blockguard.core.health` for the rows)."""
 
     # pools
     def create_pool(

@@ -20,6 +20,31 @@ Defaults are what a production daemon wants; tests (and slow or fast hosts) over
 ``BLOCKGUARD_DRILL_AUTO``
     ``1`` (default): drill a pool when it is created or extended and when a volume is
     protected on it; ``0``: only on request (``blockguardctl pool drill``).
+``BLOCKGUARD_ALERT_POOL_FREE_PERCENT``
+    a pool with less free space than this share of its size raises an alert (default 10).
+``BLOCKGUARD_ALERT_FAILED_BACKUPS``
+    this many failed backups of a volume in a row raise an alert (default 3).
+``BLOCKGUARD_ALERT_RPO_GRACE``
+    an RPO counts as missed when the last success is older than RPO * (1 + this)
+    (default 0.1: a backup due now needs time to run).
+``BLOCKGUARD_ALERT_DIR``
+    every executable in it is run with each alert as JSON on stdin (default
+    ``/etc/blockguard/alert.d``; see docs/alerts.md).
+``BLOCKGUARD_ALERT_HOOK_TIMEOUT``
+    seconds an alert hook may run before it is killed (default 30).
+``BLOCKGUARD_HEALTH_INTERVAL``
+    seconds between two health assessments when nothing happens (default 60; events such
+    as a finished or failed backup assess at once); ``0`` turns the periodic look off.
+``BLOCKGUARD_RETRY_BASE`` / ``BLOCKGUARD_RETRY_CAP``
+    a volume whose scheduled backups fail is retried after BASE seconds, doubled for
+    each further failure, at most CAP (defaults 60 and 3600). ``BackupNow`` is not held.
+``BLOCKGUARD_METRICS_FILE``
+    the Prometheus textfile-collector file written after each assessment (default
+    ``/var/lib/prometheus/node-exporter/blockguard.prom``, written only if that directory
+    exists; empty: none).
+``BLOCKGUARD_TEST_CLOCK_FILE``
+    test hook: a file holding seconds added to the health assessment's clock (read at
+    each assessment), so a test can age the last backup without waiting.
 ``BLOCKGUARD_TEST_BACKUP_DELAY``
     test hook: seconds to sleep after each extent a backup writes (makes a backup slow
     enough to be killed in the middle).
@@ -33,6 +58,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blockguard.errors import InvalidInput
+
+DEFAULT_ALERT_DIR = Path("/etc/blockguard/alert.d")
+DEFAULT_METRICS_FILE = Path("/var/lib/prometheus/node-exporter/blockguard.prom")
 
 
 def _number(env: Mapping[str, str], name: str, default: float) -> float:
@@ -48,6 +76,13 @@ def _number(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _path(env: Mapping[str, str], name: str, default: Path | None) -> Path | None:
+    """A path setting: unset means ``default``, an empty value means none."""
+    if name not in env:
+        return default
+    return Path(env[name]) if env[name] else None
+
+
 @dataclass(frozen=True)
 class Settings:
     """See the module docstring for what each field means."""
@@ -61,6 +96,16 @@ class Settings:
     cow_size: int = 0
     drill_bytes: int = 64 * 1024 * 1024
     drill_auto: bool = True
+    alert_pool_free_percent: float = 10.0
+    alert_failed_backups: int = 3
+    alert_rpo_grace: float = 0.1
+    alert_dir: Path = DEFAULT_ALERT_DIR
+    alert_hook_timeout: float = 30.0
+    health_interval: float = 60.0
+    retry_base: float = 60.0
+    retry_cap: float = 3600.0
+    metrics_file: Path | None = DEFAULT_METRICS_FILE
+    test_clock_file: Path | None = None
 
     @classmethod
     def from_env(cls, state_dir: Path, env: Mapping[str, str] | None = None) -> Settings:
@@ -79,4 +124,16 @@ class Settings:
             cow_size=int(_number(env, "BLOCKGUARD_COW_SIZE", 0)),
             drill_bytes=int(_number(env, "BLOCKGUARD_DRILL_BYTES", 64 * 1024 * 1024)),
             drill_auto=bool(_number(env, "BLOCKGUARD_DRILL_AUTO", 1)),
+            alert_pool_free_percent=min(
+                100.0, _number(env, "BLOCKGUARD_ALERT_POOL_FREE_PERCENT", 10.0)
+            ),
+            alert_failed_backups=max(1, int(_number(env, "BLOCKGUARD_ALERT_FAILED_BACKUPS", 3))),
+            alert_rpo_grace=_number(env, "BLOCKGUARD_ALERT_RPO_GRACE", 0.1),
+            alert_dir=Path(env.get("BLOCKGUARD_ALERT_DIR") or DEFAULT_ALERT_DIR),
+            alert_hook_timeout=_number(env, "BLOCKGUARD_ALERT_HOOK_TIMEOUT", 30.0) or 30.0,
+            health_interval=_number(env, "BLOCKGUARD_HEALTH_INTERVAL", 60.0),
+            retry_base=_number(env, "BLOCKGUARD_RETRY_BASE", 60.0),
+            retry_cap=_number(env, "BLOCKGUARD_RETRY_CAP", 3600.0),
+            metrics_file=_path(env, "BLOCKGUARD_METRICS_FILE", DEFAULT_METRICS_FILE),
+            test_clock_file=_path(env, "BLOCKGUARD_TEST_CLOCK_FILE", None),
         )

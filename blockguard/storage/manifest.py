@@ -385,6 +385,8 @@ def _reached(wanted: str, name: str, hits: dict[str, int]) -> bool:
     if point != name:
         return False
     hits[name] = hits.get(name, 0) + 1
+    if nth.endswith("+"):  # NAME@N+: the N-th time and every time after it
+        return hits[name] >= int(nth[:-1] or 1)
     return hits[name] == int(nth or 1)
 
 
@@ -393,8 +395,9 @@ def crash_point(name: str) -> None:
 
     Active only when ``BLOCKGUARD_TEST_CRASH_AT`` is ``NAME`` or ``NAME@N`` (the N-th
     time the point is reached); crash tests use it to stop a backup exactly there.
-    ``BLOCKGUARD_TEST_FAIL_AT`` (same form) raises :class:`EnvironmentProblem` there
-    instead: a failure the process survives, for tests of what a failed commit leaves.
+    ``BLOCKGUARD_TEST_FAIL_AT`` (same form, or ``NAME@N+`` for the N-th time and every
+    time after) raises :class:`EnvironmentProblem` there instead: a failure the process
+    survives, for tests of what a failed commit leaves or of failing backups.
     """
     failing = os.environ.get("BLOCKGUARD_TEST_FAIL_AT")
     if failing and _reached(failing, name, _fail_hits):

@@ -80,6 +80,7 @@ def test_committed_xml_covers_the_documented_api() -> None:
         "Restore",
         "Verify",
         "Plan",
+        "GetHealth",
     } <= methods
     assert signals == {
         "BackupStarted",
@@ -89,6 +90,7 @@ def test_committed_xml_covers_the_documented_api() -> None:
         "PoolSpaceLow",
         "ObjectiveInfeasible",
         "TrackingLost",
+        "Alert",
     }
     volume = ET.parse(COMMITTED / "org.blockguard1.Volume.xml").getroot()
     props = {p.get("name"): p.get("type") for p in volume.findall("property")}
