@@ -3,14 +3,20 @@ never names another job after it), and a cancelled backup commits nothing."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 
 from blockguard.cli.client import JOB, Client, RemoteError
+from tests.support.bus import REPO
 from tests.support.daemon import EngineHarness, run_job
 from tests.support.devices import MiB, write_random
 from tests.timeouts import scaled
+
+CLI = [sys.executable, "-m", "blockguard.cli.main"]
 
 
 def test_a_restarted_daemon_numbers_jobs_on(engine: EngineHarness, loopdev: object) -> None:
@@ -48,7 +54,16 @@ def test_a_cancelled_backup_commits_nothing(engine: EngineHarness, loopdev: obje
         while client.properties(path, JOB)["BytesDone"] == 0:
             assert time.monotonic() < deadline, "the backup never started copying"
             time.sleep(0.02)
-        client.call("CancelJob", "t", job_id)
+        # Through the CLI: it asks, waits until the job stopped and says what was left.
+        cancel = subprocess.run(
+            [*CLI, "--bus", daemon.address, "jobs", "cancel", str(job_id)],
+            capture_output=True,
+            text=True,
+            timeout=scaled(60),
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        assert cancel.returncode == 0, cancel.stderr
+        assert f"job {job_id} was cancelled on request" in cancel.stdout, cancel.stdout
         props = run_job(client, path)
         assert props["State"] == "failed"
         assert props["Error"][0] == "org.blockguard1.Error.Cancelled"

@@ -236,7 +236,8 @@ def test_first_hour_in_a_terminal(terminal: tuple[Terminal, str], loopdev: objec
     help_text, _, _ = term.run("bgctl status --help")
     if "--check" in help_text:
         screen, rc, _ = term.run("bgctl status --check")
-        assert rc == 0, screen
+        assert rc == 0 and "BLOCKGUARD OK" in screen, screen
+        assert "db" in screen and "p1" in screen, screen
 
     for capture in term.captures:
         for bad in REPRS:
