@@ -236,6 +236,17 @@ class ChecksumMismatch(DataError):
     dbus_name = f"{DBUS_PREFIX}.ChecksumMismatch"
 
 
+class DrillMismatch(DataError):
+    """A restore drill read back bytes that differ from what the generation stores (the
+    stored chunk was read and checked whole: the restore path wrote it wrong)."""
+
+    template = (
+        "the restore drill of {volume} restored chunk {chunk} of generation {generation} "
+        "wrong: the bytes read back from {device} do not match its stored checksum"
+    )
+    dbus_name = f"{DBUS_PREFIX}.DrillMismatch"
+
+
 class CorruptMetadata(DataError):
     template = "{what} is corrupt: {detail}"
     dbus_name = f"{DBUS_PREFIX}.CorruptMetadata"

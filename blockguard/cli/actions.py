@@ -349,6 +349,7 @@ def _objectives(args: argparse.Namespace) -> dict[str, Any]:
         "restore_mode": args.restore_mode,
         "generations": args.generations,
         "tz": args.tz,
+        "drill": args.drill,
     }
     return {k: variant(v) for k, v in given.items() if v is not None}
 
@@ -357,7 +358,7 @@ def objectives(client: Client, args: argparse.Namespace, out: Output) -> None:
     values = _objectives(args)
     if not values:
         raise CliError(
-            "give at least one of --rpo, --rto, --restore-mode, --generations, --tz "
+            "give at least one of --rpo, --rto, --restore-mode, --generations, --tz, --drill "
             '(only those are set; "" clears one)',
             ExitCode.USAGE,
         )
@@ -430,11 +431,49 @@ def volume_show(client: Client, args: argparse.Namespace, out: Output) -> None:
             *_estimate_fields(v.get("RestoreEstimate", {})),
             ("next method", f"{v['NextMethod']}: {'; '.join(v['NextMethodReasons'])}"),
             ("next backup", format_ago(v["NextBackup"])),
+            ("last drill", drill_text(v.get("LastDrill", {}))),
+            ("next drill", format_ago(v.get("NextDrill", 0))),
             ("generations", len(v["Generations"])),
             ("latest", _latest(v["Generations"])),
             ("object", path),
         ]
     )
+
+
+def drill_text(drill: dict[str, Any]) -> str:
+    """A volume's last restore drill in one line: when, result, measured vs predicted."""
+    if not drill:
+        return "-"
+    when = format_ago(int(drill["at"]))
+    if drill.get("measured_seconds", -1) < 0:
+        return f"{when}: {drill['result']}: {drill.get('problem', '')}"
+    rto = drill.get("rto_seconds", 0)
+    held = f" against RTO {human_seconds(rto)}" if rto else " (no RTO)"
+    text = (
+        f"{when}: {drill['result']}, {drill.get('generation', '')} restored in "
+        f"{human_seconds(drill['measured_seconds'])} ({drill.get('mode', '')}; predicted "
+        f"{human_seconds(drill['predicted_seconds'])}, upper "
+        f"{human_seconds(drill['upper_seconds'])}){held}"
+    )
+    return text + (f": {drill['problem']}" if drill.get("problem") else "")
+
+
+def volume_drill(client: Client, args: argparse.Namespace, out: Output) -> None:
+    """Run a volume's restore drill now; a drill that failed its RTO fails the command."""
+    from blockguard.cli.client import plain
+
+    path = client.call("DrillVolume", "s", args.name)
+    if args.no_wait or out.as_json:
+        finish_job(client, path, args, out)
+        return
+    job = plain(client.wait_job(path))
+    if job["State"] == "failed":
+        name, message = job["Error"]
+        raise RemoteError(name, message)
+    result = job.get("Result", {})
+    out.line(f"restore drill of {args.name}: {drill_text(result)}")
+    if result.get("result") != "ok":
+        raise CliError(f"the restore drill of {args.name} failed: {result.get('problem')}")
 
 
 def _estimate_fields(est: dict[str, Any]) -> list[tuple[str, Any]]:

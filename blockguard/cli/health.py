@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any
 
-from blockguard.cli.actions import Output, human_seconds
+from blockguard.cli.actions import Output, drill_text, human_seconds
 from blockguard.cli.client import Client, plain
 from blockguard.cli.errors import explain
 from blockguard.cli.output import Column
@@ -127,6 +127,8 @@ def _show(out: Output, summary: dict[str, Any], health: dict[str, Any]) -> None:
                 for p in pools
             ),
         )
+    for name, drill in sorted(summary.get("drills", {}).items()):
+        out.line(f"{name}: last restore drill {drill_text(drill)}")
     for alert in health.get("alerts", []):
         out.line(f"{alert['severity']}: {alert['message']}")
 

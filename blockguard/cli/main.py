@@ -110,6 +110,12 @@ OBJECTIVE_ARGS = (
         help=f"how many generations to keep (1..{MAX_GENERATIONS})",
     ),
     Arg("--tz", type=objective_text("tz"), help="time zone of a daily RPO (default: local time)"),
+    Arg(
+        "--drill",
+        type=objective_text("drill"),
+        help="restore drill of the newest generation: weekly (the default with an RTO), "
+        'daily, off or an interval such as 3d ("" clears)',
+    ),
 )
 
 TREE = Cmd(
@@ -164,6 +170,12 @@ TREE = Cmd(
             sub=(
                 Cmd("list", "list protected volumes", actions.volume_list),
                 Cmd("show", "show one volume", actions.volume_show, (Arg("name"),)),
+                Cmd(
+                    "drill",
+                    "restore the newest generation to scratch space, verify and time it now",
+                    actions.volume_drill,
+                    (Arg("name"), NO_WAIT),
+                ),
             ),
         ),
         Cmd(

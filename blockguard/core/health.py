@@ -46,6 +46,8 @@ class AlertKind(enum.StrEnum):
     TRACKER_LOST = "tracker-lost"
     #: one-shot: a restore drill's restore took longer than a volume's RTO allows
     DRILL_MISSED_RTO = "drill-missed-rto"
+    #: one-shot: a restore drill could not restore or verify the newest generation
+    DRILL_FAILED = "drill-failed"
 
 
 #: Stable journal MESSAGE_IDs, one per alert kind (``journalctl MESSAGE_ID=...``). Never
@@ -58,6 +60,7 @@ MESSAGE_IDS: Mapping[AlertKind, str] = {
     AlertKind.BACKUPS_FAILING: "e2d4f6a8b0c14e3f9a5b7c9d1e3f5a70",
     AlertKind.TRACKER_LOST: "91f3b5d7e9a14c2e8b6d0f2a4c6e8b19",
     AlertKind.DRILL_MISSED_RTO: "4d6f8b0a2c5e4f71b3d5e7f9a1c3e5b2",
+    AlertKind.DRILL_FAILED: "8e2b4d6f0a1c4e3b9d7f5a3c1e9b7d52",
 }
 
 SEVERITY: Mapping[AlertKind, Level] = {
@@ -67,6 +70,7 @@ SEVERITY: Mapping[AlertKind, Level] = {
     AlertKind.BACKUPS_FAILING: Level.WARNING,
     AlertKind.TRACKER_LOST: Level.WARNING,
     AlertKind.DRILL_MISSED_RTO: Level.WARNING,
+    AlertKind.DRILL_FAILED: Level.CRITICAL,
 }
 
 

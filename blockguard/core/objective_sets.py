@@ -3,25 +3,29 @@
 A volume's (or group's) objectives are kept as the client typed them (``"every 15m"``,
 ``"5m"``), so ``Objectives`` shows what was asked for. ``SetObjectives`` sets only the
 keys it is given (an empty string removes one), so setting ``rto`` never drops an ``rpo``
-or resets ``generations``. Every value is checked before anything is stored, and numbers
-before any conversion, so a D-Bus ``t`` of 2**64-1 is a named refusal, not an
-``OverflowError``.
+or resets ``generations``. ``drill`` (how often the volume's restore drill runs) defaults
+to weekly for a set with an RTO and to off without one (:func:`drill_of`). Every value is
+checked before anything is stored, and numbers before any conversion, so a D-Bus ``t`` of
+2**64-1 is a named refusal, not an ``OverflowError``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from blockguard.core.objectives import (
+    DEFAULT_DRILL_INTERVAL,
     DEFAULT_GENERATIONS,
     MAX_GENERATIONS,
     MAX_RTO,
     MIN_RTO,
     RecoveryObjectives,
     RestoreMode,
+    parse_drill,
     parse_objectives,
     parse_rpo,
     parse_rto,
@@ -29,7 +33,7 @@ from blockguard.core.objectives import (
 from blockguard.errors import InvalidObjectives
 
 #: The keys a client may set; the values are kept as given (strings as typed).
-OBJECTIVE_KEYS = ("rpo", "rto", "restore_mode", "generations", "tz")
+OBJECTIVE_KEYS = ("rpo", "rto", "restore_mode", "generations", "tz", "drill")
 #: The value that removes a key from a stored set (``SetObjectives`` sets only the keys given).
 CLEAR = ""
 #: No objective is typed with more characters than this; longer text is refused unread.
@@ -105,6 +109,11 @@ def check_value(key: str, value: Any) -> Any:
             raise _refuse(
                 key, value, f"is not one of {', '.join(m.value for m in RestoreMode)}"
             ) from None
+    elif key == "drill":
+        try:
+            parse_drill(text)
+        except InvalidObjectives as exc:
+            raise _refuse(key, value, f"is refused: {exc.fields.get('detail', exc)}") from exc
     elif key == "tz":
         try:
             ZoneInfo(text)
@@ -176,6 +185,20 @@ def generations_of(given: Mapping[str, Any]) -> int:
     """How many generations a stored set keeps (the default when it does not say)."""
     value = given.get("generations")
     return DEFAULT_GENERATIONS if value in (None, CLEAR) else check_value("generations", value)
+
+
+def drill_of(given: Mapping[str, Any]) -> timedelta | None:
+    """How often a stored set has its volume drilled; ``None``: drills are off.
+
+    Without a ``drill`` key: :data:`DEFAULT_DRILL_INTERVAL` when the set has an RTO (a
+    promise worth testing), else off.
+
+    :raises InvalidObjectives: the stored value is not a drill objective.
+    """
+    value = given.get("drill")
+    if value in (None, CLEAR):
+        return DEFAULT_DRILL_INTERVAL if given.get("rto") not in (None, CLEAR) else None
+    return parse_drill(check_value("drill", value))
 
 
 def clean_given(given: Mapping[str, Any]) -> dict[str, Any]:

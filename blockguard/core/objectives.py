@@ -34,6 +34,18 @@ MIN_RTO = timedelta(seconds=1)
 MAX_RTO = timedelta(days=30)
 MIN_CHANGED_BYTES = MiB
 MAX_CHANGED_BYTES = EiB
+#: Restore drills of a volume (issue 14): at most hourly (a drill restores the whole
+#: volume, so more often would load the pool more than the backups do), at least yearly.
+MIN_DRILL_INTERVAL = timedelta(hours=1)
+MAX_DRILL_INTERVAL = timedelta(days=365)
+#: A volume with an RTO is drilled this often unless its objectives say otherwise.
+DEFAULT_DRILL_INTERVAL = timedelta(weeks=1)
+#: The words a drill objective may be given as, besides an interval.
+DRILL_WORDS: dict[str, timedelta | None] = {
+    "daily": timedelta(days=1),
+    "weekly": timedelta(weeks=1),
+    "off": None,
+}
 
 DEFAULT_GENERATIONS = 7
 
@@ -312,6 +324,39 @@ def parse_rto(text: str | float | timedelta) -> timedelta:
         return parse_duration(text)
     except InvalidInput as exc:
         raise InvalidObjectives(detail=f"RTO {text!r}: {exc.fields.get('detail', exc)}") from exc
+
+
+def parse_drill(text: str) -> timedelta | None:
+    """Parse how often a volume's restore drill runs; ``None`` means drills are off.
+
+    Accepted forms: ``"daily"``, ``"weekly"``, ``"off"``, or an interval (``"3d"``,
+    ``"every 12h"``) of :data:`MIN_DRILL_INTERVAL` .. :data:`MAX_DRILL_INTERVAL`.
+
+    :param text: the user's text.
+    :raises InvalidObjectives: naming the text, if it is none of the forms or out of range.
+    """
+    forms = (
+        f"{', '.join(DRILL_WORDS)} or an interval such as 3d or every 12h "
+        f"({format_duration(MIN_DRILL_INTERVAL)}..{format_duration(MAX_DRILL_INTERVAL)})"
+    )
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidObjectives(detail=f"drill {text!r} is not {forms}")
+    body = text.strip()
+    if body.lower() in DRILL_WORDS:
+        return DRILL_WORDS[body.lower()]
+    words = body.split(None, 1)
+    if words[0].lower() == "every":
+        body = words[1] if len(words) == 2 else ""
+    try:
+        interval = parse_duration(body)
+    except InvalidInput as exc:
+        raise InvalidObjectives(detail=f"drill {text!r} is not {forms}") from exc
+    if not MIN_DRILL_INTERVAL <= interval <= MAX_DRILL_INTERVAL:
+        raise InvalidObjectives(
+            detail=f"drill {text!r} is outside "
+            f"{format_duration(MIN_DRILL_INTERVAL)}..{format_duration(MAX_DRILL_INTERVAL)}"
+        )
+    return interval
 
 
 def parse_objectives(

@@ -99,6 +99,7 @@ def plan_backup(
     correction: float = 1.0,
     full_required: str | None = None,
     terms: TermBook | None = None,
+    floors: Mapping[BackupMethod, float] | None = None,
 ) -> PlanDecision:
     """Decide the method and placement of the backup to take now.
 
@@ -115,6 +116,10 @@ def plan_backup(
     :param full_required: a reason the caller needs a full (e.g. a damaged chain), or ``None``.
     :param terms: fitted restore-path terms by (pool device, mode); the RTO is held against
         the upper estimate (the point estimate times the spread of its recent errors).
+    :param floors: seconds a restore after a backup of this method is known to take at
+        least, whatever the model says: a restore drill measured a chain that the new chain
+        contains (an incremental extends the drilled chain), and reading more never makes
+        a restore quicker.
     :raises InvalidInput: if there is no candidate device, or copy mode lacks ``copy_target``.
     :raises NotFound: if a device of the chain has no speed.
     """
@@ -180,9 +185,16 @@ def plan_backup(
 
     limit = rto.total_seconds()
     rto_text = format_duration(rto)
+    floor = dict(floors or {})
     for method in methods:
         first = placements[method][0]
         what = _what(method, chain, first.nbytes)
+        if floor.get(method, 0.0) > limit:
+            reasons.append(
+                f"{what}: a restore drill measured {format_duration(floor[method])} for the "
+                f"chain it extends > RTO {rto_text}"
+            )
+            continue
         if first.estimate.upper_seconds <= limit:
             reasons.append(f"{what} on {first.device_id}, {_est(first)} <= RTO {rto_text}")
             return PlanDecision(
@@ -223,7 +235,10 @@ def plan_backup(
         reasons.append(f"{what} on {first.device_id}, {_est(first)} > RTO {rto_text}{on_fastest}")
 
     # Nothing meets the RTO: still protect the data, with the quickest restore available.
-    choice = min(considered, key=lambda p: (p.estimate.upper_seconds, p.method.cost_rank))
+    choice = min(
+        considered,
+        key=lambda p: (max(p.estimate.upper_seconds, floor.get(p.method, 0.0)), p.method.cost_rank),
+    )
     needed = choice.estimate.nbytes * choice.estimate.correction / limit
     best_seq = max(speeds[d].seq_read for d in order)
     best_rand = max(speeds[d].rand_read for d in order)

@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from blockguard.core.objectives import ChangedDataRPO, DailyRPO, IntervalRPO, RecoveryObjectives
+from blockguard.core.objectives import (
+    MIN_DRILL_INTERVAL,
+    ChangedDataRPO,
+    DailyRPO,
+    IntervalRPO,
+    RecoveryObjectives,
+)
 from blockguard.core.units import format_duration, format_size
 from blockguard.errors import InvalidInput
 
@@ -259,6 +265,85 @@ def group_schedule(decisions: Mapping[str, ScheduleDecision]) -> GroupSchedule:
     times = [d.next_due for d in decisions.values() if d.next_due is not None]
     reasons = tuple(f"{name}: {d.reason}" for name, d in sorted(decisions.items()))
     return GroupSchedule(bool(due), min(times) if times else None, reasons)
+
+
+@dataclass(frozen=True)
+class DrillDecision:
+    """Whether a volume's restore drill is due now, and when the next one is.
+
+    :param due: a drill should start now.
+    :param next_due: when it is or becomes due (``None``: drills are off, or there is
+        nothing to drill yet).
+    :param reason: human explanation with the numbers used.
+    """
+
+    due: bool
+    next_due: datetime | None
+    reason: str
+
+
+def drill_schedule(
+    interval: timedelta | None,
+    *,
+    last_drill: datetime | None,
+    newest_generation: datetime | None,
+    now: datetime,
+    last_failed: bool = False,
+) -> DrillDecision:
+    """Decide whether the restore drill of one volume is due now.
+
+    A volume is drilled every ``interval`` from its last drill; the first drill is due as
+    soon as there is a generation to restore, and drills missed while the daemon was down
+    collapse into one run now. After a failed drill, the next one is due as soon as a newer
+    generation exists (the backup that was to fix it: is the promise kept again?), but not
+    sooner than :data:`~blockguard.core.objectives.MIN_DRILL_INTERVAL` after the failed one.
+
+    :param interval: how often (:func:`blockguard.core.objective_sets.drill_of`), or
+        ``None`` when drills are off.
+    :param last_drill: when the last drill of the volume started, or ``None``.
+    :param newest_generation: the point in time of the newest generation, or ``None``.
+    :param now: the current time (timezone-aware).
+    :param last_failed: the last drill failed (missed the RTO, or could not restore).
+    :raises InvalidInput: on naive datetimes or a non-positive interval.
+    """
+    _aware("now", now)
+    if interval is None:
+        return DrillDecision(False, None, "restore drills are off")
+    if interval <= timedelta(0):
+        raise InvalidInput(detail=f"drill interval {interval!r} is not positive")
+    if newest_generation is None:
+        return DrillDecision(False, None, "nothing to drill: the volume has no generation yet")
+    if last_drill is None:
+        return DrillDecision(True, now, "never drilled: the first restore drill is due")
+    _aware("last drill", last_drill)
+    due_at = last_drill + interval
+    age = max(now - last_drill, timedelta(0))  # a clock set back must not print "-3m"
+    every = format_duration(interval)
+    if last_failed and _aware("newest generation", newest_generation) > last_drill:
+        retry_at = min(due_at, last_drill + MIN_DRILL_INTERVAL)
+        if now >= retry_at:
+            return DrillDecision(
+                True,
+                retry_at,
+                f"the last drill ({format_duration(age)} ago) failed and a newer generation "
+                "exists: drill it",
+            )
+        return DrillDecision(
+            False,
+            retry_at,
+            f"the last drill ({format_duration(age)} ago) failed; the newer generation is "
+            f"drilled at {retry_at.isoformat()}",
+        )
+    if now >= due_at:
+        return DrillDecision(
+            True, due_at, f"last drill {format_duration(age)} ago >= drill interval {every}"
+        )
+    return DrillDecision(
+        False,
+        due_at,
+        f"last drill {format_duration(age)} ago < drill interval {every}; "
+        f"next at {due_at.isoformat()}",
+    )
 
 
 def startable(due: Iterable[str], running: Collection[str]) -> list[str]:

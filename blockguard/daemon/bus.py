@@ -281,6 +281,12 @@ class ManagerInterface(ServiceInterface):
         """Calibrate the restore-time model of ``pool`` with a restore drill."""
         return self.tree.job(await self._call(self.service.drill, pool))
 
+    @dbus_method()
+    @handler()
+    async def DrillVolume(self, volume: Str) -> ObjPath:
+        """Run the restore drill of ``volume`` now (as the scheduler does when it is due)."""
+        return self.tree.job(await self._call(self.service.drill_volume, volume))
+
     # --- reading ---
 
     @dbus_method()

@@ -92,6 +92,8 @@ class VolumeObject(_Snapshotted):
         "NextMethodReasons": lambda v: list(v.next_method_reasons),
         "NextBackup": lambda v: int(v.next_backup),
         "Generations": lambda v: [generation_struct(g) for g in v.generations],
+        "LastDrill": lambda v: to_vardict(v.last_drill),
+        "NextDrill": lambda v: int(v.next_drill),
     }
 
     def __init__(self, info: VolumeInfo) -> None:
@@ -178,6 +180,18 @@ class VolumeObject(_Snapshotted):
     @handler(read_only=True)
     def Generations(self) -> GenerationStructs:
         return self.value("Generations")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def LastDrill(self) -> VarDict:
+        """The last restore drill: at, result (ok | failed), problem, measured_seconds,
+        predicted_seconds, upper_seconds, rto_seconds, mode, generation; empty if none."""
+        return self.value("LastDrill")
+
+    @dbus_property(access=READ)
+    @handler(read_only=True)
+    def NextDrill(self) -> UInt64:
+        return self.value("NextDrill")
 
 
 def _pool_devices(pool: PoolInfo) -> list[list[Any]]:

@@ -214,11 +214,7 @@ def run_drill_job(
     from blockguard.engine.jobbook import JobProgress
 
     backend = pools.backend(pool)
-    with pools.lock:
-        gate = pools.gate()
-    result = run_drill(
-        backend, volume_bytes=settings.drill_bytes, gate=gate, progress=JobProgress(progress)
-    )
+    result = run_drill(backend, volume_bytes=settings.drill_bytes, progress=JobProgress(progress))
     rows = record_drill(pools.catalog, pools, pool, result)
     devices = sorted({r["device"] for r in rows})
     after = calibration(pools.catalog, devices)

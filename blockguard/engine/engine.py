@@ -30,6 +30,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ from blockguard.engine.restores import (
 )
 from blockguard.engine.scheduling import Scheduler
 from blockguard.engine.settings import Settings
+from blockguard.engine.voldrills import start_volume_drill
 from blockguard.engine.volumes import VolumeRegistry, is_detached
 from blockguard.errors import BlockguardError, Busy, CatalogLost, EnvironmentProblem, NotFound
 from blockguard.storage import dm
@@ -67,6 +69,8 @@ log = logging.getLogger(__name__)
 #: In the state directory: the pools this directory has served (see the module docstring).
 USED_MARKER = "pools-used.json"
 ALLOW_EMPTY_ENV = "BLOCKGUARD_ALLOW_EMPTY_CATALOG"
+#: Seconds a restore waits for a stopped restore drill of its volume to let go of it.
+DRILL_STOP_WAIT = 60.0
 
 
 class Engine:
@@ -239,6 +243,8 @@ class Engine:
             log.error("cannot undo the point-in-time copies of interrupted backups: %s", exc)
 
     def close(self) -> None:
+        if self._volumes is not None:
+            self._stop_drills()
         if self._monitor is not None:
             self._monitor.stop()
             self._monitor = None
@@ -274,11 +280,16 @@ class Engine:
         if last is not None and last[0] != "ok":
             alerts = f"{last[1]} alert" + ("s" if last[1] != 1 else "")
             summary += f"; health {last[0]}: {alerts} (blockguardctl status)"
+        drills = {v.name: dict(v.last_drill) for v in volumes if v.last_drill}
+        failed = sorted(n for n, d in drills.items() if d.get("result") == "failed")
+        if failed:
+            summary += f"; restore drill failed: {', '.join(failed)}"
         return {
             "volumes": len(volumes),
             "pools": len(pools),
             "running_jobs": running,
             "summary": summary,
+            "drills": drills,
         }
 
     async def run_scheduler(self) -> None:
@@ -297,6 +308,7 @@ class Engine:
             self.jobs.busy_volumes,
             self.settings.scheduler_interval,
             held=self.health_keeper.retry_hold,
+            start_drill=self.drill_volume,
         )
 
     # --- pools ----------------------------------------------------------------------------
@@ -335,6 +347,36 @@ class Engine:
                 return result
 
             return self.jobs.submit(JobKind.DRILL, key, pool, work, pool=pool)
+
+    def drill_volume(self, volume: str) -> Job:
+        """Run the restore drill of ``volume`` now (see :mod:`.voldrills`)."""
+        with self._lock:
+            self.volumes.require_attached(volume)
+            return start_volume_drill(volume, self.volumes, self.pools, self.jobs, self.alerts)
+
+    def _stop_drill(self, volume: str) -> None:
+        """A restore never waits behind a restore drill of its volume: the drill is
+        stopped (at its next extent; its scratch space released) and the restore goes on
+        once the volume is free. Waited for outside the engine's lock."""
+        if not self.volumes.drills.stop(volume):
+            return
+        log.info("stopping the restore drill of %s for a restore", volume, extra={"VOLUME": volume})
+        deadline = time.monotonic() + DRILL_STOP_WAIT
+        while volume in self.jobs.busy_volumes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def _stop_drills(self) -> None:
+        """At shutdown: stop the running restore drills of volumes and let them release
+        their scratch space before the pools are closed (a loop device left attached to a
+        scratch image would keep its pool area mounted)."""
+        running = self.volumes.drills.busy()
+        for volume in running:
+            self.volumes.drills.stop(volume)
+        deadline = time.monotonic() + DRILL_STOP_WAIT
+        while self.volumes.drills.busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if running:
+            log.info("restore drills of %s stopped for the shutdown", ", ".join(running))
 
     def _auto_drill(self, pool: str) -> None:
         """Drill after a pool change or a protect, unless turned off or already running."""
@@ -484,6 +526,7 @@ class Engine:
         return job
 
     def restore(self, volume: str, generation: str, mode: str, target: str, force: bool) -> Job:
+        self._stop_drill(volume)
         with self._lock:
             self.jobs.reserve(volume)
             try:

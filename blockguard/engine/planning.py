@@ -19,6 +19,7 @@ from blockguard.core.objective_sets import (
     OBJECTIVE_KEYS,
     check_value,
     clean_given,
+    drill_of,
     generations_of,
     merge_given,
     parse_given,
@@ -50,6 +51,7 @@ __all__ = [
     "OBJECTIVE_KEYS",
     "check_value",
     "clean_given",
+    "drill_of",
     "generations_of",
     "merge_given",
     "parse_given",
@@ -112,6 +114,8 @@ class PlanInputs:
     generations: VolumeGenerations | None = None
     #: the restore-path terms fitted from drills and restores of the pool's devices
     calibration: Calibration = field(default_factory=Calibration)
+    #: seconds a restore after each method is known to take at least (a volume drill)
+    floors: dict[BackupMethod, float] = field(default_factory=dict)
 
 
 def correction_from(records: Sequence[Any]) -> float:
@@ -135,6 +139,7 @@ def decide(inputs: PlanInputs) -> PlanDecision:
         correction=inputs.correction,
         full_required=inputs.full_required,
         terms=inputs.calibration.terms,
+        floors=inputs.floors,
     )
 
 

@@ -4,6 +4,8 @@ The decisions are :mod:`blockguard.core.scheduler`'s: on the RPO interval, at th
 hour, when the changes reach the RPO amount or (with only an RTO) what can still be
 restored in time. Runs missed while the daemon was down collapse into one (the decision
 is computed from the last backup's time). No volume gets a second job while one runs.
+Restore drills (:mod:`blockguard.engine.voldrills`) start when the volume's drill is due
+and no job of it runs; a backup due at the same tick goes first.
 A group starts only when no member is busy, all members at once: with device-mapper the
 point-in-time copies are taken back to back; on the host (scan tracking, no snapshots)
 "one point in time" holds only as far as the caller keeps the members quiet.
@@ -40,6 +42,7 @@ class Scheduler:
     :param busy: the volumes with a job queued or running.
     :param interval: seconds between two looks.
     :param held: seconds before a volume whose backups fail may be tried again (0: now).
+    :param start_drill: starts a volume's restore drill (raises Busy if a job runs).
     """
 
     def __init__(
@@ -49,12 +52,14 @@ class Scheduler:
         busy: Callable[[], set[str]],
         interval: float,
         held: Callable[[str], float] | None = None,
+        start_drill: Callable[[str], object] | None = None,
     ) -> None:
         self.volumes = volumes
         self.held = held
         self.start_backup = start_backup
         self.busy = busy
         self.interval = interval
+        self.start_drill = start_drill
 
     def decisions(self) -> dict[str, ScheduleDecision]:
         """Each volume's decision now (volumes without objectives are left out)."""
@@ -102,6 +107,31 @@ class Scheduler:
                 continue
             log.info("scheduled backup of %s: %s", name, reason, extra={"VOLUME": name})
             started.append(name)
+        self.drills(set(started))
+        return started
+
+    def drills(self, skip: set[str]) -> list[str]:
+        """Start the restore drills that are due (not of ``skip``); returns the volumes."""
+        if self.start_drill is None:
+            return []
+        running = self.busy() | skip
+        started = []
+        for vol in self.volumes.catalog.list_volumes():
+            due = self.volumes.drill_due.get(vol.name)
+            if is_detached(vol) or vol.name in running or due is None or not due.due:
+                continue
+            try:
+                self.start_drill(vol.name)
+            except BlockguardError as exc:
+                log.warning("scheduled restore drill of %s not started: %s", vol.name, exc)
+                continue
+            log.info(
+                "scheduled restore drill of %s: %s",
+                vol.name,
+                due.reason,
+                extra={"VOLUME": vol.name},
+            )
+            started.append(vol.name)
         return started
 
     def _not_held(self, chosen: list[str], groups: dict[str, list[str]]) -> list[str]:

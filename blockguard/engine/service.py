@@ -90,6 +90,12 @@ class VolumeInfo:
     #: the estimate of the next method's restore: ``seconds``, ``upper_seconds``,
     #: ``calibrated``, ``calibration`` (why or why not), ``breakdown`` (seconds by term)
     restore_estimate: Mapping[str, Any] = field(default_factory=dict)
+    #: the last restore drill (empty if none): ``at``, ``result`` (ok | failed),
+    #: ``problem``, ``measured_seconds``, ``predicted_seconds``, ``upper_seconds``,
+    #: ``rto_seconds``, ``mode``, ``generation``
+    last_drill: Mapping[str, Any] = field(default_factory=dict)
+    #: unix time of the next restore drill, 0 if none is scheduled
+    next_drill: int = 0
 
 
 @dataclass(frozen=True)
@@ -343,6 +349,15 @@ class Service(Protocol):
         """
 
     def verify(self, generation: str) -> Job: ...
+
+    def drill_volume(self, volume: str) -> Job:
+        """Run the restore drill of a volume now (a job): its newest generation restored
+        into scratch space on its pool, read back against the stored checksums, timed
+        against its RTO, the scratch removed.
+
+        :raises NotFound: no such volume, or it has no generation.
+        :raises Busy: a job of the volume is queued or running.
+        """
 
     def drill(self, pool: str) -> Job:
         """Calibrate the restore-time model of a pool with a restore drill (a job): a

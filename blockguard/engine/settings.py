@@ -45,6 +45,9 @@ Defaults are what a production daemon wants; tests (and slow or fast hosts) over
 ``BLOCKGUARD_TEST_CLOCK_FILE``
     test hook: a file holding seconds added to the health assessment's clock (read at
     each assessment), so a test can age the last backup without waiting.
+``BLOCKGUARD_TEST_DRILL_DELAY``
+    test hook, a fault: seconds every generation read of a volume's restore drill takes
+    more (a slow pool disk as the drill sees it).
 ``BLOCKGUARD_TEST_BACKUP_DELAY``
     test hook: seconds to sleep after each extent a backup writes (makes a backup slow
     enough to be killed in the middle).
@@ -106,6 +109,7 @@ class Settings:
     retry_cap: float = 3600.0
     metrics_file: Path | None = DEFAULT_METRICS_FILE
     test_clock_file: Path | None = None
+    drill_read_delay: float = 0.0
 
     @classmethod
     def from_env(cls, state_dir: Path, env: Mapping[str, str] | None = None) -> Settings:
@@ -136,4 +140,5 @@ class Settings:
             retry_cap=_number(env, "BLOCKGUARD_RETRY_CAP", 3600.0),
             metrics_file=_path(env, "BLOCKGUARD_METRICS_FILE", DEFAULT_METRICS_FILE),
             test_clock_file=_path(env, "BLOCKGUARD_TEST_CLOCK_FILE", None),
+            drill_read_delay=_number(env, "BLOCKGUARD_TEST_DRILL_DELAY", 0.0),
         )

@@ -33,16 +33,18 @@ from blockguard.core.objectives import DEFAULT_GENERATIONS
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.restore_model import ChangeSets
 from blockguard.core.retention import GenerationRef
-from blockguard.core.scheduler import ScheduleDecision
+from blockguard.core.scheduler import DrillDecision, ScheduleDecision, drill_schedule
 from blockguard.engine import ids, poolspace
 from blockguard.engine import service as svc
 from blockguard.engine.calibration import calibration
+from blockguard.engine.drillbook import DrillBook, drill_mode, floors_of
 from blockguard.engine.events import EventHub
 from blockguard.engine.planning import (
     PlanInputs,
     chain_view,
     clean_given,
     correction_from,
+    drill_of,
     generations_of,
     merge_given,
     parse_given,
@@ -201,6 +203,8 @@ class VolumeRegistry:
         self.found_corrupt: dict[str, dict[str, Damage]] = {}
         self.last_plan: dict[str, dict[str, Any]] = {}
         self.last_due: dict[str, ScheduleDecision | None] = {}
+        self.drills = DrillBook(catalog)
+        self.drill_due: dict[str, DrillDecision] = {}
 
     def directory(self, name: str) -> Path:
         return self.settings.state_dir / "volumes" / name
@@ -702,13 +706,14 @@ class VolumeRegistry:
                 speeds.setdefault(device, default)
         given = self.objectives_of(name)
         given.pop("group", None)
+        objectives = parse_given(given)
         return PlanInputs(
             view=view,
             changes=changes,
             sets=sets,
             speeds=speeds,
             candidates=candidates,
-            objectives=parse_given(given),
+            objectives=objectives,
             keep=generations_of(given),
             correction=correction_from(self.catalog.recent_restores(name)),
             copy_target=default,
@@ -716,6 +721,7 @@ class VolumeRegistry:
             full_required=gens.full_required,
             generations=gens,
             calibration=calibration(self.catalog, sorted(speeds), pool_speeds),
+            floors=floors_of(self.drills.last(name), drill_mode(objectives), manifests),
         )
 
     def plan(self, name: str) -> dict[str, Any]:
@@ -736,6 +742,7 @@ class VolumeRegistry:
             plan = plan_dict(inputs, now)
             self.last_plan[name] = plan
             self.last_due[name] = schedule_of(inputs, now)
+            drill = self._drill_decision(name, inputs, now)
             vol = self.catalog.get_volume(name)
             newly_lost = bool(inputs.lost_reason) and self.lost.get(name) != inputs.lost_reason
             if inputs.lost_reason:
@@ -773,6 +780,8 @@ class VolumeRegistry:
                     "breakdown": plan["restore_breakdown"],
                     "upper_by_method": plan["upper_restore_seconds"],
                 },
+                last_drill=self._last_drill(name),
+                next_drill=0 if drill.next_due is None else int(drill.next_due.timestamp()),
             )
             self.cache[name] = info
         events: list[svc.ServiceEvent] = [svc.VolumeChanged(name)]
@@ -781,12 +790,39 @@ class VolumeRegistry:
         self.events.emit(*events)
         return info
 
+    def _drill_decision(self, name: str, inputs: PlanInputs, now: datetime) -> DrillDecision:
+        """When the volume's restore drill is due (kept for the scheduler)."""
+        given = self.objectives_of(name)
+        given.pop("group", None)
+        last = self.drills.last(name)
+        newest = inputs.view.newest
+        decision = drill_schedule(
+            drill_of(given),
+            last_drill=None if last is None else datetime.fromtimestamp(last.at, UTC),
+            newest_generation=(
+                None if newest is None else datetime.fromtimestamp(newest.created, UTC)
+            ),
+            now=now,
+            last_failed=last is not None and last.result != "ok",
+        )
+        self.drill_due[name] = decision
+        return decision
+
+    def _last_drill(self, name: str) -> dict[str, Any]:
+        last = self.drills.last(name)
+        if last is None:
+            return {}
+        shown = last.as_dict()
+        del shown["chain"]  # the pool's own ids: for the plan, not for clients
+        return shown
+
     def _refresh_detached(self, name: str) -> svc.VolumeInfo:
         vol = self.catalog.get_volume(name)
         reason = "detached: no device is tracked; protect a device under this name to resume"
         if (vol.tracker_state, vol.tracker_reason) != ("unknown", reason):
             self.catalog.set_tracker_state(name, "unknown", reason)
         self.last_due[name] = None
+        self.drill_due.pop(name, None)
         self.last_plan.pop(name, None)
         info = svc.VolumeInfo(
             name=name,

@@ -8,16 +8,16 @@ project's own restore code (:mod:`blockguard.storage.restore`), timing each:
 
 - swap-in mode: :func:`~blockguard.storage.restore.swap_in` as a real swap-in runs (a clone
   of the full, deltas applied, the rest of the clone read back and verified);
-- copy mode: :func:`~blockguard.storage.restore.restore_to_device` into scratch space on the
-  pool, a clone of the drill's full the pool makes for it (a loop device on a reflinked file
-  of a dir pool, a thin snapshot of an lvm pool). Writing over a clone allocates as a new
-  device's writes do (copy on write); a real copy target is another disk, whose speed the
-  model takes from the performance table.
+- copy mode: :func:`~blockguard.storage.restore.rehearse`, the copy restore's read side (the
+  same gathered windows, readers and checksum checks, the data then dropped). A real copy
+  target is a device of its own, whose write speed the model takes from the performance
+  table; an earlier drill wrote into a clone of the full on the pool and so measured the
+  pool's copy-on-write allocation, 4-9x a real restore to another disk in the guest.
 
 Each restore is one sample of (mode, pool device, generations, chunks, extents, bytes,
 seconds); the engine stores them and fits the model's terms. Everything the drill wrote is
 removed before it returns, also on failure. It writes nothing but its own generations and
-its own scratch clones, and the safety gate judges every scratch device before it is written.
+its own swap-in clones.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import xxhash
 from pyroaring import BitMap
@@ -46,11 +45,8 @@ from blockguard.storage.manifest import (
     chunk_count,
     new_checksum_array,
 )
-from blockguard.storage.pool.base import PoolBackend, SwapInVolume
-from blockguard.storage.restore import RestoreResult, restore_to_device, swap_in
-
-if TYPE_CHECKING:
-    from blockguard.storage.safety import SafetyGate
+from blockguard.storage.pool.base import PoolBackend
+from blockguard.storage.restore import RestoreResult, rehearse, swap_in
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +225,6 @@ def _timed_restore(
     pool: PoolBackend,
     generation: Manifest,
     mode: str,
-    scratch: SwapInVolume | None,
     serial: int,
 ) -> RestoreResult:
     if mode == "swap-in":
@@ -239,8 +234,7 @@ def _timed_restore(
         assert result.swap is not None
         result.swap.release()
         return result
-    assert scratch is not None
-    return restore_to_device(pool, DRILL_VOLUME, generation.generation_id, scratch.device)
+    return rehearse(pool, DRILL_VOLUME, generation.generation_id)
 
 
 def run_drill(
@@ -250,7 +244,6 @@ def run_drill(
     chunk_size: int = DRILL_CHUNK_SIZE,
     shapes: Sequence[DrillShape] = DEFAULT_SHAPES,
     modes: Sequence[str] = MODES,
-    gate: SafetyGate | None = None,
     progress: Progress | None = None,
     seed: int | None = None,
     repeats: int = DEFAULT_REPEATS,
@@ -259,8 +252,6 @@ def run_drill(
     and remove everything written.
 
     :param volume_bytes: size of the drill volume (shapes of ``size_share`` 0.5 use half).
-    :param gate: the daemon's safety gate: every scratch device is judged by it before it
-        is written (:meth:`SafetyGate.check_scratch`).
     :param seed: for the scattered chunk positions (random when None).
     :param repeats: restores of each shape in each mode.
     :raises InvalidInput: a size too small for a chunk, or an unknown mode.
@@ -294,35 +285,23 @@ def run_drill(
             builder, targets = _build(pool, size, chunk_size, group, rnd)
             written.extend(builder.written)
             full = builder.written[0]
-            scratch: SwapInVolume | None = None
-            if "copy" in modes:
-                serial += 1
-                scratch = pool.swap_in(full, f"{DRILL_LABEL}{serial}")
-            try:
-                if scratch is not None and gate is not None:
-                    gate.check_scratch(
-                        scratch.device, pool=pool.name, purpose="a restore drill's scratch target"
-                    )
-                for shape in [s for s in group for _ in range(repeats)]:
-                    for mode in modes:
-                        serial += 1
-                        result = _timed_restore(pool, targets[shape.name], mode, scratch, serial)
-                        samples.append(
-                            DrillSample(
-                                shape.name,
-                                mode,
-                                full,
-                                len(result.chain),
-                                result.chunks,
-                                result.extents,
-                                result.bytes_read,
-                                result.duration,
-                            )
+            for shape in [s for s in group for _ in range(repeats)]:
+                for mode in modes:
+                    serial += 1
+                    result = _timed_restore(pool, targets[shape.name], mode, serial)
+                    samples.append(
+                        DrillSample(
+                            shape.name,
+                            mode,
+                            full,
+                            len(result.chain),
+                            result.chunks,
+                            result.extents,
+                            result.bytes_read,
+                            result.duration,
                         )
-                        progress.advance(1)
-            finally:
-                if scratch is not None:
-                    scratch.release()
+                    )
+                    progress.advance(1)
             # Remove a size's chains before writing the next: the drill needs little room.
             _remove(pool, builder.written)
     finally:

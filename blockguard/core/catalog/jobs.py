@@ -134,12 +134,18 @@ class JobStore(CatalogBase):
         volume: str | None = None,
         states: tuple[str, ...] | None = None,
         limit: int | None = None,
+        kind: str | None = None,
     ) -> list[Job]:
-        """Jobs, newest first, optionally of one volume, in some states, at most ``limit``."""
+        """Jobs, newest first, optionally of one volume, in some states, of one kind, at
+        most ``limit``."""
         query, args = "SELECT * FROM jobs WHERE 1", []
         if volume is not None:
             query += " AND volume = ?"
             args.append(volume)
+        if kind is not None:
+            check_choice("job kind", kind, JOB_KINDS)
+            query += " AND kind = ?"
+            args.append(kind)
         if states is not None:
             for state in states:
                 check_choice("job state", state, JOB_STATES)

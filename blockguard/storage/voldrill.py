@@ -1,0 +1,173 @@
+"""A volume's restore drill: its newest generation restored as the volume's RTO says, every
+restored chunk checked against its stored checksum, nothing left behind.
+
+The restore is the project's own (:mod:`blockguard.storage.restore`), in the mode the
+volume's RTO refers to, timed as pool drills time it (:mod:`blockguard.storage.drill`):
+
+- swap-in: :func:`~blockguard.storage.restore.swap_in` as a real swap-in runs (a clone of
+  the full on the pool, the deltas applied), then every chunk of the clone read back
+  against the checksum stored for it in the generation that provides it, so a restore
+  path that writes wrong bytes is caught (:class:`~blockguard.errors.DrillMismatch`); the
+  clone is released, also on failure;
+- copy: :func:`~blockguard.storage.restore.rehearse`, the copy's read side alone (the same
+  readers, windows and checksum checks, the data dropped): a copy's target is a device of
+  its own whose writes the model takes from its speed, and writing into a clone on the
+  pool would time the pool's copy-on-write allocation instead.
+
+Either way a chunk damaged on the pool stops the drill with
+:class:`~blockguard.errors.ChecksumMismatch`, naming it and its generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from blockguard.errors import ChecksumMismatch, DrillMismatch, InvalidInput
+from blockguard.storage.blockdev import BlockDevice
+from blockguard.storage.copyengine import (
+    DEFAULT_EXTENT_BYTES,
+    CopyItem,
+    DeviceSource,
+    Progress,
+    copy_chunks,
+    discard_sink,
+    extents,
+)
+from blockguard.storage.manifest import Manifest
+from blockguard.storage.pool.base import GenerationReader, PoolBackend
+from blockguard.storage.restore import RestoreResult, plan_chunks, rehearse, swap_in
+
+log = logging.getLogger(__name__)
+
+#: Prefix of a volume drill's scratch clone (a swap-in label; names no volume can take).
+VOLUME_DRILL_LABEL = "@vdrill-"
+MODES = ("copy", "swap-in")
+
+
+@dataclass(frozen=True)
+class VolumeDrillResult:
+    """A drill's restore (its shape and measured duration) and what the read-back checked."""
+
+    restore: RestoreResult
+    verified_chunks: int
+    verified_bytes: int
+    verify_seconds: float
+
+
+class DelayedReads:
+    """A pool whose generations each take ``delay`` seconds more to open: a fault that
+    makes a drill's restore slow the way a slow or busy pool disk does (tests only)."""
+
+    def __init__(self, pool: PoolBackend, delay: float, progress: Progress) -> None:
+        self._pool = pool
+        self._delay = delay
+        self._progress = progress
+
+    def open_generation(self, manifest: Manifest) -> Any:
+        until = time.monotonic() + self._delay
+        # In steps: a stopped drill (see Progress.cancel) stops waiting too.
+        while not self._progress.cancelled and time.monotonic() < until:
+            time.sleep(min(0.05, max(0.0, until - time.monotonic())))
+        return self._pool.open_generation(manifest)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+
+def drill_volume(
+    pool: PoolBackend,
+    volume: str,
+    generation_id: str,
+    mode: str,
+    *,
+    label: str,
+    progress: Progress | None = None,
+    read_delay: float = 0.0,
+) -> VolumeDrillResult:
+    """Restore ``generation_id`` of ``volume`` as a drill (see the module docstring): every
+    restored chunk checked against its stored checksum, nothing left on ``pool``.
+
+    :param mode: ``copy`` or ``swap-in`` (what the volume's RTO refers to).
+    :param label: a swap-in drill's clone's name (unique per drill; starts with
+        :data:`VOLUME_DRILL_LABEL`).
+    :param read_delay: a test's fault: seconds every generation read takes more.
+    :raises ChecksumMismatch: a stored chunk is damaged (names chunk and generation).
+    :raises DrillMismatch: the restored device does not hold what the chain stores.
+    :raises PoolSpaceLow: the scratch writes and the next backup would not both fit.
+    """
+    if mode not in MODES:
+        raise InvalidInput(detail=f"drill mode {mode!r} is not one of {', '.join(MODES)}")
+    if not label.startswith(VOLUME_DRILL_LABEL):
+        raise InvalidInput(detail=f"drill label {label!r} must start with {VOLUME_DRILL_LABEL}")
+    progress = progress or Progress()
+    source: PoolBackend = pool if read_delay <= 0 else DelayedReads(pool, read_delay, progress)  # type: ignore[assignment]
+    if mode == "copy":
+        result = rehearse(source, volume, generation_id, progress=progress)
+        return VolumeDrillResult(result, result.chunks, result.bytes_read, 0.0)
+    chain = pool.chain(volume, generation_id)
+    # The deltas written over the clone allocate (copy on write): a drill must not take the
+    # room the next backup needs.
+    writes = sum(len(own) for g, own in plan_chunks(chain) if not g.is_full)
+    writes *= chain[0].chunk_size
+    pool.require_space(writes + pool.next_backup_estimate(volume), volume)
+    result = swap_in(source, volume, generation_id, label=label, progress=progress)
+    assert result.swap is not None
+    try:
+        started = time.monotonic()
+        chunks, nbytes = read_back(pool, volume, chain, result.target, progress)
+        verify_seconds = time.monotonic() - started
+    finally:
+        result.swap.release()
+    return VolumeDrillResult(result, chunks, nbytes, verify_seconds)
+
+
+def read_back(
+    pool: PoolBackend,
+    volume: str,
+    chain: list[Manifest],
+    device: str,
+    progress: Progress,
+    extent_bytes: int = DEFAULT_EXTENT_BYTES,
+) -> tuple[int, int]:
+    """Read every chunk of a restored ``device`` and check it against the checksum stored
+    for it in the generation of ``chain`` that provides it; returns (chunks, bytes).
+
+    :raises DrillMismatch: naming the first chunk that differs and its generation.
+    """
+    plan = plan_chunks(chain)
+    full = chain[0]
+    max_count = max(1, extent_bytes // full.chunk_size)
+    progress.add_total(sum(len(own) for _, own in plan) * full.chunk_size)
+    with BlockDevice(device, direct=True) as dev, contextlib.ExitStack() as stack:
+        restored = DeviceSource(dev, full.chunk_size)
+        readers = [stack.enter_context(pool.open_generation(g)) for g, _ in plan]
+
+        def items(reader: GenerationReader, gen: Manifest, own: Any) -> Iterator[CopyItem]:
+            for first, count in extents(own, gen.chunks, max_count):
+                expected = reader.expected(first, count)
+                yield CopyItem(restored, first, count, expected, gen.generation_id)
+
+        streams = [items(r, g, own) for r, (g, own) in zip(readers, plan, strict=True)]
+        try:
+            nbytes = copy_chunks(
+                heapq.merge(*streams, key=lambda item: item.first),
+                discard_sink,
+                chunk_size=full.chunk_size,
+                volume_size=full.volume.size,
+                progress=progress,
+                extent_bytes=extent_bytes,
+            )
+        except ChecksumMismatch as exc:
+            raise DrillMismatch(
+                volume=volume,
+                generation=exc.fields.get("generation", "?"),
+                chunk=exc.fields.get("chunk", "?"),
+                device=device,
+            ) from exc
+    return sum(len(own) for _, own in plan), nbytes
