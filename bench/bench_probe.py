@@ -39,11 +39,11 @@ from blockguard.core.units import KiB, MiB, format_rate
 from blockguard.errors import CommandNotFound
 from blockguard.storage import cgroup
 from blockguard.storage.blockdev import BlockDevice, aligned_buffer, device_rdev
+from blockguard.storage.devinfo import describe_device
 from blockguard.storage.probe import (
     SEQ_BLOCK,
     WRITE_KINDS,
     WritableRegion,
-    describe_device,
     probe_device,
 )
 from blockguard.storage.runner import Runner

@@ -39,16 +39,15 @@ from pyroaring import BitMap
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_datapath import fill_random, loop_device
-from blockguard.core.objectives import RestoreMode
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.restore_model import (
-    BackupMethod,
     Chain,
     RestoreSample,
     correction_factor,
     estimate_chain,
 )
 from blockguard.core.restore_terms import PathSample, RestoreShape, fit_terms
+from blockguard.core.vocab import GenerationKind, RestoreMode
 from blockguard.engine.planning import runs
 from blockguard.storage.backup import run_backup
 from blockguard.storage.blockdev import BlockDevice
@@ -176,7 +175,7 @@ def run_pool(
             )  # fmt: skip
             parent = res.manifest.generation_id
             chain = chain.with_backup(
-                BackupMethod(kind), len(copy_set) * chunk, "pool", extents=runs(BitMap(copy_set))
+                GenerationKind(kind), len(copy_set) * chunk, "pool", extents=runs(BitMap(copy_set))
             )
             label = f"{kind[:4]} {len(copy_set)} ch, {len(chain.restore_deltas())} deltas"
             measure(label, chain)

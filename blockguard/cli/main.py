@@ -18,7 +18,7 @@ from typing import Any
 from blockguard.cli import actions, health
 from blockguard.cli.client import Client
 from blockguard.cli.errors import explain, next_step
-from blockguard.core.vocab import MAX_GENERATIONS
+from blockguard.core.vocab import MAX_GENERATIONS, RESTORE_MODES, RestoreMode
 from blockguard.errors import ExitCode
 
 
@@ -103,7 +103,7 @@ OBJECTIVE_ARGS = (
         help='recovery point objective: 15m, every 4h, daily 02:30, changed 10GiB ("" clears)',
     ),
     Arg("--rto", type=objective_text("rto"), help='recovery time objective, e.g. 5m ("" clears)'),
-    Arg("--restore-mode", choices=["swap-in", "copy", ""], help="what the RTO refers to"),
+    Arg("--restore-mode", choices=[*RESTORE_MODES, ""], help="what the RTO refers to"),
     Arg(
         "--generations",
         type=bounded_int("generations", 1, MAX_GENERATIONS, clearable=True),
@@ -254,7 +254,7 @@ TREE = Cmd(
                     default="",
                     help="7, latest, latest~2 or a unique prefix of the id (default: the newest)",
                 ),
-                Arg("--mode", default="copy", choices=["copy", "swap-in"]),
+                Arg("--mode", default=RestoreMode.COPY.value, choices=RESTORE_MODES),
                 Arg("--target", default="", help="device to restore onto (default: the original)"),
                 FORCE,
                 NO_WAIT,

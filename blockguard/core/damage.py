@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from blockguard.core.retention import GenerationRef, dependencies
+from blockguard.core.vocab import GenerationKind
 
 
 class DamageCause(enum.StrEnum):
@@ -99,7 +100,7 @@ def full_required_reason(
         ``generations`` (unreadable manifests); ids missing here count as newest.
     """
     refs = list(generations)
-    fulls = [g for g in refs if g.kind == "full" and g.generation_id not in corrupt]
+    fulls = [g for g in refs if g.kind is GenerationKind.FULL and g.generation_id not in corrupt]
     newest_full = max(fulls, key=lambda g: (g.created, g.generation_id), default=None)
     when = {g.generation_id: g.created for g in refs}
     recent = sorted(

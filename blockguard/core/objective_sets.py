@@ -24,12 +24,12 @@ from blockguard.core.objectives import (
     MAX_RTO,
     MIN_RTO,
     RecoveryObjectives,
-    RestoreMode,
     parse_drill,
     parse_objectives,
     parse_rpo,
     parse_rto,
 )
+from blockguard.core.vocab import RestoreMode
 from blockguard.errors import InvalidObjectives
 
 #: The keys a client may set; the values are kept as given (strings as typed).

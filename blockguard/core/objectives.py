@@ -9,7 +9,6 @@ construction, so an invalid ``RecoveryObjectives`` cannot exist.
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from blockguard.core.units import (
     parse_duration,
     parse_size,
 )
-from blockguard.core.vocab import MAX_GENERATIONS
+from blockguard.core.vocab import MAX_GENERATIONS, RestoreMode
 from blockguard.errors import InvalidInput, InvalidObjectives
 
 MIN_INTERVAL = timedelta(minutes=1)
@@ -50,16 +49,6 @@ DRILL_WORDS: dict[str, timedelta | None] = {
 DEFAULT_GENERATIONS = 7
 
 _HOUR_RE = re.compile(r"([0-9]{1,2}):([0-9]{2})")
-
-
-class RestoreMode(enum.StrEnum):
-    """What the RTO refers to."""
-
-    #: The backup is switched in as the volume (reflink/thin snapshot of the full, deltas
-    #: applied on top): the full costs no copying.
-    SWAP_IN = "swap-in"
-    #: The backup is copied back to a new device: the full is copied too.
-    COPY = "copy"
 
 
 @dataclass(frozen=True)

@@ -10,20 +10,20 @@ Only a full is possible without a full to build on or when change tracking is no
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from blockguard.core.objectives import RecoveryObjectives, RestoreMode
+from blockguard.core.objectives import RecoveryObjectives
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.restore_model import (
-    BackupMethod,
     Chain,
-    ChangeSets,
     RestoreEstimate,
     TermBook,
     estimate_chain,
 )
 from blockguard.core.units import format_duration, format_rate, format_size
+from blockguard.core.vocab import GenerationKind, RestoreMode
+from blockguard.core.what_if import ChangeSets
 from blockguard.errors import InvalidInput
 
 
@@ -31,7 +31,7 @@ from blockguard.errors import InvalidInput
 class Placement:
     """One (method, device) the planner considered, with its restore estimate."""
 
-    method: BackupMethod
+    method: GenerationKind
     device_id: str
     nbytes: int
     estimate: RestoreEstimate
@@ -52,7 +52,7 @@ class PlanDecision:
     :param considered: the best placement found for each method that was possible.
     """
 
-    method: BackupMethod
+    method: GenerationKind
     device_id: str
     nbytes: int
     estimate: RestoreEstimate
@@ -66,16 +66,16 @@ class PlanDecision:
         return "; ".join(self.reasons)
 
 
-def _what(method: BackupMethod, chain: Chain | None, nbytes: int) -> str:
+def _what(method: GenerationKind, chain: Chain | None, nbytes: int) -> str:
     """How the restore of ``method`` reads, e.g. "incremental chain 3 generations, 12.0 GiB"."""
-    if method is BackupMethod.INCREMENTAL and chain is not None:
+    if method is GenerationKind.INCREMENTAL and chain is not None:
         generations = chain.incrementals_since_base() + 1
-        has_diff = any(d.method is BackupMethod.DIFFERENTIAL for d in chain.restore_deltas())
+        has_diff = any(d.method is GenerationKind.DIFFERENTIAL for d in chain.restore_deltas())
         base = " on a differential" if has_diff else ""
         return f"incremental chain {generations} generations{base} (this one {format_size(nbytes)})"
-    if method is BackupMethod.DIFFERENTIAL:
+    if method is GenerationKind.DIFFERENTIAL:
         return f"differential {format_size(nbytes)}"
-    if method is BackupMethod.FULL:
+    if method is GenerationKind.FULL:
         return f"full {format_size(nbytes)}"
     return f"{method.value} {format_size(nbytes)}"
 
@@ -99,7 +99,7 @@ def plan_backup(
     correction: float = 1.0,
     full_required: str | None = None,
     terms: TermBook | None = None,
-    floors: Mapping[BackupMethod, float] | None = None,
+    floors: Mapping[GenerationKind, float] | None = None,
 ) -> PlanDecision:
     """Decide the method and placement of the backup to take now.
 
@@ -123,17 +123,72 @@ def plan_backup(
     :raises InvalidInput: if there is no candidate device, or copy mode lacks ``copy_target``.
     :raises NotFound: if a device of the chain has no speed.
     """
+    order = _candidate_order(speeds, candidates)
+    mode = objectives.restore_mode
+    if mode is RestoreMode.COPY and copy_target is None:
+        raise InvalidInput(detail="copy-mode objectives need the restore target's speed")
+
+    methods, reasons = _possible_methods(chain, changes, full_required)
+    base = chain if chain is not None else Chain(changes.volume_bytes, order[0])
+
+    def estimate(after: Chain) -> RestoreEstimate:
+        return estimate_chain(after, speeds, mode, copy_target, correction, terms)
+
+    placements = {m: _placements(m, base, changes, order, estimate) for m in methods}
+    best = {m: min(ps, key=lambda p: p.estimate.upper_seconds) for m, ps in placements.items()}
+    considered = tuple(best[m] for m in methods)
+
+    if objectives.rto is None:
+        choice = placements[methods[0]][0]
+        reasons.append(
+            f"no RTO set: {choice.method.value} is the cheapest backup; "
+            f"{_what(choice.method, chain, choice.nbytes)} on {choice.device_id}, {_est(choice)}"
+        )
+        return _decision(choice, reasons, considered)
+
+    limit = objectives.rto.total_seconds()
+    rto_text = format_duration(objectives.rto)
+    floor = dict(floors or {})
+    for method in methods:
+        if floor.get(method, 0.0) > limit:
+            what = _what(method, chain, placements[method][0].nbytes)
+            reasons.append(
+                f"{what}: a restore drill measured {format_duration(floor[method])} for the "
+                f"chain it extends > RTO {rto_text}"
+            )
+            continue
+        choice, reason = _within_rto(placements[method], best[method], chain, limit, rto_text)
+        reasons.append(reason)
+        if choice is not None:
+            return _decision(choice, reasons, considered)
+
+    # Nothing meets the RTO: still protect the data, with the quickest restore available.
+    choice = min(
+        considered,
+        key=lambda p: (max(p.estimate.upper_seconds, floor.get(p.method, 0.0)), p.method.cost_rank),
+    )
+    needed = choice.estimate.nbytes * choice.estimate.correction / limit
+    reasons.append(_infeasible_reason(choice, needed, rto_text, speeds, order, mode, copy_target))
+    return _decision(choice, reasons, considered, feasible=False, needed_rate=needed)
+
+
+def _candidate_order(
+    speeds: Mapping[str, DeviceSpeed], candidates: Sequence[str] | None
+) -> list[str]:
+    """The candidate devices in the pool's order of preference, each with a speed."""
     order = list(speeds) if candidates is None else list(candidates)
     if not order:
         raise InvalidInput(detail="no pool device has room for the backup")
     for device in order:
         if device not in speeds:
             raise InvalidInput(detail=f"candidate pool device {device} has no performance entry")
-    mode = objectives.restore_mode
-    if mode is RestoreMode.COPY and copy_target is None:
-        raise InvalidInput(detail="copy-mode objectives need the restore target's speed")
+    return order
 
-    reasons: list[str] = []
+
+def _possible_methods(
+    chain: Chain | None, changes: ChangeSets, full_required: str | None
+) -> tuple[list[GenerationKind], list[str]]:
+    """The methods possible now, cheapest first, and the reason when only a full is."""
     only_full = []
     if chain is None:
         only_full.append("no full backup yet")
@@ -142,122 +197,102 @@ def plan_backup(
     if full_required:
         only_full.append(full_required)
     if only_full:
-        methods = [BackupMethod.FULL]
-        reasons.append(f"full needed: {'; '.join(only_full)}")
-    else:
-        methods = list(BackupMethod)
+        return [GenerationKind.FULL], [f"full needed: {'; '.join(only_full)}"]
+    return list(GenerationKind), []
 
-    base = chain if chain is not None else Chain(changes.volume_bytes, order[0])
 
-    def place(method: BackupMethod) -> list[Placement]:
-        nbytes = changes.nbytes(method)
-        result = []
-        for device in order:
-            after = base.with_backup(
-                method, nbytes, device, changes.scattered, changes.extents(method)
-            )
-            estimate = estimate_chain(after, speeds, mode, copy_target, correction, terms)
-            result.append(Placement(method, device, nbytes, estimate))
-        # Preferred device first, then fastest restore first; stable for equal estimates.
-        return [result[0], *sorted(result[1:], key=lambda p: p.estimate.upper_seconds)]
-
-    placements = {method: place(method) for method in methods}
-    best = {m: min(ps, key=lambda p: p.estimate.upper_seconds) for m, ps in placements.items()}
-    considered = tuple(best[m] for m in methods)
-
-    rto = objectives.rto
-    if rto is None:
-        choice = placements[methods[0]][0]
-        reasons.append(
-            f"no RTO set: {choice.method.value} is the cheapest backup; "
-            f"{_what(choice.method, chain, choice.nbytes)} on {choice.device_id}, {_est(choice)}"
+def _placements(
+    method: GenerationKind,
+    base: Chain,
+    changes: ChangeSets,
+    order: Sequence[str],
+    estimate: Callable[[Chain], RestoreEstimate],
+) -> list[Placement]:
+    """``method`` placed on each candidate: the preferred device first, then the fastest
+    restore first (stable for equal estimates)."""
+    nbytes = changes.nbytes(method)
+    result = [
+        Placement(
+            method,
+            device,
+            nbytes,
+            estimate(
+                base.with_backup(method, nbytes, device, changes.scattered, changes.extents(method))
+            ),
         )
-        return PlanDecision(
-            choice.method,
-            choice.device_id,
-            choice.nbytes,
-            choice.estimate,
-            True,
-            tuple(reasons),
-            None,
-            considered,
-        )
+        for device in order
+    ]
+    return [result[0], *sorted(result[1:], key=lambda p: p.estimate.upper_seconds)]
 
-    limit = rto.total_seconds()
-    rto_text = format_duration(rto)
-    floor = dict(floors or {})
-    for method in methods:
-        first = placements[method][0]
-        what = _what(method, chain, first.nbytes)
-        if floor.get(method, 0.0) > limit:
-            reasons.append(
-                f"{what}: a restore drill measured {format_duration(floor[method])} for the "
-                f"chain it extends > RTO {rto_text}"
-            )
-            continue
-        if first.estimate.upper_seconds <= limit:
-            reasons.append(f"{what} on {first.device_id}, {_est(first)} <= RTO {rto_text}")
-            return PlanDecision(
-                method,
-                first.device_id,
-                first.nbytes,
-                first.estimate,
-                True,
-                tuple(reasons),
-                None,
-                considered,
-            )
-        fitting = [p for p in placements[method][1:] if p.estimate.upper_seconds <= limit]
-        if fitting:
-            # Fastest that fits: it leaves the most room for the deltas that will follow.
-            chosen = fitting[0]
-            reasons.append(
-                f"{what} on {first.device_id}, {_est(first)} > RTO {rto_text}; "
-                f"on faster device {chosen.device_id}, {_est(chosen)} <= RTO {rto_text}"
-            )
-            return PlanDecision(
-                method,
-                chosen.device_id,
-                chosen.nbytes,
-                chosen.estimate,
-                True,
-                tuple(reasons),
-                None,
-                considered,
-            )
-        fastest = best[method]
-        on_fastest = (
-            f" (fastest device {fastest.device_id}: "
-            f"est {format_duration(fastest.estimate.upper_seconds)})"
-            if fastest.device_id != first.device_id
-            else ""
-        )
-        reasons.append(f"{what} on {first.device_id}, {_est(first)} > RTO {rto_text}{on_fastest}")
 
-    # Nothing meets the RTO: still protect the data, with the quickest restore available.
-    choice = min(
-        considered,
-        key=lambda p: (max(p.estimate.upper_seconds, floor.get(p.method, 0.0)), p.method.cost_rank),
+def _within_rto(
+    placements: Sequence[Placement],
+    fastest: Placement,
+    chain: Chain | None,
+    limit: float,
+    rto_text: str,
+) -> tuple[Placement | None, str]:
+    """The placement of one method that meets the RTO (on the preferred device if it can,
+    else the fastest that fits), or None; and the reason either way."""
+    first = placements[0]
+    what = _what(first.method, chain, first.nbytes)
+    if first.estimate.upper_seconds <= limit:
+        return first, f"{what} on {first.device_id}, {_est(first)} <= RTO {rto_text}"
+    fitting = [p for p in placements[1:] if p.estimate.upper_seconds <= limit]
+    if fitting:
+        # Fastest that fits: it leaves the most room for the deltas that will follow.
+        chosen = fitting[0]
+        return chosen, (
+            f"{what} on {first.device_id}, {_est(first)} > RTO {rto_text}; "
+            f"on faster device {chosen.device_id}, {_est(chosen)} <= RTO {rto_text}"
+        )
+    on_fastest = (
+        f" (fastest device {fastest.device_id}: "
+        f"est {format_duration(fastest.estimate.upper_seconds)})"
+        if fastest.device_id != first.device_id
+        else ""
     )
-    needed = choice.estimate.nbytes * choice.estimate.correction / limit
+    return None, f"{what} on {first.device_id}, {_est(first)} > RTO {rto_text}{on_fastest}"
+
+
+def _infeasible_reason(
+    choice: Placement,
+    needed: float,
+    rto_text: str,
+    speeds: Mapping[str, DeviceSpeed],
+    order: Sequence[str],
+    mode: RestoreMode,
+    copy_target: DeviceSpeed | None,
+) -> str:
+    """Why no method meets the RTO, and what restore rate would."""
     best_seq = max(speeds[d].seq_read for d in order)
     best_rand = max(speeds[d].rand_read for d in order)
     target_note = ""
     if copy_target is not None and mode is RestoreMode.COPY:
         target_note = f", the target writes {format_rate(copy_target.seq_write)} sequentially"
-    reasons.append(
+    return (
         f"RTO {rto_text} cannot be met: the quickest restore, after a {choice.method.value} on "
         f"{choice.device_id}, {_est(choice)}; it needs a restore rate of at least "
         f"{format_rate(needed)} (pool read and target write), the fastest pool device reads "
         f"{format_rate(best_seq)} sequentially and {format_rate(best_rand)} at random{target_note}"
     )
+
+
+def _decision(
+    choice: Placement,
+    reasons: Sequence[str],
+    considered: tuple[Placement, ...],
+    *,
+    feasible: bool = True,
+    needed_rate: float | None = None,
+) -> PlanDecision:
     return PlanDecision(
-        choice.method,
-        choice.device_id,
-        choice.nbytes,
-        choice.estimate,
-        False,
-        tuple(reasons),
-        needed,
-        considered,
+        method=choice.method,
+        device_id=choice.device_id,
+        nbytes=choice.nbytes,
+        estimate=choice.estimate,
+        feasible=feasible,
+        reasons=tuple(reasons),
+        needed_rate=needed_rate,
+        considered=considered,
     )

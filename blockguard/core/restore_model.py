@@ -1,5 +1,8 @@
 """The restore-time model: how long would a restore take, and why.
 
+(One thing at ~450 lines: the chain, its pieces and their estimate, each term explained;
+the questions asked of it before a backup are in :mod:`blockguard.core.what_if`.)
+
 For each piece to restore, time = bytes / min(read speed where it is stored, write speed of
 the restore target), with the random-at-chunk-size figures for scattered chunks and the
 sequential ones for contiguous data (the seed, step 704). The full base costs nothing in
@@ -19,17 +22,16 @@ volume failed now, the restore would take X, at most Y".
 
 from __future__ import annotations
 
-import enum
 import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from blockguard.core.objectives import RestoreMode
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.restore_terms import PathTerms, RestoreShape, TermBreakdown
 from blockguard.core.units import format_duration, format_rate, format_size
+from blockguard.core.vocab import GenerationKind, RestoreMode
 from blockguard.errors import InvalidInput, NotFound
 
 #: How many recent real restores the correction looks at.
@@ -50,20 +52,7 @@ DEFAULT_EXTENT_BYTES = 64 * 1024
 TermBook = Mapping[tuple[str, str], PathTerms]
 
 
-class BackupMethod(enum.StrEnum):
-    """Kind of a generation. Members are listed from cheapest to costliest to take."""
-
-    INCREMENTAL = "incremental"
-    DIFFERENTIAL = "differential"
-    FULL = "full"
-
-    @property
-    def cost_rank(self) -> int:
-        """0 for the cheapest backup (incremental), 2 for the costliest (full)."""
-        return list(BackupMethod).index(self)
-
-
-def _check_bytes(name: str, value: object) -> int:
+def check_bytes(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidInput(detail=f"{name} {value!r} is not a byte count >= 0")
     return value
@@ -81,20 +70,20 @@ class StoredDelta:
         :data:`DEFAULT_EXTENT_BYTES` its own extent when scattered, one when not).
     """
 
-    method: BackupMethod
+    method: GenerationKind
     nbytes: int
     device_id: str
     scattered: bool = True
     extents: int | None = None
 
     def __post_init__(self) -> None:
-        method = BackupMethod(self.method)
-        if method is BackupMethod.FULL:
+        method = GenerationKind(self.method)
+        if method is GenerationKind.FULL:
             raise InvalidInput(detail="a stored delta cannot be a full backup")
         object.__setattr__(self, "method", method)
-        _check_bytes("delta size", self.nbytes)
+        check_bytes("delta size", self.nbytes)
         if self.extents is not None:
-            _check_bytes("delta extents", self.extents)
+            check_bytes("delta extents", self.extents)
 
     @property
     def extent_count(self) -> int:
@@ -120,7 +109,7 @@ class Chain:
     deltas: tuple[StoredDelta, ...] = ()
 
     def __post_init__(self) -> None:
-        _check_bytes("full size", self.full_bytes)
+        check_bytes("full size", self.full_bytes)
         object.__setattr__(self, "deltas", tuple(self.deltas))
 
     def restore_deltas(self) -> tuple[StoredDelta, ...]:
@@ -131,17 +120,17 @@ class Chain:
         """
         start = 0
         for index, delta in enumerate(self.deltas):
-            if delta.method is BackupMethod.DIFFERENTIAL:
+            if delta.method is GenerationKind.DIFFERENTIAL:
                 start = index
         return self.deltas[start:]
 
     def incrementals_since_base(self) -> int:
         """How many incrementals the newest generation stacks on its full or differential."""
-        return sum(1 for d in self.restore_deltas() if d.method is BackupMethod.INCREMENTAL)
+        return sum(1 for d in self.restore_deltas() if d.method is GenerationKind.INCREMENTAL)
 
     def with_backup(
         self,
-        method: BackupMethod,
+        method: GenerationKind,
         nbytes: int,
         device_id: str,
         scattered: bool = True,
@@ -155,7 +144,7 @@ class Chain:
         :param scattered: whether a delta's chunks are scattered.
         :param extents: a delta's runs of adjacent chunks, when known.
         """
-        if BackupMethod(method) is BackupMethod.FULL:
+        if GenerationKind(method) is GenerationKind.FULL:
             return Chain(nbytes, device_id)
         return Chain(
             self.full_bytes,
@@ -326,14 +315,14 @@ def estimate_pieces(
     return RestoreEstimate(mode, tuple(parts), correction)
 
 
-def _speed(speeds: Mapping[str, DeviceSpeed], device_id: str) -> DeviceSpeed:
+def speed_of(speeds: Mapping[str, DeviceSpeed], device_id: str) -> DeviceSpeed:
     try:
         return speeds[device_id]
     except KeyError:
         raise NotFound(what="performance entry of device", name=device_id) from None
 
 
-def _write_of(target: DeviceSpeed | None) -> float:
+def write_rate_of(target: DeviceSpeed | None) -> float:
     return math.inf if target is None else target.write(True)
 
 
@@ -354,7 +343,7 @@ def restore_target(
     :raises InvalidInput: in copy mode without ``copy_target``.
     """
     if RestoreMode(mode) is RestoreMode.SWAP_IN:
-        return _speed(speeds, chain.full_device_id)
+        return speed_of(speeds, chain.full_device_id)
     if copy_target is None:
         raise InvalidInput(detail="a copy-mode restore estimate needs the target device's speed")
     return copy_target
@@ -408,14 +397,14 @@ def estimate_chain(
     full = RestorePiece(
         f"full on {chain.full_device_id}",
         chain.full_bytes,
-        _speed(speeds, chain.full_device_id),
+        speed_of(speeds, chain.full_device_id),
         scattered=False,
     )
     deltas = [
         RestorePiece(
             f"{d.method.value} {i} on {d.device_id}",
             d.nbytes,
-            _speed(speeds, d.device_id),
+            speed_of(speeds, d.device_id),
             d.scattered,
         )
         for i, d in enumerate(chain.restore_deltas(), start=1)
@@ -461,150 +450,3 @@ def correction_factor(
     if not usable:
         return 1.0
     return min(high, max(low, statistics.median(usable)))
-
-
-@dataclass(frozen=True)
-class ChangeSets:
-    """What a backup taken now would copy, and how the change tracker stands.
-
-    :param incremental_bytes: changed since the previous backup of any kind.
-    :param differential_bytes: changed since the last full.
-    :param volume_bytes: the size of a new full.
-    :param tracker_exact: ``False`` if change tracking was lost (crash, overflow): only a
-        full backup is then safe.
-    :param scattered: whether the changed chunks are scattered (random I/O on restore).
-    :param incremental_extents: runs of adjacent chunks of the incremental change set,
-        when known.
-    :param differential_extents: the same for the differential change set.
-    """
-
-    incremental_bytes: int
-    differential_bytes: int
-    volume_bytes: int
-    tracker_exact: bool = True
-    scattered: bool = True
-    incremental_extents: int | None = None
-    differential_extents: int | None = None
-
-    def __post_init__(self) -> None:
-        _check_bytes("incremental change-set size", self.incremental_bytes)
-        _check_bytes("differential change-set size", self.differential_bytes)
-        _check_bytes("volume size", self.volume_bytes)
-
-    def nbytes(self, method: BackupMethod) -> int:
-        """Bytes a backup of ``method`` would store."""
-        return {
-            BackupMethod.INCREMENTAL: self.incremental_bytes,
-            BackupMethod.DIFFERENTIAL: self.differential_bytes,
-            BackupMethod.FULL: self.volume_bytes,
-        }[BackupMethod(method)]
-
-    def extents(self, method: BackupMethod) -> int | None:
-        """Runs of adjacent chunks a delta of ``method`` would store (None: not known)."""
-        return {
-            BackupMethod.INCREMENTAL: self.incremental_extents,
-            BackupMethod.DIFFERENTIAL: self.differential_extents,
-            BackupMethod.FULL: None,
-        }[BackupMethod(method)]
-
-
-def what_if(
-    chain: Chain | None,
-    changes: ChangeSets,
-    device_id: str,
-    speeds: Mapping[str, DeviceSpeed],
-    mode: RestoreMode,
-    copy_target: DeviceSpeed | None = None,
-    correction: float = 1.0,
-    terms: TermBook | None = None,
-) -> dict[BackupMethod, RestoreEstimate]:
-    """Estimated restore time of the newest state after taking each kind of backup now.
-
-    Methods that cannot be taken (no full yet) are left out.
-
-    :param chain: the current chain, or ``None`` when there is no full yet.
-    :param changes: the current change sets.
-    :param device_id: the pool device the new data would go to.
-    :param speeds: speeds of the pool devices by identity.
-    :param mode: the restore mode.
-    :param copy_target: the restore target's speed in copy mode.
-    :param correction: factor learnt from real restores.
-    :param terms: fitted restore-path terms (see :func:`estimate_chain`).
-    """
-    base = chain if chain is not None else Chain(changes.volume_bytes, device_id)
-    result: dict[BackupMethod, RestoreEstimate] = {}
-    for method in BackupMethod:
-        if chain is None and method is not BackupMethod.FULL:
-            continue
-        after = base.with_backup(
-            method,
-            changes.nbytes(method),
-            device_id,
-            changes.scattered,
-            changes.extents(method),
-        )
-        result[method] = estimate_chain(after, speeds, mode, copy_target, correction, terms)
-    return result
-
-
-def bytes_restorable_within(
-    budget: timedelta,
-    chain: Chain | None,
-    device_id: str,
-    speeds: Mapping[str, DeviceSpeed],
-    mode: RestoreMode,
-    copy_target: DeviceSpeed | None = None,
-    correction: float = 1.0,
-    scattered: bool = True,
-    terms: TermBook | None = None,
-) -> int:
-    """How many more changed bytes an incremental on ``device_id`` could hold and the newest
-    state still restore within ``budget`` (the seed's reference value when only an RTO is
-    given). 0 when the chain alone already takes the whole budget.
-
-    :param budget: the RTO.
-    :param chain: the current chain (``None``: no full yet, the budget is measured from an
-        empty chain on ``device_id``).
-    :param device_id: where the next delta would be stored.
-    :param speeds: speeds of the pool devices by identity.
-    :param mode: the restore mode.
-    :param copy_target: the restore target's speed in copy mode.
-    :param correction: factor learnt from real restores.
-    :param scattered: whether the changed chunks are scattered.
-    :param terms: fitted restore-path terms; when the device holding the full has them,
-        the upper estimate is held against the budget, and a new delta costs one
-        generation plus one extent per :data:`DEFAULT_EXTENT_BYTES` (scattered).
-    """
-    mode = RestoreMode(mode)
-    full_device = chain.full_device_id if chain is not None else device_id
-    fitted = terms_for(terms, full_device, mode)
-    if fitted is not None:
-        if chain is None:
-            current = fitted.seconds(Chain(0, device_id).shape())
-            factor = fitted.upper_factor
-        else:
-            estimate = estimate_chain(chain, speeds, mode, copy_target, correction, terms)
-            current, factor = estimate.seconds, estimate.upper_factor
-        left = budget.total_seconds() / factor - current - fitted.per_generation
-        per_byte = fitted.per_extent / DEFAULT_EXTENT_BYTES if scattered else 0.0
-        if left <= 0:
-            return 0
-        if per_byte <= 0:
-            # The fit sees no cost in a delta's size: any size fits; the rate of the
-            # probe-only model still bounds what can be moved.
-            rate = min(_speed(speeds, device_id).read(scattered), _write_of(copy_target))
-            return int(left * rate)
-        return int(left / per_byte)
-    if chain is None:
-        current = 0.0
-        target = _speed(speeds, device_id) if mode is RestoreMode.SWAP_IN else copy_target
-        if target is None:
-            raise InvalidInput(detail="a copy-mode estimate needs the target device's speed")
-    else:
-        current = estimate_chain(chain, speeds, mode, copy_target, correction).seconds
-        target = restore_target(chain, speeds, mode, copy_target)
-    left = budget.total_seconds() - current
-    if left <= 0:
-        return 0
-    rate = min(_speed(speeds, device_id).read(scattered), target.write(scattered))
-    return int(left / correction * rate)

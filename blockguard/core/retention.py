@@ -16,17 +16,23 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from blockguard.core.vocab import GenerationKind
+
 
 @dataclass(frozen=True)
 class GenerationRef:
     """The part of a generation that retention looks at."""
 
     generation_id: str
-    kind: str  # "full" | "differential" | "incremental"
+    kind: GenerationKind
     base_id: str | None
     parent_id: str | None
     created: float
     empty: bool = False  # a delta that stored no chunk
+
+    def __post_init__(self) -> None:
+        # Callers may give the stored spelling ("full"); it is checked and kept as the enum.
+        object.__setattr__(self, "kind", GenerationKind(self.kind))
 
 
 def dependencies(gen: GenerationRef, by_id: dict[str, GenerationRef]) -> set[str]:

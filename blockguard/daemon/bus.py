@@ -19,6 +19,7 @@ from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
 import blockguard
+from blockguard.core import vocab
 from blockguard.daemon.dbusutil import (
     BUS_NAME,
     DEFAULT_ADMIN_GROUP,
@@ -246,8 +247,7 @@ class ManagerInterface(ServiceInterface):
         self, volume: Str, generation: Str, mode: Str, target: Str, force: Bool
     ) -> ObjPath:
         """generation "" means the newest; target "" the original device."""
-        if mode not in ("copy", "swap-in"):
-            raise InvalidInput(detail=f"restore mode {mode!r} is not copy or swap-in")
+        vocab.check_choice("restore mode", mode, vocab.RESTORE_MODES)
         job = await self._call(self.service.restore, volume, generation, mode, target, force)
         return self.tree.job(job)
 

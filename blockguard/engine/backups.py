@@ -18,27 +18,28 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pyroaring import BitMap
 
-from blockguard.core.restore_model import BackupMethod
+from blockguard.core.planner import PlanDecision
+from blockguard.core.vocab import GenerationKind, devno
 from blockguard.engine import ids, poolspace
 from blockguard.engine import service as svc
 from blockguard.engine.events import EventHub
 from blockguard.engine.jobbook import JobProgress
 from blockguard.engine.jobs import ProgressReporter
-from blockguard.engine.planning import decide
+from blockguard.engine.planning import PlanInputs, decide
 from blockguard.engine.pools import PoolRegistry
-from blockguard.engine.tracking import LAST_BACKUP, LAST_FULL, VolumeTracking
+from blockguard.engine.tracking import LAST_BACKUP, LAST_FULL, PointInTime, VolumeTracking
 from blockguard.engine.volumes import VolumeRegistry
 from blockguard.errors import BlockguardError, InvalidInput, TrackingLost
-from blockguard.storage.backup import apply_retention_after_commit, run_backup
+from blockguard.storage.backup import BackupResult, apply_retention_after_commit, run_backup
 from blockguard.storage.blockdev import BlockDevice
-from blockguard.storage.manifest import GenerationKind, Manifest, VolumeIdentity, crash_point
+from blockguard.storage.manifest import Manifest, VolumeIdentity, crash_point
 from blockguard.storage.pool.base import GenerationWriter, PoolBackend
 from blockguard.storage.snapshot import backup_point_in_time
 from blockguard.storage.tracking import DIGEST_SIZE, ChunkHashes, chunk_digest
@@ -98,6 +99,48 @@ class _HashingPool:
         return _HashingWriter(writer, self.hashes, self.written, self._chunk, self._delay)
 
 
+@dataclass(frozen=True)
+class _Basis:
+    """What a backup of the planned kind is relative to.
+
+    :param changed: the chunks to copy (None: every chunk).
+    :param ref_role: the tracker's reference the change set is relative to.
+    """
+
+    changed: BitMap | None = None
+    base_id: str | None = None
+    parent_id: str | None = None
+    ref_role: str | None = None
+
+
+def basis_of(kind: GenerationKind, inputs: PlanInputs) -> _Basis:
+    """Decide what a backup of ``kind`` copies and builds on (changes nothing)."""
+    view = inputs.view
+    if kind is GenerationKind.FULL:
+        # After corruption the full is read from the volume alone: a clone of the
+        # newest full would carry a damaged chunk of it into the new chain.
+        clonable = view.newest_full is not None and LAST_FULL in inputs.sets
+        if inputs.full_required is None and clonable:
+            assert view.newest_full is not None
+            return _Basis(
+                inputs.sets[LAST_FULL].chunks,
+                base_id=view.newest_full.generation_id,
+                ref_role=LAST_FULL,
+            )
+        return _Basis()
+    if kind is GenerationKind.DIFFERENTIAL:
+        assert view.newest_full is not None
+        return _Basis(
+            inputs.sets[LAST_FULL].chunks,
+            base_id=view.newest_full.generation_id,
+            ref_role=LAST_FULL,
+        )
+    assert view.newest is not None
+    changed = inputs.sets[LAST_BACKUP].chunks
+    parent_id = empty_parent(view.newest) if not changed else view.newest.generation_id
+    return _Basis(changed, parent_id=parent_id, ref_role=LAST_BACKUP)
+
+
 def back_up(
     name: str,
     volumes: VolumeRegistry,
@@ -133,10 +176,10 @@ def back_up(
     try:
         inputs = volumes.inputs(name, source=point.source)
         decision = decide(inputs)
-        if full and decision.method is not BackupMethod.FULL:
+        if full and decision.method is not GenerationKind.FULL:
             decision = dataclasses.replace(
                 decision,
-                method=BackupMethod.FULL,
+                method=GenerationKind.FULL,
                 reasons=("a full was asked for", *decision.reasons),
             )
         if inputs.lost_reason:
@@ -144,64 +187,20 @@ def back_up(
         if not decision.feasible:
             events.emit(svc.ObjectiveInfeasible(name, decision.reasons[-1]))
         kind = decision.method
-        view = inputs.view
-        changed: BitMap | None = None
-        base_id = parent_id = None
-        ref_role = None
-        if kind is BackupMethod.FULL:
-            # After corruption the full is read from the volume alone: a clone of the
-            # newest full would carry a damaged chunk of it into the new chain.
-            if (
-                inputs.full_required is None
-                and view.newest_full is not None
-                and LAST_FULL in inputs.sets
-            ):
-                changed, ref_role = inputs.sets[LAST_FULL].chunks, LAST_FULL
-                base_id = view.newest_full.generation_id
-        elif kind is BackupMethod.DIFFERENTIAL:
-            assert view.newest_full is not None
-            changed, ref_role = inputs.sets[LAST_FULL].chunks, LAST_FULL
-            base_id = view.newest_full.generation_id
-        else:
-            assert view.newest is not None
-            changed, ref_role = inputs.sets[LAST_BACKUP].chunks, LAST_BACKUP
-            parent_id = empty_parent(view.newest) if not changed else view.newest.generation_id
+        basis = basis_of(kind, inputs)
         with BlockDevice(point.source) as dev:
             if dev.size != size:
                 raise InvalidInput(detail=f"{point.source} has {dev.size} bytes, {name} {size}")
-        nchunks = chunk_count(size, vol.chunk_size)
-        base = None
-        if ref_role is not None:
-            trusted = tracking.roles()[ref_role].ref
-            stored = tracking.stored_hashes(trusted)
-            base = None if stored is None else stored.digests
-        hashes = bytearray(base) if base is not None else bytearray(nchunks * DIGEST_SIZE)
-        proxy = _HashingPool(pool, hashes, vol.chunk_size, delay)
         if decision.device_id and hasattr(pool, "preferred_device"):
             pool.preferred_device = decision.device_id  # the planner's disk for the delta
-        keep = inputs.keep
-        ident = VolumeIdentity(name, size, f"{os.major(rdev)}:{os.minor(rdev)}")
-        args: dict[str, Any] = {
-            "chunk_size": vol.chunk_size,
-            "base_id": base_id,
-            "parent_id": parent_id,
-            "progress": JobProgress(progress),
-            # Retention runs after the tracker moved too (below): a backup that fails
-            # before then must not have removed older generations.
-            "keep": None,
-        }
-        if point.copy is not None:
-            # Checks the copy is still valid after the copy; commits it (era: its era
-            # becomes the reference) only then.
-            result = backup_point_in_time(point.copy, proxy, ident, kind.value, changed, **args)  # type: ignore[arg-type]
-        else:
-            result = run_backup(proxy, ident, point.source, kind.value, changed, **args)  # type: ignore[arg-type]
-        complete = base is not None or len(proxy.written) == nchunks
-        new_hashes = ChunkHashes(vol.chunk_size, size, hashes) if complete else None
+        ident = VolumeIdentity(name, size, devno(rdev))
+        result, new_hashes = _copy(
+            pool, tracking, point, ident, kind, basis, vol.chunk_size, progress, delay
+        )
         try:
             crash_point("before-tracker-commit")
             tracking.commit_point(
-                point, result.manifest.generation_id, kind is BackupMethod.FULL, new_hashes
+                point, result.manifest.generation_id, kind is GenerationKind.FULL, new_hashes
             )
         except BaseException:
             # The tracker did not move to the new generation: withdraw it, so that a
@@ -212,8 +211,66 @@ def back_up(
         tracking.abort_point(point)
         raise
     tracking.end_point(point)
-    # Committed: from here on nothing fails the backup; problems are warnings.
+    return _after_commit(name, volumes, pool, events, inputs.keep, decision, result)
+
+
+def _copy(
+    pool: PoolBackend,
+    tracking: VolumeTracking,
+    point: PointInTime,
+    ident: VolumeIdentity,
+    kind: GenerationKind,
+    basis: _Basis,
+    chunk_size: int,
+    progress: ProgressReporter,
+    delay: float,
+) -> tuple[BackupResult, ChunkHashes | None]:
+    """Copy the point in time into a new generation, hashing the chunks for the tracker.
+
+    :returns: the committed generation, and the chunk hashes of the new reference when
+        they are complete (every chunk hashed now or merged onto the stored ones).
+    """
+    nchunks = chunk_count(ident.size, chunk_size)
+    base = None
+    if basis.ref_role is not None:
+        stored = tracking.stored_hashes(tracking.roles()[basis.ref_role].ref)
+        base = None if stored is None else stored.digests
+    hashes = bytearray(base) if base is not None else bytearray(nchunks * DIGEST_SIZE)
+    proxy = _HashingPool(pool, hashes, chunk_size, delay)
+    args: dict[str, Any] = {
+        "chunk_size": chunk_size,
+        "base_id": basis.base_id,
+        "parent_id": basis.parent_id,
+        "progress": JobProgress(progress),
+        # Retention runs after the tracker moved too (in _after_commit): a backup that
+        # fails before then must not have removed older generations.
+        "keep": None,
+    }
+    if point.copy is not None:
+        # Checks the copy is still valid after the copy; commits it (era: its era
+        # becomes the reference) only then.
+        result = backup_point_in_time(point.copy, proxy, ident, kind.value, basis.changed, **args)  # type: ignore[arg-type]
+    else:
+        result = run_backup(proxy, ident, point.source, kind.value, basis.changed, **args)  # type: ignore[arg-type]
+    complete = base is not None or len(proxy.written) == nchunks
+    return result, (ChunkHashes(chunk_size, ident.size, hashes) if complete else None)
+
+
+def _after_commit(
+    name: str,
+    volumes: VolumeRegistry,
+    pool: PoolBackend,
+    events: EventHub,
+    keep: int,
+    decision: PlanDecision,
+    result: BackupResult,
+) -> dict[str, Any]:
+    """Retention, catalog refresh, event and log of a committed backup; its job result.
+
+    Nothing here fails the backup: problems become warnings.
+    """
     gen = ids.public_id(name, result.manifest.generation_id)
+    kind = decision.method
     warnings = list(result.warnings)
     retention = apply_retention_after_commit(pool, name, keep, warnings)
     freed = [] if retention is None else retention.freed_ids

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockguard.core.catalog import Catalog, PathSampleRecord
-from blockguard.core.objectives import RestoreMode
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.restore_model import RestoreEstimate
 from blockguard.core.restore_terms import (
@@ -32,6 +31,7 @@ from blockguard.core.restore_terms import (
     RestoreShape,
     fit_terms,
 )
+from blockguard.core.vocab import RESTORE_MODES, RestoreTarget
 from blockguard.engine.jobs import ProgressReporter
 from blockguard.engine.pools import PoolRegistry
 from blockguard.engine.settings import Settings
@@ -39,13 +39,6 @@ from blockguard.storage.drill import DrillResult, run_drill
 from blockguard.storage.restore import RestoreResult
 
 log = logging.getLogger(__name__)
-
-MODES = (RestoreMode.COPY.value, RestoreMode.SWAP_IN.value)
-
-
-def model_mode(how: str) -> str:
-    """The model's restore mode of a restore request (``new-device``/``in-place`` copy)."""
-    return RestoreMode.SWAP_IN.value if how == "swap-in" else RestoreMode.COPY.value
 
 
 @dataclass(frozen=True)
@@ -102,7 +95,7 @@ def calibration(
     terms: dict[tuple[str, str], PathTerms] = {}
     counts: dict[tuple[str, str], int] = {}
     for device in devices:
-        for mode in MODES:
+        for mode in RESTORE_MODES:
             records = catalog.path_samples(device, mode, FIT_WINDOW)
             counts[device, mode] = len(records)
             fitted = _fit(tuple(samples_of(records)))
@@ -110,7 +103,7 @@ def calibration(
                 terms[device, mode] = fitted
     borrowed: dict[tuple[str, str], tuple[str, float]] = {}
     for device in devices:
-        for mode in MODES:
+        for mode in RESTORE_MODES:
             donors = [d for d in devices if (d, mode) in terms and d in (speeds or {})]
             if (device, mode) in terms or speeds is None or device not in speeds or not donors:
                 continue
@@ -145,7 +138,7 @@ def record_restore_sample(
     catalog: Catalog,
     volume: str,
     device: str,
-    how: str,
+    how: RestoreTarget,
     result: RestoreResult,
     predicted: float | None,
 ) -> None:
@@ -153,7 +146,7 @@ def record_restore_sample(
     catalog.record_path_sample(
         volume=volume,
         pool_device=device,
-        mode=model_mode(how),
+        mode=how.mode.value,
         source="restore",
         generations=len(result.chain),
         chunks=result.chunks,
@@ -225,7 +218,7 @@ def run_drill_job(
         "terms": {
             f"{device} {mode}": after.terms[device, mode].as_dict()
             for device in devices
-            for mode in MODES
+            for mode in RESTORE_MODES
             if (device, mode) in after.terms
         },
     }

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from blockguard.core.catalog import Catalog
-from blockguard.core.restore_model import BackupMethod
+from blockguard.core.vocab import GenerationKind
 from blockguard.engine.jobs import JobKind
 from blockguard.storage.copyengine import Progress
 from blockguard.storage.manifest import Manifest
@@ -175,7 +175,7 @@ def _ancestry(newest: Manifest, manifests: Sequence[Manifest]) -> list[str]:
 
 def floors_of(
     record: DrillRecord | None, mode: str, manifests: Sequence[Manifest]
-) -> dict[BackupMethod, float]:
+) -> dict[GenerationKind, float]:
     """What a drill's measurement says of the next backup: its chain restores no quicker
     than the drilled chain did when it contains that chain.
 
@@ -191,13 +191,13 @@ def floors_of(
         return {}
     if not manifests:
         return {}
-    floors: dict[BackupMethod, float] = {}
+    floors: dict[GenerationKind, float] = {}
     drilled = set(record.chain)
     if drilled <= set(_ancestry(manifests[-1], manifests)):
-        floors[BackupMethod.INCREMENTAL] = record.measured_seconds
+        floors[GenerationKind.INCREMENTAL] = record.measured_seconds
     fulls = [m for m in manifests if m.is_full]
     if fulls and record.chain == (fulls[-1].generation_id,):
-        floors[BackupMethod.DIFFERENTIAL] = record.measured_seconds
+        floors[GenerationKind.DIFFERENTIAL] = record.measured_seconds
     return floors
 
 

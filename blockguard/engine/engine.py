@@ -1,5 +1,7 @@
 """The real :class:`~blockguard.engine.service.Service`: catalog, planner and storage.
 
+(One thing at ~520 lines: the Service methods, each a few lines over the registries it composes.)
+
 It composes the parts of this package (pools, volumes and their tracking, jobs, backups,
 restores, the scheduler) and is what ``blockguardd`` runs by default. Every public
 method validates and refuses before it changes anything, so a refused call leaves the
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from blockguard.core.catalog import Catalog
-from blockguard.engine import ids, swapins
+from blockguard.engine import ids, protection, swapins
 from blockguard.engine import service as svc
 from blockguard.engine.alerts import AlertCenter
 from blockguard.engine.backups import back_up
@@ -418,7 +420,7 @@ class Engine:
             if f"{DRILL_VOLUME}:{name}" in self.jobs.busy_volumes():
                 raise Busy(what=f"pool {name}", reason="a restore drill of it is running")
             for volume in users:
-                self.volumes.unprotect(volume, delete_generations=True)
+                protection.unprotect(self.volumes, volume, delete_generations=True)
             with contextlib.suppress(EnvironmentProblem):
                 self.pools.backend(name)  # raises when the pool could not be opened
                 self._delete_strays(name)
@@ -451,7 +453,9 @@ class Engine:
         objectives: Mapping[str, Any] | None = None,
     ) -> svc.VolumeInfo:
         with self._lock:
-            info = self.volumes.protect(device, name, chunk_size, backend, pool, objectives)
+            info = protection.protect(
+                self.volumes, device, name, chunk_size, backend, pool, objectives
+            )
         if info.pool:
             self._auto_drill(info.pool)
         return info
@@ -461,7 +465,7 @@ class Engine:
             self.volumes.catalog.get_volume(volume)
             self.jobs.reserve(volume)
             try:
-                self.volumes.unprotect(volume, bool(delete_generations))
+                protection.unprotect(self.volumes, volume, bool(delete_generations))
             finally:
                 self.jobs.release(volume)
 

@@ -22,22 +22,10 @@ import re
 import uuid
 from collections.abc import Sequence
 
+from blockguard.core.vocab import NAME_RE
 from blockguard.errors import AmbiguousGeneration, InvalidInput, NotFound
 
-#: Volume and pool names: they become directory names, dm names and D-Bus path elements.
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 _NAMESPACE = uuid.UUID("6f1c1c2e-5b0e-4d59-9d0c-6b6c6f636b67")
-
-
-def check_name(what: str, name: object) -> str:
-    """:raises InvalidInput: unless ``name`` is 1-64 of ``A-Za-z0-9_.+-``, not starting
-    with a punctuation mark."""
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise InvalidInput(
-            detail=f"{what} name {name!r} must be 1-64 letters, digits, '_', '.', '+', '-' "
-            "and start with a letter or digit"
-        )
-    return name
 
 
 def catalog_id(volume: str, pool_id: str) -> str:

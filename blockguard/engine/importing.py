@@ -22,6 +22,8 @@ from typing import Any
 
 from blockguard.core.catalog import DeviceIdentity
 from blockguard.core.damage import Damage, DamageCause
+from blockguard.core.vocab import PoolKind
+from blockguard.engine import protection
 from blockguard.engine import service as svc
 from blockguard.engine.pools import PoolRegistry, _block_device, _describe
 from blockguard.engine.volumes import DETACHED, VolumeRegistry, detached_path
@@ -136,7 +138,7 @@ def import_pool(pools: PoolRegistry, volumes: VolumeRegistry, devices: Sequence[
         if record is not None and record.tracker_backend != DETACHED and _device_matches(record):
             try:
                 chosen = record.tracker_backend or None
-                volumes.protect(record.device_path, name, record.chunk_size, chosen)
+                protection.protect(volumes, record.device_path, name, record.chunk_size, chosen)
                 log.info("import: %s protected again on %s", name, record.device_path)
                 continue
             except BlockguardError as exc:
@@ -170,7 +172,9 @@ def _add_rows(
     groups = {g.name for g in catalog.list_groups()}
     with catalog.transaction():
         location = str(pools.settings.mount_root / name)
-        catalog.add_pool(name, backend.kind, location if backend.kind == "dir" else f"bg_{name}")
+        catalog.add_pool(
+            name, backend.kind, location if backend.kind == PoolKind.DIR else f"bg_{name}"
+        )
         sizes = {d.devno: d.size for d in backend.devices()}
         for path in devices:
             with BlockDevice(path) as dev:

@@ -9,6 +9,7 @@ before (kept in a small file of the state directory, :meth:`JobBook.keep_ids_in`
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -156,57 +157,65 @@ class JobBook:
         except BaseException:
             self.release(volume)
             raise
-        last = [0.0]
-
-        def run(progress: ProgressReporter) -> dict[str, Any]:
-            self.catalog.update_job(record.id, state="running")
-            job = progress.job
-
-            def follow(_job: Job, changed: dict[str, Any]) -> None:
-                now = time.monotonic()
-                if "bytes_done" in changed and now - last[0] >= PROGRESS_INTERVAL:
-                    last[0] = now
-                    snap = job.snapshot()
-                    try:
-                        self.catalog.update_job(
-                            record.id,
-                            progress=min(snap.progress, 1.0),
-                            bytes_done=snap.bytes_done,
-                            bytes_total=snap.bytes_total,
-                        )
-                    except BlockguardError as exc:
-                        log.debug("progress of job %s not recorded: %s", record.id, exc)
-
-            job.subscribe(follow)
-            try:
-                return work(progress, record.id)
-            except Exception as exc:
-                self._report_failure(job, exc)
-                raise
-
-        def settle(_job: Job, final: dict[str, Any]) -> None:
-            # Before clients see the job finished: its record, then its volume released.
-            try:
-                if final["state"] is JobState.DONE:
-                    self.catalog.finish_job(record.id, "done", result=_jsonable(final["result"]))
-                else:
-                    self.catalog.finish_job(
-                        record.id,
-                        "failed",
-                        error=final["error"][1] or "failed",
-                        result=_jsonable(final.get("result")) or None,
-                    )
-            except BlockguardError as exc:
-                log.error("job %s not recorded as finished: %s", record.id, exc)
-            finally:
-                self.release(volume)
-
+        run = functools.partial(self._run_recorded, record.id, work)
+        settle = functools.partial(self._settle, record.id, volume)
         job = self.runner.submit(kind, target, run, on_finish=on_finish, settle=settle)
         with self._lock:
             if volume in self._busy:
                 self._busy[volume] = job.id
         self.events.emit(svc.JobAdded(job))
         return job
+
+    def _run_recorded(
+        self,
+        record_id: str,
+        work: Callable[[ProgressReporter, str], dict[str, Any]],
+        progress: ProgressReporter,
+    ) -> dict[str, Any]:
+        """Run a job's work with its catalog record following its state and progress."""
+        self.catalog.update_job(record_id, state="running")
+        job = progress.job
+        last = 0.0
+
+        def follow(_job: Job, changed: dict[str, Any]) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if "bytes_done" in changed and now - last >= PROGRESS_INTERVAL:
+                last = now
+                snap = job.snapshot()
+                try:
+                    self.catalog.update_job(
+                        record_id,
+                        progress=min(snap.progress, 1.0),
+                        bytes_done=snap.bytes_done,
+                        bytes_total=snap.bytes_total,
+                    )
+                except BlockguardError as exc:
+                    log.debug("progress of job %s not recorded: %s", record_id, exc)
+
+        job.subscribe(follow)
+        try:
+            return work(progress, record_id)
+        except Exception as exc:
+            self._report_failure(job, exc)
+            raise
+
+    def _settle(self, record_id: str, volume: str, _job: Job, final: dict[str, Any]) -> None:
+        """Before clients see the job finished: its record, then its volume released."""
+        try:
+            if final["state"] is JobState.DONE:
+                self.catalog.finish_job(record_id, "done", result=_jsonable(final["result"]))
+            else:
+                self.catalog.finish_job(
+                    record_id,
+                    "failed",
+                    error=final["error"][1] or "failed",
+                    result=_jsonable(final.get("result")) or None,
+                )
+        except BlockguardError as exc:
+            log.error("job %s not recorded as finished: %s", record_id, exc)
+        finally:
+            self.release(volume)
 
     def _report_failure(self, job: Job, exc: BaseException) -> None:
         """Attach the flight recorder's last calls to a failing job's error, and log them.

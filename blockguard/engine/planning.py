@@ -28,23 +28,21 @@ from blockguard.core.objectives import DEFAULT_GENERATIONS, IntervalRPO, Recover
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.planner import PlanDecision, plan_backup
 from blockguard.core.restore_model import (
-    BackupMethod,
     Chain,
-    ChangeSets,
     RestoreEstimate,
     RestoreSample,
     StoredDelta,
-    bytes_restorable_within,
     correction_factor,
-    what_if,
 )
 from blockguard.core.scheduler import ScheduleDecision, schedule
+from blockguard.core.vocab import GenerationKind
+from blockguard.core.what_if import ChangeSets, bytes_restorable_within, what_if
 from blockguard.engine.calibration import Calibration, estimate_dict
 from blockguard.storage.manifest import Manifest
 from blockguard.storage.tracking import ChangeSet
 
 if TYPE_CHECKING:
-    from blockguard.engine.volumes import VolumeGenerations
+    from blockguard.engine.generations import VolumeGenerations
 
 __all__ = [
     "CLEAR",
@@ -84,7 +82,7 @@ def chain_view(manifests: Sequence[Manifest], device_of: Callable[[Manifest], st
     full = fulls[-1]
     deltas = tuple(
         StoredDelta(
-            BackupMethod(m.kind.value), m.bytes_stored, device_of(m), extents=runs(m.changed)
+            GenerationKind(m.kind.value), m.bytes_stored, device_of(m), extents=runs(m.changed)
         )
         for m in manifests
         if not m.is_full and m.base_id == full.generation_id
@@ -115,7 +113,7 @@ class PlanInputs:
     #: the restore-path terms fitted from drills and restores of the pool's devices
     calibration: Calibration = field(default_factory=Calibration)
     #: seconds a restore after each method is known to take at least (a volume drill)
-    floors: dict[BackupMethod, float] = field(default_factory=dict)
+    floors: dict[GenerationKind, float] = field(default_factory=dict)
 
 
 def correction_from(records: Sequence[Any]) -> float:

@@ -1,5 +1,7 @@
 """Pools of the real service: registration (with a probe of each disk), reopening, state.
 
+(One thing at ~460 lines: the pool registry: create, extend, reopen, remove, state, speeds.)
+
 The catalog remembers which disks make up which pool; the pool backend (``dir`` on XFS
 with reflink here, ``lvm`` where device-mapper exists) holds the data. At daemon start
 every pool is reopened from the catalog, which also removes the garbage a crash left;
@@ -17,12 +19,13 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from blockguard.core import vocab
 from blockguard.core.catalog import Catalog, DeviceIdentity, PerfEntry
 from blockguard.core.perftable import DeviceSpeed
+from blockguard.core.vocab import PoolKind
 from blockguard.engine import service as svc
 from blockguard.engine.events import EventHub
 from blockguard.engine.gate import build_gate
-from blockguard.engine.ids import check_name
 from blockguard.engine.settings import Settings
 from blockguard.errors import (
     AlreadyExists,
@@ -33,18 +36,16 @@ from blockguard.errors import (
     NotABlockDevice,
     NotFound,
 )
-from blockguard.storage import dm
+from blockguard.storage import devinfo, dm
 from blockguard.storage.blockdev import BlockDevice, device_rdev, mounted_devnos
 from blockguard.storage.manifest import Manifest
 from blockguard.storage.pool.base import PoolBackend, SpaceAlert
 from blockguard.storage.pool.dirpool import MIN_DEVICE_SIZE, DirPool
-from blockguard.storage.pool.registration import devno, refuse_unless_free
+from blockguard.storage.pool.registration import refuse_unless_free
 from blockguard.storage.runner import Runner
 from blockguard.storage.safety import SafetyGate
 
 log = logging.getLogger(__name__)
-
-POOL_BACKENDS = ("dir", "lvm")
 
 
 def lvm_backend_available() -> bool:
@@ -74,7 +75,7 @@ def _describe(path: str) -> tuple[str | None, Callable[..., object] | None]:
     except ImportError:
         return None, None
     try:
-        return probe.describe_device(path).device_id, probe.probe_device
+        return devinfo.describe_device(path).device_id, probe.probe_device
     except BlockguardError as exc:
         log.warning("cannot describe %s: %s", path, exc)
         return None, probe.probe_device
@@ -132,7 +133,7 @@ class PoolRegistry:
         self, name: str, kind: str, devices: list[str], *, collect: bool = True
     ) -> PoolBackend:
         opener: Callable[..., PoolBackend]
-        if kind == "lvm":
+        if kind == PoolKind.LVM:
             if not lvm_backend_available():
                 raise EnvironmentProblem(detail="the lvm pool backend needs device-mapper")
             opener = importlib.import_module("blockguard.storage.pool.lvmpool").LvmPool.open
@@ -155,7 +156,7 @@ class PoolRegistry:
     def open_for_import(self, name: str, kind: str, devices: list[str]) -> PoolBackend:
         """Open a pool found on disks without collecting its garbage (import writes
         nothing to the pool); the caller adopts it or closes it."""
-        if kind == "lvm" and not lvm_backend_available():
+        if kind == PoolKind.LVM and not lvm_backend_available():
             raise EnvironmentProblem(detail="the lvm pool backend needs device-mapper")
         return self._open_backend(name, kind, devices, collect=False)
 
@@ -177,7 +178,7 @@ class PoolRegistry:
             self.open_pools.clear()
 
     def _close_backend(self, name: str, backend: PoolBackend) -> None:
-        if backend.kind == "lvm":
+        if backend.kind == PoolKind.LVM:
             areas = [Path(backend.meta_dir)]  # type: ignore[attr-defined]
         else:
             areas = [Path(d.area) for d in backend.devices()]
@@ -275,11 +276,10 @@ class PoolRegistry:
             )
 
     def create(self, name: str, backend: str, devices: Sequence[str], force: bool) -> svc.PoolInfo:
-        check_name("pool", name)
-        backend = backend or ("lvm" if lvm_backend_available() else "dir")
-        if backend not in POOL_BACKENDS:
-            raise InvalidInput(detail=f"pool backend {backend!r} is not one of {POOL_BACKENDS}")
-        if backend == "lvm" and not lvm_backend_available():
+        vocab.check_name("pool", name)
+        backend = backend or (PoolKind.LVM if lvm_backend_available() else PoolKind.DIR)
+        backend = vocab.check_choice("pool backend", backend, vocab.POOL_BACKENDS)
+        if backend == PoolKind.LVM and not lvm_backend_available():
             raise EnvironmentProblem(
                 detail="the lvm pool backend needs device-mapper and its module; "
                 "use the dir backend on this host"
@@ -291,7 +291,7 @@ class PoolRegistry:
             self._check_new_devices(devices, gate, force)
             measured = {path: self._measure(path, gate, force) for path in devices}
             pool: PoolBackend
-            if backend == "lvm":
+            if backend == PoolKind.LVM:
                 lvm = importlib.import_module("blockguard.storage.pool.lvmpool")
                 # LvmPool.create removes what it made if it fails half-way.
                 pool = lvm.LvmPool.create(
@@ -323,11 +323,11 @@ class PoolRegistry:
                     # By device number: LVM may name a PV otherwise than it was given.
                     sizes = {d.devno: d.size for d in pool.devices()}
                     for path in devices:
-                        size = sizes.get(devno(device_rdev(path)), 0)
+                        size = sizes.get(vocab.devno(device_rdev(path)), 0)
                         self._record_device(name, path, size, measured[path])
             except BaseException:
                 self._close_backend(name, pool)
-                if backend == "lvm":
+                if backend == PoolKind.LVM:
                     pool.destroy()  # type: ignore[attr-defined]
                 raise
             self.open_pools[name] = pool
@@ -402,7 +402,7 @@ class PoolRegistry:
     def device_of(self, pool: str, manifest: Manifest) -> str:
         """The pool disk a generation is stored on."""
         backend = self.backend(pool)
-        if backend.kind == "lvm":
+        if backend.kind == PoolKind.LVM:
             # Where an LV lies does not change: one lvs call per generation, not per look.
             key = (pool, manifest.generation_id)
             if key not in self._placement:

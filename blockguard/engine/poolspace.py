@@ -22,6 +22,7 @@ import re
 from collections.abc import Callable
 from typing import cast
 
+from blockguard.core.vocab import PoolKind
 from blockguard.errors import EnvironmentProblem, NotABlockDevice
 from blockguard.storage.blockdev import BlockDevice
 from blockguard.storage.pool.base import PoolBackend
@@ -42,7 +43,7 @@ CowFactory = Callable[[int], CowStore]
 
 
 def is_lvm(pool: PoolBackend) -> bool:
-    return pool.kind == "lvm"
+    return pool.kind == PoolKind.LVM
 
 
 def _lvm(pool: PoolBackend) -> LvmPool:

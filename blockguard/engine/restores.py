@@ -16,19 +16,20 @@ import logging
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from blockguard.core import vocab
+from blockguard.core.catalog import Catalog
 from blockguard.core.damage import Damage, DamageCause
-from blockguard.core.objectives import RestoreMode
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.restore_model import (
-    BackupMethod,
     Chain,
     RestoreEstimate,
     StoredDelta,
     estimate_chain,
 )
+from blockguard.core.vocab import GenerationKind, RestoreMode, RestoreTarget, TrackingKind
 from blockguard.engine import ids
 from blockguard.engine import service as svc
-from blockguard.engine.calibration import calibration, model_mode, record_restore_sample
+from blockguard.engine.calibration import calibration, record_restore_sample
 from blockguard.engine.events import EventHub
 from blockguard.engine.jobbook import JobProgress
 from blockguard.engine.jobs import ProgressReporter
@@ -63,12 +64,12 @@ log = logging.getLogger(__name__)
 class RestoreRequest:
     """A restore that passed every check.
 
-    :param how: ``new-device``, ``in-place`` or ``swap-in``.
+    :param how: where the data goes.
     """
 
     volume: str
     manifest: Manifest
-    how: str
+    how: RestoreTarget
     target: str
     pool: str
 
@@ -131,12 +132,10 @@ def check_restore(
     vol = volumes.catalog.get_volume(volume)
     manifest = find_generation(volumes, volume, generation)
     assert vol.pool is not None
-    if mode == "swap-in":
+    if vocab.check_choice("restore mode", mode, vocab.RESTORE_MODES) == RestoreMode.SWAP_IN:
         if target:
             raise InvalidInput(detail="a swap-in restore makes its own device; give no target")
-        return RestoreRequest(volume, manifest, "swap-in", "", vol.pool)
-    if mode != "copy":
-        raise InvalidInput(detail=f"restore mode {mode!r} is not copy or swap-in")
+        return RestoreRequest(volume, manifest, RestoreTarget.SWAP_IN, "", vol.pool)
     if not isinstance(target, str):
         raise InvalidInput(detail=f"target {target!r} is not a path")
     if is_detached(vol) and not target:
@@ -161,12 +160,12 @@ def check_restore(
         gate.check_writable(
             vol.device_path, purpose="an in-place restore target", force=True, own_volume=volume
         )
-        return RestoreRequest(volume, manifest, "in-place", vol.device_path, vol.pool)
+        return RestoreRequest(volume, manifest, RestoreTarget.IN_PLACE, vol.device_path, vol.pool)
     gate.check_writable(target, purpose="a restore target", force=force)
     with BlockDevice(target) as dev:
         if dev.size < manifest.volume.size:
             raise DeviceTooSmall(path=target, size=dev.size, needed=manifest.volume.size)
-    return RestoreRequest(volume, manifest, "new-device", target, vol.pool)
+    return RestoreRequest(volume, manifest, RestoreTarget.NEW_DEVICE, target, vol.pool)
 
 
 def restore_estimate(
@@ -185,7 +184,7 @@ def restore_estimate(
         device[full.generation_id],
         tuple(
             StoredDelta(
-                BackupMethod(m.kind.value),
+                GenerationKind(m.kind.value),
                 m.bytes_stored,
                 device[m.generation_id],
                 extents=runs(m.changed),
@@ -197,7 +196,7 @@ def restore_estimate(
     pool_speeds = dict(speeds)
     for path in device.values():
         speeds.setdefault(path, copy_target)
-    mode = RestoreMode(model_mode(request.how))
+    mode = request.how.mode
     cal = calibration(pools.catalog, sorted(set(device.values()) | set(speeds)), pool_speeds)
     planned = estimate_chain(model, speeds, mode, copy_target, correction, cal.terms)
     probe = estimate_chain(model, speeds, mode, copy_target)
@@ -228,42 +227,30 @@ def run_restore(
     pool = pools.backend(request.pool)
     gen_id = request.manifest.generation_id
     watch = JobProgress(progress)
-    if request.how != "swap-in":
+    if request.how is not RestoreTarget.SWAP_IN:
         # Asked again when the job starts: a device may have been protected, mounted or
         # stacked on since the request was accepted.
         pools.gate().check_writable(
             request.target,
             purpose="an in-place restore target"
-            if request.how == "in-place"
+            if request.how is RestoreTarget.IN_PLACE
             else "a restore target",
-            force=force or request.how == "in-place",
-            own_volume=request.volume if request.how == "in-place" else None,
+            force=force or request.how is RestoreTarget.IN_PLACE,
+            own_volume=request.volume if request.how is RestoreTarget.IN_PLACE else None,
         )
     try:
         result = _do_restore(request, volumes, pool, gen_id, watch, force)
     except (ChecksumMismatch, CorruptMetadata) as exc:
         _blame(volumes, pool, request.volume, request.manifest, exc)
     public = ids.public_id(request.volume, gen_id)
-    volumes.catalog.record_restore(
-        request.volume,
-        ids.catalog_id(request.volume, gen_id),
-        method=request.manifest.kind.value,
-        mode=request.how,
-        bytes_restored=result.bytes_written,
-        measured_seconds=result.duration,
-        predicted_seconds=predicted,
-        job=job_record,
-    )
-    record_restore_sample(
-        volumes.catalog, request.volume, full_device, request.how, result, planned.seconds
-    )
+    _record(volumes.catalog, request, job_record, result, predicted, planned.seconds, full_device)
     with contextlib.suppress(BlockguardError):
         volumes.refresh(request.volume)
     events.emit(svc.RestoreFinished(request.volume, public, result.target))
     return {
         "generation": public,
         "number": request.manifest.sequence,
-        "mode": request.how,
+        "mode": request.how.value,
         "target": result.target,
         "bytes": result.bytes_written,
         "seconds": result.duration,
@@ -276,6 +263,30 @@ def run_restore(
     }
 
 
+def _record(
+    catalog: Catalog,
+    request: RestoreRequest,
+    job_record: str,
+    result: RestoreResult,
+    predicted: float,
+    planned: float,
+    full_device: str,
+) -> None:
+    """Keep a finished restore for the learnt correction and as a sample of its path."""
+    gen_id = request.manifest.generation_id
+    catalog.record_restore(
+        request.volume,
+        ids.catalog_id(request.volume, gen_id),
+        method=request.manifest.kind.value,
+        mode=request.how.value,
+        bytes_restored=result.bytes_written,
+        measured_seconds=result.duration,
+        predicted_seconds=predicted,
+        job=job_record,
+    )
+    record_restore_sample(catalog, request.volume, full_device, request.how, result, planned)
+
+
 def _do_restore(
     request: RestoreRequest,
     volumes: VolumeRegistry,
@@ -284,14 +295,14 @@ def _do_restore(
     watch: JobProgress,
     force: bool,
 ) -> RestoreResult:
-    if request.how == "swap-in":
+    if request.how is RestoreTarget.SWAP_IN:
         result = swap_in(pool, request.volume, gen_id, progress=watch)
-    elif request.how == "in-place":
+    elif request.how is RestoreTarget.IN_PLACE:
         result = restore_in_place(
             pool, request.volume, gen_id, request.target, force=force, progress=watch
         )
         tracking = volumes.tracking.get(request.volume)
-        if tracking is not None and tracking.backend != "scan":
+        if tracking is not None and tracking.backend != TrackingKind.SCAN:
             # Only the scan backend compares content; the others saw writes they cannot
             # attribute (era: they bypassed the era device).
             tracking.tracker.mark_unknown(f"restored in place from {gen_id}")

@@ -1,5 +1,7 @@
 """Change tracking of one protected volume, tied to the generations it describes.
 
+(One thing at ~430 lines: a volume's tracker tied to its generations, and its backend choice.)
+
 Each volume has a :class:`~blockguard.storage.tracking.ChangeTracker` (thin for LVM thin
 volumes, era for other block devices when device-mapper is available, scan otherwise) in
 ``STATE_DIR/volumes/NAME/tracker``, and ``roles.json`` beside it saying which tracker
@@ -26,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from blockguard.core import vocab
+from blockguard.core.vocab import TrackingKind
 from blockguard.engine.cmdguard import exclusive
 from blockguard.errors import (
     BlockguardError,
@@ -46,7 +50,6 @@ from blockguard.storage.tracking.scan import ScanTracker
 
 log = logging.getLogger(__name__)
 
-TRACKING_BACKENDS = ("scan", "era", "thin")
 #: Held while a thin pool's metadata snapshot is reserved (see change_sets).
 _THIN_METADATA = threading.Lock()
 ROLES_FILE = "roles.json"
@@ -98,24 +101,22 @@ def choose_backend(device: str, asked: str | None, cmd: Runner, era_space: bool 
     :raises InvalidInput: an unknown backend.
     :raises EnvironmentProblem: era or thin asked where device-mapper cannot provide it.
     """
-    if asked is not None and asked not in TRACKING_BACKENDS:
-        raise InvalidInput(
-            detail=f"tracking backend {asked!r} is not one of {', '.join(TRACKING_BACKENDS)}"
-        )
-    if asked == "scan":
+    if asked is not None:
+        vocab.check_choice("tracking backend", asked, vocab.TRACKING_BACKENDS)
+    if asked == TrackingKind.SCAN:
         return asked
     targets = dm_targets(cmd)
-    if asked == "era" and "era" not in targets:
+    if asked == TrackingKind.ERA and "era" not in targets:
         raise EnvironmentProblem(
             detail="the era tracking backend needs device-mapper with the era target, "
             "which this kernel does not offer; use scan"
         )
-    if asked == "era" and not era_space:
+    if asked == TrackingKind.ERA and not era_space:
         raise EnvironmentProblem(
             detail="era tracking keeps its metadata on an lvm pool, and the volume's pool "
             "is not one: use scan, or create an lvm pool first"
         )
-    if asked == "thin" and _thin_lv(device, cmd) is None:
+    if asked == TrackingKind.THIN and _thin_lv(device, cmd) is None:
         raise InvalidInput(detail=f"{device} is not an LVM thin volume: thin tracking needs one")
     if asked is not None:
         return asked
@@ -178,9 +179,9 @@ class VolumeTracking:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         state = directory / "tracker"
         tracker: ChangeTracker
-        if backend == "scan":
+        if backend == TrackingKind.SCAN:
             tracker = ScanTracker(device, state, chunk_size)
-        elif backend == "era":
+        elif backend == TrackingKind.ERA:
             from blockguard.storage.tracking.era import EraTracker
 
             if era_metadata is None:
@@ -208,15 +209,15 @@ class VolumeTracking:
         (a crash between a tracker update and the roles file leaves such orphans)."""
         state = directory / "tracker"
         tracker: ChangeTracker
-        if backend == "scan":
+        if backend == TrackingKind.SCAN:
             tracker = ScanTracker(device, state, chunk_size)
-        elif backend == "era":
+        elif backend == TrackingKind.ERA:
             from blockguard.storage.tracking.era import EraTracker
 
             with exclusive(cmd):
                 tracker = EraTracker.open(state, cmd)
                 _resume_if_suspended(tracker.device, cmd)
-        elif backend == "thin":
+        elif backend == TrackingKind.THIN:
             from blockguard.storage.tracking.thin import ThinTracker
 
             tracker = ThinTracker.open(state, cmd)
@@ -305,7 +306,7 @@ class VolumeTracking:
             tracker = ScanTracker(source, tracker.state_dir, tracker.chunk_size)
         # dm holds one metadata snapshot at a time: per era device, and per thin pool (which
         # thin volumes share); a second reservation fails and tracking would be lost.
-        guard = _THIN_METADATA if self.backend == "thin" else self._reading
+        guard = _THIN_METADATA if self.backend == TrackingKind.THIN else self._reading
         with guard:
             by_ref = tracker.changed_many(sorted(set(refs.values())))
         return {role: by_ref[ref] for role, ref in refs.items()}
@@ -327,10 +328,10 @@ class VolumeTracking:
         :raises EnvironmentProblem: era tracking with no exception store to be had.
         """
         ref = f"b{serial}"
-        if self.backend == "thin":
+        if self.backend == TrackingKind.THIN:
             copy: pit.PointInTime = pit.ThinPointInTime(self.tracker, ref)  # type: ignore[arg-type]
             return PointInTime(copy.source, ref, copy)
-        if self.backend == "era":
+        if self.backend == TrackingKind.ERA:
             if cow is None:
                 raise EnvironmentProblem(
                     detail="a point-in-time copy of an era-tracked volume needs an exception "
@@ -359,13 +360,13 @@ class VolumeTracking:
     ) -> None:
         """After the pool committed ``generation`` (and the copy was committed, which for
         era made the point's era the reference): the point becomes its reference."""
-        if self.backend == "scan":
+        if self.backend == TrackingKind.SCAN:
             scan: ScanTracker = self.tracker  # type: ignore[assignment]
             if hashes is not None:
                 scan.add_reference(point.ref, replace=True, hashes=hashes)
             else:
                 scan.add_reference(point.ref, replace=True, source=point.source)
-        elif self.backend == "era" and point.copy is None:
+        elif self.backend == TrackingKind.ERA and point.copy is None:
             self.tracker.commit_reference(point.ref, replace=True)  # type: ignore[attr-defined]
         roles = self.roles()
         roles[LAST_BACKUP] = Role(point.ref, generation)

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 from blockguard.core.health import AlertKind
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.units import format_duration
+from blockguard.core.vocab import RestoreTarget
 from blockguard.engine import ids
 from blockguard.engine.alerts import AlertCenter
-from blockguard.engine.calibration import model_mode
 from blockguard.engine.drillbook import FAILED, OK, STOPPED, DrillRecord, drill_mode
 from blockguard.engine.jobbook import JobBook, JobProgress
 from blockguard.engine.jobs import Job, JobKind, ProgressReporter
@@ -77,7 +77,11 @@ def run_volume_drill(
     mode = drill_mode(objectives)
     rto = 0.0 if objectives is None or objectives.rto is None else objectives.rto.total_seconds()
     request = RestoreRequest(
-        volume, manifest, "swap-in" if mode == "swap-in" else "new-device", "", vol.pool
+        volume,
+        manifest,
+        RestoreTarget.SWAP_IN if mode == "swap-in" else RestoreTarget.NEW_DEVICE,
+        "",
+        vol.pool,
     )
     copy_target = DeviceSpeed.uniform(volumes.settings.default_speed)
     correction = correction_from(volumes.catalog.recent_restores(volume))
@@ -101,7 +105,7 @@ def run_volume_drill(
     volumes.catalog.record_path_sample(
         volume=volume,
         pool_device=full_device,
-        mode=model_mode(request.how),
+        mode=request.how.mode.value,
         source="drill",
         generations=len(result.chain),
         chunks=result.chunks,
@@ -114,7 +118,7 @@ def run_volume_drill(
         volume,
         ids.catalog_id(volume, manifest.generation_id),
         method=manifest.kind.value,
-        mode=request.how,
+        mode=request.how.value,
         bytes_restored=result.bytes_written,
         measured_seconds=measured,
         predicted_seconds=probe.predicted_seconds,

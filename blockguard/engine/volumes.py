@@ -1,4 +1,8 @@
-"""Protected volumes of the real service: protect, objectives, and what clients see.
+"""Protected volumes of the real service: their state under one lock, objectives, plans.
+
+(One thing at ~480 lines: every volume's cached state and the lock that guards it; what
+works without them is in :mod:`.protection` (protect, unprotect), :mod:`.generations`
+(the pool's generations and their damage) and :mod:`.volumeinfo` (what clients see).)
 
 A volume's :class:`~blockguard.engine.service.VolumeInfo` is recomputed (the tracker
 asked for its change sets, the planner for its choice) when something changed — a
@@ -18,31 +22,34 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from blockguard.core.catalog import Catalog, DeviceIdentity, Volume
-from blockguard.core.damage import Damage, DamageCause, full_required_reason, unusable
+from blockguard.core.catalog import Catalog, Volume
+from blockguard.core.damage import Damage
 from blockguard.core.objectives import DEFAULT_GENERATIONS
 from blockguard.core.perftable import DeviceSpeed
-from blockguard.core.restore_model import ChangeSets
-from blockguard.core.retention import GenerationRef
 from blockguard.core.scheduler import DrillDecision, ScheduleDecision, drill_schedule
-from blockguard.engine import ids, poolspace
+from blockguard.core.vocab import TrackingKind
+from blockguard.core.what_if import ChangeSets
+from blockguard.engine import ids, poolspace, volumeinfo
 from blockguard.engine import service as svc
 from blockguard.engine.calibration import calibration
 from blockguard.engine.drillbook import DrillBook, drill_mode, floors_of
 from blockguard.engine.events import EventHub
+from blockguard.engine.generations import (
+    VolumeGenerations,
+    catalog_rows,
+    generation_infos,
+    scan_generations,
+)
 from blockguard.engine.planning import (
     PlanInputs,
     chain_view,
-    clean_given,
     correction_from,
     drill_of,
     generations_of,
@@ -54,33 +61,29 @@ from blockguard.engine.planning import (
 )
 from blockguard.engine.pools import PoolRegistry
 from blockguard.engine.settings import Settings
-from blockguard.engine.tracking import LAST_BACKUP, LAST_FULL, VolumeTracking, choose_backend
+from blockguard.engine.tracking import LAST_BACKUP, LAST_FULL, VolumeTracking
+from blockguard.engine.volumeinfo import DETACHED
 from blockguard.errors import (
-    AlreadyExists,
     BlockguardError,
-    ChecksumMismatch,
-    CorruptMetadata,
     EnvironmentProblem,
-    InvalidInput,
     NotFound,
     PoolSpaceLow,
     TrackingLost,
     VolumeDetached,
 )
 from blockguard.storage.blockdev import BlockDevice
-from blockguard.storage.manifest import Manifest, sequence_numbers
-from blockguard.storage.pool.base import DamagedGeneration, PoolBackend, VolumeRecord
+from blockguard.storage.manifest import Manifest
+from blockguard.storage.pool.base import PoolBackend, VolumeRecord
 from blockguard.storage.runner import Runner
-from blockguard.storage.tracking import DEFAULT_CHUNK_SIZE, check_protectable, validate_chunk_size
+from blockguard.storage.tracking import (
+    ChangeSet,
+)
 
 log = logging.getLogger(__name__)
 
 #: A new volume's pool must hold a full backup plus 1/PLACEMENT_MARGIN of it (at least
 #: 4 MiB): manifests, hashes and the file system's own blocks.
 PLACEMENT_MARGIN = 10
-
-#: The tracker backend of a detached volume in the catalog (it has no tracker).
-DETACHED = "detached"
 
 
 def detached_path(name: str) -> str:
@@ -91,91 +94,6 @@ def detached_path(name: str) -> str:
 
 def is_detached(vol: Volume) -> bool:
     return vol.tracker_backend == DETACHED
-
-
-def manifest_row(m: Manifest) -> dict[str, Any]:
-    """A pool manifest as the catalog's ``rebuild_generations`` reads it."""
-    vol = m.volume.name
-    return {
-        "id": ids.catalog_id(vol, m.generation_id),
-        "kind": m.kind.value,
-        "created": m.created,
-        "base": None if m.base_id is None else ids.catalog_id(vol, m.base_id),
-        "parent": None if m.parent_id is None else ids.catalog_id(vol, m.parent_id),
-        "bytes_stored": m.bytes_stored,
-        "chunks": len(m.stored_chunks()) if not m.is_full else m.chunks,
-        "location": {"pool_id": m.generation_id},
-        "manifest_checksum": m.checksum_digest or None,
-    }
-
-
-def generation_ref(m: Manifest) -> GenerationRef:
-    return GenerationRef(m.generation_id, m.kind.value, m.base_id, m.parent_id, m.created)
-
-
-def id_time(pool_id: str) -> float:
-    """Creation time from a pool id (``20261103T120501.123456Z-...``; 0 if it has none)."""
-    try:
-        stamp = pool_id.split("-", 1)[0]
-        return datetime.strptime(stamp, "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=UTC).timestamp()
-    except ValueError:
-        return 0.0
-
-
-@dataclass(frozen=True)
-class VolumeGenerations:
-    """What the pool holds of one volume, and what of it is usable.
-
-    :param manifests: every readable manifest, oldest first (corrupt ones included).
-    :param damaged: what the pool reported damaged (an unreadable manifest has no manifest).
-    :param corrupt: pool id -> why it cannot be used: damaged, found corrupt by a verify
-        or a restore, or depending on such a generation.
-    :param full_required: why the next backup must be a full, or None.
-    :param found_on_use: ids a verify or restore found damaged (a verify may read them again).
-    """
-
-    manifests: list[Manifest]
-    damaged: list[DamagedGeneration]
-    corrupt: dict[str, Damage]
-    full_required: str | None
-    found_on_use: frozenset[str] = frozenset()
-
-    def newest_id(self) -> str | None:
-        """The newest generation's id, usable or not (an unreadable one by its id's time)."""
-        stamps = [(m.created, m.generation_id) for m in self.manifests]
-        stamps += [(id_time(d.generation_id), d.generation_id) for d in self.damaged]
-        return max(stamps)[1] if stamps else None
-
-    def numbers(self) -> dict[str, int]:
-        """Pool id -> running number, for every readable manifest."""
-        return sequence_numbers(self.manifests)
-
-    def selectable(self) -> list[tuple[str, int]]:
-        """``(pool id, number)`` of every generation, oldest first, as
-        :func:`~blockguard.engine.ids.resolve_generation` takes them (an unreadable one
-        has no number, 0)."""
-        numbers = self.numbers()
-        found = [(m.created, m.generation_id, numbers[m.generation_id]) for m in self.manifests]
-        found += [
-            (id_time(d.generation_id), d.generation_id, 0)
-            for d in self.damaged
-            if d.manifest is None
-        ]
-        return [(gid, n) for _, gid, n in sorted(found)]
-
-    @property
-    def usable(self) -> list[Manifest]:
-        return [m for m in self.manifests if m.generation_id not in self.corrupt]
-
-    def error(self, volume: str, pool_id: str) -> BlockguardError | None:
-        """The error a use of this generation raises, or None when it is usable."""
-        damage = self.corrupt.get(pool_id)
-        if damage is None:
-            return None
-        public = ids.public_id(volume, pool_id)
-        if damage.cause is DamageCause.CHECKSUM and damage.source == pool_id:
-            return ChecksumMismatch(generation=public, chunk=damage.chunk)
-        return CorruptMetadata(what=f"generation {public}", detail=damage.describe(pool_id))
 
 
 class VolumeRegistry:
@@ -219,7 +137,7 @@ class VolumeRegistry:
                 self._open_detached(vol.name)
                 continue
             try:
-                if vol.tracker_backend == "era" and vol.pool is not None:
+                if vol.tracker_backend == TrackingKind.ERA and vol.pool is not None:
                     # After a reboot the metadata LV is not active yet.
                     poolspace.era_metadata_device(self.pools.backend(vol.pool), vol.name)
                 self.tracking[vol.name] = VolumeTracking.open(
@@ -251,175 +169,6 @@ class VolumeRegistry:
         except BlockguardError as exc:
             log.error("volume %s: %s", name, exc, extra={"VOLUME": name})
             self.cache[name] = self.bare_info(name, str(exc))
-
-    # --- protect ----------------------------------------------------------------------
-
-    def protect(
-        self,
-        device: str,
-        name: str,
-        chunk_size: int | None,
-        backend: str | None,
-        pool: str | None = None,
-        objectives: Mapping[str, Any] | None = None,
-    ) -> svc.VolumeInfo:
-        ids.check_name("volume", name)
-        chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
-        validate_chunk_size(chunk)
-        if not isinstance(device, str) or not device.startswith("/"):
-            raise InvalidInput(detail=f"device {device!r} must be an absolute path")
-        # Checked before anything is created: a refusal leaves no volume behind.
-        stored = clean_given(objectives) if objectives else None
-        with self.lock:
-            existing = next((v for v in self.catalog.list_volumes() if v.name == name), None)
-            if existing is not None and not is_detached(existing):
-                raise AlreadyExists(what="volume", name=name)
-            if not self.pools.names():
-                raise InvalidInput(detail="there is no pool to back up into; create one first")
-            if existing is not None and existing.pool is not None:
-                # Re-attaching keeps the volume on the pool that holds its generations.
-                if pool is not None and pool != existing.pool:
-                    raise InvalidInput(
-                        detail=f"volume {name} has its generations on pool {existing.pool}, "
-                        f"not {pool}"
-                    )
-                pool = existing.pool
-            if pool is not None:
-                self.pools.require_known(pool)
-            protected = [v.device_path for v in self.catalog.list_volumes() if not is_detached(v)]
-            size = check_protectable(
-                device, self.pools.device_paths(), protected, chunk, gate=self.pools.gate()
-            )
-            # What the asked backend needs of the kernel is checked before the space it
-            # needs on a pool: the error then names the real cause.
-            choose_backend(device, backend, self.cmd, era_space=True)
-            if existing is None or existing.pool is None:
-                pool = self.place(size, pool)
-            backend_of_pool = self.pools.backend(pool)
-            chosen = choose_backend(
-                device, backend, self.cmd, era_space=poolspace.is_lvm(backend_of_pool)
-            )
-            with BlockDevice(device) as dev:
-                ident = dev.identity
-            directory = self.directory(name)
-            if directory.exists() and name not in self.tracking:
-                # Tracker state of a volume the catalog forgot (a lost catalog, an import):
-                # its references name nothing any more; the new tracker starts afresh.
-                log.warning("removing stale tracker state %s", directory)
-                shutil.rmtree(directory)
-            era_metadata = None
-            if chosen == "era":
-                era_metadata = poolspace.allocate_era_metadata(backend_of_pool, name, size, chunk)
-            try:
-                tracking = VolumeTracking.create(
-                    directory, device, chosen, chunk, self.cmd, era_metadata=era_metadata
-                )
-            except BaseException:
-                if era_metadata is not None:
-                    poolspace.release_era_metadata(backend_of_pool, name)
-                raise
-            try:
-                if existing is None:
-                    self.catalog.add_volume(
-                        name,
-                        device,
-                        DeviceIdentity(ident.major, ident.minor, size),
-                        chunk_size=chunk,
-                        tracker_backend=chosen,
-                        pool=pool,
-                        objectives=stored,
-                    )
-                else:
-                    # Re-attach: the generations stay; a fresh tracker, so the next
-                    # backup is a full.
-                    self.catalog.update_volume(
-                        name,
-                        device_path=device,
-                        identity=DeviceIdentity(ident.major, ident.minor, size),
-                        chunk_size=chunk,
-                        tracker_backend=chosen,
-                    )
-                    if stored:
-                        self.catalog.update_volume(
-                            name, objectives={**existing.objectives, **stored}
-                        )
-                self.write_record(name)
-            except BaseException:
-                if existing is not None:
-                    self.catalog.update_volume(
-                        name,
-                        device_path=existing.device_path,
-                        identity=existing.identity,
-                        chunk_size=existing.chunk_size,
-                        tracker_backend=existing.tracker_backend,
-                    )
-                tracking.remove()
-                if era_metadata is not None:
-                    poolspace.release_era_metadata(backend_of_pool, name)
-                raise
-            self.tracking[name] = tracking
-            self.sync_generations(name)
-            info = self.refresh(name)
-        log.info("protecting %s as %s (%s tracking)", device, name, chosen, extra={"VOLUME": name})
-        return info
-
-    def unprotect(self, name: str, delete_generations: bool = False) -> None:
-        """Stop tracking ``name``.
-
-        Without ``delete_generations`` a volume that has generations becomes detached
-        (they stay listed, restorable and under retention); one without generations is
-        forgotten. With it, its generations are deleted from the pool (newest first, so
-        an interruption never breaks a chain), then its record and its catalog rows.
-        """
-        with self.lock:
-            vol = self.catalog.get_volume(name)
-            backend = None
-            if vol.pool is not None:
-                try:
-                    backend = self.pools.backend(vol.pool)
-                except BlockguardError as exc:
-                    # Deleting: the catalog rows go; what the disks hold cannot be reached.
-                    log.warning("pool %s of %s is unavailable: %s", vol.pool, name, exc)
-            manifests = [] if backend is None else backend.generations(name)
-            if delete_generations and backend is not None:
-                for m in reversed(manifests):
-                    backend.remove_generation(name, m.generation_id)
-                backend.remove_volume_record(name)
-            # An unavailable pool still holds what the catalog lists: keep it too.
-            listed = backend is None and bool(self.catalog.list_generations(name))
-            held = bool(manifests) or listed
-            keep = held and not delete_generations
-            if keep:
-                self.catalog.update_volume(
-                    name, device_path=detached_path(name), tracker_backend=DETACHED
-                )
-            else:
-                self.catalog.remove_volume(name, drop_generations=True)
-                if backend is not None:
-                    backend.remove_volume_record(name)
-            tracking = self.tracking.pop(name, None)
-            if tracking is not None:
-                tracking.remove()
-            if vol.tracker_backend == "era" and backend is not None:
-                try:
-                    poolspace.release_era_metadata(backend, name)
-                except BlockguardError as exc:
-                    log.warning("era metadata of %s stays on pool %s: %s", name, vol.pool, exc)
-            self.cache.pop(name, None)
-            self.lost.pop(name, None)
-            self.last_due.pop(name, None)
-            if keep:
-                self.sync_generations(name)
-                self.retain_detached(name)
-                self.refresh(name)
-        if not keep:
-            self.events.emit(svc.VolumeRemoved(name))
-        log.info(
-            "%s %s",
-            "detached" if keep else "unprotected",
-            name,
-            extra={"VOLUME": name},
-        )
 
     def retain_detached(self, name: str) -> list[str]:
         """Apply the volume's retention to a detached volume (no backup will do it)."""
@@ -518,33 +267,8 @@ class VolumeRegistry:
         vol = self.catalog.get_volume(name)
         if vol.pool is None:
             return VolumeGenerations([], [], {}, None)
-        found = self.pools.backend(vol.pool).scan(name)
-        readable = found.manifests + [d.manifest for d in found.damaged if d.manifest]
-        readable.sort(key=lambda m: (m.created, m.generation_id))
-        damaged = {
-            d.generation_id: Damage(
-                d.generation_id,
-                DamageCause.METADATA if d.chunk is None else DamageCause.CHECKSUM,
-                d.reason,
-                d.chunk,
-            )
-            for d in found.damaged
-        }
-        on_use = {d.generation_id for d in found.damaged if d.found_on_use}
-        for gid, d in self.found_corrupt.get(name, {}).items():
-            if gid not in damaged and any(m.generation_id == gid for m in readable):
-                damaged[gid] = d
-                on_use.add(gid)
-        refs = [generation_ref(m) for m in readable]
-        corrupt = unusable(refs, damaged)
-        created = {d.generation_id: id_time(d.generation_id) for d in found.damaged}
-        return VolumeGenerations(
-            readable,
-            found.damaged,
-            corrupt,
-            full_required_reason(refs, corrupt, created),
-            frozenset(on_use),
-        )
+        backend = self.pools.backend(vol.pool)
+        return scan_generations(backend, name, self.found_corrupt.get(name, {}))
 
     def mark_corrupt(self, name: str, pool_id: str, damage: Damage) -> None:
         """Record a generation found corrupt on use, on the pool (so a restart or another
@@ -589,57 +313,11 @@ class VolumeRegistry:
         return self.pools.backend(pool)
 
     def sync_generations(self, name: str) -> None:
-        """Make the catalog's rows of ``name`` mirror the pool's manifests (if they differ).
-
-        Only generations whose whole chain has readable manifests go into the catalog (its
-        chain rules refuse a row whose parent is not there); the others are still listed
-        to clients, as corrupt, from the pool.
-        """
-        gens = self.scan(name)
-        rows = []
-        included: set[str] = set()
-        for m in gens.manifests:  # oldest first: a parent comes before its dependents
-            if all(d is None or d in included for d in (m.parent_id, m.base_id)):
-                included.add(m.generation_id)
-                rows.append(manifest_row(m))
+        """Make the catalog's rows of ``name`` mirror the pool's manifests (if they differ)."""
+        rows = catalog_rows(self.scan(name))
         have = {(g.id, g.state) for g in self.catalog.list_generations(name)}
         if have != {(r["id"], "committed") for r in rows}:
             self.catalog.rebuild_generations(name, rows)
-
-    def generation_infos(
-        self, name: str, gens: VolumeGenerations
-    ) -> tuple[svc.GenerationInfo, ...]:
-        """Every generation the pool holds, corrupt ones included (state ``corrupt``)."""
-        numbers = gens.numbers()
-        infos = [
-            svc.GenerationInfo(
-                id=ids.public_id(name, m.generation_id),
-                number=numbers[m.generation_id],
-                volume=name,
-                method=m.kind.value,
-                parent="" if m.parent_id is None else ids.public_id(name, m.parent_id),
-                created=int(m.created),
-                bytes=m.bytes_stored,
-                state="corrupt" if m.generation_id in gens.corrupt else "ok",
-            )
-            for m in gens.manifests
-        ]
-        # An unreadable manifest tells nothing but its id (which carries its time).
-        infos.extend(
-            svc.GenerationInfo(
-                id=ids.public_id(name, d.generation_id),
-                volume=name,
-                method="unknown",
-                parent="",
-                created=int(id_time(d.generation_id)),
-                bytes=0,
-                state="corrupt",
-            )
-            for d in gens.damaged
-            if d.manifest is None
-        )
-        infos.sort(key=lambda g: (g.created, g.id))
-        return tuple(infos)
 
     # --- planning ---------------------------------------------------------------------
 
@@ -665,25 +343,9 @@ class VolumeRegistry:
         gens = self.scan(name)
         manifests = gens.usable
         view = chain_view(manifests, lambda m: self.pools.device_of(vol.pool, m))  # type: ignore[arg-type]
-        # The tracker's roles describe the newest generation and the newest full that were
-        # made, usable or not (a corrupt one forces a full anyway, see full_required).
-        newest_any = gens.newest_id()
-        fulls_any = [m.generation_id for m in gens.manifests if m.is_full]
         with BlockDevice(vol.device_path) as dev:
             size = dev.size
-        tracking = self.tracking.get(name)
-        sets = {}
-        problem = ""
-        if view.newest is not None:
-            if tracking is None:
-                problem = self.lost.get(name, "the tracker could not be opened")
-            else:
-                newest_full = fulls_any[-1] if fulls_any else None
-                trusted, problem = tracking.trusted(newest_any, newest_full)
-                try:
-                    sets = tracking.change_sets(trusted, source)
-                except TrackingLost as exc:
-                    problem, sets = exc.message, {}
+        sets, problem = ({}, "") if view.newest is None else self._change_sets(name, gens, source)
         exact = view.newest is None or (LAST_BACKUP in sets and LAST_FULL in sets)
         if exact:
             problem = ""
@@ -724,6 +386,22 @@ class VolumeRegistry:
             floors=floors_of(self.drills.last(name), drill_mode(objectives), manifests),
         )
 
+    def _change_sets(
+        self, name: str, gens: VolumeGenerations, source: str | None
+    ) -> tuple[dict[str, ChangeSet], str]:
+        """The tracker's change sets since its trusted references, or why there are none."""
+        tracking = self.tracking.get(name)
+        if tracking is None:
+            return {}, self.lost.get(name, "the tracker could not be opened")
+        # The tracker's roles describe the newest generation and the newest full that were
+        # made, usable or not (a corrupt one forces a full anyway, see full_required).
+        fulls_any = [m.generation_id for m in gens.manifests if m.is_full]
+        trusted, problem = tracking.trusted(gens.newest_id(), fulls_any[-1] if fulls_any else None)
+        try:
+            return tracking.change_sets(trusted, source), problem
+        except TrackingLost as exc:
+            return {}, exc.message
+
     def plan(self, name: str) -> dict[str, Any]:
         with self.lock:
             self.require_attached(name)
@@ -755,33 +433,15 @@ class VolumeRegistry:
             reason = inputs.lost_reason or ("never backed up" if state == "initialising" else "")
             if (vol.tracker_state, vol.tracker_reason) != (catalog_state, reason):
                 self.catalog.set_tracker_state(name, catalog_state, reason)
-            info = svc.VolumeInfo(
-                name=name,
-                device=vol.device_path,
-                pool=vol.pool or "",
-                backend=vol.tracker_backend,
-                chunk_size=vol.chunk_size,
-                group=vol.group or "",
-                objectives=self.objectives_of(name),
-                tracker_state=state,
-                changed_bytes_since_backup=inputs.changes.incremental_bytes,
-                changed_bytes_since_full=inputs.changes.differential_bytes,
-                estimated_restore_seconds=plan["estimated_restore_seconds"],
-                next_method=plan["method"],
-                next_method_reasons=tuple(plan["reasons"]),
-                next_backup=plan["next_backup"],
-                generations=self.generation_infos(name, gens),
-                restore_estimate={
-                    "seconds": plan["estimated_seconds"],
-                    "upper_seconds": plan["estimated_upper_seconds"],
-                    "calibrated": plan["calibrated"],
-                    "calibration": plan["calibration"],
-                    "mode": plan["restore_mode"],
-                    "breakdown": plan["restore_breakdown"],
-                    "upper_by_method": plan["upper_restore_seconds"],
-                },
-                last_drill=self._last_drill(name),
-                next_drill=0 if drill.next_due is None else int(drill.next_due.timestamp()),
+            info = volumeinfo.attached(
+                vol,
+                self.objectives_of(name),
+                state,
+                inputs.changes,
+                plan,
+                generation_infos(name, gens),
+                self._last_drill(name),
+                0 if drill.next_due is None else int(drill.next_due.timestamp()),
             )
             self.cache[name] = info
         events: list[svc.ServiceEvent] = [svc.VolumeChanged(name)]
@@ -824,22 +484,8 @@ class VolumeRegistry:
         self.last_due[name] = None
         self.drill_due.pop(name, None)
         self.last_plan.pop(name, None)
-        info = svc.VolumeInfo(
-            name=name,
-            device="",
-            pool=vol.pool or "",
-            backend="",
-            chunk_size=vol.chunk_size,
-            group=vol.group or "",
-            objectives=self.objectives_of(name),
-            tracker_state=DETACHED,
-            changed_bytes_since_backup=0,
-            changed_bytes_since_full=0,
-            estimated_restore_seconds={},
-            next_method="",
-            next_method_reasons=(reason,),
-            next_backup=0,
-            generations=self.generation_infos(name, self.scan(name)),
+        info = volumeinfo.detached(
+            vol, self.objectives_of(name), reason, generation_infos(name, self.scan(name))
         )
         self.cache[name] = info
         self.events.emit(svc.VolumeChanged(name))
@@ -857,23 +503,9 @@ class VolumeRegistry:
         generations: tuple[svc.GenerationInfo, ...] = ()
         with contextlib.suppress(BlockguardError):
             # What the pool holds stays visible while the volume cannot be planned.
-            generations = self.generation_infos(name, self.scan(name))
-        return svc.VolumeInfo(
-            name=name,
-            device=vol.device_path,
-            pool=vol.pool or "",
-            backend=vol.tracker_backend,
-            chunk_size=vol.chunk_size,
-            group=vol.group or "",
-            objectives=self.objectives_of(name),
-            tracker_state="lost" if name in self.lost else "stopped",
-            changed_bytes_since_backup=0,
-            changed_bytes_since_full=0,
-            estimated_restore_seconds={},
-            next_method="full",
-            next_method_reasons=(problem,),
-            next_backup=0,
-            generations=generations,
+            generations = generation_infos(name, self.scan(name))
+        return volumeinfo.stopped(
+            vol, self.objectives_of(name), name in self.lost, problem, generations
         )
 
     def info(self, name: str) -> svc.VolumeInfo:

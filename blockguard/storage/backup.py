@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from pyroaring import BitMap
 
+from blockguard.core.vocab import GenerationKind
 from blockguard.errors import BlockguardError, InvalidInput
 from blockguard.storage.blockdev import BlockDevice
 from blockguard.storage.copyengine import (
@@ -26,7 +27,6 @@ from blockguard.storage.copyengine import (
     extents,
 )
 from blockguard.storage.manifest import (
-    GenerationKind,
     Manifest,
     VolumeIdentity,
     check_chunk_size,
@@ -34,7 +34,7 @@ from blockguard.storage.manifest import (
     crash_point,
     new_checksum_array,
 )
-from blockguard.storage.pool.base import PoolBackend, RetentionResult, SpaceAlert
+from blockguard.storage.pool.base import GenerationWriter, PoolBackend, RetentionResult, SpaceAlert
 
 log = logging.getLogger(__name__)
 
@@ -91,24 +91,7 @@ def run_backup(
     kind = GenerationKind(kind)
     check_chunk_size(chunk_size)
     progress = progress or Progress()
-    clone_from: str | None = None
-    if kind is GenerationKind.FULL:
-        clone_from = base_id if changed is not None else None
-        if clone_from is None:
-            changed = None
-        base_id = parent_id = None
-    elif kind is GenerationKind.DIFFERENTIAL:
-        base = _reference(pool, volume, base_id, chunk_size, "base")
-        if not base.is_full:
-            raise InvalidInput(detail=f"the base {base_id} of a differential must be a full")
-        parent_id = base_id
-    else:
-        parent = _reference(pool, volume, parent_id, chunk_size, "parent")
-        base_id = parent.generation_id if parent.is_full else parent.base_id
-    if kind is not GenerationKind.FULL and changed is None:
-        raise InvalidInput(detail=f"a {kind} backup needs the set of changed chunks")
-
-    nchunks = chunk_count(volume.size, chunk_size)
+    links = _links(pool, volume, kind, changed, chunk_size, base_id, parent_id)
     with BlockDevice(source, direct=True) as src:
         if src.size != volume.size:
             raise InvalidInput(
@@ -118,61 +101,130 @@ def run_backup(
             volume,
             kind,
             chunk_size,
-            changed,
-            base_id=base_id,
-            parent_id=parent_id,
-            clone_from=clone_from,
+            links.changed,
+            base_id=links.base_id,
+            parent_id=links.parent_id,
+            clone_from=links.clone_from,
         )
         with writer:
-            todo: BitMap | None
-            if kind is GenerationKind.FULL and writer.cloned_from is not None:
-                assert changed is not None
-                with pool.open_generation(writer.cloned_from) as prev:
-                    sums = array.array("Q", prev.checksums())
-                todo = changed
-                full_slots = True
-            elif kind is GenerationKind.FULL:
-                sums, todo, full_slots = new_checksum_array(nchunks), None, True
-            else:
-                assert changed is not None
-                todo, full_slots = changed, False
-                sums = new_checksum_array(len(changed))
-            max_count = max(1, extent_bytes // chunk_size)
-            todo_bytes = sum(
-                min(count * chunk_size, volume.size - first * chunk_size)
-                for first, count in extents(todo, nchunks, max_count)
-            )
-            progress.start(todo_bytes)
-            reader = DeviceSource(src, chunk_size)
-            items = (CopyItem(reader, f, n) for f, n in extents(todo, nchunks, max_count))
-            slots = writer.draft.changed
-
-            def sink(first: int, view: memoryview, digests: Sequence[int]) -> None:
-                writer.write_chunks(first, view, digests)
-                slot = first if full_slots else slots.rank(first) - 1
-                sums[slot : slot + len(digests)] = array.array("Q", digests)
-
-            copied = copy_chunks(
-                items,
-                sink,
-                chunk_size=chunk_size,
-                volume_size=volume.size,
-                progress=progress,
-                extent_bytes=extent_bytes,
+            copied, sums = _copy_into(
+                pool, writer, src, volume, kind, links.changed, chunk_size, progress, extent_bytes
             )
             crash_point("before-commit")
             manifest = writer.commit(sums)
     warnings: list[str] = []
     retention = apply_retention_after_commit(pool, volume.name, keep, warnings)
-    alert = None
-    try:
-        alert = pool.check_space(pool.next_backup_estimate(volume.name), volume.name)
-    except BlockguardError as exc:
-        warnings.append(f"space check failed: {exc}")
-        log.warning("after backup %s of %s: %s", manifest.generation_id, volume.name, warnings[-1])
+    alert = _space_alert(pool, manifest, warnings)
     return BackupResult(
         manifest, copied, time.monotonic() - started, retention, alert, tuple(warnings)
     )
+
+
+@dataclass(frozen=True)
+class _Links:
+    """What a new generation copies and builds on, as the pool is asked to write it."""
+
+    changed: BitMap | None
+    base_id: str | None
+    parent_id: str | None
+    clone_from: str | None
+
+
+def _links(
+    pool: PoolBackend,
+    volume: VolumeIdentity,
+    kind: GenerationKind,
+    changed: BitMap | None,
+    chunk_size: int,
+    base_id: str | None,
+    parent_id: str | None,
+) -> _Links:
+    """Check the references a backup of ``kind`` names and decide its links (writes nothing).
+
+    :raises InvalidInput: a reference is missing, of the wrong kind or shape, or a delta
+        has no change set.
+    """
+    if kind is GenerationKind.FULL:
+        clone_from = base_id if changed is not None else None
+        return _Links(None if clone_from is None else changed, None, None, clone_from)
+    if kind is GenerationKind.DIFFERENTIAL:
+        base = _reference(pool, volume, base_id, chunk_size, "base")
+        if not base.is_full:
+            raise InvalidInput(detail=f"the base {base_id} of a differential must be a full")
+        parent_id = base_id
+    else:
+        parent = _reference(pool, volume, parent_id, chunk_size, "parent")
+        base_id = parent.generation_id if parent.is_full else parent.base_id
+    if changed is None:
+        raise InvalidInput(detail=f"a {kind} backup needs the set of changed chunks")
+    return _Links(changed, base_id, parent_id, None)
+
+
+def _copy_into(
+    pool: PoolBackend,
+    writer: GenerationWriter,
+    src: BlockDevice,
+    volume: VolumeIdentity,
+    kind: GenerationKind,
+    changed: BitMap | None,
+    chunk_size: int,
+    progress: Progress,
+    extent_bytes: int,
+) -> tuple[int, array.array[int]]:
+    """Copy the chunks the generation stores from ``src`` into ``writer``.
+
+    :returns: the bytes copied and the generation's checksum array (a cloned full's
+        starts as its clone's, so only the changed chunks are read).
+    """
+    nchunks = chunk_count(volume.size, chunk_size)
+    todo: BitMap | None
+    if kind is GenerationKind.FULL and writer.cloned_from is not None:
+        assert changed is not None
+        with pool.open_generation(writer.cloned_from) as prev:
+            sums = array.array("Q", prev.checksums())
+        todo, full_slots = changed, True
+    elif kind is GenerationKind.FULL:
+        sums, todo, full_slots = new_checksum_array(nchunks), None, True
+    else:
+        assert changed is not None
+        todo, full_slots = changed, False
+        sums = new_checksum_array(len(changed))
+    max_count = max(1, extent_bytes // chunk_size)
+    progress.start(
+        sum(
+            min(count * chunk_size, volume.size - first * chunk_size)
+            for first, count in extents(todo, nchunks, max_count)
+        )
+    )
+    reader = DeviceSource(src, chunk_size)
+    items = (CopyItem(reader, f, n) for f, n in extents(todo, nchunks, max_count))
+    slots = writer.draft.changed
+
+    def sink(first: int, view: memoryview, digests: Sequence[int]) -> None:
+        writer.write_chunks(first, view, digests)
+        slot = first if full_slots else slots.rank(first) - 1
+        sums[slot : slot + len(digests)] = array.array("Q", digests)
+
+    copied = copy_chunks(
+        items,
+        sink,
+        chunk_size=chunk_size,
+        volume_size=volume.size,
+        progress=progress,
+        extent_bytes=extent_bytes,
+    )
+    return copied, sums
+
+
+def _space_alert(pool: PoolBackend, manifest: Manifest, warnings: list[str]) -> SpaceAlert | None:
+    """The pool's space check after a commit: a failure is a warning, not a failed backup."""
+    volume = manifest.volume.name
+    try:
+        return pool.check_space(pool.next_backup_estimate(volume), volume)
+    except BlockguardError as exc:
+        warnings.append(f"space check failed: {exc}")
+        log.warning("after backup %s of %s: %s", manifest.generation_id, volume, warnings[-1])
+        return None
 
 
 def apply_retention_after_commit(

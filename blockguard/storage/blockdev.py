@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from blockguard.core import vocab
 from blockguard.errors import DeviceInUse, DeviceReadOnly, EnvironmentProblem, NotABlockDevice
 from blockguard.storage.ioedge import io_edge, map_oserror
 
@@ -93,8 +94,7 @@ class BlockDevice:
             if expect_rdev is not None and st.st_rdev != expect_rdev:
                 raise NotABlockDevice(
                     self.path,
-                    f"it is device {os.major(st.st_rdev)}:{os.minor(st.st_rdev)}, "
-                    f"expected {os.major(expect_rdev)}:{os.minor(expect_rdev)}",
+                    f"it is device {vocab.devno(st.st_rdev)}, expected {vocab.devno(expect_rdev)}",
                 )
         except BaseException:
             os.close(fd)
@@ -183,7 +183,7 @@ def device_rdev(path: str | os.PathLike[str]) -> int:
 
 def sysfs_dir(rdev: int) -> Path:
     """The device's directory in sysfs (``/sys/dev/block/MAJ:MIN``, resolved)."""
-    return Path(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}").resolve()
+    return Path(f"/sys/dev/block/{vocab.devno(rdev)}").resolve()
 
 
 def holders(rdev: int) -> list[str]:
@@ -237,7 +237,7 @@ def in_use_reasons(path: str) -> list[str]:
     Empty when nothing is known to use it.
     """
     rdev = device_rdev(path)
-    devno = f"{os.major(rdev)}:{os.minor(rdev)}"
+    devno = vocab.devno(rdev)
     reasons: list[str] = []
     mounts = mounted_devnos()
     if devno in mounts:

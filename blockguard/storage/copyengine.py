@@ -220,102 +220,150 @@ def copy_chunks(
     """
     progress = progress or Progress()
     progress.start()
-    free: queue.Queue[memoryview | None] = queue.Queue()
-    for _ in range(readers + 2):
-        free.put(memoryview(aligned_buffer(extent_bytes)))
-    source = iter(items)
-    take = threading.Lock()
-    ready = threading.Condition()
-    results: dict[int, tuple[CopyItem, memoryview, int, list[int]] | BaseException] = {}
-    state = {"issued": 0, "finished": 0}
-    stop = threading.Event()
 
-    def read_one(item: CopyItem, buf: memoryview) -> tuple[CopyItem, memoryview, int, list[int]]:
-        if progress.cancelled:
-            raise BlockguardError(detail="the copy was cancelled")
-        start = item.first * chunk_size
-        nbytes = min(item.count * chunk_size, volume_size - start)
-        if nbytes <= 0 or item.count * chunk_size > extent_bytes:
-            raise EnvironmentProblem(detail=f"bad copy extent {item!r}")
-        view = buf[:nbytes]
-        item.source.read_chunks(item.first, view)
-        digests = [
-            xxhash.xxh3_64_intdigest(view[off : off + chunk_size])
-            for off in range(0, nbytes, chunk_size)
-        ]
-        if item.expected is not None:
-            for i, (got, want) in enumerate(zip(digests, item.expected, strict=True)):
-                if got != want:
-                    chunk = item.first + i
-                    raise ChecksumMismatch(generation=item.owner(chunk), chunk=chunk)
-        return item, buf, nbytes, digests
+    def read(item: CopyItem, buf: memoryview) -> _Read:
+        return _read_item(item, buf, chunk_size, volume_size, extent_bytes, progress)
 
-    def reader() -> None:
-        try:
-            while True:
-                buf = free.get()
-                if buf is None or stop.is_set():
-                    return
-                with take:
-                    seq = state["issued"]
-                    try:
-                        item = next(source)
-                    except StopIteration:
-                        free.put(buf)
-                        return
-                    except BaseException as exc:  # the plan itself failed
-                        state["issued"] += 1
-                        with ready:
-                            results[seq] = exc
-                            ready.notify_all()
-                        return
-                    state["issued"] += 1
-                try:
-                    got: tuple[CopyItem, memoryview, int, list[int]] | BaseException
-                    got = read_one(item, buf)
-                except BaseException as exc:
-                    got = exc
-                with ready:
-                    results[seq] = got
-                    ready.notify_all()
-                if isinstance(got, BaseException):
-                    return
-        finally:
-            with ready:
-                state["finished"] += 1
-                ready.notify_all()
-
-    threads = [
-        threading.Thread(target=reader, name=f"blockguard-copy-reader-{n}", daemon=True)
-        for n in range(readers)
-    ]
-    for t in threads:
-        t.start()
+    ahead = _ReadAhead(iter(items), read, readers, extent_bytes)
     copied = 0
     try:
-        seq = 0
-        while True:
-            with ready:
-                while seq not in results and not (
-                    state["finished"] == readers and seq >= state["issued"]
-                ):
-                    ready.wait()
-                got = results.pop(seq, None)
-            if got is None:
-                break
-            if isinstance(got, BaseException):
-                raise got
-            item, buf, nbytes, digests = got
+        for item, buf, nbytes, digests in ahead.in_order():
             sink(item.first, buf[:nbytes], digests)
             copied += nbytes
             progress.advance(nbytes)
-            free.put(buf)
-            seq += 1
+            ahead.recycle(buf)
     finally:
-        stop.set()
-        for _ in threads:  # wake readers waiting for a buffer so that they see ``stop``
-            free.put(None)
-        for t in threads:
-            t.join()
+        ahead.close()
         progress.finish()
     return copied
+
+
+#: An item read: the item, its buffer, the bytes in it and one xxh3_64 per chunk.
+_Read = tuple[CopyItem, memoryview, int, list[int]]
+
+
+def _read_item(
+    item: CopyItem,
+    buf: memoryview,
+    chunk_size: int,
+    volume_size: int,
+    extent_bytes: int,
+    progress: Progress,
+) -> _Read:
+    """Read one item into ``buf``, hash its chunks and verify them if it says what to expect."""
+    if progress.cancelled:
+        raise BlockguardError(detail="the copy was cancelled")
+    start = item.first * chunk_size
+    nbytes = min(item.count * chunk_size, volume_size - start)
+    if nbytes <= 0 or item.count * chunk_size > extent_bytes:
+        raise EnvironmentProblem(detail=f"bad copy extent {item!r}")
+    view = buf[:nbytes]
+    item.source.read_chunks(item.first, view)
+    digests = [
+        xxhash.xxh3_64_intdigest(view[off : off + chunk_size])
+        for off in range(0, nbytes, chunk_size)
+    ]
+    if item.expected is not None:
+        for i, (got, want) in enumerate(zip(digests, item.expected, strict=True)):
+            if got != want:
+                chunk = item.first + i
+                raise ChecksumMismatch(generation=item.owner(chunk), chunk=chunk)
+    return item, buf, nbytes, digests
+
+
+class _ReadAhead:
+    """Reader threads that take items in order, read them into a bounded set of buffers,
+    and hand the results back in the items' order (a failure in its place)."""
+
+    def __init__(
+        self,
+        source: Iterator[CopyItem],
+        read: Callable[[CopyItem, memoryview], _Read],
+        readers: int,
+        extent_bytes: int,
+    ) -> None:
+        self._source = source
+        self._read = read
+        self._readers = readers
+        self._free: queue.Queue[memoryview | None] = queue.Queue()
+        for _ in range(readers + 2):
+            self._free.put(memoryview(aligned_buffer(extent_bytes)))
+        self._take = threading.Lock()
+        self._ready = threading.Condition()
+        self._results: dict[int, _Read | BaseException] = {}
+        self._issued = 0
+        self._finished = 0
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._reader, name=f"blockguard-copy-reader-{n}", daemon=True)
+            for n in range(readers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def in_order(self) -> Iterator[_Read]:
+        """The items read, in their order, until the source is exhausted.
+
+        :raises BaseException: what reading an item (or the source itself) raised.
+        """
+        seq = 0
+        while True:
+            with self._ready:
+                while seq not in self._results and not (
+                    self._finished == self._readers and seq >= self._issued
+                ):
+                    self._ready.wait()
+                got = self._results.pop(seq, None)
+            if got is None:
+                return
+            if isinstance(got, BaseException):
+                raise got
+            yield got
+            seq += 1
+
+    def recycle(self, buf: memoryview) -> None:
+        """Give a written buffer back to the readers."""
+        self._free.put(buf)
+
+    def close(self) -> None:
+        """Stop the readers and wait for them."""
+        self._stop.set()
+        for _ in self._threads:  # wake readers waiting for a buffer so that they see stop
+            self._free.put(None)
+        for t in self._threads:
+            t.join()
+
+    def _publish(self, seq: int, got: _Read | BaseException) -> None:
+        with self._ready:
+            self._results[seq] = got
+            self._ready.notify_all()
+
+    def _reader(self) -> None:
+        try:
+            while True:
+                buf = self._free.get()
+                if buf is None or self._stop.is_set():
+                    return
+                with self._take:
+                    seq = self._issued
+                    try:
+                        item = next(self._source)
+                    except StopIteration:
+                        self._free.put(buf)
+                        return
+                    except BaseException as exc:  # the plan itself failed
+                        self._issued += 1
+                        self._publish(seq, exc)
+                        return
+                    self._issued += 1
+                try:
+                    got: _Read | BaseException = self._read(item, buf)
+                except BaseException as exc:
+                    got = exc
+                self._publish(seq, got)
+                if isinstance(got, BaseException):
+                    return
+        finally:
+            with self._ready:
+                self._finished += 1
+                self._ready.notify_all()

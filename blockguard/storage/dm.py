@@ -13,6 +13,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from blockguard.core.vocab import devno
 from blockguard.errors import CommandFailed, NotABlockDevice, NotFound
 from blockguard.storage.runner import Runner, default_runner
 
@@ -150,7 +151,7 @@ class DeviceMapper:
     def name_of(self, rdev: int) -> str | None:
         """The dm name of a device number, or None if it is not a dm device."""
         try:
-            with open(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/dm/name") as f:
+            with open(f"/sys/dev/block/{devno(rdev)}/dm/name") as f:
                 return f.read().strip()
         except OSError:
             return None

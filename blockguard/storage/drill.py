@@ -35,10 +35,10 @@ from dataclasses import dataclass
 import xxhash
 from pyroaring import BitMap
 
+from blockguard.core.vocab import GenerationKind, RestoreMode
 from blockguard.errors import Busy, InvalidInput
 from blockguard.storage.copyengine import Progress, extents
 from blockguard.storage.manifest import (
-    GenerationKind,
     Manifest,
     VolumeIdentity,
     check_chunk_size,
@@ -64,7 +64,8 @@ DIFFERENTIAL_SHARE = 0.10
 #: Each shape is restored this many times in each mode: single restores of a few tens of
 #: MiB are noisy on a busy host.
 DEFAULT_REPEATS = 2
-MODES = ("copy", "swap-in")
+#: The modes a drill restores in, in the order it runs them.
+MODES = (RestoreMode.COPY.value, RestoreMode.SWAP_IN.value)
 #: Bytes written per call of the generation writer for a full.
 _FULL_STEP = 1024 * 1024
 
@@ -227,7 +228,7 @@ def _timed_restore(
     mode: str,
     serial: int,
 ) -> RestoreResult:
-    if mode == "swap-in":
+    if mode == RestoreMode.SWAP_IN:
         result = swap_in(
             pool, DRILL_VOLUME, generation.generation_id, label=f"{DRILL_LABEL}{serial}"
         )

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import array
 import base64
-import enum
 import json
 import os
 import random
@@ -31,6 +30,7 @@ from typing import Any
 import xxhash
 from pyroaring import BitMap
 
+from blockguard.core.vocab import GenerationKind
 from blockguard.errors import CorruptMetadata, EnvironmentProblem, InvalidChunkSize, InvalidInput
 
 FORMAT = "blockguard-generation"
@@ -40,14 +40,6 @@ CHECKSUM_ALGORITHM = "xxh3_64"
 
 MIN_CHUNK_SIZE = 4096
 MAX_CHUNK_SIZE = 16 << 20
-
-
-class GenerationKind(enum.StrEnum):
-    """What a generation holds relative to its base and parent."""
-
-    FULL = "full"
-    DIFFERENTIAL = "differential"
-    INCREMENTAL = "incremental"
 
 
 @dataclass(frozen=True)
@@ -64,22 +56,34 @@ class VolumeIdentity:
     device_id: str = ""
 
     def __post_init__(self) -> None:
-        check_name(self.name, "volume name")
+        # Not the admin name rule: the pool also holds blockguard's own volumes ("@drill").
+        check_component(self.name, "volume name")
         if self.size <= 0 or self.size % 512:
             raise InvalidInput(detail=f"volume size {self.size} is not a positive multiple of 512")
 
 
-def check_name(name: str, what: str) -> None:
-    """Refuse names that are not one plain path component (they become directory names)."""
+def check_component(value: str, what: str) -> None:
+    """Refuse an id or label the storage layer makes (a generation id, a swap-in label of
+    ``VOLUME-GENERATION``) unless it is one plain path component.
+
+    Not a rule for names: the names an administrator gives pass :func:`vocab.check_name`.
+    This one is wider (128 characters, ``@`` and ``:``) because labels compose a name and
+    an id, and it must keep accepting what pools already hold.
+    """
     ok = (
-        name
-        and len(name) <= 128
-        and name not in (".", "..")
-        and not name.startswith(".")
-        and all(c.isalnum() or c in "-_.+@:" for c in name)
+        value
+        and len(value) <= 128
+        and value not in (".", "..")
+        and not value.startswith(".")
+        and all(c.isalnum() or c in "-_.+@:" for c in value)
     )
     if not ok:
-        raise InvalidInput(detail=f"{what} {name!r} must be 1-128 of [A-Za-z0-9-_.+@:]")
+        raise InvalidInput(detail=f"{what} {value!r} must be 1-128 of [A-Za-z0-9-_.+@:]")
+
+
+#: The spelling storage/pool/* still imports (the pool rework replaces it with
+#: :func:`check_component` for ids and labels and :func:`vocab.check_name` for names).
+check_name = check_component
 
 
 def check_chunk_size(chunk_size: int) -> None:

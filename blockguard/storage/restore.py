@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from pyroaring import BitMap
 
+from blockguard.core.vocab import RestoreTarget
 from blockguard.errors import CorruptMetadata, DeviceInUse, DeviceTooSmall, InvalidInput
 from blockguard.storage.blockdev import BlockDevice, in_use_reasons
 from blockguard.storage.copyengine import (
@@ -40,7 +41,7 @@ RESTORE_READERS = 4
 class RestoreResult:
     """What a restore did and how long it took.
 
-    :param mode: ``device``, ``in-place``, ``swap-in`` or ``rehearsal`` (read side only).
+    :param mode: where the data went; None for a rehearsal (read, checked and dropped).
     :param target: the device written (for swap-in: the new loop/LV device).
     :param bytes_read: bytes read from the pool (and from the clone, when verified).
     :param bytes_written: bytes written to the target.
@@ -51,7 +52,7 @@ class RestoreResult:
 
     volume: str
     generation_id: str
-    mode: str
+    mode: RestoreTarget | None
     target: str
     chain: tuple[str, ...]
     bytes_read: int
@@ -103,7 +104,9 @@ def restore_to_device(
     :raises DeviceTooSmall: the target is smaller than the volume.
     :raises ChecksumMismatch: a stored chunk is damaged (names chunk and generation).
     """
-    return _restore(pool, volume, generation_id, target, "device", progress, extent_bytes)
+    return _restore(
+        pool, volume, generation_id, target, RestoreTarget.NEW_DEVICE, progress, extent_bytes
+    )
 
 
 def restore_in_place(
@@ -125,7 +128,9 @@ def restore_in_place(
         raise InvalidInput(
             detail=f"restoring {volume} in place overwrites {original}; it needs force"
         )
-    return _restore(pool, volume, generation_id, original, "in-place", progress, extent_bytes)
+    return _restore(
+        pool, volume, generation_id, original, RestoreTarget.IN_PLACE, progress, extent_bytes
+    )
 
 
 def swap_in(
@@ -195,7 +200,7 @@ def swap_in(
     return RestoreResult(
         volume,
         generation_id,
-        "swap-in",
+        RestoreTarget.SWAP_IN,
         swap.device,
         tuple(g.generation_id for g in chain),
         read,
@@ -318,7 +323,7 @@ def rehearse(
     started = time.monotonic()
     chain = pool.chain(volume, generation_id)
     nbytes, plan = _copy_chain(pool, chain, discard_sink, progress or Progress(), extent_bytes)
-    return _result(volume, generation_id, "rehearsal", "", chain, plan, nbytes, started)
+    return _result(volume, generation_id, None, "", chain, plan, nbytes, started)
 
 
 def _restore(
@@ -326,7 +331,7 @@ def _restore(
     volume: str,
     generation_id: str,
     target: str,
-    mode: str,
+    mode: RestoreTarget,
     progress: Progress | None,
     extent_bytes: int,
 ) -> RestoreResult:
@@ -336,7 +341,7 @@ def _restore(
     if reasons := in_use_reasons(target):
         raise DeviceInUse(path=target, reason="; ".join(reasons))
     with BlockDevice(target, write=True, direct=True, exclusive=True) as dev:
-        if dev.size < size or (mode == "in-place" and dev.size != size):
+        if dev.size < size or (mode is RestoreTarget.IN_PLACE and dev.size != size):
             raise DeviceTooSmall(path=target, size=dev.size, needed=size)
         sink = device_sink(dev, chain[0].chunk_size)
         nbytes, plan = _copy_chain(pool, chain, sink, progress or Progress(), extent_bytes)
@@ -368,7 +373,7 @@ def _copy_chain(
 def _result(
     volume: str,
     generation_id: str,
-    mode: str,
+    mode: RestoreTarget | None,
     target: str,
     chain: Sequence[Manifest],
     plan: Sequence[tuple[Manifest, BitMap]],

@@ -1,5 +1,7 @@
 """The one safety gate in front of every operation that writes a device.
 
+(One thing at ~460 lines: the gate and the device family it judges; neither is used alone.)
+
 A device is never judged alone: writing it also writes whatever shares its blocks. Its
 *family* (:func:`device_family`), read from sysfs, is
 
@@ -32,6 +34,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blockguard.core import vocab
 from blockguard.errors import (
     DeviceInUse,
     ForeignPool,
@@ -102,7 +105,7 @@ def _devno_of(directory: Path) -> int | None:
 
 
 def _sysdir(rdev: int) -> Path | None:
-    d = SYS_DEV_BLOCK / f"{os.major(rdev)}:{os.minor(rdev)}"
+    d = SYS_DEV_BLOCK / vocab.devno(rdev)
     return d.resolve() if d.exists() else None
 
 
@@ -173,7 +176,7 @@ def device_family(rdev: int) -> Family:
             return None
         directory = _sysdir(number)
         seen.add(number)
-        name = directory.name if directory else f"{os.major(number)}:{os.minor(number)}"
+        name = directory.name if directory else vocab.devno(number)
         node = _node(number, directory) if directory else ""
         family.members.append(Member(number, name, node, direction, relation))
         return directory
@@ -422,7 +425,7 @@ class SafetyGate:
                 who = f"its partition {member.name}"
             else:
                 who = f"{member.label} (built on it)"
-            devno = f"{os.major(member.rdev)}:{os.minor(member.rdev)}"
+            devno = vocab.devno(member.rdev)
             if devno in mounts:
                 reasons.append(f"{who} is mounted on {mounts[devno]}")
             if member.rdev in swaps:

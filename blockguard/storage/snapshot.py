@@ -1,5 +1,7 @@
 """Point-in-time copies of a volume that stays online: the source a backup reads.
 
+(One thing at ~450 lines: point-in-time copies behind one interface, and their crash recovery.)
+
 Two kinds, one interface (:class:`PointInTime`):
 
 - **thin volumes**: a :class:`~.tracking.thin.ThinTracker` reference *is* a thin snapshot;
@@ -39,12 +41,13 @@ from typing import Protocol
 
 from pyroaring import BitMap
 
+from blockguard.core.vocab import GenerationKind, devno
 from blockguard.errors import BlockguardError, InvalidInput, SnapshotOverflow
 from blockguard.storage.backup import BackupResult, apply_retention_after_commit, run_backup
 from blockguard.storage.blockdev import BlockDevice, aligned_buffer, device_rdev
 from blockguard.storage.copyengine import DEFAULT_EXTENT_BYTES, Progress
 from blockguard.storage.dm import DeviceMapper
-from blockguard.storage.manifest import GenerationKind, VolumeIdentity
+from blockguard.storage.manifest import VolumeIdentity
 from blockguard.storage.pool.base import PoolBackend
 from blockguard.storage.runner import Runner, default_runner
 from blockguard.storage.tracking.base import ChangeSet
@@ -434,7 +437,7 @@ def _reload_live(dm: DeviceMapper, name: str, table: str) -> None:
 
 def _devno_of(path: str) -> str:
     rdev = device_rdev(path)
-    return f"{os.major(rdev)}:{os.minor(rdev)}"
+    return devno(rdev)
 
 
 def _zero_header(device: str) -> None:

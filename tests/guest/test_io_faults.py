@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from blockguard.core.vocab import GenerationKind
 from blockguard.errors import DeviceIOError
 from blockguard.storage.backup import run_backup
-from blockguard.storage.manifest import MANIFEST_NAME, GenerationKind, VolumeIdentity
+from blockguard.storage.manifest import MANIFEST_NAME, VolumeIdentity
 from blockguard.storage.pool import dirgen
 from blockguard.storage.pool.dirpool import MIN_DEVICE_SIZE, DirPool
 from blockguard.storage.restore import restore_to_device, verify

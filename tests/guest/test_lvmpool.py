@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from blockguard.core.vocab import GenerationKind
 from blockguard.errors import (
     ChecksumMismatch,
     DeviceInUse,
@@ -29,7 +30,7 @@ from blockguard.errors import (
 )
 from blockguard.storage.backup import run_backup
 from blockguard.storage.blockdev import BlockDevice, aligned_buffer
-from blockguard.storage.manifest import MANIFEST_NAME, GenerationKind, VolumeIdentity
+from blockguard.storage.manifest import MANIFEST_NAME, VolumeIdentity
 from blockguard.storage.pool.base import SpaceAlert
 from blockguard.storage.pool.lvmgen import lv_name_of
 from blockguard.storage.pool.lvmpool import META_LV, LvmPool

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 from pyroaring import BitMap
 
+from blockguard.core.vocab import GenerationKind
 from blockguard.errors import ChecksumMismatch, DeviceInUse, InvalidInput
 from blockguard.storage.backup import run_backup
 from blockguard.storage.copyengine import Progress
-from blockguard.storage.manifest import GenerationKind, VolumeIdentity
+from blockguard.storage.manifest import VolumeIdentity
 from blockguard.storage.pool.dirpool import DirPool
 from blockguard.storage.restore import restore_in_place, restore_to_device, swap_in, verify
 from tests.fsutil import frozen

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from pyroaring import BitMap
 
+from blockguard.core.vocab import GenerationKind
 from blockguard.errors import (
     Busy,
     DeviceInUse,
@@ -22,7 +23,7 @@ from blockguard.errors import (
     ProtectedDevice,
 )
 from blockguard.storage.backup import run_backup
-from blockguard.storage.manifest import MANIFEST_NAME, GenerationKind, VolumeIdentity
+from blockguard.storage.manifest import MANIFEST_NAME, VolumeIdentity
 from blockguard.storage.pool.base import SpaceAlert
 from blockguard.storage.pool.dirgen import creating
 from blockguard.storage.pool.dirpool import DirPool

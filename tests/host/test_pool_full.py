@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 from pyroaring import BitMap
 
+from blockguard.core.vocab import GenerationKind
 from blockguard.errors import PoolSpaceLow
 from blockguard.storage.backup import run_backup
-from blockguard.storage.manifest import GenerationKind, VolumeIdentity
+from blockguard.storage.manifest import VolumeIdentity
 from blockguard.storage.pool.dirpool import DirPool
 from blockguard.storage.restore import restore_to_device, verify
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from blockguard.core.objectives import RecoveryObjectives, RestoreMode
+from blockguard.core.objectives import RecoveryObjectives
 from blockguard.core.perftable import (
     DeviceRole,
     DeviceSpeed,
@@ -27,11 +27,13 @@ from blockguard.core.perftable import (
     Transport,
 )
 from blockguard.core.planner import plan_backup
-from blockguard.core.restore_model import BackupMethod, ChangeSets
 from blockguard.core.units import GiB, MiB, format_rate
+from blockguard.core.vocab import GenerationKind, RestoreMode
+from blockguard.core.what_if import ChangeSets
 from blockguard.errors import InvalidInput, NotABlockDevice
 from blockguard.storage import cgroup
 from blockguard.storage.blockdev import BlockDevice, aligned_buffer, device_rdev, sysfs_dir
+from blockguard.storage.devinfo import describe_device, dm_layout, md_layout, raid_layout
 from blockguard.storage.livestats import (
     LiveRates,
     LiveSampler,
@@ -39,14 +41,7 @@ from blockguard.storage.livestats import (
     kernel_name,
     observations,
 )
-from blockguard.storage.probe import (
-    WritableRegion,
-    describe_device,
-    dm_layout,
-    md_layout,
-    probe_device,
-    raid_layout,
-)
+from blockguard.storage.probe import WritableRegion, probe_device
 from blockguard.storage.runner import Runner
 
 SLOW_BPS = 20 * MiB
@@ -235,7 +230,7 @@ def test_throttled_pool_disks_measured_and_planner_follows_the_figures(loopdev) 
         copy_target=target,
     )
     print(decision.describe())
-    assert decision.method is BackupMethod.FULL
+    assert decision.method is GenerationKind.FULL
     assert decision.feasible
     assert decision.device_id == ids[fast]
     assert decision.estimate.seconds <= rto.total_seconds()

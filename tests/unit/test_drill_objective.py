@@ -15,8 +15,10 @@ from blockguard.core.objectives import (
 )
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.planner import PlanDecision, plan_backup
-from blockguard.core.restore_model import BackupMethod, Chain, ChangeSets, StoredDelta
+from blockguard.core.restore_model import Chain, StoredDelta
 from blockguard.core.scheduler import drill_schedule
+from blockguard.core.vocab import GenerationKind
+from blockguard.core.what_if import ChangeSets
 from blockguard.errors import InvalidInput, InvalidObjectives
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -136,34 +138,34 @@ def test_naive_times_and_bad_intervals_are_refused() -> None:
 # --- what a drill's measurement does to the plan ----------------------------------------
 
 
-def _plan(floors: dict[BackupMethod, float] | None) -> PlanDecision:
+def _plan(floors: dict[GenerationKind, float] | None) -> PlanDecision:
     speeds = {"ssd": DeviceSpeed(500 * MB, 450 * MB, 200 * MB, 150 * MB)}
-    chain = Chain(10 * GB, "ssd", (StoredDelta(BackupMethod.INCREMENTAL, 1 * MB, "ssd"),))
+    chain = Chain(10 * GB, "ssd", (StoredDelta(GenerationKind.INCREMENTAL, 1 * MB, "ssd"),))
     changes = ChangeSets(1 * MB, 2 * MB, 10 * GB)
     objectives = RecoveryObjectives(rto=timedelta(minutes=5))
     return plan_backup(chain, changes, speeds, objectives, floors=floors)
 
 
 def test_a_drill_that_measured_more_than_the_rto_rules_out_what_extends_its_chain() -> None:
-    assert _plan(None).method is BackupMethod.INCREMENTAL
-    assert _plan({BackupMethod.INCREMENTAL: 299.0}).method is BackupMethod.INCREMENTAL
-    slow = _plan({BackupMethod.INCREMENTAL: 301.0})
-    assert slow.method is BackupMethod.DIFFERENTIAL and slow.feasible
+    assert _plan(None).method is GenerationKind.INCREMENTAL
+    assert _plan({GenerationKind.INCREMENTAL: 299.0}).method is GenerationKind.INCREMENTAL
+    slow = _plan({GenerationKind.INCREMENTAL: 301.0})
+    assert slow.method is GenerationKind.DIFFERENTIAL and slow.feasible
     assert "a restore drill measured 5m1s for the chain it extends > RTO 5m" in slow.reasons[0]
     # A drill of the lone full bounds a differential on it too: only a new full is left.
-    both = {BackupMethod.INCREMENTAL: 301.0, BackupMethod.DIFFERENTIAL: 301.0}
-    assert _plan(both).method is BackupMethod.FULL
+    both = {GenerationKind.INCREMENTAL: 301.0, GenerationKind.DIFFERENTIAL: 301.0}
+    assert _plan(both).method is GenerationKind.FULL
 
 
 def test_when_nothing_fits_the_quickest_restore_counts_the_drill() -> None:
     speeds = {"hdd": DeviceSpeed(1 * MB, 1 * MB, 1 * MB, 1 * MB)}
-    chain = Chain(10 * GB, "hdd", (StoredDelta(BackupMethod.INCREMENTAL, 1 * MB, "hdd"),))
+    chain = Chain(10 * GB, "hdd", (StoredDelta(GenerationKind.INCREMENTAL, 1 * MB, "hdd"),))
     changes = ChangeSets(1 * MB, 2 * MB, 10 * GB)
     objectives = RecoveryObjectives(rto=timedelta(seconds=1), restore_mode=RestoreMode.COPY)
     plain = plan_backup(chain, changes, speeds, objectives, copy_target=speeds["hdd"])
     assert not plain.feasible
-    floors = {m: 1e9 for m in (BackupMethod.INCREMENTAL, BackupMethod.DIFFERENTIAL)}
+    floors = {m: 1e9 for m in (GenerationKind.INCREMENTAL, GenerationKind.DIFFERENTIAL)}
     bounded = plan_backup(
         chain, changes, speeds, objectives, copy_target=speeds["hdd"], floors=floors
     )
-    assert not bounded.feasible and bounded.method is BackupMethod.FULL
+    assert not bounded.feasible and bounded.method is GenerationKind.FULL

@@ -6,11 +6,11 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from blockguard.core.restore_model import BackupMethod
+from blockguard.core.vocab import GenerationKind
 from blockguard.engine.drillbook import DrillRecord, floors_of
 
-INCR = BackupMethod.INCREMENTAL
-DIFF = BackupMethod.DIFFERENTIAL
+INCR = GenerationKind.INCREMENTAL
+DIFF = GenerationKind.DIFFERENTIAL
 
 
 def gen(gid: str, parent: str | None = None) -> Any:

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from pyroaring import BitMap
 
+from blockguard.core.vocab import GenerationKind
 from blockguard.errors import CorruptMetadata, InvalidChunkSize, InvalidInput
 from blockguard.storage.copyengine import extents
 from blockguard.storage.manifest import (
     MANIFEST_NAME,
-    GenerationKind,
     Manifest,
     VolumeIdentity,
     check_chunk_size,

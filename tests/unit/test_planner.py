@@ -9,24 +9,24 @@ import pytest
 from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
-from blockguard.core.objectives import IntervalRPO, RecoveryObjectives, RestoreMode
+from blockguard.core.objectives import IntervalRPO, RecoveryObjectives
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.planner import PlanDecision, plan_backup
 from blockguard.core.restore_model import (
-    BackupMethod,
     Chain,
-    ChangeSets,
     StoredDelta,
     estimate_chain,
 )
 from blockguard.core.units import format_duration, format_rate, format_size
+from blockguard.core.vocab import GenerationKind, RestoreMode
+from blockguard.core.what_if import ChangeSets
 from blockguard.errors import InvalidInput
 
 MB = 10**6
 GB = 10**9
-INCR = BackupMethod.INCREMENTAL
-DIFF = BackupMethod.DIFFERENTIAL
-FULL = BackupMethod.FULL
+INCR = GenerationKind.INCREMENTAL
+DIFF = GenerationKind.DIFFERENTIAL
+FULL = GenerationKind.FULL
 
 SPEEDS = {
     "hdd": DeviceSpeed(150 * MB, 140 * MB, 10 * MB, 10 * MB),
@@ -231,7 +231,7 @@ def _situation(draw: st.DrawFn, building: bool = False, min_devices: int = 1) ->
     }
 
 
-def _best_per_method(s: dict) -> dict[BackupMethod, float]:
+def _best_per_method(s: dict) -> dict[GenerationKind, float]:
     """Brute force: the lowest estimate of each possible method over all candidate devices."""
     chain, changes = s["chain"], s["changes"]
     methods = [FULL] if chain is None or not changes.tracker_exact else [INCR, DIFF, FULL]

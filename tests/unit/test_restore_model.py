@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blockguard.core.objectives import RestoreMode
 from blockguard.core.perftable import (
     DeviceRole,
     DeviceSpeed,
@@ -21,26 +20,24 @@ from blockguard.core.perftable import (
 from blockguard.core.restore_model import (
     CORRECTION_MAX,
     CORRECTION_MIN,
-    BackupMethod,
     Chain,
-    ChangeSets,
     RestorePiece,
     RestoreSample,
     StoredDelta,
-    bytes_restorable_within,
     correction_factor,
     estimate_chain,
     estimate_pieces,
     piece_time,
-    what_if,
 )
 from blockguard.core.units import GiB, KiB, MiB
+from blockguard.core.vocab import GenerationKind, RestoreMode
+from blockguard.core.what_if import ChangeSets, bytes_restorable_within, what_if
 from blockguard.errors import InvalidInput, NotFound
 
 MB = 10**6
 GB = 10**9
-INCR = BackupMethod.INCREMENTAL
-DIFF = BackupMethod.DIFFERENTIAL
+INCR = GenerationKind.INCREMENTAL
+DIFF = GenerationKind.DIFFERENTIAL
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
@@ -149,8 +146,10 @@ def test_what_if_answers_for_each_method() -> None:
     answers = what_if(chain, changes, "hdd", _speeds(), RestoreMode.SWAP_IN)
     assert answers[INCR].seconds == pytest.approx(1200)  # 12 GB at 10 MB/s
     assert answers[DIFF].seconds == pytest.approx(1100)  # 11 GB at 10 MB/s
-    assert answers[BackupMethod.FULL].seconds == 0
-    assert set(what_if(None, changes, "hdd", _speeds(), RestoreMode.SWAP_IN)) == {BackupMethod.FULL}
+    assert answers[GenerationKind.FULL].seconds == 0
+    assert set(what_if(None, changes, "hdd", _speeds(), RestoreMode.SWAP_IN)) == {
+        GenerationKind.FULL
+    }
 
 
 # --- correction from real restores -----------------------------------------------------------

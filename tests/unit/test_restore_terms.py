@@ -7,15 +7,12 @@ from datetime import timedelta
 
 import pytest
 
-from blockguard.core.objectives import RecoveryObjectives, RestoreMode
+from blockguard.core.objectives import RecoveryObjectives
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.planner import plan_backup
 from blockguard.core.restore_model import (
-    BackupMethod,
     Chain,
-    ChangeSets,
     StoredDelta,
-    bytes_restorable_within,
     estimate_chain,
 )
 from blockguard.core.restore_terms import (
@@ -27,11 +24,13 @@ from blockguard.core.restore_terms import (
     upper_factor,
 )
 from blockguard.core.units import MiB
+from blockguard.core.vocab import GenerationKind, RestoreMode
+from blockguard.core.what_if import ChangeSets, bytes_restorable_within
 from blockguard.errors import InvalidInput
 
 MB = 10**6
-INCR = BackupMethod.INCREMENTAL
-DIFF = BackupMethod.DIFFERENTIAL
+INCR = GenerationKind.INCREMENTAL
+DIFF = GenerationKind.DIFFERENTIAL
 TRUE = PathTerms(fixed=0.4, per_generation=0.06, per_extent=0.0015, per_byte=1 / (150 * MB))
 
 
@@ -151,7 +150,7 @@ def test_planner_holds_the_rto_against_the_upper_estimate() -> None:
     objectives = RecoveryObjectives(rto=timedelta(seconds=3.3), restore_mode=RestoreMode.SWAP_IN)
     decision = plan_backup(chain, changes, SPEEDS, objectives, terms=terms)
     # The point estimate of an incremental (2.36 s) is within the RTO; its upper is not.
-    assert decision.method is BackupMethod.FULL
+    assert decision.method is GenerationKind.FULL
     assert decision.feasible
     assert decision.estimate.upper_seconds == pytest.approx(3.15)
     roomy = RecoveryObjectives(rto=timedelta(seconds=4), restore_mode=RestoreMode.SWAP_IN)

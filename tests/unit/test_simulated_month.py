@@ -22,19 +22,17 @@ from blockguard.core.objectives import (
     DailyRPO,
     IntervalRPO,
     RecoveryObjectives,
-    RestoreMode,
 )
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.planner import plan_backup
 from blockguard.core.restore_model import (
-    BackupMethod,
     Chain,
-    ChangeSets,
-    bytes_restorable_within,
     estimate_chain,
 )
 from blockguard.core.scheduler import schedule
 from blockguard.core.units import GiB, MiB
+from blockguard.core.vocab import GenerationKind, RestoreMode
+from blockguard.core.what_if import ChangeSets, bytes_restorable_within
 
 MB = 10**6
 EXTENT = 64 * MiB  # the simulated tracker's granularity
@@ -88,7 +86,7 @@ class Scenario:
     pattern: Pattern
     objectives: RecoveryObjectives
     candidates: list[str]
-    expect: set[BackupMethod] = field(default_factory=set)
+    expect: set[GenerationKind] = field(default_factory=set)
     always_infeasible: bool = False
 
 
@@ -103,21 +101,21 @@ SCENARIOS = [
         steady,
         RecoveryObjectives(rpo=HOURLY, rto=_rto(5)),
         ["ssd", "hdd"],
-        set(BackupMethod),
+        set(GenerationKind),
     ),
     Scenario(
         "hot-spot, RPO 1h, RTO 5m swap-in, hdd only",
         hot_spot,
         RecoveryObjectives(rpo=HOURLY, rto=_rto(5)),
         ["hdd"],
-        {BackupMethod.INCREMENTAL, BackupMethod.DIFFERENTIAL},
+        {GenerationKind.INCREMENTAL, GenerationKind.DIFFERENTIAL},
     ),
     Scenario(
         "bursty, RPO 4 GiB changed, RTO 10m swap-in, hdd first",
         bursty,
         RecoveryObjectives(rpo=ChangedDataRPO(4 * GiB), rto=_rto(10)),
         ["hdd", "ssd"],
-        {BackupMethod.INCREMENTAL, BackupMethod.FULL},
+        {GenerationKind.INCREMENTAL, GenerationKind.FULL},
     ),
     Scenario(
         "growing, RPO daily 02:30 Berlin, RTO 30m copy, hdd first",
@@ -126,14 +124,14 @@ SCENARIOS = [
             rpo=DailyRPO(2, 30, "Europe/Berlin"), rto=_rto(30), restore_mode=RestoreMode.COPY
         ),
         ["hdd", "ssd", "nvme"],
-        {BackupMethod.INCREMENTAL, BackupMethod.FULL},
+        {GenerationKind.INCREMENTAL, GenerationKind.FULL},
     ),
     Scenario(
         "steady, no RPO, RTO 5m swap-in, hdd first",
         steady,
         RecoveryObjectives(rto=_rto(5)),
         ["hdd", "ssd"],
-        {BackupMethod.INCREMENTAL, BackupMethod.FULL},
+        {GenerationKind.INCREMENTAL, GenerationKind.FULL},
     ),
     Scenario(
         "hot-spot, RPO 30m, RTO 20m copy, ssd first",
@@ -142,14 +140,14 @@ SCENARIOS = [
             rpo=IntervalRPO(timedelta(minutes=30)), rto=_rto(20), restore_mode=RestoreMode.COPY
         ),
         ["ssd", "hdd", "nvme"],
-        {BackupMethod.INCREMENTAL, BackupMethod.DIFFERENTIAL},
+        {GenerationKind.INCREMENTAL, GenerationKind.DIFFERENTIAL},
     ),
     Scenario(
         "steady, RPO 1h, RTO 15m copy, hdd only (infeasible)",
         steady,
         RecoveryObjectives(rpo=HOURLY, rto=_rto(15), restore_mode=RestoreMode.COPY),
         ["hdd"],
-        {BackupMethod.FULL},
+        {GenerationKind.FULL},
         always_infeasible=True,
     ),
 ]
@@ -157,7 +155,7 @@ SCENARIOS = [
 
 def _best_possible(chain: Chain | None, changes: ChangeSets, scenario: Scenario) -> float:
     """Brute force over every method and device: the lowest restore time any could give."""
-    methods = list(BackupMethod) if chain is not None else [BackupMethod.FULL]
+    methods = list(GenerationKind) if chain is not None else [GenerationKind.FULL]
     return min(
         estimate_chain(
             (chain or Chain(changes.volume_bytes, device)).with_backup(
@@ -172,7 +170,7 @@ def _best_possible(chain: Chain | None, changes: ChangeSets, scenario: Scenario)
     )
 
 
-def run_month(scenario: Scenario, seed: int = 5) -> Counter[BackupMethod]:
+def run_month(scenario: Scenario, seed: int = 5) -> Counter[GenerationKind]:
     rng = random.Random(seed)
     objectives = scenario.objectives
     rto = objectives.rto
@@ -180,7 +178,7 @@ def run_month(scenario: Scenario, seed: int = 5) -> Counter[BackupMethod]:
     since_full: set[int] = set()
     chain: Chain | None = None
     last: datetime | None = None
-    counts: Counter[BackupMethod] = Counter()
+    counts: Counter[GenerationKind] = Counter()
     backups: list[datetime] = []
     now = START
     while now < END:
@@ -239,7 +237,7 @@ def run_month(scenario: Scenario, seed: int = 5) -> Counter[BackupMethod]:
                 assert not decision.feasible
             counts[decision.method] += 1
             since_backup.clear()
-            if decision.method is BackupMethod.FULL:
+            if decision.method is GenerationKind.FULL:
                 since_full.clear()
             last = now
             backups.append(now)
@@ -259,12 +257,12 @@ def run_month(scenario: Scenario, seed: int = 5) -> Counter[BackupMethod]:
 
 
 def test_simulated_month() -> None:
-    totals: Counter[BackupMethod] = Counter()
+    totals: Counter[GenerationKind] = Counter()
     for scenario in SCENARIOS:
         counts = run_month(scenario)
         totals.update(counts)
-        print(f"{scenario.name}: " + ", ".join(f"{m.value} {counts[m]}" for m in BackupMethod))
+        print(f"{scenario.name}: " + ", ".join(f"{m.value} {counts[m]}" for m in GenerationKind))
         for method in scenario.expect:
             assert counts[method] > 0, (scenario.name, method, counts)
-    print("all scenarios: " + ", ".join(f"{m.value} {totals[m]}" for m in BackupMethod))
-    assert all(totals[m] > 0 for m in BackupMethod), totals
+    print("all scenarios: " + ", ".join(f"{m.value} {totals[m]}" for m in GenerationKind))
+    assert all(totals[m] > 0 for m in GenerationKind), totals

@@ -10,14 +10,13 @@ from collections.abc import Callable, Mapping, Sized
 from typing import Any, NamedTuple
 
 from blockguard.core.catalog.rows import (
-    GENERATION_KINDS,
-    check_choice,
     check_count,
-    check_name,
     check_number,
+    check_text,
     check_uuid,
     encode_json,
 )
+from blockguard.core.vocab import GENERATION_KINDS, GenerationKind, check_choice
 from blockguard.errors import CorruptMetadata, InvalidInput
 
 
@@ -43,16 +42,16 @@ def chain_problem(
 
     :returns: (problem, the id that does not exist if that is the problem)
     """
-    if kind == "full":
+    if kind == GenerationKind.FULL:
         # A new full may be made from the previous one, but once made it stands alone:
         # linking it would keep the old full from ever being removed.
         if base is not None or parent is not None:
             return f"full generation {gid} cannot have a base or parent", None
     elif base is None:
         return f"{kind} generation {gid} needs a base full", None
-    if kind == "incremental" and parent is None:
+    if kind == GenerationKind.INCREMENTAL and parent is None:
         return f"incremental generation {gid} needs a parent", None
-    if kind == "differential" and parent != base:
+    if kind == GenerationKind.DIFFERENTIAL and parent != base:
         return f"differential generation {gid} must have its base {base} as parent", None
     for role, other in (("base", base), ("parent", parent)):
         if other is None:
@@ -64,9 +63,14 @@ def chain_problem(
             return f"{role} generation {other} of {gid} does not exist", other
         if link.volume != volume:
             return f"{role} generation {other} of {gid} belongs to volume {link.volume}", None
-        if role == "base" and link.kind != "full":
+        if role == "base" and link.kind != GenerationKind.FULL:
             return f"base generation {other} of {gid} is {link.kind}, not full", None
-        if role == "parent" and kind == "incremental" and other != base and link.base != base:
+        if (
+            role == "parent"
+            and kind == GenerationKind.INCREMENTAL
+            and other != base
+            and link.base != base
+        ):
             return f"parent generation {other} of {gid} is not in the chain of {base}", None
         if committed and link.state != "committed":
             return f"{role} generation {other} of committed {gid} is not committed", None
@@ -94,7 +98,7 @@ def manifest_fields(volume: str, pool: str, manifest: Mapping[str, Any]) -> dict
         return {
             "id": gid,
             "volume": volume,
-            "pool": check_name("pool", manifest.get("pool", pool)),
+            "pool": check_text("pool name", manifest.get("pool", pool)),
             "kind": check_choice("generation kind", manifest["kind"], GENERATION_KINDS),
             "base": None if base is None else check_uuid("base generation", base),
             "parent": None if parent is None else check_uuid("parent generation", parent),

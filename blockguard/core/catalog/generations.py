@@ -14,9 +14,7 @@ from typing import Any
 from blockguard.core.catalog._db import CatalogBase
 from blockguard.core.catalog.chains import Link, chain_problem, manifest_fields
 from blockguard.core.catalog.rows import (
-    GENERATION_KINDS,
     Generation,
-    check_choice,
     check_count,
     check_number,
     check_uuid,
@@ -24,6 +22,7 @@ from blockguard.core.catalog.rows import (
     encode_json,
     new_id,
 )
+from blockguard.core.vocab import GENERATION_KINDS, GenerationKind, check_choice
 from blockguard.errors import (
     AlreadyExists,
     Busy,
@@ -82,7 +81,7 @@ class GenerationStore(CatalogBase):
         check_choice("generation kind", kind, GENERATION_KINDS)
         gid = new_id() if id is None else check_uuid("generation", id)
         base = None if base is None else check_uuid("base generation", base)
-        if kind == "differential" and parent is None:
+        if kind == GenerationKind.DIFFERENTIAL and parent is None:
             parent = base
         parent = None if parent is None else check_uuid("parent generation", parent)
         check_count(f"bytes stored of generation {gid}", bytes_stored)
@@ -90,12 +89,7 @@ class GenerationStore(CatalogBase):
         created = self.now() if created is None else check_number("creation time", created)
         location_json = encode_json(f"location of generation {gid}", location or {})
         with self.transaction() as conn:
-            row = conn.execute("SELECT pool_name FROM volumes WHERE name = ?", (volume,)).fetchone()
-            if row is None:
-                raise NotFound(what="volume", name=volume)
-            pool = pool or row[0]
-            if pool is None:
-                raise InvalidInput(detail=f"volume {volume} has no pool; name the pool to use")
+            pool = self._pool_of_volume(conn, volume, pool)
             if not conn.execute("SELECT 1 FROM pools WHERE name = ?", (pool,)).fetchone():
                 raise NotFound(what="pool", name=pool)
             if self._link(conn, gid) is not None:
@@ -191,7 +185,7 @@ class GenerationStore(CatalogBase):
         """
         with self._reading() as conn:
             chain = [self._get_generation(conn, id)]
-            while chain[-1].parent is not None and chain[-1].kind != "full":
+            while chain[-1].parent is not None and chain[-1].kind != GenerationKind.FULL:
                 chain.append(self._get_generation(conn, chain[-1].parent))
         return chain[::-1]
 
@@ -246,45 +240,9 @@ class GenerationStore(CatalogBase):
         :raises CorruptMetadata: a manifest is incomplete or its chain is broken
         """
         with self.transaction() as conn:
-            row = conn.execute("SELECT pool_name FROM volumes WHERE name = ?", (volume,)).fetchone()
-            if row is None:
-                raise NotFound(what="volume", name=volume)
-            pool = pool or row[0]
-            if pool is None:
-                raise InvalidInput(detail=f"volume {volume} has no pool; name the pool to use")
+            pool = self._pool_of_volume(conn, volume, pool)
             fields = [manifest_fields(volume, pool, m) for m in manifests]
-            by_id: dict[str, dict[str, Any]] = {}
-            for f in fields:
-                if f["id"] in by_id:
-                    raise CorruptMetadata(
-                        what=f"manifest of generation {f['id']}", detail="the id appears twice"
-                    )
-                by_id[f["id"]] = f
-
-            def lookup(gid: str) -> Link | None:
-                f = by_id.get(gid)
-                if f is None:
-                    return None
-                return Link(
-                    volume, f["kind"], f["base"], "committed" if f["committed"] else "pending"
-                )
-
-            for f in fields:
-                problem = chain_problem(
-                    f["id"], volume, f["kind"], f["base"], f["parent"], f["committed"], lookup
-                )
-                if problem is not None:
-                    raise CorruptMetadata(
-                        what=f"manifest of generation {f['id']}", detail=problem[0]
-                    )
-                if not conn.execute("SELECT 1 FROM pools WHERE name = ?", (f["pool"],)).fetchone():
-                    raise NotFound(what="pool", name=f["pool"])
-                other = self._link(conn, f["id"])
-                if other is not None and other.volume != volume:
-                    raise CorruptMetadata(
-                        what=f"manifest of generation {f['id']}",
-                        detail=f"the id is already used by volume {other.volume}",
-                    )
+            self._check_rebuild(conn, volume, fields)
             conn.execute("DELETE FROM generations WHERE volume = ?", (volume,))
             conn.executemany(
                 """INSERT INTO generations (id, volume, pool, kind, base, parent, created,
@@ -312,6 +270,59 @@ class GenerationStore(CatalogBase):
         return self.list_generations(volume)
 
     # --- helpers ---------------------------------------------------------------------
+
+    @staticmethod
+    def _pool_of_volume(conn: sqlite3.Connection, volume: str, pool: str | None) -> str:
+        """``pool``, or the volume's own pool when None.
+
+        :raises NotFound: no such volume.
+        :raises InvalidInput: none was given and the volume has no pool.
+        """
+        row = conn.execute("SELECT pool_name FROM volumes WHERE name = ?", (volume,)).fetchone()
+        if row is None:
+            raise NotFound(what="volume", name=volume)
+        pool = pool or row[0]
+        if pool is None:
+            raise InvalidInput(detail=f"volume {volume} has no pool; name the pool to use")
+        return pool
+
+    def _check_rebuild(
+        self, conn: sqlite3.Connection, volume: str, fields: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """Refuse manifests that repeat an id, break a chain, name an unknown pool or take
+        another volume's id (changes nothing).
+
+        :raises CorruptMetadata: a manifest is inconsistent.
+        :raises NotFound: a manifest names a pool the catalog does not know.
+        """
+        by_id: dict[str, Mapping[str, Any]] = {}
+        for f in fields:
+            if f["id"] in by_id:
+                raise CorruptMetadata(
+                    what=f"manifest of generation {f['id']}", detail="the id appears twice"
+                )
+            by_id[f["id"]] = f
+
+        def lookup(gid: str) -> Link | None:
+            f = by_id.get(gid)
+            if f is None:
+                return None
+            return Link(volume, f["kind"], f["base"], "committed" if f["committed"] else "pending")
+
+        for f in fields:
+            problem = chain_problem(
+                f["id"], volume, f["kind"], f["base"], f["parent"], f["committed"], lookup
+            )
+            if problem is not None:
+                raise CorruptMetadata(what=f"manifest of generation {f['id']}", detail=problem[0])
+            if not conn.execute("SELECT 1 FROM pools WHERE name = ?", (f["pool"],)).fetchone():
+                raise NotFound(what="pool", name=f["pool"])
+            other = self._link(conn, f["id"])
+            if other is not None and other.volume != volume:
+                raise CorruptMetadata(
+                    what=f"manifest of generation {f['id']}",
+                    detail=f"the id is already used by volume {other.volume}",
+                )
 
     @staticmethod
     def _get_generation(conn: sqlite3.Connection, gid: str) -> Generation:

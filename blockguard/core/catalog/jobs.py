@@ -1,4 +1,7 @@
-"""Jobs with their history of state changes, and the measured restores."""
+"""Jobs with their history of state changes, and the measured restores.
+
+(One thing at ~440 lines: the catalog's history: jobs, their states, restores, path samples.)
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ from typing import Any
 
 from blockguard.core.catalog._db import CatalogBase
 from blockguard.core.catalog.rows import (
-    GENERATION_KINDS,
     JOB_FINAL_STATES,
     JOB_KINDS,
     JOB_STATES,
@@ -16,15 +18,15 @@ from blockguard.core.catalog.rows import (
     JobEvent,
     PathSampleRecord,
     RestoreRecord,
-    check_choice,
     check_count,
-    check_name,
     check_number,
+    check_text,
     check_uuid,
     decode_json,
     encode_json,
     new_id,
 )
+from blockguard.core.vocab import GENERATION_KINDS, check_choice
 from blockguard.errors import AlreadyExists, InvalidInput, NotFound
 
 
@@ -105,7 +107,7 @@ class JobStore(CatalogBase):
         jid = new_id() if id is None else check_uuid("job", id)
         for what, name in (("volume", volume), ("pool", pool)):
             if name is not None:
-                check_name(what, name)
+                check_text(f"{what} name", name)
         if generation is not None:
             generation = check_uuid("generation", generation)
         check_count(f"total bytes of job {jid}", bytes_total, optional=True)
@@ -312,10 +314,10 @@ class JobStore(CatalogBase):
             incremental), i.e. which chain was read
         :param mode: the restore mode (swap-in, copy to a new device, in place)
         """
-        check_name("volume", volume)
+        check_text("volume name", volume)
         generation = check_uuid("generation", generation)
         check_choice("restore method", method, GENERATION_KINDS)
-        check_name("restore mode", mode)
+        check_text("restore mode", mode)
         check_count("bytes restored", bytes_restored)
         check_number("measured restore seconds", measured_seconds)
         check_number("predicted restore seconds", predicted_seconds, optional=True)
@@ -378,9 +380,9 @@ class JobStore(CatalogBase):
         :param source: ``restore`` or ``drill``.
         """
         if volume != "":
-            check_name("volume", volume)
-        check_name("pool device", pool_device)
-        check_name("restore mode", mode)
+            check_text("volume name", volume)
+        check_text("pool device", pool_device)
+        check_text("restore mode", mode)
         check_choice("sample source", source, PATH_SAMPLE_SOURCES)
         check_count("generations read", generations)
         check_count("chunks written", chunks)

@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import sqlite3
 
+from blockguard.core import vocab
 from blockguard.core.catalog._db import CatalogBase
 from blockguard.core.catalog.rows import (
     PERF_KINDS,
     PERF_SOURCES,
-    POOL_BACKENDS,
     POOL_DEVICE_STATES,
     POOL_STATES,
     DeviceIdentity,
     PerfEntry,
     Pool,
     PoolDevice,
-    check_choice,
     check_count,
     check_identity,
-    check_name,
     check_number,
     check_path,
+    check_text,
 )
+from blockguard.core.vocab import POOL_BACKENDS, check_choice
 from blockguard.errors import AlreadyExists, Busy, DeviceInUse, InvalidInput, NotFound
 
 _PERF_FIGURES = (
@@ -108,12 +108,12 @@ class PoolStore(CatalogBase):
         :param location: the volume group name (lvm) or the directory (dir)
         :raises AlreadyExists: a pool of that name exists
         """
-        check_name("pool", name)
+        vocab.check_name("pool", name)
         check_choice("pool backend", backend, POOL_BACKENDS)
         if backend == "dir":
             check_path(f"directory of pool {name}", location)
         else:
-            check_name(f"volume group of pool {name}", location)
+            check_text(f"volume group of pool {name}", location)
         with self.transaction() as conn:
             if self._pool_row(conn, name) is not None:
                 raise AlreadyExists(what="pool", name=name)

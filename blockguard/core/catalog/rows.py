@@ -11,12 +11,10 @@ from typing import Any
 from blockguard.errors import CorruptMetadata, InvalidChunkSize, InvalidInput
 
 TRACKER_STATES = ("exact", "unknown")
-POOL_BACKENDS = ("lvm", "dir")
 POOL_STATES = ("ok", "degraded", "missing")
 POOL_DEVICE_STATES = ("ok", "missing", "failed")
 PERF_KINDS = ("pool", "volume")
 PERF_SOURCES = ("probe", "live")
-GENERATION_KINDS = ("full", "differential", "incremental")
 JOB_KINDS = ("backup", "restore", "verify", "probe", "drill")
 PATH_SAMPLE_SOURCES = ("restore", "drill")
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
@@ -213,21 +211,20 @@ class PathSampleRecord:
 # --- checks -------------------------------------------------------------------------
 
 
-def check_name(what: str, value: object) -> str:
-    """A name of a volume, group or pool: non-empty text without control characters."""
+def check_text(what: str, value: object) -> str:
+    """Text the catalog can store and show: non-empty, printable, at most 255 characters.
+
+    Not the rule for names: new volumes, pools and groups pass :func:`vocab.check_name`
+    when they are added; rows that only refer to a name (jobs, restore records, a rebuild
+    from a pool) take this wider check, so history written before a rule stays readable.
+    """
     if not isinstance(value, str) or not value.strip():
-        raise InvalidInput(detail=f"{what} name {value!r} must be a non-empty string")
+        raise InvalidInput(detail=f"{what} {value!r} must be a non-empty string")
     if len(value) > MAX_NAME_LENGTH or any(ord(c) < 32 or c == "\x7f" for c in value):
         raise InvalidInput(
-            detail=f"{what} name {value!r} must be at most {MAX_NAME_LENGTH} printable characters"
+            detail=f"{what} {value!r} must be at most {MAX_NAME_LENGTH} printable characters"
         )
     return value
-
-
-def check_choice(what: str, value: object, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise InvalidInput(detail=f"{what} {value!r} is not one of {', '.join(allowed)}")
-    return str(value)
 
 
 def check_count(what: str, value: object, *, optional: bool = False) -> int | None:

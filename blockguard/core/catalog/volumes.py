@@ -5,20 +5,21 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
+from blockguard.core import vocab
 from blockguard.core.catalog._db import CatalogBase
 from blockguard.core.catalog.rows import (
     TRACKER_STATES,
     DeviceIdentity,
     Group,
     Volume,
-    check_choice,
     check_chunk_size,
     check_identity,
-    check_name,
     check_path,
+    check_text,
     decode_json,
     encode_json,
 )
+from blockguard.core.vocab import check_choice
 from blockguard.errors import AlreadyExists, Busy, DeviceInUse, InvalidInput, NotFound
 
 
@@ -90,11 +91,11 @@ class VolumeStore(CatalogBase):
         :raises DeviceInUse: the device is a pool device
         :raises NotFound: the group or pool does not exist
         """
-        check_name("volume", name)
+        vocab.check_name("volume", name)
         check_path("volume device path", device_path)
         check_identity(f"volume {name}", identity)
         check_chunk_size(chunk_size)
-        check_name("tracker backend", tracker_backend)
+        check_text("tracker backend", tracker_backend)
         tracker_state, tracker_reason = _tracker(tracker_state, tracker_reason)
         objectives_json = encode_json(f"objectives of volume {name}", objectives or {})
         with self.transaction() as conn:
@@ -185,7 +186,7 @@ class VolumeStore(CatalogBase):
         if chunk_size is not UNSET:
             changes["chunk_size"] = check_chunk_size(chunk_size)
         if tracker_backend is not UNSET:
-            changes["tracker_backend"] = check_name("tracker backend", tracker_backend)
+            changes["tracker_backend"] = check_text("tracker backend", tracker_backend)
         if objectives is not UNSET:
             changes["objectives"] = encode_json(f"objectives of volume {name}", objectives)
         if group is not UNSET:
@@ -260,7 +261,7 @@ class VolumeStore(CatalogBase):
 
     def add_group(self, name: str, objectives: dict[str, Any] | None = None) -> Group:
         """:raises AlreadyExists: a group of that name exists"""
-        check_name("group", name)
+        vocab.check_name("group", name)
         objectives_json = encode_json(f"objectives of group {name}", objectives or {})
         with self.transaction() as conn:
             if conn.execute("SELECT 1 FROM groups WHERE name = ?", (name,)).fetchone():

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 import struct
 from collections.abc import Iterable, Iterator
 
 import xxhash
 from pyroaring import BitMap
 
+from blockguard.core import vocab
 from blockguard.errors import CorruptMetadata, InvalidChunkSize, InvalidInput
 
 KiB = 1024
@@ -23,8 +23,6 @@ MIN_VOLUME_SIZE = 1 * MiB
 MAX_CHUNKS = 1 << 32
 #: Bytes of one chunk checksum (xxh3-128; see :func:`chunk_digest`).
 DIGEST_SIZE = 16
-
-_REFERENCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def validate_chunk_size(chunk_size: int) -> int:
@@ -45,15 +43,9 @@ def validate_chunk_size(chunk_size: int) -> int:
 def validate_reference_name(name: str) -> str:
     """Return ``name`` if it can name a reference point (it also names files and dm objects).
 
-    :raises InvalidInput: for anything but 1-64 of ``A-Z a-z 0-9 . _ -``, not starting
-        with ``.``, ``_`` or ``-``.
+    :raises InvalidInput: unless it follows the one name rule (:func:`vocab.check_name`).
     """
-    if not isinstance(name, str) or not _REFERENCE_NAME.fullmatch(name):
-        raise InvalidInput(
-            detail=f"reference name {name!r} must be 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return name
+    return vocab.check_name("reference", name)
 
 
 def chunk_count(volume_size: int, chunk_size: int) -> int:

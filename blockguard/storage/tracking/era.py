@@ -1,5 +1,7 @@
 """The era backend: dm-era between a volume and its users.
 
+(One thing at ~450 lines: the era tracker's life: interpose, checkpoint, read, recover, remove.)
+
 Placement (the choice, documented): for an LVM logical volume the era target is
 *interposed* so applications keep the LV's path and device number: the LV's current
 table moves to a new dm device ``blockguard-inner-<dm name>``, and the LV's own dm device
@@ -34,6 +36,7 @@ from typing import ClassVar
 
 from pyroaring import BitMap
 
+from blockguard.core.vocab import devno
 from blockguard.errors import (
     AlreadyExists,
     BlockguardError,
@@ -76,7 +79,7 @@ def _boot_id() -> str:
 
 def _write_ios(rdev: int) -> int:
     """Writes completed on a device since it appeared (sysfs ``stat``, field 5)."""
-    with open(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/stat") as f:
+    with open(f"/sys/dev/block/{devno(rdev)}/stat") as f:
         return int(f.read().split()[4])
 
 
@@ -252,8 +255,7 @@ class EraTracker(ChangeTracker):
             try:
                 self._dm.reload(
                     s.era_name,
-                    f"0 {sectors} era {_devno(s.metadata)} "
-                    f"{os.major(inner)}:{os.minor(inner)} {block}",
+                    f"0 {sectors} era {_devno(s.metadata)} {devno(inner)} {block}",
                 )
             except BlockguardError:
                 self._dm.resume(s.era_name)
@@ -443,7 +445,7 @@ def parse_era_invalidate(xml_text: str) -> BitMap:
 
 def _devno(path: str) -> str:
     rdev = device_rdev(path)
-    return f"{os.major(rdev)}:{os.minor(rdev)}"
+    return devno(rdev)
 
 
 def _is_lvm_lv(dm: DeviceMapper, name: str) -> bool:

@@ -1,5 +1,7 @@
 """A direct reader of dm-era metadata: which blocks were written since era N.
 
+(One thing at ~490 lines: one on-disk format read end to end, superblock to checksums.)
+
 It answers what ``era_invalidate --written-since N [--metadata-snapshot]`` answers, from
 the on-disk format (the kernel's ``dm-era-target.c`` and ``persistent-data``; all
 little-endian, 4 KiB metadata blocks), without a subprocess per era and without XML:

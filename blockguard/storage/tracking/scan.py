@@ -1,5 +1,7 @@
 """The scan backend: per-chunk hashes per reference, compared with a full read.
 
+(One thing at ~580 lines: the scan tracker and the reference files only it writes and reads.)
+
 Works on any readable block device, with no device-mapper. A reference is a file of one
 :func:`~blockguard.storage.tracking.base.chunk_digest` per chunk of the content at that
 point; :meth:`ScanTracker.changed` reads the whole device (large sequential ``O_DIRECT``
