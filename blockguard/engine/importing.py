@@ -92,7 +92,7 @@ def _device_matches(record: VolumeRecord) -> bool:
     if ident.size != record.size:
         return False
     if record.serial:
-        serial, _ = _describe(record.device_path)
+        serial = _describe(record.device_path)
         if serial is not None:
             return serial == record.serial
     return (ident.major, ident.minor) == (record.major, record.minor)
@@ -179,7 +179,7 @@ def _add_rows(
         for path in devices:
             with BlockDevice(path) as dev:
                 ident = dev.identity
-            serial, _ = _describe(path)
+            serial = _describe(path)
             size = sizes.get(f"{ident.major}:{ident.minor}", ident.size)
             catalog.add_pool_device(
                 name, path, DeviceIdentity(ident.major, ident.minor, ident.size, serial), size

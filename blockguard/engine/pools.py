@@ -11,7 +11,6 @@ a pool whose disk is missing is opened on the disks that remain and marked degra
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import threading
@@ -36,11 +35,12 @@ from blockguard.errors import (
     NotABlockDevice,
     NotFound,
 )
-from blockguard.storage import devinfo, dm
+from blockguard.storage import devinfo, dm, probe
 from blockguard.storage.blockdev import BlockDevice, device_rdev, mounted_devnos
 from blockguard.storage.manifest import Manifest
 from blockguard.storage.pool.base import PoolBackend, SpaceAlert
 from blockguard.storage.pool.dirpool import MIN_DEVICE_SIZE, DirPool
+from blockguard.storage.pool.lvmpool import LvmPool
 from blockguard.storage.pool.registration import refuse_unless_free
 from blockguard.storage.runner import Runner
 from blockguard.storage.safety import SafetyGate
@@ -49,14 +49,8 @@ log = logging.getLogger(__name__)
 
 
 def lvm_backend_available() -> bool:
-    """The lvm pool backend needs its module (being written) and device-mapper."""
-    if not dm.driver_loaded():
-        return False
-    try:
-        importlib.import_module("blockguard.storage.pool.lvmpool")
-    except ImportError:
-        return False
-    return True
+    """The lvm pool backend needs device-mapper."""
+    return dm.driver_loaded()
 
 
 def _block_device(path: object) -> str:
@@ -68,17 +62,13 @@ def _block_device(path: object) -> str:
     return path
 
 
-def _describe(path: str) -> tuple[str | None, Callable[..., object] | None]:
-    """A stable identity of the disk, and the probe function (None if not installed)."""
+def _describe(path: str) -> str | None:
+    """A stable identity of the disk (None when it cannot be told)."""
     try:
-        probe = importlib.import_module("blockguard.storage.probe")
-    except ImportError:
-        return None, None
-    try:
-        return devinfo.describe_device(path).device_id, probe.probe_device
+        return devinfo.describe_device(path).device_id
     except BlockguardError as exc:
         log.warning("cannot describe %s: %s", path, exc)
-        return None, probe.probe_device
+        return None
 
 
 class PoolRegistry:
@@ -136,7 +126,7 @@ class PoolRegistry:
         if kind == PoolKind.LVM:
             if not lvm_backend_available():
                 raise EnvironmentProblem(detail="the lvm pool backend needs device-mapper")
-            opener = importlib.import_module("blockguard.storage.pool.lvmpool").LvmPool.open
+            opener = LvmPool.open
         else:
             opener = DirPool.open
         return opener(
@@ -224,19 +214,18 @@ class PoolRegistry:
         """Identity key and, unless probing is off, the measured speed of a free disk."""
         with BlockDevice(path) as dev:
             ident = dev.identity
-        serial, probe = _describe(path)
+        serial = _describe(path)
         key = DeviceIdentity(ident.major, ident.minor, ident.size, serial).key
-        if probe is None or self.settings.probe_seconds <= 0:
+        if self.settings.probe_seconds <= 0:
             return key, None
         # The probe writes: the gate is asked again right before it, not only at the
         # start of the registration.
         gate.check_writable(path, purpose="a pool disk (probe)", force=force)
-        writable = importlib.import_module("blockguard.storage.probe").WritableRegion
         # The disk passed the registration checks and is about to be formatted: writing
         # anywhere on it harms nothing.
-        region = writable(0, min(ident.size, 256 << 20) // (1 << 20) * (1 << 20))
+        region = probe.WritableRegion(0, min(ident.size, 256 << 20) // (1 << 20) * (1 << 20))
         try:
-            result = probe(
+            result = probe.probe_device(
                 path,
                 writable=region,
                 duration=self.settings.probe_seconds,
@@ -292,9 +281,8 @@ class PoolRegistry:
             measured = {path: self._measure(path, gate, force) for path in devices}
             pool: PoolBackend
             if backend == PoolKind.LVM:
-                lvm = importlib.import_module("blockguard.storage.pool.lvmpool")
                 # LvmPool.create removes what it made if it fails half-way.
-                pool = lvm.LvmPool.create(
+                pool = LvmPool.create(
                     name,
                     list(devices),
                     self.settings.mount_root,

@@ -6,10 +6,10 @@
   would change its number), so after a reboot the daemon activates the LV and the era
   tracker re-attaches to the same metadata. The pool's garbage collection leaves it alone
   (it removes only ``g*`` and unopened ``cow-*`` LVs).
-- **exception stores** of dm-snapshots: ``cow-<volume>-<serial>`` LVs from
-  :meth:`LvmPool.cow_store`, made for one backup and removed after it; one that a killed
-  daemon left is collected when the pool is reopened (after the snapshot layers that held
-  it open were undone).
+- **exception stores** of dm-snapshots: ``cow-<volume>-<serial>`` LVs from the pool's
+  :meth:`~PoolBackend.cow_store`, made for one backup and removed after it; one that a
+  killed daemon left is collected when the pool is reopened (after the snapshot layers
+  that held it open were undone).
 
 Era tracking therefore needs an lvm pool: a ``dir`` pool has no block device to give
 (the choice, documented: the lvm pool is the main backend where device-mapper exists).
@@ -20,13 +20,10 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from typing import cast
 
 from blockguard.core.vocab import PoolKind
-from blockguard.errors import EnvironmentProblem, NotABlockDevice
-from blockguard.storage.blockdev import BlockDevice
+from blockguard.errors import EnvironmentProblem
 from blockguard.storage.pool.base import PoolBackend
-from blockguard.storage.pool.lvmpool import LvmPool
 from blockguard.storage.snapshot import CowStore
 from blockguard.storage.tracking.era import era_metadata_size
 
@@ -46,16 +43,8 @@ def is_lvm(pool: PoolBackend) -> bool:
     return pool.kind == PoolKind.LVM
 
 
-def _lvm(pool: PoolBackend) -> LvmPool:
-    return cast(LvmPool, pool)
-
-
 def era_lv_name(volume: str) -> str:
     return (ERA_PREFIX + _LV_UNSAFE.sub("_", volume))[:120]
-
-
-def _lv_path(pool: PoolBackend, lv: str) -> str:
-    return f"/dev/{_lvm(pool).vg}/{lv}"
 
 
 def allocate_era_metadata(pool: PoolBackend, volume: str, volume_size: int, chunk: int) -> str:
@@ -66,7 +55,7 @@ def allocate_era_metadata(pool: PoolBackend, volume: str, volume_size: int, chun
     :raises EnvironmentProblem: ``pool`` is not an lvm pool.
     :raises PoolSpaceLow: no room in the pool.
     """
-    if not is_lvm(pool):
+    if not pool.can_lend_devices:
         raise EnvironmentProblem(
             detail=f"era tracking keeps its metadata on an lvm pool; pool {pool.name} is a "
             f"{pool.kind} pool: protect with the scan backend, or create an lvm pool"
@@ -74,11 +63,8 @@ def allocate_era_metadata(pool: PoolBackend, volume: str, volume_size: int, chun
     lv = era_lv_name(volume)
     size = era_metadata_size(volume_size, chunk)
     release_era_metadata(pool, volume)
-    pool.require_space(size, volume)
-    vg = _lvm(pool).vg
-    _lvm(pool).lvm.lvm("lvcreate", "-qq", "-y", "-Wy", "-Zy", "-L", f"{size}b", "-n", lv, vg)
     try:
-        return era_metadata_device(pool, volume)
+        return pool.lend_device(lv, size, volume)
     except BaseException:
         release_era_metadata(pool, volume)
         raise
@@ -86,26 +72,12 @@ def allocate_era_metadata(pool: PoolBackend, volume: str, volume_size: int, chun
 
 def era_metadata_device(pool: PoolBackend, volume: str) -> str:
     """The metadata LV's path, activated if needed (after a reboot), verified."""
-    lv = era_lv_name(volume)
-    path = _lv_path(pool, lv)
-    try:
-        with BlockDevice(path):
-            return path
-    except NotABlockDevice:
-        log.info("activating era metadata %s", path)
-    _lvm(pool).lvm.lvm("lvchange", "-qq", "-ay", f"{_lvm(pool).vg}/{lv}")
-    with BlockDevice(path):
-        return path
+    return pool.lent_device(era_lv_name(volume))
 
 
 def release_era_metadata(pool: PoolBackend, volume: str) -> None:
     """Remove ``volume``'s metadata LV if there is one (after the era target is gone)."""
-    if not is_lvm(pool):
-        return
-    lv = era_lv_name(volume)
-    lvm_pool = _lvm(pool)
-    if lvm_pool.lvm.exists(lvm_pool.vg, lv):
-        lvm_pool.lvm.lvm("lvremove", "-qq", "-f", f"{lvm_pool.vg}/{lv}")
+    pool.return_device(era_lv_name(volume))
 
 
 def cow_size(volume_size: int, configured: int) -> int:
@@ -118,6 +90,6 @@ def cow_size(volume_size: int, configured: int) -> int:
 def cow_factory(pool: PoolBackend, label: str) -> CowFactory | None:
     """Makes the exception store of one point-in-time copy on pool space (None: the pool
     cannot lend block space; the backup then reads the live volume)."""
-    if not is_lvm(pool):
+    if not pool.can_lend_devices:
         return None
-    return lambda size: _lvm(pool).cow_store(size, _LV_UNSAFE.sub("_", label))
+    return lambda size: pool.cow_store(size, _LV_UNSAFE.sub("_", label))

@@ -62,34 +62,19 @@ def dm_targets(cmd: Runner) -> set[str]:
     if not dm.driver_loaded():
         return set()
     try:
-        out = cmd.run(["dmsetup", "targets"], timeout=30, check=False)
+        return DeviceMapper(cmd).targets()
     except BlockguardError:
         return set()
-    if out.returncode != 0:
-        return set()
-    return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
 
 
 def _thin_lv(device: str, cmd: Runner) -> tuple[str, str] | None:
     """``(vg, lv)`` if ``device`` is an LVM thin volume."""
     try:
-        out = cmd.run(
-            [
-                "lvs",
-                *Lvm(cmd).config_args(),
-                "--noheadings",
-                "-o",
-                "vg_name,lv_name,segtype",
-                device,
-            ],
-            timeout=30,
-            check=False,
-        )
+        rows = Lvm(cmd).lvs("vg_name,lv_name,segtype", device, check=False)
     except BlockguardError:
         return None
-    fields = out.stdout.split()
-    if out.returncode == 0 and len(fields) == 3 and fields[2] == "thin":
-        return fields[0], fields[1]
+    if rows is not None and len(rows) == 1 and len(rows[0]) == 3 and rows[0][2] == "thin":
+        return rows[0][0], rows[0][1]
     return None
 
 

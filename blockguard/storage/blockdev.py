@@ -19,7 +19,7 @@ from pathlib import Path
 
 from blockguard.core import vocab
 from blockguard.errors import DeviceInUse, DeviceReadOnly, EnvironmentProblem, NotABlockDevice
-from blockguard.storage.ioedge import io_edge, map_oserror
+from blockguard.storage.ioedge import io_edge, read_at, write_at
 
 # ioctl numbers from <linux/fs.h>
 BLKGETSIZE64 = 0x80081272
@@ -117,33 +117,14 @@ class BlockDevice:
 
         :raises DeviceIOError: the kernel failed the read (see :mod:`.ioedge` for the rest).
         """
-        done = 0
-        try:
-            while done < len(buf):
-                n = os.preadv(self.fd, [buf[done:]], offset + done)
-                if n == 0:
-                    break
-                done += n
-        except OSError as exc:
-            raise map_oserror(
-                exc, path=self.path, op="reading", offset=offset + done, pool=self.pool
-            ) from exc
-        return done
+        return read_at(self.fd, buf, offset, path=self.path, pool=self.pool)
 
     def pwrite_all(self, buf: memoryview | bytes, offset: int) -> None:
         """Write all of ``buf`` at ``offset``.
 
         :raises DeviceIOError: the kernel failed the write (see :mod:`.ioedge` for the rest).
         """
-        view = memoryview(buf)
-        done = 0
-        try:
-            while done < len(view):
-                done += os.pwritev(self.fd, [view[done:]], offset + done)
-        except OSError as exc:
-            raise map_oserror(
-                exc, path=self.path, op="writing", offset=offset + done, pool=self.pool
-            ) from exc
+        write_at(self.fd, buf, offset, path=self.path, pool=self.pool)
 
     def flush(self) -> None:
         """Make every write so far durable on the device.

@@ -13,6 +13,7 @@ from blockguard.core import vocab
 from blockguard.core.perftable import DeviceRole, DeviceSpeed, PerformanceEntry, Transport
 from blockguard.errors import CommandFailed, CommandNotFound
 from blockguard.storage.blockdev import BlockDevice, device_rdev, sysfs_dir
+from blockguard.storage.dm import DeviceMapper
 from blockguard.storage.runner import Runner, default_runner
 
 
@@ -154,10 +155,7 @@ def _layout(sysdir: Path, disk: Path, rdev: int, runner: Runner) -> str:
     name = disk.name
     if name.startswith("dm-"):
         try:
-            table = runner.run(
-                ["dmsetup", "table", "-j", str(os.major(rdev)), "-m", str(os.minor(rdev))],
-                timeout=30,
-            ).stdout
+            table = DeviceMapper(runner).table_of(rdev)
         except (CommandFailed, CommandNotFound):
             return "dm"
         return dm_layout(table)

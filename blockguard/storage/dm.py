@@ -1,4 +1,6 @@
-"""device-mapper through dmsetup, with device nodes verified.
+"""device-mapper through dmsetup (and the thin/era metadata tools), with device nodes verified.
+
+Every dmsetup, thin_* and era_* command line of blockguard is built here (a test holds it).
 
 Without udev (the guest kernel, early boot, a lagging udev), ``dmsetup create`` may leave
 no ``/dev/mapper/NAME``; a later write to that path would fill a regular file. So every
@@ -67,8 +69,37 @@ class DeviceMapper:
     def __init__(self, runner: Runner | None = None) -> None:
         self.run = runner or default_runner()
 
-    def _dmsetup(self, *args: str, check: bool = True) -> str:
-        return self.run.run(["dmsetup", *args], timeout=TIMEOUT, check=check).stdout
+    def _dmsetup(self, *args: str, check: bool = True, table: str | None = None) -> str:
+        # A multi-line table goes on stdin: --table takes one line only.
+        if table is None:
+            return self.run.run(["dmsetup", *args], timeout=TIMEOUT, check=check).stdout
+        return self.run.run(["dmsetup", *args], timeout=TIMEOUT, check=check, input=table).stdout
+
+    def targets(self) -> set[str]:
+        """The targets the kernel offers (empty when dmsetup fails)."""
+        res = self.run.run(["dmsetup", "targets"], timeout=30, check=False)
+        if res.returncode != 0:
+            return set()
+        return {line.split()[0] for line in res.stdout.splitlines() if line.strip()}
+
+    def names(self) -> list[str]:
+        """The names of every dm device (empty when dmsetup fails)."""
+        res = self.run.run(["dmsetup", "ls"], timeout=TIMEOUT, check=False)
+        if res.returncode != 0 or res.stdout.strip() == "No devices found":
+            return []
+        return [line.split()[0] for line in res.stdout.splitlines() if line.split()]
+
+    def uuid(self, name: str) -> str:
+        """NAME's dm uuid ("" when it has none or does not exist)."""
+        res = self.run.run(
+            ["dmsetup", "info", "-c", "--noheadings", "-o", "uuid", name],
+            timeout=TIMEOUT, check=False,
+        )  # fmt: skip
+        return res.stdout.strip() if res.returncode == 0 else ""
+
+    def table_of(self, rdev: int) -> str:
+        """The table of the dm device with number ``rdev``."""
+        return self._dmsetup("table", "-j", str(os.major(rdev)), "-m", str(os.minor(rdev)))
 
     def info(self, name: str) -> DmInfo | None:
         """Kernel facts about NAME, or None when no such dm device exists."""
@@ -87,10 +118,11 @@ class DeviceMapper:
 
     def create(self, name: str, table: str, uuid: str | None = None) -> str:
         """Create NAME with TABLE; return its verified node path."""
-        args = ["create", name, "--table", table]
+        multi = "\n" in table
+        args = ["create", name, *([] if multi else ["--table", table])]
         if uuid:
             args += ["--uuid", uuid]
-        self._dmsetup(*args)
+        self._dmsetup(*args, table=table + "\n" if multi else None)
         return self.node(name)
 
     def table(self, name: str) -> str:
@@ -113,7 +145,10 @@ class DeviceMapper:
 
     def reload(self, name: str, table: str) -> None:
         """Load TABLE as NAME's inactive table (active at the next resume)."""
-        self._dmsetup("reload", name, "--table", table)
+        if "\n" in table:
+            self._dmsetup("reload", name, table=table + "\n")
+        else:
+            self._dmsetup("reload", name, "--table", table)
 
     def remove(self, name: str, missing_ok: bool = True) -> None:
         try:
@@ -155,3 +190,22 @@ class DeviceMapper:
                 return f.read().strip()
         except OSError:
             return None
+
+
+def thin_delta(runner: Runner, metadata: str, snap1: int, snap2: int) -> str:
+    """``thin_delta``'s XML of what differs between two thin devices, read from the held
+    metadata snapshot of the pool whose metadata device is ``metadata``."""
+    return runner.run(
+        ["thin_delta", "--metadata-snap", "--snap1", str(snap1), "--snap2", str(snap2),
+         metadata],
+        timeout=600,
+    ).stdout  # fmt: skip
+
+
+def era_invalidate(runner: Runner, metadata: str, since: int) -> str:
+    """``era_invalidate``'s XML of the blocks written since era ``since``, read from the
+    held metadata snapshot on ``metadata``."""
+    return runner.run(
+        ["era_invalidate", "--written-since", str(since), "--metadata-snapshot", metadata],
+        timeout=300,
+    ).stdout  # fmt: skip

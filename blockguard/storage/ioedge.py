@@ -105,3 +105,38 @@ def _free_bytes(path: str) -> int | str:
     except OSError:
         return "?"
     return st.f_bavail * st.f_frsize
+
+
+def read_at(
+    fd: int, buf: memoryview, offset: int, *, path: str | os.PathLike[str], pool: str | None
+) -> int:
+    """Read ``len(buf)`` bytes of ``fd`` at ``offset``; short only at its end.
+
+    :raises BlockguardError: the named error of a failed read (see the module table).
+    """
+    done = 0
+    try:
+        while done < len(buf):
+            n = os.preadv(fd, [buf[done:]], offset + done)
+            if n == 0:
+                break
+            done += n
+    except OSError as exc:
+        raise map_oserror(exc, path=path, op="reading", offset=offset + done, pool=pool) from exc
+    return done
+
+
+def write_at(
+    fd: int, buf: memoryview | bytes, offset: int, *, path: str | os.PathLike[str], pool: str | None
+) -> None:
+    """Write all of ``buf`` to ``fd`` at ``offset``.
+
+    :raises BlockguardError: the named error of a failed write (see the module table).
+    """
+    view = memoryview(buf)
+    done = 0
+    try:
+        while done < len(view):
+            done += os.pwritev(fd, [view[done:]], offset + done)
+    except OSError as exc:
+        raise map_oserror(exc, path=path, op="writing", offset=offset + done, pool=pool) from exc

@@ -1,13 +1,16 @@
 """LVM queries and commands, confined to the devices blockguard was given.
 
-Every command gets ``--config`` with a devices filter when the caller names the physical
-volumes (as blivet does), so blockguard can never touch a disk it was not given.
+Every LVM command line of blockguard is built here (a test holds it): every command gets
+``--config`` with ``ignore_suspended_devices`` and, when the caller names the physical
+volumes, a devices filter (as blivet does), so blockguard can never touch a disk it was
+not given, nor block on a device it suspended.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import overload
 
 from blockguard.errors import NotFound
 from blockguard.storage.runner import Runner, default_runner
@@ -46,8 +49,137 @@ class Lvm:
             settings += f' filter = [ {accept}, "r|.*|" ]'
         return ["--config", f"devices {{ {settings} }}"]
 
-    def lvm(self, command: str, *args: str) -> str:
+    def _lvm(self, command: str, *args: str) -> str:
         return self.run.run(["lvm", command, *self.config_args(), *args], timeout=TIMEOUT).stdout
+
+    # --- reports ------------------------------------------------------------------------
+
+    def _report(
+        self, command: str, fields: str, targets: Sequence[str], extra: Sequence[str], check: bool
+    ) -> list[list[str]] | None:
+        res = self.run.run(
+            ["lvm", command, *self.config_args(), *extra, "--noheadings", "--nosuffix",
+             "--units", "b", "--separator", "|", "-o", fields, *targets],
+            timeout=TIMEOUT, check=check,
+        )  # fmt: skip
+        if res.returncode != 0:
+            return None
+        lines = [line for line in res.stdout.splitlines() if line.strip()]
+        return [[f.strip() for f in line.split("|")] for line in lines]
+
+    @overload
+    def lvs(self, fields: str, *targets: str, all_lvs: bool = False) -> list[list[str]]: ...
+    @overload
+    def lvs(
+        self, fields: str, *targets: str, all_lvs: bool = False, check: bool
+    ) -> list[list[str]] | None: ...
+    def lvs(
+        self, fields: str, *targets: str, all_lvs: bool = False, check: bool = True
+    ) -> list[list[str]] | None:
+        """Rows of ``lvs -o FIELDS`` (sizes in bytes); None when ``check`` is off and it
+        failed. ``all_lvs`` includes hidden LVs (a thin pool's ``_tdata``, ``_tmeta``)."""
+        return self._report("lvs", fields, targets, ["-a"] if all_lvs else [], check)
+
+    @overload
+    def vgs(self, fields: str, *targets: str) -> list[list[str]]: ...
+    @overload
+    def vgs(self, fields: str, *targets: str, check: bool) -> list[list[str]] | None: ...
+    def vgs(self, fields: str, *targets: str, check: bool = True) -> list[list[str]] | None:
+        """Rows of ``vgs -o FIELDS`` (sizes in bytes); None when ``check`` is off and it failed."""
+        return self._report("vgs", fields, targets, [], check)
+
+    @overload
+    def pvs(self, fields: str, *targets: str) -> list[list[str]]: ...
+    @overload
+    def pvs(self, fields: str, *targets: str, check: bool) -> list[list[str]] | None: ...
+    def pvs(self, fields: str, *targets: str, check: bool = True) -> list[list[str]] | None:
+        """Rows of ``pvs -o FIELDS`` (sizes in bytes); None when ``check`` is off and it failed."""
+        return self._report("pvs", fields, targets, [], check)
+
+    def vg_exists(self, vg: str) -> bool:
+        res = self.run.run(["lvm", "vgs", *self.config_args(), vg], timeout=TIMEOUT, check=False)
+        return res.returncode == 0
+
+    # --- physical volumes and volume groups --------------------------------------------
+
+    def create_pvs(self, *devices: str) -> None:
+        self._lvm("pvcreate", "-qq", "-y", *devices)
+
+    def create_vg(self, vg: str, devices: Sequence[str], extent: int, tag: str) -> None:
+        self._lvm("vgcreate", "-qq", "-y", "-s", f"{extent}b", "--addtag", tag, vg, *devices)
+
+    def extend_vg(self, vg: str, device: str) -> None:
+        self._lvm("vgextend", "-qq", vg, device)
+
+    def remove_vg_and_pvs(self, vg: str) -> None:
+        """Remove VG and the labels of this object's PVs, forced; failures are ignored
+        (it undoes a half-made pool too)."""
+        self.run.run(["lvm", "vgremove", *self.config_args(), "-ff", "-y", vg],
+                     timeout=TIMEOUT, check=False)  # fmt: skip
+        if self.devices:
+            self.run.run(["lvm", "pvremove", *self.config_args(), "-ff", "-y", *self.devices],
+                         timeout=TIMEOUT, check=False)  # fmt: skip
+
+    # --- logical volumes ----------------------------------------------------------------
+
+    def create_linear(
+        self,
+        vg: str,
+        lv: str,
+        size: int,
+        pvs: Sequence[str] = (),
+        *,
+        wipe: bool,
+        zero: bool | None = None,
+    ) -> None:
+        """A linear LV of ``size`` bytes on ``pvs`` (anywhere in VG when empty).
+
+        :param wipe: wipe signatures found at its start (``-W``).
+        :param zero: zero its first KiB (``-Z``; None: LVM's default).
+        """
+        flags = ["-Wy" if wipe else "-Wn"]
+        if zero is not None:
+            flags.append("-Zy" if zero else "-Zn")
+        self._lvm("lvcreate", "-qq", "-y", *flags, "-L", f"{size}b", "-n", lv, vg, *pvs)
+
+    def create_thin_pool(
+        self, vg: str, lv: str, size: int, metadata_size: int, block: int, pvs: Sequence[str]
+    ) -> None:
+        self._lvm(
+            "lvcreate", "-qq", "-y", "--type", "thin-pool", "-L", f"{size}b",
+            "--poolmetadatasize", f"{metadata_size}b", "-c", f"{block}b", "-n", lv, vg, *pvs,
+        )  # fmt: skip
+
+    def error_when_full(self, vg: str, lv: str) -> None:
+        """Make thin pool VG/LV fail writes at once when full (instead of queueing them)."""
+        self._lvm("lvchange", "-qq", "--errorwhenfull", "y", f"{vg}/{lv}")
+
+    def create_thin(self, vg: str, pool: str, lv: str, size: int) -> None:
+        self._lvm("lvcreate", "-qq", "-y", "-V", f"{size}b", "-T", f"{vg}/{pool}", "-n", lv)
+
+    def snapshot(self, vg: str, origin: str, lv: str, *, activate: bool) -> None:
+        """A thin snapshot of VG/ORIGIN; ``activate``: without the activation-skip flag
+        (active now and at every activation), else LVM's default for thin snapshots."""
+        if activate:
+            self._lvm("lvcreate", "-qq", "-y", "-s", "-kn", f"{vg}/{origin}", "-n", lv)
+        else:
+            self._lvm("lvcreate", "-qq", "-s", f"{vg}/{origin}", "-n", lv)
+
+    def activate(self, vg: str, lv: str, *, ignore_skip: bool = False) -> None:
+        """:param ignore_skip: activate even with the activation-skip flag (``-K``)."""
+        self._lvm("lvchange", "-qq", "-ay", *(["-K"] if ignore_skip else []), f"{vg}/{lv}")
+
+    def deactivate(self, vg: str, lv: str) -> None:
+        self._lvm("lvchange", "-qq", "-an", f"{vg}/{lv}")
+
+    def remove_lv(self, vg: str, lv: str) -> None:
+        self._lvm("lvremove", "-qq", "-f", f"{vg}/{lv}")
+
+    def extend(self, vg: str, lv: str, grow: int, pvs: Sequence[str] = ()) -> None:
+        self._lvm("lvextend", "-qq", "-L", f"+{grow}b", f"{vg}/{lv}", *pvs)
+
+    def extend_pool_metadata(self, vg: str, lv: str, grow: int) -> None:
+        self._lvm("lvextend", "-qq", "--poolmetadatasize", f"+{grow}b", f"{vg}/{lv}")
 
     def lv(self, vg: str, lv: str) -> LvInfo:
         """Facts about VG/LV.

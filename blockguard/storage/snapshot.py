@@ -234,11 +234,7 @@ class DmSnapshotPointInTime(PointInTime):
     def _create(self, name: str, table: str) -> str:
         if self.dm.exists(name):
             raise InvalidInput(detail=f"{name} exists: another point-in-time copy of {self.top}")
-        if "\n" in table:
-            self.dm.run.run(["dmsetup", "create", name], input=table + "\n", timeout=60)
-            path = self.dm.node(name)
-        else:
-            path = self.dm.create(name, table)
+        path = self.dm.create(name, table)
         self._made.append(name)
         return path
 
@@ -402,8 +398,7 @@ def recover_stale_points_in_time(runner: Runner | None = None) -> list[str]:
     :returns: the top devices put back.
     """
     dm = DeviceMapper(runner or default_runner())
-    out = dm.run.run(["dmsetup", "ls"], timeout=60, check=False).stdout
-    names = [line.split()[0] for line in out.splitlines() if line.startswith(PREFIX)]
+    names = [n for n in dm.names() if n.startswith(PREFIX)]
     tops = sorted({m.group(1) for n in names if (m := re.fullmatch(rf"{PREFIX}(.+)-[ois]", n))})
     restored: list[str] = []
     for top in tops:
@@ -427,10 +422,7 @@ def recover_stale_points_in_time(runner: Runner | None = None) -> list[str]:
 def _reload_live(dm: DeviceMapper, name: str, table: str) -> None:
     dm.suspend(name)
     try:
-        if "\n" in table:
-            dm.run.run(["dmsetup", "reload", name], input=table + "\n", timeout=60)
-        else:
-            dm.reload(name, table)
+        dm.reload(name, table)
     finally:
         dm.resume(name)
 

@@ -26,7 +26,7 @@ from blockguard.storage import manifest as manifest_module
 from blockguard.storage.backup import run_backup
 from blockguard.storage.blockdev import BlockDevice
 from blockguard.storage.manifest import MANIFEST_NAME, VolumeIdentity
-from blockguard.storage.pool.dirgen import LOCK
+from blockguard.storage.pool.gendir import LOCK
 from blockguard.storage.pool.lvmgen import lv_name_of
 from blockguard.storage.pool.lvmpool import LvmPool
 from blockguard.storage.restore import restore_to_device, verify

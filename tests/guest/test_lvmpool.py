@@ -413,7 +413,7 @@ def test_reopen_removes_garbage_capacity_and_alert(make_pool, loopdev, tmp_path:
         random.Random(2), 5), base_id=full.generation_id, parent_id=full.generation_id,
     )  # fmt: skip
     assert w.lv in lv_names(pool.vg)
-    w._dev.close()  # type: ignore[attr-defined]
+    w.data.target.close()  # type: ignore[union-attr]
     os.close(w._lock_fd)  # type: ignore[attr-defined]
     w._lock_fd = -1  # type: ignore[attr-defined]
     dead = w.draft.generation_id

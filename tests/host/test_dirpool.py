@@ -25,8 +25,8 @@ from blockguard.errors import (
 from blockguard.storage.backup import run_backup
 from blockguard.storage.manifest import MANIFEST_NAME, VolumeIdentity
 from blockguard.storage.pool.base import SpaceAlert
-from blockguard.storage.pool.dirgen import creating
 from blockguard.storage.pool.dirpool import DirPool
+from blockguard.storage.pool.gendir import creating
 from tests.fsutil import frozen
 
 MiB = 1 << 20

@@ -106,3 +106,66 @@ def test_the_checker_resolves_relative_and_nested_imports() -> None:
     ]
     assert found == ["blockguard.engine.service"]
     assert not _within("blockguard.engine.jobs", ALLOWED["core"] + ALWAYS)
+
+
+# --- device command lines -------------------------------------------------------------
+
+#: The programs of device-mapper, LVM and the thin/era metadata tools.
+DEVICE_PROGRAMS = frozenset(
+    {
+        "dmsetup",
+        *(f"lv{c}" for c in ("s", "create", "remove", "change", "extend", "reduce", "resize")),
+        *(f"lv{c}" for c in ("rename", "convert", "display", "scan")),
+        *(f"vg{c}" for c in ("s", "create", "extend", "reduce", "remove", "change", "scan")),
+        *(f"vg{c}" for c in ("display", "rename", "import", "export", "cfgrestore")),
+        *(f"pv{c}" for c in ("s", "create", "remove", "scan", "move", "display", "resize")),
+        *(f"thin_{c}" for c in ("delta", "check", "dump", "ls", "repair", "restore", "rmap")),
+        "thin_metadata_size",
+        *(f"era_{c}" for c in ("invalidate", "check", "dump", "restore")),
+        *(f"cache_{c}" for c in ("check", "dump", "repair", "restore")),
+    }
+)
+#: The only modules that build their command lines (lvm.py, dm.py: one builder each).
+COMMAND_MODULES = frozenset({"storage/dm.py", "storage/lvm.py"})
+
+
+def _command_literals(text: str) -> list[tuple[int, str]]:
+    """Where ``text`` names a device program: any string constant that is one, and
+    ``"lvm"`` heading a list or tuple whose next item is not a plain string (an argv
+    ``["lvm", command, ...]``; elsewhere "lvm" names the pool backend)."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Constant) and node.value in DEVICE_PROGRAMS:
+            found.append((node.lineno, node.value))
+        elif isinstance(node, ast.List | ast.Tuple) and len(node.elts) > 1:
+            first, second = node.elts[:2]
+            argv = not (isinstance(second, ast.Constant) and isinstance(second.value, str))
+            if isinstance(first, ast.Constant) and first.value == "lvm" and argv:
+                found.append((first.lineno, "lvm"))
+    return sorted(found)
+
+
+def test_device_command_lines_are_built_only_in_the_command_modules() -> None:
+    bad = [
+        f"{rel}:{line} names {program!r}"
+        for path in sorted(ROOT.rglob("*.py"))
+        if (rel := str(path.relative_to(ROOT))) not in COMMAND_MODULES
+        for line, program in _command_literals(path.read_text())
+    ]
+    assert not bad, "device commands built outside storage/dm.py, storage/lvm.py:\n" + "\n".join(
+        bad
+    )
+
+
+def test_the_command_checker_finds_argv_and_subcommands() -> None:
+    text = (
+        'run(["dmsetup", "targets"])\nlvm.lvm("lvcreate", "-n", x)\n'
+        'x = ("lvm", "vgs")\nkind = "lvm"\nif k == "lvm": pass\n"""lvs are listed"""\n'
+        'run(["lvm", cmd, *args])\nBACKENDS = ("lvm", "dir")\n'
+    )
+    assert _command_literals(text) == [
+        (1, "dmsetup"),
+        (2, "lvcreate"),
+        (3, "vgs"),
+        (7, "lvm"),
+    ]

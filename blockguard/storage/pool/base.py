@@ -1,3 +1,4 @@
+# Over ~400 lines: the whole pool interface in one place, most of it the contract docstrings.
 """What every pool backend is: the interface the data path and the daemon program against.
 
 A pool stores generations. The backends differ in where the bytes go — an XFS directory
@@ -15,179 +16,71 @@ but all of them:
 - keep one :class:`VolumeRecord` per volume (``records/VOLUME.json``, written atomically)
   so that a catalog can be rebuilt from the pool alone (``pool import``).
 
-Generic policy (dependency chains, retention, the space alert) lives here, once.
+Generic policy (dependency chains, retention, the space alert) lives here, once. The
+backends that keep generation directories on a file system share one implementation of
+the generation bookkeeping and the chunk writer: :class:`.store.GenerationStore`.
 """
 
 from __future__ import annotations
 
 import array
-import json
 import logging
-import os
-import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from pyroaring import BitMap
 
 from blockguard.core.retention import GenerationRef, select_for_deletion
-from blockguard.errors import CorruptMetadata, NotFound, PoolSpaceLow
+from blockguard.errors import CorruptMetadata, EnvironmentProblem, NotFound, PoolSpaceLow
 from blockguard.storage.manifest import (
-    MANIFEST_NAME,
     GenerationKind,
     Manifest,
     VolumeIdentity,
     check_name,
     fsync_dir,
-    read_manifest,
     sequence_numbers,
-    write_atomic,
+)
+from blockguard.storage.pool.records import (
+    VolumeRecord,
+    read_volume_records,
+    remove_volume_record,
+    write_volume_record,
+)
+from blockguard.storage.pool.values import (
+    AlertCallback,
+    DamagedGeneration,
+    FreedGeneration,
+    PoolCapacity,
+    PoolDevice,
+    PoolScan,
+    RetentionResult,
+    SpaceAlert,
 )
 
 if TYPE_CHECKING:
     from blockguard.storage.safety import SafetyGate
+    from blockguard.storage.snapshot import CowStore
+
+# The values and records are part of the interface: importers take them from here.
+__all__ = [
+    "AlertCallback",
+    "DamagedGeneration",
+    "FreedGeneration",
+    "GenerationReader",
+    "GenerationWriter",
+    "PoolBackend",
+    "PoolCapacity",
+    "PoolDevice",
+    "PoolScan",
+    "RetentionResult",
+    "SpaceAlert",
+    "SwapInVolume",
+    "VolumeRecord",
+]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PoolDevice:
-    """A disk that belongs to a pool."""
-
-    path: str
-    devno: str
-    size: int
-    area: str  # the backend's name for the space on it (a mount point, a PV name)
-
-
-@dataclass(frozen=True)
-class PoolCapacity:
-    total: int
-    used: int
-    free: int
-
-
-@dataclass(frozen=True)
-class SpaceAlert:
-    """Published when the pool's free space will not hold the next backup."""
-
-    pool: str
-    free: int
-    needed: int
-    volume: str | None = None
-
-    @property
-    def message(self) -> str:
-        what = f" for volume {self.volume}" if self.volume else ""
-        return f"pool {self.pool} has {self.free} bytes free, {self.needed} needed{what}"
-
-
-AlertCallback = Callable[[SpaceAlert], None]
-#: Name suffix of a generation directory whose removal was committed.
-DELETED_SUFFIX = ".deleted"
-#: A generation directory's record of damage found on use (see ``mark_damaged``).
-DAMAGE_RECORD = "damaged.json"
-
-
-@dataclass(frozen=True)
-class DamagedGeneration:
-    """A generation the pool holds but cannot use as it is.
-
-    :param generation_id: the pool's id (the directory name when the manifest is unreadable).
-    :param reason: what is wrong, for a person.
-    :param manifest: the manifest when it could be read (then something else is damaged,
-        e.g. its data file is missing), else None.
-    :param found_on_use: recorded by :meth:`PoolBackend.mark_damaged` (a verify or a
-        restore found it), not seen in its files by the scan.
-    :param chunk: the damaged chunk, when a checksum found it.
-    """
-
-    volume: str
-    generation_id: str
-    reason: str
-    manifest: Manifest | None = None
-    found_on_use: bool = False
-    chunk: int | None = None
-
-
-@dataclass(frozen=True)
-class PoolScan:
-    """What a pool holds of one volume (or all): good manifests and damaged entries."""
-
-    manifests: list[Manifest]
-    damaged: list[DamagedGeneration] = field(default_factory=list)
-
-
-RECORDS_DIR = "records"
-RECORD_FORMAT = "blockguard-volume"
-
-
-@dataclass(frozen=True)
-class VolumeRecord:
-    """What the pool keeps about a volume so a catalog can be rebuilt from it alone.
-
-    Tracking references are not kept: an imported volume starts tracking afresh (its
-    next backup is a full).
-    """
-
-    name: str
-    device_path: str
-    major: int
-    minor: int
-    size: int
-    serial: str | None
-    chunk_size: int
-    tracker_backend: str
-    objectives: dict[str, Any] = field(default_factory=dict)
-    group: str | None = None
-    group_objectives: dict[str, Any] = field(default_factory=dict)
-    updated: float = 0.0
-
-    def to_json(self) -> bytes:
-        return (json.dumps({"format": RECORD_FORMAT, **asdict(self)}, indent=1) + "\n").encode()
-
-    @classmethod
-    def from_json(cls, data: bytes, where: str) -> VolumeRecord:
-        """:raises CorruptMetadata: not a readable volume record."""
-        try:
-            body = json.loads(data)
-            if not isinstance(body, dict) or body.pop("format", None) != RECORD_FORMAT:
-                raise ValueError("not a blockguard volume record")
-            record = cls(**body)
-            check_name(record.name, "volume name")
-            if not isinstance(record.objectives, dict):
-                raise ValueError("objectives is not a mapping")
-        except (ValueError, TypeError, UnicodeDecodeError) as exc:
-            raise CorruptMetadata(what=where, detail=str(exc)) from None
-        except Exception as exc:  # InvalidInput of a bad name
-            raise CorruptMetadata(what=where, detail=str(exc)) from None
-        return record
-
-
-@dataclass(frozen=True)
-class FreedGeneration:
-    generation_id: str
-    kind: str
-    bytes: int  # bytes this generation had stored (shared reflinked blocks may stay used)
-
-
-@dataclass(frozen=True)
-class RetentionResult:
-    """What applying a retention rule freed."""
-
-    freed: list[FreedGeneration] = field(default_factory=list)
-    measured_bytes: int = 0  # free-space growth the pool measured (0 if it cannot tell)
-
-    @property
-    def freed_ids(self) -> list[str]:
-        return [f.generation_id for f in self.freed]
-
-    @property
-    def bytes(self) -> int:
-        return sum(f.bytes for f in self.freed)
 
 
 class GenerationWriter(ABC):
@@ -388,6 +281,42 @@ class PoolBackend(ABC):
     def swap_in(self, full: Manifest, label: str) -> SwapInVolume:
         """A writable device whose content is the full ``full`` (a clone: instant)."""
 
+    # --- block space lent out (dm-era metadata, dm-snapshot exception stores) ---------
+
+    #: True when the pool can lend block devices (:meth:`lend_device`, :meth:`cow_store`).
+    can_lend_devices: ClassVar[bool] = False
+
+    def lend_device(self, name: str, size: int, volume: str | None = None) -> str:
+        """A new zeroed block device ``name`` of at least ``size`` bytes, kept across
+        restarts; returns its stable path (replace one of that name first with
+        :meth:`return_device`).
+
+        :param volume: the volume it is for (named in the space alert).
+        :raises EnvironmentProblem: this pool cannot lend block space.
+        :raises PoolSpaceLow: no room for it.
+        """
+        raise EnvironmentProblem(detail=f"pool {self.name} ({self.kind}) lends no block devices")
+
+    def lent_device(self, name: str) -> str:
+        """The stable, verified path of lent device ``name`` (activated if needed, as
+        after a reboot).
+
+        :raises EnvironmentProblem: this pool cannot lend block space.
+        """
+        raise EnvironmentProblem(detail=f"pool {self.name} ({self.kind}) lends no block devices")
+
+    def return_device(self, name: str) -> None:  # noqa: B027 - nothing to return by default
+        """Remove lent device ``name`` if there is one (nothing for pools that lend none)."""
+
+    def cow_store(self, size: int, label: str) -> CowStore:
+        """A new device of at least ``size`` bytes for a dm-snapshot's exceptions, removed
+        by its ``release()`` (or by the garbage collection of a reopened pool).
+
+        :raises EnvironmentProblem: this pool cannot lend block space.
+        :raises PoolSpaceLow: no room for it.
+        """
+        raise EnvironmentProblem(detail=f"pool {self.name} ({self.kind}) lends no block devices")
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the pool (unmount what this object mounted)."""
 
@@ -422,45 +351,16 @@ class PoolBackend(ABC):
 
     def write_volume_record(self, record: VolumeRecord) -> None:
         """Store (replace) the record of ``record.name`` atomically, in every place."""
-        check_name(record.name, "volume name")
-        for directory in self.record_dirs():
-            new = not directory.exists()
-            directory.mkdir(exist_ok=True)
-            if new:
-                fsync_dir(directory.parent)
-            write_atomic(directory / f"{record.name}.json", record.to_json())
+        write_volume_record(self.record_dirs(), record)
 
     def remove_volume_record(self, name: str) -> None:
         """Forget the record of ``name`` (only once its generations are deleted)."""
-        check_name(name, "volume name")
-        for directory in self.record_dirs():
-            path = directory / f"{name}.json"
-            if path.exists():
-                path.unlink()
-                fsync_dir(directory)
+        remove_volume_record(self.record_dirs(), name)
 
     def volume_records(self) -> dict[str, VolumeRecord]:
         """Every readable record by volume name (the newest copy when areas differ);
         unreadable ones are logged and left out."""
-        found: dict[str, VolumeRecord] = {}
-        for directory in self.record_dirs():
-            try:
-                names = sorted(os.listdir(directory))
-            except FileNotFoundError:
-                continue
-            for entry in names:
-                if not entry.endswith(".json") or entry.startswith("."):
-                    continue
-                path = directory / entry
-                try:
-                    record = VolumeRecord.from_json(path.read_bytes(), str(path))
-                except (OSError, CorruptMetadata) as exc:
-                    log.error("volume record %s: %s", path, exc)
-                    continue
-                old = found.get(record.name)
-                if old is None or record.updated > old.updated:
-                    found[record.name] = record
-        return found
+        return read_volume_records(self.record_dirs())
 
     # --- generic policy -------------------------------------------------------------
 
@@ -568,96 +468,3 @@ class PoolBackend(ABC):
         freed.reverse()
         after = self.capacity().free if freed else before
         return RetentionResult(freed, max(0, after - before))
-
-
-def scan_generation_dirs(
-    volume_dirs: Iterable[Path], files_problem: Callable[[Path, Manifest], str | None]
-) -> PoolScan:
-    """Read the committed generation directories of some volumes (shared by file backends).
-
-    A directory with a manifest is committed; an unreadable manifest, or a readable one
-    whose files ``files_problem`` finds wrong, is reported as damaged (never removed:
-    the garbage collector only takes what was never committed).
-    """
-    good: list[Manifest] = []
-    damaged: list[DamagedGeneration] = []
-    for vol in volume_dirs:
-        try:
-            gens = sorted(p for p in vol.iterdir() if p.is_dir() and not p.is_symlink())
-        except FileNotFoundError:
-            continue
-        for gen in gens:
-            if gen.name.endswith(DELETED_SUFFIX) or not (gen / MANIFEST_NAME).exists():
-                continue
-            try:
-                manifest = read_manifest(gen)
-            except CorruptMetadata as exc:
-                log.error("%s", exc)
-                damaged.append(
-                    DamagedGeneration(vol.name, gen.name, f"its manifest is unreadable: {exc}")
-                )
-                continue
-            record = read_damage_record(gen)
-            if record is not None:
-                reason, chunk = record
-                damaged.append(DamagedGeneration(vol.name, gen.name, reason, manifest, True, chunk))
-                continue
-            problem = files_problem(gen, manifest)
-            if problem:
-                log.error("generation %s/%s is damaged: %s", vol.name, gen.name, problem)
-                damaged.append(DamagedGeneration(vol.name, gen.name, problem, manifest))
-            else:
-                good.append(manifest)
-    good.sort(key=lambda m: (m.created, m.generation_id))
-    damaged.sort(key=lambda d: d.generation_id)
-    return PoolScan(good, damaged)
-
-
-def file_problem(path: Path, what: str, min_size: int, exact: bool = False) -> str | None:
-    """Why a generation's file cannot be what its manifest says, or None (one stat)."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return f"its {what} {path.name} is missing"
-    except OSError as exc:
-        return f"its {what} {path.name} cannot be read: {exc.strerror or exc}"
-    if size < min_size or (exact and size != min_size):
-        return f"its {what} {path.name} has {size} bytes, {min_size} expected"
-    return None
-
-
-def manifests_of(scan: PoolScan) -> list[Manifest]:
-    """Every readable manifest of a scan (good and damaged), oldest first."""
-    found = scan.manifests + [d.manifest for d in scan.damaged if d.manifest is not None]
-    return sorted(found, key=lambda m: (m.created, m.generation_id))
-
-
-def write_damage_record(gen: Path, reason: str, chunk: int | None) -> None:
-    """Write a generation directory's :data:`DAMAGE_RECORD` (atomically)."""
-    body = {"reason": reason, "chunk": chunk, "recorded": time.time()}
-    write_atomic(gen / DAMAGE_RECORD, json.dumps(body).encode())
-
-
-def read_damage_record(gen: Path) -> tuple[str, int | None] | None:
-    """(reason, chunk) of a :data:`DAMAGE_RECORD`, or None without one.
-
-    An unreadable record still means the generation was found damaged.
-    """
-    try:
-        body = json.loads((gen / DAMAGE_RECORD).read_bytes())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return "a verify or restore found it damaged", None
-    if not isinstance(body, dict):
-        return "a verify or restore found it damaged", None
-    chunk = body.get("chunk")
-    return str(body.get("reason") or "found damaged"), chunk if isinstance(chunk, int) else None
-
-
-def remove_damage_record(gen: Path) -> None:
-    try:
-        (gen / DAMAGE_RECORD).unlink()
-    except FileNotFoundError:
-        return
-    fsync_dir(gen)

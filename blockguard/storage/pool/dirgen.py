@@ -1,49 +1,31 @@
-"""Files of one generation in a ``dir`` pool: its writer, its reader, reflink clones.
+"""Files of one generation in a ``dir`` pool: its data file, reflink clones.
 
-Layout of ``volumes/VOLUME/GENERATION_ID/`` (see :mod:`.dirpool`): ``image`` for a full,
-``chunks`` (packed in chunk order) for a delta, ``checksums.xxh3``, ``manifest.json``
-written last, and ``.writing``, whose flock marks a live writer.
+Layout of ``volumes/VOLUME/GENERATION_ID/`` (see :mod:`.dirpool`, :mod:`.gendir`):
+``image`` for a full, ``chunks`` (packed in chunk order) for a delta, ``checksums.xxh3``,
+``manifest.json`` written last, and ``.writing``, whose flock marks a live writer. The
+writer and reader are the store's (:mod:`.store`), on a :class:`PoolFile`.
 """
 
 from __future__ import annotations
 
-import array
-import contextlib
 import errno
 import fcntl
-import mmap
 import os
-import shutil
 import stat
-import threading
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from pyroaring import BitMap
-
-from blockguard.errors import CorruptMetadata, EnvironmentProblem
-from blockguard.storage.blockdev import aligned_buffer
-from blockguard.storage.ioedge import io_edge, map_oserror
-from blockguard.storage.manifest import (
-    MANIFEST_NAME,
-    Manifest,
-    checksum_bytes,
-    checksum_digest,
-    checksums_from_bytes,
-    crash_point,
-    fsync_dir,
-    write_atomic,
-    write_durable,
+from blockguard.errors import EnvironmentProblem
+from blockguard.storage.ioedge import io_edge, map_oserror, read_at, write_at
+from blockguard.storage.manifest import Manifest, crash_point
+from blockguard.storage.pool.store import (
+    StagedGenerationWriter,
+    StoredData,
+    StoredGenerationReader,
 )
-from blockguard.storage.pool.base import GenerationReader, GenerationWriter
 
 FICLONE = 0x40049409
 DATA_FULL = "image"
 DATA_PACKED = "chunks"
-CHECKSUMS = "checksums.xxh3"
-LOCK = ".writing"
-#: Small packed extents are gathered into writes of up to this size.
-STAGE_BYTES = 8 << 20
 
 
 class PoolFile:
@@ -71,28 +53,10 @@ class PoolFile:
             raise EnvironmentProblem(detail=f"{path} is not a regular file")
 
     def pread_into(self, view: memoryview, offset: int) -> int:
-        done = 0
-        try:
-            while done < len(view):
-                n = os.preadv(self.fd, [view[done:]], offset + done)
-                if n == 0:
-                    break
-                done += n
-        except OSError as exc:
-            raise map_oserror(
-                exc, path=self.path, op="reading", offset=offset + done, pool=self.pool
-            ) from exc
-        return done
+        return read_at(self.fd, view, offset, path=self.path, pool=self.pool)
 
     def pwrite_all(self, view: memoryview, offset: int) -> None:
-        done = 0
-        try:
-            while done < len(view):
-                done += os.pwritev(self.fd, [view[done:]], offset + done)
-        except OSError as exc:
-            raise map_oserror(
-                exc, path=self.path, op="writing", offset=offset + done, pool=self.pool
-            ) from exc
+        write_at(self.fd, view, offset, path=self.path, pool=self.pool)
 
     def allocate(self, size: int) -> None:
         """Reserve ``size`` bytes up front (a full pool fails here, before any copying)."""
@@ -109,181 +73,50 @@ class PoolFile:
             self.fd = -1
 
 
-class DirGenerationWriter(GenerationWriter):
+class DirGenerationWriter(StagedGenerationWriter):
     """Writes one generation directory; see the module docstring for the layout."""
 
-    def __init__(
-        self,
-        draft: Manifest,
-        gen_dir: Path,
-        source: Manifest | None,
-        src_image: Path | None,
-        pool: str | None = None,
-    ) -> None:
-        self.pool = pool
-        self.dir = gen_dir
-        self._lock_fd = -1
-        self._file: PoolFile | None = None
-        self._new_volume_dir = not gen_dir.parent.exists()
-        self._stage: mmap.mmap | None = None
-        self._staged = 0
-        self._stage_offset = 0
-        with creating(gen_dir):
-            with io_edge(gen_dir, "creating", pool=pool):
-                gen_dir.mkdir(parents=True)
-            try:
-                with io_edge(gen_dir / LOCK, "creating", pool=pool):
-                    self._lock_fd = os.open(
-                        gen_dir / LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600
-                    )
-            except BaseException:
-                self._cleanup()
-                raise
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        self._bytes = 0
-        try:
-            # A concurrent open() may have taken the directory for garbage between our
-            # mkdir and flock: then the lock we hold is on a removed file.
-            try:
-                same = os.stat(gen_dir / LOCK).st_ino == os.fstat(self._lock_fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:
-                raise EnvironmentProblem(detail=f"{gen_dir} was removed while being created")
-            cloned = None
-            if draft.is_full:
-                image = gen_dir / DATA_FULL
-                if src_image is not None and source is not None:
-                    try:
-                        clone_file(src_image, image)
-                        cloned = source
-                    except OSError as exc:
-                        if exc.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL):
-                            raise map_oserror(exc, path=image, op="cloning", pool=pool) from exc
-                        image.unlink(missing_ok=True)
-                crash_point("after-clone")
-                self._file = PoolFile(image, write=True, create=cloned is None, pool=pool)
-                if cloned is None:
-                    self._file.allocate(draft.volume.size)
-            else:
-                self._file = PoolFile(gen_dir / DATA_PACKED, write=True, create=True, pool=pool)
-                if draft.changed:
-                    self._file.allocate(len(draft.changed) * draft.chunk_size)
-        except BaseException:
-            self._cleanup()
-            raise
-        if cloned is None and draft.is_full:
-            draft = draft.with_(changed=BitMap(range(draft.chunks)))
-        super().__init__(draft.with_(cloned_from=cloned.generation_id if cloned else None), cloned)
 
-    def write_chunks(self, first: int, view: memoryview, digests: Sequence[int]) -> None:
-        assert self._file is not None
-        offset = self._slot(first) * self.draft.chunk_size
-        if self.draft.is_full or len(view) >= STAGE_BYTES // 2:
-            self._flush_stage()
-            self._file.pwrite_all(view, offset)
-        else:
-            # Packed chunks are contiguous in the file even when they are scattered in
-            # the volume: gather small extents into one large write instead of paying
-            # an O_DIRECT write (and an XFS extent conversion) per extent.
-            if self._staged and (
-                offset != self._stage_offset + self._staged
-                or self._staged + len(view) > STAGE_BYTES
-            ):
-                self._flush_stage()
-            if self._stage is None:
-                self._stage = aligned_buffer(STAGE_BYTES)
-            if not self._staged:
-                self._stage_offset = offset
-            self._stage[self._staged : self._staged + len(view)] = view
-            self._staged += len(view)
-        self._bytes += len(view)
-        crash_point("chunks-written")
-
-    def _slot(self, chunk: int) -> int:
-        return chunk if self.draft.is_full else self.draft.changed.rank(chunk) - 1
-
-    def _flush_stage(self) -> None:
-        if self._staged and self._stage is not None and self._file is not None:
-            self._file.pwrite_all(memoryview(self._stage)[: self._staged], self._stage_offset)
-        self._staged = 0
-
-    def commit(self, checksums: array.array[int]) -> Manifest:
-        assert self._file is not None
-        self._flush_stage()
-        self._file.flush()
-        with io_edge(self.dir, "committing", pool=self.pool):
-            return self._commit(checksums)
-
-    def _commit(self, checksums: array.array[int]) -> Manifest:
-        assert self._file is not None
-        raw = checksum_bytes(checksums)
-        crash_point("before-checksums")
-        # No rename needed: the manifest, written after it, is what commits it.
-        write_durable(self.dir / CHECKSUMS, raw)
-        crash_point("after-checksums")
-        manifest = self.draft.with_(
-            bytes_stored=self._bytes,
-            checksum_count=len(checksums),
-            checksum_digest=checksum_digest(raw),
-            storage={
-                "layout": "image" if self.draft.is_full else "packed",
-                "data": DATA_FULL if self.draft.is_full else DATA_PACKED,
-                "checksums": CHECKSUMS,
-            },
-        )
-        fsync_dir(self.dir)
-        fsync_dir(self.dir.parent)
-        if self._new_volume_dir:
-            fsync_dir(self.dir.parent.parent)
-        crash_point("before-manifest")
-        write_atomic(self.dir / MANIFEST_NAME, manifest.to_json())
-        crash_point("after-manifest")
-        self.committed = manifest
-        self._file.close()
-        (self.dir / LOCK).unlink(missing_ok=True)
-        os.close(self._lock_fd)
-        self._lock_fd = -1
-        return manifest
-
-    def abort(self) -> None:
-        if self.committed is None:
-            self._cleanup()
-
-    def _cleanup(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
-
-
-class DirGenerationReader(GenerationReader):
+class DirGenerationReader(StoredGenerationReader):
     def __init__(self, manifest: Manifest, gen_dir: Path, pool: str | None = None) -> None:
-        super().__init__(manifest)
-        self.dir = gen_dir
-        self._file = PoolFile(gen_dir / manifest.storage.get("data", DATA_FULL), pool=pool)
+        data = PoolFile(gen_dir / manifest.storage.get("data", DATA_FULL), pool=pool)
+        super().__init__(manifest, gen_dir, data, "data")
 
-    def read_chunks(self, first: int, view: memoryview) -> None:
-        slot = self.manifest.checksum_slot(first)
-        got = self._file.pread_into(view, slot * self.manifest.chunk_size)
-        if got != len(view):
-            raise CorruptMetadata(
-                what=f"generation {self.manifest.generation_id}",
-                detail=f"its data ends early at chunk {first}",
-            )
 
-    def _load_checksums(self) -> array.array[int]:
-        path = self.dir / self.manifest.storage.get("checksums", CHECKSUMS)
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise CorruptMetadata(what=str(path), detail=exc.strerror or str(exc)) from None
-        return checksums_from_bytes(raw, self.manifest, str(path))
-
-    def close(self) -> None:
-        self._file.close()
+def make_data_file(
+    draft: Manifest, gen_dir: Path, source: Manifest | None, src_image: Path | None, pool: str
+) -> StoredData:
+    """The data file of a new generation in ``gen_dir``: for a full, a reflink clone of
+    ``src_image`` (the full ``source``) when the file system can, else a new allocated
+    file; for a delta, the packed file of its changed chunks."""
+    cloned = None
+    if draft.is_full:
+        image = gen_dir / DATA_FULL
+        if src_image is not None and source is not None:
+            try:
+                clone_file(src_image, image)
+                cloned = source
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise map_oserror(exc, path=image, op="cloning", pool=pool) from exc
+                image.unlink(missing_ok=True)
+        crash_point("after-clone")
+        data = PoolFile(image, write=True, create=cloned is None, pool=pool)
+        size = draft.volume.size if cloned is None else 0
+    else:
+        data = PoolFile(gen_dir / DATA_PACKED, write=True, create=True, pool=pool)
+        size = len(draft.changed) * draft.chunk_size
+    try:
+        if size:
+            data.allocate(size)
+    except BaseException:
+        data.close()
+        raise
+    storage = {
+        "layout": "image" if draft.is_full else "packed",
+        "data": DATA_FULL if draft.is_full else DATA_PACKED,
+    }
+    return StoredData(data, cloned, storage)
 
 
 def clone_file(src: Path, dst: Path) -> None:
@@ -304,46 +137,3 @@ def clone_file(src: Path, dst: Path) -> None:
                 os.close(dfd)
     finally:
         os.close(sfd)
-
-
-_creating: set[str] = set()
-_creating_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def creating(gen: Path) -> Iterator[None]:
-    """Mark ``gen`` as being created by a writer of this process until its lock is held.
-
-    Between a writer's mkdir and its flock the directory has no locked ``.writing`` file;
-    a garbage collection of this process that looked then would take it for garbage. It
-    asks :func:`writer_alive`, which knows these directories. (Pools are written by one
-    process: the daemon holding its state directory; a writer of a killed process left
-    garbage, whatever its age.)"""
-    key = str(gen)
-    with _creating_lock:
-        _creating.add(key)
-    try:
-        yield
-    finally:
-        with _creating_lock:
-            _creating.discard(key)
-
-
-def writer_alive(gen: Path) -> bool:
-    """True while a live writer holds the generation's lock or is creating it."""
-    with _creating_lock:
-        if str(gen) in _creating:
-            return True
-    try:
-        fd = os.open(gen / LOCK, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False

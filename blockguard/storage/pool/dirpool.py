@@ -18,10 +18,8 @@ manifest whose lock can be taken is garbage and ``open`` removes it, as it remov
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Sequence
@@ -38,61 +36,45 @@ from blockguard.errors import (
 )
 from blockguard.storage.blockdev import device_rdev, mounted_devnos
 from blockguard.storage.manifest import (
-    MANIFEST_NAME,
     GenerationKind,
     Manifest,
     VolumeIdentity,
-    check_chunk_size,
     check_name,
-    crash_point,
-    fsync_dir,
-    new_generation_id,
-    write_atomic,
 )
 from blockguard.storage.pool.base import (
-    RECORDS_DIR,
     AlertCallback,
-    FreedGeneration,
     GenerationReader,
-    GenerationWriter,
-    PoolBackend,
     PoolCapacity,
     PoolDevice,
-    PoolScan,
     SwapInVolume,
-    file_problem,
-    manifests_of,
-    remove_damage_record,
-    scan_generation_dirs,
-    write_damage_record,
 )
 from blockguard.storage.pool.dirgen import (
-    CHECKSUMS,
     DATA_FULL,
-    LOCK,
     DirGenerationReader,
     DirGenerationWriter,
     clone_file,
-    writer_alive,
+    make_data_file,
 )
+from blockguard.storage.pool.gendir import file_problem
 from blockguard.storage.pool.label import dir_label
-from blockguard.storage.pool.registration import check_disk, devno, legacy_gate
+from blockguard.storage.pool.records import read_pool_file, write_pool_file
+from blockguard.storage.pool.registration import check_disk, devno, legacy_gate, wipe_if_forced
+from blockguard.storage.pool.store import GenerationStore, StoredData
 from blockguard.storage.runner import Runner, default_runner
 from blockguard.storage.safety import SafetyGate
 
 log = logging.getLogger(__name__)
-POOL_FILE = "pool.json"
 POOL_FORMAT = "blockguard-dir-pool"
 #: mkfs.xfs refuses file systems under 300 MB.
 MIN_DEVICE_SIZE = 320 << 20
-DELETED = ".deleted"
 
 
-class DirPool(PoolBackend):
+class DirPool(GenerationStore):
     """A pool of XFS areas; create with :meth:`create`, reopen with :meth:`open`."""
 
     kind = "dir"
     can_clone_full = True
+    writer_class = DirGenerationWriter
 
     def __init__(
         self, name: str, mount_root: Path, runner: Runner, alert: AlertCallback | None
@@ -103,7 +85,6 @@ class DirPool(PoolBackend):
         self.pool_uuid = ""
         self._areas: list[tuple[PoolDevice, Path]] = []
         self._mounted_by_me: list[Path] = []
-        self.damaged: list[str] = []
 
     # --- creation and opening -------------------------------------------------------
 
@@ -155,7 +136,7 @@ class DirPool(PoolBackend):
         try:
             for index, device in enumerate(devices):
                 mnt = pool._mount_area(device, index)
-                info = _read_pool_file(mnt)
+                info = read_pool_file(mnt, POOL_FORMAT, "dir")
                 if info["pool"] != name or (pool.pool_uuid and info["pool_uuid"] != pool.pool_uuid):
                     raise CorruptMetadata(
                         what=f"pool area on {device}", detail=f"it belongs to pool {info['pool']}"
@@ -195,10 +176,7 @@ class DirPool(PoolBackend):
         check = check_disk(
             device, gate=base.adding(pool_disks=known), min_size=MIN_DEVICE_SIZE, force=force
         )
-        if check.has_data:
-            log.warning("overwriting %s (forced): %s", device, "; ".join(check.has_data))
-            self.runner.run(["wipefs", "-a", "-q", device], timeout=60)
-            self.runner.run(["partx", "-d", device], timeout=60, check=False)
+        wipe_if_forced(device, check.has_data, self.runner)
         argv = ["mkfs.xfs", "-q", "-m", "reflink=1", "-L", dir_label(self.name)]
         self.runner.run([*argv, *(["-f"] if force else []), device], timeout=300)
         mnt = self._mount_area(device, index)
@@ -211,7 +189,7 @@ class DirPool(PoolBackend):
             "area": f"area-{index}",
             "created": time.time(),
         }
-        write_atomic(mnt / POOL_FILE, json.dumps(info, indent=1).encode())
+        write_pool_file(mnt, info)
         dev = self._device(device, mnt)
         self._areas.append((dev, mnt))
         return dev
@@ -263,92 +241,26 @@ class DirPool(PoolBackend):
 
     def collect_garbage(self) -> list[str]:
         """Remove uncommitted and half-deleted generations; returns what was removed."""
-        removed: list[str] = []
-        for _, mnt in self._areas:
-            for vol in _subdirs(mnt / "volumes"):
-                for gen in _subdirs(vol):
-                    if gen.name.endswith(DELETED) or not (gen / MANIFEST_NAME).exists():
-                        if writer_alive(gen):
-                            continue
-                        shutil.rmtree(gen, ignore_errors=True)
-                        removed.append(str(gen))
-                    else:
-                        for stray in (gen / LOCK, gen / f".{MANIFEST_NAME}.tmp"):
-                            if stray.exists() and not writer_alive(gen):
-                                stray.unlink(missing_ok=True)
-                if removed:
-                    fsync_dir(vol)
+        removed, _ = self._collect_generation_dirs()
         if removed:
             log.info("removed uncommitted generations: %s", removed)
         return removed
 
-    # --- generations ----------------------------------------------------------------
+    # --- generations: where the bytes live ------------------------------------------
 
-    def generations(self, volume: str | None = None) -> list[Manifest]:
-        return manifests_of(self.scan(volume))
+    def _volume_roots(self) -> list[Path]:
+        return [mnt / "volumes" for _, mnt in self._areas]
 
-    def scan(self, volume: str | None = None) -> PoolScan:
-        vols = [
-            vol
-            for _, mnt in self._areas
-            for vol in ([mnt / "volumes" / volume] if volume else _subdirs(mnt / "volumes"))
-        ]
-        found = scan_generation_dirs(vols, _files_problem)
-        self.damaged = [
-            str(self._damaged_dir(d.volume, d.generation_id))
-            for d in found.damaged
-            if d.manifest is None
-        ]
-        return found
-
-    def _damaged_dir(self, volume: str, generation_id: str) -> Path:
-        for _, mnt in self._areas:
-            d = mnt / "volumes" / volume / generation_id
-            if d.exists():
-                return d
-        return Path(volume, generation_id)
-
-    def mark_damaged(
-        self, volume: str, generation_id: str, reason: str, chunk: int | None = None
-    ) -> bool:
-        write_damage_record(self._gen_dir(volume, generation_id), reason, chunk)
-        return True
-
-    def clear_damaged(self, volume: str, generation_id: str) -> None:
-        remove_damage_record(self._gen_dir(volume, generation_id))
-
-    def _gen_dir(self, volume: str, generation_id: str) -> Path:
-        check_name(volume, "volume name")
-        check_name(generation_id, "generation id")
-        for _, mnt in self._areas:
-            d = mnt / "volumes" / volume / generation_id
-            if (d / MANIFEST_NAME).exists():
-                return d
-        raise NotFound(what="generation", name=f"{volume}/{generation_id}")
-
-    def begin_generation(
+    def _make_room(
         self,
         volume: VolumeIdentity,
         kind: GenerationKind,
         chunk_size: int,
         changed: BitMap | None,
-        *,
-        base_id: str | None,
-        parent_id: str | None,
-        clone_from: str | None = None,
-    ) -> GenerationWriter:
-        check_chunk_size(chunk_size)
-        if kind is not GenerationKind.FULL and changed is None:
-            raise InvalidInput(detail=f"a {kind} generation needs its changed-chunk set")
-        source: Manifest | None = None
-        if kind is GenerationKind.FULL and clone_from and changed is not None:
-            source = self.manifest(volume.name, clone_from)
-            if (
-                not source.is_full
-                or source.volume.size != volume.size
-                or source.chunk_size != chunk_size
-            ):
-                source = None
+        source: Manifest | None,
+    ) -> tuple[Path, Manifest | None]:
+        """The area with the most free space, or the source full's area when the clone
+        fits there (a reflink cannot cross file systems)."""
         if not self._areas:
             raise EnvironmentProblem(detail=f"pool {self.name} has no devices")
         # A clone shares the source's extents: only the changed chunks need new space.
@@ -365,51 +277,27 @@ class DirPool(PoolBackend):
                 source = None
                 needed = volume.size
         self.require_space(needed, volume.name)
-        draft = Manifest(
-            generation_id=new_generation_id(),
-            volume=volume,
-            chunk_size=chunk_size,
-            kind=kind,
-            base_id=None if kind is GenerationKind.FULL else base_id,
-            parent_id=None if kind is GenerationKind.FULL else parent_id,
-            changed=BitMap() if changed is None else BitMap(changed),
-            created=time.time(),
-            sequence=self.next_sequence(volume.name),
-        )
-        gen_dir = area / "volumes" / volume.name / draft.generation_id
+        return area / "volumes", source
+
+    def _make_data(self, draft: Manifest, gen_dir: Path, source: Manifest | None) -> StoredData:
         src_image = None
         if source is not None:
-            src_dir = self._gen_dir(volume.name, source.generation_id)
-            if src_dir.parents[2] == area:
-                src_image = src_dir / source.storage.get("data", DATA_FULL)
-            else:
-                source = None
-        return DirGenerationWriter(draft, gen_dir, source, src_image, pool=self.name)
+            src_dir = self._gen_dir(draft.volume.name, source.generation_id)
+            src_image = src_dir / source.storage.get("data", DATA_FULL)
+        return make_data_file(draft, gen_dir, source, src_image, self.name)
+
+    def _data_problem(self, gen: Path, manifest: Manifest) -> str | None:
+        m = manifest
+        if m.is_full:
+            data_min = m.volume.size
+        else:
+            data_min = 0 if not m.changed else (len(m.changed) - 1) * m.chunk_size + 1
+        return file_problem(gen / m.storage.get("data", DATA_FULL), "data file", data_min)
 
     def open_generation(self, manifest: Manifest) -> GenerationReader:
         return DirGenerationReader(
             manifest, self._gen_dir(manifest.volume.name, manifest.generation_id), pool=self.name
         )
-
-    def remove_generation(self, volume: str, generation_id: str) -> FreedGeneration:
-        gens = self.generations(volume)
-        target = next((m for m in gens if m.generation_id == generation_id), None)
-        if target is None:
-            raise NotFound(what="generation", name=f"{volume}/{generation_id}")
-        users = [m.generation_id for m in gens if generation_id in (m.parent_id, m.base_id)]
-        if users:
-            raise Busy(
-                what=f"generation {generation_id}", reason=f"{', '.join(users)} depend on it"
-            )
-        gen = self._gen_dir(volume, generation_id)
-        doomed = gen.with_name(gen.name + DELETED)
-        # The rename is the commit point of a removal: afterwards the generation is gone
-        # for every reader, and an interrupted rmtree is finished by the next open.
-        os.rename(gen, doomed)
-        fsync_dir(gen.parent)
-        crash_point("remove-renamed")
-        shutil.rmtree(doomed)
-        return FreedGeneration(generation_id, target.kind.value, target.bytes_stored)
 
     def swap_in(self, full: Manifest, label: str) -> SwapInVolume:
         check_name(label, "swap-in label")
@@ -430,12 +318,6 @@ class DirPool(PoolBackend):
             image.unlink(missing_ok=True)
             raise
         return DirSwapIn(dev, str(image), self.runner)
-
-    def record_dirs(self) -> list[Path]:
-        return [mnt / RECORDS_DIR for _, mnt in self._areas]
-
-    def volume_dirs(self, volume: str) -> list[Path]:
-        return [mnt / "volumes" / volume for _, mnt in self._areas]
 
     def swap_ins(self) -> list[str]:
         """Swap-in images that exist on the pool (attached or not)."""
@@ -466,36 +348,3 @@ class DirSwapIn(SwapInVolume):
         self.runner.run(["losetup", "-d", self.device], timeout=60)
         if not keep_image and self.image:
             Path(self.image).unlink(missing_ok=True)
-
-
-def _subdirs(path: Path) -> list[Path]:
-    try:
-        return sorted(p for p in path.iterdir() if p.is_dir() and not p.is_symlink())
-    except FileNotFoundError:
-        return []
-
-
-def _files_problem(gen: Path, m: Manifest) -> str | None:
-    """A committed generation's data and checksum files, as its manifest describes them."""
-    if m.is_full:
-        data_min = m.volume.size
-    else:
-        data_min = 0 if not m.changed else (len(m.changed) - 1) * m.chunk_size + 1
-    return file_problem(gen / m.storage.get("data", DATA_FULL), "data file", data_min) or (
-        file_problem(
-            gen / m.storage.get("checksums", CHECKSUMS),
-            "checksum array",
-            8 * m.checksum_count,
-            exact=True,
-        )
-    )
-
-
-def _read_pool_file(mnt: Path) -> dict[str, str]:
-    try:
-        info = json.loads((mnt / POOL_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise CorruptMetadata(what=str(mnt / POOL_FILE), detail=str(exc)) from None
-    if not isinstance(info, dict) or info.get("format") != POOL_FORMAT:
-        raise CorruptMetadata(what=str(mnt / POOL_FILE), detail="not a blockguard dir pool")
-    return info

@@ -116,10 +116,9 @@ def _identify_lvm(devices: Sequence[str], runner: Runner, lvm_available: bool) -
             detail="it is an LVM physical volume and this host has no device-mapper",
         )
     lvm = Lvm(runner, devices)
-    out = lvm.lvm("pvs", "--noheadings", "--separator", "|", "-o", "pv_name,vg_name")
     vgs: dict[str, str] = {}
-    for line in out.splitlines():
-        pv, _, vg = (x.strip() for x in line.partition("|"))
+    for row in lvm.pvs("pv_name,vg_name"):
+        pv, vg = [*row, "", ""][:2]
         vgs[pv] = vg
     for path in devices:
         vg = vgs.get(path, "")

@@ -78,16 +78,9 @@ def pool_label(
 
 
 def _lvm_label(path: str, runner: Runner) -> PoolLabel | None:
-    lvm = Lvm(runner, [path])
-    result = runner.run(
-        ["lvm", "pvs", *lvm.config_args(), "--noheadings", "--separator", "|",
-         "-o", "vg_name,vg_tags", path],
-        timeout=60, check=False,
-    )  # fmt: skip
-    if result.returncode != 0:
-        return None
-    for line in result.stdout.splitlines():
-        vg, _, tags = (part.strip() for part in line.partition("|"))
+    rows = Lvm(runner, [path]).pvs("vg_name,vg_tags", path, check=False)
+    for row in rows or []:
+        vg, tags = [*row, "", ""][:2]
         if VG_TAG in tags.split(",") or (vg.startswith(VG_PREFIX) and len(vg) > len(VG_PREFIX)):
             return PoolLabel("lvm", vg.removeprefix(VG_PREFIX), f"VG {vg}")
     return None

@@ -10,6 +10,7 @@ refused too unless ``force`` is given.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from blockguard.errors import DeviceTooSmall
 from blockguard.storage.blockdev import BlockDevice
 from blockguard.storage.runner import Runner
 from blockguard.storage.safety import SafetyGate
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,3 +91,12 @@ def refuse_unless_free(
 
 def devno(rdev: int) -> str:
     return f"{os.major(rdev)}:{os.minor(rdev)}"
+
+
+def wipe_if_forced(path: str, has_data: Sequence[str], runner: Runner) -> None:
+    """Erase the signatures and partitions of a disk registered with ``force`` that
+    holds data (``has_data``: what :func:`check_disk` found; nothing to do when empty)."""
+    if has_data:
+        log.warning("overwriting %s (forced): %s", path, "; ".join(has_data))
+        runner.run(["wipefs", "-a", "-q", path], timeout=60)
+        runner.run(["partx", "-d", path], timeout=60, check=False)

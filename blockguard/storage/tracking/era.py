@@ -46,7 +46,7 @@ from blockguard.errors import (
     TrackingLost,
 )
 from blockguard.storage.blockdev import BlockDevice, device_rdev
-from blockguard.storage.dm import DeviceMapper
+from blockguard.storage.dm import DeviceMapper, era_invalidate
 from blockguard.storage.manifest import write_atomic
 from blockguard.storage.runner import Runner, default_runner
 from blockguard.storage.tracking.base import (
@@ -391,11 +391,7 @@ class EraTracker(ChangeTracker):
         try:
             with BlockDevice(self._s.metadata):  # a real block device, not a stray file
                 pass
-            out = self._run.run(
-                ["era_invalidate", "--written-since", str(era), "--metadata-snapshot",
-                 self._s.metadata],
-                timeout=300,
-            ).stdout  # fmt: skip
+            out = era_invalidate(self._run, self._s.metadata, era)
         finally:
             self._dm.message(name, "drop_metadata_snap")
         return parse_era_invalidate(out)
@@ -449,7 +445,4 @@ def _devno(path: str) -> str:
 
 
 def _is_lvm_lv(dm: DeviceMapper, name: str) -> bool:
-    res = dm.run.run(
-        ["dmsetup", "info", "-c", "--noheadings", "-o", "uuid", name], timeout=60, check=False
-    )
-    return res.stdout.strip().startswith("LVM-")
+    return dm.uuid(name).startswith("LVM-")

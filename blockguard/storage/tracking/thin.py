@@ -32,7 +32,7 @@ from blockguard.errors import (
     TrackingLost,
 )
 from blockguard.storage.blockdev import BlockDevice
-from blockguard.storage.dm import DeviceMapper
+from blockguard.storage.dm import DeviceMapper, thin_delta
 from blockguard.storage.lvm import Lvm
 from blockguard.storage.manifest import write_atomic
 from blockguard.storage.runner import Runner, default_runner
@@ -99,11 +99,7 @@ class ThinTracker(ChangeTracker):
         info = lvm.lv(vg, lv)
         if info.segtype != "thin":
             raise InvalidInput(detail=f"{vg}/{lv} is not a thin volume (it is {info.segtype})")
-        out = lvm.lvm(
-            "lvs", "--noheadings", "--nosuffix", "--units", "b", "-o", "chunk_size",
-            f"{vg}/{info.pool}",
-        )  # fmt: skip
-        pool_block = int(out.strip())
+        pool_block = int(lvm.lvs("chunk_size", f"{vg}/{info.pool}")[0][0])
         state = _State(vg, lv, info.pool, chunk_size, info.size, pool_block)
         state.thin_ids[lv] = info.thin_id or 0
         state.pool_dm = lvm.lv(vg, info.pool).dm_name
@@ -146,7 +142,7 @@ class ThinTracker(ChangeTracker):
         self._check_pool_room()
         self._s.serial += 1
         snap = f"bgref-{self._s.lv}-{self._s.serial}"
-        self._lvm.lvm("lvcreate", "-qq", "-s", f"{self._s.vg}/{self._s.lv}", "-n", snap)
+        self._lvm.snapshot(self._s.vg, self._s.lv, snap, activate=False)
         self._s.thin_ids[snap] = self._thin_id(snap)
         old = self._s.references.get(name)
         self._s.references[name] = snap
@@ -161,7 +157,7 @@ class ThinTracker(ChangeTracker):
         """Activate reference ``name``'s snapshot and return its (verified) device path:
         the point-in-time source a backup copies from."""
         snap = self._snapshot_of(name)
-        self._lvm.lvm("lvchange", "-qq", "-ay", "-K", f"{self._s.vg}/{snap}")
+        self._lvm.activate(self._s.vg, snap, ignore_skip=True)
         path = f"/dev/{self._s.vg}/{snap}"
         with BlockDevice(path):
             pass
@@ -239,11 +235,7 @@ class ThinTracker(ChangeTracker):
         try:
             result = {}
             for name, snap_id in ids.items():
-                out = self._run.run(
-                    ["thin_delta", "--metadata-snap", "--snap1", str(snap_id),
-                     "--snap2", str(live), tmeta],
-                    timeout=600,
-                ).stdout  # fmt: skip
+                out = thin_delta(self._run, tmeta, snap_id, live)
                 result[name] = parse_thin_delta(out)
             return result
         finally:
@@ -284,7 +276,7 @@ class ThinTracker(ChangeTracker):
             )
 
     def _remove_snapshot(self, snap: str) -> None:
-        self._lvm.lvm("lvremove", "-qq", "-f", f"{self._s.vg}/{snap}")
+        self._lvm.remove_lv(self._s.vg, snap)
 
     def _save(self) -> None:
         self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)

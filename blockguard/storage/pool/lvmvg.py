@@ -1,0 +1,245 @@
+"""The volume group of an ``lvm`` pool: provisioning, LVs, space and placement.
+
+A pool ``NAME`` is VG ``bg_NAME`` (1 MiB extents) on the pool disks, with ``meta`` (a
+small linear LV with ext4: the pool's self-description and generation directories) and
+``tpool`` (a thin pool, 64 KiB blocks, failing writes at once when full) that holds the
+fulls. Every command goes through :class:`~blockguard.storage.lvm.Lvm`, confined to the
+pool's disks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from blockguard.errors import CommandFailed, NotFound, PoolSpaceLow
+from blockguard.storage.blockdev import mounted_devnos
+from blockguard.storage.dm import DeviceMapper
+from blockguard.storage.lvm import Lvm
+from blockguard.storage.pool.label import VG_TAG
+from blockguard.storage.runner import Runner
+
+META_LV = "meta"
+THIN_POOL = "tpool"
+EXTENT = 1 << 20
+THIN_BLOCK = 64 << 10
+META_MIN = 32 << 20
+#: Grow the thin pool's metadata above this use (percent).
+THIN_META_LIMIT = 75.0
+
+
+def vg_name(pool: str) -> str:
+    return f"bg_{pool}"
+
+
+def dm_name(vg: str, lv: str) -> str:
+    """The device-mapper name LVM gives VG/LV (dashes doubled)."""
+    return f"{vg.replace('-', '--')}-{lv.replace('-', '--')}"
+
+
+def round_up(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
+
+
+@dataclass(frozen=True)
+class LvFacts:
+    name: str
+    size: int
+    attr: str
+    devices: tuple[str, ...]
+    data_percent: float | None
+    metadata_percent: float | None
+
+    @property
+    def is_open(self) -> bool:
+        return len(self.attr) > 5 and self.attr[5] == "o"
+
+
+@dataclass(frozen=True)
+class VgSpace:
+    vg_size: int
+    vg_free: int
+    thin_size: int
+    thin_free: int
+    thin_meta_percent: float
+
+
+class PoolVg:
+    """The VG of pool ``pool`` on ``lvm.devices``.
+
+    :param pool: the pool's name (named in :class:`PoolSpaceLow`).
+    """
+
+    def __init__(self, pool: str, lvm: Lvm, runner: Runner) -> None:
+        self.pool = pool
+        self.name = vg_name(pool)
+        self.lvm = lvm
+        self.runner = runner
+        self.dm = DeviceMapper(runner)
+
+    # --- provisioning -------------------------------------------------------------------
+
+    def exists_anywhere(self) -> bool:
+        """A VG of this name is on some disk (not only the pool's: it would clash)."""
+        return Lvm(self.runner).vg_exists(self.name)
+
+    def provision(
+        self,
+        devices: Sequence[str],
+        total: int,
+        thin_fraction: float,
+        thin_device: str | None,
+        make_meta_fs: Callable[[str], None],
+    ) -> None:
+        """PVs, the VG, the metadata LV (``make_meta_fs`` formats its device) and the
+        thin pool. The caller removes a half-made VG (:meth:`destroy`)."""
+        self.lvm.create_pvs(*devices)
+        self.lvm.create_vg(self.name, devices, EXTENT, VG_TAG)
+        meta_size = max(META_MIN, round_up(total // 256, EXTENT))
+        self.lvm.create_linear(
+            self.name, META_LV, meta_size, [thin_device or devices[0]], wipe=True
+        )
+        make_meta_fs(self.lv_device(META_LV))
+        _, vg_free = self.vg_space()
+        if thin_device:
+            vg_free = self.pv_free()[thin_device][1]
+        thin = int(vg_free * thin_fraction)
+        # dm-thin needs ~64 bytes of metadata per block; LVM keeps a spare copy.
+        tmeta = max(4 << 20, round_up(thin // THIN_BLOCK * 128, EXTENT))
+        thin = min(thin, vg_free - 2 * tmeta - EXTENT) // EXTENT * EXTENT
+        pvs = [thin_device] if thin_device else []
+        self.lvm.create_thin_pool(self.name, THIN_POOL, thin, tmeta, THIN_BLOCK, pvs)
+        # Out of space, a thin pool queues writes for a minute by default; a backup
+        # should fail at once instead (and never stall anything else).
+        self.lvm.error_when_full(self.name, THIN_POOL)
+
+    def destroy(self) -> None:
+        """Unmount the metadata file system, remove the VG and the PV labels (no undo)."""
+        mnt = mounted_devnos()
+        info = self.dm.info(dm_name(self.name, META_LV))
+        if info is not None and f"{info.major}:{info.minor}" in mnt:
+            self.runner.run(["umount", mnt[f"{info.major}:{info.minor}"]], timeout=120)
+        self.lvm.remove_vg_and_pvs(self.name)
+
+    def add_device(self, path: str) -> None:
+        self.lvm.devices.append(path)
+        try:
+            self.lvm.create_pvs(path)
+            self.lvm.extend_vg(self.name, path)
+        except BaseException:
+            self.lvm.devices.remove(path)
+            raise
+
+    # --- LVs ----------------------------------------------------------------------------
+
+    def lvs(self) -> dict[str, LvFacts]:
+        """Every LV of the VG (hidden ones too) by name."""
+        rows = self.lvm.lvs(
+            "lv_name,lv_size,lv_attr,devices,data_percent,metadata_percent",
+            self.name,
+            all_lvs=True,
+        )
+        found: dict[str, LvFacts] = {}
+        for f in rows:
+            if len(f) < 6:
+                continue
+            name = f[0].strip("[]")
+            devs = tuple(d.split("(")[0].strip("[]") for d in f[3].split(",") if d)
+            if name in found:  # one row per segment
+                devs = found[name].devices + devs
+            found[name] = LvFacts(
+                name,
+                int(f[1]),
+                f[2],
+                devs,
+                float(f[4]) if f[4] else None,
+                float(f[5]) if f[5] else None,
+            )
+        return found
+
+    def lv_device(self, lv: str) -> str:
+        """The verified device node of VG/LV, activating it when needed."""
+        name = dm_name(self.name, lv)
+        if self.dm.info(name) is None:
+            try:
+                self.lvm.activate(self.name, lv, ignore_skip=True)
+            except CommandFailed:
+                self.vg_space()  # NotFound names the VG and the disks when it is missing
+                raise
+        return self.dm.node(name)
+
+    def remove_lv(self, lv: str) -> None:
+        try:
+            self.lvm.remove_lv(self.name, lv)
+        except CommandFailed:
+            if lv in self.lvs():
+                raise
+
+    # --- space --------------------------------------------------------------------------
+
+    def vg_space(self) -> tuple[int, int]:
+        """(size, free bytes) of the VG.
+
+        :raises NotFound: no such VG on the pool's disks.
+        """
+        rows = self.lvm.vgs("vg_size,vg_free", self.name, check=False)
+        if not rows or len(rows[0]) != 2:
+            raise NotFound(
+                what="volume group", name=f"{self.name} on {', '.join(self.lvm.devices)}"
+            )
+        return int(rows[0][0]), int(rows[0][1])
+
+    def pv_free(self) -> dict[str, tuple[int, int]]:
+        """PV path -> (size, free bytes)."""
+        found: dict[str, tuple[int, int]] = {}
+        for f in self.lvm.pvs("pv_name,vg_name,pv_size,pv_free"):
+            if len(f) == 4 and f[1] == self.name:
+                found[f[0]] = (int(f[2]), int(f[3]))
+        return found
+
+    def space(self) -> VgSpace:
+        """The VG's and the thin pool's space, in one lvs call."""
+        rows = self.lvm.lvs(
+            "vg_size,vg_free,lv_size,data_percent,metadata_percent", f"{self.name}/{THIN_POOL}"
+        )
+        f = rows[0]
+        size, used = int(f[2]), float(f[3] or 0.0)
+        return VgSpace(int(f[0]), int(f[1]), size, int(size * (1 - used / 100)), float(f[4] or 0))
+
+    def ensure_thin_room(self, needed: int, sp: VgSpace, preferred: str | None) -> None:
+        """Grow the thin pool (data, and metadata above its limit) from the VG's free space.
+
+        :param preferred: the PV to grow the data on.
+        :raises PoolSpaceLow: the VG cannot give what is missing.
+        """
+        margin = max(16 << 20, sp.thin_size // 20)
+        missing = needed + margin - sp.thin_free
+        if missing > 0:
+            grow = round_up(missing, EXTENT)
+            if sp.vg_free < grow:
+                raise PoolSpaceLow(
+                    pool=self.pool, free=sp.thin_free + sp.vg_free, needed=needed + margin
+                )
+            self.lvm.extend(self.name, THIN_POOL, grow, [preferred] if preferred else [])
+        if sp.thin_meta_percent >= THIN_META_LIMIT:
+            meta = self.lvs().get(f"{THIN_POOL}_tmeta")
+            grow = round_up(meta.size if meta else 4 << 20, EXTENT)
+            self.lvm.extend_pool_metadata(self.name, THIN_POOL, grow)
+
+    def place(self, needed: int, preferred: str | None) -> list[str]:
+        """The PV a new linear LV goes on: ``preferred`` if it has room, else the
+        emptiest; [] (anywhere in the VG) when no single PV holds it.
+
+        :raises PoolSpaceLow: the VG cannot hold it at all.
+        """
+        pvs = self.pv_free()
+        if preferred and preferred in pvs and pvs[preferred][1] >= needed:
+            return [preferred]
+        if pvs:
+            best = max(pvs, key=lambda p: pvs[p][1])
+            if pvs[best][1] >= needed:
+                return [best]
+        free = sum(f for _, f in pvs.values())
+        if free < needed:
+            raise PoolSpaceLow(pool=self.pool, free=free, needed=needed)
+        return []

@@ -1,0 +1,95 @@
+"""The plain values a pool reports: its disks, its space, what it holds and what it freed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from blockguard.storage.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class PoolDevice:
+    """A disk that belongs to a pool."""
+
+    path: str
+    devno: str
+    size: int
+    area: str  # the backend's name for the space on it (a mount point, a PV name)
+
+
+@dataclass(frozen=True)
+class PoolCapacity:
+    total: int
+    used: int
+    free: int
+
+
+@dataclass(frozen=True)
+class SpaceAlert:
+    """Published when the pool's free space will not hold the next backup."""
+
+    pool: str
+    free: int
+    needed: int
+    volume: str | None = None
+
+    @property
+    def message(self) -> str:
+        what = f" for volume {self.volume}" if self.volume else ""
+        return f"pool {self.pool} has {self.free} bytes free, {self.needed} needed{what}"
+
+
+AlertCallback = Callable[[SpaceAlert], None]
+
+
+@dataclass(frozen=True)
+class DamagedGeneration:
+    """A generation the pool holds but cannot use as it is.
+
+    :param generation_id: the pool's id (the directory name when the manifest is unreadable).
+    :param reason: what is wrong, for a person.
+    :param manifest: the manifest when it could be read (then something else is damaged,
+        e.g. its data file is missing), else None.
+    :param found_on_use: recorded by :meth:`PoolBackend.mark_damaged` (a verify or a
+        restore found it), not seen in its files by the scan.
+    :param chunk: the damaged chunk, when a checksum found it.
+    """
+
+    volume: str
+    generation_id: str
+    reason: str
+    manifest: Manifest | None = None
+    found_on_use: bool = False
+    chunk: int | None = None
+
+
+@dataclass(frozen=True)
+class PoolScan:
+    """What a pool holds of one volume (or all): good manifests and damaged entries."""
+
+    manifests: list[Manifest]
+    damaged: list[DamagedGeneration] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FreedGeneration:
+    generation_id: str
+    kind: str
+    bytes: int  # bytes this generation had stored (shared reflinked blocks may stay used)
+
+
+@dataclass(frozen=True)
+class RetentionResult:
+    """What applying a retention rule freed."""
+
+    freed: list[FreedGeneration] = field(default_factory=list)
+    measured_bytes: int = 0  # free-space growth the pool measured (0 if it cannot tell)
+
+    @property
+    def freed_ids(self) -> list[str]:
+        return [f.generation_id for f in self.freed]
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.bytes for f in self.freed)
