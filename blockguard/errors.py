@@ -28,6 +28,7 @@ class ExitCode(enum.IntEnum):
     DATA = 6
     ENVIRONMENT = 7
     INTERNAL = 70
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT): the CLI stopped waiting; the job goes on
 
 
 class BlockguardError(Exception):
@@ -148,12 +149,31 @@ class AlreadyExists(InvalidInput):
 
 
 class NotFound(BlockguardError):
-    template = "{what} {name} does not exist"
+    """:param hint: what there is instead, or how to find it (optional)."""
+
+    template = "{what} {name} does not exist{hint}"
     exit_code = ExitCode.NOT_FOUND
     dbus_name = f"{DBUS_PREFIX}.NotFound"
 
+    def __init__(self, **fields: Any) -> None:
+        hint = fields.pop("hint", "")
+        super().__init__(**fields, hint=f" ({hint})" if hint else "")
+
+
+class AmbiguousGeneration(InvalidInput):
+    template = (
+        "generation {name} is ambiguous: it could be {candidates}; give more of the id, "
+        "or its number"
+    )
+    dbus_name = f"{DBUS_PREFIX}.AmbiguousGeneration"
+
 
 # --- state and permission ---------------------------------------------------------
+
+
+class JobCancelled(BlockguardError):
+    template = "job {job} was cancelled on request{consequence}"
+    dbus_name = f"{DBUS_PREFIX}.Cancelled"
 
 
 class Busy(BlockguardError):

@@ -7,96 +7,41 @@ a human table (rich) or, with ``--json``, one JSON document on stdout.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import sys
-from collections.abc import Iterable, Sequence
 from typing import Any
 
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
-from blockguard.cli.client import JOB, POOL, VOLUME, Client, RemoteError, variant
+from blockguard.cli import shapes
+from blockguard.cli.client import JOB, POOL, VOLUME, Client, RemoteError, plain, variant
 from blockguard.cli.errors import CliError
+from blockguard.cli.output import Column, Output, text
+from blockguard.core.vocab import format_ago, format_duration, format_rate, format_size
 from blockguard.errors import ExitCode
 
-GENERATION_FIELDS = ("id", "method", "parent", "created", "bytes", "state")
+__all__ = ["Output"]
 
-
-def human_size(nbytes: float) -> str:
-    value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(value) < 1024 or unit == "PiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} PiB"
-
-
-def human_time(unix: int) -> str:
-    if not unix:
-        return "-"
-    return datetime.datetime.fromtimestamp(unix).strftime("%Y-%m-%d %H:%M:%S")
+JOB_PATH = "/org/blockguard1/job/"
 
 
 def human_seconds(seconds: float) -> str:
-    if seconds < 0:
-        return "?"
-    if seconds < 120:
-        return f"{seconds:.1f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f}m"
-    return f"{seconds / 3600:.1f}h"
-
-
-class Output:
-    """Human tables on stdout, or JSON with ``--json``; progress always goes to stderr."""
-
-    def __init__(self, as_json: bool) -> None:
-        self.as_json = as_json
-        self.console = Console(highlight=False)
-        self.err = Console(stderr=True, highlight=False)
-
-    def json(self, data: Any) -> None:
-        sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-    def table(
-        self, title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]
-    ) -> None:
-        table = Table(title=title)
-        for column in columns:
-            table.add_column(column)
-        for row in rows:
-            table.add_row(*(str(c) for c in row))
-        self.console.print(table)
-
-    def fields(self, pairs: Iterable[tuple[str, Any]]) -> None:
-        table = Table(show_header=False, box=None)
-        table.add_column(style="bold")
-        table.add_column()
-        for key, value in pairs:
-            table.add_row(key, str(value))
-        self.console.print(table)
-
-    def line(self, text: str) -> None:
-        self.console.print(text)
-
-
-def generations_as_dicts(structs: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
-    return [dict(zip(GENERATION_FIELDS, s, strict=True)) for s in structs]
+    """An estimate in seconds; negative means unknown."""
+    return "?" if seconds < 0 else format_duration(seconds)
 
 
 def _find(client: Client, interface: str, what: str, name: str) -> tuple[str, dict[str, Any]]:
     for path, props in client.objects(interface).items():
         if props.get("Name") == name:
             return path, props
-    raise CliError(f"{what} {name} does not exist", ExitCode.NOT_FOUND)
+    listing = "pool list" if interface == POOL else "volume list"
+    raise CliError(
+        f"{what} {name} does not exist; blockguardctl {listing} shows them", ExitCode.NOT_FOUND
+    )
 
 
 # --- jobs ---------------------------------------------------------------------------------
 
 
-def _job_row(path: str, job: dict[str, Any]) -> list[Any]:
+def _job_row(job: dict[str, Any]) -> list[Any]:
     error = job.get("Error") or ["", ""]
     return [
         job["Id"],
@@ -104,92 +49,172 @@ def _job_row(path: str, job: dict[str, Any]) -> list[Any]:
         job["Target"],
         job["State"],
         f"{job['Progress'] * 100:.0f}%",
-        human_size(job["BytesDone"]),
-        f"{human_size(job['Rate'])}/s" if job["Rate"] else "-",
+        format_size(job["BytesDone"]),
+        format_rate(job["Rate"]) if job["Rate"] else "-",
+        format_ago(job.get("Started", 0)),
         error[1] or "",
     ]
 
 
-def _raise_if_failed(job: dict[str, Any]) -> None:
-    """A failed job's D-Bus error, raised as the command's error."""
-    if job["State"] == "failed":
-        name, message = job["Error"]
-        raise RemoteError(name, message)
+JOB_COLUMNS = (
+    Column("id", keep=True),
+    Column("kind"),
+    Column("target", keep=True),
+    Column("state"),
+    Column("progress", drop=3),
+    Column("bytes", drop=2),
+    Column("rate", drop=1),
+    Column("started", drop=4),
+    Column("error", drop=5),
+)
 
 
-def _drill(
-    client: Client, method: str, args: argparse.Namespace, out: Output
-) -> dict[str, Any] | None:
-    """Start a drill (``method`` on ``args.name``) and wait for its result.
-
-    With ``--no-wait`` or ``--json`` the job is reported as any job is, and None returned.
-    """
-    from blockguard.cli.client import plain
-
-    path = client.call(method, "s", args.name)
-    if args.no_wait or out.as_json:
-        finish_job(client, path, args, out)
-        return None
-    job = plain(client.wait_job(path))
-    _raise_if_failed(job)
-    return job.get("Result", {})
+def _job_id(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
 
 
 def finish_job(client: Client, path: str, args: argparse.Namespace, out: Output) -> None:
-    """Wait for a job (with a progress bar) unless ``--no-wait``; fail if the job failed."""
-    if args.no_wait:
+    """Wait for a job (with a progress bar) unless ``--no-wait``; fail if the job failed.
+
+    Ctrl-C stops the waiting, not the job: it says so, and how to follow it, and exits 130.
+    """
+    job_id = _job_id(path)
+    if getattr(args, "no_wait", False):
         if out.as_json:
-            out.json({"job": path})
+            out.json({"job": {"id": int(job_id), "path": path}})
         else:
-            out.line(f"started job {path.rsplit('/', 1)[-1]} ({path})")
+            out.line(f"started job {job_id}; blockguardctl jobs wait {job_id} follows it")
         return
+    try:
+        job = _wait_with_bar(client, path, out)
+    except KeyboardInterrupt:
+        raise CliError(
+            f"stopped waiting; job {job_id} goes on in the daemon: "
+            f"blockguardctl jobs wait {job_id} follows it, blockguardctl jobs lists it",
+            ExitCode.INTERRUPTED,
+        ) from None
+    if out.as_json:
+        out.json({"job": shapes.job(path, job)})
+    if job["State"] == "failed":
+        name, message = job["Error"]
+        raise RemoteError(name, message)
+    if not out.as_json:
+        out.line(_result_line(job))
+
+
+def _wait_with_bar(client: Client, path: str, out: Output) -> dict[str, Any]:
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn("{task.percentage:>3.0f}%"),
+        # Sizes and rates in the vocabulary's units, like every other line.
+        TextColumn("{task.fields[done]}"),
+        TextColumn("{task.fields[rate]}"),
         TimeRemainingColumn(),
         console=out.err,
         disable=not out.err.is_terminal,
         transient=True,
     ) as progress:
-        task = progress.add_task(path.rsplit("/", 1)[-1], total=1.0)
+        task = progress.add_task(f"job {_job_id(path)}", total=None, done="", rate="")
 
         def show(job: dict[str, Any]) -> None:
+            total = job.get("BytesTotal") or 0
+            done = format_size(job["BytesDone"])
             progress.update(
-                task, completed=job["Progress"], description=f"{job['Kind']} {job['Target']}"
+                task,
+                total=total or None,
+                completed=job["BytesDone"] if total else 0,
+                description=f"{job['Kind']} {job['Target']}",
+                done=f"{done} of {format_size(total)}" if total else done,
+                rate=format_rate(job["Rate"]) if job.get("Rate") else "",
             )
 
-        job = client.wait_job(path, on_progress=show)
-    if out.as_json:
-        out.json({"job": path, **job})
-    _raise_if_failed(job)
-    if not out.as_json:
-        result = ", ".join(f"{k}={v}" for k, v in sorted(job.get("Result", {}).items()))
-        out.line(f"{job['Kind']} of {job['Target']} done" + (f": {result}" if result else ""))
+        return client.wait_job(path, on_progress=show)
+
+
+def _result_line(job: dict[str, Any]) -> str:
+    """``backup of db done: full db@3 (db@2026...), 32.0 MiB in 2.1s`` — every value
+    formatted for a person; warnings on lines of their own."""
+    result = plain(job.get("Result", {}))
+    parts = []
+    what = " ".join(str(result[k]) for k in ("method", "mode") if result.get(k))
+    generation = result.get("generation", "")
+    if generation and result.get("number"):
+        generation = f"{generation.partition('@')[0]}@{result['number']} ({generation})"
+    if what or generation:
+        parts.append(f"{what} {generation}".strip())
+    if "bytes" in result:
+        took = f" in {format_duration(result['seconds'])}" if "seconds" in result else ""
+        parts.append(f"{format_size(result['bytes'])}{took}")
+    if result.get("target"):
+        parts.append(f"onto {result['target']}")
+    if "ok" in result:
+        parts.append(f"ok {text(result['ok'])}")
+    if result.get("freed"):
+        parts.append(f"retention removed {text(result['freed'])}")
+    line = f"{job['Kind']} of {job['Target']} done" + (f": {', '.join(parts)}" if parts else "")
+    for warning in result.get("warnings", []) or []:
+        line += f"\nwarning: {warning}"
+    if result.get("mode") == "swap-in" and result.get("target"):
+        line += (
+            f"\nservice can resume on {result['target']}; once it moved off it again: "
+            f"blockguardctl restore --release {result['target']}"
+        )
+    return line
 
 
 def jobs(client: Client, args: argparse.Namespace, out: Output) -> None:
     found = client.objects(JOB)
+    ordered = sorted(found.items(), key=lambda pj: pj[1]["Id"])
     if out.as_json:
-        out.json([{"path": p, **j} for p, j in found.items()])
+        out.json({"jobs": [shapes.job(p, j) for p, j in ordered]})
         return
-    out.table(
-        "Jobs",
-        ["id", "kind", "target", "state", "progress", "bytes", "rate", "error"],
-        (_job_row(p, j) for p, j in sorted(found.items(), key=lambda pj: pj[1]["Id"])),
-    )
+    out.table("Jobs", JOB_COLUMNS, (_job_row(j) for _, j in ordered))
+
+
+def jobs_wait(client: Client, args: argparse.Namespace, out: Output) -> None:
+    """Follow a job started earlier (``--no-wait``, another terminal, the scheduler)."""
+    finish_job(client, f"{JOB_PATH}{args.id}", args, out)
+
+
+def jobs_cancel(client: Client, args: argparse.Namespace, out: Output) -> None:
+    """Cancel a job and (unless ``--no-wait``) wait until it stopped."""
+    client.call("CancelJob", "t", args.id)
+    path = f"{JOB_PATH}{args.id}"
+    job = client.properties(path, JOB) if args.no_wait else client.wait_job(path)
+    if out.as_json:
+        out.json({"job": shapes.job(path, job)})
+    elif job["State"] == "done":
+        out.line(f"job {args.id} ended before it could stop: {_result_line(job)}")
+    elif job["State"] == "failed":
+        out.line(job["Error"][1])
+    else:
+        out.line(f"job {args.id} is stopping")
 
 
 # --- pools --------------------------------------------------------------------------------
 
 
+def _probing(out: Output, message: str) -> Any:
+    """A spinner on stderr while the daemon probes disks (a call of many seconds)."""
+    import contextlib
+
+    if out.as_json or not out.err.is_terminal:
+        return contextlib.nullcontext()
+    return out.err.status(message)
+
+
 def pool_create(client: Client, args: argparse.Namespace, out: Output) -> None:
-    path = client.call("CreatePool", "ssasb", args.name, args.backend, args.devices, args.force)
+    disks = ", ".join(args.devices)
+    with _probing(out, f"creating pool {args.name}: checking and probing the speed of {disks}"):
+        path = client.call("CreatePool", "ssasb", args.name, args.backend, args.devices, args.force)
     _report_path(out, "created pool", args.name, path)
 
 
 def pool_extend(client: Client, args: argparse.Namespace, out: Output) -> None:
-    path = client.call("ExtendPool", "sasb", args.name, args.devices, args.force)
+    disks = ", ".join(args.devices)
+    with _probing(out, f"extending pool {args.name}: probing the speed of {disks}"):
+        path = client.call("ExtendPool", "sasb", args.name, args.devices, args.force)
     _report_path(out, "extended pool", args.name, path)
 
 
@@ -206,18 +231,25 @@ def pool_import(client: Client, args: argparse.Namespace, out: Output) -> None:
 def pool_list(client: Client, args: argparse.Namespace, out: Output) -> None:
     found = client.objects(POOL)
     if out.as_json:
-        out.json([{"path": p, **v} for p, v in found.items()])
+        out.json({"pools": [shapes.pool(p, v) for p, v in found.items()]})
         return
     out.table(
         "Pools",
-        ["name", "backend", "state", "capacity", "free", "devices"],
+        (
+            Column("name", keep=True),
+            Column("backend", drop=2),
+            Column("state"),
+            Column("capacity", drop=3),
+            Column("free"),
+            Column("devices", drop=1),
+        ),
         (
             [
                 p["Name"],
                 p["Backend"],
                 p["State"],
-                human_size(p["Capacity"]),
-                human_size(p["Free"]),
+                format_size(p["Capacity"]),
+                format_size(p["Free"]),
                 " ".join(d[0] for d in p["Devices"]),
             ]
             for p in found.values()
@@ -227,19 +259,33 @@ def pool_list(client: Client, args: argparse.Namespace, out: Output) -> None:
 
 def pool_drill(client: Client, args: argparse.Namespace, out: Output) -> None:
     """Run a restore drill and show what each restore took and the terms fitted."""
-    result = _drill(client, "Drill", args, out)
-    if result is None:
+    path = client.call("Drill", "s", args.name)
+    if args.no_wait or out.as_json:
+        finish_job(client, path, args, out)
         return
+    job = plain(client.wait_job(path))
+    if job["State"] == "failed":
+        name, message = job["Error"]
+        raise RemoteError(name, message)
+    result = job.get("Result", {})
     out.table(
         f"Restore drill of pool {args.name}",
-        ["shape", "mode", "generations", "extents", "size", "took", "predicted before"],
+        [
+            Column("shape"),
+            Column("mode"),
+            Column("generations"),
+            Column("extents"),
+            Column("size"),
+            Column("took"),
+            Column("predicted before"),
+        ],
         (
             [
                 s["shape"],
                 s["mode"],
                 s["generations"],
                 s["extents"],
-                human_size(s["bytes"]),
+                format_size(s["bytes"]),
                 human_seconds(s["seconds"]),
                 "-" if s["predicted_seconds"] < 0 else human_seconds(s["predicted_seconds"]),
             ]
@@ -252,7 +298,7 @@ def pool_drill(client: Client, args: argparse.Namespace, out: Output) -> None:
 
 def _terms_text(t: dict[str, Any]) -> str:
     bandwidth = t.get("bandwidth", 0.0)
-    rate = "unlimited" if not bandwidth else f"{human_size(int(bandwidth))}/s"
+    rate = "unlimited" if not bandwidth else f"{format_rate(int(bandwidth))}"
     return (
         f"fixed {t['fixed_seconds']:.3f}s + {t['seconds_per_generation']:.4f}s per generation "
         f"+ {1000 * t['seconds_per_extent']:.3f}ms per extent, bandwidth {rate} "
@@ -266,7 +312,7 @@ def _breakdown_text(breakdown: dict[str, float]) -> str:
 
 def _report_path(out: Output, verb: str, name: str, path: str | None) -> None:
     if out.as_json:
-        out.json({"name": name, "path": path})
+        out.json({"name": name, "path": path or None})
     else:
         out.line(f"{verb} {name}" + (f" ({path})" if path else ""))
 
@@ -323,18 +369,23 @@ def objectives(client: Client, args: argparse.Namespace, out: Output) -> None:
         out.line(f"objectives set for {len(paths)} volume(s)")
 
 
-def _volume_json(path: str, v: dict[str, Any]) -> dict[str, Any]:
-    return {"path": path, **v, "Generations": generations_as_dicts(v["Generations"])}
-
-
 def volume_list(client: Client, args: argparse.Namespace, out: Output) -> None:
     found = client.objects(VOLUME)
     if out.as_json:
-        out.json([_volume_json(p, v) for p, v in found.items()])
+        out.json({"volumes": [shapes.volume(p, v) for p, v in found.items()]})
         return
     out.table(
         "Volumes",
-        ["name", "device", "pool", "tracking", "generations", "next", "next backup"],
+        (
+            Column("name", keep=True),
+            Column("device", drop=2),
+            Column("pool", drop=4),
+            Column("tracking", drop=3),
+            Column("generations"),
+            Column("latest", keep=True),
+            Column("next"),
+            Column("next backup", drop=1),
+        ),
         (
             [
                 v["Name"],
@@ -342,20 +393,28 @@ def volume_list(client: Client, args: argparse.Namespace, out: Output) -> None:
                 v["Pool"],
                 v["TrackerState"],
                 len(v["Generations"]),
+                _latest(v["Generations"]),
                 v["NextMethod"],
-                human_time(v["NextBackup"]),
+                format_ago(v["NextBackup"]),
             ]
             for v in found.values()
         ),
     )
 
 
+def _latest(structs: list[Any]) -> str:
+    gens = shapes.generations(structs)
+    if not gens:
+        return "-"
+    newest = max(gens, key=lambda g: (g["created"], g["id"]))
+    return f"{newest['short_id'] or newest['id']} ({format_ago(newest['created'])})"
+
+
 def volume_show(client: Client, args: argparse.Namespace, out: Output) -> None:
     path, v = _find(client, VOLUME, "volume", args.name)
     if out.as_json:
-        out.json(_volume_json(path, v))
+        out.json({"volume": shapes.volume(path, v)})
         return
-    objectives = ", ".join(f"{k}={val}" for k, val in sorted(v["Objectives"].items())) or "-"
     estimates = ", ".join(
         f"{k} {human_seconds(s)}" for k, s in sorted(v["EstimatedRestoreSeconds"].items())
     )
@@ -365,16 +424,17 @@ def volume_show(client: Client, args: argparse.Namespace, out: Output) -> None:
             ("device", v["Device"]),
             ("pool", v["Pool"]),
             ("tracking", f"{v['TrackerState']} ({v['Backend']}, chunk {v['ChunkSize']})"),
-            ("objectives", objectives),
-            ("changed since backup", human_size(v["ChangedBytesSinceBackup"])),
-            ("changed since full", human_size(v["ChangedBytesSinceFull"])),
-            ("restore estimates", estimates or "-"),
+            ("objectives", dict(sorted(v["Objectives"].items()))),
+            ("changed since backup", format_size(v["ChangedBytesSinceBackup"])),
+            ("changed since full", format_size(v["ChangedBytesSinceFull"])),
+            ("restore estimates", estimates),
             *_estimate_fields(v.get("RestoreEstimate", {})),
             ("next method", f"{v['NextMethod']}: {'; '.join(v['NextMethodReasons'])}"),
-            ("next backup", human_time(v["NextBackup"])),
+            ("next backup", format_ago(v["NextBackup"])),
             ("last drill", drill_text(v.get("LastDrill", {}))),
-            ("next drill", human_time(v.get("NextDrill", 0))),
+            ("next drill", format_ago(v.get("NextDrill", 0))),
             ("generations", len(v["Generations"])),
+            ("latest", _latest(v["Generations"])),
             ("object", path),
         ]
     )
@@ -384,7 +444,7 @@ def drill_text(drill: dict[str, Any]) -> str:
     """A volume's last restore drill in one line: when, result, measured vs predicted."""
     if not drill:
         return "-"
-    when = human_time(int(drill["at"]))
+    when = format_ago(int(drill["at"]))
     if drill.get("measured_seconds", -1) < 0:
         return f"{when}: {drill['result']}: {drill.get('problem', '')}"
     rto = drill.get("rto_seconds", 0)
@@ -400,9 +460,17 @@ def drill_text(drill: dict[str, Any]) -> str:
 
 def volume_drill(client: Client, args: argparse.Namespace, out: Output) -> None:
     """Run a volume's restore drill now; a drill that failed its RTO fails the command."""
-    result = _drill(client, "DrillVolume", args, out)
-    if result is None:
+    from blockguard.cli.client import plain
+
+    path = client.call("DrillVolume", "s", args.name)
+    if args.no_wait or out.as_json:
+        finish_job(client, path, args, out)
         return
+    job = plain(client.wait_job(path))
+    if job["State"] == "failed":
+        name, message = job["Error"]
+        raise RemoteError(name, message)
+    result = job.get("Result", {})
     out.line(f"restore drill of {args.name}: {drill_text(result)}")
     if result.get("result") != "ok":
         raise CliError(f"the restore drill of {args.name} failed: {result.get('problem')}")
@@ -423,20 +491,30 @@ def _estimate_fields(est: dict[str, Any]) -> list[tuple[str, Any]]:
 
 
 def generations(client: Client, args: argparse.Namespace, out: Output) -> None:
-    gens = generations_as_dicts(client.call("ListGenerations", "s", args.volume))
+    gens = shapes.generations(client.call("ListGenerations", "s", args.volume))
     if out.as_json:
-        out.json(gens)
+        out.json({"volume": args.volume, "generations": gens})
         return
+    numbers = {g["id"]: g["short_id"] for g in gens}
     out.table(
         f"Generations of {args.volume}",
-        ["id", "method", "based on", "created", "size", "state"],
+        (
+            Column("#", keep=True),
+            Column("id", keep=True),
+            Column("method"),
+            Column("based on", drop=1),
+            Column("created", drop=2),
+            Column("size"),
+            Column("state"),
+        ),
         (
             [
+                g["number"] or "-",
                 g["id"],
                 g["method"],
-                g["parent"] or "-",
-                human_time(g["created"]),
-                human_size(g["bytes"]),
+                numbers.get(g["parent"]) or g["parent"] or "-",
+                format_ago(g["created"]),
+                format_size(g["bytes"]),
                 g["state"],
             ]
             for g in gens
@@ -445,14 +523,15 @@ def generations(client: Client, args: argparse.Namespace, out: Output) -> None:
 
 
 def plan(client: Client, args: argparse.Namespace, out: Output) -> None:
-    from blockguard.cli.client import plain
-
     decision = plain(client.call("Plan", "s", args.volume))
     if out.as_json:
-        out.json(decision)
+        out.json({"volume": args.volume, "plan": decision})
         return
     feasible = "" if decision.get("feasible", True) else " (the objectives cannot be met!)"
-    out.line(f"The next backup of {args.volume} would be [bold]{decision['method']}[/]{feasible}.")
+    out.line(
+        f"The next backup of {args.volume} would be [bold]{decision['method']}[/]{feasible}.",
+        markup=True,
+    )
     for reason in decision.get("reasons", []):
         out.line(f"  because {reason}")
     if "estimated_upper_seconds" in decision:
@@ -469,7 +548,7 @@ def plan(client: Client, args: argparse.Namespace, out: Output) -> None:
     if estimates:
         out.table(
             "Estimated restore time",
-            ["method", "estimate", "upper"],
+            [Column("method"), Column("estimate"), Column("upper")],
             (
                 [k, human_seconds(s), human_seconds(uppers[k]) if k in uppers else "-"]
                 for k, s in sorted(estimates.items())
@@ -481,14 +560,60 @@ def plan(client: Client, args: argparse.Namespace, out: Output) -> None:
 
 
 def backup(client: Client, args: argparse.Namespace, out: Output) -> None:
-    finish_job(client, client.call("BackupNow", "s", args.volume), args, out)
+    if args.full:
+        path = client.call("BackupNowWithOptions", "sa{sv}", args.volume, {"full": variant(True)})
+    else:
+        path = client.call("BackupNow", "s", args.volume)
+    finish_job(client, path, args, out)
 
 
 def restore(client: Client, args: argparse.Namespace, out: Output) -> None:
+    if args.swap_ins or args.release:
+        if args.volume or (args.swap_ins and args.release):
+            raise CliError("give --swap-ins or --release alone", ExitCode.USAGE)
+        (swap_ins if args.swap_ins else release_swap_in)(client, args, out)
+        return
+    if not args.volume:
+        raise CliError("give the volume (or VOLUME@GENERATION) to restore", ExitCode.USAGE)
+    # "restore db@2" names the volume and the generation at once.
+    volume, at, _ = args.volume.partition("@")
+    if at and args.generation:
+        raise CliError(
+            f"{args.volume} already names a generation; leave out --generation", ExitCode.USAGE
+        )
     path = client.call(
-        "Restore", "ssssb", args.volume, args.generation, args.mode, args.target, args.force
+        "Restore",
+        "ssssb",
+        volume,
+        args.volume if at else args.generation,
+        args.mode,
+        args.target,
+        args.force,
     )
     finish_job(client, path, args, out)
+
+
+def swap_ins(client: Client, args: argparse.Namespace, out: Output) -> None:
+    found = [
+        {"pool": pool, "name": name, "device": device or None}
+        for pool, name, device in client.call("ListSwapIns")
+    ]
+    if out.as_json:
+        out.json({"swap_ins": found})
+        return
+    out.table(
+        "Swap-ins",
+        (Column("device", keep=True), Column("pool"), Column("name", keep=True)),
+        ([s["device"] or "(detached)", s["pool"], s["name"]] for s in found),
+    )
+
+
+def release_swap_in(client: Client, args: argparse.Namespace, out: Output) -> None:
+    client.call("ReleaseSwapIn", "s", args.release)
+    if out.as_json:
+        out.json({"released": args.release})
+    else:
+        out.line(f"released swap-in {args.release}")
 
 
 def verify(client: Client, args: argparse.Namespace, out: Output) -> None:

@@ -89,5 +89,43 @@ def explain(exc: BaseException) -> tuple[str, ExitCode]:
         if isinstance(link, TimeoutError):
             return f"timed out: {link}", ExitCode.ENVIRONMENT
         if isinstance(link, KeyboardInterrupt):
-            return "interrupted", ExitCode.ERROR
+            return "interrupted", ExitCode.INTERRUPTED
     return f"internal error in blockguardctl ({type(exc).__name__}: {exc})", ExitCode.INTERNAL
+
+
+#: The next step to suggest after an error, by the last part of its D-Bus name.
+_NEXT_STEPS: dict[str, str] = {
+    "AccessDenied": "run it as root, or as a member of group blockguard",
+    "NotAuthorized": "run it as root, or as a member of group blockguard",
+    "ServiceUnknown": "start the daemon: systemctl start blockguard",
+    "NameHasNoOwner": "start the daemon: systemctl start blockguard",
+    "Busy": "blockguardctl jobs shows what runs, blockguardctl jobs wait ID waits for it",
+    "PoolSpaceLow": "add a disk with blockguardctl pool extend POOL DEVICE, or keep fewer "
+    "generations with blockguardctl objectives VOLUME --generations N",
+    "InvalidObjectives": "blockguardctl objectives --help shows the forms (15m, every 4h, "
+    "daily 02:30, changed 10GiB)",
+    "VolumeDetached": "protect its device again with blockguardctl protect DEVICE NAME, or "
+    "restore it onto another device with --target",
+    "ChecksumMismatch": "restore an older generation (blockguardctl generations VOLUME "
+    "lists them); the next backup of the volume is a full",
+    "CorruptMetadata": "restore an older generation (blockguardctl generations VOLUME "
+    "lists them); the next backup of the volume is a full",
+    "Internal": "the daemon's log has the details: journalctl -u blockguard",
+}
+
+
+def next_step(exc: BaseException) -> str | None:
+    """What to do next after ``exc``, when there is something better than reading the
+    message again (a missing volume: list them; a busy one: wait for its job)."""
+    for link in _chain(exc):
+        if isinstance(link, RemoteError):
+            short = link.name.rsplit(".", 1)[-1]
+            if short == "NotFound":
+                for what, listing in (("volume", "volume list"), ("pool", "pool list")):
+                    if link.message.startswith(f"{what} "):
+                        return f"blockguardctl {listing} shows them"
+                return None
+            return _NEXT_STEPS.get(short)
+        if isinstance(link, BlockguardError):
+            return _NEXT_STEPS.get(link.dbus_name.rsplit(".", 1)[-1])
+    return None

@@ -23,9 +23,11 @@ import sys
 import time
 from typing import Any
 
-from blockguard.cli.actions import Output, drill_text, human_seconds, human_size
+from blockguard.cli.actions import Output, drill_text, human_seconds
 from blockguard.cli.client import Client, plain
 from blockguard.cli.errors import explain
+from blockguard.cli.output import Column
+from blockguard.core.vocab import format_ago, format_size
 
 
 class CheckCode(enum.IntEnum):
@@ -40,7 +42,7 @@ class CheckCode(enum.IntEnum):
 def _ago(unix: float, now: float) -> str:
     if not unix:
         return "never"
-    return f"{human_seconds(max(0.0, now - unix))} ago"
+    return format_ago(min(unix, now), now)
 
 
 def _seconds(value: float) -> str:
@@ -80,7 +82,14 @@ def _show(out: Output, summary: dict[str, Any], health: dict[str, Any]) -> None:
     if volumes:
         out.table(
             "Volumes",
-            ["volume", "health", "last success", "RPO age / objective", "restore / RTO", "pool"],
+            [
+                Column("volume", keep=True),
+                Column("health"),
+                Column("last success"),
+                Column("RPO age / objective"),
+                Column("restore / RTO"),
+                Column("pool", drop=1),
+            ],
             (
                 [
                     v["name"],
@@ -97,17 +106,23 @@ def _show(out: Output, summary: dict[str, Any], health: dict[str, Any]) -> None:
     if pools:
         out.table(
             "Pools",
-            ["pool", "health", "state", "free", "size"],
+            [
+                Column("pool", keep=True),
+                Column("health"),
+                Column("state"),
+                Column("free"),
+                Column("size"),
+            ],
             (
                 [
                     p["name"],
                     p["level"],
                     p["state"],
-                    f"{human_size(p['free_bytes'])} "
+                    f"{format_size(p['free_bytes'])} "
                     f"({100 * p['free_bytes'] / p['size_bytes']:.0f}%)"
                     if p["size_bytes"]
                     else "-",
-                    human_size(p["size_bytes"]),
+                    format_size(p["size_bytes"]),
                 ]
                 for p in pools
             ),

@@ -18,7 +18,7 @@ from typing import Any
 
 from blockguard.cli import actions, health
 from blockguard.cli.client import Client
-from blockguard.cli.errors import explain
+from blockguard.cli.errors import explain, next_step
 from blockguard.core.vocab import MAX_GENERATIONS, RESTORE_MODES, RestoreMode
 from blockguard.errors import ExitCode
 
@@ -221,14 +221,48 @@ TREE = Cmd(
             actions.objectives,
             (Arg("target", metavar="VOLUME_OR_GROUP"), *OBJECTIVE_ARGS),
         ),
-        Cmd("backup", "back a volume up now", actions.backup, (Arg("volume"), NO_WAIT)),
+        Cmd(
+            "backup",
+            "back a volume up now",
+            actions.backup,
+            (
+                Arg("volume"),
+                Arg(
+                    "--full",
+                    action="store_true",
+                    help="take a full backup whatever the planner would choose",
+                ),
+                NO_WAIT,
+            ),
+        ),
         Cmd(
             "restore",
             "restore a generation",
             actions.restore,
             (
-                Arg("volume"),
-                Arg("--generation", default="", help="generation id (default: the newest)"),
+                Arg(
+                    "volume",
+                    nargs="?",
+                    default="",
+                    metavar="VOLUME[@GENERATION]",
+                    help="the volume, or one of its generations: db@7, db@latest~1, db@<id prefix>",
+                ),
+                Arg(
+                    "--release",
+                    metavar="SWAP_IN",
+                    default="",
+                    help="detach and delete a swap-in (its device or name) once service left it",
+                ),
+                Arg(
+                    "--swap-ins",
+                    action="store_true",
+                    help="list the swap-ins restores left (attached or not)",
+                ),
+                Arg(
+                    "--generation",
+                    default="",
+                    help="7, latest, latest~2 or a unique prefix of the id (default: the newest)",
+                ),
                 Arg("--mode", default=RestoreMode.COPY.value, choices=RESTORE_MODES),
                 Arg("--target", default="", help="device to restore onto (default: the original)"),
                 FORCE,
@@ -238,7 +272,12 @@ TREE = Cmd(
         Cmd(
             "generations", "list the generations of a volume", actions.generations, (Arg("volume"),)
         ),
-        Cmd("verify", "verify a generation", actions.verify, (Arg("generation"), NO_WAIT)),
+        Cmd(
+            "verify",
+            "verify a generation",
+            actions.verify,
+            (Arg("generation", help="db@7, db@latest, db@latest~2 or db@<id prefix>"), NO_WAIT),
+        ),
         Cmd(
             "status",
             "health of every volume and pool: last backup, RPO and RTO, pool space",
@@ -255,18 +294,49 @@ TREE = Cmd(
         Cmd(
             "plan", "explain what the next backup would be and why", actions.plan, (Arg("volume"),)
         ),
-        Cmd("jobs", "list recent jobs", actions.jobs),
+        Cmd(
+            "jobs",
+            "list recent jobs (or follow one)",
+            actions.jobs,
+            sub=(
+                Cmd("list", "list recent jobs", actions.jobs),
+                Cmd(
+                    "wait",
+                    "follow a job until it ends (its exit code is the job's)",
+                    actions.jobs_wait,
+                    (Arg("id", type=bounded_int("job id", 1, U64_MAX)),),
+                ),
+                Cmd(
+                    "cancel",
+                    "stop a job (a backup commits nothing; a restore leaves a partial target)",
+                    actions.jobs_cancel,
+                    (Arg("id", type=bounded_int("job id", 1, U64_MAX)), NO_WAIT),
+                ),
+            ),
+        ),
     ),
 )
 
 
-def _add(parser: argparse.ArgumentParser, cmd: Cmd) -> None:
+JSON_HELP = "print one JSON document (docs/cli-json.md) instead of tables"
+
+
+def _add(parser: argparse.ArgumentParser, cmd: Cmd, top: bool = False) -> None:
+    if not top:
+        # --json is accepted anywhere on the line; SUPPRESS keeps a subcommand from
+        # resetting what an earlier --json set.
+        parser.add_argument(
+            "--json", action="store_true", default=argparse.SUPPRESS, help=JSON_HELP
+        )
     for arg in cmd.args:
         parser.add_argument(*arg.flags, **arg.options)
     if cmd.run is not None:
         parser.set_defaults(func=cmd.run)
     if cmd.sub:
-        subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+        # A command that runs by itself (``jobs``) has optional subcommands.
+        subparsers = parser.add_subparsers(
+            title="commands", metavar="COMMAND", required=cmd.run is None
+        )
         for child in cmd.sub:
             _add(subparsers.add_parser(child.name, help=child.help, description=child.help), child)
 
@@ -274,7 +344,7 @@ def _add(parser: argparse.ArgumentParser, cmd: Cmd) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=TREE.name, description=TREE.help)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--json", action="store_true", help=JSON_HELP)
     parser.add_argument(
         "--bus",
         default=os.environ.get("BLOCKGUARD_BUS", "system"),
@@ -283,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--propagate", action="store_true", help="re-raise errors with a traceback (debugging)"
     )
-    _add(parser, TREE)
+    _add(parser, TREE, top=True)
     return parser
 
 
@@ -308,6 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         message, code = explain(exc)
         sys.stderr.write(f"blockguardctl: {message}\n")
+        step = next_step(exc)
+        if step:
+            sys.stderr.write(f"  next: {step}\n")
         return int(code)
 
 

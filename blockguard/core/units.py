@@ -13,7 +13,12 @@ import math
 import re
 from datetime import timedelta
 
+from blockguard.core.vocab import format_duration, format_rate, format_size
 from blockguard.errors import InvalidInput
+
+# The formatters live in the vocabulary, which the CLI may import too: one set of rules
+# for every size and duration a user reads.
+__all__ = ["format_duration", "format_rate", "format_size", "parse_duration", "parse_size"]
 
 KiB = 1024
 MiB = 1024**2
@@ -165,53 +170,3 @@ def _parse_duration_text(text: str) -> float:
         total += float(number) * factor
         pos = match.end()
     return total
-
-
-def format_size(nbytes: float) -> str:
-    """Format a byte count in binary units with one decimal: ``"12.0 GiB"``, ``"512 B"``.
-
-    :param nbytes: the number of bytes.
-    """
-    value = float(nbytes)
-    if abs(value) < KiB:
-        return f"{value:.0f} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
-        value /= 1024
-        if abs(value) < 1024:
-            return f"{value:.1f} {unit}"
-    return f"{value / 1024:.1f} EiB"
-
-
-def format_rate(bytes_per_second: float) -> str:
-    """Format a throughput: ``"95.4 MiB/s"``.
-
-    :param bytes_per_second: the throughput in bytes per second.
-    """
-    return f"{format_size(bytes_per_second)}/s"
-
-
-def format_duration(value: timedelta | float) -> str:
-    """Format a duration compactly: ``"5m12s"``, ``"1h40m"``, ``"2d3h"``, ``"2.5s"``, ``"0s"``.
-
-    Durations of a minute or more are rounded to whole seconds, shorter ones to a tenth of a
-    second; zero components are left out. The output parses back with :func:`parse_duration`.
-
-    :param value: a timedelta or a number of seconds.
-    """
-    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    if not math.isfinite(seconds):
-        return "forever"
-    sign = "-" if seconds < 0 else ""
-    seconds = abs(seconds)
-    if seconds < 60:
-        tenths = round(seconds, 1)
-        if tenths < 60:
-            text = f"{tenths:.1f}".rstrip("0").rstrip(".")
-            return f"{sign}{text}s"
-    whole = round(seconds)
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        count, whole = divmod(whole, size)
-        if count:
-            parts.append(f"{count}{unit}")
-    return sign + "".join(parts)

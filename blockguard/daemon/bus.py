@@ -32,6 +32,7 @@ from blockguard.daemon.dbusutil import (
     ObjPaths,
     Str,
     Strs,
+    SwapIns,
     UInt64,
     VarDict,
     from_variant,
@@ -46,7 +47,7 @@ from blockguard.daemon.dbusutil import (
 from blockguard.daemon.objects import JobObject, PoolObject, VolumeObject, generation_struct
 from blockguard.engine import service as svc
 from blockguard.engine.jobs import Job
-from blockguard.errors import EnvironmentProblem, NotFound
+from blockguard.errors import EnvironmentProblem, InvalidInput, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +231,18 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_method()
     @handler()
+    async def BackupNowWithOptions(self, volume: Str, options: VarDict) -> ObjPath:
+        """``BackupNow`` with options: ``full`` (b) takes a full whatever the planner says."""
+        given = from_variant(options)
+        unknown = sorted(set(given) - {"full"})
+        if unknown or not isinstance(given.get("full", False), bool):
+            raise InvalidInput(detail=f"backup options are full (b); got {sorted(given)}")
+        full = given.get("full", False)
+        job = await self._call(self.service.backup_now, volume, *([True] if full else []))
+        return self.tree.job(job)
+
+    @dbus_method()
+    @handler()
     async def Restore(
         self, volume: Str, generation: Str, mode: Str, target: Str, force: Bool
     ) -> ObjPath:
@@ -237,6 +250,25 @@ class ManagerInterface(ServiceInterface):
         vocab.check_choice("restore mode", mode, vocab.RESTORE_MODES)
         job = await self._call(self.service.restore, volume, generation, mode, target, force)
         return self.tree.job(job)
+
+    @dbus_method()
+    @handler()
+    async def CancelJob(self, job_id: UInt64) -> None:
+        """Stop a queued or running job (it fails with org.blockguard1.Error.Cancelled)."""
+        await self._call(self.service.cancel_job, int(job_id))
+
+    @dbus_method()
+    @handler(read_only=True)
+    async def ListSwapIns(self) -> SwapIns:
+        """Swap-ins restores left: (pool, name, device; "" when detached)."""
+        found = await self._call(self.service.list_swap_ins)
+        return [[s["pool"], s["name"], s["device"]] for s in found]
+
+    @dbus_method()
+    @handler()
+    async def ReleaseSwapIn(self, name_or_device: Str) -> None:
+        """Detach and delete a swap-in (refused while its device is mounted or open)."""
+        await self._call(self.service.release_swap_in, name_or_device)
 
     @dbus_method()
     @handler()

@@ -53,9 +53,11 @@ Strs = Annotated[list[str], DBusSignature("as")]
 VarDict = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
 SecondsDict = Annotated[dict[str, float], DBusSignature("a{sd}")]
 ErrorPair = Annotated[list[str], DBusSignature("(ss)")]
-#: (id, method, parent, created unix time, bytes, state)
-GENERATION_SIGNATURE = "(ssstts)"
+#: (id, method, parent, created unix time, bytes, state, running number)
+GENERATION_SIGNATURE = "(sssttsu)"
 GenerationStructs = Annotated[list[list[Any]], DBusSignature(f"a{GENERATION_SIGNATURE}")]
+#: (pool, name, device) of each swap-in
+SwapIns = Annotated[list[list[Any]], DBusSignature("a(sss)")]
 #: (path, {"size": t, "state": s, <perf figure>: d ...})
 PoolDevices = Annotated[list[list[Any]], DBusSignature("a(sa{sv})")]
 

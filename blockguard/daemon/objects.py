@@ -34,8 +34,17 @@ READ = PropertyAccess.READ
 
 
 def generation_struct(gen: GenerationInfo) -> list[Any]:
-    """A generation as the D-Bus struct ``(ssstts)``: id, method, parent, created, bytes, state."""
-    return [gen.id, gen.method, gen.parent, int(gen.created), int(gen.bytes), gen.state]
+    """A generation as the D-Bus struct ``(sssttsu)``: id, method, parent, created, bytes,
+    state, number (the running number of ``VOLUME@NUMBER``; 0 when unknown)."""
+    return [
+        gen.id,
+        gen.method,
+        gen.parent,
+        int(gen.created),
+        int(gen.bytes),
+        gen.state,
+        int(gen.number),
+    ]
 
 
 class _Snapshotted(ServiceInterface):

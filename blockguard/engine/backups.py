@@ -16,6 +16,7 @@ change set was relative to: no second read of the volume.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -148,8 +149,12 @@ def back_up(
     progress: ProgressReporter,
     serial: int,
     delay: float,
+    *,
+    full: bool = False,
 ) -> dict[str, Any]:
     """Take one backup of volume ``name`` (the body of a backup job).
+
+    :param full: take a full whatever the planner would choose (``backup --full``).
 
     The point in time comes first; the change sets and the planner's choice are taken
     after it (for era and thin they then include writes made since, a harmless superset;
@@ -171,6 +176,12 @@ def back_up(
     try:
         inputs = volumes.inputs(name, source=point.source)
         decision = decide(inputs)
+        if full and decision.method is not GenerationKind.FULL:
+            decision = dataclasses.replace(
+                decision,
+                method=GenerationKind.FULL,
+                reasons=("a full was asked for", *decision.reasons),
+            )
         if inputs.lost_reason:
             events.emit(svc.TrackingLost(name, inputs.lost_reason))
         if not decision.feasible:
@@ -282,6 +293,7 @@ def _after_commit(
     )
     return {
         "generation": gen,
+        "number": result.manifest.sequence,
         "method": kind.value,
         "bytes": result.bytes_copied,
         "seconds": result.duration,

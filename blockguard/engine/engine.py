@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from blockguard.core.catalog import Catalog
-from blockguard.engine import ids, protection
+from blockguard.engine import ids, protection, swapins
 from blockguard.engine import service as svc
 from blockguard.engine.alerts import AlertCenter
 from blockguard.engine.backups import back_up
@@ -142,6 +142,7 @@ class Engine:
                 self.catalog, self._pools, self.settings, self.events, self.cmd
             )
             self._jobs = JobBook(self.catalog, self.runner, self.events, recorder=self.cmd)
+            self._jobs.keep_ids_in(self.state_dir / "last-job-id")
             self._refuse_lost_catalog()
             self._jobs.fail_interrupted()
             self._recover_points_in_time()
@@ -484,11 +485,13 @@ class Engine:
     def get_generation(self, generation: str) -> svc.GenerationInfo:
         volume, _ = ids.split_public_id(generation)
         try:
-            generations = self.volumes.info(volume).generations
+            found = self.volumes.scan(volume).selectable()
         except NotFound:
-            generations = ()
-        for gen in generations:
-            if gen.id == generation:
+            raise NotFound(what="generation", name=generation) from None
+        pool_id = ids.resolve_generation(volume, generation, found)
+        public = ids.public_id(volume, pool_id)
+        for gen in self.volumes.info(volume).generations:
+            if gen.id == public:
                 return gen
         raise NotFound(what="generation", name=generation)
 
@@ -497,7 +500,7 @@ class Engine:
 
     # --- long operations ------------------------------------------------------------------
 
-    def backup_now(self, volume: str) -> Job:
+    def backup_now(self, volume: str, full: bool = False) -> Job:
         with self._lock:
             vol = self.volumes.catalog.get_volume(volume)
             self.volumes.require_attached(volume)
@@ -513,6 +516,7 @@ class Engine:
                     progress,
                     serial,
                     self.settings.backup_delay,
+                    full=full,
                 )
 
             def finished(job: Job) -> None:
@@ -552,6 +556,13 @@ class Engine:
                 reserved=True,
             )
 
+    def list_swap_ins(self) -> list[dict[str, Any]]:
+        return swapins.list_swap_ins(self.pools)
+
+    def release_swap_in(self, which: str) -> dict[str, Any]:
+        with self._lock:
+            return swapins.release_swap_in(self.pools, which)
+
     def verify(self, generation: str) -> Job:
         with self._lock:
             volume, _ = ids.split_public_id(generation)
@@ -564,7 +575,7 @@ class Engine:
             return self.jobs.submit(
                 JobKind.VERIFY,
                 volume,
-                generation,
+                ids.public_id(volume, manifest.generation_id),
                 work,
                 generation=ids.catalog_id(volume, manifest.generation_id),
             )
@@ -577,6 +588,11 @@ class Engine:
         if job is None:
             raise NotFound(what="job", name=str(job_id))
         return job
+
+    def cancel_job(self, job_id: int) -> None:
+        job = self.get_job(job_id)
+        job.cancel()
+        log.info("job %d (%s of %s) cancelled on request", job.id, job.kind.value, job.target)
 
     # --- hooks of the adapters ------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from blockguard.core.retention import GenerationRef
 from blockguard.engine import ids
 from blockguard.engine import service as svc
 from blockguard.errors import BlockguardError, ChecksumMismatch, CorruptMetadata
-from blockguard.storage.manifest import Manifest
+from blockguard.storage.manifest import Manifest, sequence_numbers
 from blockguard.storage.pool.base import DamagedGeneration, PoolBackend
 
 
@@ -69,6 +69,23 @@ class VolumeGenerations:
         stamps = [(m.created, m.generation_id) for m in self.manifests]
         stamps += [(id_time(d.generation_id), d.generation_id) for d in self.damaged]
         return max(stamps)[1] if stamps else None
+
+    def numbers(self) -> dict[str, int]:
+        """Pool id -> running number, for every readable manifest."""
+        return sequence_numbers(self.manifests)
+
+    def selectable(self) -> list[tuple[str, int]]:
+        """``(pool id, number)`` of every generation, oldest first, as
+        :func:`~blockguard.engine.ids.resolve_generation` takes them (an unreadable one
+        has no number, 0)."""
+        numbers = self.numbers()
+        found = [(m.created, m.generation_id, numbers[m.generation_id]) for m in self.manifests]
+        found += [
+            (id_time(d.generation_id), d.generation_id, 0)
+            for d in self.damaged
+            if d.manifest is None
+        ]
+        return [(gid, n) for _, gid, n in sorted(found)]
 
     @property
     def usable(self) -> list[Manifest]:
@@ -137,9 +154,11 @@ def catalog_rows(gens: VolumeGenerations) -> list[dict[str, Any]]:
 
 def generation_infos(name: str, gens: VolumeGenerations) -> tuple[svc.GenerationInfo, ...]:
     """Every generation the pool holds, corrupt ones included (state ``corrupt``)."""
+    numbers = gens.numbers()
     infos = [
         svc.GenerationInfo(
             id=ids.public_id(name, m.generation_id),
+            number=numbers[m.generation_id],
             volume=name,
             method=m.kind.value,
             parent="" if m.parent_id is None else ids.public_id(name, m.parent_id),

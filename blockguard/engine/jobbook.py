@@ -3,16 +3,19 @@
 The :class:`~blockguard.engine.jobs.JobRunner` runs the work and keeps the jobs of this
 daemon's life; the catalog keeps every job's history across restarts. Jobs a previous
 daemon left running are failed at start ("daemon restarted") and listed again with ids
-from :data:`HISTORY_IDS` (the runner numbers this life's jobs from 1).
+from :data:`HISTORY_IDS`. This life's jobs are numbered on from the last id of the one
+before (kept in a small file of the state directory, :meth:`JobBook.keep_ids_in`).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from blockguard.core.catalog import Catalog
@@ -64,6 +67,31 @@ class JobBook:
         self._lock = threading.Lock()
         self._busy: dict[str, int] = {}
         self.history: list[Job] = []
+
+    def keep_ids_in(self, path: Path) -> None:
+        """Number jobs on from the last id recorded in ``path``, and record each new one."""
+        try:
+            last = int(path.read_text().strip() or 0)
+        except FileNotFoundError:
+            last = 0
+        except (OSError, ValueError) as exc:
+            log.error("cannot read the last job id from %s (%s): numbering from 1", path, exc)
+            last = 0
+        self.runner.continue_after(last)
+        lock = threading.Lock()
+
+        def record(job: Job) -> None:
+            if job.id >= HISTORY_IDS:
+                return
+            with lock:
+                tmp = path.with_name(path.name + ".tmp")
+                try:
+                    tmp.write_text(f"{job.id}\n")
+                    os.replace(tmp, path)
+                except OSError as exc:
+                    log.error("cannot record job id %d in %s: %s", job.id, path, exc)
+
+        self.runner.on_new_job(record)
 
     def fail_interrupted(self) -> list[Job]:
         """At start: fail what the previous daemon left running; keep them for listing."""

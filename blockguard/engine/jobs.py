@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from blockguard.errors import BlockguardError, InternalError
+from blockguard.errors import BlockguardError, InternalError, InvalidInput, JobCancelled
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,15 @@ class JobKind(enum.StrEnum):
     RESTORE = "restore"
     VERIFY = "verify"
     DRILL = "drill"
+
+
+#: What a job cancelled midway leaves behind, by kind (the end of its error message).
+_CANCEL_CONSEQUENCE = {
+    JobKind.BACKUP: ": nothing was committed, the next backup starts over",
+    JobKind.RESTORE: ": the target holds a partial restore, do not use it",
+    JobKind.VERIFY: ": the generation was not verified",
+    JobKind.DRILL: ": the drill left no samples",
+}
 
 
 #: The attributes of a job that subscribers are told about (names as in :meth:`Job.snapshot`).
@@ -107,6 +116,8 @@ class Job:
         self.created = time.time()
         self.started = 0.0
         self.finished = 0.0
+        #: Set by :meth:`cancel`; the work stops at its next progress report.
+        self.cancel_requested = threading.Event()
 
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.kind.value} {self.target} {self.state.value}>"
@@ -138,6 +149,16 @@ class Job:
     @property
     def is_finished(self) -> bool:
         return self.state in (JobState.DONE, JobState.FAILED)
+
+    def cancel(self) -> None:
+        """Ask the work to stop: it fails with :class:`JobCancelled` at its next progress
+        report (a queued job does not start).
+
+        :raises InvalidInput: the job already ended.
+        """
+        if self.is_finished:
+            raise InvalidInput(detail=f"job {self.id} already ended ({self.state.value})")
+        self.cancel_requested.set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the job has finished; True if it has (for tests and the service)."""
@@ -178,7 +199,12 @@ class ProgressReporter:
         self._last = 0.0
 
     def __call__(self, bytes_done: int, bytes_total: int | None = None) -> None:
-        """Report ``bytes_done`` of ``bytes_total`` (or of the total given earlier)."""
+        """Report ``bytes_done`` of ``bytes_total`` (or of the total given earlier).
+
+        :raises JobCancelled: the job was cancelled (the work unwinds from here).
+        """
+        if self.job.cancel_requested.is_set():
+            raise JobCancelled(job=self.job.id, consequence=_CANCEL_CONSEQUENCE[self.job.kind])
         now = time.monotonic()
         total = bytes_total if bytes_total is not None else self.job.bytes_total
         final = total > 0 and bytes_done >= total
@@ -235,6 +261,12 @@ class JobRunner:
         self._on_new: list[Callable[[Job], None]] = []
         self._on_forget: list[Callable[[Job], None]] = []
 
+    def continue_after(self, last_id: int) -> None:
+        """Number the next job ``last_id + 1`` (a restarted daemon goes on counting, so a
+        job id seen before a restart never names another job after it)."""
+        with self._lock:
+            self._ids = itertools.count(max(last_id, max(self._jobs, default=0)) + 1)
+
     def on_new_job(self, callback: Callable[[Job], None]) -> None:
         """Call ``callback(job)`` (in the submitting thread) for every new job."""
         self._on_new.append(callback)
@@ -282,6 +314,8 @@ class JobRunner:
         log.info("job %s started: %s %s", job.id, job.kind.value, job.target, extra=extra)
         final: dict[str, Any]
         try:
+            if job.cancel_requested.is_set():
+                raise JobCancelled(job=job.id, consequence=" before it started")
             result = work(ProgressReporter(job)) or {}
         except BlockguardError as exc:
             log.warning("job %s failed: %s", job.id, exc, extra=extra)

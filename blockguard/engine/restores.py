@@ -77,27 +77,21 @@ class RestoreRequest:
 def find_generation(
     volumes: VolumeRegistry, volume: str, generation: str, *, reverify: bool = False
 ) -> Manifest:
-    """The manifest of ``generation`` (``""``: the newest) of ``volume``.
+    """The manifest of ``generation`` (``""``: the newest) of ``volume``, in any form
+    :func:`~blockguard.engine.ids.resolve_generation` reads (``db@7``, ``latest~1``...).
 
     :param reverify: for a verify: a generation found corrupt by an earlier verify or
         restore may be read again (the damage may have been repaired or transient);
         damage the pool reports (its manifest, checksum array or data file) still refuses.
     :raises NotFound: no such volume or generation.
     :raises InvalidInput: the id is malformed or belongs to another volume.
+    :raises AmbiguousGeneration: a prefix of more than one id.
     :raises CorruptMetadata: the generation or one it depends on is damaged.
     :raises ChecksumMismatch: a stored chunk of it was found damaged.
     """
     gens = volumes.scan(volume)
-    if not generation:
-        # The newest is what was asked for: when it is corrupt, say so rather than
-        # quietly taking an older one.
-        newest = gens.newest_id()
-        if newest is None:
-            raise NotFound(what="generation of volume", name=volume)
-        generation = ids.public_id(volume, newest)
-    owner, pool_id = ids.split_public_id(generation)
-    if owner != volume:
-        raise InvalidInput(detail=f"generation {generation} belongs to volume {owner}")
+    # "" is the newest: when it is corrupt, say so rather than quietly take an older one.
+    pool_id = ids.resolve_generation(volume, generation or "latest", gens.selectable())
     damage = gens.corrupt.get(pool_id)
     if damage is not None and not (reverify and damage.source in gens.found_on_use):
         error = gens.error(volume, pool_id)
@@ -106,7 +100,7 @@ def find_generation(
     for m in gens.manifests:
         if m.generation_id == pool_id:
             return m
-    raise NotFound(what="generation", name=generation)
+    raise NotFound(what="generation", name=ids.public_id(volume, pool_id))
 
 
 def _damage_of(exc: BlockguardError, chain: list[str]) -> tuple[str, Damage] | None:
@@ -255,6 +249,7 @@ def run_restore(
     events.emit(svc.RestoreFinished(request.volume, public, result.target))
     return {
         "generation": public,
+        "number": request.manifest.sequence,
         "mode": request.how.value,
         "target": result.target,
         "bytes": result.bytes_written,
@@ -340,6 +335,7 @@ def run_verify(
     volumes.clear_corrupt(volume, list(result.chain))
     return {
         "generation": public,
+        "number": manifest.sequence,
         "ok": True,
         "chunks": result.chunks,
         "bytes": result.bytes,

@@ -49,7 +49,8 @@ class PoolInfo:
 
 @dataclass(frozen=True)
 class GenerationInfo:
-    """One backup generation. ``id`` is unique in the daemon (e.g. ``"db@3"``)."""
+    """One backup generation. ``id`` is the long id, unique in the daemon
+    (``db@20261103T120501.123456Z-1a2b3c4d``); ``number`` its short form's (``db@3``)."""
 
     id: str
     volume: str
@@ -58,6 +59,7 @@ class GenerationInfo:
     created: int  # unix time of the backup point
     bytes: int  # bytes stored for this generation
     state: str = "ok"  # ok | verifying | corrupt
+    number: int = 0  # the volume's running number (db@7); 0 when unknown (unreadable)
 
 
 @dataclass(frozen=True)
@@ -327,7 +329,16 @@ class Service(Protocol):
         """
 
     # long operations
-    def backup_now(self, volume: str) -> Job: ...
+    def list_swap_ins(self) -> list[dict[str, Any]]:
+        """Swap-ins restores left: ``{"pool", "name", "device"}`` each."""
+        ...
+
+    def release_swap_in(self, which: str) -> dict[str, Any]:
+        """Detach and delete a swap-in (by its name or device); returns what it was."""
+        ...
+
+    def backup_now(self, volume: str, full: bool = False) -> Job:
+        """Back ``volume`` up now (``full``: a full whatever the planner would choose)."""
 
     def restore(self, volume: str, generation: str, mode: str, target: str, force: bool) -> Job:
         """Restore ``generation`` of ``volume``.
@@ -359,6 +370,13 @@ class Service(Protocol):
     def list_jobs(self) -> list[Job]: ...
 
     def get_job(self, job_id: int) -> Job: ...
+
+    def cancel_job(self, job_id: int) -> None:
+        """Ask a queued or running job to stop; it fails with ``JobCancelled``.
+
+        :raises NotFound: no such job.
+        :raises InvalidInput: it already ended.
+        """
 
     # hooks for the daemon's adapters
     def reestablish_tracking(self) -> list[str]:

@@ -147,6 +147,9 @@ class Manifest:
     checksum_digest: str = ""
     storage: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    #: The volume's running number of this generation (``db@7``), 0 when the manifest
+    #: predates numbering: :func:`sequence_numbers` then numbers it by its place.
+    sequence: int = 0
 
     @property
     def chunks(self) -> int:
@@ -206,6 +209,9 @@ class Manifest:
             "bytes_stored": self.bytes_stored,
             "storage": self.storage,
         }
+        if self.sequence:
+            # Left out when 0, so a manifest written before numbering keeps its digest.
+            body["sequence"] = self.sequence
         body["digest"] = _digest(body)
         return body
 
@@ -250,6 +256,7 @@ class Manifest:
                 checksum_count=int(sums["count"]),
                 checksum_digest=str(sums["digest"]),
                 storage=dict(body["storage"]),
+                sequence=int(body.get("sequence", 0)),
             )
             check_chunk_size(manifest.chunk_size)
         except (KeyError, TypeError, ValueError) as exc:
@@ -263,6 +270,23 @@ class Manifest:
                 detail=f"{manifest.checksum_count} checksums for {expected} stored chunks",
             )
         return manifest
+
+
+def sequence_numbers(manifests: list[Manifest]) -> dict[str, int]:
+    """The running number of each generation of one volume: generation id -> number.
+
+    A manifest keeps the number it was given at commit; one written before numbering
+    (``sequence`` 0) takes the next number after the generation before it, oldest first,
+    so every generation has a number and a pool read on another host gives the same ones.
+
+    :param manifests: every readable manifest of one volume, in any order.
+    """
+    numbers: dict[str, int] = {}
+    last = 0
+    for m in sorted(manifests, key=lambda m: (m.created, m.generation_id)):
+        last = m.sequence if m.sequence > last else last + 1
+        numbers[m.generation_id] = last
+    return numbers
 
 
 def _digest(body: dict[str, Any]) -> str:

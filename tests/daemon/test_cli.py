@@ -47,47 +47,52 @@ def test_full_round_in_json(daemon: Daemon, loopdev: LoopFactory) -> None:
     target = loopdev(VOLUME_SIZE, "target.img")
     write_random(device, 0, VOLUME_SIZE, seed=1)
     pool = json.loads(ctl(daemon, "--json", "pool", "create", "p1", pool_disk).stdout)
-    assert pool == {"name": "p1", "path": "/org/blockguard1/pool/p1"}
-    out = ctl(daemon, "--json", "protect", device, "db", "--rpo", "15m", "--rto", "5m")
+    assert pool == {"schema": 1, "name": "p1", "path": "/org/blockguard1/pool/p1"}
+    # --json anywhere on the line.
+    out = ctl(daemon, "protect", device, "db", "--rpo", "15m", "--rto", "5m", "--json")
     assert out.returncode == 0, out.stderr
     # DBUS_SYSTEM_BUS_ADDRESS is honoured when --bus is not given.
-    volumes = json.loads(ctl(daemon, "--json", "volume", "list", bus_env=True).stdout)
-    assert volumes[0]["Name"] == "db" and volumes[0]["Device"] == device
-    assert volumes[0]["Objectives"] == {"rpo": "15m", "rto": "5m"}
-    plan = json.loads(ctl(daemon, "--json", "plan", "db").stdout)
+    listing = json.loads(ctl(daemon, "--json", "volume", "list", bus_env=True).stdout)
+    assert listing["schema"] == 1
+    volumes = listing["volumes"]
+    assert volumes[0]["name"] == "db" and volumes[0]["device"] == device
+    assert volumes[0]["objectives"] == {"rpo": "15m", "rto": "5m"}
+    plan = json.loads(ctl(daemon, "--json", "plan", "db").stdout)["plan"]
     assert plan["method"] == "full" and "full needed: no full backup yet" in plan["reasons"]
-    backup = ctl(daemon, "--json", "backup", "db")
+    backup = ctl(daemon, "backup", "--json", "db")
     assert backup.returncode == 0, backup.stderr
-    job = json.loads(backup.stdout)
-    assert job["State"] == "done" and job["Result"]["method"] == "full"
-    assert job["Result"]["bytes"] == VOLUME_SIZE
-    generation = job["Result"]["generation"]
-    gens = json.loads(ctl(daemon, "--json", "generations", "db").stdout)
-    assert [g["id"] for g in gens] == [generation]
+    job = json.loads(backup.stdout)["job"]
+    assert job["state"] == "done" and job["result"]["method"] == "full"
+    assert job["result"]["bytes"] == VOLUME_SIZE and job["error"] is None
+    generation = job["result"]["generation"]
+    gens = json.loads(ctl(daemon, "generations", "db", "--json").stdout)["generations"]
+    assert [(g["id"], g["number"], g["short_id"]) for g in gens] == [(generation, 1, "db@1")]
+    assert gens[0]["parent"] is None
     # Nothing changed since the full, which restores within the RTO: an (empty) incremental.
-    plan = json.loads(ctl(daemon, "--json", "plan", "db").stdout)
+    plan = json.loads(ctl(daemon, "--json", "plan", "db").stdout)["plan"]
     assert plan["method"] == "incremental" and plan["feasible"] is True
     assert any("RTO" in reason for reason in plan["reasons"]), plan["reasons"]
-    verify = json.loads(ctl(daemon, "--json", "verify", generation).stdout)
-    assert verify["Result"]["ok"] is True and verify["Result"]["bytes"] == VOLUME_SIZE
+    verify = json.loads(ctl(daemon, "--json", "verify", "db@latest").stdout)["job"]
+    assert verify["result"]["ok"] is True and verify["result"]["bytes"] == VOLUME_SIZE
+    assert verify["result"]["generation"] == generation and verify["result"]["number"] == 1
     started = json.loads(
-        ctl(daemon, "--json", "restore", "db", "--target", target, "--no-wait").stdout
-    )
-    assert started["job"].startswith("/org/blockguard1/job/")
+        ctl(daemon, "--json", "restore", "db@1", "--target", target, "--no-wait").stdout
+    )["job"]
+    assert started["path"] == f"/org/blockguard1/job/{started['id']}"
     with Client(daemon.address) as client:
-        restored = run_job(client, started["job"])
+        restored = run_job(client, started["path"])
     assert restored["State"] == "done", restored["Error"]
     assert sha256_of(target) == sha256_of(device)
-    jobs = json.loads(ctl(daemon, "--json", "jobs").stdout)
-    assert {j["Kind"] for j in jobs} == {"backup", "verify", "restore"}
+    jobs = json.loads(ctl(daemon, "jobs", "--json").stdout)["jobs"]
+    assert {j["kind"] for j in jobs} == {"backup", "verify", "restore"}
     status = json.loads(ctl(daemon, "--json", "status").stdout)
     assert status["volumes"] == 1 and status["pools"] == 1
-    show = json.loads(ctl(daemon, "--json", "volume", "show", "db").stdout)
-    assert show["Generations"][0]["method"] == "full"
-    pools = json.loads(ctl(daemon, "--json", "pool", "list").stdout)
-    assert pools[0]["Backend"] == "dir" and pools[0]["Devices"][0][0] == pool_disk
-    assert pools[0]["Devices"][0][1]["size"] == POOL_SIZE
-    assert VOLUME_SIZE < pools[0]["Free"] <= pools[0]["Capacity"] < POOL_SIZE
+    show = json.loads(ctl(daemon, "--json", "volume", "show", "db").stdout)["volume"]
+    assert show["generations"][0]["method"] == "full"
+    pools = json.loads(ctl(daemon, "--json", "pool", "list").stdout)["pools"]
+    assert pools[0]["backend"] == "dir" and pools[0]["devices"][0]["path"] == pool_disk
+    assert pools[0]["devices"][0]["size"] == POOL_SIZE
+    assert VOLUME_SIZE < pools[0]["free"] <= pools[0]["capacity"] < POOL_SIZE
 
 
 def test_human_output(daemon: Daemon, loopdev: LoopFactory) -> None:
@@ -127,7 +132,7 @@ def test_errors_are_plain_with_exit_codes(
     # The refusal changed nothing: the same volume, objectives, pool and jobs, no byte written.
     after = ctl(daemon, "--json", "volume", "list").stdout, ctl(daemon, "--json", "jobs").stdout
     assert after == before
-    assert json.loads(ctl(daemon, "--json", "pool", "list").stdout)[0]["Name"] == "p1"
+    assert json.loads(ctl(daemon, "--json", "pool", "list").stdout)["pools"][0]["name"] == "p1"
     assert sha256_of(device) == untouched
 
 

@@ -89,7 +89,7 @@ def cli_states(daemon: Daemon) -> dict[str, str]:
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert out.returncode == 0, out.stderr
-    return {g["id"]: g["state"] for g in json.loads(out.stdout)}
+    return {g["id"]: g["state"] for g in json.loads(out.stdout)["generations"]}
 
 
 def refused(call: Callable[[], object], name: str) -> str:

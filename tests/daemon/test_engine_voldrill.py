@@ -105,7 +105,7 @@ def test_scheduled_drill_restores_verifies_and_is_shown(
     text = flat(status.stdout)
     assert "restore drill failed" not in text
     assert "db: last restore drill " in text and f"ok, {gens[0][0]} restored in" in text
-    assert "against RTO 60.0m" in text, text
+    assert "against RTO 1h" in text, text
     shown = flat(ctl(daemon, "volume", "show", "db").stdout)
     assert "last drill" in shown and f"ok, {gens[0][0]} restored in" in shown, shown
     _no_scratch_left(daemon)
@@ -175,7 +175,7 @@ def test_slow_drill_alerts_and_makes_the_next_backup_a_full(
 
         status = flat(ctl(daemon, "status").stdout)
         assert "restore drill failed: db" in status, status
-        assert "failed, db@" in status and "against RTO 1.0s: the restore of" in status
+        assert "failed, db@" in status and "against RTO 1s: the restore of" in status
 
     # The last drill is kept in the job history: a restarted daemon knows it, and plans by it.
     daemon.stop()

@@ -96,7 +96,7 @@ def test_committed_xml_covers_the_documented_api() -> None:
     props = {p.get("name"): p.get("type") for p in volume.findall("property")}
     assert props["EstimatedRestoreSeconds"] == "a{sd}"
     assert props["NextBackup"] == "t"
-    assert props["Generations"] == "a(ssstts)"
+    assert props["Generations"] == "a(sssttsu)"
     job = ET.parse(COMMITTED / "org.blockguard1.Job.xml").getroot()
     job_props = {p.get("name"): p.get("type") for p in job.findall("property")}
     assert job_props["Progress"] == "d" and job_props["Error"] == "(ss)"

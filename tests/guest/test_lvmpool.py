@@ -276,9 +276,14 @@ def restore_every_mode(pool: LvmPool, volume: str, target: str, gid: str, sha: s
     try:
         assert r.swap is not None and r.swap.image and r.swap.image.startswith(pool.vg + "/s-")
         assert sha256_of(r.target) == sha, f"swap-in of {gid}"
+        # Listed with its device, and released by name (as ReleaseSwapIn does).
+        assert pool.swap_in_devices() == [(r.swap.image, r.target)]
+        pool.release_swap_in(r.swap.image)
+        assert pool.swap_ins() == []
     finally:
         assert r.swap is not None
-        r.swap.release()
+        if pool.swap_ins():
+            r.swap.release()
     verify(pool, "vol", gid)
     print(f"restores of {gid}: {time.monotonic() - t0:.1f} s")
 

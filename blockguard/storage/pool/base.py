@@ -40,6 +40,7 @@ from blockguard.storage.manifest import (
     VolumeIdentity,
     check_name,
     fsync_dir,
+    sequence_numbers,
 )
 from blockguard.storage.pool.records import (
     VolumeRecord,
@@ -224,6 +225,28 @@ class PoolBackend(ABC):
     @abstractmethod
     def generations(self, volume: str | None = None) -> list[Manifest]:
         """Committed generations (of one volume, or all), oldest first, from the pool."""
+
+    def swap_in_devices(self) -> list[tuple[str, str]]:
+        """``(name, device)`` of every swap-in the pool holds; device ``""`` when it is
+        not attached. The name is what :meth:`release_swap_in` takes."""
+        return [(name, "") for name in self.swap_ins()]
+
+    def swap_ins(self) -> list[str]:
+        """Swap-in images or volumes that exist on the pool (attached or not)."""
+        return []
+
+    def release_swap_in(self, name: str) -> None:
+        """Detach a swap-in left by a restore and delete it.
+
+        :raises NotFound: the pool has no swap-in of that name.
+        """
+        raise NotFound(what="swap-in", name=name)
+
+    def next_sequence(self, volume: str) -> int:
+        """The running number a new generation of ``volume`` gets (one past the newest)."""
+        found = self.scan(volume)
+        readable = found.manifests + [d.manifest for d in found.damaged if d.manifest]
+        return max(sequence_numbers(readable).values(), default=0) + 1
 
     def scan(self, volume: str | None = None) -> PoolScan:
         """Good manifests and damaged entries (unreadable manifest, missing data file).

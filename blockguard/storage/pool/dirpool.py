@@ -32,6 +32,7 @@ from blockguard.errors import (
     CorruptMetadata,
     EnvironmentProblem,
     InvalidInput,
+    NotFound,
 )
 from blockguard.storage.blockdev import device_rdev, mounted_devnos
 from blockguard.storage.manifest import (
@@ -321,6 +322,21 @@ class DirPool(GenerationStore):
     def swap_ins(self) -> list[str]:
         """Swap-in images that exist on the pool (attached or not)."""
         return sorted(str(p) for _, mnt in self._areas for p in (mnt / "swapin").glob("*.img"))
+
+    def _loops_of(self, image: str) -> list[str]:
+        # "/dev/loop5: [2049]:131 (/srv/area/swapin/db-x.img)", one line per loop device.
+        listing = self.runner.run(["losetup", "-j", image], timeout=60).stdout
+        return [line.split(":", 1)[0] for line in listing.splitlines() if ":" in line]
+
+    def swap_in_devices(self) -> list[tuple[str, str]]:
+        return [(image, ", ".join(self._loops_of(image))) for image in self.swap_ins()]
+
+    def release_swap_in(self, name: str) -> None:
+        if name not in self.swap_ins():
+            raise NotFound(what="swap-in", name=name)
+        for loop in self._loops_of(name):
+            self.runner.run(["losetup", "-d", loop], timeout=60)
+        Path(name).unlink(missing_ok=True)
 
 
 class DirSwapIn(SwapInVolume):

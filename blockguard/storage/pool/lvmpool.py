@@ -45,7 +45,7 @@ from pathlib import Path
 
 from pyroaring import BitMap
 
-from blockguard.errors import AlreadyExists, CorruptMetadata, InvalidInput
+from blockguard.errors import AlreadyExists, CorruptMetadata, InvalidInput, NotFound
 from blockguard.storage.blockdev import BlockDevice, device_rdev, mounted_devnos
 from blockguard.storage.lvm import Lvm
 from blockguard.storage.manifest import (
@@ -75,6 +75,7 @@ from blockguard.storage.pool.lvmvg import (
     THIN_BLOCK,
     THIN_POOL,
     PoolVg,
+    dm_name,
     round_up,
 )
 from blockguard.storage.pool.records import POOL_FILE, read_pool_file, write_pool_file
@@ -427,6 +428,18 @@ class LvmPool(GenerationStore):
     def swap_ins(self) -> list[str]:
         """Swap-in volumes on the pool (``VG/LV``), active or not."""
         return self.lending.swap_ins()
+
+    def swap_in_devices(self) -> list[tuple[str, str]]:
+        found = []
+        for name in self.swap_ins():
+            dm, mapper = dm_name(self.vg, name.split("/", 1)[1]), self.volume_group.dm
+            found.append((name, mapper.node(dm) if mapper.info(dm) is not None else ""))
+        return found
+
+    def release_swap_in(self, name: str) -> None:
+        if name not in self.swap_ins():
+            raise NotFound(what="swap-in", name=name)
+        self._remove_lv(name.split("/", 1)[1])
 
     def cow_store(self, size: int, label: str) -> LvCowStore:
         """A new linear LV of at least ``size`` bytes to hold a dm-snapshot's exceptions.

@@ -160,6 +160,7 @@ class GenerationStore(PoolBackend):
             parent_id=None if kind is GenerationKind.FULL else parent_id,
             changed=BitMap() if changed is None else BitMap(changed),
             created=time.time(),
+            sequence=self.next_sequence(volume.name),
         )
         gen_dir = root / volume.name / draft.generation_id
         new_volume_dir = not gen_dir.parent.exists()
