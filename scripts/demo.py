@@ -76,7 +76,8 @@ class Demo:
 
     # --- helpers ----------------------------------------------------------------------
 
-    def ctl(self, *args: str) -> object:
+    def ctl(self, *args: str) -> dict:
+        """``blockguardctl --json ARGS``: its document (docs/cli-json.md, schema 1)."""
         out = subprocess.run(
             [str(VENV / "blockguardctl"), "--json", *args],
             capture_output=True,
@@ -86,7 +87,11 @@ class Demo:
         )
         if out.returncode != 0:
             raise RuntimeError(f"blockguardctl {' '.join(args)}: {out.stderr.strip()}")
-        return json.loads(out.stdout) if out.stdout.strip() else None
+        return json.loads(out.stdout) if out.stdout.strip() else {}
+
+    def jobs(self) -> list[dict]:
+        """Every job the daemon knows (``blockguardctl --json jobs``, schema 1)."""
+        return self.ctl("jobs")["jobs"]  # type: ignore[index]
 
     def loop(self, name: str, size: int) -> str:
         path = self.work / f"{name}.img"
@@ -178,9 +183,9 @@ class Demo:
         say(f"pool {POOL} on {' '.join(self.pool_disks)} (each disk is measured first)")
         self.ctl("pool", "create", POOL, *self.pool_disks, "--backend", "lvm", "--force")
         self.undo.append(("pool", POOL))
-        for pool in self.ctl("pool", "list"):  # type: ignore[union-attr]
-            for dev in pool.get("Devices", []):
-                path, perf = dev
+        for pool in self.ctl("pool", "list")["pools"]:  # type: ignore[index]
+            for perf in pool.get("devices", []):
+                path = perf["path"]
                 print(
                     f"  {path}: read {perf.get('seq_read_bps', 0) / MiB:.0f} MiB/s seq, "
                     f"{perf.get('rand_read_bps', 0) / MiB:.0f} MiB/s random; write "
@@ -194,14 +199,14 @@ class Demo:
         print(f"protect {self.volume} (mounted, in use) as {VOLUME!r}")
         self.ctl("protect", self.volume, VOLUME, "--rpo", "every 1h", "--generations", "8")
         self.undo.append(("unprotect", VOLUME))  # undone first: era metadata is on the pool
-        vol = self.ctl("volume", "show", VOLUME)
+        vol = self.ctl("volume", "show", VOLUME)["volume"]  # type: ignore[index]
         print(
-            f"tracking: {vol.get('Backend', '?')} ({vol.get('TrackerState', '?')}); "  # type: ignore[union-attr]
+            f"tracking: {vol.get('backend', '?')} ({vol.get('tracker_state', '?')}); "
             f"still mounted at {self.mnt}, same device path"
         )
         # The daemon's scheduler takes the first full by itself, at once: wait for it.
         first = self.wait_for_backups()
-        print(f"the scheduler took the first backup by itself: {first['Result']['method']}")
+        print(f"the scheduler took the first backup by itself: {first['result']['method']}")
         self.backup("round 0")
 
     def mount(self) -> None:
@@ -228,14 +233,14 @@ class Demo:
         a volume that is being written."""
         self.unmount()
         chunks = self.chunk_hashes(self.volume)
-        plan = self.ctl("plan", VOLUME)
+        plan = self.ctl("plan", VOLUME)["plan"]  # type: ignore[index]
         job = self.backup_job()
         after = self.chunk_hashes(self.volume)
         if after != chunks:
             moved = [i for i, (a, b) in enumerate(zip(chunks, after, strict=True)) if a != b]
             raise RuntimeError(f"the volume changed during the backup, 64 KiB chunks {moved[:20]}")
         content = hashlib.sha256(b"".join(chunks)).hexdigest()
-        result = job["Result"]  # type: ignore[index]
+        result = job["result"]
         self.content[result["generation"]] = content
         est = plan.get("estimated_restore_seconds", {})  # type: ignore[union-attr]
         upper = plan.get("upper_restore_seconds", {})  # type: ignore[union-attr]
@@ -262,11 +267,11 @@ class Demo:
     def wait_for_backups(self) -> dict:
         """Wait until no backup job runs; return the newest one."""
         while True:
-            jobs = [j for j in self.ctl("jobs") if j.get("Kind") == "backup"]  # type: ignore[union-attr]
-            if jobs and not any(j.get("State") in ("queued", "running") for j in jobs):
-                job = max(jobs, key=lambda j: j["Id"])
-                if job["State"] != "done":
-                    raise RuntimeError(f"backup job failed: {job.get('Error')}")
+            jobs = [j for j in self.jobs() if j.get("kind") == "backup"]
+            if jobs and not any(j.get("state") in ("queued", "running") for j in jobs):
+                job = max(jobs, key=lambda j: int(j["id"]))
+                if job["state"] != "done":
+                    raise RuntimeError(f"backup job failed: {job.get('error')}")
                 return job
             time.sleep(0.5)
 
@@ -274,31 +279,30 @@ class Demo:
         """``backup`` now — or, when the daemon's own scheduler already started one (it
         takes the first full as soon as a volume is protected), wait for that job."""
         try:
-            return self.ctl("backup", VOLUME)  # type: ignore[return-value]
+            return self.ctl("backup", VOLUME)["job"]  # type: ignore[index]
         except RuntimeError as exc:
             if "busy" not in str(exc).lower():
                 raise
         while True:
-            jobs = self.ctl("jobs")
+            jobs = self.jobs()
             running = [
                 j
                 for j in jobs
-                if j.get("Kind") == "backup"  # type: ignore[union-attr]
-                and j.get("State") in ("queued", "running")
+                if j.get("kind") == "backup" and j.get("state") in ("queued", "running")
             ]
             if not running:
-                done = [j for j in jobs if j.get("Kind") == "backup"]  # type: ignore[union-attr]
-                job = max(done, key=lambda j: j["Id"])
-                if job["State"] != "done":
-                    raise RuntimeError(f"backup job failed: {job.get('Error')}")
+                done = [j for j in jobs if j.get("kind") == "backup"]
+                job = max(done, key=lambda j: int(j["id"]))
+                if job["state"] != "done":
+                    raise RuntimeError(f"backup job failed: {job.get('error')}")
                 return job
             time.sleep(0.5)
 
     def rounds(self) -> None:
         self.round0()
         self.write_files("hot.bin", 8 * MiB)
-        plan = self.ctl("plan", VOLUME)
-        one = plan["estimated_restore_seconds"]["incremental"]  # type: ignore[index]
+        plan = self.ctl("plan", VOLUME)["plan"]  # type: ignore[index]
+        one = plan["estimated_restore_seconds"]["incremental"]
         rto = max(1.0, round(one * 2.5, 1))
         say(
             f"objectives: RTO {rto} s (swap-in), RPO every 1h — room for about 2.5 rounds of "
@@ -332,7 +336,7 @@ class Demo:
                 "--target",
                 target,
             )
-            res = job["Result"]  # type: ignore[index]
+            res = job["job"]["result"]  # type: ignore[index]
             row["measured_s"] = res["seconds"]
             # Compare like with like: the restore's own estimate, for the mode it ran in
             # (copy), not the plan's estimate for the objectives' mode (swap-in).
