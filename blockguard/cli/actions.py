@@ -257,17 +257,27 @@ def pool_list(client: Client, args: argparse.Namespace, out: Output) -> None:
     )
 
 
-def pool_drill(client: Client, args: argparse.Namespace, out: Output) -> None:
-    """Run a restore drill and show what each restore took and the terms fitted."""
-    path = client.call("Drill", "s", args.name)
+def _wait_drill(
+    client: Client, method: str, args: argparse.Namespace, out: Output
+) -> dict[str, Any] | None:
+    """Start a drill (``method`` of ``args.name``) and wait for its result; with
+    ``--no-wait`` or ``--json`` the job is reported as any job is and None returned."""
+    path = client.call(method, "s", args.name)
     if args.no_wait or out.as_json:
         finish_job(client, path, args, out)
-        return
+        return None
     job = plain(client.wait_job(path))
     if job["State"] == "failed":
         name, message = job["Error"]
         raise RemoteError(name, message)
-    result = job.get("Result", {})
+    return job.get("Result", {})
+
+
+def pool_drill(client: Client, args: argparse.Namespace, out: Output) -> None:
+    """Run a restore drill and show what each restore took and the terms fitted."""
+    result = _wait_drill(client, "Drill", args, out)
+    if result is None:
+        return
     out.table(
         f"Restore drill of pool {args.name}",
         [
@@ -460,17 +470,9 @@ def drill_text(drill: dict[str, Any]) -> str:
 
 def volume_drill(client: Client, args: argparse.Namespace, out: Output) -> None:
     """Run a volume's restore drill now; a drill that failed its RTO fails the command."""
-    from blockguard.cli.client import plain
-
-    path = client.call("DrillVolume", "s", args.name)
-    if args.no_wait or out.as_json:
-        finish_job(client, path, args, out)
+    result = _wait_drill(client, "DrillVolume", args, out)
+    if result is None:
         return
-    job = plain(client.wait_job(path))
-    if job["State"] == "failed":
-        name, message = job["Error"]
-        raise RemoteError(name, message)
-    result = job.get("Result", {})
     out.line(f"restore drill of {args.name}: {drill_text(result)}")
     if result.get("result") != "ok":
         raise CliError(f"the restore drill of {args.name} failed: {result.get('problem')}")
