@@ -4,8 +4,9 @@ the RTO the planner promised when it chose that generation's method.
 A thin LV is protected on an lvm pool (the harness's two virtio disks). Nothing is assumed
 about speeds: the daemon probes the pool, calibrates its restore-time model with the drills
 it runs by itself when the pool is created and the volume protected, and is then given an
-RTO of 1.6 x its own upper estimate of a full's restore (copy mode) — the objective of the
-end-to-end run that found restores taking 1.5-6.7 x their promise (issue 14). Eight rounds
+RTO of 1.6 x its own upper estimate of a full's restore (copy mode) plus one second — the
+objective of the end-to-end run that found restores taking 1.5-6.7 x their promise (issue 14),
+plus room for one more generation on a fast machine. Eight rounds
 of scattered 64 KiB writes and backups follow, the planner choosing each method; then every
 generation is restored to a new LV: its bytes must be the volume's at that backup, and the
 restore, as the daemon measured it, must fit the RTO. The planner must have chosen a delta
@@ -139,7 +140,10 @@ def test_every_restore_fits_the_rto_the_planner_promised(
         full_upper = plan["upper_restore_seconds"]["full"]
         print(f"plan: {plan['calibration']}; breakdown {plan['restore_breakdown']}; "
               f"terms {plan.get('restore_terms')}")  # fmt: skip
-        rto = max(1, round(1.6 * full_upper))
+        # 1.6 x as the end-to-end run had it, plus a second: on a fast machine a full of this
+        # volume restores in well under a second, and 1.6 x of it leaves no room for the cost
+        # of reading one more generation, so every backup would be a full (CI saw that).
+        rto = round(1.6 * full_upper + 1.0, 1)
         client.call("SetObjectives", "sa{sv}", "db", {"rto": variant(f"{rto}s")})
 
         points: list[tuple[str, str, str, float]] = []  # generation, method, sha, upper
