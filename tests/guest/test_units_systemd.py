@@ -129,7 +129,7 @@ def test_unit_starts_and_reaches_ready(installed: str) -> None:
     assert (state["ActiveState"], state["SubState"]) == ("active", "running"), state
     assert state["WatchdogUSec"] == f"{WATCHDOG_SEC}s" and state["NRestarts"] == "0", state
     status = json.loads(ctl("--json", "status").stdout)
-    assert status, status
+    assert status["schema"] == 1 and "health" in status, status
 
 
 def test_unit_survives_watchdog_periods(installed: str) -> None:
@@ -143,8 +143,8 @@ def test_unit_survives_watchdog_periods(installed: str) -> None:
 
 def test_lvm_pool_through_blockguardctl_with_hardening_on(installed: str, disk: str) -> None:
     ctl("pool", "create", "sysd", disk, "--backend", "lvm")
-    pools = json.loads(ctl("--json", "pool", "list").stdout)
-    assert [p.get("Name", p.get("name")) for p in pools] == ["sysd"], pools
+    listing = json.loads(ctl("--json", "pool", "list").stdout)
+    assert [p["name"] for p in listing["pools"]] == ["sysd"], listing
     assert sh("vgs", "--noheadings", "-o", "vg_name", "bg_sysd").stdout.strip() == "bg_sysd"
     # LVM wrote its metadata backup although /etc is read-only for the unit.
     assert Path("/etc/lvm/backup/bg_sysd").is_file()
