@@ -358,6 +358,10 @@ def _objectives(args: argparse.Namespace) -> dict[str, Any]:
         "rto": args.rto,
         "restore_mode": args.restore_mode,
         "generations": args.generations,
+        "keep_hourly": args.keep_hourly,
+        "keep_daily": args.keep_daily,
+        "keep_weekly": args.keep_weekly,
+        "keep_monthly": args.keep_monthly,
         "tz": args.tz,
         "drill": args.drill,
     }
@@ -368,7 +372,8 @@ def objectives(client: Client, args: argparse.Namespace, out: Output) -> None:
     values = _objectives(args)
     if not values:
         raise CliError(
-            "give at least one of --rpo, --rto, --restore-mode, --generations, --tz, --drill "
+            "give at least one of --rpo, --rto, --restore-mode, --generations (--keep-last), "
+            "--keep-hourly, --keep-daily, --keep-weekly, --keep-monthly, --tz, --drill "
             '(only those are set; "" clears one)',
             ExitCode.USAGE,
         )
@@ -468,6 +473,16 @@ def drill_text(drill: dict[str, Any]) -> str:
     return text + (f": {drill['problem']}" if drill.get("problem") else "")
 
 
+def _retention_line(retention: dict[str, Any]) -> str:
+    """``Retention: last 7, daily 7 (local time): keeps 9 generations (db@3 needed by ...)``."""
+    kept = retention.get("kept", [])
+    line = f"Retention: {retention['policy']}: keeps {len(kept)} generation(s)"
+    doomed = retention.get("would_delete", [])
+    if doomed:
+        line += f"; would delete {len(doomed)} now (at the next backup)"
+    return line
+
+
 def volume_drill(client: Client, args: argparse.Namespace, out: Output) -> None:
     """Run a volume's restore drill now; a drill that failed its RTO fails the command."""
     result = _wait_drill(client, "DrillVolume", args, out)
@@ -545,6 +560,20 @@ def plan(client: Client, args: argparse.Namespace, out: Output) -> None:
         out.line(f"  by term: {_breakdown_text(decision['restore_breakdown'])}")
         if "restore_terms" in decision:
             out.line(f"  terms: {_terms_text(decision['restore_terms'])}")
+    retention = decision.get("retention")
+    if retention:
+        out.line(_retention_line(retention))
+        out.table(
+            "Kept by retention",
+            [Column("generation", keep=True), Column("why")],
+            (
+                [
+                    f"{args.volume}@{k['number']}" if k.get("number") else k["generation"],
+                    ", ".join(k["reasons"]),
+                ]
+                for k in retention.get("kept", [])
+            ),
+        )
     estimates = decision.get("estimated_restore_seconds", {})
     uppers = decision.get("upper_restore_seconds", {})
     if estimates:

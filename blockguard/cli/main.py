@@ -115,10 +115,31 @@ OBJECTIVE_ARGS = (
     Arg("--restore-mode", choices=[*RESTORE_MODES, ""], help="what the RTO refers to"),
     Arg(
         "--generations",
+        "--keep-last",
         type=bounded_int("generations", 1, MAX_GENERATIONS, clearable=True),
-        help=f"how many generations to keep (1..{MAX_GENERATIONS})",
+        metavar="N",
+        help=f"keep the newest N generations (1..{MAX_GENERATIONS}; default 7)",
     ),
-    Arg("--tz", type=objective_text("tz"), help="time zone of a daily RPO (default: local time)"),
+    *(
+        Arg(
+            f"--keep-{tier}",
+            type=bounded_int(f"keep-{tier}", 0, MAX_GENERATIONS, clearable=True),
+            metavar="N",
+            help=f"also keep the newest generation of each of the last N {unit} that have "
+            'one (0 or "" clears; buckets in --tz, default local time)',
+        )
+        for tier, unit in (
+            ("hourly", "hours"),
+            ("daily", "days"),
+            ("weekly", "ISO weeks"),
+            ("monthly", "months"),
+        )
+    ),
+    Arg(
+        "--tz",
+        type=objective_text("tz"),
+        help="time zone of a daily RPO and of the --keep-* buckets (default: local time)",
+    ),
     Arg(
         "--drill",
         type=objective_text("drill"),
