@@ -15,7 +15,14 @@ from blockguard.cli import shapes
 from blockguard.cli.client import JOB, POOL, VOLUME, Client, RemoteError, plain, variant
 from blockguard.cli.errors import CliError
 from blockguard.cli.output import Column, Output, text
-from blockguard.core.vocab import format_ago, format_duration, format_rate, format_size
+from blockguard.core.vocab import (
+    DEFAULT_GENERATIONS,
+    RETENTION_TIERS,
+    format_ago,
+    format_duration,
+    format_rate,
+    format_size,
+)
 from blockguard.errors import ExitCode
 
 __all__ = ["Output"]
@@ -440,6 +447,7 @@ def volume_show(client: Client, args: argparse.Namespace, out: Output) -> None:
             ("pool", v["Pool"]),
             ("tracking", f"{v['TrackerState']} ({v['Backend']}, chunk {v['ChunkSize']})"),
             ("objectives", dict(sorted(v["Objectives"].items()))),
+            ("retention", retention_text(v["Objectives"])),
             ("changed since backup", format_size(v["ChangedBytesSinceBackup"])),
             ("changed since full", format_size(v["ChangedBytesSinceFull"])),
             ("restore estimates", estimates),
@@ -471,6 +479,20 @@ def drill_text(drill: dict[str, Any]) -> str:
         f"{human_seconds(drill['upper_seconds'])}){held}"
     )
     return text + (f": {drill['problem']}" if drill.get("problem") else "")
+
+
+def retention_text(objectives: dict[str, Any]) -> str:
+    """The retention a volume's objectives ask for, as ``Plan`` words it:
+    ``last 7, daily 7, weekly 4 (local time)`` (``last 7`` alone without tiers)."""
+    parts = [f"last {objectives.get('generations') or DEFAULT_GENERATIONS}"]
+    parts += [
+        f"{tier} {objectives[f'keep_{tier}']}"
+        for tier in RETENTION_TIERS
+        if objectives.get(f"keep_{tier}")
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return f"{', '.join(parts)} ({objectives.get('tz') or 'local time'})"
 
 
 def _retention_line(retention: dict[str, Any]) -> str:

@@ -19,7 +19,12 @@ from typing import Any
 from blockguard.cli import actions, health
 from blockguard.cli.client import Client
 from blockguard.cli.errors import explain, next_step
-from blockguard.core.vocab import MAX_GENERATIONS, RESTORE_MODES, RestoreMode
+from blockguard.core.vocab import (
+    DEFAULT_GENERATIONS,
+    MAX_GENERATIONS,
+    RESTORE_MODES,
+    RestoreMode,
+)
 from blockguard.errors import ExitCode
 
 
@@ -118,7 +123,7 @@ OBJECTIVE_ARGS = (
         "--keep-last",
         type=bounded_int("generations", 1, MAX_GENERATIONS, clearable=True),
         metavar="N",
-        help=f"keep the newest N generations (1..{MAX_GENERATIONS}; default 7)",
+        help=f"keep the newest N generations (1..{MAX_GENERATIONS}; default {DEFAULT_GENERATIONS})",
     ),
     *(
         Arg(

@@ -25,7 +25,7 @@ from blockguard.core.units import (
     parse_duration,
     parse_size,
 )
-from blockguard.core.vocab import MAX_GENERATIONS, RestoreMode
+from blockguard.core.vocab import DEFAULT_GENERATIONS, MAX_GENERATIONS, RestoreMode
 from blockguard.errors import InvalidInput, InvalidObjectives
 
 MIN_INTERVAL = timedelta(minutes=1)
@@ -47,7 +47,6 @@ DRILL_WORDS: dict[str, timedelta | None] = {
     "off": None,
 }
 
-DEFAULT_GENERATIONS = 7
 
 _HOUR_RE = re.compile(r"([0-9]{1,2}):([0-9]{2})")
 

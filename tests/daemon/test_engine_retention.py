@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -145,3 +146,12 @@ def test_tiered_retention_prunes_by_policy_and_survivors_restore(
     assert text.returncode == 0, text.stderr
     assert "Retention: last 1, daily 2, weekly 3 (UTC): keeps 11 generation(s)" in text.stdout
     assert "weekly 2026-W02" in text.stdout
+    shown = subprocess.run(
+        [*CLI, "--bus", daemon.address, "volume", "show", "db"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "COLUMNS": "200"},
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"^retention +last 1, daily 2, weekly 3 \(UTC\)$", shown.stdout, re.M)

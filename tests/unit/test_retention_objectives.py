@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import pytest
 
+from blockguard.cli.actions import retention_text
 from blockguard.cli.main import build_parser
 from blockguard.core.objective_sets import merge_given, parse_given, retention_of
 from blockguard.core.objectives import (
@@ -15,7 +16,8 @@ from blockguard.core.objectives import (
     RecoveryObjectives,
     parse_objectives,
 )
-from blockguard.core.retention import RetentionPolicy
+from blockguard.core.retention import TIERS, RetentionPolicy
+from blockguard.core.vocab import RETENTION_TIERS
 from blockguard.errors import InvalidObjectives
 
 
@@ -117,3 +119,14 @@ def test_cli_options() -> None:
     assert args.keep_hourly is None and args.keep_weekly is None
     with pytest.raises(SystemExit):
         build_parser().parse_args(["objectives", "db", "--keep-weekly", "-2"])
+
+
+def test_the_cli_words_retention_as_the_policy_does() -> None:
+    assert tuple(TIERS) == RETENTION_TIERS  # the CLI knows the tiers from the vocabulary
+    for given in (
+        {},
+        {"generations": 3},
+        {"generations": 2, "keep_daily": 7, "keep_monthly": 12},
+        {"keep_weekly": 4, "tz": "UTC"},
+    ):
+        assert retention_text(given) == retention_of(given).describe()
