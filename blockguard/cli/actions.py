@@ -15,7 +15,14 @@ from blockguard.cli import shapes
 from blockguard.cli.client import JOB, POOL, VOLUME, Client, RemoteError, plain, variant
 from blockguard.cli.errors import CliError
 from blockguard.cli.output import Column, Output, text
-from blockguard.core.vocab import format_ago, format_duration, format_rate, format_size
+from blockguard.core.vocab import (
+    DEFAULT_GENERATIONS,
+    RETENTION_TIERS,
+    format_ago,
+    format_duration,
+    format_rate,
+    format_size,
+)
 from blockguard.errors import ExitCode
 
 __all__ = ["Output"]
@@ -358,6 +365,10 @@ def _objectives(args: argparse.Namespace) -> dict[str, Any]:
         "rto": args.rto,
         "restore_mode": args.restore_mode,
         "generations": args.generations,
+        "keep_hourly": args.keep_hourly,
+        "keep_daily": args.keep_daily,
+        "keep_weekly": args.keep_weekly,
+        "keep_monthly": args.keep_monthly,
         "tz": args.tz,
         "drill": args.drill,
     }
@@ -368,7 +379,8 @@ def objectives(client: Client, args: argparse.Namespace, out: Output) -> None:
     values = _objectives(args)
     if not values:
         raise CliError(
-            "give at least one of --rpo, --rto, --restore-mode, --generations, --tz, --drill "
+            "give at least one of --rpo, --rto, --restore-mode, --generations (--keep-last), "
+            "--keep-hourly, --keep-daily, --keep-weekly, --keep-monthly, --tz, --drill "
             '(only those are set; "" clears one)',
             ExitCode.USAGE,
         )
@@ -435,6 +447,7 @@ def volume_show(client: Client, args: argparse.Namespace, out: Output) -> None:
             ("pool", v["Pool"]),
             ("tracking", f"{v['TrackerState']} ({v['Backend']}, chunk {v['ChunkSize']})"),
             ("objectives", dict(sorted(v["Objectives"].items()))),
+            ("retention", retention_text(v["Objectives"])),
             ("changed since backup", format_size(v["ChangedBytesSinceBackup"])),
             ("changed since full", format_size(v["ChangedBytesSinceFull"])),
             ("restore estimates", estimates),
@@ -466,6 +479,30 @@ def drill_text(drill: dict[str, Any]) -> str:
         f"{human_seconds(drill['upper_seconds'])}){held}"
     )
     return text + (f": {drill['problem']}" if drill.get("problem") else "")
+
+
+def retention_text(objectives: dict[str, Any]) -> str:
+    """The retention a volume's objectives ask for, as ``Plan`` words it:
+    ``last 7, daily 7, weekly 4 (local time)`` (``last 7`` alone without tiers)."""
+    parts = [f"last {objectives.get('generations') or DEFAULT_GENERATIONS}"]
+    parts += [
+        f"{tier} {objectives[f'keep_{tier}']}"
+        for tier in RETENTION_TIERS
+        if objectives.get(f"keep_{tier}")
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return f"{', '.join(parts)} ({objectives.get('tz') or 'local time'})"
+
+
+def _retention_line(retention: dict[str, Any]) -> str:
+    """``Retention: last 7, daily 7 (local time): keeps 9 generations (db@3 needed by ...)``."""
+    kept = retention.get("kept", [])
+    line = f"Retention: {retention['policy']}: keeps {len(kept)} generation(s)"
+    doomed = retention.get("would_delete", [])
+    if doomed:
+        line += f"; would delete {len(doomed)} now (at the next backup)"
+    return line
 
 
 def volume_drill(client: Client, args: argparse.Namespace, out: Output) -> None:
@@ -545,6 +582,20 @@ def plan(client: Client, args: argparse.Namespace, out: Output) -> None:
         out.line(f"  by term: {_breakdown_text(decision['restore_breakdown'])}")
         if "restore_terms" in decision:
             out.line(f"  terms: {_terms_text(decision['restore_terms'])}")
+    retention = decision.get("retention")
+    if retention:
+        out.line(_retention_line(retention))
+        out.table(
+            "Kept by retention",
+            [Column("generation", keep=True), Column("why")],
+            (
+                [
+                    f"{args.volume}@{k['number']}" if k.get("number") else k["generation"],
+                    ", ".join(k["reasons"]),
+                ]
+                for k in retention.get("kept", [])
+            ),
+        )
     estimates = decision.get("estimated_restore_seconds", {})
     uppers = decision.get("upper_restore_seconds", {})
     if estimates:

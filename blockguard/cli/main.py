@@ -19,7 +19,12 @@ from typing import Any
 from blockguard.cli import actions, health
 from blockguard.cli.client import Client
 from blockguard.cli.errors import explain, next_step
-from blockguard.core.vocab import MAX_GENERATIONS, RESTORE_MODES, RestoreMode
+from blockguard.core.vocab import (
+    DEFAULT_GENERATIONS,
+    MAX_GENERATIONS,
+    RESTORE_MODES,
+    RestoreMode,
+)
 from blockguard.errors import ExitCode
 
 
@@ -115,10 +120,31 @@ OBJECTIVE_ARGS = (
     Arg("--restore-mode", choices=[*RESTORE_MODES, ""], help="what the RTO refers to"),
     Arg(
         "--generations",
+        "--keep-last",
         type=bounded_int("generations", 1, MAX_GENERATIONS, clearable=True),
-        help=f"how many generations to keep (1..{MAX_GENERATIONS})",
+        metavar="N",
+        help=f"keep the newest N generations (1..{MAX_GENERATIONS}; default {DEFAULT_GENERATIONS})",
     ),
-    Arg("--tz", type=objective_text("tz"), help="time zone of a daily RPO (default: local time)"),
+    *(
+        Arg(
+            f"--keep-{tier}",
+            type=bounded_int(f"keep-{tier}", 0, MAX_GENERATIONS, clearable=True),
+            metavar="N",
+            help=f"also keep the newest generation of each of the last N {unit} that have "
+            'one (0 or "" clears; buckets in --tz, default local time)',
+        )
+        for tier, unit in (
+            ("hourly", "hours"),
+            ("daily", "days"),
+            ("weekly", "ISO weeks"),
+            ("monthly", "months"),
+        )
+    ),
+    Arg(
+        "--tz",
+        type=objective_text("tz"),
+        help="time zone of a daily RPO and of the --keep-* buckets (default: local time)",
+    ),
     Arg(
         "--drill",
         type=objective_text("drill"),

@@ -3,10 +3,13 @@
 A volume's (or group's) objectives are kept as the client typed them (``"every 15m"``,
 ``"5m"``), so ``Objectives`` shows what was asked for. ``SetObjectives`` sets only the
 keys it is given (an empty string removes one), so setting ``rto`` never drops an ``rpo``
-or resets ``generations``. ``drill`` (how often the volume's restore drill runs) defaults
-to weekly for a set with an RTO and to off without one (:func:`drill_of`). Every value is
-checked before anything is stored, and numbers before any conversion, so a D-Bus ``t`` of
-2**64-1 is a named refusal, not an ``OverflowError``.
+or resets ``generations``. Retention is ``generations`` (keep the newest N) and the
+optional time tiers ``keep_hourly``, ``keep_daily``, ``keep_weekly``, ``keep_monthly``
+(:func:`retention_of`; their buckets are in the set's ``tz``). ``drill`` (how often the
+volume's restore drill runs) defaults to weekly for a set with an RTO and to off without
+one (:func:`drill_of`). Every value is checked before anything is stored, and numbers
+before any conversion, so a D-Bus ``t`` of 2**64-1 is a named refusal, not an
+``OverflowError``.
 """
 
 from __future__ import annotations
@@ -29,11 +32,14 @@ from blockguard.core.objectives import (
     parse_rpo,
     parse_rto,
 )
+from blockguard.core.retention import TIERS, RetentionPolicy
 from blockguard.core.vocab import RestoreMode
 from blockguard.errors import InvalidObjectives
 
 #: The keys a client may set; the values are kept as given (strings as typed).
-OBJECTIVE_KEYS = ("rpo", "rto", "restore_mode", "generations", "tz", "drill")
+#: The time-tier retention keys, ``keep_hourly`` .. ``keep_monthly`` (0..MAX_GENERATIONS).
+KEEP_KEYS = tuple(f"keep_{tier}" for tier in TIERS)
+OBJECTIVE_KEYS = ("rpo", "rto", "restore_mode", "generations", *KEEP_KEYS, "tz", "drill")
 #: The value that removes a key from a stored set (``SetObjectives`` sets only the keys given).
 CLEAR = ""
 #: No objective is typed with more characters than this; longer text is refused unread.
@@ -84,16 +90,17 @@ def check_value(key: str, value: Any) -> Any:
         if not MIN_RTO <= rto <= MAX_RTO:
             raise _refuse(key, value, "is outside 1s..30d")
         return value
-    if key == "generations":
+    if key == "generations" or key in KEEP_KEYS:
+        low = 1 if key == "generations" else 0
         if isinstance(value, bool) or not isinstance(value, str | int):
             raise _refuse(key, value, "must be a whole number")
         if isinstance(value, str):
             text = _check_text(key, value).strip()
             if not (text.isascii() and text.isdigit()) or len(text) > 6:
-                raise _refuse(key, value, f"is not a whole number in 1..{MAX_GENERATIONS}")
+                raise _refuse(key, value, f"is not a whole number in {low}..{MAX_GENERATIONS}")
             value = int(text)
-        if not 1 <= value <= MAX_GENERATIONS:
-            raise _refuse(key, value, f"is not a whole number in 1..{MAX_GENERATIONS}")
+        if not low <= value <= MAX_GENERATIONS:
+            raise _refuse(key, value, f"is not a whole number in {low}..{MAX_GENERATIONS}")
         return value
     text = _check_text(key, value)
     if key == "rpo":
@@ -178,6 +185,7 @@ def parse_given(given: Mapping[str, Any]) -> RecoveryObjectives | None:
         generations=checked.get("generations"),
         restore_mode=checked.get("restore_mode"),
         tz=checked.get("tz"),
+        keep={t: checked.get(f"keep_{t}") for t in TIERS},
     )
 
 
@@ -185,6 +193,24 @@ def generations_of(given: Mapping[str, Any]) -> int:
     """How many generations a stored set keeps (the default when it does not say)."""
     value = given.get("generations")
     return DEFAULT_GENERATIONS if value in (None, CLEAR) else check_value("generations", value)
+
+
+def retention_of(given: Mapping[str, Any]) -> RetentionPolicy:
+    """The retention policy of a stored set: ``generations`` as keep-last (default 7), the
+    ``keep_*`` tiers (default 0), buckets in the set's ``tz`` (default: local time).
+
+    :raises InvalidObjectives: a stored value is not valid.
+    """
+    tiers = {
+        tier: 0 if given.get(key) in (None, CLEAR) else check_value(key, given[key])
+        for tier, key in zip(TIERS, KEEP_KEYS, strict=True)
+    }
+    tz = given.get("tz")
+    return RetentionPolicy(
+        last=generations_of(given),
+        tz=None if tz in (None, CLEAR) else check_value("tz", tz),
+        **tiers,
+    )
 
 
 def drill_of(given: Mapping[str, Any]) -> timedelta | None:

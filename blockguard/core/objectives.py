@@ -16,6 +16,7 @@ from datetime import timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from blockguard.core.retention import TIERS, RetentionPolicy
 from blockguard.core.units import (
     EiB,
     MiB,
@@ -24,7 +25,7 @@ from blockguard.core.units import (
     parse_duration,
     parse_size,
 )
-from blockguard.core.vocab import MAX_GENERATIONS, RestoreMode
+from blockguard.core.vocab import DEFAULT_GENERATIONS, MAX_GENERATIONS, RestoreMode
 from blockguard.errors import InvalidInput, InvalidObjectives
 
 MIN_INTERVAL = timedelta(minutes=1)
@@ -46,7 +47,6 @@ DRILL_WORDS: dict[str, timedelta | None] = {
     "off": None,
 }
 
-DEFAULT_GENERATIONS = 7
 
 _HOUR_RE = re.compile(r"([0-9]{1,2}):([0-9]{2})")
 
@@ -138,13 +138,22 @@ class RecoveryObjectives:
     :param rpo: the recovery point objective, or ``None``.
     :param rto: the recovery time objective, or ``None``.
     :param restore_mode: what the RTO refers to.
-    :param generations: how many generations to keep (at least 1).
+    :param generations: how many of the newest generations to keep (at least 1): the
+        keep-last rule of retention.
+    :param keep_hourly: keep the newest generation of each of this many hours (0: no rule).
+    :param keep_daily: likewise for days.
+    :param keep_weekly: likewise for ISO weeks.
+    :param keep_monthly: likewise for months (see :mod:`blockguard.core.retention`).
     """
 
     rpo: RPO | None = None
     rto: timedelta | None = None
     restore_mode: RestoreMode = RestoreMode.SWAP_IN
     generations: int = DEFAULT_GENERATIONS
+    keep_hourly: int = 0
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
 
     def __post_init__(self) -> None:
         if self.rpo is None and self.rto is None:
@@ -174,6 +183,28 @@ class RecoveryObjectives:
             raise InvalidObjectives(
                 detail=f"generations {g!r} is not an integer in 1..{MAX_GENERATIONS}"
             )
+        for tier in TIERS:
+            n = getattr(self, f"keep_{tier}")
+            if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_GENERATIONS:
+                raise InvalidObjectives(
+                    detail=f"keep_{tier} {n!r} is not an integer in 0..{MAX_GENERATIONS}"
+                )
+
+    def retention(self, tz: str | None = None) -> RetentionPolicy:
+        """The retention policy these objectives ask for, its buckets in zone ``tz``.
+
+        :param tz: IANA zone name; ``None``: the zone of a daily RPO, else local time.
+        """
+        if tz is None and isinstance(self.rpo, DailyRPO):
+            tz = self.rpo.tz
+        return RetentionPolicy(
+            last=self.generations,
+            hourly=self.keep_hourly,
+            daily=self.keep_daily,
+            weekly=self.keep_weekly,
+            monthly=self.keep_monthly,
+            tz=tz,
+        )
 
     def describe(self) -> str:
         """One line for display, e.g. ``"RPO every 1h, RTO 5m (swap-in), 7 generations"``."""
@@ -183,6 +214,9 @@ class RecoveryObjectives:
         if self.rto is not None:
             parts.append(f"RTO {format_duration(self.rto)} ({self.restore_mode.value})")
         parts.append(f"{self.generations} generations")
+        tiers = [f"{t} {getattr(self, 'keep_' + t)}" for t in TIERS if getattr(self, "keep_" + t)]
+        if tiers:
+            parts.append(f"keep {' '.join(tiers)}")
         return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -202,6 +236,7 @@ class RecoveryObjectives:
             "rto_seconds": None if self.rto is None else self.rto.total_seconds(),
             "restore_mode": self.restore_mode.value,
             "generations": self.generations,
+            **{f"keep_{tier}": getattr(self, f"keep_{tier}") for tier in TIERS},
         }
 
     @classmethod
@@ -233,6 +268,8 @@ class RecoveryObjectives:
                 rto=rto,
                 restore_mode=RestoreMode(data.get("restore_mode", RestoreMode.SWAP_IN.value)),
                 generations=data.get("generations", DEFAULT_GENERATIONS),
+                # Records from before time tiers have no keep_* keys: no tier rule.
+                **{f"keep_{tier}": data.get(f"keep_{tier}", 0) for tier in TIERS},  # type: ignore[arg-type]  # checked in __post_init__
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidObjectives(
@@ -355,6 +392,7 @@ def parse_objectives(
     generations: str | int | None = None,
     restore_mode: str | None = None,
     tz: str | None = None,
+    keep: Mapping[str, str | int | None] | None = None,
 ) -> RecoveryObjectives:
     """Build objectives from user strings (CLI, D-Bus); ``None``/empty means "not given".
 
@@ -363,20 +401,33 @@ def parse_objectives(
     :param generations: number of generations to keep (default 7).
     :param restore_mode: ``"swap-in"`` (default) or ``"copy"``.
     :param tz: zone name for a daily-hour RPO (default: local time).
+    :param keep: time tiers by name (``{"daily": 7, "weekly": "4"}``); absent means 0.
     :raises InvalidObjectives: naming the offending value.
     """
-    gens: int = DEFAULT_GENERATIONS
-    if generations is not None and generations != "":
-        if isinstance(generations, str):
-            if not generations.strip().isdigit():
-                raise InvalidObjectives(detail=f"generations {generations!r} is not a whole number")
-            gens = int(generations.strip())
-        else:
-            gens = generations
+    gens = _whole("generations", generations, DEFAULT_GENERATIONS)
+    keep = dict(keep or {})
+    unknown = sorted(set(keep) - set(TIERS))
+    if unknown:
+        raise InvalidObjectives(
+            detail=f"keep tiers {unknown} are unknown; known: {', '.join(TIERS)}"
+        )
+    tiers = {f"keep_{t}": _whole(f"keep_{t}", keep.get(t), 0) for t in TIERS}
     mode = restore_mode or RestoreMode.SWAP_IN
     return RecoveryObjectives(
         rpo=parse_rpo(rpo, tz) if rpo else None,
         rto=parse_rto(rto) if rto else None,
         restore_mode=mode,  # type: ignore[arg-type]  # validated and coerced in __post_init__
         generations=gens,
+        **tiers,
     )
+
+
+def _whole(name: str, value: str | int | None, default: int) -> int:
+    """A count as given (digits as text, or an int); the range is checked by the objectives."""
+    if value is None or value == "":
+        return default
+    if isinstance(value, str):
+        if not (value.strip().isascii() and value.strip().isdigit()):
+            raise InvalidObjectives(detail=f"{name} {value!r} is not a whole number")
+        return int(value.strip())
+    return value

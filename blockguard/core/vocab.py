@@ -18,6 +18,10 @@ from blockguard.errors import InvalidInput
 
 MAX_GENERATIONS = 10_000
 """The most generations an objective may keep (the CLI bounds its argument by it too)."""
+DEFAULT_GENERATIONS = 7
+"""How many of the newest generations retention keeps when the objectives do not say."""
+#: The time tiers of retention (``keep_daily`` ...), finest first: :mod:`.retention`.
+RETENTION_TIERS = ("hourly", "daily", "weekly", "monthly")
 
 
 class GenerationKind(enum.StrEnum):

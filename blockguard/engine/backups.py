@@ -26,6 +26,7 @@ from typing import Any
 from pyroaring import BitMap
 
 from blockguard.core.planner import PlanDecision
+from blockguard.core.retention import RetentionPolicy
 from blockguard.core.vocab import GenerationKind, devno
 from blockguard.engine import ids, poolspace
 from blockguard.engine import service as svc
@@ -261,7 +262,7 @@ def _after_commit(
     volumes: VolumeRegistry,
     pool: PoolBackend,
     events: EventHub,
-    keep: int,
+    keep: RetentionPolicy,
     decision: PlanDecision,
     result: BackupResult,
 ) -> dict[str, Any]:

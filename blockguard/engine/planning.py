@@ -23,6 +23,7 @@ from blockguard.core.objective_sets import (
     generations_of,
     merge_given,
     parse_given,
+    retention_of,
 )
 from blockguard.core.objectives import DEFAULT_GENERATIONS, IntervalRPO, RecoveryObjectives
 from blockguard.core.perftable import DeviceSpeed
@@ -34,11 +35,14 @@ from blockguard.core.restore_model import (
     StoredDelta,
     correction_factor,
 )
+from blockguard.core.retention import RetentionPolicy, choose
 from blockguard.core.scheduler import ScheduleDecision, schedule
 from blockguard.core.vocab import GenerationKind
 from blockguard.core.what_if import ChangeSets, bytes_restorable_within, what_if
 from blockguard.engine.calibration import Calibration, estimate_dict
+from blockguard.engine.ids import public_id, short_id
 from blockguard.storage.manifest import Manifest
+from blockguard.storage.pool.base import generation_refs
 from blockguard.storage.tracking import ChangeSet
 
 if TYPE_CHECKING:
@@ -53,6 +57,7 @@ __all__ = [
     "generations_of",
     "merge_given",
     "parse_given",
+    "retention_of",
 ]
 
 #: Stand-in objectives for planning a volume that has none: no RTO, so the cheapest method.
@@ -102,8 +107,8 @@ class PlanInputs:
     objectives: RecoveryObjectives | None
     correction: float
     copy_target: DeviceSpeed
-    #: How many generations retention keeps (objectives may say so without an RPO or RTO).
-    keep: int = DEFAULT_GENERATIONS
+    #: What retention keeps (objectives may say so without an RPO or RTO).
+    keep: RetentionPolicy = field(default_factory=lambda: RetentionPolicy(DEFAULT_GENERATIONS))
     lost_reason: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     #: why the next backup must be a full (a corrupt generation in the current chain)
@@ -229,4 +234,38 @@ def plan_dict(inputs: PlanInputs, now: datetime) -> dict[str, Any]:
         plan["needed_rate"] = decision.needed_rate
     if "terms" in chosen:
         plan["restore_terms"] = chosen["terms"]
+    plan["retention"] = retention_dict(inputs)
     return plan
+
+
+def retention_dict(inputs: PlanInputs) -> dict[str, Any]:
+    """The volume's retention policy and what it keeps of the pool's generations now.
+
+    ``kept`` lists each kept generation with why (``last 1``, ``daily 2026-12-01``,
+    ``needed by ...``); ``would_delete`` is what applying the policy now would delete
+    (empty unless the policy changed since the last backup, which applies it).
+    """
+    policy = inputs.keep
+    out: dict[str, Any] = {"policy": policy.describe(), **policy.to_dict()}
+    manifests = [] if inputs.generations is None else inputs.generations.manifests
+    choice = choose(generation_refs(manifests), policy)
+    numbers = inputs.generations.numbers() if inputs.generations is not None else {}
+    names = {m.generation_id: m.volume.name for m in manifests}
+
+    def shown(gid: str) -> str:
+        number = numbers.get(gid, 0)
+        return short_id(names[gid], number) if number else public_id(names[gid], gid)
+
+    needed = "needed by "
+    out["kept"] = [
+        {
+            "generation": public_id(names[gid], gid),
+            "number": numbers.get(gid, 0),
+            "reasons": [
+                needed + shown(r[len(needed) :]) if r.startswith(needed) else r for r in reasons
+            ],
+        }
+        for gid, reasons in choice.kept.items()
+    ]
+    out["would_delete"] = [public_id(names[gid], gid) for gid in choice.deleted]
+    return out

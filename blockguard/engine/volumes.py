@@ -31,7 +31,6 @@ from typing import Any
 
 from blockguard.core.catalog import Catalog, Volume
 from blockguard.core.damage import Damage
-from blockguard.core.objectives import DEFAULT_GENERATIONS
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.scheduler import DrillDecision, ScheduleDecision, drill_schedule
 from blockguard.core.vocab import TrackingKind
@@ -52,10 +51,10 @@ from blockguard.engine.planning import (
     chain_view,
     correction_from,
     drill_of,
-    generations_of,
     merge_given,
     parse_given,
     plan_dict,
+    retention_of,
     runs,
     schedule_of,
 )
@@ -176,8 +175,7 @@ class VolumeRegistry:
         if not is_detached(vol) or vol.pool is None:
             return []
         given = self.objectives_of(name)
-        keep = int(given.get("generations", DEFAULT_GENERATIONS))
-        result = self.pools.backend(vol.pool).apply_retention(name, keep)
+        result = self.pools.backend(vol.pool).apply_retention(name, retention_of(given))
         if result.freed_ids:
             self.sync_generations(name)
         return result.freed_ids
@@ -376,7 +374,7 @@ class VolumeRegistry:
             speeds=speeds,
             candidates=candidates,
             objectives=objectives,
-            keep=generations_of(given),
+            keep=retention_of(given),
             correction=correction_from(self.catalog.recent_restores(name)),
             copy_target=default,
             lost_reason=problem,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from pyroaring import BitMap
 
+from blockguard.core.retention import RetentionPolicy
 from blockguard.core.vocab import GenerationKind
 from blockguard.errors import BlockguardError, InvalidInput
 from blockguard.storage.blockdev import BlockDevice
@@ -66,7 +67,7 @@ def run_backup(
     base_id: str | None = None,
     parent_id: str | None = None,
     progress: Progress | None = None,
-    keep: int | None = None,
+    keep: int | RetentionPolicy | None = None,
     extent_bytes: int = DEFAULT_EXTENT_BYTES,
 ) -> BackupResult:
     """Copy ``source`` (a snapshot of ``volume``) into ``pool`` as a committed generation.
@@ -78,7 +79,7 @@ def run_backup(
         only the changed chunks are then read). A full with no ``base_id`` reads everything.
     :param base_id: the base full (differential) or the full to clone (full).
     :param parent_id: the previous generation (incremental); its base is inherited.
-    :param keep: apply retention (keep this many generations) after the commit.
+    :param keep: apply retention (a policy, or keep this many generations) after the commit.
     :raises InvalidInput: inconsistent kind, ids, sizes or chunk size.
     :raises PoolSpaceLow: the pool cannot hold the generation.
     :raises ChecksumMismatch: a stored checksum of the cloned full is inconsistent.
@@ -228,7 +229,7 @@ def _space_alert(pool: PoolBackend, manifest: Manifest, warnings: list[str]) -> 
 
 
 def apply_retention_after_commit(
-    pool: PoolBackend, volume: str, keep: int | None, warnings: list[str]
+    pool: PoolBackend, volume: str, keep: int | RetentionPolicy | None, warnings: list[str]
 ) -> RetentionResult | None:
     """Retention after a committed backup: a failure is a warning, not a failed backup."""
     if not keep:

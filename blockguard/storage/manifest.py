@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import array
 import base64
+import contextlib
 import json
 import os
 import random
@@ -101,16 +102,38 @@ _id_lock = threading.Lock()
 _last_id_time = 0
 
 
-def new_generation_id() -> str:
+#: Test hook: names a file holding seconds added to the clock that stamps new generations.
+GENERATION_CLOCK_ENV = "BLOCKGUARD_TEST_GENERATION_CLOCK"
+
+
+def generation_clock() -> float:
+    """Now, as a new generation is stamped (its id and ``created``).
+
+    Test hook: when :data:`GENERATION_CLOCK_ENV` names a file, the seconds it holds (read
+    each time) are added, so a test of time-tiered retention can make the generations of
+    a year without waiting for one. Unset (always, outside tests), it is ``time.time()``.
+    """
+    now = time.time()
+    path = os.environ.get(GENERATION_CLOCK_ENV)
+    if path:
+        with contextlib.suppress(OSError, ValueError):
+            now += float(Path(path).read_text().strip() or 0)
+    return now
+
+
+def new_generation_id(now: float | None = None) -> str:
     """A unique id that sorts by creation time: ``20261103T120501.123456Z-1a2b3c4d``.
 
     Strictly increasing within a process even when the clock stands still or steps back.
+
+    :param now: the creation time (default: :func:`generation_clock`).
     """
     global _last_id_time
+    micros = int((generation_clock() if now is None else now) * 1e6)
     with _id_lock:
-        now = max(time.time_ns() // 1000, _last_id_time + 1)
-        _last_id_time = now
-    stamp = datetime.fromtimestamp(now / 1e6, UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        now_us = max(micros, _last_id_time + 1)
+        _last_id_time = now_us
+    stamp = datetime.fromtimestamp(now_us / 1e6, UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     return f"{stamp}-{random.getrandbits(32):08x}"
 
 

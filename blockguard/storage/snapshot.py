@@ -41,6 +41,7 @@ from typing import Protocol
 
 from pyroaring import BitMap
 
+from blockguard.core.retention import RetentionPolicy
 from blockguard.core.vocab import GenerationKind, devno
 from blockguard.errors import BlockguardError, InvalidInput, SnapshotOverflow
 from blockguard.storage.backup import BackupResult, apply_retention_after_commit, run_backup
@@ -362,7 +363,7 @@ def backup_point_in_time(
     chunk_size: int,
     base_id: str | None = None,
     parent_id: str | None = None,
-    keep: int | None = None,
+    keep: int | RetentionPolicy | None = None,
     progress: Progress | None = None,
     extent_bytes: int = DEFAULT_EXTENT_BYTES,
 ) -> BackupResult:

@@ -26,13 +26,13 @@ from __future__ import annotations
 import array
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from pyroaring import BitMap
 
-from blockguard.core.retention import GenerationRef, select_for_deletion
+from blockguard.core.retention import GenerationRef, RetentionPolicy, choose
 from blockguard.errors import CorruptMetadata, EnvironmentProblem, NotFound, PoolSpaceLow
 from blockguard.storage.manifest import (
     GenerationKind,
@@ -78,6 +78,7 @@ __all__ = [
     "SpaceAlert",
     "SwapInVolume",
     "VolumeRecord",
+    "generation_refs",
 ]
 
 log = logging.getLogger(__name__)
@@ -441,26 +442,17 @@ class PoolBackend(ABC):
             return gens[-1].volume.size
         return max(m.bytes_stored for m in gens[-4:])
 
-    def apply_retention(self, volume: str, keep: int) -> RetentionResult:
-        """Keep the ``keep`` newest generations of ``volume`` and their dependencies.
+    def apply_retention(self, volume: str, keep: int | RetentionPolicy) -> RetentionResult:
+        """Keep what ``keep`` asks for of ``volume`` and everything that depends on.
 
         Empty deltas do not count (see :mod:`blockguard.core.retention`). Damaged
         generations whose manifest cannot be read are not seen here and stay until
         removed by hand: nothing tells what depends on them.
+
+        :param keep: the volume's policy, or how many of the newest to keep.
         """
-        gens = self.generations(volume)
-        refs = [
-            GenerationRef(
-                m.generation_id,
-                m.kind.value,
-                m.base_id,
-                m.parent_id,
-                m.created,
-                empty=not m.is_full and not m.changed,
-            )
-            for m in gens
-        ]
-        doomed = select_for_deletion(refs, keep)
+        policy = keep if isinstance(keep, RetentionPolicy) else RetentionPolicy(last=keep)
+        doomed = choose(generation_refs(self.generations(volume)), policy).deleted
         before = self.capacity().free
         # Newest first: a generation is removed only after everything that depends on
         # it, so an interrupted retention never leaves a broken chain behind.
@@ -468,3 +460,18 @@ class PoolBackend(ABC):
         freed.reverse()
         after = self.capacity().free if freed else before
         return RetentionResult(freed, max(0, after - before))
+
+
+def generation_refs(manifests: Iterable[Manifest]) -> list[GenerationRef]:
+    """What retention looks at of each manifest (a delta with no changed chunk is empty)."""
+    return [
+        GenerationRef(
+            m.generation_id,
+            m.kind.value,
+            m.base_id,
+            m.parent_id,
+            m.created,
+            empty=not m.is_full and not m.changed,
+        )
+        for m in manifests
+    ]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import time
 from abc import abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +36,7 @@ from blockguard.storage.manifest import (
     check_name,
     crash_point,
     fsync_dir,
+    generation_clock,
     new_generation_id,
 )
 from blockguard.storage.pool.base import (
@@ -151,15 +151,16 @@ class GenerationStore(PoolBackend):
             ):
                 source = None
         root, source = self._make_room(volume, kind, chunk_size, changed, source)
+        created = generation_clock()
         draft = Manifest(
-            generation_id=new_generation_id(),
+            generation_id=new_generation_id(created),
             volume=volume,
             chunk_size=chunk_size,
             kind=kind,
             base_id=None if kind is GenerationKind.FULL else base_id,
             parent_id=None if kind is GenerationKind.FULL else parent_id,
             changed=BitMap() if changed is None else BitMap(changed),
-            created=time.time(),
+            created=created,
             sequence=self.next_sequence(volume.name),
         )
         gen_dir = root / volume.name / draft.generation_id
