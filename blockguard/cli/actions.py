@@ -448,6 +448,7 @@ def volume_show(client: Client, args: argparse.Namespace, out: Output) -> None:
             ("tracking", f"{v['TrackerState']} ({v['Backend']}, chunk {v['ChunkSize']})"),
             ("objectives", dict(sorted(v["Objectives"].items()))),
             ("retention", retention_text(v["Objectives"])),
+            *_restore_mode_field(v.get("RestoreEstimate", {})),
             ("changed since backup", format_size(v["ChangedBytesSinceBackup"])),
             ("changed since full", format_size(v["ChangedBytesSinceFull"])),
             ("restore estimates", estimates),
@@ -515,6 +516,13 @@ def volume_drill(client: Client, args: argparse.Namespace, out: Output) -> None:
         raise CliError(f"the restore drill of {args.name} failed: {result.get('problem')}")
 
 
+def _restore_mode_field(est: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The restore a volume gets without --mode, which its RTO and estimates are for."""
+    if not est.get("mode"):
+        return []
+    return [("restore mode", f"{est['mode']} (without --mode; the RTO refers to it)")]
+
+
 def _estimate_fields(est: dict[str, Any]) -> list[tuple[str, Any]]:
     if not est:
         return []
@@ -578,6 +586,10 @@ def plan(client: Client, args: argparse.Namespace, out: Output) -> None:
             f"Restore estimate {human_seconds(decision['estimated_seconds'])}, upper "
             f"{human_seconds(decision['estimated_upper_seconds'])} "
             f"({decision['restore_mode']}; {decision['calibration']})"
+        )
+        out.line(
+            f"  for a {decision['restore_mode']} restore: what `restore {args.volume}` does "
+            "without --mode, and what the RTO is held against"
         )
         out.line(f"  by term: {_breakdown_text(decision['restore_breakdown'])}")
         if "restore_terms" in decision:

@@ -19,12 +19,7 @@ from typing import Any
 from blockguard.cli import actions, health
 from blockguard.cli.client import Client
 from blockguard.cli.errors import explain, next_step
-from blockguard.core.vocab import (
-    DEFAULT_GENERATIONS,
-    MAX_GENERATIONS,
-    RESTORE_MODES,
-    RestoreMode,
-)
+from blockguard.core.vocab import DEFAULT_GENERATIONS, MAX_GENERATIONS, RESTORE_MODES
 from blockguard.errors import ExitCode
 
 
@@ -117,7 +112,12 @@ OBJECTIVE_ARGS = (
         help='recovery point objective: 15m, every 4h, daily 02:30, changed 10GiB ("" clears)',
     ),
     Arg("--rto", type=objective_text("rto"), help='recovery time objective, e.g. 5m ("" clears)'),
-    Arg("--restore-mode", choices=[*RESTORE_MODES, ""], help="what the RTO refers to"),
+    Arg(
+        "--restore-mode",
+        choices=[*RESTORE_MODES, ""],
+        help="what the RTO refers to, and so what `restore` does without --mode "
+        '(default copy; "" clears)',
+    ),
     Arg(
         "--generations",
         "--keep-last",
@@ -289,7 +289,14 @@ TREE = Cmd(
                     default="",
                     help="7, latest, latest~2 or a unique prefix of the id (default: the newest)",
                 ),
-                Arg("--mode", default=RestoreMode.COPY.value, choices=RESTORE_MODES),
+                Arg(
+                    "--mode",
+                    default="",
+                    choices=RESTORE_MODES,
+                    help="copy (onto the device) or swap-in (the backup becomes a device); "
+                    "default: the mode the volume's RTO refers to (its objectives' "
+                    "restore_mode; copy when they do not say)",
+                ),
                 Arg("--target", default="", help="device to restore onto (default: the original)"),
                 FORCE,
                 NO_WAIT,

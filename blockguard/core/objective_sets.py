@@ -23,6 +23,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from blockguard.core.objectives import (
     DEFAULT_DRILL_INTERVAL,
     DEFAULT_GENERATIONS,
+    DEFAULT_RESTORE_MODE,
+    LEGACY_RESTORE_MODE,
     MAX_GENERATIONS,
     MAX_RTO,
     MIN_RTO,
@@ -152,13 +154,39 @@ def merge_given(current: Mapping[str, Any], given: Any) -> dict[str, Any]:
             detail=f"unknown keys {unknown}; known: {', '.join(OBJECTIVE_KEYS)}"
         )
     merged = dict(current)
+    # A set stored without a mode for its RTO keeps its old meaning (LEGACY_RESTORE_MODE)
+    # until the client names a mode or clears it.
+    legacy = _given(current, "rto") and not _given(current, "restore_mode")
     for key, value in given.items():
         if value == CLEAR:
             merged.pop(key, None)
         else:
             merged[key] = check_value(key, value)
+    if _given(merged, "rto") and not _given(merged, "restore_mode"):
+        # Stored explicitly, so the set says what its RTO refers to (and a later change
+        # of the default cannot change its meaning).
+        kept = legacy and "restore_mode" not in given
+        merged["restore_mode"] = (LEGACY_RESTORE_MODE if kept else DEFAULT_RESTORE_MODE).value
     parse_given(merged)
     return merged
+
+
+def _given(given: Mapping[str, Any], key: str) -> bool:
+    return given.get(key) not in (None, CLEAR)
+
+
+def restore_mode_of(given: Mapping[str, Any]) -> RestoreMode:
+    """The restore mode of a stored set: what its RTO refers to, and so the mode of a
+    restore that names none.
+
+    The set's ``restore_mode``; without one, :data:`LEGACY_RESTORE_MODE` for a set with an
+    RTO (stored before sets carried their mode), else :data:`DEFAULT_RESTORE_MODE`.
+
+    :raises InvalidObjectives: the stored mode is not a restore mode.
+    """
+    if _given(given, "restore_mode"):
+        return RestoreMode(check_value("restore_mode", given["restore_mode"]))
+    return LEGACY_RESTORE_MODE if _given(given, "rto") else DEFAULT_RESTORE_MODE
 
 
 def parse_given(given: Mapping[str, Any]) -> RecoveryObjectives | None:
@@ -183,7 +211,7 @@ def parse_given(given: Mapping[str, Any]) -> RecoveryObjectives | None:
         rpo=checked.get("rpo"),
         rto=f"{rto}s" if isinstance(rto, int | float) else rto,
         generations=checked.get("generations"),
-        restore_mode=checked.get("restore_mode"),
+        restore_mode=restore_mode_of(checked).value,
         tz=checked.get("tz"),
         keep={t: checked.get(f"keep_{t}") for t in TIERS},
     )

@@ -2,8 +2,10 @@
 
 The RPO (how much may be lost) is one of an interval, a daily hour in local time, or an
 amount of changed data; the RTO (how long a restore may take) is a duration that refers to a
-restore mode, swap-in (the default: the backup becomes the volume) or copy (the backup is
-copied back to a new device). Either or both may be given. Everything here validates on
+restore mode, copy (the default: the backup is copied back onto the volume's device or a
+new one) or swap-in (the backup becomes the volume). A restore that names no mode is done
+in the mode its volume's RTO refers to, so the RTO is held against the restore an admin
+gets by default. Either or both may be given. Everything here validates on
 construction, so an invalid ``RecoveryObjectives`` cannot exist.
 """
 
@@ -29,6 +31,16 @@ from blockguard.core.vocab import DEFAULT_GENERATIONS, MAX_GENERATIONS, RestoreM
 from blockguard.errors import InvalidInput, InvalidObjectives
 
 MIN_INTERVAL = timedelta(minutes=1)
+#: What an RTO refers to unless the objectives say otherwise, and so the restore an admin
+#: gets without naming a mode: a copy. It is the restore the seed's RTO describes (the
+#: changed data copied back at the slower of the pool's read and the target's write
+#: speed), it puts the data back where the applications expect it, and it leaves nothing
+#: behind on the pool (a swap-in keeps pool space and a device until it is released).
+DEFAULT_RESTORE_MODE = RestoreMode.COPY
+#: What the RTO of objectives stored without a restore mode refers to: they were stored by
+#: a blockguard whose default was swap-in (before 2026-12), and keep the meaning they had.
+#: Objectives stored since always carry their mode when they have an RTO.
+LEGACY_RESTORE_MODE = RestoreMode.SWAP_IN
 MAX_INTERVAL = timedelta(days=365)
 MIN_RTO = timedelta(seconds=1)
 MAX_RTO = timedelta(days=30)
@@ -148,7 +160,7 @@ class RecoveryObjectives:
 
     rpo: RPO | None = None
     rto: timedelta | None = None
-    restore_mode: RestoreMode = RestoreMode.SWAP_IN
+    restore_mode: RestoreMode = DEFAULT_RESTORE_MODE
     generations: int = DEFAULT_GENERATIONS
     keep_hourly: int = 0
     keep_daily: int = 0
@@ -207,7 +219,7 @@ class RecoveryObjectives:
         )
 
     def describe(self) -> str:
-        """One line for display, e.g. ``"RPO every 1h, RTO 5m (swap-in), 7 generations"``."""
+        """One line for display, e.g. ``"RPO every 1h, RTO 5m (copy), 7 generations"``."""
         parts = []
         if self.rpo is not None:
             parts.append(f"RPO {self.rpo.describe()}")
@@ -266,7 +278,7 @@ class RecoveryObjectives:
             return cls(
                 rpo=rpo,
                 rto=rto,
-                restore_mode=RestoreMode(data.get("restore_mode", RestoreMode.SWAP_IN.value)),
+                restore_mode=RestoreMode(data.get("restore_mode", LEGACY_RESTORE_MODE.value)),
                 generations=data.get("generations", DEFAULT_GENERATIONS),
                 # Records from before time tiers have no keep_* keys: no tier rule.
                 **{f"keep_{tier}": data.get(f"keep_{tier}", 0) for tier in TIERS},  # type: ignore[arg-type]  # checked in __post_init__
@@ -399,7 +411,7 @@ def parse_objectives(
     :param rpo: see :func:`parse_rpo`.
     :param rto: see :func:`parse_rto`.
     :param generations: number of generations to keep (default 7).
-    :param restore_mode: ``"swap-in"`` (default) or ``"copy"``.
+    :param restore_mode: ``"copy"`` (default, :data:`DEFAULT_RESTORE_MODE`) or ``"swap-in"``.
     :param tz: zone name for a daily-hour RPO (default: local time).
     :param keep: time tiers by name (``{"daily": 7, "weekly": "4"}``); absent means 0.
     :raises InvalidObjectives: naming the offending value.
@@ -412,7 +424,7 @@ def parse_objectives(
             detail=f"keep tiers {unknown} are unknown; known: {', '.join(TIERS)}"
         )
     tiers = {f"keep_{t}": _whole(f"keep_{t}", keep.get(t), 0) for t in TIERS}
-    mode = restore_mode or RestoreMode.SWAP_IN
+    mode = restore_mode or DEFAULT_RESTORE_MODE
     return RecoveryObjectives(
         rpo=parse_rpo(rpo, tz) if rpo else None,
         rto=parse_rto(rto) if rto else None,

@@ -246,8 +246,10 @@ class ManagerInterface(ServiceInterface):
     async def Restore(
         self, volume: Str, generation: Str, mode: Str, target: Str, force: Bool
     ) -> ObjPath:
-        """generation "" means the newest; target "" the original device."""
-        vocab.check_choice("restore mode", mode, vocab.RESTORE_MODES)
+        """generation "" means the newest; mode "" the mode the volume's RTO refers to
+        (its objectives' restore_mode, copy without one); target "" the original device."""
+        if mode:
+            vocab.check_choice("restore mode", mode, vocab.RESTORE_MODES)
         job = await self._call(self.service.restore, volume, generation, mode, target, force)
         return self.tree.job(job)
 

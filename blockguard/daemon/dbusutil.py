@@ -24,6 +24,7 @@ import logging
 import os
 import pwd
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from dbus_fast import Message, MessageType, Variant
@@ -32,6 +33,7 @@ from dbus_fast.annotations import DBusSignature
 from dbus_fast.errors import DBusError
 
 from blockguard.core.vocab import scalar_signature
+from blockguard.daemon import audit
 from blockguard.errors import BlockguardError, InternalError, NotAuthorized
 
 log = logging.getLogger(__name__)
@@ -170,6 +172,16 @@ def from_variant(value: Any) -> Any:
 # --- authorisation -----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Caller:
+    """The sender of a method call and what the bus knows of it."""
+
+    sender: str
+    uid: int
+    pid: int | None = None
+    groups: frozenset[int] | None = None
+
+
 class Authorizer:
     """Decides whether the sender of the current call may change things.
 
@@ -190,7 +202,14 @@ class Authorizer:
         except KeyError:
             return None
 
-    async def _credentials(self, sender: str) -> tuple[int, set[int] | None]:
+    async def identify(self, action: str) -> Caller:
+        """Who sent the current call, as the bus says (``GetConnectionCredentials``).
+
+        :raises NotAuthorized: the caller cannot be identified (fail closed).
+        """
+        msg = _current_call.get()
+        if msg is None or not msg.sender:
+            raise NotAuthorized(detail=f"{action}: the caller could not be identified")
         reply = await self.bus.call(
             Message(
                 destination="org.freedesktop.DBus",
@@ -198,35 +217,43 @@ class Authorizer:
                 interface="org.freedesktop.DBus",
                 member="GetConnectionCredentials",
                 signature="s",
-                body=[sender],
+                body=[msg.sender],
             )
         )
         if reply.message_type == MessageType.ERROR:
-            raise NotAuthorized(detail=f"the bus does not know the caller {sender}")
+            raise NotAuthorized(detail=f"the bus does not know the caller {msg.sender}")
         creds = from_variant(reply.body[0])
         groups = creds.get("UnixGroupIDs")
-        return int(creds["UnixUserID"]), None if groups is None else set(groups)
+        pid = creds.get("ProcessID")
+        return Caller(
+            sender=msg.sender,
+            uid=int(creds["UnixUserID"]),
+            pid=None if pid is None else int(pid),
+            groups=None if groups is None else frozenset(groups),
+        )
 
-    async def require(self, action: str) -> None:
-        """Raise :class:`NotAuthorized` unless the current caller may do ``action``."""
-        msg = _current_call.get()
-        if msg is None or not msg.sender:
-            # Fail closed: without a known caller nothing may change.
-            raise NotAuthorized(detail=f"{action}: the caller could not be identified")
-        uid, groups = await self._credentials(msg.sender)
-        if uid == 0:
+    def check(self, caller: Caller, action: str) -> None:
+        """Raise :class:`NotAuthorized` unless ``caller`` may do ``action``."""
+        if caller.uid == 0:
             return
         gid = self._admin_gid()
         if gid is not None:
+            groups = caller.groups
             if groups is None:
-                groups = self._groups_of_user(uid)
+                groups = frozenset(self._groups_of_user(caller.uid))
             if gid in groups:
                 return
-        log.warning("refused %s to uid %s (%s)", action, uid, msg.sender)
+        log.warning("refused %s to uid %s (%s)", action, caller.uid, caller.sender)
         raise NotAuthorized(
             detail=f"{action} needs root or membership of group {self.admin_group} "
-            f"(the caller has uid {uid})"
+            f"(the caller has uid {caller.uid})"
         )
+
+    async def require(self, action: str) -> Caller:
+        """Raise :class:`NotAuthorized` unless the current caller may do ``action``."""
+        caller = await self.identify(action)
+        self.check(caller, action)
+        return caller
 
     @staticmethod
     def _groups_of_user(uid: int) -> set[int]:
@@ -238,6 +265,24 @@ class Authorizer:
 
 
 # --- the one decorator -------------------------------------------------------------------
+
+
+def _audit(
+    method: str,
+    caller: Caller | None,
+    names: list[str],
+    args: tuple[Any, ...],
+    outcome: str,
+    error: str = "",
+    result: Any = None,
+) -> None:
+    """Write the audit entry of a call; a failure to do so never changes its outcome."""
+    try:
+        who = audit.CallerId() if caller is None else audit.CallerId(caller.uid, caller.pid)
+        summary = audit.summarise_arguments(names, args)
+        audit.record(method, who, summary, outcome, error, result)
+    except Exception:
+        log.exception("writing the audit entry of %s failed", method)
 
 
 def internal_error(exc: BaseException, what: str) -> DBusError:
@@ -257,10 +302,12 @@ def as_dbus_error(exc: BaseException, what: str) -> DBusError:
 
 
 def handler(*, read_only: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Wrap a D-Bus method or property getter: error mapping plus authorisation.
+    """Wrap a D-Bus method or property getter: error mapping, authorisation, audit.
 
     :param read_only: the method changes nothing, so anyone may call it. Every method not
-        marked so requires root or the admin group. Property getters must be read-only.
+        marked so requires root or the admin group, and each call of it, accepted or
+        refused, leaves an audit entry (:mod:`blockguard.daemon.audit`, whose
+        ``MUTATING_METHODS`` must list it). Property getters must be read-only.
 
     The object must have an ``authorizer`` attribute (an :class:`Authorizer`) unless
     every handler on it is read-only.
@@ -269,17 +316,30 @@ def handler(*, read_only: bool = False) -> Callable[[Callable[..., Any]], Callab
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         what = fn.__name__
         if inspect.iscoroutinefunction(fn):
+            arg_names = list(inspect.signature(fn).parameters)[1:]
 
             @functools.wraps(fn)
             async def async_wrapper(self: Any, *args: Any) -> Any:
+                if read_only:
+                    try:
+                        return await fn(self, *args)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:
+                        raise as_dbus_error(exc, what) from None
+                caller: Caller | None = None
                 try:
-                    if not read_only:
-                        await self.authorizer.require(what)
-                    return await fn(self, *args)
+                    caller = await self.authorizer.identify(what)
+                    self.authorizer.check(caller, what)
+                    result = await fn(self, *args)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    raise as_dbus_error(exc, what) from None
+                    error = as_dbus_error(exc, what)
+                    _audit(what, caller, arg_names, args, audit.REFUSED, error.type)
+                    raise error from None
+                _audit(what, caller, arg_names, args, audit.ACCEPTED, result=result)
+                return result
 
             async_wrapper.read_only = read_only  # type: ignore[attr-defined]
             return async_wrapper

@@ -10,13 +10,36 @@ Under systemd (``JOURNAL_STREAM`` or ``INVOCATION_ID`` set) they become journal 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 from collections.abc import Mapping
 
+from blockguard.daemon.audit import AUDIT_FIELDS
+
 #: The structured fields blockguard uses (journal field names are upper case).
-FIELDS = ("VOLUME", "POOL", "GENERATION", "JOB", "MESSAGE_ID", "ALERT", "ALERT_STATE")
+FIELDS = (
+    "VOLUME",
+    "POOL",
+    "GENERATION",
+    "JOB",
+    "MESSAGE_ID",
+    "ALERT",
+    "ALERT_STATE",
+    *AUDIT_FIELDS,
+)
+
+
+def _field(value: object) -> str:
+    # A value with blanks (the audit's argument summary) is quoted, so the line stays
+    # one ``KEY=VALUE`` per field.
+    text = str(value)
+    return (
+        json.dumps(text, ensure_ascii=False)
+        if not text or any(c.isspace() or c in '"[]' for c in text)
+        else text
+    )
 
 
 def under_systemd(environ: Mapping[str, str] | None = None) -> bool:
@@ -29,7 +52,7 @@ class FieldsFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        present = [f"{k}={getattr(record, k)}" for k in FIELDS if hasattr(record, k)]
+        present = [f"{k}={_field(getattr(record, k))}" for k in FIELDS if hasattr(record, k)]
         return f"{line} [{' '.join(present)}]" if present else line
 
 

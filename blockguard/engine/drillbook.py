@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from blockguard.core.catalog import Catalog
+from blockguard.core.objectives import DEFAULT_RESTORE_MODE
 from blockguard.core.vocab import GenerationKind
 from blockguard.engine.jobs import JobKind
 from blockguard.storage.copyengine import Progress
@@ -202,5 +203,5 @@ def floors_of(
 
 
 def drill_mode(objectives: Any) -> str:
-    """The mode a volume is drilled in: what its RTO refers to (swap-in by default)."""
-    return objectives.restore_mode.value if objectives is not None else "swap-in"
+    """The mode a volume is drilled in: what its RTO refers to (copy by default)."""
+    return (objectives.restore_mode if objectives is not None else DEFAULT_RESTORE_MODE).value

@@ -23,9 +23,15 @@ from blockguard.core.objective_sets import (
     generations_of,
     merge_given,
     parse_given,
+    restore_mode_of,
     retention_of,
 )
-from blockguard.core.objectives import DEFAULT_GENERATIONS, IntervalRPO, RecoveryObjectives
+from blockguard.core.objectives import (
+    DEFAULT_GENERATIONS,
+    DEFAULT_RESTORE_MODE,
+    IntervalRPO,
+    RecoveryObjectives,
+)
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.planner import PlanDecision, plan_backup
 from blockguard.core.restore_model import (
@@ -37,7 +43,7 @@ from blockguard.core.restore_model import (
 )
 from blockguard.core.retention import RetentionPolicy, choose
 from blockguard.core.scheduler import ScheduleDecision, schedule
-from blockguard.core.vocab import GenerationKind
+from blockguard.core.vocab import GenerationKind, RestoreMode
 from blockguard.core.what_if import ChangeSets, bytes_restorable_within, what_if
 from blockguard.engine.calibration import Calibration, estimate_dict
 from blockguard.engine.ids import public_id, short_id
@@ -57,11 +63,17 @@ __all__ = [
     "generations_of",
     "merge_given",
     "parse_given",
+    "restore_mode_of",
     "retention_of",
 ]
 
-#: Stand-in objectives for planning a volume that has none: no RTO, so the cheapest method.
-_NO_OBJECTIVES = RecoveryObjectives(rpo=IntervalRPO(timedelta(days=1)))
+
+def _objectives_or_stand_in(inputs: PlanInputs) -> RecoveryObjectives:
+    """The volume's objectives; for one that has none, a stand-in with no RTO (so the
+    cheapest method) whose estimates are for the restore the volume gets by default."""
+    if inputs.objectives is not None:
+        return inputs.objectives
+    return RecoveryObjectives(rpo=IntervalRPO(timedelta(days=1)), restore_mode=inputs.restore_mode)
 
 
 @dataclass(frozen=True)
@@ -119,6 +131,8 @@ class PlanInputs:
     calibration: Calibration = field(default_factory=Calibration)
     #: seconds a restore after each method is known to take at least (a volume drill)
     floors: dict[GenerationKind, float] = field(default_factory=dict)
+    #: the mode of a restore that names none: what the RTO refers to (restore_mode_of)
+    restore_mode: RestoreMode = DEFAULT_RESTORE_MODE
 
 
 def correction_from(records: Sequence[Any]) -> float:
@@ -136,7 +150,7 @@ def decide(inputs: PlanInputs) -> PlanDecision:
         inputs.view.chain,
         inputs.changes,
         inputs.speeds,
-        inputs.objectives or _NO_OBJECTIVES,
+        _objectives_or_stand_in(inputs),
         candidates=inputs.candidates,
         copy_target=inputs.copy_target,
         correction=inputs.correction,
@@ -148,7 +162,7 @@ def decide(inputs: PlanInputs) -> PlanDecision:
 
 def what_ifs(inputs: PlanInputs) -> dict[str, RestoreEstimate]:
     """Method -> restore estimate of the newest state after a backup of it now."""
-    objectives = inputs.objectives or _NO_OBJECTIVES
+    objectives = _objectives_or_stand_in(inputs)
     result = what_if(
         inputs.view.chain,
         inputs.changes,

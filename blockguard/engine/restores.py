@@ -128,10 +128,16 @@ def check_restore(
     target: str,
     force: bool,
 ) -> RestoreRequest:
-    """Every check of a restore request; changes nothing."""
+    """Every check of a restore request; changes nothing.
+
+    :param mode: ``"copy"``, ``"swap-in"``, or ``""`` for the mode the volume's RTO refers
+        to (its objectives' ``restore_mode``; copy for a volume without objectives).
+    """
     vol = volumes.catalog.get_volume(volume)
     manifest = find_generation(volumes, volume, generation)
     assert vol.pool is not None
+    if not mode:
+        mode = volumes.restore_mode(volume).value
     if vocab.check_choice("restore mode", mode, vocab.RESTORE_MODES) == RestoreMode.SWAP_IN:
         if target:
             raise InvalidInput(detail="a swap-in restore makes its own device; give no target")

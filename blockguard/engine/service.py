@@ -307,8 +307,9 @@ class Service(Protocol):
         """Set the given objectives of a volume or of a group; the other keys stay as they are.
 
         :param objectives: keys ``rpo`` (text such as ``"every 15m"``), ``rto`` (``"5m"``),
-            ``restore_mode`` (``"swap-in"``/``"copy"``), ``generations`` (int), ``tz``;
-            an empty string as a value removes that key. Nothing is stored on refusal.
+            ``restore_mode`` (``"copy"``, the default, or ``"swap-in"``), ``generations``
+            (int), ``tz``; an empty string as a value removes that key.
+            Nothing is stored on refusal.
         :returns: the names of the volumes whose objectives changed.
         :raises InvalidObjectives: naming the offending value.
         """
@@ -344,7 +345,8 @@ class Service(Protocol):
         """Restore ``generation`` of ``volume``.
 
         :param generation: a generation id, or ``""`` for the newest.
-        :param mode: ``"copy"`` (onto ``target``) or ``"swap-in"``.
+        :param mode: ``"copy"`` (onto ``target``), ``"swap-in"``, or ``""`` for the mode
+            the volume's RTO refers to (its objectives' ``restore_mode``; copy without one).
         :param target: the device to restore onto; ``""`` means the original device.
         """
 

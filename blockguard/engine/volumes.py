@@ -33,7 +33,7 @@ from blockguard.core.catalog import Catalog, Volume
 from blockguard.core.damage import Damage
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.scheduler import DrillDecision, ScheduleDecision, drill_schedule
-from blockguard.core.vocab import TrackingKind
+from blockguard.core.vocab import RestoreMode, TrackingKind
 from blockguard.core.what_if import ChangeSets
 from blockguard.engine import ids, poolspace, volumeinfo
 from blockguard.engine import service as svc
@@ -54,6 +54,7 @@ from blockguard.engine.planning import (
     merge_given,
     parse_given,
     plan_dict,
+    restore_mode_of,
     retention_of,
     runs,
     schedule_of,
@@ -329,6 +330,10 @@ class VolumeRegistry:
                 return {**group.objectives, "group": vol.group}
         return {}
 
+    def restore_mode(self, name: str) -> RestoreMode:
+        """The mode of a restore of ``name`` that names none: what its RTO refers to."""
+        return restore_mode_of(self.objectives_of(name))
+
     def inputs(self, name: str, source: str | None = None) -> PlanInputs:
         """Gather what the planner needs now (asks the tracker: a full read for scan).
 
@@ -382,6 +387,7 @@ class VolumeRegistry:
             generations=gens,
             calibration=calibration(self.catalog, sorted(speeds), pool_speeds),
             floors=floors_of(self.drills.last(name), drill_mode(objectives), manifests),
+            restore_mode=restore_mode_of(given),
         )
 
     def _change_sets(

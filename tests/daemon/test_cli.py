@@ -56,7 +56,7 @@ def test_full_round_in_json(daemon: Daemon, loopdev: LoopFactory) -> None:
     assert listing["schema"] == 1
     volumes = listing["volumes"]
     assert volumes[0]["name"] == "db" and volumes[0]["device"] == device
-    assert volumes[0]["objectives"] == {"rpo": "15m", "rto": "5m"}
+    assert volumes[0]["objectives"] == {"rpo": "15m", "rto": "5m", "restore_mode": "copy"}
     plan = json.loads(ctl(daemon, "--json", "plan", "db").stdout)["plan"]
     assert plan["method"] == "full" and "full needed: no full backup yet" in plan["reasons"]
     backup = ctl(daemon, "backup", "--json", "db")

@@ -80,7 +80,12 @@ def test_backups_follow_the_rto_and_restore_bit_exact(
                 "SetObjectives",
                 "sa{sv}",
                 "db",
-                {"rto": variant("2s"), "generations": variant(10)},
+                # The RTO refers to a swap-in (where the full costs nothing).
+                {
+                    "rto": variant("2s"),
+                    "restore_mode": variant("swap-in"),
+                    "generations": variant(10),
+                },
             )
 
             points: dict[str, str] = {}  # generation -> sha256 of the volume at its point

@@ -52,7 +52,10 @@ def populate(client: Client, devices: dict[str, str]) -> dict[str, tuple[str, st
         # At 8 MiB/s an RTO of 2 s allows 16 MiB to copy back: the chain grows with
         # incrementals until a differential is needed (see test_engine_e2e).
         client.call(
-            "SetObjectives", "sa{sv}", name, {"rto": variant("2s"), "generations": variant(9)}
+            "SetObjectives",
+            "sa{sv}",
+            name,
+            {"rto": variant("2s"), "restore_mode": variant("swap-in"), "generations": variant(9)},
         )
         write_random(device, 0, VOLUME_SIZE, seed=hash(name) & 0xFFFF)
     for n, (name, offset) in enumerate(

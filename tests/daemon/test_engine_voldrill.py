@@ -76,7 +76,7 @@ def test_scheduled_drill_restores_verifies_and_is_shown(
     write_random(volume, 0, SIZE, seed=1)
     daemon = engine.start(BLOCKGUARD_SCHEDULER_INTERVAL="0.2")
     assert ctl(daemon, "pool", "create", "p1", pool_disk).returncode == 0
-    out = ctl(daemon, "protect", volume, "db", "--rto", "1h")
+    out = ctl(daemon, "protect", volume, "db", "--rto", "1h", "--restore-mode", "swap-in")
     assert out.returncode == 0, out.stderr
     with Client(daemon.address) as client:
         # Only an RTO: the first full is due at once, then the first drill (never drilled).
@@ -146,7 +146,10 @@ def test_slow_drill_alerts_and_makes_the_next_backup_a_full(
     write_random(volume, 0, SIZE, seed=1)
     daemon = engine.start(BLOCKGUARD_TEST_DRILL_DELAY="1.5")
     assert ctl(daemon, "pool", "create", "p1", pool_disk).returncode == 0
-    assert ctl(daemon, "protect", volume, "db", "--rto", "1s").returncode == 0
+    assert (
+        ctl(daemon, "protect", volume, "db", "--rto", "1s", "--restore-mode", "swap-in").returncode
+        == 0
+    )
     with Client(daemon.address) as client:
         backup = run_job(client, client.call("BackupNow", "s", "db"))
         assert backup["State"] == "done", backup["Error"]
@@ -206,7 +209,21 @@ def test_drill_that_finds_damage_alerts_and_makes_the_next_backup_a_full(
     write_random(volume, 0, SIZE, seed=1)
     daemon = engine.start()
     assert ctl(daemon, "pool", "create", "p1", pool_disk).returncode == 0
-    assert ctl(daemon, "protect", volume, "db", "--rto", "1h", "--rpo", "1h").returncode == 0
+    assert (
+        ctl(
+            daemon,
+            "protect",
+            volume,
+            "db",
+            "--rto",
+            "1h",
+            "--rpo",
+            "1h",
+            "--restore-mode",
+            "swap-in",
+        ).returncode
+        == 0
+    )
     with Client(daemon.address) as client:
         run_job(client, client.call("BackupNow", "s", "db"))
         write_random(volume, 4 * MiB, 64 * 1024, seed=2)
@@ -270,7 +287,10 @@ def test_a_restore_stops_the_drill_of_its_volume(
     # Every generation read of a drill takes a minute: only a stop ends it in time.
     daemon = engine.start(BLOCKGUARD_TEST_DRILL_DELAY="60")
     assert ctl(daemon, "pool", "create", "p1", pool_disk).returncode == 0
-    assert ctl(daemon, "protect", volume, "db", "--rto", "1h").returncode == 0
+    assert (
+        ctl(daemon, "protect", volume, "db", "--rto", "1h", "--restore-mode", "swap-in").returncode
+        == 0
+    )
     with Client(daemon.address) as client:
         backup = run_job(client, client.call("BackupNow", "s", "db"))
         assert backup["State"] == "done", backup["Error"]
@@ -301,7 +321,10 @@ def test_a_daemon_stopped_during_a_drill_leaves_no_scratch_behind(
     write_random(volume, 0, SIZE, seed=1)
     daemon = engine.start(BLOCKGUARD_TEST_DRILL_DELAY="60")
     assert ctl(daemon, "pool", "create", "p1", pool_disk).returncode == 0
-    assert ctl(daemon, "protect", volume, "db", "--rto", "1h").returncode == 0
+    assert (
+        ctl(daemon, "protect", volume, "db", "--rto", "1h", "--restore-mode", "swap-in").returncode
+        == 0
+    )
     with Client(daemon.address) as client:
         assert run_job(client, client.call("BackupNow", "s", "db"))["State"] == "done"
         drill = client.call("DrillVolume", "s", "db")

@@ -621,7 +621,7 @@ DBUS_CASES: list[tuple[str, frozenset[str] | str, Call]] = [
     ),
     # --- restore: modes and targets --------------------------------------------------------
     ("restore with mode teleport", "InvalidInput", restore(FREE, GEN, "teleport")),
-    ("restore with mode empty", "InvalidInput", restore(FREE, GEN, "")),
+    # (mode "" is the objectives' mode: tests/daemon/test_restore_default.py)
     ("restore with mode COPY", "InvalidInput", restore(FREE, GEN, "COPY")),
     ("swap-in with a target", "InvalidInput", restore(FREE, GEN, "swap-in")),
     ("restore an unknown volume", "NotFound", restore(FREE, "", "copy", "nope")),

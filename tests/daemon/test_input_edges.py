@@ -75,10 +75,12 @@ def test_objectives_merge_and_atomic_protect(
 
         # Only the keys given change: the RPO and the retention stay.
         assert cli(daemon.address, "objectives", "v", "--rto", "2.1s").returncode == 0
+        # The RTO is stored with what it refers to (the default: copy).
         assert objectives_of(client, "v") == {
             "rpo": "every 15m",
             "generations": 9,
             "rto": "2.1s",
+            "restore_mode": "copy",
         }
         client.call("SetObjectives", "sa{sv}", "v", {"generations": Variant("t", 12)})
         client.call("SetObjectives", "sa{sv}", "v", {"restore_mode": Variant("s", "copy")})

@@ -12,6 +12,7 @@ from dbus_fast import Variant
 from dbus_fast.errors import DBusError
 
 from blockguard.daemon.dbusutil import (
+    Caller,
     as_dbus_error,
     escape_path_element,
     handler,
@@ -122,7 +123,10 @@ def test_handler_maps_errors(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_mutating_handler_requires_authorisation() -> None:
     class Denier:
-        async def require(self, action: str) -> None:
+        async def identify(self, action: str) -> Caller:
+            return Caller(sender=":1.9", uid=1000)
+
+        def check(self, caller: Caller, action: str) -> None:
             raise NotAuthorized(detail=f"{action} refused")
 
     class Obj:

@@ -320,7 +320,8 @@ def test_lvm_pool_era_and_thin_over_dbus(world: World, engine: EngineHarness) ->
             assert props["Backend"] == {"thick": "era", "thin": "thin"}[vol], props
             assert props["Device"] == world.volumes[vol]
             client.call("SetObjectives", "sa{sv}", vol,
-                        {"rto": variant("2s"), "generations": variant(10)})  # fmt: skip
+                        {"rto": variant("2s"), "restore_mode": variant("swap-in"),
+                         "generations": variant(10)})  # fmt: skip
         # Interposed: the LV keeps its path and device; its own table is now dm-era, with
         # the metadata on an LV of the pool.
         assert dm_type(f"{VG}-thick") == "era"

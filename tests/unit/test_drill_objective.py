@@ -77,11 +77,11 @@ def test_drills_default_to_weekly_with_an_rto_and_off_without() -> None:
 
 
 def test_drill_is_a_settable_key_that_the_planner_ignores() -> None:
-    merged = merge_given({"rto": "5m"}, {"drill": "daily"})
-    assert merged == {"rto": "5m", "drill": "daily"}
+    merged = merge_given({"rto": "5m", "restore_mode": "copy"}, {"drill": "daily"})
+    assert merged == {"rto": "5m", "restore_mode": "copy", "drill": "daily"}
     parsed = parse_given(merged)
     assert parsed is not None and parsed.rto == timedelta(minutes=5)
-    assert merge_given(merged, {"drill": ""}) == {"rto": "5m"}
+    assert merge_given(merged, {"drill": ""}) == {"rto": "5m", "restore_mode": "copy"}
 
 
 def test_first_drill_is_due_once_there_is_a_generation() -> None:
@@ -142,7 +142,7 @@ def _plan(floors: dict[GenerationKind, float] | None) -> PlanDecision:
     speeds = {"ssd": DeviceSpeed(500 * MB, 450 * MB, 200 * MB, 150 * MB)}
     chain = Chain(10 * GB, "ssd", (StoredDelta(GenerationKind.INCREMENTAL, 1 * MB, "ssd"),))
     changes = ChangeSets(1 * MB, 2 * MB, 10 * GB)
-    objectives = RecoveryObjectives(rto=timedelta(minutes=5))
+    objectives = RecoveryObjectives(rto=timedelta(minutes=5), restore_mode=RestoreMode.SWAP_IN)
     return plan_backup(chain, changes, speeds, objectives, floors=floors)
 
 

@@ -16,8 +16,10 @@ from blockguard.core.objective_sets import (
     generations_of,
     merge_given,
     parse_given,
+    restore_mode_of,
 )
 from blockguard.core.objectives import DEFAULT_GENERATIONS
+from blockguard.core.vocab import RestoreMode
 from blockguard.errors import InvalidObjectives
 from blockguard.storage.dm import driver_loaded
 
@@ -25,7 +27,8 @@ BASE = {"rpo": "every 15m", "generations": 9}
 
 
 def test_only_the_keys_given_change() -> None:
-    assert merge_given(BASE, {"rto": "2.1s"}) == {**BASE, "rto": "2.1s"}
+    # A set with an RTO stores what it refers to: the default, copy, unless given.
+    assert merge_given(BASE, {"rto": "2.1s"}) == {**BASE, "rto": "2.1s", "restore_mode": "copy"}
     assert merge_given(BASE, {"generations": 12}) == {"rpo": "every 15m", "generations": 12}
     assert merge_given(BASE, {"generations": "3"}) == {"rpo": "every 15m", "generations": 3}
     assert merge_given(BASE, {"tz": "UTC"}) == {**BASE, "tz": "UTC"}
@@ -33,6 +36,34 @@ def test_only_the_keys_given_change() -> None:
     assert merge_given(BASE, {"rpo": ""}) == {"generations": 9}
     assert merge_given(BASE, {"rpo": "", "generations": ""}) == {}
     assert merge_given({}, {"restore_mode": "copy"}) == {"restore_mode": "copy"}
+
+
+def test_the_restore_mode_is_copy_by_default_and_stored_with_every_rto() -> None:
+    new = clean_given({"rto": "5m"})
+    assert new == {"rto": "5m", "restore_mode": "copy"}
+    assert restore_mode_of(new) is RestoreMode.COPY
+    assert parse_given(new).restore_mode is RestoreMode.COPY  # type: ignore[union-attr]
+    assert clean_given({"rto": "5m", "restore_mode": "swap-in"})["restore_mode"] == "swap-in"
+    # Without an RTO nothing is added, and a restore is a copy unless the set says so.
+    assert clean_given({"rpo": "every 1h"}) == {"rpo": "every 1h"}
+    assert restore_mode_of({"rpo": "every 1h"}) is RestoreMode.COPY
+    assert restore_mode_of({}) is RestoreMode.COPY
+    assert restore_mode_of({"generations": 3, "restore_mode": "swap-in"}) is RestoreMode.SWAP_IN
+
+
+def test_sets_stored_before_the_mode_was_kept_mean_swap_in_until_changed() -> None:
+    # Stored by a blockguard whose default was swap-in: an RTO without a mode.
+    old = {"rpo": "every 1h", "rto": "5m"}
+    assert restore_mode_of(old) is RestoreMode.SWAP_IN
+    assert parse_given(old).restore_mode is RestoreMode.SWAP_IN  # type: ignore[union-attr]
+    # Changing other keys, or the RTO itself, keeps that meaning and writes it out...
+    assert merge_given(old, {"generations": 3})["restore_mode"] == "swap-in"
+    assert merge_given(old, {"rto": "10m"})["restore_mode"] == "swap-in"
+    # ...naming a mode or clearing it (back to the default) changes it.
+    assert merge_given(old, {"restore_mode": "copy"})["restore_mode"] == "copy"
+    assert merge_given(old, {"restore_mode": ""})["restore_mode"] == "copy"
+    # Without an RTO left there is nothing to keep.
+    assert merge_given(old, {"rto": ""}) == {"rpo": "every 1h"}
 
 
 def test_a_new_set_stores_only_the_keys_given_and_refuses_bad_sets() -> None:

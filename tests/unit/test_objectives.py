@@ -27,7 +27,7 @@ from blockguard.errors import InvalidInput, InvalidObjectives
 def test_defaults_and_either_objective() -> None:
     only_rto = RecoveryObjectives(rto=timedelta(minutes=5))
     assert only_rto.rpo is None
-    assert only_rto.restore_mode is RestoreMode.SWAP_IN
+    assert only_rto.restore_mode is RestoreMode.COPY  # the restore an admin gets by default
     assert only_rto.generations == 7
     only_rpo = RecoveryObjectives(rpo=IntervalRPO(timedelta(hours=1)))
     assert only_rpo.rto is None

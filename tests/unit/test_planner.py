@@ -61,7 +61,9 @@ def test_unknown_tracker_means_full_even_if_an_incremental_would_fit() -> None:
     decision = plan_backup(chain, changes, SPEEDS, _rto(3600))
     assert decision.method is FULL
     assert "change tracking is not exact" in _text(decision)
-    no_rto = RecoveryObjectives(rpo=IntervalRPO(timedelta(hours=1)))
+    no_rto = RecoveryObjectives(
+        rpo=IntervalRPO(timedelta(hours=1)), restore_mode=RestoreMode.SWAP_IN
+    )
     assert plan_backup(chain, changes, SPEEDS, no_rto).method is FULL
 
 
@@ -145,7 +147,9 @@ def test_infeasible_copy_restore_still_backs_up_and_says_what_is_needed() -> Non
 
 def test_no_rto_prefers_the_cheapest_backup() -> None:
     chain = Chain(100 * GB, "hdd", tuple(StoredDelta(INCR, 50 * GB, "hdd") for _ in range(20)))
-    objectives = RecoveryObjectives(rpo=IntervalRPO(timedelta(hours=1)))
+    objectives = RecoveryObjectives(
+        rpo=IntervalRPO(timedelta(hours=1)), restore_mode=RestoreMode.SWAP_IN
+    )
     decision = plan_backup(chain, ChangeSets(GB, 90 * GB, 100 * GB), SPEEDS, objectives)
     assert decision.method is INCR and decision.feasible
     assert "no RTO set" in _text(decision)

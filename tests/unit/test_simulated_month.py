@@ -99,21 +99,23 @@ SCENARIOS = [
     Scenario(
         "steady, RPO 1h, RTO 5m swap-in, ssd first",
         steady,
-        RecoveryObjectives(rpo=HOURLY, rto=_rto(5)),
+        RecoveryObjectives(rpo=HOURLY, rto=_rto(5), restore_mode=RestoreMode.SWAP_IN),
         ["ssd", "hdd"],
         set(GenerationKind),
     ),
     Scenario(
         "hot-spot, RPO 1h, RTO 5m swap-in, hdd only",
         hot_spot,
-        RecoveryObjectives(rpo=HOURLY, rto=_rto(5)),
+        RecoveryObjectives(rpo=HOURLY, rto=_rto(5), restore_mode=RestoreMode.SWAP_IN),
         ["hdd"],
         {GenerationKind.INCREMENTAL, GenerationKind.DIFFERENTIAL},
     ),
     Scenario(
         "bursty, RPO 4 GiB changed, RTO 10m swap-in, hdd first",
         bursty,
-        RecoveryObjectives(rpo=ChangedDataRPO(4 * GiB), rto=_rto(10)),
+        RecoveryObjectives(
+            rpo=ChangedDataRPO(4 * GiB), rto=_rto(10), restore_mode=RestoreMode.SWAP_IN
+        ),
         ["hdd", "ssd"],
         {GenerationKind.INCREMENTAL, GenerationKind.FULL},
     ),
@@ -129,7 +131,7 @@ SCENARIOS = [
     Scenario(
         "steady, no RPO, RTO 5m swap-in, hdd first",
         steady,
-        RecoveryObjectives(rto=_rto(5)),
+        RecoveryObjectives(rto=_rto(5), restore_mode=RestoreMode.SWAP_IN),
         ["hdd", "ssd"],
         {GenerationKind.INCREMENTAL, GenerationKind.FULL},
     ),
