@@ -31,7 +31,7 @@ from blockguard.errors import (
 from blockguard.storage.backup import run_backup
 from blockguard.storage.blockdev import BlockDevice, aligned_buffer
 from blockguard.storage.manifest import MANIFEST_NAME, VolumeIdentity
-from blockguard.storage.pool.base import SpaceAlert
+from blockguard.storage.pool.base import GenerationSpec, SpaceAlert
 from blockguard.storage.pool.lvmgen import lv_name_of
 from blockguard.storage.pool.lvmpool import META_LV, LvmPool
 from blockguard.storage.restore import restore_in_place, restore_to_device, swap_in, verify
@@ -408,10 +408,10 @@ def test_reopen_removes_garbage_capacity_and_alert(make_pool, loopdev, tmp_path:
     keep = run_backup(pool, ident, vol, "full", None, chunk_size=CHUNK).manifest
     assert before.free - pool.capacity().free >= SIZE
     # Garbage 1: a writer that died after writing chunks (its lock is gone with it).
-    w = pool.begin_generation(
+    w = pool.begin_generation(GenerationSpec(
         ident, GenerationKind.INCREMENTAL, CHUNK, random_writes(vol, SIZE, CHUNK,
         random.Random(2), 5), base_id=full.generation_id, parent_id=full.generation_id,
-    )  # fmt: skip
+    ))  # fmt: skip
     assert w.lv in lv_names(pool.vg)
     w.data.target.close()  # type: ignore[union-attr]
     os.close(w._lock_fd)  # type: ignore[attr-defined]
@@ -440,8 +440,7 @@ def test_reopen_removes_garbage_capacity_and_alert(make_pool, loopdev, tmp_path:
         assert alerts and alerts[-1].needed == free + 1 and alerts[-1].volume == "vol"
         huge = VolumeIdentity("huge", 64 << 30)
         with pytest.raises(PoolSpaceLow):
-            pool.begin_generation(huge, GenerationKind.FULL, CHUNK, None,
-                                  base_id=None, parent_id=None)  # fmt: skip
+            pool.begin_generation(GenerationSpec(huge, GenerationKind.FULL, CHUNK))
         assert pool.generations("huge") == []
         assert {n for n in lv_names(pool.vg) if n.startswith("g")} == {
             lv_name_of(keep.generation_id)

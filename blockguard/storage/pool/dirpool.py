@@ -25,8 +25,6 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from pyroaring import BitMap
-
 from blockguard.errors import (
     Busy,
     CorruptMetadata,
@@ -36,14 +34,13 @@ from blockguard.errors import (
 )
 from blockguard.storage.blockdev import device_rdev, mounted_devnos
 from blockguard.storage.manifest import (
-    GenerationKind,
     Manifest,
-    VolumeIdentity,
     check_name,
 )
 from blockguard.storage.pool.base import (
     AlertCallback,
     GenerationReader,
+    GenerationSpec,
     PoolCapacity,
     PoolDevice,
     SwapInVolume,
@@ -252,22 +249,18 @@ class DirPool(GenerationStore):
         return [mnt / "volumes" for _, mnt in self._areas]
 
     def _make_room(
-        self,
-        volume: VolumeIdentity,
-        kind: GenerationKind,
-        chunk_size: int,
-        changed: BitMap | None,
-        source: Manifest | None,
+        self, spec: GenerationSpec, source: Manifest | None
     ) -> tuple[Path, Manifest | None]:
         """The area with the most free space, or the source full's area when the clone
         fits there (a reflink cannot cross file systems)."""
         if not self._areas:
             raise EnvironmentProblem(detail=f"pool {self.name} has no devices")
+        volume = spec.volume
         # A clone shares the source's extents: only the changed chunks need new space.
         changed_count: int | None = None
-        if changed is not None and (kind is not GenerationKind.FULL or source is not None):
-            changed_count = len(changed)
-        needed = self.estimate_bytes(volume, changed_count, chunk_size)
+        if spec.changed is not None and (not spec.is_full or source is not None):
+            changed_count = len(spec.changed)
+        needed = self.estimate_bytes(volume, changed_count, spec.chunk_size)
         area = max((mnt for _, mnt in self._areas), key=self._area_free)
         if source is not None:
             src_area = self._gen_dir(volume.name, source.generation_id).parents[2]

@@ -43,21 +43,18 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from pyroaring import BitMap
-
 from blockguard.errors import AlreadyExists, CorruptMetadata, InvalidInput, NotFound
 from blockguard.storage.blockdev import BlockDevice, device_rdev, mounted_devnos
 from blockguard.storage.lvm import Lvm
 from blockguard.storage.manifest import (
-    GenerationKind,
     Manifest,
-    VolumeIdentity,
     check_name,
     crash_point,
 )
 from blockguard.storage.pool.base import (
     AlertCallback,
     GenerationReader,
+    GenerationSpec,
     PoolCapacity,
     PoolDevice,
     SwapInVolume,
@@ -353,25 +350,21 @@ class LvmPool(GenerationStore):
         return bool(source.storage.get("lv"))
 
     def _make_room(
-        self,
-        volume: VolumeIdentity,
-        kind: GenerationKind,
-        chunk_size: int,
-        changed: BitMap | None,
-        source: Manifest | None,
+        self, spec: GenerationSpec, source: Manifest | None
     ) -> tuple[Path, Manifest | None]:
         """Check the VG and, for a full, grow the thin pool to hold it."""
-        # A thin block is allocated whole however little of it a chunk covers.
-        per_chunk = max(chunk_size, THIN_BLOCK) if kind is GenerationKind.FULL else chunk_size
-        if kind is GenerationKind.FULL:
-            needed = volume.size if source is None else len(changed or ()) * per_chunk
+        volume, chunk_size, changed = spec.volume, spec.chunk_size, spec.changed or ()
+        if spec.is_full:
+            # A thin block is allocated whole however little of it a chunk covers.
+            per_chunk = max(chunk_size, THIN_BLOCK)
+            needed = volume.size if source is None else len(changed) * per_chunk
         else:
-            needed = len(changed or ()) * chunk_size
+            needed = len(changed) * chunk_size
         needed = min(needed, round_up(volume.size, EXTENT))
         sp = self.volume_group.space()
         if sp.vg_free + sp.thin_free < needed:
             self.require_space(needed, volume.name)  # alerts and raises
-        if kind is GenerationKind.FULL:
+        if spec.is_full:
             self.volume_group.ensure_thin_room(needed, sp, self.preferred_device)
         return self.meta_dir / "volumes", source
 
