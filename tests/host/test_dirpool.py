@@ -27,6 +27,7 @@ from blockguard.storage.manifest import MANIFEST_NAME, VolumeIdentity
 from blockguard.storage.pool.base import GenerationSpec, SpaceAlert
 from blockguard.storage.pool.dirpool import DirPool
 from blockguard.storage.pool.gendir import creating
+from blockguard.storage.pool.registration import DiskAdmission
 from tests.fsutil import frozen
 
 MiB = 1 << 20
@@ -227,7 +228,7 @@ def test_add_device_grows_capacity(pool: DirPool, loopdev) -> None:
     assert len(pool.devices()) == 2 and dev.area.endswith("area-1")
     assert after.total > before.total + 300 * MiB
     with pytest.raises(PoolDiskRefused, match=f"it is {dev.path}, a disk of pool p"):
-        pool.add_device(dev.path, force=True)
+        pool.add_device(dev.path, DiskAdmission(force=True))
 
 
 def test_space_alert_and_refusal(loopdev, tmp_path: Path) -> None:

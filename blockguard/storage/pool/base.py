@@ -58,7 +58,7 @@ from blockguard.storage.pool.values import (
 )
 
 if TYPE_CHECKING:
-    from blockguard.storage.safety import SafetyGate
+    from blockguard.storage.pool.registration import DiskAdmission
     from blockguard.storage.snapshot import CowStore
 
 # The values and records are part of the interface: importers take them from here.
@@ -187,15 +187,9 @@ class PoolBackend(ABC):
     def devices(self) -> list[PoolDevice]: ...
 
     @abstractmethod
-    def add_device(
-        self,
-        path: str,
-        *,
-        protected: Sequence[str] = (),
-        force: bool = False,
-        gate: SafetyGate | None = None,
-    ) -> PoolDevice:
-        """Add a disk (same refusals as pool creation; ``gate``: the daemon's gate)."""
+    def add_device(self, path: str, admission: DiskAdmission | None = None) -> PoolDevice:
+        """Add a disk, refused as at pool creation (``admission``: the daemon's gate and
+        ``force``; without one, a gate that knows no protected volume)."""
 
     @abstractmethod
     def capacity(self) -> PoolCapacity: ...
