@@ -525,7 +525,7 @@ def test_registration_refuses_each_in_use_case(loopdev, tmp_path: Path) -> None:
 
 
 def test_damage_is_reported_and_verify_reads_the_whole_chain(make_pool, loopdev) -> None:
-    from blockguard.storage.restore import verify_chain
+    from blockguard.storage.restore import verify
 
     pool = make_pool()
     vol = loopdev(SIZE, "vol.img")
@@ -541,13 +541,13 @@ def test_damage_is_reported_and_verify_reads_the_whole_chain(make_pool, loopdev)
                 parent_id=gens[-1].generation_id,
             ).manifest
         )  # fmt: skip
-    assert verify_chain(pool, "vol", gens[2].generation_id).chain == tuple(
+    assert verify(pool, "vol", gens[2].generation_id, whole_chain=True).chain == tuple(
         m.generation_id for m in gens
     )
     bad = next(c for c in range(SIZE // CHUNK) if c not in gens[1].changed | gens[2].changed)
     flip_byte(pool, gens[0].generation_id, bad)
     with pytest.raises(ChecksumMismatch, match=f"generation {gens[0].generation_id} at chunk"):
-        verify_chain(pool, "vol", gens[2].generation_id)
+        verify(pool, "vol", gens[2].generation_id, whole_chain=True)
 
     assert pool.mark_damaged("vol", gens[0].generation_id, "a bad chunk", bad)
     manifest = pool._gen_dir("vol", gens[1].generation_id) / MANIFEST_NAME
