@@ -1,4 +1,5 @@
-"""The plain values a pool reports: its disks, its space, what it holds and what it freed."""
+"""The plain values of the pool interface: what a pool is asked to write, its disks, its
+space, what it holds and what it freed."""
 
 from __future__ import annotations
 
