@@ -191,8 +191,7 @@ class ManagerInterface(ServiceInterface):
         objectives: VarDict,
     ) -> ObjPath:
         """chunk_size 0, backend "" and pool "" mean: let the daemon choose."""
-        info = await self._call(
-            self.service.protect,
+        request = svc.ProtectRequest(
             device,
             name,
             chunk_size or None,
@@ -200,6 +199,7 @@ class ManagerInterface(ServiceInterface):
             pool or None,
             from_variant(objectives),
         )
+        info = await self._call(self.service.protect, request)
         return self.tree.volume(info)
 
     @dbus_method()

@@ -41,7 +41,7 @@ from blockguard.errors import BlockguardError, InvalidInput, TrackingLost
 from blockguard.storage.backup import BackupResult, apply_retention_after_commit, run_backup
 from blockguard.storage.blockdev import BlockDevice
 from blockguard.storage.manifest import Manifest, VolumeIdentity, crash_point
-from blockguard.storage.pool.base import GenerationWriter, PoolBackend
+from blockguard.storage.pool.base import GenerationSpec, GenerationWriter, PoolBackend
 from blockguard.storage.snapshot import backup_point_in_time
 from blockguard.storage.tracking import DIGEST_SIZE, ChunkHashes, chunk_digest
 from blockguard.storage.tracking.base import chunk_count
@@ -95,8 +95,8 @@ class _HashingPool:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def begin_generation(self, *args: Any, **kwargs: Any) -> _HashingWriter:
-        writer = self._inner.begin_generation(*args, **kwargs)
+    def begin_generation(self, spec: GenerationSpec) -> _HashingWriter:
+        writer = self._inner.begin_generation(spec)
         return _HashingWriter(writer, self.hashes, self.written, self._chunk, self._delay)
 
 

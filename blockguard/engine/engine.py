@@ -443,19 +443,9 @@ class Engine:
 
     # --- volumes --------------------------------------------------------------------------
 
-    def protect(
-        self,
-        device: str,
-        name: str,
-        chunk_size: int | None,
-        backend: str | None,
-        pool: str | None = None,
-        objectives: Mapping[str, Any] | None = None,
-    ) -> svc.VolumeInfo:
+    def protect(self, request: svc.ProtectRequest) -> svc.VolumeInfo:
         with self._lock:
-            info = protection.protect(
-                self.volumes, device, name, chunk_size, backend, pool, objectives
-            )
+            info = protection.protect(self.volumes, request)
         if info.pool:
             self._auto_drill(info.pool)
         return info

@@ -138,7 +138,8 @@ def import_pool(pools: PoolRegistry, volumes: VolumeRegistry, devices: Sequence[
         if record is not None and record.tracker_backend != DETACHED and _device_matches(record):
             try:
                 chosen = record.tracker_backend or None
-                protection.protect(volumes, record.device_path, name, record.chunk_size, chosen)
+                again = svc.ProtectRequest(record.device_path, name, record.chunk_size, chosen)
+                protection.protect(volumes, again)
                 log.info("import: %s protected again on %s", name, record.device_path)
                 continue
             except BlockguardError as exc:

@@ -41,7 +41,7 @@ from blockguard.storage.manifest import Manifest
 from blockguard.storage.pool.base import PoolBackend, SpaceAlert
 from blockguard.storage.pool.dirpool import MIN_DEVICE_SIZE, DirPool
 from blockguard.storage.pool.lvmpool import LvmPool
-from blockguard.storage.pool.registration import refuse_unless_free
+from blockguard.storage.pool.registration import DiskAdmission, refuse_unless_free
 from blockguard.storage.runner import Runner
 from blockguard.storage.safety import SafetyGate
 
@@ -305,7 +305,7 @@ class PoolRegistry:
                 rest = devices[1:]
             try:
                 for path in rest:
-                    pool.add_device(path, force=force, gate=gate)
+                    pool.add_device(path, DiskAdmission(gate, force=force))
                 with self.catalog.transaction():
                     self.catalog.add_pool(name, backend, str(self.settings.mount_root / name))
                     # By device number: LVM may name a PV otherwise than it was given.
@@ -329,7 +329,7 @@ class PoolRegistry:
             self._check_new_devices(devices, gate, force)
             measured = {path: self._measure(path, gate, force) for path in devices}
             for path in devices:
-                dev = pool.add_device(path, force=force, gate=gate)
+                dev = pool.add_device(path, DiskAdmission(gate, force=force))
                 self._record_device(name, path, dev.size, measured[path])
         self.events.emit(svc.PoolChanged(name))
         return self.info(name)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,27 +42,21 @@ class _ProtectPlan:
     existing: Volume | None
 
 
-def protect(
-    volumes: VolumeRegistry,
-    device: str,
-    name: str,
-    chunk_size: int | None,
-    backend: str | None,
-    pool: str | None = None,
-    objectives: Mapping[str, Any] | None = None,
-) -> svc.VolumeInfo:
-    """Protect ``device`` as volume ``name``, or re-attach it to the detached ``name``.
+def protect(volumes: VolumeRegistry, request: svc.ProtectRequest) -> svc.VolumeInfo:
+    """Protect ``request.device`` as volume ``request.name``, or re-attach it to the
+    detached volume of that name.
 
     Everything is checked before anything is created: a refusal leaves no volume.
     """
+    device, name = request.device, request.name
     vocab.check_name("volume", name)
-    chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+    chunk = DEFAULT_CHUNK_SIZE if request.chunk_size is None else request.chunk_size
     validate_chunk_size(chunk)
     if not isinstance(device, str) or not device.startswith("/"):
         raise InvalidInput(detail=f"device {device!r} must be an absolute path")
-    stored = clean_given(objectives) if objectives else None
+    stored = clean_given(request.objectives) if request.objectives else None
     with volumes.lock:
-        plan = _protect_plan(volumes, device, name, chunk, backend, pool)
+        plan = _protect_plan(volumes, request, chunk)
         tracking, era_metadata = _start_tracking(volumes, plan)
         try:
             _record_protected(volumes, plan, stored)
@@ -89,19 +82,13 @@ def protect(
     return info
 
 
-def _protect_plan(
-    volumes: VolumeRegistry,
-    device: str,
-    name: str,
-    chunk: int,
-    backend: str | None,
-    pool: str | None,
-) -> _ProtectPlan:
+def _protect_plan(volumes: VolumeRegistry, request: svc.ProtectRequest, chunk: int) -> _ProtectPlan:
     """Check a protect request and decide its pool and tracking backend (changes nothing).
 
     :raises AlreadyExists: ``name`` is protected already.
     :raises InvalidInput: no pool, or a detached volume asked onto another pool.
     """
+    device, name, backend, pool = request.device, request.name, request.backend, request.pool
     existing = next((v for v in volumes.catalog.list_volumes() if v.name == name), None)
     if existing is not None and not is_detached(existing):
         raise AlreadyExists(what="volume", name=name)

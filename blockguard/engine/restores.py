@@ -54,7 +54,7 @@ from blockguard.storage.restore import (
     restore_in_place,
     restore_to_device,
     swap_in,
-    verify_chain,
+    verify,
 )
 
 log = logging.getLogger(__name__)
@@ -335,7 +335,13 @@ def run_verify(
     public = ids.public_id(volume, manifest.generation_id)
     pool = pools.backend(pool_name)
     try:
-        result = verify_chain(pool, volume, manifest.generation_id, progress=JobProgress(progress))
+        result = verify(
+            pool,
+            volume,
+            manifest.generation_id,
+            whole_chain=True,
+            progress=JobProgress(progress),
+        )
     except (ChecksumMismatch, CorruptMetadata) as exc:
         _blame(volumes, pool, volume, manifest, exc)
     volumes.clear_corrupt(volume, list(result.chain))

@@ -63,6 +63,25 @@ class GenerationInfo:
 
 
 @dataclass(frozen=True)
+class ProtectRequest:
+    """What a client asks :meth:`Service.protect` for: ``device`` protected as ``name``.
+
+    :param chunk_size: tracking granularity in bytes; ``None`` for the default.
+    :param backend: tracking backend (e.g. ``"era"``, ``"thin"``); ``None`` to choose.
+    :param pool: the pool to back up into; ``None`` to place the volume on the pool
+        with the most free space that holds a full backup of it.
+    :param objectives: as for :meth:`Service.set_objectives`; ``None`` or empty for none.
+    """
+
+    device: str
+    name: str
+    chunk_size: int | None = None
+    backend: str | None = None
+    pool: str | None = None
+    objectives: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class VolumeInfo:
     """A protected volume as the clients see it.
 
@@ -274,25 +293,12 @@ class Service(Protocol):
         """:raises NotFound: if there is no such pool."""
 
     # volumes
-    def protect(
-        self,
-        device: str,
-        name: str,
-        chunk_size: int | None,
-        backend: str | None,
-        pool: str | None = None,
-        objectives: Mapping[str, Any] | None = None,
-    ) -> VolumeInfo:
-        """Start protecting ``device`` as volume ``name``, with its objectives, in one step.
+    def protect(self, request: ProtectRequest) -> VolumeInfo:
+        """Start protecting a device as a volume, with its objectives, in one step.
 
         Everything is checked before anything is created, so a refusal leaves nothing
         behind (no volume without the objectives the client asked for).
 
-        :param chunk_size: tracking granularity in bytes; ``None`` for the default.
-        :param backend: tracking backend (e.g. ``"era"``, ``"thin"``); ``None`` to choose.
-        :param pool: the pool to back up into; ``None`` to place the volume on the pool
-            with the most free space that holds a full backup of it.
-        :param objectives: as for :meth:`set_objectives`; ``None`` or empty for none.
         :raises PoolSpaceLow: no pool (or not the one named) has room for a full backup.
         :raises InvalidObjectives: naming the offending key and value.
         """

@@ -35,7 +35,13 @@ from blockguard.storage.manifest import (
     crash_point,
     new_checksum_array,
 )
-from blockguard.storage.pool.base import GenerationWriter, PoolBackend, RetentionResult, SpaceAlert
+from blockguard.storage.pool.base import (
+    GenerationSpec,
+    GenerationWriter,
+    PoolBackend,
+    RetentionResult,
+    SpaceAlert,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,25 +98,15 @@ def run_backup(
     kind = GenerationKind(kind)
     check_chunk_size(chunk_size)
     progress = progress or Progress()
-    links = _links(pool, volume, kind, changed, chunk_size, base_id, parent_id)
+    spec = _spec(pool, volume, kind, changed, chunk_size, base_id, parent_id)
     with BlockDevice(source, direct=True) as src:
         if src.size != volume.size:
             raise InvalidInput(
                 detail=f"source {source} has {src.size} bytes, volume {volume.name} {volume.size}"
             )
-        writer = pool.begin_generation(
-            volume,
-            kind,
-            chunk_size,
-            links.changed,
-            base_id=links.base_id,
-            parent_id=links.parent_id,
-            clone_from=links.clone_from,
-        )
+        writer = pool.begin_generation(spec)
         with writer:
-            copied, sums = _copy_into(
-                pool, writer, src, volume, kind, links.changed, chunk_size, progress, extent_bytes
-            )
+            copied, sums = _copy_into(pool, writer, src, spec, progress, extent_bytes)
             crash_point("before-commit")
             manifest = writer.commit(sums)
     warnings: list[str] = []
@@ -121,17 +117,7 @@ def run_backup(
     )
 
 
-@dataclass(frozen=True)
-class _Links:
-    """What a new generation copies and builds on, as the pool is asked to write it."""
-
-    changed: BitMap | None
-    base_id: str | None
-    parent_id: str | None
-    clone_from: str | None
-
-
-def _links(
+def _spec(
     pool: PoolBackend,
     volume: VolumeIdentity,
     kind: GenerationKind,
@@ -139,15 +125,17 @@ def _links(
     chunk_size: int,
     base_id: str | None,
     parent_id: str | None,
-) -> _Links:
-    """Check the references a backup of ``kind`` names and decide its links (writes nothing).
+) -> GenerationSpec:
+    """Check the references a backup of ``kind`` names and decide what the pool is asked
+    to write: what it copies and builds on (writes nothing).
 
     :raises InvalidInput: a reference is missing, of the wrong kind or shape, or a delta
         has no change set.
     """
     if kind is GenerationKind.FULL:
         clone_from = base_id if changed is not None else None
-        return _Links(None if clone_from is None else changed, None, None, clone_from)
+        changed = None if clone_from is None else changed
+        return GenerationSpec(volume, kind, chunk_size, changed, clone_from=clone_from)
     if kind is GenerationKind.DIFFERENTIAL:
         base = _reference(pool, volume, base_id, chunk_size, "base")
         if not base.is_full:
@@ -158,17 +146,14 @@ def _links(
         base_id = parent.generation_id if parent.is_full else parent.base_id
     if changed is None:
         raise InvalidInput(detail=f"a {kind} backup needs the set of changed chunks")
-    return _Links(changed, base_id, parent_id, None)
+    return GenerationSpec(volume, kind, chunk_size, changed, base_id, parent_id)
 
 
 def _copy_into(
     pool: PoolBackend,
     writer: GenerationWriter,
     src: BlockDevice,
-    volume: VolumeIdentity,
-    kind: GenerationKind,
-    changed: BitMap | None,
-    chunk_size: int,
+    spec: GenerationSpec,
     progress: Progress,
     extent_bytes: int,
 ) -> tuple[int, array.array[int]]:
@@ -177,6 +162,7 @@ def _copy_into(
     :returns: the bytes copied and the generation's checksum array (a cloned full's
         starts as its clone's, so only the changed chunks are read).
     """
+    volume, kind, changed, chunk_size = spec.volume, spec.kind, spec.changed, spec.chunk_size
     nchunks = chunk_count(volume.size, chunk_size)
     todo: BitMap | None
     if kind is GenerationKind.FULL and writer.cloned_from is not None:

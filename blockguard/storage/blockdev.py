@@ -19,7 +19,7 @@ from pathlib import Path
 
 from blockguard.core import vocab
 from blockguard.errors import DeviceInUse, DeviceReadOnly, EnvironmentProblem, NotABlockDevice
-from blockguard.storage.ioedge import io_edge, read_at, write_at
+from blockguard.storage.ioedge import EdgeFile
 
 # ioctl numbers from <linux/fs.h>
 BLKGETSIZE64 = 0x80081272
@@ -44,8 +44,9 @@ class DeviceIdentity:
         return f"{self.major}:{self.minor}"
 
 
-class BlockDevice:
-    """An open, verified block device. Use as a context manager.
+class BlockDevice(EdgeFile):
+    """An open, verified block device. Use as a context manager; its I/O is the edge's
+    (:class:`~.ioedge.EdgeFile`).
 
     :param path: device path; it must resolve to a block device.
     :param write: open read-write (never creates anything).
@@ -111,39 +112,6 @@ class BlockDevice:
     @property
     def read_only(self) -> bool:
         return _ioctl_int(self.fd, BLKROGET) != 0
-
-    def pread_into(self, buf: memoryview, offset: int) -> int:
-        """Read ``len(buf)`` bytes at ``offset``; short only at the device end.
-
-        :raises DeviceIOError: the kernel failed the read (see :mod:`.ioedge` for the rest).
-        """
-        return read_at(self.fd, buf, offset, path=self.path, pool=self.pool)
-
-    def pwrite_all(self, buf: memoryview | bytes, offset: int) -> None:
-        """Write all of ``buf`` at ``offset``.
-
-        :raises DeviceIOError: the kernel failed the write (see :mod:`.ioedge` for the rest).
-        """
-        write_at(self.fd, buf, offset, path=self.path, pool=self.pool)
-
-    def flush(self) -> None:
-        """Make every write so far durable on the device.
-
-        :raises DeviceIOError: a write-back failed (the kernel reports it here, once).
-        """
-        with io_edge(self.path, "flushing", pool=self.pool):
-            os.fsync(self.fd)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> BlockDevice:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def aligned_buffer(size: int) -> mmap.mmap:

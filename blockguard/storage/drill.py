@@ -45,7 +45,7 @@ from blockguard.storage.manifest import (
     chunk_count,
     new_checksum_array,
 )
-from blockguard.storage.pool.base import PoolBackend
+from blockguard.storage.pool.base import GenerationSpec, PoolBackend
 from blockguard.storage.restore import RestoreResult, rehearse, swap_in
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class _ChainBuilder:
         base: Manifest | None,
         parent: Manifest | None,
     ) -> Manifest:
-        writer = self.pool.begin_generation(
+        spec = GenerationSpec(
             self.volume,
             kind,
             self.chunk_size,
@@ -154,6 +154,7 @@ class _ChainBuilder:
             base_id=None if base is None else base.generation_id,
             parent_id=None if parent is None else parent.generation_id,
         )
+        writer = self.pool.begin_generation(spec)
         cs = self.chunk_size
         with writer:
             if changed is None:

@@ -26,6 +26,7 @@ import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Self
 
 from blockguard.errors import (
     BlockguardError,
@@ -140,3 +141,50 @@ def write_at(
             done += os.pwritev(fd, [view[done:]], offset + done)
     except OSError as exc:
         raise map_oserror(exc, path=path, op="writing", offset=offset + done, pool=pool) from exc
+
+
+class EdgeFile:
+    """An open descriptor of a device or pool data file whose reads, writes and flushes
+    go through the I/O edge: a failure names the path, the offset and (where the file
+    belongs to one) the pool. Use as a context manager.
+
+    A subclass opens and verifies ``fd`` (a block device, a regular file of a pool) and
+    sets ``path`` and ``pool``.
+    """
+
+    path: str | os.PathLike[str]
+    pool: str | None
+    fd: int
+
+    def pread_into(self, buf: memoryview, offset: int) -> int:
+        """Read ``len(buf)`` bytes at ``offset``; short only at the end.
+
+        :raises DeviceIOError: the kernel failed the read (see the module table for the rest).
+        """
+        return read_at(self.fd, buf, offset, path=self.path, pool=self.pool)
+
+    def pwrite_all(self, buf: memoryview | bytes, offset: int) -> None:
+        """Write all of ``buf`` at ``offset``.
+
+        :raises DeviceIOError: the kernel failed the write (see the module table for the rest).
+        """
+        write_at(self.fd, buf, offset, path=self.path, pool=self.pool)
+
+    def flush(self) -> None:
+        """Make every write so far durable.
+
+        :raises DeviceIOError: a write-back failed (the kernel reports it here, once).
+        """
+        with io_edge(self.path, "flushing", pool=self.pool):
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from pyroaring import BitMap
@@ -164,18 +164,8 @@ def swap_in(
             deltas = [(gen, own) for gen, own in plan if not gen.is_full]
             todo = sum(_bytes(gen, own) for gen, own in deltas)
             progress.start(todo + (_bytes(full, plan[0][1]) if verify_base else 0))
-            with contextlib.ExitStack() as stack:
-                readers = [stack.enter_context(pool.open_generation(g)) for g, _ in deltas]
-                items = _gathered_items(readers, [own for _, own in deltas], extent_bytes)
-                written = copy_chunks(
-                    items,
-                    device_sink(dev, full.chunk_size),
-                    chunk_size=full.chunk_size,
-                    volume_size=full.volume.size,
-                    progress=progress,
-                    extent_bytes=extent_bytes,
-                    readers=RESTORE_READERS,
-                )
+            sink = device_sink(dev, full.chunk_size)
+            written = _copy_parts(pool, deltas, sink, full, progress, extent_bytes)
             read = written
             if verify_base:
                 with pool.open_generation(full) as base:
@@ -185,14 +175,7 @@ def swap_in(
                         CopyItem(source, f, n, base.expected(f, n), full.generation_id)
                         for f, n in extents(plan[0][1], full.chunks, max_count)
                     )
-                    read += copy_chunks(
-                        items,
-                        discard_sink,
-                        chunk_size=full.chunk_size,
-                        volume_size=full.volume.size,
-                        progress=progress,
-                        extent_bytes=extent_bytes,
-                    )
+                    read += _check_reads(items, full, progress, extent_bytes)
             dev.flush()
     except BaseException:
         swap.release()
@@ -217,68 +200,34 @@ def verify(
     volume: str,
     generation_id: str,
     *,
+    whole_chain: bool = False,
     progress: Progress | None = None,
     extent_bytes: int = DEFAULT_EXTENT_BYTES,
 ) -> VerifyResult:
-    """Re-read every stored chunk of one generation and check its checksum.
+    """Re-read every stored chunk of one generation and check its checksum; with
+    ``whole_chain``, of each generation a restore of this one needs.
 
-    :raises ChecksumMismatch: naming the first damaged chunk and the generation.
-    :raises CorruptMetadata: the manifest or checksum array is damaged.
-    """
-    started = time.monotonic()
-    manifest = pool.manifest(volume, generation_id)
-    stored = manifest.stored_chunks()
-    progress = progress or Progress()
-    progress.start(_bytes(manifest, stored))
-    nbytes = _read_back(pool, manifest, stored, progress, extent_bytes)
-    return VerifyResult(generation_id, len(stored), nbytes, time.monotonic() - started)
-
-
-def verify_chain(
-    pool: PoolBackend,
-    volume: str,
-    generation_id: str,
-    *,
-    progress: Progress | None = None,
-    extent_bytes: int = DEFAULT_EXTENT_BYTES,
-) -> VerifyResult:
-    """Re-read every stored chunk of each generation a restore of this one needs.
-
-    The full comes first, then each delta of the chain; a generation passes only when
-    its whole chain does (a delta whose parent is damaged cannot be restored).
+    The chain is read full first, then each delta; a generation passes only when its
+    whole chain does (a delta whose parent is damaged cannot be restored).
 
     :raises ChecksumMismatch: naming the first damaged chunk and the generation holding it.
     :raises CorruptMetadata: a link of the chain is missing, or a generation's checksum
         array or data is damaged (``generation`` field: that generation's id).
     """
     started = time.monotonic()
-    chain = pool.chain(volume, generation_id)
+    if whole_chain:
+        chain = pool.chain(volume, generation_id)
+    else:
+        chain = [pool.manifest(volume, generation_id)]
+    stored = [m.stored_chunks() for m in chain]
     progress = progress or Progress()
-    progress.start(sum(_bytes(m, m.stored_chunks()) for m in chain))
-    chunks = nbytes = 0
-    for manifest in chain:
-        stored = manifest.stored_chunks()
-        try:
-            nbytes += _read_back(pool, manifest, stored, progress, extent_bytes)
-        except CorruptMetadata as exc:
-            if exc.fields.get("generation"):
-                raise
-            raise CorruptMetadata(
-                what=f"generation {manifest.generation_id}",
-                detail=str(exc),
-                generation=manifest.generation_id,
-            ) from exc
-        except FileNotFoundError as exc:
-            # A data file that vanished: the generation is damaged.
-            raise CorruptMetadata(
-                what=f"generation {manifest.generation_id}",
-                detail=f"its data file is missing: {exc.filename or exc}",
-                generation=manifest.generation_id,
-            ) from exc
-        chunks += len(stored)
+    progress.start(sum(_bytes(m, own) for m, own in zip(chain, stored, strict=True)))
+    nbytes = 0
+    for manifest, own in zip(chain, stored, strict=True):
+        nbytes += _read_back(pool, manifest, own, progress, extent_bytes)
     return VerifyResult(
         generation_id,
-        chunks,
+        sum(len(own) for own in stored),
         nbytes,
         time.monotonic() - started,
         tuple(m.generation_id for m in chain),
@@ -337,19 +286,30 @@ def _copy_chain(
     """Copy the content of the chain's newest generation to ``sink``, in target order."""
     plan = plan_chunks(chain)
     progress.start(sum(_bytes(gen, own) for gen, own in plan))
+    return _copy_parts(pool, plan, sink, chain[0], progress, extent_bytes), plan
+
+
+def _copy_parts(
+    pool: PoolBackend,
+    parts: Sequence[tuple[Manifest, BitMap]],
+    sink: Sink,
+    full: Manifest,
+    progress: Progress,
+    extent_bytes: int,
+) -> int:
+    """Copy each generation's chunks of ``parts`` (of the chain of ``full``) to ``sink``
+    in gathered windows, in target order; returns the bytes copied."""
     with contextlib.ExitStack() as stack:
-        readers = [stack.enter_context(pool.open_generation(g)) for g, _ in plan]
-        items = _gathered_items(readers, [own for _, own in plan], extent_bytes)
-        nbytes = copy_chunks(
-            items,
+        readers = [stack.enter_context(pool.open_generation(g)) for g, _ in parts]
+        return copy_chunks(
+            _gathered_items(readers, [own for _, own in parts], extent_bytes),
             sink,
-            chunk_size=chain[0].chunk_size,
-            volume_size=chain[0].volume.size,
+            chunk_size=full.chunk_size,
+            volume_size=full.volume.size,
             progress=progress,
             extent_bytes=extent_bytes,
             readers=RESTORE_READERS,
         )
-    return nbytes, plan
 
 
 def _result(
@@ -382,16 +342,43 @@ def _read_back(
     """Read one generation's ``stored`` chunks and check each against its checksum.
 
     :returns: the bytes read.
+    :raises CorruptMetadata: its checksum array or data is damaged or its data file is
+        missing (``generation`` field: its id).
     """
-    with pool.open_generation(manifest) as reader:
-        return copy_chunks(
-            _merged_items([reader], [stored], extent_bytes),
-            discard_sink,
-            chunk_size=manifest.chunk_size,
-            volume_size=manifest.volume.size,
-            progress=progress,
-            extent_bytes=extent_bytes,
-        )
+    try:
+        with pool.open_generation(manifest) as reader:
+            items = _merged_items([reader], [stored], extent_bytes)
+            return _check_reads(items, manifest, progress, extent_bytes)
+    except CorruptMetadata as exc:
+        if exc.fields.get("generation"):
+            raise
+        raise CorruptMetadata(
+            what=f"generation {manifest.generation_id}",
+            detail=str(exc),
+            generation=manifest.generation_id,
+        ) from exc
+    except FileNotFoundError as exc:
+        # A data file that vanished: the generation is damaged.
+        raise CorruptMetadata(
+            what=f"generation {manifest.generation_id}",
+            detail=f"its data file is missing: {exc.filename or exc}",
+            generation=manifest.generation_id,
+        ) from exc
+
+
+def _check_reads(
+    items: Iterable[CopyItem], manifest: Manifest, progress: Progress, extent_bytes: int
+) -> int:
+    """Read ``items`` of a generation of ``manifest``'s shape, check each chunk against
+    its expected checksum, drop the data; returns the bytes read."""
+    return copy_chunks(
+        items,
+        discard_sink,
+        chunk_size=manifest.chunk_size,
+        volume_size=manifest.volume.size,
+        progress=progress,
+        extent_bytes=extent_bytes,
+    )
 
 
 def _merged_items(

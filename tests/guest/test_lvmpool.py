@@ -31,7 +31,7 @@ from blockguard.errors import (
 from blockguard.storage.backup import run_backup
 from blockguard.storage.blockdev import BlockDevice, aligned_buffer
 from blockguard.storage.manifest import MANIFEST_NAME, VolumeIdentity
-from blockguard.storage.pool.base import SpaceAlert
+from blockguard.storage.pool.base import GenerationSpec, SpaceAlert
 from blockguard.storage.pool.lvmgen import lv_name_of
 from blockguard.storage.pool.lvmpool import META_LV, LvmPool
 from blockguard.storage.restore import restore_in_place, restore_to_device, swap_in, verify
@@ -408,10 +408,10 @@ def test_reopen_removes_garbage_capacity_and_alert(make_pool, loopdev, tmp_path:
     keep = run_backup(pool, ident, vol, "full", None, chunk_size=CHUNK).manifest
     assert before.free - pool.capacity().free >= SIZE
     # Garbage 1: a writer that died after writing chunks (its lock is gone with it).
-    w = pool.begin_generation(
+    w = pool.begin_generation(GenerationSpec(
         ident, GenerationKind.INCREMENTAL, CHUNK, random_writes(vol, SIZE, CHUNK,
         random.Random(2), 5), base_id=full.generation_id, parent_id=full.generation_id,
-    )  # fmt: skip
+    ))  # fmt: skip
     assert w.lv in lv_names(pool.vg)
     w.data.target.close()  # type: ignore[union-attr]
     os.close(w._lock_fd)  # type: ignore[attr-defined]
@@ -440,8 +440,7 @@ def test_reopen_removes_garbage_capacity_and_alert(make_pool, loopdev, tmp_path:
         assert alerts and alerts[-1].needed == free + 1 and alerts[-1].volume == "vol"
         huge = VolumeIdentity("huge", 64 << 30)
         with pytest.raises(PoolSpaceLow):
-            pool.begin_generation(huge, GenerationKind.FULL, CHUNK, None,
-                                  base_id=None, parent_id=None)  # fmt: skip
+            pool.begin_generation(GenerationSpec(huge, GenerationKind.FULL, CHUNK))
         assert pool.generations("huge") == []
         assert {n for n in lv_names(pool.vg) if n.startswith("g")} == {
             lv_name_of(keep.generation_id)
@@ -526,7 +525,7 @@ def test_registration_refuses_each_in_use_case(loopdev, tmp_path: Path) -> None:
 
 
 def test_damage_is_reported_and_verify_reads_the_whole_chain(make_pool, loopdev) -> None:
-    from blockguard.storage.restore import verify_chain
+    from blockguard.storage.restore import verify
 
     pool = make_pool()
     vol = loopdev(SIZE, "vol.img")
@@ -542,13 +541,13 @@ def test_damage_is_reported_and_verify_reads_the_whole_chain(make_pool, loopdev)
                 parent_id=gens[-1].generation_id,
             ).manifest
         )  # fmt: skip
-    assert verify_chain(pool, "vol", gens[2].generation_id).chain == tuple(
+    assert verify(pool, "vol", gens[2].generation_id, whole_chain=True).chain == tuple(
         m.generation_id for m in gens
     )
     bad = next(c for c in range(SIZE // CHUNK) if c not in gens[1].changed | gens[2].changed)
     flip_byte(pool, gens[0].generation_id, bad)
     with pytest.raises(ChecksumMismatch, match=f"generation {gens[0].generation_id} at chunk"):
-        verify_chain(pool, "vol", gens[2].generation_id)
+        verify(pool, "vol", gens[2].generation_id, whole_chain=True)
 
     assert pool.mark_damaged("vol", gens[0].generation_id, "a bad chunk", bad)
     manifest = pool._gen_dir("vol", gens[1].generation_id) / MANIFEST_NAME

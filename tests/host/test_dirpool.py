@@ -24,9 +24,10 @@ from blockguard.errors import (
 )
 from blockguard.storage.backup import run_backup
 from blockguard.storage.manifest import MANIFEST_NAME, VolumeIdentity
-from blockguard.storage.pool.base import SpaceAlert
+from blockguard.storage.pool.base import GenerationSpec, SpaceAlert
 from blockguard.storage.pool.dirpool import DirPool
 from blockguard.storage.pool.gendir import creating
+from blockguard.storage.pool.registration import DiskAdmission
 from tests.fsutil import frozen
 
 MiB = 1 << 20
@@ -199,9 +200,7 @@ def test_open_removes_uncommitted_but_not_live_writers(pool: DirPool, loopdev) -
     half_removed = area / "volumes" / "v" / "20200101T000000.000001Z-00000000.deleted"
     half_removed.mkdir()
     (half_removed / MANIFEST_NAME).write_text("{}")
-    live = pool.begin_generation(
-        ident, GenerationKind.FULL, CHUNK, None, base_id=None, parent_id=None
-    )
+    live = pool.begin_generation(GenerationSpec(ident, GenerationKind.FULL, CHUNK))
     with live, creating(creating_now):
         creating_now.mkdir()
         removed = pool.collect_garbage()
@@ -229,7 +228,7 @@ def test_add_device_grows_capacity(pool: DirPool, loopdev) -> None:
     assert len(pool.devices()) == 2 and dev.area.endswith("area-1")
     assert after.total > before.total + 300 * MiB
     with pytest.raises(PoolDiskRefused, match=f"it is {dev.path}, a disk of pool p"):
-        pool.add_device(dev.path, force=True)
+        pool.add_device(dev.path, DiskAdmission(force=True))
 
 
 def test_space_alert_and_refusal(loopdev, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from blockguard.storage import manifest as manifest_mod
 from blockguard.storage.backup import run_backup
 from blockguard.storage.manifest import MANIFEST_NAME, Manifest, VolumeIdentity
 from blockguard.storage.pool.dirpool import DirPool
-from blockguard.storage.restore import verify_chain
+from blockguard.storage.restore import verify
 
 MiB = 1 << 20
 CHUNK = 64 << 10
@@ -101,7 +101,7 @@ def test_verify_chain_names_the_damaged_parent_and_chunk(
     pool: DirPool, loopdev: Callable[..., str]
 ) -> None:
     gens = three(pool, loopdev(SIZE))
-    result = verify_chain(pool, "v", gens[2].generation_id)
+    result = verify(pool, "v", gens[2].generation_id, whole_chain=True)
     assert result.chain == tuple(m.generation_id for m in gens)
     assert result.chunks == SIZE // CHUNK + 2
     packed = gen_dir(pool, gens[1]) / "chunks"
@@ -112,13 +112,13 @@ def test_verify_chain_names_the_damaged_parent_and_chunk(
     finally:
         os.close(fd)
     with pytest.raises(ChecksumMismatch) as info:
-        verify_chain(pool, "v", gens[2].generation_id)
+        verify(pool, "v", gens[2].generation_id, whole_chain=True)
     assert info.value.fields == {"generation": gens[1].generation_id, "chunk": 2}
-    verify_chain(pool, "v", gens[0].generation_id)  # the full alone is fine
+    verify(pool, "v", gens[0].generation_id, whole_chain=True)  # the full alone is fine
 
     (gen_dir(pool, gens[1]) / "checksums.xxh3").write_bytes(b"\0" * 8)
     with pytest.raises(CorruptMetadata) as meta:
-        verify_chain(pool, "v", gens[2].generation_id)
+        verify(pool, "v", gens[2].generation_id, whole_chain=True)
     assert meta.value.fields["generation"] == gens[1].generation_id
 
 

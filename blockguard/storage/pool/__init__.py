@@ -1,27 +1,6 @@
-"""Pools of backup space: the backend interface and the ``dir`` (XFS reflink) backend."""
+"""Pools of backup space: the backend interface (:mod:`.base`, whose ``__all__`` lists it)
+and its backends, ``dir`` (:mod:`.dirpool`, XFS reflink) and ``lvm`` (:mod:`.lvmpool`).
 
-from blockguard.storage.pool.base import (
-    AlertCallback,
-    FreedGeneration,
-    GenerationReader,
-    GenerationWriter,
-    PoolBackend,
-    PoolCapacity,
-    PoolDevice,
-    RetentionResult,
-    SpaceAlert,
-    SwapInVolume,
-)
-
-__all__ = [
-    "AlertCallback",
-    "FreedGeneration",
-    "GenerationReader",
-    "GenerationWriter",
-    "PoolBackend",
-    "PoolCapacity",
-    "PoolDevice",
-    "RetentionResult",
-    "SpaceAlert",
-    "SwapInVolume",
-]
+Importers name the module they use (``from blockguard.storage.pool.base import
+PoolBackend``): the interface is listed once, in :mod:`.base`, not again here.
+"""

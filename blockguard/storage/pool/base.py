@@ -30,12 +30,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from pyroaring import BitMap
-
 from blockguard.core.retention import GenerationRef, RetentionPolicy, choose
 from blockguard.errors import CorruptMetadata, EnvironmentProblem, NotFound, PoolSpaceLow
 from blockguard.storage.manifest import (
-    GenerationKind,
     Manifest,
     VolumeIdentity,
     check_name,
@@ -52,6 +49,7 @@ from blockguard.storage.pool.values import (
     AlertCallback,
     DamagedGeneration,
     FreedGeneration,
+    GenerationSpec,
     PoolCapacity,
     PoolDevice,
     PoolScan,
@@ -60,7 +58,7 @@ from blockguard.storage.pool.values import (
 )
 
 if TYPE_CHECKING:
-    from blockguard.storage.safety import SafetyGate
+    from blockguard.storage.pool.registration import DiskAdmission
     from blockguard.storage.snapshot import CowStore
 
 # The values and records are part of the interface: importers take them from here.
@@ -69,6 +67,7 @@ __all__ = [
     "DamagedGeneration",
     "FreedGeneration",
     "GenerationReader",
+    "GenerationSpec",
     "GenerationWriter",
     "PoolBackend",
     "PoolCapacity",
@@ -189,15 +188,9 @@ class PoolBackend(ABC):
     def devices(self) -> list[PoolDevice]: ...
 
     @abstractmethod
-    def add_device(
-        self,
-        path: str,
-        *,
-        protected: Sequence[str] = (),
-        force: bool = False,
-        gate: SafetyGate | None = None,
-    ) -> PoolDevice:
-        """Add a disk (same refusals as pool creation; ``gate``: the daemon's gate)."""
+    def add_device(self, path: str, admission: DiskAdmission | None = None) -> PoolDevice:
+        """Add a disk, refused as at pool creation (``admission``: the daemon's gate and
+        ``force``; without one, a gate that knows no protected volume)."""
 
     @abstractmethod
     def capacity(self) -> PoolCapacity: ...
@@ -205,21 +198,10 @@ class PoolBackend(ABC):
     # --- generations ---------------------------------------------------------------
 
     @abstractmethod
-    def begin_generation(
-        self,
-        volume: VolumeIdentity,
-        kind: GenerationKind,
-        chunk_size: int,
-        changed: BitMap | None,
-        *,
-        base_id: str | None,
-        parent_id: str | None,
-        clone_from: str | None = None,
-    ) -> GenerationWriter:
-        """Start a generation. ``changed`` None means every chunk (a full from scratch).
+    def begin_generation(self, spec: GenerationSpec) -> GenerationWriter:
+        """Start the generation ``spec`` describes (a full is cloned from
+        ``spec.clone_from`` when the backend can: ``writer.cloned_from``).
 
-        :param clone_from: for a full: an earlier full of the volume that ``changed`` is
-            relative to; the backend clones it when it can (``writer.cloned_from``).
         :raises PoolSpaceLow: the pool cannot hold it.
         """
 

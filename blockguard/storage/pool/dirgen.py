@@ -15,7 +15,7 @@ import stat
 from pathlib import Path
 
 from blockguard.errors import EnvironmentProblem
-from blockguard.storage.ioedge import io_edge, map_oserror, read_at, write_at
+from blockguard.storage.ioedge import EdgeFile, io_edge, map_oserror
 from blockguard.storage.manifest import Manifest, crash_point
 from blockguard.storage.pool.store import (
     StagedGenerationWriter,
@@ -28,7 +28,7 @@ DATA_FULL = "image"
 DATA_PACKED = "chunks"
 
 
-class PoolFile:
+class PoolFile(EdgeFile):
     """A regular file of the pool, opened without following links, verified with fstat.
 
     Its I/O goes through the I/O edge: a failure names the file, the offset and (for a
@@ -52,25 +52,10 @@ class PoolFile:
             os.close(self.fd)
             raise EnvironmentProblem(detail=f"{path} is not a regular file")
 
-    def pread_into(self, view: memoryview, offset: int) -> int:
-        return read_at(self.fd, view, offset, path=self.path, pool=self.pool)
-
-    def pwrite_all(self, view: memoryview, offset: int) -> None:
-        write_at(self.fd, view, offset, path=self.path, pool=self.pool)
-
     def allocate(self, size: int) -> None:
         """Reserve ``size`` bytes up front (a full pool fails here, before any copying)."""
         with io_edge(self.path, "allocating", offset=0, pool=self.pool):
             os.posix_fallocate(self.fd, 0, size)
-
-    def flush(self) -> None:
-        with io_edge(self.path, "flushing", pool=self.pool):
-            os.fsync(self.fd)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 class DirGenerationWriter(StagedGenerationWriter):

@@ -25,8 +25,6 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from pyroaring import BitMap
-
 from blockguard.errors import (
     Busy,
     CorruptMetadata,
@@ -36,14 +34,12 @@ from blockguard.errors import (
 )
 from blockguard.storage.blockdev import device_rdev, mounted_devnos
 from blockguard.storage.manifest import (
-    GenerationKind,
     Manifest,
-    VolumeIdentity,
     check_name,
 )
 from blockguard.storage.pool.base import (
     AlertCallback,
-    GenerationReader,
+    GenerationSpec,
     PoolCapacity,
     PoolDevice,
     SwapInVolume,
@@ -55,11 +51,12 @@ from blockguard.storage.pool.dirgen import (
     clone_file,
     make_data_file,
 )
+from blockguard.storage.pool.diskstore import DiskStore
 from blockguard.storage.pool.gendir import file_problem
 from blockguard.storage.pool.label import dir_label
 from blockguard.storage.pool.records import read_pool_file, write_pool_file
-from blockguard.storage.pool.registration import check_disk, devno, legacy_gate, wipe_if_forced
-from blockguard.storage.pool.store import GenerationStore, StoredData
+from blockguard.storage.pool.registration import DiskAdmission, devno, wipe_if_forced
+from blockguard.storage.pool.store import StoredData
 from blockguard.storage.runner import Runner, default_runner
 from blockguard.storage.safety import SafetyGate
 
@@ -69,20 +66,17 @@ POOL_FORMAT = "blockguard-dir-pool"
 MIN_DEVICE_SIZE = 320 << 20
 
 
-class DirPool(GenerationStore):
+class DirPool(DiskStore):
     """A pool of XFS areas; create with :meth:`create`, reopen with :meth:`open`."""
 
     kind = "dir"
     can_clone_full = True
     writer_class = DirGenerationWriter
 
-    def __init__(
-        self, name: str, mount_root: Path, runner: Runner, alert: AlertCallback | None
-    ) -> None:
-        super().__init__(name, alert)
-        self.mount_root = Path(mount_root)
-        self.runner = runner
-        self.pool_uuid = ""
+    min_device_size = MIN_DEVICE_SIZE
+
+    def _setup(self, devices: Sequence[str]) -> None:
+        # Areas are mounted and listed by create and open (``_attach``), not here.
         self._areas: list[tuple[PoolDevice, Path]] = []
         self._mounted_by_me: list[Path] = []
 
@@ -108,77 +102,32 @@ class DirPool(GenerationStore):
             subclasses name a protected volume, pool disk or pool label in its family.
         :raises DeviceTooSmall: below :data:`MIN_DEVICE_SIZE`.
         """
-        check_name(name, "pool name")
-        pool = cls(name, Path(mount_root), runner or default_runner(), alert)
+        pool = cls(name, [device], mount_root, runner or default_runner(), alert)
         pool.pool_uuid = str(uuid.uuid4())
-        pool._format_area(device, 0, protected=protected, force=force, gate=gate)
+        pool._format_area(device, 0, DiskAdmission(gate, protected, force))
         return pool
 
-    @classmethod
-    def open(
-        cls,
-        name: str,
-        devices: Sequence[str],
-        mount_root: str | os.PathLike[str],
-        *,
-        runner: Runner | None = None,
-        alert: AlertCallback | None = None,
-        collect: bool = True,
-    ) -> DirPool:
-        """Open an existing pool: mount its areas (unless mounted) and remove garbage.
+    def _attach(self, devices: Sequence[str]) -> None:
+        for index, device in enumerate(devices):
+            mnt = self._mount_area(device, index)
+            info = read_pool_file(mnt, POOL_FORMAT, "dir")
+            if info["pool"] != self.name or (
+                self.pool_uuid and info["pool_uuid"] != self.pool_uuid
+            ):
+                raise CorruptMetadata(
+                    what=f"pool area on {device}", detail=f"it belongs to pool {info['pool']}"
+                )
+            self.pool_uuid = info["pool_uuid"]
+            self._areas.append((self._device(device, mnt), mnt))
 
-        :param collect: remove the garbage of interrupted writes (``pool import`` does
-            not: it changes nothing on the pool).
-        :raises CorruptMetadata: a device does not carry this pool.
-        """
-        check_name(name, "pool name")
-        pool = cls(name, Path(mount_root), runner or default_runner(), alert)
-        try:
-            for index, device in enumerate(devices):
-                mnt = pool._mount_area(device, index)
-                info = read_pool_file(mnt, POOL_FORMAT, "dir")
-                if info["pool"] != name or (pool.pool_uuid and info["pool_uuid"] != pool.pool_uuid):
-                    raise CorruptMetadata(
-                        what=f"pool area on {device}", detail=f"it belongs to pool {info['pool']}"
-                    )
-                pool.pool_uuid = info["pool_uuid"]
-                pool._areas.append((pool._device(device, mnt), mnt))
-            if collect:
-                pool.collect_garbage()
-        except BaseException:
-            pool.close()
-            raise
-        return pool
+    def add_device(self, path: str, admission: DiskAdmission | None = None) -> PoolDevice:
+        return self._format_area(path, len(self._areas), admission or DiskAdmission())
 
-    def add_device(
-        self,
-        path: str,
-        *,
-        protected: Sequence[str] = (),
-        force: bool = False,
-        gate: SafetyGate | None = None,
-    ) -> PoolDevice:
-        return self._format_area(
-            path, len(self._areas), protected=protected, force=force, gate=gate
-        )
-
-    def _format_area(
-        self,
-        device: str,
-        index: int,
-        *,
-        protected: Sequence[str],
-        force: bool,
-        gate: SafetyGate | None,
-    ) -> PoolDevice:
-        known = {d.path: self.name for d, _ in self._areas}
-        base = gate if gate is not None else legacy_gate(protected, self.runner)
-        check = check_disk(
-            device, gate=base.adding(pool_disks=known), min_size=MIN_DEVICE_SIZE, force=force
-        )
+    def _format_area(self, device: str, index: int, admission: DiskAdmission) -> PoolDevice:
+        check = self._admit(device, admission, [d.path for d, _ in self._areas])
         wipe_if_forced(device, check.has_data, self.runner)
         argv = ["mkfs.xfs", "-q", "-m", "reflink=1", "-L", dir_label(self.name)]
-        self.runner.run([*argv, *(["-f"] if force else []), device], timeout=300)
+        self.runner.run([*argv, *(["-f"] if admission.force else []), device], timeout=300)
         mnt = self._mount_area(device, index)
         (mnt / "volumes").mkdir(exist_ok=True)
         info = {
@@ -252,22 +201,18 @@ class DirPool(GenerationStore):
         return [mnt / "volumes" for _, mnt in self._areas]
 
     def _make_room(
-        self,
-        volume: VolumeIdentity,
-        kind: GenerationKind,
-        chunk_size: int,
-        changed: BitMap | None,
-        source: Manifest | None,
+        self, spec: GenerationSpec, source: Manifest | None
     ) -> tuple[Path, Manifest | None]:
         """The area with the most free space, or the source full's area when the clone
         fits there (a reflink cannot cross file systems)."""
         if not self._areas:
             raise EnvironmentProblem(detail=f"pool {self.name} has no devices")
+        volume = spec.volume
         # A clone shares the source's extents: only the changed chunks need new space.
         changed_count: int | None = None
-        if changed is not None and (kind is not GenerationKind.FULL or source is not None):
-            changed_count = len(changed)
-        needed = self.estimate_bytes(volume, changed_count, chunk_size)
+        if spec.changed is not None and (not spec.is_full or source is not None):
+            changed_count = len(spec.changed)
+        needed = self.estimate_bytes(volume, changed_count, spec.chunk_size)
         area = max((mnt for _, mnt in self._areas), key=self._area_free)
         if source is not None:
             src_area = self._gen_dir(volume.name, source.generation_id).parents[2]
@@ -294,7 +239,7 @@ class DirPool(GenerationStore):
             data_min = 0 if not m.changed else (len(m.changed) - 1) * m.chunk_size + 1
         return file_problem(gen / m.storage.get("data", DATA_FULL), "data file", data_min)
 
-    def open_generation(self, manifest: Manifest) -> GenerationReader:
+    def open_generation(self, manifest: Manifest) -> DirGenerationReader:
         return DirGenerationReader(
             manifest, self._gen_dir(manifest.volume.name, manifest.generation_id), pool=self.name
         )

@@ -43,25 +43,22 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from pyroaring import BitMap
-
 from blockguard.errors import AlreadyExists, CorruptMetadata, InvalidInput, NotFound
 from blockguard.storage.blockdev import BlockDevice, device_rdev, mounted_devnos
 from blockguard.storage.lvm import Lvm
 from blockguard.storage.manifest import (
-    GenerationKind,
     Manifest,
-    VolumeIdentity,
     check_name,
     crash_point,
 )
 from blockguard.storage.pool.base import (
     AlertCallback,
-    GenerationReader,
+    GenerationSpec,
     PoolCapacity,
     PoolDevice,
     SwapInVolume,
 )
+from blockguard.storage.pool.diskstore import DiskStore
 from blockguard.storage.pool.lvmgen import (
     LAYOUT_PACKED,
     LAYOUT_THIN,
@@ -79,14 +76,8 @@ from blockguard.storage.pool.lvmvg import (
     round_up,
 )
 from blockguard.storage.pool.records import POOL_FILE, read_pool_file, write_pool_file
-from blockguard.storage.pool.registration import (
-    DiskCheck,
-    check_disk,
-    devno,
-    legacy_gate,
-    wipe_if_forced,
-)
-from blockguard.storage.pool.store import GenerationStore, StoredData, StoredGenerationReader
+from blockguard.storage.pool.registration import DiskAdmission, DiskCheck, devno, wipe_if_forced
+from blockguard.storage.pool.store import StoredData, StoredGenerationReader
 from blockguard.storage.runner import Runner, default_runner
 from blockguard.storage.safety import SafetyGate
 
@@ -99,7 +90,7 @@ _POOL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,54}")
 __all__ = ["META_LV", "LvmPool"]
 
 
-class LvmPool(GenerationStore):
+class LvmPool(DiskStore):
     """A pool in a VG; create with :meth:`create`, reopen with :meth:`open`."""
 
     kind = "lvm"
@@ -107,25 +98,20 @@ class LvmPool(GenerationStore):
     can_lend_devices = True
     writer_class = LvmGenerationWriter
 
-    def __init__(
-        self,
-        name: str,
-        devices: Sequence[str],
-        mount_root: str | os.PathLike[str],
-        runner: Runner,
-        alert: AlertCallback | None,
-    ) -> None:
+    min_device_size = MIN_DEVICE_SIZE
+
+    @classmethod
+    def check_pool_name(cls, name: str) -> None:
+        # The VG is named after the pool: LVM's rules and length, not the catalog's.
         if not _POOL_NAME.fullmatch(name):
             raise InvalidInput(detail=f"lvm pool name {name!r} must be 1-55 of [A-Za-z0-9_.+-]")
-        super().__init__(name, alert)
-        self.mount_root = Path(mount_root)
-        self.meta_dir = self.mount_root / name / "meta"
-        self.runner = runner
-        self.lvm = Lvm(runner, devices)
-        self.volume_group = PoolVg(name, self.lvm, runner)
+
+    def _setup(self, devices: Sequence[str]) -> None:
+        self.meta_dir = self.mount_root / self.name / "meta"
+        self.lvm = Lvm(self.runner, devices)
+        self.volume_group = PoolVg(self.name, self.lvm, self.runner)
         self.vg = self.volume_group.name
         self.lending = LvLender(self.volume_group)
-        self.pool_uuid = ""
         #: Deltas and COW stores go on this PV when it has room (a faster disk, say).
         self.preferred_device: str | None = None
         self._mounted_by_me = False
@@ -166,7 +152,8 @@ class LvmPool(GenerationStore):
             raise InvalidInput(detail="a pool needs at least one disk")
         run = runner or default_runner()
         pool = cls(name, devices, mount_root, run, alert)
-        checks = [pool._check_device(d, protected, force, list(devices), gate) for d in devices]
+        admission = DiskAdmission(gate, protected, force)
+        checks = [pool._check_device(d, admission, devices) for d in devices]
         if pool.volume_group.exists_anywhere():
             raise AlreadyExists(what="volume group", name=pool.vg)
         pool.pool_uuid = str(uuid.uuid4())
@@ -198,39 +185,19 @@ class LvmPool(GenerationStore):
                          "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
                          device], timeout=300)  # fmt: skip
 
-    @classmethod
-    def open(
-        cls,
-        name: str,
-        devices: Sequence[str],
-        mount_root: str | os.PathLike[str],
-        *,
-        runner: Runner | None = None,
-        alert: AlertCallback | None = None,
-        collect: bool = True,
-    ) -> LvmPool:
-        """Open an existing pool: activate and mount its metadata, remove garbage.
+    def _attach(self, devices: Sequence[str]) -> None:
+        """Activate and mount the metadata LV; check it describes this pool's VG.
 
-        :param collect: remove garbage (``pool import`` does not: it changes nothing).
         :raises NotFound: no VG of this pool on ``devices``.
-        :raises CorruptMetadata: the metadata file system does not describe this pool.
         """
-        pool = cls(name, devices, mount_root, runner or default_runner(), alert)
-        try:
-            pool._mount_meta()
-            info = read_pool_file(pool.meta_dir, POOL_FORMAT, "lvm")
-            if info.get("pool") != name or info.get("vg") != pool.vg:
-                raise CorruptMetadata(
-                    what=str(pool.meta_dir / POOL_FILE),
-                    detail=f"it describes pool {info.get('pool')} in VG {info.get('vg')}",
-                )
-            pool.pool_uuid = str(info.get("pool_uuid", ""))
-            if collect:
-                pool.collect_garbage()
-        except BaseException:
-            pool.close()
-            raise
-        return pool
+        self._mount_meta()
+        info = read_pool_file(self.meta_dir, POOL_FORMAT, "lvm")
+        if info.get("pool") != self.name or info.get("vg") != self.vg:
+            raise CorruptMetadata(
+                what=str(self.meta_dir / POOL_FILE),
+                detail=f"it describes pool {info.get('pool')} in VG {info.get('vg')}",
+            )
+        self.pool_uuid = str(info.get("pool_uuid", ""))
 
     def close(self) -> None:
         """Unmount the metadata file system if this object mounted it (LVs stay active)."""
@@ -243,34 +210,16 @@ class LvmPool(GenerationStore):
         self.volume_group.destroy()
         self._mounted_by_me = False
 
-    def add_device(
-        self,
-        path: str,
-        *,
-        protected: Sequence[str] = (),
-        force: bool = False,
-        gate: SafetyGate | None = None,
-    ) -> PoolDevice:
-        check = self._check_device(path, protected, force, self.lvm.devices, gate)
+    def add_device(self, path: str, admission: DiskAdmission | None = None) -> PoolDevice:
+        check = self._check_device(path, admission or DiskAdmission(), self.lvm.devices)
         wipe_if_forced(path, check.has_data, self.runner)
         self.volume_group.add_device(path)
         return next(d for d in self.devices() if d.path == path)
 
-    def _check_device(
-        self,
-        path: str,
-        protected: Sequence[str],
-        force: bool,
-        known: Sequence[str],
-        gate: SafetyGate | None,
-    ) -> DiskCheck:
+    def _check_device(self, path: str, admission: DiskAdmission, known: Sequence[str]) -> DiskCheck:
         # The pool's other disks (or those given with this one) count as its pool disks:
         # a disk given twice under two names, or with its own partition, is refused.
-        others = {d: self.name for d in known if d != path}
-        base = gate if gate is not None else legacy_gate(protected, self.runner)
-        return check_disk(
-            path, gate=base.adding(pool_disks=others), min_size=MIN_DEVICE_SIZE, force=force
-        )
+        return self._admit(path, admission, [d for d in known if d != path])
 
     def _mount_meta(self) -> None:
         dev = self._lv_device(META_LV)
@@ -353,25 +302,21 @@ class LvmPool(GenerationStore):
         return bool(source.storage.get("lv"))
 
     def _make_room(
-        self,
-        volume: VolumeIdentity,
-        kind: GenerationKind,
-        chunk_size: int,
-        changed: BitMap | None,
-        source: Manifest | None,
+        self, spec: GenerationSpec, source: Manifest | None
     ) -> tuple[Path, Manifest | None]:
         """Check the VG and, for a full, grow the thin pool to hold it."""
-        # A thin block is allocated whole however little of it a chunk covers.
-        per_chunk = max(chunk_size, THIN_BLOCK) if kind is GenerationKind.FULL else chunk_size
-        if kind is GenerationKind.FULL:
-            needed = volume.size if source is None else len(changed or ()) * per_chunk
+        volume, chunk_size, changed = spec.volume, spec.chunk_size, spec.changed or ()
+        if spec.is_full:
+            # A thin block is allocated whole however little of it a chunk covers.
+            per_chunk = max(chunk_size, THIN_BLOCK)
+            needed = volume.size if source is None else len(changed) * per_chunk
         else:
-            needed = len(changed or ()) * chunk_size
+            needed = len(changed) * chunk_size
         needed = min(needed, round_up(volume.size, EXTENT))
         sp = self.volume_group.space()
         if sp.vg_free + sp.thin_free < needed:
             self.require_space(needed, volume.name)  # alerts and raises
-        if kind is GenerationKind.FULL:
+        if spec.is_full:
             self.volume_group.ensure_thin_room(needed, sp, self.preferred_device)
         return self.meta_dir / "volumes", source
 
@@ -409,7 +354,7 @@ class LvmPool(GenerationStore):
         if lv:
             self._remove_lv(lv)
 
-    def open_generation(self, manifest: Manifest) -> GenerationReader:
+    def open_generation(self, manifest: Manifest) -> StoredGenerationReader:
         gen_dir = self._gen_dir(manifest.volume.name, manifest.generation_id)
         lv = manifest.storage.get("lv")
         source = BlockDevice(self._lv_device(lv), direct=True) if lv else None

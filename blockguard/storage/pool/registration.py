@@ -40,6 +40,32 @@ def legacy_gate(protected: Sequence[str] | Mapping[str, str], runner: Runner) ->
     return SafetyGate({path: path for path in protected}, {}, runner)
 
 
+@dataclass(frozen=True)
+class DiskAdmission:
+    """What a disk is admitted as pool space under, from pool creation down to the check.
+
+    :param gate: the daemon's safety gate; without one, a gate knowing only ``protected``.
+    :param protected: paths of protected volumes (for callers without a gate).
+    :param force: overwrite a disk that merely holds data (lifts no other refusal).
+    """
+
+    gate: SafetyGate | None = None
+    protected: Sequence[str] = ()
+    force: bool = False
+
+    def check(
+        self, path: str, *, pool_disks: Mapping[str, str], min_size: int, runner: Runner
+    ) -> DiskCheck:
+        """Raise unless ``path`` may be overwritten as pool space (see :func:`check_disk`).
+
+        :param pool_disks: the pool's other disks, by path, with the pool they are in.
+        """
+        base = self.gate if self.gate is not None else legacy_gate(self.protected, runner)
+        return check_disk(
+            path, gate=base.adding(pool_disks=pool_disks), min_size=min_size, force=self.force
+        )
+
+
 def check_disk(
     path: str, *, gate: SafetyGate, min_size: int, force: bool, purpose: str = "a pool disk"
 ) -> DiskCheck:

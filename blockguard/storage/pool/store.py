@@ -26,13 +26,10 @@ from typing import ClassVar
 
 from pyroaring import BitMap
 
-from blockguard.errors import Busy, InvalidInput, NotFound
+from blockguard.errors import Busy, NotFound
 from blockguard.storage.manifest import (
     MANIFEST_NAME,
-    GenerationKind,
     Manifest,
-    VolumeIdentity,
-    check_chunk_size,
     check_name,
     crash_point,
     fsync_dir,
@@ -42,6 +39,7 @@ from blockguard.storage.manifest import (
 from blockguard.storage.pool.base import (
     AlertCallback,
     FreedGeneration,
+    GenerationSpec,
     GenerationWriter,
     PoolBackend,
     PoolScan,
@@ -96,12 +94,7 @@ class GenerationStore(PoolBackend):
 
     @abstractmethod
     def _make_room(
-        self,
-        volume: VolumeIdentity,
-        kind: GenerationKind,
-        chunk_size: int,
-        changed: BitMap | None,
-        source: Manifest | None,
+        self, spec: GenerationSpec, source: Manifest | None
     ) -> tuple[Path, Manifest | None]:
         """Make sure the generation fits (alerting and raising :class:`PoolSpaceLow`
         when it does not); returns the root to write it under and the full to clone
@@ -126,23 +119,11 @@ class GenerationStore(PoolBackend):
 
     # --- generations ------------------------------------------------------------------
 
-    def begin_generation(
-        self,
-        volume: VolumeIdentity,
-        kind: GenerationKind,
-        chunk_size: int,
-        changed: BitMap | None,
-        *,
-        base_id: str | None,
-        parent_id: str | None,
-        clone_from: str | None = None,
-    ) -> GenerationWriter:
-        check_chunk_size(chunk_size)
-        if kind is not GenerationKind.FULL and changed is None:
-            raise InvalidInput(detail=f"a {kind} generation needs its changed-chunk set")
+    def begin_generation(self, spec: GenerationSpec) -> GenerationWriter:
+        volume, chunk_size = spec.volume, spec.chunk_size
         source: Manifest | None = None
-        if kind is GenerationKind.FULL and clone_from and changed is not None:
-            source = self.manifest(volume.name, clone_from)
+        if spec.is_full and spec.clone_from and spec.changed is not None:
+            source = self.manifest(volume.name, spec.clone_from)
             if (
                 not source.is_full
                 or source.volume.size != volume.size
@@ -150,16 +131,16 @@ class GenerationStore(PoolBackend):
                 or not self._can_clone(source)
             ):
                 source = None
-        root, source = self._make_room(volume, kind, chunk_size, changed, source)
+        root, source = self._make_room(spec, source)
         created = generation_clock()
         draft = Manifest(
             generation_id=new_generation_id(created),
             volume=volume,
             chunk_size=chunk_size,
-            kind=kind,
-            base_id=None if kind is GenerationKind.FULL else base_id,
-            parent_id=None if kind is GenerationKind.FULL else parent_id,
-            changed=BitMap() if changed is None else BitMap(changed),
+            kind=spec.kind,
+            base_id=None if spec.is_full else spec.base_id,
+            parent_id=None if spec.is_full else spec.parent_id,
+            changed=BitMap() if spec.changed is None else BitMap(spec.changed),
             created=created,
             sequence=self.next_sequence(volume.name),
         )

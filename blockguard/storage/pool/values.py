@@ -1,11 +1,47 @@
-"""The plain values a pool reports: its disks, its space, what it holds and what it freed."""
+"""The plain values of the pool interface: what a pool is asked to write, its disks, its
+space, what it holds and what it freed."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from blockguard.storage.manifest import Manifest
+from pyroaring import BitMap
+
+from blockguard.errors import InvalidInput
+from blockguard.storage.manifest import GenerationKind, Manifest, VolumeIdentity, check_chunk_size
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """What a new generation is to be: what :meth:`.PoolBackend.begin_generation` takes,
+    checked when made.
+
+    :param changed: the chunks it stores; None means every chunk (a full from scratch).
+    :param base_id: the full a delta builds on (a full has none: ignored).
+    :param parent_id: the generation an incremental follows (ignored for a full).
+    :param clone_from: for a full: an earlier full of the volume that ``changed`` is
+        relative to; the backend clones it when it can (``writer.cloned_from``).
+    :raises InvalidChunkSize: a chunk size the manifests cannot hold.
+    :raises InvalidInput: a delta without its changed-chunk set.
+    """
+
+    volume: VolumeIdentity
+    kind: GenerationKind
+    chunk_size: int
+    changed: BitMap | None = None
+    base_id: str | None = None
+    parent_id: str | None = None
+    clone_from: str | None = None
+
+    def __post_init__(self) -> None:
+        check_chunk_size(self.chunk_size)
+        if self.kind is not GenerationKind.FULL and self.changed is None:
+            raise InvalidInput(detail=f"a {self.kind} generation needs its changed-chunk set")
+
+    @property
+    def is_full(self) -> bool:
+        return self.kind is GenerationKind.FULL
 
 
 @dataclass(frozen=True)
