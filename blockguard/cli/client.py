@@ -1,17 +1,23 @@
-"""A small synchronous D-Bus client of blockguardd for the CLI (dbus-fast underneath)."""
+"""A small synchronous D-Bus client of blockguardd for the CLI (dbus-fast underneath).
+
+dbus-fast (and asyncio, which it imports) is the largest part of a call's start-up, so it
+is imported when the first call connects, not with this module: ``--help``, ``--version``
+and usage errors never pay for it (issue 16).
+"""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
-
-from dbus_fast import BusType, Message, MessageType, Variant
-from dbus_fast.aio import MessageBus
-from dbus_fast.errors import DBusError
+from typing import TYPE_CHECKING, Any
 
 from blockguard.core.vocab import scalar_signature
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from dbus_fast import Variant
+    from dbus_fast.aio import MessageBus
 
 BUS_NAME = "org.blockguard1"
 ROOT_PATH = "/org/blockguard1"
@@ -23,6 +29,8 @@ JOB = "org.blockguard1.Job"
 
 def plain(value: Any) -> Any:
     """Variants and nested containers as plain, JSON-friendly Python values."""
+    from dbus_fast import Variant
+
     if isinstance(value, Variant):
         return plain(value.value)
     if isinstance(value, dict):
@@ -36,6 +44,8 @@ def plain(value: Any) -> Any:
 
 def variant(value: Any) -> Variant:
     """A CLI value as a Variant for ``a{sv}`` arguments (anything not a scalar as text)."""
+    from dbus_fast import Variant
+
     signature = scalar_signature(value)
     return Variant(signature, value) if signature else Variant("s", str(value))
 
@@ -58,7 +68,7 @@ class Client:
 
     def __init__(self, address: str = "system") -> None:
         self.address = address
-        self._loop = asyncio.new_event_loop()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._bus: MessageBus | None = None
 
     def __enter__(self) -> Client:
@@ -71,12 +81,21 @@ class Client:
         if self._bus is not None:
             self._bus.disconnect()
             self._bus = None
-        self._loop.close()
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
 
     def _run(self, coro: Any) -> Any:
+        if self._loop is None:
+            import asyncio
+
+            self._loop = asyncio.new_event_loop()
         return self._loop.run_until_complete(coro)
 
     async def _connect(self) -> MessageBus:
+        from dbus_fast import BusType
+        from dbus_fast.aio import MessageBus
+
         if self.address == "system":
             bus = MessageBus(bus_type=BusType.SYSTEM)
         elif self.address == "session":
@@ -103,6 +122,8 @@ class Client:
 
         :raises RemoteError: for an error reply.
         """
+        from dbus_fast import Message, MessageType
+
         bus = self._connected()
         reply = self._run(
             bus.call(
@@ -161,4 +182,4 @@ class Client:
             time.sleep(interval)
 
 
-__all__ = ["Client", "DBusError", "RemoteError", "plain", "variant"]
+__all__ = ["Client", "RemoteError", "plain", "variant"]

@@ -4,21 +4,24 @@ The argument tree is data (:data:`TREE`), turned into argparse parsers by
 :func:`build_parser`; each leaf names a small function of :mod:`blockguard.cli.actions`.
 Failures are explained in one plain sentence on stderr with a documented
 :class:`~blockguard.errors.ExitCode`; ``--propagate`` re-raises them instead (for tests).
+
+Start-up is most of a call's time (issue 16), so this module imports only what parsing
+needs: a leaf's function is imported when it runs (:class:`Action`), the D-Bus client when
+a command connects, rich when something is drawn on a terminal, and
+:mod:`importlib.metadata` only for ``--version``. ``tests/unit/test_cli_imports.py``
+guards that.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from blockguard.cli import actions, health
-from blockguard.cli.client import Client
-from blockguard.cli.errors import explain, next_step
 from blockguard.core.vocab import MAX_GENERATIONS, RESTORE_MODES, RestoreMode
 from blockguard.errors import ExitCode
 
@@ -35,13 +38,30 @@ class Arg:
         object.__setattr__(self, "options", options)
 
 
+class Action:
+    """The function of a leaf, ``module.function`` of :mod:`blockguard.cli`, imported when
+    it is called: parsing ``--help`` or a usage error imports no action module."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, *args: Any) -> Any:
+        module, _, function = self.name.rpartition(".")
+        return getattr(importlib.import_module(f"blockguard.cli.{module}"), function)(*args)
+
+    def __repr__(self) -> str:
+        return f"Action({self.name!r})"
+
+
 @dataclass(frozen=True)
 class Cmd:
     """A (sub)command: either ``run`` (a leaf) or ``sub`` (a group of commands)."""
 
     name: str
     help: str
-    run: Callable[..., None] | None = None
+    run: Action | None = None
     args: tuple[Arg, ...] = ()
     sub: tuple[Cmd, ...] = field(default_factory=tuple)
 
@@ -52,10 +72,25 @@ U64_MAX = (1 << 64) - 1
 
 def _version() -> str:
     """The installed distribution's version (pyproject takes it from blockguard.__version__)."""
+    import importlib.metadata
+
     try:
         return importlib.metadata.version("blockguard")
     except importlib.metadata.PackageNotFoundError:
         return "(not installed)"
+
+
+class _VersionAction(argparse._VersionAction):
+    """``--version``: the version is looked up when it is printed (or read), not each time
+    the parser is built."""
+
+    @property  # type: ignore[override]
+    def version(self) -> str:
+        return f"%(prog)s {_version()}"
+
+    @version.setter
+    def version(self, value: str | None) -> None:
+        pass  # always the installed distribution's
 
 
 def bounded_int(what: str, low: int, high: int, clearable: bool = False) -> Callable[[str], Any]:
@@ -138,7 +173,7 @@ TREE = Cmd(
                 Cmd(
                     "create",
                     "create a pool on the given disks",
-                    actions.pool_create,
+                    Action("actions.pool_create"),
                     (
                         Arg("name"),
                         Arg("devices", nargs="+", metavar="DEVICE"),
@@ -149,26 +184,26 @@ TREE = Cmd(
                 Cmd(
                     "extend",
                     "add disks to a pool",
-                    actions.pool_extend,
+                    Action("actions.pool_extend"),
                     (Arg("name"), Arg("devices", nargs="+", metavar="DEVICE"), FORCE),
                 ),
                 Cmd(
                     "remove",
                     "remove a pool (refused while it holds generations)",
-                    actions.pool_remove,
+                    Action("actions.pool_remove"),
                     (Arg("name"), FORCE, DELETE_GENERATIONS),
                 ),
                 Cmd(
                     "import",
                     "rebuild the catalog of a pool from its disks (lost catalog, new host)",
-                    actions.pool_import,
+                    Action("actions.pool_import"),
                     (Arg("devices", nargs="+", metavar="DEVICE"),),
                 ),
-                Cmd("list", "list pools", actions.pool_list),
+                Cmd("list", "list pools", Action("actions.pool_list")),
                 Cmd(
                     "drill",
                     "calibrate the restore-time model with a restore drill on the pool",
-                    actions.pool_drill,
+                    Action("actions.pool_drill"),
                     (Arg("name"), NO_WAIT),
                 ),
             ),
@@ -177,12 +212,12 @@ TREE = Cmd(
             "volume",
             "protected volumes",
             sub=(
-                Cmd("list", "list protected volumes", actions.volume_list),
-                Cmd("show", "show one volume", actions.volume_show, (Arg("name"),)),
+                Cmd("list", "list protected volumes", Action("actions.volume_list")),
+                Cmd("show", "show one volume", Action("actions.volume_show"), (Arg("name"),)),
                 Cmd(
                     "drill",
                     "restore the newest generation to scratch space, verify and time it now",
-                    actions.volume_drill,
+                    Action("actions.volume_drill"),
                     (Arg("name"), NO_WAIT),
                 ),
             ),
@@ -190,7 +225,7 @@ TREE = Cmd(
         Cmd(
             "protect",
             "start protecting a block device",
-            actions.protect,
+            Action("actions.protect"),
             (
                 Arg("device"),
                 Arg("name", help="name of the volume"),
@@ -212,19 +247,19 @@ TREE = Cmd(
         Cmd(
             "unprotect",
             "stop protecting a volume (its generations are kept: it becomes detached)",
-            actions.unprotect,
+            Action("actions.unprotect"),
             (Arg("name"), DELETE_GENERATIONS),
         ),
         Cmd(
             "objectives",
             "set the recovery objectives of a volume or group",
-            actions.objectives,
+            Action("actions.objectives"),
             (Arg("target", metavar="VOLUME_OR_GROUP"), *OBJECTIVE_ARGS),
         ),
         Cmd(
             "backup",
             "back a volume up now",
-            actions.backup,
+            Action("actions.backup"),
             (
                 Arg("volume"),
                 Arg(
@@ -238,7 +273,7 @@ TREE = Cmd(
         Cmd(
             "restore",
             "restore a generation",
-            actions.restore,
+            Action("actions.restore"),
             (
                 Arg(
                     "volume",
@@ -270,18 +305,21 @@ TREE = Cmd(
             ),
         ),
         Cmd(
-            "generations", "list the generations of a volume", actions.generations, (Arg("volume"),)
+            "generations",
+            "list the generations of a volume",
+            Action("actions.generations"),
+            (Arg("volume"),),
         ),
         Cmd(
             "verify",
             "verify a generation",
-            actions.verify,
+            Action("actions.verify"),
             (Arg("generation", help="db@7, db@latest, db@latest~2 or db@<id prefix>"), NO_WAIT),
         ),
         Cmd(
             "status",
             "health of every volume and pool: last backup, RPO and RTO, pool space",
-            health.status,
+            Action("health.status"),
             (
                 Arg(
                     "--check",
@@ -292,24 +330,27 @@ TREE = Cmd(
             ),
         ),
         Cmd(
-            "plan", "explain what the next backup would be and why", actions.plan, (Arg("volume"),)
+            "plan",
+            "explain what the next backup would be and why",
+            Action("actions.plan"),
+            (Arg("volume"),),
         ),
         Cmd(
             "jobs",
             "list recent jobs (or follow one)",
-            actions.jobs,
+            Action("actions.jobs"),
             sub=(
-                Cmd("list", "list recent jobs", actions.jobs),
+                Cmd("list", "list recent jobs", Action("actions.jobs")),
                 Cmd(
                     "wait",
                     "follow a job until it ends (its exit code is the job's)",
-                    actions.jobs_wait,
+                    Action("actions.jobs_wait"),
                     (Arg("id", type=bounded_int("job id", 1, U64_MAX)),),
                 ),
                 Cmd(
                     "cancel",
                     "stop a job (a backup commits nothing; a restore leaves a partial target)",
-                    actions.jobs_cancel,
+                    Action("actions.jobs_cancel"),
                     (Arg("id", type=bounded_int("job id", 1, U64_MAX)), NO_WAIT),
                 ),
             ),
@@ -343,7 +384,7 @@ def _add(parser: argparse.ArgumentParser, cmd: Cmd, top: bool = False) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=TREE.name, description=TREE.help)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     parser.add_argument("--json", action="store_true", help=JSON_HELP)
     parser.add_argument(
         "--bus",
@@ -360,7 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse and run; errors propagate (``main`` explains them)."""
     args = build_parser().parse_args(argv)
-    out = actions.Output(args.json)
+    from blockguard.cli.client import Client
+    from blockguard.cli.output import Output
+
+    out = Output(args.json)
     with Client(args.bus) as client:
         args.func(client, args, out)
     return ExitCode.OK
@@ -376,6 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException as exc:
         if propagate:
             raise
+        from blockguard.cli.errors import explain, next_step
+
         message, code = explain(exc)
         sys.stderr.write(f"blockguardctl: {message}\n")
         step = next_step(exc)
