@@ -8,13 +8,15 @@ Failures are explained in one plain sentence on stderr with a documented
 Start-up is most of a call's time (issue 16), so this module imports only what parsing
 needs: a leaf's function is imported when it runs (:class:`Action`), the D-Bus client when
 a command connects, rich when something is drawn on a terminal, and
-:mod:`importlib.metadata` only for ``--version``. ``tests/unit/test_cli_imports.py``
+:mod:`importlib.metadata` only for ``--version``; a call adds the arguments of its own
+command only (``build_parser(lazy=True)``). ``tests/unit/test_cli_imports.py``
 guards that.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import sys
@@ -362,7 +364,23 @@ TREE = Cmd(
 JSON_HELP = "print one JSON document (docs/cli-json.md) instead of tables"
 
 
-def _add(parser: argparse.ArgumentParser, cmd: Cmd, top: bool = False) -> None:
+class _Subcommands(argparse._SubParsersAction):  # type: ignore[type-arg]
+    """Subcommands whose parsers may get their arguments only when argparse picks one:
+    a call needs its own command's options, not the whole tree's (issue 16)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: name -> what adds the arguments (and subcommands) of that command's parser
+        self.unfilled: dict[str, Callable[[], None]] = {}
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+        fill = self.unfilled.pop(values[0], None)
+        if fill is not None:
+            fill()
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _add(parser: argparse.ArgumentParser, cmd: Cmd, top: bool = False, lazy: bool = False) -> None:
     if not top:
         # --json is accepted anywhere on the line; SUPPRESS keeps a subcommand from
         # resetting what an earlier --json set.
@@ -376,13 +394,27 @@ def _add(parser: argparse.ArgumentParser, cmd: Cmd, top: bool = False) -> None:
     if cmd.sub:
         # A command that runs by itself (``jobs``) has optional subcommands.
         subparsers = parser.add_subparsers(
-            title="commands", metavar="COMMAND", required=cmd.run is None
+            title="commands", metavar="COMMAND", required=cmd.run is None, action=_Subcommands
         )
         for child in cmd.sub:
-            _add(subparsers.add_parser(child.name, help=child.help, description=child.help), child)
+            # prog as argparse would make it, given: it saves formatting a usage per child.
+            child_parser = subparsers.add_parser(
+                child.name,
+                help=child.help,
+                description=child.help,
+                prog=f"{parser.prog} {child.name}",
+            )
+            if lazy:
+                subparsers.unfilled[child.name] = functools.partial(
+                    _add, child_parser, child, lazy=True
+                )
+            else:
+                _add(child_parser, child)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
+    """The parser of the whole tree (``scripts/install`` makes man pages and completion
+    from it); ``lazy``: a subcommand's arguments are added when it is the one parsed."""
     parser = argparse.ArgumentParser(prog=TREE.name, description=TREE.help)
     parser.add_argument("--version", action=_VersionAction)
     parser.add_argument("--json", action="store_true", help=JSON_HELP)
@@ -394,13 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--propagate", action="store_true", help="re-raise errors with a traceback (debugging)"
     )
-    _add(parser, TREE, top=True)
+    _add(parser, TREE, top=True, lazy=lazy)
     return parser
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse and run; errors propagate (``main`` explains them)."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(lazy=True).parse_args(argv)
     from blockguard.cli.client import Client
     from blockguard.cli.output import Output
 

@@ -9,15 +9,19 @@ imported counts. Piped output is written without rich: it must read as rich wrot
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import io
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from blockguard.cli.main import build_parser
 from blockguard.cli.output import Column, Output
 
 REPO = Path(__file__).resolve().parents[2]
@@ -146,3 +150,49 @@ def test_a_terminal_still_draws_with_rich() -> None:
     out.table("T", [Column("id", keep=True)], [["x"]])
     out.line("[bold]b[/]", markup=True)
     assert "┏" in buf.getvalue() and "\x1b[1m" in buf.getvalue()
+
+
+# --- the parser: a call builds only its own command's part of the tree --------------------
+
+ARGVS = [
+    ["status"],
+    ["status", "--check", "--json"],
+    ["--json", "plan", "db"],
+    ["--bus", "session", "volume", "show", "db"],
+    ["pool", "create", "p1", "/dev/a", "/dev/b", "--force"],
+    ["jobs"],
+    ["jobs", "wait", "3"],
+    ["restore", "db@1", "--mode", "swap-in", "--json", "--no-wait"],
+    ["protect", "/dev/x", "v", "--rpo", "15m", "--generations", "3", "--pool", "p"],
+]
+
+
+def _tree(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[tuple]:
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _tree(child, (*path, name))
+
+
+@pytest.mark.parametrize("argv", ARGVS, ids=" ".join)
+def test_the_lazy_parser_parses_as_the_whole_tree(argv: list[str]) -> None:
+    assert vars(build_parser(lazy=True).parse_args(argv)) == vars(build_parser().parse_args(argv))
+
+
+def test_the_lazy_parser_helps_and_refuses_as_the_whole_tree() -> None:
+    whole = dict(_tree(build_parser()))
+    assert len(whole) > 20
+    for path, parser in whole.items():
+        shown = io.StringIO()
+        with contextlib.redirect_stdout(shown), pytest.raises(SystemExit):
+            build_parser(lazy=True).parse_args([*path, "--help"])
+        assert shown.getvalue() == parser.format_help(), path
+    for argv in (["plan"], ["jobs", "wait", "x"], ["pool", "nonsense"], ["status", "--nope"]):
+        errors = []
+        for parser in (build_parser(), build_parser(lazy=True)):
+            said = io.StringIO()
+            with contextlib.redirect_stderr(said), pytest.raises(SystemExit):
+                parser.parse_args(argv)
+            errors.append(said.getvalue())
+        assert errors[0] == errors[1] and "usage: blockguardctl" in errors[0], argv
