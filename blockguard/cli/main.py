@@ -21,23 +21,22 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from blockguard.core.vocab import MAX_GENERATIONS, RESTORE_MODES, RestoreMode
 from blockguard.errors import ExitCode
 
 
-@dataclass(frozen=True)
+# Arg, Cmd (and output.Column) are not dataclasses: importing dataclasses (inspect, ast,
+# dis) was a tenth of a call's start-up once dbus-fast's own imports were gone (issue 16).
 class Arg:
     """One argparse argument: ``Arg("--force", action="store_true", help=...)``."""
 
-    flags: tuple[str, ...]
-    options: dict[str, Any]
+    __slots__ = ("flags", "options")
 
     def __init__(self, *flags: str, **options: Any) -> None:
-        object.__setattr__(self, "flags", flags)
-        object.__setattr__(self, "options", options)
+        self.flags = flags
+        self.options = options
 
 
 class Action:
@@ -57,15 +56,14 @@ class Action:
         return f"Action({self.name!r})"
 
 
-@dataclass(frozen=True)
-class Cmd:
+class Cmd(NamedTuple):
     """A (sub)command: either ``run`` (a leaf) or ``sub`` (a group of commands)."""
 
     name: str
     help: str
     run: Action | None = None
     args: tuple[Arg, ...] = ()
-    sub: tuple[Cmd, ...] = field(default_factory=tuple)
+    sub: tuple[Cmd, ...] = ()
 
 
 #: The largest value of a D-Bus ``t`` (u64).
@@ -393,11 +391,16 @@ def _add(parser: argparse.ArgumentParser, cmd: Cmd, top: bool = False, lazy: boo
         parser.set_defaults(func=cmd.run)
     if cmd.sub:
         # A command that runs by itself (``jobs``) has optional subcommands.
+        # prog as argparse would make it (no command has positionals before its
+        # subcommands), given: formatting usages imports shutil and costs time.
         subparsers = parser.add_subparsers(
-            title="commands", metavar="COMMAND", required=cmd.run is None, action=_Subcommands
+            title="commands",
+            metavar="COMMAND",
+            required=cmd.run is None,
+            action=_Subcommands,
+            prog=parser.prog,
         )
         for child in cmd.sub:
-            # prog as argparse would make it, given: it saves formatting a usage per child.
             child_parser = subparsers.add_parser(
                 child.name,
                 help=child.help,

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -28,8 +26,7 @@ if TYPE_CHECKING:
 JSON_SCHEMA = 1
 
 
-@dataclass(frozen=True)
-class Column:
+class Column(NamedTuple):
     """A table column.
 
     :param keep: never cut or dropped (ids, names).
@@ -179,6 +176,8 @@ class Output:
         if not self.is_terminal:
             self._plain(columns, cells)
             return
+        import shutil
+
         width = self.console.width or shutil.get_terminal_size().columns
         shown, need = _fit(columns, cells, width)
         if shown is None:
