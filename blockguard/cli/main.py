@@ -378,6 +378,32 @@ class _Subcommands(argparse._SubParsersAction):  # type: ignore[type-arg]
         super().__call__(parser, namespace, values, option_string)
 
 
+def terminal_columns() -> int:
+    """``shutil.get_terminal_size().columns``, without importing shutil (and zlib, bz2 and
+    lzma with it): COLUMNS if it is a positive number, else the width of the terminal on
+    stdout, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, which is made for every argument added (to check its
+    metavar); its width as argparse's own, found without importing shutil."""
+
+    def __init__(self, prog: str, *args: Any, width: int | None = None, **kwargs: Any) -> None:
+        super().__init__(
+            prog, *args, width=terminal_columns() - 2 if width is None else width, **kwargs
+        )
+
+
 def _add(parser: argparse.ArgumentParser, cmd: Cmd, top: bool = False, lazy: bool = False) -> None:
     if not top:
         # --json is accepted anywhere on the line; SUPPRESS keeps a subcommand from
@@ -403,6 +429,7 @@ def _add(parser: argparse.ArgumentParser, cmd: Cmd, top: bool = False, lazy: boo
         for child in cmd.sub:
             child_parser = subparsers.add_parser(
                 child.name,
+                formatter_class=_HelpFormatter,
                 help=child.help,
                 description=child.help,
                 prog=f"{parser.prog} {child.name}",
@@ -418,7 +445,9 @@ def _add(parser: argparse.ArgumentParser, cmd: Cmd, top: bool = False, lazy: boo
 def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
     """The parser of the whole tree (``scripts/install`` makes man pages and completion
     from it); ``lazy``: a subcommand's arguments are added when it is the one parsed."""
-    parser = argparse.ArgumentParser(prog=TREE.name, description=TREE.help)
+    parser = argparse.ArgumentParser(
+        prog=TREE.name, description=TREE.help, formatter_class=_HelpFormatter
+    )
     parser.add_argument("--version", action=_VersionAction)
     parser.add_argument("--json", action="store_true", help=JSON_HELP)
     parser.add_argument(

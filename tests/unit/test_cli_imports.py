@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from blockguard.cli.main import build_parser
+from blockguard.cli.main import build_parser, terminal_columns
 from blockguard.cli.output import Column, Output
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,7 +94,7 @@ def test_a_command_imports_dbus_fasts_message_layer_only_and_no_rich() -> None:
     assert {"blockguard.cli.health", "blockguard.cli.actions", "dbus_fast.message"} <= modules
     # Not the asyncio bus, the service and introspection layers of dbus_fast/__init__.
     assert loaded(modules, ("asyncio", "dbus_fast.aio", "dbus_fast.service")) == []
-    assert loaded(modules, ("rich", "dataclasses")) == []
+    assert loaded(modules, ("rich", "dataclasses", "shutil")) == []
     assert loaded(modules, NOT_CLIENT) == []
     assert core_beyond_vocab(modules) == []
 
@@ -216,3 +216,16 @@ def test_the_lazy_parser_helps_and_refuses_as_the_whole_tree() -> None:
                 parser.parse_args(argv)
             errors.append(said.getvalue())
         assert errors[0] == errors[1] and "usage: blockguardctl" in errors[0], argv
+
+
+@pytest.mark.parametrize("columns", [None, "40", "200", "0", "-3", "x", ""])
+def test_help_is_as_wide_as_argparse_makes_it(
+    columns: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    assert terminal_columns() == shutil.get_terminal_size().columns
