@@ -1,15 +1,14 @@
 """The actions of blockguardctl: each is a few lines over :class:`~blockguard.cli.client.Client`.
 
 Every action gets the client, the parsed arguments and an :class:`Output`, and either prints
-a human table (rich) or, with ``--json``, one JSON document on stdout.
+a human table (rich) or, with ``--json``, one JSON document on stdout. rich's progress bars
+and spinners are imported only when they are drawn (on a terminal).
 """
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
-
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from blockguard.cli import shapes
 from blockguard.cli.client import JOB, POOL, VOLUME, Client, RemoteError, plain, variant
@@ -110,6 +109,10 @@ def finish_job(client: Client, path: str, args: argparse.Namespace, out: Output)
 
 
 def _wait_with_bar(client: Client, path: str, out: Output) -> dict[str, Any]:
+    if not out.err_is_terminal:
+        return client.wait_job(path)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -119,7 +122,6 @@ def _wait_with_bar(client: Client, path: str, out: Output) -> dict[str, Any]:
         TextColumn("{task.fields[rate]}"),
         TimeRemainingColumn(),
         console=out.err,
-        disable=not out.err.is_terminal,
         transient=True,
     ) as progress:
         task = progress.add_task(f"job {_job_id(path)}", total=None, done="", rate="")
@@ -206,7 +208,7 @@ def _probing(out: Output, message: str) -> Any:
     """A spinner on stderr while the daemon probes disks (a call of many seconds)."""
     import contextlib
 
-    if out.as_json or not out.err.is_terminal:
+    if out.as_json or not out.err_is_terminal:
         return contextlib.nullcontext()
     return out.err.status(message)
 

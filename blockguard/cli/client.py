@@ -1,17 +1,22 @@
-"""A small synchronous D-Bus client of blockguardd for the CLI (dbus-fast underneath)."""
+"""A small synchronous D-Bus client of blockguardd for the CLI (dbus-fast underneath).
+
+dbus-fast is the largest part of a call's start-up, so only its message layer is used
+(:mod:`blockguard.cli.bus`: a blocking connection, no event loop) and it is imported when
+the first call connects, not with this module: ``--help``, ``--version`` and usage errors
+never pay for it (issue 16).
+"""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dbus_fast import BusType, Message, MessageType, Variant
-from dbus_fast.aio import MessageBus
-from dbus_fast.errors import DBusError
-
+from blockguard.cli.bus import Connection, message_layer
 from blockguard.core.vocab import scalar_signature
+
+if TYPE_CHECKING:
+    from dbus_fast.signature import Variant
 
 BUS_NAME = "org.blockguard1"
 ROOT_PATH = "/org/blockguard1"
@@ -21,14 +26,25 @@ POOL = "org.blockguard1.Pool"
 JOB = "org.blockguard1.Job"
 
 
+def _variant_type() -> type[Variant]:
+    message_layer()
+    from dbus_fast.signature import Variant
+
+    return Variant
+
+
 def plain(value: Any) -> Any:
     """Variants and nested containers as plain, JSON-friendly Python values."""
-    if isinstance(value, Variant):
-        return plain(value.value)
+    return _plain(value, _variant_type())
+
+
+def _plain(value: Any, variant_type: type[Variant]) -> Any:
+    if isinstance(value, variant_type):
+        return _plain(value.value, variant_type)
     if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
+        return {str(k): _plain(v, variant_type) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
+        return [_plain(v, variant_type) for v in value]
     if isinstance(value, bytes):
         return value.hex()
     return value
@@ -36,8 +52,9 @@ def plain(value: Any) -> Any:
 
 def variant(value: Any) -> Variant:
     """A CLI value as a Variant for ``a{sv}`` arguments (anything not a scalar as text)."""
+    variant_type = _variant_type()
     signature = scalar_signature(value)
-    return Variant(signature, value) if signature else Variant("s", str(value))
+    return variant_type(signature, value) if signature else variant_type("s", str(value))
 
 
 class RemoteError(Exception):
@@ -50,7 +67,7 @@ class RemoteError(Exception):
 
 
 class Client:
-    """Calls blockguardd; every call runs to completion on a private event loop.
+    """Calls blockguardd; every call waits for its reply on one blocking connection.
 
     :param address: ``"system"`` (honours DBUS_SYSTEM_BUS_ADDRESS), ``"session"`` or an
         address such as ``unix:path=/run/dbus/system_bus_socket``.
@@ -58,8 +75,7 @@ class Client:
 
     def __init__(self, address: str = "system") -> None:
         self.address = address
-        self._loop = asyncio.new_event_loop()
-        self._bus: MessageBus | None = None
+        self._bus: Connection | None = None
 
     def __enter__(self) -> Client:
         return self
@@ -69,25 +85,12 @@ class Client:
 
     def close(self) -> None:
         if self._bus is not None:
-            self._bus.disconnect()
+            self._bus.close()
             self._bus = None
-        self._loop.close()
 
-    def _run(self, coro: Any) -> Any:
-        return self._loop.run_until_complete(coro)
-
-    async def _connect(self) -> MessageBus:
-        if self.address == "system":
-            bus = MessageBus(bus_type=BusType.SYSTEM)
-        elif self.address == "session":
-            bus = MessageBus(bus_type=BusType.SESSION)
-        else:
-            bus = MessageBus(bus_address=self.address)
-        return await bus.connect()
-
-    def _connected(self) -> MessageBus:
+    def _connected(self) -> Connection:
         if self._bus is None:
-            self._bus = self._run(self._connect())
+            self._bus = Connection(self.address)
         return self._bus
 
     def call(
@@ -104,16 +107,17 @@ class Client:
         :raises RemoteError: for an error reply.
         """
         bus = self._connected()
-        reply = self._run(
-            bus.call(
-                Message(
-                    destination=destination,
-                    path=path,
-                    interface=interface,
-                    member=member,
-                    signature=signature,
-                    body=list(body),
-                )
+        from dbus_fast.constants import MessageType
+        from dbus_fast.message import Message
+
+        reply = bus.call(
+            Message(
+                destination=destination,
+                path=path,
+                interface=interface,
+                member=member,
+                signature=signature,
+                body=list(body),
             )
         )
         if reply.message_type == MessageType.ERROR:
@@ -161,4 +165,4 @@ class Client:
             time.sleep(interval)
 
 
-__all__ = ["Client", "DBusError", "RemoteError", "plain", "variant"]
+__all__ = ["Client", "RemoteError", "plain", "variant"]

@@ -4,46 +4,66 @@ The argument tree is data (:data:`TREE`), turned into argparse parsers by
 :func:`build_parser`; each leaf names a small function of :mod:`blockguard.cli.actions`.
 Failures are explained in one plain sentence on stderr with a documented
 :class:`~blockguard.errors.ExitCode`; ``--propagate`` re-raises them instead (for tests).
+
+Start-up is most of a call's time (issue 16), so this module imports only what parsing
+needs: a leaf's function is imported when it runs (:class:`Action`), the D-Bus client when
+a command connects, rich when something is drawn on a terminal, and
+:mod:`importlib.metadata` only for ``--version``; a call adds the arguments of its own
+command only (``build_parser(lazy=True)``). ``tests/unit/test_cli_imports.py``
+guards that.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
+import functools
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from blockguard.cli import actions, health
-from blockguard.cli.client import Client
-from blockguard.cli.errors import explain, next_step
 from blockguard.core.vocab import DEFAULT_GENERATIONS, MAX_GENERATIONS, RESTORE_MODES
 from blockguard.errors import ExitCode
 
 
-@dataclass(frozen=True)
+# Arg, Cmd (and output.Column) are not dataclasses: importing dataclasses (inspect, ast,
+# dis) was a tenth of a call's start-up once dbus-fast's own imports were gone (issue 16).
 class Arg:
     """One argparse argument: ``Arg("--force", action="store_true", help=...)``."""
 
-    flags: tuple[str, ...]
-    options: dict[str, Any]
+    __slots__ = ("flags", "options")
 
     def __init__(self, *flags: str, **options: Any) -> None:
-        object.__setattr__(self, "flags", flags)
-        object.__setattr__(self, "options", options)
+        self.flags = flags
+        self.options = options
 
 
-@dataclass(frozen=True)
-class Cmd:
+class Action:
+    """The function of a leaf, ``module.function`` of :mod:`blockguard.cli`, imported when
+    it is called: parsing ``--help`` or a usage error imports no action module."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, *args: Any) -> Any:
+        module, _, function = self.name.rpartition(".")
+        return getattr(importlib.import_module(f"blockguard.cli.{module}"), function)(*args)
+
+    def __repr__(self) -> str:
+        return f"Action({self.name!r})"
+
+
+class Cmd(NamedTuple):
     """A (sub)command: either ``run`` (a leaf) or ``sub`` (a group of commands)."""
 
     name: str
     help: str
-    run: Callable[..., None] | None = None
+    run: Action | None = None
     args: tuple[Arg, ...] = ()
-    sub: tuple[Cmd, ...] = field(default_factory=tuple)
+    sub: tuple[Cmd, ...] = ()
 
 
 #: The largest value of a D-Bus ``t`` (u64).
@@ -52,10 +72,25 @@ U64_MAX = (1 << 64) - 1
 
 def _version() -> str:
     """The installed distribution's version (pyproject takes it from blockguard.__version__)."""
+    import importlib.metadata
+
     try:
         return importlib.metadata.version("blockguard")
     except importlib.metadata.PackageNotFoundError:
         return "(not installed)"
+
+
+class _VersionAction(argparse._VersionAction):
+    """``--version``: the version is looked up when it is printed (or read), not each time
+    the parser is built."""
+
+    @property  # type: ignore[override]
+    def version(self) -> str:
+        return f"%(prog)s {_version()}"
+
+    @version.setter
+    def version(self, value: str | None) -> None:
+        pass  # always the installed distribution's
 
 
 def bounded_int(what: str, low: int, high: int, clearable: bool = False) -> Callable[[str], Any]:
@@ -164,7 +199,7 @@ TREE = Cmd(
                 Cmd(
                     "create",
                     "create a pool on the given disks",
-                    actions.pool_create,
+                    Action("actions.pool_create"),
                     (
                         Arg("name"),
                         Arg("devices", nargs="+", metavar="DEVICE"),
@@ -175,26 +210,26 @@ TREE = Cmd(
                 Cmd(
                     "extend",
                     "add disks to a pool",
-                    actions.pool_extend,
+                    Action("actions.pool_extend"),
                     (Arg("name"), Arg("devices", nargs="+", metavar="DEVICE"), FORCE),
                 ),
                 Cmd(
                     "remove",
                     "remove a pool (refused while it holds generations)",
-                    actions.pool_remove,
+                    Action("actions.pool_remove"),
                     (Arg("name"), FORCE, DELETE_GENERATIONS),
                 ),
                 Cmd(
                     "import",
                     "rebuild the catalog of a pool from its disks (lost catalog, new host)",
-                    actions.pool_import,
+                    Action("actions.pool_import"),
                     (Arg("devices", nargs="+", metavar="DEVICE"),),
                 ),
-                Cmd("list", "list pools", actions.pool_list),
+                Cmd("list", "list pools", Action("actions.pool_list")),
                 Cmd(
                     "drill",
                     "calibrate the restore-time model with a restore drill on the pool",
-                    actions.pool_drill,
+                    Action("actions.pool_drill"),
                     (Arg("name"), NO_WAIT),
                 ),
             ),
@@ -203,12 +238,12 @@ TREE = Cmd(
             "volume",
             "protected volumes",
             sub=(
-                Cmd("list", "list protected volumes", actions.volume_list),
-                Cmd("show", "show one volume", actions.volume_show, (Arg("name"),)),
+                Cmd("list", "list protected volumes", Action("actions.volume_list")),
+                Cmd("show", "show one volume", Action("actions.volume_show"), (Arg("name"),)),
                 Cmd(
                     "drill",
                     "restore the newest generation to scratch space, verify and time it now",
-                    actions.volume_drill,
+                    Action("actions.volume_drill"),
                     (Arg("name"), NO_WAIT),
                 ),
             ),
@@ -216,7 +251,7 @@ TREE = Cmd(
         Cmd(
             "protect",
             "start protecting a block device",
-            actions.protect,
+            Action("actions.protect"),
             (
                 Arg("device"),
                 Arg("name", help="name of the volume"),
@@ -238,19 +273,19 @@ TREE = Cmd(
         Cmd(
             "unprotect",
             "stop protecting a volume (its generations are kept: it becomes detached)",
-            actions.unprotect,
+            Action("actions.unprotect"),
             (Arg("name"), DELETE_GENERATIONS),
         ),
         Cmd(
             "objectives",
             "set the recovery objectives of a volume or group",
-            actions.objectives,
+            Action("actions.objectives"),
             (Arg("target", metavar="VOLUME_OR_GROUP"), *OBJECTIVE_ARGS),
         ),
         Cmd(
             "backup",
             "back a volume up now",
-            actions.backup,
+            Action("actions.backup"),
             (
                 Arg("volume"),
                 Arg(
@@ -264,7 +299,7 @@ TREE = Cmd(
         Cmd(
             "restore",
             "restore a generation",
-            actions.restore,
+            Action("actions.restore"),
             (
                 Arg(
                     "volume",
@@ -303,18 +338,21 @@ TREE = Cmd(
             ),
         ),
         Cmd(
-            "generations", "list the generations of a volume", actions.generations, (Arg("volume"),)
+            "generations",
+            "list the generations of a volume",
+            Action("actions.generations"),
+            (Arg("volume"),),
         ),
         Cmd(
             "verify",
             "verify a generation",
-            actions.verify,
+            Action("actions.verify"),
             (Arg("generation", help="db@7, db@latest, db@latest~2 or db@<id prefix>"), NO_WAIT),
         ),
         Cmd(
             "status",
             "health of every volume and pool: last backup, RPO and RTO, pool space",
-            health.status,
+            Action("health.status"),
             (
                 Arg(
                     "--check",
@@ -325,24 +363,27 @@ TREE = Cmd(
             ),
         ),
         Cmd(
-            "plan", "explain what the next backup would be and why", actions.plan, (Arg("volume"),)
+            "plan",
+            "explain what the next backup would be and why",
+            Action("actions.plan"),
+            (Arg("volume"),),
         ),
         Cmd(
             "jobs",
             "list recent jobs (or follow one)",
-            actions.jobs,
+            Action("actions.jobs"),
             sub=(
-                Cmd("list", "list recent jobs", actions.jobs),
+                Cmd("list", "list recent jobs", Action("actions.jobs")),
                 Cmd(
                     "wait",
                     "follow a job until it ends (its exit code is the job's)",
-                    actions.jobs_wait,
+                    Action("actions.jobs_wait"),
                     (Arg("id", type=bounded_int("job id", 1, U64_MAX)),),
                 ),
                 Cmd(
                     "cancel",
                     "stop a job (a backup commits nothing; a restore leaves a partial target)",
-                    actions.jobs_cancel,
+                    Action("actions.jobs_cancel"),
                     (Arg("id", type=bounded_int("job id", 1, U64_MAX)), NO_WAIT),
                 ),
             ),
@@ -354,7 +395,49 @@ TREE = Cmd(
 JSON_HELP = "print one JSON document (docs/cli-json.md) instead of tables"
 
 
-def _add(parser: argparse.ArgumentParser, cmd: Cmd, top: bool = False) -> None:
+class _Subcommands(argparse._SubParsersAction):  # type: ignore[type-arg]
+    """Subcommands whose parsers may get their arguments only when argparse picks one:
+    a call needs its own command's options, not the whole tree's (issue 16)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: name -> what adds the arguments (and subcommands) of that command's parser
+        self.unfilled: dict[str, Callable[[], None]] = {}
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+        fill = self.unfilled.pop(values[0], None)
+        if fill is not None:
+            fill()
+        super().__call__(parser, namespace, values, option_string)
+
+
+def terminal_columns() -> int:
+    """``shutil.get_terminal_size().columns``, without importing shutil (and zlib, bz2 and
+    lzma with it): COLUMNS if it is a positive number, else the width of the terminal on
+    stdout, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, which is made for every argument added (to check its
+    metavar); its width as argparse's own, found without importing shutil."""
+
+    def __init__(self, prog: str, *args: Any, width: int | None = None, **kwargs: Any) -> None:
+        super().__init__(
+            prog, *args, width=terminal_columns() - 2 if width is None else width, **kwargs
+        )
+
+
+def _add(parser: argparse.ArgumentParser, cmd: Cmd, top: bool = False, lazy: bool = False) -> None:
     if not top:
         # --json is accepted anywhere on the line; SUPPRESS keeps a subcommand from
         # resetting what an earlier --json set.
@@ -367,16 +450,38 @@ def _add(parser: argparse.ArgumentParser, cmd: Cmd, top: bool = False) -> None:
         parser.set_defaults(func=cmd.run)
     if cmd.sub:
         # A command that runs by itself (``jobs``) has optional subcommands.
+        # prog as argparse would make it (no command has positionals before its
+        # subcommands), given: formatting usages imports shutil and costs time.
         subparsers = parser.add_subparsers(
-            title="commands", metavar="COMMAND", required=cmd.run is None
+            title="commands",
+            metavar="COMMAND",
+            required=cmd.run is None,
+            action=_Subcommands,
+            prog=parser.prog,
         )
         for child in cmd.sub:
-            _add(subparsers.add_parser(child.name, help=child.help, description=child.help), child)
+            child_parser = subparsers.add_parser(
+                child.name,
+                formatter_class=_HelpFormatter,
+                help=child.help,
+                description=child.help,
+                prog=f"{parser.prog} {child.name}",
+            )
+            if lazy:
+                subparsers.unfilled[child.name] = functools.partial(
+                    _add, child_parser, child, lazy=True
+                )
+            else:
+                _add(child_parser, child)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=TREE.name, description=TREE.help)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
+    """The parser of the whole tree (``scripts/install`` makes man pages and completion
+    from it); ``lazy``: a subcommand's arguments are added when it is the one parsed."""
+    parser = argparse.ArgumentParser(
+        prog=TREE.name, description=TREE.help, formatter_class=_HelpFormatter
+    )
+    parser.add_argument("--version", action=_VersionAction)
     parser.add_argument("--json", action="store_true", help=JSON_HELP)
     parser.add_argument(
         "--bus",
@@ -386,14 +491,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--propagate", action="store_true", help="re-raise errors with a traceback (debugging)"
     )
-    _add(parser, TREE, top=True)
+    _add(parser, TREE, top=True, lazy=lazy)
     return parser
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse and run; errors propagate (``main`` explains them)."""
-    args = build_parser().parse_args(argv)
-    out = actions.Output(args.json)
+    args = build_parser(lazy=True).parse_args(argv)
+    from blockguard.cli.client import Client
+    from blockguard.cli.output import Output
+
+    out = Output(args.json)
     with Client(args.bus) as client:
         args.func(client, args, out)
     return ExitCode.OK
@@ -409,6 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException as exc:
         if propagate:
             raise
+        from blockguard.cli.errors import explain, next_step
+
         message, code = explain(exc)
         sys.stderr.write(f"blockguardctl: {message}\n")
         step = next_step(exc)

@@ -6,28 +6,27 @@
 - ``--json`` prints one document ``{"schema": 1, ...}`` (see docs/cli-json.md): snake_case
   keys, objects for what D-Bus carries as pairs, plain values only.
 - Nothing is printed with ``repr``: values go through :func:`text`.
+- rich is imported only to draw on a terminal: piped output (scripts, monitoring, the
+  common case of a call that must be quick) is written here as rich would write it to a
+  file, without importing it (issue 16: rich was a large part of every call's start-up).
 """
 
 from __future__ import annotations
 
-import json
+import os
 import re
-import shutil
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+if TYPE_CHECKING:
+    from rich.console import Console
 
 #: The version of the JSON documents (docs/cli-json.md); bumped on incompatible change.
 JSON_SCHEMA = 1
 
 
-@dataclass(frozen=True)
-class Column:
+class Column(NamedTuple):
     """A table column.
 
     :param keep: never cut or dropped (ids, names).
@@ -57,6 +56,10 @@ def text(value: Any) -> str:
 
 
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+#: rich's markup tags (rich.markup.RE_TAGS): ``[bold]``, ``[/]``, ``\\[escaped]``.
+_TAGS = re.compile(r"((\\*)\[([a-z#/@][^[]*?)])")
+#: The control characters rich drops from printed text (rich.control.strip_control_codes).
+_CONTROL = dict.fromkeys((7, 8, 11, 12, 13))
 
 
 def snake(name: str) -> str:
@@ -80,21 +83,55 @@ class Output:
         """:param terminal: and ``width``: as if stdout were a terminal that wide (tests)."""
         self.as_json = as_json
         self.stdout = stdout or sys.stdout
-        self.console = Console(
-            file=self.stdout,
-            highlight=False,
-            soft_wrap=True,
-            force_terminal=terminal,
-            width=width,
-        )
-        self.err = Console(file=stderr or sys.stderr, highlight=False)
+        self.stderr = stderr or sys.stderr
+        self._terminal = terminal
+        self._width = width
+        self._console: Console | None = None
+        self._err: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        """The rich console on stdout (imports rich)."""
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(
+                file=self.stdout,
+                highlight=False,
+                soft_wrap=True,
+                force_terminal=self._terminal,
+                width=self._width,
+            )
+        return self._console
+
+    @property
+    def err(self) -> Console:
+        """The rich console on stderr (imports rich): progress bars, spinners."""
+        if self._err is None:
+            from rich.console import Console
+
+            self._err = Console(file=self.stderr, highlight=False)
+        return self._err
 
     @property
     def is_terminal(self) -> bool:
+        """Whether stdout is a terminal, as rich decides it; rich is asked only when the
+        answer is not a plain no (a file or a pipe, and no FORCE_COLOR/TTY_COMPATIBLE)."""
+        if self._terminal is None and not _maybe_terminal(self.stdout):
+            return False
         return self.console.is_terminal
+
+    @property
+    def err_is_terminal(self) -> bool:
+        """Whether stderr is a terminal (progress bars and spinners are drawn only there)."""
+        if not _maybe_terminal(self.stderr):
+            return False
+        return self.err.is_terminal
 
     def json(self, data: Mapping[str, Any]) -> None:
         """Print one JSON document: ``{"schema": 1, **data}``."""
+        import json
+
         self.stdout.write(
             json.dumps({"schema": JSON_SCHEMA, **data}, indent=2, sort_keys=True) + "\n"
         )
@@ -102,10 +139,20 @@ class Output:
 
     def line(self, message: str, markup: bool = False) -> None:
         """One line of text (``markup``: it holds rich markup of ours, nothing of the user's)."""
+        if not self.is_terminal:
+            _write_plain(self.stdout, _strip_markup(message) if markup else message)
+            return
+        from rich.markup import escape
+
         self.console.print(message if markup else escape(message))
 
     def note(self, message: str) -> None:
         """A line on stderr (progress, hints), so stdout stays the answer."""
+        if not self.err_is_terminal:
+            _write_plain(self.stderr, message)
+            return
+        from rich.markup import escape
+
         self.err.print(escape(message))
 
     def fields(self, pairs: Iterable[tuple[str, Any]]) -> None:
@@ -129,6 +176,8 @@ class Output:
         if not self.is_terminal:
             self._plain(columns, cells)
             return
+        import shutil
+
         width = self.console.width or shutil.get_terminal_size().columns
         shown, need = _fit(columns, cells, width)
         if shown is None:
@@ -138,6 +187,9 @@ class Output:
                 self.stdout.write(f"{title}\n")
             self._plain(columns, cells)
             return
+        from rich.markup import escape
+        from rich.table import Table
+
         table = Table(title=title, title_justify="left")
         for i in shown:
             col = columns[i]
@@ -161,6 +213,37 @@ class Output:
             line = "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True))
             self.stdout.write(line.rstrip() + "\n")
         self.stdout.flush()
+
+
+def _maybe_terminal(stream: Any) -> bool:
+    """False when rich would certainly not treat ``stream`` as a terminal (see
+    ``rich.console.Console.is_terminal``): no TTY_COMPATIBLE or FORCE_COLOR in the
+    environment and not a tty. True means: ask rich."""
+    if "TTY_COMPATIBLE" in os.environ or "FORCE_COLOR" in os.environ:
+        return True
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed file
+        return False
+
+
+def _strip_markup(message: str) -> str:
+    """``message`` without its rich markup tags, as rich prints it to a file."""
+
+    def replace(match: re.Match[str]) -> str:
+        full, escapes, _tag = match.groups()
+        backslashes, escaped = divmod(len(escapes), 2)
+        return "\\" * backslashes + (full[len(escapes) :] if escaped else "")
+
+    return _TAGS.sub(replace, message)
+
+
+def _write_plain(stream: Any, message: str) -> None:
+    """One line as rich's console writes it to a file: no styles, tabs expanded, the
+    control characters it drops dropped (no emoji codes replaced: the text is the text)."""
+    stream.write(message.translate(_CONTROL).expandtabs(8) + "\n")
+    stream.flush()
 
 
 def _fit(

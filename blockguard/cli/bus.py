@@ -1,0 +1,168 @@
+"""A blocking D-Bus connection for the CLI, on dbus-fast's message layer (issue 16).
+
+A call of ``blockguardctl`` makes one connection and a few method calls, one at a time.
+dbus-fast's asyncio bus did that in a private event loop, but importing the ``dbus_fast``
+package costs more than the whole Python start-up: its ``__init__`` loads the asyncio
+bus, the service and introspection layers, and asyncio with them (measured on the host:
+``import dbus_fast`` +60 ms of CPU over ``python -c pass``, its message, auth, address and
+unmarshaller modules alone +13 ms). So this module uses only those: dbus-fast
+authenticates (:class:`~dbus_fast.auth.AuthExternal`), parses the address, marshals and
+unmarshals every message; what is here is the blocking socket between them.
+
+To import a submodule without running the package's ``__init__``, :func:`message_layer`
+puts the package in ``sys.modules`` unexecuted, with a module ``__getattr__`` that runs
+the real ``__init__`` (in the same module object) the first time anything else asks the
+package for a name: ``from dbus_fast import Variant`` or ``import dbus_fast.aio`` later in
+the same process get the whole package, as usual. When the package is imported already,
+it is used as it is.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import sys
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dbus_fast.message import Message
+
+DBUS_NAME = "org.freedesktop.DBus"
+DBUS_PATH = "/org/freedesktop/DBus"
+
+
+def _defer_package_init() -> None:
+    spec = importlib.util.find_spec("dbus_fast")
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError("No module named 'dbus_fast'", name="dbus_fast")
+    package = importlib.util.module_from_spec(spec)
+    loader = spec.loader
+
+    def finish(name: str) -> Any:
+        # Once: the real __init__ defines every public name (its submodules are reused).
+        del package.__getattr__
+        loader.exec_module(package)
+        return getattr(package, name)
+
+    package.__getattr__ = finish  # type: ignore[method-assign]
+    sys.modules["dbus_fast"] = package
+
+
+def message_layer() -> ModuleType:
+    """``dbus_fast.message`` (and the modules it needs), without the package's asyncio
+    layers unless something in the process imported them already."""
+    if "dbus_fast" not in sys.modules:
+        _defer_package_init()
+    import dbus_fast.message
+
+    return dbus_fast.message
+
+
+def _open(address: str) -> socket.socket:
+    """A socket connected to the first address of ``address`` that answers (the
+    transports dbus-fast's buses know: unix path or abstract, tcp)."""
+    from dbus_fast._private.address import parse_address
+    from dbus_fast.errors import InvalidAddressError
+
+    last: OSError | None = None
+    for transport, options in parse_address(address):
+        if transport == "unix" and ("path" in options or "abstract" in options):
+            family = socket.AF_UNIX
+            target: Any = options.get("path") or b"\0" + options["abstract"].encode()
+        elif transport == "tcp":
+            family = socket.AF_INET
+            port = options.get("port", "0")
+            if not port.isdigit():
+                raise InvalidAddressError(f"got tcp transport with invalid port: {port!r}")
+            target = (options.get("host", ""), int(port))
+        else:
+            raise InvalidAddressError(f"got unknown address transport: {transport}")
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.connect(target)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            continue
+        return sock
+    raise last if last is not None else InvalidAddressError(f"no address in {address!r}")
+
+
+class Connection:
+    """One authenticated connection to a bus (``Hello`` done); :meth:`call` sends a method
+    call and waits for its reply, dropping anything else that arrives meanwhile (the
+    ``NameAcquired`` signal the bus sends after ``Hello``).
+
+    :param address: ``"system"`` (honours DBUS_SYSTEM_BUS_ADDRESS), ``"session"`` or an
+        address such as ``unix:path=/run/dbus/system_bus_socket``.
+    """
+
+    def __init__(self, address: str) -> None:
+        message_layer()
+        from dbus_fast._private.address import get_bus_address
+        from dbus_fast._private.unmarshaller import Unmarshaller
+        from dbus_fast.constants import BusType
+        from dbus_fast.message import Message
+
+        if address in ("system", "session"):
+            address = get_bus_address(BusType.SYSTEM if address == "system" else BusType.SESSION)
+        self._sock = _open(address)
+        self._serial = 0
+        try:
+            self._authenticate()
+            self._unmarshaller = Unmarshaller(None, self._sock, False)
+            hello = Message(
+                destination=DBUS_NAME, path=DBUS_PATH, interface=DBUS_NAME, member="Hello"
+            )
+            self.unique_name = str(self.call(hello).body[0])
+        except BaseException:
+            self.close()
+            raise
+
+    def _authenticate(self) -> None:
+        from dbus_fast.auth import Authenticator, AuthExternal
+        from dbus_fast.errors import AuthError
+
+        auth = AuthExternal()
+        self._sock.sendall(b"\0" + Authenticator._format_line(auth._authentication_start()))
+        while True:
+            # The bus answers each line of ours with one line and sends nothing else
+            # before BEGIN, so a line is everything received until CRLF.
+            received = b""
+            while not received.endswith(b"\r\n"):
+                chunk = self._sock.recv(4096)
+                if not chunk:
+                    raise AuthError("the bus closed the connection during authentication")
+                received += chunk
+            response = auth._receive_line(received.decode("ascii").rstrip("\r\n"))
+            self._sock.sendall(Authenticator._format_line(response))
+            if response == "BEGIN":
+                return
+
+    def call(self, message: Message) -> Message:
+        """Send a method call; its reply (a method return or an error)."""
+        from dbus_fast.constants import MessageType
+
+        self._serial += 1
+        message.serial = self._serial
+        self._sock.sendall(message._marshall(False))
+        while True:
+            reply = self._receive()
+            if reply.reply_serial == message.serial and reply.message_type in (
+                MessageType.METHOD_RETURN,
+                MessageType.ERROR,
+            ):
+                return reply
+
+    def _receive(self) -> Message:
+        while True:
+            try:
+                message = self._unmarshaller.unmarshall()
+            except EOFError:
+                raise ConnectionResetError("the bus closed the connection") from None
+            if message is not None:
+                return message
+
+    def close(self) -> None:
+        self._sock.close()

@@ -1,0 +1,231 @@
+"""blockguardctl starts fast by importing only what a command needs (issue 16).
+
+Start-up, not the daemon, was most of a call's time: rich, asyncio and dbus-fast, the
+engine's vocabulary. Time is not asserted here (the machine is shared and slow under
+TCG; ``bench/bench_client.py`` prints the ratios); what is asserted is the set of modules a
+fresh interpreter holds after each step, in a subprocess so that nothing this test process
+imported counts. Piped output is written without rich: it must read as rich wrote it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blockguard.cli.main import build_parser, terminal_columns
+from blockguard.cli.output import Column, Output
+
+REPO = Path(__file__).resolve().parents[2]
+
+#: Never needed to parse a command line, print help or a version, or explain an error.
+HEAVY = ("rich", "dbus_fast", "asyncio", "importlib.metadata")
+#: Never needed by the client at all: the daemon's side of the layers.
+NOT_CLIENT = ("blockguard.engine", "blockguard.storage", "blockguard.daemon")
+#: The modules of blockguard.core the client may use (the vocabulary only).
+CORE_ALLOWED = ("blockguard.core", "blockguard.core.vocab")
+
+
+def modules_after(code: str, *, env: dict[str, str] | None = None) -> set[str]:
+    """The modules a fresh interpreter holds after running ``code`` (whose stdout is
+    discarded) and what it printed on stderr, if it failed."""
+    script = (
+        "import io, json, sys\n"
+        "real = sys.stdout\n"
+        "sys.stdout = io.StringIO()\n"
+        f"try:\n    exec({code!r})\nexcept SystemExit:\n    pass\n"
+        "real.write(json.dumps(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode == 0, out.stderr
+    return set(json.loads(out.stdout))
+
+
+def loaded(modules: set[str], prefixes: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in modules if any(m == p or m.startswith(p + ".") for p in prefixes))
+
+
+def core_beyond_vocab(modules: set[str]) -> list[str]:
+    return sorted(m for m in loaded(modules, ("blockguard.core",)) if m not in CORE_ALLOWED)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["--help"], ["--version"], ["status", "--help"], ["plan"], ["pool", "nonsense"]],
+    ids=["import", "help", "version", "status-help", "usage-error", "bad-command"],
+)
+def test_parsing_imports_nothing_heavy(argv: list[str]) -> None:
+    code = "import blockguard.cli.main as m\n"
+    if argv:
+        code += f"m.main({argv!r})\n"
+    modules = modules_after(code)
+    # --version asks the installed distribution (importlib.metadata), as blockguardd does.
+    heavy = loaded(modules, HEAVY[:-1] if argv == ["--version"] else HEAVY)
+    assert heavy == [], heavy
+    assert loaded(modules, NOT_CLIENT) == []
+    assert core_beyond_vocab(modules) == []
+    # No command ran: no action module, no D-Bus client.
+    assert loaded(modules, ("blockguard.cli.actions", "blockguard.cli.client")) == []
+
+
+def test_a_command_imports_dbus_fasts_message_layer_only_and_no_rich() -> None:
+    # No bus to reach: the command fails after importing everything it needs to call.
+    code = (
+        "import blockguard.cli.main as m\n"
+        "assert m.main(['--bus', 'unix:path=/nonexistent/blockguard-bus', 'status']) != 0\n"
+        "assert m.main(['--bus', 'unix:path=/nonexistent/blockguard-bus', 'plan', 'db']) != 0\n"
+    )
+    modules = modules_after(code)
+    assert {"blockguard.cli.health", "blockguard.cli.actions", "dbus_fast.message"} <= modules
+    # Not the asyncio bus, the service and introspection layers of dbus_fast/__init__.
+    assert loaded(modules, ("asyncio", "dbus_fast.aio", "dbus_fast.service")) == []
+    assert loaded(modules, ("rich", "dataclasses", "shutil")) == []
+    assert loaded(modules, NOT_CLIENT) == []
+    assert core_beyond_vocab(modules) == []
+
+
+def test_dbus_fast_is_whole_for_whoever_asks_after_the_client() -> None:
+    code = (
+        "from blockguard.cli.bus import message_layer\n"
+        "from blockguard.cli.client import plain, variant\n"
+        "message_layer()\n"
+        "assert 'asyncio' not in sys.modules\n"
+        "assert plain({'a': variant(3)}) == {'a': 3}\n"
+        "import dbus_fast\n"
+        "from dbus_fast import BusType, Message, Variant\n"
+        "from dbus_fast.aio import MessageBus\n"
+        "from dbus_fast.signature import Variant as SameVariant\n"
+        "assert Variant is SameVariant and dbus_fast.aio.MessageBus is MessageBus\n"
+        "assert set(dbus_fast.__all__) <= set(vars(dbus_fast)), 'package half-initialised'\n"
+        "assert plain(Variant('as', ['x'])) == ['x'] and isinstance(variant('t'), Variant)\n"
+    )
+    assert "dbus_fast.aio" in modules_after(code)
+
+
+def test_piped_output_imports_no_rich() -> None:
+    code = (
+        "from blockguard.cli.output import Column, Output\n"
+        "out = Output(False, io.StringIO(), io.StringIO())\n"
+        "out.line('The next backup would be [bold]full[/].', markup=True)\n"
+        "out.note('a note')\n"
+        "out.table('T', [Column('id', keep=True), 'x'], [[1, 2]])\n"
+        "assert not out.is_terminal\n"
+    )
+    assert loaded(modules_after(code), ("rich",)) == []
+    # FORCE_COLOR makes rich call a pipe a terminal: then rich decides, as before.
+    forced = modules_after(code.replace("assert not", "assert "), env={"FORCE_COLOR": "1"})
+    assert "rich.console" in forced
+
+
+SAMPLES = [
+    ("plain words", False),
+    ("a\tb\tc and\ttabs", False),
+    ("bell\x07 back\x08 vt\x0b ff\x0c cr\r end", False),
+    ("esc \x1b[31m passes", False),
+    ("brackets [not a tag] [/x] \\[y] \\\\[bold]z", False),
+    ("multi\nline", False),
+    ("", False),
+    ("é ünïcode", False),
+    ("The next backup of db would be [bold]full[/] (the objectives cannot be met!).", True),
+    ("[bold]a[/] \\[x] \\\\[bold]b[/] [c]", True),
+]
+
+
+@pytest.mark.parametrize(("message", "markup"), SAMPLES)
+def test_piped_lines_read_as_rich_wrote_them(message: str, markup: bool) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    ours, theirs = io.StringIO(), io.StringIO()
+    Output(False, ours, io.StringIO()).line(message, markup=markup)
+    Console(file=theirs, highlight=False, soft_wrap=True).print(
+        message if markup else escape(message)
+    )
+    assert ours.getvalue() == theirs.getvalue()
+    notes, rich_notes = io.StringIO(), io.StringIO()
+    Output(False, io.StringIO(), notes).note(message)
+    Console(file=rich_notes, highlight=False).print(escape(message))
+    if "\n" not in message and len(message) < 80:  # rich wraps notes at its width
+        assert notes.getvalue() == rich_notes.getvalue()
+
+
+def test_a_terminal_still_draws_with_rich() -> None:
+    buf = io.StringIO()
+    out = Output(False, buf, io.StringIO(), terminal=True, width=80)
+    out.table("T", [Column("id", keep=True)], [["x"]])
+    out.line("[bold]b[/]", markup=True)
+    assert "┏" in buf.getvalue() and "\x1b[1m" in buf.getvalue()
+
+
+# --- the parser: a call builds only its own command's part of the tree --------------------
+
+ARGVS = [
+    ["status"],
+    ["status", "--check", "--json"],
+    ["--json", "plan", "db"],
+    ["--bus", "session", "volume", "show", "db"],
+    ["pool", "create", "p1", "/dev/a", "/dev/b", "--force"],
+    ["jobs"],
+    ["jobs", "wait", "3"],
+    ["restore", "db@1", "--mode", "swap-in", "--json", "--no-wait"],
+    ["protect", "/dev/x", "v", "--rpo", "15m", "--generations", "3", "--pool", "p"],
+]
+
+
+def _tree(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[tuple]:
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _tree(child, (*path, name))
+
+
+@pytest.mark.parametrize("argv", ARGVS, ids=" ".join)
+def test_the_lazy_parser_parses_as_the_whole_tree(argv: list[str]) -> None:
+    assert vars(build_parser(lazy=True).parse_args(argv)) == vars(build_parser().parse_args(argv))
+
+
+def test_the_lazy_parser_helps_and_refuses_as_the_whole_tree() -> None:
+    whole = dict(_tree(build_parser()))
+    assert len(whole) > 20
+    for path, parser in whole.items():
+        shown = io.StringIO()
+        with contextlib.redirect_stdout(shown), pytest.raises(SystemExit):
+            build_parser(lazy=True).parse_args([*path, "--help"])
+        assert shown.getvalue() == parser.format_help(), path
+    for argv in (["plan"], ["jobs", "wait", "x"], ["pool", "nonsense"], ["status", "--nope"]):
+        errors = []
+        for parser in (build_parser(), build_parser(lazy=True)):
+            said = io.StringIO()
+            with contextlib.redirect_stderr(said), pytest.raises(SystemExit):
+                parser.parse_args(argv)
+            errors.append(said.getvalue())
+        assert errors[0] == errors[1] and "usage: blockguardctl" in errors[0], argv
+
+
+@pytest.mark.parametrize("columns", [None, "40", "200", "0", "-3", "x", ""])
+def test_help_is_as_wide_as_argparse_makes_it(
+    columns: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    assert terminal_columns() == shutil.get_terminal_size().columns
