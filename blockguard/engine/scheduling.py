@@ -1,18 +1,18 @@
-"""The scheduler loop: looks at every volume now and then and starts the backups due.
+"""The scheduler loop: looks at a volume when its objectives need it, starts the backups due.
 
 The decisions are :mod:`blockguard.core.scheduler`'s: on the RPO interval, at the daily
 hour, when the changes reach the RPO amount or (with only an RTO) what can still be
 restored in time. Runs missed while the daemon was down collapse into one (the decision
 is computed from the last backup's time). No volume gets a second job while one runs.
 Restore drills (:mod:`blockguard.engine.voldrills`) start when the volume's drill is due
-and no job of it runs; a backup due at the same tick goes first.
+and no job of it runs; a backup due at the same look goes first.
 A group starts only when no member is busy, all members at once: with device-mapper the
 point-in-time copies are taken back to back; on the host (scan tracking, no snapshots)
 "one point in time" holds only as far as the caller keeps the members quiet.
 
 A volume whose backups fail is held back: it is tried again after a delay that doubles
 with each failure in a row, up to a cap (:func:`blockguard.core.health.retry_delay`),
-instead of on every tick. A group waits while any member is held. ``BackupNow`` is
+instead of at every look. A group waits while any member is held. ``BackupNow`` is
 never held.
 
 Idle means idle: a volume is *looked at* (refreshed: its tracker and pool read, its plan
