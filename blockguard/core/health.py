@@ -180,6 +180,24 @@ class Health:
         }
 
 
+def next_time_change(vols: list[VolumeFacts], t: Thresholds, now: float) -> float | None:
+    """The earliest time after ``now`` at which time alone changes the assessment (a
+    volume's RPO becomes missed), or ``None``: until something happens, nothing will.
+
+    :param vols: the volumes' facts.
+    :param t: the thresholds (the RPO grace).
+    :param now: the assessment's time.
+    """
+    times = []
+    for v in vols:
+        if v.rpo_seconds is None or v.last_success is None or v.tracker_state == "detached":
+            continue
+        at = v.last_success + v.rpo_seconds * (1 + t.rpo_grace)
+        if at > now:
+            times.append(at)
+    return min(times, default=None)
+
+
 def _volume_conditions(v: VolumeFacts, t: Thresholds, now: float) -> list[Condition]:
     found = []
     if v.rpo_seconds is not None and v.tracker_state != "detached":

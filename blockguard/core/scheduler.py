@@ -54,6 +54,8 @@ class ScheduleDecision:
     :param reason: human explanation with the numbers used.
     :param missed: how many scheduled runs passed unserved since the last backup beyond the
         one due now (they are not run separately).
+    :param changed_bytes: with an amount trigger: the changed bytes the decision saw.
+    :param limit_bytes: with an amount trigger: the changed bytes that make it due.
     """
 
     due: bool
@@ -61,6 +63,8 @@ class ScheduleDecision:
     trigger: Trigger
     reason: str
     missed: int = 0
+    changed_bytes: int | None = None
+    limit_bytes: int | None = None
 
 
 def _aware(name: str, value: datetime) -> datetime:
@@ -235,10 +239,40 @@ def _by_amount(changed: int, limit: int, trigger: Trigger, what: str) -> Schedul
             None,
             trigger,
             f"changed {format_size(changed)} >= {what} {format_size(limit)}",
+            changed_bytes=changed,
+            limit_bytes=limit,
         )
     return ScheduleDecision(
-        False, None, trigger, f"changed {format_size(changed)} < {what} {format_size(limit)}"
+        False,
+        None,
+        trigger,
+        f"changed {format_size(changed)} < {what} {format_size(limit)}",
+        changed_bytes=changed,
+        limit_bytes=limit,
     )
+
+
+def poll_delay(changed: int, limit: int, rate: float, floor: float, ceiling: float) -> float:
+    """Seconds until an amount trigger (changed-data RPO, RTO headroom) is looked at again.
+
+    Only a look at the tracker tells how much changed, and a look costs device work (a scan
+    reads the volume, thin tracking reserves a metadata snapshot), so the look comes when
+    the changes could reach the limit: half the time the recent change rate needs for the
+    rest, so a steady writer is caught with at most half the remaining amount of overshoot.
+    A volume that did not change is looked at every ``ceiling`` seconds; none more often
+    than every ``floor`` seconds.
+
+    :param changed: bytes changed at the last look.
+    :param limit: the bytes that make the backup due.
+    :param rate: bytes per second changed between the last two looks (0: none, unknown).
+    :param floor: the shortest delay (``scheduler_interval``).
+    :param ceiling: the longest delay (``scheduler_max_interval``).
+    """
+    ceiling = max(floor, ceiling)
+    if rate <= 0:
+        return ceiling
+    eta = max(0, limit - changed) / rate
+    return min(ceiling, max(floor, eta / 2))
 
 
 @dataclass(frozen=True)

@@ -163,7 +163,10 @@ class Engine:
             self.settings.alert_hook_timeout,
         )
         self._health = HealthKeeper(self.settings, self._volumes, self._pools, alerts)
-        self._monitor = HealthMonitor(self._health.assess, self.settings.health_interval)
+        keeper = self._health
+        self._monitor = HealthMonitor(
+            keeper.assess, self.settings.health_interval, lambda: keeper.next_change
+        )
         self.events.subscribe(self._monitor.on_event)
 
     @property
@@ -300,7 +303,10 @@ class Engine:
         if self._monitor is not None:
             self._monitor.start()
             self._monitor.poke()  # an assessment at start: alerts of the time we were down
-        await self.scheduler().run()
+        scheduler = self.scheduler()
+        # Decisions renewed elsewhere (objectives, backups, rescans) wake it up.
+        self.events.subscribe(scheduler.on_event)
+        await scheduler.run()
 
     def scheduler(self) -> Scheduler:
         """A scheduler on this engine (tests call :meth:`Scheduler.tick` directly)."""
@@ -311,6 +317,7 @@ class Engine:
             self.settings.scheduler_interval,
             held=self.health_keeper.retry_hold,
             start_drill=self.drill_volume,
+            max_interval=self.settings.scheduler_max_interval,
         )
 
     # --- pools ----------------------------------------------------------------------------

@@ -4,8 +4,9 @@ The facts come from what the engine keeps anyway: each volume's cached info (obj
 generations, restore estimate, tracker state) and last plan (feasible or not), the
 catalog's job records (failed backups in a row survive a restart), and each pool's
 capacity. The :class:`HealthMonitor` thread assesses when poked (after a backup, a pool
-or tracker change) and every ``BLOCKGUARD_HEALTH_INTERVAL`` seconds, since an RPO is
-missed by time passing alone.
+or tracker change), when time alone makes an RPO missed (the assessment says when), and
+every ``BLOCKGUARD_HEALTH_INTERVAL`` seconds for what changes unannounced (a pool's
+space used by others).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from blockguard.core.health import (
     PoolFacts,
     Thresholds,
     VolumeFacts,
+    next_time_change,
     retry_delay,
 )
 from blockguard.core.health import assess as assess_health
@@ -156,14 +158,21 @@ _publishing = threading.local()
 
 
 class HealthMonitor:
-    """Calls ``assess`` in a thread of its own when poked, and every ``interval`` seconds.
+    """Calls ``assess`` in a thread of its own when poked, every ``interval`` seconds,
+    and at the time ``next_due`` names (unix time; ``None``: none).
 
     Pokes that arrive while an assessment runs make one more, not one each.
     """
 
-    def __init__(self, assess: Callable[[], object], interval: float) -> None:
+    def __init__(
+        self,
+        assess: Callable[[], object],
+        interval: float,
+        next_due: Callable[[], float | None] | None = None,
+    ) -> None:
         self.assess = assess
         self.interval = interval
+        self.next_due = next_due
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -190,9 +199,17 @@ class HealthMonitor:
             self._thread.join(30)
             self._thread = None
 
+    def _timeout(self) -> float | None:
+        waits = [self.interval] if self.interval > 0 else []
+        at = self.next_due() if self.next_due is not None else None
+        if at is not None:
+            # A little after the time, so the RPO is past its limit when assessed.
+            waits.append(max(0.0, at - time.time()) + 1.0)
+        return min(waits, default=None)
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(self.interval if self.interval > 0 else None)
+            self._wake.wait(self._timeout())
             self._wake.clear()
             if self._stop.is_set():
                 return
@@ -226,6 +243,10 @@ class HealthKeeper:
         self._space: dict[str, tuple[int, int]] = {}
         #: the last assessment's level and alert count (for the one-line status)
         self.last: tuple[str, int] | None = None
+        #: unix time when time alone changes the assessment (see next_time_change)
+        self.next_change: float | None = None
+        #: the steady part of the metrics file last written, and when (monotonic)
+        self._metrics_last: tuple[str, float] | None = None
         # One assessment at a time: two could see the same new condition and raise twice.
         self._lock = threading.Lock()
 
@@ -272,12 +293,20 @@ class HealthKeeper:
             now = clock(self.settings)
             vols, pools = self.facts()
             health = assess_health(vols, pools, thresholds_of(self.settings), now)
+            at = next_time_change(vols, thresholds_of(self.settings), now)
+            # In real time: the test clock's offset taken off again.
+            self.next_change = None if at is None else at - (now - time.time())
             # Before the alerts go out: their event refreshes the status line, which says it.
             self.last = (health.level.label, len(health.conditions))
             self.alerts.update(health.conditions)
             active = self.alerts.active_records()
             jobs = [(j.kind, j.state) for j in self.catalog.list_jobs()]
-            metrics.write(self.settings.metrics_file, metrics.render(health, jobs, active))
+            text = metrics.render(health, jobs, active)
+            written = time.monotonic()
+            if metrics.rewrite_due(text, self._metrics_last, written) and metrics.write(
+                self.settings.metrics_file, text
+            ):
+                self._metrics_last = (metrics.steady(text), written)
         self._publish_space(pools)
         result = health.as_dict()
         result["time"] = now

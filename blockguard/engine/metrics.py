@@ -3,9 +3,11 @@
 A file, not an HTTP endpoint: blockguardd runs as root, and a file keeps it without a
 listening socket (no port to secure, no ``PrivateNetwork=`` trade-off); node_exporter,
 which admins run anyway, serves it (``--collector.textfile.directory``). The file is
-replaced atomically after each health assessment, so the collector never reads half of
-it. The format is simple enough to write directly (the project's tests read it back with
-``prometheus_client``'s parser).
+replaced atomically (the collector never reads half of it) after a health assessment that
+changed a figure other than an age, and every :data:`REWRITE_AFTER` seconds for the ages
+(which move by time alone; ``last_success_timestamp`` gives the exact age at any time):
+an idle daemon does not rewrite it every minute. The format is simple enough to write
+directly (the project's tests read it back with ``prometheus_client``'s parser).
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from blockguard.core.health import Health, Level
 from blockguard.storage.manifest import write_atomic
 
 log = logging.getLogger(__name__)
+
+#: Seconds after which the file is rewritten even if only the ages changed.
+REWRITE_AFTER = 300.0
+#: The families that change by time alone.
+AGE_FAMILIES = ("blockguard_volume_rpo_age_seconds",)
 
 Labels = Mapping[str, str]
 Sample = tuple[Labels, float]
@@ -183,3 +190,18 @@ def write(path: Path | None, text: str) -> bool:
     except OSError as exc:
         log.warning("cannot make %s readable: %s", path, exc)
     return True
+
+
+def steady(text: str) -> str:
+    """``text`` without the sample lines of :data:`AGE_FAMILIES` (what an assessment
+    changes other than by time passing)."""
+    return "\n".join(line for line in text.splitlines() if not line.startswith(AGE_FAMILIES))
+
+
+def rewrite_due(text: str, last: tuple[str, float] | None, now: float) -> bool:
+    """Whether the file should be rewritten with ``text``.
+
+    :param last: the steady part (:func:`steady`) and time of the last write, if any.
+    :param now: the time (any clock, the same as ``last``'s).
+    """
+    return last is None or last[0] != steady(text) or now - last[1] >= REWRITE_AFTER

@@ -14,7 +14,14 @@ tests (and slow or fast hosts) override them:
 ``default_speed`` (``BLOCKGUARD_DEFAULT_SPEED``)
     bytes/s assumed for every figure of a device that was not measured (default 100 MB/s).
 ``scheduler_interval`` (``BLOCKGUARD_SCHEDULER_INTERVAL``)
-    seconds between two looks of the scheduler (default 30); ``0`` turns it off.
+    the shortest time between two looks at one volume whose objectives need looks
+    (default 30); ``0`` turns the scheduler off. A volume is looked at (its tracker and pool
+    read) only when its objectives need it: never without objectives or drills, at the due
+    time of an interval or daily RPO, and for an amount of changed data (or an RTO without
+    RPO) at a rate that fits the amount left and the volume's recent change rate.
+``scheduler_max_interval`` (``BLOCKGUARD_SCHEDULER_MAX_INTERVAL``)
+    the longest time between two looks at a volume whose backup an amount of changed data
+    makes due (default 300): a volume that stopped changing is looked at this often.
 ``mount_root`` (``BLOCKGUARD_MOUNT_ROOT``)
     where pool areas are mounted (default ``STATE_DIR/pools``).
 ``cow_size`` (``BLOCKGUARD_COW_SIZE``)
@@ -39,8 +46,10 @@ tests (and slow or fast hosts) override them:
 ``alert_hook_timeout`` (``BLOCKGUARD_ALERT_HOOK_TIMEOUT``)
     seconds an alert hook may run before it is killed (default 30).
 ``health_interval`` (``BLOCKGUARD_HEALTH_INTERVAL``)
-    seconds between two health assessments when nothing happens (default 60; events such
-    as a finished or failed backup assess at once); ``0`` turns the periodic look off.
+    seconds between two health assessments when nothing happens (default 600; events such
+    as a finished or failed backup assess at once, and so does an RPO becoming missed by
+    time alone); ``0`` turns the periodic look off. The periodic look catches what changes
+    unannounced, such as a pool's space used by others.
 ``retry_base`` / ``retry_cap`` (``BLOCKGUARD_RETRY_BASE`` / ``BLOCKGUARD_RETRY_CAP``)
     a volume whose scheduled backups fail is retried after BASE seconds, doubled for
     each further failure, at most CAP (defaults 60 and 3600). ``BackupNow`` is not held.
@@ -97,6 +106,7 @@ class Settings:
     probe_seconds: float = 1.0
     default_speed: float = 100e6
     scheduler_interval: float = 30.0
+    scheduler_max_interval: float = 300.0
     backup_delay: float = field(default=0.0, metadata={"env": "BLOCKGUARD_TEST_BACKUP_DELAY"})
     cow_size: int = 0
     drill_bytes: int = 64 * 1024 * 1024
@@ -106,7 +116,7 @@ class Settings:
     alert_rpo_grace: float = 0.1
     alert_dir: Path = DEFAULT_ALERT_DIR
     alert_hook_timeout: float = 30.0
-    health_interval: float = 60.0
+    health_interval: float = 600.0
     retry_base: float = 60.0
     retry_cap: float = 3600.0
     #: empty (in the file or the environment): no metrics file

@@ -21,13 +21,15 @@ from tests.timeouts import scaled
 
 ENGINE = "blockguard.engine.engine:make_service"
 #: The daemon's environment for engine tests: no probe (loop devices are too fast for an
-#: RTO of seconds to matter), every device at 8 MiB/s, no scheduler unless a test asks,
+#: RTO of seconds to matter), every device at 8 MiB/s, no scheduler unless a test asks (and
+#: then an amount of changed data is looked at every second at the latest),
 #: no restore drill unless a test asks (``Drill``), and a small one then; none of the
 #: host's alert hooks, no metrics file.
 ENGINE_ENV = {
     "BLOCKGUARD_PROBE_SECONDS": "0",
     "BLOCKGUARD_DEFAULT_SPEED": str(8 * MiB),
     "BLOCKGUARD_SCHEDULER_INTERVAL": "0",
+    "BLOCKGUARD_SCHEDULER_MAX_INTERVAL": "1",
     "BLOCKGUARD_DRILL_AUTO": "0",
     "BLOCKGUARD_DRILL_BYTES": str(4 * MiB),
     "BLOCKGUARD_ALERT_DIR": "/nonexistent/blockguard-test-alert.d",
