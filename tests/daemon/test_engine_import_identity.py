@@ -1,0 +1,92 @@
+"""An import protects a volume again only on its own device, not on whatever took its number.
+
+The real daemon over D-Bus on loop devices (dir pool, scan tracking): the catalog is lost,
+the volume's loop device is detached and an unrelated file of the same size is attached
+under the same loop number. The import must leave the volume detached and say which device
+it refused; the original file attached again, under another number, is found and protected.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from blockguard.cli.client import VOLUME, Client, plain
+from tests.daemon.test_engine_import import POOL_SIZE, VOLUME_SIZE, backup, generations
+from tests.support.daemon import EngineHarness
+from tests.support.devices import MiB, sha256_of, write_random
+
+
+def lose_catalog(state_dir: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{state_dir}/catalog.db{suffix}").unlink(missing_ok=True)
+
+
+def losetup(*args: str) -> str:
+    done = subprocess.run(
+        ["losetup", *args], check=True, capture_output=True, text=True, timeout=30
+    )
+    return done.stdout.strip()
+
+
+def test_import_refuses_another_file_on_the_same_loop_number_and_finds_the_moved_one(
+    engine: EngineHarness, loopdev: object, tmp_path: Path
+) -> None:
+    pool_disk = loopdev(POOL_SIZE, "pool.img")  # type: ignore[operator]
+    db = loopdev(VOLUME_SIZE, "db.img")  # type: ignore[operator]
+    daemon = engine.start()
+    with Client(daemon.address) as client:
+        client.call("CreatePool", "ssasb", "p1", "dir", [pool_disk], False)
+        client.call("Protect", "sstssa{sv}", db, "db", 0, "", "", {})
+        write_random(db, 0, VOLUME_SIZE, seed=11)
+        backup(client, "db")
+        before = generations(client, "db")
+    assert daemon.stop() == 0
+    lose_catalog(daemon.state_dir)
+
+    # db's loop device goes; another file of the same size takes its number.
+    losetup("-d", db)
+    loopdev.devices.remove(db)  # type: ignore[attr-defined]
+    impostor = tmp_path / "impostor.img"
+    with open(impostor, "wb") as f:
+        f.truncate(VOLUME_SIZE)
+    write_random(str(impostor), 0, 4 * MiB, seed=12)
+    try:
+        losetup(db, str(impostor))
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"{db} was taken by someone else meanwhile: {exc.stderr}")
+    loopdev.devices.append(db)  # type: ignore[attr-defined]
+    impostor_bytes = sha256_of(db)
+
+    daemon = engine.start(BLOCKGUARD_ALLOW_EMPTY_CATALOG="1")
+    with Client(daemon.address) as client:
+        assert client.call("ImportPool", "as", [pool_disk]) == "p1"
+        props = client.properties("/org/blockguard1/volume/db", VOLUME)
+        assert props["TrackerState"] == "detached" and props["Device"] == "", props
+        reasons = " ".join(plain(props["NextMethodReasons"]))
+        assert db in reasons and str(impostor) in reasons, reasons
+        assert "blockguardctl protect DEVICE db" in reasons, reasons
+        assert generations(client, "db") == before
+    assert daemon.stop() == 0
+    assert sha256_of(db) == impostor_bytes
+    assert f"volume db stays detached: {db}, backed by {impostor}" in daemon.log()
+
+    # The original file comes back, under another loop number this time.
+    lose_catalog(daemon.state_dir)
+    again = losetup("--find", "--show", str(tmp_path / "db.img"))
+    loopdev.devices.append(again)  # type: ignore[attr-defined]
+    assert again != db
+    daemon = engine.start(BLOCKGUARD_ALLOW_EMPTY_CATALOG="1")
+    with Client(daemon.address) as client:
+        assert client.call("ImportPool", "as", [pool_disk]) == "p1"
+        props = client.properties("/org/blockguard1/volume/db", VOLUME)
+        assert props["TrackerState"] != "detached" and props["Device"] == again, props
+        assert generations(client, "db") == before
+        write_random(again, 0, MiB, seed=13)
+        _gen, method = backup(client, "db")
+        assert method == "full"
+    assert daemon.stop() == 0
+    assert sha256_of(db) == impostor_bytes
+    assert "Traceback" not in daemon.log()
