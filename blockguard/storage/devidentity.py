@@ -5,11 +5,12 @@ again as soon as they are free, and a disk replaced by one of the same model can
 back under the same ``sdX``. What is recorded when a volume is protected (and kept in
 its record on the pool, so an import can find the device again) is a :class:`DeviceKey`:
 
-- a loop device: its backing file — path, and inode and file-system device from
-  ``LOOP_GET_STATUS64`` — and offset (``loop:PATH#MAJ:MIN:INODE@OFFSET``). A file moved,
-  copied, re-created or deleted no longer matches; nor does one whose file system comes
-  back under another device number (the safe side: the volume is left for the
-  administrator to re-attach);
+- a loop device: its backing file — path, inode and file-system device from
+  ``LOOP_GET_STATUS64``, birth time where the file system keeps one — and offset
+  (``loop:PATH#MAJ:MIN:INODE:BIRTH@OFFSET``). A file moved, copied, re-created (even
+  under its old inode number) or deleted no longer matches; nor does one whose file
+  system comes back under another device number (the safe side: the volume is left for
+  the administrator to re-attach);
 - a device-mapper device: its dm UUID (an LV's is ``LVM-<vg uuid><lv uuid>``, new for a
   re-created LV of the same name); a dm device without UUID has no identity, its name
   can be reused;
@@ -25,6 +26,7 @@ A device of none of these has no key. Only for whole disks of fixed hardware (``
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import stat
@@ -120,8 +122,44 @@ def _loop_key(fd: int, disk: Path, is_partition: bool) -> tuple[str, str] | None
     except OSError:
         return None  # ENXIO: detached in the meantime
     lo_device, lo_inode, _rdevice, lo_offset, _limit = _LOOP_INFO64_HEAD.unpack_from(info)
-    where = f"{os.major(lo_device)}:{os.minor(lo_device)}:{lo_inode}"
+    # Inode numbers are handed out again (ext4 gives a file deleted and re-created at
+    # once its old number): the file's birth time tells the two apart, when the path
+    # still names the very file the loop holds and its file system keeps one.
+    birth = "-"
+    found = _statx(backing)
+    if found is not None and found[:2] == (lo_device, lo_inode) and found[2] is not None:
+        birth = found[2]
+    where = f"{os.major(lo_device)}:{os.minor(lo_device)}:{lo_inode}:{birth}"
     return f"loop:{backing}#{where}@{lo_offset}", backing
+
+
+_AT_FDCWD = -100
+_STATX_INO = 0x100
+_STATX_BTIME = 0x800
+_STATX_SIZE = 256
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _statx(path: str) -> tuple[int, int, str | None] | None:
+    """``(st_dev, st_ino, birth time or None)`` of ``path``; None when it cannot be told.
+
+    Python's ``os.stat`` has no birth time on Linux; glibc's ``statx`` does.
+    """
+    statx = getattr(_libc, "statx", None)
+    if statx is None:
+        return None
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    if statx(_AT_FDCWD, os.fsencode(path), 0, _STATX_INO | _STATX_BTIME, buf) != 0:
+        return None
+    raw = buf.raw
+    (mask,) = struct.unpack_from("=I", raw, 0)
+    (ino,) = struct.unpack_from("=Q", raw, 32)
+    btime_sec, btime_nsec = struct.unpack_from("=qI", raw, 80)
+    dev_major, dev_minor = struct.unpack_from("=II", raw, 136)
+    if not mask & _STATX_INO:
+        return None
+    birth = f"{btime_sec}.{btime_nsec:09d}" if mask & _STATX_BTIME else None
+    return os.makedev(dev_major, dev_minor), ino, birth
 
 
 def _other_key(disk: Path) -> str | None:
