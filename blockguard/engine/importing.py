@@ -14,14 +14,17 @@ again with a fresh tracker, so its next backup is a full; the others stay *detac
 :mod:`.volumes`), with the reason and the way to re-attach as the volume's reason.
 
 The device is the volume's own when it has the recorded size and the key recorded at
-protect time (:mod:`blockguard.storage.devidentity`: a loop device's backing file and
-inode, a dm/md UUID, a disk's WWID or serial). The device number alone is believed only
-where nothing better exists and it is tied to the hardware: a whole disk or partition
-(``sd``, ``vd``, ``nvme``...) that has no WWID or serial, and whose record has no key
-either. Loop, dm and md devices are numbered in the order they are set up, and an
-unrelated one of the same size can take a freed number: without a recorded key (a
-record older than the key) such a volume is never matched, and the administrator
-re-attaches it with ``blockguardctl protect DEVICE NAME``. Protecting the wrong device
+protect time, or at the first backup for volumes protected before keys were kept
+(:mod:`blockguard.storage.devidentity`: a loop device's backing file, inode and birth
+time, a dm/md UUID, a disk's WWID or serial); a device with that key under another path
+(the backing file attached again under another loop number) is taken instead of the
+recorded path. The device number alone is believed only where nothing better exists
+and it is tied to the hardware: a whole disk or partition (``sd``, ``vd``, ``nvme``...)
+that has no WWID or serial, and whose record has no key either. Loop, dm and md devices
+are numbered in the order they are set up, and an unrelated one of the same size can
+take a freed number: without a recorded key (a record older than the key) such a volume
+is never matched, and the administrator re-attaches it with ``blockguardctl protect
+DEVICE NAME``. Protecting the wrong device
 would put another disk's bytes into the volume's chain, and retention would then prune
 the real ones; a detached volume loses nothing.
 """

@@ -8,13 +8,14 @@ it refused; the original file attached again, under another number, is found and
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from blockguard.cli.client import VOLUME, Client, plain
-from tests.daemon.test_engine_import import POOL_SIZE, VOLUME_SIZE, backup, generations
+from blockguard.cli.client import VOLUME, Client, plain, variant
+from tests.daemon.test_engine_import import POOL_SIZE, VOLUME_SIZE, backup, ctl, generations
 from tests.support.daemon import EngineHarness
 from tests.support.devices import MiB, sha256_of, write_random
 
@@ -89,4 +90,76 @@ def test_import_refuses_another_file_on_the_same_loop_number_and_finds_the_moved
         assert method == "full"
     assert daemon.stop() == 0
     assert sha256_of(db) == impostor_bytes
+    assert "Traceback" not in daemon.log()
+
+
+def forget_keys(state_dir: Path) -> None:
+    """Make the catalog look as an older daemon left it: no device keys of volumes."""
+    conn = sqlite3.connect(f"{state_dir}/catalog.db")
+    try:
+        with conn:
+            conn.execute("UPDATE volumes SET serial = NULL")
+    finally:
+        conn.close()
+
+
+def rewrite_record(daemon_address: str, generations_kept: int) -> None:
+    """SetObjectives writes the volume's record on the pool from the catalog."""
+    with Client(daemon_address) as client:
+        client.call("SetObjectives", "sa{sv}", "db", {"generations": variant(generations_kept)})
+
+
+def test_a_record_without_key_leaves_a_loop_volume_detached_until_a_backup_records_it(
+    engine: EngineHarness, loopdev: object
+) -> None:
+    pool_disk = loopdev(POOL_SIZE, "pool.img")  # type: ignore[operator]
+    db = loopdev(VOLUME_SIZE, "db.img")  # type: ignore[operator]
+    daemon = engine.start()
+    with Client(daemon.address) as client:
+        client.call("CreatePool", "ssasb", "p1", "dir", [pool_disk], False)
+        client.call("Protect", "sstssa{sv}", db, "db", 0, "", "", {})
+        write_random(db, 0, VOLUME_SIZE, seed=21)
+    assert daemon.stop() == 0
+
+    # A volume protected by an older daemon: a backup records its device's key.
+    forget_keys(daemon.state_dir)
+    daemon = engine.start()
+    rewrite_record(daemon.address, 8)
+    with Client(daemon.address) as client:
+        backup(client, "db")
+    assert daemon.stop() == 0
+    assert "volume db: its device is recorded as loop:" in daemon.log()
+    lose_catalog(daemon.state_dir)
+    daemon = engine.start(BLOCKGUARD_ALLOW_EMPTY_CATALOG="1")
+    with Client(daemon.address) as client:
+        assert client.call("ImportPool", "as", [pool_disk]) == "p1"
+        props = client.properties("/org/blockguard1/volume/db", VOLUME)
+        assert props["TrackerState"] != "detached" and props["Device"] == db, props
+        before = generations(client, "db")
+    assert daemon.stop() == 0
+
+    # An older record and no backup since: the loop device, though it is the right one,
+    # cannot be told from another under its number; the volume waits for the admin.
+    forget_keys(daemon.state_dir)
+    daemon = engine.start()
+    rewrite_record(daemon.address, 7)
+    assert daemon.stop() == 0
+    lose_catalog(daemon.state_dir)
+    daemon = engine.start(BLOCKGUARD_ALLOW_EMPTY_CATALOG="1")
+    with Client(daemon.address) as client:
+        assert client.call("ImportPool", "as", [pool_disk]) == "p1"
+        props = client.properties("/org/blockguard1/volume/db", VOLUME)
+        assert props["TrackerState"] == "detached" and props["Device"] == "", props
+        reasons = " ".join(plain(props["NextMethodReasons"]))
+        assert "keeps no identity" in reasons and db in reasons, reasons
+        assert "blockguardctl protect DEVICE db" in reasons, reasons
+        assert generations(client, "db") == before
+        # What the reason says to do re-attaches it.
+        protected = ctl(daemon, "protect", db, "db")
+        assert protected.returncode == 0, protected.stderr
+        props = client.properties("/org/blockguard1/volume/db", VOLUME)
+        assert props["TrackerState"] != "detached" and props["Device"] == db, props
+        _gen, method = backup(client, "db")
+        assert method == "full"
+    assert daemon.stop() == 0
     assert "Traceback" not in daemon.log()
