@@ -24,9 +24,9 @@ that has no WWID or serial, and whose record has no key either. Loop, dm and md 
 are numbered in the order they are set up, and an unrelated one of the same size can
 take a freed number: without a recorded key (a record older than the key) such a volume
 is never matched, and the administrator re-attaches it with ``blockguardctl protect
-DEVICE NAME``. Protecting the wrong device
-would put another disk's bytes into the volume's chain, and retention would then prune
-the real ones; a detached volume loses nothing.
+DEVICE NAME``. Protecting the wrong device would put another disk's bytes into the
+volume's chain, and retention would then prune the real ones; a detached volume loses
+nothing.
 """
 
 from __future__ import annotations
