@@ -172,6 +172,16 @@ def back_up(
     with BlockDevice(vol.device_path) as dev:
         size, rdev = dev.size, dev.rdev
     key = _key_of(vol.device_path)
+    if vol.identity.serial and key != vol.identity.serial:
+        # Loop and dm numbers are handed out again (a reboot, loop devices set up in
+        # another order): what is at the path now may be another disk altogether.
+        raise TrackingLost(
+            volume=name,
+            reason=f"{vol.device_path} is not the device it was protected on "
+            f"(recorded {vol.identity.serial}, now {key or 'no identity'}); nothing was "
+            f"backed up. If it is the right one, unprotect {name} (its generations stay) "
+            "and protect the device again",
+        )
     cow = poolspace.cow_factory(pool, f"{name}-{serial}")
     point = tracking.begin_point(
         vol.device_path, serial, cow, poolspace.cow_size(size, volumes.settings.cow_size)

@@ -16,7 +16,7 @@ import pytest
 
 from blockguard.cli.client import VOLUME, Client, plain, variant
 from tests.daemon.test_engine_import import POOL_SIZE, VOLUME_SIZE, backup, ctl, generations
-from tests.support.daemon import EngineHarness
+from tests.support.daemon import EngineHarness, run_job
 from tests.support.devices import MiB, sha256_of, write_random
 
 
@@ -161,5 +161,44 @@ def test_a_record_without_key_leaves_a_loop_volume_detached_until_a_backup_recor
         assert props["TrackerState"] != "detached" and props["Device"] == db, props
         _gen, method = backup(client, "db")
         assert method == "full"
+    assert daemon.stop() == 0
+    assert "Traceback" not in daemon.log()
+
+
+def test_a_backup_refuses_another_file_under_the_volume_s_loop_number(
+    engine: EngineHarness, loopdev: object, tmp_path: Path
+) -> None:
+    pool_disk = loopdev(POOL_SIZE, "pool.img")  # type: ignore[operator]
+    db = loopdev(VOLUME_SIZE, "db.img")  # type: ignore[operator]
+    daemon = engine.start()
+    with Client(daemon.address) as client:
+        client.call("CreatePool", "ssasb", "p1", "dir", [pool_disk], False)
+        client.call("Protect", "sstssa{sv}", db, "db", 0, "", "", {})
+        write_random(db, 0, VOLUME_SIZE, seed=31)
+        backup(client, "db")
+        before = generations(client, "db")
+    assert daemon.stop() == 0
+
+    # As after a reboot where loop devices were set up in another order.
+    losetup("-d", db)
+    loopdev.devices.remove(db)  # type: ignore[attr-defined]
+    impostor = tmp_path / "impostor.img"
+    with open(impostor, "wb") as f:
+        f.truncate(VOLUME_SIZE)
+    try:
+        losetup(db, str(impostor))
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"{db} was taken by someone else meanwhile: {exc.stderr}")
+    loopdev.devices.append(db)  # type: ignore[attr-defined]
+    write_random(db, 0, 4 * MiB, seed=32)
+
+    daemon = engine.start()
+    with Client(daemon.address) as client:
+        props = run_job(client, client.call("BackupNow", "s", "db"))
+        assert props["State"] == "failed", props
+        error = str(props["Error"])
+        assert f"{db} is not the device it was protected on" in error, error
+        assert str(impostor) in error, error
+        assert generations(client, "db") == before
     assert daemon.stop() == 0
     assert "Traceback" not in daemon.log()
