@@ -5,12 +5,13 @@ again as soon as they are free, and a disk replaced by one of the same model can
 back under the same ``sdX``. What is recorded when a volume is protected (and kept in
 its record on the pool, so an import can find the device again) is a :class:`DeviceKey`:
 
-- a loop device: its backing file — path, inode and file-system device from
-  ``LOOP_GET_STATUS64``, birth time where the file system keeps one — and offset
-  (``loop:PATH#MAJ:MIN:INODE:BIRTH@OFFSET``). A file moved, copied, re-created (even
-  under its old inode number) or deleted no longer matches; nor does one whose file
-  system comes back under another device number (the safe side: the volume is left for
-  the administrator to re-attach);
+- a loop device: its backing file — path, inode (``LOOP_GET_STATUS64``), birth time
+  where the file system keeps one — and offset (``loop:PATH#INODE:BIRTH@OFFSET``). A
+  file moved, copied, re-created (even under its old inode number) or deleted no longer
+  matches (the safe side: the volume is left for the administrator to re-attach). The
+  file system's device number is left out on purpose: it changes between boots when
+  the file system lies on an LV activated in another order, or on btrfs, and the path,
+  inode and birth time of one file on two file systems do not coincide;
 - a device-mapper device: its dm UUID (an LV's is ``LVM-<vg uuid><lv uuid>``, new for a
   re-created LV of the same name); a dm device without UUID has no identity, its name
   can be reused;
@@ -129,8 +130,7 @@ def _loop_key(fd: int, disk: Path, is_partition: bool) -> tuple[str, str] | None
     found = _statx(backing)
     if found is not None and found[:2] == (lo_device, lo_inode) and found[2] is not None:
         birth = found[2]
-    where = f"{os.major(lo_device)}:{os.minor(lo_device)}:{lo_inode}:{birth}"
-    return f"loop:{backing}#{where}@{lo_offset}", backing
+    return f"loop:{backing}#{lo_inode}:{birth}@{lo_offset}", backing
 
 
 _AT_FDCWD = -100

@@ -18,7 +18,8 @@ from blockguard.storage.devidentity import DeviceKey
 from blockguard.storage.pool.records import VolumeRecord
 
 SIZE = 64 << 20
-LOOP_KEY = "loop:/srv/db.img#8:1:1234@0"
+LOOP_KEY = "loop:/srv/db.img#1234:1796229171.806269243@0"
+OTHER_KEY = "loop:/srv/other.img#99:1796229172.118269257@0"
 
 
 @dataclass
@@ -82,7 +83,7 @@ def loop(stable: str | None, backing: str = "/srv/db.img") -> DeviceKey:
 
 
 def test_a_loop_device_is_its_backing_file_not_its_number(devices: dict[str, Present]) -> None:
-    devices["/dev/x"] = Present(7, 3, SIZE, loop("loop:/srv/other.img#8:1:99@0", "/srv/other.img"))
+    devices["/dev/x"] = Present(7, 3, SIZE, loop(OTHER_KEY, "/srv/other.img"))
     _, refusal = importing._own_device(record())
     assert refusal is not None and "/srv/other.img" in refusal and LOOP_KEY in refusal
     devices["/dev/x"] = Present(7, 3, SIZE, loop(LOOP_KEY))
@@ -90,7 +91,7 @@ def test_a_loop_device_is_its_backing_file_not_its_number(devices: dict[str, Pre
 
 
 def test_the_backing_file_is_found_under_another_number(devices: dict[str, Present]) -> None:
-    devices["/dev/x"] = Present(7, 3, SIZE, loop("loop:/srv/other.img#8:1:99@0"))
+    devices["/dev/x"] = Present(7, 3, SIZE, loop(OTHER_KEY))
     devices["/dev/y"] = Present(7, 9, SIZE, loop(LOOP_KEY))
     moved, refusal = importing._own_device(record())
     assert refusal is None and moved.device_path == "/dev/y"
