@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from os import major, minor
 from typing import Any
 
 from pyroaring import BitMap
@@ -40,6 +41,7 @@ from blockguard.engine.volumes import VolumeRegistry
 from blockguard.errors import BlockguardError, InvalidInput, TrackingLost
 from blockguard.storage.backup import BackupResult, apply_retention_after_commit, run_backup
 from blockguard.storage.blockdev import BlockDevice
+from blockguard.storage.devidentity import device_key
 from blockguard.storage.manifest import Manifest, VolumeIdentity, crash_point
 from blockguard.storage.pool.base import GenerationSpec, GenerationWriter, PoolBackend
 from blockguard.storage.snapshot import backup_point_in_time
@@ -170,6 +172,17 @@ def back_up(
     pool = pools.backend(vol.pool)
     with BlockDevice(vol.device_path) as dev:
         size, rdev = dev.size, dev.rdev
+    key = _key_of(vol.device_path)
+    if vol.identity.serial and key != vol.identity.serial:
+        # Loop and dm numbers are handed out again (a reboot, loop devices set up in
+        # another order): what is at the path now may be another disk altogether.
+        raise TrackingLost(
+            volume=name,
+            reason=f"{vol.device_path} is not the device it was protected on "
+            f"(recorded {vol.identity.serial}, now {key or 'no identity'}); nothing was "
+            f"backed up. If it is the right one, unprotect {name} (its generations stay) "
+            "and protect the device again",
+        )
     cow = poolspace.cow_factory(pool, f"{name}-{serial}")
     point = tracking.begin_point(
         vol.device_path, serial, cow, poolspace.cow_size(size, volumes.settings.cow_size)
@@ -194,7 +207,9 @@ def back_up(
                 raise InvalidInput(detail=f"{point.source} has {dev.size} bytes, {name} {size}")
         if decision.device_id and hasattr(pool, "preferred_device"):
             pool.preferred_device = decision.device_id  # the planner's disk for the delta
-        ident = VolumeIdentity(name, size, devno(rdev))
+        # The manifest says which device the generation was copied from: its key when it
+        # has one (see storage.devidentity), else its number.
+        ident = VolumeIdentity(name, size, key or devno(rdev))
         result, new_hashes = _copy(
             pool, tracking, point, ident, kind, basis, vol.chunk_size, progress, delay
         )
@@ -212,7 +227,34 @@ def back_up(
         tracking.abort_point(point)
         raise
     tracking.end_point(point)
+    _keep_key(volumes, name, rdev, key)
     return _after_commit(name, volumes, pool, events, inputs.keep, decision, result)
+
+
+def _key_of(path: str) -> str | None:
+    try:
+        return device_key(path).stable
+    except BlockguardError as exc:
+        log.warning("cannot tell the identity of %s: %s", path, exc)
+        return None
+
+
+def _keep_key(volumes: VolumeRegistry, name: str, rdev: int, key: str | None) -> None:
+    """Record the device key of a volume protected before keys were recorded, in the
+    catalog and in its record on the pool, once it has been backed up from that device:
+    an import then recognises the device (see :mod:`.importing`), where a record without
+    a key leaves a loop, dm or md volume detached."""
+    with volumes.lock:
+        ident = volumes.catalog.get_volume(name).identity
+        if ident.serial or key is None or (ident.major, ident.minor) != (major(rdev), minor(rdev)):
+            return
+        try:
+            volumes.catalog.update_volume(name, identity=dataclasses.replace(ident, serial=key))
+            volumes.write_record(name)
+        except BlockguardError as exc:
+            log.warning("cannot record the identity of %s: %s", name, exc, extra={"VOLUME": name})
+            return
+    log.info("volume %s: its device is recorded as %s", name, key, extra={"VOLUME": name})
 
 
 def _copy(

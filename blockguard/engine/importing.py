@@ -9,13 +9,29 @@ against the manifest before anything is recorded.
 
 Every refusal (a disk that is not a pool, a pool or volume name the catalog already has,
 a disk the catalog already knows) comes before the catalog changes; the rows are written
-in one transaction. Only then is each volume whose original device is present (same
-device number and size, or the same serial) protected again with a fresh tracker, so
-its next backup is a full; the others stay *detached* (see :mod:`.volumes`).
+in one transaction. Only then is each volume whose original device is present protected
+again with a fresh tracker, so its next backup is a full; the others stay *detached* (see
+:mod:`.volumes`), with the reason and the way to re-attach as the volume's reason.
+
+The device is the volume's own when it has the recorded size and the key recorded at
+protect time, or at the first backup for volumes protected before keys were kept
+(:mod:`blockguard.storage.devidentity`: a loop device's backing file, inode and birth
+time, a dm/md UUID, a disk's WWID or serial); a device with that key under another path
+(the backing file attached again under another loop number) is taken instead of the
+recorded path. The device number alone is believed only where nothing better exists
+and it is tied to the hardware: a whole disk or partition (``sd``, ``vd``, ``nvme``...)
+that has no WWID or serial, and whose record has no key either. Loop, dm and md devices
+are numbered in the order they are set up, and an unrelated one of the same size can
+take a freed number: without a recorded key (a record older than the key) such a volume
+is never matched, and the administrator re-attaches it with ``blockguardctl protect
+DEVICE NAME``. Protecting the wrong device would put another disk's bytes into the
+volume's chain, and retention would then prune the real ones; a detached volume loses
+nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +45,7 @@ from blockguard.engine.pools import PoolRegistry, _block_device, _describe
 from blockguard.engine.volumes import DETACHED, VolumeRegistry, detached_path
 from blockguard.errors import AlreadyExists, BlockguardError, DeviceInUse, InvalidInput
 from blockguard.storage.blockdev import BlockDevice, device_rdev
+from blockguard.storage.devidentity import device_key, find_device
 from blockguard.storage.manifest import Manifest
 from blockguard.storage.pool.base import PoolBackend, VolumeRecord
 from blockguard.storage.pool.discover import identify
@@ -82,20 +99,49 @@ def _verified(backend: PoolBackend) -> tuple[list[Manifest], dict[str, dict[str,
     return manifests, bad
 
 
-def _device_matches(record: VolumeRecord) -> bool:
-    """Whether the record's original device is there and is the same disk."""
+def _device_refusal(record: VolumeRecord) -> str | None:
+    """Why the device the record names is not taken for the volume's own (None: it is).
+
+    Decides only; see the module docstring for the rules.
+    """
+    path = record.device_path
     try:
-        with BlockDevice(record.device_path) as dev:
+        with BlockDevice(path) as dev:
             ident = dev.identity
-    except BlockguardError:
-        return False
+        now = device_key(path)
+    except BlockguardError as exc:
+        return f"its device {path} is not there ({exc})"
     if ident.size != record.size:
-        return False
+        return f"{now.shown} is {ident.size} bytes, the volume {record.size}"
     if record.serial:
-        serial = _describe(record.device_path)
-        if serial is not None:
-            return serial == record.serial
-    return (ident.major, ident.minor) == (record.major, record.minor)
+        if now.stable == record.serial:
+            return None
+        return f"{now.shown} is not the device the volume was protected on ({record.serial})"
+    # Nothing stable was recorded (an older record, or a device with no identity).
+    if now.stable is None and now.numbered_by_hardware:
+        if (ident.major, ident.minor) == (record.major, record.minor):
+            return None
+        return f"{now.shown} is not device {record.major}:{record.minor} any more"
+    return (
+        f"the volume's record keeps no identity of its device, and {now.shown} could be "
+        "another device under the same number"
+    )
+
+
+def _own_device(record: VolumeRecord) -> tuple[VolumeRecord, str | None]:
+    """The record, pointed at where its device is now when it moved (a loop device
+    attached again under another number), and why that is not its device (None: it is)."""
+    refusal = _device_refusal(record)
+    if refusal is None or not record.serial:
+        return record, refusal
+    elsewhere = find_device(record.serial)
+    if elsewhere is None or elsewhere == record.device_path:
+        return record, refusal
+    moved = dataclasses.replace(record, device_path=elsewhere)
+    if _device_refusal(moved) is not None:
+        return record, refusal
+    log.info("import: %s's device is now %s (was %s)", record.name, elsewhere, record.device_path)
+    return moved, None
 
 
 def import_pool(pools: PoolRegistry, volumes: VolumeRegistry, devices: Sequence[str]) -> str:
@@ -135,15 +181,18 @@ def import_pool(pools: PoolRegistry, volumes: VolumeRegistry, devices: Sequence[
         volumes.sync_generations(name)
     for name in names:
         record = records.get(name)
-        if record is not None and record.tracker_backend != DETACHED and _device_matches(record):
-            try:
-                chosen = record.tracker_backend or None
-                again = svc.ProtectRequest(record.device_path, name, record.chunk_size, chosen)
-                protection.protect(volumes, again)
-                log.info("import: %s protected again on %s", name, record.device_path)
-                continue
-            except BlockguardError as exc:
-                log.warning("import: %s stays detached: %s", name, exc)
+        if record is not None and record.tracker_backend != DETACHED:
+            record, refusal = _own_device(record)
+            if refusal is None:
+                try:
+                    chosen = record.tracker_backend or None
+                    again = svc.ProtectRequest(record.device_path, name, record.chunk_size, chosen)
+                    protection.protect(volumes, again)
+                    log.info("import: %s protected again on %s", name, record.device_path)
+                    continue
+                except BlockguardError as exc:
+                    refusal = str(exc)
+            _leave_detached(volumes, name, refusal)
         volumes.refresh(name)
     log.info(
         "imported pool %s (%s) from %s: volumes %s, %d generations",
@@ -155,6 +204,16 @@ def import_pool(pools: PoolRegistry, volumes: VolumeRegistry, devices: Sequence[
         extra={"POOL": found.name},
     )
     return found.name
+
+
+def _leave_detached(volumes: VolumeRegistry, name: str, refusal: str) -> None:
+    """Say why ``name`` stays detached: in the log and as the volume's reason."""
+    reason = (
+        f"detached: not protected again on import: {refusal}; if it is the volume's "
+        f"device, re-attach it with: blockguardctl protect DEVICE {name}"
+    )
+    log.warning("import: volume %s stays detached: %s", name, refusal, extra={"VOLUME": name})
+    volumes.catalog.set_tracker_state(name, "unknown", reason)
 
 
 def _add_rows(

@@ -18,6 +18,7 @@ from blockguard.engine.tracking import VolumeTracking, choose_backend
 from blockguard.engine.volumes import DETACHED, VolumeRegistry, detached_path, is_detached
 from blockguard.errors import AlreadyExists, BlockguardError, InvalidInput
 from blockguard.storage.blockdev import BlockDevice
+from blockguard.storage.devidentity import device_key
 from blockguard.storage.pool.base import PoolBackend
 from blockguard.storage.tracking import DEFAULT_CHUNK_SIZE, check_protectable, validate_chunk_size
 
@@ -122,7 +123,8 @@ def _protect_plan(volumes: VolumeRegistry, request: svc.ProtectRequest, chunk: i
         device=device,
         chunk=chunk,
         size=size,
-        identity=DeviceIdentity(ident.major, ident.minor, size),
+        # What the device is, not only where it is now: an import finds it by this.
+        identity=DeviceIdentity(ident.major, ident.minor, size, device_key(device).stable),
         pool=pool,
         pool_backend=pool_backend,
         backend=chosen,

@@ -483,6 +483,8 @@ class VolumeRegistry:
     def _refresh_detached(self, name: str) -> svc.VolumeInfo:
         vol = self.catalog.get_volume(name)
         reason = "detached: no device is tracked; protect a device under this name to resume"
+        if vol.tracker_reason.startswith("detached: not protected again"):
+            reason = vol.tracker_reason  # the import's own words: which device, and why
         if (vol.tracker_state, vol.tracker_reason) != ("unknown", reason):
             self.catalog.set_tracker_state(name, "unknown", reason)
         self.last_due[name] = None

@@ -30,7 +30,8 @@ class DeviceIdentity:
     """What a block device is, as opposed to where it currently appears.
 
     :param serial: a stable identifier when one is known: the disk serial or WWN, or a
-        dm UUID for device-mapper volumes
+        dm UUID for device-mapper volumes; for a protected volume, the key of
+        ``storage.devidentity`` (a loop device's backing file, inode and offset)
     """
 
     major: int | None

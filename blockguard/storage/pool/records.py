@@ -55,6 +55,12 @@ class VolumeRecord:
 
     Tracking references are not kept: an imported volume starts tracking afresh (its
     next backup is a full).
+
+    ``serial`` is the device's key from :mod:`blockguard.storage.devidentity` (written
+    since volumes record it; None in older records and for devices the kernel knows
+    nothing stable of). Keeping the old field, not adding one, lets an older daemon
+    still read the record; to it the key matches no device, so it leaves the volume
+    detached rather than guessing.
     """
 
     name: str
