@@ -36,6 +36,7 @@ from blockguard.errors import (
     CorruptMetadata,
     EnvironmentProblem,
     InvalidInput,
+    MetadataSnapshotBusy,
     NotFound,
 )
 from blockguard.storage import dm
@@ -290,10 +291,25 @@ class VolumeTracking:
         if source is not None and isinstance(tracker, ScanTracker) and source != tracker.volume:
             tracker = ScanTracker(source, tracker.state_dir, tracker.chunk_size)
         # dm holds one metadata snapshot at a time: per era device, and per thin pool (which
-        # thin volumes share); a second reservation fails and tracking would be lost.
-        guard = _THIN_METADATA if self.backend == TrackingKind.THIN else self._reading
-        with guard:
-            by_ref = tracker.changed_many(sorted(set(refs.values())))
+        # thin volumes share); a second reservation fails with EBUSY.
+        names = sorted(set(refs.values()))
+        if self.backend != TrackingKind.THIN:
+            with self._reading:
+                by_ref = tracker.changed_many(names)
+        elif source is None:
+            # A poll (no backup waits for it) never queues behind a backup that waits for
+            # another tool's hold, nor waits for that tool itself: it is skipped.
+            if not _THIN_METADATA.acquire(blocking=False):
+                raise MetadataSnapshotBusy(
+                    pool=f"of {tracker.volume}", waited=" (or a backup waits for it)"
+                )
+            try:
+                by_ref = tracker.changed_many(names, poll=True)  # type: ignore[call-arg]
+            finally:
+                _THIN_METADATA.release()
+        else:
+            with _THIN_METADATA:
+                by_ref = tracker.changed_many(names)
         return {role: by_ref[ref] for role, ref in refs.items()}
 
     # --- a backup's point in time ----------------------------------------------------
