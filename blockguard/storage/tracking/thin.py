@@ -120,6 +120,10 @@ class ThinTracker(KeptReferencesTracker):
         recover(tracker._dm, tracker._dir / MARKER)
         return tracker
 
+    @property
+    def volume_size(self) -> int:
+        return self._s.volume_size
+
     # --- the interface -----------------------------------------------------------------
 
     def state(self) -> TrackerState:
