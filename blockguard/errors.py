@@ -182,6 +182,18 @@ class Busy(BlockguardError):
     dbus_name = f"{DBUS_PREFIX}.Busy"
 
 
+class MetadataSnapshotBusy(Busy):
+    """Another process holds a thin pool's one metadata snapshot (thin_ls, thin_check, a
+    second backup tool): blockguard waited for it and gave up. Change tracking is intact;
+    the backup is postponed, and the next one is incremental as planned."""
+
+    template = (
+        "the metadata snapshot of thin pool {pool} is held by another process"
+        "{waited}; change tracking is intact, try again later"
+    )
+    dbus_name = f"{DBUS_PREFIX}.MetadataSnapshotBusy"
+
+
 class VolumeDetached(BlockguardError):
     """The volume has no device or tracker (its generations are kept and restorable)."""
 

@@ -65,6 +65,7 @@ from blockguard.storage import dm
 from blockguard.storage.drill import DRILL_VOLUME
 from blockguard.storage.manifest import write_atomic
 from blockguard.storage.snapshot import recover_stale_points_in_time
+from blockguard.storage.tracking import thinmeta
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class Engine:
         self.state_dir = Path(state_dir)
         self.runner = runner
         self.settings = settings or Settings.from_env(self.state_dir)
+        thinmeta.configure(self.settings.thin_metadata_wait, self.settings.thin_metadata_quiet)
         self.events = EventHub()
         # One runner for the daemon (one flight recorder), guarded: see cmdguard.
         self.cmd = GuardedRunner()

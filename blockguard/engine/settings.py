@@ -53,6 +53,14 @@ tests (and slow or fast hosts) override them:
 ``retry_base`` / ``retry_cap`` (``BLOCKGUARD_RETRY_BASE`` / ``BLOCKGUARD_RETRY_CAP``)
     a volume whose scheduled backups fail is retried after BASE seconds, doubled for
     each further failure, at most CAP (defaults 60 and 3600). ``BackupNow`` is not held.
+``thin_metadata_wait`` (``BLOCKGUARD_THIN_METADATA_WAIT``)
+    seconds a backup of a thin volume waits while another process (thin_ls, thin_dump,
+    a second backup tool) holds the thin pool's one metadata snapshot (default 300); then
+    the backup fails with MetadataSnapshotBusy and is retried later, still incremental.
+``thin_metadata_quiet`` (``BLOCKGUARD_THIN_METADATA_QUIET``)
+    seconds to listen for another process's hold of that snapshot before reserving it
+    when one was seen lately (default 5): reserving right after its release, not just
+    before its next reservation, keeps it from failing.
 ``metrics_file`` (``BLOCKGUARD_METRICS_FILE``)
     the Prometheus textfile-collector file written after each assessment (default
     ``/var/lib/prometheus/node-exporter/blockguard.prom``, written only if that directory
@@ -119,6 +127,8 @@ class Settings:
     health_interval: float = 600.0
     retry_base: float = 60.0
     retry_cap: float = 3600.0
+    thin_metadata_wait: float = 300.0
+    thin_metadata_quiet: float = 5.0
     #: empty (in the file or the environment): no metrics file
     metrics_file: Path | None = DEFAULT_METRICS_FILE
     test_clock_file: Path | None = None

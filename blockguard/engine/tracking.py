@@ -36,6 +36,7 @@ from blockguard.errors import (
     CorruptMetadata,
     EnvironmentProblem,
     InvalidInput,
+    MetadataSnapshotBusy,
     NotFound,
 )
 from blockguard.storage import dm
@@ -143,6 +144,8 @@ class VolumeTracking:
         self.tracker = tracker
         self.cmd = cmd
         self._reading = threading.Lock()
+        #: reference -> its change set at the last poll that could read it (thin)
+        self._polled: dict[str, ChangeSet] = {}
 
     @property
     def backend(self) -> str:
@@ -290,11 +293,38 @@ class VolumeTracking:
         if source is not None and isinstance(tracker, ScanTracker) and source != tracker.volume:
             tracker = ScanTracker(source, tracker.state_dir, tracker.chunk_size)
         # dm holds one metadata snapshot at a time: per era device, and per thin pool (which
-        # thin volumes share); a second reservation fails and tracking would be lost.
-        guard = _THIN_METADATA if self.backend == TrackingKind.THIN else self._reading
-        with guard:
-            by_ref = tracker.changed_many(sorted(set(refs.values())))
+        # thin volumes share); a second reservation fails with EBUSY.
+        names = sorted(set(refs.values()))
+        if self.backend != TrackingKind.THIN:
+            with self._reading:
+                by_ref = tracker.changed_many(names)
+        elif source is None:
+            by_ref = self._poll_thin(names)
+        else:
+            with _THIN_METADATA:
+                by_ref = tracker.changed_many(names)
         return {role: by_ref[ref] for role, ref in refs.items()}
+
+    def _poll_thin(self, names: list[str]) -> dict[str, ChangeSet]:
+        """A poll of a thin tracker (no backup waits for it): when another process holds
+        the pool's metadata snapshot, or a backup of ours waits for it, the poll is
+        skipped and the sets of the last poll stand (empty for a reference made since:
+        a backup just copied everything up to it). The numbers are an estimate for the
+        status and the changed-bytes trigger; a backup always reads exact sets."""
+        tracker = self.tracker
+        try:
+            if not _THIN_METADATA.acquire(blocking=False):
+                raise MetadataSnapshotBusy(pool=f"of {tracker.volume}", waited=" (by a backup)")
+            try:
+                by_ref = tracker.changed_many(names, poll=True)  # type: ignore[call-arg]
+            finally:
+                _THIN_METADATA.release()
+        except MetadataSnapshotBusy as exc:
+            log.debug("poll of %s skipped: %s", self.directory.name, exc)
+            size: int = tracker.volume_size  # type: ignore[attr-defined]
+            return {n: self._polled.get(n) or ChangeSet(tracker.chunk_size, size) for n in names}
+        self._polled = dict(by_ref)
+        return by_ref
 
     # --- a backup's point in time ----------------------------------------------------
 

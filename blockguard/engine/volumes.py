@@ -66,6 +66,7 @@ from blockguard.engine.volumeinfo import DETACHED
 from blockguard.errors import (
     BlockguardError,
     EnvironmentProblem,
+    MetadataSnapshotBusy,
     NotFound,
     PoolSpaceLow,
     TrackingLost,
@@ -417,7 +418,15 @@ class VolumeRegistry:
         with self.lock:
             if is_detached(self.catalog.get_volume(name)):
                 return self._refresh_detached(name)
-            inputs = self.inputs(name)
+            try:
+                inputs = self.inputs(name)
+            except MetadataSnapshotBusy as exc:
+                # Another tool holds the thin pool's metadata snapshot: this look is
+                # skipped (tracking is intact), the last one stands.
+                if name not in self.cache:
+                    raise
+                log.debug("refresh of %s skipped: %s", name, exc)
+                return self.cache[name]
             gens = inputs.generations
             assert gens is not None  # inputs() always scans the pool
             now = datetime.now(UTC)

@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blockguard.core.vocab import devno
-from blockguard.errors import CommandFailed, NotABlockDevice, NotFound
+from blockguard.errors import (
+    CommandFailed,
+    EnvironmentProblem,
+    MetadataSnapshotBusy,
+    NotABlockDevice,
+    NotFound,
+)
 from blockguard.storage.runner import Runner, default_runner
 
 TIMEOUT = 60
@@ -135,6 +141,33 @@ class DeviceMapper:
 
     def message(self, name: str, message: str) -> str:
         return self._dmsetup("message", name, "0", *message.split())
+
+    def held_metadata_root(self, pool: str) -> int | None:
+        """The metadata block of thin pool POOL's held metadata snapshot (None: none held).
+
+        The thin-pool status line is ``0 LEN thin-pool TRANSACTION META DATA HELD_ROOT ...``.
+
+        :raises EnvironmentProblem: POOL is not a working thin pool.
+        """
+        fields = self.status(pool).split()
+        if len(fields) < 7 or fields[2] != "thin-pool":
+            raise EnvironmentProblem(detail=f"{pool} is not a working thin pool: {fields}")
+        return None if fields[6] == "-" else int(fields[6])
+
+    def reserve_metadata_snap(self, pool: str) -> None:
+        """Reserve thin pool POOL's one metadata snapshot (what ``thin_delta -m`` reads).
+
+        :raises MetadataSnapshotBusy: another process holds it (the kernel's EBUSY).
+        """
+        try:
+            self.message(pool, "reserve_metadata_snap")
+        except CommandFailed as exc:
+            if "busy" in exc.stderr.lower():  # "Device or resource busy" (LC_ALL=C)
+                raise MetadataSnapshotBusy(pool=pool, waited="") from None
+            raise
+
+    def release_metadata_snap(self, pool: str) -> None:
+        self.message(pool, "release_metadata_snap")
 
     def suspend(self, name: str) -> None:
         self._dmsetup("suspend", name)

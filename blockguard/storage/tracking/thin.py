@@ -28,6 +28,7 @@ from blockguard.errors import (
     CorruptMetadata,
     EnvironmentProblem,
     InvalidInput,
+    MetadataSnapshotBusy,
     NotFound,
     TrackingLost,
 )
@@ -38,6 +39,7 @@ from blockguard.storage.manifest import write_atomic
 from blockguard.storage.runner import Runner, default_runner
 from blockguard.storage.tracking.base import ChangeSet, TrackerState, validate_reference_name
 from blockguard.storage.tracking.kept import KeptReferencesTracker
+from blockguard.storage.tracking.thinmeta import MARKER, MetadataSnapshot, recover
 
 #: Refuse a new snapshot above these pool fill levels (percent).
 DATA_LIMIT = 90.0
@@ -112,7 +114,15 @@ class ThinTracker(KeptReferencesTracker):
             raise NotFound(what="thin tracking state in", name=str(state_dir)) from None
         except (ValueError, TypeError) as exc:
             raise CorruptMetadata(what=str(path), detail=str(exc)) from None
-        return cls(state_dir, state, runner or default_runner())
+        tracker = cls(state_dir, state, runner or default_runner())
+        # A previous run killed while it held the pool's metadata snapshot: release it if
+        # (and only if) the one held is still ours.
+        recover(tracker._dm, tracker._dir / MARKER)
+        return tracker
+
+    @property
+    def volume_size(self) -> int:
+        return self._s.volume_size
 
     # --- the interface -----------------------------------------------------------------
 
@@ -160,7 +170,14 @@ class ThinTracker(KeptReferencesTracker):
             self._s.thin_ids.pop(snap, None)
             self._save()
 
-    def changed_many(self, names: Iterable[str]) -> dict[str, ChangeSet]:
+    def changed_many(self, names: Iterable[str], *, poll: bool = False) -> dict[str, ChangeSet]:
+        """See :meth:`ChangeTracker.changed_many`.
+
+        :param poll: a look between backups: when another process holds the pool's
+            metadata snapshot, do not wait for it.
+        :raises MetadataSnapshotBusy: it is held by another process (for longer than the
+            bound, or at all when polling); tracking stays exact.
+        """
         names = list(names)
         if not names:
             return {}
@@ -175,7 +192,9 @@ class ThinTracker(KeptReferencesTracker):
         ids = {n: self._s.thin_ids[s] for n, s in snaps.items()}
         live = self._s.thin_ids[self._s.lv]
         try:
-            blocks = self._thin_delta_many(ids, live)
+            blocks = self._thin_delta_many(ids, live, poll=poll)
+        except MetadataSnapshotBusy:
+            raise
         except BlockguardError as exc:
             self.mark_unknown(f"thin_delta failed: {exc}")
             raise TrackingLost(volume=self.volume, reason=str(exc)) from None
@@ -202,19 +221,17 @@ class ThinTracker(KeptReferencesTracker):
             raise CorruptMetadata(what=f"{self._s.vg}/{lv}", detail="no thin device id")
         return info.thin_id
 
-    def _thin_delta_many(self, ids: dict[str, int], live: int) -> dict[str, list[tuple[int, int]]]:
+    def _thin_delta_many(
+        self, ids: dict[str, int], live: int, *, poll: bool = False
+    ) -> dict[str, list[tuple[int, int]]]:
         pool = self._s.pool_dm
-        tpool = f"{pool}-tpool"
         tmeta = self._dm.node(f"{pool}_tmeta")
-        self._dm.message(tpool, "reserve_metadata_snap")
-        try:
-            result = {}
+        snap = MetadataSnapshot(self._dm, f"{pool}-tpool", self._dir / MARKER, poll=poll)
+        outs = {}
+        with snap.held():  # only the thin_delta calls inside: other tools wait for it
             for name, snap_id in ids.items():
-                out = thin_delta(self._run, tmeta, snap_id, live)
-                result[name] = parse_thin_delta(out)
-            return result
-        finally:
-            self._dm.message(tpool, "release_metadata_snap")
+                outs[name] = thin_delta(self._run, tmeta, snap_id, live)
+        return {name: parse_thin_delta(out) for name, out in outs.items()}
 
     def _to_changeset(self, ranges: list[tuple[int, int]]) -> ChangeSet:
         pb = self._s.pool_block
