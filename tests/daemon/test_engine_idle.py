@@ -40,6 +40,19 @@ def planned_looks(text: str, name: str) -> list[float]:
     return [float(m.group(1)) for m in re.finditer(pattern, text)]
 
 
+def wait_planned(
+    daemon: Daemon, name: str, settled: Callable[[float], bool], timeout: float = 30
+) -> None:
+    """Until the last look the scheduler planned for ``name`` satisfies ``settled``."""
+    deadline = time.monotonic() + scaled(timeout)
+    while True:
+        planned = planned_looks(daemon.log(), name)
+        if planned and settled(planned[-1]):
+            return
+        assert time.monotonic() < deadline, (name, planned[-3:])
+        time.sleep(0.1)
+
+
 def looks(text: str, name: str) -> int:
     return len(re.findall(rf"looking at {re.escape(name)}(?: \[|$)", text, flags=re.M))
 
@@ -60,6 +73,9 @@ def test_idle_volumes_are_not_looked_at(engine: EngineHarness, loopdev: Callable
         client.call("SetObjectives", "sa{sv}", "amount", {"rpo": variant("changed 4MiB")})
         wait_fulls(client, ["hourly", "amount"])
         assert plain(client.call("ListGenerations", "s", "quiet")) == []
+        # After a backup the scheduler looks once more to plan the next: wait for that plan.
+        wait_planned(daemon, "hourly", lambda t: t > time.time() + INTERVAL - 600)
+        wait_planned(daemon, "quiet", lambda t: t == float("inf"))
 
         before = len(daemon.log())
         time.sleep(scaled(3.0))  # 15 scheduler floors; amount's ceiling is 1 s
