@@ -396,18 +396,28 @@ JSON_HELP = "print one JSON document (docs/cli-json.md) instead of tables"
 
 
 class _Subcommands(argparse._SubParsersAction):  # type: ignore[type-arg]
-    """Subcommands whose parsers may get their arguments only when argparse picks one:
-    a call needs its own command's options, not the whole tree's (issue 16)."""
+    """Subcommands whose parsers are made only when argparse picks one: a call needs its
+    own command's parser and options, not the whole tree's (issue 16; making the fifteen
+    parsers of the top level was a tenth of a ``status`` call's own time)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        #: name -> what adds the arguments (and subcommands) of that command's parser
-        self.unfilled: dict[str, Callable[[], None]] = {}
+        #: name -> what makes that command's parser (with its arguments and subcommands)
+        self.unmade: dict[str, Callable[[], argparse.ArgumentParser]] = {}
+
+    def defer(self, name: str, help: str, make: Callable[[], argparse.ArgumentParser]) -> None:
+        """Offer command ``name`` (in usage, help and "invalid choice" as ``add_parser``
+        would) and make its parser with ``make`` when it is parsed."""
+        # What add_parser records besides the parser: the choice (a placeholder until
+        # made) and the line of the help listing.
+        self._name_parser_map[name] = None  # type: ignore[assignment]
+        self._choices_actions.append(self._ChoicesPseudoAction(name, (), help))
+        self.unmade[name] = make
 
     def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
-        fill = self.unfilled.pop(values[0], None)
-        if fill is not None:
-            fill()
+        make = self.unmade.pop(values[0], None)
+        if make is not None:
+            self._name_parser_map[values[0]] = make()
         super().__call__(parser, namespace, values, option_string)
 
 
@@ -460,19 +470,25 @@ def _add(parser: argparse.ArgumentParser, cmd: Cmd, top: bool = False, lazy: boo
             prog=parser.prog,
         )
         for child in cmd.sub:
-            child_parser = subparsers.add_parser(
-                child.name,
-                formatter_class=_HelpFormatter,
-                help=child.help,
-                description=child.help,
-                prog=f"{parser.prog} {child.name}",
-            )
+            options = {
+                "formatter_class": _HelpFormatter,
+                "description": child.help,
+                "prog": f"{parser.prog} {child.name}",
+            }
             if lazy:
-                subparsers.unfilled[child.name] = functools.partial(
-                    _add, child_parser, child, lazy=True
-                )
+                make = functools.partial(_make, subparsers._parser_class, options, child)
+                subparsers.defer(child.name, child.help, make)
             else:
-                _add(child_parser, child)
+                _add(subparsers.add_parser(child.name, help=child.help, **options), child)
+
+
+def _make(
+    parser_class: type[argparse.ArgumentParser], options: dict[str, Any], cmd: Cmd
+) -> argparse.ArgumentParser:
+    """The parser of ``cmd`` as ``add_parser`` makes it, with its arguments (lazily)."""
+    parser = parser_class(**options)
+    _add(parser, cmd, lazy=True)
+    return parser
 
 
 def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
