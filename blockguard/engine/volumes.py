@@ -415,6 +415,11 @@ class VolumeRegistry:
 
     def refresh(self, name: str) -> svc.VolumeInfo:
         """Recompute the volume's info (and its plan); emits VolumeChanged/TrackingLost."""
+        tracking = self.tracking.get(name)
+        if tracking is not None:
+            # Before the lock: a thin poll's listening may take seconds, and every other
+            # volume's call waits for this lock (a caller holding it already still waits).
+            tracking.listen()
         with self.lock:
             if is_detached(self.catalog.get_volume(name)):
                 return self._refresh_detached(name)
