@@ -96,6 +96,8 @@ def test_a_command_imports_dbus_fasts_message_layer_only_and_no_rich() -> None:
     # Not the asyncio bus, the service and introspection layers of dbus_fast/__init__.
     assert loaded(modules, ("asyncio", "dbus_fast.aio", "dbus_fast.service")) == []
     assert loaded(modules, ("rich", "dataclasses", "shutil")) == []
+    # Nor dbus-fast's address parser (urllib.parse, ipaddress): bus.parse_address.
+    assert "dbus_fast._private.address" not in modules
     assert loaded(modules, NOT_CLIENT) == []
     assert core_beyond_vocab(modules) == []
 
