@@ -22,7 +22,7 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 from blockguard.core.vocab import DEFAULT_GENERATIONS, MAX_GENERATIONS, RESTORE_MODES
 from blockguard.errors import ExitCode
@@ -57,14 +57,26 @@ class Action:
         return f"Action({self.name!r})"
 
 
-class Cmd(NamedTuple):
+class Cmd:
     """A (sub)command: either ``run`` (a leaf) or ``sub`` (a group of commands)."""
 
-    name: str
-    help: str
-    run: Action | None = None
-    args: tuple[Arg, ...] = ()
-    sub: tuple[Cmd, ...] = ()
+    # Not a NamedTuple: typing compiles each of its (string) annotations at import,
+    # most of this module's own import time (issue 16).
+    __slots__ = ("args", "help", "name", "run", "sub")
+
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        run: Action | None = None,
+        args: tuple[Arg, ...] = (),
+        sub: tuple[Cmd, ...] = (),
+    ) -> None:
+        self.name = name
+        self.help = help
+        self.run = run
+        self.args = args
+        self.sub = sub
 
 
 #: The largest value of a D-Bus ``t`` (u64).
