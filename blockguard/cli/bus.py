@@ -15,11 +15,16 @@ the real ``__init__`` (in the same module object) the first time anything else a
 package for a name: ``from dbus_fast import Variant`` or ``import dbus_fast.aio`` later in
 the same process get the whole package, as usual. When the package is imported already,
 it is used as it is.
+
+Addresses are parsed here too, as dbus-fast's ``parse_address`` does: its module imports
+urllib.parse, and ipaddress with it, for one unquote (4 ms of a call's start-up in a
+venv installed from a wheel).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import socket
 import sys
 from types import ModuleType
@@ -30,6 +35,9 @@ if TYPE_CHECKING:
 
 DBUS_NAME = "org.freedesktop.DBus"
 DBUS_PATH = "/org/freedesktop/DBus"
+#: The bytes a D-Bus address value may hold unescaped, and ``%`` (dbus-fast's set).
+_VALUE_CHARS = frozenset("-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_/.%")
+_HEX = frozenset("0123456789abcdefABCDEF")
 
 
 def _defer_package_init() -> None:
@@ -59,10 +67,75 @@ def message_layer() -> ModuleType:
     return dbus_fast.message
 
 
+def _unquote(value: str) -> str:
+    """``urllib.parse.unquote``: ``%XX`` is a byte, the bytes are UTF-8 (invalid ones
+    replaced), a ``%`` without two hex digits after it stays as it is."""
+    if "%" not in value:
+        return value
+    head, *rest = value.split("%")
+    out = bytearray(head.encode())
+    for part in rest:
+        if len(part) >= 2 and part[0] in _HEX and part[1] in _HEX:
+            out.append(int(part[:2], 16))
+            out += part[2:].encode()
+        else:
+            out += b"%" + part.encode()
+    return out.decode("utf-8", "replace")
+
+
+def parse_address(address: str) -> list[tuple[str, dict[str, str]]]:
+    """``dbus_fast._private.address.parse_address``: ``transport:key=value,...;...``.
+
+    :raises InvalidAddressError: as dbus-fast's, with its messages.
+    """
+    message_layer()
+    from dbus_fast.errors import InvalidAddressError
+
+    addresses: list[tuple[str, dict[str, str]]] = []
+    for entry in address.split(";"):
+        if not entry:
+            continue
+        if ":" not in entry:
+            raise InvalidAddressError("address did not contain a transport")
+        transport, opt_string = entry.split(":", 1)
+        options: dict[str, str] = {}
+        for pair in opt_string.split(","):
+            if not pair:
+                continue
+            if "=" not in pair:
+                raise InvalidAddressError("address option did not contain a value")
+            key, value = pair.split("=", 1)
+            if not _VALUE_CHARS.issuperset(value):
+                raise InvalidAddressError("address contains invalid characters")
+            options[key] = _unquote(value)
+            if key != "abstract" and "\x00" in options[key]:
+                raise InvalidAddressError("address contains a NUL byte after decoding")
+        addresses.append((transport, options))
+    if not addresses:
+        raise InvalidAddressError(f'address string contained no addresses: "{address}"')
+    return addresses
+
+
+def bus_address(address: str) -> str:
+    """The address of ``"system"`` or ``"session"`` as dbus-fast finds it, or ``address``."""
+    if address == "system":
+        return (
+            os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or "unix:path=/var/run/dbus/system_bus_socket"
+        )
+    if address == "session" and os.environ.get("DBUS_SESSION_BUS_ADDRESS"):
+        return os.environ["DBUS_SESSION_BUS_ADDRESS"]
+    if address == "session":  # from DISPLAY and ~/.dbus: rare, and dbus-fast knows how
+        message_layer()
+        from dbus_fast._private.address import get_bus_address
+        from dbus_fast.constants import BusType
+
+        return get_bus_address(BusType.SESSION)
+    return address
+
+
 def _open(address: str) -> socket.socket:
     """A socket connected to the first address of ``address`` that answers (the
     transports dbus-fast's buses know: unix path or abstract, tcp)."""
-    from dbus_fast._private.address import parse_address
     from dbus_fast.errors import InvalidAddressError
 
     last: OSError | None = None
@@ -100,14 +173,10 @@ class Connection:
 
     def __init__(self, address: str) -> None:
         message_layer()
-        from dbus_fast._private.address import get_bus_address
         from dbus_fast._private.unmarshaller import Unmarshaller
-        from dbus_fast.constants import BusType
         from dbus_fast.message import Message
 
-        if address in ("system", "session"):
-            address = get_bus_address(BusType.SYSTEM if address == "system" else BusType.SESSION)
-        self._sock = _open(address)
+        self._sock = _open(bus_address(address))
         self._serial = 0
         try:
             self._authenticate()

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 from blockguard.core.vocab import DEFAULT_GENERATIONS, MAX_GENERATIONS, RESTORE_MODES
 from blockguard.errors import ExitCode
@@ -56,14 +57,26 @@ class Action:
         return f"Action({self.name!r})"
 
 
-class Cmd(NamedTuple):
+class Cmd:
     """A (sub)command: either ``run`` (a leaf) or ``sub`` (a group of commands)."""
 
-    name: str
-    help: str
-    run: Action | None = None
-    args: tuple[Arg, ...] = ()
-    sub: tuple[Cmd, ...] = ()
+    # Not a NamedTuple: typing compiles each of its (string) annotations at import,
+    # most of this module's own import time (issue 16).
+    __slots__ = ("args", "help", "name", "run", "sub")
+
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        run: Action | None = None,
+        args: tuple[Arg, ...] = (),
+        sub: tuple[Cmd, ...] = (),
+    ) -> None:
+        self.name = name
+        self.help = help
+        self.run = run
+        self.args = args
+        self.sub = sub
 
 
 #: The largest value of a D-Bus ``t`` (u64).
@@ -396,18 +409,28 @@ JSON_HELP = "print one JSON document (docs/cli-json.md) instead of tables"
 
 
 class _Subcommands(argparse._SubParsersAction):  # type: ignore[type-arg]
-    """Subcommands whose parsers may get their arguments only when argparse picks one:
-    a call needs its own command's options, not the whole tree's (issue 16)."""
+    """Subcommands whose parsers are made only when argparse picks one: a call needs its
+    own command's parser and options, not the whole tree's (issue 16; making the fifteen
+    parsers of the top level was a tenth of a ``status`` call's own time)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        #: name -> what adds the arguments (and subcommands) of that command's parser
-        self.unfilled: dict[str, Callable[[], None]] = {}
+        #: name -> what makes that command's parser (with its arguments and subcommands)
+        self.unmade: dict[str, Callable[[], argparse.ArgumentParser]] = {}
+
+    def defer(self, name: str, help: str, make: Callable[[], argparse.ArgumentParser]) -> None:
+        """Offer command ``name`` (in usage, help and "invalid choice" as ``add_parser``
+        would) and make its parser with ``make`` when it is parsed."""
+        # What add_parser records besides the parser: the choice (a placeholder until
+        # made) and the line of the help listing.
+        self._name_parser_map[name] = None  # type: ignore[assignment]
+        self._choices_actions.append(self._ChoicesPseudoAction(name, (), help))
+        self.unmade[name] = make
 
     def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
-        fill = self.unfilled.pop(values[0], None)
-        if fill is not None:
-            fill()
+        make = self.unmade.pop(values[0], None)
+        if make is not None:
+            self._name_parser_map[values[0]] = make()
         super().__call__(parser, namespace, values, option_string)
 
 
@@ -460,19 +483,25 @@ def _add(parser: argparse.ArgumentParser, cmd: Cmd, top: bool = False, lazy: boo
             prog=parser.prog,
         )
         for child in cmd.sub:
-            child_parser = subparsers.add_parser(
-                child.name,
-                formatter_class=_HelpFormatter,
-                help=child.help,
-                description=child.help,
-                prog=f"{parser.prog} {child.name}",
-            )
+            options = {
+                "formatter_class": _HelpFormatter,
+                "description": child.help,
+                "prog": f"{parser.prog} {child.name}",
+            }
             if lazy:
-                subparsers.unfilled[child.name] = functools.partial(
-                    _add, child_parser, child, lazy=True
-                )
+                make = functools.partial(_make, subparsers._parser_class, options, child)
+                subparsers.defer(child.name, child.help, make)
             else:
-                _add(child_parser, child)
+                _add(subparsers.add_parser(child.name, help=child.help, **options), child)
+
+
+def _make(
+    parser_class: type[argparse.ArgumentParser], options: dict[str, Any], cmd: Cmd
+) -> argparse.ArgumentParser:
+    """The parser of ``cmd`` as ``add_parser`` makes it, with its arguments (lazily)."""
+    parser = parser_class(**options)
+    _add(parser, cmd, lazy=True)
+    return parser
 
 
 def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
@@ -508,6 +537,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The program (``argv`` None: ``sys.argv``, and the process exits after it)."""
     args = sys.argv[1:] if argv is None else list(argv)
     propagate = "--propagate" in args
     try:
@@ -525,6 +555,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if step:
             sys.stderr.write(f"  next: {step}\n")
         return int(code)
+    finally:
+        if argv is None:
+            # The interpreter's exit collects garbage through every object the imports
+            # made (modules, classes, enums): a sixth of a ``status`` call (issue 16).
+            # Frozen, they are left to the OS; nothing of ours needs a finalizer (the
+            # connection is closed, the output flushed at exit as always).
+            gc.freeze()
 
 
 if __name__ == "__main__":

@@ -12,9 +12,13 @@ import math
 import os
 import re
 import time
-from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from blockguard.errors import InvalidInput
+
+if TYPE_CHECKING:
+    # Not imported to run: datetime is a millisecond of every blockguardctl call (issue 16).
+    from datetime import timedelta
 
 MAX_GENERATIONS = 10_000
 """The most generations an objective may keep (the CLI bounds its argument by it too)."""
@@ -180,7 +184,7 @@ def format_duration(value: timedelta | float) -> str:
 
     :param value: a timedelta or a number of seconds.
     """
-    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    seconds = value.total_seconds() if hasattr(value, "total_seconds") else float(value)
     if not math.isfinite(seconds):
         return "forever"
     sign = "-" if seconds < 0 else ""
@@ -201,7 +205,7 @@ def format_time(unix: float) -> str:
     """A point in time, local: ``"2026-12-01 18:45:11"``; ``"-"`` for 0 (never, none)."""
     if not unix:
         return "-"
-    return datetime.fromtimestamp(unix).strftime("%Y-%m-%d %H:%M:%S")
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix))
 
 
 def format_ago(unix: float, now: float | None = None) -> str:

@@ -305,6 +305,18 @@ class VolumeTracking:
                 by_ref = tracker.changed_many(names)
         return {role: by_ref[ref] for role, ref in refs.items()}
 
+    def listen(self) -> None:
+        """What a poll of a thin tracker must do first and may take seconds (listening for
+        another user of the pool's metadata snapshot): call it holding no lock. Nothing
+        for the other backends."""
+        listen = getattr(self.tracker, "listen", None)
+        if listen is None:
+            return
+        try:
+            listen()
+        except BlockguardError as exc:
+            log.debug("listening before a poll of %s: %s", self.directory.name, exc)
+
     def _poll_thin(self, names: list[str]) -> dict[str, ChangeSet]:
         """A poll of a thin tracker (no backup waits for it): when another process holds
         the pool's metadata snapshot, or a backup of ours waits for it, the poll is

@@ -213,6 +213,12 @@ class VolumeRegistry:
 
     def set_objectives(self, target: str, given: Mapping[str, Any]) -> list[str]:
         """Merge ``given`` into the target's own set (see :func:`merge_given`)."""
+        # The refreshes below run under the lock: their thin polls' listening comes first
+        # (the volume's, or every volume's for a group; nothing where a pool is known).
+        for name, tracking in list(self.tracking.items()):
+            if target in self.tracking and name != target:
+                continue
+            tracking.listen()
         with self.lock:
             volumes = {v.name: v for v in self.catalog.list_volumes()}
             if target in volumes:
@@ -415,6 +421,11 @@ class VolumeRegistry:
 
     def refresh(self, name: str) -> svc.VolumeInfo:
         """Recompute the volume's info (and its plan); emits VolumeChanged/TrackingLost."""
+        tracking = self.tracking.get(name)
+        if tracking is not None:
+            # Before the lock: a thin poll's listening may take seconds, and every other
+            # volume's call waits for this lock (so callers that hold it listen first too).
+            tracking.listen()
         with self.lock:
             if is_detached(self.catalog.get_volume(name)):
                 return self._refresh_detached(name)

@@ -10,6 +10,7 @@ imported counts. Piped output is written without rich: it must read as rich wrot
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import io
 import json
@@ -95,6 +96,8 @@ def test_a_command_imports_dbus_fasts_message_layer_only_and_no_rich() -> None:
     # Not the asyncio bus, the service and introspection layers of dbus_fast/__init__.
     assert loaded(modules, ("asyncio", "dbus_fast.aio", "dbus_fast.service")) == []
     assert loaded(modules, ("rich", "dataclasses", "shutil")) == []
+    # Nor dbus-fast's address parser (urllib.parse, ipaddress): bus.parse_address.
+    assert "dbus_fast._private.address" not in modules
     assert loaded(modules, NOT_CLIENT) == []
     assert core_beyond_vocab(modules) == []
 
@@ -229,3 +232,43 @@ def test_help_is_as_wide_as_argparse_makes_it(
     else:
         monkeypatch.setenv("COLUMNS", columns)
     assert terminal_columns() == shutil.get_terminal_size().columns
+
+
+# --- the program's exit: frozen garbage, nothing lost ---------------------------------
+
+ENTRY = "import sys; from blockguard.cli.main import main; sys.exit(main())"
+
+
+def test_the_program_prints_and_exits_as_main_returns(tmp_path: Path) -> None:
+    # main() run as the program (no argv) freezes what the imports made, so the exit does
+    # not collect through it; what it wrote and its exit code must be what main() makes.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "80"}
+    bus = f"unix:path={tmp_path}/no-bus"
+    for argv in (["--bus", bus, "status"], ["status", "--help"], ["--bus", bus, "plan", "db"]):
+        program = subprocess.run(
+            [sys.executable, "-c", ENTRY, *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        code = (
+            "import contextlib, io, sys, gc\n"
+            "from blockguard.cli.main import main\n"
+            "out, err = io.StringIO(), io.StringIO()\n"
+            "with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+            "    try:\n"
+            f"        code = main({argv!r})\n"
+            "    except SystemExit as exc:\n"
+            "        code = exc.code\n"
+            "assert gc.get_freeze_count() == 0, 'main(argv) froze a caller\\'s objects'\n"
+            "sys.__stdout__.write(repr((code, out.getvalue(), err.getvalue())))\n"
+        )
+        in_process = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+        )
+        assert in_process.returncode == 0, in_process.stderr
+        expected = ast.literal_eval(in_process.stdout)
+        assert (program.returncode, program.stdout, program.stderr) == expected, argv
+        assert program.stdout or program.stderr, argv

@@ -7,13 +7,17 @@ runs the same against the real kernel), and so is the clock: nothing here sleeps
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
 
-from blockguard.errors import Busy, MetadataSnapshotBusy
+from blockguard.engine.tracking import VolumeTracking
+from blockguard.engine.volumes import VolumeRegistry
+from blockguard.errors import Busy, MetadataSnapshotBusy, NotFound
 from blockguard.storage.tracking import thinmeta
 from blockguard.storage.tracking.thinmeta import MetadataSnapshot, Policy, recover
+from tests.timeouts import scaled
 
 
 class FakePool:
@@ -105,6 +109,119 @@ def test_a_poll_does_not_wait_for_a_held_snapshot(tmp_path) -> None:
     with pytest.raises(MetadataSnapshotBusy), snapshot(pool, clock, tmp_path, poll=True).held():
         pass
     assert clock[0] == 0.0 and pool.log == []
+
+
+def test_a_poll_never_listens_it_is_skipped_until_listen_ran(tmp_path) -> None:
+    clock = [0.0]
+    pool = FakePool(clock)
+
+    def sleep(s: float) -> None:
+        clock[0] += s
+
+    poll = snapshot(pool, clock, tmp_path, poll=True)
+    with pytest.raises(MetadataSnapshotBusy) as err, poll.held():
+        pytest.fail("a poll reserved a pool nobody listened to")
+    assert "not listened to yet" in str(err.value)
+    assert clock[0] == 0.0 and pool.log == []
+    # listen() (outside the caller's locks) listens for ``quiet`` seconds, reserving nothing;
+    thinmeta.listen(
+        pool,  # type: ignore[arg-type]
+        "vg-pool-tpool",
+        policy=Policy(quiet=5),
+        clock=lambda: clock[0],
+        sleep=sleep,
+    )
+    assert clock[0] >= 5.0 and pool.log == []
+    # then the poll reserves at once, and a second listen() has nothing to do.
+    listened = clock[0]
+    with snapshot(pool, clock, tmp_path, poll=True).held():
+        assert pool.ours == 42 and clock[0] == listened
+    thinmeta.listen(pool, "vg-pool-tpool", clock=lambda: clock[0], sleep=sleep)  # type: ignore[arg-type]
+    assert clock[0] == listened
+
+
+def test_listen_ends_at_a_neighbours_hold_and_the_poll_is_skipped(tmp_path) -> None:
+    clock = [0.0]
+    pool = FakePool(clock, holds=[(2.0, 3.0)])
+
+    def sleep(s: float) -> None:
+        clock[0] += s
+
+    thinmeta.listen(
+        pool,  # type: ignore[arg-type]
+        "vg-pool-tpool",
+        policy=Policy(quiet=10),
+        clock=lambda: clock[0],
+        sleep=sleep,
+    )
+    assert 2.0 <= clock[0] < 3.0  # it stopped listening when the neighbour came
+    clock[0] = 4.0  # free again, but it comes back: a poll does not step in
+    poll = snapshot(pool, clock, tmp_path, poll=True)
+    with pytest.raises(MetadataSnapshotBusy) as err, poll.held():
+        pytest.fail("a poll reserved right after a neighbour's hold")
+    assert "lately" in str(err.value) and pool.log == []
+
+
+class _ListeningTracker:
+    """A thin tracker whose listen() sleeps (on a fake clock) until the test lets it go."""
+
+    backend = "thin"
+
+    def __init__(self, pool: FakePool, clock: list[float]) -> None:
+        self.pool, self.clock = pool, clock
+        self.listening = threading.Event()
+        self.go_on = threading.Event()
+
+    def _sleep(self, s: float) -> None:
+        self.listening.set()
+        assert self.go_on.wait(scaled(60)), "the test never let the listen go on"
+        self.clock[0] += s
+
+    def listen(self) -> None:
+        thinmeta.listen(
+            self.pool,  # type: ignore[arg-type]
+            "vg-pool-tpool",
+            policy=Policy(quiet=5),
+            clock=lambda: self.clock[0],
+            sleep=self._sleep,
+        )
+
+
+class _NoVolumes:
+    def get_volume(self, name: str) -> None:
+        raise NotFound(what="volume", name=name)
+
+
+def test_a_polls_listening_leaves_the_registry_lock_to_other_volumes(tmp_path) -> None:
+    clock = [0.0]
+    tracker = _ListeningTracker(FakePool(clock), clock)
+    registry = VolumeRegistry(_NoVolumes(), None, None, None, None)  # type: ignore[arg-type]
+    registry.tracking["a"] = VolumeTracking(tmp_path / "a", tracker, None)  # type: ignore[arg-type]
+    other = object()
+    registry.cache["b"] = other  # type: ignore[assignment]
+    failures: list[BaseException] = []
+
+    def refresh_a() -> None:
+        try:
+            registry.refresh("a")
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=refresh_a)
+    thread.start()
+    try:
+        assert tracker.listening.wait(scaled(60)), "refresh of a did not listen"
+        # a is listening: the lock is free, another volume's call goes through.
+        assert registry.lock.acquire(blocking=False), "a's listening holds the registry lock"
+        registry.lock.release()
+        assert registry.info("b") is other
+    finally:
+        tracker.go_on.set()
+        thread.join(scaled(60))
+    assert not thread.is_alive()
+    # After listening, refresh went on under the lock (the fake catalog has no volume a).
+    assert len(failures) == 1 and isinstance(failures[0], NotFound), failures
+    assert thinmeta._known_quiet(thinmeta._watch("vg-pool-tpool"), clock[0])
 
 
 def test_an_error_inside_releases_the_snapshot(tmp_path) -> None:

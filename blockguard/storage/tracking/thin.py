@@ -39,7 +39,7 @@ from blockguard.storage.manifest import write_atomic
 from blockguard.storage.runner import Runner, default_runner
 from blockguard.storage.tracking.base import ChangeSet, TrackerState, validate_reference_name
 from blockguard.storage.tracking.kept import KeptReferencesTracker
-from blockguard.storage.tracking.thinmeta import MARKER, MetadataSnapshot, recover
+from blockguard.storage.tracking.thinmeta import MARKER, MetadataSnapshot, listen, recover
 
 #: Refuse a new snapshot above these pool fill levels (percent).
 DATA_LIMIT = 90.0
@@ -170,11 +170,17 @@ class ThinTracker(KeptReferencesTracker):
             self._s.thin_ids.pop(snap, None)
             self._save()
 
+    def listen(self) -> None:
+        """Before a poll, outside the caller's locks: listen for another user of the
+        pool's metadata snapshot when that is due (:func:`.thinmeta.listen`; it may take
+        seconds). Without it a poll of a pool not known quiet is skipped."""
+        listen(self._dm, f"{self._s.pool_dm}-tpool")
+
     def changed_many(self, names: Iterable[str], *, poll: bool = False) -> dict[str, ChangeSet]:
         """See :meth:`ChangeTracker.changed_many`.
 
-        :param poll: a look between backups: when another process holds the pool's
-            metadata snapshot, do not wait for it.
+        :param poll: a look between backups: never wait (for another process's hold of
+            the pool's metadata snapshot, or to listen: see :meth:`listen`).
         :raises MetadataSnapshotBusy: it is held by another process (for longer than the
             bound, or at all when polling); tracking stays exact.
         """

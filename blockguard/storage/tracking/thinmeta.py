@@ -12,10 +12,13 @@ a reservation while one is held fails with EBUSY, for them as for us. So:
 * when a neighbour was seen lately (or we have not looked for ``MEMORY`` seconds) and the
   snapshot is free, we first listen up to ``quiet`` seconds for a hold, so as not to
   reserve just before the neighbour does;
-* a poll never waits for a held snapshot, nor for the next hold of a neighbour seen
-  lately: it raises :class:`MetadataSnapshotBusy` at once and the caller skips that poll
-  (only the first look at a pool, or one after ``MEMORY`` quiet seconds, listens). Busy
-  is never "tracking lost": nothing was missed;
+* a poll never sleeps: not for a held snapshot, not for the next hold of a neighbour
+  seen lately, and not to listen: it raises :class:`MetadataSnapshotBusy` at once and the
+  caller skips that poll. The listening a poll needs first (the first look at a pool, or
+  one after ``MEMORY`` quiet seconds) is :func:`listen`, which reserves nothing, so the
+  caller runs it before taking its own locks (a poll runs under the volume registry's
+  lock: five seconds of listening there stalled every other volume's calls). Busy is
+  never "tracking lost": nothing was missed;
 * a marker file records the held root we reserved, so that after a crash the snapshot is
   released only if the one held is still ours (:func:`recover`), never another tool's.
 """
@@ -83,11 +86,47 @@ def _watch(pool: str) -> _Watch:
         return _watches.setdefault(pool, _Watch())
 
 
+def _known_quiet(watch: _Watch, now: float) -> bool:
+    """We listened lately and nobody held it since."""
+    return watch.quiet_seen > watch.neighbour_seen and now - watch.quiet_seen < MEMORY
+
+
+def listen(
+    dm: DeviceMapper,
+    pool: str,
+    *,
+    policy: Policy | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Before a poll, outside any lock: when ``pool`` is neither known quiet nor was
+    seen held lately, watch it for up to ``policy.quiet`` seconds; what was seen (a
+    neighbour's hold, or nobody) is remembered for the polls that follow. Reserves nothing.
+    """
+    watch = _watch(pool)
+    quiet = (policy or POLICY).quiet
+    start = clock()
+    pause = POLL_FIRST
+    if _known_quiet(watch, start) or start - watch.neighbour_seen < MEMORY:
+        return  # nothing to learn: the poll reserves, or skips, at once
+    while True:
+        now = clock()
+        if dm.held_metadata_root(pool) is not None:
+            watch.neighbour_seen = now
+            return
+        if now - start >= quiet:
+            watch.quiet_seen = now
+            return
+        sleep(min(pause * (0.5 + random.random()), max(start + quiet - now, 0.0)))
+        pause = min(pause * 2, POLL_CAP)
+
+
 class MetadataSnapshot:
     """The metadata snapshot of thin pool ``pool`` (its ``-tpool`` dm name), as we use it.
 
     :param marker: the file recording a reservation of ours (in the tracker's state).
-    :param poll: never wait for a held snapshot (only listen up to ``quiet``).
+    :param poll: never wait: for a held snapshot, a neighbour's next hold, or to listen
+        (see :func:`listen`).
     """
 
     def __init__(
@@ -141,12 +180,14 @@ class MetadataSnapshot:
                         pool=self.pool, waited=f" (waited {self.waited:.1f} s)" if wait else ""
                     )
             else:
-                known_quiet = watch.quiet_seen > watch.neighbour_seen and (
-                    now - watch.quiet_seen < MEMORY
-                )
-                if self.poll and not known_quiet and now - watch.neighbour_seen < MEMORY:
-                    # A poll does not wait for a neighbour's next hold either: skipped.
-                    raise MetadataSnapshotBusy(pool=self.pool, waited=" lately")
+                known_quiet = _known_quiet(watch, now)
+                if self.poll and not known_quiet:
+                    # A poll does not wait for a neighbour's next hold, nor listen (that is
+                    # listen(), outside the caller's locks): skipped.
+                    lately = now - watch.neighbour_seen < MEMORY
+                    raise MetadataSnapshotBusy(
+                        pool=self.pool, waited=" lately" if lately else " (not listened to yet)"
+                    )
                 if listen_until is None and not (after_hold or known_quiet):
                     listen_until = now + self.policy.quiet
                 if listen_until is not None and now >= listen_until:
