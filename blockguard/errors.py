@@ -232,6 +232,12 @@ class PoolSpaceLow(BlockguardError):
             # does not say how much more it would have needed.
             self.template = "pool {pool} ran out of space writing {path} ({free} bytes free)"
             fields.setdefault("path", "its data")
+        elif fields.get("resource"):
+            # The thin pool's data or metadata lacks, whatever the pool's total free.
+            self.template = (
+                "pool {pool}: its thin pool's {resource} has {free} bytes free, "
+                "{needed} bytes needed"
+            )
         super().__init__(**fields)
 
 

@@ -43,11 +43,18 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from blockguard.errors import AlreadyExists, CorruptMetadata, InvalidInput, NotFound
+from blockguard.errors import (
+    AlreadyExists,
+    CorruptMetadata,
+    InvalidInput,
+    NotFound,
+    PoolSpaceLow,
+)
 from blockguard.storage.blockdev import BlockDevice, device_rdev, mounted_devnos
 from blockguard.storage.lvm import Lvm
 from blockguard.storage.manifest import (
     Manifest,
+    VolumeIdentity,
     check_name,
     crash_point,
 )
@@ -56,6 +63,7 @@ from blockguard.storage.pool.base import (
     GenerationSpec,
     PoolCapacity,
     PoolDevice,
+    SpaceAlert,
     SwapInVolume,
 )
 from blockguard.storage.pool.diskstore import DiskStore
@@ -260,10 +268,35 @@ class LvmPool(DiskStore):
         ]
 
     def capacity(self) -> PoolCapacity:
-        """Free = the VG's unallocated space + what the thin pool has not used."""
-        sp = self.volume_group.space()
-        free = sp.vg_free + sp.thin_free
-        return PoolCapacity(sp.vg_size, sp.vg_size - free, free)
+        """Free = the VG's unallocated space + the thin pool's free data blocks (as the
+        kernel counts them, not the thin LVs' sizes); the thin pool's data and metadata
+        space are given apart too."""
+        size, vg_free = self.volume_group.vg_space()
+        thin = self.volume_group.thin_space()
+        free = vg_free + thin.data_free
+        return PoolCapacity(
+            size, size - free, free,
+            thin.data_total, thin.data_free, thin.meta_total, thin.meta_free,
+        )  # fmt: skip
+
+    def refuse_space(self, free: int, needed: int, volume: str | None, resource: str = "") -> None:
+        """Alert (``resource``: the thin pool's ``data`` or ``metadata``; "" the VG) and
+        raise.
+
+        :raises PoolSpaceLow: always.
+        """
+        alert = SpaceAlert(self.name, free, needed, volume, resource)
+        log.warning("%s", alert.message)
+        if self.alert is not None:
+            self.alert(alert)
+        raise PoolSpaceLow(pool=self.name, free=free, needed=needed, resource=resource)
+
+    def _admit_full(self, needed: int, volume: VolumeIdentity) -> None:
+        """:raises PoolSpaceLow: the thin pool's data or metadata cannot take ``needed``
+        bytes with its margin, even grown from the VG (after alerting)."""
+        short = self.volume_group.admit_thin(needed, volume.size, self.preferred_device)
+        if short is not None:
+            self.refuse_space(short.free, short.needed, volume.name, short.resource)
 
     def _create_linear(self, lv: str, size: int) -> None:
         """A linear LV to be written over (no wiping, no zeroing), on the preferred PV
@@ -313,11 +346,13 @@ class LvmPool(DiskStore):
         else:
             needed = len(changed) * chunk_size
         needed = min(needed, round_up(volume.size, EXTENT))
-        sp = self.volume_group.space()
-        if sp.vg_free + sp.thin_free < needed:
-            self.require_space(needed, volume.name)  # alerts and raises
         if spec.is_full:
-            self.volume_group.ensure_thin_room(needed, sp, self.preferred_device)
+            self._admit_full(needed, volume)
+        else:
+            # A delta is a linear LV: only the VG's unallocated space can hold it.
+            _, vg_free = self.volume_group.vg_space()
+            if vg_free < needed:
+                self.refuse_space(vg_free, needed, volume.name)
         return self.meta_dir / "volumes", source
 
     def _make_data(self, draft: Manifest, gen_dir: Path, source: Manifest | None) -> StoredData:

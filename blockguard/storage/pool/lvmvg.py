@@ -17,6 +17,15 @@ from blockguard.storage.blockdev import mounted_devnos
 from blockguard.storage.dm import DeviceMapper
 from blockguard.storage.lvm import Lvm
 from blockguard.storage.pool.label import VG_TAG
+from blockguard.storage.pool.thinspace import (
+    ThinShortfall,
+    ThinSpace,
+    data_margin,
+    meta_margin,
+    metadata_needed,
+    read_thin_space,
+    thin_shortfall,
+)
 from blockguard.storage.runner import Runner
 
 META_LV = "meta"
@@ -24,7 +33,7 @@ THIN_POOL = "tpool"
 EXTENT = 1 << 20
 THIN_BLOCK = 64 << 10
 META_MIN = 32 << 20
-#: Grow the thin pool's metadata above this use (percent).
+#: Grow the thin pool's metadata above this use (percent), ahead of need.
 THIN_META_LIMIT = 75.0
 
 
@@ -53,15 +62,6 @@ class LvFacts:
     @property
     def is_open(self) -> bool:
         return len(self.attr) > 5 and self.attr[5] == "o"
-
-
-@dataclass(frozen=True)
-class VgSpace:
-    vg_size: int
-    vg_free: int
-    thin_size: int
-    thin_free: int
-    thin_meta_percent: float
 
 
 class PoolVg:
@@ -197,34 +197,52 @@ class PoolVg:
                 found[f[0]] = (int(f[2]), int(f[3]))
         return found
 
-    def space(self) -> VgSpace:
-        """The VG's and the thin pool's space, in one lvs call."""
-        rows = self.lvm.lvs(
-            "vg_size,vg_free,lv_size,data_percent,metadata_percent", f"{self.name}/{THIN_POOL}"
-        )
-        f = rows[0]
-        size, used = int(f[2]), float(f[3] or 0.0)
-        return VgSpace(int(f[0]), int(f[1]), size, int(size * (1 - used / 100)), float(f[4] or 0))
+    def thin_space(self) -> ThinSpace:
+        """The thin pool's data and metadata space from its ``-tpool`` device (dmsetup,
+        no LVM scan); the pool is activated first when it is not active."""
+        name = f"{dm_name(self.name, THIN_POOL)}-tpool"
+        if self.dm.info(name) is None:
+            self.lvm.activate(self.name, THIN_POOL, ignore_skip=True)
+        return read_thin_space(self.dm, name)
 
-    def ensure_thin_room(self, needed: int, sp: VgSpace, preferred: str | None) -> None:
-        """Grow the thin pool (data, and metadata above its limit) from the VG's free space.
+    def grow_thin(self, data: int, meta: int, preferred: str | None) -> bool:
+        """Grow the thin pool's data by ``data`` and its metadata by ``meta`` bytes (0:
+        not that one) from the VG's free space; False (nothing done) when the VG lacks it."""
+        data, meta = round_up(data, EXTENT), round_up(meta, EXTENT)
+        _, vg_free = self.vg_space()
+        # LVM keeps a spare metadata LV of the same size: growing metadata costs twice.
+        if data + 2 * meta > vg_free:
+            return False
+        if data:
+            self.lvm.extend(self.name, THIN_POOL, data, [preferred] if preferred else [])
+        if meta:
+            self.lvm.extend_pool_metadata(self.name, THIN_POOL, meta)
+        return True
 
-        :param preferred: the PV to grow the data on.
-        :raises PoolSpaceLow: the VG cannot give what is missing.
-        """
-        margin = max(16 << 20, sp.thin_size // 20)
-        missing = needed + margin - sp.thin_free
-        if missing > 0:
-            grow = round_up(missing, EXTENT)
-            if sp.vg_free < grow:
-                raise PoolSpaceLow(
-                    pool=self.pool, free=sp.thin_free + sp.vg_free, needed=needed + margin
-                )
-            self.lvm.extend(self.name, THIN_POOL, grow, [preferred] if preferred else [])
-        if sp.thin_meta_percent >= THIN_META_LIMIT:
-            meta = self.lvs().get(f"{THIN_POOL}_tmeta")
-            grow = round_up(meta.size if meta else 4 << 20, EXTENT)
-            self.lvm.extend_pool_metadata(self.name, THIN_POOL, grow)
+    def admit_thin(
+        self, needed: int, volume_size: int, preferred: str | None
+    ) -> ThinShortfall | None:
+        """Decide whether a write of ``needed`` bytes into a thin LV of a ``volume_size``
+        volume fits the thin pool's data AND metadata with their margins, growing either
+        from the VG's free space when it lacks; None when it fits, else what lacks."""
+        space = self.thin_space()
+        short = thin_shortfall(space, needed, volume_size)
+        if short is not None and space.writable:
+            # A little over the lack: the margins grow with the pool.
+            lack_data = needed + data_margin(space) - space.data_free
+            lack_meta = (
+                metadata_needed(needed, volume_size, space.data_block)
+                + meta_margin(space)
+                - space.meta_free
+            )
+            grow_data = lack_data * 21 // 20 + EXTENT if lack_data > 0 else 0
+            grow_meta = lack_meta * 21 // 20 + EXTENT if lack_meta > 0 else 0
+            if self.grow_thin(grow_data, grow_meta, preferred):
+                short = thin_shortfall(self.thin_space(), needed, volume_size)
+        elif short is None and space.meta_percent >= THIN_META_LIMIT:
+            # Ahead of need: a VG without the room is no refusal yet.
+            self.grow_thin(0, space.meta_total, None)
+        return short
 
     def place(self, needed: int, preferred: str | None) -> list[str]:
         """The PV a new linear LV goes on: ``preferred`` if it has room, else the

@@ -56,9 +56,16 @@ class PoolDevice:
 
 @dataclass(frozen=True)
 class PoolCapacity:
+    """A pool's space in bytes; for a pool with a thin pool, also the thin pool's own data
+    and metadata space as the kernel reports it (0 where a backend has none)."""
+
     total: int
     used: int
     free: int
+    thin_data_total: int = 0
+    thin_data_free: int = 0
+    thin_meta_total: int = 0
+    thin_meta_free: int = 0
 
 
 @dataclass(frozen=True)
@@ -69,11 +76,14 @@ class SpaceAlert:
     free: int
     needed: int
     volume: str | None = None
+    #: What lacks: "" for the pool's space, else the thin pool's ``data`` or ``metadata``.
+    resource: str = ""
 
     @property
     def message(self) -> str:
         what = f" for volume {self.volume}" if self.volume else ""
-        return f"pool {self.pool} has {self.free} bytes free, {self.needed} needed{what}"
+        where = f"'s thin pool {self.resource}" if self.resource else ""
+        return f"pool {self.pool}{where} has {self.free} bytes free, {self.needed} needed{what}"
 
 
 AlertCallback = Callable[[SpaceAlert], None]
