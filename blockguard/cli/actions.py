@@ -237,6 +237,14 @@ def pool_import(client: Client, args: argparse.Namespace, out: Output) -> None:
     _report_path(out, "imported pool", name, None)
 
 
+def _metadata_free(p: dict[str, Any]) -> str:
+    """The thin pool's free metadata and its share ("-" for a pool without one)."""
+    size = p.get("MetadataSize", 0)
+    if not size:
+        return "-"
+    return f"{format_size(p['MetadataFree'])} ({100 * p['MetadataFree'] / size:.0f}%)"
+
+
 def pool_list(client: Client, args: argparse.Namespace, out: Output) -> None:
     found = client.objects(POOL)
     if out.as_json:
@@ -250,6 +258,7 @@ def pool_list(client: Client, args: argparse.Namespace, out: Output) -> None:
             Column("state"),
             Column("capacity", drop=3),
             Column("free"),
+            Column("metadata free", drop=4),
             Column("devices", drop=1),
         ),
         (
@@ -259,6 +268,7 @@ def pool_list(client: Client, args: argparse.Namespace, out: Output) -> None:
                 p["State"],
                 format_size(p["Capacity"]),
                 format_size(p["Free"]),
+                _metadata_free(p),
                 " ".join(d[0] for d in p["Devices"]),
             ]
             for p in found.values()

@@ -112,6 +112,7 @@ def _show(out: Output, summary: dict[str, Any], health: dict[str, Any]) -> None:
                 Column("state"),
                 Column("free"),
                 Column("size"),
+                Column("metadata free", drop=1),
             ],
             (
                 [
@@ -123,6 +124,10 @@ def _show(out: Output, summary: dict[str, Any], health: dict[str, Any]) -> None:
                     if p["size_bytes"]
                     else "-",
                     format_size(p["size_bytes"]),
+                    f"{format_size(p['metadata_free_bytes'])} "
+                    f"({100 * p['metadata_free_bytes'] / p['metadata_size_bytes']:.0f}%)"
+                    if p.get("metadata_size_bytes")
+                    else "-",
                 ]
                 for p in pools
             ),

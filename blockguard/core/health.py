@@ -133,6 +133,10 @@ class PoolFacts:
     capacity: int
     free: int
     state: str = "ok"
+    #: The thin pool's metadata (0: the pool has none): when it fills, every write
+    #: into the thin pool fails however much data space is free.
+    metadata_capacity: int = 0
+    metadata_free: int = 0
 
 
 @dataclass(frozen=True)
@@ -252,23 +256,37 @@ def _volume_conditions(v: VolumeFacts, t: Thresholds, now: float) -> list[Condit
 
 
 def _pool_condition(p: PoolFacts, t: Thresholds) -> Condition | None:
-    if p.capacity <= 0:
-        return None
-    percent = 100.0 * p.free / p.capacity
-    if percent >= t.pool_free_percent:
-        return None
-    return Condition(
-        AlertKind.POOL_SPACE_LOW,
-        p.name,
-        f"pool {p.name}: {format_size(p.free)} free of {format_size(p.capacity)} "
-        f"({percent:.1f}% < {t.pool_free_percent:g}%)",
-        {
+    """Low space, low thin pool metadata, or both: one alert naming which."""
+    low: list[str] = []
+    details: dict[str, Any] = {"threshold_percent": t.pool_free_percent}
+    if p.capacity > 0:
+        percent = 100.0 * p.free / p.capacity
+        details |= {
             "free_bytes": p.free,
             "size_bytes": p.capacity,
             "free_percent": round(percent, 2),
-            "threshold_percent": t.pool_free_percent,
-        },
-    )
+        }
+        if percent < t.pool_free_percent:
+            low.append(
+                f"{format_size(p.free)} free of {format_size(p.capacity)} "
+                f"({percent:.1f}% < {t.pool_free_percent:g}%)"
+            )
+    if p.metadata_capacity > 0:
+        mpercent = 100.0 * p.metadata_free / p.metadata_capacity
+        details |= {
+            "metadata_free_bytes": p.metadata_free,
+            "metadata_size_bytes": p.metadata_capacity,
+            "metadata_free_percent": round(mpercent, 2),
+        }
+        if mpercent < t.pool_free_percent:
+            low.append(
+                f"thin pool metadata {format_size(p.metadata_free)} free of "
+                f"{format_size(p.metadata_capacity)} ({mpercent:.1f}% < {t.pool_free_percent:g}%)"
+            )
+    if not low:
+        return None
+    details["low"] = ["metadata" if x.startswith("thin pool metadata") else "space" for x in low]
+    return Condition(AlertKind.POOL_SPACE_LOW, p.name, f"pool {p.name}: " + "; ".join(low), details)
 
 
 def volume_row(v: VolumeFacts, now: float, conditions: Sequence[Condition]) -> dict[str, Any]:
@@ -314,6 +332,8 @@ def assess(
                 "name": p.name,
                 "size_bytes": p.capacity,
                 "free_bytes": p.free,
+                "metadata_size_bytes": p.metadata_capacity,
+                "metadata_free_bytes": p.metadata_free,
                 "state": p.state,
                 "level": (Level.WARNING if low or p.state != "ok" else Level.OK).label,
             }

@@ -159,6 +159,8 @@ class PoolObject(_Snapshotted):
         "Capacity": lambda p: int(p.capacity),
         "Free": lambda p: int(p.free),
         "State": lambda p: p.state,
+        "MetadataSize": lambda p: int(p.metadata_capacity),
+        "MetadataFree": lambda p: int(p.metadata_free),
     }
 
     def __init__(self, info: PoolInfo) -> None:
@@ -170,6 +172,9 @@ class PoolObject(_Snapshotted):
     Capacity = _snapshot_property("Capacity", UInt64)
     Free = _snapshot_property("Free", UInt64)
     State = _snapshot_property("State", Str)
+    #: The thin pool's metadata (0 for a pool without one): it can fill with data free.
+    MetadataSize = _snapshot_property("MetadataSize", UInt64)
+    MetadataFree = _snapshot_property("MetadataFree", UInt64)
 
 
 class JobObject(_Snapshotted):

@@ -127,7 +127,9 @@ def volume_facts(
 
 
 def pool_facts(info: svc.PoolInfo) -> PoolFacts:
-    return PoolFacts(info.name, info.capacity, info.free, info.state)
+    return PoolFacts(
+        info.name, info.capacity, info.free, info.state, info.metadata_capacity, info.metadata_free
+    )
 
 
 def clock(settings: Settings) -> float:

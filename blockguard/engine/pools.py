@@ -420,12 +420,16 @@ class PoolRegistry:
                 "measured": 1.0 if measured else 0.0,
             }
             devices.append(svc.PoolDeviceInfo(dev.device_path, dev.identity.size, dev.state, perf))
-        capacity = free = 0
+        capacity = free = meta_capacity = meta_free = 0
         if backend is not None:
             with contextlib.suppress(OSError, BlockguardError):
                 cap = backend.capacity()
                 capacity, free = cap.total, cap.free
-        return svc.PoolInfo(name, pool.backend, tuple(devices), capacity, free, pool.state)
+                meta_capacity, meta_free = cap.thin_meta_total, cap.thin_meta_free
+        return svc.PoolInfo(
+            name, pool.backend, tuple(devices), capacity, free, pool.state,
+            meta_capacity, meta_free,
+        )  # fmt: skip
 
     # --- events ---------------------------------------------------------------------
 

@@ -45,6 +45,9 @@ class PoolInfo:
     capacity: int
     free: int
     state: str = "ok"  # ok | degraded | full
+    #: The thin pool's metadata, bytes (0: the pool has no thin pool).
+    metadata_capacity: int = 0
+    metadata_free: int = 0
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,23 @@ def test_failures_tracker_and_pool_are_warnings() -> None:
     assert low.details["free_percent"] == 19.9 and low.details["threshold_percent"] == 20
 
 
+def test_thin_pool_metadata_nearly_full_alerts_naming_it() -> None:
+    """Data free does not hide a thin pool whose metadata is nearly full."""
+    meta_low = PoolFacts("m", 1000, 900, metadata_capacity=4096 * 1024, metadata_free=4096 * 50)
+    both = PoolFacts("b", 1000, 100, metadata_capacity=1000, metadata_free=10)
+    fine = PoolFacts("f", 1000, 900, metadata_capacity=1000, metadata_free=900)
+    health = assess([], [meta_low, both, fine], T, NOW)
+    assert kinds(health) == {("pool-space-low", "m"), ("pool-space-low", "b")}
+    by = {c.subject: c for c in health.conditions}
+    assert "thin pool metadata" in by["m"].message and "% <" in by["m"].message
+    assert by["m"].details["low"] == ["metadata"]
+    assert by["m"].details["metadata_free_percent"] == 4.88
+    assert by["b"].details["low"] == ["space", "metadata"]
+    row = next(r for r in health.pools if r["name"] == "m")
+    assert (row["metadata_size_bytes"], row["metadata_free_bytes"]) == (4096 * 1024, 4096 * 50)
+    assert row["level"] == "warning"
+
+
 def test_degraded_pool_warns_without_an_alert() -> None:
     health = assess([], [PoolFacts("p", 1000, 900, "degraded")], T, NOW)
     assert health.level is Level.WARNING and not health.conditions
