@@ -31,8 +31,14 @@ SIZE = 8 * MiB
 
 
 def thin_status(vg: str) -> tuple[str, int]:
-    name = f"{dm_name(vg, THIN_POOL)}-tpool"
-    return sh("dmsetup", "status", name).strip(), data_block_of(sh("dmsetup", "table", name))
+    """The thin-pool target's status line and data block size (LVM puts the target on
+    ``-tpool`` once the pool has thin LVs, and may put an unused pool's on the pool LV)."""
+    base = dm_name(vg, THIN_POOL)
+    for name in (f"{base}-tpool", base):
+        table = sh("dmsetup", "table", name, check=False)
+        if table.split()[2:3] == ["thin-pool"]:
+            return sh("dmsetup", "status", name).strip(), data_block_of(table)
+    raise AssertionError(f"no thin-pool target for {vg}: {sh('dmsetup', 'table')}")
 
 
 def test_thin_pool_filled_by_another_lv_refuses_a_full_naming_data(make_pool, loopdev) -> None:  # noqa: F811 - the fixture

@@ -200,10 +200,15 @@ class PoolVg:
     def thin_space(self) -> ThinSpace:
         """The thin pool's data and metadata space from its ``-tpool`` device (dmsetup,
         no LVM scan); the pool is activated first when it is not active."""
-        name = f"{dm_name(self.name, THIN_POOL)}-tpool"
-        if self.dm.info(name) is None:
+        base = dm_name(self.name, THIN_POOL)
+        names = (f"{base}-tpool", base)
+        space = read_thin_space(self.dm, names)
+        if space is None:
             self.lvm.activate(self.name, THIN_POOL, ignore_skip=True)
-        return read_thin_space(self.dm, name)
+            space = read_thin_space(self.dm, names)
+        if space is None:
+            raise NotFound(what="active thin pool", name=f"{self.name}/{THIN_POOL}")
+        return space
 
     def grow_thin(self, data: int, meta: int, preferred: str | None) -> bool:
         """Grow the thin pool's data by ``data`` and its metadata by ``meta`` bytes (0:

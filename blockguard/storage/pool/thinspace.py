@@ -147,11 +147,17 @@ def thin_shortfall(space: ThinSpace, data_bytes: int, volume_size: int) -> ThinS
     return None
 
 
-def read_thin_space(dm: DeviceMapper, name: str) -> ThinSpace:
-    """The space of the thin pool whose ``-tpool`` device-mapper device is ``name``
-    (two dmsetup calls, no LVM scan).
+def read_thin_space(dm: DeviceMapper, names: tuple[str, ...]) -> ThinSpace | None:
+    """The space of the thin pool whose thin-pool target is the first active one of
+    ``names`` (a few dmsetup calls, no LVM scan); None when none is active.
 
-    :raises NotFound: the device is not active.
+    LVM puts the target on ``VG-POOL-tpool`` when the pool has thin LVs, and may activate
+    an unused pool with the target on ``VG-POOL`` itself.
     """
-    block = data_block_of(dm.table(name))
-    return parse_thin_status(dm.status(name), block)
+    for name in names:
+        if not dm.exists(name):
+            continue
+        table = dm.table(name)
+        if table.split()[2:3] == ["thin-pool"]:
+            return parse_thin_status(dm.status(name), data_block_of(table))
+    return None
