@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import random
 import stat
@@ -124,7 +125,9 @@ def run_pool(
         pool = DirPool.create(f"bench-{name}", pooldev, tmp / f"mnt-{name}", force=True)
         stack.callback(pool.close)
         ident = VolumeIdentity("benchvol", size)
-        drill = run_drill(pool, volume_bytes=args.drill_mib * MiB, seed=14)
+        # Copy mode drills into the restore target (not yet written by any restore): a
+        # plain device, so the samples hold the copy path's writes as it overlaps them.
+        drill = run_drill(pool, volume_bytes=args.drill_mib * MiB, seed=14, copy_scratch=target)
         terms = {}
         for mode in ("copy", "swap-in"):
             fitted = fit_terms(
@@ -137,6 +140,8 @@ def run_pool(
                 ]
             )
             if fitted is not None:
+                if mode == "copy":
+                    fitted = dataclasses.replace(fitted, write_rate=target_speed.write(False))
                 terms["pool", mode] = fitted
                 print(f"{name}: drill {mode}: {fitted}")
         print(f"{name}: drill took {drill.duration:.2f} s for {len(drill.samples)} restores")

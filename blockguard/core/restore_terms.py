@@ -110,6 +110,10 @@ class PathTerms:
     :param samples: how many samples the fit used.
     :param upper_factor: the :data:`UPPER_QUANTILE` of measured / predicted over those
         samples, at least 1: the upper estimate is the point estimate times this.
+    :param write_rate: copy mode: the probed sequential write speed (bytes/s) of the device
+        the samples wrote to, so that ``per_byte`` already holds the writes of a target of
+        that speed as the copy path overlapped them; 0 when the samples wrote nothing
+        (rehearsals: the read side alone, the target's writes to be added).
     """
 
     fixed: float = 0.0
@@ -118,9 +122,10 @@ class PathTerms:
     per_byte: float = 0.0
     samples: int = 0
     upper_factor: float = 1.0
+    write_rate: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("fixed", "per_generation", "per_extent", "per_byte"):
+        for name in ("fixed", "per_generation", "per_extent", "per_byte", "write_rate"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise InvalidInput(detail=f"restore term {name} {value!r} is not >= 0")
