@@ -145,6 +145,10 @@ def run_pool(
                 terms["pool", mode] = fitted
                 print(f"{name}: drill {mode}: {fitted}")
         print(f"{name}: drill took {drill.duration:.2f} s for {len(drill.samples)} restores")
+        for mode in ("copy", "swap-in"):
+            print(f"{name}: drill {mode} samples (shape: seconds): " + ", ".join(
+                f"{s.shape} {s.seconds:.3f}" for s in drill.samples if s.mode == mode
+            ))  # fmt: skip
 
         full = run_backup(pool, ident, src, "full", None, chunk_size=chunk)
         full_id = parent = full.manifest.generation_id

@@ -14,7 +14,8 @@ measured / predicted of the last few, clamped).
 Once the pool device holding the full has been measured on its real restore path (a drill
 or enough real restores, see :mod:`blockguard.core.restore_terms`), its fitted terms
 replace the probe-only model: fixed cost + per generation read + per scattered extent +
-bytes / min(path bandwidth, target write). Either way the estimate carries its breakdown by
+bytes x the path's cost per byte, plus, for a copy, its target's writes where the drill did
+not write them itself (:func:`copy_write_cost`). Either way the estimate carries its breakdown by
 term and an upper estimate (point x the spread of recent measured / predicted), which is
 what the planner holds against the RTO, so that the model answers, at any moment, "if this
 volume failed now, the restore would take X, at most Y".

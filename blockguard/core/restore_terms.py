@@ -5,13 +5,15 @@ A restore of a given shape takes
     time = fixed + per_generation x generations read + per_extent x scattered extents
            written + bytes x per_byte
 
-where ``per_byte`` is 1 / bandwidth and bandwidth = min(source read, target write, the copy
-path's own ceiling). A multiplicative correction of a bytes/bandwidth model cannot fit a
-fixed cost or a cost that grows with the chain (issue 14: restores took 1.5-6.7x the
-promise, worse with chain length), so the four terms are fitted together, per pool device
-and restore mode, by a robust non-negative least squares over recent samples (restore drills
-and real restores). The fit minimises relative errors, since the promise is relative to an
-RTO, and down-weights outliers (Huber weights, re-weighted a few times).
+where ``per_byte`` is the measured path's seconds per byte (reads, checksums and, when the
+samples wrote to a device, the writes as the path overlapped them; a copy's target writes
+the samples did not make are added by the model, see ``PathTerms.write_rate``). A
+multiplicative correction of a bytes/bandwidth model cannot fit a fixed cost or a cost that
+grows with the chain (issue 14: restores took 1.5-6.7x the promise, worse with chain
+length), so the four terms are fitted together, per pool device and restore mode, by a
+robust non-negative least squares over recent samples (restore drills and real restores).
+The fit minimises relative errors, since the promise is relative to an RTO, and down-weights
+outliers (Huber weights, re-weighted a few times).
 
 Everything here is arithmetic: no devices, no catalog.
 """
