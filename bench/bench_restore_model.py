@@ -14,9 +14,11 @@ restored for real — copied to the target, and swapped in — and the restore-t
 prediction is compared with the measured time. Printed per case: predicted, measured,
 measured/predicted; then the median error, raw and with the model's correction learnt from
 the cases before (the old daemon's way), and — issue 14 — of the model calibrated by a
-restore drill on the same pool before the first restore (``storage/drill.py``; no earlier
-restore is learnt from), with the share of restores within its upper estimate. Targets:
-median error <= 15 %, measured <= upper in >= 95 %. Nothing is asserted.
+restore drill on the same pool before the first restore (``storage/drill.py``; its copy
+restores go into the restore target, a plain device, so they measure the copy's writes as
+the path overlaps them; no earlier restore is learnt from), with the share of restores
+within its upper estimate. Targets: median error <= 15 %, measured <= upper in >= 95 %.
+Nothing is asserted.
 """
 
 from __future__ import annotations
