@@ -14,7 +14,8 @@ measured / predicted of the last few, clamped).
 Once the pool device holding the full has been measured on its real restore path (a drill
 or enough real restores, see :mod:`blockguard.core.restore_terms`), its fitted terms
 replace the probe-only model: fixed cost + per generation read + per scattered extent +
-bytes / min(path bandwidth, target write). Either way the estimate carries its breakdown by
+bytes x the path's cost per byte, plus, for a copy, its target's writes where the drill did
+not write them itself (:func:`copy_write_cost`). Either way the estimate carries its breakdown by
 term and an upper estimate (point x the spread of recent measured / predicted), which is
 what the planner holds against the RTO, so that the model answers, at any moment, "if this
 volume failed now, the restore would take X, at most Y".
@@ -356,6 +357,30 @@ def terms_for(terms: TermBook | None, device_id: str, mode: RestoreMode) -> Path
     return terms.get((device_id, RestoreMode(mode).value))
 
 
+def copy_write_cost(fitted: PathTerms, target: DeviceSpeed | None, mode: RestoreMode) -> float:
+    """Seconds per byte a copy's target writes add to the fitted restore path.
+
+    The copy path reads (readers, checksums) and writes (the calling thread) at once, but
+    measured on loop disks, in the host and in the guest, a copy took about its read side
+    plus its target's writes, not the larger of the two (the bench of issue 14: copies
+    1.8x a max(read, write) estimate at every chain length): the two share CPU and the
+    write waits for the window it writes. So the target's writes are added, unless the
+    samples themselves wrote to a real device (a drill into scratch space): then only a
+    target slower than that device adds its extra time, and a faster one is not counted
+    as faster than measured.
+
+    :param fitted: the restore path's terms (``write_rate`` says what they wrote to).
+    :param target: the copy target's speed; None: not known (nothing added).
+    :param mode: only copy restores write to a target of their own.
+    """
+    if RestoreMode(mode) is not RestoreMode.COPY or target is None:
+        return 0.0
+    cost = 1.0 / target.write(False)
+    if fitted.write_rate > 0:
+        return max(0.0, cost - 1.0 / fitted.write_rate)
+    return cost
+
+
 def estimate_chain(
     chain: Chain,
     speeds: Mapping[str, DeviceSpeed],
@@ -380,10 +405,7 @@ def estimate_chain(
     if fitted is not None:
         probe = estimate_chain(chain, speeds, mode, copy_target)
         shape = chain.shape()
-        per_byte = fitted.per_byte
-        if mode is RestoreMode.COPY and copy_target is not None:
-            # The drill writes to the pool; a copy's own target may be slower.
-            per_byte = max(per_byte, 1.0 / copy_target.write(False))
+        per_byte = fitted.per_byte + copy_write_cost(fitted, copy_target, mode)
         terms = fitted.breakdown(shape, per_byte)
         # The spread was measured on the restore path, not on a slower copy target: only
         # the fitted path's own time is widened by it.

@@ -5,13 +5,15 @@ A restore of a given shape takes
     time = fixed + per_generation x generations read + per_extent x scattered extents
            written + bytes x per_byte
 
-where ``per_byte`` is 1 / bandwidth and bandwidth = min(source read, target write, the copy
-path's own ceiling). A multiplicative correction of a bytes/bandwidth model cannot fit a
-fixed cost or a cost that grows with the chain (issue 14: restores took 1.5-6.7x the
-promise, worse with chain length), so the four terms are fitted together, per pool device
-and restore mode, by a robust non-negative least squares over recent samples (restore drills
-and real restores). The fit minimises relative errors, since the promise is relative to an
-RTO, and down-weights outliers (Huber weights, re-weighted a few times).
+where ``per_byte`` is the measured path's seconds per byte (reads, checksums and, when the
+samples wrote to a device, the writes as the path overlapped them; a copy's target writes
+the samples did not make are added by the model, see ``PathTerms.write_rate``). A
+multiplicative correction of a bytes/bandwidth model cannot fit a fixed cost or a cost that
+grows with the chain (issue 14: restores took 1.5-6.7x the promise, worse with chain
+length), so the four terms are fitted together, per pool device and restore mode, by a
+robust non-negative least squares over recent samples (restore drills and real restores).
+The fit minimises relative errors, since the promise is relative to an RTO, and down-weights
+outliers (Huber weights, re-weighted a few times).
 
 Everything here is arithmetic: no devices, no catalog.
 """
@@ -110,6 +112,10 @@ class PathTerms:
     :param samples: how many samples the fit used.
     :param upper_factor: the :data:`UPPER_QUANTILE` of measured / predicted over those
         samples, at least 1: the upper estimate is the point estimate times this.
+    :param write_rate: copy mode: the probed sequential write speed (bytes/s) of the device
+        the samples wrote to, so that ``per_byte`` already holds the writes of a target of
+        that speed as the copy path overlapped them; 0 when the samples wrote nothing
+        (rehearsals: the read side alone, the target's writes to be added).
     """
 
     fixed: float = 0.0
@@ -118,9 +124,10 @@ class PathTerms:
     per_byte: float = 0.0
     samples: int = 0
     upper_factor: float = 1.0
+    write_rate: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("fixed", "per_generation", "per_extent", "per_byte"):
+        for name in ("fixed", "per_generation", "per_extent", "per_byte", "write_rate"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise InvalidInput(detail=f"restore term {name} {value!r} is not >= 0")

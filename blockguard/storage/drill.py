@@ -8,16 +8,21 @@ project's own restore code (:mod:`blockguard.storage.restore`), timing each:
 
 - swap-in mode: :func:`~blockguard.storage.restore.swap_in` as a real swap-in runs (a clone
   of the full, deltas applied, the rest of the clone read back and verified);
-- copy mode: :func:`~blockguard.storage.restore.rehearse`, the copy restore's read side (the
-  same gathered windows, readers and checksum checks, the data then dropped). A real copy
-  target is a device of its own, whose write speed the model takes from the performance
-  table; an earlier drill wrote into a clone of the full on the pool and so measured the
-  pool's copy-on-write allocation, 4-9x a real restore to another disk in the guest.
+- copy mode, given scratch space (``copy_scratch``, a spare block device): a real
+  :func:`~blockguard.storage.restore.restore_to_device` into it, so that the samples hold
+  the copy path's reads and writes as it overlaps them (the model adds only what a slower
+  target would cost more, see :func:`blockguard.core.restore_model.copy_write_cost`);
+- copy mode without scratch space: :func:`~blockguard.storage.restore.rehearse`, the copy
+  restore's read side (the same gathered windows, readers and checksum checks, the data
+  then dropped), to which the model adds the target's writes. An earlier drill wrote into
+  a clone of the full on the pool and so measured the pool's copy-on-write allocation,
+  4-9x a real restore to another disk in the guest: scratch space must be a plain device.
 
 Each restore is one sample of (mode, pool device, generations, chunks, extents, bytes,
 seconds); the engine stores them and fits the model's terms. Everything the drill wrote is
 removed before it returns, also on failure. It writes nothing but its own generations and
-its own swap-in clones.
+its own swap-in clones
+(and the scratch device it is given for copy mode).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from blockguard.storage.manifest import (
     new_checksum_array,
 )
 from blockguard.storage.pool.base import GenerationSpec, PoolBackend
-from blockguard.storage.restore import RestoreResult, rehearse, swap_in
+from blockguard.storage.restore import RestoreResult, rehearse, restore_to_device, swap_in
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +124,8 @@ class DrillResult:
     duration: float
     #: generation ids the drill wrote (all removed again)
     written: tuple[str, ...] = ()
+    #: the device copy mode restored into ("" : copy mode only rehearsed, wrote nothing)
+    copy_scratch: str = ""
 
 
 class _ChainBuilder:
@@ -228,6 +235,7 @@ def _timed_restore(
     generation: Manifest,
     mode: str,
     serial: int,
+    copy_scratch: str | None,
 ) -> RestoreResult:
     if mode == RestoreMode.SWAP_IN:
         result = swap_in(
@@ -236,6 +244,8 @@ def _timed_restore(
         assert result.swap is not None
         result.swap.release()
         return result
+    if copy_scratch:
+        return restore_to_device(pool, DRILL_VOLUME, generation.generation_id, copy_scratch)
     return rehearse(pool, DRILL_VOLUME, generation.generation_id)
 
 
@@ -249,6 +259,7 @@ def run_drill(
     progress: Progress | None = None,
     seed: int | None = None,
     repeats: int = DEFAULT_REPEATS,
+    copy_scratch: str | None = None,
 ) -> DrillResult:
     """Write the drill's chains on ``pool``, restore each shape in each mode, time it,
     and remove everything written.
@@ -256,6 +267,8 @@ def run_drill(
     :param volume_bytes: size of the drill volume (shapes of ``size_share`` 0.5 use half).
     :param seed: for the scattered chunk positions (random when None).
     :param repeats: restores of each shape in each mode.
+    :param copy_scratch: a spare block device of at least ``volume_bytes`` (overwritten!)
+        that copy mode restores into; None: copy mode rehearses (reads only).
     :raises InvalidInput: a size too small for a chunk, or an unknown mode.
     """
     check_chunk_size(chunk_size)
@@ -290,7 +303,7 @@ def run_drill(
             for shape in [s for s in group for _ in range(repeats)]:
                 for mode in modes:
                     serial += 1
-                    result = _timed_restore(pool, targets[shape.name], mode, serial)
+                    result = _timed_restore(pool, targets[shape.name], mode, serial, copy_scratch)
                     samples.append(
                         DrillSample(
                             shape.name,
@@ -311,7 +324,10 @@ def run_drill(
             _remove(pool, pool.generations(DRILL_VOLUME))
         pool.remove_volume_dirs(DRILL_VOLUME)
     return DrillResult(
-        tuple(samples), time.monotonic() - started, tuple(m.generation_id for m in written)
+        tuple(samples),
+        time.monotonic() - started,
+        tuple(m.generation_id for m in written),
+        copy_scratch or "",
     )
 
 

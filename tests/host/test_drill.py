@@ -96,3 +96,23 @@ def test_a_copy_drill_writes_no_device(
     assert {s.mode for s in result.samples} == {"copy"}
     assert all(s.nbytes > 0 and s.seconds > 0 for s in result.samples)
     assert pool.generations(DRILL_VOLUME) == []
+
+
+def test_a_copy_drill_given_scratch_restores_into_it(loopdev, pool: DirPool) -> None:
+    """With scratch space, copy mode is a real copy restore into it (reads and writes, as a
+    restore to a new device runs): the scratch ends up holding the last shape's data, every
+    sample is timed, and nothing of the drill stays in the pool."""
+    scratch = loopdev(8 * MiB, "scratch.img")
+    with open(scratch, "r+b") as f:
+        f.write(b"\0" * (8 * MiB))
+    before = _sha(scratch)
+    result = run_drill(pool, volume_bytes=4 * MiB, modes=("copy",), seed=3, copy_scratch=scratch)
+    assert result.copy_scratch == scratch
+    assert {s.mode for s in result.samples} == {"copy"}
+    assert all(s.nbytes > 0 and s.seconds > 0 for s in result.samples)
+    # The drill's volume is random data: a restore into the scratch changed it.
+    with open(scratch, "rb") as f:
+        head = f.read(4 * MiB)
+    assert head != b"\0" * (4 * MiB)
+    assert _sha(scratch) != before
+    assert pool.generations(DRILL_VOLUME) == []

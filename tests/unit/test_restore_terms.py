@@ -131,14 +131,36 @@ def test_estimate_uses_the_terms_of_the_fulls_device_and_mode() -> None:
     assert copy.breakdown.transfer == pytest.approx(copy.seconds)
 
 
-def test_a_slow_copy_target_bounds_the_bandwidth() -> None:
+def test_a_copy_adds_its_targets_writes_to_a_rehearsed_read_side() -> None:
+    # Terms from rehearsals (write_rate 0): the read side alone; copies were measured to
+    # take about read + write, not the larger of the two.
     terms = {("pool", "copy"): PathTerms(0.5, 0.0, 0.0, 1 / (500 * MB), 8, 2.0)}
     est = estimate_chain(
         Chain(100 * MB, "pool"), SPEEDS, RestoreMode.COPY, DeviceSpeed.uniform(50 * MB), 1.0, terms
     )
-    assert est.seconds == pytest.approx(2.5)  # 0.5 + 100 MB at the target's 50 MB/s
+    # 0.5 + 100 MB read at 500 MB/s + 100 MB written at the target's 50 MB/s
+    assert est.seconds == pytest.approx(0.5 + 0.2 + 2.0)
+    assert est.breakdown.transfer == pytest.approx(2.2)
     # The spread widens the measured path (0.5 + 0.2 s) only, not the target's writes.
-    assert est.upper_seconds == pytest.approx(2.5 + 0.7)
+    assert est.upper_seconds == pytest.approx(2.7 + 0.7)
+
+
+def test_a_copy_drilled_into_scratch_adds_only_a_slower_targets_extra() -> None:
+    # Terms from real copies into a 200 MB/s scratch device: their per byte holds its writes.
+    drilled = PathTerms(0.5, 0.0, 0.0, 1 / (100 * MB), 8, 1.5, write_rate=200 * MB)
+    terms = {("pool", "copy"): drilled}
+    chain = Chain(100 * MB, "pool")
+    slow = estimate_chain(chain, SPEEDS, RestoreMode.COPY, DeviceSpeed.uniform(50 * MB), 1.0, terms)
+    # 0.5 + 1.0 s measured + 100 MB x (1/50 - 1/200 MB/s) = 1.5 s more for the slower target
+    assert slow.seconds == pytest.approx(0.5 + 1.0 + 1.5)
+    # A faster target is not counted as faster than the drill measured.
+    fast = estimate_chain(
+        chain, SPEEDS, RestoreMode.COPY, DeviceSpeed.uniform(1000 * MB), 1.0, terms
+    )
+    assert fast.seconds == pytest.approx(1.5)
+    assert fast.upper_seconds == pytest.approx(1.5 * 1.5)
+    with pytest.raises(InvalidInput):
+        PathTerms(write_rate=-1.0)
 
 
 def test_planner_holds_the_rto_against_the_upper_estimate() -> None:
