@@ -245,10 +245,10 @@ class LvmPool(DiskStore):
 
     def lv_devices(self, manifest: Manifest) -> list[str]:
         """The PVs a generation's data is allocated on (for a full: the thin pool's)."""
-        lvs = self.volume_group.lvs()
         lv = manifest.storage.get("lv")
         if not lv:
-            return []
+            return []  # an empty delta: no data, no lvs to ask
+        lvs = self.volume_group.lvs()
         if manifest.is_full:
             lv = f"{THIN_POOL}_tdata"
         return sorted(set(lvs[lv].devices)) if lv in lvs else []
@@ -313,6 +313,10 @@ class LvmPool(DiskStore):
         else:
             needed = len(changed) * chunk_size
         needed = min(needed, round_up(volume.size, EXTENT))
+        if not needed and not spec.is_full:
+            # An empty delta (nothing changed) allocates nothing: no lvs to ask for room.
+            # (A clone does: thin metadata, which ensure_thin_room watches.)
+            return self.meta_dir / "volumes", source
         sp = self.volume_group.space()
         if sp.vg_free + sp.thin_free < needed:
             self.require_space(needed, volume.name)  # alerts and raises
