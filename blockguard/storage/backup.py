@@ -45,6 +45,11 @@ from blockguard.storage.pool.base import (
 
 log = logging.getLogger(__name__)
 
+#: Reads in flight for a backup: a scattered incremental is many small reads in offset
+#: order (neighbours coalesced by ``extents``), and a queue of them keeps the disk busy
+#: where one or two at a time leave it waiting on each (as restores do, RESTORE_READERS).
+BACKUP_READERS = 4
+
 
 @dataclass(frozen=True)
 class BackupResult:
@@ -199,6 +204,7 @@ def _copy_into(
         volume_size=volume.size,
         progress=progress,
         extent_bytes=extent_bytes,
+        readers=BACKUP_READERS,
     )
     return copied, sums
 

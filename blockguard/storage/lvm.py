@@ -157,13 +157,18 @@ class Lvm:
     def create_thin(self, vg: str, pool: str, lv: str, size: int) -> None:
         self._lvm("lvcreate", "-qq", "-y", "-V", f"{size}b", "-T", f"{vg}/{pool}", "-n", lv)
 
-    def snapshot(self, vg: str, origin: str, lv: str, *, activate: bool) -> None:
+    def snapshot(self, vg: str, origin: str, lv: str, *, activate: bool, now: bool = False) -> None:
         """A thin snapshot of VG/ORIGIN; ``activate``: without the activation-skip flag
-        (active now and at every activation), else LVM's default for thin snapshots."""
+        (active now and at every activation), else LVM's default for thin snapshots.
+
+        :param now: with the activation-skip flag kept, active all the same from the
+            start (``-K``): one command instead of a ``lvcreate`` and a ``lvchange``.
+        """
         if activate:
             self._lvm("lvcreate", "-qq", "-y", "-s", "-kn", f"{vg}/{origin}", "-n", lv)
         else:
-            self._lvm("lvcreate", "-qq", "-s", f"{vg}/{origin}", "-n", lv)
+            skip = ["-K"] if now else []
+            self._lvm("lvcreate", "-qq", "-s", *skip, f"{vg}/{origin}", "-n", lv)
 
     def activate(self, vg: str, lv: str, *, ignore_skip: bool = False) -> None:
         """:param ignore_skip: activate even with the activation-skip flag (``-K``)."""

@@ -117,7 +117,7 @@ class ThinPointInTime(PointInTime):
     """A thin snapshot taken as tracker reference ``name``; it is the backup's source."""
 
     def __init__(self, tracker: ThinTracker, name: str) -> None:
-        tracker.add_reference(name)
+        tracker.add_reference(name, active=True)
         try:
             source = tracker.reference_device(name)
         except BaseException:

@@ -435,6 +435,8 @@ class PoolBackend(ABC):
         """
         policy = keep if isinstance(keep, RetentionPolicy) else RetentionPolicy(last=keep)
         doomed = choose(generation_refs(self.generations(volume)), policy).deleted
+        if not doomed:
+            return RetentionResult([], 0)  # no space question (an lvs on an lvm pool)
         before = self.capacity().free
         # Newest first: a generation is removed only after everything that depends on
         # it, so an interrupted retention never leaves a broken chain behind.

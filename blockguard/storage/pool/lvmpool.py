@@ -253,10 +253,10 @@ class LvmPool(DiskStore):
 
     def lv_devices(self, manifest: Manifest) -> list[str]:
         """The PVs a generation's data is allocated on (for a full: the thin pool's)."""
-        lvs = self.volume_group.lvs()
         lv = manifest.storage.get("lv")
         if not lv:
-            return []
+            return []  # an empty delta: no data, no lvs to ask
+        lvs = self.volume_group.lvs()
         if manifest.is_full:
             lv = f"{THIN_POOL}_tdata"
         return sorted(set(lvs[lv].devices)) if lv in lvs else []
@@ -346,6 +346,9 @@ class LvmPool(DiskStore):
         else:
             needed = len(changed) * chunk_size
         needed = min(needed, round_up(volume.size, EXTENT))
+        if not needed and not spec.is_full:
+            # An empty delta (nothing changed) allocates nothing: no space to ask for.
+            return self.meta_dir / "volumes", source
         if spec.is_full:
             self._admit_full(needed, volume)
         else:

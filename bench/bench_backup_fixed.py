@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Fixed cost per backup and scattered incrementals, in the guest kernel (issue 16 item 1).
+
+    scripts/vm run --timeout 1800 --mem 2048 --disk 1G --disk 1G --disk 1G -- \\
+        .venv/bin/python bench/bench_backup_fixed.py [--size-mib 256]
+
+The first two virtio disks are the daemon's LVM pool; the third holds the protected thin
+LV (a thin pool with 64 KiB blocks), half random data, half zeros. The daemon is the real
+one (debug log, on a private bus); every wall is a D-Bus job's, from ``BackupNow`` to the
+job's final state, the client's start-up not included. Printed, never asserted:
+
+- full backup wall, and ``dd`` reading the same LV (``bs=1M iflag=direct`` to /dev/null);
+- a backup with nothing changed (target <= 2 s);
+- incrementals after 1 % and 10 % random 64 KiB writes, as walls and as ratios to the
+  full (targets <= 5 % and <= 20 %);
+- for each backup, every external command the daemon ran and its time (the runner's
+  ``rc=N in S: argv`` debug lines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from blockguard.cli.client import Client, plain, variant
+from tests.guest import test_lvmpool as lp
+from tests.guest.daemon_fixture import engine_on_private_bus, remove_dm, resume_suspended
+
+MiB = 1 << 20
+CHUNK = 64 << 10
+VG = "bgbench"
+RUN_LINE = re.compile(r"rc=(-?\d+) in ([0-9.]+)s: \[(.*)\]")
+
+
+def sh(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=600).stdout
+
+
+def fill(dev: str, size: int) -> None:
+    """First half random, second half zeros (written, so the thin LV maps every block)."""
+    fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, 4 * MiB)
+    try:
+        for off in range(0, size, 4 * MiB):
+            buf[:] = os.urandom(4 * MiB) if off < size // 2 else bytes(4 * MiB)
+            os.pwrite(fd, buf, off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def scatter(dev: str, size: int, fraction: float, seed: int) -> int:
+    """Random 64 KiB writes over ``fraction`` of the volume; the chunks written."""
+    rng = random.Random(seed)
+    chunks = rng.sample(range(size // CHUNK), max(1, int(size // CHUNK * fraction)))
+    fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, CHUNK)
+    try:
+        for c in chunks:
+            buf[:] = rng.randbytes(CHUNK)
+            os.pwrite(fd, buf, c * CHUNK)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        buf.close()
+    return len(chunks)
+
+
+def commands(log: Path, start: int) -> tuple[list[tuple[float, str]], int]:
+    """The commands the daemon logged since byte ``start`` of its log, and the new end."""
+    with open(log, "rb") as f:
+        f.seek(start)
+        text = f.read().decode(errors="replace")
+        end = f.tell()
+    found = []
+    for m in RUN_LINE.finditer(text):
+        argv = [a.strip().strip("'") for a in m.group(3).split(",")]
+        found.append((float(m.group(2)), " ".join(argv)))
+    return found, end
+
+
+def backup(client: Client, vol: str, log: Path, label: str, figures: dict[str, float]) -> None:
+    _, mark = commands(log, 0)
+    t0 = time.monotonic()
+    props = client.wait_job(client.call("BackupNow", "s", vol), interval=0.05, timeout=1200)
+    wall = time.monotonic() - t0
+    assert props["State"] == "done", props["Error"]
+    result = plain(props["Result"])
+    cmds, _ = commands(log, mark)
+    figures[label] = wall
+    print(
+        f"\n{label}: {wall:.2f} s wall, method {result.get('method')}, "
+        f"{result.get('bytes', '?')} bytes copied; {len(cmds)} commands, "
+        f"{sum(s for s, _ in cmds):.2f} s in them:",
+        flush=True,
+    )
+    for seconds, argv in cmds:
+        print(f"  {seconds:7.3f} s  {argv[:300]}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size-mib", type=int, default=256)
+    args = parser.parse_args()
+    size = args.size_mib * MiB
+    disks = os.environ.get("BLOCKGUARD_VM_DISKS", "").split()
+    if len(disks) < 3:
+        sys.exit("needs three disks: scripts/vm run --disk 1G --disk 1G --disk 1G -- ...")
+    pool_disks, vol_disk = disks[:2], disks[2]
+    for d in pool_disks:
+        lp.release(d)
+    sh("lvm", "pvcreate", "-qq", vol_disk)
+    sh("lvm", "vgcreate", "-qq", VG, vol_disk)
+    dev = f"/dev/{VG}/vol"
+    figures: dict[str, float] = {}
+    try:
+        sh("lvm", "lvcreate", "-qq", "-y", "--type", "thin-pool", "-L", f"{args.size_mib * 2}M",
+           "-c", "64k", "-n", "tp", VG)  # fmt: skip
+        sh("lvm", "lvcreate", "-qq", "-y", "-V", f"{args.size_mib}M", "-T", f"{VG}/tp", "-n", "vol")
+        fill(dev, size)
+        t0 = time.monotonic()
+        sh("dd", f"if={dev}", "of=/dev/null", "bs=1M", "iflag=direct")
+        figures["dd"] = time.monotonic() - t0
+        with tempfile.TemporaryDirectory() as tmp, engine_on_private_bus(Path(tmp)) as harness:
+            daemon = harness.start()
+            with Client(daemon.address) as client:
+                client.call("CreatePool", "ssasb", "p1", "lvm", pool_disks, False)
+                client.call("Protect", "sstssa{sv}", dev, "vol", CHUNK, "", "", {})
+                client.call("SetObjectives", "sa{sv}", "vol", {"generations": variant(10)})
+                backup(client, "vol", daemon.log_path, "full", figures)
+                backup(client, "vol", daemon.log_path, "no-change", figures)
+                scatter(dev, size, 0.01, 1)
+                backup(client, "vol", daemon.log_path, "1 %", figures)
+                scatter(dev, size, 0.10, 2)
+                backup(client, "vol", daemon.log_path, "10 %", figures)
+                backup(client, "vol", daemon.log_path, "no-change again", figures)
+            daemon.stop()
+    finally:
+        resume_suspended()
+        remove_dm([n for n in sh("dmsetup", "ls").split() if n.startswith("blockguard-")])
+        lp.forget_vg(VG)
+        subprocess.run(["lvm", "pvremove", "-ff", "-y", vol_disk], capture_output=True)
+        for d in pool_disks:
+            lp.release(d)
+    full = figures["full"]
+    print(f"\n| {args.size_mib} MiB thin LV, D-Bus job walls | s | / full | target |")
+    print("|---|---|---|---|")
+    print(f"| dd read (bs=1M iflag=direct) | {figures['dd']:.2f} | {figures['dd'] / full:.2f} | |")
+    print(f"| full | {full:.2f} | 1.00 | <= 1.3 x dd |")
+    for label, target in (("no-change", "<= 2 s"), ("1 %", "<= 0.05"), ("10 %", "<= 0.20"),
+                          ("no-change again", "<= 2 s")):  # fmt: skip
+        if label in figures:
+            print(f"| {label} | {figures[label]:.2f} | {figures[label] / full:.3f} | {target} |")
+
+
+if __name__ == "__main__":
+    main()
