@@ -30,6 +30,8 @@ import sys
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from blockguard.errors import EnvironmentProblem, InvalidInput
+
 if TYPE_CHECKING:
     from dbus_fast.message import Message
 
@@ -38,6 +40,13 @@ DBUS_PATH = "/org/freedesktop/DBus"
 #: The bytes a D-Bus address value may hold unescaped, and ``%`` (dbus-fast's set).
 _VALUE_CHARS = frozenset("-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_/.%")
 _HEX = frozenset("0123456789abcdefABCDEF")
+#: What a bus address looks like, for the message that refuses one.
+EXAMPLE_ADDRESS = "unix:path=/run/dbus/system_bus_socket"
+#: The longest path ``connect`` takes for AF_UNIX (sun_path holds 108 bytes with its NUL).
+_UNIX_PATH_MAX = 107
+#: How long a bus may take to accept, authenticate and answer ``Hello``: something that is
+#: not a bus (a socket of another program) may never answer, and the call must not hang.
+CONNECT_TIMEOUT = 60.0
 
 
 def _defer_package_init() -> None:
@@ -133,6 +142,21 @@ def bus_address(address: str) -> str:
     return address
 
 
+def address_source(address: str) -> str:
+    """Where the address that ``address`` stands for came from, in a message's words."""
+    if address == "system":
+        if os.environ.get("DBUS_SYSTEM_BUS_ADDRESS"):
+            return "from DBUS_SYSTEM_BUS_ADDRESS"
+        return "the system bus's default"
+    if address == "session":
+        if os.environ.get("DBUS_SESSION_BUS_ADDRESS"):
+            return "from DBUS_SESSION_BUS_ADDRESS"
+        return "the session bus"
+    if os.environ.get("BLOCKGUARD_BUS") == address:
+        return "from --bus or BLOCKGUARD_BUS"
+    return "from --bus"
+
+
 def _open(address: str) -> socket.socket:
     """A socket connected to the first address of ``address`` that answers (the
     transports dbus-fast's buses know: unix path or abstract, tcp)."""
@@ -143,15 +167,18 @@ def _open(address: str) -> socket.socket:
         if transport == "unix" and ("path" in options or "abstract" in options):
             family = socket.AF_UNIX
             target: Any = options.get("path") or b"\0" + options["abstract"].encode()
+            if len(os.fsencode(target)) > _UNIX_PATH_MAX:
+                raise InvalidAddressError(f"its socket path is longer than {_UNIX_PATH_MAX} bytes")
         elif transport == "tcp":
             family = socket.AF_INET
             port = options.get("port", "0")
-            if not port.isdigit():
+            if not port.isdigit() or int(port) > 65535:
                 raise InvalidAddressError(f"got tcp transport with invalid port: {port!r}")
             target = (options.get("host", ""), int(port))
         else:
             raise InvalidAddressError(f"got unknown address transport: {transport}")
         sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(CONNECT_TIMEOUT)
         try:
             sock.connect(target)
         except OSError as exc:
@@ -169,25 +196,50 @@ class Connection:
 
     :param address: ``"system"`` (honours DBUS_SYSTEM_BUS_ADDRESS), ``"session"`` or an
         address such as ``unix:path=/run/dbus/system_bus_socket``.
+    :raises InvalidInput: the address is not a D-Bus address (the user's input).
+    :raises EnvironmentProblem: nothing at the address answers as a D-Bus bus.
     """
 
     def __init__(self, address: str) -> None:
         message_layer()
-        from dbus_fast._private.unmarshaller import Unmarshaller
-        from dbus_fast.message import Message
+        from dbus_fast.errors import InvalidAddressError
 
-        self._sock = _open(bus_address(address))
+        source = address_source(address)
+        resolved = address
+        try:
+            resolved = bus_address(address)
+            self._sock = _open(resolved)
+        except InvalidAddressError as exc:
+            raise InvalidInput(
+                detail=f"bus address {resolved!r} ({source}) is not a D-Bus address: {exc}; "
+                f"a valid one looks like {EXAMPLE_ADDRESS}"
+            ) from exc
+        except OSError as exc:
+            raise _unreachable(resolved, source, exc.strerror or str(exc)) from exc
         self._serial = 0
         try:
-            self._authenticate()
-            self._unmarshaller = Unmarshaller(None, self._sock, False)
-            hello = Message(
-                destination=DBUS_NAME, path=DBUS_PATH, interface=DBUS_NAME, member="Hello"
-            )
-            self.unique_name = str(self.call(hello).body[0])
+            self._hello()
+        # Something that is not a bus: refused or garbled authentication (AuthError and
+        # UnicodeDecodeError are ValueErrors), a message that does not parse, silence.
+        except (OSError, ValueError, IndexError) as exc:
+            self.close()
+            why = "it did not answer in time" if isinstance(exc, TimeoutError) else str(exc)
+            raise _unreachable(
+                resolved, source, f"it does not answer as a D-Bus bus ({why})"
+            ) from exc
         except BaseException:
             self.close()
             raise
+        self._sock.settimeout(None)  # a method call of the daemon may take as long as it takes
+
+    def _hello(self) -> None:
+        from dbus_fast._private.unmarshaller import Unmarshaller
+        from dbus_fast.message import Message
+
+        self._authenticate()
+        self._unmarshaller = Unmarshaller(None, self._sock, False)
+        hello = Message(destination=DBUS_NAME, path=DBUS_PATH, interface=DBUS_NAME, member="Hello")
+        self.unique_name = str(self.call(hello).body[0])
 
     def _authenticate(self) -> None:
         from dbus_fast.auth import Authenticator, AuthExternal
@@ -235,3 +287,10 @@ class Connection:
 
     def close(self) -> None:
         self._sock.close()
+
+
+def _unreachable(address: str, source: str, reason: str) -> EnvironmentProblem:
+    return EnvironmentProblem(
+        detail=f"cannot reach the daemon at {address} ({source}): {reason}; is dbus running, "
+        "and is the address right?"
+    )

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from blockguard.core.vocab import DEFAULT_GENERATIONS, MAX_GENERATIONS, RESTORE_MODES
-from blockguard.errors import ExitCode
+from blockguard.errors import ExitCode, InvalidInput
 
 
 # Arg, Cmd (and output.Column) are not dataclasses: importing dataclasses (inspect, ast,
@@ -524,9 +524,30 @@ def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
+def check_text(args: argparse.Namespace) -> None:
+    """Refuse a value that is not UTF-8 (a name or path of bytes that are not, which Python
+    keeps as surrogates): D-Bus carries text as UTF-8 only, so no call could carry it.
+
+    :raises InvalidInput: naming the option and the value, its bytes shown as ``\\xff``.
+    """
+    for dest, value in vars(args).items():
+        for text in value if isinstance(value, list) else (value,):
+            if not isinstance(text, str) or text.isascii():
+                continue
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                shown = os.fsencode(text).decode(errors="backslashreplace")
+                raise InvalidInput(
+                    detail=f"{dest.replace('_', '-')} '{shown}' is not UTF-8 text; "
+                    "names, devices and objectives must be (D-Bus carries nothing else)"
+                ) from None
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse and run; errors propagate (``main`` explains them)."""
     args = build_parser(lazy=True).parse_args(argv)
+    check_text(args)
     from blockguard.cli.client import Client
     from blockguard.cli.output import Output
 

@@ -152,7 +152,7 @@ def test_daemon_not_running(tmp_path) -> None:
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert out.returncode == ExitCode.ENVIRONMENT
-    assert "cannot reach the D-Bus bus" in out.stderr
+    assert f"cannot reach the daemon at unix:path={tmp_path}/no-bus" in out.stderr
 
 
 def test_propagate_reraises(daemon: Daemon) -> None:

@@ -795,6 +795,10 @@ def cli(w: World, *args: str) -> subprocess.CompletedProcess[str]:
 
 BIG = str(1 << 64)
 HUGER = "9" * 40
+#: A name or path of bytes that are not UTF-8 (Python keeps them as surrogates): D-Bus
+#: cannot carry it; it ended in "internal error" (UnicodeEncodeError, exit 70) once.
+NOT_UTF8 = os.fsdecode(b"bad\xff")
+NOT_UTF8_SHOWN = "bad\\xff"
 
 #: (id, arguments, exit code, text the message must contain (the bad value)).
 CLI_CASES: list[tuple[str, list[Any], int, str]] = [
@@ -942,6 +946,27 @@ CLI_CASES: list[tuple[str, list[Any], int, str]] = [
     ),
     ("pool remove unknown", ["pool", "remove", "nope"], ExitCode.NOT_FOUND, "nope"),
     ("pool remove in use", ["pool", "remove", "p1"], ExitCode.BUSY, "p1"),
+    *(
+        (
+            "not UTF-8: "
+            + " ".join("X" if a == NOT_UTF8 else a for a in args if isinstance(a, str)),
+            args,
+            ExitCode.USAGE,
+            NOT_UTF8_SHOWN,
+        )
+        for args in (
+            ["protect", FREE, NOT_UTF8],
+            ["protect", FREE, "x", "--pool", NOT_UTF8],
+            ["objectives", NOT_UTF8, "--rto", "5m"],
+            ["backup", NOT_UTF8],
+            ["unprotect", NOT_UTF8],
+            ["restore", "db", "--target", NOT_UTF8],
+            ["restore", "db", "--generation", NOT_UTF8, "--target", FREE],
+            ["verify", NOT_UTF8],
+            ["pool", "extend", "p1", NOT_UTF8],
+            ["pool", "remove", NOT_UTF8],
+        )
+    ),
 ]
 
 
