@@ -426,6 +426,12 @@ class DaemonBus:
         self.tree = ObjectTree(bus, self.loop)
         self.manager = ManagerInterface(service, self.tree, Authorizer(bus, admin_group))
         self.on_status: Callable[[str], None] | None = None
+        self.closed = False
+
+    def close(self) -> None:
+        """Before the bus is disconnected: events from jobs still finishing are dropped
+        from now on (their signals would go to a closed socket; the catalog has them)."""
+        self.closed = True
 
     async def start(self) -> None:
         """Export the objects, then take the bus name (fails if someone else holds it)."""
@@ -490,6 +496,9 @@ class DaemonBus:
         return line
 
     def _handle_event(self, event: svc.ServiceEvent) -> None:
+        if self.closed:
+            log.debug("bus closed: not signalling %r", event)
+            return
         try:
             self._dispatch(event)
         except Exception:

@@ -204,6 +204,7 @@ async def serve(args: argparse.Namespace) -> int:
             task.cancel()
 
         notifier.stopping()
+        daemon_bus.close()
         if scheduler is not None:
             scheduler.cancel()
         log.info("shutting down%s", " (lost the bus)" if lost_bus else "")
