@@ -17,14 +17,13 @@ from pathlib import Path
 import pytest
 
 from tests.support.netlab import (
-    SSHD,
     TARGET_ADDR,
     LabNames,
     NetLab,
     NetLabError,
     lab_names,
     netlab,
-    netlab_unavailable,
+    require_netlab,
 )
 from tests.timeouts import scaled
 
@@ -35,11 +34,7 @@ MiB = 1 << 20
 
 @pytest.fixture(autouse=True)
 def _can_run() -> None:
-    reason = netlab_unavailable()
-    if reason:
-        pytest.skip(reason)
-    if not os.access(SSHD, os.X_OK):
-        pytest.fail(f"no sshd at {SSHD}: run scripts/bootstrap")
+    require_netlab()
 
 
 def _netns_inode(ns: str) -> int:

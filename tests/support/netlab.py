@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import pwd
 import shlex
 import shutil
 import signal
@@ -230,7 +231,7 @@ def _run(argv: Sequence[str | Path], what: str, timeout: float = 60) -> str:
 
 
 def netlab_unavailable() -> str | None:
-    """Why this machine cannot hold a lab (a reason to skip), or None."""
+    """Why this machine cannot hold a lab at all (a reason to skip), or None."""
     if os.geteuid() != 0:
         return "needs root for network namespaces"
     if not Path("/proc/self/ns/net").exists():
@@ -239,6 +240,28 @@ def netlab_unavailable() -> str | None:
         if shutil.which(program) is None:
             return f"{program} is not installed"
     return None
+
+
+def bootstrap_missing() -> str | None:
+    """What ``scripts/bootstrap`` should have provided and did not (a failure), or None."""
+    if not os.access(SSHD, os.X_OK):
+        return f"no sshd at {SSHD}: run scripts/bootstrap"
+    try:
+        pwd.getpwnam("sshd")
+    except KeyError:
+        return "no system user sshd (sshd's privilege separation): run scripts/bootstrap"
+    return None
+
+
+def require_netlab() -> None:
+    """In a test: skip where the kernel (or the user) cannot make network namespaces;
+    fail, naming ``scripts/bootstrap``, where only what it provides is missing."""
+    reason = netlab_unavailable()
+    if reason:
+        pytest.skip(reason)
+    missing = bootstrap_missing()
+    if missing:
+        pytest.fail(missing)
 
 
 def _tbf_argv(ns: str, dev: str, rate: int) -> list[str]:
@@ -330,11 +353,9 @@ def netlab(
     :param sshd_options: more sshd_config settings (they override the lab's).
     :raises NetLabError: a setup step failed (everything made so far is removed).
     """
-    reason = netlab_unavailable()
+    reason = netlab_unavailable() or bootstrap_missing()
     if reason:
         raise NetLabError(reason)
-    if not os.access(SSHD, os.X_OK):
-        raise NetLabError(f"no sshd at {SSHD}: run scripts/bootstrap")
     names = names or lab_names()
     with contextlib.ExitStack() as cleanup:
         names.run_dir.mkdir(mode=0o700)
@@ -411,15 +432,8 @@ def netlab(
 
 @pytest.fixture
 def net_lab() -> Iterator[NetLab]:
-    """A lab with no rate limit and an unrestricted client key (:func:`netlab`).
-
-    Skipped only where the kernel (or the user) cannot make network namespaces; a missing
-    sshd fails, naming ``scripts/bootstrap``, which provides it.
-    """
-    reason = netlab_unavailable()
-    if reason:
-        pytest.skip(reason)
-    if not os.access(SSHD, os.X_OK):
-        pytest.fail(f"no sshd at {SSHD}: run scripts/bootstrap")
+    """A lab with no rate limit and an unrestricted client key (:func:`netlab`), after
+    :func:`require_netlab`."""
+    require_netlab()
     with netlab() as running:
         yield running
