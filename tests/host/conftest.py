@@ -1,4 +1,5 @@
-"""Fixtures of the host tests: the real daemon on a private bus (:mod:`tests.support`)."""
+"""Fixtures of the host tests: the real daemon on a private bus, the two-namespace network
+lab of the remote-target tests (:mod:`tests.support`)."""
 
 from tests.support.fixtures import (  # noqa: F401 (fixtures, used by name)
     bus,
@@ -6,3 +7,4 @@ from tests.support.fixtures import (  # noqa: F401 (fixtures, used by name)
     notify_socket,
     shared_dir,
 )
+from tests.support.netlab import net_lab  # noqa: F401 (a fixture, used by name)
