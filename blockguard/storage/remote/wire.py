@@ -128,6 +128,9 @@ def encode_frame(frame: Frame) -> bytes:
 class FrameStream:
     """Whole frames over a pair of blocking byte streams.
 
+    After any :class:`~blockguard.errors.WireError` the stream is out of step (or gone):
+    close it; a new connection resumes what was cut.
+
     :param reader: what the peer writes (ssh's stdout; on the target, stdin).
     :param writer: what the peer reads.
     :param peer: how errors name the other side, e.g. ``"target backup1"``.
