@@ -360,6 +360,62 @@ class CatalogLost(EnvironmentProblem):
     dbus_name = f"{DBUS_PREFIX}.CatalogLost"
 
 
+# --- the remote protocol (a backup target over SSH) ---------------------------------
+
+
+class WireError(EnvironmentProblem):
+    """The connection to a backup target (on the target: to its client) failed.
+
+    Environment, not data: the link or the peer failed, nothing stored is wrong. A transfer
+    that meets one commits nothing half, and the next run resumes it.
+    """
+
+    template = "connection to {peer}: {detail}"
+    dbus_name = f"{DBUS_PREFIX}.Wire"
+
+
+class WireVersionMismatch(WireError):
+    """The two sides share no protocol version (each names the other's in its error)."""
+
+    template = (
+        "{peer} speaks blockguard protocol version {theirs}, this side speaks {ours}: "
+        "install the same blockguard version on both hosts"
+    )
+    dbus_name = f"{DBUS_PREFIX}.WireVersionMismatch"
+
+
+class WireCorrupt(WireError):
+    """A frame failed its checksum or is malformed: bytes on the channel that are not a
+    frame of ours (a login banner, a stray print on the target), or a bug."""
+
+    template = "connection to {peer}: corrupt frame: {detail}"
+    dbus_name = f"{DBUS_PREFIX}.WireCorrupt"
+
+
+class WireFrameTooLarge(WireError):
+    """A frame announced more bytes than the channel takes; refused before reading them."""
+
+    template = "connection to {peer}: refused a frame of {length} bytes (at most {limit})"
+    dbus_name = f"{DBUS_PREFIX}.WireFrameTooLarge"
+
+
+class WireClosed(WireError):
+    """The peer went away (ssh ended, the link was cut, the target daemon was killed)."""
+
+    template = "connection to {peer} ended {where}"
+    dbus_name = f"{DBUS_PREFIX}.WireClosed"
+
+
+class WireTruncated(WireClosed):
+    """The stream ended inside a frame: the half frame is dropped, never used."""
+
+    template = (
+        "connection to {peer} ended in the middle of a frame "
+        "({got} of the {wanted} bytes of its {part})"
+    )
+    dbus_name = f"{DBUS_PREFIX}.WireTruncated"
+
+
 # --- everything else ---------------------------------------------------------------
 
 

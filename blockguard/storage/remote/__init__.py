@@ -1,0 +1,1 @@
+"""A backup target on another host, reached over SSH (issue 11; docs/design/remote.md)."""
