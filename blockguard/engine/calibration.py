@@ -22,7 +22,7 @@ from typing import Any
 
 from blockguard.core.catalog import Catalog, PathSampleRecord
 from blockguard.core.perftable import DeviceSpeed
-from blockguard.core.restore_model import RestoreEstimate
+from blockguard.core.restore_model import RestoreEstimate, copy_write_cost
 from blockguard.core.restore_terms import (
     FIT_WINDOW,
     MIN_SAMPLES,
@@ -69,9 +69,29 @@ class Calibration:
         )
 
 
+#: A real copy restore's own path is never taken as less than this share of what it
+#: measured, however fast the target write rate assumed for it says its writes were.
+MIN_PATH_SHARE = 0.1
+
+
+def path_seconds(record: PathSampleRecord) -> float:
+    """What a sample measured of the restore path the terms describe.
+
+    A real copy restore wrote its target, and the model adds a copy's target writes to the
+    fitted path (:func:`~blockguard.core.restore_model.copy_write_cost`): fitted as measured,
+    those writes would be counted twice, in the terms and again on top. They are taken out
+    as the model adds them back (bytes / the write rate it assumed, kept with the sample),
+    so that fit + writes reproduces what the restore took.
+    """
+    measured = record.measured_seconds
+    if record.write_rate <= 0:
+        return measured
+    return max(MIN_PATH_SHARE * measured, measured - record.bytes / record.write_rate)
+
+
 def samples_of(records: Iterable[PathSampleRecord]) -> list[PathSample]:
     return [
-        PathSample(RestoreShape(r.generations, r.chunks, r.extents, r.bytes), r.measured_seconds)
+        PathSample(RestoreShape(r.generations, r.chunks, r.extents, r.bytes), path_seconds(r))
         for r in records
     ]
 
@@ -141,8 +161,14 @@ def record_restore_sample(
     how: RestoreTarget,
     result: RestoreResult,
     predicted: float | None,
+    copy_target: DeviceSpeed | None = None,
 ) -> None:
-    """Store a real restore as a sample of its full's pool device and mode."""
+    """Store a real restore as a sample of its full's pool device and mode.
+
+    :param copy_target: the target speed the estimate assumed for a copy's writes (see
+        :func:`path_seconds`); None: the model adds none.
+    """
+    writes = copy_write_cost(PathTerms(), copy_target, how.mode)
     catalog.record_path_sample(
         volume=volume,
         pool_device=device,
@@ -154,6 +180,7 @@ def record_restore_sample(
         nbytes=result.bytes_read,
         measured_seconds=result.duration,
         predicted_seconds=predicted,
+        write_rate=1.0 / writes if writes > 0 else 0.0,
     )
 
 

@@ -249,7 +249,16 @@ def run_restore(
     except (ChecksumMismatch, CorruptMetadata) as exc:
         _blame(volumes, pool, request.volume, request.manifest, exc)
     public = ids.public_id(request.volume, gen_id)
-    _record(volumes.catalog, request, job_record, result, predicted, planned.seconds, full_device)
+    _record(
+        volumes.catalog,
+        request,
+        job_record,
+        result,
+        predicted,
+        planned.seconds,
+        full_device,
+        copy_target,
+    )
     with contextlib.suppress(BlockguardError):
         volumes.refresh(request.volume)
     events.emit(svc.RestoreFinished(request.volume, public, result.target))
@@ -277,6 +286,7 @@ def _record(
     predicted: float,
     planned: float,
     full_device: str,
+    copy_target: DeviceSpeed,
 ) -> None:
     """Keep a finished restore for the learnt correction and as a sample of its path."""
     gen_id = request.manifest.generation_id
@@ -290,7 +300,9 @@ def _record(
         predicted_seconds=predicted,
         job=job_record,
     )
-    record_restore_sample(catalog, request.volume, full_device, request.how, result, planned)
+    record_restore_sample(
+        catalog, request.volume, full_device, request.how, result, planned, copy_target
+    )
 
 
 def _do_restore(

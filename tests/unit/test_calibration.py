@@ -88,3 +88,45 @@ def test_an_undrilled_device_of_the_pool_borrows_the_drilled_ones_terms(tmp_path
         )
         # Nothing to borrow in a mode no device was measured in.
         assert ("/dev/sdc", "swap-in") not in cal.terms
+
+
+def test_real_copy_restores_are_not_charged_their_target_writes_twice(tmp_path: Path) -> None:
+    """A real copy restore measured its path and its target's writes; the model adds a copy's
+    target writes to the fitted path. Fitted from drills (no writes) and real restores alike,
+    the estimate of each real restore is what it took, not that plus its writes again."""
+    from blockguard.core.perftable import DeviceSpeed
+    from blockguard.core.restore_model import copy_write_cost
+    from blockguard.core.vocab import RestoreMode, RestoreTarget
+    from blockguard.engine.calibration import record_restore_sample
+    from blockguard.storage.restore import RestoreResult
+
+    target = DeviceSpeed.uniform(100e6)
+    write = 1.0 / target.write(False)
+
+    def real(shape: RestoreShape) -> float:  # the path, then the target's writes
+        return TRUE.seconds(shape) + shape.nbytes * write
+
+    with Catalog(tmp_path / "catalog.db") as c:
+        for shape in SHAPES[:2]:
+            _record(c, shape)  # drills: the read side only
+        for shape in SHAPES[2:]:
+            result = RestoreResult(
+                "pg", "g", RestoreTarget.NEW_DEVICE, "/dev/sdz", ("g",) * shape.generations,
+                shape.nbytes, shape.nbytes, real(shape), chunks=shape.chunks,
+                extents=shape.extents,
+            )  # fmt: skip
+            record_restore_sample(
+                c, "pg", "/dev/sdb", RestoreTarget.NEW_DEVICE, result, None, target
+            )
+        stored = c.path_samples("/dev/sdb", "copy")
+        assert sorted(s.write_rate for s in stored) == [0.0, 0.0, 100e6, 100e6, 100e6]
+        fitted = calibration(c, ["/dev/sdb"]).terms["/dev/sdb", "copy"]
+        for shape in SHAPES[2:]:
+            per_byte = fitted.per_byte + copy_write_cost(fitted, target, RestoreMode.COPY)
+            estimate = fitted.breakdown(shape, per_byte).total
+            assert estimate == pytest.approx(real(shape), rel=0.02)
+        # A swap-in restore writes onto the pool's own snapshot: nothing is taken out.
+        result = RestoreResult("pg", "g", RestoreTarget.SWAP_IN, "/dev/loop9", ("g",), 1, 1, 2.0)
+        record_restore_sample(c, "pg", "/dev/sdb", RestoreTarget.SWAP_IN, result, None, target)
+        (swap,) = c.path_samples("/dev/sdb", "swap-in")
+        assert swap.write_rate == 0.0

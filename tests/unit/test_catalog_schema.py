@@ -82,7 +82,7 @@ def test_v1_catalog_is_upgraded_with_its_data(tmp_path: Path) -> None:
     path = tmp_path / "catalog.db"
     ids = _make_v1(path)
     with Catalog(path) as c:
-        assert c.schema_version == CURRENT_VERSION == 3
+        assert c.schema_version == CURRENT_VERSION == 4
         assert c.integrity_problems() == []
         # v1 data is all there.
         vol = c.get_volume("pg")
@@ -180,7 +180,10 @@ def test_newer_catalog_is_refused_and_left_untouched(tmp_path: Path) -> None:
         Catalog(path)
     message = str(raised.value)
     assert str(path) in message
-    assert "schema version 9 is newer than the newest this blockguard knows (3)" in message
+    assert (
+        f"schema version 9 is newer than the newest this blockguard knows ({CURRENT_VERSION})"
+        in message
+    )
     assert _snapshot(path) == before
 
 

@@ -78,6 +78,7 @@ def _sample(row: sqlite3.Row) -> PathSampleRecord:
         predicted_seconds=row["predicted_seconds"],
         measured_seconds=row["measured_seconds"],
         at=row["at"],
+        write_rate=row["write_rate"],
     )
 
 
@@ -371,6 +372,7 @@ class JobStore(CatalogBase):
         measured_seconds: float,
         predicted_seconds: float | None = None,
         at: float | None = None,
+        write_rate: float = 0.0,
     ) -> PathSampleRecord:
         """Keep one measured restore (or drill restore) with its shape.
 
@@ -378,6 +380,7 @@ class JobStore(CatalogBase):
         :param pool_device: the pool device holding the chain's full.
         :param mode: the restore mode the sample measures (``copy``, ``swap-in``).
         :param source: ``restore`` or ``drill``.
+        :param write_rate: see :class:`~.rows.PathSampleRecord`.
         """
         if volume != "":
             check_text("volume name", volume)
@@ -390,12 +393,14 @@ class JobStore(CatalogBase):
         check_count("bytes restored", nbytes)
         check_number("measured restore seconds", measured_seconds)
         check_number("predicted restore seconds", predicted_seconds, optional=True)
+        check_number("target write rate", write_rate)
         at = self.now() if at is None else check_number("sample time", at)
         with self.transaction() as conn:
             cur = conn.execute(
                 """INSERT INTO path_samples (volume, pool_device, mode, source, generations,
-                       chunks, extents, bytes, predicted_seconds, measured_seconds, at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                       chunks, extents, bytes, predicted_seconds, measured_seconds, at,
+                       write_rate)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     volume,
                     pool_device,
@@ -408,6 +413,7 @@ class JobStore(CatalogBase):
                     predicted_seconds,
                     measured_seconds,
                     at,
+                    write_rate,
                 ),
             )
             row = conn.execute(

@@ -193,6 +193,9 @@ class PathSampleRecord:
     :param pool_device: the pool device holding the chain's full.
     :param mode: the restore mode (``copy`` or ``swap-in``).
     :param source: ``restore`` or ``drill``.
+    :param write_rate: a real copy restore: the target write speed (bytes/s) the restore
+        model adds for a copy (:func:`~blockguard.core.restore_model.copy_write_cost`), so
+        that the fit can take those writes out again; 0 for samples without such writes.
     """
 
     seq: int
@@ -207,6 +210,7 @@ class PathSampleRecord:
     predicted_seconds: float | None
     measured_seconds: float
     at: float
+    write_rate: float = 0.0
 
 
 # --- checks -------------------------------------------------------------------------

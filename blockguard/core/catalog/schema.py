@@ -250,6 +250,15 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "volumes, groups, pools, performance table, generations, jobs", _V1),
     Migration(2, "probe jobs, job results, measured restores", _V2),
     Migration(3, "drill jobs, restore path samples", _V3),
+    Migration(
+        4,
+        "restore path samples: the copy target's write rate the estimate assumed",
+        (
+            # 0: the sample wrote to no target the model adds (a drill, a swap-in).
+            "ALTER TABLE path_samples ADD COLUMN write_rate REAL NOT NULL DEFAULT 0 "
+            "CHECK (write_rate >= 0)",
+        ),
+    ),
 )
 
 CURRENT_VERSION = MIGRATIONS[-1].version
