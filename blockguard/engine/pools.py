@@ -395,7 +395,13 @@ class PoolRegistry:
             key = (pool, manifest.generation_id)
             if key not in self._placement:
                 pvs = backend.lv_devices(manifest)  # type: ignore[attr-defined]
-                self._placement[key] = pvs[0] if pvs else backend.devices()[0].path
+                # No PV (an empty delta: nothing to read): any disk of the pool. The
+                # catalog lists them; asking the pool would be a pvs after every
+                # backup that changed nothing.
+                known = sorted(d.device_path for d in self.catalog.list_pool_devices(pool))
+                if not pvs and not known:
+                    known = [backend.devices()[0].path]
+                self._placement[key] = pvs[0] if pvs else known[0]
             return self._placement[key]
         for dev in backend.devices():
             gen_dir = Path(dev.area) / "volumes" / manifest.volume.name / manifest.generation_id

@@ -146,6 +146,10 @@ class VolumeTracking:
         self._reading = threading.Lock()
         #: reference -> its change set at the last poll that could read it (thin)
         self._polled: dict[str, ChangeSet] = {}
+        #: reference -> its change set as a backup of ours just read it (thin)
+        self._at_point: dict[str, ChangeSet] = {}
+        #: the answer of the first poll after a committed backup (thin; see commit_point)
+        self._after_backup: dict[str, ChangeSet] = {}
 
     @property
     def backend(self) -> str:
@@ -303,6 +307,7 @@ class VolumeTracking:
         else:
             with _THIN_METADATA:
                 by_ref = tracker.changed_many(names)
+            self._at_point = dict(by_ref)
         return {role: by_ref[ref] for role, ref in refs.items()}
 
     def listen(self) -> None:
@@ -324,6 +329,10 @@ class VolumeTracking:
         a backup just copied everything up to it). The numbers are an estimate for the
         status and the changed-bytes trigger; a backup always reads exact sets."""
         tracker = self.tracker
+        after, self._after_backup = self._after_backup, {}
+        if names and all(n in after for n in names):
+            self._polled = {n: after[n] for n in names}
+            return dict(self._polled)
         try:
             if not _THIN_METADATA.acquire(blocking=False):
                 raise MetadataSnapshotBusy(pool=f"of {tracker.volume}", waited=" (by a backup)")
@@ -401,6 +410,17 @@ class VolumeTracking:
             roles[LAST_FULL] = Role(point.ref, generation)
         self.save_roles(roles)
         self.drop_orphans()
+        if self.backend == TrackingKind.THIN:
+            # The refresh that follows the backup polls every role: its answer is known
+            # without a second reservation and thin_delta. The point's reference has
+            # the changes since the point (the backup copied everything up to it: none,
+            # give or take writes during the copy, as a skipped poll says); an older
+            # reference kept by a role has the set the backup just read. An estimate,
+            # as every poll is; the next poll reads the pool again and no backup uses it.
+            size: int = self.tracker.volume_size  # type: ignore[attr-defined]
+            known = {point.ref: ChangeSet(self.tracker.chunk_size, size), **self._at_point}
+            self._after_backup = {r.ref: known[r.ref] for r in roles.values() if r.ref in known}
+        self._at_point = {}
 
     def end_point(self, point: PointInTime) -> None:
         """Release the copy (always, committed or not): the volume gets its table back."""
@@ -410,6 +430,7 @@ class VolumeTracking:
 
     def abort_point(self, point: PointInTime) -> None:
         """After a failed backup: release the copy and drop the reference it would be."""
+        self._at_point = {}
         try:
             self.end_point(point)
         finally:

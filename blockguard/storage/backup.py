@@ -116,7 +116,12 @@ def run_backup(
             manifest = writer.commit(sums)
     warnings: list[str] = []
     retention = apply_retention_after_commit(pool, volume.name, keep, warnings)
-    alert = _space_alert(pool, manifest, warnings)
+    # A delta that stored nothing took no space: the pool has what it had before this
+    # backup, whose space the last backup that wrote checked (and the health
+    # assessment after every backup reads again). On an lvm pool that answer is a vgs
+    # and a dmsetup table and status.
+    empty = not manifest.is_full and not manifest.changed
+    alert = None if empty else _space_alert(pool, manifest, warnings)
     return BackupResult(
         manifest, copied, time.monotonic() - started, retention, alert, tuple(warnings)
     )

@@ -139,6 +139,14 @@ class DeviceMapper:
     def status(self, name: str) -> str:
         return self._dmsetup("status", name).strip()
 
+    def table_if_exists(self, name: str) -> str | None:
+        """NAME's table, or None when there is no such dm device (one dmsetup call, where
+        :meth:`table` asks :meth:`exists` first)."""
+        res = self.run.run(["dmsetup", "table", name], timeout=TIMEOUT, check=False)
+        if res.returncode != 0 or not res.stdout.strip():
+            return None
+        return res.stdout.strip()
+
     def message(self, name: str, message: str) -> str:
         return self._dmsetup("message", name, "0", *message.split())
 

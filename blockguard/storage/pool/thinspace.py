@@ -149,15 +149,15 @@ def thin_shortfall(space: ThinSpace, data_bytes: int, volume_size: int) -> ThinS
 
 def read_thin_space(dm: DeviceMapper, names: tuple[str, ...]) -> ThinSpace | None:
     """The space of the thin pool whose thin-pool target is the first active one of
-    ``names`` (a few dmsetup calls, no LVM scan); None when none is active.
+    ``names`` (two dmsetup calls, table and status, no LVM scan); None when none is active.
 
     LVM puts the target on ``VG-POOL-tpool`` when the pool has thin LVs, and may activate
     an unused pool with the target on ``VG-POOL`` itself.
     """
     for name in names:
-        if not dm.exists(name):
-            continue
-        table = dm.table(name)
-        if table.split()[2:3] == ["thin-pool"]:
+        # The table alone says whether NAME exists (an ``info`` first would cost a
+        # second call per name: this is read on every look at a pool's space).
+        table = dm.table_if_exists(name)
+        if table is not None and table.split()[2:3] == ["thin-pool"]:
             return parse_thin_status(dm.status(name), data_block_of(table))
     return None
