@@ -259,3 +259,19 @@ def test_a_pack_changed_on_the_target_is_refused_by_get(area: Path) -> None:
     pack.write_bytes(b"b" * 4096)
     with PackStore.open(area, "C1") as store, pytest.raises(DataError, match="pack 0"):
         store.get("g1", 0)
+
+
+def test_a_damaged_index_is_listed_as_damaged_and_get_refuses_it(area: Path) -> None:
+    store_and_commit(area, "g1", [b"a" * 4096], b"m")
+    store_and_commit(area, "g2", [b"b" * 4096], b"m")
+    gens = area / "clients" / "C1" / "generations"
+    (gens / "g1" / "index.json").write_text('{"format": 1, "packs": "nonsense"}')
+    (gens / "not a name").mkdir()  # made by hand on the target: not a generation
+    with PackStore.open(area, "C1") as store:
+        damaged, good = store.list()
+        assert (damaged.generation, good.generation) == ("g1", "g2")
+        assert damaged.problem and "index is unreadable" in damaged.problem
+        assert good.problem is None
+        with pytest.raises(DataError, match="generation g1: its index is unreadable"):
+            store.get("g1", 0)
+        assert store.get("g2", 0) == b"b" * 4096

@@ -263,6 +263,10 @@ class PackStore:
             gen = gdir.name
             if gen.endswith(DELETED_SUFFIX) or not (gdir / INDEX).exists():
                 continue
+            try:
+                self._dir(gen)
+            except InvalidInput:  # not made by this store (nor reachable by a client)
+                continue
             meta = json_object(gdir / META) or {}
             try:
                 index = self._index(gen)
@@ -376,8 +380,24 @@ class PackStore:
         return fd
 
     def _index(self, gen: str) -> dict[str, Any]:
+        """The committed index of ``gen``, checked as far as list and get rely on it.
+
+        :raises DataError: missing, unreadable or malformed (damage on the target).
+        """
         index = json_object(self._dir(gen) / INDEX)
-        if index is None or index.get("format") != INDEX_FORMAT:
+        manifest = index.get("manifest") if index else None
+        try:
+            ok = (
+                index is not None
+                and index.get("format") == INDEX_FORMAT
+                and isinstance(index.get("committed"), int | float)
+                and isinstance(manifest, dict)
+                and isinstance(manifest.get("xxh3_128"), str)
+                and index_entries(gen, index) == index["packs"]
+            )
+        except InvalidInput:
+            ok = False
+        if index is None or not ok:
             raise DataError(detail=f"generation {gen}: its index is unreadable")
         return index
 
