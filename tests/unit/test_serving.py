@@ -183,3 +183,28 @@ def test_a_forged_request_is_refused_unread_and_nothing_is_stored(area: Path) ->
             channel.receive()
         assert proc.wait(scaled(30)) == ExitCode.ENVIRONMENT
     assert list((area / "clients" / "C1" / "generations").iterdir()) == []
+
+
+def test_a_cut_inside_a_put_stores_nothing_of_it_and_the_next_connection_resumes(
+    area: Path,
+) -> None:
+    with served(area) as (channel, proc):
+        channel.greet()
+        channel.call("begin", {"generation": "g1"})
+        channel.call("put", {"generation": "g1", "pack": 0}, b"a" * 5000)
+        assert proc.stdin
+        whole = raw_request(3, "put", {"generation": "g1", "pack": 1}, b"b" * 5000)
+        proc.stdin.write(whole[: len(whole) // 2])  # the link is cut half way
+        proc.stdin.close()
+        assert proc.wait(scaled(30)) == ExitCode.ENVIRONMENT
+        assert proc.stderr and b"ended in the middle of a frame" in proc.stderr.read()
+    with served(area) as (channel, proc):
+        channel.greet()
+        state = channel.call("begin", {"generation": "g1"}).meta
+        assert state["packs"] == [[0, 5000]]
+        channel.call("put", {"generation": "g1", "pack": 1}, b"b" * 5000)
+        index = {"packs": [{"pack": i, "size": 5000, "xxh3_128": pack_digest(d * 5000)}
+                           for i, d in enumerate((b"a", b"b"))]}  # fmt: skip
+        assert channel.call("commit", {"generation": "g1", "index": index}).meta["committed"]
+        channel.bye()
+        assert proc.wait(scaled(30)) == 0
