@@ -10,17 +10,18 @@ and nothing else.
 
 Operations (args; payload in -> result; payload out):
 
-=========  ======================================  ===========================================
-begin      generation, meta={}, needed=0           state of the generation (resume: its packs)
-status     generation                              state
-put        generation, pack; the pack's bytes      pack, size
-commit     generation, index; the sealed manifest  state
-list       -                                       generations (manifest_size each); manifests
-get        generation, pack                        pack, size; the pack's bytes
-remove     generation                              -
-space      -                                       free, total, used
-probe      down=0; any bytes (discarded)           received; ``down`` bytes
-=========  ======================================  ===========================================
+============  ======================================  ===========================================
+begin         generation, meta={}, needed=0           state of the generation (resume: its packs)
+status        generation                              state
+put           generation, pack; the pack's bytes      pack, size
+commit        generation, index; the sealed manifest  state
+list          -                                       generations (manifest_size each); manifests
+get           generation, pack                        pack, size; the pack's bytes
+remove        generation                              -
+mark-damaged  generation, reason, chunk=None          - (``list`` shows it as the problem)
+space         -                                       free, total, used
+probe         down=0; any bytes (discarded)           received; ``down`` bytes
+============  ======================================  ===========================================
 
 A state is ``{"generation", "committed", "meta", "packs": [[number, size], ...]}``.
 """
@@ -66,9 +67,12 @@ def _args(request: Frame, **spec: tuple[type, Any]) -> dict[str, Any]:
         raise InvalidInput(detail=f"{request.op}: unknown arguments {unknown}")
     found = {}
     for name, (kind, default) in spec.items():
-        value = given.get(name, default)
-        if value is _MISSING:
-            raise InvalidInput(detail=f"{request.op}: argument {name!r} is missing")
+        if name not in given:
+            if default is _MISSING:
+                raise InvalidInput(detail=f"{request.op}: argument {name!r} is missing")
+            found[name] = default
+            continue
+        value = given[name]
         # bool is an int to Python, not to the protocol.
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise InvalidInput(detail=f"{request.op}: argument {name!r} must be {kind.__name__}")
@@ -105,6 +109,7 @@ class Serving:
             "get": self._get,
             "remove": self._remove,
             "space": self._space,
+            "mark-damaged": self._mark_damaged,
             "probe": self._probe,
         }
 
@@ -181,6 +186,11 @@ class Serving:
     def _remove(self, request: Frame) -> Result:
         a = _args(request, generation=(str, _MISSING))
         self.store.remove(a["generation"])
+        return {}, b""
+
+    def _mark_damaged(self, request: Frame) -> Result:
+        a = _args(request, generation=(str, _MISSING), reason=(str, _MISSING), chunk=(int, None))
+        self.store.mark_damaged(a["generation"], a["reason"], a["chunk"])
         return {}, b""
 
     def _space(self, request: Frame) -> Result:

@@ -275,3 +275,18 @@ def test_a_damaged_index_is_listed_as_damaged_and_get_refuses_it(area: Path) -> 
         with pytest.raises(DataError, match="generation g1: its index is unreadable"):
             store.get("g1", 0)
         assert store.get("g2", 0) == b"b" * 4096
+
+
+def test_a_generation_marked_damaged_is_listed_with_the_reason(area: Path) -> None:
+    store_and_commit(area, "g1", [b"a" * 4096], b"m")
+    with PackStore.open(area, "C1") as store:
+        store.begin("g2", {})
+        before = tree(area)
+        with pytest.raises(NotFound):
+            store.mark_damaged("g2", "restore failed")  # open, not committed
+        with pytest.raises(InvalidInput, match="damage reason"):
+            store.mark_damaged("g1", "x\n" * 10)
+        assert tree(area) == before
+        store.mark_damaged("g1", "pack 0 failed authentication", 7)
+        [listed] = store.list()
+        assert listed.problem == "marked damaged: pack 0 failed authentication (chunk 7)"

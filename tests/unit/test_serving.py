@@ -130,6 +130,11 @@ def test_errors_arrive_named_and_the_conversation_goes_on(area: Path) -> None:
             {"pack": 0, "size": 1, "xxh3_128": pack_digest(b"x")}]}})  # fmt: skip
         with pytest.raises(AlreadyExists):
             channel.call("begin", {"generation": "g1"})
+        with pytest.raises(InvalidInput, match="argument 'chunk' must be int"):
+            channel.call("mark-damaged", {"generation": "g1", "reason": "r", "chunk": "7"})
+        channel.call("mark-damaged", {"generation": "g1", "reason": "restore failed"})
+        [entry] = channel.call("list").meta["generations"]
+        assert entry["problem"] == "marked damaged: restore failed"
         channel.call("remove", {"generation": "g1"})
         assert channel.call("list").meta == {"generations": []}
         channel.bye()

@@ -45,8 +45,14 @@ from blockguard.storage.manifest import (
     write_atomic,
     write_durable,
 )
-from blockguard.storage.pool.gendir import DELETED_SUFFIX, subdirs
+from blockguard.storage.pool.gendir import (
+    DELETED_SUFFIX,
+    read_damage_record,
+    subdirs,
+    write_damage_record,
+)
 from blockguard.storage.remote.packvalues import (
+    INDEX_FORMAT,
     PACK_NAME,
     GenerationState,
     Space,
@@ -55,6 +61,7 @@ from blockguard.storage.remote.packvalues import (
     json_object,
     pack_digest,
     pack_name,
+    read_index,
 )
 
 log = logging.getLogger(__name__)
@@ -66,9 +73,9 @@ META = "meta.json"
 MANIFEST = "manifest.sealed"
 INDEX = "index.json"
 LOCK = ".writing"
-INDEX_FORMAT = 1
 #: The largest ``meta`` a client may store with a generation (it is read on every list).
 MAX_META = 64 << 10
+MAX_REASON = 1000
 _READ = 1 << 20
 
 
@@ -279,6 +286,9 @@ class PackStore:
             problem = None
             if pack_digest(manifest) != index["manifest"]["xxh3_128"]:
                 problem = "its manifest does not match its index"
+            elif (record := read_damage_record(gdir)) is not None:
+                reason, chunk = record
+                problem = f"marked damaged: {reason}" + (f" (chunk {chunk})" if chunk else "")
             size = sum(p["size"] for p in packs)
             found.append(
                 StoredGeneration(gen, meta, len(packs), size, index["committed"], manifest, problem)
@@ -312,6 +322,20 @@ class PackStore:
                 f.stat().st_size for f in self.root.rglob("*") if f.is_file() and not f.is_symlink()
             )
         return Space(st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize, used)
+
+    def mark_damaged(self, gen: str, reason: str, chunk: int | None = None) -> None:
+        """Record that a client found committed ``gen`` damaged (a restore or verify
+        failed), so that :meth:`list` shows it to every host of this client.
+
+        :raises NotFound: no committed generation ``gen``.
+        """
+        gdir = self._dir(gen)
+        if not reason or len(reason) > MAX_REASON or not reason.isprintable():
+            raise InvalidInput(detail=f"a damage reason is 1-{MAX_REASON} printable characters")
+        if not (gdir / INDEX).is_file():
+            raise NotFound(what="generation", name=gen)
+        with self._edge(gen, "writing"):
+            write_damage_record(gdir, reason, chunk)
 
     # --- removing -----------------------------------------------------------------------
 
@@ -380,26 +404,7 @@ class PackStore:
         return fd
 
     def _index(self, gen: str) -> dict[str, Any]:
-        """The committed index of ``gen``, checked as far as list and get rely on it.
-
-        :raises DataError: missing, unreadable or malformed (damage on the target).
-        """
-        index = json_object(self._dir(gen) / INDEX)
-        manifest = index.get("manifest") if index else None
-        try:
-            ok = (
-                index is not None
-                and index.get("format") == INDEX_FORMAT
-                and isinstance(index.get("committed"), int | float)
-                and isinstance(manifest, dict)
-                and isinstance(manifest.get("xxh3_128"), str)
-                and index_entries(gen, index) == index["packs"]
-            )
-        except InvalidInput:
-            ok = False
-        if index is None or not ok:
-            raise DataError(detail=f"generation {gen}: its index is unreadable")
-        return index
+        return read_index(gen, self._dir(gen) / INDEX)
 
     def _digest(self, gen: str, number: int) -> str:
         digest = xxhash.xxh3_128()

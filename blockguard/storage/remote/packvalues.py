@@ -12,10 +12,11 @@ from typing import Any
 
 import xxhash
 
-from blockguard.errors import InvalidInput
+from blockguard.errors import DataError, InvalidInput
 
 #: Pack numbers are six digits in file names: 10^6 packs of 8 MiB is ~8 TiB a generation.
 MAX_PACK = 999_999
+INDEX_FORMAT = 1
 PACK_NAME = re.compile(r"([0-9]{6})\.pack")
 _DIGEST = re.compile(r"[0-9a-f]{32}")
 
@@ -97,3 +98,26 @@ def json_object(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
+
+
+def read_index(gen: str, path: Path) -> dict[str, Any]:
+    """The committed index of ``gen`` at ``path``, checked as far as list and get rely on it.
+
+    :raises DataError: missing, unreadable or malformed (damage on the target).
+    """
+    index = json_object(path)
+    manifest = index.get("manifest") if index else None
+    try:
+        ok = (
+            index is not None
+            and index.get("format") == INDEX_FORMAT
+            and isinstance(index.get("committed"), int | float)
+            and isinstance(manifest, dict)
+            and isinstance(manifest.get("xxh3_128"), str)
+            and index_entries(gen, index) == index["packs"]
+        )
+    except InvalidInput:
+        ok = False
+    if index is None or not ok:
+        raise DataError(detail=f"generation {gen}: its index is unreadable")
+    return index
