@@ -213,3 +213,26 @@ def test_a_cut_inside_a_put_stores_nothing_of_it_and_the_next_connection_resumes
         assert channel.call("commit", {"generation": "g1", "index": index}).meta["committed"]
         channel.bye()
         assert proc.wait(scaled(30)) == 0
+
+
+def test_create_makes_a_client_root_that_serve_then_serves(area: Path) -> None:
+    made = subprocess.run(
+        [*serve_argv(area, "C5"), "--create"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        timeout=scaled(60),
+    )
+    assert made.returncode == 0, made.stderr
+    with served(area, "C5") as (channel, proc):
+        channel.greet()
+        assert channel.call("list").meta == {"generations": []}
+        channel.bye()
+        assert proc.wait(scaled(30)) == 0
+    bad = subprocess.run(
+        [*serve_argv(area, "../C1"), "--create"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        timeout=scaled(60),
+    )
+    assert bad.returncode == ExitCode.USAGE and b"client name '../C1'" in bad.stderr
+    assert sorted(p.name for p in (area / "clients").iterdir()) == ["C1", "C5"]
