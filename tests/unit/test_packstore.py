@@ -287,6 +287,6 @@ def test_a_generation_marked_damaged_is_listed_with_the_reason(area: Path) -> No
         with pytest.raises(InvalidInput, match="damage reason"):
             store.mark_damaged("g1", "x\n" * 10)
         assert tree(area) == before
-        store.mark_damaged("g1", "pack 0 failed authentication", 7)
+        store.mark_damaged("g1", "pack 0 failed authentication", 0)
         [listed] = store.list()
-        assert listed.problem == "marked damaged: pack 0 failed authentication (chunk 7)"
+        assert listed.problem == "marked damaged: pack 0 failed authentication (chunk 0)"

@@ -288,7 +288,8 @@ class PackStore:
                 problem = "its manifest does not match its index"
             elif (record := read_damage_record(gdir)) is not None:
                 reason, chunk = record
-                problem = f"marked damaged: {reason}" + (f" (chunk {chunk})" if chunk else "")
+                at = "" if chunk is None else f" (chunk {chunk})"
+                problem = f"marked damaged: {reason}{at}"
             size = sum(p["size"] for p in packs)
             found.append(
                 StoredGeneration(gen, meta, len(packs), size, index["committed"], manifest, problem)
