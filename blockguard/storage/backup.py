@@ -212,8 +212,9 @@ def _copy_into(
         items = (CopyItem(reader, f, n) for f, n in runs)
     else:
         # A delta packs its chunks in chunk order, so runs scattered over the volume are
-        # neighbours in its data: batch them into one item each (one reader's turn, one
-        # hand-over, one staged write) instead of a round trip per run.
+        # neighbours in its data: batch them into one item each (one reader's turn and
+        # one hand-over; the writer stages the runs into one write) instead of a round
+        # trip through the readers per run.
         items = (
             CopyItem(reader, batch[0][0], sum(n for _, n in batch), runs=batch)
             for batch in batched(runs, max_count, BATCH_RUNS)

@@ -220,8 +220,8 @@ def batched(
     """Group consecutive runs ``(first, count)`` into batches of at most ``max_count``
     chunks and ``max_runs`` runs (a run longer than ``max_count`` must not be given).
 
-    A batch is one item of the copy engine: one reader's turn, one hand-over and one
-    sink call for many small scattered runs instead of one each.
+    A batch is one item of the copy engine: one reader's turn and one hand-over for
+    many small scattered runs instead of one each.
     """
     batch: list[tuple[int, int]] = []
     chunks = 0
@@ -249,8 +249,8 @@ def copy_chunks(
 
     ``readers`` threads read (and hash) items in parallel, which keeps several requests
     in flight for scattered small extents; the sink still receives the items strictly in
-    their given order, from the calling thread (an item of several ``runs`` as its first
-    chunk and the runs' data packed one after the other). Items must have ``count * chunk_size <=
+    their given order, from the calling thread (an item of several ``runs``: one call
+    per run, in order). Items must have ``count * chunk_size <=
     extent_bytes``. The last chunk of the volume may be short: the views passed around
     are cut to the volume's end.
 
@@ -267,7 +267,16 @@ def copy_chunks(
     copied = 0
     try:
         for item, buf, nbytes, digests in ahead.in_order():
-            sink(item.first, buf[:nbytes], digests)
+            if item.runs:
+                # Every sink's contract is contiguous chunks from ``first`` (a writer
+                # that places or hashes chunks by index relies on it): one call per run.
+                off = done = 0
+                for first, count in item.runs:
+                    n = min(count * chunk_size, nbytes - off)
+                    sink(first, buf[off : off + n], digests[done : done + count])
+                    off, done = off + n, done + count
+            else:
+                sink(item.first, buf[:nbytes], digests)
             copied += nbytes
             progress.advance(nbytes)
             ahead.recycle(buf)

@@ -1,6 +1,6 @@
-"""Items of several scattered runs: batched within bounds, read packed one after the other
-(the volume's short last chunk cut to its length), and a damaged chunk named by its own
-index in the volume, not by its position in the item."""
+"""Items of several scattered runs: batched within bounds, read into one buffer, handed
+to the sink run by run (the volume's short last chunk cut to its length), and a damaged
+chunk named by its own index in the volume, not by its position in the item."""
 
 from __future__ import annotations
 
@@ -37,27 +37,29 @@ def test_batches_keep_order_and_bounds() -> None:
 
 
 @pytest.mark.parametrize("tail", [0, 1000])
-def test_run_items_are_packed_in_order_up_to_a_short_last_chunk(tail: int) -> None:
+def test_run_items_reach_the_sink_run_by_run_up_to_a_short_last_chunk(tail: int) -> None:
     nchunks = 50
     size = nchunks * CHUNK - tail
     vol = Volume(size)
     runs = [(1, 2), (7, 1), (8 + 3, 3), (nchunks - 2, 2)]  # the last run ends the volume
-    packed: list[tuple[int, bytes, list[int]]] = []
+    calls: list[tuple[int, bytes, list[int]]] = []
 
     def sink(first: int, view: memoryview, digests: object) -> None:
-        packed.append((first, bytes(view), list(digests)))  # type: ignore[call-overload]
+        calls.append((first, bytes(view), list(digests)))  # type: ignore[call-overload]
 
     items = [CopyItem(vol, b[0][0], sum(n for _, n in b), runs=b) for b in batched(runs, 5, 16)]
+    assert len(items) == 2
     copied = copy_chunks(items, sink, chunk_size=CHUNK, volume_size=size, extent_bytes=8 * CHUNK)
-    want = b"".join(vol.data[f * CHUNK : (f + n) * CHUNK] for f, n in runs)
-    assert b"".join(p for _, p, _ in packed) == want
-    assert copied == len(want) == 8 * CHUNK - tail
-    assert [f for f, _, _ in packed] == [1, 11]
-    digests = [d for _, _, ds in packed for d in ds]
-    chunks = [c for f, n in runs for c in range(f, f + n)]
-    assert digests == [
-        xxhash.xxh3_64_intdigest(vol.data[c * CHUNK : (c + 1) * CHUNK]) for c in chunks
-    ]
+    # Each call is contiguous chunks from its ``first`` (what a writer that places or
+    # hashes chunks by index relies on), with one digest per chunk.
+    assert [f for f, _, _ in calls] == [f for f, _ in runs]
+    for (first, data, digests), (_, count) in zip(calls, runs, strict=True):
+        assert data == vol.data[first * CHUNK : (first + count) * CHUNK]
+        assert digests == [
+            xxhash.xxh3_64_intdigest(vol.data[c * CHUNK : (c + 1) * CHUNK])
+            for c in range(first, first + count)
+        ]
+    assert copied == 8 * CHUNK - tail
 
 
 def test_a_mismatch_in_a_run_item_names_the_volume_chunk() -> None:
