@@ -10,7 +10,7 @@ from __future__ import annotations
 import array
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from pyroaring import BitMap
@@ -24,6 +24,7 @@ from blockguard.storage.copyengine import (
     CopyItem,
     DeviceSource,
     Progress,
+    batched,
     copy_chunks,
     extents,
 )
@@ -45,10 +46,22 @@ from blockguard.storage.pool.base import (
 
 log = logging.getLogger(__name__)
 
-#: Reads in flight for a backup: a scattered incremental is many small reads in offset
-#: order (neighbours coalesced by ``extents``), and a queue of them keeps the disk busy
-#: where one or two at a time leave it waiting on each (as restores do, RESTORE_READERS).
+#: Reads in flight for a full backup: large sequential extents, which a few requests
+#: keep streaming (as restores do, RESTORE_READERS).
 BACKUP_READERS = 4
+
+#: Reads in flight for a delta: many small scattered reads in offset order (neighbours
+#: coalesced by ``extents``), where a deeper queue keeps the disk busy. On loop devices
+#: here a 10 % incremental of 64 KiB chunks took 121-130 ms with 8 against 164-166 ms
+#: with 4 (medians). Its buffers are only touched as far as its small items fill them.
+DELTA_READERS = 8
+
+#: Scattered runs of a delta read as one item: one reader's turn and hand-over for a
+#: few runs instead of each. A 10 % incremental of 64 KiB chunks took a quarter less CPU
+#: on the host; in the guest (TCG, where the CPU is what costs) 235 ms against 260 ms
+#: with 8 readers, 217 ms with batches of 16. Larger batches cost wall time on the host
+#: (134 ms at 4, 164 ms at 8 runs per batch), as each reader works on runs further apart.
+BATCH_RUNS = 4
 
 
 @dataclass(frozen=True)
@@ -194,7 +207,19 @@ def _copy_into(
         )
     )
     reader = DeviceSource(src, chunk_size)
-    items = (CopyItem(reader, f, n) for f, n in extents(todo, nchunks, max_count))
+    runs = extents(todo, nchunks, max_count)
+    items: Iterator[CopyItem]
+    if full_slots:
+        items = (CopyItem(reader, f, n) for f, n in runs)
+    else:
+        # A delta packs its chunks in chunk order, so runs scattered over the volume are
+        # neighbours in its data: batch them into one item each (one reader's turn and
+        # one hand-over; the writer stages the runs into one write) instead of a round
+        # trip through the readers per run.
+        items = (
+            CopyItem(reader, batch[0][0], sum(n for _, n in batch), runs=batch)
+            for batch in batched(runs, max_count, BATCH_RUNS)
+        )
     slots = writer.draft.changed
 
     def sink(first: int, view: memoryview, digests: Sequence[int]) -> None:
@@ -209,7 +234,7 @@ def _copy_into(
         volume_size=volume.size,
         progress=progress,
         extent_bytes=extent_bytes,
-        readers=BACKUP_READERS,
+        readers=BACKUP_READERS if full_slots else DELTA_READERS,
     )
     return copied, sums
 

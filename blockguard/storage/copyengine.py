@@ -135,6 +135,23 @@ class CopyItem:
     #: For an item gathered from several generations: ``(first chunk, generation id)``
     #: of each part, ascending; a mismatch names the part's generation.
     owners: tuple[tuple[int, str], ...] = ()
+    #: For an item of several runs apart in the volume: their ``(first, count)``,
+    #: ascending, read one after the other into one buffer (packed); ``first`` and
+    #: ``count`` are then the first run's first chunk and the chunks of all runs.
+    runs: tuple[tuple[int, int], ...] = ()
+
+    def chunk_at(self, index: int) -> int:
+        """The volume's chunk at position ``index`` of this item's data."""
+        for first, count in self.runs:
+            if index < count:
+                return first + index
+            index -= count
+        return self.first + index
+
+    def nbytes(self, chunk_size: int, volume_size: int) -> int:
+        """The item's bytes: its chunks, the volume's last one possibly short."""
+        last = self.runs[-1][0] + self.runs[-1][1] if self.runs else self.first + self.count
+        return self.count * chunk_size - max(0, last * chunk_size - volume_size)
 
     def owner(self, chunk: int) -> str:
         """The generation that holds ``chunk`` of this item."""
@@ -197,6 +214,27 @@ def extents(chunks: BitMap | None, nchunks: int, max_count: int) -> Iterator[tup
         yield start, prev - start + 1
 
 
+def batched(
+    runs: Iterable[tuple[int, int]], max_count: int, max_runs: int
+) -> Iterator[tuple[tuple[int, int], ...]]:
+    """Group consecutive runs ``(first, count)`` into batches of at most ``max_count``
+    chunks and ``max_runs`` runs (a run longer than ``max_count`` must not be given).
+
+    A batch is one item of the copy engine: one reader's turn and one hand-over for
+    many small scattered runs instead of one each.
+    """
+    batch: list[tuple[int, int]] = []
+    chunks = 0
+    for run in runs:
+        if batch and (chunks + run[1] > max_count or len(batch) == max_runs):
+            yield tuple(batch)
+            batch, chunks = [], 0
+        batch.append(run)
+        chunks += run[1]
+    if batch:
+        yield tuple(batch)
+
+
 def copy_chunks(
     items: Iterable[CopyItem],
     sink: Sink,
@@ -211,7 +249,8 @@ def copy_chunks(
 
     ``readers`` threads read (and hash) items in parallel, which keeps several requests
     in flight for scattered small extents; the sink still receives the items strictly in
-    their given order, from the calling thread. Items must have ``count * chunk_size <=
+    their given order, from the calling thread (an item of several ``runs``: one call
+    per run, in order). Items must have ``count * chunk_size <=
     extent_bytes``. The last chunk of the volume may be short: the views passed around
     are cut to the volume's end.
 
@@ -228,7 +267,16 @@ def copy_chunks(
     copied = 0
     try:
         for item, buf, nbytes, digests in ahead.in_order():
-            sink(item.first, buf[:nbytes], digests)
+            if item.runs:
+                # Every sink's contract is contiguous chunks from ``first`` (a writer
+                # that places or hashes chunks by index relies on it): one call per run.
+                off = done = 0
+                for first, count in item.runs:
+                    n = min(count * chunk_size, nbytes - off)
+                    sink(first, buf[off : off + n], digests[done : done + count])
+                    off, done = off + n, done + count
+            else:
+                sink(item.first, buf[:nbytes], digests)
             copied += nbytes
             progress.advance(nbytes)
             ahead.recycle(buf)
@@ -253,12 +301,18 @@ def _read_item(
     """Read one item into ``buf``, hash its chunks and verify them if it says what to expect."""
     if progress.cancelled:
         raise BlockguardError(detail="the copy was cancelled")
-    start = item.first * chunk_size
-    nbytes = min(item.count * chunk_size, volume_size - start)
+    nbytes = item.nbytes(chunk_size, volume_size)
     if nbytes <= 0 or item.count * chunk_size > extent_bytes:
         raise EnvironmentProblem(detail=f"bad copy extent {item!r}")
     view = buf[:nbytes]
-    item.source.read_chunks(item.first, view)
+    if item.runs:
+        off = 0
+        for first, count in item.runs:
+            n = min(count * chunk_size, nbytes - off)
+            item.source.read_chunks(first, view[off : off + n])
+            off += n
+    else:
+        item.source.read_chunks(item.first, view)
     digests = [
         xxhash.xxh3_64_intdigest(view[off : off + chunk_size])
         for off in range(0, nbytes, chunk_size)
@@ -266,7 +320,7 @@ def _read_item(
     if item.expected is not None:
         for i, (got, want) in enumerate(zip(digests, item.expected, strict=True)):
             if got != want:
-                chunk = item.first + i
+                chunk = item.chunk_at(i)
                 raise ChecksumMismatch(generation=item.owner(chunk), chunk=chunk)
     return item, buf, nbytes, digests
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Self
 
@@ -127,6 +127,36 @@ def read_at(
     return done
 
 
+def readv_at(
+    fd: int,
+    bufs: Sequence[memoryview],
+    offset: int,
+    *,
+    path: str | os.PathLike[str],
+    pool: str | None,
+) -> int:
+    """Read ``bufs`` one after the other from ``fd`` at ``offset`` in as few ``preadv``
+    calls as the kernel allows (one, unless it returns short); short only at its end.
+
+    :raises BlockguardError: the named error of a failed read (see the module table).
+    """
+    views = list(bufs)
+    done = 0
+    try:
+        while views:
+            n = os.preadv(fd, views, offset + done)
+            if n == 0:
+                break
+            done += n
+            while views and n >= len(views[0]):
+                n -= len(views.pop(0))
+            if n:
+                views[0] = views[0][n:]
+    except OSError as exc:
+        raise map_oserror(exc, path=path, op="reading", offset=offset + done, pool=pool) from exc
+    return done
+
+
 def write_at(
     fd: int, buf: memoryview | bytes, offset: int, *, path: str | os.PathLike[str], pool: str | None
 ) -> None:
@@ -162,6 +192,13 @@ class EdgeFile:
         :raises DeviceIOError: the kernel failed the read (see the module table for the rest).
         """
         return read_at(self.fd, buf, offset, path=self.path, pool=self.pool)
+
+    def preadv_into(self, bufs: Sequence[memoryview], offset: int) -> int:
+        """Read ``bufs`` in turn from ``offset`` (a vectored read); short only at the end.
+
+        :raises DeviceIOError: the kernel failed the read (see the module table for the rest).
+        """
+        return readv_at(self.fd, bufs, offset, path=self.path, pool=self.pool)
 
     def pwrite_all(self, buf: memoryview | bytes, offset: int) -> None:
         """Write all of ``buf`` at ``offset``.

@@ -411,13 +411,21 @@ class _Gather:
         self.chunk_size = chunk_size
 
     def read_chunks(self, first: int, view: memoryview) -> None:
+        # Each generation is asked once for all its runs in the window, so that it can
+        # join them into one vectored read (a full's runs between delta chunks, a delta's
+        # chunks that are neighbours in its packed data).
+        runs: dict[int, tuple[GenerationReader, list[tuple[int, memoryview]]]] = {}
         off = 0
         for part in self.parts:
             n = min(part.count * self.chunk_size, len(view) - off)
             if n <= 0:
                 break
-            part.reader.read_chunks(part.first, view[off : off + n])
+            runs.setdefault(id(part.reader), (part.reader, []))[1].append(
+                (part.first, view[off : off + n])
+            )
             off += n
+        for reader, its_runs in runs.values():
+            reader.read_runs(its_runs)
 
 
 def _gathered_items(

@@ -135,6 +135,16 @@ class GenerationReader(ABC):
     def read_chunks(self, first: int, view: memoryview) -> None:
         """Fill ``view`` with stored chunks ``first, first+1, ...`` (all stored here)."""
 
+    def read_runs(self, runs: Sequence[tuple[int, memoryview]]) -> None:
+        """Fill each ``(first chunk, view)`` of ``runs`` as :meth:`read_chunks` would.
+
+        ``runs`` are ascending and disjoint, all stored here. This default reads them one
+        by one; a reader of stored data joins runs that lie close together in its data
+        into one vectored read.
+        """
+        for first, view in runs:
+            self.read_chunks(first, view)
+
     @abstractmethod
     def _load_checksums(self) -> array.array[int]:
         """The checksum array, checked against the manifest."""
