@@ -256,7 +256,8 @@ class HealthKeeper:
         """For the scheduler: seconds before a failing volume is tried again."""
         return retry_hold(self.catalog, volume, self.settings, time.time())
 
-    def facts(self) -> tuple[list[VolumeFacts], list[PoolFacts]]:
+    def facts(self) -> tuple[list[VolumeFacts], list[svc.PoolInfo]]:
+        """The volumes' facts and the pools' infos (one look at each pool's space)."""
         vols = [
             volume_facts(
                 info,
@@ -268,19 +269,21 @@ class HealthKeeper:
         pools = []
         for name in self.pools.names():
             try:
-                pools.append(pool_facts(self.pools.info(name)))
+                pools.append(self.pools.info(name))
             except BlockguardError as exc:
                 log.warning("no health facts of pool %s: %s", name, exc)
         return vols, pools
 
-    def _publish_space(self, pools: list[PoolFacts]) -> None:
+    def _publish_space(self, pools: list[svc.PoolInfo]) -> None:
         """A pool whose space changed since the last look is announced (PoolChanged), so
-        the D-Bus Pool object's Free follows backups, retention and garbage collection."""
+        the D-Bus Pool object's Free follows backups, retention and garbage collection.
+        The event carries the info just read: on an lvm pool a second look would be a
+        vgs and a dmsetup table and status more after every backup."""
         changed = []
         for p in pools:
             if self._space.get(p.name) != (p.capacity, p.free):
                 self._space[p.name] = (p.capacity, p.free)
-                changed.append(svc.PoolChanged(p.name))
+                changed.append(svc.PoolChanged(p.name, p))
         if changed:
             _publishing.active = True
             try:
@@ -293,7 +296,8 @@ class HealthKeeper:
         health as :meth:`Service.health <blockguard.engine.service.Service.health>` does."""
         with self._lock:
             now = clock(self.settings)
-            vols, pools = self.facts()
+            vols, infos = self.facts()
+            pools = [pool_facts(i) for i in infos]
             health = assess_health(vols, pools, thresholds_of(self.settings), now)
             at = next_time_change(vols, thresholds_of(self.settings), now)
             # In real time: the test clock's offset taken off again.
@@ -309,7 +313,7 @@ class HealthKeeper:
                 self.settings.metrics_file, text
             ):
                 self._metrics_last = (metrics.steady(text), written)
-        self._publish_space(pools)
+        self._publish_space(infos)
         result = health.as_dict()
         result["time"] = now
         return result

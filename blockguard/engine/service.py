@@ -208,7 +208,11 @@ class VolumeRemoved:
 
 @dataclass(frozen=True)
 class PoolChanged:
+    """Pool ``pool`` changed; ``info`` is its state as the sender just read it (None: the
+    receiver asks), so the news of a space change costs one look at the pool, not two."""
+
     pool: str
+    info: PoolInfo | None = None
 
 
 @dataclass(frozen=True)

@@ -312,3 +312,44 @@ def test_monitor_pokes_on_health_events_but_not_on_its_own_space_news() -> None:
     monitor._wake.clear()
     monitor.on_event(svc.BackupFailed("db", "Environment", "disk gone"))
     assert monitor._wake.is_set()
+
+
+def test_space_news_carries_the_pool_info_the_assessment_read(tmp_path: Path) -> None:
+    """One look at a pool's space per assessment: the PoolChanged it sends carries what
+    it read, so the D-Bus Pool object is refreshed without asking the pool again (on an
+    lvm pool each look is a vgs and a dmsetup table and status)."""
+    from types import SimpleNamespace
+
+    from blockguard.engine.health import HealthKeeper
+    from blockguard.engine.settings import Settings
+
+    events = EventHub()
+    sent: list[svc.ServiceEvent] = []
+    events.subscribe(sent.append)
+    looks: list[str] = []
+    free = [600]
+
+    def info(name: str) -> svc.PoolInfo:
+        looks.append(name)
+        return svc.PoolInfo(name, "lvm", (), 1000, free[0])
+
+    pools = SimpleNamespace(names=lambda: ["p1"], info=info, events=events)
+    catalog = SimpleNamespace(list_jobs=lambda **_: [])
+    volumes = SimpleNamespace(catalog=catalog, all_infos=lambda: [], last_plan={})
+    settings = Settings(state_dir=tmp_path, mount_root=tmp_path, metrics_file=None)
+    center = AlertCenter(tmp_path, events, tmp_path / "none", hook_timeout=1)
+    keeper = HealthKeeper(settings, volumes, pools, center)  # type: ignore[arg-type]
+    try:
+        keeper.assess()
+        news = [e for e in sent if isinstance(e, svc.PoolChanged)]
+        assert looks == ["p1"]
+        assert news == [svc.PoolChanged("p1", svc.PoolInfo("p1", "lvm", (), 1000, 600))]
+        sent.clear()
+        keeper.assess()  # the same space: no news
+        assert looks == ["p1", "p1"] and not [e for e in sent if isinstance(e, svc.PoolChanged)]
+        free[0] = 400
+        keeper.assess()
+        news = [e for e in sent if isinstance(e, svc.PoolChanged)]
+        assert len(looks) == 3 and news and news[0].info is not None and news[0].info.free == 400
+    finally:
+        center.close()
