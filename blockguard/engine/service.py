@@ -139,10 +139,14 @@ class BackupStarted:
 
 @dataclass(frozen=True)
 class BackupFinished:
+    """:ivar space_changed: False when the backup stored nothing (an empty delta) and
+    retention freed nothing: no pool's space changed by it."""
+
     volume: str
     generation: str
     method: str
     bytes: int
+    space_changed: bool = True
 
 
 @dataclass(frozen=True)

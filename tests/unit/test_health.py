@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from blockguard.engine import service as svc
 from blockguard.engine.alerts import AlertCenter
 from blockguard.engine.events import EventHub
 from blockguard.errors import InvalidInput
+from tests.timeouts import scaled
 
 NOW = 1_800_000_000.0
 T = Thresholds(pool_free_percent=20, failed_backups=3, rpo_grace=0.1)
@@ -329,7 +331,9 @@ def test_space_news_carries_the_pool_info_the_assessment_read(tmp_path: Path) ->
     looks: list[str] = []
     free = [600]
 
-    def info(name: str) -> svc.PoolInfo:
+    def info(name: str, space_of: svc.PoolInfo | None = None) -> svc.PoolInfo:
+        if space_of is not None:
+            return space_of
         looks.append(name)
         return svc.PoolInfo(name, "lvm", (), 1000, free[0])
 
@@ -351,5 +355,36 @@ def test_space_news_carries_the_pool_info_the_assessment_read(tmp_path: Path) ->
         keeper.assess()
         news = [e for e in sent if isinstance(e, svc.PoolChanged)]
         assert len(looks) == 3 and news and news[0].info is not None and news[0].info.free == 400
+        free[0] = 100
+        keeper.assess(reuse_space=True)  # after a backup that stored and freed nothing
+        assert len(looks) == 3
+        assert keeper.facts(reuse_space=True)[1][0].free == 400
     finally:
         center.close()
+
+
+def test_monitor_reads_the_pools_again_unless_every_poke_said_their_space_held() -> None:
+    from blockguard.engine import health as engine_health
+
+    calls: list[bool] = []
+    done = threading.Semaphore(0)
+
+    def assess(*, reuse_space: bool) -> None:
+        calls.append(reuse_space)
+        done.release()
+
+    monitor = engine_health.HealthMonitor(assess, interval=0)
+    monitor.start()
+    try:
+        monitor.poke(space=False)  # the first assessment reads them all the same
+        assert done.acquire(timeout=scaled(10)) and calls == [False]
+        for event, reuse in (
+            (svc.BackupFinished("db", "db@2", "incremental", 0, space_changed=False), True),
+            (svc.BackupFinished("db", "db@3", "incremental", 65536), False),
+            (svc.BackupFailed("db", "Environment", "disk gone"), False),
+        ):
+            monitor.on_event(event)
+            assert done.acquire(timeout=scaled(10))
+            assert calls[-1] is reuse, event
+    finally:
+        monitor.stop()
