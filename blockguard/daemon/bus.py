@@ -511,9 +511,9 @@ class DaemonBus:
         except NotFound:
             self.tree.remove_volume(name)
 
-    def _refresh_pool(self, name: str) -> None:
+    def _refresh_pool(self, name: str, info: svc.PoolInfo | None = None) -> None:
         try:
-            self.tree.pool(self.service.get_pool(name))
+            self.tree.pool(info if info is not None else self.service.get_pool(name))
         except NotFound:
             self.tree.remove_pool(name)
 
@@ -524,8 +524,8 @@ class DaemonBus:
                 self._refresh_volume(name)
             case svc.VolumeRemoved(volume=name):
                 self.tree.remove_volume(name)
-            case svc.PoolChanged(pool=name):
-                self._refresh_pool(name)
+            case svc.PoolChanged(pool=name, info=info):
+                self._refresh_pool(name, info)
             case svc.PoolRemoved(pool=name):
                 self.tree.remove_pool(name)
             case svc.JobAdded(job=job):

@@ -323,7 +323,10 @@ def _after_commit(
         except BlockguardError as exc:
             warnings.append(f"{step.__name__} failed: {exc}")
             log.error("after backup %s: %s", gen, warnings[-1], extra={"VOLUME": name})
-    events.emit(svc.BackupFinished(name, gen, kind.value, result.bytes_copied))
+    empty = not result.manifest.is_full and not result.manifest.changed
+    events.emit(
+        svc.BackupFinished(name, gen, kind.value, result.bytes_copied, not (empty and not freed))
+    )
     log.info(
         "backup of %s: %s %s, %d bytes in %.2fs; retention freed %s",
         name,

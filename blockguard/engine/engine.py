@@ -521,6 +521,11 @@ class Engine:
             def finished(job: Job) -> None:
                 if job.snapshot().state is JobState.FAILED:
                     self.events.emit(svc.BackupFailed(volume, *job.snapshot().error))
+                # After the job reported: what the backup left to clean up (old thin
+                # snapshots) is no part of its time.
+                tracking = self.volumes.tracking.get(volume)
+                if tracking is not None:
+                    tracking.tidy()
 
             job = self.jobs.submit(
                 JobKind.BACKUP, volume, volume, work, finished, pool=vol.pool, reserved=True

@@ -160,10 +160,13 @@ _publishing = threading.local()
 
 
 class HealthMonitor:
-    """Calls ``assess`` in a thread of its own when poked, every ``interval`` seconds,
-    and at the time ``next_due`` names (unix time; ``None``: none).
+    """Calls ``assess(reuse_space=...)`` in a thread of its own when poked, every
+    ``interval`` seconds, and at the time ``next_due`` names (unix time; ``None``: none).
 
-    Pokes that arrive while an assessment runs make one more, not one each.
+    Pokes that arrive while an assessment runs make one more, not one each. The pools'
+    space is read again unless every poke since the last assessment said it did not
+    change (a backup that stored and freed nothing); the periodic assessment always
+    reads it (space used by others changes unannounced).
     """
 
     def __init__(
@@ -178,13 +181,17 @@ class HealthMonitor:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._space_due = True
 
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="health", daemon=True)
             self._thread.start()
 
-    def poke(self) -> None:
+    def poke(self, *, space: bool = True) -> None:
+        """Assess soon; ``space``: the pools' space may have changed."""
+        if space:
+            self._space_due = True
         self._wake.set()
 
     def on_event(self, event: svc.ServiceEvent) -> None:
@@ -192,7 +199,11 @@ class HealthMonitor:
         PoolChanged an assessment itself announces: during a backup the space changes at
         every look, and each would ask for the next)."""
         if isinstance(event, POKING_EVENTS) and not getattr(_publishing, "active", False):
-            self.poke()
+            # A backup that stored and freed nothing changed the volume's facts (its
+            # last success), not a pool's space: on an lvm pool that saves a vgs and a
+            # dmsetup table and status after every backup that found no change.
+            space = not isinstance(event, svc.BackupFinished) or event.space_changed
+            self.poke(space=space)
 
     def stop(self) -> None:
         self._stop.set()
@@ -211,12 +222,13 @@ class HealthMonitor:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(self._timeout())
+            poked = self._wake.wait(self._timeout())
             self._wake.clear()
             if self._stop.is_set():
                 return
+            space, self._space_due = self._space_due or not poked, False
             try:
-                self.assess()
+                self.assess(reuse_space=not space)
             except Exception:
                 log.exception("health assessment failed")
 
@@ -243,6 +255,8 @@ class HealthKeeper:
         self.alerts = alerts
         self.catalog = volumes.catalog
         self._space: dict[str, tuple[int, int]] = {}
+        #: each pool's info as the last assessment read it (see assess's reuse_space)
+        self._infos: dict[str, svc.PoolInfo] = {}
         #: the last assessment's level and alert count (for the one-line status)
         self.last: tuple[str, int] | None = None
         #: unix time when time alone changes the assessment (see next_time_change)
@@ -256,7 +270,9 @@ class HealthKeeper:
         """For the scheduler: seconds before a failing volume is tried again."""
         return retry_hold(self.catalog, volume, self.settings, time.time())
 
-    def facts(self) -> tuple[list[VolumeFacts], list[PoolFacts]]:
+    def facts(self, reuse_space: bool = False) -> tuple[list[VolumeFacts], list[svc.PoolInfo]]:
+        """The volumes' facts and the pools' infos (one look at each pool's space, or
+        none with ``reuse_space`` for a pool an earlier assessment read)."""
         vols = [
             volume_facts(
                 info,
@@ -268,19 +284,24 @@ class HealthKeeper:
         pools = []
         for name in self.pools.names():
             try:
-                pools.append(pool_facts(self.pools.info(name)))
+                known = self._infos.get(name) if reuse_space else None
+                info = self.pools.info(name, space_of=known)
+                self._infos[name] = info
+                pools.append(info)
             except BlockguardError as exc:
                 log.warning("no health facts of pool %s: %s", name, exc)
         return vols, pools
 
-    def _publish_space(self, pools: list[PoolFacts]) -> None:
+    def _publish_space(self, pools: list[svc.PoolInfo]) -> None:
         """A pool whose space changed since the last look is announced (PoolChanged), so
-        the D-Bus Pool object's Free follows backups, retention and garbage collection."""
+        the D-Bus Pool object's Free follows backups, retention and garbage collection.
+        The event carries the info just read: on an lvm pool a second look would be a
+        vgs and a dmsetup table and status more after every backup."""
         changed = []
         for p in pools:
             if self._space.get(p.name) != (p.capacity, p.free):
                 self._space[p.name] = (p.capacity, p.free)
-                changed.append(svc.PoolChanged(p.name))
+                changed.append(svc.PoolChanged(p.name, p))
         if changed:
             _publishing.active = True
             try:
@@ -288,12 +309,17 @@ class HealthKeeper:
             finally:
                 _publishing.active = False
 
-    def assess(self) -> dict[str, Any]:
+    def assess(self, *, reuse_space: bool = False) -> dict[str, Any]:
         """Assess now; raise and resolve alerts; write the metrics file. Returns the
-        health as :meth:`Service.health <blockguard.engine.service.Service.health>` does."""
+        health as :meth:`Service.health <blockguard.engine.service.Service.health>` does.
+
+        :param reuse_space: the pools' space as the last assessment read it (the caller
+            knows nothing changed it since).
+        """
         with self._lock:
             now = clock(self.settings)
-            vols, pools = self.facts()
+            vols, infos = self.facts(reuse_space)
+            pools = [pool_facts(i) for i in infos]
             health = assess_health(vols, pools, thresholds_of(self.settings), now)
             at = next_time_change(vols, thresholds_of(self.settings), now)
             # In real time: the test clock's offset taken off again.
@@ -309,7 +335,7 @@ class HealthKeeper:
                 self.settings.metrics_file, text
             ):
                 self._metrics_last = (metrics.steady(text), written)
-        self._publish_space(pools)
+        self._publish_space(infos)
         result = health.as_dict()
         result["time"] = now
         return result

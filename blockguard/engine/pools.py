@@ -412,7 +412,12 @@ class PoolRegistry:
             raise EnvironmentProblem(detail=f"pool {pool} has no devices")
         return devices[0].path
 
-    def info(self, name: str) -> svc.PoolInfo:
+    def info(self, name: str, *, space_of: svc.PoolInfo | None = None) -> svc.PoolInfo:
+        """The pool as clients see it.
+
+        :param space_of: an earlier info of the pool whose space figures still hold (the
+            caller knows nothing changed them): the pool's space is not read again.
+        """
         pool = self.catalog.get_pool(name)
         backend = self.open_pools.get(name)
         devices = []
@@ -427,7 +432,10 @@ class PoolRegistry:
             }
             devices.append(svc.PoolDeviceInfo(dev.device_path, dev.identity.size, dev.state, perf))
         capacity = free = meta_capacity = meta_free = 0
-        if backend is not None:
+        if space_of is not None:
+            capacity, free = space_of.capacity, space_of.free
+            meta_capacity, meta_free = space_of.metadata_capacity, space_of.metadata_free
+        elif backend is not None:
             with contextlib.suppress(OSError, BlockguardError):
                 cap = backend.capacity()
                 capacity, free = cap.total, cap.free

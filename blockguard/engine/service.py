@@ -139,10 +139,14 @@ class BackupStarted:
 
 @dataclass(frozen=True)
 class BackupFinished:
+    """:ivar space_changed: False when the backup stored nothing (an empty delta) and
+    retention freed nothing: no pool's space changed by it."""
+
     volume: str
     generation: str
     method: str
     bytes: int
+    space_changed: bool = True
 
 
 @dataclass(frozen=True)
@@ -208,7 +212,11 @@ class VolumeRemoved:
 
 @dataclass(frozen=True)
 class PoolChanged:
+    """Pool ``pool`` changed; ``info`` is its state as the sender just read it (None: the
+    receiver asks), so the news of a space change costs one look at the pool, not two."""
+
     pool: str
+    info: PoolInfo | None = None
 
 
 @dataclass(frozen=True)

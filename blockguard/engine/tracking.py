@@ -150,6 +150,10 @@ class VolumeTracking:
         self._at_point: dict[str, ChangeSet] = {}
         #: the answer of the first poll after a committed backup (thin; see commit_point)
         self._after_backup: dict[str, ChangeSet] = {}
+        #: the running backup's plan checked the tracker's state (see commit_point)
+        self._checked_at_point = False
+        #: a committed backup checked the thin tracker's LVs (see commit_point)
+        self._checked_by_backup = False
 
     @property
     def backend(self) -> str:
@@ -221,6 +225,7 @@ class VolumeTracking:
 
     def remove(self) -> None:
         """Stop tracking and delete the state (dm devices of era are taken away)."""
+        self.tidy()  # the snapshots a backup doomed go with the state that names them
         detach = getattr(self.tracker, "detach", None)
         if detach is not None:
             try:
@@ -247,14 +252,35 @@ class VolumeTracking:
         doc = {"format": 1, "roles": {k: vars(v) for k, v in sorted(roles.items())}}
         write_atomic(self.directory / ROLES_FILE, json.dumps(doc, indent=1).encode())
 
-    def drop_orphans(self) -> None:
+    def drop_orphans(self, *, later: bool = False) -> None:
+        """Drop the references no role names.
+
+        :param later: a thin reference's snapshot is only doomed, removed by :meth:`tidy`.
+        """
         used = {r.ref for r in self.roles().values()}
+        later = later and self.backend == TrackingKind.THIN
         for ref in self.tracker.references():
             if ref not in used:
                 try:
-                    self.tracker.drop_reference(ref)
+                    if later:
+                        self.tracker.drop_reference(ref, later=True)  # type: ignore[call-arg]
+                    else:
+                        self.tracker.drop_reference(ref)
                 except BlockguardError as exc:
                     log.warning("dropping reference %s: %s", ref, exc)
+
+    def tidy(self) -> None:
+        """What a backup left for after it reported: the removal of the thin snapshots
+        no reference needs (an ``lvremove`` each, 0.4-0.7 s under TCG). Their names are
+        saved in the tracker's state, so a crash before this only delays it to the next
+        call or start. Nothing for the other backends; errors are logged."""
+        remove = getattr(self.tracker, "remove_doomed", None)
+        if remove is None:
+            return
+        try:
+            remove()
+        except BlockguardError as exc:
+            log.warning("removing the old snapshots of %s: %s", self.directory.name, exc)
 
     def trusted(self, newest: str | None, newest_full: str | None) -> tuple[dict[str, str], str]:
         """Role -> reference for the roles that describe the pool's newest generations.
@@ -278,7 +304,10 @@ class VolumeTracking:
                 )
             else:
                 trusted[role] = have.ref
-        state = self.tracker.state()
+        checked, self._checked_by_backup = self._checked_by_backup, False
+        if not checked:
+            self._checked_at_point = True  # for commit_point: this look asked LVM
+        state = self.tracker.state(recheck=False) if checked else self.tracker.state()  # type: ignore[call-arg]
         if not state.is_exact:
             problems.append(state.reason)
             trusted = {}
@@ -364,6 +393,7 @@ class VolumeTracking:
         :raises EnvironmentProblem: era tracking with no exception store to be had.
         """
         ref = f"b{serial}"
+        self._checked_by_backup = self._checked_at_point = False
         if self.backend == TrackingKind.THIN:
             copy: pit.PointInTime = pit.ThinPointInTime(self.tracker, ref)  # type: ignore[arg-type]
             return PointInTime(copy.source, ref, copy)
@@ -409,7 +439,9 @@ class VolumeTracking:
         if full:
             roles[LAST_FULL] = Role(point.ref, generation)
         self.save_roles(roles)
-        self.drop_orphans()
+        # The snapshot of the reference the new one replaces is removed after the job
+        # reported (tidy): its lvremove is no part of the backup.
+        self.drop_orphans(later=True)
         if self.backend == TrackingKind.THIN:
             # The refresh that follows the backup polls every role: its answer is known
             # without a second reservation and thin_delta. The point's reference has
@@ -420,6 +452,11 @@ class VolumeTracking:
             size: int = self.tracker.volume_size  # type: ignore[attr-defined]
             known = {point.ref: ChangeSet(self.tracker.chunk_size, size), **self._at_point}
             self._after_backup = {r.ref: known[r.ref] for r in roles.values() if r.ref in known}
+            # The same refresh asks whether the volume and the reference snapshots are
+            # there: this backup's plan asked LVM before the copy (an lvs, 0.3-0.9 s
+            # under TCG), and since then only this tracker made and removed snapshots.
+            # Used once, by the next look (the refresh that follows); a new backup clears it.
+            self._checked_by_backup = self._checked_at_point
         self._at_point = {}
 
     def end_point(self, point: PointInTime) -> None:

@@ -201,18 +201,31 @@ class DeviceMapper:
 
     def node(self, name: str) -> str:
         """``/dev/mapper/NAME``, verified to be NAME's block device; created if missing."""
+        path = f"/dev/mapper/{name}"
+        if self._node_named(path, name):
+            return path
         info = self.info(name)
         if info is None:
             raise NotFound(what="device-mapper device", name=name)
-        path = f"/dev/mapper/{name}"
         if not self._node_ok(path, info.rdev):
             self._dmsetup("mknodes", name)
             if not self._node_ok(path, info.rdev):
                 raise NotABlockDevice(path, f"no node for dm device {info.major}:{info.minor}")
         return path
 
+    def _node_named(self, path: str, name: str) -> bool:
+        """``path`` is a block device the kernel names ``name`` (its sysfs ``dm/name``):
+        the answer of ``dmsetup info`` without running it (a thin poll asks each time)."""
+        try:
+            if not self._node_ok(path, None):
+                return False
+            return self.name_of(os.stat(path).st_rdev) == name
+        except FileNotFoundError:  # a dangling link: dmsetup info and mknodes decide
+            return False
+
     @staticmethod
-    def _node_ok(path: str, rdev: int) -> bool:
+    def _node_ok(path: str, rdev: int | None) -> bool:
+        """``path`` is a block device (number ``rdev`` unless None)."""
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -222,7 +235,7 @@ class DeviceMapper:
             raise NotABlockDevice(path, "a regular file stands where the device node should be")
         if stat.S_ISLNK(st.st_mode):
             st = os.stat(path)
-        return stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev
+        return stat.S_ISBLK(st.st_mode) and rdev in (None, st.st_rdev)
 
     def name_of(self, rdev: int) -> str | None:
         """The dm name of a device number, or None if it is not a dm device."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from blockguard.engine import service as svc
 from blockguard.engine.alerts import AlertCenter
 from blockguard.engine.events import EventHub
 from blockguard.errors import InvalidInput
+from tests.timeouts import scaled
 
 NOW = 1_800_000_000.0
 T = Thresholds(pool_free_percent=20, failed_backups=3, rpo_grace=0.1)
@@ -312,3 +314,77 @@ def test_monitor_pokes_on_health_events_but_not_on_its_own_space_news() -> None:
     monitor._wake.clear()
     monitor.on_event(svc.BackupFailed("db", "Environment", "disk gone"))
     assert monitor._wake.is_set()
+
+
+def test_space_news_carries_the_pool_info_the_assessment_read(tmp_path: Path) -> None:
+    """One look at a pool's space per assessment: the PoolChanged it sends carries what
+    it read, so the D-Bus Pool object is refreshed without asking the pool again (on an
+    lvm pool each look is a vgs and a dmsetup table and status)."""
+    from types import SimpleNamespace
+
+    from blockguard.engine.health import HealthKeeper
+    from blockguard.engine.settings import Settings
+
+    events = EventHub()
+    sent: list[svc.ServiceEvent] = []
+    events.subscribe(sent.append)
+    looks: list[str] = []
+    free = [600]
+
+    def info(name: str, space_of: svc.PoolInfo | None = None) -> svc.PoolInfo:
+        if space_of is not None:
+            return space_of
+        looks.append(name)
+        return svc.PoolInfo(name, "lvm", (), 1000, free[0])
+
+    pools = SimpleNamespace(names=lambda: ["p1"], info=info, events=events)
+    catalog = SimpleNamespace(list_jobs=lambda **_: [])
+    volumes = SimpleNamespace(catalog=catalog, all_infos=lambda: [], last_plan={})
+    settings = Settings(state_dir=tmp_path, mount_root=tmp_path, metrics_file=None)
+    center = AlertCenter(tmp_path, events, tmp_path / "none", hook_timeout=1)
+    keeper = HealthKeeper(settings, volumes, pools, center)  # type: ignore[arg-type]
+    try:
+        keeper.assess()
+        news = [e for e in sent if isinstance(e, svc.PoolChanged)]
+        assert looks == ["p1"]
+        assert news == [svc.PoolChanged("p1", svc.PoolInfo("p1", "lvm", (), 1000, 600))]
+        sent.clear()
+        keeper.assess()  # the same space: no news
+        assert looks == ["p1", "p1"] and not [e for e in sent if isinstance(e, svc.PoolChanged)]
+        free[0] = 400
+        keeper.assess()
+        news = [e for e in sent if isinstance(e, svc.PoolChanged)]
+        assert len(looks) == 3 and news and news[0].info is not None and news[0].info.free == 400
+        free[0] = 100
+        keeper.assess(reuse_space=True)  # after a backup that stored and freed nothing
+        assert len(looks) == 3
+        assert keeper.facts(reuse_space=True)[1][0].free == 400
+    finally:
+        center.close()
+
+
+def test_monitor_reads_the_pools_again_unless_every_poke_said_their_space_held() -> None:
+    from blockguard.engine import health as engine_health
+
+    calls: list[bool] = []
+    done = threading.Semaphore(0)
+
+    def assess(*, reuse_space: bool) -> None:
+        calls.append(reuse_space)
+        done.release()
+
+    monitor = engine_health.HealthMonitor(assess, interval=0)
+    monitor.start()
+    try:
+        monitor.poke(space=False)  # the first assessment reads them all the same
+        assert done.acquire(timeout=scaled(10)) and calls == [False]
+        for event, reuse in (
+            (svc.BackupFinished("db", "db@2", "incremental", 0, space_changed=False), True),
+            (svc.BackupFinished("db", "db@3", "incremental", 65536), False),
+            (svc.BackupFailed("db", "Environment", "disk gone"), False),
+        ):
+            monitor.on_event(event)
+            assert done.acquire(timeout=scaled(10))
+            assert calls[-1] is reuse, event
+    finally:
+        monitor.stop()

@@ -160,12 +160,16 @@ class PoolVg:
     def lv_device(self, lv: str) -> str:
         """The verified device node of VG/LV, activating it when needed."""
         name = dm_name(self.name, lv)
-        if self.dm.info(name) is None:
-            try:
-                self.lvm.activate(self.name, lv, ignore_skip=True)
-            except CommandFailed:
-                self.vg_space()  # NotFound names the VG and the disks when it is missing
-                raise
+        try:
+            # Active with its node in place (LVM makes it): no dmsetup call at all.
+            return self.dm.node(name)
+        except NotFound:
+            pass
+        try:
+            self.lvm.activate(self.name, lv, ignore_skip=True)
+        except CommandFailed:
+            self.vg_space()  # NotFound names the VG and the disks when it is missing
+            raise
         return self.dm.node(name)
 
     def remove_lv(self, lv: str) -> None:

@@ -8,15 +8,21 @@ mappings at least once a second and on every flush, so a poll of the live volume
 trail the last second of writes; a backup never depends on that, because creating its
 snapshot commits first and the set it copies is taken against that snapshot.
 
-Only the snapshots some reference still needs are kept. A snapshot is refused (clear
-error, nothing created) when the pool's data or metadata use is above a limit.
+Only the snapshots some reference still needs are kept. One no reference needs any more
+may be removed later (``drop_reference(later=True)``, then :meth:`ThinTracker.remove_doomed`):
+its exact name is saved in the state first, so a removal a crash cut short is done when
+the state is opened again; snapshots are only ever removed by the names saved there. A
+snapshot is refused (clear error, nothing created) when the pool's data or metadata use
+is above a limit.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -43,6 +49,8 @@ from blockguard.storage.tracking.base import ChangeSet, TrackerState, validate_r
 from blockguard.storage.tracking.kept import KeptReferencesTracker
 from blockguard.storage.tracking.thinmeta import MARKER, MetadataSnapshot, listen, recover
 
+log = logging.getLogger(__name__)
+
 #: Refuse a new snapshot above these pool fill levels (percent).
 DATA_LIMIT = 90.0
 METADATA_LIMIT = 80.0
@@ -63,6 +71,8 @@ class _State:
     # and snapshots, by LV name) and the pool's dm name.
     thin_ids: dict[str, int] = field(default_factory=dict)
     pool_dm: str = ""
+    # Snapshot LVs no reference needs, saved before their removal (see remove_doomed).
+    doomed: list[str] = field(default_factory=list)
 
 
 class ThinTracker(KeptReferencesTracker):
@@ -78,6 +88,12 @@ class ThinTracker(KeptReferencesTracker):
         self._run = runner
         self._lvm = Lvm(runner)
         self._dm = DeviceMapper(runner)
+        # remove_doomed may run beside a backup or a poll of this tracker, which change
+        # and save the state: it changes nothing in it, it only notes what it removed
+        # here, and the next save (or open) takes those names off the doomed list.
+        self._gone: set[str] = set()
+        self._gone_lock = threading.Lock()
+        self._removing = threading.Lock()
 
     @classmethod
     def protect(
@@ -120,6 +136,10 @@ class ThinTracker(KeptReferencesTracker):
         # A previous run killed while it held the pool's metadata snapshot: release it if
         # (and only if) the one held is still ours.
         recover(tracker._dm, tracker._dir / MARKER)
+        # ... or before it removed the snapshots it had doomed.
+        if state.doomed:
+            tracker.remove_doomed()
+            tracker._save()
         return tracker
 
     @property
@@ -128,8 +148,13 @@ class ThinTracker(KeptReferencesTracker):
 
     # --- the interface -----------------------------------------------------------------
 
-    def state(self) -> TrackerState:
-        self._check()
+    def state(self, *, recheck: bool = True) -> TrackerState:
+        """:param recheck: ask LVM whether the volume and the reference snapshots are
+        still there (an ``lvs``). Off only for a caller that knows the answer from
+        moments before: the look after a backup, which checked before its copy and
+        has since changed only what this tracker made and removed itself."""
+        if recheck:
+            self._check()
         return self._kept_state()
 
     def add_reference(self, name: str, *, replace: bool = False, active: bool = False) -> None:
@@ -149,10 +174,11 @@ class ThinTracker(KeptReferencesTracker):
         old = self._s.references.get(name)
         self._s.references[name] = snap
         self._s.unknown.pop(name, None)
-        self._save()
         if old and old not in self._s.references.values():
-            self._remove_snapshot(old)
-            self._s.thin_ids.pop(old, None)
+            self._doom(old)
+            self._save()
+            self._remove_now()
+        else:
             self._save()
 
     def reference_device(self, name: str) -> str:
@@ -170,13 +196,52 @@ class ThinTracker(KeptReferencesTracker):
             pass
         return path
 
-    def drop_reference(self, name: str) -> None:
+    def drop_reference(self, name: str, *, later: bool = False) -> None:
+        """Drop reference ``name``; its snapshot goes unless another reference needs it.
+
+        :param later: only doom the snapshot (its name saved in the state, with the
+            reference gone): :meth:`remove_doomed` removes it, e.g. once a backup has
+            reported, so that the ``lvremove`` is not part of the backup's time.
+        """
         snap = self._snapshot_of(name)
-        self._forget(name)
+        del self._s.references[name]
+        self._s.unknown.pop(name, None)
         if snap not in self._s.references.values():
-            self._remove_snapshot(snap)
-            self._s.thin_ids.pop(snap, None)
-            self._save()
+            self._doom(snap)
+        self._save()  # one write: the reference gone and its snapshot doomed
+        if not later:
+            self._remove_now()
+
+    def _doom(self, snap: str) -> None:
+        """Note ``snap`` for removal (saved with the caller's next save)."""
+        self._s.thin_ids.pop(snap, None)
+        with self._gone_lock:  # not lost to a save of another thread pruning the list
+            self._s.doomed.append(snap)
+
+    def _remove_now(self) -> None:
+        self.remove_doomed()
+        self._save()
+
+    def remove_doomed(self) -> None:
+        """Remove the snapshots :meth:`drop_reference` doomed, each by its saved name.
+
+        Safe beside a backup or a poll of this tracker (it changes nothing they read). A
+        snapshot already gone (a removal a crash interrupted before the state was saved)
+        counts as removed; one that cannot be removed stays doomed for the next call.
+        """
+        with self._removing:
+            with self._gone_lock:
+                todo = [s for s in list(self._s.doomed) if s not in self._gone]
+            for snap in todo:
+                try:
+                    self._remove_snapshot(snap)
+                except BlockguardError as exc:
+                    rows = self._lvm.lvs("lv_name", self._s.vg, check=False)
+                    if rows is None or any(r[:1] == [snap] for r in rows):
+                        log.warning("removing %s/%s: %s", self._s.vg, snap, exc)
+                        continue
+                with self._gone_lock:
+                    self._gone.add(snap)
 
     def listen(self) -> None:
         """Before a poll, outside the caller's locks: listen for another user of the
@@ -315,6 +380,10 @@ class ThinTracker(KeptReferencesTracker):
         self._lvm.remove_lv(self._s.vg, snap)
 
     def _save(self) -> None:
+        with self._gone_lock:
+            if self._gone:
+                self._s.doomed = [s for s in self._s.doomed if s not in self._gone]
+                self._gone.clear()
         self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         doc = json.dumps(asdict(self._s), indent=1, sort_keys=True).encode()
         write_atomic(self._dir / "thin.json", doc)  # tmp, fsync, rename, fsync the directory
