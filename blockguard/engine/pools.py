@@ -88,6 +88,8 @@ class PoolRegistry:
         self.lock = threading.RLock()
         self.open_pools: dict[str, PoolBackend] = {}
         self._placement: dict[tuple[str, str], str] = {}
+        #: drill scratch devices that exist now: path -> pool (the gate knows them)
+        self._scratch: dict[str, str] = {}
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -184,8 +186,20 @@ class PoolRegistry:
     # --- registration ---------------------------------------------------------------
 
     def gate(self) -> SafetyGate:
-        """The safety gate of every protected volume and pool disk of the catalog."""
-        return build_gate(self.catalog, self.cmd)
+        """The safety gate of every protected volume and pool disk of the catalog, and of
+        the drill scratch devices the pools made."""
+        with self.lock:
+            scratch = dict(self._scratch)
+        return build_gate(self.catalog, self.cmd, scratch)
+
+    def scratch_made(self, device: str, pool: str) -> None:
+        """Pool ``pool`` made ``device`` as a drill's scratch space (see :meth:`gate`)."""
+        with self.lock:
+            self._scratch[device] = pool
+
+    def scratch_removed(self, device: str) -> None:
+        with self.lock:
+            self._scratch.pop(device, None)
 
     def _check_new_devices(self, devices: Sequence[str], gate: SafetyGate, force: bool) -> None:
         if not isinstance(devices, list | tuple) or not devices:

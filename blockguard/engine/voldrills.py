@@ -27,11 +27,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from blockguard.core.health import AlertKind
-from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.units import format_duration
 from blockguard.core.vocab import RestoreTarget
 from blockguard.engine import ids
 from blockguard.engine.alerts import AlertCenter
+from blockguard.engine.calibration import copy_target_of
 from blockguard.engine.drillbook import FAILED, OK, STOPPED, DrillRecord, drill_mode
 from blockguard.engine.jobbook import JobBook, JobProgress
 from blockguard.engine.jobs import Job, JobKind, ProgressReporter
@@ -83,7 +83,7 @@ def run_volume_drill(
         "",
         vol.pool,
     )
-    copy_target = DeviceSpeed.uniform(volumes.settings.default_speed)
+    copy_target = copy_target_of(pools, vol.pool).speed
     correction = correction_from(volumes.catalog.recent_restores(volume))
     planned, probe, full_device = restore_estimate(pools, request, copy_target, correction)
     backend = pools.backend(vol.pool)
