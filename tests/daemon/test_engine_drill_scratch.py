@@ -14,14 +14,17 @@ import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from blockguard.cli.client import Client, plain, variant
+from blockguard.cli.client import VOLUME, Client, plain, variant
 from tests.support.daemon import ENGINE_ENV, Daemon, EngineHarness, run_job
 from tests.support.devices import MiB
+
+from .test_cli import ctl
 
 VOLUME_SIZE = 16 * MiB
 POOL_SIZE = 400 * MiB
 SCRATCH = "bg-drill-scratch.img"
 DEFAULT_SPEED = float(ENGINE_ENV["BLOCKGUARD_DEFAULT_SPEED"])
+VOLUME_PATH = "/org/blockguard1/volume/db"
 
 
 def _copy_samples(daemon: Daemon) -> list[tuple[str, str, float]]:
@@ -107,6 +110,13 @@ def test_drill_copies_into_scratch_on_the_pool_and_plan_uses_its_rate(
         assert after["measured"] is True
         assert after["write_rate"] == rate != DEFAULT_SPEED
         assert "measured by the restore drill of pool p1 into scratch space" in after["source"]
+        est = plain(client.properties(VOLUME_PATH, VOLUME))["RestoreEstimate"]
+        assert est["copy_target"] == after
+    for command in (("plan", "db"), ("volume", "show", "db")):
+        shown = ctl(daemon, *command)
+        assert shown.returncode == 0, shown.stderr
+        text = " ".join(shown.stdout.split())
+        assert "copy target writes" in text and "into scratch space" in text, text
 
     # Nothing of the scratch is left: no file on the pool, no loop device on it.
     assert not list(engine.tmp_path.rglob(SCRATCH))
