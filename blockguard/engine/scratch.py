@@ -17,19 +17,27 @@ import logging
 from collections.abc import Iterator
 
 from blockguard.engine.pools import PoolRegistry
-from blockguard.errors import BlockguardError
+from blockguard.errors import BlockguardError, PoolSpaceLow
 
 log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def scratch_space(pools: PoolRegistry, pool: str, size: int) -> Iterator[str | None]:
+def scratch_space(
+    pools: PoolRegistry, pool: str, size: int, reserve: int = 0
+) -> Iterator[str | None]:
     """The device of new scratch space of ``size`` bytes on ``pool``, registered with the
     gate, removed on exit; None (logged) when the pool cannot make one (no room, a pool
     without block space): the drill's copy restores then only rehearse their reads.
+
+    :param reserve: bytes the pool must keep free besides (the next backup's): a drill
+        never takes the room a backup needs.
     """
     backend = pools.backend(pool)
     try:
+        free = backend.capacity().free
+        if free < size + reserve:
+            raise PoolSpaceLow(pool=pool, free=free, needed=size + reserve)
         scratch = backend.drill_scratch(size)
     except BlockguardError as exc:
         log.warning(
