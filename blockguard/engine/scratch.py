@@ -27,34 +27,42 @@ def scratch_space(
     pools: PoolRegistry, pool: str, size: int, reserve: int = 0
 ) -> Iterator[str | None]:
     """The device of new scratch space of ``size`` bytes on ``pool``, registered with the
-    gate, removed on exit; None (logged) when the pool cannot make one (no room, a pool
-    without block space): the drill's copy restores then only rehearse their reads.
+    gate, removed on exit; None (logged) when the pool cannot make one (another drill of
+    the pool has it, no room, a pool without block space): the drill's copy restores then
+    only rehearse their reads.
 
     :param reserve: bytes the pool must keep free besides (the next backup's): a drill
         never takes the room a backup needs.
     """
     backend = pools.backend(pool)
-    try:
-        free = backend.capacity().free
-        if free < size + reserve:
-            raise PoolSpaceLow(pool=pool, free=free, needed=size + reserve)
-        scratch = backend.drill_scratch(size)
-    except BlockguardError as exc:
-        log.warning(
-            "pool %s: no scratch space for the restore drill's copy restores (%s); they "
-            "time the read side only",
-            pool,
-            exc,
-            extra={"POOL": pool},
-        )
-        scratch = None
-    if scratch is None:
+    if not pools.claim_scratch(pool):
+        log.info("pool %s: its drill scratch space is in use by another drill", pool)
         yield None
         return
-    log.info("pool %s: drill scratch space %s on %s", pool, scratch.name, scratch.device)
-    pools.scratch_made(scratch.device, pool)
+    scratch = None
     try:
-        yield scratch.device
+        try:
+            free = backend.capacity().free
+            if free < size + reserve:
+                raise PoolSpaceLow(pool=pool, free=free, needed=size + reserve)
+            scratch = backend.drill_scratch(size)
+        except BlockguardError as exc:
+            log.warning(
+                "pool %s: no scratch space for the restore drill's copy restores (%s); "
+                "they time the read side only",
+                pool,
+                exc,
+                extra={"POOL": pool},
+            )
+        if scratch is None:
+            yield None
+            return
+        log.info("pool %s: drill scratch space %s on %s", pool, scratch.name, scratch.device)
+        pools.scratch_made(scratch.device, pool)
+        try:
+            yield scratch.device
+        finally:
+            pools.scratch_removing(scratch.device)
+            scratch.release()
     finally:
-        pools.scratch_removed(scratch.device)
-        scratch.release()
+        pools.unclaim_scratch(pool)
