@@ -182,14 +182,16 @@ class CopyTarget:
 
 
 def copy_target_of(pools: PoolRegistry, pool: str) -> CopyTarget:
-    """The newest write rate a drill of ``pool`` measured of its scratch space, else the
-    default target speed (``default_speed``)."""
+    """The newest write rate a drill of ``pool`` or of a volume on it measured of the
+    pool's scratch space, else the default target speed (``default_speed``)."""
     newest: PathSampleRecord | None = None
     for dev in pools.catalog.list_pool_devices(pool):
         for record in pools.catalog.path_samples(
             dev.device_path, RestoreMode.COPY.value, FIT_WINDOW
         ):
-            if record.source == "drill" and not record.volume and record.write_rate > 0:
+            # Drills of the pool and of its volumes into its scratch; never real restores,
+            # whose rate is the one they assumed.
+            if record.source == "drill" and record.write_rate > 0:
                 if newest is None or (record.at, record.seq) > (newest.at, newest.seq):
                     newest = record
                 break
@@ -200,11 +202,12 @@ def copy_target_of(pools: PoolRegistry, pool: str) -> CopyTarget:
             False,
             f"default {format_rate(rate)}: no drill of pool {pool} has written scratch space",
         )
+    drill = f"volume {newest.volume}" if newest.volume else f"pool {pool}"
     return CopyTarget(
         DeviceSpeed.uniform(newest.write_rate),
         True,
-        f"{format_rate(newest.write_rate)} measured by the restore drill of pool {pool} "
-        f"into scratch space on {newest.pool_device}",
+        f"{format_rate(newest.write_rate)} measured by the restore drill of {drill} into "
+        f"scratch space on {newest.pool_device}",
     )
 
 

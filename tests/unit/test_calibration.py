@@ -137,9 +137,9 @@ def test_real_copy_restores_are_not_charged_their_target_writes_twice(tmp_path: 
 def test_a_copy_target_is_the_pools_newest_drilled_scratch_rate_else_the_default(
     tmp_path: Path,
 ) -> None:
-    """A copy's target writes are estimated at the write rate the pool's newest drill
-    measured of its scratch space; before any (or with only samples that wrote no scratch,
-    of volume drills or of other pools), at the ``default_speed`` setting."""
+    """A copy's target writes are estimated at the write rate the newest drill of the pool
+    (or of a volume on it) measured of its scratch space; before any (with only samples
+    that wrote no scratch, real restores or other pools' samples), at ``default_speed``."""
     settings = Settings(tmp_path, tmp_path / "mnt", default_speed=8e6)
     with Catalog(tmp_path / "catalog.db") as c:
         for pool, disk, minor in (("p1", "/dev/sdb", 16), ("p2", "/dev/sdc", 32)):
@@ -157,9 +157,13 @@ def test_a_copy_target_is_the_pools_newest_drilled_scratch_rate_else_the_default
         assert unmeasured.measured is False and unmeasured.speed.write(False) == 8e6
         assert "no drill of pool p1" in unmeasured.source
         sample("/dev/sdb", 0.0)  # a drill that rehearsed its copies
-        sample("/dev/sdb", 0.0, volume="db")  # a volume drill
+        sample("/dev/sdb", 0.0, volume="db")  # a volume drill that did
         sample("/dev/sdb", 3e8, mode="swap-in")
         sample("/dev/sdc", 9e8)  # another pool's scratch
+        c.record_path_sample(
+            volume="db", pool_device="/dev/sdb", mode="copy", source="restore", generations=1,
+            chunks=1, extents=0, nbytes=1 << 20, measured_seconds=0.1, write_rate=5e8,
+        )  # fmt: skip
         assert copy_target_of(pools, "p1").measured is False  # type: ignore[arg-type]
         sample("/dev/sdb", 2e8)
         sample("/dev/sdb", 4e8)
@@ -167,4 +171,7 @@ def test_a_copy_target_is_the_pools_newest_drilled_scratch_rate_else_the_default
         found = copy_target_of(pools, "p1")  # type: ignore[arg-type]
         assert found.measured is True and found.speed.write(False) == 4e8
         assert found.as_dict()["write_rate"] == 4e8
-        assert "into scratch space on /dev/sdb" in found.source
+        assert "drill of pool p1 into scratch space on /dev/sdb" in found.source
+        sample("/dev/sdb", 3e8, volume="db")  # a volume drill into the pool's scratch
+        found = copy_target_of(pools, "p1")  # type: ignore[arg-type]
+        assert found.speed.write(False) == 3e8 and "drill of volume db" in found.source
