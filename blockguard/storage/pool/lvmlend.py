@@ -146,8 +146,13 @@ class LvLender:
         return LvScratch(device, f"{self.vg.name}/{DRILL_SCRATCH}", size, self.vg.remove_lv)
 
     def remove_scratch(self) -> list[str]:
-        """Remove the LV named exactly :data:`DRILL_SCRATCH` if there is one."""
-        if DRILL_SCRATCH not in self.vg.lvs():
+        """Remove the LV named exactly :data:`DRILL_SCRATCH` if there is one and nothing
+        holds it open (an open one is left, logged: the pool must still open)."""
+        found = self.vg.lvs().get(DRILL_SCRATCH)
+        if found is None:
+            return []
+        if found.is_open:
+            log.warning("%s/%s is open: not removed", self.vg.name, DRILL_SCRATCH)
             return []
         self.vg.remove_lv(DRILL_SCRATCH)
         return [f"{self.vg.name}/{DRILL_SCRATCH}"]
