@@ -546,6 +546,11 @@ def _estimate_fields(est: dict[str, Any]) -> list[tuple[str, Any]]:
         ),
         ("restore calibration", est["calibration"]),
         ("restore breakdown", _breakdown_text(est["breakdown"])),
+        *(
+            [("copy target writes", est["copy_target"].get("source", "?"))]
+            if est["mode"] == "copy" and isinstance(est.get("copy_target"), dict)
+            else []
+        ),
     ]
 
 
@@ -606,6 +611,9 @@ def plan(client: Client, args: argparse.Namespace, out: Output) -> None:
         out.line(f"  by term: {_breakdown_text(decision['restore_breakdown'])}")
         if "restore_terms" in decision:
             out.line(f"  terms: {_terms_text(decision['restore_terms'])}")
+        copy_target = decision.get("copy_target")
+        if decision["restore_mode"] == "copy" and isinstance(copy_target, dict):
+            out.line(f"  copy target writes: {copy_target.get('source', '?')}")
     retention = decision.get("retention")
     if retention:
         out.line(_retention_line(retention))

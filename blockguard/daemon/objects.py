@@ -126,7 +126,7 @@ class VolumeObject(_Snapshotted):
     ChangedBytesSinceFull = _snapshot_property("ChangedBytesSinceFull", UInt64)
     EstimatedRestoreSeconds = _snapshot_property("EstimatedRestoreSeconds", SecondsDict)
     #: The next method's restore estimate: seconds, upper_seconds, calibrated,
-    #: calibration, mode, breakdown (seconds by term), upper_by_method.
+    #: calibration, mode, breakdown (seconds by term), upper_by_method, copy_target.
     RestoreEstimate = _snapshot_property("RestoreEstimate", VarDict)
     NextMethod = _snapshot_property("NextMethod", Str)
     NextMethodReasons = _snapshot_property("NextMethodReasons", Strs)

@@ -9,6 +9,11 @@ samples is "uncalibrated" and planned with the probe-only model — unless anoth
 of the same pool was drilled: a drill places its synthetic chain on one device of the
 pool, so the others borrow its terms, their bytes term scaled by the two devices' probed
 read speeds and never cheaper than the drilled device's.
+
+A pool drill restores its copies into scratch space on the pool (:mod:`.scratch`), whose
+probed write rate is kept with each copy sample: the fit takes those writes out of the
+path, and the model adds a copy's target writes back at that measured rate
+(:func:`copy_target_of`) instead of the default target speed (``default_speed``).
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ from blockguard.core.restore_terms import (
     RestoreShape,
     fit_terms,
 )
-from blockguard.core.vocab import RESTORE_MODES, RestoreTarget
+from blockguard.core.units import format_rate
+from blockguard.core.vocab import RESTORE_MODES, RestoreMode, RestoreTarget
 from blockguard.engine.jobs import ProgressReporter
 from blockguard.engine.pools import PoolRegistry
+from blockguard.engine.scratch import scratch_space
 from blockguard.engine.settings import Settings
 from blockguard.storage.drill import DrillResult, run_drill
 from blockguard.storage.restore import RestoreResult
@@ -154,6 +161,56 @@ def estimate_dict(estimate: RestoreEstimate, cal: Calibration) -> dict[str, Any]
     return found
 
 
+@dataclass(frozen=True)
+class CopyTarget:
+    """The target speed a copy restore's estimate assumes, and where it comes from.
+
+    :param measured: True when a drill measured it (its scratch space on the pool).
+    """
+
+    speed: DeviceSpeed
+    measured: bool
+    source: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """For ``plan``: ``write_rate`` (bytes/s), ``measured`` and ``source``."""
+        return {
+            "write_rate": self.speed.write(False),
+            "measured": self.measured,
+            "source": self.source,
+        }
+
+
+def copy_target_of(pools: PoolRegistry, pool: str) -> CopyTarget:
+    """The newest write rate a drill of ``pool`` or of a volume on it measured of the
+    pool's scratch space, else the default target speed (``default_speed``)."""
+    newest: PathSampleRecord | None = None
+    for dev in pools.catalog.list_pool_devices(pool):
+        for record in pools.catalog.path_samples(
+            dev.device_path, RestoreMode.COPY.value, FIT_WINDOW
+        ):
+            # Drills of the pool and of its volumes into its scratch; never real restores,
+            # whose rate is the one they assumed.
+            if record.source == "drill" and record.write_rate > 0:
+                if newest is None or (record.at, record.seq) > (newest.at, newest.seq):
+                    newest = record
+                break
+    if newest is None:
+        rate = pools.settings.default_speed
+        return CopyTarget(
+            DeviceSpeed.uniform(rate),
+            False,
+            f"default {format_rate(rate)}: no drill of pool {pool} has written scratch space",
+        )
+    drill = f"volume {newest.volume}" if newest.volume else f"pool {pool}"
+    return CopyTarget(
+        DeviceSpeed.uniform(newest.write_rate),
+        True,
+        f"{format_rate(newest.write_rate)} measured by the restore drill of {drill} into "
+        f"scratch space on {newest.pool_device}",
+    )
+
+
 def record_restore_sample(
     catalog: Catalog,
     volume: str,
@@ -187,19 +244,26 @@ def record_restore_sample(
 def record_drill(
     catalog: Catalog, pools: PoolRegistry, pool: str, result: DrillResult
 ) -> list[dict[str, Any]]:
-    """Store a drill's samples (volume ""), each with what the model predicted before."""
+    """Store a drill's samples (volume ""), each with what the model predicted before;
+    copies restored into scratch space keep its measured write rate (see the module)."""
     devices = {}
     for sample in result.samples:
         key = sample.full.generation_id
         if key not in devices:
             devices[key] = pools.device_of(pool, sample.full)
     before = calibration(catalog, sorted(set(devices.values())))
+    scratch = DeviceSpeed.uniform(result.copy_write_rate) if result.copy_write_rate > 0 else None
     rows = []
     for sample in result.samples:
         device = devices[sample.full.generation_id]
         shape = RestoreShape(sample.generations, sample.chunks, sample.extents, sample.nbytes)
+        mode = RestoreMode(sample.mode)
+        wrote = scratch is not None and mode is RestoreMode.COPY
         fitted = before.terms.get((device, sample.mode))
-        predicted = None if fitted is None else fitted.seconds(shape)
+        predicted = None
+        if fitted is not None:
+            writes = copy_write_cost(fitted, scratch, mode) if wrote else 0.0
+            predicted = fitted.seconds(shape) + writes * sample.nbytes
         catalog.record_path_sample(
             volume="",
             pool_device=device,
@@ -211,6 +275,7 @@ def record_drill(
             nbytes=sample.nbytes,
             measured_seconds=sample.seconds,
             predicted_seconds=predicted,
+            write_rate=result.copy_write_rate if wrote else 0.0,
         )
         rows.append(
             {
@@ -230,11 +295,20 @@ def record_drill(
 def run_drill_job(
     pool: str, pools: PoolRegistry, settings: Settings, progress: ProgressReporter
 ) -> dict[str, Any]:
-    """The body of a drill job: drill the pool, store the samples, report the terms."""
+    """The body of a drill job: drill the pool (its copies into scratch space on it), store
+    the samples, report the terms."""
     from blockguard.engine.jobbook import JobProgress
 
     backend = pools.backend(pool)
-    result = run_drill(backend, volume_bytes=settings.drill_bytes, progress=JobProgress(progress))
+    with scratch_space(pools, pool, settings.drill_bytes) as scratch:
+        result = run_drill(
+            backend,
+            volume_bytes=settings.drill_bytes,
+            progress=JobProgress(progress),
+            copy_scratch=scratch,
+            # Built now: it knows the scratch device as the pool's own.
+            gate=pools.gate(),
+        )
     rows = record_drill(pools.catalog, pools, pool, result)
     devices = sorted({r["device"] for r in rows})
     after = calibration(pools.catalog, devices)
@@ -242,6 +316,8 @@ def run_drill_job(
         "pool": pool,
         "samples": rows,
         "seconds": result.duration,
+        "copy_scratch": result.copy_scratch,
+        "copy_write_rate": result.copy_write_rate,
         "terms": {
             f"{device} {mode}": after.terms[device, mode].as_dict()
             for device in devices

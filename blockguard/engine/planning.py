@@ -133,6 +133,8 @@ class PlanInputs:
     floors: dict[GenerationKind, float] = field(default_factory=dict)
     #: the mode of a restore that names none: what the RTO refers to (restore_mode_of)
     restore_mode: RestoreMode = DEFAULT_RESTORE_MODE
+    #: where ``copy_target`` comes from (:meth:`~.calibration.CopyTarget.as_dict`)
+    copy_target_info: dict[str, Any] = field(default_factory=dict)
 
 
 def correction_from(records: Sequence[Any]) -> float:
@@ -248,6 +250,8 @@ def plan_dict(inputs: PlanInputs, now: datetime) -> dict[str, Any]:
         plan["needed_rate"] = decision.needed_rate
     if "terms" in chosen:
         plan["restore_terms"] = chosen["terms"]
+    if inputs.copy_target_info:
+        plan["copy_target"] = inputs.copy_target_info
     plan["retention"] = retention_dict(inputs)
     return plan
 

@@ -88,6 +88,10 @@ class PoolRegistry:
         self.lock = threading.RLock()
         self.open_pools: dict[str, PoolBackend] = {}
         self._placement: dict[tuple[str, str], str] = {}
+        #: drill scratch devices that exist now: path -> pool (the gate knows them)
+        self._scratch: dict[str, str] = {}
+        #: pools whose scratch space a drill has claimed (one at a time per pool)
+        self._scratch_claims: set[str] = set()
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -184,8 +188,36 @@ class PoolRegistry:
     # --- registration ---------------------------------------------------------------
 
     def gate(self) -> SafetyGate:
-        """The safety gate of every protected volume and pool disk of the catalog."""
-        return build_gate(self.catalog, self.cmd)
+        """The safety gate of every protected volume and pool disk of the catalog, and of
+        the drill scratch devices the pools made."""
+        with self.lock:
+            scratch = dict(self._scratch)
+        return build_gate(self.catalog, self.cmd, scratch)
+
+    def claim_scratch(self, pool: str) -> bool:
+        """Take ``pool``'s one drill scratch space for a drill; False if another has it
+        (it has one name: a second drill making it would remove the first one's)."""
+        with self.lock:
+            if pool in self._scratch_claims:
+                return False
+            self._scratch_claims.add(pool)
+            return True
+
+    def scratch_made(self, device: str, pool: str) -> None:
+        """Pool ``pool`` made ``device`` as a drill's scratch space (see :meth:`gate`)."""
+        with self.lock:
+            self._scratch[device] = pool
+
+    def scratch_removing(self, device: str) -> None:
+        """Scratch ``device`` is about to be removed: no gate knows it from now on (its
+        device number may soon be another device's)."""
+        with self.lock:
+            self._scratch.pop(device, None)
+
+    def unclaim_scratch(self, pool: str) -> None:
+        """The drill that claimed ``pool``'s scratch space is done with it."""
+        with self.lock:
+            self._scratch_claims.discard(pool)
 
     def _check_new_devices(self, devices: Sequence[str], gate: SafetyGate, force: bool) -> None:
         if not isinstance(devices, list | tuple) or not devices:

@@ -29,7 +29,7 @@ from blockguard.core.restore_model import (
 from blockguard.core.vocab import GenerationKind, RestoreMode, RestoreTarget, TrackingKind
 from blockguard.engine import ids
 from blockguard.engine import service as svc
-from blockguard.engine.calibration import calibration, record_restore_sample
+from blockguard.engine.calibration import calibration, copy_target_of, record_restore_sample
 from blockguard.engine.events import EventHub
 from blockguard.engine.jobbook import JobProgress
 from blockguard.engine.jobs import ProgressReporter
@@ -226,7 +226,7 @@ def run_restore(
     force: bool,
 ) -> dict[str, Any]:
     """The body of a restore job."""
-    copy_target = DeviceSpeed.uniform(volumes.settings.default_speed)
+    copy_target = copy_target_of(pools, request.pool).speed
     correction = correction_from(volumes.catalog.recent_restores(request.volume))
     planned, probe, full_device = restore_estimate(pools, request, copy_target, correction)
     predicted = probe.predicted_seconds

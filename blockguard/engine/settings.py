@@ -12,7 +12,8 @@ tests (and slow or fast hosts) override them:
     seconds per probe test when a pool disk is registered (default 1); ``0`` skips the
     probe and uses the unmeasured default entry below.
 ``default_speed`` (``BLOCKGUARD_DEFAULT_SPEED``)
-    bytes/s assumed for every figure of a device that was not measured (default 100 MB/s).
+    bytes/s assumed for every figure of a device that was not measured (default 100 MB/s),
+    and for a copy restore's target writes until a drill of the pool measured its scratch.
 ``scheduler_interval`` (``BLOCKGUARD_SCHEDULER_INTERVAL``)
     the shortest time between two looks at one volume whose objectives need looks
     (default 30); ``0`` turns the scheduler off. A volume is looked at (its tracker and pool

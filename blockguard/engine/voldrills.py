@@ -2,8 +2,9 @@
 
 A volume whose objectives ask for drills (``drill``; weekly by default with an RTO) has
 its newest generation restored, when due, in the mode its RTO refers to (swap-in into a
-clone on its pool, read back and released; copy as pool drills time it, the read side
-alone), every chunk checked against its stored checksum, and timed
+clone on its pool, read back and released; copy into scratch space on its pool, read back
+and removed — or, when the pool lacks the room besides the next backup's, the copy's read
+side alone), every chunk checked against its stored checksum, and timed
 (:mod:`blockguard.storage.voldrill`). The drill is a job of the volume (one job per volume
 at a time, so never while its backup runs). Its timing is stored like a real restore's:
 a restore path sample (the fitted terms learn from it) and a measured restore (the
@@ -27,11 +28,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from blockguard.core.health import AlertKind
-from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.units import format_duration
 from blockguard.core.vocab import RestoreTarget
 from blockguard.engine import ids
 from blockguard.engine.alerts import AlertCenter
+from blockguard.engine.calibration import copy_target_of
 from blockguard.engine.drillbook import FAILED, OK, STOPPED, DrillRecord, drill_mode
 from blockguard.engine.jobbook import JobBook, JobProgress
 from blockguard.engine.jobs import Job, JobKind, ProgressReporter
@@ -43,6 +44,7 @@ from blockguard.engine.restores import (
     find_generation,
     restore_estimate,
 )
+from blockguard.engine.scratch import scratch_space
 from blockguard.errors import BlockguardError, ChecksumMismatch, CorruptMetadata
 from blockguard.storage.voldrill import VOLUME_DRILL_LABEL, drill_volume
 
@@ -83,20 +85,30 @@ def run_volume_drill(
         "",
         vol.pool,
     )
-    copy_target = DeviceSpeed.uniform(volumes.settings.default_speed)
+    copy_target = copy_target_of(pools, vol.pool).speed
     correction = correction_from(volumes.catalog.recent_restores(volume))
     planned, probe, full_device = restore_estimate(pools, request, copy_target, correction)
     backend = pools.backend(vol.pool)
     try:
-        found = drill_volume(
-            backend,
-            volume,
-            manifest.generation_id,
-            mode,
-            label=f"{VOLUME_DRILL_LABEL}{job_record.replace('-', '')[:16]}",
-            progress=watch,
-            read_delay=volumes.settings.drill_read_delay,
-        )
+        with contextlib.ExitStack() as stack:
+            scratch = None
+            if mode == "copy":
+                # A real copy into scratch space on the pool, if it has room besides the
+                # next backup's; else the copy's reads alone.
+                reserve = backend.next_backup_estimate(volume)
+                size = manifest.volume.size
+                scratch = stack.enter_context(scratch_space(pools, vol.pool, size, reserve))
+            found = drill_volume(
+                backend,
+                volume,
+                manifest.generation_id,
+                mode,
+                label=f"{VOLUME_DRILL_LABEL}{job_record.replace('-', '')[:16]}",
+                progress=watch,
+                read_delay=volumes.settings.drill_read_delay,
+                copy_scratch=scratch,
+                gate=pools.gate() if scratch else None,
+            )
     except (ChecksumMismatch, CorruptMetadata) as exc:
         _blame(volumes, backend, volume, manifest, exc)
     result = found.restore
@@ -113,6 +125,8 @@ def run_volume_drill(
         nbytes=result.bytes_read,
         measured_seconds=measured,
         predicted_seconds=planned.seconds,
+        # A copy into scratch wrote at this rate: the fit takes those writes out again.
+        write_rate=found.write_rate,
     )
     volumes.catalog.record_restore(
         volume,

@@ -51,6 +51,7 @@ def attached(
             "mode": plan["restore_mode"],
             "breakdown": plan["restore_breakdown"],
             "upper_by_method": plan["upper_restore_seconds"],
+            "copy_target": plan.get("copy_target"),
         },
         last_drill=last_drill,
         next_drill=next_drill,

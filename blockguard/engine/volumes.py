@@ -37,7 +37,7 @@ from blockguard.core.vocab import RestoreMode, TrackingKind
 from blockguard.core.what_if import ChangeSets
 from blockguard.engine import ids, poolspace, volumeinfo
 from blockguard.engine import service as svc
-from blockguard.engine.calibration import calibration
+from blockguard.engine.calibration import calibration, copy_target_of
 from blockguard.engine.drillbook import DrillBook, drill_mode, floors_of
 from blockguard.engine.events import EventHub
 from blockguard.engine.generations import (
@@ -379,6 +379,7 @@ class VolumeRegistry:
         given = self.objectives_of(name)
         given.pop("group", None)
         objectives = parse_given(given)
+        copy = copy_target_of(self.pools, vol.pool)
         return PlanInputs(
             view=view,
             changes=changes,
@@ -388,7 +389,8 @@ class VolumeRegistry:
             objectives=objectives,
             keep=retention_of(given),
             correction=correction_from(self.catalog.recent_restores(name)),
-            copy_target=default,
+            copy_target=copy.speed,
+            copy_target_info=copy.as_dict(),
             lost_reason=problem,
             full_required=gens.full_required,
             generations=gens,

@@ -12,6 +12,8 @@ project's own restore code (:mod:`blockguard.storage.restore`), timing each:
   :func:`~blockguard.storage.restore.restore_to_device` into it, so that the samples hold
   the copy path's reads and writes as it overlaps them (the model adds only what a slower
   target would cost more, see :func:`blockguard.core.restore_model.copy_write_cost`);
+  the scratch's own sequential write rate is probed first (``copy_write_rate``), and the
+  safety gate, when given, judges the scratch before every write to it;
 - copy mode without scratch space: :func:`~blockguard.storage.restore.rehearse`, the copy
   restore's read side (the same gathered windows, readers and checksum checks, the data
   then dropped), to which the model adds the target's writes. An earlier drill wrote into
@@ -21,8 +23,7 @@ project's own restore code (:mod:`blockguard.storage.restore`), timing each:
 Each restore is one sample of (mode, pool device, generations, chunks, extents, bytes,
 seconds); the engine stores them and fits the model's terms. Everything the drill wrote is
 removed before it returns, also on failure. It writes nothing but its own generations and
-its own swap-in clones
-(and the scratch device it is given for copy mode).
+its own swap-in clones (and the scratch device it is given for copy mode).
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ from dataclasses import dataclass
 import xxhash
 from pyroaring import BitMap
 
+from blockguard.core.perftable import SpeedKind
 from blockguard.core.vocab import GenerationKind, RestoreMode
 from blockguard.errors import Busy, InvalidInput
+from blockguard.storage.blockdev import BlockDevice
 from blockguard.storage.copyengine import Progress, extents
 from blockguard.storage.manifest import (
     Manifest,
@@ -51,7 +54,9 @@ from blockguard.storage.manifest import (
     new_checksum_array,
 )
 from blockguard.storage.pool.base import GenerationSpec, PoolBackend
+from blockguard.storage.probe import SEQ_BLOCK, WritableRegion, probe_device
 from blockguard.storage.restore import RestoreResult, rehearse, restore_to_device, swap_in
+from blockguard.storage.safety import SafetyGate
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,10 @@ DEFAULT_REPEATS = 2
 MODES = (RestoreMode.COPY.value, RestoreMode.SWAP_IN.value)
 #: Bytes written per call of the generation writer for a full.
 _FULL_STEP = 1024 * 1024
+#: Seconds the sequential write probe of a copy scratch device runs.
+SCRATCH_PROBE_SECONDS = 0.5
+#: What the gate is told a drill's scratch is for (its messages name it).
+SCRATCH_PURPOSE = "a restore drill's scratch space"
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,8 @@ class DrillResult:
     written: tuple[str, ...] = ()
     #: the device copy mode restored into ("" : copy mode only rehearsed, wrote nothing)
     copy_scratch: str = ""
+    #: its probed sequential write rate, bytes/s (0: no scratch)
+    copy_write_rate: float = 0.0
 
 
 class _ChainBuilder:
@@ -230,12 +241,39 @@ def _build(
     return builder, targets
 
 
+def _judge(gate: SafetyGate | None, pool: PoolBackend, scratch: str) -> None:
+    """The gate's word on writing ``scratch`` now (it may have been mounted or stacked on
+    since the last write)."""
+    if gate is not None:
+        gate.check_scratch(scratch, pool=pool.name, purpose=SCRATCH_PURPOSE)
+
+
+def scratch_write_rate(path: str, nbytes: int, duration: float = SCRATCH_PROBE_SECONDS) -> float:
+    """The sequential write rate (bytes/s) of a scratch device, probed as a copy restore
+    writes it: one stream of 1 MiB requests, over its first ``nbytes`` (overwritten!)."""
+    with BlockDevice(path) as dev:
+        length = min(nbytes, dev.size) // SEQ_BLOCK * SEQ_BLOCK
+        rdev = dev.rdev
+    if length < SEQ_BLOCK:
+        raise InvalidInput(detail=f"scratch device {path} is smaller than {SEQ_BLOCK} bytes")
+    result = probe_device(
+        path,
+        writable=WritableRegion(0, length),
+        kinds=[SpeedKind.SEQ_WRITE],
+        duration=duration,
+        depths=(1,),
+        expect_rdev=rdev,
+    )
+    return result.rate(SpeedKind.SEQ_WRITE)
+
+
 def _timed_restore(
     pool: PoolBackend,
     generation: Manifest,
     mode: str,
     serial: int,
     copy_scratch: str | None,
+    gate: SafetyGate | None,
 ) -> RestoreResult:
     if mode == RestoreMode.SWAP_IN:
         result = swap_in(
@@ -245,6 +283,7 @@ def _timed_restore(
         result.swap.release()
         return result
     if copy_scratch:
+        _judge(gate, pool, copy_scratch)
         return restore_to_device(pool, DRILL_VOLUME, generation.generation_id, copy_scratch)
     return rehearse(pool, DRILL_VOLUME, generation.generation_id)
 
@@ -260,6 +299,7 @@ def run_drill(
     seed: int | None = None,
     repeats: int = DEFAULT_REPEATS,
     copy_scratch: str | None = None,
+    gate: SafetyGate | None = None,
 ) -> DrillResult:
     """Write the drill's chains on ``pool``, restore each shape in each mode, time it,
     and remove everything written.
@@ -269,7 +309,10 @@ def run_drill(
     :param repeats: restores of each shape in each mode.
     :param copy_scratch: a spare block device of at least ``volume_bytes`` (overwritten!)
         that copy mode restores into; None: copy mode rehearses (reads only).
+    :param gate: judges ``copy_scratch`` as ``pool``'s scratch space
+        (:meth:`~blockguard.storage.safety.SafetyGate.check_scratch`) before each write.
     :raises InvalidInput: a size too small for a chunk, or an unknown mode.
+    :raises DeviceInUse: the gate refuses the scratch device (names why).
     """
     check_chunk_size(chunk_size)
     if volume_bytes < 2 * chunk_size or volume_bytes % (2 * chunk_size):
@@ -293,6 +336,10 @@ def run_drill(
     samples: list[DrillSample] = []
     written: list[Manifest] = []
     serial = 0
+    write_rate = 0.0
+    if copy_scratch and RestoreMode.COPY.value in modes:
+        _judge(gate, pool, copy_scratch)
+        write_rate = scratch_write_rate(copy_scratch, volume_bytes)
     try:
         for share in sizes:
             size = max(2 * chunk_size, int(volume_bytes * share) // chunk_size * chunk_size)
@@ -303,7 +350,9 @@ def run_drill(
             for shape in [s for s in group for _ in range(repeats)]:
                 for mode in modes:
                     serial += 1
-                    result = _timed_restore(pool, targets[shape.name], mode, serial, copy_scratch)
+                    result = _timed_restore(
+                        pool, targets[shape.name], mode, serial, copy_scratch, gate
+                    )
                     samples.append(
                         DrillSample(
                             shape.name,
@@ -328,6 +377,7 @@ def run_drill(
         time.monotonic() - started,
         tuple(m.generation_id for m in written),
         copy_scratch or "",
+        write_rate,
     )
 
 

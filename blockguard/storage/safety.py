@@ -239,6 +239,8 @@ class SafetyGate:
         catalog, whatever its state).
     :param pool_disks: pool disk path -> pool name (every disk of every pool).
     :param runner: runs ``blkid`` and ``lvm pvs`` (reads only).
+    :param scratch: scratch device path -> the pool that made it for a restore drill
+        (see :meth:`check_scratch`); only these may be written on a pool's disks.
     """
 
     def __init__(
@@ -246,22 +248,27 @@ class SafetyGate:
         protected: Mapping[str, str],
         pool_disks: Mapping[str, str],
         runner: Runner,
+        scratch: Mapping[str, str] | None = None,
     ) -> None:
         self.protected = dict(protected)
         self.pool_disks = dict(pool_disks)
         self.runner = runner
+        self.scratch = dict(scratch or {})
 
     def adding(
         self,
         *,
         protected: Mapping[str, str] | None = None,
         pool_disks: Mapping[str, str] | None = None,
+        scratch: Mapping[str, str] | None = None,
     ) -> SafetyGate:
-        """A gate that also knows ``protected`` and ``pool_disks`` (this one is unchanged)."""
+        """A gate that also knows ``protected``, ``pool_disks`` and ``scratch`` (this one
+        is unchanged)."""
         return SafetyGate(
             {**self.protected, **(protected or {})},
             {**self.pool_disks, **(pool_disks or {})},
             self.runner,
+            {**self.scratch, **(scratch or {})},
         )
 
     # --- deciding -------------------------------------------------------------------
@@ -371,21 +378,36 @@ class SafetyGate:
     def check_scratch(self, path: str, *, pool: str, purpose: str) -> Family:
         """Raise unless ``path`` may be overwritten as scratch space of ``pool``.
 
-        A drill's scratch device (a clone the pool made of a drill generation: a loop device
-        on a file of a dir pool, a thin snapshot of an lvm pool) lies on ``pool``'s own disks
-        by construction, so only that claim is lifted; every other refusal stands (a
-        protected volume, another pool, a mount, a holder). Its content is the drill's own.
+        A drill's scratch device (a loop device over a file of a dir pool, an LV of an lvm
+        pool) lies on ``pool``'s own disks by construction. Only a device the gate was told
+        is ``pool``'s scratch (``scratch``, by device number, not by name) has that claim
+        lifted, and only when it is built on the pool disk (never the disk itself); every
+        other refusal stands (a protected volume, another pool, a mount, a holder). Its
+        content is the drill's own, so data found on it is no refusal.
 
         :raises NotABlockDevice: ``path`` is not a block device.
+        :raises PoolDiskRefused: ``path`` is not a registered scratch device of ``pool``
+            (then it is judged as any other device), or it is the pool disk itself.
         :raises DeviceInUse: any refusal of :meth:`check_writable` but ``pool``'s disks.
         """
+        rdev = device_rdev(path)
+        registered = {
+            r
+            for device, owner in self.scratch.items()
+            if owner == pool and (r := _rdev_or_none(device)) is not None
+        }
         family, refusals = self.assess(path, purpose=purpose)
         for refusal in refusals:
             error = refusal.error
-            if refusal.foreign_data:
-                continue
-            if isinstance(error, PoolDiskRefused) and error.fields.get("pool") == pool:
-                continue
+            if rdev in registered:
+                if refusal.foreign_data:
+                    continue
+                if (
+                    isinstance(error, PoolDiskRefused)
+                    and error.fields.get("pool") == pool
+                    and _rdev_or_none(str(error.fields.get("device", ""))) != rdev
+                ):
+                    continue
             raise error
         return family
 

@@ -9,10 +9,14 @@ volume's RTO refers to, timed as pool drills time it (:mod:`blockguard.storage.d
   against the checksum stored for it in the generation that provides it, so a restore
   path that writes wrong bytes is caught (:class:`~blockguard.errors.DrillMismatch`); the
   clone is released, also on failure;
-- copy: :func:`~blockguard.storage.restore.rehearse`, the copy's read side alone (the same
-  readers, windows and checksum checks, the data dropped): a copy's target is a device of
-  its own whose writes the model takes from its speed, and writing into a clone on the
-  pool would time the pool's copy-on-write allocation instead.
+- copy, given scratch space on the pool (``copy_scratch``: a plain device the pool made for
+  drills, never a clone of the full, whose copy-on-write allocation a copy into it would
+  time instead): a real :func:`~blockguard.storage.restore.restore_to_device` into it,
+  judged by the safety gate first, its write rate probed, then every chunk read back
+  against its stored checksum as for swap-in;
+- copy without scratch space: :func:`~blockguard.storage.restore.rehearse`, the copy's
+  read side alone (the same readers, windows and checksum checks, the data dropped), to
+  which the model adds the target's writes.
 
 Either way a chunk damaged on the pool stops the drill with
 :class:`~blockguard.errors.ChecksumMismatch`, naming it and its generation.
@@ -39,9 +43,17 @@ from blockguard.storage.copyengine import (
     discard_sink,
     extents,
 )
+from blockguard.storage.drill import SCRATCH_PURPOSE, scratch_write_rate
 from blockguard.storage.manifest import Manifest
 from blockguard.storage.pool.base import GenerationReader, PoolBackend
-from blockguard.storage.restore import RestoreResult, plan_chunks, rehearse, swap_in
+from blockguard.storage.restore import (
+    RestoreResult,
+    plan_chunks,
+    rehearse,
+    restore_to_device,
+    swap_in,
+)
+from blockguard.storage.safety import SafetyGate
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +70,8 @@ class VolumeDrillResult:
     verified_chunks: int
     verified_bytes: int
     verify_seconds: float
+    #: a copy into scratch space: the scratch's probed write rate, bytes/s (else 0)
+    write_rate: float = 0.0
 
 
 class DelayedReads:
@@ -89,6 +103,8 @@ def drill_volume(
     label: str,
     progress: Progress | None = None,
     read_delay: float = 0.0,
+    copy_scratch: str | None = None,
+    gate: SafetyGate | None = None,
 ) -> VolumeDrillResult:
     """Restore ``generation_id`` of ``volume`` as a drill (see the module docstring): every
     restored chunk checked against its stored checksum, nothing left on ``pool``.
@@ -97,6 +113,9 @@ def drill_volume(
     :param label: a swap-in drill's clone's name (unique per drill; starts with
         :data:`VOLUME_DRILL_LABEL`).
     :param read_delay: a test's fault: seconds every generation read takes more.
+    :param copy_scratch: copy mode: the pool's drill scratch device (overwritten), at
+        least the volume's size; None: copy mode rehearses the reads.
+    :param gate: judges ``copy_scratch`` as the pool's scratch before it is written.
     :raises ChecksumMismatch: a stored chunk is damaged (names chunk and generation).
     :raises DrillMismatch: the restored device does not hold what the chain stores.
     :raises PoolSpaceLow: the scratch writes and the next backup would not both fit.
@@ -107,9 +126,12 @@ def drill_volume(
         raise InvalidInput(detail=f"drill label {label!r} must start with {VOLUME_DRILL_LABEL}")
     progress = progress or Progress()
     source: PoolBackend = pool if read_delay <= 0 else DelayedReads(pool, read_delay, progress)  # type: ignore[assignment]
-    if mode == "copy":
+    if mode == "copy" and not copy_scratch:
         result = rehearse(source, volume, generation_id, progress=progress)
         return VolumeDrillResult(result, result.chunks, result.bytes_read, 0.0)
+    if mode == "copy":
+        assert copy_scratch is not None
+        return _copy_into_scratch(pool, source, volume, generation_id, copy_scratch, gate, progress)
     chain = pool.chain(volume, generation_id)
     # The deltas written over the clone allocate (copy on write): a drill must not take the
     # room the next backup needs.
@@ -125,6 +147,28 @@ def drill_volume(
     finally:
         result.swap.release()
     return VolumeDrillResult(result, chunks, nbytes, verify_seconds)
+
+
+def _copy_into_scratch(
+    pool: PoolBackend,
+    source: PoolBackend,
+    volume: str,
+    generation_id: str,
+    scratch: str,
+    gate: SafetyGate | None,
+    progress: Progress,
+) -> VolumeDrillResult:
+    """A real copy restore into the pool's scratch device, then every chunk read back."""
+    chain = pool.chain(volume, generation_id)
+    if gate is not None:
+        gate.check_scratch(scratch, pool=pool.name, purpose=SCRATCH_PURPOSE)
+    rate = scratch_write_rate(scratch, chain[0].volume.size)
+    if gate is not None:
+        gate.check_scratch(scratch, pool=pool.name, purpose=SCRATCH_PURPOSE)
+    result = restore_to_device(source, volume, generation_id, scratch, progress=progress)
+    started = time.monotonic()
+    chunks, nbytes = read_back(pool, volume, chain, scratch, progress)
+    return VolumeDrillResult(result, chunks, nbytes, time.monotonic() - started, rate)
 
 
 def read_back(

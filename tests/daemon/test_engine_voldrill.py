@@ -49,11 +49,23 @@ def _samples(daemon: Daemon) -> list[tuple[str, str, str]]:
         conn.close()
 
 
+def _write_rates(daemon: Daemon, volume: str) -> list[float]:
+    conn = sqlite3.connect(daemon.state_dir / "catalog.db")
+    try:
+        rows = conn.execute(
+            "SELECT write_rate FROM path_samples WHERE volume = ? AND source = 'drill'", (volume,)
+        )
+        return [r for (r,) in rows]
+    finally:
+        conn.close()
+
+
 def _no_scratch_left(daemon: Daemon) -> None:
     assert not list(daemon.state_dir.rglob("@vdrill*"))
+    assert not list(daemon.state_dir.rglob("bg-drill-scratch*"))
     attached = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     mine = [line for line in attached.splitlines() if str(daemon.state_dir) in line]
-    assert not [line for line in mine if "@vdrill" in line], mine
+    assert not [line for line in mine if "@vdrill" in line or "bg-drill" in line], mine
 
 
 def _wait_drill(client: Client, timeout: float = 60) -> dict[str, Any]:
@@ -267,11 +279,13 @@ def test_drill_is_refused_while_the_volume_is_busy_and_without_generations(
         assert run_job(client, job)["State"] == "done"
         drill = run_job(client, client.call("DrillVolume", "s", "db"))
         assert drill["State"] == "done", drill["Error"]
-        # Copy mode, as pool drills time it: the read side, every chunk checked.
+        # Copy mode: a real copy into scratch space on the pool, every chunk read back and
+        # checked; the sample keeps the scratch's write rate.
         result = drill["Result"]
         assert result["result"] == "ok" and result["mode"] == "copy"
         assert result["verified_bytes"] == SIZE
         assert ("db", "copy", "drill") in _samples(daemon)
+        assert _write_rates(daemon, "db") and all(r > 0 for r in _write_rates(daemon, "db"))
         # The refusals started nothing: the one drill job is the one asked for last.
         assert [p["Kind"] for p in client.objects(JOB).values()].count("drill") == 1
     _no_scratch_left(daemon)

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from blockguard.errors import PoolDiskRefused
 from blockguard.storage.drill import DEFAULT_SHAPES, DRILL_VOLUME, run_drill
-from blockguard.storage.pool.dirpool import DirPool
+from blockguard.storage.pool.dirpool import SCRATCH_FILE, DirPool
+from blockguard.storage.runner import default_runner
+from blockguard.storage.safety import SafetyGate
 
 MiB = 1 << 20
 
@@ -116,3 +119,54 @@ def test_a_copy_drill_given_scratch_restores_into_it(loopdev, pool: DirPool) -> 
     assert head != b"\0" * (4 * MiB)
     assert _sha(scratch) != before
     assert pool.generations(DRILL_VOLUME) == []
+
+
+def test_pool_scratch_is_written_only_as_the_gate_knows_it(pool: DirPool) -> None:
+    """The dir pool's drill scratch (a sparse file on its area, on a loop device) lies on a
+    pool disk: the gate refuses it until it is registered as that pool's scratch, and
+    refuses it for another pool or the pool disk itself registered so. A drill given the
+    registered scratch and the gate restores its copies into it; the scratch is gone
+    after release."""
+    disk = pool.devices()[0].path
+    gate = SafetyGate({}, {disk: pool.name}, default_runner())
+    scratch = pool.drill_scratch(8 * MiB)
+    try:
+        image = Path(scratch.name)
+        assert image.parent == Path(pool.devices()[0].area) and image.name == SCRATCH_FILE
+        assert os.stat(image).st_blocks == 0  # sparse until written
+        with pytest.raises(PoolDiskRefused):
+            gate.check_scratch(scratch.device, pool=pool.name, purpose="scratch")
+        with pytest.raises(PoolDiskRefused):
+            gate.adding(scratch={scratch.device: "other"}).check_scratch(
+                scratch.device, pool=pool.name, purpose="scratch"
+            )
+        with pytest.raises(PoolDiskRefused):
+            gate.adding(scratch={disk: pool.name}).check_scratch(
+                disk, pool=pool.name, purpose="scratch"
+            )
+        known = gate.adding(scratch={scratch.device: pool.name})
+        known.check_scratch(scratch.device, pool=pool.name, purpose="scratch")
+        # Registration is no licence for other writes: a plain restore target is refused.
+        with pytest.raises(PoolDiskRefused):
+            known.check_writable(scratch.device, purpose="a restore target", force=True)
+
+        result = run_drill(
+            pool,
+            volume_bytes=4 * MiB,
+            modes=("copy",),
+            seed=5,
+            repeats=1,
+            copy_scratch=scratch.device,
+            gate=known,
+        )
+        assert result.copy_scratch == scratch.device and result.copy_write_rate > 0
+        assert os.stat(image).st_blocks > 0  # the copies wrote the scratch file
+        with pytest.raises(PoolDiskRefused):  # an unregistered scratch stops the drill
+            run_drill(pool, volume_bytes=4 * MiB, modes=("copy",), repeats=1,
+                      copy_scratch=scratch.device, gate=gate)  # fmt: skip
+    finally:
+        scratch.release()
+    assert not image.exists()
+    backing = Path(f"/sys/block/{Path(scratch.device).name}/loop/backing_file")
+    assert not backing.exists() or SCRATCH_FILE not in backing.read_text()
+    assert not pool.generations(DRILL_VOLUME)

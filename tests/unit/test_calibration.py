@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from blockguard.core.catalog import Catalog
+from blockguard.core.catalog import Catalog, DeviceIdentity
 from blockguard.core.restore_terms import PathTerms, RestoreShape
-from blockguard.engine.calibration import calibration
+from blockguard.engine.calibration import calibration, copy_target_of
+from blockguard.engine.settings import Settings
 
 TRUE = PathTerms(fixed=0.2, per_generation=0.05, per_extent=0.001, per_byte=1e-8)
 SHAPES = [
@@ -130,3 +132,46 @@ def test_real_copy_restores_are_not_charged_their_target_writes_twice(tmp_path: 
         record_restore_sample(c, "pg", "/dev/sdb", RestoreTarget.SWAP_IN, result, None, target)
         (swap,) = c.path_samples("/dev/sdb", "swap-in")
         assert swap.write_rate == 0.0
+
+
+def test_a_copy_target_is_the_pools_newest_drilled_scratch_rate_else_the_default(
+    tmp_path: Path,
+) -> None:
+    """A copy's target writes are estimated at the write rate the newest drill of the pool
+    (or of a volume on it) measured of its scratch space; before any (with only samples
+    that wrote no scratch, real restores or other pools' samples), at ``default_speed``."""
+    settings = Settings(tmp_path, tmp_path / "mnt", default_speed=8e6)
+    with Catalog(tmp_path / "catalog.db") as c:
+        for pool, disk, minor in (("p1", "/dev/sdb", 16), ("p2", "/dev/sdc", 32)):
+            c.add_pool(pool, "dir", f"/srv/{pool}")
+            c.add_pool_device(pool, disk, DeviceIdentity(8, minor, 1 << 30), capacity=1 << 30)
+        pools = SimpleNamespace(catalog=c, settings=settings)
+
+        def sample(device: str, rate: float, volume: str = "", mode: str = "copy") -> None:
+            c.record_path_sample(
+                volume=volume, pool_device=device, mode=mode, source="drill", generations=1,
+                chunks=1, extents=0, nbytes=1 << 20, measured_seconds=0.1, write_rate=rate,
+            )  # fmt: skip
+
+        unmeasured = copy_target_of(pools, "p1")  # type: ignore[arg-type]
+        assert unmeasured.measured is False and unmeasured.speed.write(False) == 8e6
+        assert "no drill of pool p1" in unmeasured.source
+        sample("/dev/sdb", 0.0)  # a drill that rehearsed its copies
+        sample("/dev/sdb", 0.0, volume="db")  # a volume drill that did
+        sample("/dev/sdb", 3e8, mode="swap-in")
+        sample("/dev/sdc", 9e8)  # another pool's scratch
+        c.record_path_sample(
+            volume="db", pool_device="/dev/sdb", mode="copy", source="restore", generations=1,
+            chunks=1, extents=0, nbytes=1 << 20, measured_seconds=0.1, write_rate=5e8,
+        )  # fmt: skip
+        assert copy_target_of(pools, "p1").measured is False  # type: ignore[arg-type]
+        sample("/dev/sdb", 2e8)
+        sample("/dev/sdb", 4e8)
+        sample("/dev/sdb", 0.0)
+        found = copy_target_of(pools, "p1")  # type: ignore[arg-type]
+        assert found.measured is True and found.speed.write(False) == 4e8
+        assert found.as_dict()["write_rate"] == 4e8
+        assert "drill of pool p1 into scratch space on /dev/sdb" in found.source
+        sample("/dev/sdb", 3e8, volume="db")  # a volume drill into the pool's scratch
+        found = copy_target_of(pools, "p1")  # type: ignore[arg-type]
+        assert found.speed.write(False) == 3e8 and "drill of volume db" in found.source

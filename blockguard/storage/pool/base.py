@@ -74,6 +74,7 @@ __all__ = [
     "PoolDevice",
     "PoolScan",
     "RetentionResult",
+    "ScratchSpace",
     "SpaceAlert",
     "SwapInVolume",
     "VolumeRecord",
@@ -81,6 +82,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: The name of a pool's restore-drill scratch space (an LV of an lvm pool; a file, with
+#: ``.img``, in a dir pool's area). Only this exact name is ever removed as a left-over.
+DRILL_SCRATCH = "bg-drill-scratch"
 
 
 class GenerationWriter(ABC):
@@ -179,6 +184,25 @@ class SwapInVolume(ABC):
     @abstractmethod
     def release(self, *, keep_image: bool = False) -> None:
         """Detach the device (and delete its backing unless ``keep_image``)."""
+
+
+class ScratchSpace(ABC):
+    """A block device on the pool's disks that a restore drill writes into (the target of
+    its copy restores); the caller releases it.
+
+    :param device: the verified device node.
+    :param name: what it is on the pool (``VG/LV``, or the backing file's path).
+    :param size: bytes.
+    """
+
+    def __init__(self, device: str, name: str, size: int) -> None:
+        self.device = device
+        self.name = name
+        self.size = size
+
+    @abstractmethod
+    def release(self) -> None:
+        """Remove it (detach the loop device, delete the file or LV)."""
 
 
 class PoolBackend(ABC):
@@ -309,6 +333,22 @@ class PoolBackend(ABC):
         :raises PoolSpaceLow: no room for it.
         """
         raise EnvironmentProblem(detail=f"pool {self.name} ({self.kind}) lends no block devices")
+
+    # --- a restore drill's scratch space -------------------------------------------
+
+    def drill_scratch(self, size: int) -> ScratchSpace:
+        """New scratch space :data:`DRILL_SCRATCH` of ``size`` bytes on the pool's disks
+        for a drill's copy restores (one at a time per pool: a left-over is removed first).
+
+        :raises EnvironmentProblem: this pool has no block space to give.
+        :raises PoolSpaceLow: no room for it.
+        """
+        raise EnvironmentProblem(detail=f"pool {self.name} ({self.kind}) has no scratch space")
+
+    def remove_drill_scratch(self) -> list[str]:
+        """Remove a scratch space :data:`DRILL_SCRATCH` a crash left (that name only);
+        returns what was removed."""
+        return []
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the pool (unmount what this object mounted)."""

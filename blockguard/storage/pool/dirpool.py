@@ -14,6 +14,10 @@ Each disk is one *area*: its own XFS (``mkfs.xfs -m reflink=1``) mounted under
 A generation being written holds an flock on its ``.writing`` file; a directory with no
 manifest whose lock can be taken is garbage and ``open`` removes it, as it removes
 ``*.deleted`` directories left by an interrupted removal.
+
+A restore drill's scratch space is ``bg-drill-scratch.img`` at the top of an area: a sparse
+file attached to a loop device (direct I/O, so that its writes reach the file system as a
+real target's reach its disk). ``open`` detaches and deletes one a crash left.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from blockguard.errors import (
     EnvironmentProblem,
     InvalidInput,
     NotFound,
+    PoolSpaceLow,
 )
 from blockguard.storage.blockdev import device_rdev, mounted_devnos
 from blockguard.storage.manifest import (
@@ -38,10 +43,12 @@ from blockguard.storage.manifest import (
     check_name,
 )
 from blockguard.storage.pool.base import (
+    DRILL_SCRATCH,
     AlertCallback,
     GenerationSpec,
     PoolCapacity,
     PoolDevice,
+    ScratchSpace,
     SwapInVolume,
 )
 from blockguard.storage.pool.dirgen import (
@@ -64,6 +71,8 @@ log = logging.getLogger(__name__)
 POOL_FORMAT = "blockguard-dir-pool"
 #: mkfs.xfs refuses file systems under 300 MB.
 MIN_DEVICE_SIZE = 320 << 20
+#: The drill's scratch file at the top of an area.
+SCRATCH_FILE = f"{DRILL_SCRATCH}.img"
 
 
 class DirPool(DiskStore):
@@ -189,8 +198,10 @@ class DirPool(DiskStore):
     # --- garbage --------------------------------------------------------------------
 
     def collect_garbage(self) -> list[str]:
-        """Remove uncommitted and half-deleted generations; returns what was removed."""
+        """Remove uncommitted and half-deleted generations and a drill's left-over
+        scratch file; returns what was removed."""
         removed, _ = self._collect_generation_dirs()
+        removed += self.remove_drill_scratch()
         if removed:
             log.info("removed uncommitted generations: %s", removed)
         return removed
@@ -282,6 +293,66 @@ class DirPool(DiskStore):
         for loop in self._loops_of(name):
             self.runner.run(["losetup", "-d", loop], timeout=60)
         Path(name).unlink(missing_ok=True)
+
+    # --- a restore drill's scratch space -------------------------------------------
+
+    def drill_scratch(self, size: int) -> ScratchSpace:
+        """A sparse file of ``size`` bytes in the area with the most room, on a loop device.
+
+        :raises PoolSpaceLow: no area can hold it.
+        """
+        if not self._areas:
+            raise EnvironmentProblem(detail=f"pool {self.name} has no devices")
+        self.remove_drill_scratch()
+        area = max((mnt for _, mnt in self._areas), key=self._area_free)
+        if self._area_free(area) < size:
+            raise PoolSpaceLow(pool=self.name, free=self._area_free(area), needed=size)
+        image = area / SCRATCH_FILE
+        fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        try:
+            dev = self.runner.run(
+                ["losetup", "--find", "--show", "--direct-io=on", str(image)], timeout=60
+            ).stdout.strip()
+        except BaseException:
+            image.unlink(missing_ok=True)
+            raise
+        scratch = DirScratch(dev, str(image), size, self.runner)
+        try:
+            device_rdev(dev)
+        except BaseException:
+            scratch.release()
+            raise
+        return scratch
+
+    def remove_drill_scratch(self) -> list[str]:
+        removed = []
+        for _, mnt in self._areas:
+            image = mnt / SCRATCH_FILE
+            if not image.exists():
+                continue
+            for loop in self._loops_of(str(image)):
+                self.runner.run(["losetup", "-d", loop], timeout=60)
+            image.unlink(missing_ok=True)
+            removed.append(str(image))
+        if removed:
+            log.info("pool %s: removed drill scratch %s", self.name, removed)
+        return removed
+
+
+class DirScratch(ScratchSpace):
+    """A drill's scratch file on a loop device; released by the device it attached."""
+
+    def __init__(self, device: str, image: str, size: int, runner: Runner) -> None:
+        super().__init__(device, image, size)
+        self.runner = runner
+
+    def release(self) -> None:
+        self.runner.run(["losetup", "-d", self.device], timeout=60)
+        Path(self.name).unlink(missing_ok=True)
 
 
 class DirSwapIn(SwapInVolume):

@@ -4,6 +4,8 @@
   whatever the size);
 - ``cow-*``: linear LVs lent as dm-snapshot exception stores for one backup; one that
   nothing holds open is garbage for the pool's collection;
+- ``bg-drill-scratch``: a restore drill's scratch space (a thin LV in the thin pool, a
+  linear LV without one), removed after the drill and, left by a crash, at ``open``;
 - any other name: a device lent for good (dm-era metadata), whose ``/dev/VG/LV`` path
   stays the same across reboots (a loop device over a file would not).
 """
@@ -16,8 +18,8 @@ from collections.abc import Callable
 
 from blockguard.errors import Busy, NotABlockDevice
 from blockguard.storage.blockdev import BlockDevice
-from blockguard.storage.pool.base import SwapInVolume
-from blockguard.storage.pool.lvmvg import PoolVg
+from blockguard.storage.pool.base import DRILL_SCRATCH, ScratchSpace, SwapInVolume
+from blockguard.storage.pool.lvmvg import THIN_POOL, PoolVg
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,17 @@ class LvCowStore:
         if not self._released:
             self._remove(self.lv)
             self._released = True
+
+
+class LvScratch(ScratchSpace):
+    """A drill's scratch LV: ``name`` is ``VG/LV``; ``release()`` removes the LV."""
+
+    def __init__(self, device: str, name: str, size: int, remove: Callable[[str], None]) -> None:
+        super().__init__(device, name, size)
+        self._remove = remove
+
+    def release(self) -> None:
+        self._remove(self.name.split("/", 1)[1])
 
 
 class LvLender:
@@ -110,6 +123,39 @@ class LvLender:
             self.vg.remove_lv(lv)
             raise
         return LvCowStore(device, lv, size, self.vg.remove_lv)
+
+    def scratch(self, size: int, preferred: str | None) -> LvScratch:
+        """A drill's scratch LV of ``size`` bytes: thin in the thin pool (where the fulls
+        are), linear on the preferred PV when the VG has no thin pool. A left-over of that
+        name is removed first (drills of a pool run one at a time)."""
+        self.remove_scratch()
+        if THIN_POOL in self.vg.lvs():
+            self.vg.lvm.create_thin(self.vg.name, THIN_POOL, DRILL_SCRATCH, size)
+        else:
+            pvs = self.vg.place(size, preferred)
+            self.vg.lvm.create_linear(
+                self.vg.name, DRILL_SCRATCH, size, pvs, wipe=False, zero=False
+            )
+        try:
+            device = self.vg.lv_device(DRILL_SCRATCH)
+            with BlockDevice(device) as dev:
+                size = dev.size
+        except BaseException:
+            self.vg.remove_lv(DRILL_SCRATCH)
+            raise
+        return LvScratch(device, f"{self.vg.name}/{DRILL_SCRATCH}", size, self.vg.remove_lv)
+
+    def remove_scratch(self) -> list[str]:
+        """Remove the LV named exactly :data:`DRILL_SCRATCH` if there is one and nothing
+        holds it open (an open one is left, logged: the pool must still open)."""
+        found = self.vg.lvs().get(DRILL_SCRATCH)
+        if found is None:
+            return []
+        if found.is_open:
+            log.warning("%s/%s is open: not removed", self.vg.name, DRILL_SCRATCH)
+            return []
+        self.vg.remove_lv(DRILL_SCRATCH)
+        return [f"{self.vg.name}/{DRILL_SCRATCH}"]
 
     def lend(self, name: str, size: int) -> str:
         """A linear LV ``name`` (signatures wiped, start zeroed); its stable path."""

@@ -19,14 +19,15 @@ Layout of pool ``NAME`` (VG ``bg_NAME``, 1 MiB extents, on the pool disks as PVs
   the faster disk), else the PV with the most free space. A delta with no changed chunk
   has no LV.
 - ``cow-*``: linear LVs lent out as dm-snapshot exception stores (:meth:`cow_store`);
-  ``s-*``: swap-in volumes (thin snapshots of a full) handed to the caller.
+  ``s-*``: swap-in volumes (thin snapshots of a full) handed to the caller;
+  ``bg-drill-scratch``: a restore drill's scratch space (:meth:`drill_scratch`).
 
 The commit protocol: the generation directory is made and flock-ed (``.writing``) first,
 then its LV is created and written, flushed (which also commits the thin pool's mappings),
 then the checksums, then the manifest. A generation directory without a manifest whose
 lock can be taken, a ``*.deleted`` directory (an interrupted removal; the rename is the
-removal's commit point), a ``g*`` LV that no directory names and a ``cow-*`` LV that
-nothing holds open are garbage, removed by :meth:`LvmPool.open`.
+removal's commit point), a ``g*`` LV that no directory names, a ``cow-*`` LV that
+nothing holds open and a drill's scratch LV are garbage, removed by :meth:`LvmPool.open`.
 
 Every LVM command is confined to the pool's disks by a devices filter, so the pool can
 never touch another disk. LVM does not scan LVs for PV labels (``scan_lvs = 0``, the
@@ -73,7 +74,7 @@ from blockguard.storage.pool.lvmgen import (
     LvmGenerationWriter,
     lv_name_of,
 )
-from blockguard.storage.pool.lvmlend import COW_PREFIX, LvCowStore, LvLender
+from blockguard.storage.pool.lvmlend import COW_PREFIX, LvCowStore, LvLender, LvScratch
 from blockguard.storage.pool.lvmvg import (
     EXTENT,
     META_LV,
@@ -322,6 +323,7 @@ class LvmPool(DiskStore):
             if stray_gen or stray_cow:
                 self._remove_lv(lv.name)
                 removed.append(f"{self.vg}/{lv.name}")
+        removed += self.remove_drill_scratch()
         if removed:
             log.info("pool %s: removed garbage %s", self.name, removed)
         return removed
@@ -442,3 +444,17 @@ class LvmPool(DiskStore):
 
     def return_device(self, name: str) -> None:
         self.lending.give_back(name)
+
+    def drill_scratch(self, size: int) -> LvScratch:
+        """:raises PoolSpaceLow: the thin pool (or, without one, the VG) lacks the room."""
+        size = round_up(max(size, EXTENT), EXTENT)
+        if THIN_POOL in self.volume_group.lvs():
+            short = self.volume_group.admit_thin(size, size, self.preferred_device)
+            if short is not None:
+                self.refuse_space(short.free, short.needed, None, short.resource)
+        else:
+            self.require_space(size)
+        return self.lending.scratch(size, self.preferred_device)
+
+    def remove_drill_scratch(self) -> list[str]:
+        return self.lending.remove_scratch()
