@@ -224,8 +224,25 @@ class VolumeTracking:
         return tracking
 
     def remove(self) -> None:
-        """Stop tracking and delete the state (dm devices of era are taken away)."""
+        """Stop tracking and delete the state (dm devices of era are taken away).
+
+        A thin tracker's reference snapshots go first, each by the exact name its state
+        saved (the state is their only record); one that cannot be removed is named in
+        a warning, as it stays in the volume group once the state is gone."""
+        if self.backend == TrackingKind.THIN:
+            for ref in self.tracker.references():
+                try:
+                    self.tracker.drop_reference(ref, later=True)  # type: ignore[call-arg]
+                except BlockguardError as exc:
+                    log.warning("dropping reference %s: %s", ref, exc)
         self.tidy()  # the snapshots a backup doomed go with the state that names them
+        left = self.tracker.doomed() if hasattr(self.tracker, "doomed") else []
+        if left:
+            log.warning(
+                "snapshots of %s stay behind (remove by hand: lvremove %s)",
+                self.directory.name,
+                " ".join(left),
+            )
         detach = getattr(self.tracker, "detach", None)
         if detach is not None:
             try:

@@ -106,3 +106,21 @@ def test_snapshot_refused_when_pool_nearly_full(thin_lv: str, tmp_path: Path) ->
         t.add_reference("r0")
     assert lvm("lvs", "--noheadings", "-o", "lv_name", VG) == before
     assert t.references() == []
+
+
+def test_stopping_tracking_removes_its_snapshots_and_nothing_else(
+    thin_lv: str, tmp_path: Path
+) -> None:
+    """Unprotect (VolumeTracking.remove) takes the tracker's snapshots with it; an LV
+    with a look-alike name stays."""
+    from blockguard.engine.tracking import VolumeTracking
+    from blockguard.storage.runner import default_runner
+
+    t = ThinTracker.protect(VG, thin_lv, tmp_path / "vol", CHUNK)
+    t.add_reference("r0")
+    t.add_reference("r1")
+    lvm("lvcreate", "-qq", "-s", "-n", "bgref-vol-99", f"{VG}/{thin_lv}")
+    VolumeTracking(tmp_path / "vol", t, default_runner()).remove()
+    snaps = [x.split()[0] for x in lvm("lvs", "--noheadings", "-o", "lv_name", VG).splitlines()]
+    assert sorted(s for s in snaps if s.startswith("bgref-")) == ["bgref-vol-99"]
+    assert thin_lv in snaps and not (tmp_path / "vol").exists()

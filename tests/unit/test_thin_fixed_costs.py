@@ -141,3 +141,31 @@ def test_a_backup_asks_lvm_once_for_its_plan_and_removes_the_old_snapshot_after(
     trusted, problem = tracking.trusted("g3", "g1")
     assert len(lvm.commands("lvs")) == 2
     assert trusted == {} and "bgref-vol-1 is missing" in problem
+
+
+def test_unprotect_removes_every_reference_snapshot_by_exact_name(tmp_path: Path) -> None:
+    """Stopping tracking takes the tracker's snapshots with it (the state is their
+    only record): each by its saved name, nothing else in the VG touched."""
+    lvm = FakeLvm({LV, "bgref-vol-1", "bgref-vol-2", "bgref-vol-20", "other"})
+    t = tracker(tmp_path, lvm, {"b1": "bgref-vol-1", "b2": "bgref-vol-2"})
+    (tmp_path / "vol").mkdir()
+    tracking = VolumeTracking(tmp_path / "vol", t, lvm)  # type: ignore[arg-type]
+    tracking.remove()
+    assert sorted(c[-1] for c in lvm.commands("lvremove")) == [
+        f"{VG}/bgref-vol-1",
+        f"{VG}/bgref-vol-2",
+    ]
+    assert lvm.lvs == {LV, "bgref-vol-20", "other"}
+    assert not (tmp_path / "vol").exists()
+
+
+def test_unprotect_names_a_snapshot_it_could_not_remove(tmp_path: Path, caplog) -> None:
+    lvm = FakeLvm({LV, "bgref-vol-1", "bgref-vol-2"})
+    t = tracker(tmp_path, lvm, {"b1": "bgref-vol-1", "b2": "bgref-vol-2"})
+    (tmp_path / "vol").mkdir()
+    tracking = VolumeTracking(tmp_path / "vol", t, lvm)  # type: ignore[arg-type]
+    lvm.refuse = {"bgref-vol-2"}
+    with caplog.at_level("WARNING"):
+        tracking.remove()
+    assert lvm.lvs == {LV, "bgref-vol-2"}
+    assert f"lvremove {VG}/bgref-vol-2" in caplog.text

@@ -212,6 +212,11 @@ class ThinTracker(KeptReferencesTracker):
         if not later:
             self._remove_now()
 
+    def doomed(self) -> list[str]:
+        """``VG/LV`` of the snapshots doomed and not yet removed."""
+        with self._gone_lock:
+            return [f"{self._s.vg}/{s}" for s in self._s.doomed if s not in self._gone]
+
     def _doom(self, snap: str) -> None:
         """Note ``snap`` for removal (saved with the caller's next save)."""
         self._s.thin_ids.pop(snap, None)
