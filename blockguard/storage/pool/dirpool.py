@@ -266,14 +266,24 @@ class DirPool(DiskStore):
         if image.exists():
             raise Busy(what=f"swap-in image {image}", reason="it already exists")
         clone_file(src / full.storage.get("data", DATA_FULL), image)
+        return DirSwapIn(self._attach_image(image), str(image), self.runner)
+
+    def _attach_image(self, image: Path) -> str:
+        """Attach ``image`` (a file this pool just made) to a free loop device; the
+        image is removed when that fails, so a failed attach leaves nothing behind."""
         try:
-            dev = self.runner.run(
+            return self.runner.run(
                 ["losetup", "--find", "--show", "--direct-io=on", str(image)], timeout=60
             ).stdout.strip()
         except BaseException:
             image.unlink(missing_ok=True)
             raise
-        return DirSwapIn(dev, str(image), self.runner)
+
+    def _drop_image(self, image: str) -> None:
+        """Detach every loop device bound to ``image``, then remove it."""
+        for loop in self._loops_of(image):
+            self.runner.run(["losetup", "-d", loop], timeout=60)
+        Path(image).unlink(missing_ok=True)
 
     def swap_ins(self) -> list[str]:
         """Swap-in images that exist on the pool (attached or not)."""
@@ -290,9 +300,7 @@ class DirPool(DiskStore):
     def release_swap_in(self, name: str) -> None:
         if name not in self.swap_ins():
             raise NotFound(what="swap-in", name=name)
-        for loop in self._loops_of(name):
-            self.runner.run(["losetup", "-d", loop], timeout=60)
-        Path(name).unlink(missing_ok=True)
+        self._drop_image(name)
 
     # --- a restore drill's scratch space -------------------------------------------
 
@@ -313,16 +321,9 @@ class DirPool(DiskStore):
             os.ftruncate(fd, size)
         finally:
             os.close(fd)
+        scratch = DirScratch(self._attach_image(image), str(image), size, self.runner)
         try:
-            dev = self.runner.run(
-                ["losetup", "--find", "--show", "--direct-io=on", str(image)], timeout=60
-            ).stdout.strip()
-        except BaseException:
-            image.unlink(missing_ok=True)
-            raise
-        scratch = DirScratch(dev, str(image), size, self.runner)
-        try:
-            device_rdev(dev)
+            device_rdev(scratch.device)
         except BaseException:
             scratch.release()
             raise
@@ -334,9 +335,7 @@ class DirPool(DiskStore):
             image = mnt / SCRATCH_FILE
             if not image.exists():
                 continue
-            for loop in self._loops_of(str(image)):
-                self.runner.run(["losetup", "-d", loop], timeout=60)
-            image.unlink(missing_ok=True)
+            self._drop_image(str(image))
             removed.append(str(image))
         if removed:
             log.info("pool %s: removed drill scratch %s", self.name, removed)
