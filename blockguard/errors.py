@@ -277,6 +277,35 @@ class CorruptMetadata(DataError):
     dbus_name = f"{DBUS_PREFIX}.CorruptMetadata"
 
 
+class TamperedData(DataError):
+    """Sealed data (a manifest or a record a target stores) failed its authentication
+    check: it was changed where it is stored, or sealed with another key. Nothing of it
+    is used."""
+
+    template = "sealed {what} failed its authentication check: {reason}"
+    dbus_name = f"{DBUS_PREFIX}.TamperedData"
+
+
+class TamperedPack(TamperedData):
+    """A sealed pack failed its authentication check (a flipped byte, a pack moved to
+    another number, generation or volume, a replayed one, another key): nothing of it is
+    used, and the generation is to be marked damaged."""
+
+    template = (
+        "pack {pack} of generation {generation} failed its authentication check: {reason}; "
+        "it was changed, moved or replaced where it is stored, or sealed with another key"
+    )
+    dbus_name = f"{DBUS_PREFIX}.TamperedPack"
+
+
+class UnknownSealFormat(DataError):
+    """Sealed data in a format this blockguard does not read (not sealed data at all, or
+    written by a newer version with a new format, cipher or compression)."""
+
+    template = "{what} is not in a sealed format this blockguard reads: {reason}"
+    dbus_name = f"{DBUS_PREFIX}.UnknownSealFormat"
+
+
 # --- environment: commands and devices --------------------------------------------
 
 
@@ -358,6 +387,22 @@ class CatalogLost(EnvironmentProblem):
         "BLOCKGUARD_ALLOW_EMPTY_CATALOG=1), then import each pool: {hint}"
     )
     dbus_name = f"{DBUS_PREFIX}.CatalogLost"
+
+
+class KeyFileRefused(EnvironmentProblem):
+    """The remote master key file is unusable as it is (its size, its permissions, its
+    owner, its kind): refused before any of it is used, and never replaced."""
+
+    template = "key file {path} refused: {reason}"
+    dbus_name = f"{DBUS_PREFIX}.KeyFileRefused"
+
+
+class KeyTextInvalid(InvalidInput):
+    """An exported key typed or pasted back (``target add --key``) does not parse; the
+    reason names what is wrong (prefix, length, a character, the checksum)."""
+
+    template = "the key text is not a valid blockguard key: {reason}"
+    dbus_name = f"{DBUS_PREFIX}.KeyTextInvalid"
 
 
 # --- the remote protocol (a backup target over SSH) ---------------------------------
