@@ -10,6 +10,7 @@ per program, by the constructor or by ``BLOCKGUARD_BIN_<NAME>`` environment vari
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -20,6 +21,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import IO
 
 from blockguard.errors import (
     CommandFailed,
@@ -44,6 +46,8 @@ class CommandState(enum.StrEnum):
     RUNNING = "running"
     FINISHED = "finished"
     TIMEOUT = "timeout"
+    #: A spawned child that did not end when its stdin was closed, or was aborted.
+    KILLED = "killed"
     NOT_FOUND = "not-found"
     ERROR = "error"
 
@@ -154,14 +158,7 @@ class Runner:
         :raises CommandTimeout: the timeout passed; the program was killed.
         :raises CommandNotFound: the program does not exist.
         """
-        if isinstance(argv, str | bytes) or not argv:
-            raise InvalidInput(detail=f"a command must be a non-empty argv list, not {argv!r}")
-        if not all(isinstance(a, str) for a in argv):
-            raise InvalidInput(detail=f"every argument must be a string: {argv!r}")
-        if timeout is None or timeout <= 0:
-            raise InvalidInput(detail=f"a command needs a positive timeout, got {timeout!r}")
-        argv = [self.resolve(argv[0]), *argv[1:]]
-        call_env = {**os.environ, **self._env, **(env or {}), "LC_ALL": "C"}
+        argv, call_env = self._prepare(argv, timeout, env)
         data = input.encode() if isinstance(input, str) else input
         record = self._start(argv)
         t0 = record.t0
@@ -196,6 +193,59 @@ class Runner:
         if check and proc.returncode != 0:
             raise CommandFailed(argv, proc.returncode, stderr)
         return CommandResult(tuple(argv), proc.returncode, stdout, stderr, duration)
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        close_timeout: float,
+        env: Mapping[str, str] | None = None,
+        stderr_limit: int = 64 << 10,
+    ) -> SpawnedChild:
+        """Start ``argv`` as a long-lived child that talks over pipes (``ssh -T`` to a
+        backup target): its stdin and stdout are the caller's, its stderr is drained by a
+        thread into a bounded buffer (a chatty child can never block on a full pipe).
+
+        The call is recorded when it starts and completed when the child is closed, like
+        :meth:`run`'s. Close it (or use it as a context manager): that closes its stdin,
+        waits up to ``close_timeout`` for it to end, then kills it, and always reaps it.
+
+        :param close_timeout: seconds a closed child has to end before it is killed.
+        :param stderr_limit: bytes of its error output kept (the last ones).
+        :raises CommandNotFound: the program does not exist.
+        """
+        argv, call_env = self._prepare(argv, close_timeout, env)
+        record = self._start(argv)
+        log.debug("spawn: %s", argv)
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=call_env,
+                shell=False,
+            )
+        except FileNotFoundError:
+            self._finish(record, CommandState.NOT_FOUND, None, "not found")
+            raise CommandNotFound(program=argv[0], path=argv[0]) from None
+        except BaseException as exc:
+            self._finish(record, CommandState.ERROR, None, f"{type(exc).__name__}: {exc}")
+            raise
+        return SpawnedChild(self, record, proc, close_timeout, stderr_limit)
+
+    def _prepare(
+        self, argv: Sequence[str], timeout: float, env: Mapping[str, str] | None
+    ) -> tuple[list[str], dict[str, str]]:
+        """The checked argv with its program resolved, and the call's environment."""
+        if isinstance(argv, str | bytes) or not argv:
+            raise InvalidInput(detail=f"a command must be a non-empty argv list, not {argv!r}")
+        if not all(isinstance(a, str) for a in argv):
+            raise InvalidInput(detail=f"every argument must be a string: {argv!r}")
+        if timeout is None or timeout <= 0:
+            raise InvalidInput(detail=f"a command needs a positive timeout, got {timeout!r}")
+        call_env = {**os.environ, **self._env, **(env or {}), "LC_ALL": "C"}
+        return [self.resolve(argv[0]), *argv[1:]], call_env
 
     def _start(self, argv: Sequence[str]) -> CommandRecord:
         # Recorded before the program starts: a call that never returns must still be
@@ -236,6 +286,114 @@ class Runner:
         now = time.monotonic()
         lines = [r.line(now) for r in records]
         return "last commands run:\n" + ("\n".join(lines) if lines else "(none)")
+
+
+class SpawnedChild:
+    """A child started by :meth:`Runner.spawn`: write to :attr:`stdin`, read :attr:`stdout`.
+
+    One thread owns the pipes (a channel's owner); :meth:`close` may come from that thread
+    or after it is done with them.
+    """
+
+    def __init__(
+        self,
+        runner: Runner,
+        record: CommandRecord,
+        proc: subprocess.Popen[bytes],
+        close_timeout: float,
+        stderr_limit: int,
+    ) -> None:
+        assert proc.stdin and proc.stdout and proc.stderr
+        self._runner = runner
+        self._record = record
+        self._proc = proc
+        self.close_timeout = close_timeout
+        self.stdin: IO[bytes] = proc.stdin
+        self.stdout: IO[bytes] = proc.stdout
+        self._stderr = bytearray()
+        self._limit = stderr_limit
+        self._stderr_lock = threading.Lock()
+        self._returncode: int | None = None
+        self._drain = threading.Thread(
+            target=self._drain_stderr, args=(proc.stderr,), name=f"stderr-{proc.pid}", daemon=True
+        )
+        self._drain.start()
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        return self._record.argv
+
+    def _drain_stderr(self, stream: IO[bytes]) -> None:
+        # The thread owns the stream and closes it at its end: closing it from another
+        # thread while a read blocks on it is not safe.
+        try:
+            fd = stream.fileno()
+            while more := os.read(fd, 65536):
+                with self._stderr_lock:
+                    self._stderr += more
+                    del self._stderr[: max(0, len(self._stderr) - self._limit)]
+        except OSError:
+            pass
+        finally:
+            stream.close()
+
+    def stderr(self) -> str:
+        """Its error output so far (the last ``stderr_limit`` bytes)."""
+        with self._stderr_lock:
+            return _text(bytes(self._stderr))
+
+    def poll(self) -> int | None:
+        """Its exit code once it has ended (and been reaped), else None."""
+        return self._proc.poll()
+
+    def close(self, *, kill: bool = False) -> int:
+        """End the child: close its stdin, wait up to ``close_timeout``, then kill it.
+        It is reaped in every case, and the call's record completed. Closing twice
+        returns the same code.
+
+        :param kill: kill it at once (an aborted conversation: nothing to wait for).
+        :returns: its exit code (negative: the signal that ended it).
+        """
+        if self._returncode is not None:
+            return self._returncode
+        state = CommandState.FINISHED
+        try:
+            with contextlib.suppress(OSError):
+                # Buffered bytes a dead child will never read make close() raise.
+                self.stdin.close()
+            if kill and self._proc.poll() is None:
+                self._proc.kill()
+                state = CommandState.KILLED
+            try:
+                self._proc.wait(self.close_timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not end within %ss of its stdin closing: killed",
+                            self.argv[0], self.close_timeout)  # fmt: skip
+                self._proc.kill()
+                state = CommandState.KILLED
+        finally:
+            # Even when interrupted above: never a zombie.
+            if self._proc.poll() is None:
+                self._proc.kill()
+                state = CommandState.KILLED
+            returncode = self._proc.wait()
+            self._drain.join(self.close_timeout)
+            with contextlib.suppress(OSError):
+                self.stdout.close()
+            self._returncode = returncode
+            self._runner._finish(self._record, state, returncode, self.stderr())
+            log.debug("spawned rc=%d: %s", returncode, self.argv)
+        return returncode
+
+    def __enter__(self) -> SpawnedChild:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.close(kill=exc_type is not None)
 
 
 def _text(data: bytes | str | None) -> str:
