@@ -69,6 +69,8 @@ class CommandRecord:
     duration: float = 0.0
     stderr_tail: str = ""
     t0: float = field(default=0.0, repr=False)
+    #: A spawned child's process id (to find it, or to show it is gone).
+    pid: int | None = None
 
     def line(self, now: float | None = None) -> str:
         """One line of the failure report; ``now`` (monotonic) ages a running call."""
@@ -232,6 +234,8 @@ class Runner:
         except BaseException as exc:
             self._finish(record, CommandState.ERROR, None, f"{type(exc).__name__}: {exc}")
             raise
+        with self._lock:
+            record.pid = proc.pid
         return SpawnedChild(self, record, proc, close_timeout, stderr_limit)
 
     def _prepare(

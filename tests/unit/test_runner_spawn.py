@@ -28,7 +28,7 @@ def test_a_child_talks_over_its_pipes_with_lc_all_c_and_is_recorded() -> None:
         close_timeout=scaled(30),
     )
     [record] = runner.history()
-    assert record.state == "running"
+    assert record.state == "running" and record.pid == child.pid
     child.stdin.write(b"\x00frame\xff")
     child.stdin.flush()
     assert child.stdout.read(len(b"C|\x00frame\xff")) == b"C|\x00frame\xff"
