@@ -188,9 +188,10 @@ class RemoteSession:
                 raise named from exc
             if isinstance(exc, WireClosed) and returncode != 0:
                 tail = stderr_tail(stderr) or "no error output"
+                program = Path(self.child.argv[0]).name
                 raise WireClosed(
                     peer=self.peer,
-                    where=f"{exc.fields.get('where', '')} (exit {returncode}: {tail})",
+                    where=f"{exc.fields.get('where', '')} ({program} exited {returncode}: {tail})",
                 ) from exc
             raise
         except BlockguardError:

@@ -30,7 +30,6 @@ from urllib.parse import urlsplit
 from blockguard.errors import (
     AlreadyExists,
     BlockguardError,
-    EnvironmentProblem,
     HostKeyMismatch,
     InvalidInput,
     NotAuthorized,
@@ -320,7 +319,9 @@ def ssh_failure(
     returncode: int | None, stderr: str, *, target: str, address: TargetAddress, known_hosts: Path
 ) -> BlockguardError | None:
     """The named error for an ssh that exited ``returncode`` with ``stderr``, or None when
-    it is not ssh's own failure (the remote command's exit, or a signal)."""
+    it is none of these: the remote command's exit, a signal, or an exit 255 this does
+    not recognise (a remote command killed by a signal ends ssh with 255 too): a caller
+    keeps its own error for those (the session: ``WireClosed`` with ssh's stderr)."""
     if returncode != SSH_FAILED:
         return None
     text = stderr.lower()
@@ -334,4 +335,4 @@ def ssh_failure(
         )
     if any(t in text for t in _UNREACHABLE_TEXTS):
         return TargetUnreachable(target=target, address=address.hostport, reason=tail)
-    return EnvironmentProblem(detail=f"ssh to target {target} failed: {tail}")
+    return None

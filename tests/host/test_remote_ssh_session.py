@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from blockguard.errors import HostKeyMismatch, NotAuthorized, TargetUnreachable
+from blockguard.errors import HostKeyMismatch, NotAuthorized, TargetUnreachable, WireClosed
 from blockguard.storage.remote.linkprobe import measure_link
 from blockguard.storage.remote.packstore import PackStore, pack_digest
 from blockguard.storage.remote.session import RemoteSession
@@ -219,6 +219,54 @@ def test_nobody_listening_is_unreachable(net_lab: NetLab, client: Client) -> Non
     with pytest.raises(TargetUnreachable, match=r"backup1 at 192\.0\.2\.2:2223: .*refused"):
         client.connect(address)
     assert_ssh_failed_and_reaped(client, net_lab)
+
+
+def serve_pids(lab: NetLab) -> list[int]:
+    listed = subprocess.run(
+        ["ip", "netns", "pids", lab.names.target], capture_output=True, text=True
+    )
+    found = []
+    for pid in map(int, listed.stdout.split()):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"blockguard.engine.servecmd" in cmdline:
+            found.append(pid)
+    return found
+
+
+def test_a_serve_killed_mid_session_ends_it_named_and_the_next_session_resumes(
+    net_lab: NetLab, area: Path, client: Client
+) -> None:
+    client.authorize(serve_command("C1", area))
+    pin_host_key(
+        client.address, host_fingerprint(net_lab), client.known_hosts,
+        target="backup1", runner=client.runner,
+    )  # fmt: skip
+    packs = {n: os.urandom(MiB) for n in range(3)}
+    session = client.connect()
+    session.begin("v1@g1")
+    session.put_packs("v1@g1", list(packs.items())[:2])
+    [serve] = serve_pids(net_lab)
+    os.kill(serve, 9)
+    with pytest.raises(WireClosed, match="target backup1") as info:
+        session.put("v1@g1", 2, packs[2])
+    print(info.value)
+    assert session.child.poll() is not None
+    assert_reaped(net_lab, session.child.pid)
+
+    with client.connect() as session:
+        state = session.begin("v1@g1")  # a resume: what was stored is there
+        assert not state.committed and state.packs == {0: MiB, 1: MiB}
+        session.put("v1@g1", 2, packs[2])
+        index = {
+            "packs": [
+                {"pack": n, "size": len(p), "xxh3_128": pack_digest(p)} for n, p in packs.items()
+            ]
+        }
+        assert session.commit("v1@g1", index, b"m").committed
+        assert [session.get("v1@g1", n) for n in packs] == list(packs.values())
 
 
 def test_the_link_measured_over_a_shaped_line(tmp_path: Path) -> None:
