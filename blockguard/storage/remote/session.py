@@ -186,7 +186,8 @@ class RemoteSession:
             named = self._failure(returncode, stderr)
             if named is not None:
                 raise named from exc
-            if isinstance(exc, WireClosed) and returncode != 0:
+            # WireClosed itself, not WireTruncated: that one's message says enough.
+            if type(exc) is WireClosed and returncode != 0:
                 tail = stderr_tail(stderr) or "no error output"
                 program = Path(self.child.argv[0]).name
                 raise WireClosed(
