@@ -19,6 +19,7 @@ from blockguard.errors import (
     NotAuthorized,
     NotFound,
     WireClosed,
+    WireCorrupt,
 )
 from blockguard.storage.remote.linkprobe import LinkSpeed, measure_link
 from blockguard.storage.remote.packstore import PackStore, pack_digest
@@ -134,6 +135,20 @@ def test_a_target_that_dies_ends_the_session_named_and_reaped(area: Path) -> Non
     with pytest.raises(WireClosed, match="closed"):
         session.status("v1@g1")
     assert session.close() == -9
+
+
+def test_a_banner_instead_of_a_hello_is_corrupt_and_the_child_is_killed() -> None:
+    runner = Runner()
+    # A login banner printed by a shell profile on the target, then nothing: the child
+    # would wait for ever, so the session must kill it rather than wait for its end.
+    script = "echo 'Welcome to the backup host'; exec sleep 600"
+    with pytest.raises(WireCorrupt, match="target t1: corrupt frame: it starts with b'Welcome"):
+        RemoteSession.start(
+            ["sh", "-c", script], peer="target t1", runner=runner, close_timeout=3600
+        )
+    [record] = runner.history()
+    assert record.state == "killed" and record.pid is not None
+    assert_reaped(record.pid)
 
 
 def test_an_error_in_the_caller_kills_and_reaps_the_child(area: Path) -> None:
