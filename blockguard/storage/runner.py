@@ -10,7 +10,6 @@ per program, by the constructor or by ``BLOCKGUARD_BIN_<NAME>`` environment vari
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import enum
 import logging
@@ -21,7 +20,6 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO
 
 from blockguard.errors import (
     CommandFailed,
@@ -30,6 +28,7 @@ from blockguard.errors import (
     InvalidInput,
     stderr_tail,
 )
+from blockguard.storage.spawned import SpawnedChild
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +235,12 @@ class Runner:
             raise
         with self._lock:
             record.pid = proc.pid
-        return SpawnedChild(self, record, proc, close_timeout, stderr_limit)
+
+        def finish(killed: bool, returncode: int, stderr: str) -> None:
+            state = CommandState.KILLED if killed else CommandState.FINISHED
+            self._finish(record, state, returncode, stderr)
+
+        return SpawnedChild(proc, record.argv, finish, close_timeout, stderr_limit)
 
     def _prepare(
         self, argv: Sequence[str], timeout: float, env: Mapping[str, str] | None
@@ -290,114 +294,6 @@ class Runner:
         now = time.monotonic()
         lines = [r.line(now) for r in records]
         return "last commands run:\n" + ("\n".join(lines) if lines else "(none)")
-
-
-class SpawnedChild:
-    """A child started by :meth:`Runner.spawn`: write to :attr:`stdin`, read :attr:`stdout`.
-
-    One thread owns the pipes (a channel's owner); :meth:`close` may come from that thread
-    or after it is done with them.
-    """
-
-    def __init__(
-        self,
-        runner: Runner,
-        record: CommandRecord,
-        proc: subprocess.Popen[bytes],
-        close_timeout: float,
-        stderr_limit: int,
-    ) -> None:
-        assert proc.stdin and proc.stdout and proc.stderr
-        self._runner = runner
-        self._record = record
-        self._proc = proc
-        self.close_timeout = close_timeout
-        self.stdin: IO[bytes] = proc.stdin
-        self.stdout: IO[bytes] = proc.stdout
-        self._stderr = bytearray()
-        self._limit = stderr_limit
-        self._stderr_lock = threading.Lock()
-        self._returncode: int | None = None
-        self._drain = threading.Thread(
-            target=self._drain_stderr, args=(proc.stderr,), name=f"stderr-{proc.pid}", daemon=True
-        )
-        self._drain.start()
-
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
-    @property
-    def argv(self) -> tuple[str, ...]:
-        return self._record.argv
-
-    def _drain_stderr(self, stream: IO[bytes]) -> None:
-        # The thread owns the stream and closes it at its end: closing it from another
-        # thread while a read blocks on it is not safe.
-        try:
-            fd = stream.fileno()
-            while more := os.read(fd, 65536):
-                with self._stderr_lock:
-                    self._stderr += more
-                    del self._stderr[: max(0, len(self._stderr) - self._limit)]
-        except OSError:
-            pass
-        finally:
-            stream.close()
-
-    def stderr(self) -> str:
-        """Its error output so far (the last ``stderr_limit`` bytes)."""
-        with self._stderr_lock:
-            return _text(bytes(self._stderr))
-
-    def poll(self) -> int | None:
-        """Its exit code once it has ended (and been reaped), else None."""
-        return self._proc.poll()
-
-    def close(self, *, kill: bool = False) -> int:
-        """End the child: close its stdin, wait up to ``close_timeout``, then kill it.
-        It is reaped in every case, and the call's record completed. Closing twice
-        returns the same code.
-
-        :param kill: kill it at once (an aborted conversation: nothing to wait for).
-        :returns: its exit code (negative: the signal that ended it).
-        """
-        if self._returncode is not None:
-            return self._returncode
-        state = CommandState.FINISHED
-        try:
-            with contextlib.suppress(OSError):
-                # Buffered bytes a dead child will never read make close() raise.
-                self.stdin.close()
-            if kill and self._proc.poll() is None:
-                self._proc.kill()
-                state = CommandState.KILLED
-            try:
-                self._proc.wait(self.close_timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not end within %ss of its stdin closing: killed",
-                            self.argv[0], self.close_timeout)  # fmt: skip
-                self._proc.kill()
-                state = CommandState.KILLED
-        finally:
-            # Even when interrupted above: never a zombie.
-            if self._proc.poll() is None:
-                self._proc.kill()
-                state = CommandState.KILLED
-            returncode = self._proc.wait()
-            self._drain.join(self.close_timeout)
-            with contextlib.suppress(OSError):
-                self.stdout.close()
-            self._returncode = returncode
-            self._runner._finish(self._record, state, returncode, self.stderr())
-            log.debug("spawned rc=%d: %s", returncode, self.argv)
-        return returncode
-
-    def __enter__(self) -> SpawnedChild:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self.close(kill=exc_type is not None)
 
 
 def _text(data: bytes | str | None) -> str:
