@@ -461,6 +461,26 @@ class WireTruncated(WireClosed):
     dbus_name = f"{DBUS_PREFIX}.WireTruncated"
 
 
+class TargetUnreachable(WireError):
+    """ssh could not reach the target's sshd (refused, timed out, no route, no such
+    name): the link or the target host is down; nothing was sent, a later run retries."""
+
+    template = "cannot reach target {target} at {address}: {reason}"
+    dbus_name = f"{DBUS_PREFIX}.TargetUnreachable"
+
+
+class HostKeyMismatch(BlockguardError):
+    """The target's host key is not the one pinned for it: another host answers at its
+    address (or it was reinstalled). Nothing is sent until an administrator confirms the
+    new key's fingerprint; never retried by itself."""
+
+    template = (
+        "the host key of target {target} does not match the key pinned in {known_hosts}: {detail}"
+    )
+    exit_code = ExitCode.PERMISSION
+    dbus_name = f"{DBUS_PREFIX}.HostKeyMismatch"
+
+
 # --- everything else ---------------------------------------------------------------
 
 

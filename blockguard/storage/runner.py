@@ -28,6 +28,7 @@ from blockguard.errors import (
     InvalidInput,
     stderr_tail,
 )
+from blockguard.storage.spawned import SpawnedChild
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ class CommandState(enum.StrEnum):
     RUNNING = "running"
     FINISHED = "finished"
     TIMEOUT = "timeout"
+    #: A spawned child that did not end when its stdin was closed, or was aborted.
+    KILLED = "killed"
     NOT_FOUND = "not-found"
     ERROR = "error"
 
@@ -65,6 +68,8 @@ class CommandRecord:
     duration: float = 0.0
     stderr_tail: str = ""
     t0: float = field(default=0.0, repr=False)
+    #: A spawned child's process id (to find it, or to show it is gone).
+    pid: int | None = None
 
     def line(self, now: float | None = None) -> str:
         """One line of the failure report; ``now`` (monotonic) ages a running call."""
@@ -154,14 +159,7 @@ class Runner:
         :raises CommandTimeout: the timeout passed; the program was killed.
         :raises CommandNotFound: the program does not exist.
         """
-        if isinstance(argv, str | bytes) or not argv:
-            raise InvalidInput(detail=f"a command must be a non-empty argv list, not {argv!r}")
-        if not all(isinstance(a, str) for a in argv):
-            raise InvalidInput(detail=f"every argument must be a string: {argv!r}")
-        if timeout is None or timeout <= 0:
-            raise InvalidInput(detail=f"a command needs a positive timeout, got {timeout!r}")
-        argv = [self.resolve(argv[0]), *argv[1:]]
-        call_env = {**os.environ, **self._env, **(env or {}), "LC_ALL": "C"}
+        argv, call_env = self._prepare(argv, timeout, env)
         data = input.encode() if isinstance(input, str) else input
         record = self._start(argv)
         t0 = record.t0
@@ -196,6 +194,66 @@ class Runner:
         if check and proc.returncode != 0:
             raise CommandFailed(argv, proc.returncode, stderr)
         return CommandResult(tuple(argv), proc.returncode, stdout, stderr, duration)
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        close_timeout: float,
+        env: Mapping[str, str] | None = None,
+        stderr_limit: int = 64 << 10,
+    ) -> SpawnedChild:
+        """Start ``argv`` as a long-lived child that talks over pipes (``ssh -T`` to a
+        backup target): its stdin and stdout are the caller's, its stderr is drained by a
+        thread into a bounded buffer (a chatty child can never block on a full pipe).
+
+        The call is recorded when it starts and completed when the child is closed, like
+        :meth:`run`'s. Close it (or use it as a context manager): that closes its stdin,
+        waits up to ``close_timeout`` for it to end, then kills it, and always reaps it.
+
+        :param close_timeout: seconds a closed child has to end before it is killed.
+        :param stderr_limit: bytes of its error output kept (the last ones).
+        :raises CommandNotFound: the program does not exist.
+        """
+        argv, call_env = self._prepare(argv, close_timeout, env)
+        record = self._start(argv)
+        log.debug("spawn: %s", argv)
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=call_env,
+                shell=False,
+            )
+        except FileNotFoundError:
+            self._finish(record, CommandState.NOT_FOUND, None, "not found")
+            raise CommandNotFound(program=argv[0], path=argv[0]) from None
+        except BaseException as exc:
+            self._finish(record, CommandState.ERROR, None, f"{type(exc).__name__}: {exc}")
+            raise
+        with self._lock:
+            record.pid = proc.pid
+
+        def finish(killed: bool, returncode: int, stderr: str) -> None:
+            state = CommandState.KILLED if killed else CommandState.FINISHED
+            self._finish(record, state, returncode, stderr)
+
+        return SpawnedChild(proc, record.argv, finish, close_timeout, stderr_limit)
+
+    def _prepare(
+        self, argv: Sequence[str], timeout: float, env: Mapping[str, str] | None
+    ) -> tuple[list[str], dict[str, str]]:
+        """The checked argv with its program resolved, and the call's environment."""
+        if isinstance(argv, str | bytes) or not argv:
+            raise InvalidInput(detail=f"a command must be a non-empty argv list, not {argv!r}")
+        if not all(isinstance(a, str) for a in argv):
+            raise InvalidInput(detail=f"every argument must be a string: {argv!r}")
+        if timeout is None or timeout <= 0:
+            raise InvalidInput(detail=f"a command needs a positive timeout, got {timeout!r}")
+        call_env = {**os.environ, **self._env, **(env or {}), "LC_ALL": "C"}
+        return [self.resolve(argv[0]), *argv[1:]], call_env
 
     def _start(self, argv: Sequence[str]) -> CommandRecord:
         # Recorded before the program starts: a call that never returns must still be
