@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from blockguard.core.catalog import CURRENT_VERSION, Catalog
+from blockguard.core.catalog import CURRENT_VERSION, Catalog, PerfEntry, link_perf_key
 from blockguard.core.catalog import schema as catalog_schema
 from blockguard.errors import CorruptMetadata
 
@@ -82,7 +82,7 @@ def test_v1_catalog_is_upgraded_with_its_data(tmp_path: Path) -> None:
     path = tmp_path / "catalog.db"
     ids = _make_v1(path)
     with Catalog(path) as c:
-        assert c.schema_version == CURRENT_VERSION == 4
+        assert c.schema_version == CURRENT_VERSION == 5
         assert c.integrity_problems() == []
         # v1 data is all there.
         vol = c.get_volume("pg")
@@ -140,6 +140,30 @@ def test_v1_catalog_is_upgraded_with_its_data(tmp_path: Path) -> None:
             4096000,
         )
         assert c.path_samples("/dev/sdb", "copy") == []
+        # v5 things too: target registration jobs, targets with their link.
+        reg = c.create_job("target", volume="target:offsite")
+        c.finish_job(reg.id, result={"target": "offsite"})
+        assert c.get_job(reg.id).kind == "target"
+        link = PerfEntry(
+            link_perf_key("offsite"), "pool", 1.0, "probe", seq_read=2e7, seq_write=1e7
+        )
+        c.add_target(
+            "offsite",
+            url="ssh://bg@backup.example:2222",
+            client_id="host1",
+            pool="main",
+            host_key="SHA256:" + "A" * 43,
+            link=link,
+            round_trip=0.02,
+            space=(10, 20, 5),
+        )
+        got_target = c.get_target("offsite")
+        assert (got_target.url, got_target.round_trip, got_target.space_free) == (
+            "ssh://bg@backup.example:2222",
+            0.02,
+            10,
+        )
+        assert c.get_perf(link_perf_key("offsite"), "pool").seq_write == 1e7
         # The interrupted v1 job is handled like any other after a restart.
         assert [j.id for j in c.mark_running_jobs_failed("restarted")] == [ids["running"]]
     # The upgraded catalog has exactly the shape of a new one.

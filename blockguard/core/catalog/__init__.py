@@ -2,7 +2,7 @@
 
 Volumes and groups with their objectives, pools and pool devices, the performance
 table, generations (a mirror of the pool manifests, rebuildable from them), jobs with
-their history, and measured restores. Standard library only; see :class:`Catalog`.
+their history, measured restores, and backup targets. Standard library only; see :class:`Catalog`.
 """
 
 from __future__ import annotations
@@ -22,13 +22,16 @@ from blockguard.core.catalog.rows import (
     Pool,
     PoolDevice,
     RestoreRecord,
+    Target,
     Volume,
+    link_perf_key,
 )
 from blockguard.core.catalog.schema import CURRENT_VERSION
+from blockguard.core.catalog.targets import TargetStore
 from blockguard.core.catalog.volumes import UNSET, VolumeStore
 
 
-class Catalog(VolumeStore, PoolStore, GenerationStore, JobStore):
+class Catalog(VolumeStore, TargetStore, PoolStore, GenerationStore, JobStore):
     """The catalog. One SQLite connection, safe to share between threads.
 
     ``Catalog()`` opens (creating or upgrading) the catalog at
@@ -61,6 +64,8 @@ __all__ = [
     "Pool",
     "PoolDevice",
     "RestoreRecord",
+    "Target",
     "Volume",
     "default_catalog_path",
+    "link_perf_key",
 ]

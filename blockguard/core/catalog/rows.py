@@ -15,7 +15,8 @@ POOL_STATES = ("ok", "degraded", "missing")
 POOL_DEVICE_STATES = ("ok", "missing", "failed")
 PERF_KINDS = ("pool", "volume")
 PERF_SOURCES = ("probe", "live")
-JOB_KINDS = ("backup", "restore", "verify", "probe", "drill")
+JOB_KINDS = ("backup", "restore", "verify", "probe", "drill", "target")
+TARGET_STATES = ("ok", "unreachable", "refused")
 PATH_SAMPLE_SOURCES = ("restore", "drill")
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 JOB_FINAL_STATES = ("done", "failed", "cancelled")
@@ -112,6 +113,40 @@ class PerfEntry:
     rand_read: float | None = None
     rand_write: float | None = None
     chunk_size: int | None = None
+
+
+@dataclass(frozen=True)
+class Target:
+    """A registered backup target: another host's blockguard reached over ssh.
+
+    :param client_id: the id this host has on the target (its forced command's ``--client``)
+    :param pool: the pool (area) on the target this host stores into
+    :param host_key: the pinned host key's fingerprint, ``SHA256:...``
+    :param round_trip: the link's measured round trip in seconds (its throughputs are in
+        the performance table under :func:`link_perf_key`)
+    :param space_free: the target's last reported free bytes (``space_*`` and
+        ``checked_at`` are ``None`` until it was asked)
+    """
+
+    id: str
+    url: str
+    client_id: str
+    pool: str
+    host_key: str
+    state: str
+    state_reason: str
+    round_trip: float | None
+    space_free: int | None
+    space_total: int | None
+    space_used: int | None
+    checked_at: float | None
+    added: float
+
+
+def link_perf_key(target: str) -> str:
+    """The performance table key of the link to ``target`` (a pool-kind row: reads are
+    what comes down from the target, writes what goes up)."""
+    return f"target:{target}:link"
 
 
 @dataclass(frozen=True)

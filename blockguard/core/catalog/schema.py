@@ -246,6 +246,35 @@ _V3 = (
     "CREATE INDEX path_samples_device ON path_samples(pool_device, mode, at)",
 )
 
+# v5: backup targets (issue 11): the remote hosts this host registered, and target
+# registration as a job kind (it connects and measures the link, which takes seconds).
+# The link's throughputs go into ``perf`` as a pool-kind row keyed ``target:ID:link``
+# (reads = down, writes = up); its round trip, which ``perf`` has no column for, and the
+# target's last reported space are kept with the target.
+_V5 = (
+    *_rebuilt_jobs(
+        5,
+        ("backup", "restore", "verify", "probe", "drill", "target"),
+        "INSERT INTO jobs_v5 SELECT * FROM jobs",
+    ),
+    """
+    CREATE TABLE targets (
+        id TEXT PRIMARY KEY NOT NULL CHECK (length(id) > 0),
+        url TEXT NOT NULL CHECK (length(url) > 0),
+        client_id TEXT NOT NULL CHECK (length(client_id) > 0),
+        pool TEXT NOT NULL CHECK (length(pool) > 0),
+        host_key TEXT NOT NULL CHECK (host_key LIKE 'SHA256:%'),
+        state TEXT NOT NULL DEFAULT 'ok' CHECK (state IN ('ok', 'unreachable', 'refused')),
+        state_reason TEXT NOT NULL DEFAULT '',
+        round_trip REAL CHECK (round_trip IS NULL OR round_trip >= 0),
+        space_free INTEGER CHECK (space_free IS NULL OR space_free >= 0),
+        space_total INTEGER CHECK (space_total IS NULL OR space_total >= 0),
+        space_used INTEGER CHECK (space_used IS NULL OR space_used >= 0),
+        checked_at REAL,
+        added REAL NOT NULL
+    )""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "volumes, groups, pools, performance table, generations, jobs", _V1),
     Migration(2, "probe jobs, job results, measured restores", _V2),
@@ -259,6 +288,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CHECK (write_rate >= 0)",
         ),
     ),
+    Migration(5, "backup targets, target registration jobs", _V5),
 )
 
 CURRENT_VERSION = MIGRATIONS[-1].version
