@@ -481,6 +481,19 @@ class HostKeyMismatch(BlockguardError):
     dbus_name = f"{DBUS_PREFIX}.HostKeyMismatch"
 
 
+class HostKeyUnconfirmed(InvalidInput):
+    """A target is added without a confirmed host key: its sshd was asked which keys it
+    has, and the administrator must compare a fingerprint with the target's own
+    (``ssh-keygen -lf``) and give it back: never trusted on first use."""
+
+    template = (
+        "the host key of target {target} at {address} is not confirmed: it offers {offered}; "
+        "compare with `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on the target, then "
+        "add it again with --host-key {fingerprint}"
+    )
+    dbus_name = f"{DBUS_PREFIX}.HostKeyUnconfirmed"
+
+
 # --- everything else ---------------------------------------------------------------
 
 

@@ -58,6 +58,7 @@ from blockguard.engine.restores import (
 )
 from blockguard.engine.scheduling import Scheduler
 from blockguard.engine.settings import Settings
+from blockguard.engine.targets import TargetRegistry, default_client_id
 from blockguard.engine.voldrills import start_volume_drill
 from blockguard.engine.volumes import VolumeRegistry, is_detached
 from blockguard.errors import BlockguardError, Busy, CatalogLost, EnvironmentProblem, NotFound
@@ -103,6 +104,7 @@ class Engine:
         self._jobs: JobBook | None = None
         self._health: HealthKeeper | None = None
         self._monitor: HealthMonitor | None = None
+        self._targets: TargetRegistry | None = None
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -117,6 +119,12 @@ class Engine:
         if self._volumes is None:
             raise EnvironmentProblem(detail="the service is not open")
         return self._volumes
+
+    @property
+    def targets(self) -> TargetRegistry:
+        if self._targets is None:
+            raise EnvironmentProblem(detail="the service is not open")
+        return self._targets
 
     @property
     def jobs(self) -> JobBook:
@@ -145,6 +153,7 @@ class Engine:
             )
             self._jobs = JobBook(self.catalog, self.runner, self.events, recorder=self.cmd)
             self._jobs.keep_ids_in(self.state_dir / "last-job-id")
+            self._targets = TargetRegistry(self.catalog, self.state_dir, self.cmd)
             self._refuse_lost_catalog()
             self._jobs.fail_interrupted()
             self._recover_points_in_time()
@@ -496,6 +505,69 @@ class Engine:
 
     def plan(self, volume: str) -> dict[str, Any]:
         return self.volumes.plan(volume)
+
+    # --- backup targets (issue 11) ---------------------------------------------------------
+
+    def add_target(
+        self,
+        target: str,
+        url: str,
+        pool: str,
+        host_key: str = "",
+        key_text: str = "",
+        client_id: str = "",
+    ) -> Job:
+        """Register a backup target: checked and its host key pinned now (refused with
+        the offered fingerprints when none was confirmed), connected and measured in a
+        job (see :mod:`.targets`)."""
+        key = f"target:{target}"
+        with self._lock:
+            self.jobs.reserve(key)
+            try:
+                request = self.targets.prepare(
+                    target, url, pool, host_key, key_text=key_text, client_id=client_id
+                )
+            except BaseException:
+                self.jobs.release(key)
+                raise
+
+            def work(progress: ProgressReporter, _record: str) -> dict[str, Any]:
+                progress(0, 1)
+                found = self.targets.register(request)
+                progress(1, 1)
+                return self.targets.describe(found)
+
+            return self.jobs.submit(JobKind.TARGET, key, target, work, reserved=True)
+
+    def remove_target(self, target: str) -> None:
+        key = f"target:{target}"
+        with self._lock:
+            self.jobs.reserve(key)  # Busy while its registration runs
+            try:
+                self.targets.remove(target)
+            finally:
+                self.jobs.release(key)
+
+    def list_targets(self) -> list[dict[str, Any]]:
+        return [self.targets.describe(t) for t in self.catalog_or_fail().list_targets()]
+
+    def get_target(self, target: str) -> dict[str, Any]:
+        return self.targets.describe(self.catalog_or_fail().get_target(target))
+
+    def export_key(self) -> dict[str, str]:
+        return self.targets.export_key()
+
+    def client_public_key(self, client_id: str = "") -> dict[str, str]:
+        """This host's ssh key, and the authorized_keys line a target needs for it."""
+        with self._lock:
+            public = self.targets.client_public_key()
+        line = self.targets.authorized_keys_line(client_id or default_client_id(), public)
+        return {"public_key": public, "authorized_keys_line": line}
+
+    def catalog_or_fail(self) -> Catalog:
+        if self.catalog is None:
+            raise EnvironmentProblem(detail="the service is not open")
+        return self.catalog
 
     # --- long operations ------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ class JobKind(enum.StrEnum):
     RESTORE = "restore"
     VERIFY = "verify"
     DRILL = "drill"
+    TARGET = "target"
 
 
 #: What a job cancelled midway leaves behind, by kind (the end of its error message).
@@ -45,6 +46,7 @@ _CANCEL_CONSEQUENCE = {
     JobKind.RESTORE: ": the target holds a partial restore, do not use it",
     JobKind.VERIFY: ": the generation was not verified",
     JobKind.DRILL: ": the drill left no samples",
+    JobKind.TARGET: ": the target was not registered",
 }
 
 

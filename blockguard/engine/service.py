@@ -397,6 +397,44 @@ class Service(Protocol):
         :raises InvalidInput: it already ended.
         """
 
+    # backup targets (issue 11)
+    def add_target(
+        self,
+        target: str,
+        url: str,
+        pool: str,
+        host_key: str = "",
+        key_text: str = "",
+        client_id: str = "",
+    ) -> Job:
+        """Register a backup target at ``url`` (``ssh://user@host[:port]``), storing into
+        its pool ``pool``; a job connects and measures the link, and records the target.
+
+        :param host_key: the confirmed ``SHA256:...`` fingerprint of its host key.
+        :param key_text: an exported master key to import (a new host).
+        :raises HostKeyUnconfirmed: no ``host_key``: names the fingerprints offered.
+        :raises HostKeyMismatch: the target offers no key with that fingerprint.
+        :raises KeyTextInvalid: ``key_text`` does not parse.
+        :raises AlreadyExists: a target of that id exists.
+        """
+
+    def remove_target(self, target: str) -> None:
+        """Forget a target, its link's figures and its pinned host key."""
+
+    def list_targets(self) -> list[dict[str, Any]]:
+        """Every target: id, url, pool, state, link_down/up/round_trip, space_*."""
+
+    def get_target(self, target: str) -> dict[str, Any]: ...
+
+    def export_key(self) -> dict[str, str]:
+        """``{"key": text, "warning": ...}``: the master key as text.
+
+        :raises NotFound: no key yet (the first ``target add`` makes it).
+        """
+
+    def client_public_key(self, client_id: str = "") -> dict[str, str]:
+        """``{"public_key", "authorized_keys_line"}`` of this host's ssh key."""
+
     # hooks for the daemon's adapters
     def reestablish_tracking(self) -> list[str]:
         """Set up change tracking of every protected volume again (at boot, before mounts).

@@ -1,0 +1,337 @@
+"""Backup targets: registration, the host's key material, the link in the performance
+table (issue 11, docs/design/remote.md).
+
+``target add`` is in two halves. :meth:`TargetRegistry.prepare` decides, quickly and
+before anything is written: the inputs are checked (id, URL, pool, fingerprint, an
+imported key's text), and without a confirmed fingerprint the target's sshd is asked for
+its host keys and the call is refused with :class:`HostKeyUnconfirmed` showing them
+(never trust on first use). With one, the key is pinned into a known_hosts file of this
+registration only; a target offering no key with that fingerprint is
+:class:`HostKeyMismatch` and nothing is kept. :meth:`TargetRegistry.register` then does
+the long part (a job): the master key and the client key are made (once, kept
+forever), ssh connects, the hello, ``space``, the link measured; only when all of that
+worked are the target, its link (a performance-table row) and its pinned host key
+recorded. A target that refuses the client key is :class:`NotAuthorized` with the line
+for its authorized_keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from blockguard.core import vocab
+from blockguard.core.catalog import Catalog, PerfEntry, Target, link_perf_key
+from blockguard.errors import (
+    AlreadyExists,
+    HostKeyUnconfirmed,
+    InvalidInput,
+    NotAuthorized,
+    NotFound,
+)
+from blockguard.storage.manifest import write_atomic
+from blockguard.storage.remote import keys, ssh
+from blockguard.storage.remote.linkprobe import LinkSpeed, measure_link
+from blockguard.storage.remote.session import RemoteSession
+from blockguard.storage.runner import Runner
+
+log = logging.getLogger(__name__)
+
+#: Under the state directory: the client key (and ``.pub``), and the pinned host keys.
+CLIENT_KEY = Path("keys") / "ssh_ed25519"
+KNOWN_HOSTS = Path("known_hosts")
+#: The forced command a target's authorized_keys gives this host's key (the standalone
+#: serve over a directory; ``DIR`` is the target's area for it).
+SERVE_FORCED_COMMAND = "python3 -m blockguard.engine.servecmd --client {client} --root DIR"
+
+#: Measures the link of a session (tests pass a smaller one).
+LinkMeasure = Callable[[RemoteSession], LinkSpeed]
+
+
+@dataclass(frozen=True)
+class TargetRequest:
+    """A checked ``target add``: everything :meth:`TargetRegistry.register` needs."""
+
+    id: str
+    address: ssh.TargetAddress
+    pool: str
+    client_id: str
+    host_key: ssh.HostKey
+    #: The pinned host key of this registration alone, merged into known_hosts on success.
+    known_hosts: Path
+    #: An imported master key (``target add --key`` on a new host), or None.
+    key: keys.MasterKey | None
+
+
+def default_client_id() -> str:
+    """This host's id on targets: its short host name when it follows the name rule."""
+    name = socket.gethostname().split(".", 1)[0]
+    try:
+        return vocab.check_name("client id", name)
+    except InvalidInput:
+        return "host"
+
+
+class TargetRegistry:
+    """The registered targets of this host and its key material.
+
+    :param catalog: where targets and the link figures are recorded.
+    :param state_dir: the daemon's state directory (keys, known_hosts).
+    :param runner: runs ssh-keygen, ssh-keyscan and ssh.
+    :param measure: measures a session's link.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        state_dir: Path,
+        runner: Runner,
+        measure: LinkMeasure = measure_link,
+    ) -> None:
+        self.catalog = catalog
+        self.state_dir = Path(state_dir)
+        self.runner = runner
+        self.measure = measure
+
+    @property
+    def key_path(self) -> Path:
+        return self.state_dir / keys.KEY_FILE
+
+    @property
+    def client_key_path(self) -> Path:
+        return self.state_dir / CLIENT_KEY
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.state_dir / KNOWN_HOSTS
+
+    # --- deciding ------------------------------------------------------------------------
+
+    def prepare(
+        self,
+        target_id: str,
+        url: str,
+        pool: str,
+        host_key: str = "",
+        *,
+        key_text: str = "",
+        client_id: str = "",
+    ) -> TargetRequest:
+        """Check a ``target add`` and pin the confirmed host key for it (see the module
+        docstring); nothing is recorded.
+
+        :param host_key: the ``SHA256:...`` fingerprint the administrator confirmed, or
+            empty to be shown the target's.
+        :param key_text: an exported master key to import (a new host), or empty.
+        :raises InvalidInput: a bad id, URL, pool, client id or fingerprint.
+        :raises AlreadyExists: a target of that id exists.
+        :raises KeyTextInvalid: ``key_text`` does not parse (its checksum, a character).
+        :raises HostKeyUnconfirmed: no fingerprint was given (it names the offered ones).
+        :raises HostKeyMismatch: the target offers no key with that fingerprint.
+        :raises TargetUnreachable: its sshd does not answer.
+        """
+        vocab.check_name("target", target_id)
+        address = ssh.parse_target_url(url)
+        vocab.check_name("target pool", pool)
+        client_id = vocab.check_name("client id", client_id or default_client_id())
+        imported = keys.parse_key_text(key_text) if key_text else None
+        if imported is not None and self.key_path.exists():
+            existing = keys.load_key_file(self.key_path)
+            if existing != imported:
+                raise InvalidInput(
+                    detail=f"this host already has another master key ({self.key_path}); "
+                    "an imported key must be the same key (export it with key export)"
+                )
+        with contextlib.suppress(NotFound):
+            self.catalog.get_target(target_id)
+            raise AlreadyExists(what="target", name=target_id)
+        if not host_key:
+            offered = ssh.scan_host_keys(address, target=target_id, runner=self.runner)
+            first = offered[0].fingerprint
+            raise HostKeyUnconfirmed(
+                target=target_id,
+                address=address.hostport,
+                offered=", ".join(f"{k.key_type} {k.fingerprint}" for k in offered),
+                fingerprint=first,
+            )
+        pinned = self.state_dir / "keys" / f"known_hosts.adding.{target_id}"
+        pinned.unlink(missing_ok=True)
+        found = ssh.pin_host_key(address, host_key, pinned, target=target_id, runner=self.runner)
+        return TargetRequest(target_id, address, pool, client_id, found, pinned, imported)
+
+    # --- doing -----------------------------------------------------------------------------
+
+    def register(self, request: TargetRequest) -> Target:
+        """Connect to the target, measure the link and record it (the long half of
+        ``target add``; runs in a job).
+
+        :raises NotAuthorized: the target refused this host's key (the message has the
+            line for its authorized_keys) or its client id.
+        :raises WireError: the link failed (nothing is recorded).
+        """
+        try:
+            self.master_key(request.key)
+            public = self.client_public_key()
+            try:
+                session = RemoteSession.connect(
+                    request.id,
+                    request.address,
+                    key=self.client_key_path,
+                    known_hosts=request.known_hosts,
+                    runner=self.runner,
+                )
+            except NotAuthorized as exc:
+                line = self.authorized_keys_line(request.client_id, public)
+                raise NotAuthorized(
+                    detail=f"{exc.fields.get('detail', exc)}; on the target, add this line to "
+                    f"the authorized_keys of {request.address.user} (DIR: the directory of "
+                    f"pool {request.pool}, prepared with `python3 -m "
+                    f"blockguard.engine.servecmd --create --client {request.client_id} "
+                    f"--root DIR`): {line}"
+                ) from exc
+            with session:
+                space = session.space()
+                link = self.measure(session)
+            log.info("target %s: %s", request.id, link.describe())
+            speed = link.device_speed()
+            entry = PerfEntry(
+                device_key=link_perf_key(request.id),
+                kind="pool",
+                measured_at=self.catalog.now(),
+                source="probe",
+                device_path=request.address.url,
+                transport="ssh",
+                seq_read=speed.seq_read,
+                seq_write=speed.seq_write,
+                rand_read=speed.rand_read,
+                rand_write=speed.rand_write,
+                chunk_size=speed.chunk_size,
+            )
+            self._pin(request)
+            try:
+                return self.catalog.add_target(
+                    request.id,
+                    url=request.address.url,
+                    client_id=request.client_id,
+                    pool=request.pool,
+                    host_key=request.host_key.fingerprint,
+                    link=entry,
+                    round_trip=link.round_trip,
+                    space=(space.free, space.total, space.used),
+                )
+            except BaseException:
+                self._unpin(request.address)
+                raise
+        finally:
+            request.known_hosts.unlink(missing_ok=True)
+
+    def remove(self, target_id: str) -> None:
+        """Forget a target: its record, its link's figures and its pinned host key (when
+        no other target shares its address).
+
+        :raises NotFound: no target of that id.
+        """
+        target = self.catalog.get_target(target_id)
+        self.catalog.remove_target(target_id)
+        address = ssh.parse_target_url(target.url)
+        if not any(
+            ssh.parse_target_url(t.url).known_hosts_name == address.known_hosts_name
+            for t in self.catalog.list_targets()
+        ):
+            self._unpin(address)
+
+    def describe(self, target: Target) -> dict[str, Any]:
+        """What ``target list`` / ``target show`` tell of a target."""
+        link = self.catalog.get_perf(link_perf_key(target.id), "pool")
+        found: dict[str, Any] = {
+            "id": target.id,
+            "url": target.url,
+            "pool": target.pool,
+            "client_id": target.client_id,
+            "host_key": target.host_key,
+            "state": target.state,
+            "state_reason": target.state_reason,
+            "added": target.added,
+        }
+        if link is not None:
+            found["link_down"] = link.seq_read
+            found["link_up"] = link.seq_write
+            found["link_measured_at"] = link.measured_at
+        if target.round_trip is not None:
+            found["link_round_trip"] = target.round_trip
+        if target.space_total is not None:
+            found["space_free"] = target.space_free
+            found["space_total"] = target.space_total
+            found["space_used"] = target.space_used
+            found["space_checked_at"] = target.checked_at
+        return found
+
+    # --- key material ----------------------------------------------------------------------
+
+    def master_key(self, imported: keys.MasterKey | None = None) -> keys.MasterKey:
+        """This host's master key: loaded, or made now (``imported`` on a new host)."""
+        if self.key_path.exists() or self.key_path.is_symlink():
+            existing = keys.load_key_file(self.key_path)
+            if imported is not None and existing != imported:
+                raise InvalidInput(
+                    detail=f"this host already has another master key ({self.key_path})"
+                )
+            return existing
+        made = keys.create_key_file(self.key_path, imported)
+        log.warning("made the remote master key %s: %s", self.key_path, keys.KEY_WARNING)
+        return made
+
+    def export_key(self) -> dict[str, str]:
+        """The master key as text with the warning (``key export``).
+
+        :raises NotFound: no key yet (it is made by the first ``target add``).
+        """
+        key = keys.load_key_file(self.key_path)
+        log.warning("the remote master key %s was exported", self.key_path)
+        return {"key": keys.export_key_text(key), "warning": keys.KEY_WARNING}
+
+    def client_public_key(self) -> str:
+        """The client key's public line (the key is made on first use, then kept)."""
+        public = self.client_key_path.with_name(self.client_key_path.name + ".pub")
+        if not public.exists():
+            comment = f"blockguard@{default_client_id()}"
+            return ssh.create_client_key(self.client_key_path, comment=comment, runner=self.runner)
+        return public.read_text().strip()
+
+    @staticmethod
+    def authorized_keys_line(client_id: str, public: str) -> str:
+        """The line a target's authorized_keys needs for this host's key."""
+        command = SERVE_FORCED_COMMAND.format(client=client_id)
+        return f'restrict,command="{command}" {public}'
+
+    # --- known_hosts -----------------------------------------------------------------------
+
+    def _pin(self, request: TargetRequest) -> None:
+        """Move the registration's pinned key into known_hosts (replacing that address's)."""
+        name = request.address.known_hosts_name
+        key = request.host_key
+        self._rewrite_known_hosts(name, f"{name} {key.key_type} {key.blob}")
+
+    def _unpin(self, address: ssh.TargetAddress) -> None:
+        self._rewrite_known_hosts(address.known_hosts_name, None)
+
+    def _rewrite_known_hosts(self, name: str, line: str | None) -> None:
+        kept = []
+        if self.known_hosts.exists():
+            kept = [
+                old
+                for old in self.known_hosts.read_text().splitlines()
+                if old.split(maxsplit=1)[:1] != [name]
+            ]
+        elif line is None:
+            return
+        lines = [*kept, line] if line is not None else kept
+        self.known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomic(self.known_hosts, "".join(f"{x}\n" for x in lines).encode())
+        os.chmod(self.known_hosts, 0o600)
