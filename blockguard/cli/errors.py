@@ -111,7 +111,17 @@ _NEXT_STEPS: dict[str, str] = {
     "CorruptMetadata": "restore an older generation (blockguardctl generations VOLUME "
     "lists them); the next backup of the volume is a full",
     "Internal": "the daemon's log has the details: journalctl -u blockguard",
+    "HostKeyUnconfirmed": "confirm the fingerprint on the target (ssh-keygen -lf on its host "
+    "key), then run target add again with --host-key",
+    "HostKeyMismatch": "another host answers at the target's address, or it was reinstalled: "
+    "check the fingerprint on the target before trusting a new one (target add --host-key)",
+    "TargetUnreachable": "check the target's address and that its sshd runs; blockguardctl "
+    "target list shows the targets",
+    "KeyTextInvalid": "compare the key with the exported copy character by character",
 }
+
+#: NotAuthorized from a target (its authorized_keys), not from the bus's policy.
+_TARGET_REFUSED = "add the line above to the target's authorized_keys, then run target add again"
 
 
 def next_step(exc: BaseException) -> str | None:
@@ -120,8 +130,16 @@ def next_step(exc: BaseException) -> str | None:
     for link in _chain(exc):
         if isinstance(link, RemoteError):
             short = link.name.rsplit(".", 1)[-1]
+            if short == "NotAuthorized" and "authorized_keys" in link.message:
+                return _TARGET_REFUSED
             if short == "NotFound":
-                for what, listing in (("volume", "volume list"), ("pool", "pool list")):
+                if link.message.startswith("key file "):
+                    return "the first blockguardctl target add makes the key"
+                for what, listing in (
+                    ("volume", "volume list"),
+                    ("pool", "pool list"),
+                    ("target", "target list"),
+                ):
                     if link.message.startswith(f"{what} "):
                         return f"blockguardctl {listing} shows them"
                 return None

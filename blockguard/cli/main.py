@@ -248,6 +248,75 @@ TREE = Cmd(
             ),
         ),
         Cmd(
+            "target",
+            "backup targets: other hosts that keep copies, reached over ssh",
+            sub=(
+                Cmd(
+                    "add",
+                    "register a backup target (its host key confirmed, the link measured)",
+                    Action("targets.target_add"),
+                    (
+                        Arg("id", help="the name this host gives the target"),
+                        Arg("url", help="ssh://user@host[:port]"),
+                        Arg("--pool", required=True, help="the pool on the target to store into"),
+                        Arg(
+                            "--host-key",
+                            default="",
+                            metavar="SHA256:...",
+                            help="the target's host key fingerprint, confirmed on the target "
+                            "(without it, the offered ones are shown and nothing is recorded)",
+                        ),
+                        Arg(
+                            "--key",
+                            default="",
+                            metavar="FILE",
+                            help="import this host's master key from FILE (key export's "
+                            "text; a new host restoring from the target)",
+                        ),
+                        Arg(
+                            "--client",
+                            default="",
+                            help="this host's client id on the target (default: host name)",
+                        ),
+                        NO_WAIT,
+                    ),
+                ),
+                Cmd("list", "list backup targets and their links", Action("targets.target_list")),
+                Cmd("show", "show one backup target", Action("targets.target_show"), (Arg("id"),)),
+                Cmd(
+                    "remove",
+                    "forget a backup target, its link figures and its pinned host key",
+                    Action("targets.target_remove"),
+                    (Arg("id"),),
+                ),
+                Cmd(
+                    "client-key",
+                    "print the line a target's authorized_keys needs for this host",
+                    Action("targets.client_key"),
+                    (Arg("--client", default="", help="client id (default: host name)"),),
+                ),
+            ),
+        ),
+        Cmd(
+            "key",
+            "the master key that encrypts backups on targets",
+            sub=(
+                Cmd(
+                    "export",
+                    "print the master key as text to keep off this host (root only)",
+                    Action("targets.key_export"),
+                    (
+                        Arg(
+                            "--output",
+                            default="",
+                            metavar="FILE",
+                            help="write it to FILE (made 0600; never overwritten)",
+                        ),
+                    ),
+                ),
+            ),
+        ),
+        Cmd(
             "volume",
             "protected volumes",
             sub=(

@@ -45,6 +45,12 @@ MUTATING_METHODS: frozenset[str] = frozenset(
         "Verify",
         "Drill",
         "DrillVolume",
+        "AddTarget",
+        "RemoveTarget",
+        # Changes nothing, but hands out the master key: root only, and in the trail.
+        "ExportKey",
+        # Makes this host's ssh key on first use.
+        "ClientKey",
     }
 )
 

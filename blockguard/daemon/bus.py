@@ -35,6 +35,7 @@ from blockguard.daemon.dbusutil import (
     SwapIns,
     UInt64,
     VarDict,
+    VarDicts,
     from_variant,
     handler,
     job_path,
@@ -327,6 +328,63 @@ class ManagerInterface(ServiceInterface):
     async def GetHealth(self) -> VarDict:
         """Health now (assessing it raises and resolves alerts); see docs/busctl.md."""
         return to_vardict(await self._call(self.service.health))
+
+    # --- backup targets (issue 11) ---
+
+    @dbus_method()
+    @handler()
+    async def AddTarget(self, target: Str, url: Str, pool: Str, options: VarDict) -> ObjPath:
+        """Register a backup target; returns the job that connects and measures the link.
+
+        ``options``: ``host_key`` (the confirmed ``SHA256:...`` fingerprint; without it the
+        call is refused with ``HostKeyUnconfirmed`` naming the offered ones), ``key_text``
+        (an exported master key to import on a new host), ``client_id``.
+        """
+        opts = {k: from_variant(v) for k, v in options.items()}
+        unknown = sorted(set(opts) - {"host_key", "key_text", "client_id"})
+        if unknown:
+            raise InvalidInput(detail=f"unknown AddTarget options {', '.join(unknown)}")
+        for name, value in opts.items():
+            if not isinstance(value, str):
+                raise InvalidInput(detail=f"AddTarget option {name} must be a string")
+        job = await self._call(
+            self.service.add_target,
+            target,
+            url,
+            pool,
+            opts.get("host_key", ""),
+            opts.get("key_text", ""),
+            opts.get("client_id", ""),
+        )
+        return self.tree.job(job)
+
+    @dbus_method()
+    @handler()
+    async def RemoveTarget(self, target: Str) -> None:
+        await self._call(self.service.remove_target, target)
+
+    @dbus_method()
+    @handler(read_only=True)
+    async def ListTargets(self) -> VarDicts:
+        return [to_vardict(t) for t in await self._call(self.service.list_targets)]
+
+    @dbus_method()
+    @handler(read_only=True)
+    async def GetTarget(self, target: Str) -> VarDict:
+        return to_vardict(await self._call(self.service.get_target, target))
+
+    @dbus_method()
+    @handler()
+    async def ExportKey(self) -> VarDict:
+        """The remote master key as text, with the warning (authorised and audited)."""
+        return to_vardict(await self._call(self.service.export_key))
+
+    @dbus_method()
+    @handler()
+    async def ClientKey(self, client_id: Str) -> VarDict:
+        """This host's ssh key for targets (made on first use) and the authorized_keys
+        line a target needs for it."""
+        return to_vardict(await self._call(self.service.client_public_key, client_id))
 
     # --- properties ---
 

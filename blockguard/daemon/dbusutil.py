@@ -53,6 +53,7 @@ ObjPath = Annotated[str, DBusSignature("o")]
 ObjPaths = Annotated[list[str], DBusSignature("ao")]
 Strs = Annotated[list[str], DBusSignature("as")]
 VarDict = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
+VarDicts = Annotated[list[dict[str, Variant]], DBusSignature("aa{sv}")]
 SecondsDict = Annotated[dict[str, float], DBusSignature("a{sd}")]
 ErrorPair = Annotated[list[str], DBusSignature("(ss)")]
 #: (id, method, parent, created unix time, bytes, state, running number)
