@@ -132,6 +132,8 @@ def next_step(exc: BaseException) -> str | None:
             short = link.name.rsplit(".", 1)[-1]
             if short == "NotAuthorized" and "authorized_keys" in link.message:
                 return _TARGET_REFUSED
+            if short == "NotAuthorized" and "master key" in link.message:
+                return "run it as root"
             if short == "NotFound":
                 if link.message.startswith("key file "):
                     return "the first blockguardctl target add makes the key"

@@ -48,7 +48,7 @@ from blockguard.daemon.dbusutil import (
 from blockguard.daemon.objects import JobObject, PoolObject, VolumeObject, generation_struct
 from blockguard.engine import service as svc
 from blockguard.engine.jobs import Job
-from blockguard.errors import EnvironmentProblem, InvalidInput, NotFound
+from blockguard.errors import EnvironmentProblem, InvalidInput, NotAuthorized, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +376,14 @@ class ManagerInterface(ServiceInterface):
     @dbus_method()
     @handler()
     async def ExportKey(self) -> VarDict:
-        """The remote master key as text, with the warning (authorised and audited)."""
+        """The remote master key as text, with the warning: root only (not the admin
+        group, which may run backups but must not carry the key away), audited."""
+        caller = await self.authorizer.identify("ExportKey")
+        if caller.uid != 0:
+            raise NotAuthorized(
+                detail=f"ExportKey hands out the master key and needs root "
+                f"(the caller has uid {caller.uid})"
+            )
         return to_vardict(await self._call(self.service.export_key))
 
     @dbus_method()

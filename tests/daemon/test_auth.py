@@ -177,6 +177,18 @@ def test_admin_group_member_may_change(engine: EngineHarness, loopdev: LoopFacto
     assert result.returncode == 0, result.stderr
     with Client(daemon.address) as root:
         assert root.call("ListVolumes") == []
+    # The master key is root's alone: the admin group may not carry it away.
+    result = busctl(
+        daemon.address,
+        "call",
+        "org.blockguard1",
+        "/org/blockguard1",
+        "org.blockguard1.Manager",
+        "ExportKey",
+        user=member,
+    )
+    assert result.returncode != 0 and "needs root" in result.stderr, result.stderr
+    assert "audit: ExportKey by uid 65534" in daemon.log() and "refused" in daemon.log()
 
 
 def test_policy_read_methods_match_the_code() -> None:

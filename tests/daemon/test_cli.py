@@ -199,6 +199,8 @@ def test_argument_tree_is_data() -> None:
         "status",
         "plan",
         "jobs",
+        "target",
+        "key",
     }
     args = build_parser().parse_args(["--json", "restore", "db", "--mode", "swap-in"])
     assert args.json and args.mode == "swap-in" and args.generation == "" and not args.no_wait
