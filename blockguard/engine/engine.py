@@ -521,15 +521,14 @@ class Engine:
         the offered fingerprints when none was confirmed), connected and measured in a
         job (see :mod:`.targets`)."""
         key = f"target:{target}"
-        with self._lock:
-            self.jobs.reserve(key)
-            try:
-                request = self.targets.prepare(
-                    target, url, pool, host_key, key_text=key_text, client_id=client_id
-                )
-            except BaseException:
-                self.jobs.release(key)
-                raise
+        # Not under the engine's lock: asking the target's sshd for its keys may take
+        # seconds, and a registration touches no volume or pool. The reservation keeps
+        # two registrations of one id apart.
+        self.jobs.reserve(key)
+        try:
+            request = self.targets.prepare(
+                target, url, pool, host_key, key_text=key_text, client_id=client_id
+            )
 
             def work(progress: ProgressReporter, _record: str) -> dict[str, Any]:
                 progress(0, 1)
@@ -538,6 +537,9 @@ class Engine:
                 return self.targets.describe(found)
 
             return self.jobs.submit(JobKind.TARGET, key, target, work, reserved=True)
+        except BaseException:
+            self.jobs.release(key)
+            raise
 
     def remove_target(self, target: str) -> None:
         key = f"target:{target}"
@@ -559,8 +561,7 @@ class Engine:
 
     def client_public_key(self, client_id: str = "") -> dict[str, str]:
         """This host's ssh key, and the authorized_keys line a target needs for it."""
-        with self._lock:
-            public = self.targets.client_public_key()
+        public = self.targets.client_public_key()
         line = self.targets.authorized_keys_line(client_id or default_client_id(), public)
         return {"public_key": public, "authorized_keys_line": line}
 

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,9 @@ class TargetRegistry:
         self.state_dir = Path(state_dir)
         self.runner = runner
         self.measure = measure
+        # The key files are made once: a registration's job and a ClientKey call must
+        # not both find none and race to make one.
+        self._keys_lock = threading.Lock()
 
     @property
     def key_path(self) -> Path:
@@ -276,6 +280,10 @@ class TargetRegistry:
 
     def master_key(self, imported: keys.MasterKey | None = None) -> keys.MasterKey:
         """This host's master key: loaded, or made now (``imported`` on a new host)."""
+        with self._keys_lock:
+            return self._master_key(imported)
+
+    def _master_key(self, imported: keys.MasterKey | None) -> keys.MasterKey:
         if self.key_path.exists() or self.key_path.is_symlink():
             existing = keys.load_key_file(self.key_path)
             if imported is not None and existing != imported:
@@ -299,10 +307,13 @@ class TargetRegistry:
     def client_public_key(self) -> str:
         """The client key's public line (the key is made on first use, then kept)."""
         public = self.client_key_path.with_name(self.client_key_path.name + ".pub")
-        if not public.exists():
-            comment = f"blockguard@{default_client_id()}"
-            return ssh.create_client_key(self.client_key_path, comment=comment, runner=self.runner)
-        return public.read_text().strip()
+        with self._keys_lock:
+            if not public.exists():
+                comment = f"blockguard@{default_client_id()}"
+                return ssh.create_client_key(
+                    self.client_key_path, comment=comment, runner=self.runner
+                )
+            return public.read_text().strip()
 
     @staticmethod
     def authorized_keys_line(client_id: str, public: str) -> str:
