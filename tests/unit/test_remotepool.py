@@ -49,6 +49,8 @@ class Target:
         self.puts = 0
         self.gets = 0
         self.kill_after_puts: int | None = None
+        #: Puts in flight: 1 makes a cut exact (every put sent before it was answered).
+        self.window = 4
 
     def session(self) -> RemoteSession:
         argv = [sys.executable, "-m", "blockguard.engine.servecmd", "--client", "C1"]
@@ -58,6 +60,7 @@ class Target:
             runner=Runner(),
             env={"PYTHONPATH": str(REPO)},
             close_timeout=scaled(30),
+            window=self.window,
         )
         request = session.channel.request
 
@@ -223,20 +226,43 @@ def test_a_cut_transfer_lists_nothing_and_resumes_with_the_missing_packs(
 ) -> None:
     rng = random.Random(14)
     data = rng.randbytes(SIZE)
-    target.kill_after_puts = 2
+    target.kill_after_puts, target.window = 2, 1
     with pytest.raises(WireError):
         backup(pool, data)
-    target.kill_after_puts = None
+    target.kill_after_puts, target.window = None, 4
     assert pool.generations() == []
     [gdir] = target.generation_dirs()
     held = {p.name for p in (gdir / "packs").glob("*.pack")}
-    assert 1 <= len(held) <= 2
+    assert held == {"000000.pack", "000001.pack"}
     sent_before = target.puts
     full = backup(pool, data)  # the same spec: the open generation is resumed
     assert gdir.name.endswith("@" + full.generation_id)
     assert target.puts - sent_before == 4 - len(held), "only the missing packs are sent"
     assert [m.generation_id for m in pool.generations("db")] == [full.generation_id]
     assert restore(pool, full.generation_id) == data
+
+
+def test_a_new_pool_object_resumes_the_generation_it_is_told_of(
+    target: Target, pool: RemotePool, key: MasterKey
+) -> None:
+    # As after a restart of the daemon: only the generation id was kept.
+    rng = random.Random(17)
+    data = rng.randbytes(SIZE)
+    target.kill_after_puts, target.window = 1, 1
+    with pytest.raises(WireError):
+        backup(pool, data)
+    target.kill_after_puts, target.window = None, 4
+    [gdir] = target.generation_dirs()
+    gid = gdir.name.split("@")[1]  # what the caller kept of its writer (generation_id)
+    held = len(list((gdir / "packs").glob("*.pack")))
+    assert held == 1
+    sent_before = target.puts
+    with RemotePool("offsite", target.session, key, target="t1", area="main") as again:
+        again.expect_resume(GenerationSpec(VOLUME, GenerationKind.FULL, CHUNK), gid)
+        full = backup(again, data)
+        assert full.generation_id == gid
+        assert target.puts - sent_before == 4 - held
+        assert restore(again, gid) == data
 
 
 def test_a_manifest_that_does_not_open_is_reported_damaged(

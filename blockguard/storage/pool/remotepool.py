@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,12 @@ from blockguard.errors import (
     EnvironmentProblem,
     NotFound,
 )
-from blockguard.storage.manifest import Manifest, generation_clock, new_generation_id
+from blockguard.storage.manifest import (
+    Manifest,
+    check_component,
+    generation_clock,
+    new_generation_id,
+)
 from blockguard.storage.pool.base import (
     AlertCallback,
     DamagedGeneration,
@@ -183,11 +189,25 @@ class RemotePool(PoolBackend):
             finished=finished,
         )
 
-    def _draft(self, spec: GenerationSpec) -> Manifest:
+    def expect_resume(self, spec: GenerationSpec, generation_id: str) -> None:
+        """Let the next writer of ``spec`` continue ``generation_id``, which a cut left
+        open on the target (the caller kept its id, e.g. across a restart of this host's
+        daemon; within one pool object this happens by itself).
+
+        The data must be the same as the cut writer's (the same point-in-time copy): a
+        pack that differs is re-sent, and one that differs at the same size makes the
+        target refuse the commit (``DataError``), never commits wrong data.
+        """
+        check_component(generation_id, "generation id")
+        self._open_drafts[_spec_key(spec)] = self._draft(spec, generation_id)
+
+    def _draft(self, spec: GenerationSpec, generation_id: str | None = None) -> Manifest:
         volume, chunk_size = spec.volume, spec.chunk_size
         created = generation_clock()
+        if generation_id is not None:
+            created = _created_of(generation_id, created)
         draft = Manifest(
-            generation_id=new_generation_id(created),
+            generation_id=generation_id or new_generation_id(created),
             volume=volume,
             chunk_size=chunk_size,
             kind=spec.kind,
@@ -305,3 +325,12 @@ def _spec_key(spec: GenerationSpec) -> tuple[Any, ...]:
     """What makes a later writer the same generation as one a cut left open."""
     changed = None if spec.changed is None else spec.changed.serialize()
     return (spec.volume, spec.kind, spec.chunk_size, changed, spec.base_id, spec.parent_id)
+
+
+def _created_of(generation_id: str, default: float) -> float:
+    """The time a generation id was made at (``20261103T120501.123456Z-...``)."""
+    try:
+        stamp = datetime.strptime(generation_id.split("-")[0], "%Y%m%dT%H%M%S.%fZ")
+    except ValueError:
+        return default
+    return stamp.replace(tzinfo=UTC).timestamp()

@@ -219,7 +219,13 @@ class RemoteGenerationWriter(GenerationWriter):
         }
         if self._on_target.get(aad.pack) == len(sealed):
             return
-        self._remote(lambda s: self._window(s).send(aad.pack, sealed))
+
+        def put(session: RemoteSession) -> None:
+            window = self._window(session)
+            if not window.send(aad.pack, sealed):
+                window.finish()  # raises the target's refusal (a full disk) now
+
+        self._remote(put)
         self.puts += 1
 
     def _window(self, session: RemoteSession) -> PutWindow:
