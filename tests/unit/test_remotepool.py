@@ -22,7 +22,13 @@ import xxhash
 from pyroaring import BitMap
 
 from blockguard.core.vocab import GenerationKind
-from blockguard.errors import DataError, EnvironmentProblem, TamperedPack, WireError
+from blockguard.errors import (
+    DataError,
+    EnvironmentProblem,
+    InvalidInput,
+    TamperedPack,
+    WireError,
+)
 from blockguard.storage.copyengine import Progress, extents
 from blockguard.storage.manifest import Manifest, VolumeIdentity, chunk_count
 from blockguard.storage.pool.base import GenerationSpec
@@ -49,6 +55,8 @@ class Target:
         self.puts = 0
         self.gets = 0
         self.kill_after_puts: int | None = None
+        #: Puts after this many go out as a pack number the target refuses.
+        self.spoil_after_puts: int | None = None
         #: Puts in flight: 1 makes a cut exact (every put sent before it was answered).
         self.window = 4
 
@@ -69,6 +77,8 @@ class Target:
                 self.puts += 1
                 if self.kill_after_puts is not None and self.puts > self.kill_after_puts:
                     os.kill(session.child.pid, signal.SIGKILL)
+                if self.spoil_after_puts is not None and self.puts > self.spoil_after_puts:
+                    args = {**args, "pack": 10**7}  # type: ignore[dict-item]
             elif op == "get":
                 self.gets += 1
             return request(op, args, payload)  # type: ignore[arg-type]
@@ -315,3 +325,17 @@ def test_removal_retention_space_and_refusals(target: Target, pool: RemotePool) 
         pool.add_device("/dev/loop9")
     [device] = pool.devices()
     assert device.path == "t1:main"
+
+
+def test_a_refused_put_ends_the_writer_and_leaves_nothing_on_the_target(
+    target: Target, pool: RemotePool
+) -> None:
+    target.spoil_after_puts = 1
+    with pytest.raises(InvalidInput, match="pack number"):
+        backup(pool, random.Random(18).randbytes(SIZE))
+    target.spoil_after_puts = None
+    assert target.puts <= 1 + 4, "nothing is sent once the refusal is seen"
+    assert target.generation_dirs() == [] and pool.generations() == []
+    # Not a cut: the next writer begins a new generation.
+    full = backup(pool, bytes(SIZE))
+    assert [m.generation_id for m in pool.generations()] == [full.generation_id]
