@@ -172,6 +172,11 @@ def test_a_full_and_a_chain_of_three_restore_bit_exact(target: Target, pool: Rem
             pool, bytes(data), GenerationKind.INCREMENTAL, changed, parent_id=parent.generation_id
         )
         images[parent.generation_id] = bytes(data)
+    # An incremental with nothing changed stores no pack and restores all the same.
+    empty = backup(
+        pool, bytes(data), GenerationKind.INCREMENTAL, BitMap(), parent_id=parent.generation_id
+    )
+    images[empty.generation_id] = bytes(data)
     assert [m.generation_id for m in pool.generations("db")] == list(images)
     assert pool.generations("other") == []
     target.gets = 0

@@ -109,8 +109,6 @@ class RemotePool(PoolBackend):
         self._session: RemoteSession | None = None
         self._lock = threading.RLock()
         self._open_drafts: dict[tuple[Any, ...], Manifest] = {}
-        #: ``VOLUME/GENERATION`` of the damaged generations the last scan found.
-        self.damaged: list[str] = []
 
     # --- the session ----------------------------------------------------------------------
 
@@ -259,7 +257,6 @@ class RemotePool(PoolBackend):
                 good.append(manifest)
         good.sort(key=lambda m: (m.created, m.generation_id))
         damaged.sort(key=lambda d: d.generation_id)
-        self.damaged = [f"{d.volume}/{d.generation_id}" for d in damaged]
         return PoolScan(good, damaged)
 
     def _open_manifest(self, entry: RemoteGeneration, vid: str, gid: str) -> Manifest:
