@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from blockguard.errors import CorruptMetadata, InvalidInput, WireError
+from blockguard.errors import CorruptMetadata, DataError, InvalidInput, WireError
 from blockguard.storage.manifest import (
     Manifest,
     checksum_bytes,
@@ -187,6 +187,8 @@ class RemoteGenerationWriter(GenerationWriter):
         self._cut = False
         #: Puts sent (not the packs the target held already): for a resume, the rest.
         self.puts = 0
+        #: Packs of a resumed generation not sent again (the target held them).
+        self.skipped = 0
 
     def write_chunks(self, first: int, view: memoryview, digests: Sequence[int]) -> None:
         slot = first if self.draft.is_full else self.draft.changed.rank(first) - 1
@@ -218,6 +220,7 @@ class RemoteGenerationWriter(GenerationWriter):
             "xxh3_128": pack_digest(sealed),
         }
         if self._on_target.get(aad.pack) == len(sealed):
+            self.skipped += 1
             return
 
         def put(session: RemoteSession) -> None:
@@ -263,7 +266,19 @@ class RemoteGenerationWriter(GenerationWriter):
                 self._puts.finish()
             session.commit(self.key, index, sealed)
 
-        self._remote(finish)
+        try:
+            self._remote(finish)
+        except DataError as exc:
+            if not self.skipped:
+                raise
+            # Packs the target held were taken for this copy's by their size, and one is
+            # not: the cut transfer read another copy of the volume. Nothing is committed;
+            # the generation is removed (abort), and the next writer sends everything.
+            raise DataError(
+                detail=f"generation {self.generation_id} was resumed on packs the target "
+                f"held of another copy of volume {self.draft.volume.name} ({exc}); nothing "
+                "is committed, the next backup sends it whole"
+            ) from exc
         self.committed = manifest
         self._finished(True)
         return manifest
