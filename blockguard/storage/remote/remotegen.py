@@ -103,7 +103,9 @@ class PackLayout:
 
     @property
     def slots(self) -> int:
-        return self.manifest.checksum_count or len(self.manifest.stored_chunks())
+        """Stored chunks (not ``len(stored_chunks())``: that builds a bitmap of a full)."""
+        m = self.manifest
+        return m.chunks if m.is_full else len(m.changed)
 
     @property
     def data_packs(self) -> int:
