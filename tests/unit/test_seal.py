@@ -33,6 +33,7 @@ from blockguard.storage.remote.seal import (
     PackAAD,
     open_blob,
     open_pack,
+    pack_nonce,
     seal_blob,
     seal_pack,
 )
@@ -105,6 +106,22 @@ def test_the_same_pack_sealed_twice_differs_by_its_random_nonce() -> None:
     _, _, two = sealed(data)
     assert one[NONCE_AT.start : NONCE_AT.stop] != two[NONCE_AT.start : NONCE_AT.stop]
     assert one[HEADER.size :] != two[HEADER.size :]
+
+
+def test_a_synthetic_nonce_seals_the_same_pack_to_the_same_bytes_and_differs_otherwise() -> None:
+    # A resumed transfer re-makes packs the target holds: the same bytes, known digest.
+    data = os.urandom(64 * 1024)
+    aad = pack_aad(data)
+    key = MASTER.pack_key(aad.volume_id, aad.generation_id)
+    one = seal_pack(key, aad, data, nonce=pack_nonce(key, aad, data))
+    assert one == seal_pack(key, aad, data, nonce=pack_nonce(key, aad, data))
+    assert open_pack(key, aad, one) == data
+    other = flipped(data, 5)
+    assert pack_nonce(key, aad, other) != pack_nonce(key, aad, data)
+    moved = dataclasses.replace(aad, pack=8)
+    assert pack_nonce(key, moved, data) != pack_nonce(key, aad, data)
+    with pytest.raises(InvalidInput, match="a nonce is 12 bytes"):
+        seal_pack(key, aad, data, nonce=b"short")
 
 
 # --- a changed byte --------------------------------------------------------------------

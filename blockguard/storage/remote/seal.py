@@ -21,6 +21,7 @@ than the plaintext it claims, which is at most :data:`MAX_PACK_PLAINTEXT`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from collections.abc import Callable, Iterable
@@ -138,9 +139,10 @@ class BlobAAD:
         return f"{self.kind} {self.name} of volume {self.volume_id}"
 
 
-def seal_pack(key: bytes, aad: PackAAD, plaintext: bytes) -> bytes:
+def seal_pack(key: bytes, aad: PackAAD, plaintext: bytes, *, nonce: bytes | None = None) -> bytes:
     """Seal a pack with its generation's pack key (:meth:`MasterKey.pack_key`).
 
+    :param nonce: the nonce to use (:func:`pack_nonce`), else a random one.
     :raises InvalidInput: ``plaintext`` is not ``aad.plaintext_length`` bytes long.
     """
     if len(plaintext) != aad.plaintext_length:
@@ -148,7 +150,22 @@ def seal_pack(key: bytes, aad: PackAAD, plaintext: bytes) -> bytes:
             detail=f"{aad.describe()} has {len(plaintext)} bytes, its AAD says "
             f"{aad.plaintext_length}"
         )
-    return _seal(PACK_MAGIC, key, aad.format_version, aad.encode(), plaintext)
+    return _seal(PACK_MAGIC, key, aad.format_version, aad.encode(), plaintext, nonce)
+
+
+def pack_nonce(key: bytes, aad: PackAAD, plaintext: bytes) -> bytes:
+    """A synthetic nonce: a keyed BLAKE2b of the pack's place and plaintext.
+
+    The same pack sealed twice (a resumed transfer re-making a pack the target already
+    holds) is then the same bytes, so the client knows its digest without fetching it;
+    a different plaintext in the same place gets a different nonce (a collision of 96
+    bits is as unlikely as a random nonce's), so no nonce is used with two plaintexts.
+    It shows the target only that a re-sent pack is the same as before.
+    """
+    mac = hashlib.blake2b(key=key, digest_size=NONCE_BYTES, person=b"bg pack nonce")
+    mac.update(aad.encode())
+    mac.update(plaintext)
+    return mac.digest()
 
 
 def open_pack(key: bytes, aad: PackAAD, blob: bytes) -> bytes:
@@ -182,9 +199,14 @@ def open_blob(key: bytes, aad: BlobAAD, blob: bytes) -> bytes:
 # --- the work -------------------------------------------------------------------------
 
 
-def _seal(magic: bytes, key: bytes, version: int, aad: bytes, plaintext: bytes) -> bytes:
+def _seal(
+    magic: bytes, key: bytes, version: int, aad: bytes, plaintext: bytes, nonce: bytes | None = None
+) -> bytes:
+    if nonce is None:
+        nonce = os.urandom(NONCE_BYTES)
+    elif type(nonce) is not bytes or len(nonce) != NONCE_BYTES:
+        raise InvalidInput(detail=f"a nonce is {NONCE_BYTES} bytes")
     body, compression = _compress(plaintext)
-    nonce = os.urandom(NONCE_BYTES)
     header = HEADER.pack(
         magic, version, ALGORITHM_CHACHA20_POLY1305, compression, nonce, len(plaintext)
     )

@@ -159,6 +159,11 @@ class RemoteSession:
         self._open = False
         return self.child.close(kill=True)
 
+    @property
+    def alive(self) -> bool:
+        """False once the session ended (closed, or its channel broke)."""
+        return self._open
+
     def __enter__(self) -> RemoteSession:
         return self
 
@@ -235,38 +240,16 @@ class RemoteSession:
 
         :returns: pack number -> bytes stored, for every pack sent.
         """
-        stored: dict[int, int] = {}
-        in_flight: collections.deque[tuple[int, int]] = collections.deque()
-        refused: BlockguardError | None = None
-
-        def collect() -> None:
-            nonlocal refused
-            request_id, number = in_flight.popleft()
-            try:
-                with self._guard():
-                    answer = self.channel.response(request_id)
-            except BlockguardError as exc:
-                if not self._open:
-                    raise  # the channel broke: the session is over
-                refused = refused or exc
-                return
-            stored[number] = self._int(answer.meta, "size")
-
+        puts = self.put_window(generation)
         for number, data in packs:
-            while len(in_flight) >= self.window:
-                collect()
-            if refused is not None:
+            if not puts.send(number, data):
                 break
-            with self._guard():
-                request_id = self.channel.request(
-                    "put", {"generation": generation, "pack": number}, data
-                )
-            in_flight.append((request_id, number))
-        while in_flight:
-            collect()
-        if refused is not None:
-            raise refused
-        return stored
+        return puts.finish()
+
+    def put_window(self, generation: str) -> PutWindow:
+        """Puts of ``generation`` sent one by one as they are made (a writer's packs),
+        with up to :attr:`window` in flight: see :class:`PutWindow`."""
+        return PutWindow(self, generation)
 
     def commit(self, generation: str, index: Mapping[str, Any], manifest: bytes) -> GenerationState:
         """Commit ``generation`` with its pack ``index`` and sealed ``manifest`` (atomic on
@@ -348,3 +331,64 @@ class RemoteSession:
         except (KeyError, TypeError, ValueError):
             raise self._corrupt(f"a malformed generation state {dict(meta)!r:.200}") from None
         return state
+
+
+class PutWindow:
+    """Puts of one generation with up to the session's window in flight, fed one pack at
+    a time (:meth:`send`), collected by :meth:`finish`.
+
+    When the target refuses a put (a full disk), nothing is sent after that is seen, the
+    answers in flight are collected (the session stays usable) and :meth:`finish`
+    raises the first refusal; what was stored stays for a resume.
+    """
+
+    def __init__(self, session: RemoteSession, generation: str) -> None:
+        self.session = session
+        self.generation = generation
+        #: Pack number -> bytes stored, for every put answered.
+        self.stored: dict[int, int] = {}
+        self.refused: BlockguardError | None = None
+        self._in_flight: collections.deque[tuple[int, int]] = collections.deque()
+
+    def send(self, number: int, data: bytes) -> bool:
+        """Send pack ``number`` (after collecting answers while the window is full).
+
+        :returns: False when a refusal was seen (the pack was not sent; call
+            :meth:`finish` to raise it).
+        """
+        session = self.session
+        while len(self._in_flight) >= session.window:
+            self._collect()
+        if self.refused is not None:
+            return False
+        with session._guard():
+            request_id = session.channel.request(
+                "put", {"generation": self.generation, "pack": number}, data
+            )
+        self._in_flight.append((request_id, number))
+        return True
+
+    def finish(self) -> dict[int, int]:
+        """Collect every answer in flight.
+
+        :returns: pack number -> bytes stored, for every pack sent.
+        :raises BlockguardError: the first refusal.
+        """
+        while self._in_flight:
+            self._collect()
+        if self.refused is not None:
+            raise self.refused
+        return self.stored
+
+    def _collect(self) -> None:
+        session = self.session
+        request_id, number = self._in_flight.popleft()
+        try:
+            with session._guard():
+                answer = session.channel.response(request_id)
+        except BlockguardError as exc:
+            if not session.alive:
+                raise  # the channel broke: the session is over
+            self.refused = self.refused or exc
+            return
+        self.stored[number] = session._int(answer.meta, "size")

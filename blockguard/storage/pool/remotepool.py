@@ -1,0 +1,333 @@
+"""A pool on a backup target over SSH: the protected host's generation store there
+(issue 11, docs/design/remote.md, "The store interface").
+
+The target keeps opaque bytes: sealed packs and a sealed manifest per generation, under
+the key ``VOLUME_ID@GENERATION_ID`` (the volume id is an HMAC of the name: the target
+never learns a volume's name). Everything is sealed and opened here with the master key,
+which never leaves this host. The target is the source of truth: :meth:`RemotePool.scan`
+lists what it committed and opens each manifest; one that fails to open is reported
+damaged, never dropped.
+
+It is built from plain values (a session factory, the key, the names), not from a
+catalog: registration (``target add``) is the engine's and makes the factory.
+
+A transfer cut by the link keeps what the target stored: the next writer of the same
+generation spec (the same volume, kind, references and changed set) on this pool object
+resumes it on a new session, sending only the packs the target lacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pyroaring import BitMap
+
+from blockguard.errors import (
+    AlreadyExists,
+    Busy,
+    CorruptMetadata,
+    DataError,
+    EnvironmentProblem,
+    NotFound,
+)
+from blockguard.storage.manifest import (
+    Manifest,
+    check_component,
+    generation_clock,
+    new_generation_id,
+)
+from blockguard.storage.pool.base import (
+    AlertCallback,
+    DamagedGeneration,
+    FreedGeneration,
+    GenerationReader,
+    GenerationSpec,
+    GenerationWriter,
+    PoolBackend,
+    PoolCapacity,
+    PoolDevice,
+    PoolScan,
+    SwapInVolume,
+)
+from blockguard.storage.pool.gendir import manifests_of
+from blockguard.storage.remote.keys import MasterKey
+from blockguard.storage.remote.remotegen import (
+    PackLayout,
+    RemoteGenerationReader,
+    RemoteGenerationWriter,
+    generation_key,
+)
+from blockguard.storage.remote.seal import BlobAAD, open_blob, seal_blob
+from blockguard.storage.remote.session import RemoteGeneration, RemoteSession
+
+if TYPE_CHECKING:
+    from blockguard.storage.pool.registration import DiskAdmission
+
+log = logging.getLogger(__name__)
+
+#: What a generation's ``meta`` on the target says (plain text there: nothing secret).
+META_FORMAT = 1
+
+SessionFactory = Callable[[], RemoteSession]
+
+
+class RemotePool(PoolBackend):
+    """The generations of this host on one target area.
+
+    :param name: the pool's name here.
+    :param sessions: makes a new session with the target (``RemoteSession.connect``
+        with the registered address and keys); called again after the link broke.
+    :param key: the master key (sub-keys seal the packs, manifests and volume ids).
+    :param target: the target's id here (named in devices and errors).
+    :param area: the pool's name on the target (the client's area there).
+    """
+
+    kind = "remote"
+    can_clone_full = False
+
+    def __init__(
+        self,
+        name: str,
+        sessions: SessionFactory,
+        key: MasterKey,
+        *,
+        target: str,
+        area: str,
+        alert: AlertCallback | None = None,
+    ) -> None:
+        super().__init__(name, alert)
+        self.target = target
+        self.area = area
+        self._sessions = sessions
+        self._key = key
+        self._blob_key = key.blob_key()
+        self._session: RemoteSession | None = None
+        self._lock = threading.RLock()
+        self._open_drafts: dict[tuple[Any, ...], Manifest] = {}
+
+    # --- the session ----------------------------------------------------------------------
+
+    def call(self, fn: Callable[[RemoteSession], Any]) -> Any:
+        """Run ``fn`` on the session (made on first use and after a broken link); one
+        caller at a time."""
+        with self._lock:
+            if self._session is None or not self._session.alive:
+                self._session = self._sessions()
+            session = self._session
+            try:
+                return fn(session)
+            finally:
+                if not session.alive:
+                    self._session = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._session is not None and self._session.alive:
+                self._session.close()
+            self._session = None
+
+    # --- devices and space ----------------------------------------------------------------
+
+    def devices(self) -> list[PoolDevice]:
+        space = self.call(lambda s: s.space())
+        return [PoolDevice(f"{self.target}:{self.area}", "", space.total, self.area)]
+
+    def add_device(self, path: str, admission: DiskAdmission | None = None) -> PoolDevice:
+        raise EnvironmentProblem(
+            detail=f"pool {self.name} is on target {self.target}: the target allocates its "
+            f"space, no disk {path} can be added here"
+        )
+
+    def capacity(self) -> PoolCapacity:
+        space = self.call(lambda s: s.space())
+        return PoolCapacity(space.total, max(0, space.total - space.free), space.free)
+
+    # --- generations ------------------------------------------------------------------------
+
+    def begin_generation(self, spec: GenerationSpec) -> GenerationWriter:
+        volume = spec.volume
+        vid = self._key.volume_id(volume.name)
+        spec_key = _spec_key(spec)
+        draft = self._open_drafts.get(spec_key)
+        meta = {"format": META_FORMAT, "volume": vid}
+        stored = None
+        if draft is not None:
+            key = generation_key(vid, draft.generation_id)
+            try:
+                stored = self.call(lambda s: s.begin(key, meta))
+            except AlreadyExists:
+                # The cut came after its commit point: that one is committed, this
+                # writer makes a new generation.
+                self._open_drafts.pop(spec_key, None)
+                draft = None
+        if draft is None:
+            draft = self._draft(spec)
+            needed = self.estimate_bytes(volume, len(draft.changed), spec.chunk_size)
+            key = generation_key(vid, draft.generation_id)
+            stored = self.call(lambda s: s.begin(key, meta, needed))
+            self._open_drafts[spec_key] = draft
+        assert stored is not None
+
+        def finished(done: bool) -> None:
+            if done:
+                self._open_drafts.pop(spec_key, None)
+
+        return RemoteGenerationWriter(
+            draft,
+            volume_id=vid,
+            pack_key=self._key.pack_key(vid, draft.generation_id),
+            call=self.call,
+            seal_manifest=self._seal_manifest,
+            stored=stored,
+            finished=finished,
+        )
+
+    def expect_resume(self, spec: GenerationSpec, generation_id: str) -> None:
+        """Let the next writer of ``spec`` continue ``generation_id``, which a cut left
+        open on the target (the caller kept its id, e.g. across a restart of this host's
+        daemon; within one pool object this happens by itself).
+
+        The data must be the same as the cut writer's (the same point-in-time copy): a
+        pack that differs is re-sent, and one that differs at the same size makes the
+        target refuse the commit (``DataError``), never commits wrong data.
+        """
+        check_component(generation_id, "generation id")
+        self._open_drafts[_spec_key(spec)] = self._draft(spec, generation_id)
+
+    def _draft(self, spec: GenerationSpec, generation_id: str | None = None) -> Manifest:
+        volume, chunk_size = spec.volume, spec.chunk_size
+        created = generation_clock()
+        if generation_id is not None:
+            created = _created_of(generation_id, created)
+        draft = Manifest(
+            generation_id=generation_id or new_generation_id(created),
+            volume=volume,
+            chunk_size=chunk_size,
+            kind=spec.kind,
+            base_id=None if spec.is_full else spec.base_id,
+            parent_id=None if spec.is_full else spec.parent_id,
+            changed=BitMap() if spec.changed is None else BitMap(spec.changed),
+            created=created,
+            sequence=self.next_sequence(volume.name),
+        )
+        if draft.is_full:
+            # Never cloned on a target yet: a full stores every chunk.
+            draft = draft.with_(changed=BitMap(range(draft.chunks)))
+        slots = len(draft.changed)
+        return draft.with_(storage=PackLayout.new_storage(chunk_size, slots))
+
+    def _seal_manifest(self, manifest: Manifest) -> bytes:
+        vid = self._key.volume_id(manifest.volume.name)
+        aad = BlobAAD("manifest", vid, manifest.generation_id)
+        return seal_blob(self._blob_key, aad, manifest.to_json())
+
+    def generations(self, volume: str | None = None) -> list[Manifest]:
+        return manifests_of(self.scan(volume))
+
+    def scan(self, volume: str | None = None) -> PoolScan:
+        wanted = None if volume is None else self._key.volume_id(volume)
+        listed: list[RemoteGeneration] = self.call(lambda s: s.list())
+        good: list[Manifest] = []
+        damaged: list[DamagedGeneration] = []
+        for entry in listed:
+            vid, _, gid = entry.generation.partition("@")
+            if wanted is not None and vid != wanted:
+                continue
+            try:
+                manifest = self._open_manifest(entry, vid, gid)
+            except DataError as exc:
+                log.error("pool %s: generation %s: %s", self.name, entry.generation, exc)
+                damaged.append(
+                    DamagedGeneration(volume or vid, gid, f"its manifest does not open: {exc}")
+                )
+                continue
+            if entry.problem:
+                found_on_use = entry.problem.startswith("marked damaged")
+                damaged.append(
+                    DamagedGeneration(
+                        manifest.volume.name, gid, entry.problem, manifest, found_on_use
+                    )
+                )
+            else:
+                good.append(manifest)
+        good.sort(key=lambda m: (m.created, m.generation_id))
+        damaged.sort(key=lambda d: d.generation_id)
+        return PoolScan(good, damaged)
+
+    def _open_manifest(self, entry: RemoteGeneration, vid: str, gid: str) -> Manifest:
+        """The manifest of a listed generation, opened and checked against its key.
+
+        :raises DataError: it does not open, or is not the generation its key names.
+        """
+        if not vid or not gid:
+            raise CorruptMetadata(
+                what=f"generation {entry.generation}", detail="its key is not VOLUME_ID@ID"
+            )
+        plain = open_blob(self._blob_key, BlobAAD("manifest", vid, gid), entry.manifest)
+        manifest = Manifest.from_json(plain, f"manifest of {entry.generation}")
+        if manifest.generation_id != gid or self._key.volume_id(manifest.volume.name) != vid:
+            raise CorruptMetadata(
+                what=f"manifest of {entry.generation}", detail="it names another generation"
+            )
+        PackLayout.of(manifest, vid)
+        return manifest
+
+    def open_generation(self, manifest: Manifest) -> GenerationReader:
+        vid = self._key.volume_id(manifest.volume.name)
+        return RemoteGenerationReader(
+            manifest,
+            PackLayout.of(manifest, vid),
+            self._key.pack_key(vid, manifest.generation_id),
+            self.call,
+        )
+
+    def remove_generation(self, volume: str, generation_id: str) -> FreedGeneration:
+        gens = self.generations(volume)
+        target = next((m for m in gens if m.generation_id == generation_id), None)
+        if target is None:
+            raise NotFound(what="generation", name=f"{volume}/{generation_id}")
+        users = [m.generation_id for m in gens if generation_id in (m.parent_id, m.base_id)]
+        if users:
+            raise Busy(
+                what=f"generation {generation_id}", reason=f"{', '.join(users)} depend on it"
+            )
+        key = generation_key(self._key.volume_id(volume), generation_id)
+        self.call(lambda s: s.remove(key))
+        return FreedGeneration(generation_id, target.kind.value, target.bytes_stored)
+
+    def mark_damaged(
+        self, volume: str, generation_id: str, reason: str, chunk: int | None = None
+    ) -> bool:
+        key = generation_key(self._key.volume_id(volume), generation_id)
+        self.call(lambda s: s.mark_damaged(key, reason, chunk))
+        return True
+
+    def swap_in(self, full: Manifest, label: str) -> SwapInVolume:
+        raise EnvironmentProblem(
+            detail=f"pool {self.name} is on target {self.target}: a generation there is "
+            "restored by copy, never swapped in"
+        )
+
+    def record_dirs(self) -> list[Path]:
+        # Volume records on a target are not built yet (design, open question 5).
+        return []
+
+
+def _spec_key(spec: GenerationSpec) -> tuple[Any, ...]:
+    """What makes a later writer the same generation as one a cut left open."""
+    changed = None if spec.changed is None else spec.changed.serialize()
+    return (spec.volume, spec.kind, spec.chunk_size, changed, spec.base_id, spec.parent_id)
+
+
+def _created_of(generation_id: str, default: float) -> float:
+    """The time a generation id was made at (``20261103T120501.123456Z-...``)."""
+    try:
+        stamp = datetime.strptime(generation_id.split("-")[0], "%Y%m%dT%H%M%S.%fZ")
+    except ValueError:
+        return default
+    return stamp.replace(tzinfo=UTC).timestamp()
