@@ -161,7 +161,12 @@ def _result_line(job: dict[str, Any]) -> str:
         parts.append(f"ok {text(result['ok'])}")
     if result.get("freed"):
         parts.append(f"retention removed {text(result['freed'])}")
-    line = f"{job['Kind']} of {job['Target']} done" + (f": {', '.join(parts)}" if parts else "")
+    done = (
+        f"target {job['Target']} registered"
+        if job["Kind"] == "target"
+        else f"{job['Kind']} of {job['Target']} done"
+    )
+    line = done + (f": {', '.join(parts)}" if parts else "")
     for warning in result.get("warnings", []) or []:
         line += f"\nwarning: {warning}"
     if result.get("mode") == "swap-in" and result.get("target"):

@@ -131,7 +131,7 @@ def test_target_registration_and_key_export_through_blockguardctl(
     authorize(net_lab, daemon, area)
     out = ctl(daemon, *add, "--host-key", fingerprint)
     assert out.returncode == 0, out.stderr + daemon.log()
-    assert "link down" in out.stdout
+    assert "target offsite registered" in out.stdout and "link down" in out.stdout
     shown = json.loads(ctl(daemon, "--json", "target", "show", "offsite").stdout)["target"]
     print({k: shown[k] for k in ("link_down", "link_up", "link_round_trip")})
     assert (shown["url"], shown["pool"], shown["client_id"], shown["host_key"]) == (
