@@ -89,12 +89,14 @@ class SpawnedChild:
             return self._returncode
         killed = False
         try:
+            if kill and self._proc.poll() is None:
+                # Killed before its stdin closes: an EOF first could let it end by itself
+                # and pass for a clean end of the conversation.
+                self._proc.kill()
+                killed = True
             with contextlib.suppress(OSError):
                 # Buffered bytes a dead child will never read make close() raise.
                 self.stdin.close()
-            if kill and self._proc.poll() is None:
-                self._proc.kill()
-                killed = True
             try:
                 self._proc.wait(self.close_timeout)
             except subprocess.TimeoutExpired:
