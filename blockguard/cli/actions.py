@@ -7,9 +7,6 @@ and spinners are imported only when they are drawn (on a terminal).
 
 from __future__ import annotations
 
-import argparse
-from typing import Any
-
 from blockguard.cli import shapes
 from blockguard.cli.client import JOB, POOL, VOLUME, Client, RemoteError, plain, variant
 from blockguard.cli.errors import CliError
@@ -23,6 +20,11 @@ from blockguard.core.vocab import (
     format_size,
 )
 from blockguard.errors import ExitCode
+
+TYPE_CHECKING = False  # not imported to run: argparse is a fifth of a call (issue 16)
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any
 
 __all__ = ["Output", "drill_text", "human_seconds"]
 
