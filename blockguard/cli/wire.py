@@ -145,13 +145,17 @@ def _write(buf: bytearray, sig: str, value: Any) -> None:
         except struct.error as exc:
             raise WireError(f"{value!r} does not fit D-Bus type {sig!r}: {exc}") from None
     elif char in "so":
+        if not isinstance(value, str):
+            raise WireError(f"{value!r} is not text for D-Bus type {sig!r}")
         data = value.encode()
         _pad(buf, 4)
         buf.extend(struct.pack("<I", len(data)))
         buf.extend(data)
         buf.append(0)
     elif char == "g":
-        data = value.encode("ascii")
+        if not isinstance(value, str) or not value.isascii():
+            raise WireError(f"{value!r} is not a signature")
+        data = value.encode()
         buf.append(len(data))
         buf.extend(data)
         buf.append(0)

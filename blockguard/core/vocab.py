@@ -11,6 +11,8 @@ import enum
 import os
 import re
 
+# How sizes, durations and times are written: a module of its own, which the CLI imports
+# without this one's enums and patterns (issue 16); offered here as they always were.
 from blockguard.core.formats import format_ago as format_ago
 from blockguard.core.formats import format_duration as format_duration
 from blockguard.core.formats import format_rate as format_rate

@@ -170,7 +170,7 @@ def test_replies_and_errors_carry_their_header_fields() -> None:
     [("t", [-1]), ("y", [256]), ("s", [3]), ("v", ["not a variant"]), ("(ss)", [["a"]]), ("s", [])],
 )
 def test_a_value_its_signature_cannot_carry_is_refused(signature: str, body: list[Any]) -> None:
-    with pytest.raises((wire.WireError, AttributeError, TypeError)):
+    with pytest.raises(wire.WireError):
         wire.method_call(1, "d", "/p", "i.f", "M", signature, body)
 
 
