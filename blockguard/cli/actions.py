@@ -7,13 +7,10 @@ and spinners are imported only when they are drawn (on a terminal).
 
 from __future__ import annotations
 
-import argparse
-from typing import Any
-
 from blockguard.cli import shapes
 from blockguard.cli.client import JOB, POOL, VOLUME, Client, RemoteError, plain, variant
 from blockguard.cli.errors import CliError
-from blockguard.cli.output import Column, Output, text
+from blockguard.cli.output import Column, Output, drill_text, human_seconds, text
 from blockguard.core.vocab import (
     DEFAULT_GENERATIONS,
     RETENTION_TIERS,
@@ -24,14 +21,14 @@ from blockguard.core.vocab import (
 )
 from blockguard.errors import ExitCode
 
-__all__ = ["Output"]
+TYPE_CHECKING = False  # not imported to run: argparse is a fifth of a call (issue 16)
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any
+
+__all__ = ["Output", "drill_text", "human_seconds"]
 
 JOB_PATH = "/org/blockguard1/job/"
-
-
-def human_seconds(seconds: float) -> str:
-    """An estimate in seconds; negative means unknown."""
-    return "?" if seconds < 0 else format_duration(seconds)
 
 
 def _find(client: Client, interface: str, what: str, name: str) -> tuple[str, dict[str, Any]]:
@@ -479,24 +476,6 @@ def volume_show(client: Client, args: argparse.Namespace, out: Output) -> None:
             ("object", path),
         ]
     )
-
-
-def drill_text(drill: dict[str, Any]) -> str:
-    """A volume's last restore drill in one line: when, result, measured vs predicted."""
-    if not drill:
-        return "-"
-    when = format_ago(int(drill["at"]))
-    if drill.get("measured_seconds", -1) < 0:
-        return f"{when}: {drill['result']}: {drill.get('problem', '')}"
-    rto = drill.get("rto_seconds", 0)
-    held = f" against RTO {human_seconds(rto)}" if rto else " (no RTO)"
-    text = (
-        f"{when}: {drill['result']}, {drill.get('generation', '')} restored in "
-        f"{human_seconds(drill['measured_seconds'])} ({drill.get('mode', '')}; predicted "
-        f"{human_seconds(drill['predicted_seconds'])}, upper "
-        f"{human_seconds(drill['upper_seconds'])}){held}"
-    )
-    return text + (f": {drill['problem']}" if drill.get("problem") else "")
 
 
 def retention_text(objectives: dict[str, Any]) -> str:

@@ -1,39 +1,31 @@
-"""A blocking D-Bus connection for the CLI, on dbus-fast's message layer (issue 16).
+"""A blocking D-Bus connection for the CLI: a socket, EXTERNAL authentication, ``Hello``
+and one method call at a time (issue 16).
 
 A call of ``blockguardctl`` makes one connection and a few method calls, one at a time.
-dbus-fast's asyncio bus did that in a private event loop, but importing the ``dbus_fast``
-package costs more than the whole Python start-up: its ``__init__`` loads the asyncio
-bus, the service and introspection layers, and asyncio with them (measured on the host:
-``import dbus_fast`` +60 ms of CPU over ``python -c pass``, its message, auth, address and
-unmarshaller modules alone +13 ms). So this module uses only those: dbus-fast
-authenticates (:class:`~dbus_fast.auth.AuthExternal`), parses the address, marshals and
-unmarshals every message; what is here is the blocking socket between them.
+dbus-fast's asyncio bus did that in a private event loop, and even its message layer
+alone (enums, its error and signature modules) cost more of a ``status`` call than
+everything else of the client, so the messages are written and read by
+:mod:`blockguard.cli.wire` and the socket is ``_socket``'s (``socket`` imports enum and
+selectors to wrap it: 2 ms of a call). Nothing here imports dbus-fast, except to find the
+session bus from DISPLAY when no address says where it is (rare, and dbus-fast knows how).
 
-To import a submodule without running the package's ``__init__``, :func:`message_layer`
-puts the package in ``sys.modules`` unexecuted, with a module ``__getattr__`` that runs
-the real ``__init__`` (in the same module object) the first time anything else asks the
-package for a name: ``from dbus_fast import Variant`` or ``import dbus_fast.aio`` later in
-the same process get the whole package, as usual. When the package is imported already,
-it is used as it is.
-
-Addresses are parsed here too, as dbus-fast's ``parse_address`` does: its module imports
-urllib.parse, and ipaddress with it, for one unquote (4 ms of a call's start-up in a
-venv installed from a wheel).
+Addresses are parsed here too, as dbus-fast's ``parse_address`` does (its module imports
+urllib.parse, and ipaddress with it, for one unquote); ``tests/unit/test_cli_bus.py``
+holds both to the same answers.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import _socket
 import os
-import socket
-import sys
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
 
-from blockguard.errors import EnvironmentProblem, InvalidInput
+from blockguard.cli import wire
 
+TYPE_CHECKING = False  # typing is not imported to run (issue 16)
 if TYPE_CHECKING:
-    from dbus_fast.message import Message
+    from typing import Any
+
+    from blockguard.errors import EnvironmentProblem
 
 DBUS_NAME = "org.freedesktop.DBus"
 DBUS_PATH = "/org/freedesktop/DBus"
@@ -49,31 +41,12 @@ _UNIX_PATH_MAX = 107
 CONNECT_TIMEOUT = 60.0
 
 
-def _defer_package_init() -> None:
-    spec = importlib.util.find_spec("dbus_fast")
-    if spec is None or spec.loader is None:
-        raise ModuleNotFoundError("No module named 'dbus_fast'", name="dbus_fast")
-    package = importlib.util.module_from_spec(spec)
-    loader = spec.loader
-
-    def finish(name: str) -> Any:
-        # Once: the real __init__ defines every public name (its submodules are reused).
-        del package.__getattr__
-        loader.exec_module(package)
-        return getattr(package, name)
-
-    package.__getattr__ = finish  # type: ignore[method-assign]
-    sys.modules["dbus_fast"] = package
+class InvalidAddressError(ValueError):
+    """An address that is not a D-Bus address (dbus-fast's words in the message)."""
 
 
-def message_layer() -> ModuleType:
-    """``dbus_fast.message`` (and the modules it needs), without the package's asyncio
-    layers unless something in the process imported them already."""
-    if "dbus_fast" not in sys.modules:
-        _defer_package_init()
-    import dbus_fast.message
-
-    return dbus_fast.message
+class AuthError(ValueError):
+    """The bus refused EXTERNAL authentication, or answered something else."""
 
 
 def _unquote(value: str) -> str:
@@ -97,9 +70,6 @@ def parse_address(address: str) -> list[tuple[str, dict[str, str]]]:
 
     :raises InvalidAddressError: as dbus-fast's, with its messages.
     """
-    message_layer()
-    from dbus_fast.errors import InvalidAddressError
-
     addresses: list[tuple[str, dict[str, str]]] = []
     for entry in address.split(";"):
         if not entry:
@@ -134,7 +104,6 @@ def bus_address(address: str) -> str:
     if address == "session" and os.environ.get("DBUS_SESSION_BUS_ADDRESS"):
         return os.environ["DBUS_SESSION_BUS_ADDRESS"]
     if address == "session":  # from DISPLAY and ~/.dbus: rare, and dbus-fast knows how
-        message_layer()
         from dbus_fast._private.address import get_bus_address
         from dbus_fast.constants import BusType
 
@@ -157,27 +126,25 @@ def address_source(address: str) -> str:
     return "from --bus"
 
 
-def _open(address: str) -> socket.socket:
+def _open(address: str) -> _socket.socket:
     """A socket connected to the first address of ``address`` that answers (the
     transports dbus-fast's buses know: unix path or abstract, tcp)."""
-    from dbus_fast.errors import InvalidAddressError
-
     last: OSError | None = None
     for transport, options in parse_address(address):
         if transport == "unix" and ("path" in options or "abstract" in options):
-            family = socket.AF_UNIX
-            target: Any = options.get("path") or b"\0" + options["abstract"].encode()
-            if len(os.fsencode(target)) > _UNIX_PATH_MAX:
+            family = _socket.AF_UNIX
+            target: object = options.get("path") or b"\0" + options["abstract"].encode()
+            if len(os.fsencode(target)) > _UNIX_PATH_MAX:  # type: ignore[arg-type]
                 raise InvalidAddressError(f"its socket path is longer than {_UNIX_PATH_MAX} bytes")
         elif transport == "tcp":
-            family = socket.AF_INET
+            family = _socket.AF_INET
             port = options.get("port", "0")
             if not port.isdigit() or int(port) > 65535:
                 raise InvalidAddressError(f"got tcp transport with invalid port: {port!r}")
             target = (options.get("host", ""), int(port))
         else:
             raise InvalidAddressError(f"got unknown address transport: {transport}")
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = _socket.socket(family, _socket.SOCK_STREAM)
         sock.settimeout(CONNECT_TIMEOUT)
         try:
             sock.connect(target)
@@ -201,15 +168,14 @@ class Connection:
     """
 
     def __init__(self, address: str) -> None:
-        message_layer()
-        from dbus_fast.errors import InvalidAddressError
-
         source = address_source(address)
         resolved = address
         try:
             resolved = bus_address(address)
             self._sock = _open(resolved)
         except InvalidAddressError as exc:
+            from blockguard.errors import InvalidInput
+
             raise InvalidInput(
                 detail=f"bus address {resolved!r} ({source}) is not a D-Bus address: {exc}; "
                 f"a valid one looks like {EXAMPLE_ADDRESS}"
@@ -217,10 +183,16 @@ class Connection:
         except OSError as exc:
             raise _unreachable(resolved, source, exc.strerror or str(exc)) from exc
         self._serial = 0
+        self._received = b""
         try:
-            self._hello()
-        # Something that is not a bus: refused or garbled authentication (AuthError and
-        # UnicodeDecodeError are ValueErrors), a message that does not parse, silence.
+            self._authenticate()
+            hello = self.call(DBUS_NAME, DBUS_PATH, DBUS_NAME, "Hello")
+            if hello.message_type != wire.METHOD_RETURN or hello.signature != "s":
+                raise AuthError(f"Hello was answered with {hello.error_name or hello.signature}")
+            self.unique_name = hello.body[0]
+        # Something that is not a bus: refused or garbled authentication (AuthError,
+        # WireError and UnicodeDecodeError are ValueErrors), a message that does not
+        # parse, silence.
         except (OSError, ValueError, IndexError) as exc:
             self.close()
             why = "it did not answer in time" if isinstance(exc, TimeoutError) else str(exc)
@@ -232,64 +204,68 @@ class Connection:
             raise
         self._sock.settimeout(None)  # a method call of the daemon may take as long as it takes
 
-    def _hello(self) -> None:
-        from dbus_fast._private.unmarshaller import Unmarshaller
-        from dbus_fast.message import Message
-
-        self._authenticate()
-        self._unmarshaller = Unmarshaller(None, self._sock, False)
-        hello = Message(destination=DBUS_NAME, path=DBUS_PATH, interface=DBUS_NAME, member="Hello")
-        self.unique_name = str(self.call(hello).body[0])
-
     def _authenticate(self) -> None:
-        from dbus_fast.auth import Authenticator, AuthExternal
-        from dbus_fast.errors import AuthError
+        """SASL EXTERNAL as the process's uid, as dbus-fast's ``AuthExternal`` does
+        (without unix fd passing, which no call of the CLI needs)."""
+        uid = str(os.getuid()).encode().hex()
+        self._sock.sendall(b"\0AUTH EXTERNAL " + uid.encode() + b"\r\n")
+        # The bus answers our line with one line and sends nothing else before BEGIN, so
+        # the answer is everything received until CRLF.
+        received = b""
+        while not received.endswith(b"\r\n"):
+            chunk = self._sock.recv(4096)
+            if not chunk:
+                raise AuthError("the bus closed the connection during authentication")
+            received += chunk
+        answer = received.decode("ascii").rstrip("\r\n")
+        if not answer.startswith("OK "):
+            raise AuthError(f"authentication failed: {answer}")
+        self._sock.sendall(b"BEGIN\r\n")
 
-        auth = AuthExternal()
-        self._sock.sendall(b"\0" + Authenticator._format_line(auth._authentication_start()))
-        while True:
-            # The bus answers each line of ours with one line and sends nothing else
-            # before BEGIN, so a line is everything received until CRLF.
-            received = b""
-            while not received.endswith(b"\r\n"):
-                chunk = self._sock.recv(4096)
-                if not chunk:
-                    raise AuthError("the bus closed the connection during authentication")
-                received += chunk
-            response = auth._receive_line(received.decode("ascii").rstrip("\r\n"))
-            self._sock.sendall(Authenticator._format_line(response))
-            if response == "BEGIN":
-                return
-
-    def call(self, message: Message) -> Message:
+    def call(
+        self,
+        destination: str,
+        path: str,
+        interface: str,
+        member: str,
+        signature: str = "",
+        body: list[Any] | tuple[Any, ...] = (),
+    ) -> wire.Message:
         """Send a method call; its reply (a method return or an error)."""
-        from dbus_fast.constants import MessageType
-
         self._serial += 1
-        message.serial = self._serial
-        self._sock.sendall(message._marshall(False))
+        serial = self._serial
+        self._sock.sendall(
+            wire.method_call(serial, destination, path, interface, member, signature, body)
+        )
         while True:
             reply = self._receive()
-            if reply.reply_serial == message.serial and reply.message_type in (
-                MessageType.METHOD_RETURN,
-                MessageType.ERROR,
+            if reply.reply_serial == serial and reply.message_type in (
+                wire.METHOD_RETURN,
+                wire.ERROR,
             ):
                 return reply
 
-    def _receive(self) -> Message:
-        while True:
-            try:
-                message = self._unmarshaller.unmarshall()
-            except EOFError:
-                raise ConnectionResetError("the bus closed the connection") from None
-            if message is not None:
-                return message
+    def _receive(self) -> wire.Message:
+        head = self._read(16)
+        data = head + self._read(wire.message_length(head) - 16)
+        return wire.parse_message(data)
+
+    def _read(self, size: int) -> bytes:
+        while len(self._received) < size:
+            chunk = self._sock.recv(max(65536, size - len(self._received)))
+            if not chunk:
+                raise ConnectionResetError("the bus closed the connection")
+            self._received += chunk
+        data, self._received = self._received[:size], self._received[size:]
+        return data
 
     def close(self) -> None:
         self._sock.close()
 
 
 def _unreachable(address: str, source: str, reason: str) -> EnvironmentProblem:
+    from blockguard.errors import EnvironmentProblem
+
     return EnvironmentProblem(
         detail=f"cannot reach the daemon at {address} ({source}): {reason}; is dbus running, "
         "and is the address right?"

@@ -1,22 +1,21 @@
-"""A small synchronous D-Bus client of blockguardd for the CLI (dbus-fast underneath).
+"""A small synchronous D-Bus client of blockguardd for the CLI.
 
-dbus-fast is the largest part of a call's start-up, so only its message layer is used
-(:mod:`blockguard.cli.bus`: a blocking connection, no event loop) and it is imported when
-the first call connects, not with this module: ``--help``, ``--version`` and usage errors
-never pay for it (issue 16).
+Start-up is most of a call's time (issue 16): the connection is a blocking socket and the
+messages are written and read by :mod:`blockguard.cli.wire` (no event loop, no
+dbus-fast), and this module imports nothing else that a call does not use.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
-from blockguard.cli.bus import Connection, message_layer
-from blockguard.core.vocab import scalar_signature
+from blockguard.cli.bus import Connection
+from blockguard.cli.wire import ERROR, Variant
 
+TYPE_CHECKING = False  # typing is not imported to run (issue 16)
 if TYPE_CHECKING:
-    from dbus_fast.signature import Variant
+    from collections.abc import Callable
+    from typing import Any
 
 BUS_NAME = "org.blockguard1"
 ROOT_PATH = "/org/blockguard1"
@@ -26,25 +25,14 @@ POOL = "org.blockguard1.Pool"
 JOB = "org.blockguard1.Job"
 
 
-def _variant_type() -> type[Variant]:
-    message_layer()
-    from dbus_fast.signature import Variant
-
-    return Variant
-
-
 def plain(value: Any) -> Any:
     """Variants and nested containers as plain, JSON-friendly Python values."""
-    return _plain(value, _variant_type())
-
-
-def _plain(value: Any, variant_type: type[Variant]) -> Any:
-    if isinstance(value, variant_type):
-        return _plain(value.value, variant_type)
+    if isinstance(value, Variant):
+        return plain(value.value)
     if isinstance(value, dict):
-        return {str(k): _plain(v, variant_type) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v, variant_type) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, bytes):
         return value.hex()
     return value
@@ -52,9 +40,10 @@ def _plain(value: Any, variant_type: type[Variant]) -> Any:
 
 def variant(value: Any) -> Variant:
     """A CLI value as a Variant for ``a{sv}`` arguments (anything not a scalar as text)."""
-    variant_type = _variant_type()
+    from blockguard.core.vocab import scalar_signature
+
     signature = scalar_signature(value)
-    return variant_type(signature, value) if signature else variant_type("s", str(value))
+    return Variant(signature, value) if signature else Variant("s", str(value))
 
 
 class RemoteError(Exception):
@@ -106,21 +95,8 @@ class Client:
 
         :raises RemoteError: for an error reply.
         """
-        bus = self._connected()
-        from dbus_fast.constants import MessageType
-        from dbus_fast.message import Message
-
-        reply = bus.call(
-            Message(
-                destination=destination,
-                path=path,
-                interface=interface,
-                member=member,
-                signature=signature,
-                body=list(body),
-            )
-        )
-        if reply.message_type == MessageType.ERROR:
+        reply = self._connected().call(destination, path, interface, member, signature, body)
+        if reply.message_type == ERROR:
             text = reply.body[0] if reply.body else ""
             raise RemoteError(reply.error_name or "unknown", str(text))
         if not reply.body:

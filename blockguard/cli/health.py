@@ -17,26 +17,30 @@ commands' (:class:`~blockguard.errors.ExitCode`) only with ``--check``.
 
 from __future__ import annotations
 
-import argparse
-import enum
 import sys
 import time
-from typing import Any
 
-from blockguard.cli.actions import Output, drill_text, human_seconds
-from blockguard.cli.client import Client, plain
-from blockguard.cli.errors import explain
-from blockguard.cli.output import Column
-from blockguard.core.vocab import format_ago, format_size
+from blockguard.cli.client import plain
+from blockguard.cli.output import Column, Output, drill_text, human_seconds
+from blockguard.core.formats import format_ago, format_size
+
+TYPE_CHECKING = False  # typing is not imported to run (issue 16)
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any
+
+    from blockguard.cli.client import Client
 
 
-class CheckCode(enum.IntEnum):
-    """Exit codes of ``status --check`` (see the module docstring)."""
+class CheckCode:
+    """Exit codes of ``status --check`` (see the module docstring): plain numbers, not an
+    IntEnum (enum is 2 ms of the start-up of a command made for monitoring, issue 16)."""
 
     OK = 0
     WARNING = 1
     CRITICAL = 2
     UNKNOWN = 3
+    ALL = (OK, WARNING, CRITICAL, UNKNOWN)
 
 
 def _ago(unix: float, now: float) -> str:
@@ -150,13 +154,17 @@ def status(client: Client, args: argparse.Namespace, out: Output) -> None:
     try:
         summary, health = _fetch(client)
     except Exception as exc:
+        from blockguard.cli.errors import explain
+
         message, _ = explain(exc)
         if out.as_json:
-            out.json({"level": "unknown", "code": int(CheckCode.UNKNOWN), "message": message})
+            out.json({"level": "unknown", "code": CheckCode.UNKNOWN, "message": message})
         else:
             _headline_out(f"BLOCKGUARD UNKNOWN: {message}")
         raise SystemExit(CheckCode.UNKNOWN) from None
-    code = CheckCode(int(health.get("code", CheckCode.UNKNOWN)))
+    code = int(health.get("code", CheckCode.UNKNOWN))
+    if code not in CheckCode.ALL:
+        raise ValueError(f"{code} is not a valid CheckCode")
     if out.as_json:
         out.json({**summary, "health": health})
     else:

@@ -1,43 +1,32 @@
 """``blockguardctl``: the command-line client of blockguardd.
 
-The argument tree is data (:data:`TREE`), turned into argparse parsers by
-:func:`build_parser`; each leaf names a small function of :mod:`blockguard.cli.actions`.
-Failures are explained in one plain sentence on stderr with a documented
-:class:`~blockguard.errors.ExitCode`; ``--propagate`` re-raises them instead (for tests).
+The argument tree is data (:data:`blockguard.cli.parser.TREE`), turned into argparse
+parsers by :func:`~blockguard.cli.parser.build_parser`; each leaf names a small function
+of :mod:`blockguard.cli.actions`. Failures are explained in one plain sentence on stderr
+with a documented :class:`~blockguard.errors.ExitCode`; ``--propagate`` re-raises them
+instead (for tests).
 
-Start-up is most of a call's time (issue 16), so this module imports only what parsing
-needs: a leaf's function is imported when it runs (:class:`Action`), the D-Bus client when
-a command connects, rich when something is drawn on a terminal, and
-:mod:`importlib.metadata` only for ``--version``; a call adds the arguments of its own
-command only (``build_parser(lazy=True)``). ``tests/unit/test_cli_imports.py``
-guards that.
+Start-up is most of a call's time (issue 16), so this module imports only what a call
+needs: the common commands that only ask the daemon (``status``, ``plan VOLUME``, the
+lists...) are parsed by :func:`quick_parse` without argparse (argparse, with re, enum and
+gettext, was a fifth of a ``status`` call), into the same arguments argparse makes;
+every other command line, ``--help``, ``--version`` and every usage error go to argparse
+(:mod:`blockguard.cli.parser`, whose names this module still offers: ``build_parser``
+for ``scripts/install``'s man page and completion). A leaf's function is imported when it
+runs (:class:`Action`), the D-Bus client when a command connects, rich when something is
+drawn on a terminal. ``tests/unit/test_cli_imports.py`` guards that.
 """
 
 from __future__ import annotations
 
-import argparse
-import functools
 import gc
-import importlib
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
 
-from blockguard.core.vocab import DEFAULT_GENERATIONS, MAX_GENERATIONS, RESTORE_MODES
-from blockguard.errors import ExitCode, InvalidInput
-
-
-# Arg, Cmd (and output.Column) are not dataclasses: importing dataclasses (inspect, ast,
-# dis) was a tenth of a call's start-up once dbus-fast's own imports were gone (issue 16).
-class Arg:
-    """One argparse argument: ``Arg("--force", action="store_true", help=...)``."""
-
-    __slots__ = ("flags", "options")
-
-    def __init__(self, *flags: str, **options: Any) -> None:
-        self.flags = flags
-        self.options = options
+TYPE_CHECKING = False  # typing is not imported to run (issue 16: ~2 ms of a call)
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
 
 
 class Action:
@@ -51,549 +40,99 @@ class Action:
 
     def __call__(self, *args: Any) -> Any:
         module, _, function = self.name.rpartition(".")
-        return getattr(importlib.import_module(f"blockguard.cli.{module}"), function)(*args)
+        __import__(f"blockguard.cli.{module}")
+        return getattr(sys.modules[f"blockguard.cli.{module}"], function)(*args)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Action) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
 
     def __repr__(self) -> str:
         return f"Action({self.name!r})"
 
 
-class Cmd:
-    """A (sub)command: either ``run`` (a leaf) or ``sub`` (a group of commands)."""
+class Arguments:
+    """What :func:`quick_parse` makes of a command line: the attributes argparse's
+    ``Namespace`` would have (``vars()`` gives the same dict)."""
 
-    # Not a NamedTuple: typing compiles each of its (string) annotations at import,
-    # most of this module's own import time (issue 16).
-    __slots__ = ("args", "help", "name", "run", "sub")
+    def __init__(self, **values: Any) -> None:
+        self.__dict__.update(values)
 
-    def __init__(
-        self,
-        name: str,
-        help: str,
-        run: Action | None = None,
-        args: tuple[Arg, ...] = (),
-        sub: tuple[Cmd, ...] = (),
-    ) -> None:
-        self.name = name
-        self.help = help
-        self.run = run
-        self.args = args
-        self.sub = sub
+    def __repr__(self) -> str:
+        return f"Arguments({self.__dict__!r})"
 
 
-#: The largest value of a D-Bus ``t`` (u64).
-U64_MAX = (1 << 64) - 1
+#: The commands :func:`quick_parse` reads: words -> (action, positional dests, flags).
+#: Each must be a leaf of the tree whose positionals take one plain word each and whose
+#: options are ``store_true`` flags; ``tests/unit/test_cli_imports.py`` holds this table
+#: to the tree and every parse to argparse's.
+QUICK: dict[tuple[str, ...], tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    ("status",): ("health.status", (), ("--check",)),
+    ("plan",): ("actions.plan", ("volume",), ()),
+    ("generations",): ("actions.generations", ("volume",), ()),
+    ("volume", "list"): ("actions.volume_list", (), ()),
+    ("volume", "show"): ("actions.volume_show", ("name",), ()),
+    ("pool", "list"): ("actions.pool_list", (), ()),
+}
+#: The options of the top level argparse knows (the others are its business).
+_TOP_FLAGS = ("--json", "--propagate")
 
 
-def _version() -> str:
-    """The installed distribution's version (pyproject takes it from blockguard.__version__)."""
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("blockguard")
-    except importlib.metadata.PackageNotFoundError:
-        return "(not installed)"
-
-
-class _VersionAction(argparse._VersionAction):
-    """``--version``: the version is looked up when it is printed (or read), not each time
-    the parser is built."""
-
-    @property  # type: ignore[override]
-    def version(self) -> str:
-        return f"%(prog)s {_version()}"
-
-    @version.setter
-    def version(self, value: str | None) -> None:
-        pass  # always the installed distribution's
-
-
-def bounded_int(what: str, low: int, high: int, clearable: bool = False) -> Callable[[str], Any]:
-    """An argparse type: a whole number in ``low..high``, checked before any call.
-
-    argparse turns the ``ArgumentTypeError`` into a usage error (exit 2) that names the
-    option and the value, so no number reaches the bus that it cannot carry.
-
-    :param clearable: an empty string passes through (it clears an objective).
-    """
-
-    def parse(text: str) -> int | str:
-        if clearable and text == "":
-            return ""
-        stripped = text.strip()
-        # isdigit() alone lets "²" or "١" through, which int() may refuse or misread.
-        if not (stripped.isascii() and stripped.isdigit()) or len(stripped) > 20:
-            raise argparse.ArgumentTypeError(f"{what} {text!r} is not a whole number")
-        value = int(stripped)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{what} {text!r} is outside {low}..{high}")
-        return value
-
-    parse.__name__ = what  # argparse names the type in "invalid <name> value"
-    return parse
-
-
-def objective_text(what: str) -> Callable[[str], str]:
-    """An argparse type for text objectives: printable, at most 200 characters."""
-
-    def parse(text: str) -> str:
-        if len(text) > 200 or not text.isprintable():
-            raise argparse.ArgumentTypeError(
-                f"{what} {text[:40]!r} must be printable text of at most 200 characters"
-            )
-        return text
-
-    parse.__name__ = what
-    return parse
+def quick_parse(argv: Sequence[str]) -> Arguments | None:
+    """The arguments of a common command line (:data:`QUICK`) as argparse would parse
+    them, or None for anything else (help, a version, other commands, anything unusual
+    or wrong): argparse then parses it, and says what is wrong."""
+    values: dict[str, Any] = {
+        "json": False,
+        "bus": os.environ.get("BLOCKGUARD_BUS", "system"),
+        "propagate": False,
+    }
+    i = 0
+    # The top level's options, before the command (argparse's subcommands know no --bus).
+    while i < len(argv) and argv[i].startswith("-"):
+        word = argv[i]
+        if word in _TOP_FLAGS:
+            values[word[2:]] = True
+        elif word == "--bus" and i + 1 < len(argv) and _plain_word(argv[i + 1]):
+            i += 1
+            values["bus"] = argv[i]
+        elif word.startswith("--bus=") and _plain_word(word[6:]):
+            values["bus"] = word[6:]
+        else:
+            return None
+        i += 1
+    command = tuple(argv[i : i + 2])
+    if command not in QUICK:
+        command = command[:1]
+        if command not in QUICK:
+            return None
+    action, dests, flags = QUICK[command]
+    values.update({flag[2:].replace("-", "_"): False for flag in flags})
+    positionals = []
+    for word in argv[i + len(command) :]:
+        if word == "--json":
+            values["json"] = True
+        elif word in flags:
+            values[word[2:].replace("-", "_")] = True
+        elif _plain_word(word):
+            positionals.append(word)
+        else:
+            return None
+    if len(positionals) != len(dests):
+        return None
+    values.update(zip(dests, positionals, strict=True))
+    values["func"] = Action(action)
+    return Arguments(**values)
 
 
-FORCE = Arg("--force", action="store_true", help="do it even if it destroys something")
-DELETE_GENERATIONS = Arg(
-    "--delete-generations",
-    action="store_true",
-    help="also delete its generations from the pool (default: keep them)",
-)
-NO_WAIT = Arg("--no-wait", action="store_true", help="print the job and return at once")
-#: Objectives: only the options given are set; an empty value ("") clears that objective.
-OBJECTIVE_ARGS = (
-    Arg(
-        "--rpo",
-        type=objective_text("rpo"),
-        help='recovery point objective: 15m, every 4h, daily 02:30, changed 10GiB ("" clears)',
-    ),
-    Arg("--rto", type=objective_text("rto"), help='recovery time objective, e.g. 5m ("" clears)'),
-    Arg(
-        "--restore-mode",
-        choices=[*RESTORE_MODES, ""],
-        help="what the RTO refers to, and so what `restore` does without --mode "
-        '(default copy; "" clears)',
-    ),
-    Arg(
-        "--generations",
-        "--keep-last",
-        type=bounded_int("generations", 1, MAX_GENERATIONS, clearable=True),
-        metavar="N",
-        help=f"keep the newest N generations (1..{MAX_GENERATIONS}; default {DEFAULT_GENERATIONS})",
-    ),
-    *(
-        Arg(
-            f"--keep-{tier}",
-            type=bounded_int(f"keep-{tier}", 0, MAX_GENERATIONS, clearable=True),
-            metavar="N",
-            help=f"also keep the newest generation of each of the last N {unit} that have "
-            'one (0 or "" clears; buckets in --tz, default local time)',
-        )
-        for tier, unit in (
-            ("hourly", "hours"),
-            ("daily", "days"),
-            ("weekly", "ISO weeks"),
-            ("monthly", "months"),
-        )
-    ),
-    Arg(
-        "--tz",
-        type=objective_text("tz"),
-        help="time zone of a daily RPO and of the --keep-* buckets (default: local time)",
-    ),
-    Arg(
-        "--drill",
-        type=objective_text("drill"),
-        help="restore drill of the newest generation: weekly (the default with an RTO), "
-        'daily, off or an interval such as 3d ("" clears)',
-    ),
-)
-
-TREE = Cmd(
-    "blockguardctl",
-    "Control blockguardd, the block-layer backup daemon.",
-    sub=(
-        Cmd(
-            "pool",
-            "backup pools",
-            sub=(
-                Cmd(
-                    "create",
-                    "create a pool on the given disks",
-                    Action("actions.pool_create"),
-                    (
-                        Arg("name"),
-                        Arg("devices", nargs="+", metavar="DEVICE"),
-                        Arg("--backend", default="", help="pool backend (default: automatic)"),
-                        FORCE,
-                    ),
-                ),
-                Cmd(
-                    "extend",
-                    "add disks to a pool",
-                    Action("actions.pool_extend"),
-                    (Arg("name"), Arg("devices", nargs="+", metavar="DEVICE"), FORCE),
-                ),
-                Cmd(
-                    "remove",
-                    "remove a pool (refused while it holds generations)",
-                    Action("actions.pool_remove"),
-                    (Arg("name"), FORCE, DELETE_GENERATIONS),
-                ),
-                Cmd(
-                    "import",
-                    "rebuild the catalog of a pool from its disks (lost catalog, new host)",
-                    Action("actions.pool_import"),
-                    (Arg("devices", nargs="+", metavar="DEVICE"),),
-                ),
-                Cmd("list", "list pools", Action("actions.pool_list")),
-                Cmd(
-                    "drill",
-                    "calibrate the restore-time model with a restore drill on the pool",
-                    Action("actions.pool_drill"),
-                    (Arg("name"), NO_WAIT),
-                ),
-            ),
-        ),
-        Cmd(
-            "target",
-            "backup targets: other hosts that keep copies, reached over ssh",
-            sub=(
-                Cmd(
-                    "add",
-                    "register a backup target (its host key confirmed, the link measured)",
-                    Action("targets.target_add"),
-                    (
-                        Arg("id", help="the name this host gives the target"),
-                        Arg("url", help="ssh://user@host[:port]"),
-                        Arg("--pool", required=True, help="the pool on the target to store into"),
-                        Arg(
-                            "--host-key",
-                            default="",
-                            metavar="SHA256:...",
-                            help="the target's host key fingerprint, confirmed on the target "
-                            "(without it, the offered ones are shown and nothing is recorded)",
-                        ),
-                        Arg(
-                            "--key",
-                            default="",
-                            metavar="FILE",
-                            help="import this host's master key from FILE (key export's "
-                            "text; a new host restoring from the target)",
-                        ),
-                        Arg(
-                            "--client",
-                            default="",
-                            help="this host's client id on the target (default: host name)",
-                        ),
-                        NO_WAIT,
-                    ),
-                ),
-                Cmd("list", "list backup targets and their links", Action("targets.target_list")),
-                Cmd("show", "show one backup target", Action("targets.target_show"), (Arg("id"),)),
-                Cmd(
-                    "remove",
-                    "forget a backup target, its link figures and its pinned host key",
-                    Action("targets.target_remove"),
-                    (Arg("id"),),
-                ),
-                Cmd(
-                    "client-key",
-                    "print the line a target's authorized_keys needs for this host",
-                    Action("targets.client_key"),
-                    (Arg("--client", default="", help="client id (default: host name)"),),
-                ),
-            ),
-        ),
-        Cmd(
-            "key",
-            "the master key that encrypts backups on targets",
-            sub=(
-                Cmd(
-                    "export",
-                    "print the master key as text to keep off this host (root only)",
-                    Action("targets.key_export"),
-                    (
-                        Arg(
-                            "--output",
-                            default="",
-                            metavar="FILE",
-                            help="write it to FILE (made 0600; never overwritten)",
-                        ),
-                    ),
-                ),
-            ),
-        ),
-        Cmd(
-            "volume",
-            "protected volumes",
-            sub=(
-                Cmd("list", "list protected volumes", Action("actions.volume_list")),
-                Cmd("show", "show one volume", Action("actions.volume_show"), (Arg("name"),)),
-                Cmd(
-                    "drill",
-                    "restore the newest generation to scratch space, verify and time it now",
-                    Action("actions.volume_drill"),
-                    (Arg("name"), NO_WAIT),
-                ),
-            ),
-        ),
-        Cmd(
-            "protect",
-            "start protecting a block device",
-            Action("actions.protect"),
-            (
-                Arg("device"),
-                Arg("name", help="name of the volume"),
-                Arg(
-                    "--chunk-size",
-                    type=bounded_int("chunk size", 0, U64_MAX),
-                    default=0,
-                    help="tracking chunk in bytes (default: automatic)",
-                ),
-                Arg("--backend", default="", help="tracking backend (default: automatic)"),
-                Arg(
-                    "--pool",
-                    default="",
-                    help="pool to back up into (default: the one with the most room)",
-                ),
-                *OBJECTIVE_ARGS,
-            ),
-        ),
-        Cmd(
-            "unprotect",
-            "stop protecting a volume (its generations are kept: it becomes detached)",
-            Action("actions.unprotect"),
-            (Arg("name"), DELETE_GENERATIONS),
-        ),
-        Cmd(
-            "objectives",
-            "set the recovery objectives of a volume or group",
-            Action("actions.objectives"),
-            (Arg("target", metavar="VOLUME_OR_GROUP"), *OBJECTIVE_ARGS),
-        ),
-        Cmd(
-            "backup",
-            "back a volume up now",
-            Action("actions.backup"),
-            (
-                Arg("volume"),
-                Arg(
-                    "--full",
-                    action="store_true",
-                    help="take a full backup whatever the planner would choose",
-                ),
-                NO_WAIT,
-            ),
-        ),
-        Cmd(
-            "restore",
-            "restore a generation",
-            Action("actions.restore"),
-            (
-                Arg(
-                    "volume",
-                    nargs="?",
-                    default="",
-                    metavar="VOLUME[@GENERATION]",
-                    help="the volume, or one of its generations: db@7, db@latest~1, db@<id prefix>",
-                ),
-                Arg(
-                    "--release",
-                    metavar="SWAP_IN",
-                    default="",
-                    help="detach and delete a swap-in (its device or name) once service left it",
-                ),
-                Arg(
-                    "--swap-ins",
-                    action="store_true",
-                    help="list the swap-ins restores left (attached or not)",
-                ),
-                Arg(
-                    "--generation",
-                    default="",
-                    help="7, latest, latest~2 or a unique prefix of the id (default: the newest)",
-                ),
-                Arg(
-                    "--mode",
-                    default="",
-                    choices=RESTORE_MODES,
-                    help="copy (onto the device) or swap-in (the backup becomes a device); "
-                    "default: the mode the volume's RTO refers to (its objectives' "
-                    "restore_mode; copy when they do not say)",
-                ),
-                Arg("--target", default="", help="device to restore onto (default: the original)"),
-                FORCE,
-                NO_WAIT,
-            ),
-        ),
-        Cmd(
-            "generations",
-            "list the generations of a volume",
-            Action("actions.generations"),
-            (Arg("volume"),),
-        ),
-        Cmd(
-            "verify",
-            "verify a generation",
-            Action("actions.verify"),
-            (Arg("generation", help="db@7, db@latest, db@latest~2 or db@<id prefix>"), NO_WAIT),
-        ),
-        Cmd(
-            "status",
-            "health of every volume and pool: last backup, RPO and RTO, pool space",
-            Action("health.status"),
-            (
-                Arg(
-                    "--check",
-                    action="store_true",
-                    help="for monitoring: exit 0 ok, 1 warning, 2 critical (an objective "
-                    "missed), 3 unknown (daemon unreachable)",
-                ),
-            ),
-        ),
-        Cmd(
-            "plan",
-            "explain what the next backup would be and why",
-            Action("actions.plan"),
-            (Arg("volume"),),
-        ),
-        Cmd(
-            "jobs",
-            "list recent jobs (or follow one)",
-            Action("actions.jobs"),
-            sub=(
-                Cmd("list", "list recent jobs", Action("actions.jobs")),
-                Cmd(
-                    "wait",
-                    "follow a job until it ends (its exit code is the job's)",
-                    Action("actions.jobs_wait"),
-                    (Arg("id", type=bounded_int("job id", 1, U64_MAX)),),
-                ),
-                Cmd(
-                    "cancel",
-                    "stop a job (a backup commits nothing; a restore leaves a partial target)",
-                    Action("actions.jobs_cancel"),
-                    (Arg("id", type=bounded_int("job id", 1, U64_MAX)), NO_WAIT),
-                ),
-            ),
-        ),
-    ),
-)
+def _plain_word(word: str) -> bool:
+    """A word argparse takes as a value as it is: not empty, not like an option."""
+    return bool(word) and not word.startswith("-")
 
 
-JSON_HELP = "print one JSON document (docs/cli-json.md) instead of tables"
-
-
-class _Subcommands(argparse._SubParsersAction):  # type: ignore[type-arg]
-    """Subcommands whose parsers are made only when argparse picks one: a call needs its
-    own command's parser and options, not the whole tree's (issue 16; making the fifteen
-    parsers of the top level was a tenth of a ``status`` call's own time)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        #: name -> what makes that command's parser (with its arguments and subcommands)
-        self.unmade: dict[str, Callable[[], argparse.ArgumentParser]] = {}
-
-    def defer(self, name: str, help: str, make: Callable[[], argparse.ArgumentParser]) -> None:
-        """Offer command ``name`` (in usage, help and "invalid choice" as ``add_parser``
-        would) and make its parser with ``make`` when it is parsed."""
-        # What add_parser records besides the parser: the choice (a placeholder until
-        # made) and the line of the help listing.
-        self._name_parser_map[name] = None  # type: ignore[assignment]
-        self._choices_actions.append(self._ChoicesPseudoAction(name, (), help))
-        self.unmade[name] = make
-
-    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
-        make = self.unmade.pop(values[0], None)
-        if make is not None:
-            self._name_parser_map[values[0]] = make()
-        super().__call__(parser, namespace, values, option_string)
-
-
-def terminal_columns() -> int:
-    """``shutil.get_terminal_size().columns``, without importing shutil (and zlib, bz2 and
-    lzma with it): COLUMNS if it is a positive number, else the width of the terminal on
-    stdout, else 80."""
-    try:
-        columns = int(os.environ["COLUMNS"])
-    except (KeyError, ValueError):
-        columns = 0
-    if columns > 0:
-        return columns
-    try:
-        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
-    except (AttributeError, ValueError, OSError):
-        return 80
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    """argparse's formatter, which is made for every argument added (to check its
-    metavar); its width as argparse's own, found without importing shutil."""
-
-    def __init__(self, prog: str, *args: Any, width: int | None = None, **kwargs: Any) -> None:
-        super().__init__(
-            prog, *args, width=terminal_columns() - 2 if width is None else width, **kwargs
-        )
-
-
-def _add(parser: argparse.ArgumentParser, cmd: Cmd, top: bool = False, lazy: bool = False) -> None:
-    if not top:
-        # --json is accepted anywhere on the line; SUPPRESS keeps a subcommand from
-        # resetting what an earlier --json set.
-        parser.add_argument(
-            "--json", action="store_true", default=argparse.SUPPRESS, help=JSON_HELP
-        )
-    for arg in cmd.args:
-        parser.add_argument(*arg.flags, **arg.options)
-    if cmd.run is not None:
-        parser.set_defaults(func=cmd.run)
-    if cmd.sub:
-        # A command that runs by itself (``jobs``) has optional subcommands.
-        # prog as argparse would make it (no command has positionals before its
-        # subcommands), given: formatting usages imports shutil and costs time.
-        subparsers = parser.add_subparsers(
-            title="commands",
-            metavar="COMMAND",
-            required=cmd.run is None,
-            action=_Subcommands,
-            prog=parser.prog,
-        )
-        for child in cmd.sub:
-            options = {
-                "formatter_class": _HelpFormatter,
-                "description": child.help,
-                "prog": f"{parser.prog} {child.name}",
-            }
-            if lazy:
-                make = functools.partial(_make, subparsers._parser_class, options, child)
-                subparsers.defer(child.name, child.help, make)
-            else:
-                _add(subparsers.add_parser(child.name, help=child.help, **options), child)
-
-
-def _make(
-    parser_class: type[argparse.ArgumentParser], options: dict[str, Any], cmd: Cmd
-) -> argparse.ArgumentParser:
-    """The parser of ``cmd`` as ``add_parser`` makes it, with its arguments (lazily)."""
-    parser = parser_class(**options)
-    _add(parser, cmd, lazy=True)
-    return parser
-
-
-def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
-    """The parser of the whole tree (``scripts/install`` makes man pages and completion
-    from it); ``lazy``: a subcommand's arguments are added when it is the one parsed."""
-    parser = argparse.ArgumentParser(
-        prog=TREE.name, description=TREE.help, formatter_class=_HelpFormatter
-    )
-    parser.add_argument("--version", action=_VersionAction)
-    parser.add_argument("--json", action="store_true", help=JSON_HELP)
-    parser.add_argument(
-        "--bus",
-        default=os.environ.get("BLOCKGUARD_BUS", "system"),
-        help="'system' (default; honours DBUS_SYSTEM_BUS_ADDRESS), 'session' or an address",
-    )
-    parser.add_argument(
-        "--propagate", action="store_true", help="re-raise errors with a traceback (debugging)"
-    )
-    _add(parser, TREE, top=True, lazy=lazy)
-    return parser
-
-
-def check_text(args: argparse.Namespace) -> None:
+def check_text(args: Any) -> None:
     """Refuse a value that is not UTF-8 (a name or path of bytes that are not, which Python
     keeps as surrogates): D-Bus carries text as UTF-8 only, so no call could carry it.
 
@@ -606,6 +145,8 @@ def check_text(args: argparse.Namespace) -> None:
             try:
                 text.encode()
             except UnicodeEncodeError:
+                from blockguard.errors import InvalidInput
+
                 shown = os.fsencode(text).decode(errors="backslashreplace")
                 raise InvalidInput(
                     detail=f"{dest.replace('_', '-')} '{shown}' is not UTF-8 text; "
@@ -615,7 +156,11 @@ def check_text(args: argparse.Namespace) -> None:
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse and run; errors propagate (``main`` explains them)."""
-    args = build_parser(lazy=True).parse_args(argv)
+    args: Any = quick_parse(sys.argv[1:] if argv is None else argv)
+    if args is None:
+        from blockguard.cli.parser import build_parser
+
+        args = build_parser(lazy=True).parse_args(argv)
     check_text(args)
     from blockguard.cli.client import Client
     from blockguard.cli.output import Output
@@ -623,7 +168,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     out = Output(args.json)
     with Client(args.bus) as client:
         args.func(client, args, out)
-    return ExitCode.OK
+    return 0  # ExitCode.OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -652,6 +197,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Frozen, they are left to the OS; nothing of ours needs a finalizer (the
             # connection is closed, the output flushed at exit as always).
             gc.freeze()
+
+
+def __getattr__(name: str) -> Any:
+    """The parser's names (``build_parser``, ``TREE``, ``bounded_int`` ...), as this
+    module had them before the tree moved to :mod:`blockguard.cli.parser`: imported
+    when asked for, not by a call that does not need them."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    from blockguard.cli import parser
+
+    try:
+        return getattr(parser, name)
+    except AttributeError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
 
 
 if __name__ == "__main__":

@@ -8,17 +8,17 @@ they never change (a pool written today must read tomorrow).
 from __future__ import annotations
 
 import enum
-import math
 import os
 import re
-import time
-from typing import TYPE_CHECKING
 
+# How sizes, durations and times are written: a module of its own, which the CLI imports
+# without this one's enums and patterns (issue 16); offered here as they always were.
+from blockguard.core.formats import format_ago as format_ago
+from blockguard.core.formats import format_duration as format_duration
+from blockguard.core.formats import format_rate as format_rate
+from blockguard.core.formats import format_size as format_size
+from blockguard.core.formats import format_time as format_time
 from blockguard.errors import InvalidInput
-
-if TYPE_CHECKING:
-    # Not imported to run: datetime is a millisecond of every blockguardctl call (issue 16).
-    from datetime import timedelta
 
 MAX_GENERATIONS = 10_000
 """The most generations an objective may keep (the CLI bounds its argument by it too)."""
@@ -143,97 +143,3 @@ def scalar_signature(value: object) -> str | None:
     if isinstance(value, str):
         return "s"
     return None
-
-
-# --- what users read: sizes, durations, times ------------------------------------------
-# One formatter for the daemon's messages and the CLI's tables alike (the CLI may import
-# this module and nothing else of the core). Sizes are binary; durations parse back with
-# blockguard.core.units.parse_duration.
-
-_BINARY_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
-
-
-def format_size(nbytes: float) -> str:
-    """A byte count in binary units with one decimal: ``"12.0 GiB"``, ``"512 B"``.
-
-    :param nbytes: the number of bytes.
-    """
-    value = float(nbytes)
-    if abs(value) < 1024:
-        return f"{value:.0f} B"
-    for unit in _BINARY_UNITS:
-        value /= 1024
-        if abs(value) < 1024 or unit == _BINARY_UNITS[-1]:
-            return f"{value:.1f} {unit}"
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def format_rate(bytes_per_second: float) -> str:
-    """A throughput: ``"95.4 MiB/s"``.
-
-    :param bytes_per_second: the throughput in bytes per second.
-    """
-    return f"{format_size(bytes_per_second)}/s"
-
-
-def format_duration(value: timedelta | float) -> str:
-    """A duration, compactly: ``"5m12s"``, ``"1h40m"``, ``"2d3h"``, ``"2.5s"``, ``"0s"``.
-
-    Durations of a minute or more are rounded to whole seconds, shorter ones to a tenth of a
-    second; zero components are left out.
-
-    :param value: a timedelta or a number of seconds.
-    """
-    seconds = value.total_seconds() if hasattr(value, "total_seconds") else float(value)
-    if not math.isfinite(seconds):
-        return "forever"
-    sign = "-" if seconds < 0 else ""
-    seconds = abs(seconds)
-    if round(seconds, 1) < 60:
-        text = f"{round(seconds, 1):.1f}".rstrip("0").rstrip(".")
-        return f"{sign}{text}s"
-    whole = round(seconds)
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        count, whole = divmod(whole, size)
-        if count:
-            parts.append(f"{count}{unit}")
-    return sign + "".join(parts)
-
-
-def format_time(unix: float) -> str:
-    """A point in time, local: ``"2026-12-01 18:45:11"``; ``"-"`` for 0 (never, none)."""
-    if not unix:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix))
-
-
-def format_ago(unix: float, now: float | None = None) -> str:
-    """A point in time relative to now, coarsely: ``"3m ago"``, ``"in 2h"``, ``"-"`` for 0.
-
-    Two units at most (``"1h5m ago"``): enough to compare with an RPO at a glance.
-
-    :param now: the present (default: the clock).
-    """
-    if not unix:
-        return "-"
-    delta = (time.time() if now is None else now) - unix
-    span = abs(delta)
-    text = format_duration(span if span < 60 else round(span))
-    if span >= 60:
-        # Seconds are noise beside minutes, and so on: keep the two largest units.
-        parts = [p + u for p, u in _split_units(text)]
-        text = "".join(parts[:2])
-    return f"{text} ago" if delta > 0 else f"in {text}"
-
-
-def _split_units(text: str) -> list[tuple[str, str]]:
-    parts: list[tuple[str, str]] = []
-    number = ""
-    for char in text:
-        if char.isdigit() or char == ".":
-            number += char
-        else:
-            parts.append((number, char))
-            number = ""
-    return parts

@@ -105,6 +105,29 @@ def test_human_output(daemon: Daemon, loopdev: LoopFactory) -> None:
     assert listing.returncode == 0 and "db" in listing.stdout and "p1" in listing.stdout
     shown = ctl(daemon, "volume", "show", "db")
     assert shown.returncode == 0 and device in shown.stdout
+    status = ctl(daemon, "status")
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert lines[0] == "1 volumes, 1 pools, 0 jobs running"
+    assert lines[1].split()[:2] == ["volume", "health"] and lines[2].split()[:3] == [
+        "db",
+        "ok",
+        "never",
+    ]
+    assert any(line.split()[:3] == ["p1", "ok", "ok"] for line in lines)
+
+
+def test_status_asks_the_daemon_without_heavy_imports(daemon: Daemon, loopdev: LoopFactory) -> None:
+    # The whole call, answered by the daemon and printed (issue 16): parsed without
+    # argparse, messages of cli.wire on _socket, sizes and ages by core.formats, the
+    # tables without rich; nothing of the error tree.
+    from tests.unit.test_cli_imports import NOT_FOR_STATUS, imported_in_order, loaded
+
+    _pool_and_volume(daemon, loopdev)
+    modules = {name for name, _ in imported_in_order(["--bus", daemon.address, "status"])}
+    assert "blockguard.cli.wire" in modules
+    heavy = (*NOT_FOR_STATUS, "dbus_fast", "asyncio", "rich", "blockguard.errors")
+    assert loaded(modules, heavy) == []
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,7 @@ ADDRESSES = [
 def outcome(parse, address: str) -> object:
     try:
         return parse(address)
-    except InvalidAddressError as exc:
+    except (InvalidAddressError, bus.InvalidAddressError) as exc:
         return ("refused", str(exc))
 
 

@@ -22,17 +22,20 @@ from pathlib import Path
 
 import pytest
 
-from blockguard.cli.main import build_parser, terminal_columns
+from blockguard.cli.main import QUICK, Action, quick_parse
 from blockguard.cli.output import Column, Output
+from blockguard.cli.parser import TREE, Cmd, build_parser, terminal_columns
 
 REPO = Path(__file__).resolve().parents[2]
+#: What the installed ``blockguardctl`` script runs.
+ENTRY = "import sys; from blockguard.cli.main import main; sys.exit(main())"
 
 #: Never needed to parse a command line, print help or a version, or explain an error.
 HEAVY = ("rich", "dbus_fast", "asyncio", "importlib.metadata")
 #: Never needed by the client at all: the daemon's side of the layers.
 NOT_CLIENT = ("blockguard.engine", "blockguard.storage", "blockguard.daemon")
-#: The modules of blockguard.core the client may use (the vocabulary only).
-CORE_ALLOWED = ("blockguard.core", "blockguard.core.vocab")
+#: The modules of blockguard.core the client may use (the vocabulary and its formatters).
+CORE_ALLOWED = ("blockguard.core", "blockguard.core.vocab", "blockguard.core.formats")
 
 
 def modules_after(code: str, *, env: dict[str, str] | None = None) -> set[str]:
@@ -84,7 +87,7 @@ def test_parsing_imports_nothing_heavy(argv: list[str]) -> None:
     assert loaded(modules, ("blockguard.cli.actions", "blockguard.cli.client")) == []
 
 
-def test_a_command_imports_dbus_fasts_message_layer_only_and_no_rich() -> None:
+def test_a_command_imports_no_dbus_fast_and_no_rich() -> None:
     # No bus to reach: the command fails after importing everything it needs to call.
     code = (
         "import blockguard.cli.main as m\n"
@@ -92,32 +95,64 @@ def test_a_command_imports_dbus_fasts_message_layer_only_and_no_rich() -> None:
         "assert m.main(['--bus', 'unix:path=/nonexistent/blockguard-bus', 'plan', 'db']) != 0\n"
     )
     modules = modules_after(code)
-    assert {"blockguard.cli.health", "blockguard.cli.actions", "dbus_fast.message"} <= modules
-    # Not the asyncio bus, the service and introspection layers of dbus_fast/__init__.
-    assert loaded(modules, ("asyncio", "dbus_fast.aio", "dbus_fast.service")) == []
+    assert {"blockguard.cli.health", "blockguard.cli.actions", "blockguard.cli.wire"} <= modules
+    # cli.wire writes and reads the messages, on _socket: no dbus-fast, no asyncio.
+    assert loaded(modules, ("asyncio", "dbus_fast", "socket", "selectors")) == []
     assert loaded(modules, ("rich", "dataclasses", "shutil")) == []
-    # Nor dbus-fast's address parser (urllib.parse, ipaddress): bus.parse_address.
-    assert "dbus_fast._private.address" not in modules
     assert loaded(modules, NOT_CLIENT) == []
     assert core_beyond_vocab(modules) == []
 
 
-def test_dbus_fast_is_whole_for_whoever_asks_after_the_client() -> None:
-    code = (
-        "from blockguard.cli.bus import message_layer\n"
-        "from blockguard.cli.client import plain, variant\n"
-        "message_layer()\n"
-        "assert 'asyncio' not in sys.modules\n"
-        "assert plain({'a': variant(3)}) == {'a': 3}\n"
-        "import dbus_fast\n"
-        "from dbus_fast import BusType, Message, Variant\n"
-        "from dbus_fast.aio import MessageBus\n"
-        "from dbus_fast.signature import Variant as SameVariant\n"
-        "assert Variant is SameVariant and dbus_fast.aio.MessageBus is MessageBus\n"
-        "assert set(dbus_fast.__all__) <= set(vars(dbus_fast)), 'package half-initialised'\n"
-        "assert plain(Variant('as', ['x'])) == ['x'] and isinstance(variant('t'), Variant)\n"
+#: What a ``status`` call must not import: argparse (with gettext), enum, re, typing,
+#: collections, socket (enum, selectors), json: together most of a call's start-up.
+NOT_FOR_STATUS = ("argparse", "gettext", "enum", "re", "typing", "collections", "socket", "json")
+
+
+def _importtime(code: str, argv: list[str]) -> list[tuple[str, int]]:
+    """``-X importtime`` of a program: (module, depth) in the order each import ended (a
+    module's own imports are listed before it, one level deeper)."""
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code, *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdin=subprocess.DEVNULL,
     )
-    assert "dbus_fast.aio" in modules_after(code)
+    rows = []
+    for line in out.stderr.splitlines():
+        if line.startswith("import time:") and line.split("|")[1].strip().isdigit():
+            name = line.split("|")[2]
+            rows.append((name.strip(), (len(name) - len(name.lstrip())) // 2))
+    return rows
+
+
+def imported_in_order(argv: list[str]) -> list[tuple[str, str]]:
+    """(module, the top-level import that brought it) for each module the program (as the
+    console script runs it) imports, without the ones the interpreter's own start-up
+    imports (``site`` runs the editable install's hook in a checkout's venv: enum, re ...
+    for every program)."""
+    start_up = {name for name, _ in _importtime("pass", [])}
+    rows = _importtime(ENTRY, argv)
+    return [
+        # The top-level import that brought a module is the first one listed after it.
+        (name, next(top for top, depth in rows[i:] if depth == 0))
+        for i, (name, _) in enumerate(rows)
+        if name not in start_up
+    ]
+
+
+def test_status_imports_nothing_heavy_until_it_fails() -> None:
+    # No bus to reach: everything a call imports to connect is imported; explaining the
+    # failure (the error tree: enum, typing) may import more, the way there may not.
+    rows = imported_in_order(["--bus", "unix:path=/nonexistent/blockguard-bus", "status"])
+    modules = {name for name, _ in rows}
+    assert {"blockguard.cli.wire", "blockguard.cli.health"} <= modules
+    explaining = ("blockguard.errors", "blockguard.cli.errors")
+    heavy = [(m, top) for m, top in rows if loaded({m}, NOT_FOR_STATUS)]
+    assert heavy and all(top in explaining for _, top in heavy), heavy
+    assert loaded(modules, ("blockguard.cli.parser", "blockguard.cli.actions")) == []
+    assert loaded(modules, ("dbus_fast", "asyncio", "rich")) == []
 
 
 def test_piped_output_imports_no_rich() -> None:
@@ -173,6 +208,97 @@ def test_a_terminal_still_draws_with_rich() -> None:
     out.table("T", [Column("id", keep=True)], [["x"]])
     out.line("[bold]b[/]", markup=True)
     assert "┏" in buf.getvalue() and "\x1b[1m" in buf.getvalue()
+
+
+# --- the quick parse of the common commands is argparse's --------------------------------
+
+
+def _leaf(words: tuple[str, ...]) -> Cmd:
+    cmd = TREE
+    for word in words:
+        cmd = next(c for c in cmd.sub if c.name == word)
+    return cmd
+
+
+@pytest.mark.parametrize("words", sorted(QUICK), ids=" ".join)
+def test_the_quick_commands_are_the_trees(words: tuple[str, ...]) -> None:
+    action, dests, flags = QUICK[words]
+    cmd = _leaf(words)
+    assert cmd.run == Action(action) and not cmd.sub
+    positionals = [a for a in cmd.args if not a.flags[0].startswith("-")]
+    options = [a for a in cmd.args if a.flags[0].startswith("-")]
+    assert tuple(a.flags[0] for a in positionals) == dests
+    assert all(set(a.options) <= {"help", "metavar"} for a in positionals)
+    assert tuple(a.flags[0] for a in options) == flags
+    assert all(a.options.get("action") == "store_true" and len(a.flags) == 1 for a in options)
+
+
+QUICK_ARGVS = [
+    ["status"],
+    ["status", "--check"],
+    ["status", "--json", "--check"],
+    ["--json", "status"],
+    ["--json", "--propagate", "--bus", "unix:path=/x", "status", "--check", "--json"],
+    ["--bus=session", "status"],
+    ["plan", "db"],
+    ["--json", "plan", "db"],
+    ["plan", "--json", "db"],
+    ["plan", "db@7"],
+    ["plan", "é"],
+    ["generations", "db"],
+    ["volume", "list"],
+    ["volume", "list", "--json"],
+    ["volume", "show", "db"],
+    ["pool", "list"],
+]
+#: Command lines the quick parse leaves to argparse (which refuses most of them).
+ARGPARSE_ARGVS = [
+    [],
+    ["--help"],
+    ["-h"],
+    ["--version"],
+    ["status", "--help"],
+    ["status", "-h"],
+    ["status", "extra"],
+    ["status", "--chec"],  # argparse's abbreviation
+    ["--jso", "status"],
+    ["--bus", "status"],
+    ["--bus", "-x", "status"],
+    ["--bus=", "status"],
+    ["status", "--bus", "x"],
+    ["plan"],
+    ["plan", "a", "b"],
+    ["plan", "-x"],
+    ["plan", "--", "db"],
+    ["plan", ""],
+    ["volume"],
+    ["volume", "nonsense"],
+    ["pool", "create", "p", "/dev/x"],
+    ["jobs"],
+    ["protect", "/dev/x", "v"],
+]
+
+
+@pytest.mark.parametrize("argv", QUICK_ARGVS, ids=" ".join)
+def test_the_quick_parse_is_argparses(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    for bus in (None, "unix:path=/from/env"):
+        if bus is None:
+            monkeypatch.delenv("BLOCKGUARD_BUS", raising=False)
+        else:
+            monkeypatch.setenv("BLOCKGUARD_BUS", bus)
+        quick = quick_parse(argv)
+        assert quick is not None, argv
+        assert vars(quick) == vars(build_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("argv", ARGPARSE_ARGVS, ids=lambda argv: " ".join(argv) or "none")
+def test_everything_else_is_left_to_argparse(argv: list[str]) -> None:
+    assert quick_parse(argv) is None
+
+
+def test_help_and_usage_errors_still_go_through_argparse() -> None:
+    for argv in (["status", "--help"], ["plan"], ["status", "--chec"]):
+        assert "argparse" in modules_after(f"import blockguard.cli.main as m\nm.main({argv!r})\n")
 
 
 # --- the parser: a call builds only its own command's part of the tree --------------------
@@ -235,8 +361,6 @@ def test_help_is_as_wide_as_argparse_makes_it(
 
 
 # --- the program's exit: frozen garbage, nothing lost ---------------------------------
-
-ENTRY = "import sys; from blockguard.cli.main import main; sys.exit(main())"
 
 
 def test_the_program_prints_and_exits_as_main_returns(tmp_path: Path) -> None:

@@ -57,14 +57,22 @@ def test_devno() -> None:
     assert vocab.devno(os.makedev(259, 1 << 12)) == "259:4096"
 
 
-def test_vocab_imports_only_the_standard_library_and_the_error_tree() -> None:
+def test_vocab_imports_only_the_standard_library_the_error_tree_and_its_formatters() -> None:
     tree = ast.parse(VOCAB.read_text())
     modules = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     modules |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     outside = {
         m for m in modules if m.split(".")[0] not in sys.stdlib_module_names and m != "__future__"
     }
-    assert outside == {"blockguard.errors"}
+    assert outside == {"blockguard.errors", "blockguard.core.formats"}
+    formats = ast.parse((VOCAB.parent / "formats.py").read_text())
+    assert {a.name for n in ast.walk(formats) if isinstance(n, ast.Import) for a in n.names} == {
+        "time"
+    }
+    assert {n.module for n in ast.walk(formats) if isinstance(n, ast.ImportFrom)} == {
+        "__future__",
+        "datetime",  # for a type annotation only
+    }
     errors = ast.parse((VOCAB.parents[1] / "errors.py").read_text())
     assert not {
         n.module
