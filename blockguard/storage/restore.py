@@ -25,6 +25,7 @@ from blockguard.storage.copyengine import (
     DeviceSource,
     Progress,
     Sink,
+    batched,
     copy_chunks,
     device_sink,
     discard_sink,
@@ -302,7 +303,7 @@ def _copy_parts(
     with contextlib.ExitStack() as stack:
         readers = [stack.enter_context(pool.open_generation(g)) for g, _ in parts]
         return copy_chunks(
-            _gathered_items(readers, [own for _, own in parts], extent_bytes),
+            gathered_items(readers, [own for _, own in parts], extent_bytes),
             sink,
             chunk_size=full.chunk_size,
             volume_size=full.volume.size,
@@ -347,8 +348,9 @@ def _read_back(
     """
     try:
         with pool.open_generation(manifest) as reader:
-            items = _merged_items([reader], [stored], extent_bytes)
-            return _check_reads(items, manifest, progress, extent_bytes)
+            return _check_reads(
+                _stored_items(reader, stored, extent_bytes), manifest, progress, extent_bytes
+            )
     except CorruptMetadata as exc:
         if exc.fields.get("generation"):
             raise
@@ -381,19 +383,31 @@ def _check_reads(
     )
 
 
-def _merged_items(
-    readers: Sequence[GenerationReader], chunks: Sequence[BitMap], extent_bytes: int
+def _stored_items(
+    reader: GenerationReader, stored: BitMap, extent_bytes: int
 ) -> Iterator[CopyItem]:
-    """Items of every reader, in target order (so the target is written sequentially)."""
-
-    def items_of(reader: GenerationReader, own: BitMap) -> Iterator[CopyItem]:
-        m = reader.manifest
-        max_count = max(1, extent_bytes // m.chunk_size)
-        for first, count in extents(own, m.chunks, max_count):
+    """Items reading a generation's ``stored`` chunks, in chunk order: each up to
+    ``extent_bytes`` of runs that may lie apart in the volume, so that a delta's scattered
+    chunks, packed side by side in its data, are one vectored read (``read_runs``) per
+    item rather than one read and one hand-over per run."""
+    m = reader.manifest
+    max_count = max(1, extent_bytes // m.chunk_size)
+    for batch in batched(extents(stored, m.chunks, max_count), max_count, max_count):
+        if len(batch) == 1:
+            first, count = batch[0]
             yield CopyItem(reader, first, count, reader.expected(first, count), m.generation_id)
-
-    streams = [items_of(r, own) for r, own in zip(readers, chunks, strict=True)]
-    return heapq.merge(*streams, key=lambda item: item.first)
+            continue
+        expected: list[int] = []
+        for first, count in batch:
+            expected.extend(reader.expected(first, count))
+        yield CopyItem(
+            reader,
+            batch[0][0],
+            len(expected),
+            expected,
+            m.generation_id,
+            runs=batch,
+        )
 
 
 @dataclass(frozen=True)
@@ -428,7 +442,7 @@ class _Gather:
             reader.read_runs(its_runs)
 
 
-def _gathered_items(
+def gathered_items(
     readers: Sequence[GenerationReader], chunks: Sequence[BitMap], extent_bytes: int
 ) -> Iterator[CopyItem]:
     """Items in target order, each a target-contiguous window of up to ``extent_bytes``

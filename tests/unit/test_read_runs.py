@@ -1,7 +1,9 @@
 """A stored generation's vectored reads: runs close together in its data are one
 ``preadv`` (small gaps read through and dropped), far ones are split, a delta's chunks
-scattered in the volume but packed side by side are one read, and a restore gathered
-from a chain of such readers writes each chunk from the newest generation that holds it."""
+scattered in the volume but packed side by side are one read, a restore gathered
+from a chain of such readers writes each chunk from the newest generation that holds it,
+and a verify of a scattered delta reads it in few vectored reads and names a damaged
+chunk."""
 
 from __future__ import annotations
 
@@ -14,10 +16,10 @@ import pytest
 import xxhash
 from pyroaring import BitMap
 
-from blockguard.errors import CorruptMetadata
-from blockguard.storage.copyengine import copy_chunks
+from blockguard.errors import ChecksumMismatch, CorruptMetadata
+from blockguard.storage.copyengine import copy_chunks, discard_sink
 from blockguard.storage.pool.stagedio import GAP_BYTES, IOV_MAX, StoredGenerationReader
-from blockguard.storage.restore import _gathered_items
+from blockguard.storage.restore import _stored_items, gathered_items
 
 CHUNK = 4096
 MAX_GAP = GAP_BYTES // CHUNK
@@ -161,7 +163,7 @@ def test_a_gathered_restore_takes_each_chunk_from_the_newest_generation(tail: in
         out[first * CHUNK : first * CHUNK + len(view)] = view
 
     extent = 256 * CHUNK
-    items = _gathered_items([g for g, _ in plan], [own for _, own in plan], extent)
+    items = gathered_items([g for g, _ in plan], [own for _, own in plan], extent)
     copy_chunks(items, sink, chunk_size=CHUNK, volume_size=size, extent_bytes=extent)
     owner = {c: g for g, own in plan for c in own}
     assert owner[nchunks - 1].manifest.generation_id == "inc7"
@@ -171,3 +173,37 @@ def test_a_gathered_restore_takes_each_chunk_from_the_newest_generation(tail: in
     # At most one read per generation per window (the full's runs around the delta
     # chunks are read through), where chunk-by-chunk reading took hundreds.
     assert sum(len(g.memory.calls) for g in gens) <= windows * len(gens)
+
+
+def test_verify_reads_a_scattered_delta_in_few_vectored_reads_and_names_damage() -> None:
+    nchunks = 20000
+    size = nchunks * CHUNK - 100
+    changed = BitMap(random.Random(3).sample(range(nchunks - 1), 700)) | BitMap([nchunks - 1])
+    delta = Stored("inc", nchunks, changed, size)
+    extent = 256 * CHUNK
+    items = list(_stored_items(delta, changed, extent))
+    assert sorted(c for item in items for f, n in item.runs for c in range(f, f + n)) == list(
+        changed
+    )
+    nbytes = copy_chunks(
+        items, discard_sink, chunk_size=CHUNK, volume_size=size, extent_bytes=extent
+    )
+    assert nbytes == len(changed) * CHUNK - 100
+    # One read per item of up to 256 chunks, where run by run took one per chunk.
+    assert len(delta.memory.calls) == -(-len(changed) // 256)
+    # A damaged chunk in its data: named by its own index in the volume.
+    victim = changed[500]
+    slot = 500 * CHUNK
+    data = bytearray(delta.memory.data)
+    data[slot + 7] ^= 0xFF
+    delta.memory.data = bytes(data)
+    with pytest.raises(ChecksumMismatch) as err:
+        copy_chunks(
+            _stored_items(delta, changed, extent),
+            discard_sink,
+            chunk_size=CHUNK,
+            volume_size=size,
+            extent_bytes=extent,
+        )
+    assert err.value.fields["chunk"] == victim
+    assert err.value.fields["generation"] == "inc"
