@@ -12,6 +12,7 @@ import contextlib
 import heapq
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from pyroaring import BitMap
@@ -36,6 +37,12 @@ from blockguard.storage.pool.base import GenerationReader, PoolBackend, SwapInVo
 
 #: Windows read at once by a restore: the queue depth its scattered delta reads get.
 RESTORE_READERS = 4
+#: Threads a restore shares among its windows to read each window's generations at once
+#: (the full's run in the window's own reader, each delta's chunks meanwhile). One after
+#: the other, a window of a full and 8 incrementals waited for 9 reads in a row: with a
+#: 10 ms read latency (host, emulated) such a restore of 128 MiB took 0.38 s against
+#: 0.19 s for the full alone.
+GATHER_READERS = 8
 
 
 @dataclass(frozen=True)
@@ -302,8 +309,13 @@ def _copy_parts(
     in gathered windows, in target order; returns the bytes copied."""
     with contextlib.ExitStack() as stack:
         readers = [stack.enter_context(pool.open_generation(g)) for g, _ in parts]
+        gather = None
+        if len(readers) > 1:
+            gather = stack.enter_context(
+                ThreadPoolExecutor(GATHER_READERS, thread_name_prefix="blockguard-gather")
+            )
         return copy_chunks(
-            gathered_items(readers, [own for _, own in parts], extent_bytes),
+            gathered_items(readers, [own for _, own in parts], extent_bytes, gather),
             sink,
             chunk_size=full.chunk_size,
             volume_size=full.volume.size,
@@ -418,11 +430,15 @@ class _Part:
 
 
 class _Gather:
-    """A target-contiguous window read from the runs of several generations, in order."""
+    """A target-contiguous window read from the runs of several generations, in order;
+    with ``pool``, the generations at once."""
 
-    def __init__(self, parts: Sequence[_Part], chunk_size: int) -> None:
+    def __init__(
+        self, parts: Sequence[_Part], chunk_size: int, pool: Executor | None = None
+    ) -> None:
         self.parts = parts
         self.chunk_size = chunk_size
+        self.pool = pool
 
     def read_chunks(self, first: int, view: memoryview) -> None:
         # Each generation is asked once for all its runs in the window, so that it can
@@ -438,12 +454,26 @@ class _Gather:
                 (part.first, view[off : off + n])
             )
             off += n
-        for reader, its_runs in runs.values():
-            reader.read_runs(its_runs)
+        jobs = list(runs.values())
+        if self.pool is None or len(jobs) == 1:
+            for reader, its_runs in jobs:
+                reader.read_runs(its_runs)
+            return
+        others = [self.pool.submit(reader.read_runs, its_runs) for reader, its_runs in jobs[1:]]
+        try:
+            jobs[0][0].read_runs(jobs[0][1])
+        finally:
+            # No read may still fill the window once this returns (or raises).
+            wait(others)
+        for done in others:
+            done.result()
 
 
 def gathered_items(
-    readers: Sequence[GenerationReader], chunks: Sequence[BitMap], extent_bytes: int
+    readers: Sequence[GenerationReader],
+    chunks: Sequence[BitMap],
+    extent_bytes: int,
+    pool: Executor | None = None,
 ) -> Iterator[CopyItem]:
     """Items in target order, each a target-contiguous window of up to ``extent_bytes``
     gathered from every generation whose chunks fall in it.
@@ -451,7 +481,9 @@ def gathered_items(
     However a chain scatters its chunks, the target gets one large write per window (a
     restore of a full and eight incrementals writes 8 MiB at a time, not the full's runs
     cut into pieces around each changed chunk), while each generation is still read in
-    its own offset order, and several windows are read at once by the copy engine.
+    its own offset order, and several windows are read at once by the copy engine. With
+    ``pool`` each window reads its generations at once (a deeper queue for the deltas'
+    small reads, which otherwise wait for each other).
     """
     if not readers:
         return
@@ -471,7 +503,7 @@ def gathered_items(
     for first, count, reader in runs:
         while count:
             if parts and (first != end or end - start == max_count):
-                yield _window(parts, chunk_size)
+                yield _window(parts, chunk_size, pool)
                 parts = []
             if not parts:
                 start = end = first
@@ -483,10 +515,10 @@ def gathered_items(
                 parts.append(_Part(reader, first, take))
             end, first, count = first + take, first + take, count - take
     if parts:
-        yield _window(parts, chunk_size)
+        yield _window(parts, chunk_size, pool)
 
 
-def _window(parts: Sequence[_Part], chunk_size: int) -> CopyItem:
+def _window(parts: Sequence[_Part], chunk_size: int, pool: Executor | None) -> CopyItem:
     if len(parts) == 1:
         p = parts[0]
         m = p.reader.manifest
@@ -497,7 +529,7 @@ def _window(parts: Sequence[_Part], chunk_size: int) -> CopyItem:
     for p in parts:
         expected.extend(p.reader.expected(p.first, p.count))
     return CopyItem(
-        _Gather(tuple(parts), chunk_size),
+        _Gather(tuple(parts), chunk_size, pool),
         parts[0].first,
         sum(p.count for p in parts),
         expected,

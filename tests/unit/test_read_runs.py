@@ -8,7 +8,11 @@ chunk."""
 from __future__ import annotations
 
 import array
+import contextlib
 import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -139,8 +143,11 @@ def test_data_that_ends_early_is_named_as_damage() -> None:
     assert "inc" in str(err.value)
 
 
+@pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("tail", [0, 1000])
-def test_a_gathered_restore_takes_each_chunk_from_the_newest_generation(tail: int) -> None:
+def test_a_gathered_restore_takes_each_chunk_from_the_newest_generation(
+    tail: int, parallel: bool
+) -> None:
     nchunks = 3000
     size = nchunks * CHUNK - tail
     rng = random.Random(2)
@@ -163,8 +170,9 @@ def test_a_gathered_restore_takes_each_chunk_from_the_newest_generation(tail: in
         out[first * CHUNK : first * CHUNK + len(view)] = view
 
     extent = 256 * CHUNK
-    items = gathered_items([g for g, _ in plan], [own for _, own in plan], extent)
-    copy_chunks(items, sink, chunk_size=CHUNK, volume_size=size, extent_bytes=extent)
+    with ThreadPoolExecutor(4) if parallel else contextlib.nullcontext() as pool:
+        items = gathered_items([g for g, _ in plan], [own for _, own in plan], extent, pool)
+        copy_chunks(items, sink, chunk_size=CHUNK, volume_size=size, extent_bytes=extent)
     owner = {c: g for g, own in plan for c in own}
     assert owner[nchunks - 1].manifest.generation_id == "inc7"
     for c in range(nchunks):
@@ -207,3 +215,64 @@ def test_verify_reads_a_scattered_delta_in_few_vectored_reads_and_names_damage()
         )
     assert err.value.fields["chunk"] == victim
     assert err.value.fields["generation"] == "inc"
+
+
+class SlowStored(Stored):
+    """A stored generation whose reads take a while and count how many run at once."""
+
+    lock = threading.Lock()
+    running = 0
+    most = 0
+    fail = ""
+
+    def read_runs(self, runs: list[tuple[int, memoryview]]) -> None:
+        cls = SlowStored
+        with cls.lock:
+            cls.running += 1
+            cls.most = max(cls.most, cls.running)
+        try:
+            time.sleep(0.02)
+            if cls.fail == self.manifest.generation_id:
+                raise CorruptMetadata(what=f"generation {cls.fail}", detail="test damage")
+            super().read_runs(runs)
+        finally:
+            with cls.lock:
+                cls.running -= 1
+
+
+def test_a_window_reads_its_generations_at_once_and_waits_for_all_of_them() -> None:
+    nchunks = 64
+    gens = [SlowStored("full", nchunks, None, nchunks * CHUNK)]
+    gens += [
+        SlowStored(f"inc{n}", nchunks, BitMap([5 + 10 * n]), nchunks * CHUNK) for n in range(4)
+    ]
+    plan = [(gens[0], BitMap(range(nchunks)) - BitMap([5, 15, 25, 35]))]
+    plan += [(g, g.own) for g in gens[1:]]
+    out = bytearray(nchunks * CHUNK)
+
+    def sink(first: int, view: memoryview, _digests: object) -> None:
+        out[first * CHUNK : first * CHUNK + len(view)] = view
+
+    extent = nchunks * CHUNK  # one window holding all five generations
+    SlowStored.most = 0
+    with ThreadPoolExecutor(4) as pool:
+        items = list(gathered_items([g for g, _ in plan], [o for _, o in plan], extent, pool))
+        assert len(items) == 1
+        copy_chunks(items, sink, chunk_size=CHUNK, volume_size=len(out), extent_bytes=extent)
+        assert SlowStored.most == 5  # the full in the window's reader, four deltas beside it
+        owner = {c: g for g, own in plan for c in own}
+        assert all(out[c * CHUNK : (c + 1) * CHUNK] == owner[c].data(c) for c in range(nchunks))
+        # A failing read of one generation fails the window, after every read of it ended.
+        SlowStored.fail = "inc2"
+        try:
+            with pytest.raises(CorruptMetadata, match="inc2"):
+                copy_chunks(
+                    list(gathered_items([g for g, _ in plan], [o for _, o in plan], extent, pool)),
+                    sink,
+                    chunk_size=CHUNK,
+                    volume_size=len(out),
+                    extent_bytes=extent,
+                )
+            assert SlowStored.running == 0
+        finally:
+            SlowStored.fail = ""
