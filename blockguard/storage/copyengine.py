@@ -109,7 +109,12 @@ class Progress:
 
 
 class ChunkSource(Protocol):
-    """Anything chunks can be read from: a device, a stored generation, a remote object."""
+    """Anything chunks can be read from: a device, a stored generation, a remote object.
+
+    A source may also have ``read_runs(runs)``, filling each ``(first chunk, view)`` of
+    ascending disjoint runs (a stored generation's :meth:`GenerationReader.read_runs`):
+    an item of several ``runs`` is then read by one call.
+    """
 
     def read_chunks(self, first: int, view: memoryview) -> None:
         """Fill ``view`` with the data of the chunks starting at ``first`` (contiguous)."""
@@ -306,11 +311,20 @@ def _read_item(
         raise EnvironmentProblem(detail=f"bad copy extent {item!r}")
     view = buf[:nbytes]
     if item.runs:
+        parts: list[tuple[int, memoryview]] = []
         off = 0
         for first, count in item.runs:
             n = min(count * chunk_size, nbytes - off)
-            item.source.read_chunks(first, view[off : off + n])
+            parts.append((first, view[off : off + n]))
             off += n
+        read_runs = getattr(item.source, "read_runs", None)
+        if read_runs is not None:
+            # A stored generation joins runs that are neighbours in its data (a delta's,
+            # packed in chunk order) into one vectored read.
+            read_runs(parts)
+        else:
+            for first, part in parts:
+                item.source.read_chunks(first, part)
     else:
         item.source.read_chunks(item.first, view)
     digests = [

@@ -12,6 +12,7 @@ import contextlib
 import heapq
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from pyroaring import BitMap
@@ -25,6 +26,7 @@ from blockguard.storage.copyengine import (
     DeviceSource,
     Progress,
     Sink,
+    batched,
     copy_chunks,
     device_sink,
     discard_sink,
@@ -35,6 +37,12 @@ from blockguard.storage.pool.base import GenerationReader, PoolBackend, SwapInVo
 
 #: Windows read at once by a restore: the queue depth its scattered delta reads get.
 RESTORE_READERS = 4
+#: Threads a restore shares among its windows to read each window's generations at once
+#: (the full's run in the window's own reader, each delta's chunks meanwhile). One after
+#: the other, a window of a full and 8 incrementals waited for 9 reads in a row: with a
+#: 10 ms read latency (host, emulated) such a restore of 128 MiB took 0.38 s against
+#: 0.19 s for the full alone.
+GATHER_READERS = 8
 
 
 @dataclass(frozen=True)
@@ -301,8 +309,13 @@ def _copy_parts(
     in gathered windows, in target order; returns the bytes copied."""
     with contextlib.ExitStack() as stack:
         readers = [stack.enter_context(pool.open_generation(g)) for g, _ in parts]
+        gather = None
+        if len(readers) > 1:
+            gather = stack.enter_context(
+                ThreadPoolExecutor(GATHER_READERS, thread_name_prefix="blockguard-gather")
+            )
         return copy_chunks(
-            _gathered_items(readers, [own for _, own in parts], extent_bytes),
+            gathered_items(readers, [own for _, own in parts], extent_bytes, gather),
             sink,
             chunk_size=full.chunk_size,
             volume_size=full.volume.size,
@@ -347,8 +360,9 @@ def _read_back(
     """
     try:
         with pool.open_generation(manifest) as reader:
-            items = _merged_items([reader], [stored], extent_bytes)
-            return _check_reads(items, manifest, progress, extent_bytes)
+            return _check_reads(
+                _stored_items(reader, stored, extent_bytes), manifest, progress, extent_bytes
+            )
     except CorruptMetadata as exc:
         if exc.fields.get("generation"):
             raise
@@ -381,19 +395,31 @@ def _check_reads(
     )
 
 
-def _merged_items(
-    readers: Sequence[GenerationReader], chunks: Sequence[BitMap], extent_bytes: int
+def _stored_items(
+    reader: GenerationReader, stored: BitMap, extent_bytes: int
 ) -> Iterator[CopyItem]:
-    """Items of every reader, in target order (so the target is written sequentially)."""
-
-    def items_of(reader: GenerationReader, own: BitMap) -> Iterator[CopyItem]:
-        m = reader.manifest
-        max_count = max(1, extent_bytes // m.chunk_size)
-        for first, count in extents(own, m.chunks, max_count):
+    """Items reading a generation's ``stored`` chunks, in chunk order: each up to
+    ``extent_bytes`` of runs that may lie apart in the volume, so that a delta's scattered
+    chunks, packed side by side in its data, are one vectored read (``read_runs``) per
+    item rather than one read and one hand-over per run."""
+    m = reader.manifest
+    max_count = max(1, extent_bytes // m.chunk_size)
+    for batch in batched(extents(stored, m.chunks, max_count), max_count, max_count):
+        if len(batch) == 1:
+            first, count = batch[0]
             yield CopyItem(reader, first, count, reader.expected(first, count), m.generation_id)
-
-    streams = [items_of(r, own) for r, own in zip(readers, chunks, strict=True)]
-    return heapq.merge(*streams, key=lambda item: item.first)
+            continue
+        expected: list[int] = []
+        for first, count in batch:
+            expected.extend(reader.expected(first, count))
+        yield CopyItem(
+            reader,
+            batch[0][0],
+            len(expected),
+            expected,
+            m.generation_id,
+            runs=batch,
+        )
 
 
 @dataclass(frozen=True)
@@ -404,11 +430,15 @@ class _Part:
 
 
 class _Gather:
-    """A target-contiguous window read from the runs of several generations, in order."""
+    """A target-contiguous window read from the runs of several generations, in order;
+    with ``pool``, the generations at once."""
 
-    def __init__(self, parts: Sequence[_Part], chunk_size: int) -> None:
+    def __init__(
+        self, parts: Sequence[_Part], chunk_size: int, pool: Executor | None = None
+    ) -> None:
         self.parts = parts
         self.chunk_size = chunk_size
+        self.pool = pool
 
     def read_chunks(self, first: int, view: memoryview) -> None:
         # Each generation is asked once for all its runs in the window, so that it can
@@ -424,12 +454,26 @@ class _Gather:
                 (part.first, view[off : off + n])
             )
             off += n
-        for reader, its_runs in runs.values():
-            reader.read_runs(its_runs)
+        jobs = list(runs.values())
+        if self.pool is None or len(jobs) == 1:
+            for reader, its_runs in jobs:
+                reader.read_runs(its_runs)
+            return
+        others = [self.pool.submit(reader.read_runs, its_runs) for reader, its_runs in jobs[1:]]
+        try:
+            jobs[0][0].read_runs(jobs[0][1])
+        finally:
+            # No read may still fill the window once this returns (or raises).
+            wait(others)
+        for done in others:
+            done.result()
 
 
-def _gathered_items(
-    readers: Sequence[GenerationReader], chunks: Sequence[BitMap], extent_bytes: int
+def gathered_items(
+    readers: Sequence[GenerationReader],
+    chunks: Sequence[BitMap],
+    extent_bytes: int,
+    pool: Executor | None = None,
 ) -> Iterator[CopyItem]:
     """Items in target order, each a target-contiguous window of up to ``extent_bytes``
     gathered from every generation whose chunks fall in it.
@@ -437,7 +481,9 @@ def _gathered_items(
     However a chain scatters its chunks, the target gets one large write per window (a
     restore of a full and eight incrementals writes 8 MiB at a time, not the full's runs
     cut into pieces around each changed chunk), while each generation is still read in
-    its own offset order, and several windows are read at once by the copy engine.
+    its own offset order, and several windows are read at once by the copy engine. With
+    ``pool`` each window reads its generations at once (a deeper queue for the deltas'
+    small reads, which otherwise wait for each other).
     """
     if not readers:
         return
@@ -457,7 +503,7 @@ def _gathered_items(
     for first, count, reader in runs:
         while count:
             if parts and (first != end or end - start == max_count):
-                yield _window(parts, chunk_size)
+                yield _window(parts, chunk_size, pool)
                 parts = []
             if not parts:
                 start = end = first
@@ -469,10 +515,10 @@ def _gathered_items(
                 parts.append(_Part(reader, first, take))
             end, first, count = first + take, first + take, count - take
     if parts:
-        yield _window(parts, chunk_size)
+        yield _window(parts, chunk_size, pool)
 
 
-def _window(parts: Sequence[_Part], chunk_size: int) -> CopyItem:
+def _window(parts: Sequence[_Part], chunk_size: int, pool: Executor | None) -> CopyItem:
     if len(parts) == 1:
         p = parts[0]
         m = p.reader.manifest
@@ -483,7 +529,7 @@ def _window(parts: Sequence[_Part], chunk_size: int) -> CopyItem:
     for p in parts:
         expected.extend(p.reader.expected(p.first, p.count))
     return CopyItem(
-        _Gather(tuple(parts), chunk_size),
+        _Gather(tuple(parts), chunk_size, pool),
         parts[0].first,
         sum(p.count for p in parts),
         expected,

@@ -25,10 +25,9 @@ Either way a chunk damaged on the pool stops the drill with
 from __future__ import annotations
 
 import contextlib
-import heapq
+import dataclasses
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,18 +35,17 @@ from blockguard.errors import ChecksumMismatch, DrillMismatch, InvalidInput
 from blockguard.storage.blockdev import BlockDevice
 from blockguard.storage.copyengine import (
     DEFAULT_EXTENT_BYTES,
-    CopyItem,
     DeviceSource,
     Progress,
     copy_chunks,
     discard_sink,
-    extents,
 )
 from blockguard.storage.drill import SCRATCH_PURPOSE, scratch_write_rate
 from blockguard.storage.manifest import Manifest
-from blockguard.storage.pool.base import GenerationReader, PoolBackend
+from blockguard.storage.pool.base import PoolBackend
 from blockguard.storage.restore import (
     RestoreResult,
+    gathered_items,
     plan_chunks,
     rehearse,
     restore_to_device,
@@ -186,21 +184,17 @@ def read_back(
     """
     plan = plan_chunks(chain)
     full = chain[0]
-    max_count = max(1, extent_bytes // full.chunk_size)
     progress.add_total(sum(len(own) for _, own in plan) * full.chunk_size)
     with BlockDevice(device, direct=True) as dev, contextlib.ExitStack() as stack:
         restored = DeviceSource(dev, full.chunk_size)
         readers = [stack.enter_context(pool.open_generation(g)) for g, _ in plan]
-
-        def items(reader: GenerationReader, gen: Manifest, own: Any) -> Iterator[CopyItem]:
-            for first, count in extents(own, gen.chunks, max_count):
-                expected = reader.expected(first, count)
-                yield CopyItem(restored, first, count, expected, gen.generation_id)
-
-        streams = [items(r, g, own) for r, (g, own) in zip(readers, plan, strict=True)]
+        # The restore's own windows (each chunk's checksum from the generation that
+        # provides it), read from the device: one read per window, not one per run of
+        # each generation (a full's runs cut around every delta chunk).
+        windows = gathered_items(readers, [own for _, own in plan], extent_bytes)
         try:
             nbytes = copy_chunks(
-                heapq.merge(*streams, key=lambda item: item.first),
+                (dataclasses.replace(item, source=restored) for item in windows),
                 discard_sink,
                 chunk_size=full.chunk_size,
                 volume_size=full.volume.size,

@@ -1,7 +1,8 @@
 """Scattered deltas on the dir pool, bit-exact: incrementals whose chunks are scattered,
 adjacent, rewritten by later layers and include the volume's short last chunk are
 backed up in batches of runs and restored in gathered windows; every generation's
-restore equals the volume as it was at its backup."""
+restore equals the volume as it was at its backup, and a drill's read-back of the restored
+device (in the restore's windows) passes it, or names the wrong chunk and its generation."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pyroaring import BitMap
 
+from blockguard.errors import DrillMismatch
 from blockguard.storage.backup import run_backup
-from blockguard.storage.copyengine import extents
+from blockguard.storage.copyengine import Progress, extents
 from blockguard.storage.manifest import VolumeIdentity
 from blockguard.storage.pool.dirpool import DirPool
 from blockguard.storage.restore import restore_to_device, swap_in, verify
+from blockguard.storage.voldrill import read_back
 
 MiB = 1 << 20
 CHUNK = 64 << 10
@@ -80,6 +84,8 @@ def test_scattered_chain_restores_every_generation_bit_exact(loopdev, tmp_path: 
             verify(pool, "vol", gen_id, whole_chain=True)
             restore_to_device(pool, "vol", gen_id, target)
             assert sha_of(target) == sha, f"restore of {gen_id}"
+            chain = pool.chain("vol", gen_id)
+            assert read_back(pool, "vol", chain, target, Progress()) == (NCHUNKS, SIZE)
         last_id, last_sha = history[-1]
         swapped = swap_in(pool, "vol", last_id)
         try:
@@ -87,6 +93,50 @@ def test_scattered_chain_restores_every_generation_bit_exact(loopdev, tmp_path: 
         finally:
             assert swapped.swap is not None
             swapped.swap.release()
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize("which", ["delta", "full", "last"])
+def test_read_back_names_a_wrong_chunk_and_the_generation_it_came_from(
+    loopdev, tmp_path: Path, which: str
+) -> None:
+    rng = random.Random(18)
+    src = loopdev(SIZE, "source.img")
+    target = loopdev(SIZE, "target.img")
+    pool = DirPool.create("scatter", loopdev(512 * MiB, "pool.img"), tmp_path / "mnt")
+    try:
+        ident = VolumeIdentity("vol", SIZE)
+        write_chunks(src, BitMap(range(NCHUNKS)), rng)
+        gens = [run_backup(pool, ident, src, "full", None, chunk_size=CHUNK).manifest]
+        for _ in range(2):
+            changed = BitMap(rng.sample(range(NCHUNKS - 1), 30)) | BitMap([NCHUNKS - 1])
+            write_chunks(src, changed, rng)
+            gens.append(
+                run_backup(
+                    pool,
+                    ident,
+                    src,
+                    "incremental",
+                    changed,
+                    chunk_size=CHUNK,
+                    parent_id=gens[-1].generation_id,
+                ).manifest
+            )
+        restore_to_device(pool, "vol", gens[-1].generation_id, target)
+        newest, first_inc = gens[2].changed, gens[1].changed
+        # A chunk only the first incremental holds, one of the full's between delta
+        # chunks, or the volume's short last chunk (the newest incremental's).
+        chunk, owner = {
+            "delta": (min(first_inc - newest), gens[1]),
+            "full": (min(BitMap(range(NCHUNKS)) - first_inc - newest), gens[0]),
+            "last": (NCHUNKS - 1, gens[2]),
+        }[which]
+        write_chunks(target, BitMap([chunk]), rng)
+        with pytest.raises(DrillMismatch) as err:
+            read_back(pool, "vol", pool.chain("vol", gens[-1].generation_id), target, Progress())
+        assert err.value.fields["chunk"] == chunk
+        assert err.value.fields["generation"] == owner.generation_id
     finally:
         pool.close()
 

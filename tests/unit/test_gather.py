@@ -15,7 +15,7 @@ from pyroaring import BitMap
 from blockguard.errors import ChecksumMismatch
 from blockguard.storage.copyengine import copy_chunks
 from blockguard.storage.pool.base import GenerationReader
-from blockguard.storage.restore import _gathered_items
+from blockguard.storage.restore import gathered_items
 
 CHUNK = 4096
 NCHUNKS = 1000
@@ -82,7 +82,7 @@ def restore(plan: list[tuple[MemoryReader, BitMap]], extent: int) -> bytearray:
     def sink(first: int, view: memoryview, _digests: object) -> None:
         out[first * CHUNK : first * CHUNK + len(view)] = view
 
-    items = _gathered_items([r for r, _ in plan], [own for _, own in plan], extent)
+    items = gathered_items([r for r, _ in plan], [own for _, own in plan], extent)
     copy_chunks(items, sink, chunk_size=CHUNK, volume_size=NCHUNKS * CHUNK, extent_bytes=extent)
     return out
 
@@ -91,7 +91,7 @@ def restore(plan: list[tuple[MemoryReader, BitMap]], extent: int) -> bytearray:
 def test_windows_cover_the_volume_once_in_order_from_the_newest(extent_chunks: int) -> None:
     plan = chain()
     extent = extent_chunks * CHUNK
-    items = list(_gathered_items([r for r, _ in plan], [o for _, o in plan], extent))
+    items = list(gathered_items([r for r, _ in plan], [o for _, o in plan], extent))
     assert [i.first for i in items] == sorted(i.first for i in items)
     assert sum(i.count for i in items) == NCHUNKS
     assert all(i.count <= max(1, extent_chunks) for i in items)

@@ -1,12 +1,18 @@
 """A stored generation's vectored reads: runs close together in its data are one
 ``preadv`` (small gaps read through and dropped), far ones are split, a delta's chunks
-scattered in the volume but packed side by side are one read, and a restore gathered
-from a chain of such readers writes each chunk from the newest generation that holds it."""
+scattered in the volume but packed side by side are one read, a restore gathered
+from a chain of such readers writes each chunk from the newest generation that holds it,
+and a verify of a scattered delta reads it in few vectored reads and names a damaged
+chunk."""
 
 from __future__ import annotations
 
 import array
+import contextlib
 import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,10 +20,10 @@ import pytest
 import xxhash
 from pyroaring import BitMap
 
-from blockguard.errors import CorruptMetadata
-from blockguard.storage.copyengine import copy_chunks
+from blockguard.errors import ChecksumMismatch, CorruptMetadata
+from blockguard.storage.copyengine import copy_chunks, discard_sink
 from blockguard.storage.pool.stagedio import GAP_BYTES, IOV_MAX, StoredGenerationReader
-from blockguard.storage.restore import _gathered_items
+from blockguard.storage.restore import _stored_items, gathered_items
 
 CHUNK = 4096
 MAX_GAP = GAP_BYTES // CHUNK
@@ -137,8 +143,11 @@ def test_data_that_ends_early_is_named_as_damage() -> None:
     assert "inc" in str(err.value)
 
 
+@pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("tail", [0, 1000])
-def test_a_gathered_restore_takes_each_chunk_from_the_newest_generation(tail: int) -> None:
+def test_a_gathered_restore_takes_each_chunk_from_the_newest_generation(
+    tail: int, parallel: bool
+) -> None:
     nchunks = 3000
     size = nchunks * CHUNK - tail
     rng = random.Random(2)
@@ -161,8 +170,9 @@ def test_a_gathered_restore_takes_each_chunk_from_the_newest_generation(tail: in
         out[first * CHUNK : first * CHUNK + len(view)] = view
 
     extent = 256 * CHUNK
-    items = _gathered_items([g for g, _ in plan], [own for _, own in plan], extent)
-    copy_chunks(items, sink, chunk_size=CHUNK, volume_size=size, extent_bytes=extent)
+    with ThreadPoolExecutor(4) if parallel else contextlib.nullcontext() as pool:
+        items = gathered_items([g for g, _ in plan], [own for _, own in plan], extent, pool)
+        copy_chunks(items, sink, chunk_size=CHUNK, volume_size=size, extent_bytes=extent)
     owner = {c: g for g, own in plan for c in own}
     assert owner[nchunks - 1].manifest.generation_id == "inc7"
     for c in range(nchunks):
@@ -171,3 +181,98 @@ def test_a_gathered_restore_takes_each_chunk_from_the_newest_generation(tail: in
     # At most one read per generation per window (the full's runs around the delta
     # chunks are read through), where chunk-by-chunk reading took hundreds.
     assert sum(len(g.memory.calls) for g in gens) <= windows * len(gens)
+
+
+def test_verify_reads_a_scattered_delta_in_few_vectored_reads_and_names_damage() -> None:
+    nchunks = 20000
+    size = nchunks * CHUNK - 100
+    changed = BitMap(random.Random(3).sample(range(nchunks - 1), 700)) | BitMap([nchunks - 1])
+    delta = Stored("inc", nchunks, changed, size)
+    extent = 256 * CHUNK
+    items = list(_stored_items(delta, changed, extent))
+    assert sorted(c for item in items for f, n in item.runs for c in range(f, f + n)) == list(
+        changed
+    )
+    nbytes = copy_chunks(
+        items, discard_sink, chunk_size=CHUNK, volume_size=size, extent_bytes=extent
+    )
+    assert nbytes == len(changed) * CHUNK - 100
+    # One read per item of up to 256 chunks, where run by run took one per chunk.
+    assert len(delta.memory.calls) == -(-len(changed) // 256)
+    # A damaged chunk in its data: named by its own index in the volume.
+    victim = changed[500]
+    slot = 500 * CHUNK
+    data = bytearray(delta.memory.data)
+    data[slot + 7] ^= 0xFF
+    delta.memory.data = bytes(data)
+    with pytest.raises(ChecksumMismatch) as err:
+        copy_chunks(
+            _stored_items(delta, changed, extent),
+            discard_sink,
+            chunk_size=CHUNK,
+            volume_size=size,
+            extent_bytes=extent,
+        )
+    assert err.value.fields["chunk"] == victim
+    assert err.value.fields["generation"] == "inc"
+
+
+class SlowStored(Stored):
+    """A stored generation whose reads take a while and count how many run at once."""
+
+    lock = threading.Lock()
+    running = 0
+    most = 0
+    fail = ""
+
+    def read_runs(self, runs: list[tuple[int, memoryview]]) -> None:
+        cls = SlowStored
+        with cls.lock:
+            cls.running += 1
+            cls.most = max(cls.most, cls.running)
+        try:
+            time.sleep(0.02)
+            if cls.fail == self.manifest.generation_id:
+                raise CorruptMetadata(what=f"generation {cls.fail}", detail="test damage")
+            super().read_runs(runs)
+        finally:
+            with cls.lock:
+                cls.running -= 1
+
+
+def test_a_window_reads_its_generations_at_once_and_waits_for_all_of_them() -> None:
+    nchunks = 64
+    gens = [SlowStored("full", nchunks, None, nchunks * CHUNK)]
+    gens += [
+        SlowStored(f"inc{n}", nchunks, BitMap([5 + 10 * n]), nchunks * CHUNK) for n in range(4)
+    ]
+    plan = [(gens[0], BitMap(range(nchunks)) - BitMap([5, 15, 25, 35]))]
+    plan += [(g, g.own) for g in gens[1:]]
+    out = bytearray(nchunks * CHUNK)
+
+    def sink(first: int, view: memoryview, _digests: object) -> None:
+        out[first * CHUNK : first * CHUNK + len(view)] = view
+
+    extent = nchunks * CHUNK  # one window holding all five generations
+    SlowStored.most = 0
+    with ThreadPoolExecutor(4) as pool:
+        items = list(gathered_items([g for g, _ in plan], [o for _, o in plan], extent, pool))
+        assert len(items) == 1
+        copy_chunks(items, sink, chunk_size=CHUNK, volume_size=len(out), extent_bytes=extent)
+        assert SlowStored.most == 5  # the full in the window's reader, four deltas beside it
+        owner = {c: g for g, own in plan for c in own}
+        assert all(out[c * CHUNK : (c + 1) * CHUNK] == owner[c].data(c) for c in range(nchunks))
+        # A failing read of one generation fails the window, after every read of it ended.
+        SlowStored.fail = "inc2"
+        try:
+            with pytest.raises(CorruptMetadata, match="inc2"):
+                copy_chunks(
+                    list(gathered_items([g for g, _ in plan], [o for _, o in plan], extent, pool)),
+                    sink,
+                    chunk_size=CHUNK,
+                    volume_size=len(out),
+                    extent_bytes=extent,
+                )
+            assert SlowStored.running == 0
+        finally:
+            SlowStored.fail = ""
