@@ -14,7 +14,11 @@ job's final state, the client's start-up not included. Printed, never asserted:
 - incrementals after 1 % and 10 % random 64 KiB writes, as walls and as ratios to the
   full (targets <= 5 % and <= 20 %);
 - for each backup, every external command the daemon ran and its time (the runner's
-  ``rc=N in S: argv`` debug lines).
+  ``rc=N in S: argv`` debug lines), and the daemon's CPU time over the job (its own and
+  its finished children's: under TCG with one guest CPU, nearly all of the wall);
+- the idle daemon's CPU over ``--idle-seconds`` after the backups: with only a number
+  of generations set (nothing ever due), then with an RPO of every 6 h (not due for
+  hours) and one of changed 1 GiB (never reached: the amount trigger polls).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -90,17 +96,40 @@ def commands(log: Path, start: int) -> tuple[list[tuple[float, str]], int]:
     return found, end
 
 
-def backup(client: Client, vol: str, log: Path, label: str, figures: dict[str, float]) -> None:
+def cpu_seconds(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def idle(proc: psutil.Process, log: Path, seconds: float, label: str) -> None:
+    """The daemon's CPU and the commands it ran over ``seconds`` with nothing due."""
     _, mark = commands(log, 0)
+    cpu0, t0 = cpu_seconds(proc), time.monotonic()
+    time.sleep(seconds)
+    used, wall = cpu_seconds(proc) - cpu0, time.monotonic() - t0
+    cmds, _ = commands(log, mark)
+    print(
+        f"\nidle, {label}: {used:.2f} s CPU in {wall:.0f} s = {100 * used / wall:.2f} % of a "
+        f"vCPU; {len(cmds)} commands: {sorted({a.split()[1] if ' ' in a else a for _, a in cmds})}",
+        flush=True,
+    )
+
+
+def backup(
+    client: Client, vol: str, log: Path, label: str, figures: dict[str, float], proc: psutil.Process
+) -> None:
+    _, mark = commands(log, 0)
+    cpu0 = cpu_seconds(proc)
     t0 = time.monotonic()
     props = client.wait_job(client.call("BackupNow", "s", vol), interval=0.05, timeout=1200)
     wall = time.monotonic() - t0
+    cpu = cpu_seconds(proc) - cpu0
     assert props["State"] == "done", props["Error"]
     result = plain(props["Result"])
     cmds, _ = commands(log, mark)
     figures[label] = wall
     print(
-        f"\n{label}: {wall:.2f} s wall, method {result.get('method')}, "
+        f"\n{label}: {wall:.2f} s wall, {cpu:.2f} s daemon CPU, method {result.get('method')}, "
         f"{result.get('bytes', '?')} bytes copied; {len(cmds)} commands, "
         f"{sum(s for s, _ in cmds):.2f} s in them:",
         flush=True,
@@ -112,6 +141,7 @@ def backup(client: Client, vol: str, log: Path, label: str, figures: dict[str, f
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--idle-seconds", type=float, default=60.0)
     args = parser.parse_args()
     size = args.size_mib * MiB
     disks = os.environ.get("BLOCKGUARD_VM_DISKS", "").split()
@@ -133,18 +163,31 @@ def main() -> None:
         sh("dd", f"if={dev}", "of=/dev/null", "bs=1M", "iflag=direct")
         figures["dd"] = time.monotonic() - t0
         with tempfile.TemporaryDirectory() as tmp, engine_on_private_bus(Path(tmp)) as harness:
-            daemon = harness.start()
+            # The production scheduler (the test harness's never looks): the idle figures.
+            daemon = harness.start(
+                BLOCKGUARD_SCHEDULER_INTERVAL="30", BLOCKGUARD_SCHEDULER_MAX_INTERVAL="300"
+            )
+            proc = psutil.Process(daemon.process.pid)
             with Client(daemon.address) as client:
                 client.call("CreatePool", "ssasb", "p1", "lvm", pool_disks, False)
                 client.call("Protect", "sstssa{sv}", dev, "vol", CHUNK, "", "", {})
                 client.call("SetObjectives", "sa{sv}", "vol", {"generations": variant(10)})
-                backup(client, "vol", daemon.log_path, "full", figures)
-                backup(client, "vol", daemon.log_path, "no-change", figures)
+                backup(client, "vol", daemon.log_path, "full", figures, proc)
+                backup(client, "vol", daemon.log_path, "no-change", figures, proc)
                 scatter(dev, size, 0.01, 1)
-                backup(client, "vol", daemon.log_path, "1 %", figures)
+                backup(client, "vol", daemon.log_path, "1 %", figures, proc)
                 scatter(dev, size, 0.10, 2)
-                backup(client, "vol", daemon.log_path, "10 %", figures)
-                backup(client, "vol", daemon.log_path, "no-change again", figures)
+                backup(client, "vol", daemon.log_path, "10 %", figures, proc)
+                backup(client, "vol", daemon.log_path, "no-change again", figures, proc)
+                for label, rpo in (("generations only", None), ("rpo every 6h", "every 6h"),
+                                   ("rpo changed 1GiB", "changed 1GiB")):  # fmt: skip
+                    if args.idle_seconds <= 0:
+                        break
+                    if rpo is not None:
+                        given = {"rpo": variant(rpo), "generations": variant(10)}
+                        client.call("SetObjectives", "sa{sv}", "vol", given)
+                    time.sleep(3)  # the last call's aftermath (tidy, health) settles
+                    idle(proc, daemon.log_path, args.idle_seconds, label)
             daemon.stop()
     finally:
         resume_suspended()

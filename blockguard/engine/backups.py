@@ -161,8 +161,11 @@ def back_up(
 
     The point in time comes first; the change sets and the planner's choice are taken
     after it (for era and thin they then include writes made since, a harmless superset;
-    scan compares the copy itself). A copy whose exception store filled fails the job
-    with SnapshotOverflow; nothing is committed and the volume is not affected.
+    scan compares the copy itself). Except when a thin volume did not change since its
+    last backup (see :func:`_unchanged`): then the point is that moment, the generation
+    an empty incremental, and no snapshot is made. A copy whose exception store filled
+    fails the job with SnapshotOverflow; nothing is committed and the volume is not
+    affected.
     """
     vol = volumes.catalog.get_volume(name)
     assert vol.pool is not None
@@ -183,13 +186,18 @@ def back_up(
             f"backed up. If it is the right one, unprotect {name} (its generations stay) "
             "and protect the device again",
         )
-    cow = poolspace.cow_factory(pool, f"{name}-{serial}")
-    point = tracking.begin_point(
-        vol.device_path, serial, cow, poolspace.cow_size(size, volumes.settings.cow_size)
-    )
+    unchanged = None if full else _unchanged(name, vol.device_path, volumes, tracking)
+    if unchanged is not None:
+        point, inputs, decision = unchanged
+    else:
+        cow = poolspace.cow_factory(pool, f"{name}-{serial}")
+        point = tracking.begin_point(
+            vol.device_path, serial, cow, poolspace.cow_size(size, volumes.settings.cow_size)
+        )
     try:
-        inputs = volumes.inputs(name, source=point.source)
-        decision = decide(inputs)
+        if unchanged is None:
+            inputs = volumes.inputs(name, source=point.source)
+            decision = decide(inputs)
         if full and decision.method is not GenerationKind.FULL:
             decision = dataclasses.replace(
                 decision,
@@ -229,6 +237,33 @@ def back_up(
     tracking.end_point(point)
     _keep_key(volumes, name, rdev, key)
     return _after_commit(name, volumes, pool, events, inputs.keep, decision, result)
+
+
+def _unchanged(
+    name: str, device: str, volumes: VolumeRegistry, tracking: VolumeTracking
+) -> tuple[PointInTime, PlanInputs, PlanDecision] | None:
+    """A backup's point, inputs and decision when the volume did not change since its
+    last backup and the planner wants an incremental: an empty one, with no snapshot
+    taken (thin tracking; :meth:`VolumeTracking.begin_unchanged`). None otherwise: the
+    backup takes its point-in-time copy as usual (having spent one look at the pool's
+    metadata, which :meth:`VolumeTracking.may_be_unchanged` keeps for volumes that
+    may well be unchanged)."""
+    if not tracking.may_be_unchanged(device):
+        return None
+    tracking.begin_unchanged(device)
+    inputs = volumes.inputs(name, source=device)
+    decision = decide(inputs)
+    since = inputs.sets.get(LAST_BACKUP)
+    if decision.method is not GenerationKind.INCREMENTAL or since is None or since.chunks:
+        log.debug(
+            "backup of %s: %s planned, %s chunks changed: a snapshot is taken",
+            name,
+            decision.method.value,
+            "unknown" if since is None else len(since.chunks),
+            extra={"VOLUME": name},
+        )
+        return None
+    return tracking.unchanged_point(device), inputs, decision
 
 
 def _key_of(path: str) -> str | None:

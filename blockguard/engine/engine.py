@@ -41,6 +41,7 @@ from blockguard.core.catalog import Catalog
 from blockguard.engine import ids, protection, swapins
 from blockguard.engine import service as svc
 from blockguard.engine.alerts import AlertCenter
+from blockguard.engine.background import run_in_background
 from blockguard.engine.backups import back_up
 from blockguard.engine.calibration import run_drill_job
 from blockguard.engine.cmdguard import GuardedRunner
@@ -595,10 +596,10 @@ class Engine:
                 if job.snapshot().state is JobState.FAILED:
                     self.events.emit(svc.BackupFailed(volume, *job.snapshot().error))
                 # After the job reported: what the backup left to clean up (old thin
-                # snapshots) is no part of its time.
+                # snapshots) is no part of its time, nor of the next job's (behind it).
                 tracking = self.volumes.tracking.get(volume)
                 if tracking is not None:
-                    tracking.tidy()
+                    run_in_background(tracking.tidy, f"tidy {volume}")
 
             job = self.jobs.submit(
                 JobKind.BACKUP, volume, volume, work, finished, pool=vol.pool, reserved=True

@@ -41,7 +41,7 @@ from blockguard.errors import (
 )
 from blockguard.storage import dm
 from blockguard.storage import snapshot as pit
-from blockguard.storage.blockdev import device_rdev
+from blockguard.storage.blockdev import device_rdev, sync_written, write_count
 from blockguard.storage.dm import DeviceMapper
 from blockguard.storage.lvm import Lvm
 from blockguard.storage.manifest import write_atomic
@@ -154,6 +154,10 @@ class VolumeTracking:
         self._checked_at_point = False
         #: a committed backup checked the thin tracker's LVs (see commit_point)
         self._checked_by_backup = False
+        #: the volume's write count (blockdev.write_count) when the newest committed
+        #: point was taken, and the running backup's (thin; see may_be_unchanged)
+        self._writes_at_ref: int | None = None
+        self._writes_at_point: int | None = None
 
     @property
     def backend(self) -> str:
@@ -413,6 +417,8 @@ class VolumeTracking:
         self._checked_by_backup = self._checked_at_point = False
         if self.backend == TrackingKind.THIN:
             copy: pit.PointInTime = pit.ThinPointInTime(self.tracker, ref)  # type: ignore[arg-type]
+            # Counted after the snapshot: the writes of its frozen file system are in it.
+            self._writes_at_point = _write_count(device)
             return PointInTime(copy.source, ref, copy)
         if self.backend == TrackingKind.ERA:
             if cow is None:
@@ -437,6 +443,40 @@ class VolumeTracking:
                 copy = pit.DmSnapshotPointInTime(device, store, runner=self.cmd)
             return PointInTime(copy.source, ref, copy)
         return PointInTime(device, ref)
+
+    # --- a backup that finds nothing changed (thin) -----------------------------------
+
+    def may_be_unchanged(self, device: str) -> bool:
+        """Whether a backup should first ask if the volume changed at all since the
+        newest committed point (:meth:`begin_unchanged`): thin tracking only, and only
+        when the kernel counted no write or discard on the volume since that point was
+        taken (unknown after a restart: then it asks). A hint that saves the question
+        where the answer is surely "changed"; the answer itself is thin_delta's."""
+        if self.backend != TrackingKind.THIN:
+            return False
+        return self._writes_at_ref is None or _write_count(device) == self._writes_at_ref
+
+    def begin_unchanged(self, device: str) -> None:
+        """Before the question of :meth:`may_be_unchanged`: what the volume's file systems
+        and page cache hold is written onto it (the snapshot's suspend would freeze them),
+        so that the question is asked of everything written before now. The caller then
+        takes the change sets against the live volume (:meth:`change_sets` with ``source``
+        the volume): when the one of the last backup is empty, :meth:`unchanged_point`
+        is this backup's point; otherwise nothing is left to undo.
+
+        :raises DeviceIOError: the write-back failed.
+        """
+        self._checked_by_backup = self._checked_at_point = False
+        self._writes_at_point = _write_count(device)
+        sync_written(device)
+
+    def unchanged_point(self, device: str) -> PointInTime:
+        """The point of a backup that found no chunk changed since the last backup's
+        reference (on a metadata snapshot of the pool taken after :meth:`begin_unchanged`):
+        the volume then was that reference's content, so the reference describes the new
+        (empty incremental) generation as well and stays; no snapshot is taken or removed.
+        Nothing is read from ``device``."""
+        return PointInTime(device, self.roles()[LAST_BACKUP].ref)
 
     def commit_point(
         self, point: PointInTime, generation: str, full: bool, hashes: ChunkHashes | None
@@ -474,6 +514,7 @@ class VolumeTracking:
             # under TCG), and since then only this tracker made and removed snapshots.
             # Used once, by the next look (the refresh that follows); a new backup clears it.
             self._checked_by_backup = self._checked_at_point
+            self._writes_at_ref = self._writes_at_point
         self._at_point = {}
 
     def end_point(self, point: PointInTime) -> None:
@@ -500,6 +541,13 @@ class VolumeTracking:
         """The content hashes of a scan reference (None for other backends)."""
         if isinstance(self.tracker, ScanTracker):
             return self.tracker.stored_hashes(ref)
+        return None
+
+
+def _write_count(device: str) -> int | None:
+    try:
+        return write_count(device_rdev(device))
+    except BlockguardError:
         return None
 
 

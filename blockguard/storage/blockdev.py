@@ -9,9 +9,11 @@ Nothing here ever passes ``O_CREAT``.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import mmap
 import os
+import re
 import stat
 import struct
 from dataclasses import dataclass
@@ -155,6 +157,53 @@ def mounted_devnos() -> dict[str, str]:
             fields = line.split()
             result.setdefault(fields[2], fields[4])
     return result
+
+
+def write_count(rdev: int) -> int | None:
+    """Writes and discards the kernel completed on the device since it appeared (its
+    ``stat`` in sysfs: no command, no open); None if it cannot be read.
+
+    Only a hint (the counters start again when the device is made again): a caller may
+    skip work when it is unchanged, never decide what changed from it."""
+    try:
+        fields = (sysfs_dir(rdev) / "stat").read_text().split()
+        return int(fields[4]) + (int(fields[11]) if len(fields) > 11 else 0)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _unescape_mount(field: str) -> str:
+    """A mountinfo path field: spaces, tabs, newlines and backslashes come octal-escaped."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def sync_written(path: str) -> None:
+    """Push what was written to the device and is still cached onto it: every file
+    system mounted from it is synced (``syncfs``) and the device's own page cache
+    written back and flushed (``fsync``). What a suspend with its file system frozen
+    does for a snapshot, for a point in time taken without one.
+
+    :raises DeviceIOError: a write-back failed.
+    """
+    with BlockDevice(path) as dev:
+        devno = vocab.devno(dev.rdev)
+        with open("/proc/self/mountinfo") as f:
+            points = [_unescape_mount(ln.split()[4]) for ln in f if ln.split()[2:3] == [devno]]
+        for point in points:
+            try:
+                fd = os.open(point, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                continue  # gone since, or not ours to open: its writes are the kernel's
+            try:
+                if _libc().syncfs(fd) != 0:
+                    os.sync()  # no syncfs to be had: all of them
+            finally:
+                os.close(fd)
+        dev.flush()
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def swap_devices() -> set[int]:

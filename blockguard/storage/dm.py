@@ -10,6 +10,7 @@ device the kernel reports for NAME, and makes it (``dmsetup mknodes``) if it is 
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from blockguard.errors import (
     NotABlockDevice,
     NotFound,
 )
+from blockguard.storage import dmioctl
 from blockguard.storage.runner import Runner, default_runner
 
 TIMEOUT = 60
@@ -70,10 +72,34 @@ class DmInfo:
 
 
 class DeviceMapper:
-    """dmsetup, one call per operation, all through the runner."""
+    """dmsetup, one call per operation, all through the runner; a status, a table or a
+    message through the dm ioctl where it can be had (:mod:`.dmioctl`).
 
-    def __init__(self, runner: Runner | None = None) -> None:
+    :param ioctl: use the ioctl where it can be had (False: dmsetup for everything).
+    """
+
+    def __init__(self, runner: Runner | None = None, *, ioctl: bool = True) -> None:
         self.run = runner or default_runner()
+        self.ioctl = ioctl
+
+    def _query(self, name: str = "", rdev: int = 0, *, table: bool = False) -> str | None:
+        """A status or table through the ioctl; None when dmsetup must answer.
+
+        :raises NotFound: no such dm device.
+        :raises CommandFailed: the kernel refused it.
+        """
+        ctl = dmioctl.control() if self.ioctl else None
+        if ctl is None:
+            return None
+        try:
+            return ctl.status(name=name, rdev=rdev, table=table).strip()
+        except dmioctl.Unusable as exc:
+            dmioctl.give_up(str(exc))
+            return None
+        except CommandFailed as exc:
+            if exc.returncode in (errno.ENXIO, errno.ENODEV, errno.ENOENT):
+                raise NotFound(what="device-mapper device", name=name or devno(rdev)) from None
+            raise
 
     def _dmsetup(self, *args: str, check: bool = True, table: str | None = None) -> str:
         # A multi-line table goes on stdin: --table takes one line only.
@@ -105,6 +131,9 @@ class DeviceMapper:
 
     def table_of(self, rdev: int) -> str:
         """The table of the dm device with number ``rdev``."""
+        found = self._query(rdev=rdev, table=True)
+        if found is not None:
+            return found
         return self._dmsetup("table", "-j", str(os.major(rdev)), "-m", str(os.minor(rdev)))
 
     def info(self, name: str) -> DmInfo | None:
@@ -132,22 +161,43 @@ class DeviceMapper:
         return self.node(name)
 
     def table(self, name: str) -> str:
+        found = self._query(name, table=True)
+        if found is not None:
+            return found
         if not self.exists(name):
             raise NotFound(what="device-mapper device", name=name)
         return self._dmsetup("table", name).strip()
 
     def status(self, name: str) -> str:
+        found = self._query(name)
+        if found is not None:
+            return found
         return self._dmsetup("status", name).strip()
 
     def table_if_exists(self, name: str) -> str | None:
         """NAME's table, or None when there is no such dm device (one dmsetup call, where
         :meth:`table` asks :meth:`exists` first)."""
+        try:
+            found = self._query(name, table=True)
+        except NotFound:
+            return None
+        if found is not None:
+            return found or None
         res = self.run.run(["dmsetup", "table", name], timeout=TIMEOUT, check=False)
         if res.returncode != 0 or not res.stdout.strip():
             return None
         return res.stdout.strip()
 
     def message(self, name: str, message: str) -> str:
+        """``dmsetup message NAME 0 MESSAGE`` (through the ioctl where it can be had:
+        then nothing is returned; no message blockguard sends prints anything)."""
+        ctl = dmioctl.control() if self.ioctl else None
+        if ctl is not None:
+            try:
+                ctl.message(name, message)
+                return ""
+            except dmioctl.Unusable as exc:
+                dmioctl.give_up(str(exc))
         return self._dmsetup("message", name, "0", *message.split())
 
     def held_metadata_root(self, pool: str) -> int | None:

@@ -10,9 +10,11 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from blockguard.engine import tracking as tracking_mod
 from blockguard.engine.tracking import LAST_BACKUP, LAST_FULL, PointInTime, Role, VolumeTracking
 from blockguard.errors import CommandFailed
 from blockguard.storage.runner import CommandResult
+from blockguard.storage.tracking import thin
 from blockguard.storage.tracking.thin import ThinTracker, _State
 
 VG, LV = "vg0", "vol"
@@ -169,3 +171,63 @@ def test_unprotect_names_a_snapshot_it_could_not_remove(tmp_path: Path, caplog) 
         tracking.remove()
     assert lvm.lvs == {LV, "bgref-vol-2"}
     assert f"lvremove {VG}/bgref-vol-2" in caplog.text
+
+
+def test_active_lvs_with_their_recorded_uuids_need_no_lvs(tmp_path: Path, monkeypatch) -> None:
+    """The volume and the reference snapshots active with the dm uuids recorded when they
+    were made answer the check from the kernel; anything else asks LVM, which still sees
+    a snapshot removed by hand."""
+    lvm = FakeLvm({LV, "bgref-vol-1", "bgref-vol-2"})
+    t = tracker(tmp_path, lvm, {"b1": "bgref-vol-1", "b2": "bgref-vol-2"})
+    t._s.dm_uuids = {LV: "LVM-v", "bgref-vol-1": "LVM-1", "bgref-vol-2": "LVM-2"}
+    active = {LV: ("LVM-v", SIZE), "bgref-vol-1": ("LVM-1", SIZE), "bgref-vol-2": ("LVM-2", SIZE)}
+    monkeypatch.setattr(thin, "_active_lv", lambda vg, lv: active.get(lv) if vg == VG else None)
+    assert t.state().is_exact
+    assert lvm.commands("lvs") == []
+    # Made again under the same name (another uuid), or inactive: LVM is asked.
+    active["bgref-vol-2"] = ("LVM-other", SIZE)
+    assert t.state().is_exact
+    del active["bgref-vol-1"]
+    assert t.state().is_exact
+    assert len(lvm.commands("lvs")) == 2
+    # The volume resized: LVM is asked and says so.
+    active["bgref-vol-1"], active["bgref-vol-2"] = ("LVM-1", SIZE), ("LVM-2", SIZE)
+    active[LV] = ("LVM-v", 2 * SIZE)
+    t.state()
+    assert len(lvm.commands("lvs")) == 3
+    # Removed by hand: gone from the kernel and from LVM.
+    active[LV] = ("LVM-v", SIZE)
+    del active["bgref-vol-2"]
+    lvm.lvs.discard("bgref-vol-2")
+    state = t.state()
+    assert not state.is_exact and "bgref-vol-2 is missing" in state.reason
+
+
+def test_an_unchanged_point_keeps_the_reference_and_its_snapshot(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A backup that found nothing changed commits its generation onto the reference of
+    the last backup: no snapshot is made or doomed. The question is asked again only
+    when the kernel counted no write since (or nothing is known: after a restart)."""
+    lvm = FakeLvm({LV, "bgref-vol-1", "bgref-vol-2"})
+    t = tracker(tmp_path, lvm, {"b1": "bgref-vol-1", "b2": "bgref-vol-2"})
+    (tmp_path / "vol").mkdir()
+    tracking = VolumeTracking(tmp_path / "vol", t, lvm)  # type: ignore[arg-type]
+    tracking.save_roles({LAST_FULL: Role("b1", "g1"), LAST_BACKUP: Role("b2", "g2")})
+    counts = {"n": 40}
+    synced: list[str] = []
+    monkeypatch.setattr(tracking_mod, "_write_count", lambda device: counts["n"])
+    monkeypatch.setattr(tracking_mod, "sync_written", synced.append)
+    assert tracking.may_be_unchanged("/dev/vg0/vol")  # nothing known yet: ask
+    tracking.begin_unchanged("/dev/vg0/vol")
+    assert synced == ["/dev/vg0/vol"]
+    point = tracking.unchanged_point("/dev/vg0/vol")
+    assert (point.source, point.ref, point.copy) == ("/dev/vg0/vol", "b2", None)
+    tracking.commit_point(point, "g3", False, None)
+    assert tracking.roles() == {LAST_FULL: Role("b1", "g1"), LAST_BACKUP: Role("b2", "g3")}
+    assert t.references() == ["b1", "b2"] and saved(tmp_path)["doomed"] == []
+    tracking.tidy()
+    assert lvm.commands("lvremove") == []
+    assert tracking.may_be_unchanged("/dev/vg0/vol")
+    counts["n"] += 1  # a write since: the backup takes its snapshot without asking
+    assert not tracking.may_be_unchanged("/dev/vg0/vol")
