@@ -18,6 +18,12 @@ fourth. Printed, never asserted, in one boot so that the ratios compare:
   0xAA first, its bytes compared with the volume's after): four times, the zero chunks
   of the new full skipped and written alternately (:func:`zero_skip`): before and after
   in one boot.
+
+What it showed (512 MiB, 1 guest CPU, loaded host): dd copy 1.85 s; the full's copy
+2.45-2.81 s (1.3-1.5 x dd copy), of which the writer's calls 2.2-2.7 s while the
+readers hash ahead; reading and hashing alone 1.64 s, xxh3 in memory 0.95 s. Under TCG
+the checksum costs about what the read does and the guest is CPU-bound, so the copy is
+near its ceiling; a daemon full's wall beyond it is the per-backup fixed cost.
 """
 
 from __future__ import annotations
