@@ -101,7 +101,8 @@ def make_data_file(
         "layout": "image" if draft.is_full else "packed",
         "data": DATA_FULL if draft.is_full else DATA_PACKED,
     }
-    return StoredData(data, cloned, storage)
+    # A new file reads zeros until written (preallocated extents are unwritten ones).
+    return StoredData(data, cloned, storage, zeroed=draft.is_full and cloned is None)
 
 
 def clone_file(src: Path, dst: Path) -> None:

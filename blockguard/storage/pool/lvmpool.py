@@ -387,7 +387,9 @@ class LvmPool(DiskStore):
             raise
         storage = {"layout": LAYOUT_THIN if draft.is_full else LAYOUT_PACKED, "lv": lv}
         drop = (lambda: self._remove_lv(lv)) if lv else None
-        return StoredData(target, source, storage, drop)
+        # A new thin LV maps no block: it reads zeros until written.
+        zeroed = draft.is_full and source is None
+        return StoredData(target, source, storage, drop, zeroed=zeroed)
 
     def _drop_data(self, manifest: Manifest) -> None:
         lv = manifest.storage.get("lv")
