@@ -387,8 +387,11 @@ class LvmPool(DiskStore):
             raise
         storage = {"layout": LAYOUT_THIN if draft.is_full else LAYOUT_PACKED, "lv": lv}
         drop = (lambda: self._remove_lv(lv)) if lv else None
-        # A new thin LV maps no block: it reads zeros until written.
-        zeroed = draft.is_full and source is None
+        # A new thin LV maps no block: it reads zeros until written. Skipping its zero chunks
+        # is safe only when a chunk covers whole thin blocks: a smaller chunk written into a
+        # block leaves the rest of that block as the pool provisioned it, which is stale data
+        # where the admin's lvm.conf turned thin_pool_zero off.
+        zeroed = draft.is_full and source is None and draft.chunk_size % THIN_BLOCK == 0
         return StoredData(target, source, storage, drop, zeroed=zeroed)
 
     def _drop_data(self, manifest: Manifest) -> None:
