@@ -193,9 +193,15 @@ class Engine:
         return self._health
 
     def health(self) -> dict[str, Any]:
+        return self.status_and_health()[1]
+
+    def status_and_health(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """:meth:`status` after :meth:`health`, from one look at the volumes (issue 16:
+        ``blockguardctl status`` asks for both, and each look reads the catalog)."""
         result = self.health_keeper.assess()
-        result["summary"] = self.status()["summary"]
-        return result
+        status = self.status()
+        result["summary"] = status["summary"]
+        return status, result
 
     # --- the used-state marker ---------------------------------------------------------
 
