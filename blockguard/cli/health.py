@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 import time
 
-from blockguard.cli.client import plain
+from blockguard.cli.client import RemoteError, plain
 from blockguard.cli.output import Column, Output, drill_text, human_seconds
 from blockguard.core.formats import format_ago, format_size
 
@@ -60,7 +60,18 @@ def _versus(value: float, limit: float) -> str:
     return f"{_seconds(value)} / {human_seconds(limit)}"
 
 
+#: Why a daemon (or a bus policy) older than GetStatusAndHealth refuses it.
+_OLDER = ("org.freedesktop.DBus.Error.UnknownMethod", "org.freedesktop.DBus.Error.AccessDenied")
+
+
 def _fetch(client: Client) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The status and the health, in one call (issue 16) or, from an older daemon, two."""
+    try:
+        both = plain(client.call("GetStatusAndHealth"))
+        return both["status"], both["health"]
+    except RemoteError as exc:
+        if exc.name not in _OLDER:
+            raise
     health = plain(client.call("GetHealth"))
     # After GetHealth: the summary then tells the level just assessed.
     return plain(client.call("GetStatus")), health

@@ -329,6 +329,14 @@ class ManagerInterface(ServiceInterface):
         """Health now (assessing it raises and resolves alerts); see docs/busctl.md."""
         return to_vardict(await self._call(self.service.health))
 
+    @dbus_method()
+    @handler(read_only=True)
+    async def GetStatusAndHealth(self) -> VarDict:
+        """GetStatus (after) and GetHealth in one call: ``{"status": ..., "health": ...}``
+        (what ``blockguardctl status`` shows, with one round trip and one look)."""
+        status, health = await self._call(self.service.status_and_health)
+        return to_vardict({"status": status, "health": health})
+
     # --- backup targets (issue 11) ---
 
     @dbus_method()

@@ -193,9 +193,15 @@ class Engine:
         return self._health
 
     def health(self) -> dict[str, Any]:
+        return self.status_and_health()[1]
+
+    def status_and_health(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """:meth:`status` after :meth:`health`, from one look at the volumes (issue 16:
+        ``blockguardctl status`` asks for both, and each look reads the catalog)."""
         result = self.health_keeper.assess()
-        result["summary"] = self.status()["summary"]
-        return result
+        status = self.status()
+        result["summary"] = status["summary"]
+        return status, result
 
     # --- the used-state marker ---------------------------------------------------------
 
@@ -281,10 +287,10 @@ class Engine:
 
     def status(self) -> dict[str, Any]:
         volumes = self.volumes.all_infos()
-        pools = self.pools.names()
+        pools = self.pools.catalog.list_pools()  # one query for the count and the states
         running = sum(1 for j in self.runner.list() if not j.is_finished)
         summary = f"{len(volumes)} volumes, {len(pools)} pools, {running} jobs running"
-        degraded = [p.name for p in self.pools.catalog.list_pools() if p.state != "ok"]
+        degraded = [p.name for p in pools if p.state != "ok"]
         lost = [v.name for v in volumes if v.tracker_state == "lost"]
         detached = [v.name for v in volumes if v.tracker_state == "detached"]
         if degraded:

@@ -276,6 +276,10 @@ class Service(Protocol):
         "pools": [row], "alerts": [active alert], "summary": str}`` (see
         :mod:`blockguard.core.health` for the rows)."""
 
+    def status_and_health(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(status(), health())`` in one go: the status as it is after the assessment
+        (its summary tells the level just assessed)."""
+
     # pools
     def create_pool(
         self, name: str, backend: str, devices: Sequence[str], force: bool

@@ -158,6 +158,12 @@ def test_alerts_hooks_metrics_and_check_codes(
             summary = plain(client.call("GetStatus"))["summary"]
             assert "health critical: 2 alerts" in summary, summary
             plain(client.call("GetHealth"))  # assessed again: nothing new
+            # What blockguardctl status asks: both in one call, the same answers.
+            both = plain(client.call("GetStatusAndHealth"))  # assessed again: nothing new
+            assert both["health"]["level"] == "critical", both
+            assert "health critical: 2 alerts" in both["status"]["summary"], both
+            assert both["health"]["summary"] == both["status"]["summary"]
+            assert both["status"]["volumes"] == 1 and both["status"]["pools"] == 1, both
             calls = wait_calls(calls_file, 2)
             missed = of(calls, "rpo-missed")
             assert len(missed) == 1, calls
