@@ -388,6 +388,11 @@ def _objectives(args: argparse.Namespace) -> dict[str, Any]:
         "keep_monthly": args.keep_monthly,
         "tz": args.tz,
         "drill": args.drill,
+        # Only `objectives` has them (`protect` names no target).
+        **{
+            key: getattr(args, key, None)
+            for key in ("remote_target", "remote_rpo", "remote_rto", "remote_generations")
+        },
     }
     return {k: variant(v) for k, v in given.items() if v is not None}
 
@@ -397,7 +402,8 @@ def objectives(client: Client, args: argparse.Namespace, out: Output) -> None:
     if not values:
         raise CliError(
             "give at least one of --rpo, --rto, --restore-mode, --generations (--keep-last), "
-            "--keep-hourly, --keep-daily, --keep-weekly, --keep-monthly, --tz, --drill "
+            "--keep-hourly, --keep-daily, --keep-weekly, --keep-monthly, --tz, --drill, "
+            "--target, --remote-rpo, --remote-rto, --remote-generations "
             '(only those are set; "" clears one)',
             ExitCode.USAGE,
         )
@@ -591,6 +597,30 @@ def generations(client: Client, args: argparse.Namespace, out: Output) -> None:
     )
 
 
+def _remote_plan_lines(volume: str, remote: dict[str, Any], out: Output) -> None:
+    """The remote copy's part of `plan`: what the next transfer would send, and why."""
+    target = remote.get("target", "?")
+    if remote.get("problem"):
+        out.line(f"Copy to target {target}: {remote['problem']}")
+        return
+    if remote.get("up_to_date"):
+        out.line(f"Copy to target {target}: up to date ({remote.get('objectives', '')})")
+        return
+    feasible = "" if remote.get("feasible", True) else " (the remote RTO cannot be met!)"
+    out.line(
+        f"The next transfer of {volume} to target {target} would be "
+        f"[bold]{remote['method']}[/]{feasible}, of {remote.get('source', '?')}.",
+        markup=True,
+    )
+    for reason in remote.get("reasons", []):
+        out.line(f"  because {reason}")
+    measured = "" if remote.get("link_measured", True) else " (link not measured: default speed)"
+    out.line(
+        f"  restore estimate from the target {human_seconds(remote['estimated_seconds'])}, "
+        f"upper {human_seconds(remote['estimated_upper_seconds'])}{measured}"
+    )
+
+
 def plan(client: Client, args: argparse.Namespace, out: Output) -> None:
     decision = plain(client.call("Plan", "s", args.volume))
     if out.as_json:
@@ -619,6 +649,9 @@ def plan(client: Client, args: argparse.Namespace, out: Output) -> None:
         copy_target = decision.get("copy_target")
         if decision["restore_mode"] == "copy" and isinstance(copy_target, dict):
             out.line(f"  copy target writes: {copy_target.get('source', '?')}")
+    remote = decision.get("remote")
+    if isinstance(remote, dict):
+        _remote_plan_lines(args.volume, remote, out)
     retention = decision.get("retention")
     if retention:
         out.line(_retention_line(retention))

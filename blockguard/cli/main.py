@@ -201,6 +201,34 @@ OBJECTIVE_ARGS = (
     ),
 )
 
+#: The copy of a volume on a backup target (``objectives`` only: ``protect`` has no target).
+REMOTE_OBJECTIVE_ARGS = (
+    Arg(
+        "--target",
+        "--remote-target",
+        dest="remote_target",
+        type=objective_text("target"),
+        metavar="ID",
+        help='copy the generations to this registered backup target ("" clears)',
+    ),
+    Arg(
+        "--remote-rpo",
+        type=objective_text("remote rpo"),
+        help='how old the newest copy on the target may be: 1h, daily 02:00 ("" clears)',
+    ),
+    Arg(
+        "--remote-rto",
+        type=objective_text("remote rto"),
+        help='how long a restore from the target may take, e.g. 2h ("" clears)',
+    ),
+    Arg(
+        "--remote-generations",
+        type=bounded_int("remote generations", 1, MAX_GENERATIONS, clearable=True),
+        metavar="N",
+        help=f"keep the newest N generations on the target (default {DEFAULT_GENERATIONS})",
+    ),
+)
+
 TREE = Cmd(
     "blockguardctl",
     "Control blockguardd, the block-layer backup daemon.",
@@ -362,7 +390,7 @@ TREE = Cmd(
             "objectives",
             "set the recovery objectives of a volume or group",
             Action("actions.objectives"),
-            (Arg("target", metavar="VOLUME_OR_GROUP"), *OBJECTIVE_ARGS),
+            (Arg("target", metavar="VOLUME_OR_GROUP"), *OBJECTIVE_ARGS, *REMOTE_OBJECTIVE_ARGS),
         ),
         Cmd(
             "backup",

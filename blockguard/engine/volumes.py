@@ -60,6 +60,7 @@ from blockguard.engine.planning import (
     schedule_of,
 )
 from blockguard.engine.pools import PoolRegistry
+from blockguard.engine.remoteplan import SentGeneration, remote_plan_dict, remote_section
 from blockguard.engine.settings import Settings
 from blockguard.engine.tracking import LAST_BACKUP, LAST_FULL, VolumeTracking
 from blockguard.engine.volumeinfo import DETACHED
@@ -220,6 +221,9 @@ class VolumeRegistry:
                 continue
             tracking.listen()
         with self.lock:
+            if given.get("remote_target"):
+                # Only a registered target: a typo would otherwise plan against nothing.
+                self.catalog.get_target(str(given["remote_target"]))
             volumes = {v.name: v for v in self.catalog.list_volumes()}
             if target in volumes:
                 merged = merge_given(volumes[target].objectives or {}, given)
@@ -415,6 +419,24 @@ class VolumeRegistry:
         except TrackingLost as exc:
             return {}, exc.message
 
+    def _plan_remote(self, name: str, inputs: PlanInputs, plan: dict[str, Any]) -> None:
+        """Add the plan of the volume's copy on its target, when its objectives name one."""
+        given = self.objectives_of(name)
+        try:
+            remote = remote_section(
+                self.catalog, given, inputs, self.sent_of(name), self.settings.default_speed
+            )
+        except NotFound as exc:
+            # The target was removed under the objectives: the local plan still stands.
+            plan["remote"] = {"target": given.get("remote_target", ""), "problem": exc.message}
+            return
+        if remote is not None:
+            plan["remote"] = remote_plan_dict(remote)
+
+    def sent_of(self, name: str) -> list[SentGeneration]:
+        """The volume's generations on its target, oldest first (none recorded yet)."""
+        return []
+
     def plan(self, name: str) -> dict[str, Any]:
         with self.lock:
             self.require_attached(name)
@@ -444,6 +466,7 @@ class VolumeRegistry:
             assert gens is not None  # inputs() always scans the pool
             now = datetime.now(UTC)
             plan = plan_dict(inputs, now)
+            self._plan_remote(name, inputs, plan)
             self.last_plan[name] = plan
             self.last_due[name] = schedule_of(inputs, now)
             drill = self._drill_decision(name, inputs, now)
