@@ -157,6 +157,10 @@ def _result_line(job: dict[str, Any]) -> str:
         parts.append(f"{format_size(result['bytes'])}{took}")
     if result.get("target"):
         parts.append(f"onto {result['target']}")
+    if result.get("to_target"):
+        parts.append(f"to target {result['to_target']}")
+    if result.get("up_to_date"):
+        parts.append("the newest generation is there already")
     if "ok" in result:
         parts.append(f"ok {text(result['ok'])}")
     if result.get("freed"):
@@ -688,6 +692,10 @@ def backup(client: Client, args: argparse.Namespace, out: Output) -> None:
     else:
         path = client.call("BackupNow", "s", args.volume)
     finish_job(client, path, args, out)
+
+
+def transfer(client: Client, args: argparse.Namespace, out: Output) -> None:
+    finish_job(client, client.call("TransferNow", "s", args.volume), args, out)
 
 
 def restore(client: Client, args: argparse.Namespace, out: Output) -> None:

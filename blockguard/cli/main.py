@@ -407,6 +407,12 @@ TREE = Cmd(
             ),
         ),
         Cmd(
+            "transfer",
+            "send the newest generation of a volume to its backup target now",
+            Action("actions.transfer"),
+            (Arg("volume"), NO_WAIT),
+        ),
+        Cmd(
             "restore",
             "restore a generation",
             Action("actions.restore"),

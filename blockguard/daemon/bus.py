@@ -232,6 +232,12 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_method()
     @handler()
+    async def TransferNow(self, volume: Str) -> ObjPath:
+        """Send the newest generation of ``volume`` to its backup target; returns the job."""
+        return self.tree.job(await self._call(self.service.transfer_now, volume))
+
+    @dbus_method()
+    @handler()
     async def BackupNowWithOptions(self, volume: Str, options: VarDict) -> ObjPath:
         """``BackupNow`` with options: ``full`` (b) takes a full whatever the planner says."""
         given = from_variant(options)

@@ -59,6 +59,7 @@ from blockguard.engine.restores import (
 from blockguard.engine.scheduling import Scheduler
 from blockguard.engine.settings import Settings
 from blockguard.engine.targets import TargetRegistry, default_client_id
+from blockguard.engine.transfers import Transfers
 from blockguard.engine.voldrills import start_volume_drill
 from blockguard.engine.volumes import VolumeRegistry, is_detached
 from blockguard.errors import BlockguardError, Busy, CatalogLost, EnvironmentProblem, NotFound
@@ -125,6 +126,12 @@ class Engine:
         if self._targets is None:
             raise EnvironmentProblem(detail="the service is not open")
         return self._targets
+
+    @property
+    def transfers(self) -> Transfers:
+        return Transfers(
+            self.catalog_or_fail(), self.targets, self.pools, self.settings.default_speed
+        )
 
     @property
     def jobs(self) -> JobBook:
@@ -549,6 +556,36 @@ class Engine:
                 self.targets.remove(target)
             finally:
                 self.jobs.release(key)
+
+    def transfer_now(self, volume: str) -> Job:
+        """Send the newest local generation of ``volume`` to its target, by the remote
+        plan (see :mod:`.transfers`). The volume is busy meanwhile: neither a backup nor
+        retention may change the chain being read."""
+        with self._lock:
+            vol = self.volumes.catalog.get_volume(volume)
+            self.volumes.require_attached(volume)
+            pool = vol.pool
+            if pool is None:
+                raise EnvironmentProblem(detail=f"volume {volume} has no pool")
+            self.jobs.reserve(volume)
+            try:
+                given = self.volumes.objectives_of(volume)
+                usable = self.volumes.scan(volume).usable
+                plan = self.transfers.plan(volume, pool, given, usable)
+
+                def work(progress: ProgressReporter, _record: str) -> dict[str, Any]:
+                    try:
+                        return self.transfers.run(volume, pool, plan, progress)
+                    finally:
+                        with contextlib.suppress(BlockguardError):
+                            self.volumes.refresh(volume)
+
+                return self.jobs.submit(
+                    JobKind.TRANSFER, volume, volume, work, pool=pool, reserved=True
+                )
+            except BaseException:
+                self.jobs.release(volume)
+                raise
 
     def list_targets(self) -> list[dict[str, Any]]:
         return [self.targets.describe(t) for t in self.catalog_or_fail().list_targets()]

@@ -257,11 +257,19 @@ def link_speed(catalog: Catalog, target: str, default: float) -> tuple[DeviceSpe
     return DeviceSpeed.uniform(default), False
 
 
+def sent_generations(catalog: Catalog, target: str, volume: str) -> list[SentGeneration]:
+    """The volume's generations on ``target`` as the catalog recorded them, oldest first."""
+    return [
+        SentGeneration(r.generation, GenerationKind(r.kind), r.base, r.bytes_stored, r.extents)
+        for r in catalog.list_remote_generations(target, volume)
+    ]
+
+
 def remote_section(
     catalog: Catalog,
+    name: str,
     given: Mapping[str, Any],
     local: PlanInputs,
-    sent: Sequence[SentGeneration],
     default_speed: float,
 ) -> RemotePlan | None:
     """The plan of the volume's remote copy, or ``None`` when its objectives name no target.
@@ -272,5 +280,6 @@ def remote_section(
     if remote is None:
         return None
     link, measured = link_speed(catalog, remote.target, default_speed)
+    sent = sent_generations(catalog, remote.target, name)
     manifests = [] if local.generations is None else local.generations.usable
     return plan_remote(manifests, local.copy_target, remote, link, sent, link_measured=measured)

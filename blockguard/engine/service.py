@@ -358,6 +358,10 @@ class Service(Protocol):
     def backup_now(self, volume: str, full: bool = False) -> Job:
         """Back ``volume`` up now (``full``: a full whatever the planner would choose)."""
 
+    def transfer_now(self, volume: str) -> Job:
+        """Send the newest local generation of ``volume`` to its backup target (its
+        objectives' ``remote_target``), by the method the remote plan chooses."""
+
     def restore(self, volume: str, generation: str, mode: str, target: str, force: bool) -> Job:
         """Restore ``generation`` of ``volume``.
 

@@ -37,6 +37,7 @@ from blockguard.errors import (
     NotFound,
 )
 from blockguard.storage.manifest import write_atomic
+from blockguard.storage.pool.remotepool import RemotePool
 from blockguard.storage.remote import keys, ssh
 from blockguard.storage.remote.linkprobe import LinkSpeed, measure_link
 from blockguard.storage.remote.session import RemoteSession
@@ -277,6 +278,28 @@ class TargetRegistry:
         return found
 
     # --- key material ----------------------------------------------------------------------
+
+    def remote_pool(self, target_id: str) -> RemotePool:
+        """The generation store on a registered target: ssh with the pinned known_hosts
+        and the client key, sealed with the master key (a new session after a cut).
+
+        :raises NotFound: no target of that id.
+        :raises KeyFileRefused: the master key cannot be loaded.
+        """
+        target = self.catalog.get_target(target_id)
+        address = ssh.parse_target_url(target.url)
+        key = keys.load_key_file(self.key_path)
+
+        def session() -> RemoteSession:
+            return RemoteSession.connect(
+                target.id,
+                address,
+                key=self.client_key_path,
+                known_hosts=self.known_hosts,
+                runner=self.runner,
+            )
+
+        return RemotePool(f"target:{target.id}", session, key, target=target.id, area=target.pool)
 
     def master_key(self, imported: keys.MasterKey | None = None) -> keys.MasterKey:
         """This host's master key: loaded, or made now (``imported`` on a new host)."""

@@ -60,7 +60,7 @@ from blockguard.engine.planning import (
     schedule_of,
 )
 from blockguard.engine.pools import PoolRegistry
-from blockguard.engine.remoteplan import SentGeneration, remote_plan_dict, remote_section
+from blockguard.engine.remoteplan import remote_plan_dict, remote_section
 from blockguard.engine.settings import Settings
 from blockguard.engine.tracking import LAST_BACKUP, LAST_FULL, VolumeTracking
 from blockguard.engine.volumeinfo import DETACHED
@@ -423,19 +423,13 @@ class VolumeRegistry:
         """Add the plan of the volume's copy on its target, when its objectives name one."""
         given = self.objectives_of(name)
         try:
-            remote = remote_section(
-                self.catalog, given, inputs, self.sent_of(name), self.settings.default_speed
-            )
+            remote = remote_section(self.catalog, name, given, inputs, self.settings.default_speed)
         except NotFound as exc:
             # The target was removed under the objectives: the local plan still stands.
             plan["remote"] = {"target": given.get("remote_target", ""), "problem": exc.message}
             return
         if remote is not None:
             plan["remote"] = remote_plan_dict(remote)
-
-    def sent_of(self, name: str) -> list[SentGeneration]:
-        """The volume's generations on its target, oldest first (none recorded yet)."""
-        return []
 
     def plan(self, name: str) -> dict[str, Any]:
         with self.lock:

@@ -1,0 +1,181 @@
+"""A volume's copy on a backup target through blockguardctl, the real daemon on a private
+bus and the network lab's sshd (issue 11): remote objectives, the remote plan, transfers
+whose method is the one the plan showed, a transfer cut by a killed serve (a named error,
+nothing recorded) that the next transfer resumes without re-sending what the target
+stored, and restores from the target bit-exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blockguard.storage.remote.packstore import PackStore
+from tests.host.test_remote_targets import CLIENT, authorize, ctl, host_fingerprint, in_prot_env
+from tests.support.daemon import Daemon, EngineHarness
+from tests.support.devices import MiB, sha256_of, write_random
+from tests.support.netlab import TARGET_ADDR, NetLab, netlab, require_netlab
+from tests.timeouts import scaled
+
+pytestmark = pytest.mark.root
+
+SIZE = 32 * MiB
+POOL_SIZE = 400 * MiB
+
+
+@pytest.fixture(autouse=True)
+def _can_run() -> None:
+    require_netlab()
+
+
+def ok(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    out = ctl(daemon, *args)
+    assert out.returncode == 0, f"{args}: {out.stderr}\n{daemon.log()[-4000:]}"
+    return out
+
+
+def as_json(daemon: Daemon, *args: str) -> Any:
+    return json.loads(ok(daemon, "--json", *args).stdout)
+
+
+def remote_plan(daemon: Daemon) -> dict[str, Any]:
+    return as_json(daemon, "plan", "db")["plan"]["remote"]  # type: ignore[no-any-return]
+
+
+def transfer(daemon: Daemon) -> dict[str, Any]:
+    job = as_json(daemon, "transfer", "db")["job"]
+    assert job["state"] == "done", job
+    return job["result"]  # type: ignore[no-any-return]
+
+
+def set_up(lab: NetLab, engine: EngineHarness, loopdev: Callable[..., str]) -> tuple[Daemon, str]:
+    """A daemon in the protected namespace with target ``offsite`` registered, pool p1
+    and volume db protected; returns the daemon and the volume's device."""
+    daemon = engine.start(**in_prot_env(lab))
+    area = lab.run_dir / "area"
+    PackStore.create(area, CLIENT).close()
+    authorize(lab, daemon, area)
+    url = f"ssh://root@{TARGET_ADDR}:{lab.port}"
+    ok(daemon, "target", "add", "offsite", url, "--pool", "main", "--client", CLIENT,
+       "--host-key", host_fingerprint(lab))  # fmt: skip
+    ok(daemon, "pool", "create", "p1", loopdev(POOL_SIZE, "pool.img"))
+    volume = loopdev(SIZE, "db.img")
+    write_random(volume, 0, SIZE, seed=1)
+    ok(daemon, "protect", volume, "db", "--rpo", "1h")
+    return daemon, volume
+
+
+def packs_of(lab: NetLab) -> dict[str, tuple[int, int]]:
+    """Every pack file on the target: path -> (inode, mtime_ns)."""
+    found = {}
+    for path in (lab.run_dir / "area").rglob("*.pack"):
+        st = path.stat()
+        found[str(path)] = (st.st_ino, st.st_mtime_ns)
+    return found
+
+
+def test_remote_objectives_plan_transfer_and_restore(
+    net_lab: NetLab, engine: EngineHarness, loopdev: Callable[..., str]
+) -> None:
+    daemon, volume = set_up(net_lab, engine, loopdev)
+    ok(daemon, "backup", "db")
+    sums = {1: sha256_of(volume)}
+
+    # An unregistered target is refused by name, nothing set.
+    bad = ctl(daemon, "objectives", "db", "--target", "nowhere")
+    assert bad.returncode != 0 and "nowhere" in bad.stderr
+    ok(daemon, "objectives", "db", "--target", "offsite", "--remote-rto", "1h",
+       "--remote-generations", "2")  # fmt: skip
+    plan = remote_plan(daemon)
+    assert plan["target"] == "offsite" and plan["method"] == "full", plan
+    assert plan["source"].startswith("db@")
+    shown = ok(daemon, "plan", "db").stdout
+    assert "to target offsite would be full" in shown
+
+    result = transfer(daemon)
+    assert (result["method"], result["to_target"]) == (plan["method"], "offsite")
+    assert result["generation"] == plan["source"]
+    assert remote_plan(daemon)["up_to_date"] is True
+
+    # Two local incrementals, then one transfer: an incremental there (the union).
+    for n in (2, 3):
+        write_random(volume, n * MiB, 2 * MiB, seed=n)
+        ok(daemon, "backup", "db")
+        sums[n] = sha256_of(volume)
+    plan = remote_plan(daemon)
+    assert plan["method"] == "incremental", plan
+    # Written: 2..4 MiB, then 3..5 MiB; their union is 3 MiB.
+    assert plan["estimated_bytes"] == 3 * MiB
+    result = transfer(daemon)
+    assert result["method"] == plan["method"] == "incremental"
+    assert result["bytes"] == 3 * MiB
+    assert result["generation"] == plan["source"]
+
+    # A remote RTO the link cannot meet with a chain: the plan says full, and so it is.
+    write_random(volume, 9 * MiB, MiB, seed=4)
+    ok(daemon, "backup", "db")
+    sums[4] = sha256_of(volume)
+    ok(daemon, "objectives", "db", "--remote-rto", "1s", "--remote-generations", "1")
+    plan = remote_plan(daemon)
+    assert plan["method"] == "full" and plan["feasible"] is False, plan
+    result = transfer(daemon)
+    assert result["method"] == "full"
+    # remote_generations 1: the older full and its incremental went.
+    assert len(result["freed"]) == 2, result
+
+
+def kill_serve(lab: NetLab) -> int:
+    """Kill the serve command on the target (by its PID, found among the processes of
+    the target namespace) and return its PID."""
+    pids = subprocess.run(
+        ["ip", "netns", "pids", lab.names.target], capture_output=True, text=True, check=True
+    ).stdout.split()
+    for pid in pids:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except FileNotFoundError:
+            continue
+        if b"blockguard.engine.servecmd" in cmdline and b"python" in cmdline.split(b"\0")[0]:
+            os.kill(int(pid), signal.SIGKILL)
+            return int(pid)
+    raise AssertionError(f"no serve running in {lab.names.target}")
+
+
+def test_a_cut_transfer_records_nothing_and_the_next_one_resumes(
+    engine: EngineHarness, loopdev: Callable[..., str]
+) -> None:
+    # 4 MiB/s: the 32 MiB full (four 8 MiB packs) takes seconds, time to cut it.
+    with netlab(rate=4 * MiB) as lab:
+        daemon, _volume = set_up(lab, engine, loopdev)
+        ok(daemon, "backup", "db")
+        ok(daemon, "objectives", "db", "--target", "offsite")
+        job = as_json(daemon, "transfer", "db", "--no-wait")["job"]
+        deadline = time.monotonic() + scaled(120)
+        while not packs_of(lab):
+            assert time.monotonic() < deadline, "no pack reached the target"
+            time.sleep(0.05)
+        kill_serve(lab)
+        waited = ctl(daemon, "--json", "jobs", "wait", str(job["id"]))
+        assert waited.returncode != 0, waited.stdout
+        failed = json.loads(waited.stdout)["job"]
+        assert failed["state"] == "failed"
+        assert failed["error"]["name"] == "org.blockguard1.Error.WireClosed", failed["error"]
+        assert remote_plan(daemon)["method"] == "full"  # nothing recorded
+        stored = packs_of(lab)
+        # Four data packs of 8 MiB and one of checksums make the generation.
+        assert 0 < len(stored) < 5, stored
+
+        result = transfer(daemon)
+        assert result["method"] == "full"
+        after = packs_of(lab)
+        assert len(after) == 5
+        # What the target stored before the cut was not sent again.
+        assert {p: after[p] for p in stored} == stored
+        assert remote_plan(daemon)["up_to_date"] is True
