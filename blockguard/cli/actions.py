@@ -157,6 +157,10 @@ def _result_line(job: dict[str, Any]) -> str:
         parts.append(f"{format_size(result['bytes'])}{took}")
     if result.get("target"):
         parts.append(f"onto {result['target']}")
+    if result.get("from_target"):
+        parts.append(f"from target {result['from_target']}")
+    if result.get("predicted_seconds") is not None and result.get("from_target"):
+        parts.append(f"estimated {format_duration(result['predicted_seconds'])}")
     if result.get("to_target"):
         parts.append(f"to target {result['to_target']}")
     if result.get("up_to_date"):
@@ -712,6 +716,22 @@ def restore(client: Client, args: argparse.Namespace, out: Output) -> None:
         raise CliError(
             f"{args.volume} already names a generation; leave out --generation", ExitCode.USAGE
         )
+    if args.from_target:
+        if args.mode == "swap-in":
+            raise CliError(
+                "a restore from a target is a copy: give no --mode swap-in", ExitCode.USAGE
+            )
+        path = client.call(
+            "RestoreFromTarget",
+            "ssssb",
+            volume,
+            args.volume if at else args.generation,
+            args.from_target,
+            args.target,
+            args.force,
+        )
+        finish_job(client, path, args, out)
+        return
     path = client.call(
         "Restore",
         "ssssb",

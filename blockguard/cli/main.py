@@ -449,6 +449,13 @@ TREE = Cmd(
                     "restore_mode; copy when they do not say)",
                 ),
                 Arg("--target", default="", help="device to restore onto (default: the original)"),
+                Arg(
+                    "--from",
+                    dest="from_target",
+                    default="",
+                    metavar="TARGET_ID",
+                    help="restore from this backup target (a copy onto --target DEV)",
+                ),
                 FORCE,
                 NO_WAIT,
             ),

@@ -232,6 +232,18 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_method()
     @handler()
+    async def RestoreFromTarget(
+        self, volume: Str, generation: Str, target: Str, device: Str, force: Bool
+    ) -> ObjPath:
+        """Restore ``generation`` (``""``: the newest) of ``volume`` from backup target
+        ``target`` onto ``device``; returns the job."""
+        job = await self._call(
+            self.service.restore_from_target, volume, generation, target, device, force
+        )
+        return self.tree.job(job)
+
+    @dbus_method()
+    @handler()
     async def TransferNow(self, volume: Str) -> ObjPath:
         """Send the newest generation of ``volume`` to its backup target; returns the job."""
         return self.tree.job(await self._call(self.service.transfer_now, volume))

@@ -50,6 +50,11 @@ from blockguard.engine.importing import import_pool
 from blockguard.engine.jobbook import JobBook
 from blockguard.engine.jobs import Job, JobKind, JobRunner, JobState, ProgressReporter
 from blockguard.engine.pools import PoolRegistry
+from blockguard.engine.remoterestores import (
+    check_remote_restore,
+    remote_estimate,
+    run_remote_restore,
+)
 from blockguard.engine.restores import (
     check_restore,
     find_generation,
@@ -582,6 +587,39 @@ class Engine:
 
                 return self.jobs.submit(
                     JobKind.TRANSFER, volume, volume, work, pool=pool, reserved=True
+                )
+            except BaseException:
+                self.jobs.release(volume)
+                raise
+
+    def restore_from_target(
+        self, volume: str, generation: str, target_id: str, device: str, force: bool
+    ) -> Job:
+        """Restore ``generation`` of ``volume`` from backup target ``target_id`` onto
+        ``device`` (see :mod:`.remoterestores`); the volume need not be protected here."""
+        with self._lock:
+            self.jobs.reserve(volume)
+            try:
+                catalog = self.catalog_or_fail()
+                request = check_remote_restore(
+                    catalog, self.pools, volume, generation, target_id, device, bool(force)
+                )
+                estimate = remote_estimate(
+                    catalog, self.pools, request, self.settings.default_speed
+                )
+
+                def work(progress: ProgressReporter, _record: str) -> dict[str, Any]:
+                    return run_remote_restore(
+                        request, self.targets, self.pools, estimate, progress, bool(force)
+                    )
+
+                return self.jobs.submit(
+                    JobKind.RESTORE,
+                    volume,
+                    volume,
+                    work,
+                    generation=ids.catalog_id(volume, request.generation_id),
+                    reserved=True,
                 )
             except BaseException:
                 self.jobs.release(volume)

@@ -68,6 +68,7 @@ def _row(
         base=manifest.base_id,
         parent=manifest.parent_id,
         created=manifest.created,
+        volume_size=manifest.volume.size,
         bytes_stored=manifest.bytes_stored,
         extents=runs(manifest.changed) if not manifest.is_full else 1,
         sent_at=sent_at,

@@ -55,6 +55,13 @@ def transfer(daemon: Daemon) -> dict[str, Any]:
     return job["result"]  # type: ignore[no-any-return]
 
 
+def restore_from(daemon: Daemon, generation: str, device: str) -> dict[str, Any]:
+    args = ["restore", generation or "db", "--from", "offsite", "--target", device]
+    job = as_json(daemon, *args)["job"]
+    assert job["state"] == "done", job
+    return job["result"]  # type: ignore[no-any-return]
+
+
 def set_up(lab: NetLab, engine: EngineHarness, loopdev: Callable[..., str]) -> tuple[Daemon, str]:
     """A daemon in the protected namespace with target ``offsite`` registered, pool p1
     and volume db protected; returns the daemon and the volume's device."""
@@ -118,6 +125,19 @@ def test_remote_objectives_plan_transfer_and_restore(
     assert result["bytes"] == 3 * MiB
     assert result["generation"] == plan["source"]
 
+    # Restore from the target: the incremental's chain, bit-exact; the estimate with it.
+    device = loopdev(SIZE, "restore3.img")
+    restored = restore_from(daemon, "db@latest", device)
+    assert sha256_of(device) == sums[3]
+    assert restored["from_target"] == "offsite" and len(restored["chain"]) == 2
+    assert restored["predicted_seconds"] > 0 and restored["seconds"] > 0
+    print(
+        f"restore from the target: estimated {restored['predicted_seconds']:.2f}s, "
+        f"took {restored['seconds']:.2f}s"
+    )
+    shown = ok(daemon, "restore", "db", "--from", "offsite", "--target", device, "--force")
+    assert "from target offsite" in shown.stdout and "estimated" in shown.stdout
+
     # A remote RTO the link cannot meet with a chain: the plan says full, and so it is.
     write_random(volume, 9 * MiB, MiB, seed=4)
     ok(daemon, "backup", "db")
@@ -129,6 +149,9 @@ def test_remote_objectives_plan_transfer_and_restore(
     assert result["method"] == "full"
     # remote_generations 1: the older full and its incremental went.
     assert len(result["freed"]) == 2, result
+    device = loopdev(SIZE, "restore4.img")
+    restore_from(daemon, "", device)
+    assert sha256_of(device) == sums[4]
 
 
 def kill_serve(lab: NetLab) -> int:
@@ -179,3 +202,28 @@ def test_a_cut_transfer_records_nothing_and_the_next_one_resumes(
         # What the target stored before the cut was not sent again.
         assert {p: after[p] for p in stored} == stored
         assert remote_plan(daemon)["up_to_date"] is True
+
+
+def test_a_tampered_pack_fails_the_restore_and_marks_the_generation_on_the_target(
+    net_lab: NetLab, engine: EngineHarness, loopdev: Callable[..., str]
+) -> None:
+    daemon, _volume = set_up(net_lab, engine, loopdev)
+    ok(daemon, "backup", "db")
+    ok(daemon, "objectives", "db", "--target", "offsite")
+    transfer(daemon)
+    pack = sorted(packs_of(net_lab))[1]
+    with open(pack, "r+b") as f:
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0x01]))
+    device = loopdev(SIZE, "restore.img")
+    out = ctl(daemon, "--json", "restore", "db", "--from", "offsite", "--target", device)
+    assert out.returncode != 0
+    failed = json.loads(out.stdout)["job"]
+    assert failed["error"]["name"] in (
+        "org.blockguard1.Error.TamperedPack",
+        "org.blockguard1.Error.DataError",
+    ), failed["error"]
+    # Marked damaged on the target: every host listing it sees that.
+    assert list(Path(pack).parent.parent.glob("damaged.json")), "not marked damaged"

@@ -176,7 +176,7 @@ def test_v1_catalog_is_upgraded_with_its_data(tmp_path: Path) -> None:
         assert c.get_job(sent.id).kind == "transfer"
         row = RemoteGenerationRow(
             "offsite", "db", "20261103T120501.123456Z-1a2b3c4d", "full", None, None,
-            1.0, 4096, 1, 2.0, 0.5,
+            1.0, 8192, 4096, 1, 2.0, 0.5,
         )  # fmt: skip
         c.record_remote_generation(row)
         assert c.list_remote_generations("offsite", "db") == [row]

@@ -28,6 +28,7 @@ def _row(r: sqlite3.Row) -> RemoteGenerationRow:
         base=r["base"],
         parent=r["parent"],
         created=r["created"],
+        volume_size=r["volume_size"],
         bytes_stored=r["bytes_stored"],
         extents=r["extents"],
         sent_at=r["sent_at"],
@@ -40,12 +41,13 @@ def _check(row: RemoteGenerationRow) -> None:
     vocab.check_name("volume", row.volume)
     check_choice("remote generation kind", row.kind, KINDS)
     check_count(f"bytes of {row.volume}@{row.generation}", row.bytes_stored)
+    check_count(f"size of {row.volume}@{row.generation}", row.volume_size)
     check_number(f"time of {row.volume}@{row.generation}", row.created)
 
 
 _INSERT = """INSERT OR REPLACE INTO remote_generations (target, volume, generation, kind,
-    base, parent, created, bytes_stored, extents, sent_at, seconds)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+    base, parent, created, volume_size, bytes_stored, extents, sent_at, seconds)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 
 
 def _values(row: RemoteGenerationRow) -> tuple[object, ...]:
@@ -57,6 +59,7 @@ def _values(row: RemoteGenerationRow) -> tuple[object, ...]:
         row.base,
         row.parent,
         row.created,
+        row.volume_size,
         row.bytes_stored,
         row.extents,
         row.sent_at,

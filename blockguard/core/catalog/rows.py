@@ -185,6 +185,7 @@ class RemoteGenerationRow:
     base: str | None
     parent: str | None
     created: float
+    volume_size: int
     bytes_stored: int
     extents: int | None
     sent_at: float

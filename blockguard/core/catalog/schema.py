@@ -294,6 +294,7 @@ _V6 = (
         base TEXT,
         parent TEXT,
         created REAL NOT NULL,
+        volume_size INTEGER NOT NULL CHECK (volume_size > 0),
         bytes_stored INTEGER NOT NULL CHECK (bytes_stored >= 0),
         extents INTEGER CHECK (extents IS NULL OR extents >= 0),
         sent_at REAL NOT NULL,
