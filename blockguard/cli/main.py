@@ -312,6 +312,13 @@ TREE = Cmd(
                 Cmd("list", "list backup targets and their links", Action("targets.target_list")),
                 Cmd("show", "show one backup target", Action("targets.target_show"), (Arg("id"),)),
                 Cmd(
+                    "import",
+                    "list and record the generations a target holds of this host (a new "
+                    "host: after target add --key)",
+                    Action("targets.target_import"),
+                    (Arg("id"),),
+                ),
+                Cmd(
                     "remove",
                     "forget a backup target, its link figures and its pinned host key",
                     Action("targets.target_remove"),

@@ -382,6 +382,13 @@ class ManagerInterface(ServiceInterface):
         await self._call(self.service.remove_target, target)
 
     @dbus_method()
+    @handler()
+    async def ImportTarget(self, target: Str) -> VarDict:
+        """List the volumes and generations ``target`` holds of this host and record
+        them, so that ``RestoreFromTarget`` can use them (a new host, the same key)."""
+        return to_vardict(await self._call(self.service.import_target, target))
+
+    @dbus_method()
     @handler(read_only=True)
     async def ListTargets(self) -> VarDicts:
         return [to_vardict(t) for t in await self._call(self.service.list_targets)]

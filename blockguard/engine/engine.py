@@ -625,6 +625,15 @@ class Engine:
                 self.jobs.release(volume)
                 raise
 
+    def import_target(self, target: str) -> dict[str, Any]:
+        """List what ``target`` holds of this host and record it (``target import``)."""
+        key = f"target:{target}"
+        self.jobs.reserve(key)  # not while its registration runs
+        try:
+            return self.transfers.import_target(target)
+        finally:
+            self.jobs.release(key)
+
     def list_targets(self) -> list[dict[str, Any]]:
         return [self.targets.describe(t) for t in self.catalog_or_fail().list_targets()]
 

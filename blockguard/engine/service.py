@@ -364,6 +364,10 @@ class Service(Protocol):
         """Restore ``generation`` (``""``: the newest) of ``volume`` from backup target
         ``target_id`` onto ``device``."""
 
+    def import_target(self, target: str) -> dict[str, Any]:
+        """Record and return the volumes and generations ``target`` holds of this host
+        (``target import``, e.g. on a new host with the exported key)."""
+
     def transfer_now(self, volume: str) -> Job:
         """Send the newest local generation of ``volume`` to its backup target (its
         objectives' ``remote_target``), by the method the remote plan chooses."""

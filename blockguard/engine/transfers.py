@@ -187,6 +187,39 @@ class Transfers:
         )
         return result
 
+    def import_target(self, target: str) -> dict[str, Any]:
+        """What ``target`` holds of this host (its master key), recorded in the catalog:
+        ``target import`` on a new host, after ``target add --key``. The volume names come
+        from the sealed manifests (the target knows only their HMAC ids).
+
+        :returns: ``generations`` (volume, generation, kind, created, bytes) and
+            ``damaged`` (volume, generation, reason) as the target lists them.
+        """
+        with self.targets.remote_pool(target) as remote:
+            scan = remote.scan()
+        now = self.catalog.now()
+        rows = [_row(target, m, now, None) for m in scan.manifests]
+        self.catalog.replace_remote_generations(target, rows)
+        self._mark(target, "ok")
+        return {
+            "target": target,
+            "generations": [
+                {
+                    "volume": m.volume.name,
+                    "generation": public_id(m.volume.name, m.generation_id),
+                    "kind": m.kind.value,
+                    "created": m.created,
+                    "bytes": m.bytes_stored,
+                    "volume_size": m.volume.size,
+                }
+                for m in scan.manifests
+            ],
+            "damaged": [
+                {"volume": d.volume, "generation": d.generation_id, "reason": d.reason}
+                for d in scan.damaged
+            ],
+        }
+
     @staticmethod
     def _committed_there(remote: RemotePool, volume: str, generation_id: str) -> Manifest | None:
         for manifest in remote.generations(volume):

@@ -2,7 +2,8 @@
 bus and the network lab's sshd (issue 11): remote objectives, the remote plan, transfers
 whose method is the one the plan showed, a transfer cut by a killed serve (a named error,
 nothing recorded) that the next transfer resumes without re-sending what the target
-stored, and restores from the target bit-exact."""
+stored, restores from the target bit-exact, and a "new host" (another state directory,
+the exported key) that imports the target's listing and restores from it bit-exact."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 
 from blockguard.storage.remote.packstore import PackStore
 from tests.host.test_remote_targets import CLIENT, authorize, ctl, host_fingerprint, in_prot_env
+from tests.support.bus import NotifyListener
 from tests.support.daemon import Daemon, EngineHarness
 from tests.support.devices import MiB, sha256_of, write_random
 from tests.support.netlab import TARGET_ADDR, NetLab, netlab, require_netlab
@@ -89,7 +91,11 @@ def packs_of(lab: NetLab) -> dict[str, tuple[int, int]]:
 
 
 def test_remote_objectives_plan_transfer_and_restore(
-    net_lab: NetLab, engine: EngineHarness, loopdev: Callable[..., str]
+    net_lab: NetLab,
+    engine: EngineHarness,
+    loopdev: Callable[..., str],
+    tmp_path: Path,
+    notify_socket: NotifyListener,
 ) -> None:
     daemon, volume = set_up(net_lab, engine, loopdev)
     ok(daemon, "backup", "db")
@@ -152,6 +158,30 @@ def test_remote_objectives_plan_transfer_and_restore(
     device = loopdev(SIZE, "restore4.img")
     restore_from(daemon, "", device)
     assert sha256_of(device) == sums[4]
+
+    # A new host: another state directory, only the exported key and the address.
+    key = tmp_path / "key.txt"
+    ok(daemon, "key", "export", "--output", str(key))
+    daemon.stop()
+    new_host = EngineHarness(engine.bus, tmp_path / "newhost", notify_socket)
+    (tmp_path / "newhost").mkdir()
+    try:
+        second = new_host.start(**in_prot_env(net_lab))
+        authorize(net_lab, second, net_lab.run_dir / "area")
+        url = f"ssh://root@{TARGET_ADDR}:{net_lab.port}"
+        ok(second, "target", "add", "offsite", url, "--pool", "main", "--client", CLIENT,
+           "--host-key", host_fingerprint(net_lab), "--key", str(key))  # fmt: skip
+        listed = as_json(second, "target", "import", "offsite")["import"]
+        assert [g["volume"] for g in listed["generations"]] == ["db"]
+        assert listed["generations"][0]["kind"] == "full"
+        shown = ok(second, "target", "import", "offsite").stdout
+        assert "db@" in shown
+        device = loopdev(SIZE, "newhost.img")
+        restored = restore_from(second, listed["generations"][0]["generation"], device)
+        assert sha256_of(device) == sums[4]
+        assert restored["predicted_seconds"] > 0
+    finally:
+        new_host.cleanup()
 
 
 def kill_serve(lab: NetLab) -> int:
