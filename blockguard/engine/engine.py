@@ -341,6 +341,7 @@ class Engine:
             held=self.health_keeper.retry_hold,
             start_drill=self.drill_volume,
             max_interval=self.settings.scheduler_max_interval,
+            start_transfer=self.transfer_now,
         )
 
     # --- pools ----------------------------------------------------------------------------

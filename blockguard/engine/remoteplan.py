@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pyroaring import BitMap
@@ -28,6 +28,7 @@ from blockguard.core.objectives import IntervalRPO, RecoveryObjectives
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.planner import PlanDecision, plan_backup
 from blockguard.core.restore_model import Chain, StoredDelta
+from blockguard.core.scheduler import ScheduleDecision, schedule
 from blockguard.core.vocab import GenerationKind, RestoreMode
 from blockguard.core.what_if import ChangeSets
 from blockguard.engine.ids import public_id
@@ -283,3 +284,21 @@ def remote_section(
     sent = sent_generations(catalog, remote.target, name)
     manifests = [] if local.generations is None else local.generations.usable
     return plan_remote(manifests, local.copy_target, remote, link, sent, link_measured=measured)
+
+
+def transfer_schedule(
+    plan: RemotePlan, last_sent: float | None, now: datetime
+) -> ScheduleDecision | None:
+    """Whether a transfer is due by the remote RPO (``None``: no remote RPO, or nothing
+    to send). The remote copy's point in time is its local generation's, so the RPO is
+    held against that: a transfer is due when the newest copy there is older than the
+    RPO allows (or at the daily hour, or once the changes not there reach the amount).
+
+    :param last_sent: the point in time of the newest generation on the target.
+    """
+    objectives = plan.objectives.objectives
+    if objectives is None or objectives.rpo is None or plan.changes is None:
+        return None
+    last = None if last_sent is None else datetime.fromtimestamp(last_sent, UTC)
+    changed = plan.changes.changes.incremental_bytes
+    return schedule(objectives, last_backup=last, changed_bytes=changed, now=now)

@@ -60,7 +60,7 @@ from blockguard.engine.planning import (
     schedule_of,
 )
 from blockguard.engine.pools import PoolRegistry
-from blockguard.engine.remoteplan import remote_plan_dict, remote_section
+from blockguard.engine.remoteplan import remote_plan_dict, remote_section, transfer_schedule
 from blockguard.engine.settings import Settings
 from blockguard.engine.tracking import LAST_BACKUP, LAST_FULL, VolumeTracking
 from blockguard.engine.volumeinfo import DETACHED
@@ -125,6 +125,8 @@ class VolumeRegistry:
         self.last_due: dict[str, ScheduleDecision | None] = {}
         self.drills = DrillBook(catalog)
         self.drill_due: dict[str, DrillDecision] = {}
+        #: volume -> whether a transfer to its target is due by its remote RPO (issue 11)
+        self.transfer_due: dict[str, ScheduleDecision | None] = {}
 
     def directory(self, name: str) -> Path:
         return self.settings.state_dir / "volumes" / name
@@ -427,9 +429,18 @@ class VolumeRegistry:
         except NotFound as exc:
             # The target was removed under the objectives: the local plan still stands.
             plan["remote"] = {"target": given.get("remote_target", ""), "problem": exc.message}
+            self.transfer_due.pop(name, None)
             return
-        if remote is not None:
-            plan["remote"] = remote_plan_dict(remote)
+        if remote is None:
+            self.transfer_due.pop(name, None)
+            return
+        plan["remote"] = remote_plan_dict(remote)
+        sent = self.catalog.list_remote_generations(remote.objectives.target, name)
+        due = transfer_schedule(remote, sent[-1].created if sent else None, datetime.now(UTC))
+        self.transfer_due[name] = due
+        if due is not None:
+            plan["remote"]["schedule"] = due.reason
+            plan["remote"]["due"] = due.due
 
     def plan(self, name: str) -> dict[str, Any]:
         with self.lock:
@@ -528,6 +539,7 @@ class VolumeRegistry:
             self.catalog.set_tracker_state(name, "unknown", reason)
         self.last_due[name] = None
         self.drill_due.pop(name, None)
+        self.transfer_due.pop(name, None)
         self.last_plan.pop(name, None)
         info = volumeinfo.detached(
             vol, self.objectives_of(name), reason, generation_infos(name, self.scan(name))

@@ -64,10 +64,12 @@ def restore_from(daemon: Daemon, generation: str, device: str) -> dict[str, Any]
     return job["result"]  # type: ignore[no-any-return]
 
 
-def set_up(lab: NetLab, engine: EngineHarness, loopdev: Callable[..., str]) -> tuple[Daemon, str]:
+def set_up(
+    lab: NetLab, engine: EngineHarness, loopdev: Callable[..., str], **env: str
+) -> tuple[Daemon, str]:
     """A daemon in the protected namespace with target ``offsite`` registered, pool p1
     and volume db protected; returns the daemon and the volume's device."""
-    daemon = engine.start(**in_prot_env(lab))
+    daemon = engine.start(**in_prot_env(lab), **env)
     area = lab.run_dir / "area"
     PackStore.create(area, CLIENT).close()
     authorize(lab, daemon, area)
@@ -257,3 +259,18 @@ def test_a_tampered_pack_fails_the_restore_and_marks_the_generation_on_the_targe
     ), failed["error"]
     # Marked damaged on the target: every host listing it sees that.
     assert list(Path(pack).parent.parent.glob("damaged.json")), "not marked damaged"
+
+
+def test_the_remote_rpo_starts_transfers_by_itself(
+    net_lab: NetLab, engine: EngineHarness, loopdev: Callable[..., str]
+) -> None:
+    daemon, _volume = set_up(net_lab, engine, loopdev, BLOCKGUARD_SCHEDULER_INTERVAL="0.2")
+    ok(daemon, "objectives", "db", "--target", "offsite", "--remote-rpo", "changed 1MiB")
+    deadline = time.monotonic() + scaled(120)
+    # The scheduler backs the volume up (its first full is due) and then sends it.
+    while not remote_plan(daemon).get("up_to_date"):
+        assert time.monotonic() < deadline, daemon.log()[-4000:]
+        time.sleep(0.2)
+    jobs = as_json(daemon, "jobs")["jobs"]
+    done = [j["kind"] for j in jobs if j["state"] == "done" and j["kind"] != "target"]
+    assert done == ["backup", "transfer"], jobs

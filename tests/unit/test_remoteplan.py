@@ -120,3 +120,27 @@ def test_the_remote_rto_chooses_the_method_with_the_link_speed() -> None:
     # The same RTO over a fast link: an incremental.
     easy = plan_remote(local, FAST, RemoteObjectives("offsite", rto), FAST, chain)
     assert easy.decision is not None and easy.decision.method is GenerationKind.INCREMENTAL
+
+
+def test_the_remote_rpo_makes_a_transfer_due_against_the_copy_point_in_time() -> None:
+    from datetime import UTC, datetime
+
+    from blockguard.core.objectives import IntervalRPO
+    from blockguard.engine.remoteplan import transfer_schedule
+
+    hourly = RecoveryObjectives(rpo=IntervalRPO(timedelta(hours=1)))
+    chain = [sent("g1", GenerationKind.FULL, None, SIZE)]
+    plan = plan_remote(LOCAL, FAST, RemoteObjectives("offsite", hourly), FAST, chain)
+    sent_at = datetime(2026, 12, 1, 12, tzinfo=UTC).timestamp()
+    soon = transfer_schedule(plan, sent_at, datetime(2026, 12, 1, 12, 30, tzinfo=UTC))
+    assert soon is not None and not soon.due
+    late = transfer_schedule(plan, sent_at, datetime(2026, 12, 1, 13, 30, tzinfo=UTC))
+    assert late is not None and late.due
+    # Nothing to send, or no remote RPO: never due.
+    done = plan_remote(
+        LOCAL, FAST, RemoteObjectives("offsite", hourly), FAST,
+        [*chain, sent("g4", GenerationKind.DIFFERENTIAL, "g1", CHUNK)],
+    )  # fmt: skip
+    assert transfer_schedule(done, sent_at, datetime(2026, 12, 2, tzinfo=UTC)) is None
+    on_request = plan_remote(LOCAL, FAST, RemoteObjectives("offsite", None), FAST, chain)
+    assert transfer_schedule(on_request, sent_at, datetime(2026, 12, 2, tzinfo=UTC)) is None
