@@ -31,6 +31,7 @@ from blockguard.core import vocab
 from blockguard.core.catalog import Catalog, PerfEntry, Target, link_perf_key
 from blockguard.errors import (
     AlreadyExists,
+    Busy,
     HostKeyUnconfirmed,
     InvalidInput,
     NotAuthorized,
@@ -241,8 +242,13 @@ class TargetRegistry:
         no other target shares its address).
 
         :raises NotFound: no target of that id.
+        :raises Busy: generations on it are recorded, or objectives name it (their
+            copies would be forgotten, or planned against nothing).
         """
         target = self.catalog.get_target(target_id)
+        users = self._users(target_id)
+        if users:
+            raise Busy(what=f"target {target_id}", reason=users)
         self.catalog.remove_target(target_id)
         address = ssh.parse_target_url(target.url)
         if not any(
@@ -250,6 +256,28 @@ class TargetRegistry:
             for t in self.catalog.list_targets()
         ):
             self._unpin(address)
+
+    def _users(self, target_id: str) -> str:
+        """What still refers to the target, for a person ("" for nothing)."""
+        held = sorted({r.volume for r in self.catalog.list_remote_generations(target_id)})
+        named = [
+            f"volume {v.name}"
+            for v in self.catalog.list_volumes()
+            if (v.objectives or {}).get("remote_target") == target_id
+        ] + [
+            f"group {g.name}"
+            for g in self.catalog.list_groups()
+            if (g.objectives or {}).get("remote_target") == target_id
+        ]
+        parts = []
+        if held:
+            parts.append(f"it holds generations of {', '.join(held)}")
+        if named:
+            parts.append(
+                f"the objectives of {', '.join(named)} name it (clear them with "
+                '`blockguardctl objectives NAME --target "" --remote-rpo "" ...`)'
+            )
+        return "; ".join(parts)
 
     def describe(self, target: Target) -> dict[str, Any]:
         """What ``target list`` / ``target show`` tell of a target."""
