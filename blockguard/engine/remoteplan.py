@@ -168,6 +168,8 @@ class RemotePlan:
     changes: RemoteChanges | None
     decision: PlanDecision | None
     link_measured: bool
+    #: why there is nothing to send (when :attr:`decision` is ``None``)
+    idle_reason: str = ""
 
     @property
     def up_to_date(self) -> bool:
@@ -191,8 +193,10 @@ def plan_remote(
     :param link: the target's speeds (the link, or ``min(area, link)``).
     :param sent: the generations on the target, oldest first.
     """
-    if not manifests or (sent and sent[-1].generation_id == manifests[-1].generation_id):
-        return RemotePlan(remote, None, None, link_measured)
+    if not manifests:
+        return RemotePlan(remote, None, None, link_measured, "no local generation yet")
+    if sent and sent[-1].generation_id == manifests[-1].generation_id:
+        return RemotePlan(remote, None, None, link_measured, "the newest generation is there")
     changes = remote_changes(manifests, sent)
     device = target_device(remote.target)
     # Without a remote RTO the planner takes the cheapest method (the stand-in's RPO is
@@ -221,7 +225,7 @@ def remote_plan_dict(plan: RemotePlan) -> dict[str, Any]:
         "link_measured": plan.link_measured,
     }
     if plan.decision is None or plan.changes is None:
-        out.update(method="", up_to_date=True, reasons=["the newest generation is there"])
+        out.update(method="", up_to_date=True, reasons=[plan.idle_reason])
         return out
     d = plan.decision
     source = plan.changes.source

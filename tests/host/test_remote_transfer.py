@@ -186,6 +186,12 @@ def test_remote_objectives_plan_transfer_and_restore(
         new_host.cleanup()
 
 
+def done_jobs(daemon: Daemon) -> list[str]:
+    """The kinds of the jobs done, oldest first, but the target's registration."""
+    jobs = sorted(as_json(daemon, "jobs")["jobs"], key=lambda j: j["id"])
+    return [j["kind"] for j in jobs if j["state"] == "done" and j["kind"] != "target"]
+
+
 def kill_serve(lab: NetLab) -> int:
     """Kill the serve command on the target (by its PID, found among the processes of
     the target namespace) and return its PID."""
@@ -268,9 +274,8 @@ def test_the_remote_rpo_starts_transfers_by_itself(
     ok(daemon, "objectives", "db", "--target", "offsite", "--remote-rpo", "changed 1MiB")
     deadline = time.monotonic() + scaled(120)
     # The scheduler backs the volume up (its first full is due) and then sends it.
-    while not remote_plan(daemon).get("up_to_date"):
+    while "transfer" not in (done := done_jobs(daemon)):
         assert time.monotonic() < deadline, daemon.log()[-4000:]
         time.sleep(0.2)
-    jobs = as_json(daemon, "jobs")["jobs"]
-    done = [j["kind"] for j in jobs if j["state"] == "done" and j["kind"] != "target"]
-    assert done == ["backup", "transfer"], jobs
+    assert done == ["backup", "transfer"], done
+    assert remote_plan(daemon)["reasons"] == ["the newest generation is there"]
