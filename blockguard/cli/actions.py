@@ -154,6 +154,14 @@ def _result_line(job: dict[str, Any]) -> str:
         parts.append(f"{format_size(result['bytes'])}{took}")
     if result.get("target"):
         parts.append(f"onto {result['target']}")
+    if result.get("from_target"):
+        parts.append(f"from target {result['from_target']}")
+    if result.get("predicted_seconds") is not None and result.get("from_target"):
+        parts.append(f"estimated {format_duration(result['predicted_seconds'])}")
+    if result.get("to_target"):
+        parts.append(f"to target {result['to_target']}")
+    if result.get("up_to_date"):
+        parts.append("the newest generation is there already")
     if "ok" in result:
         parts.append(f"ok {text(result['ok'])}")
     if result.get("freed"):
@@ -385,6 +393,11 @@ def _objectives(args: argparse.Namespace) -> dict[str, Any]:
         "keep_monthly": args.keep_monthly,
         "tz": args.tz,
         "drill": args.drill,
+        # Only `objectives` has them (`protect` names no target).
+        **{
+            key: getattr(args, key, None)
+            for key in ("remote_target", "remote_rpo", "remote_rto", "remote_generations")
+        },
     }
     return {k: variant(v) for k, v in given.items() if v is not None}
 
@@ -394,7 +407,8 @@ def objectives(client: Client, args: argparse.Namespace, out: Output) -> None:
     if not values:
         raise CliError(
             "give at least one of --rpo, --rto, --restore-mode, --generations (--keep-last), "
-            "--keep-hourly, --keep-daily, --keep-weekly, --keep-monthly, --tz, --drill "
+            "--keep-hourly, --keep-daily, --keep-weekly, --keep-monthly, --tz, --drill, "
+            "--target, --remote-rpo, --remote-rto, --remote-generations "
             '(only those are set; "" clears one)',
             ExitCode.USAGE,
         )
@@ -570,6 +584,30 @@ def generations(client: Client, args: argparse.Namespace, out: Output) -> None:
     )
 
 
+def _remote_plan_lines(volume: str, remote: dict[str, Any], out: Output) -> None:
+    """The remote copy's part of `plan`: what the next transfer would send, and why."""
+    target = remote.get("target", "?")
+    if remote.get("problem"):
+        out.line(f"Copy to target {target}: {remote['problem']}")
+        return
+    if remote.get("up_to_date"):
+        out.line(f"Copy to target {target}: up to date ({remote.get('objectives', '')})")
+        return
+    feasible = "" if remote.get("feasible", True) else " (the remote RTO cannot be met!)"
+    out.line(
+        f"The next transfer of {volume} to target {target} would be "
+        f"[bold]{remote['method']}[/]{feasible}, of {remote.get('source', '?')}.",
+        markup=True,
+    )
+    for reason in remote.get("reasons", []):
+        out.line(f"  because {reason}")
+    measured = "" if remote.get("link_measured", True) else " (link not measured: default speed)"
+    out.line(
+        f"  restore estimate from the target {human_seconds(remote['estimated_seconds'])}, "
+        f"upper {human_seconds(remote['estimated_upper_seconds'])}{measured}"
+    )
+
+
 def plan(client: Client, args: argparse.Namespace, out: Output) -> None:
     decision = plain(client.call("Plan", "s", args.volume))
     if out.as_json:
@@ -598,6 +636,9 @@ def plan(client: Client, args: argparse.Namespace, out: Output) -> None:
         copy_target = decision.get("copy_target")
         if decision["restore_mode"] == "copy" and isinstance(copy_target, dict):
             out.line(f"  copy target writes: {copy_target.get('source', '?')}")
+    remote = decision.get("remote")
+    if isinstance(remote, dict):
+        _remote_plan_lines(args.volume, remote, out)
     retention = decision.get("retention")
     if retention:
         out.line(_retention_line(retention))
@@ -636,6 +677,10 @@ def backup(client: Client, args: argparse.Namespace, out: Output) -> None:
     finish_job(client, path, args, out)
 
 
+def transfer(client: Client, args: argparse.Namespace, out: Output) -> None:
+    finish_job(client, client.call("TransferNow", "s", args.volume), args, out)
+
+
 def restore(client: Client, args: argparse.Namespace, out: Output) -> None:
     if args.swap_ins or args.release:
         if args.volume or (args.swap_ins and args.release):
@@ -650,6 +695,22 @@ def restore(client: Client, args: argparse.Namespace, out: Output) -> None:
         raise CliError(
             f"{args.volume} already names a generation; leave out --generation", ExitCode.USAGE
         )
+    if args.from_target:
+        if args.mode == "swap-in":
+            raise CliError(
+                "a restore from a target is a copy: give no --mode swap-in", ExitCode.USAGE
+            )
+        path = client.call(
+            "RestoreFromTarget",
+            "ssssb",
+            volume,
+            args.volume if at else args.generation,
+            args.from_target,
+            args.target,
+            args.force,
+        )
+        finish_job(client, path, args, out)
+        return
     path = client.call(
         "Restore",
         "ssssb",

@@ -180,6 +180,34 @@ OBJECTIVE_ARGS = (
     ),
 )
 
+#: The copy of a volume on a backup target (``objectives`` only: ``protect`` has no target).
+REMOTE_OBJECTIVE_ARGS = (
+    Arg(
+        "--target",
+        "--remote-target",
+        dest="remote_target",
+        type=objective_text("target"),
+        metavar="ID",
+        help='copy the generations to this registered backup target ("" clears)',
+    ),
+    Arg(
+        "--remote-rpo",
+        type=objective_text("remote rpo"),
+        help='how old the newest copy on the target may be: 1h, daily 02:00 ("" clears)',
+    ),
+    Arg(
+        "--remote-rto",
+        type=objective_text("remote rto"),
+        help='how long a restore from the target may take, e.g. 2h ("" clears)',
+    ),
+    Arg(
+        "--remote-generations",
+        type=bounded_int("remote generations", 1, MAX_GENERATIONS, clearable=True),
+        metavar="N",
+        help=f"keep the newest N generations on the target (default {DEFAULT_GENERATIONS})",
+    ),
+)
+
 TREE = Cmd(
     "blockguardctl",
     "Control blockguardd, the block-layer backup daemon.",
@@ -263,6 +291,13 @@ TREE = Cmd(
                 Cmd("list", "list backup targets and their links", Action("targets.target_list")),
                 Cmd("show", "show one backup target", Action("targets.target_show"), (Arg("id"),)),
                 Cmd(
+                    "import",
+                    "list and record the generations a target holds of this host (a new "
+                    "host: after target add --key)",
+                    Action("targets.target_import"),
+                    (Arg("id"),),
+                ),
+                Cmd(
                     "remove",
                     "forget a backup target, its link figures and its pinned host key",
                     Action("targets.target_remove"),
@@ -341,7 +376,7 @@ TREE = Cmd(
             "objectives",
             "set the recovery objectives of a volume or group",
             Action("actions.objectives"),
-            (Arg("target", metavar="VOLUME_OR_GROUP"), *OBJECTIVE_ARGS),
+            (Arg("target", metavar="VOLUME_OR_GROUP"), *OBJECTIVE_ARGS, *REMOTE_OBJECTIVE_ARGS),
         ),
         Cmd(
             "backup",
@@ -356,6 +391,12 @@ TREE = Cmd(
                 ),
                 NO_WAIT,
             ),
+        ),
+        Cmd(
+            "transfer",
+            "send the newest generation of a volume to its backup target now",
+            Action("actions.transfer"),
+            (Arg("volume"), NO_WAIT),
         ),
         Cmd(
             "restore",
@@ -394,6 +435,13 @@ TREE = Cmd(
                     "restore_mode; copy when they do not say)",
                 ),
                 Arg("--target", default="", help="device to restore onto (default: the original)"),
+                Arg(
+                    "--from",
+                    dest="from_target",
+                    default="",
+                    metavar="TARGET_ID",
+                    help="restore from this backup target (a copy onto --target DEV)",
+                ),
                 FORCE,
                 NO_WAIT,
             ),

@@ -170,3 +170,28 @@ def key_export(client: Client, args: argparse.Namespace, out: Output) -> None:
     else:
         out.line(key)
     out.note(f"warning: {text(warning)}")
+
+
+def target_import(client: Client, args: argparse.Namespace, out: Output) -> None:
+    found = plain(client.call("ImportTarget", "s", args.id))
+    if out.as_json:
+        out.json({"import": found})
+        return
+    out.table(
+        f"Generations on target {args.id}",
+        (
+            Column("volume", keep=True),
+            Column("generation", keep=True),
+            Column("kind"),
+            Column("stored", drop=1),
+        ),
+        (
+            [g["volume"], g["generation"], g["kind"], format_size(g["bytes"])]
+            for g in found.get("generations", [])
+        ),
+    )
+    for d in found.get("damaged", []):
+        out.line(f"damaged: {d['volume']}@{d['generation']}: {d['reason']}")
+    out.line(
+        f"restore one with: blockguardctl restore VOLUME@GENERATION --from {args.id} --target DEV"
+    )

@@ -10,12 +10,18 @@ volume's restore drill runs) defaults to weekly for a set with an RTO and to off
 one (:func:`drill_of`). Every value is checked before anything is stored, and numbers
 before any conversion, so a D-Bus ``t`` of 2**64-1 is a named refusal, not an
 ``OverflowError``.
+
+The copy on a backup target (issue 11) has its own keys in the same set:
+``remote_target`` (a registered target's id), ``remote_rpo``, ``remote_rto`` and
+``remote_generations``, checked as their local namesakes; the last three need a
+``remote_target`` (:func:`remote_of` gives them to the planner).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -35,13 +41,26 @@ from blockguard.core.objectives import (
     parse_rto,
 )
 from blockguard.core.retention import TIERS, RetentionPolicy
-from blockguard.core.vocab import RestoreMode
-from blockguard.errors import InvalidObjectives
+from blockguard.core.vocab import RestoreMode, check_name
+from blockguard.errors import InvalidInput, InvalidObjectives
 
 #: The keys a client may set; the values are kept as given (strings as typed).
 #: The time-tier retention keys, ``keep_hourly`` .. ``keep_monthly`` (0..MAX_GENERATIONS).
 KEEP_KEYS = tuple(f"keep_{tier}" for tier in TIERS)
-OBJECTIVE_KEYS = ("rpo", "rto", "restore_mode", "generations", *KEEP_KEYS, "tz", "drill")
+#: The copy on a backup target: its target and the objectives that apply to it there.
+REMOTE_KEYS = ("remote_target", "remote_rpo", "remote_rto", "remote_generations")
+OBJECTIVE_KEYS = (
+    "rpo",
+    "rto",
+    "restore_mode",
+    "generations",
+    *KEEP_KEYS,
+    "tz",
+    "drill",
+    *REMOTE_KEYS,
+)
+#: A remote objective is checked as its local namesake.
+_LOCAL_OF = {"remote_rpo": "rpo", "remote_rto": "rto", "remote_generations": "generations"}
 #: The value that removes a key from a stored set (``SetObjectives`` sets only the keys given).
 CLEAR = ""
 #: No objective is typed with more characters than this; longer text is refused unread.
@@ -51,6 +70,14 @@ MAX_TEXT = 200
 def _refuse(key: str, value: Any, why: str) -> InvalidObjectives:
     shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
     return InvalidObjectives(detail=f"{key} {shown} {why}")
+
+
+def _why(exc: InvalidObjectives, key: str, value: Any) -> str:
+    """The reason of a refusal of ``key``, without the key and value it names."""
+    detail = str(exc.fields.get("detail", exc))
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    prefix = f"{key} {shown} "
+    return detail[len(prefix) :] if detail.startswith(prefix) else detail
 
 
 def _check_text(key: str, value: Any) -> str:
@@ -71,6 +98,16 @@ def check_value(key: str, value: Any) -> Any:
     """
     if key not in OBJECTIVE_KEYS:
         raise _refuse(key, value, f"is not an objective; known: {', '.join(OBJECTIVE_KEYS)}")
+    if key in _LOCAL_OF:
+        try:
+            return check_value(_LOCAL_OF[key], value)
+        except InvalidObjectives as exc:
+            raise _refuse(key, value, _why(exc, _LOCAL_OF[key], value)) from exc
+    if key == "remote_target":
+        try:
+            return check_name("target", _check_text(key, value))
+        except InvalidInput as exc:
+            raise _refuse(key, value, f"is refused: {exc.fields.get('detail', exc)}") from exc
     if key == "rto":
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise _refuse(key, value, "must be a duration such as 5m (or seconds)")
@@ -168,6 +205,7 @@ def merge_given(current: Mapping[str, Any], given: Any) -> dict[str, Any]:
         kept = legacy and "restore_mode" not in given
         merged["restore_mode"] = (LEGACY_RESTORE_MODE if kept else DEFAULT_RESTORE_MODE).value
     parse_given(merged)
+    remote_of(merged)
     return merged
 
 
@@ -258,3 +296,55 @@ def drill_of(given: Mapping[str, Any]) -> timedelta | None:
 def clean_given(given: Mapping[str, Any]) -> dict[str, Any]:
     """A complete new set, checked (what ``Protect`` stores): :func:`merge_given` on nothing."""
     return merge_given({}, given)
+
+
+@dataclass(frozen=True)
+class RemoteObjectives:
+    """What a volume asks of its copy on a backup target.
+
+    :param target: the registered target's id.
+    :param objectives: the remote RPO and RTO (``None`` when neither is given: the copy is
+        then made only when asked for); the RTO always refers to a copy restore, since a
+        generation on a target can only be copied back.
+    :param generations: how many remote generations to keep (keep-last).
+    """
+
+    target: str
+    objectives: RecoveryObjectives | None
+    generations: int = DEFAULT_GENERATIONS
+
+    def describe(self) -> str:
+        """One line for display, e.g. ``"to offsite: RPO daily at 02:00 ..., 7 generations"``."""
+        if self.objectives is None:
+            return f"to {self.target}: {self.generations} generations, on request"
+        return f"to {self.target}: {self.objectives.describe()}"
+
+
+def remote_of(given: Mapping[str, Any]) -> RemoteObjectives | None:
+    """The remote objectives of a stored set, or ``None`` when it names no target.
+
+    :raises InvalidObjectives: a remote objective without ``remote_target``, or a value
+        that is not valid.
+    """
+    present = {k: given[k] for k in REMOTE_KEYS if given.get(k) not in (None, CLEAR)}
+    if not present:
+        return None
+    if "remote_target" not in present:
+        raise InvalidObjectives(
+            detail=f"remote objectives ({', '.join(sorted(present))}) need a remote_target "
+            "(the target they are for)"
+        )
+    checked = {k: check_value(k, v) for k, v in present.items()}
+    rpo, rto = checked.get("remote_rpo"), checked.get("remote_rto")
+    generations = checked.get("remote_generations", DEFAULT_GENERATIONS)
+    tz = given.get("tz")
+    objectives = None
+    if rpo is not None or rto is not None:
+        objectives = parse_objectives(
+            rpo=rpo,
+            rto=f"{rto}s" if isinstance(rto, int | float) else rto,
+            generations=generations,
+            restore_mode=RestoreMode.COPY.value,
+            tz=None if tz in (None, CLEAR) else check_value("tz", tz),
+        )
+    return RemoteObjectives(checked["remote_target"], objectives, generations)

@@ -47,6 +47,10 @@ MUTATING_METHODS: frozenset[str] = frozenset(
         "DrillVolume",
         "AddTarget",
         "RemoveTarget",
+        "TransferNow",
+        "RestoreFromTarget",
+        # Records what the target holds in the catalog.
+        "ImportTarget",
         # Changes nothing, but hands out the master key: root only, and in the trail.
         "ExportKey",
         # Makes this host's ssh key on first use.

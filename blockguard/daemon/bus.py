@@ -232,6 +232,24 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_method()
     @handler()
+    async def RestoreFromTarget(
+        self, volume: Str, generation: Str, target: Str, device: Str, force: Bool
+    ) -> ObjPath:
+        """Restore ``generation`` (``""``: the newest) of ``volume`` from backup target
+        ``target`` onto ``device``; returns the job."""
+        job = await self._call(
+            self.service.restore_from_target, volume, generation, target, device, force
+        )
+        return self.tree.job(job)
+
+    @dbus_method()
+    @handler()
+    async def TransferNow(self, volume: Str) -> ObjPath:
+        """Send the newest generation of ``volume`` to its backup target; returns the job."""
+        return self.tree.job(await self._call(self.service.transfer_now, volume))
+
+    @dbus_method()
+    @handler()
     async def BackupNowWithOptions(self, volume: Str, options: VarDict) -> ObjPath:
         """``BackupNow`` with options: ``full`` (b) takes a full whatever the planner says."""
         given = from_variant(options)
@@ -370,6 +388,13 @@ class ManagerInterface(ServiceInterface):
     @handler()
     async def RemoveTarget(self, target: Str) -> None:
         await self._call(self.service.remove_target, target)
+
+    @dbus_method()
+    @handler()
+    async def ImportTarget(self, target: Str) -> VarDict:
+        """List the volumes and generations ``target`` holds of this host and record
+        them, so that ``RestoreFromTarget`` can use them (a new host, the same key)."""
+        return to_vardict(await self._call(self.service.import_target, target))
 
     @dbus_method()
     @handler(read_only=True)

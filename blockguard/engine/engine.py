@@ -51,6 +51,11 @@ from blockguard.engine.importing import import_pool
 from blockguard.engine.jobbook import JobBook
 from blockguard.engine.jobs import Job, JobKind, JobRunner, JobState, ProgressReporter
 from blockguard.engine.pools import PoolRegistry
+from blockguard.engine.remoterestores import (
+    check_remote_restore,
+    remote_estimate,
+    run_remote_restore,
+)
 from blockguard.engine.restores import (
     check_restore,
     find_generation,
@@ -60,6 +65,7 @@ from blockguard.engine.restores import (
 from blockguard.engine.scheduling import Scheduler
 from blockguard.engine.settings import Settings
 from blockguard.engine.targets import TargetRegistry, default_client_id
+from blockguard.engine.transfers import Transfers
 from blockguard.engine.voldrills import start_volume_drill
 from blockguard.engine.volumes import VolumeRegistry, is_detached
 from blockguard.errors import BlockguardError, Busy, CatalogLost, EnvironmentProblem, NotFound
@@ -126,6 +132,12 @@ class Engine:
         if self._targets is None:
             raise EnvironmentProblem(detail="the service is not open")
         return self._targets
+
+    @property
+    def transfers(self) -> Transfers:
+        return Transfers(
+            self.catalog_or_fail(), self.targets, self.pools, self.settings.default_speed
+        )
 
     @property
     def jobs(self) -> JobBook:
@@ -336,6 +348,7 @@ class Engine:
             held=self.health_keeper.retry_hold,
             start_drill=self.drill_volume,
             max_interval=self.settings.scheduler_max_interval,
+            start_transfer=self.transfer_now,
         )
 
     # --- pools ----------------------------------------------------------------------------
@@ -556,6 +569,78 @@ class Engine:
                 self.targets.remove(target)
             finally:
                 self.jobs.release(key)
+
+    def transfer_now(self, volume: str) -> Job:
+        """Send the newest local generation of ``volume`` to its target, by the remote
+        plan (see :mod:`.transfers`). The volume is busy meanwhile: neither a backup nor
+        retention may change the chain being read."""
+        with self._lock:
+            vol = self.volumes.catalog.get_volume(volume)
+            self.volumes.require_attached(volume)
+            pool = vol.pool
+            if pool is None:
+                raise EnvironmentProblem(detail=f"volume {volume} has no pool")
+            self.jobs.reserve(volume)
+            try:
+                given = self.volumes.objectives_of(volume)
+                usable = self.volumes.scan(volume).usable
+                plan = self.transfers.plan(volume, pool, given, usable)
+
+                def work(progress: ProgressReporter, _record: str) -> dict[str, Any]:
+                    try:
+                        return self.transfers.run(volume, pool, plan, progress)
+                    finally:
+                        with contextlib.suppress(BlockguardError):
+                            self.volumes.refresh(volume)
+
+                return self.jobs.submit(
+                    JobKind.TRANSFER, volume, volume, work, pool=pool, reserved=True
+                )
+            except BaseException:
+                self.jobs.release(volume)
+                raise
+
+    def restore_from_target(
+        self, volume: str, generation: str, target_id: str, device: str, force: bool
+    ) -> Job:
+        """Restore ``generation`` of ``volume`` from backup target ``target_id`` onto
+        ``device`` (see :mod:`.remoterestores`); the volume need not be protected here."""
+        with self._lock:
+            self.jobs.reserve(volume)
+            try:
+                catalog = self.catalog_or_fail()
+                request = check_remote_restore(
+                    catalog, self.pools, volume, generation, target_id, device, bool(force)
+                )
+                estimate = remote_estimate(
+                    catalog, self.pools, request, self.settings.default_speed
+                )
+
+                def work(progress: ProgressReporter, _record: str) -> dict[str, Any]:
+                    return run_remote_restore(
+                        request, self.targets, self.pools, estimate, progress, bool(force)
+                    )
+
+                return self.jobs.submit(
+                    JobKind.RESTORE,
+                    volume,
+                    volume,
+                    work,
+                    generation=ids.catalog_id(volume, request.generation_id),
+                    reserved=True,
+                )
+            except BaseException:
+                self.jobs.release(volume)
+                raise
+
+    def import_target(self, target: str) -> dict[str, Any]:
+        """List what ``target`` holds of this host and record it (``target import``)."""
+        key = f"target:{target}"
+        self.jobs.reserve(key)  # not while its registration runs
+        try:
+            return self.transfers.import_target(target)
+        finally:
+            self.jobs.release(key)
 
     def list_targets(self) -> list[dict[str, Any]]:
         return [self.targets.describe(t) for t in self.catalog_or_fail().list_targets()]

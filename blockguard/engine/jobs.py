@@ -38,6 +38,7 @@ class JobKind(enum.StrEnum):
     VERIFY = "verify"
     DRILL = "drill"
     TARGET = "target"
+    TRANSFER = "transfer"
 
 
 #: What a job cancelled midway leaves behind, by kind (the end of its error message).
@@ -47,6 +48,7 @@ _CANCEL_CONSEQUENCE = {
     JobKind.VERIFY: ": the generation was not verified",
     JobKind.DRILL: ": the drill left no samples",
     JobKind.TARGET: ": the target was not registered",
+    JobKind.TRANSFER: ": nothing was committed on the target, the next transfer resumes",
 }
 
 

@@ -40,6 +40,7 @@ from blockguard.errors import (
     BlockguardError,
     ChecksumMismatch,
     CorruptMetadata,
+    DataError,
     DeviceTooSmall,
     InvalidInput,
     NotABlockDevice,
@@ -103,7 +104,7 @@ def find_generation(
     raise NotFound(what="generation", name=ids.public_id(volume, pool_id))
 
 
-def _damage_of(exc: BlockguardError, chain: list[str]) -> tuple[str, Damage] | None:
+def damage_of(exc: BlockguardError, chain: list[str]) -> tuple[str, Damage] | None:
     """The chain member an error of a verify or restore blames, and its damage."""
     if isinstance(exc, ChecksumMismatch):
         culprit = str(exc.fields.get("generation", ""))
@@ -111,6 +112,11 @@ def _damage_of(exc: BlockguardError, chain: list[str]) -> tuple[str, Damage] | N
         cause, reason = DamageCause.CHECKSUM, f"chunk {chunk} does not match its checksum"
     elif isinstance(exc, CorruptMetadata):
         culprit = str(exc.fields.get("generation", ""))
+        chunk, cause, reason = None, DamageCause.METADATA, exc.message
+    elif isinstance(exc, DataError) and exc.fields.get("generation"):
+        # A pack on a target that fails its authentication (TamperedPack), or one the
+        # target's own check found rotten: the data the generation holds is unusable.
+        culprit = str(exc.fields["generation"])
         chunk, cause, reason = None, DamageCause.METADATA, exc.message
     else:
         return None
@@ -379,7 +385,7 @@ def _blame(
         chain = [m.generation_id for m in pool.chain(volume, manifest.generation_id)]
     except BlockguardError:
         chain = [manifest.generation_id]
-    found = _damage_of(exc, chain)
+    found = damage_of(exc, chain)
     if found is None:
         raise exc
     culprit, damage = found

@@ -5,7 +5,9 @@ hour, when the changes reach the RPO amount or (with only an RTO) what can still
 restored in time. Runs missed while the daemon was down collapse into one (the decision
 is computed from the last backup's time). No volume gets a second job while one runs.
 Restore drills (:mod:`blockguard.engine.voldrills`) start when the volume's drill is due
-and no job of it runs; a backup due at the same look goes first.
+and no job of it runs; a backup due at the same look goes first. Transfers to a backup
+target (issue 11) start the same way when the remote RPO makes one due
+(:func:`blockguard.engine.remoteplan.transfer_schedule`), after the backups and drills.
 A group starts only when no member is busy, all members at once: with device-mapper the
 point-in-time copies are taken back to back; on the host (scan tracking, no snapshots)
 "one point in time" holds only as far as the caller keeps the members quiet.
@@ -72,6 +74,8 @@ class Scheduler:
     :param max_interval: the longest time between two looks at a volume with an amount
         trigger (default: ``interval``).
     :param clock: the time (unix seconds), for tests.
+    :param start_transfer: starts a volume's transfer to its target (raises Busy if a
+        job runs).
     """
 
     def __init__(
@@ -84,8 +88,10 @@ class Scheduler:
         start_drill: Callable[[str], object] | None = None,
         max_interval: float | None = None,
         clock: Callable[[], float] = time.time,
+        start_transfer: Callable[[str], object] | None = None,
     ) -> None:
         self.volumes = volumes
+        self.start_transfer = start_transfer
         self.held = held
         self.start_backup = start_backup
         self.busy = busy
@@ -173,6 +179,12 @@ class Scheduler:
                 times.append((seen + delay, f"{decision.trigger} poll, {rate:.0f} B/s changing"))
         if drill is not None and drill.next_due is not None:
             times.append((now if drill.due else drill.next_due.timestamp(), "restore drill due"))
+        transfer = None if self.start_transfer is None else self.volumes.transfer_due.get(name)
+        if transfer is not None:
+            if transfer.due:
+                times.append((now, "transfer due"))
+            elif transfer.next_due is not None:
+                times.append((transfer.next_due.timestamp(), "transfer due"))
         if not times:
             return math.inf, "no objectives need a look"
         return min(times)
@@ -261,11 +273,12 @@ class Scheduler:
             self._observe(name, now)
         started = self._start_due(catalog, running, looked) if start else []
         drills = self.drills(set(started), looked) if start else []
+        sent = self.transfers(set(started) | set(drills), looked) if start else []
         with self._lock:
             for name in looked:
                 # Never look at one volume twice within ``interval``, whatever is due.
                 self._replan(name, now, floor=now + self.interval)
-            for name in started + drills:
+            for name in started + drills + sent:
                 self.look_at[name] = now + max(self.interval, 1.0)
         return started
 
@@ -329,6 +342,26 @@ class Scheduler:
                 extra={"VOLUME": vol.name},
             )
             started.append(vol.name)
+        return started
+
+    def transfers(self, skip: set[str], looked: set[str]) -> list[str]:
+        """Start the transfers the remote RPO makes due (of ``looked``, not of ``skip``);
+        returns the volumes."""
+        if self.start_transfer is None:
+            return []
+        running = self.busy() | skip
+        started = []
+        for name in sorted(looked - running):
+            due = self.volumes.transfer_due.get(name)
+            if due is None or not due.due:
+                continue
+            try:
+                self.start_transfer(name)
+            except BlockguardError as exc:
+                log.warning("scheduled transfer of %s not started: %s", name, exc)
+                continue
+            log.info("scheduled transfer of %s: %s", name, due.reason, extra={"VOLUME": name})
+            started.append(name)
         return started
 
     def _not_held(self, chosen: list[str], groups: dict[str, list[str]]) -> list[str]:

@@ -362,6 +362,20 @@ class Service(Protocol):
     def backup_now(self, volume: str, full: bool = False) -> Job:
         """Back ``volume`` up now (``full``: a full whatever the planner would choose)."""
 
+    def restore_from_target(
+        self, volume: str, generation: str, target_id: str, device: str, force: bool
+    ) -> Job:
+        """Restore ``generation`` (``""``: the newest) of ``volume`` from backup target
+        ``target_id`` onto ``device``."""
+
+    def import_target(self, target: str) -> dict[str, Any]:
+        """Record and return the volumes and generations ``target`` holds of this host
+        (``target import``, e.g. on a new host with the exported key)."""
+
+    def transfer_now(self, volume: str) -> Job:
+        """Send the newest local generation of ``volume`` to its backup target (its
+        objectives' ``remote_target``), by the method the remote plan chooses."""
+
     def restore(self, volume: str, generation: str, mode: str, target: str, force: bool) -> Job:
         """Restore ``generation`` of ``volume``.
 

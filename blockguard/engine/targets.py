@@ -31,12 +31,14 @@ from blockguard.core import vocab
 from blockguard.core.catalog import Catalog, PerfEntry, Target, link_perf_key
 from blockguard.errors import (
     AlreadyExists,
+    Busy,
     HostKeyUnconfirmed,
     InvalidInput,
     NotAuthorized,
     NotFound,
 )
 from blockguard.storage.manifest import write_atomic
+from blockguard.storage.pool.remotepool import RemotePool
 from blockguard.storage.remote import keys, ssh
 from blockguard.storage.remote.linkprobe import LinkSpeed, measure_link
 from blockguard.storage.remote.session import RemoteSession
@@ -240,8 +242,13 @@ class TargetRegistry:
         no other target shares its address).
 
         :raises NotFound: no target of that id.
+        :raises Busy: generations on it are recorded, or objectives name it (their
+            copies would be forgotten, or planned against nothing).
         """
         target = self.catalog.get_target(target_id)
+        users = self._users(target_id)
+        if users:
+            raise Busy(what=f"target {target_id}", reason=users)
         self.catalog.remove_target(target_id)
         address = ssh.parse_target_url(target.url)
         if not any(
@@ -249,6 +256,28 @@ class TargetRegistry:
             for t in self.catalog.list_targets()
         ):
             self._unpin(address)
+
+    def _users(self, target_id: str) -> str:
+        """What still refers to the target, for a person ("" for nothing)."""
+        held = sorted({r.volume for r in self.catalog.list_remote_generations(target_id)})
+        named = [
+            f"volume {v.name}"
+            for v in self.catalog.list_volumes()
+            if (v.objectives or {}).get("remote_target") == target_id
+        ] + [
+            f"group {g.name}"
+            for g in self.catalog.list_groups()
+            if (g.objectives or {}).get("remote_target") == target_id
+        ]
+        parts = []
+        if held:
+            parts.append(f"it holds generations of {', '.join(held)}")
+        if named:
+            parts.append(
+                f"the objectives of {', '.join(named)} name it (clear them with "
+                '`blockguardctl objectives NAME --target "" --remote-rpo "" ...`)'
+            )
+        return "; ".join(parts)
 
     def describe(self, target: Target) -> dict[str, Any]:
         """What ``target list`` / ``target show`` tell of a target."""
@@ -277,6 +306,28 @@ class TargetRegistry:
         return found
 
     # --- key material ----------------------------------------------------------------------
+
+    def remote_pool(self, target_id: str) -> RemotePool:
+        """The generation store on a registered target: ssh with the pinned known_hosts
+        and the client key, sealed with the master key (a new session after a cut).
+
+        :raises NotFound: no target of that id.
+        :raises KeyFileRefused: the master key cannot be loaded.
+        """
+        target = self.catalog.get_target(target_id)
+        address = ssh.parse_target_url(target.url)
+        key = keys.load_key_file(self.key_path)
+
+        def session() -> RemoteSession:
+            return RemoteSession.connect(
+                target.id,
+                address,
+                key=self.client_key_path,
+                known_hosts=self.known_hosts,
+                runner=self.runner,
+            )
+
+        return RemotePool(f"target:{target.id}", session, key, target=target.id, area=target.pool)
 
     def master_key(self, imported: keys.MasterKey | None = None) -> keys.MasterKey:
         """This host's master key: loaded, or made now (``imported`` on a new host)."""

@@ -60,6 +60,7 @@ from blockguard.engine.planning import (
     schedule_of,
 )
 from blockguard.engine.pools import PoolRegistry
+from blockguard.engine.remoteplan import remote_plan_dict, remote_section, transfer_schedule
 from blockguard.engine.settings import Settings
 from blockguard.engine.tracking import LAST_BACKUP, LAST_FULL, VolumeTracking
 from blockguard.engine.volumeinfo import DETACHED
@@ -124,6 +125,8 @@ class VolumeRegistry:
         self.last_due: dict[str, ScheduleDecision | None] = {}
         self.drills = DrillBook(catalog)
         self.drill_due: dict[str, DrillDecision] = {}
+        #: volume -> whether a transfer to its target is due by its remote RPO (issue 11)
+        self.transfer_due: dict[str, ScheduleDecision | None] = {}
 
     def directory(self, name: str) -> Path:
         return self.settings.state_dir / "volumes" / name
@@ -220,6 +223,9 @@ class VolumeRegistry:
                 continue
             tracking.listen()
         with self.lock:
+            if given.get("remote_target"):
+                # Only a registered target: a typo would otherwise plan against nothing.
+                self.catalog.get_target(str(given["remote_target"]))
             volumes = {v.name: v for v in self.catalog.list_volumes()}
             if target in volumes:
                 merged = merge_given(volumes[target].objectives or {}, given)
@@ -415,6 +421,27 @@ class VolumeRegistry:
         except TrackingLost as exc:
             return {}, exc.message
 
+    def _plan_remote(self, name: str, inputs: PlanInputs, plan: dict[str, Any]) -> None:
+        """Add the plan of the volume's copy on its target, when its objectives name one."""
+        given = self.objectives_of(name)
+        try:
+            remote = remote_section(self.catalog, name, given, inputs, self.settings.default_speed)
+        except NotFound as exc:
+            # The target was removed under the objectives: the local plan still stands.
+            plan["remote"] = {"target": given.get("remote_target", ""), "problem": exc.message}
+            self.transfer_due.pop(name, None)
+            return
+        if remote is None:
+            self.transfer_due.pop(name, None)
+            return
+        plan["remote"] = remote_plan_dict(remote)
+        sent = self.catalog.list_remote_generations(remote.objectives.target, name)
+        due = transfer_schedule(remote, sent[-1].created if sent else None, datetime.now(UTC))
+        self.transfer_due[name] = due
+        if due is not None:
+            plan["remote"]["schedule"] = due.reason
+            plan["remote"]["due"] = due.due
+
     def plan(self, name: str) -> dict[str, Any]:
         with self.lock:
             self.require_attached(name)
@@ -444,6 +471,7 @@ class VolumeRegistry:
             assert gens is not None  # inputs() always scans the pool
             now = datetime.now(UTC)
             plan = plan_dict(inputs, now)
+            self._plan_remote(name, inputs, plan)
             self.last_plan[name] = plan
             self.last_due[name] = schedule_of(inputs, now)
             drill = self._drill_decision(name, inputs, now)
@@ -511,6 +539,7 @@ class VolumeRegistry:
             self.catalog.set_tracker_state(name, "unknown", reason)
         self.last_due[name] = None
         self.drill_due.pop(name, None)
+        self.transfer_due.pop(name, None)
         self.last_plan.pop(name, None)
         info = volumeinfo.detached(
             vol, self.objectives_of(name), reason, generation_infos(name, self.scan(name))

@@ -116,7 +116,7 @@ def run_backup(
     kind = GenerationKind(kind)
     check_chunk_size(chunk_size)
     progress = progress or Progress()
-    spec = _spec(pool, volume, kind, changed, chunk_size, base_id, parent_id)
+    spec = generation_spec(pool, volume, kind, changed, chunk_size, base_id, parent_id)
     with BlockDevice(source, direct=True) as src:
         if src.size != volume.size:
             raise InvalidInput(
@@ -140,7 +140,7 @@ def run_backup(
     )
 
 
-def _spec(
+def generation_spec(
     pool: PoolBackend,
     volume: VolumeIdentity,
     kind: GenerationKind,

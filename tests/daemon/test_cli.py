@@ -216,6 +216,7 @@ def test_argument_tree_is_data() -> None:
         "unprotect",
         "objectives",
         "backup",
+        "transfer",
         "restore",
         "generations",
         "verify",

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from blockguard.core.catalog import CURRENT_VERSION, Catalog, PerfEntry, link_perf_key
+from blockguard.core.catalog import (
+    CURRENT_VERSION,
+    Catalog,
+    PerfEntry,
+    RemoteGenerationRow,
+    link_perf_key,
+)
 from blockguard.core.catalog import schema as catalog_schema
 from blockguard.errors import CorruptMetadata
 
@@ -82,7 +88,7 @@ def test_v1_catalog_is_upgraded_with_its_data(tmp_path: Path) -> None:
     path = tmp_path / "catalog.db"
     ids = _make_v1(path)
     with Catalog(path) as c:
-        assert c.schema_version == CURRENT_VERSION == 5
+        assert c.schema_version == CURRENT_VERSION == 6
         assert c.integrity_problems() == []
         # v1 data is all there.
         vol = c.get_volume("pg")
@@ -164,6 +170,16 @@ def test_v1_catalog_is_upgraded_with_its_data(tmp_path: Path) -> None:
             10,
         )
         assert c.get_perf(link_perf_key("offsite"), "pool").seq_write == 1e7
+        # v6: transfer jobs, generations on targets.
+        sent = c.create_job("transfer", volume="db")
+        c.finish_job(sent.id, result={"volume": "db"})
+        assert c.get_job(sent.id).kind == "transfer"
+        row = RemoteGenerationRow(
+            "offsite", "db", "20261103T120501.123456Z-1a2b3c4d", "full", None, None,
+            1.0, 8192, 4096, 1, 2.0, 0.5,
+        )  # fmt: skip
+        c.record_remote_generation(row)
+        assert c.list_remote_generations("offsite", "db") == [row]
         # The interrupted v1 job is handled like any other after a restart.
         assert [j.id for j in c.mark_running_jobs_failed("restarted")] == [ids["running"]]
     # The upgraded catalog has exactly the shape of a new one.

@@ -184,3 +184,21 @@ def test_an_imported_key_is_the_key_and_another_is_refused(lab: Lab, tmp_path: P
     with pytest.raises(InvalidInput, match="another master key"):
         lab.registry.prepare("offsite", URL, "main", lab.fingerprint, key_text=other)
     assert keys.load_key_file(lab.registry.key_path) == key
+
+
+def test_a_target_that_holds_generations_is_not_removed(lab: Lab) -> None:
+    from blockguard.core.catalog import RemoteGenerationRow
+    from blockguard.errors import Busy
+
+    lab.registry.register(lab.registry.prepare("offsite", URL, "main", lab.fingerprint))
+    row = RemoteGenerationRow(
+        "offsite", "db", "20261103T120501.123456Z-1a2b3c4d", "full", None, None,
+        1.0, 8192, 8192, 1, 2.0, 0.5,
+    )  # fmt: skip
+    lab.catalog.record_remote_generation(row)
+    with pytest.raises(Busy, match="holds generations of db"):
+        lab.registry.remove("offsite")
+    assert lab.catalog.get_target("offsite").id == "offsite"
+    lab.catalog.remove_remote_generation("offsite", "db", row.generation)
+    lab.registry.remove("offsite")
+    lab.nothing_recorded()

@@ -11,6 +11,7 @@ from blockguard.core.catalog._db import BUSY_TIMEOUT, DEFAULT_STATE_DIR, default
 from blockguard.core.catalog.generations import GenerationStore
 from blockguard.core.catalog.jobs import JobStore
 from blockguard.core.catalog.pools import PoolStore
+from blockguard.core.catalog.remote import RemoteGenerationStore
 from blockguard.core.catalog.rows import (
     DeviceIdentity,
     Generation,
@@ -21,6 +22,7 @@ from blockguard.core.catalog.rows import (
     PerfEntry,
     Pool,
     PoolDevice,
+    RemoteGenerationRow,
     RestoreRecord,
     Target,
     Volume,
@@ -31,7 +33,9 @@ from blockguard.core.catalog.targets import TargetStore
 from blockguard.core.catalog.volumes import UNSET, VolumeStore
 
 
-class Catalog(VolumeStore, TargetStore, PoolStore, GenerationStore, JobStore):
+class Catalog(
+    VolumeStore, TargetStore, RemoteGenerationStore, PoolStore, GenerationStore, JobStore
+):
     """The catalog. One SQLite connection, safe to share between threads.
 
     ``Catalog()`` opens (creating or upgrading) the catalog at
@@ -63,6 +67,7 @@ __all__ = [
     "PerfEntry",
     "Pool",
     "PoolDevice",
+    "RemoteGenerationRow",
     "RestoreRecord",
     "Target",
     "Volume",

@@ -15,7 +15,7 @@ POOL_STATES = ("ok", "degraded", "missing")
 POOL_DEVICE_STATES = ("ok", "missing", "failed")
 PERF_KINDS = ("pool", "volume")
 PERF_SOURCES = ("probe", "live")
-JOB_KINDS = ("backup", "restore", "verify", "probe", "drill", "target")
+JOB_KINDS = ("backup", "restore", "verify", "probe", "drill", "target", "transfer")
 TARGET_STATES = ("ok", "unreachable", "refused")
 PATH_SAMPLE_SOURCES = ("restore", "drill")
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
@@ -171,6 +171,25 @@ class Generation:
     @property
     def committed(self) -> bool:
         return self.state == "committed"
+
+
+@dataclass(frozen=True)
+class RemoteGenerationRow:
+    """A generation committed on a backup target: a copy of the local generation of the
+    same id (:attr:`generation`), sent as :attr:`kind` there."""
+
+    target: str
+    volume: str
+    generation: str
+    kind: str
+    base: str | None
+    parent: str | None
+    created: float
+    volume_size: int
+    bytes_stored: int
+    extents: int | None
+    sent_at: float
+    seconds: float | None
 
 
 @dataclass(frozen=True)

@@ -275,6 +275,34 @@ _V5 = (
     )""",
 )
 
+# v6: generations on backup targets (issue 11) and transfers as a job kind. A remote
+# generation is a copy of the local generation of the same id (the same point in time);
+# a row is written only after the target committed it. No foreign keys, like restores:
+# the engine refuses to remove a target that still holds generations.
+_V6 = (
+    *_rebuilt_jobs(
+        6,
+        ("backup", "restore", "verify", "probe", "drill", "target", "transfer"),
+        "INSERT INTO jobs_v6 SELECT * FROM jobs",
+    ),
+    """
+    CREATE TABLE remote_generations (
+        target TEXT NOT NULL CHECK (length(target) > 0),
+        volume TEXT NOT NULL CHECK (length(volume) > 0),
+        generation TEXT NOT NULL CHECK (length(generation) > 0),
+        kind TEXT NOT NULL CHECK (kind IN ('full', 'differential', 'incremental')),
+        base TEXT,
+        parent TEXT,
+        created REAL NOT NULL,
+        volume_size INTEGER NOT NULL CHECK (volume_size > 0),
+        bytes_stored INTEGER NOT NULL CHECK (bytes_stored >= 0),
+        extents INTEGER CHECK (extents IS NULL OR extents >= 0),
+        sent_at REAL NOT NULL,
+        seconds REAL CHECK (seconds IS NULL OR seconds >= 0),
+        PRIMARY KEY (target, volume, generation)
+    )""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "volumes, groups, pools, performance table, generations, jobs", _V1),
     Migration(2, "probe jobs, job results, measured restores", _V2),
@@ -289,6 +317,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
     Migration(5, "backup targets, target registration jobs", _V5),
+    Migration(6, "generations on backup targets, transfer jobs", _V6),
 )
 
 CURRENT_VERSION = MIGRATIONS[-1].version

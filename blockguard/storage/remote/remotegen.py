@@ -343,7 +343,14 @@ class RemoteGenerationReader(GenerationReader):
             return plain
 
     def _fetch(self, aad: PackAAD) -> bytes:
-        sealed = self._call(lambda s: s.get(self.key, aad.pack))
+        try:
+            sealed = self._call(lambda s: s.get(self.key, aad.pack))
+        except DataError as exc:
+            # The target's own check of a stored pack (bit rot, a changed byte) names
+            # only its opaque key: name the generation, as TamperedPack does, so that
+            # the caller can mark it damaged.
+            exc.fields.setdefault("generation", self.manifest.generation_id)
+            raise
         self.gets += 1
         return open_pack(self._pack_key, aad, sealed)
 

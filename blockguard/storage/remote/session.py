@@ -290,7 +290,11 @@ class RemoteSession:
 
     def mark_damaged(self, generation: str, reason: str, chunk: int | None = None) -> None:
         """Record damage found in ``generation`` on the target, so every client sees it."""
-        self._call("mark-damaged", {"generation": generation, "reason": reason, "chunk": chunk})
+        args: dict[str, Any] = {"generation": generation, "reason": reason}
+        if chunk is not None:
+            # The target takes an int or nothing: damage of a whole pack names no chunk.
+            args["chunk"] = chunk
+        self._call("mark-damaged", args)
 
     def space(self) -> Space:
         """The target area's free and total bytes and what this client uses."""

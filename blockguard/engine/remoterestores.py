@@ -1,0 +1,194 @@
+"""Restores from a backup target (issue 11): ``restore V@GEN --from ID --target DEV``.
+
+The generation is one the catalog knows the target committed (recorded by a transfer,
+or by ``target import`` on a new host), so the volume need not be protected here. Every
+refusal (no such target or generation, a device that is protected, a pool disk, mounted
+or too small) is raised by :func:`check_remote_restore` before a job exists. The
+estimate is the restore model's for the target's chain, the target's speeds being the
+link's (``min(area, link)``) and the writes this host's copy target; the job's result
+carries it (``predicted_seconds``) next to the measured ``seconds``, as a local
+restore's does. A pack that fails its authentication (``TamperedPack``) stops the
+restore and marks the generation that holds it damaged on the target, so every host
+that lists the target sees it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from blockguard.core.catalog import Catalog, RemoteGenerationRow
+from blockguard.core.perftable import DeviceSpeed
+from blockguard.core.restore_model import Chain, RestoreEstimate, StoredDelta, estimate_chain
+from blockguard.core.vocab import GenerationKind, RestoreMode
+from blockguard.engine import ids
+from blockguard.engine.calibration import copy_target_of
+from blockguard.engine.jobbook import JobProgress
+from blockguard.engine.jobs import ProgressReporter
+from blockguard.engine.pools import PoolRegistry
+from blockguard.engine.remoteplan import link_speed, target_device
+from blockguard.engine.restores import damage_of
+from blockguard.engine.targets import TargetRegistry
+from blockguard.errors import (
+    BlockguardError,
+    ChecksumMismatch,
+    CorruptMetadata,
+    DataError,
+    DeviceTooSmall,
+    InvalidInput,
+    NotFound,
+)
+from blockguard.storage.blockdev import BlockDevice
+from blockguard.storage.restore import restore_to_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RemoteRestoreRequest:
+    """A restore from a target that passed every check.
+
+    :param chain: the target's generations it reads, its full first.
+    """
+
+    volume: str
+    target_id: str
+    device: str
+    chain: tuple[RemoteGenerationRow, ...]
+
+    @property
+    def generation_id(self) -> str:
+        return self.chain[-1].generation
+
+
+def chain_of(
+    rows: list[RemoteGenerationRow], generation_id: str
+) -> tuple[RemoteGenerationRow, ...]:
+    """The rows a restore of ``generation_id`` reads, its full first.
+
+    :raises NotFound: a link of the chain is not recorded.
+    """
+    by_id = {r.generation: r for r in rows}
+    chain = [by_id[generation_id]]
+    while chain[-1].kind != GenerationKind.FULL.value:
+        link = chain[-1].parent or chain[-1].base
+        if link is None or link not in by_id:
+            raise NotFound(what="generation on the target", name=f"{chain[-1].volume}@{link}")
+        chain.append(by_id[link])
+    return tuple(reversed(chain))
+
+
+def check_remote_restore(
+    catalog: Catalog,
+    pools: PoolRegistry,
+    volume: str,
+    generation: str,
+    target_id: str,
+    device: str,
+    force: bool,
+) -> RemoteRestoreRequest:
+    """Every check of a restore from a target; changes nothing."""
+    catalog.get_target(target_id)
+    rows = catalog.list_remote_generations(target_id, volume)
+    if not rows:
+        raise NotFound(
+            what=f"generation on target {target_id} (`blockguardctl target import "
+            f"{target_id}` lists what it holds)",
+            name=volume,
+        )
+    numbered = [(r.generation, n) for n, r in enumerate(rows, 1)]
+    gid = ids.resolve_generation(volume, generation or "latest", numbered)
+    chain = chain_of(rows, gid)
+    if not isinstance(device, str) or not device:
+        raise InvalidInput(detail="a restore from a target needs the device to write: --target DEV")
+    pools.gate().check_writable(device, purpose="a restore target", force=force)
+    size = chain[-1].volume_size
+    with BlockDevice(device) as dev:
+        if dev.size < size:
+            raise DeviceTooSmall(path=device, size=dev.size, needed=size)
+    return RemoteRestoreRequest(volume, target_id, device, chain)
+
+
+def remote_estimate(
+    catalog: Catalog, pools: PoolRegistry, request: RemoteRestoreRequest, default_speed: float
+) -> RestoreEstimate:
+    """The model's time for this restore: the target's chain over the link (its speeds
+    as measured at registration), written at this host's copy-target speed."""
+    link, _ = link_speed(catalog, request.target_id, default_speed)
+    where = target_device(request.target_id)
+    full = request.chain[0]
+    model = Chain(
+        full.volume_size,
+        where,
+        tuple(
+            StoredDelta(GenerationKind(r.kind), r.bytes_stored, where, extents=r.extents)
+            for r in request.chain[1:]
+        ),
+    )
+    copy = DeviceSpeed.uniform(default_speed)
+    with contextlib.suppress(NotFound):
+        pool = catalog.get_volume(request.volume).pool
+        if pool is not None:
+            copy = copy_target_of(pools, pool).speed
+    return estimate_chain(model, {where: link}, RestoreMode.COPY, copy)
+
+
+def run_remote_restore(
+    request: RemoteRestoreRequest,
+    targets: TargetRegistry,
+    pools: PoolRegistry,
+    estimate: RestoreEstimate,
+    progress: ProgressReporter,
+    force: bool,
+) -> dict[str, Any]:
+    """The body of a restore job from a target."""
+    volume, gid = request.volume, request.generation_id
+    public = ids.public_id(volume, gid)
+    log.info(
+        "restore of %s from target %s onto %s: estimated %.1fs",
+        public,
+        request.target_id,
+        request.device,
+        estimate.seconds,
+    )
+    # Asked again when the job starts: the device may have been taken meanwhile.
+    pools.gate().check_writable(request.device, purpose="a restore target", force=force)
+    with targets.remote_pool(request.target_id) as remote:
+        try:
+            result = restore_to_device(
+                remote, volume, gid, request.device, progress=JobProgress(progress)
+            )
+        except (ChecksumMismatch, CorruptMetadata, DataError) as exc:
+            _mark_on_target(remote, request, exc)
+            raise
+    return {
+        "generation": public,
+        "mode": RestoreMode.COPY.value,
+        "target": request.device,
+        "from_target": request.target_id,
+        "bytes": result.bytes_written,
+        "seconds": result.duration,
+        "predicted_seconds": estimate.seconds,
+        "upper_seconds": estimate.upper_seconds,
+        "chain": [ids.public_id(volume, g) for g in result.chain],
+    }
+
+
+def _mark_on_target(remote: Any, request: RemoteRestoreRequest, exc: BlockguardError) -> None:
+    """Mark the generation ``exc`` blames damaged on the target (seen by every host)."""
+    found = damage_of(exc, [r.generation for r in request.chain])
+    if found is None:
+        return
+    culprit, damage = found
+    try:
+        remote.mark_damaged(request.volume, culprit, damage.reason, damage.chunk)
+        log.error(
+            "generation %s on target %s marked damaged: %s",
+            culprit,
+            request.target_id,
+            damage.reason,
+        )
+    except BlockguardError as mark_exc:
+        log.error("cannot mark %s damaged on target %s: %s", culprit, request.target_id, mark_exc)

@@ -1,0 +1,235 @@
+"""Transfers of a volume's committed local generations to its backup target (issue 11).
+
+The decision is :func:`~.remoteplan.plan_remote` (the remote RTO chooses full,
+differential or incremental, with the link as the target's speed); the copy is
+:func:`~blockguard.storage.transfer.transfer_generation` into the target's
+:class:`~blockguard.storage.pool.remotepool.RemotePool`. The copy carries the local
+generation's id, which is also what makes a cut transfer resumable: the next run names
+the same id (``expect_resume``) for the same plan, and the target continues the
+generation it kept open, so the id needs no keeping across a restart of this daemon.
+A generation is recorded in the catalog only after the target committed it; remote
+retention (``remote_generations``, keep-last) runs after the commit, and the rows of
+what it removed go with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from blockguard.core.catalog import Catalog, RemoteGenerationRow
+from blockguard.core.objective_sets import RemoteObjectives, remote_of
+from blockguard.core.vocab import GenerationKind
+from blockguard.engine.calibration import copy_target_of
+from blockguard.engine.ids import public_id
+from blockguard.engine.jobbook import JobProgress
+from blockguard.engine.jobs import ProgressReporter
+from blockguard.engine.planning import runs
+from blockguard.engine.pools import PoolRegistry
+from blockguard.engine.remoteplan import (
+    RemotePlan,
+    link_speed,
+    plan_remote,
+    remote_plan_dict,
+    sent_generations,
+)
+from blockguard.engine.targets import TargetRegistry
+from blockguard.errors import EnvironmentProblem, InvalidInput, WireError
+from blockguard.storage.manifest import Manifest
+from blockguard.storage.pool.remotepool import RemotePool
+from blockguard.storage.transfer import transfer_generation, transfer_spec
+
+log = logging.getLogger(__name__)
+
+
+def remote_objectives(given: dict[str, Any], volume: str) -> RemoteObjectives:
+    """The volume's remote objectives.
+
+    :raises InvalidInput: its objectives name no target.
+    """
+    remote = remote_of(given)
+    if remote is None:
+        raise InvalidInput(
+            detail=f"volume {volume} has no backup target: set one with "
+            f"`blockguardctl objectives {volume} --target ID`"
+        )
+    return remote
+
+
+def _row(
+    target: str, manifest: Manifest, sent_at: float, seconds: float | None
+) -> RemoteGenerationRow:
+    return RemoteGenerationRow(
+        target=target,
+        volume=manifest.volume.name,
+        generation=manifest.generation_id,
+        kind=manifest.kind.value,
+        base=manifest.base_id,
+        parent=manifest.parent_id,
+        created=manifest.created,
+        volume_size=manifest.volume.size,
+        bytes_stored=manifest.bytes_stored,
+        extents=runs(manifest.changed) if not manifest.is_full else 1,
+        sent_at=sent_at,
+        seconds=seconds,
+    )
+
+
+class Transfers:
+    """Plans and runs transfers (the work of a ``transfer`` job).
+
+    :param catalog: where remote generations are recorded.
+    :param targets: the registered targets (their stores).
+    :param pools: the local pools (the source generations).
+    :param default_speed: the link's speed while it is not measured.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        targets: TargetRegistry,
+        pools: PoolRegistry,
+        default_speed: float,
+    ) -> None:
+        self.catalog = catalog
+        self.targets = targets
+        self.pools = pools
+        self.default_speed = default_speed
+
+    def plan(
+        self, volume: str, pool: str, given: dict[str, Any], local: list[Manifest]
+    ) -> RemotePlan:
+        """The plan of the next transfer of ``volume`` (local generations ``local``)."""
+        remote = remote_objectives(given, volume)
+        link, measured = link_speed(self.catalog, remote.target, self.default_speed)
+        sent = sent_generations(self.catalog, remote.target, volume)
+        copy = copy_target_of(self.pools, pool)
+        return plan_remote(local, copy.speed, remote, link, sent, link_measured=measured)
+
+    def run(
+        self,
+        volume: str,
+        pool: str,
+        plan: RemotePlan,
+        progress: ProgressReporter,
+    ) -> dict[str, Any]:
+        """Send what ``plan`` says; record it once the target committed it.
+
+        :raises WireError: the link broke (nothing recorded; the next run resumes).
+        """
+        target = plan.objectives.target
+        # "to_target": a job result's "target" is the device a restore wrote.
+        result: dict[str, Any] = {"to_target": target, "plan": remote_plan_dict(plan)}
+        if plan.decision is None or plan.changes is None:
+            result.update(method="", up_to_date=True)
+            return result
+        source = plan.changes.source
+        method = plan.decision.method
+        local = self.pools.backend(pool)
+        chain = local.chain(volume, source.generation_id)
+        sent = sent_generations(self.catalog, target, volume)
+        started = time.monotonic()
+        try:
+            with self.targets.remote_pool(target) as remote:
+                committed = self._committed_there(remote, volume, source.generation_id)
+                if committed is not None:
+                    # A cut after the target's commit and before its answer: record it.
+                    self.catalog.record_remote_generation(
+                        _row(target, committed, self.catalog.now(), None)
+                    )
+                    result.update(
+                        method=committed.kind.value,
+                        generation=public_id(volume, committed.generation_id),
+                        recovered=True,
+                    )
+                    return result
+                base_id = parent_id = None
+                if method is GenerationKind.INCREMENTAL:
+                    parent_id = sent[-1].generation_id
+                elif method is GenerationKind.DIFFERENTIAL:
+                    base_id = next(
+                        g for g in reversed(sent) if g.kind is GenerationKind.FULL
+                    ).generation_id
+                chunks = None if method is GenerationKind.FULL else plan.changes.chunks(method)
+                spec = transfer_spec(
+                    remote, source, method, chunks, base_id=base_id, parent_id=parent_id
+                )
+                # The copy has the local generation's id: a transfer cut earlier with the
+                # same plan is continued, not begun again.
+                remote.expect_resume(spec, source.generation_id)
+                done = transfer_generation(
+                    local,
+                    chain,
+                    remote,
+                    spec,
+                    progress=JobProgress(progress),
+                    keep=plan.objectives.generations,
+                )
+                seconds = time.monotonic() - started
+                self.catalog.record_remote_generation(
+                    _row(target, done.manifest, self.catalog.now(), seconds)
+                )
+                freed = [] if done.retention is None else done.retention.freed_ids
+                for gid in freed:
+                    self.catalog.remove_remote_generation(target, volume, gid)
+        except WireError as exc:
+            self._mark(target, "unreachable", str(exc))
+            raise
+        self._mark(target, "ok")
+        result.update(
+            method=method.value,
+            generation=public_id(volume, source.generation_id),
+            bytes=done.bytes_copied,
+            seconds=seconds,
+            freed=[public_id(volume, g) for g in freed],
+            warnings=list(done.warnings),
+        )
+        return result
+
+    def import_target(self, target: str) -> dict[str, Any]:
+        """What ``target`` holds of this host (its master key), recorded in the catalog:
+        ``target import`` on a new host, after ``target add --key``. The volume names come
+        from the sealed manifests (the target knows only their HMAC ids).
+
+        :returns: ``generations`` (volume, generation, kind, created, bytes) and
+            ``damaged`` (volume, generation, reason) as the target lists them.
+        """
+        with self.targets.remote_pool(target) as remote:
+            scan = remote.scan()
+        now = self.catalog.now()
+        rows = [_row(target, m, now, None) for m in scan.manifests]
+        self.catalog.replace_remote_generations(target, rows)
+        self._mark(target, "ok")
+        return {
+            "target": target,
+            "generations": [
+                {
+                    "volume": m.volume.name,
+                    "generation": public_id(m.volume.name, m.generation_id),
+                    "kind": m.kind.value,
+                    "created": m.created,
+                    "bytes": m.bytes_stored,
+                    "volume_size": m.volume.size,
+                }
+                for m in scan.manifests
+            ],
+            "damaged": [
+                {"volume": d.volume, "generation": d.generation_id, "reason": d.reason}
+                for d in scan.damaged
+            ],
+        }
+
+    @staticmethod
+    def _committed_there(remote: RemotePool, volume: str, generation_id: str) -> Manifest | None:
+        for manifest in remote.generations(volume):
+            if manifest.generation_id == generation_id:
+                return manifest
+        return None
+
+    def _mark(self, target: str, state: str, reason: str = "") -> None:
+        try:
+            if self.catalog.get_target(target).state != state:
+                self.catalog.set_target_state(target, state, reason)
+        except EnvironmentProblem as exc:  # a catalog problem must not hide the job's own
+            log.error("cannot mark target %s %s: %s", target, state, exc)

@@ -1,0 +1,281 @@
+"""A volume's copy on a backup target through blockguardctl, the real daemon on a private
+bus and the network lab's sshd (issue 11): remote objectives, the remote plan, transfers
+whose method is the one the plan showed, a transfer cut by a killed serve (a named error,
+nothing recorded) that the next transfer resumes without re-sending what the target
+stored, restores from the target bit-exact, and a "new host" (another state directory,
+the exported key) that imports the target's listing and restores from it bit-exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blockguard.storage.remote.packstore import PackStore
+from tests.host.test_remote_targets import CLIENT, authorize, ctl, host_fingerprint, in_prot_env
+from tests.support.bus import NotifyListener
+from tests.support.daemon import Daemon, EngineHarness
+from tests.support.devices import MiB, sha256_of, write_random
+from tests.support.netlab import TARGET_ADDR, NetLab, netlab, require_netlab
+from tests.timeouts import scaled
+
+pytestmark = pytest.mark.root
+
+SIZE = 32 * MiB
+POOL_SIZE = 400 * MiB
+
+
+@pytest.fixture(autouse=True)
+def _can_run() -> None:
+    require_netlab()
+
+
+def ok(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    out = ctl(daemon, *args)
+    assert out.returncode == 0, f"{args}: {out.stderr}\n{daemon.log()[-4000:]}"
+    return out
+
+
+def as_json(daemon: Daemon, *args: str) -> Any:
+    return json.loads(ok(daemon, "--json", *args).stdout)
+
+
+def remote_plan(daemon: Daemon) -> dict[str, Any]:
+    return as_json(daemon, "plan", "db")["plan"]["remote"]  # type: ignore[no-any-return]
+
+
+def transfer(daemon: Daemon) -> dict[str, Any]:
+    job = as_json(daemon, "transfer", "db")["job"]
+    assert job["state"] == "done", job
+    return job["result"]  # type: ignore[no-any-return]
+
+
+def restore_from(daemon: Daemon, generation: str, device: str) -> dict[str, Any]:
+    args = ["restore", generation or "db", "--from", "offsite", "--target", device]
+    job = as_json(daemon, *args)["job"]
+    assert job["state"] == "done", job
+    return job["result"]  # type: ignore[no-any-return]
+
+
+def set_up(
+    lab: NetLab, engine: EngineHarness, loopdev: Callable[..., str], **env: str
+) -> tuple[Daemon, str]:
+    """A daemon in the protected namespace with target ``offsite`` registered, pool p1
+    and volume db protected; returns the daemon and the volume's device."""
+    daemon = engine.start(**in_prot_env(lab), **env)
+    area = lab.run_dir / "area"
+    PackStore.create(area, CLIENT).close()
+    authorize(lab, daemon, area)
+    url = f"ssh://root@{TARGET_ADDR}:{lab.port}"
+    ok(daemon, "target", "add", "offsite", url, "--pool", "main", "--client", CLIENT,
+       "--host-key", host_fingerprint(lab))  # fmt: skip
+    ok(daemon, "pool", "create", "p1", loopdev(POOL_SIZE, "pool.img"))
+    volume = loopdev(SIZE, "db.img")
+    write_random(volume, 0, SIZE, seed=1)
+    ok(daemon, "protect", volume, "db", "--rpo", "1h")
+    return daemon, volume
+
+
+def packs_of(lab: NetLab) -> dict[str, tuple[int, int]]:
+    """Every pack file on the target: path -> (inode, mtime_ns)."""
+    found = {}
+    for path in (lab.run_dir / "area").rglob("*.pack"):
+        st = path.stat()
+        found[str(path)] = (st.st_ino, st.st_mtime_ns)
+    return found
+
+
+def test_remote_objectives_plan_transfer_and_restore(
+    net_lab: NetLab,
+    engine: EngineHarness,
+    loopdev: Callable[..., str],
+    tmp_path: Path,
+    notify_socket: NotifyListener,
+) -> None:
+    daemon, volume = set_up(net_lab, engine, loopdev)
+    ok(daemon, "backup", "db")
+    sums = {1: sha256_of(volume)}
+
+    # An unregistered target is refused by name, nothing set.
+    bad = ctl(daemon, "objectives", "db", "--target", "nowhere")
+    assert bad.returncode != 0 and "nowhere" in bad.stderr
+    ok(daemon, "objectives", "db", "--target", "offsite", "--remote-rto", "1h",
+       "--remote-generations", "2")  # fmt: skip
+    plan = remote_plan(daemon)
+    assert plan["target"] == "offsite" and plan["method"] == "full", plan
+    assert plan["source"].startswith("db@")
+    shown = ok(daemon, "plan", "db").stdout
+    assert "to target offsite would be full" in shown
+
+    result = transfer(daemon)
+    assert (result["method"], result["to_target"]) == (plan["method"], "offsite")
+    assert result["generation"] == plan["source"]
+    assert remote_plan(daemon)["up_to_date"] is True
+
+    # Two local incrementals, then one transfer: an incremental there (the union).
+    for n in (2, 3):
+        write_random(volume, n * MiB, 2 * MiB, seed=n)
+        ok(daemon, "backup", "db")
+        sums[n] = sha256_of(volume)
+    plan = remote_plan(daemon)
+    assert plan["method"] == "incremental", plan
+    # Written: 2..4 MiB, then 3..5 MiB; their union is 3 MiB.
+    assert plan["estimated_bytes"] == 3 * MiB
+    result = transfer(daemon)
+    assert result["method"] == plan["method"] == "incremental"
+    assert result["bytes"] == 3 * MiB
+    assert result["generation"] == plan["source"]
+
+    # Restore from the target: the incremental's chain, bit-exact; the estimate with it.
+    device = loopdev(SIZE, "restore3.img")
+    restored = restore_from(daemon, "db@latest", device)
+    assert sha256_of(device) == sums[3]
+    assert restored["from_target"] == "offsite" and len(restored["chain"]) == 2
+    assert restored["predicted_seconds"] > 0 and restored["seconds"] > 0
+    print(
+        f"restore from the target: estimated {restored['predicted_seconds']:.2f}s, "
+        f"took {restored['seconds']:.2f}s"
+    )
+    shown = ok(daemon, "restore", "db", "--from", "offsite", "--target", device, "--force")
+    assert "from target offsite" in shown.stdout and "estimated" in shown.stdout
+
+    # A remote RTO the link cannot meet with a chain: the plan says full, and so it is.
+    write_random(volume, 9 * MiB, MiB, seed=4)
+    ok(daemon, "backup", "db")
+    sums[4] = sha256_of(volume)
+    ok(daemon, "objectives", "db", "--remote-rto", "1s", "--remote-generations", "1")
+    plan = remote_plan(daemon)
+    assert plan["method"] == "full" and plan["feasible"] is False, plan
+    result = transfer(daemon)
+    assert result["method"] == "full"
+    # remote_generations 1: the older full and its incremental went.
+    assert len(result["freed"]) == 2, result
+    device = loopdev(SIZE, "restore4.img")
+    restore_from(daemon, "", device)
+    assert sha256_of(device) == sums[4]
+
+    # A new host: another state directory, only the exported key and the address.
+    key = tmp_path / "key.txt"
+    ok(daemon, "key", "export", "--output", str(key))
+    daemon.stop()
+    new_host = EngineHarness(engine.bus, tmp_path / "newhost", notify_socket)
+    (tmp_path / "newhost").mkdir()
+    try:
+        second = new_host.start(**in_prot_env(net_lab))
+        authorize(net_lab, second, net_lab.run_dir / "area")
+        url = f"ssh://root@{TARGET_ADDR}:{net_lab.port}"
+        ok(second, "target", "add", "offsite", url, "--pool", "main", "--client", CLIENT,
+           "--host-key", host_fingerprint(net_lab), "--key", str(key))  # fmt: skip
+        listed = as_json(second, "target", "import", "offsite")["import"]
+        assert [g["volume"] for g in listed["generations"]] == ["db"]
+        assert listed["generations"][0]["kind"] == "full"
+        shown = ok(second, "target", "import", "offsite").stdout
+        assert "db@" in shown
+        device = loopdev(SIZE, "newhost.img")
+        restored = restore_from(second, listed["generations"][0]["generation"], device)
+        assert sha256_of(device) == sums[4]
+        assert restored["predicted_seconds"] > 0
+    finally:
+        new_host.cleanup()
+
+
+def done_jobs(daemon: Daemon) -> list[str]:
+    """The kinds of the jobs done, oldest first, but the target's registration."""
+    jobs = sorted(as_json(daemon, "jobs")["jobs"], key=lambda j: j["id"])
+    return [j["kind"] for j in jobs if j["state"] == "done" and j["kind"] != "target"]
+
+
+def kill_serve(lab: NetLab) -> int:
+    """Kill the serve command on the target (by its PID, found among the processes of
+    the target namespace) and return its PID."""
+    pids = subprocess.run(
+        ["ip", "netns", "pids", lab.names.target], capture_output=True, text=True, check=True
+    ).stdout.split()
+    for pid in pids:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except FileNotFoundError:
+            continue
+        if b"blockguard.engine.servecmd" in cmdline and b"python" in cmdline.split(b"\0")[0]:
+            os.kill(int(pid), signal.SIGKILL)
+            return int(pid)
+    raise AssertionError(f"no serve running in {lab.names.target}")
+
+
+def test_a_cut_transfer_records_nothing_and_the_next_one_resumes(
+    engine: EngineHarness, loopdev: Callable[..., str]
+) -> None:
+    # 4 MiB/s: the 32 MiB full (four 8 MiB packs) takes seconds, time to cut it.
+    with netlab(rate=4 * MiB) as lab:
+        daemon, _volume = set_up(lab, engine, loopdev)
+        ok(daemon, "backup", "db")
+        ok(daemon, "objectives", "db", "--target", "offsite")
+        job = as_json(daemon, "transfer", "db", "--no-wait")["job"]
+        deadline = time.monotonic() + scaled(120)
+        while not packs_of(lab):
+            assert time.monotonic() < deadline, "no pack reached the target"
+            time.sleep(0.05)
+        kill_serve(lab)
+        waited = ctl(daemon, "--json", "jobs", "wait", str(job["id"]))
+        assert waited.returncode != 0, waited.stdout
+        failed = json.loads(waited.stdout)["job"]
+        assert failed["state"] == "failed"
+        assert failed["error"]["name"] == "org.blockguard1.Error.WireClosed", failed["error"]
+        assert remote_plan(daemon)["method"] == "full"  # nothing recorded
+        stored = packs_of(lab)
+        # Four data packs of 8 MiB and one of checksums make the generation.
+        assert 0 < len(stored) < 5, stored
+
+        result = transfer(daemon)
+        assert result["method"] == "full"
+        after = packs_of(lab)
+        assert len(after) == 5
+        # What the target stored before the cut was not sent again.
+        assert {p: after[p] for p in stored} == stored
+        assert remote_plan(daemon)["up_to_date"] is True
+
+
+def test_a_tampered_pack_fails_the_restore_and_marks_the_generation_on_the_target(
+    net_lab: NetLab, engine: EngineHarness, loopdev: Callable[..., str]
+) -> None:
+    daemon, _volume = set_up(net_lab, engine, loopdev)
+    ok(daemon, "backup", "db")
+    ok(daemon, "objectives", "db", "--target", "offsite")
+    transfer(daemon)
+    pack = sorted(packs_of(net_lab))[1]
+    with open(pack, "r+b") as f:
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0x01]))
+    device = loopdev(SIZE, "restore.img")
+    out = ctl(daemon, "--json", "restore", "db", "--from", "offsite", "--target", device)
+    assert out.returncode != 0
+    failed = json.loads(out.stdout)["job"]
+    assert failed["error"]["name"] in (
+        "org.blockguard1.Error.TamperedPack",
+        "org.blockguard1.Error.DataError",
+    ), failed["error"]
+    # Marked damaged on the target: every host listing it sees that.
+    assert list(Path(pack).parent.parent.glob("damaged.json")), "not marked damaged"
+
+
+def test_the_remote_rpo_starts_transfers_by_itself(
+    net_lab: NetLab, engine: EngineHarness, loopdev: Callable[..., str]
+) -> None:
+    daemon, _volume = set_up(net_lab, engine, loopdev, BLOCKGUARD_SCHEDULER_INTERVAL="0.2")
+    ok(daemon, "objectives", "db", "--target", "offsite", "--remote-rpo", "changed 1MiB")
+    deadline = time.monotonic() + scaled(120)
+    # The scheduler backs the volume up (its first full is due) and then sends it.
+    while "transfer" not in (done := done_jobs(daemon)):
+        assert time.monotonic() < deadline, daemon.log()[-4000:]
+        time.sleep(0.2)
+    assert done == ["backup", "transfer"], done
+    assert remote_plan(daemon)["reasons"] == ["the newest generation is there"]
