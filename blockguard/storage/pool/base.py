@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from blockguard.core.retention import GenerationRef, RetentionPolicy, choose
-from blockguard.errors import CorruptMetadata, EnvironmentProblem, NotFound, PoolSpaceLow
+from blockguard.errors import Busy, CorruptMetadata, EnvironmentProblem, NotFound, PoolSpaceLow
 from blockguard.storage.manifest import (
     Manifest,
     VolumeIdentity,
@@ -293,6 +293,23 @@ class PoolBackend(ABC):
     @abstractmethod
     def remove_generation(self, volume: str, generation_id: str) -> FreedGeneration:
         """Delete one generation (crash-safe: it is gone or still whole)."""
+
+    def _removable(self, volume: str, generation_id: str) -> Manifest:
+        """The generation a removal may take: it exists and nothing depends on it.
+
+        :raises NotFound: no such generation.
+        :raises Busy: other generations are built on it (their parent or base).
+        """
+        gens = self.generations(volume)
+        target = next((m for m in gens if m.generation_id == generation_id), None)
+        if target is None:
+            raise NotFound(what="generation", name=f"{volume}/{generation_id}")
+        users = [m.generation_id for m in gens if generation_id in (m.parent_id, m.base_id)]
+        if users:
+            raise Busy(
+                what=f"generation {generation_id}", reason=f"{', '.join(users)} depend on it"
+            )
+        return target
 
     @abstractmethod
     def swap_in(self, full: Manifest, label: str) -> SwapInVolume:

@@ -29,11 +29,9 @@ from pyroaring import BitMap
 
 from blockguard.errors import (
     AlreadyExists,
-    Busy,
     CorruptMetadata,
     DataError,
     EnvironmentProblem,
-    NotFound,
 )
 from blockguard.storage.manifest import (
     Manifest,
@@ -287,15 +285,7 @@ class RemotePool(PoolBackend):
         )
 
     def remove_generation(self, volume: str, generation_id: str) -> FreedGeneration:
-        gens = self.generations(volume)
-        target = next((m for m in gens if m.generation_id == generation_id), None)
-        if target is None:
-            raise NotFound(what="generation", name=f"{volume}/{generation_id}")
-        users = [m.generation_id for m in gens if generation_id in (m.parent_id, m.base_id)]
-        if users:
-            raise Busy(
-                what=f"generation {generation_id}", reason=f"{', '.join(users)} depend on it"
-            )
+        target = self._removable(volume, generation_id)
         key = generation_key(self._key.volume_id(volume), generation_id)
         self.call(lambda s: s.remove(key))
         return FreedGeneration(generation_id, target.kind.value, target.bytes_stored)

@@ -26,7 +26,7 @@ from typing import ClassVar
 
 from pyroaring import BitMap
 
-from blockguard.errors import Busy, NotFound
+from blockguard.errors import NotFound
 from blockguard.storage.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -206,15 +206,7 @@ class GenerationStore(PoolBackend):
         remove_damage_record(self._gen_dir(volume, generation_id))
 
     def remove_generation(self, volume: str, generation_id: str) -> FreedGeneration:
-        gens = self.generations(volume)
-        target = next((m for m in gens if m.generation_id == generation_id), None)
-        if target is None:
-            raise NotFound(what="generation", name=f"{volume}/{generation_id}")
-        users = [m.generation_id for m in gens if generation_id in (m.parent_id, m.base_id)]
-        if users:
-            raise Busy(
-                what=f"generation {generation_id}", reason=f"{', '.join(users)} depend on it"
-            )
+        target = self._removable(volume, generation_id)
         gen = self._gen_dir(volume, generation_id)
         doomed = gen.with_name(gen.name + DELETED_SUFFIX)
         # The rename is the commit point of a removal: afterwards the generation is gone
