@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,8 +24,7 @@ from blockguard.storage.remote.keys import MasterKey
 from blockguard.storage.remote.packstore import PackStore
 from blockguard.storage.remote.session import RemoteSession
 from blockguard.storage.restore import restore_to_device
-from blockguard.storage.runner import Runner
-from tests.timeouts import scaled
+from tests.support.remote import local_serve
 
 pytestmark = pytest.mark.root
 
@@ -116,16 +114,9 @@ def test_backup_and_restore_through_a_local_serve(loopdev, tmp_path: Path) -> No
     area = tmp_path / "area"
     area.mkdir()
     PackStore.create(area, "C1").close()
-    argv = [sys.executable, "-m", "blockguard.engine.servecmd", "--client", "C1"]
 
     def session() -> RemoteSession:
-        return RemoteSession.start(
-            [*argv, "--root", str(area)],
-            peer="target t1",
-            runner=Runner(),
-            env={"PYTHONPATH": str(REPO)},
-            close_timeout=scaled(30),
-        )
+        return local_serve(area)
 
     sent = PutCounter(session)
     with RemotePool("offsite", sent, MasterKey.generate(), target="t1", area="main") as pool:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,9 +23,8 @@ from blockguard.storage.remote.keys import MasterKey
 from blockguard.storage.remote.packstore import PackStore
 from blockguard.storage.remote.session import RemoteSession
 from blockguard.storage.restore import restore_to_device
-from blockguard.storage.runner import Runner
 from blockguard.storage.transfer import transfer_generation, transfer_spec
-from tests.timeouts import scaled
+from tests.support.remote import local_serve
 
 pytestmark = pytest.mark.root
 
@@ -47,16 +45,9 @@ def pools(loopdev, tmp_path: Path) -> Iterator[tuple[DirPool, RemotePool]]:
     area = tmp_path / "area"
     area.mkdir()
     PackStore.create(area, "C1").close()
-    argv = [sys.executable, "-m", "blockguard.engine.servecmd", "--client", "C1"]
 
     def session() -> RemoteSession:
-        return RemoteSession.start(
-            [*argv, "--root", str(area)],
-            peer="target t1",
-            runner=Runner(),
-            env={"PYTHONPATH": str(REPO)},
-            close_timeout=scaled(30),
-        )
+        return local_serve(area)
 
     remote = RemotePool("offsite", session, MasterKey.generate(), target="t1", area="main")
     try:

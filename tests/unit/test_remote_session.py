@@ -25,7 +25,7 @@ from blockguard.storage.remote.linkprobe import LinkSpeed, measure_link
 from blockguard.storage.remote.packstore import PackStore, pack_digest
 from blockguard.storage.remote.session import RemoteSession
 from blockguard.storage.runner import Runner
-from tests.timeouts import scaled
+from tests.support.remote import local_serve
 
 REPO = Path(__file__).resolve().parents[2]
 KiB = 1 << 10
@@ -37,18 +37,7 @@ def assert_reaped(pid: int) -> None:
     assert not Path(f"/proc/{pid}").exists()
 
 
-def serve(
-    area: Path, client: str = "C1", *, window: int = 4, close_timeout: float = 30
-) -> RemoteSession:
-    argv = [sys.executable, "-m", "blockguard.engine.servecmd", "--client", client]
-    return RemoteSession.start(
-        [*argv, "--root", str(area)],
-        peer="target t1",
-        runner=Runner(),
-        env={"PYTHONPATH": str(REPO)},
-        window=window,
-        close_timeout=scaled(close_timeout),
-    )
+serve = local_serve
 
 
 @pytest.fixture

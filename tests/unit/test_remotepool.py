@@ -13,7 +13,6 @@ import json
 import os
 import random
 import signal
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,8 +36,7 @@ from blockguard.storage.remote.keys import MasterKey
 from blockguard.storage.remote.packstore import PackStore, pack_digest
 from blockguard.storage.remote.session import RemoteSession
 from blockguard.storage.restore import _copy_chain
-from blockguard.storage.runner import Runner
-from tests.timeouts import scaled
+from tests.support.remote import local_serve
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
@@ -61,15 +59,7 @@ class Target:
         self.window = 4
 
     def session(self) -> RemoteSession:
-        argv = [sys.executable, "-m", "blockguard.engine.servecmd", "--client", "C1"]
-        session = RemoteSession.start(
-            [*argv, "--root", str(self.area)],
-            peer="target t1",
-            runner=Runner(),
-            env={"PYTHONPATH": str(REPO)},
-            close_timeout=scaled(30),
-            window=self.window,
-        )
+        session = local_serve(self.area, window=self.window)
         request = session.channel.request
 
         def counted(op: str, args: object = None, payload: bytes = b"") -> int:
