@@ -105,10 +105,6 @@ class RemoteChanges:
         return chosen
 
 
-def _nbytes(chunks: BitMap, source: Manifest) -> int:
-    return sum(source.chunk_bytes(c) for c in chunks) if chunks else 0
-
-
 def remote_changes(local: Sequence[Manifest], sent: Sequence[SentGeneration]) -> RemoteChanges:
     """The change sets of a transfer of the newest of ``local`` (usable, oldest first).
 
@@ -134,8 +130,8 @@ def remote_changes(local: Sequence[Manifest], sent: Sequence[SentGeneration]) ->
                 "the target's chain copies, is gone or no longer lines up"
             )
             incremental = differential = None
-    inc_bytes = size if incremental is None else _nbytes(incremental, source)
-    diff_bytes = size if differential is None else _nbytes(differential, source)
+    inc_bytes = size if incremental is None else source.bytes_of(incremental)
+    diff_bytes = size if differential is None else source.bytes_of(differential)
     changes = ChangeSets(
         incremental_bytes=inc_bytes,
         differential_bytes=diff_bytes,

@@ -192,6 +192,14 @@ class Manifest:
         """Length of a chunk (the last chunk of the volume may be short)."""
         return min(self.chunk_size, self.volume.size - chunk * self.chunk_size)
 
+    def bytes_of(self, chunks: BitMap) -> int:
+        """Bytes of the volume in ``chunks`` (O(1): only the last chunk may be short)."""
+        n = len(chunks) * self.chunk_size
+        last = self.chunks - 1
+        if last in chunks:
+            n -= self.chunk_size - self.chunk_bytes(last)
+        return n
+
     def checksum_slot(self, chunk: int) -> int:
         """Index of ``chunk``'s checksum in the array (also its slot in a packed file)."""
         if self.is_full:

@@ -170,8 +170,8 @@ def swap_in(
             if dev.size < full.volume.size:
                 raise DeviceTooSmall(path=swap.device, size=dev.size, needed=full.volume.size)
             deltas = [(gen, own) for gen, own in plan if not gen.is_full]
-            todo = sum(_bytes(gen, own) for gen, own in deltas)
-            progress.start(todo + (_bytes(full, plan[0][1]) if verify_base else 0))
+            todo = sum(gen.bytes_of(own) for gen, own in deltas)
+            progress.start(todo + (full.bytes_of(plan[0][1]) if verify_base else 0))
             sink = device_sink(dev, full.chunk_size)
             written = _copy_parts(pool, deltas, sink, full, progress, extent_bytes)
             read = written
@@ -229,7 +229,7 @@ def verify(
         chain = [pool.manifest(volume, generation_id)]
     stored = [m.stored_chunks() for m in chain]
     progress = progress or Progress()
-    progress.start(sum(_bytes(m, own) for m, own in zip(chain, stored, strict=True)))
+    progress.start(sum(m.bytes_of(own) for m, own in zip(chain, stored, strict=True)))
     nbytes = 0
     for manifest, own in zip(chain, stored, strict=True):
         nbytes += _read_back(pool, manifest, own, progress, extent_bytes)
@@ -293,7 +293,7 @@ def _copy_chain(
 ) -> tuple[int, list[tuple[Manifest, BitMap]]]:
     """Copy the content of the chain's newest generation to ``sink``, in target order."""
     plan = plan_chunks(chain)
-    progress.start(sum(_bytes(gen, own) for gen, own in plan))
+    progress.start(sum(gen.bytes_of(own) for gen, own in plan))
     return _copy_parts(pool, plan, sink, chain[0], progress, extent_bytes), plan
 
 
@@ -543,11 +543,3 @@ def _delta_extents(plan: Sequence[tuple[Manifest, BitMap]]) -> int:
     return sum(
         sum(1 for _ in extents(own, gen.chunks, gen.chunks)) for gen, own in plan if not gen.is_full
     )
-
-
-def _bytes(manifest: Manifest, chunks: BitMap) -> int:
-    n = len(chunks) * manifest.chunk_size
-    last = manifest.chunks - 1
-    if last in chunks:
-        n -= manifest.chunk_size - manifest.chunk_bytes(last)
-    return n

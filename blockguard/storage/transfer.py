@@ -76,7 +76,7 @@ def transfer_generation(
     wanted = BitMap(range(newest.chunks)) if full else BitMap(spec.changed or BitMap())
     parts = [(gen, own & wanted) for gen, own in plan_chunks(chain)]
     parts = [(gen, own) for gen, own in parts if own]
-    progress.start(sum(_bytes(gen, own) for gen, own in parts))
+    progress.start(sum(gen.bytes_of(own) for gen, own in parts))
     writer = dest.begin_generation(spec)
     with writer:
         slots = writer.draft.changed
@@ -104,7 +104,3 @@ def transfer_generation(
     return BackupResult(
         manifest, copied, time.monotonic() - started, retention, None, tuple(warnings)
     )
-
-
-def _bytes(manifest: Manifest, chunks: BitMap) -> int:
-    return sum(manifest.chunk_bytes(c) for c in chunks)
