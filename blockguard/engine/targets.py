@@ -219,6 +219,7 @@ class TargetRegistry:
                 rand_write=speed.rand_write,
                 chunk_size=speed.chunk_size,
             )
+            before = self._pinned(request.address.known_hosts_name)
             self._pin(request)
             try:
                 return self.catalog.add_target(
@@ -232,7 +233,8 @@ class TargetRegistry:
                     space=(space.free, space.total, space.used),
                 )
             except BaseException:
-                self._unpin(request.address)
+                # Back as it was: another target may share the address and its key.
+                self._rewrite_known_hosts(request.address.known_hosts_name, before)
                 raise
         finally:
             request.known_hosts.unlink(missing_ok=True)
@@ -379,6 +381,13 @@ class TargetRegistry:
         name = request.address.known_hosts_name
         key = request.host_key
         self._rewrite_known_hosts(name, f"{name} {key.key_type} {key.blob}")
+
+    def _pinned(self, name: str) -> str | None:
+        """The known_hosts line of ``name``, if one is pinned."""
+        if not self.known_hosts.exists():
+            return None
+        lines = self.known_hosts.read_text().splitlines()
+        return next((x for x in lines if x.split(maxsplit=1)[:1] == [name]), None)
 
     def _unpin(self, address: ssh.TargetAddress) -> None:
         self._rewrite_known_hosts(address.known_hosts_name, None)

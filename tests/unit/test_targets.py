@@ -202,3 +202,17 @@ def test_a_target_that_holds_generations_is_not_removed(lab: Lab) -> None:
     lab.catalog.remove_remote_generation("offsite", "db", row.generation)
     lab.registry.remove("offsite")
     lab.nothing_recorded()
+
+
+def test_a_failed_registration_keeps_the_key_another_target_pinned_for_the_address(
+    lab: Lab,
+) -> None:
+    first = lab.registry.prepare("offsite", URL, "main", lab.fingerprint)
+    again = lab.registry.prepare("offsite", URL, "main", lab.fingerprint)
+    lab.registry.register(first)
+    pinned = (lab.state / "known_hosts").read_text()
+    assert pinned.startswith("[192.0.2.2]:2222 ")
+    with pytest.raises(AlreadyExists, match="offsite"):
+        lab.registry.register(again)  # fails at the record, after its pin
+    assert (lab.state / "known_hosts").read_text() == pinned
+    assert [t.id for t in lab.catalog.list_targets()] == ["offsite"]
