@@ -14,6 +14,7 @@ what it removed go with it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -35,7 +36,7 @@ from blockguard.engine.remoteplan import (
     sent_generations,
 )
 from blockguard.engine.targets import TargetRegistry
-from blockguard.errors import EnvironmentProblem, InvalidInput, WireError
+from blockguard.errors import EnvironmentProblem, InvalidInput, NotFound, WireError
 from blockguard.storage.manifest import Manifest
 from blockguard.storage.pool.remotepool import RemotePool
 from blockguard.storage.transfer import transfer_generation, transfer_spec
@@ -143,6 +144,7 @@ class Transfers:
                         generation=public_id(volume, committed.generation_id),
                         recovered=True,
                     )
+                    self._mark(target, "ok")
                     return result
                 base_id = parent_id = None
                 if method is GenerationKind.INCREMENTAL:
@@ -172,7 +174,10 @@ class Transfers:
                 )
                 freed = [] if done.retention is None else done.retention.freed_ids
                 for gid in freed:
-                    self.catalog.remove_remote_generation(target, volume, gid)
+                    # Retention there may free a generation this catalog never recorded
+                    # (committed just before an earlier cut): nothing to forget here.
+                    with contextlib.suppress(NotFound):
+                        self.catalog.remove_remote_generation(target, volume, gid)
         except WireError as exc:
             self._mark(target, "unreachable", str(exc))
             raise
