@@ -51,7 +51,10 @@ class GuardedRunner(Runner):
                     self._owner = None
                     self._cond.notify_all()
 
-    def run(self, argv: Sequence[str], **kwargs: Any) -> CommandResult:
+    @contextlib.contextmanager
+    def section(self) -> Iterator[None]:
+        """Talk to the kernel as a command would (a command, or a dm ioctl): held back
+        while another thread is exclusive, and counted so that it waits for this."""
         me = threading.get_ident()
         with self._cond:
             mine = self._owner == me
@@ -59,12 +62,16 @@ class GuardedRunner(Runner):
                 self._cond.wait_for(lambda: self._owner is None)
                 self._running += 1
         try:
-            return super().run(argv, **kwargs)
+            yield
         finally:
             if not mine:
                 with self._cond:
                     self._running -= 1
                     self._cond.notify_all()
+
+    def run(self, argv: Sequence[str], **kwargs: Any) -> CommandResult:
+        with self.section():
+            return super().run(argv, **kwargs)
 
 
 def exclusive(cmd: Runner) -> contextlib.AbstractContextManager[None]:

@@ -92,7 +92,8 @@ class DeviceMapper:
         if ctl is None:
             return None
         try:
-            return ctl.status(name=name, rdev=rdev, table=table).strip()
+            with self.run.section():
+                return ctl.status(name=name, rdev=rdev, table=table).strip()
         except dmioctl.Unusable as exc:
             dmioctl.give_up(str(exc))
             return None
@@ -194,7 +195,8 @@ class DeviceMapper:
         ctl = dmioctl.control() if self.ioctl else None
         if ctl is not None:
             try:
-                ctl.message(name, message)
+                with self.run.section():
+                    ctl.message(name, message)
                 return ""
             except dmioctl.Unusable as exc:
                 dmioctl.give_up(str(exc))

@@ -100,7 +100,9 @@ class Control:
         try:
             fcntl.ioctl(self.fd, _iowr(nr), buf, True)
         except OSError as exc:
-            if exc.errno in _UNUSABLE:
+            # A message's EINVAL is the target refusing it (release_metadata_snap with
+            # none held), not the interface: a failed command, as dmsetup's would be.
+            if exc.errno in _UNUSABLE and not (nr == _TARGET_MSG and exc.errno == errno.EINVAL):
                 raise Unusable(str(exc)) from None
             log.debug("rc=%d in %.4fs: %s", exc.errno, time.monotonic() - started, argv)
             raise CommandFailed(argv, exc.errno or 1, os.strerror(exc.errno or 0)) from None
@@ -132,5 +134,6 @@ def give_up(reason: str) -> None:
     with _lock:
         if _control is not None:
             log.warning("device-mapper ioctl unusable (%s): dmsetup answers", reason)
-            os.close(_control.fd)
+            # Not closed: another thread may be in an ioctl on it, and a closed number
+            # can be reused by a device this process opens next.
             _control = None

@@ -10,6 +10,7 @@ per program, by the constructor or by ``BLOCKGUARD_BIN_<NAME>`` environment vari
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -138,6 +139,12 @@ class Runner:
         if found is None:
             raise CommandNotFound(program=program, path=search)
         return found
+
+    def section(self) -> contextlib.AbstractContextManager[None]:
+        """Kernel work of this thread outside a command (the dm ioctl) runs in this, so
+        that the daemon's runner holds it back as it would a command (see
+        ``engine/cmdguard.py``); nothing to hold back here."""
+        return contextlib.nullcontext()
 
     def run(
         self,

@@ -16,7 +16,7 @@ import pytest
 from blockguard.errors import CommandFailed, MetadataSnapshotBusy, NotFound
 from blockguard.storage import dmioctl
 from blockguard.storage.dm import DeviceMapper
-from blockguard.storage.runner import CommandResult
+from blockguard.storage.runner import CommandResult, Runner
 
 POOL = "vg-tp-tpool"
 TARGETS = {
@@ -73,8 +73,9 @@ class FakeKernel:
         return 0
 
 
-class NoDmsetup:
+class NoDmsetup(Runner):
     def __init__(self) -> None:
+        super().__init__()
         self.calls: list[list[str]] = []
 
     def run(self, argv, *, timeout: float, check: bool = True, **_: object) -> CommandResult:
