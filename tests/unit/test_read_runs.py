@@ -24,6 +24,7 @@ from blockguard.errors import ChecksumMismatch, CorruptMetadata
 from blockguard.storage.copyengine import copy_chunks, discard_sink
 from blockguard.storage.pool.stagedio import GAP_BYTES, IOV_MAX, StoredGenerationReader
 from blockguard.storage.restore import _stored_items, gathered_items
+from tests.timeouts import scaled
 
 CHUNK = 4096
 MAX_GAP = GAP_BYTES // CHUNK
@@ -224,6 +225,8 @@ class SlowStored(Stored):
     running = 0
     most = 0
     fail = ""
+    #: Every read of a window meets here: they only all arrive if they run at once.
+    barrier: threading.Barrier | None = None
 
     def read_runs(self, runs: list[tuple[int, memoryview]]) -> None:
         cls = SlowStored
@@ -231,9 +234,11 @@ class SlowStored(Stored):
             cls.running += 1
             cls.most = max(cls.most, cls.running)
         try:
-            time.sleep(0.02)
+            if cls.barrier is not None:
+                cls.barrier.wait()
             if cls.fail == self.manifest.generation_id:
                 raise CorruptMetadata(what=f"generation {cls.fail}", detail="test damage")
+            time.sleep(0.02)  # the others still read when one fails
             super().read_runs(runs)
         finally:
             with cls.lock:
@@ -255,6 +260,7 @@ def test_a_window_reads_its_generations_at_once_and_waits_for_all_of_them() -> N
 
     extent = nchunks * CHUNK  # one window holding all five generations
     SlowStored.most = 0
+    SlowStored.barrier = threading.Barrier(5, timeout=scaled(30))
     with ThreadPoolExecutor(4) as pool:
         items = list(gathered_items([g for g, _ in plan], [o for _, o in plan], extent, pool))
         assert len(items) == 1
@@ -276,3 +282,4 @@ def test_a_window_reads_its_generations_at_once_and_waits_for_all_of_them() -> N
             assert SlowStored.running == 0
         finally:
             SlowStored.fail = ""
+            SlowStored.barrier = None
