@@ -10,7 +10,9 @@ Nothing here ever passes ``O_CREAT``.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
+import functools
 import mmap
 import os
 import re
@@ -20,7 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blockguard.core import vocab
-from blockguard.errors import DeviceInUse, DeviceReadOnly, EnvironmentProblem, NotABlockDevice
+from blockguard.errors import (
+    DeviceInUse,
+    DeviceIOError,
+    DeviceReadOnly,
+    EnvironmentProblem,
+    NotABlockDevice,
+)
 from blockguard.storage.ioedge import EdgeFile
 
 # ioctl numbers from <linux/fs.h>
@@ -196,12 +204,19 @@ def sync_written(path: str) -> None:
                 continue  # gone since, or not ours to open: its writes are the kernel's
             try:
                 if _libc().syncfs(fd) != 0:
+                    code = ctypes.get_errno()
+                    if code != errno.ENOSYS:  # a write-back failed: never hidden
+                        raise DeviceIOError(
+                            path=point, op="syncing its file system", offset=0,
+                            reason=f"{os.strerror(code)} (errno {code})",
+                        )  # fmt: skip
                     os.sync()  # no syncfs to be had: all of them
             finally:
                 os.close(fd)
         dev.flush()
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 

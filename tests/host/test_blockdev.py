@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from blockguard.errors import NotABlockDevice
-from blockguard.storage.blockdev import BlockDevice, aligned_buffer, in_use_reasons
+from blockguard.storage.blockdev import BlockDevice, aligned_buffer, in_use_reasons, sync_written
 
 
 def test_regular_file_is_refused_and_not_written(tmp_path: Path) -> None:
@@ -63,3 +63,26 @@ def test_in_use_reasons_names_mount_and_lvm_label(loopdev, tmp_path: Path) -> No
     with BlockDevice(pv, write=True) as bd:
         bd.pwrite_all(b"\0" * 512 + b"LABELONE" + b"\0" * 504, 0)
     assert "it is an LVM physical volume" in in_use_reasons(pv)
+
+
+def test_sync_written_puts_a_mounted_file_systems_cached_writes_on_the_device(
+    loopdev, tmp_path: Path
+) -> None:
+    import subprocess
+
+    dev = loopdev(32 << 20)
+    lazy_off = "lazy_itable_init=0,lazy_journal_init=0"
+    subprocess.run(["mkfs.ext4", "-q", "-E", lazy_off, dev], check=True, timeout=60)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", dev, str(mnt)], check=True, timeout=60)
+    try:
+        marker = os.urandom(64 << 10)
+        (mnt / "f").write_bytes(marker)  # in the page cache, not fsynced
+        sync_written(dev)
+        with BlockDevice(dev, direct=True) as d:
+            buf = aligned_buffer(32 << 20)
+            d.pread_into(memoryview(buf), 0)
+            assert marker in bytes(buf), "the file's data is not on the device"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True, timeout=60)
