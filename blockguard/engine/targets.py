@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
 import threading
 from collections.abc import Callable
@@ -37,11 +36,10 @@ from blockguard.errors import (
     NotAuthorized,
     NotFound,
 )
-from blockguard.storage.manifest import write_atomic
 from blockguard.storage.pool.remotepool import RemotePool
 from blockguard.storage.remote import keys, ssh
 from blockguard.storage.remote.linkprobe import LinkSpeed, measure_link
-from blockguard.storage.remote.session import RemoteSession
+from blockguard.storage.remote.session import RemoteSession, Space
 from blockguard.storage.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -104,6 +102,8 @@ class TargetRegistry:
         # The key files are made once: a registration's job and a ClientKey call must
         # not both find none and race to make one.
         self._keys_lock = threading.Lock()
+        #: Serializes read-modify-writes of known_hosts (jobs of two registrations).
+        self._hosts_lock = threading.RLock()
 
     @property
     def key_path(self) -> Path:
@@ -219,25 +219,33 @@ class TargetRegistry:
                 rand_write=speed.rand_write,
                 chunk_size=speed.chunk_size,
             )
-            before = self._pinned(request.address.known_hosts_name)
-            self._pin(request)
-            try:
-                return self.catalog.add_target(
-                    request.id,
-                    url=request.address.url,
-                    client_id=request.client_id,
-                    pool=request.pool,
-                    host_key=request.host_key.fingerprint,
-                    link=entry,
-                    round_trip=link.round_trip,
-                    space=(space.free, space.total, space.used),
-                )
-            except BaseException:
-                # Back as it was: another target may share the address and its key.
-                self._rewrite_known_hosts(request.address.known_hosts_name, before)
-                raise
+            with self._hosts_lock:
+                return self._record(request, entry, link, space)
         finally:
             request.known_hosts.unlink(missing_ok=True)
+
+    def _record(
+        self, request: TargetRequest, entry: PerfEntry, link: LinkSpeed, space: Space
+    ) -> Target:
+        """Pin the host key and record the target, as one step against other writers of
+        known_hosts (the caller holds ``_hosts_lock``)."""
+        before = self._pinned(request.address.known_hosts_name)
+        self._pin(request)
+        try:
+            return self.catalog.add_target(
+                request.id,
+                url=request.address.url,
+                client_id=request.client_id,
+                pool=request.pool,
+                host_key=request.host_key.fingerprint,
+                link=entry,
+                round_trip=link.round_trip,
+                space=(space.free, space.total, space.used),
+            )
+        except BaseException:
+            # Back as it was: another target may share the address and its key.
+            self._rewrite_known_hosts(request.address.known_hosts_name, before)
+            raise
 
     def remove(self, target_id: str) -> None:
         """Forget a target: its record, its link's figures and its pinned host key (when
@@ -251,7 +259,13 @@ class TargetRegistry:
         users = self._users(target_id)
         if users:
             raise Busy(what=f"target {target_id}", reason=users)
-        self.catalog.remove_target(target_id)
+        with self._hosts_lock:
+            self._forget(target)
+
+    def _forget(self, target: Target) -> None:
+        """Drop the record, and its pinned host key when no other target shares the
+        address (the caller holds ``_hosts_lock``)."""
+        self.catalog.remove_target(target.id)
         address = ssh.parse_target_url(target.url)
         if not any(
             ssh.parse_target_url(t.url).known_hosts_name == address.known_hosts_name
@@ -393,16 +407,5 @@ class TargetRegistry:
         self._rewrite_known_hosts(address.known_hosts_name, None)
 
     def _rewrite_known_hosts(self, name: str, line: str | None) -> None:
-        kept = []
-        if self.known_hosts.exists():
-            kept = [
-                old
-                for old in self.known_hosts.read_text().splitlines()
-                if old.split(maxsplit=1)[:1] != [name]
-            ]
-        elif line is None:
-            return
-        lines = [*kept, line] if line is not None else kept
-        self.known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomic(self.known_hosts, "".join(f"{x}\n" for x in lines).encode())
-        os.chmod(self.known_hosts, 0o600)
+        with self._hosts_lock:
+            ssh.rewrite_known_hosts(self.known_hosts, name, line)

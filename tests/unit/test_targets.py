@@ -216,3 +216,31 @@ def test_a_failed_registration_keeps_the_key_another_target_pinned_for_the_addre
         lab.registry.register(again)  # fails at the record, after its pin
     assert (lab.state / "known_hosts").read_text() == pinned
     assert [t.id for t in lab.catalog.list_targets()] == ["offsite"]
+
+
+def test_registrations_at_the_same_time_keep_every_pinned_host_key(lab: Lab) -> None:
+    """Jobs of several registrations run in threads: each pins its address's key in one
+    known_hosts without losing another's line."""
+    import threading
+
+    urls = {f"site{n}": f"ssh://bg@192.0.2.{n + 10}:2222" for n in range(4)}
+    requests = [lab.registry.prepare(t, url, "main", lab.fingerprint) for t, url in urls.items()]
+    errors: list[BaseException] = []
+
+    def register(request: object) -> None:
+        try:
+            lab.registry.register(request)  # type: ignore[arg-type]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=register, args=(r,)) for r in requests]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    lines = (lab.state / "known_hosts").read_text().splitlines()
+    assert sorted(line.split()[0] for line in lines) == sorted(
+        f"[192.0.2.{n + 10}]:2222" for n in range(4)
+    )
+    assert {t.id for t in lab.catalog.list_targets()} == set(urls)

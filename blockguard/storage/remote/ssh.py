@@ -280,17 +280,26 @@ def pin_host_key(
         )
     key = matching[0]
     name = address.known_hosts_name
+    rewrite_known_hosts(known_hosts, name, f"{name} {key.key_type} {key.blob}")
+    return key
+
+
+def rewrite_known_hosts(known_hosts: Path, name: str, line: str | None) -> None:
+    """Replace the lines pinned for ``name`` in ``known_hosts`` by ``line`` (None: drop
+    them); other hosts' lines stay. Atomic and 0600; the caller serializes writers."""
     kept = []
     if known_hosts.exists():
         kept = [
-            line
-            for line in known_hosts.read_text().splitlines()
-            if line.split(maxsplit=1)[:1] != [name]
+            old
+            for old in known_hosts.read_text().splitlines()
+            if old.split(maxsplit=1)[:1] != [name]
         ]
+    elif line is None:
+        return
+    lines = [*kept, line] if line is not None else kept
     known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    text = "".join(f"{line}\n" for line in [*kept, f"{name} {key.key_type} {key.blob}"])
-    write_atomic(known_hosts, text.encode())
-    return key
+    write_atomic(known_hosts, "".join(f"{x}\n" for x in lines).encode())
+    os.chmod(known_hosts, 0o600)
 
 
 # --- what ssh's failures mean ---------------------------------------------------------------
