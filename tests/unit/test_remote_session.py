@@ -157,3 +157,18 @@ def test_the_link_measured_is_shaped_for_the_performance_table(area: Path) -> No
     assert LinkSpeed(down=20.0, up=30.0, round_trip=0.01).limit(area_speed) == DeviceSpeed(
         20.0, 30.0, 10.0, 5.0
     )
+
+
+def test_a_goodbye_that_fails_still_reaps_the_child(
+    area: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session = serve(area, close_timeout=3600)
+
+    def broken_bye() -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(session.channel, "bye", broken_bye)
+    with pytest.raises(OSError, match="Input/output"):
+        session.close()
+    assert session.child.poll() == -9
+    assert_reaped(session.child.pid)

@@ -151,7 +151,13 @@ class RemoteSession:
         """
         if self._open:
             self._open = False
-            self.channel.bye()
+            try:
+                self.channel.bye()
+            except BaseException:
+                # The child is reaped however the goodbye failed (a broken pipe, an
+                # interrupt): no process outlives its session.
+                self.child.close(kill=True)
+                raise
         return self.child.close()
 
     def abort(self) -> int:
