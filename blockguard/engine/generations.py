@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from blockguard.core.damage import Damage, DamageCause, full_required_reason, unusable
@@ -13,7 +12,7 @@ from blockguard.core.retention import GenerationRef
 from blockguard.engine import ids
 from blockguard.engine import service as svc
 from blockguard.errors import BlockguardError, ChecksumMismatch, CorruptMetadata
-from blockguard.storage.manifest import Manifest, sequence_numbers
+from blockguard.storage.manifest import Manifest, generation_id_time, sequence_numbers
 from blockguard.storage.pool.base import DamagedGeneration, PoolBackend
 
 
@@ -39,11 +38,7 @@ def generation_ref(m: Manifest) -> GenerationRef:
 
 def id_time(pool_id: str) -> float:
     """Creation time from a pool id (``20261103T120501.123456Z-...``; 0 if it has none)."""
-    try:
-        stamp = pool_id.split("-", 1)[0]
-        return datetime.strptime(stamp, "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=UTC).timestamp()
-    except ValueError:
-        return 0.0
+    return generation_id_time(pool_id) or 0.0
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,8 @@ def chunk_count(volume_size: int, chunk_size: int) -> int:
     return -(-volume_size // chunk_size)
 
 
+#: The creation stamp that starts a generation id.
+_ID_STAMP = "%Y%m%dT%H%M%S.%fZ"
 _id_lock = threading.Lock()
 _last_id_time = 0
 
@@ -133,8 +135,18 @@ def new_generation_id(now: float | None = None) -> str:
     with _id_lock:
         now_us = max(micros, _last_id_time + 1)
         _last_id_time = now_us
-    stamp = datetime.fromtimestamp(now_us / 1e6, UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    stamp = datetime.fromtimestamp(now_us / 1e6, UTC).strftime(_ID_STAMP)
     return f"{stamp}-{random.getrandbits(32):08x}"
+
+
+def generation_id_time(generation_id: str) -> float | None:
+    """The creation time a generation id carries (:func:`new_generation_id`), or None
+    when it has no stamp."""
+    try:
+        stamp = datetime.strptime(generation_id.split("-", 1)[0], _ID_STAMP)
+    except ValueError:
+        return None
+    return stamp.replace(tzinfo=UTC).timestamp()
 
 
 def bitmap_to_text(bm: BitMap) -> str:

@@ -20,6 +20,7 @@ from blockguard.storage.manifest import (
     checksum_bytes,
     checksum_digest,
     checksums_from_bytes,
+    generation_id_time,
     new_generation_id,
     read_manifest,
     write_atomic,
@@ -106,6 +107,11 @@ def test_checksum_array_round_trip_and_damage() -> None:
 def test_ids_sort_by_creation_and_are_unique() -> None:
     ids = [new_generation_id() for _ in range(1000)]
     assert ids == sorted(ids) and len(set(ids)) == 1000
+
+
+def test_an_id_carries_its_creation_time() -> None:
+    assert generation_id_time(new_generation_id(1_800_000_000.25)) == 1_800_000_000.25
+    assert generation_id_time("imported-volume-copy") is None
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", ".hidden", "x" * 129, "a b"])

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +36,7 @@ from blockguard.storage.manifest import (
     Manifest,
     check_component,
     generation_clock,
+    generation_id_time,
     new_generation_id,
 )
 from blockguard.storage.pool.base import (
@@ -201,7 +201,8 @@ class RemotePool(PoolBackend):
         volume, chunk_size = spec.volume, spec.chunk_size
         created = generation_clock()
         if generation_id is not None:
-            created = _created_of(generation_id, created)
+            stamped = generation_id_time(generation_id)
+            created = created if stamped is None else stamped
         draft = Manifest(
             generation_id=generation_id or new_generation_id(created),
             volume=volume,
@@ -312,12 +313,3 @@ def _spec_key(spec: GenerationSpec) -> tuple[Any, ...]:
     """What makes a later writer the same generation as one a cut left open."""
     changed = None if spec.changed is None else spec.changed.serialize()
     return (spec.volume, spec.kind, spec.chunk_size, changed, spec.base_id, spec.parent_id)
-
-
-def _created_of(generation_id: str, default: float) -> float:
-    """The time a generation id was made at (``20261103T120501.123456Z-...``)."""
-    try:
-        stamp = datetime.strptime(generation_id.split("-")[0], "%Y%m%dT%H%M%S.%fZ")
-    except ValueError:
-        return default
-    return stamp.replace(tzinfo=UTC).timestamp()
