@@ -69,15 +69,13 @@ MAX_TEXT = 200
 
 def _refuse(key: str, value: Any, why: str) -> InvalidObjectives:
     shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-    return InvalidObjectives(detail=f"{key} {shown} {why}")
+    # ``why`` is kept apart too, so a check that reuses another's names its own key.
+    return InvalidObjectives(detail=f"{key} {shown} {why}", why=why)
 
 
-def _why(exc: InvalidObjectives, key: str, value: Any) -> str:
-    """The reason of a refusal of ``key``, without the key and value it names."""
-    detail = str(exc.fields.get("detail", exc))
-    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-    prefix = f"{key} {shown} "
-    return detail[len(prefix) :] if detail.startswith(prefix) else detail
+def _why(exc: InvalidObjectives) -> str:
+    """The reason of a refusal, without the key and value it names."""
+    return str(exc.fields.get("why") or exc.fields.get("detail", exc))
 
 
 def _check_text(key: str, value: Any) -> str:
@@ -102,7 +100,7 @@ def check_value(key: str, value: Any) -> Any:
         try:
             return check_value(_LOCAL_OF[key], value)
         except InvalidObjectives as exc:
-            raise _refuse(key, value, _why(exc, _LOCAL_OF[key], value)) from exc
+            raise _refuse(key, value, _why(exc)) from exc
     if key == "remote_target":
         try:
             return check_name("target", _check_text(key, value))
