@@ -21,7 +21,11 @@ remove        generation                              -
 mark-damaged  generation, reason, chunk=None          - (``list`` shows it as the problem)
 space         -                                       free, total, used
 probe         down=0; any bytes (discarded)           received; ``down`` bytes
+link          generation, source, packs=[[from, to]]  packs (index entries of the packs made)
 ============  ======================================  ===========================================
+
+``link`` makes packs of an open generation from packs of a committed one of the same
+client and volume (a synthesized full, :meth:`PackStore.link`).
 
 A state is ``{"generation", "committed", "meta", "packs": [[number, size], ...]}``.
 """
@@ -111,6 +115,7 @@ class Serving:
             "space": self._space,
             "mark-damaged": self._mark_damaged,
             "probe": self._probe,
+            "link": self._link,
         }
 
     def run(self) -> None:
@@ -204,6 +209,25 @@ class Serving:
             raise InvalidInput(detail=f"probe: down must be 0-{limit} bytes")
         # Random bytes: a link that compresses must not look faster than it is.
         return {"received": len(request.payload)}, os.urandom(a["down"])
+
+    # --- synthesized fulls (issue 11: unchanged data never crosses the link again) ------
+
+    def _link(self, request: Frame) -> Result:
+        a = _args(
+            request, generation=(str, _MISSING), source=(str, _MISSING), packs=(list, _MISSING)
+        )
+        pairs = []
+        for pair in a["packs"]:
+            if (
+                not isinstance(pair, list)
+                or len(pair) != 2
+                or not all(type(n) is int and n >= 0 for n in pair)
+            ):
+                raise InvalidInput(detail=f"link: {pair!r:.80} is not a [from, to] pair of packs")
+            pairs.append((pair[0], pair[1]))
+        if len({to for _, to in pairs}) != len(pairs):
+            raise InvalidInput(detail="link: a pack is made twice")
+        return {"packs": self.store.link(a["generation"], a["source"], pairs)}, b""
 
 
 def serve_client(channel: Channel, area: Path, client: str) -> None:

@@ -290,3 +290,60 @@ def test_a_generation_marked_damaged_is_listed_with_the_reason(area: Path) -> No
         store.mark_damaged("g1", "pack 0 failed authentication", 0)
         [listed] = store.list()
         assert listed.problem == "marked damaged: pack 0 failed authentication (chunk 0)"
+
+
+# --- link: a synthesized full's unchanged packs, made from an earlier generation's ---------
+
+
+def test_linked_packs_survive_the_removal_of_their_source(area: Path) -> None:
+    old = packs_of(3)
+    store_and_commit(area, "g1", old, b"m1")
+    new2 = os.urandom(4000)
+    with PackStore.open(area, "C1") as store:
+        store.begin("g2", {"volume": "v1"})
+        made = store.link("g2", "g1", [(0, 0), (1, 1)])
+        assert made == index_of(old)["packs"][:2]  # type: ignore[index]
+        store.put("g2", 2, new2)
+        index = {"packs": [*made, {"pack": 2, "size": len(new2), "xxh3_128": pack_digest(new2)}]}
+        store.commit("g2", index, b"m2")
+        # A linked pack is one file on the disk: counted once in the client's use.
+        files = [f for f in (area / "clients/C1").rglob("*") if f.is_file()]
+        twice = sum(len(p) for p in old[:2])
+        assert store.space().used == sum(f.stat().st_size for f in files) - twice
+        store.remove("g1")
+        assert [g.generation for g in store.list()] == ["g2"]
+        assert [store.get("g2", n) for n in range(3)] == [old[0], old[1], new2]
+
+
+def test_link_refuses_other_clients_volumes_and_missing_packs_and_creates_nothing(
+    area: Path,
+) -> None:
+    store_and_commit(area, "g1", packs_of(2), b"m1")
+    with PackStore.create(area, "C2") as other:
+        other.begin("x1", {"volume": "v1"})
+        other.put("x1", 0, b"theirs")
+        other.commit(
+            "x1", {"packs": [{"pack": 0, "size": 6, "xxh3_128": pack_digest(b"theirs")}]}, b"m"
+        )
+    with PackStore.open(area, "C1") as store:
+        store.begin("g2", {"volume": "v1"})
+        store.begin("w2", {"volume": "v2"})
+        store.begin("g3", {"volume": "v1"})
+        before = tree(area)
+        # Another client's generation (by its name, or by a path to it) is never reached.
+        with pytest.raises(NotFound, match="x1"):
+            store.link("g2", "x1", [(0, 0)])
+        with pytest.raises(InvalidInput):
+            store.link("g2", "../../C2/generations/x1", [(0, 0)])
+        # A missing pack, after good ones: nothing is made of the good ones either.
+        with pytest.raises(NotFound, match="pack 7 of generation g1"):
+            store.link("g2", "g1", [(0, 0), (7, 1)])
+        # Another volume of the same client, or a source not committed.
+        with pytest.raises(InvalidInput, match="another meta"):
+            store.link("w2", "g1", [(0, 0)])
+        with pytest.raises(NotFound, match="generation g3"):
+            store.link("g2", "g3", [(0, 0)])
+        assert tree(area) == before
+    # A generation not begun on this connection is not written.
+    with PackStore.open(area, "C1") as store, pytest.raises(InvalidInput, match="not begun"):
+        store.link("g2", "g1", [(0, 0)])

@@ -236,3 +236,40 @@ def test_create_makes_a_client_root_that_serve_then_serves(area: Path) -> None:
     )
     assert bad.returncode == ExitCode.USAGE and b"client name '../C1'" in bad.stderr
     assert sorted(p.name for p in (area / "clients").iterdir()) == ["C1", "C5"]
+
+
+def test_link_makes_packs_from_an_earlier_generation_and_refuses_another_clients(
+    area: Path,
+) -> None:
+    with PackStore.create(area, "C2") as other:
+        other.begin("v1@x1", {"volume": "v1"})
+        other.put("v1@x1", 0, b"theirs")
+        other.commit(
+            "v1@x1", {"packs": [{"pack": 0, "size": 6, "xxh3_128": pack_digest(b"theirs")}]}, b"m"
+        )
+    with served(area) as (channel, proc):
+        channel.greet()
+        channel.call("begin", {"generation": "v1@g1", "meta": {"volume": "v1"}})
+        channel.call("put", {"generation": "v1@g1", "pack": 0}, b"old")
+        entry = {"pack": 0, "size": 3, "xxh3_128": pack_digest(b"old")}
+        channel.call("commit", {"generation": "v1@g1", "index": {"packs": [entry]}}, b"m1")
+        channel.call("begin", {"generation": "v1@g2", "meta": {"volume": "v1"}})
+        before = {p: p.read_bytes() for p in area.rglob("*") if p.is_file()}
+        with pytest.raises(NotFound, match="v1@x1"):
+            channel.call("link", {"generation": "v1@g2", "source": "v1@x1", "packs": [[0, 0]]})
+        with pytest.raises(InvalidInput, match="pair"):
+            channel.call("link", {"generation": "v1@g2", "source": "v1@g1", "packs": [[0, -1]]})
+        with pytest.raises(InvalidInput, match="made twice"):
+            channel.call(
+                "link", {"generation": "v1@g2", "source": "v1@g1", "packs": [[0, 0], [0, 0]]}
+            )
+        assert {p: p.read_bytes() for p in area.rglob("*") if p.is_file()} == before
+        made = channel.call("link", {"generation": "v1@g2", "source": "v1@g1", "packs": [[0, 0]]})
+        assert made.meta == {"packs": [entry]}
+        channel.call("commit", {"generation": "v1@g2", "index": {"packs": [entry]}}, b"m2")
+        channel.call("remove", {"generation": "v1@g1"})
+        assert channel.call("get", {"generation": "v1@g2", "pack": 0}).payload == b"old"
+        channel.bye()
+        assert proc.wait(scaled(30)) == 0
+    with PackStore.open(area, "C2") as other:
+        assert other.get("v1@x1", 0) == b"theirs"

@@ -243,6 +243,60 @@ class PackStore:
         os.close(self._held.pop(gen))
         return self.status(gen)
 
+    def link(self, gen: str, source: str, packs: list[tuple[int, int]]) -> list[dict[str, Any]]:
+        """Make packs of the open generation ``gen`` from packs of the committed generation
+        ``source`` of this client (a synthesized full: its unchanged packs never cross the
+        link again). Each is a hard link (a copy where the file system has none): pack
+        files never change once committed, so both generations stay self-contained and
+        removing either never touches the other's packs (no reference counting).
+
+        Everything is checked before anything is made: a refusal creates nothing.
+
+        :param packs: ``(source pack, pack of gen)`` pairs.
+        :returns: the index entry of each pack made (``pack``, ``size``, ``xxh3_128``,
+            as the source's index has them; the commit checks them again).
+        :raises NotFound: no committed ``source`` (in this client's root: another
+            client's generation is never found), or it has no such pack.
+        :raises InvalidInput: ``source`` was begun with another meta (another volume),
+            or ``gen`` is not open on this connection.
+        """
+        gdir = self._writing(gen)
+        sdir = self._dir(source)
+        if not (sdir / INDEX).is_file():
+            raise NotFound(what="generation", name=source)
+        if json_object(sdir / META) != json_object(gdir / META):
+            raise InvalidInput(
+                detail=f"generation {source} was begun with another meta than {gen}: "
+                "packs are linked only within one volume"
+            )
+        index = {p["pack"]: p for p in self._index(source)["packs"]}
+        made = []
+        for src, dst in packs:
+            entry = index.get(src)
+            if entry is None or not (sdir / PACKS / pack_name(src)).is_file():
+                raise NotFound(what="pack", name=f"{src} of generation {source}")
+            pack_name(dst)  # checks the number
+            made.append(
+                (src, dst, {"pack": dst, "size": entry["size"], "xxh3_128": entry["xxh3_128"]})
+            )
+        target = gdir / PACKS
+        for src, dst, _ in made:
+            name = pack_name(dst)
+            tmp = target / f".{name}.tmp"
+            with self._edge(f"{gen}/{PACKS}/{name}", "linking", needed=0):
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                try:
+                    os.link(sdir / PACKS / pack_name(src), tmp)
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                        raise
+                    write_durable(tmp, (sdir / PACKS / pack_name(src)).read_bytes())
+                os.rename(tmp, target / name)
+        with self._edge(gen, "linking"):
+            fsync_dir(target)
+        return [entry for _, _, entry in made]
+
     # --- reading ----------------------------------------------------------------------
 
     def status(self, gen: str) -> GenerationState:
@@ -319,9 +373,13 @@ class PackStore:
         """Free and total bytes of the area, and the bytes this client's files take."""
         with self._edge("", "reading"):
             st = os.statvfs(self.root)
-            used = sum(
-                f.stat().st_size for f in self.root.rglob("*") if f.is_file() and not f.is_symlink()
-            )
+            # A pack linked into several generations (a synthesized full) is stored once.
+            sizes: dict[tuple[int, int], int] = {}
+            for f in self.root.rglob("*"):
+                if f.is_file() and not f.is_symlink():
+                    fst = f.stat()
+                    sizes[fst.st_dev, fst.st_ino] = fst.st_size
+            used = sum(sizes.values())
         return Space(st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize, used)
 
     def mark_damaged(self, gen: str, reason: str, chunk: int | None = None) -> None:

@@ -302,6 +302,28 @@ class RemoteSession:
             args["chunk"] = chunk
         self._call("mark-damaged", args)
 
+    def link(
+        self, generation: str, source: str, packs: Iterable[tuple[int, int]]
+    ) -> dict[int, dict[str, Any]]:
+        """Make packs of the open ``generation`` on the target from packs of its committed
+        ``source`` (``(source pack, pack)`` pairs): a synthesized full's unchanged packs.
+
+        :returns: pack -> its index entry (``pack``, ``size``, ``xxh3_128``).
+        """
+        args = {"generation": generation, "source": source, "packs": [list(p) for p in packs]}
+        answer = self._call("link", args)
+        made: dict[int, dict[str, Any]] = {}
+        for entry in answer.meta.get("packs") or []:
+            try:
+                made[int(entry["pack"])] = {
+                    "pack": int(entry["pack"]),
+                    "size": int(entry["size"]),
+                    "xxh3_128": str(entry["xxh3_128"]),
+                }
+            except (KeyError, TypeError, ValueError):
+                raise self._corrupt(f"a malformed link entry {entry!r:.200}") from None
+        return made
+
     def space(self) -> Space:
         """The target area's free and total bytes and what this client uses."""
         meta = self._call("space").meta
