@@ -192,7 +192,7 @@ def _copy_into(
         assert changed is not None
         with pool.open_generation(writer.cloned_from) as prev:
             sums = array.array("Q", prev.checksums())
-        todo, full_slots = changed, True
+        todo, full_slots = writer.clone_reads(changed), True
     elif kind is GenerationKind.FULL:
         sums, todo, full_slots = new_checksum_array(nchunks), None, True
     else:

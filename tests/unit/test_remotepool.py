@@ -356,3 +356,118 @@ def test_a_resume_on_another_copy_commits_nothing_and_the_next_backup_sends_all(
     assert target.generation_dirs() == [] and pool.generations() == []
     full = backup(pool, changed)
     assert restore(pool, full.generation_id) == changed
+
+
+# --- fulls synthesized on the target ------------------------------------------------------
+
+
+def synthesize(
+    pool: RemotePool, data: bytes, previous: Manifest, changed: BitMap, *, whole_packs: bool = True
+) -> Manifest:
+    """A full cloned from ``previous`` as ``run_backup`` makes one: the checksums start
+    as the clone's, only what the writer asks for (or only ``changed``) is written."""
+    spec = GenerationSpec(
+        VOLUME, GenerationKind.FULL, CHUNK, changed, clone_from=previous.generation_id
+    )
+    nchunks = chunk_count(SIZE, CHUNK)
+    with pool.begin_generation(spec) as writer:
+        assert writer.cloned_from is not None
+        assert writer.cloned_from.generation_id == previous.generation_id
+        with pool.open_generation(writer.cloned_from) as prev:
+            sums = array.array("Q", prev.checksums())
+        todo = writer.clone_reads(changed) if whole_packs else changed
+        for first, count in extents(todo, nchunks, 40):
+            view = memoryview(data)[first * CHUNK : min(SIZE, (first + count) * CHUNK)]
+            digests = [
+                xxhash.xxh3_64_intdigest(view[o : o + CHUNK]) for o in range(0, len(view), CHUNK)
+            ]
+            writer.write_chunks(first, view, digests)
+            sums[first : first + len(digests)] = array.array("Q", digests)
+        return writer.commit(sums)
+
+
+def test_a_synthesized_full_sends_the_changed_packs_and_outlives_its_sources(
+    target: Target, pool: RemotePool
+) -> None:
+    rng = random.Random(12)
+    data = bytearray(rng.randbytes(SIZE))
+    per = 8 * MiB // CHUNK
+    first = backup(pool, bytes(data))
+    data[5 * CHUNK : 5 * CHUNK + 100] = rng.randbytes(100)
+    inc = backup(
+        pool, bytes(data), GenerationKind.INCREMENTAL, BitMap([5]), parent_id=first.generation_id
+    )
+    data[9 * CHUNK : 9 * CHUNK + 100] = rng.randbytes(100)
+    assert pool.can_clone_full
+    target.puts = 0
+    # Changed since the first full: chunks 5 (the incremental) and 9, both in pack 0.
+    second = synthesize(pool, bytes(data), first, BitMap([5, 9]))
+    assert target.puts == 1 + 1, "one data pack and the checksum pack cross the link"
+    assert second.is_full and second.bytes_stored == per * CHUNK
+    assert second.storage["origins"] == {"1": first.generation_id, "2": first.generation_id}
+    assert restore(pool, second.generation_id) == bytes(data)
+    # The next one takes pack 0 from the second full and pack 1 from the first, still.
+    data[2 * per * CHUNK + 7] ^= 0xFF
+    target.puts = 0
+    third = synthesize(pool, bytes(data), second, BitMap([2 * per]))
+    assert target.puts == 1 + 1
+    assert third.storage["origins"] == {"0": second.generation_id, "1": first.generation_id}
+    # Remote retention removes every older generation: the third full needs none of them.
+    for gen in (inc, second, first):
+        pool.remove_generation("db", gen.generation_id)
+    assert [m.generation_id for m in pool.generations("db")] == [third.generation_id]
+    assert restore(pool, third.generation_id) == bytes(data)
+
+
+def test_unwritten_unchanged_chunks_of_a_sent_pack_come_from_the_previous_full(
+    target: Target, pool: RemotePool
+) -> None:
+    rng = random.Random(13)
+    data = bytearray(rng.randbytes(SIZE))
+    first = backup(pool, bytes(data))
+    data[CHUNK * 200 : CHUNK * 200 + 10] = b"0123456789"
+    second = synthesize(pool, bytes(data), first, BitMap([200]), whole_packs=False)
+    assert restore(pool, second.generation_id) == bytes(data)
+
+
+def test_a_changed_chunk_not_written_commits_nothing(target: Target, pool: RemotePool) -> None:
+    data = random.Random(14).randbytes(SIZE)
+    first = backup(pool, data)
+    spec = GenerationSpec(
+        VOLUME, GenerationKind.FULL, CHUNK, BitMap([3]), clone_from=first.generation_id
+    )
+    with (
+        pytest.raises(InvalidInput, match="changed chunks of pack 0 were not written"),
+        pool.begin_generation(spec) as writer,
+    ):
+        writer.commit(array.array("Q", [0] * chunk_count(SIZE, CHUNK)))
+    assert [m.generation_id for m in pool.generations("db")] == [first.generation_id]
+    assert len(target.generation_dirs()) == 1
+
+
+def test_a_target_without_link_gets_the_full_whole(target: Target, pool: RemotePool) -> None:
+    real = target.session
+
+    def older() -> RemoteSession:
+        session = real()
+        request = session.channel.request
+
+        def without_link(op: str, args: object = None, payload: bytes = b"") -> int:
+            return request("linkx" if op == "link" else op, args, payload)  # type: ignore[arg-type]
+
+        session.channel.request = without_link  # type: ignore[method-assign]
+        return session
+
+    pool._sessions = older
+    rng = random.Random(15)
+    data = bytearray(rng.randbytes(SIZE))
+    first = backup(pool, bytes(data))
+    data[0] ^= 1
+    spec = GenerationSpec(
+        VOLUME, GenerationKind.FULL, CHUNK, BitMap([0]), clone_from=first.generation_id
+    )
+    with pool.begin_generation(spec) as writer:
+        assert writer.cloned_from is None and not pool.can_clone_full
+    second = backup(pool, bytes(data))
+    assert "origins" not in second.storage
+    assert restore(pool, second.generation_id) == bytes(data)

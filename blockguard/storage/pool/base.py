@@ -30,6 +30,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+from pyroaring import BitMap
+
 from blockguard.core.retention import GenerationRef, RetentionPolicy, choose
 from blockguard.errors import Busy, CorruptMetadata, EnvironmentProblem, NotFound, PoolSpaceLow
 from blockguard.storage.manifest import (
@@ -105,6 +107,12 @@ class GenerationWriter(ABC):
     @property
     def generation_id(self) -> str:
         return self.draft.generation_id
+
+    def clone_reads(self, changed: BitMap) -> BitMap:
+        """For a cloned full: the chunks to write, ``changed`` (relative to the clone) or
+        more. A backend that stores chunks in groups (a remote pool's packs) asks for
+        whole groups, cheaper to read from the source than from its clone."""
+        return changed
 
     @abstractmethod
     def write_chunks(self, first: int, view: memoryview, digests: Sequence[int]) -> None:

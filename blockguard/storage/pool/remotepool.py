@@ -31,6 +31,7 @@ from blockguard.errors import (
     CorruptMetadata,
     DataError,
     EnvironmentProblem,
+    InvalidInput,
 )
 from blockguard.storage.manifest import (
     Manifest,
@@ -62,6 +63,11 @@ from blockguard.storage.remote.remotegen import (
 )
 from blockguard.storage.remote.seal import BlobAAD, open_blob, seal_blob
 from blockguard.storage.remote.session import RemoteGeneration, RemoteSession
+from blockguard.storage.remote.synthgen import (
+    SynthesizedFullWriter,
+    can_synthesize_from,
+    pack_origins,
+)
 
 if TYPE_CHECKING:
     from blockguard.storage.pool.registration import DiskAdmission
@@ -86,7 +92,6 @@ class RemotePool(PoolBackend):
     """
 
     kind = "remote"
-    can_clone_full = False
 
     def __init__(
         self,
@@ -107,6 +112,14 @@ class RemotePool(PoolBackend):
         self._session: RemoteSession | None = None
         self._lock = threading.RLock()
         self._open_drafts: dict[tuple[Any, ...], Manifest] = {}
+        #: False once the target refused ``link`` as unknown (an older target).
+        self._can_link = True
+
+    @property  # type: ignore[override]  # per target, not per class
+    def can_clone_full(self) -> bool:
+        """True while the target links packs (a full is then synthesized there from the
+        previous full and the changed packs; an older target lacks ``link``)."""
+        return self._can_link
 
     # --- the session ----------------------------------------------------------------------
 
@@ -151,10 +164,14 @@ class RemotePool(PoolBackend):
         volume = spec.volume
         vid = self._key.volume_id(volume.name)
         spec_key = _spec_key(spec)
+        previous = self._synthesis_source(spec, vid)
         draft = self._open_drafts.get(spec_key)
         meta = {"format": META_FORMAT, "volume": vid}
         stored = None
         if draft is not None:
+            # A resume (or an id the caller named): the layout follows today's source.
+            draft = self._draft(spec, draft.generation_id, previous)
+            self._open_drafts[spec_key] = draft
             key = generation_key(vid, draft.generation_id)
             try:
                 stored = self.call(lambda s: s.begin(key, meta))
@@ -164,8 +181,9 @@ class RemotePool(PoolBackend):
                 self._open_drafts.pop(spec_key, None)
                 draft = None
         if draft is None:
-            draft = self._draft(spec)
-            needed = self.estimate_bytes(volume, len(draft.changed), spec.chunk_size)
+            draft = self._draft(spec, previous=previous)
+            stores = len(spec.changed or ()) if previous is not None else len(draft.changed)
+            needed = self.estimate_bytes(volume, stores, spec.chunk_size)
             key = generation_key(vid, draft.generation_id)
             stored = self.call(lambda s: s.begin(key, meta, needed))
             self._open_drafts[spec_key] = draft
@@ -175,15 +193,57 @@ class RemotePool(PoolBackend):
             if done:
                 self._open_drafts.pop(spec_key, None)
 
-        return RemoteGenerationWriter(
+        writer_args: dict[str, Any] = {
+            "volume_id": vid,
+            "pack_key": self._key.pack_key(vid, draft.generation_id),
+            "call": self.call,
+            "seal_manifest": self._seal_manifest,
+            "stored": stored,
+            "finished": finished,
+        }
+        origins = PackLayout.of(draft, vid).origins
+        if previous is None or not origins:
+            return RemoteGenerationWriter(draft, **writer_args)
+        source = generation_key(vid, previous.generation_id)
+        try:
+            linked = self.call(lambda s: s.link(key, source, [(p, p) for p in sorted(origins)]))
+        except InvalidInput as exc:
+            if "unknown operation" not in str(exc):
+                raise
+            # An older target: this full, and every later one, is sent whole.
+            log.warning(
+                "pool %s: target %s cannot link packs: fulls are sent whole", self.name, self.target
+            )
+            self._can_link = False
+            draft = self._draft(spec, draft.generation_id)
+            self._open_drafts[spec_key] = draft
+            return RemoteGenerationWriter(draft, **writer_args)
+        assert spec.changed is not None
+        return SynthesizedFullWriter(
             draft,
-            volume_id=vid,
-            pack_key=self._key.pack_key(vid, draft.generation_id),
-            call=self.call,
-            seal_manifest=self._seal_manifest,
-            stored=stored,
-            finished=finished,
+            previous=previous,
+            changed=spec.changed,
+            linked=linked,
+            open_previous=lambda: self.open_generation(previous),
+            **writer_args,
         )
+
+    def _synthesis_source(self, spec: GenerationSpec, vid: str) -> Manifest | None:
+        """The previous full a new full ``spec`` is synthesized from on the target: the
+        one it names to clone, committed there, of the same chunks; else None (sent whole)."""
+        if not (spec.is_full and spec.clone_from and spec.changed is not None and self._can_link):
+            return None
+        for manifest in self.generations(spec.volume.name):
+            if manifest.generation_id == spec.clone_from:
+                if can_synthesize_from(manifest, vid, spec.chunk_size, spec.volume.size):
+                    return manifest
+                break
+        log.info(
+            "pool %s: full %s is not there to synthesize from: the full is sent whole",
+            self.name,
+            spec.clone_from,
+        )
+        return None
 
     def expect_resume(self, spec: GenerationSpec, generation_id: str) -> None:
         """Let the next writer of ``spec`` continue ``generation_id``, which a cut left
@@ -197,7 +257,14 @@ class RemotePool(PoolBackend):
         check_component(generation_id, "generation id")
         self._open_drafts[_spec_key(spec)] = self._draft(spec, generation_id)
 
-    def _draft(self, spec: GenerationSpec, generation_id: str | None = None) -> Manifest:
+    def _draft(
+        self,
+        spec: GenerationSpec,
+        generation_id: str | None = None,
+        previous: Manifest | None = None,
+    ) -> Manifest:
+        """The manifest to be; a full synthesized from ``previous`` takes from it every
+        data pack no changed chunk falls in (its ``origins``)."""
         volume, chunk_size = spec.volume, spec.chunk_size
         created = generation_clock()
         if generation_id is not None:
@@ -214,11 +281,14 @@ class RemotePool(PoolBackend):
             created=created,
             sequence=self.next_sequence(volume.name),
         )
+        origins: dict[int, str] = {}
         if draft.is_full:
-            # Never cloned on a target yet: a full stores every chunk.
+            # A full holds every chunk, also a synthesized one (some in earlier packs).
             draft = draft.with_(changed=BitMap(range(draft.chunks)))
+            if previous is not None and spec.changed is not None:
+                origins = pack_origins(previous, self._key.volume_id(volume.name), spec.changed)
         slots = len(draft.changed)
-        return draft.with_(storage=PackLayout.new_storage(chunk_size, slots))
+        return draft.with_(storage=PackLayout.new_storage(chunk_size, slots, origins))
 
     def _seal_manifest(self, manifest: Manifest) -> bytes:
         vid = self._key.volume_id(manifest.volume.name)
@@ -281,7 +351,7 @@ class RemotePool(PoolBackend):
         return RemoteGenerationReader(
             manifest,
             PackLayout.of(manifest, vid),
-            self._key.pack_key(vid, manifest.generation_id),
+            lambda gid: self._key.pack_key(vid, gid),
             self.call,
         )
 
@@ -312,4 +382,12 @@ class RemotePool(PoolBackend):
 def _spec_key(spec: GenerationSpec) -> tuple[Any, ...]:
     """What makes a later writer the same generation as one a cut left open."""
     changed = None if spec.changed is None else spec.changed.serialize()
-    return (spec.volume, spec.kind, spec.chunk_size, changed, spec.base_id, spec.parent_id)
+    return (
+        spec.volume,
+        spec.kind,
+        spec.chunk_size,
+        changed,
+        spec.base_id,
+        spec.parent_id,
+        spec.clone_from,
+    )

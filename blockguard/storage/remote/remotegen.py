@@ -18,13 +18,14 @@ import array
 import collections
 import contextlib
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from blockguard.errors import CorruptMetadata, DataError, InvalidInput, WireError
 from blockguard.storage.manifest import (
     Manifest,
+    check_component,
     checksum_bytes,
     checksum_digest,
     checksums_from_bytes,
@@ -40,6 +41,10 @@ PACK_BYTES = 8 * MiB
 #: Checksums a checksum pack holds (8 MiB of them).
 CHECKSUMS_PER_PACK = PACK_BYTES // 8
 STORAGE_FORMAT = "remote-packs-v1"
+#: A synthesized full's layout: as v1, plus ``origins`` (pack -> the generation that
+#: sealed it). A blockguard that knows only v1 refuses it by name instead of failing to
+#: open the packs it took from earlier generations.
+SYNTHESIZED_FORMAT = "remote-packs-v2"
 #: Opened packs a reader keeps: the copy engine's readers ask for neighbouring windows
 #: out of order, and a sequential read then still fetches each pack once.
 PACK_CACHE = 4
@@ -67,28 +72,52 @@ class PackLayout:
     volume_id: str
     pack_chunks: int
     checksums_per_pack: int
+    #: A synthesized full's data packs taken from earlier fulls: pack -> the generation
+    #: that sealed it (its AAD and key name that generation; its number and chunks are
+    #: the same, since only a full of the same chunks and pack size is a source).
+    origins: Mapping[int, str] = field(default_factory=dict)
 
     @classmethod
-    def new_storage(cls, chunk_size: int, slots: int) -> dict[str, Any]:
-        """The manifest's ``storage`` for a new generation of ``slots`` stored chunks."""
-        per = max(1, PACK_BYTES // chunk_size)
-        return {
+    def new_storage(
+        cls,
+        chunk_size: int,
+        slots: int,
+        origins: Mapping[int, str] | None = None,
+        pack_chunks: int | None = None,
+    ) -> dict[str, Any]:
+        """The manifest's ``storage`` for a new generation of ``slots`` stored chunks
+        (``origins``: a synthesized full's packs taken from earlier generations)."""
+        per = pack_chunks or max(1, PACK_BYTES // chunk_size)
+        storage: dict[str, Any] = {
             "format": STORAGE_FORMAT,
             "pack_chunks": per,
             "checksums_per_pack": CHECKSUMS_PER_PACK,
             "data_packs": -(-slots // per),
             "checksum_packs": -(-slots // CHECKSUMS_PER_PACK),
         }
+        if origins:
+            storage["format"] = SYNTHESIZED_FORMAT
+            storage["origins"] = {str(p): gid for p, gid in sorted(origins.items())}
+        return storage
+
+    @staticmethod
+    def new_pack_chunks(chunk_size: int) -> int:
+        """Chunks a data pack of a new generation holds."""
+        return max(1, PACK_BYTES // chunk_size)
 
     @classmethod
     def of(cls, manifest: Manifest, volume_id: str) -> PackLayout:
         """:raises CorruptMetadata: the manifest does not describe remote packs."""
         storage = manifest.storage
         try:
-            if storage["format"] != STORAGE_FORMAT:
+            if storage["format"] not in (STORAGE_FORMAT, SYNTHESIZED_FORMAT):
                 raise ValueError(f"storage format {storage['format']!r}")
             layout = cls(
-                manifest, volume_id, int(storage["pack_chunks"]), int(storage["checksums_per_pack"])
+                manifest,
+                volume_id,
+                int(storage["pack_chunks"]),
+                int(storage["checksums_per_pack"]),
+                _origins(storage, manifest),
             )
             if layout.pack_chunks < 1 or layout.checksums_per_pack < 1:
                 raise ValueError("a pack of no chunks")
@@ -128,7 +157,8 @@ class PackLayout:
             raise InvalidInput(detail=f"generation {m.generation_id} has no data pack {pack}")
         last = self.chunk_of(first + count - 1)
         length = count * m.chunk_size - (m.chunk_size - m.chunk_bytes(last))
-        return PackAAD(self.volume_id, m.generation_id, pack, self.chunk_of(first), count, length)
+        sealer = self.origins.get(pack, m.generation_id)
+        return PackAAD(self.volume_id, sealer, pack, self.chunk_of(first), count, length)
 
     def checksum_aad(self, index: int) -> PackAAD:
         """The AAD of the ``index``-th checksum pack (numbered after the data packs)."""
@@ -303,11 +333,19 @@ class RemoteGenerationReader(GenerationReader):
     moved or replaced pack is :class:`~blockguard.errors.TamperedPack`) and kept in a
     small cache, since the copy engine's threads read neighbouring windows."""
 
-    def __init__(self, manifest: Manifest, layout: PackLayout, pack_key: bytes, call: SessionCall):
+    def __init__(
+        self,
+        manifest: Manifest,
+        layout: PackLayout,
+        pack_keys: Callable[[str], bytes],
+        call: SessionCall,
+    ):
+        """:param pack_keys: the pack key of a generation id (a synthesized full's packs
+        taken from earlier fulls are sealed with theirs)."""
         super().__init__(manifest)
         self.layout = layout
         self.key = generation_key(layout.volume_id, manifest.generation_id)
-        self._pack_key = pack_key
+        self._pack_keys = pack_keys
         self._call = call
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
@@ -352,7 +390,7 @@ class RemoteGenerationReader(GenerationReader):
             exc.fields.setdefault("generation", self.manifest.generation_id)
             raise
         self.gets += 1
-        return open_pack(self._pack_key, aad, sealed)
+        return open_pack(self._pack_keys(aad.generation_id), aad, sealed)
 
     def _load_checksums(self) -> array.array[int]:
         raw = b"".join(
@@ -363,3 +401,32 @@ class RemoteGenerationReader(GenerationReader):
     def close(self) -> None:
         with self._lock:
             self._cache.clear()
+
+
+def _origins(storage: Mapping[str, Any], manifest: Manifest) -> dict[int, str]:
+    """A layout's ``origins`` (v2 only), checked: data packs of a full, plain ids.
+
+    :raises ValueError: they do not fit.
+    """
+    if storage["format"] == STORAGE_FORMAT:
+        if "origins" in storage:
+            raise ValueError("origins in a layout of format v1")
+        return {}
+    if not manifest.is_full:
+        raise ValueError("origins in a generation that is no full")
+    raw = storage["origins"]
+    if not isinstance(raw, dict):
+        raise ValueError("origins is no object")
+    per = int(storage["pack_chunks"])
+    packs = -(-manifest.chunks // per) if per > 0 else 0
+    origins: dict[int, str] = {}
+    for key, gid in raw.items():
+        pack = int(key)
+        if not 0 <= pack < packs or not isinstance(gid, str):
+            raise ValueError(f"origin {key!r}: {gid!r:.80}")
+        try:
+            check_component(gid, "generation id")
+        except InvalidInput as exc:
+            raise ValueError(str(exc)) from None
+        origins[pack] = gid
+    return origins
