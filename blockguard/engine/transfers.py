@@ -146,16 +146,31 @@ class Transfers:
                     )
                     self._mark(target, "ok")
                     return result
-                base_id = parent_id = None
-                if method is GenerationKind.INCREMENTAL:
+                base_id = parent_id = clone_from = None
+                if method is GenerationKind.FULL and plan.changes.differential is not None:
+                    # The target has a full the local chain still lines up with: the new
+                    # full is synthesized there from it and what changed since.
+                    clone_from = next(
+                        g for g in reversed(sent) if g.kind is GenerationKind.FULL
+                    ).generation_id
+                elif method is GenerationKind.INCREMENTAL:
                     parent_id = sent[-1].generation_id
                 elif method is GenerationKind.DIFFERENTIAL:
                     base_id = next(
                         g for g in reversed(sent) if g.kind is GenerationKind.FULL
                     ).generation_id
-                chunks = None if method is GenerationKind.FULL else plan.changes.chunks(method)
+                if method is GenerationKind.FULL:
+                    chunks = plan.changes.differential if clone_from else None
+                else:
+                    chunks = plan.changes.chunks(method)
                 spec = transfer_spec(
-                    remote, source, method, chunks, base_id=base_id, parent_id=parent_id
+                    remote,
+                    source,
+                    method,
+                    chunks,
+                    base_id=base_id,
+                    parent_id=parent_id,
+                    clone_from=clone_from,
                 )
                 # The copy has the local generation's id: a transfer cut earlier with the
                 # same plan is continued, not begun again.

@@ -40,11 +40,18 @@ def transfer_spec(
     *,
     base_id: str | None = None,
     parent_id: str | None = None,
+    clone_from: str | None = None,
 ) -> GenerationSpec:
     """What ``dest`` is asked to write for a copy of ``newest`` (checks the references
-    there; writes nothing). A full copies every chunk (``changed`` is ignored)."""
+    there; writes nothing). A full copies every chunk, unless ``clone_from`` names a full
+    in ``dest`` that ``changed`` is relative to and ``dest`` can clone it (a remote pool
+    synthesizes the full there: only what changed crosses the link)."""
     if kind is GenerationKind.FULL:
-        return generation_spec(dest, newest.volume, kind, None, newest.chunk_size, None, None)
+        if clone_from is None or changed is None or not dest.can_clone_full:
+            changed = clone_from = None
+        return generation_spec(
+            dest, newest.volume, kind, changed, newest.chunk_size, clone_from, None
+        )
     return generation_spec(
         dest, newest.volume, kind, changed, newest.chunk_size, base_id, parent_id
     )
@@ -73,14 +80,22 @@ def transfer_generation(
     progress = progress or Progress()
     newest = chain[-1]
     full = spec.kind is GenerationKind.FULL
-    wanted = BitMap(range(newest.chunks)) if full else BitMap(spec.changed or BitMap())
-    parts = [(gen, own & wanted) for gen, own in plan_chunks(chain)]
-    parts = [(gen, own) for gen, own in parts if own]
-    progress.start(sum(gen.bytes_of(own) for gen, own in parts))
     writer = dest.begin_generation(spec)
     with writer:
+        if full and writer.cloned_from is not None:
+            # A cloned full: the clone's checksums, then what changed since it (or what
+            # the destination asks for: a remote pool's whole packs).
+            assert spec.changed is not None
+            wanted = writer.clone_reads(spec.changed)
+            with dest.open_generation(writer.cloned_from) as clone:
+                sums = array.array("Q", clone.checksums())
+        else:
+            wanted = BitMap(range(newest.chunks)) if full else BitMap(spec.changed or BitMap())
+            sums = new_checksum_array(newest.chunks if full else len(wanted))
+        parts = [(gen, own & wanted) for gen, own in plan_chunks(chain)]
+        parts = [(gen, own) for gen, own in parts if own]
+        progress.start(sum(gen.bytes_of(own) for gen, own in parts))
         slots = writer.draft.changed
-        sums = new_checksum_array(newest.chunks if full else len(wanted))
 
         def sink(first: int, view: memoryview, digests: Sequence[int]) -> None:
             writer.write_chunks(first, view, digests)
