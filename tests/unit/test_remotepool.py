@@ -471,3 +471,29 @@ def test_a_target_without_link_gets_the_full_whole(target: Target, pool: RemoteP
     second = backup(pool, bytes(data))
     assert "origins" not in second.storage
     assert restore(pool, second.generation_id) == bytes(data)
+
+
+def test_a_cut_synthesized_full_resumes_with_the_missing_packs(
+    target: Target, pool: RemotePool
+) -> None:
+    rng = random.Random(16)
+    data = bytearray(rng.randbytes(SIZE))
+    first = backup(pool, bytes(data))
+    per = 8 * MiB // CHUNK
+    changed = BitMap([3, 2 * per + 1])
+    for chunk in changed:
+        data[chunk * CHUNK] ^= 0x5A
+    target.puts = 0
+    target.kill_after_puts, target.window = 1, 1
+    pool.close()  # the next session puts with the window of 1
+    with pytest.raises(WireError):
+        synthesize(pool, bytes(data), first, changed)
+    target.kill_after_puts, target.window = None, 4
+    assert [m.generation_id for m in pool.generations("db")] == [first.generation_id]
+    target.puts = 0
+    second = synthesize(pool, bytes(data), first, changed)
+    # Pack 0 was stored before the cut: pack 2 and the checksum pack are what is left.
+    assert target.puts == 2
+    assert second.storage["origins"] == {"1": first.generation_id}
+    pool.remove_generation("db", first.generation_id)
+    assert restore(pool, second.generation_id) == bytes(data)
