@@ -73,6 +73,16 @@ def _rows(target: dict[str, Any]) -> list[tuple[str, Any]]:
         rows.append(("round trip", f"{target['link_round_trip'] * 1000:.1f} ms"))
     if "link_measured_at" in target:
         rows.append(("link measured", format_ago(target["link_measured_at"])))
+    for area in target.get("areas", []):
+        if "read" in area:
+            speeds = (
+                f"read {format_rate(area['read'])}, write {format_rate(area['write'])} "
+                "(the slower of the area and the link)"
+            )
+        else:
+            speeds = "not measured (the link stands for it)"
+        size = f", {format_size(area['total'])}" if "total" in area else ""
+        rows.append((f"area {area['name']}", f"{speeds}, {area.get('disk', 'unknown')}{size}"))
     if "space_total" in target:
         rows.append(
             (
