@@ -12,7 +12,7 @@ from blockguard.cli.actions import finish_job
 from blockguard.cli.client import Client, plain, variant
 from blockguard.cli.errors import CliError
 from blockguard.cli.output import Column, Output, text
-from blockguard.core.vocab import format_ago, format_rate, format_size
+from blockguard.core.vocab import format_ago, format_rate, format_size, format_time
 from blockguard.errors import ExitCode
 
 #: An exported key is about 90 characters; a file much larger is not one.
@@ -64,6 +64,14 @@ def _rows(target: dict[str, Any]) -> list[tuple[str, Any]]:
             + (f" ({target['state_reason']})" if target.get("state_reason") else ""),
         ),
     ]
+    if "retry_at" in target:
+        rows.append(
+            (
+                "scheduled transfers",
+                f"held back after {target['failures']} failure(s) in a row; next try at "
+                f"{format_time(target['retry_at'])} (`blockguardctl transfer VOLUME` tries now)",
+            )
+        )
     if "link_down" in target:
         rows += [
             ("link down", format_rate(target["link_down"])),
