@@ -103,6 +103,17 @@ def _rows(target: dict[str, Any]) -> list[tuple[str, Any]]:
     return rows
 
 
+def _area_speeds(target: dict[str, Any]) -> str:
+    """The measured areas' read/write as seen from here (each the slower of area and
+    link), or "-" when the target reports none measured."""
+    shown = [
+        f"{a['name']} {format_rate(a['read'])}/{format_rate(a['write'])}"
+        for a in target.get("areas", [])
+        if "read" in a and "write" in a
+    ]
+    return ", ".join(shown) or "-"
+
+
 def target_list(client: Client, args: argparse.Namespace, out: Output) -> None:
     found = plain(client.call("ListTargets"))
     if out.as_json:
@@ -118,6 +129,7 @@ def target_list(client: Client, args: argparse.Namespace, out: Output) -> None:
             Column("down"),
             Column("up"),
             Column("round trip", drop=1),
+            Column("area read/write", drop=2),
             Column("free", drop=1),
         ),
         (
@@ -129,6 +141,7 @@ def target_list(client: Client, args: argparse.Namespace, out: Output) -> None:
                 format_rate(t["link_down"]) if "link_down" in t else "-",
                 format_rate(t["link_up"]) if "link_up" in t else "-",
                 f"{t['link_round_trip'] * 1000:.1f} ms" if "link_round_trip" in t else "-",
+                _area_speeds(t),
                 format_size(t["space_free"]) if "space_free" in t else "-",
             ]
             for t in found
