@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -123,6 +124,7 @@ class SeaweedCluster:
     filer: Proc
     s3: Proc
     identities: tuple[Identity, ...] = (ADMIN, OTHER)
+    sockets: Path | None = None
     _started: list[Proc] = field(default_factory=list)
 
     @property
@@ -162,6 +164,8 @@ class SeaweedCluster:
         """SIGKILL every process this cluster started, the gateway first."""
         for proc in reversed(self._started):
             proc.kill()
+        if self.sockets is not None:
+            shutil.rmtree(self.sockets, ignore_errors=True)
 
     def shell(self, command: str, timeout: float = 60) -> str:
         """Run one ``weed shell`` command against the master; its output."""
@@ -221,6 +225,10 @@ def build_cluster(root: Path, weed: Path, identities: tuple[Identity, ...]) -> S
     root.mkdir(parents=True, exist_ok=True)
     w = str(weed)
     common = [f"-ip={HOST}", f"-ip.bind={HOST}"]
+    # The unix sockets the filer and gateway open (default /tmp/seaweedfs-*-PORT.sock,
+    # left behind by SIGKILL): in a short directory of their own, as a socket path must
+    # fit 108 bytes and the test's tmp dir may be longer.
+    sockets = Path(tempfile.mkdtemp(prefix="bg-weed-"))
     taken: set[int] = set()
     mport = _ports(taken)
     master_dir = root / "master"
@@ -275,6 +283,7 @@ def build_cluster(root: Path, weed: Path, identities: tuple[Identity, ...]) -> S
             f"-port.grpc={fport + 1}",
             f"-master={_grpc(mport)}",
             f"-defaultStoreDir={filer_dir}",
+            f"-localSocket={sockets / 'filer.sock'}",
         ],
         root / "logs" / "filer.log",
         fport,
@@ -293,11 +302,16 @@ def build_cluster(root: Path, weed: Path, identities: tuple[Identity, ...]) -> S
             f"-port.grpc={sport + 1}",
             f"-filer={_grpc(fport)}",
             f"-config={config}",
+            # Its Iceberg and Lance catalogs listen on fixed ports by default: two
+            # clusters (parallel tests) would collide there.
+            "-port.iceberg=0",
+            "-port.lance=0",
+            f"-localSocket={sockets / 's3.sock'}",
         ],
         root / "logs" / "s3.log",
         sport,
     )
-    return SeaweedCluster(root, weed, master, volumes, filer, s3, identities)
+    return SeaweedCluster(root, weed, master, volumes, filer, s3, identities, sockets)
 
 
 def s3_config(identities: tuple[Identity, ...]) -> dict[str, object]:
