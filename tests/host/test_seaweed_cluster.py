@@ -7,13 +7,21 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
-from botocore.exceptions import ClientError
 
-from tests.support.seaweed import OTHER, OTHER_BUCKET, SeaweedCluster
+from tests.support.seaweed import (
+    OTHER,
+    OTHER_BUCKET,
+    SeaweedCluster,
+    require_seaweed,
+    seaweed_cluster,
+)
 from tests.timeouts import scaled
 
+# boto3 is a test extra; without it the tests skip (require_seaweed says why).
+ClientError = pytest.importorskip("botocore.exceptions").ClientError
 BUCKET = "bg-cluster"
 
 
@@ -75,3 +83,16 @@ def test_one_volume_server_killed(seaweed: SeaweedCluster) -> None:
             time.sleep(1)
     assert len(s3.get_object(Bucket=BUCKET, Key="after")["Body"].read()) == 1024 * 1024
     print(f"after the kill: {readable} readable, {failed} failed, {refused} PUTs refused")
+
+
+def test_every_process_is_killed_when_the_body_fails(tmp_path: Path) -> None:
+    require_seaweed()
+    with pytest.raises(RuntimeError, match="the test failed"):  # noqa: SIM117 - the cluster must end inside
+        with seaweed_cluster(tmp_path / "sw") as cluster:
+            pids = [p.pid for p in cluster.processes]
+            sockets = cluster.sockets
+            raise RuntimeError("the test failed")
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # reaped, not a zombie
+    assert sockets is not None and not sockets.exists()
