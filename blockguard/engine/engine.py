@@ -43,6 +43,7 @@ from blockguard.engine import service as svc
 from blockguard.engine.alerts import AlertCenter
 from blockguard.engine.background import run_in_background
 from blockguard.engine.backups import back_up
+from blockguard.engine.browsing import Browser
 from blockguard.engine.calibration import run_drill_job
 from blockguard.engine.cmdguard import GuardedRunner
 from blockguard.engine.events import EventHub
@@ -112,6 +113,7 @@ class Engine:
         self._health: HealthKeeper | None = None
         self._monitor: HealthMonitor | None = None
         self._targets: TargetRegistry | None = None
+        self._browser: Browser | None = None
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -172,6 +174,8 @@ class Engine:
             self._recover_points_in_time()
             self._pools.open_all()
             self._volumes.open_all()
+            self._browser = Browser(self.state_dir, self._pools, self._volumes, self.cmd)
+            self._browser.clean_stale()
             self._open_health()
         except BaseException:
             self.close()
@@ -278,6 +282,9 @@ class Engine:
             log.error("cannot undo the point-in-time copies of interrupted backups: %s", exc)
 
     def close(self) -> None:
+        if self._browser is not None:
+            self._browser.close()
+            self._browser = None
         if self._volumes is not None:
             self._stop_drills()
         if self._monitor is not None:
@@ -731,6 +738,21 @@ class Engine:
     def release_swap_in(self, which: str) -> dict[str, Any]:
         with self._lock:
             return swapins.release_swap_in(self.pools, which)
+
+    @property
+    def browser(self) -> Browser:
+        if self._browser is None:
+            raise EnvironmentProblem(detail="the service is not open")
+        return self._browser
+
+    def mount(self, generation: str, mountpoint: str) -> dict[str, Any]:
+        return self.browser.mount(generation, mountpoint)
+
+    def unmount(self, mountpoint: str) -> dict[str, Any]:
+        return self.browser.unmount(mountpoint)
+
+    def list_mounts(self) -> list[dict[str, Any]]:
+        return self.browser.list()
 
     def verify(self, generation: str) -> Job:
         with self._lock:
