@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -172,6 +173,9 @@ def test_mount_each_generation_shows_its_files(
                     m for m in plain(client.call("ListMounts")) if m["mountpoint"] == str(point)
                 ]
                 records.append(record)
+                listed = cli(daemon, "--json", "mounts")
+                assert listed.returncode == 0, listed.stderr
+                assert json.loads(listed.stdout)["mounts"] == [record]
                 assert record["generation"] == generation
                 assert record["fstype"] == fstype
                 assert files_of(point) == want
@@ -262,3 +266,40 @@ def test_mount_refuses_a_bad_mountpoint(
         with pytest.raises(RemoteError) as info:
             client.call("Unmount", "s", str(busy))
         assert info.value.name == "org.blockguard1.Error.NotFound"
+
+
+def test_retention_keeps_a_mounted_generation(
+    engine: EngineHarness, loopdev: Callable[..., str], tmp_path: Path
+) -> None:
+    pool_disk = loopdev(POOL_SIZE, "pool.img")
+    volume = loopdev(SIZE, "db.img")
+    run(["mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", volume])
+    daemon = engine.start()
+    record: dict[str, object] = {}
+    try:
+        with Client(daemon.address) as client:
+            setup_volume(client, pool_disk, volume)
+            old = back_up(client, "full")
+            point = tmp_path / "browse"
+            point.mkdir()
+            record = plain(client.call("Mount", "ss", old, str(point)))
+            client.call("SetObjectives", "sa{sv}", "db", {"generations": variant(1)})
+
+            def full_backup() -> str:
+                job = client.call("BackupNowWithOptions", "sa{sv}", "db", {"full": variant(True)})
+                props = run_job(client, job)
+                assert props["State"] == "done", props["Error"]
+                return str(props["Result"]["generation"])  # type: ignore[index]
+
+            def listed() -> set[str]:
+                return {g[0] for g in plain(client.call("ListGenerations", "s", "db"))}
+
+            new = full_backup()
+            # Retention would take the old full: it is mounted, so it stays and reads.
+            assert listed() == {old, new}
+            assert (point / "lost+found").is_dir()
+            client.call("Unmount", "s", str(point))
+            newest = full_backup()
+            assert listed() == {newest}
+    finally:
+        forget(record)
