@@ -10,10 +10,10 @@ is of type ``fuse.blockguard``). See docs/design/browse.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -120,7 +120,11 @@ class BrowseMount:
         self.record = record
         self.image = image
         self.book = book
-        self.server = fuse.FuseFile(Path(record.fuse_dir), IMAGE_NAME, image.size, self._read)
+        # The image is closed by the serving thread when it ends, which after a lazy
+        # unmount (a process still in the file system) is later than ``stop``.
+        self.server = fuse.FuseFile(
+            Path(record.fuse_dir), IMAGE_NAME, image.size, self._read, on_exit=image.close
+        )
 
     def _read(self, offset: int, size: int) -> bytes:
         try:
@@ -161,8 +165,10 @@ class BrowseMount:
 
     def stop(self, runner: Runner) -> None:
         """Tear down in reverse: file system, loop, FUSE; then forget the record."""
+        started = self.server.serving
         teardown(self.record, runner, server=self.server)
-        self.image.close()
+        if not started:
+            self.image.close()
         self.book.drop(self.record)
 
 
@@ -182,11 +188,16 @@ def teardown(record: MountRecord, runner: Runner, server: fuse.FuseFile | None =
         if loop_backing_file(record.loop) == record.image:
             runner.run(["losetup", "-d", record.loop], timeout=60)
     if server is not None:
-        server.stop()
+        if not server.stop():
+            log.info(
+                "%s is still in use: unmounted lazily, served until released", record.mountpoint
+            )
     else:
         at = mounted_at(record.fuse_dir)
         if at is not None and at[0] == fuse.FS_TYPE:
             fuse.unmount(record.fuse_dir)
     if mounted_at(record.fuse_dir) is not None:
         raise EnvironmentProblem(detail=f"{record.fuse_dir} is still mounted")
-    shutil.rmtree(record.fuse_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        # Empty once unmounted; it stays only while a lazy unmount still holds it.
+        os.rmdir(record.fuse_dir)

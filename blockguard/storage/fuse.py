@@ -87,12 +87,20 @@ class FuseFile:
     :param name: the file's name in it.
     :param size: the file's size in bytes.
     :param read: ``(offset, size) -> bytes`` (at most ``size`` bytes; short at the end).
+    :param on_exit: called by the serving thread once the kernel let the file system go
+        (after :meth:`stop`, which may return before when the unmount had to be lazy).
     """
 
     def __init__(
-        self, mountpoint: Path, name: str, size: int, read: Callable[[int, int], bytes]
+        self,
+        mountpoint: Path,
+        name: str,
+        size: int,
+        read: Callable[[int, int], bytes],
+        on_exit: Callable[[], None] | None = None,
     ) -> None:
         self.mountpoint = Path(mountpoint)
+        self._on_exit = on_exit
         self.name = name
         self.size = size
         self._read = read
@@ -133,19 +141,34 @@ class FuseFile:
         )
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Unmount (lazily if still busy) and wait for the serving thread to end."""
-        if self._fd < 0:
-            return
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Unmount (lazily if still busy) and wait up to ``timeout`` seconds for the
+        serving thread to end; False when it still serves (a lazy unmount: the kernel
+        releases the file system, and the thread ends, once its last user is gone).
+        """
+        if self._thread is None:
+            return True
         unmount(self.mountpoint)
-        if self._thread is not None:
-            self._thread.join(timeout)
-        os.close(self._fd)
-        self._fd = -1
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def serving(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     # --- the protocol ----------------------------------------------------------------------
 
     def _serve(self) -> None:
+        try:
+            self._serve_requests()
+        finally:
+            # The thread owns the descriptor: it ends only when the kernel is done with it.
+            os.close(self._fd)
+            self._fd = -1
+            if self._on_exit is not None:
+                self._on_exit()
+
+    def _serve_requests(self) -> None:
         bufsize = MAX_PAGES * 4096 + MAX_WRITE + 4096
         while True:
             try:
