@@ -17,7 +17,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from blockguard.errors import BlockguardError, CorruptMetadata, EnvironmentProblem
+from blockguard.errors import BlockguardError, CorruptMetadata, EnvironmentProblem, InvalidInput
 from blockguard.storage import fuse
 from blockguard.storage.genimage import GenerationImage
 from blockguard.storage.manifest import write_atomic
@@ -154,10 +154,15 @@ class BrowseMount:
             fstype = runner.run(
                 ["blkid", "-p", "-o", "value", "-s", "TYPE", loop], timeout=60, check=False
             ).stdout.strip()
+            if not fstype:
+                raise InvalidInput(
+                    detail=f"generation {rec.generation} holds no file system that blkid "
+                    "recognises: there is nothing to mount"
+                )
             rec = self.record = _with(rec, fstype=fstype)
             self.book.save(rec)
             options = FS_OPTIONS.get(fstype, "ro")
-            argv = ["mount", "-o", options, *(["-t", fstype] if fstype else []), loop]
+            argv = ["mount", "-o", options, "-t", fstype, loop]
             runner.run([*argv, rec.mountpoint], timeout=120)
         except BaseException:
             self.stop(runner)

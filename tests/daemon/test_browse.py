@@ -269,6 +269,20 @@ def test_mount_refuses_a_bad_mountpoint(
             assert info.value.name == "org.blockguard1.Error.InvalidInput"
             assert why in str(info.value) and str(point) in str(info.value)
         assert not plain(client.call("ListMounts"))
+        # The volume holds no file system: refused, and nothing is left behind.
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        loops_before = run(["losetup", "-a"])
+        with pytest.raises(RemoteError) as info:
+            client.call("Mount", "ss", gen, str(empty))
+        assert info.value.name == "org.blockguard1.Error.InvalidInput"
+        assert "no file system" in str(info.value) and gen in str(info.value)
+        assert not plain(client.call("ListMounts"))
+        assert not list((daemon.state_dir / "mounts").glob("*.json"))
+        browse = daemon.state_dir / "browse"
+        assert not [p for p in mountinfo_points() if p.startswith(str(browse))]
+        assert not list(browse.iterdir())
+        assert str(browse) not in run(["losetup", "-a"]).replace(loops_before, "")
         with pytest.raises(RemoteError) as info:
             client.call("Unmount", "s", str(busy))
         assert info.value.name == "org.blockguard1.Error.NotFound"
