@@ -45,6 +45,7 @@ from blockguard.engine.alerts import AlertCenter
 from blockguard.engine.background import run_in_background
 from blockguard.engine.backoff import TargetBackoff
 from blockguard.engine.backups import back_up
+from blockguard.engine.browsing import Browser
 from blockguard.engine.calibration import run_drill_job
 from blockguard.engine.cmdguard import GuardedRunner
 from blockguard.engine.events import EventHub
@@ -123,6 +124,7 @@ class Engine:
         self._targets: TargetRegistry | None = None
         #: Targets that could not be reached, held back from scheduled transfers.
         self.target_backoff = TargetBackoff()
+        self._browser: Browser | None = None
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -199,6 +201,8 @@ class Engine:
             self._recover_points_in_time()
             self._pools.open_all()
             self._volumes.open_all()
+            self._browser = Browser(self.state_dir, self._pools, self._volumes, self.cmd)
+            self._browser.clean_stale()
             self._open_health()
         except BaseException:
             self.close()
@@ -305,6 +309,9 @@ class Engine:
             log.error("cannot undo the point-in-time copies of interrupted backups: %s", exc)
 
     def close(self) -> None:
+        if self._browser is not None:
+            self._browser.close()
+            self._browser = None
         if self._volumes is not None:
             self._stop_drills()
         if self._monitor is not None:
@@ -773,6 +780,21 @@ class Engine:
     def release_swap_in(self, which: str) -> dict[str, Any]:
         with self._lock:
             return swapins.release_swap_in(self.pools, which)
+
+    @property
+    def browser(self) -> Browser:
+        if self._browser is None:
+            raise EnvironmentProblem(detail="the service is not open")
+        return self._browser
+
+    def mount(self, generation: str, mountpoint: str) -> dict[str, Any]:
+        return self.browser.mount(generation, mountpoint)
+
+    def unmount(self, mountpoint: str) -> dict[str, Any]:
+        return self.browser.unmount(mountpoint)
+
+    def list_mounts(self) -> list[dict[str, Any]]:
+        return self.browser.list()
 
     def verify(self, generation: str) -> Job:
         with self._lock:
