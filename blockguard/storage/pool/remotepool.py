@@ -107,6 +107,8 @@ class RemotePool(PoolBackend):
         self._session: RemoteSession | None = None
         self._lock = threading.RLock()
         self._open_drafts: dict[tuple[Any, ...], Manifest] = {}
+        #: The writer begun last: what it sent, for the transfer's result and the link row.
+        self.last_writer: RemoteGenerationWriter | None = None
 
     # --- the session ----------------------------------------------------------------------
 
@@ -175,7 +177,7 @@ class RemotePool(PoolBackend):
             if done:
                 self._open_drafts.pop(spec_key, None)
 
-        return RemoteGenerationWriter(
+        self.last_writer = RemoteGenerationWriter(
             draft,
             volume_id=vid,
             pack_key=self._key.pack_key(vid, draft.generation_id),
@@ -184,6 +186,7 @@ class RemotePool(PoolBackend):
             stored=stored,
             finished=finished,
         )
+        return self.last_writer
 
     def expect_resume(self, spec: GenerationSpec, generation_id: str) -> None:
         """Let the next writer of ``spec`` continue ``generation_id``, which a cut left
