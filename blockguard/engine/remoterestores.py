@@ -10,7 +10,11 @@ carries it (``predicted_seconds``) next to the measured ``seconds``, as a local
 restore's does. Each finished restore is kept as a restore path sample of the target
 (device ``target:ID``, copy mode), as a local restore is of its pool device: once there
 are enough, the estimate is the terms fitted to them (the link's round trips, its real
-rate down, the decryption) instead of the registration's link figures. A pack that
+rate down, the decryption) instead of the registration's link figures. Unlike a local
+copy, whose reads and target writes take about their sum (``copy_write_cost``), a
+restore over a link writes while it waits for the link: its samples keep the whole time,
+writes included, and the fitted estimate adds none (only a target slower than the copy
+target they were taken with would add its extra). A pack that
 fails its authentication (``TamperedPack``) stops the restore and marks the generation
 that holds it damaged on the target, so every host that lists the target sees it.
 """
@@ -18,6 +22,7 @@ that holds it damaged on the target, so every host that lists the target sees it
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -145,8 +150,12 @@ def remote_estimate(
         ),
     )
     copy = copy_speed(catalog, pools, request.volume, default_speed)
-    cal = calibration(catalog, [where])
-    return estimate_chain(model, {where: link}, RestoreMode.COPY, copy, terms=cal.terms)
+    # The samples hold this host's writes (see the module): the terms say so.
+    terms = {
+        key: dataclasses.replace(fitted, write_rate=copy.write(False))
+        for key, fitted in calibration(catalog, [where]).terms.items()
+    }
+    return estimate_chain(model, {where: link}, RestoreMode.COPY, copy, terms=terms)
 
 
 def run_remote_restore(
@@ -177,17 +186,15 @@ def run_remote_restore(
         except (ChecksumMismatch, CorruptMetadata, DataError) as exc:
             _mark_on_target(remote, request, exc)
             raise
-    catalog = pools.catalog
-    copy = copy_speed(catalog, pools, volume, pools.settings.default_speed)
     try:
+        # No copy target: the sample is the whole time, writes included (see the module).
         record_restore_sample(
-            catalog,
+            pools.catalog,
             volume,
             target_device(request.target_id),
             RestoreTarget.NEW_DEVICE,
             result,
             estimate.seconds,
-            copy,
         )
     except BlockguardError as exc:  # the device is restored; only the sample is lost
         log.error("cannot record the restore from target %s: %s", request.target_id, exc)
