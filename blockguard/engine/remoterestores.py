@@ -7,14 +7,22 @@ or too small) is raised by :func:`check_remote_restore` before a job exists. The
 estimate is the restore model's for the target's chain, the target's speeds being the
 link's (``min(area, link)``) and the writes this host's copy target; the job's result
 carries it (``predicted_seconds``) next to the measured ``seconds``, as a local
-restore's does. A pack that fails its authentication (``TamperedPack``) stops the
-restore and marks the generation that holds it damaged on the target, so every host
-that lists the target sees it.
+restore's does. Each finished restore is kept as a restore path sample of the target
+(device ``target:ID``, copy mode), as a local restore is of its pool device: once there
+are enough, the estimate is the terms fitted to them (the link's round trips, its real
+rate down, the decryption) instead of the registration's link figures. Unlike a local
+copy, whose reads and target writes take about their sum (``copy_write_cost``), a
+restore over a link writes while it waits for the link: its samples keep the whole time,
+writes included, and the fitted estimate adds none (only a target slower than the copy
+target they were taken with would add its extra). A pack that
+fails its authentication (``TamperedPack``) stops the restore and marks the generation
+that holds it damaged on the target, so every host that lists the target sees it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -22,9 +30,9 @@ from typing import Any
 from blockguard.core.catalog import Catalog, RemoteGenerationRow
 from blockguard.core.perftable import DeviceSpeed
 from blockguard.core.restore_model import Chain, RestoreEstimate, StoredDelta, estimate_chain
-from blockguard.core.vocab import GenerationKind, RestoreMode
+from blockguard.core.vocab import GenerationKind, RestoreMode, RestoreTarget
 from blockguard.engine import ids
-from blockguard.engine.calibration import copy_target_of
+from blockguard.engine.calibration import calibration, copy_target_of, record_restore_sample
 from blockguard.engine.jobbook import JobProgress
 from blockguard.engine.jobs import ProgressReporter
 from blockguard.engine.pools import PoolRegistry
@@ -111,11 +119,25 @@ def check_remote_restore(
     return RemoteRestoreRequest(volume, target_id, device, chain)
 
 
+def copy_speed(
+    catalog: Catalog, pools: PoolRegistry, volume: str, default_speed: float
+) -> DeviceSpeed:
+    """The write speed a restore of ``volume`` from a target assumes for its device: its
+    pool's copy target when it is protected here, else ``default_speed``."""
+    with contextlib.suppress(NotFound):
+        pool = catalog.get_volume(volume).pool
+        if pool is not None:
+            return copy_target_of(pools, pool).speed
+    return DeviceSpeed.uniform(default_speed)
+
+
 def remote_estimate(
     catalog: Catalog, pools: PoolRegistry, request: RemoteRestoreRequest, default_speed: float
 ) -> RestoreEstimate:
     """The model's time for this restore: the target's chain over the link (its speeds
-    as measured at registration), written at this host's copy-target speed."""
+    as measured at registration, refined by transfers), written at this host's
+    copy-target speed; with the terms fitted to the target's restore samples once it
+    has enough of them."""
     link, _ = link_speed(catalog, request.target_id, default_speed)
     where = target_device(request.target_id)
     full = request.chain[0]
@@ -127,12 +149,13 @@ def remote_estimate(
             for r in request.chain[1:]
         ),
     )
-    copy = DeviceSpeed.uniform(default_speed)
-    with contextlib.suppress(NotFound):
-        pool = catalog.get_volume(request.volume).pool
-        if pool is not None:
-            copy = copy_target_of(pools, pool).speed
-    return estimate_chain(model, {where: link}, RestoreMode.COPY, copy)
+    copy = copy_speed(catalog, pools, request.volume, default_speed)
+    # The samples hold this host's writes (see the module): the terms say so.
+    terms = {
+        key: dataclasses.replace(fitted, write_rate=copy.write(False))
+        for key, fitted in calibration(catalog, [where]).terms.items()
+    }
+    return estimate_chain(model, {where: link}, RestoreMode.COPY, copy, terms=terms)
 
 
 def run_remote_restore(
@@ -163,6 +186,18 @@ def run_remote_restore(
         except (ChecksumMismatch, CorruptMetadata, DataError) as exc:
             _mark_on_target(remote, request, exc)
             raise
+    try:
+        # No copy target: the sample is the whole time, writes included (see the module).
+        record_restore_sample(
+            pools.catalog,
+            volume,
+            target_device(request.target_id),
+            RestoreTarget.NEW_DEVICE,
+            result,
+            estimate.seconds,
+        )
+    except BlockguardError as exc:  # the device is restored; only the sample is lost
+        log.error("cannot record the restore from target %s: %s", request.target_id, exc)
     return {
         "generation": public,
         "mode": RestoreMode.COPY.value,
@@ -172,6 +207,7 @@ def run_remote_restore(
         "seconds": result.duration,
         "predicted_seconds": estimate.seconds,
         "upper_seconds": estimate.upper_seconds,
+        "calibrated": estimate.calibrated,
         "chain": [ids.public_id(volume, g) for g in result.chain],
     }
 

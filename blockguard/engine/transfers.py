@@ -10,6 +10,11 @@ generation it kept open, so the id needs no keeping across a restart of this dae
 A generation is recorded in the catalog only after the target committed it; remote
 retention (``remote_generations``, keep-last) runs after the commit, and the rows of
 what it removed go with it.
+
+Every transfer that put enough bytes is also a measurement of the link's up direction:
+its sealed bytes over its time are blended into the link's performance-table row
+(:func:`observe_link`), as live I/O refines a pool device's, so the remote plan's figure
+follows the link as it is used, not only as registration measured it once.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from blockguard.core.catalog import Catalog, RemoteGenerationRow
+from blockguard.core.catalog import Catalog, PerfEntry, RemoteGenerationRow, link_perf_key
 from blockguard.core.objective_sets import RemoteObjectives, remote_of
 from blockguard.core.objectives import IntervalRPO
+from blockguard.core.perftable import SpeedKind
+from blockguard.core.units import MiB
 from blockguard.core.vocab import GenerationKind
 from blockguard.engine.backoff import MAX_WAIT, TargetBackoff
 from blockguard.engine.calibration import copy_target_of
@@ -52,6 +59,10 @@ from blockguard.storage.transfer import transfer_generation, transfer_spec
 
 log = logging.getLogger(__name__)
 
+#: Fewer bytes than this on the wire measure round trips and start-up more than the
+#: link's rate: such a transfer does not update the link row (one pack is 8 MiB).
+MIN_OBSERVED_BYTES = 8 * MiB
+
 
 def remote_objectives(given: dict[str, Any], volume: str) -> RemoteObjectives:
     """The volume's remote objectives.
@@ -65,6 +76,33 @@ def remote_objectives(given: dict[str, Any], volume: str) -> RemoteObjectives:
             f"`blockguardctl objectives {volume} --target ID`"
         )
     return remote
+
+
+def observe_link(
+    catalog: Catalog, target: str, nbytes: int, seconds: float, default: float
+) -> PerfEntry | None:
+    """Blend a transfer's rate (``nbytes`` sent in ``seconds``) into the write figures
+    of the link to ``target`` (exponential smoothing, :meth:`DeviceSpeed.observed`).
+
+    :returns: the updated row, or ``None`` when the transfer was too small to say.
+    """
+    if nbytes < MIN_OBSERVED_BYTES or seconds <= 0:
+        return None
+    rate = nbytes / seconds
+    speed, _ = link_speed(catalog, target, default)
+    # A link is no slower for scattered chunks: both write figures are the up direction.
+    speed = speed.observed(SpeedKind.SEQ_WRITE, rate).observed(SpeedKind.RAND_WRITE, rate)
+    # Only the up figures: the down ones (None) keep what was measured of them.
+    return catalog.upsert_perf(
+        PerfEntry(
+            device_key=link_perf_key(target),
+            kind="pool",
+            measured_at=catalog.now(),
+            source="live",
+            seq_write=speed.seq_write,
+            rand_write=speed.rand_write,
+        )
+    )
 
 
 def _row(
@@ -210,6 +248,7 @@ class Transfers:
                     keep=plan.objectives.generations,
                 )
                 seconds = time.monotonic() - started
+                writer = remote.last_writer
                 self.catalog.record_remote_generation(
                     _row(target, done.manifest, self.catalog.now(), seconds)
                 )
@@ -239,11 +278,22 @@ class Transfers:
                 )
             raise
         self._mark(target, "ok")
+        sent_bytes = writer.sent_bytes if writer is not None else 0
+        try:
+            observe_link(self.catalog, target, sent_bytes, done.duration, self.default_speed)
+        except EnvironmentProblem as exc:  # the generation is committed and recorded
+            log.error("cannot update the link row of target %s: %s", target, exc)
         result.update(
             method=method.value,
             generation=public_id(volume, source.generation_id),
             bytes=done.bytes_copied,
             seconds=seconds,
+            # What crossed the link (sealed: compressed and encrypted) and in how many
+            # packs; ``packs_resumed``: packs a cut transfer had stored, not sent again.
+            bytes_sent=sent_bytes,
+            send_seconds=done.duration,
+            packs_sent=writer.puts if writer is not None else 0,
+            packs_resumed=writer.skipped if writer is not None else 0,
             freed=[public_id(volume, g) for g in freed],
             warnings=list(done.warnings),
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
@@ -83,6 +84,26 @@ def set_up(
     return daemon, volume
 
 
+def link_row(daemon: Daemon) -> tuple[float, float, float]:
+    """The link of ``offsite`` as ``target show`` has it: (down, up, measured at)."""
+    shown = as_json(daemon, "target", "show", "offsite")["target"]
+    return shown["link_down"], shown["link_up"], shown["link_measured_at"]
+
+
+def target_samples(daemon: Daemon) -> list[tuple[str, int, float, float]]:
+    """The restore samples the catalog keeps of target ``offsite``: (volume, bytes,
+    predicted, measured)."""
+    conn = sqlite3.connect(f"file:{daemon.state_dir / 'catalog.db'}?mode=ro", uri=True)
+    try:
+        rows = conn.execute(
+            "SELECT volume, bytes, predicted_seconds, measured_seconds FROM path_samples"
+            " WHERE pool_device = 'target:offsite' AND mode = 'copy' ORDER BY seq"
+        ).fetchall()
+    finally:
+        conn.close()
+    return [tuple(r) for r in rows]
+
+
 def packs_of(lab: NetLab) -> dict[str, tuple[int, int]]:
     """Every pack file on the target: path -> (inode, mtime_ns)."""
     found = {}
@@ -114,9 +135,16 @@ def test_remote_objectives_plan_transfer_and_restore(
     shown = ok(daemon, "plan", "db").stdout
     assert "to target offsite would be full" in shown
 
+    registered = link_row(daemon)
     result = transfer(daemon)
     assert (result["method"], result["to_target"]) == (plan["method"], "offsite")
     assert result["generation"] == plan["source"]
+    # Random data does not compress: the sealed packs are the bytes and a little more.
+    assert SIZE <= result["bytes_sent"] < SIZE * 1.01, result
+    assert (result["packs_sent"], result["packs_resumed"]) == (5, 0), result
+    # The transfer measured the link's up direction: the row follows it, down kept.
+    down, up, at = link_row(daemon)
+    assert at > registered[2] and up != registered[1] and down == registered[0]
     assert remote_plan(daemon)["up_to_date"] is True
 
     # Two local incrementals, then one transfer: an incremental there (the union).
@@ -139,6 +167,12 @@ def test_remote_objectives_plan_transfer_and_restore(
     assert sha256_of(device) == sums[3]
     assert restored["from_target"] == "offsite" and len(restored["chain"]) == 2
     assert restored["predicted_seconds"] > 0 and restored["seconds"] > 0
+    # Kept as a sample of the target for the restore model, with what it predicted.
+    [(volume_name, nbytes, predicted, measured)] = target_samples(daemon)
+    assert (volume_name, predicted, measured) == (
+        "db", restored["predicted_seconds"], restored["seconds"]
+    )  # fmt: skip
+    assert nbytes >= SIZE
     print(
         f"restore from the target: estimated {restored['predicted_seconds']:.2f}s, "
         f"took {restored['seconds']:.2f}s"
@@ -237,6 +271,9 @@ def test_a_cut_transfer_records_nothing_and_the_next_one_resumes(
         assert result["method"] == "full"
         after = packs_of(lab)
         assert len(after) == 5
+        # The packs stored before the cut were taken as they were, the rest sent.
+        assert result["packs_resumed"] == len(stored), (result, stored)
+        assert result["packs_sent"] == 5 - len(stored), result
         # What the target stored before the cut was not sent again.
         assert {p: after[p] for p in stored} == stored
         assert remote_plan(daemon)["up_to_date"] is True

@@ -114,6 +114,8 @@ class RemotePool(PoolBackend):
         self._open_drafts: dict[tuple[Any, ...], Manifest] = {}
         #: False once the target refused ``link`` as unknown (an older target).
         self._can_link = True
+        #: The writer begun last: what it sent, for the transfer's result and the link row.
+        self.last_writer: RemoteGenerationWriter | None = None
 
     @property  # type: ignore[override]  # per target, not per class
     def can_clone_full(self) -> bool:
@@ -203,7 +205,8 @@ class RemotePool(PoolBackend):
         }
         origins = PackLayout.of(draft, vid).origins
         if previous is None or not origins:
-            return RemoteGenerationWriter(draft, **writer_args)
+            self.last_writer = RemoteGenerationWriter(draft, **writer_args)
+            return self.last_writer
         source = generation_key(vid, previous.generation_id)
         try:
             linked = self.call(lambda s: s.link(key, source, [(p, p) for p in sorted(origins)]))
@@ -217,9 +220,10 @@ class RemotePool(PoolBackend):
             self._can_link = False
             draft = self._draft(spec, draft.generation_id)
             self._open_drafts[spec_key] = draft
-            return RemoteGenerationWriter(draft, **writer_args)
+            self.last_writer = RemoteGenerationWriter(draft, **writer_args)
+            return self.last_writer
         assert spec.changed is not None
-        return SynthesizedFullWriter(
+        self.last_writer = SynthesizedFullWriter(
             draft,
             previous=previous,
             changed=spec.changed,
@@ -227,6 +231,7 @@ class RemotePool(PoolBackend):
             open_previous=lambda: self.open_generation(previous),
             **writer_args,
         )
+        return self.last_writer
 
     def _synthesis_source(self, spec: GenerationSpec, vid: str) -> Manifest | None:
         """The previous full a new full ``spec`` is synthesized from on the target: the

@@ -221,6 +221,8 @@ class RemoteGenerationWriter(GenerationWriter):
         self.puts = 0
         #: Packs of a resumed generation not sent again (the target held them).
         self.skipped = 0
+        #: Sealed bytes of the puts sent: what crossed the link (after compression).
+        self.sent_bytes = 0
 
     def write_chunks(self, first: int, view: memoryview, digests: Sequence[int]) -> None:
         slot = first if self.draft.is_full else self.draft.changed.rank(first) - 1
@@ -262,6 +264,7 @@ class RemoteGenerationWriter(GenerationWriter):
 
         self._remote(put)
         self.puts += 1
+        self.sent_bytes += len(sealed)
 
     def _window(self, session: RemoteSession) -> PutWindow:
         if self._puts is None or self._puts.session is not session:
