@@ -116,3 +116,18 @@ def test_a_refusal_is_made_on_a_fresh_read_not_on_the_kept_figure() -> None:
     with pytest.raises(PoolSpaceLow) as err:
         vg.place(4 * PV_SIZE, None)
     assert err.value.fields["free"] == sum(fake.free.values())
+
+
+def test_space_taken_behind_the_pools_back_is_a_refusal_not_a_failed_command() -> None:
+    fake = FakeLvm()
+    vg = pool_vg(fake)
+    pvs = vg.place(8 * EXTENT, A)
+    # An admin takes the PV's space after the pool read it.
+    fake.free[A] = 0
+    fake.free[B] = 0
+    fake.fail.add("lvcreate")
+    with pytest.raises(PoolSpaceLow) as err:
+        vg.create_linear("g1", 8 * EXTENT, pvs, wipe=False)
+    assert err.value.fields["free"] == 0
+    assert err.value.fields["needed"] == 8 * EXTENT
+    assert "g1" not in fake.lvs

@@ -219,7 +219,16 @@ class PoolVg:
         size = round_up(size, EXTENT)
         with self._lock:
             known, seen = self._space, self._changes
-        self.lvm.create_linear(self.name, lv, size, pvs, wipe=wipe, zero=zero)
+        try:
+            self.lvm.create_linear(self.name, lv, size, pvs, wipe=wipe, zero=zero)
+        except CommandFailed as exc:
+            # The room was decided on a kept figure: when the space went behind the
+            # pool's back, say so as the refusal it is.
+            fresh = self.space(fresh=True)
+            free = fresh.pvs.get(pvs[0], (0, 0))[1] if len(pvs) == 1 else fresh.free
+            if free < size:
+                raise PoolSpaceLow(pool=self.pool, free=free, needed=size) from exc
+            raise
         if len(pvs) != 1:
             return
         with self._lock:
@@ -319,10 +328,16 @@ class PoolVg:
         # LVM keeps a spare metadata LV of the same size: growing metadata costs twice.
         if data + 2 * meta > vg_free:
             return False
-        if data:
-            self.lvm.extend(self.name, THIN_POOL, data, [preferred] if preferred else [])
-        if meta:
-            self.lvm.extend_pool_metadata(self.name, THIN_POOL, meta)
+        try:
+            if data:
+                self.lvm.extend(self.name, THIN_POOL, data, [preferred] if preferred else [])
+            if meta:
+                self.lvm.extend_pool_metadata(self.name, THIN_POOL, meta)
+        except CommandFailed:
+            # Decided on a kept figure: the VG's space may have gone behind the pool's back.
+            if data + 2 * meta > self.space(fresh=True).free:
+                return False
+            raise
         return True
 
     def admit_thin(
