@@ -8,7 +8,7 @@ not given, nor block on a device it suspended.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import overload
 
@@ -16,6 +16,11 @@ from blockguard.errors import NotFound
 from blockguard.storage.runner import Runner, default_runner
 
 TIMEOUT = 300
+
+# What a command did to a VG's allocation, for :attr:`Lvm.allocation_changed`.
+LV_CREATED = "lv-created"  # a new LV: no other LV moved
+LV_REMOVED = "lv-removed"
+VG_CHANGED = "vg-changed"  # anything else: PVs, the VG, an LV grown
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,12 @@ class Lvm:
     def __init__(self, runner: Runner | None = None, devices: Sequence[str] = ()) -> None:
         self.run = runner or default_runner()
         self.devices = list(devices)
+        #: Called after every command that may change what a VG allocated (PVs, VG, linear
+        #: LVs, the thin pool's size), whether it worked or not, with the command and the VG
+        #: or VG/LV it named (the effect: :data:`LV_CREATED`, :data:`LV_REMOVED`,
+        #: :data:`VG_CHANGED`): a cache of VG space drops what the command may have changed.
+        #: Thin LVs and snapshots allocate from the thin pool, not the VG: no call.
+        self.allocation_changed: Callable[[str, str], None] | None = None
 
     def config_args(self) -> list[str]:
         """``--config`` arguments every lvm call of blockguard carries."""
@@ -51,6 +62,15 @@ class Lvm:
 
     def _lvm(self, command: str, *args: str) -> str:
         return self.run.run(["lvm", command, *self.config_args(), *args], timeout=TIMEOUT).stdout
+
+    def _allocate(self, effect: str, target: str, command: str, *args: str) -> str:
+        """``_lvm`` for a command that changes the VG's allocation (see
+        :attr:`allocation_changed`)."""
+        try:
+            return self._lvm(command, *args)
+        finally:
+            if self.allocation_changed is not None:
+                self.allocation_changed(effect, target)
 
     # --- reports ------------------------------------------------------------------------
 
@@ -103,13 +123,25 @@ class Lvm:
     # --- physical volumes and volume groups --------------------------------------------
 
     def create_pvs(self, *devices: str) -> None:
-        self._lvm("pvcreate", "-qq", "-y", *devices)
+        self._allocate(VG_CHANGED, "", "pvcreate", "-qq", "-y", *devices)
 
     def create_vg(self, vg: str, devices: Sequence[str], extent: int, tag: str) -> None:
-        self._lvm("vgcreate", "-qq", "-y", "-s", f"{extent}b", "--addtag", tag, vg, *devices)
+        self._allocate(
+            VG_CHANGED,
+            vg,
+            "vgcreate",
+            "-qq",
+            "-y",
+            "-s",
+            f"{extent}b",
+            "--addtag",
+            tag,
+            vg,
+            *devices,
+        )
 
     def extend_vg(self, vg: str, device: str) -> None:
-        self._lvm("vgextend", "-qq", vg, device)
+        self._allocate(VG_CHANGED, vg, "vgextend", "-qq", vg, device)
 
     def remove_vg_and_pvs(self, vg: str) -> None:
         """Remove VG and the labels of this object's PVs, forced; failures are ignored
@@ -119,6 +151,8 @@ class Lvm:
         if self.devices:
             self.run.run(["lvm", "pvremove", *self.config_args(), "-ff", "-y", *self.devices],
                          timeout=TIMEOUT, check=False)  # fmt: skip
+        if self.allocation_changed is not None:
+            self.allocation_changed(VG_CHANGED, vg)
 
     # --- logical volumes ----------------------------------------------------------------
 
@@ -140,12 +174,16 @@ class Lvm:
         flags = ["-Wy" if wipe else "-Wn"]
         if zero is not None:
             flags.append("-Zy" if zero else "-Zn")
-        self._lvm("lvcreate", "-qq", "-y", *flags, "-L", f"{size}b", "-n", lv, vg, *pvs)
+        self._allocate(
+            LV_CREATED, f"{vg}/{lv}",
+            "lvcreate", "-qq", "-y", *flags, "-L", f"{size}b", "-n", lv, vg, *pvs,
+        )  # fmt: skip
 
     def create_thin_pool(
         self, vg: str, lv: str, size: int, metadata_size: int, block: int, pvs: Sequence[str]
     ) -> None:
-        self._lvm(
+        self._allocate(
+            LV_CREATED, f"{vg}/{lv}",
             "lvcreate", "-qq", "-y", "--type", "thin-pool", "-L", f"{size}b",
             "--poolmetadatasize", f"{metadata_size}b", "-c", f"{block}b", "-n", lv, vg, *pvs,
         )  # fmt: skip
@@ -178,13 +216,23 @@ class Lvm:
         self._lvm("lvchange", "-qq", "-an", f"{vg}/{lv}")
 
     def remove_lv(self, vg: str, lv: str) -> None:
-        self._lvm("lvremove", "-qq", "-f", f"{vg}/{lv}")
+        self._allocate(LV_REMOVED, f"{vg}/{lv}", "lvremove", "-qq", "-f", f"{vg}/{lv}")
 
     def extend(self, vg: str, lv: str, grow: int, pvs: Sequence[str] = ()) -> None:
-        self._lvm("lvextend", "-qq", "-L", f"+{grow}b", f"{vg}/{lv}", *pvs)
+        self._allocate(
+            VG_CHANGED, f"{vg}/{lv}", "lvextend", "-qq", "-L", f"+{grow}b", f"{vg}/{lv}", *pvs
+        )
 
     def extend_pool_metadata(self, vg: str, lv: str, grow: int) -> None:
-        self._lvm("lvextend", "-qq", "--poolmetadatasize", f"+{grow}b", f"{vg}/{lv}")
+        self._allocate(
+            VG_CHANGED,
+            f"{vg}/{lv}",
+            "lvextend",
+            "-qq",
+            "--poolmetadatasize",
+            f"+{grow}b",
+            f"{vg}/{lv}",
+        )
 
     def lv(self, vg: str, lv: str) -> LvInfo:
         """Facts about VG/LV.

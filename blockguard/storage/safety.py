@@ -274,10 +274,19 @@ class SafetyGate:
     # --- deciding -------------------------------------------------------------------
 
     def claims(
-        self, path: str, *, purpose: str, own_volume: str | None = None
+        self,
+        path: str,
+        *,
+        purpose: str,
+        own_volume: str | None = None,
+        probed: dict[str, dict[str, str]] | None = None,
     ) -> tuple[Family, list[Refusal]]:
         """The family of ``path`` and the protected volumes, pool disks and pool labels
-        in it (never lifted by force)."""
+        in it (never lifted by force).
+
+        :param probed: ``blkid`` fields by path, filled as members are probed: one
+            assessment probes a device once.
+        """
         family = device_family(device_rdev(path))
         if own_volume is not None:
             # A volume's own device: what it is built on was judged when it was protected,
@@ -320,7 +329,7 @@ class SafetyGate:
         for member in family:
             if not member.path or member.rdev in known:
                 continue
-            label = self._label(member)
+            label = self._label(member, probed if probed is not None else {})
             if label is not None:
                 refusals.append(
                     Refusal(
@@ -339,11 +348,12 @@ class SafetyGate:
         self, path: str, *, purpose: str, own_volume: str | None = None
     ) -> tuple[Family, list[Refusal]]:
         """Every reason not to write ``path``, the claims first (reads only)."""
-        family, refusals = self.claims(path, purpose=purpose, own_volume=own_volume)
+        probed: dict[str, dict[str, str]] = {}
+        family, refusals = self.claims(path, purpose=purpose, own_volume=own_volume, probed=probed)
         in_use = self._in_use(family)
         if in_use:
             refusals.append(Refusal(DeviceInUse(path=path, reason="; ".join(in_use))))
-        data = self._foreign_data(family)
+        data = self._foreign_data(family, probed)
         if data:
             refusals.append(
                 Refusal(
@@ -426,12 +436,17 @@ class SafetyGate:
 
     def foreign_data(self, path: str) -> list[str]:
         """What data ``path`` (and what is built on it) holds; [] when blank."""
-        return self._foreign_data(device_family(device_rdev(path)))
+        return self._foreign_data(device_family(device_rdev(path)), {})
 
     # --- the facts ------------------------------------------------------------------
 
-    def _label(self, member: Member) -> PoolLabel | None:
-        return pool_label(member.path, self.runner)
+    def _probe(self, path: str, probed: dict[str, dict[str, str]]) -> dict[str, str]:
+        if path not in probed:
+            probed[path] = probe_signature(path, self.runner)
+        return probed[path]
+
+    def _label(self, member: Member, probed: dict[str, dict[str, str]]) -> PoolLabel | None:
+        return pool_label(member.path, self.runner, self._probe(member.path, probed))
 
     def _in_use(self, family: Family) -> list[str]:
         mounts = mounted_devnos()
@@ -459,7 +474,7 @@ class SafetyGate:
                 reasons.append(f"it {member.relation} {member.label}")
         return reasons
 
-    def _foreign_data(self, family: Family) -> list[str]:
+    def _foreign_data(self, family: Family, probed: dict[str, dict[str, str]]) -> list[str]:
         device = family.device
         found = []
         parts = [m.name for m in family if m.relation == "has the partition"]
@@ -469,7 +484,7 @@ class SafetyGate:
             found.append("it is an LVM physical volume")
         if device.path and not found:
             # What blkid sees matters only when nothing above already said it holds data.
-            fields = probe_signature(device.path, self.runner)
+            fields = self._probe(device.path, probed)
             if "TYPE" in fields:
                 found.append(f"it contains a {fields['TYPE']} signature")
             elif "PTTYPE" in fields:

@@ -27,7 +27,7 @@ from blockguard.errors import (
     ProtectedDevice,
 )
 from blockguard.storage.blockdev import device_rdev
-from blockguard.storage.runner import default_runner
+from blockguard.storage.runner import Runner, default_runner
 from blockguard.storage.safety import DOWN, SELF, UP, SafetyGate, device_family
 from tests.daemon.test_engine_refusals import catalog_dump, frozen
 from tests.support.daemon import EngineHarness, run_job
@@ -162,6 +162,24 @@ def test_gate_refusals_and_force(devices: Devices) -> None:
     gate.check_writable(protected + "p1", purpose="a test", force=True, own_volume="vol")
     with pytest.raises(ProtectedDevice):
         gate.check_writable(protected, purpose="a test", force=True, own_volume="vol")
+
+
+def test_one_check_probes_each_device_once(devices: Devices) -> None:
+    ext4 = devices.image(64 * MiB)
+    mkfs_ext4(ext4)
+    blank = devices.image(64 * MiB)
+    runner = Runner()  # its own flight recorder: only this test's calls
+    gate = SafetyGate({}, {}, runner)
+
+    def probes(path: str) -> int:
+        return sum(1 for r in runner.history() if r.argv[-1] == path and "blkid" in r.argv[0])
+
+    gate.check_writable(blank, purpose="a test", force=False)
+    assert probes(blank) == 1
+    # The one probe still tells the pool label check and the foreign data check.
+    with pytest.raises(DeviceInUse, match=r"ext4 signature"):
+        gate.check_writable(ext4, purpose="a test", force=False)
+    assert probes(ext4) == 1
 
 
 # --- the real daemon: every topology, every operation ----------------------------------------

@@ -114,7 +114,7 @@ class LvLender:
         has room, for a dm-snapshot's exceptions."""
         lv = lv_label(COW_PREFIX, label)
         pvs = self.vg.place(size, preferred)
-        self.vg.lvm.create_linear(self.vg.name, lv, size, pvs, wipe=False, zero=False)
+        self.vg.create_linear(lv, size, pvs, wipe=False, zero=False)
         try:
             device = self.vg.lv_device(lv)
             with BlockDevice(device) as dev:
@@ -133,9 +133,7 @@ class LvLender:
             self.vg.lvm.create_thin(self.vg.name, THIN_POOL, DRILL_SCRATCH, size)
         else:
             pvs = self.vg.place(size, preferred)
-            self.vg.lvm.create_linear(
-                self.vg.name, DRILL_SCRATCH, size, pvs, wipe=False, zero=False
-            )
+            self.vg.create_linear(DRILL_SCRATCH, size, pvs, wipe=False, zero=False)
         try:
             device = self.vg.lv_device(DRILL_SCRATCH)
             with BlockDevice(device) as dev:

@@ -257,10 +257,9 @@ class LvmPool(DiskStore):
         lv = manifest.storage.get("lv")
         if not lv:
             return []  # an empty delta: no data, no lvs to ask
-        lvs = self.volume_group.lvs()
         if manifest.is_full:
             lv = f"{THIN_POOL}_tdata"
-        return sorted(set(lvs[lv].devices)) if lv in lvs else []
+        return sorted(set(self.volume_group.devices_of(lv)))
 
     def devices(self) -> list[PoolDevice]:
         return [
@@ -303,7 +302,7 @@ class LvmPool(DiskStore):
         """A linear LV to be written over (no wiping, no zeroing), on the preferred PV
         when it has room."""
         pvs = self.volume_group.place(size, self.preferred_device)
-        self.lvm.create_linear(self.vg, lv, size, pvs, wipe=False, zero=False)
+        self.volume_group.create_linear(lv, size, pvs, wipe=False, zero=False)
 
     # --- garbage --------------------------------------------------------------------
 
@@ -355,7 +354,7 @@ class LvmPool(DiskStore):
             self._admit_full(needed, volume)
         else:
             # A delta is a linear LV: only the VG's unallocated space can hold it.
-            _, vg_free = self.volume_group.vg_space()
+            vg_free = self.volume_group.vg_free_for(needed)
             if vg_free < needed:
                 self.refuse_space(vg_free, needed, volume.name)
         return self.meta_dir / "volumes", source

@@ -5,17 +5,24 @@ small linear LV with ext4: the pool's self-description and generation directorie
 ``tpool`` (a thin pool, 64 KiB blocks, failing writes at once when full) that holds the
 fulls. Every command goes through :class:`~blockguard.storage.lvm.Lvm`, confined to the
 pool's disks.
+
+The VG's space (one ``pvs`` that reports the VG's figures too) and where each LV lies are
+kept between jobs: the VG is the pool's own, so they change only by the pool's commands,
+which drop or update them (:attr:`Lvm.allocation_changed`). A kept figure only ever says
+yes: a refusal (no room) is made on a fresh read, so space freed behind the pool's back
+is seen when it matters; a command that fails drops them.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from blockguard.errors import CommandFailed, NotFound, PoolSpaceLow
 from blockguard.storage.blockdev import mounted_devnos
 from blockguard.storage.dm import DeviceMapper
-from blockguard.storage.lvm import Lvm
+from blockguard.storage.lvm import LV_CREATED, LV_REMOVED, Lvm
 from blockguard.storage.pool.label import VG_TAG
 from blockguard.storage.pool.thinspace import (
     ThinShortfall,
@@ -64,6 +71,22 @@ class LvFacts:
         return len(self.attr) > 5 and self.attr[5] == "o"
 
 
+@dataclass(frozen=True)
+class VgSpace:
+    """The VG's size and free bytes, and each PV's: path -> (size, free bytes)."""
+
+    size: int
+    free: int
+    pvs: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def allocated(self, pv: str, size: int) -> VgSpace:
+        """The space after ``size`` bytes were allocated on ``pv``."""
+        pvs = dict(self.pvs)
+        pv_size, pv_free = pvs[pv]
+        pvs[pv] = (pv_size, pv_free - size)
+        return VgSpace(self.size, self.free - size, pvs)
+
+
 class PoolVg:
     """The VG of pool ``pool`` on ``lvm.devices``.
 
@@ -76,6 +99,22 @@ class PoolVg:
         self.lvm = lvm
         self.runner = runner
         self.dm = DeviceMapper(runner)
+        self._lock = threading.Lock()
+        #: bumped by every command that changed the VG's allocation: a read that started
+        #: before one is not kept
+        self._changes = 0
+        self._space: VgSpace | None = None
+        self._devices_of: dict[str, tuple[str, ...]] = {}
+        lvm.allocation_changed = self._allocation_changed
+
+    def _allocation_changed(self, effect: str, target: str) -> None:
+        with self._lock:
+            self._changes += 1
+            self._space = None
+            if effect == LV_REMOVED:
+                self._devices_of.pop(target.rsplit("/", 1)[-1], None)
+            elif effect != LV_CREATED:  # a new LV moves no other; an extend does
+                self._devices_of.clear()
 
     # --- provisioning -------------------------------------------------------------------
 
@@ -134,6 +173,8 @@ class PoolVg:
 
     def lvs(self) -> dict[str, LvFacts]:
         """Every LV of the VG (hidden ones too) by name."""
+        with self._lock:
+            seen = self._changes
         rows = self.lvm.lvs(
             "lv_name,lv_size,lv_attr,devices,data_percent,metadata_percent",
             self.name,
@@ -155,7 +196,47 @@ class PoolVg:
                 float(f[4]) if f[4] else None,
                 float(f[5]) if f[5] else None,
             )
+        with self._lock:
+            if self._changes == seen:
+                self._devices_of = {name: lv.devices for name, lv in found.items()}
         return found
+
+    def devices_of(self, lv: str) -> tuple[str, ...]:
+        """The PVs LV ``lv`` lies on (kept: an LV does not move unless the pool grows
+        it); () for no such LV."""
+        with self._lock:
+            known = self._devices_of.get(lv)
+        if known is not None:
+            return known
+        facts = self.lvs().get(lv)
+        return facts.devices if facts is not None else ()
+
+    def create_linear(
+        self, lv: str, size: int, pvs: Sequence[str], *, wipe: bool, zero: bool | None = None
+    ) -> None:
+        """A linear LV of ``size`` bytes (whole extents) on ``pvs`` (anywhere in the VG
+        when empty); on one PV, the kept space and placement are updated, not dropped."""
+        size = round_up(size, EXTENT)
+        with self._lock:
+            known, seen = self._space, self._changes
+        try:
+            self.lvm.create_linear(self.name, lv, size, pvs, wipe=wipe, zero=zero)
+        except CommandFailed as exc:
+            # The room was decided on a kept figure: when the space went behind the
+            # pool's back, say so as the refusal it is.
+            fresh = self.space(fresh=True)
+            free = fresh.pvs.get(pvs[0], (0, 0))[1] if len(pvs) == 1 else fresh.free
+            if free < size:
+                raise PoolSpaceLow(pool=self.pool, free=free, needed=size) from exc
+            raise
+        if len(pvs) != 1:
+            return
+        with self._lock:
+            if self._changes != seen + 1:
+                return  # another command came between: what it did is unknown
+            self._devices_of[lv] = (pvs[0],)
+            if known is not None and pvs[0] in known.pvs:
+                self._space = known.allocated(pvs[0], size)
 
     def lv_device(self, lv: str) -> str:
         """The verified device node of VG/LV, activating it when needed."""
@@ -168,7 +249,7 @@ class PoolVg:
         try:
             self.lvm.activate(self.name, lv, ignore_skip=True)
         except CommandFailed:
-            self.vg_space()  # NotFound names the VG and the disks when it is missing
+            self.space(fresh=True)  # NotFound names the VG and the disks when it is missing
             raise
         return self.dm.node(name)
 
@@ -181,25 +262,50 @@ class PoolVg:
 
     # --- space --------------------------------------------------------------------------
 
-    def vg_space(self) -> tuple[int, int]:
-        """(size, free bytes) of the VG.
+    def space(self, *, fresh: bool = False) -> VgSpace:
+        """The VG's and its PVs' size and free bytes: kept, unless ``fresh`` or the pool
+        changed the VG since they were read.
 
         :raises NotFound: no such VG on the pool's disks.
         """
-        rows = self.lvm.vgs("vg_size,vg_free", self.name, check=False)
-        if not rows or len(rows[0]) != 2:
+        with self._lock:
+            if self._space is not None and not fresh:
+                return self._space
+            seen = self._changes
+        rows = self.lvm.pvs("pv_name,vg_name,pv_size,pv_free,vg_size,vg_free", check=False)
+        mine = [f for f in rows or () if len(f) == 6 and f[1] == self.name]
+        if not mine:
             raise NotFound(
                 what="volume group", name=f"{self.name} on {', '.join(self.lvm.devices)}"
             )
-        return int(rows[0][0]), int(rows[0][1])
+        space = VgSpace(
+            int(mine[0][4]), int(mine[0][5]), {f[0]: (int(f[2]), int(f[3])) for f in mine}
+        )
+        with self._lock:
+            if self._changes == seen:
+                self._space = space
+        return space
 
-    def pv_free(self) -> dict[str, tuple[int, int]]:
-        """PV path -> (size, free bytes)."""
-        found: dict[str, tuple[int, int]] = {}
-        for f in self.lvm.pvs("pv_name,vg_name,pv_size,pv_free"):
-            if len(f) == 4 and f[1] == self.name:
-                found[f[0]] = (int(f[2]), int(f[3]))
-        return found
+    def vg_space(self, *, fresh: bool = False) -> tuple[int, int]:
+        """(size, free bytes) of the VG (see :meth:`space`).
+
+        :raises NotFound: no such VG on the pool's disks.
+        """
+        space = self.space(fresh=fresh)
+        return space.size, space.free
+
+    def vg_free_for(self, needed: int) -> int:
+        """The VG's free bytes, read again when the kept figure is below ``needed``: a
+        refusal is never made on a kept figure."""
+        free = self.space().free
+        return free if free >= needed else self.space(fresh=True).free
+
+    def pv_free(self, *, fresh: bool = False) -> dict[str, tuple[int, int]]:
+        """PV path -> (size, free bytes); {} when the VG is not there."""
+        try:
+            return dict(self.space(fresh=fresh).pvs)
+        except NotFound:
+            return {}
 
     def thin_space(self) -> ThinSpace:
         """The thin pool's data and metadata space from its ``-tpool`` device (dmsetup,
@@ -218,14 +324,20 @@ class PoolVg:
         """Grow the thin pool's data by ``data`` and its metadata by ``meta`` bytes (0:
         not that one) from the VG's free space; False (nothing done) when the VG lacks it."""
         data, meta = round_up(data, EXTENT), round_up(meta, EXTENT)
-        _, vg_free = self.vg_space()
+        vg_free = self.vg_free_for(data + 2 * meta)
         # LVM keeps a spare metadata LV of the same size: growing metadata costs twice.
         if data + 2 * meta > vg_free:
             return False
-        if data:
-            self.lvm.extend(self.name, THIN_POOL, data, [preferred] if preferred else [])
-        if meta:
-            self.lvm.extend_pool_metadata(self.name, THIN_POOL, meta)
+        try:
+            if data:
+                self.lvm.extend(self.name, THIN_POOL, data, [preferred] if preferred else [])
+            if meta:
+                self.lvm.extend_pool_metadata(self.name, THIN_POOL, meta)
+        except CommandFailed:
+            # Decided on a kept figure: the VG's space may have gone behind the pool's back.
+            if data + 2 * meta > self.space(fresh=True).free:
+                return False
+            raise
         return True
 
     def admit_thin(
@@ -260,12 +372,15 @@ class PoolVg:
         :raises PoolSpaceLow: the VG cannot hold it at all.
         """
         pvs = self.pv_free()
-        if preferred and preferred in pvs and pvs[preferred][1] >= needed:
-            return [preferred]
-        if pvs:
-            best = max(pvs, key=lambda p: pvs[p][1])
-            if pvs[best][1] >= needed:
-                return [best]
+        for attempt in range(2):
+            if attempt:  # no single PV held it by the kept figures: read them again
+                pvs = self.pv_free(fresh=True)
+            if preferred and preferred in pvs and pvs[preferred][1] >= needed:
+                return [preferred]
+            if pvs:
+                best = max(pvs, key=lambda p: pvs[p][1])
+                if pvs[best][1] >= needed:
+                    return [best]
         free = sum(f for _, f in pvs.values())
         if free < needed:
             raise PoolSpaceLow(pool=self.pool, free=free, needed=needed)
