@@ -19,7 +19,9 @@ the raw devices, measured in the same run. Printed, never asserted:
   the data is) in chunk requests and in window requests (the restore's own size); and
   vs the lone full's restore. Each is the median of ``--repeat`` restores, with its CPU.
   The loop files share one disk here, so the copy's real ceiling is "both at once" (fio
-  reading the image and writing the target at the same time), also printed.
+  reading the image and writing the target at the same time), also printed: one stream
+  each, and in the restore's own shape (window requests, the restore's readers in flight
+  at random offsets of the image, one sequential writer of the target).
 """
 
 from __future__ import annotations
@@ -162,6 +164,43 @@ def together(read: str | Path, write: str, size: int) -> float | None:
     return min(fio((str(read), "read"), (write, "write"), size=size))
 
 
+def together_at_depth(
+    image: Path, target: str, size: int, bs: int, depth: int
+) -> tuple[float, float] | None:
+    """(read, write) bytes/s of the restore's own I/O shape run at once (fio only):
+    ``depth`` readers of ``bs`` requests at random offsets of ``image`` (as the restore's
+    windows read the full) while one stream writes ``target`` sequentially in ``bs``
+    requests (as the restore writes a window); the read side summed over its readers.
+
+    The loop files share one disk, so the disk doing both at once is the honest ceiling
+    of a restore. fio does not keep the two sides at one rate as a copy must (its readers
+    starve the writer), so the copy's ceiling is half of what the disk moved in all,
+    ``(read + write) / 2``: each byte restored is read once and written once."""
+    if not shutil.which("fio"):
+        return None
+    argv = ["fio", "--output-format=json"]
+    for name, path, rw, jobs in (("read", image, "randread", depth), ("write", target, "write", 1)):
+        argv += [
+            f"--name={name}",
+            f"--filename={path}",
+            f"--rw={rw}",
+            f"--bs={bs}",
+            "--direct=1",
+            "--ioengine=psync",
+            f"--numjobs={jobs}",
+            f"--size={size}",
+            # Both sides busy for the whole run: sized runs would leave the readers
+            # (4x the bytes) alone on the disk once the writer is done.
+            "--time_based",
+            "--runtime=5",
+        ]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=600).stdout
+    jobs = json.loads(out)["jobs"]
+    read = sum(float(j["read"]["bw_bytes"]) for j in jobs if j["jobname"] == "read")
+    write = sum(float(j["write"]["bw_bytes"]) for j in jobs if j["jobname"] == "write")
+    return read, write
+
+
 def fill_random(dev: str, size: int) -> None:
     block = aligned_buffer(BS)
     with BlockDevice(dev, write=True, direct=True) as bd:
@@ -265,6 +304,7 @@ def main() -> int:
         # issues for the full, which is most of its bytes: the stricter one).
         pool_random = random_read(image, size, chunk, RESTORE_READERS)
         pool_windows = random_read(image, size, DEFAULT_EXTENT_BYTES, RESTORE_READERS)
+        at_depth = together_at_depth(image, target, size, DEFAULT_EXTENT_BYTES, RESTORE_READERS)
 
     print(f"source sequential read       {gbs(src_read)}")
     print(f"pool sequential write (raw)  {gbs(pool_write)}")
@@ -305,6 +345,15 @@ def main() -> int:
             f"pool random read of the full's image, {RESTORE_READERS} in flight: "
             f"{args.chunk_kib} KiB {gbs(pool_random)}, {window_mib} MiB {gbs(pool_windows)}"
         )
+    shared = None
+    if at_depth:
+        shared = sum(at_depth) / 2
+        print(
+            f"pool random read {window_mib} MiB x {RESTORE_READERS} in flight and target "
+            f"write at the same time (the restore's shape): read {gbs(at_depth[0])}, write "
+            f"{gbs(at_depth[1])}; a copy's ceiling on the shared disk (read + write) / 2: "
+            f"{gbs(shared)}"
+        )
     base = min(pool_random or pool_read, target_write)
     strict = min(pool_windows or pool_read, target_write)
     for length, rate, seconds, cpu in scattered:
@@ -315,6 +364,7 @@ def main() -> int:
             f"write) (target >= 0.8); {rate / strict:.2f} vs min(pool read {window_mib} MiB, "
             f"target write); {rate / restore_rate:.2f} of the lone full's restore"
             + (f"; {rate / restore_ceiling:.2f} vs both at once" if restore_ceiling else "")
+            + (f"; {rate / shared:.2f} vs the shared disk's copy ceiling" if shared else "")
         )
     return 0
 

@@ -187,3 +187,20 @@ def test_bytes_restorable_within_uses_the_extent_cost() -> None:
         timedelta(seconds=10), chain, "pool", SPEEDS, RestoreMode.SWAP_IN, terms=terms
     )
     assert left == pytest.approx(700 * 64 * 1024, rel=1e-6)
+
+
+def test_upper_factor_covers_a_shape_only_its_own_repeats_vouch_for() -> None:
+    # A drill restores every shape twice. Only one shape is dominated by scattered extents,
+    # and it runs 1.6x what the other shapes' terms predict: a fit that keeps its twin
+    # while judging one of the pair learns the extent cost from the twin and calls it exact.
+    kinds = [(1, 0, 32), (1, 0, 64), (2, 10, 64), (5, 15, 64), (9, 80, 64), (3, 60, 32)]
+    plain = [RestoreShape(g, 1024, e, n * MiB) for g, e, n in kinds]
+    scattered = RestoreShape(3, 1024, 600, 64 * MiB)
+    samples = [PathSample(s, TRUE.seconds(s)) for s in plain for _ in (0, 1)]
+    samples += [PathSample(scattered, 1.6 * TRUE.seconds(scattered))] * 2
+    fitted = fit_terms(samples)
+    assert fitted is not None
+    # The fitted point estimate of the odd shape may be right; its upper estimate must
+    # also cover it as if it were unseen, so the other shapes' 1.6x gap shows.
+    assert fitted.upper_factor >= 1.5
+    assert fitted.seconds(scattered) * fitted.upper_factor >= 1.6 * TRUE.seconds(scattered) * 0.95
