@@ -112,10 +112,11 @@ def backup(
     *,
     base_id: str | None = None,
     parent_id: str | None = None,
+    volume: VolumeIdentity = VOLUME,
 ) -> Manifest:
     """What ``run_backup`` does with a device, with bytes: chunks in order, in extents,
     into the pool's writer, then the commit with their checksums."""
-    spec = GenerationSpec(VOLUME, kind, CHUNK, changed, base_id, parent_id)
+    spec = GenerationSpec(volume, kind, CHUNK, changed, base_id, parent_id)
     nchunks = chunk_count(SIZE, CHUNK)
     with pool.begin_generation(spec) as writer:
         sums = array.array("Q")
@@ -270,6 +271,25 @@ def test_a_new_pool_object_resumes_the_generation_it_is_told_of(
         assert full.generation_id == gid
         assert target.puts - sent_before == 4 - held
         assert restore(again, gid) == data
+
+
+def test_a_volume_whose_device_number_changed_resumes(target: Target, pool: RemotePool) -> None:
+    # As after a reboot that numbered the volume's device anew: the volume and the
+    # generation are the same, so the generation the cut left open is continued.
+    rng = random.Random(19)
+    data = rng.randbytes(SIZE)
+    target.kill_after_puts, target.window = 2, 1
+    with pytest.raises(WireError):
+        backup(pool, data)
+    target.kill_after_puts, target.window = None, 4
+    [gdir] = target.generation_dirs()
+    sent_before = target.puts
+    full = backup(pool, data, volume=VolumeIdentity("db", SIZE, "7:17"))
+    assert gdir.name.endswith("@" + full.generation_id)
+    assert [d.name for d in target.generation_dirs()] == [gdir.name]
+    assert target.puts - sent_before == 2, "only the missing packs are sent"
+    assert full.volume.device_id == "7:17"
+    assert restore(pool, full.generation_id) == data
 
 
 def test_a_manifest_that_does_not_open_is_reported_damaged(

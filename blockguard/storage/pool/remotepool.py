@@ -380,10 +380,14 @@ class RemotePool(PoolBackend):
 
 
 def _spec_key(spec: GenerationSpec) -> tuple[Any, ...]:
-    """What makes a later writer the same generation as one a cut left open."""
+    """What makes a later writer the same generation as one a cut left open: the volume
+    (its name, which its id on the target is made of, and its size) and what the
+    generation is to hold. Not the volume's device id: a device numbered anew after a
+    reboot (``MAJ:MIN``) is the same volume, and its cut transfer resumes."""
     changed = None if spec.changed is None else spec.changed.serialize()
     return (
-        spec.volume,
+        spec.volume.name,
+        spec.volume.size,
         spec.kind,
         spec.chunk_size,
         changed,
