@@ -52,6 +52,7 @@ class Target:
         self.sessions: list[RemoteSession] = []
         self.puts = 0
         self.gets = 0
+        self.lists = 0
         self.kill_after_puts: int | None = None
         #: Puts after this many go out as a pack number the target refuses.
         self.spoil_after_puts: int | None = None
@@ -71,6 +72,8 @@ class Target:
                     args = {**args, "pack": 10**7}  # type: ignore[dict-item]
             elif op == "get":
                 self.gets += 1
+            elif op == "list":
+                self.lists += 1
             return request(op, args, payload)  # type: ignore[arg-type]
 
         session.channel.request = counted  # type: ignore[method-assign]
@@ -376,6 +379,42 @@ def test_a_resume_on_another_copy_commits_nothing_and_the_next_backup_sends_all(
     assert target.generation_dirs() == [] and pool.generations() == []
     full = backup(pool, changed)
     assert restore(pool, full.generation_id) == changed
+
+
+def test_a_backup_neither_lists_nor_opens_what_the_pool_knows(
+    target: Target, pool: RemotePool, key: MasterKey
+) -> None:
+    # Each backup needs the volume's next sequence number (and a synthesized full its
+    # source): the pool keeps what it listed once and what it committed since.
+    rng = random.Random(21)
+    data = bytearray(rng.randbytes(SIZE))
+    full = backup(pool, bytes(data))
+    assert target.lists == 1, "a pool that knows nothing of the volume lists once"
+    parent, made = full, [full]
+    since_full = BitMap()
+    for chunk in (1, 2, 3):  # all in pack 0: the synthesized full links packs 1 and 2
+        data[chunk * CHUNK : chunk * CHUNK + 100] = rng.randbytes(100)
+        changed = BitMap([chunk])
+        since_full |= changed
+        parent = backup(
+            pool, bytes(data), GenerationKind.INCREMENTAL, changed, parent_id=parent.generation_id
+        )
+        made.append(parent)
+    assert target.lists == 1 and target.gets == 0
+    synthesized = synthesize(pool, bytes(data), full, since_full)  # reads the full's checksums
+    made.append(synthesized)
+    assert target.lists == 1
+    assert [m.sequence for m in made] == [1, 2, 3, 4, 5]
+    # Its removals count too; a fresh pool object (listing) numbers as this one does.
+    pool.remove_generation("db", synthesized.generation_id)
+    after = backup(
+        pool, bytes(data), GenerationKind.INCREMENTAL, BitMap([1]), parent_id=parent.generation_id
+    )
+    with RemotePool("offsite", target.session, key, target="t1", area="main") as fresh:
+        assert fresh.next_sequence("db") == after.sequence + 1 == 6
+        assert [m.generation_id for m in fresh.generations("db")] == [
+            m.generation_id for m in pool.generations("db")
+        ]
 
 
 # --- fulls synthesized on the target ------------------------------------------------------

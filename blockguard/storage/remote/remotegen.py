@@ -185,8 +185,9 @@ class RemoteGenerationWriter(GenerationWriter):
 
     :param call: runs a function on the pool's session.
     :param seal_manifest: seals the committed manifest (the blob key is the pool's).
-    :param finished: told when the writer ends: ``True`` committed or removed, ``False``
-        cut (the generation stays open on the target for a resume).
+    :param finished: told when the writer ends: ``True`` committed (with the committed
+        manifest) or removed (with None), ``False`` cut (the generation stays open on the
+        target for a resume).
     """
 
     def __init__(
@@ -198,7 +199,7 @@ class RemoteGenerationWriter(GenerationWriter):
         call: SessionCall,
         seal_manifest: Callable[[Manifest], bytes],
         stored: GenerationState,
-        finished: Callable[[bool], None],
+        finished: Callable[[bool, Manifest | None], None],
     ) -> None:
         super().__init__(draft, None)
         self.key = generation_key(volume_id, draft.generation_id)
@@ -312,16 +313,16 @@ class RemoteGenerationWriter(GenerationWriter):
                 "is committed, the next backup sends it whole"
             ) from exc
         self.committed = manifest
-        self._finished(True)
+        self._finished(True, manifest)
         return manifest
 
     def abort(self) -> None:
         if self.committed is not None:
             return
         if self._cut:
-            self._finished(False)  # what the target stored stays for a resume
+            self._finished(False, None)  # what the target stored stays for a resume
             return
-        self._finished(True)
+        self._finished(True, None)
         # Best effort: an open generation left on the target is harmless (resumable,
         # never listed) and the error that aborted the writer is the one to report.
         with contextlib.suppress(Exception):

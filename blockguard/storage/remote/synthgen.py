@@ -82,7 +82,7 @@ class SynthesizedFullWriter(RemoteGenerationWriter):
         call: SessionCall,
         seal_manifest: Callable[[Manifest], bytes],
         stored: GenerationState,
-        finished: Callable[[bool], None],
+        finished: Callable[[bool, Manifest | None], None],
     ) -> None:
         super().__init__(
             draft,
