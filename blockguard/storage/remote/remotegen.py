@@ -240,12 +240,14 @@ class RemoteGenerationWriter(GenerationWriter):
             off, count = off + n, count - take
             self._next_slot += take
             if self._next_slot % per == 0 or self._next_slot == self.layout.slots:
-                self._send(self.layout.data_aad(self._pack), bytes(self._buffer))
+                # Sealed from the buffer itself: a pack's plaintext is not copied again.
+                with memoryview(self._buffer) as plain:
+                    self._send(self.layout.data_aad(self._pack), plain)
                 self._buffer.clear()
                 self._pack += 1
         self._bytes += len(view)
 
-    def _send(self, aad: PackAAD, plain: bytes) -> None:
+    def _send(self, aad: PackAAD, plain: bytes | memoryview) -> None:
         sealed = seal_pack(self._pack_key, aad, plain, nonce=pack_nonce(self._pack_key, aad, plain))
         self._index[aad.pack] = {
             "pack": aad.pack,
@@ -284,8 +286,9 @@ class RemoteGenerationWriter(GenerationWriter):
             )
         raw = checksum_bytes(checksums)
         per = self.layout.checksums_per_pack * 8
-        for index in range(self.layout.checksum_packs):
-            self._send(self.layout.checksum_aad(index), raw[index * per : (index + 1) * per])
+        with memoryview(raw) as whole:
+            for index in range(self.layout.checksum_packs):
+                self._send(self.layout.checksum_aad(index), whole[index * per : (index + 1) * per])
         manifest = self.draft.with_(
             bytes_stored=self._bytes,
             checksum_count=len(checksums),
