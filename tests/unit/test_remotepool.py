@@ -321,6 +321,46 @@ def test_a_manifest_that_does_not_open_is_reported_damaged(
     assert pool.scan("db").damaged[0].found_on_use
 
 
+def test_a_manifest_that_does_not_open_is_shown_by_its_volume_name(
+    target: Target, pool: RemotePool, key: MasterKey
+) -> None:
+    rng = random.Random(23)
+    backup(pool, rng.randbytes(SIZE))
+    bad = backup(pool, rng.randbytes(SIZE)).generation_id
+    [gdir] = [d for d in target.generation_dirs() if d.name.endswith("@" + bad)]
+    sealed = bytearray((gdir / "manifest.sealed").read_bytes())
+    sealed[-1] ^= 0x80
+    (gdir / "manifest.sealed").write_bytes(sealed)
+    index = json.loads((gdir / "index.json").read_text())
+    index["manifest"] = {"size": len(sealed), "xxh3_128": pack_digest(bytes(sealed))}
+    (gdir / "index.json").write_text(json.dumps(index))
+
+    def damaged_volumes(p: RemotePool) -> list[str]:
+        return [d.volume for d in p.scan().damaged]
+
+    # Named by the volume's other generations, by the caller's names, or said unknown:
+    # never by the id the target knows it by, which would read as a volume's name.
+    with RemotePool("offsite", target.session, key, target="t1", area="main") as fresh:
+        assert damaged_volumes(fresh) == ["db"]
+    good = next(d for d in target.generation_dirs() if d != gdir)
+    (good / "manifest.sealed").write_bytes(b"not a sealed manifest")
+    with RemotePool("offsite", target.session, key, target="t1", area="main") as fresh:
+        unknown = f"unknown volume (id {key.volume_id('db')})"
+        assert damaged_volumes(fresh) == [unknown, unknown]
+    asked: list[str] = []
+
+    def names() -> list[str]:
+        asked.append("names")
+        return ["web", "db"]
+
+    with RemotePool(
+        "offsite", target.session, key, target="t1", area="main", volume_names=names
+    ) as fresh:
+        assert damaged_volumes(fresh) == ["db", "db"]
+        assert len(asked) == 1, "the names are asked once, not per damaged entry"
+        assert [d.volume for d in fresh.scan("db").damaged] == ["db", "db"]
+
+
 def test_removal_retention_space_and_refusals(target: Target, pool: RemotePool) -> None:
     rng = random.Random(16)
     data = bytearray(rng.randbytes(SIZE))

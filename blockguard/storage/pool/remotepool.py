@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -90,6 +90,9 @@ class RemotePool(PoolBackend):
     :param key: the master key (sub-keys seal the packs, manifests and volume ids).
     :param target: the target's id here (named in devices and errors).
     :param area: the pool's name on the target (the client's area there).
+    :param volume_names: the names of the volumes the caller knows (the engine: its
+        catalog's), asked only to name a generation whose manifest does not open by its
+        volume instead of the volume id the target knows it by.
     """
 
     kind = "remote"
@@ -103,10 +106,14 @@ class RemotePool(PoolBackend):
         target: str,
         area: str,
         alert: AlertCallback | None = None,
+        volume_names: Callable[[], Iterable[str]] | None = None,
     ) -> None:
         super().__init__(name, alert)
         self.target = target
         self.area = area
+        self._volume_names = volume_names
+        #: Volume id -> name, of every manifest this pool opened (and names it was asked).
+        self._names: dict[str, str] = {}
         self._sessions = sessions
         self._key = key
         self._blob_key = key.blob_key()
@@ -343,8 +350,12 @@ class RemotePool(PoolBackend):
         return manifests_of(self.scan(volume))
 
     def scan(self, volume: str | None = None) -> PoolScan:
-        wanted = None if volume is None else self._key.volume_id(volume)
+        wanted = None
+        if volume is not None:
+            wanted = self._key.volume_id(volume)
+            self._names[wanted] = volume
         listed: list[RemoteGeneration] = self.call(lambda s: s.list())
+        unopened: list[tuple[str, str, str]] = []
         by_volume: dict[str, PoolScan] = {} if wanted is None else {wanted: PoolScan([])}
         for entry in listed:
             vid, _, gid = entry.generation.partition("@")
@@ -355,10 +366,9 @@ class RemotePool(PoolBackend):
                 manifest = self._open_manifest(entry, vid, gid)
             except DataError as exc:
                 log.error("pool %s: generation %s: %s", self.name, entry.generation, exc)
-                found.damaged.append(
-                    DamagedGeneration(volume or vid, gid, f"its manifest does not open: {exc}")
-                )
+                unopened.append((vid, gid, f"its manifest does not open: {exc}"))
                 continue
+            self._names[vid] = manifest.volume.name
             if entry.problem:
                 found_on_use = entry.problem.startswith("marked damaged")
                 found.damaged.append(
@@ -368,6 +378,8 @@ class RemotePool(PoolBackend):
                 )
             else:
                 found.manifests.append(manifest)
+        for vid, gid, reason in unopened:
+            by_volume[vid].damaged.append(DamagedGeneration(self._volume_name(vid), gid, reason))
         for found in by_volume.values():
             found.manifests.sort(key=lambda m: (m.created, m.generation_id))
             found.damaged.sort(key=lambda d: d.generation_id)
@@ -380,6 +392,16 @@ class RemotePool(PoolBackend):
         good.sort(key=lambda m: (m.created, m.generation_id))
         damaged.sort(key=lambda d: d.generation_id)
         return PoolScan(good, damaged)
+
+    def _volume_name(self, vid: str) -> str:
+        """The name of the volume a target knows by ``vid``, for a generation whose
+        manifest does not open: from another of its manifests, or the caller's names;
+        else it says the volume is unknown (the id alone would look like a name)."""
+        if vid not in self._names and self._volume_names is not None:
+            for name in self._volume_names():
+                self._names.setdefault(self._key.volume_id(name), name)
+        name = self._names.get(vid)
+        return name if name is not None else f"unknown volume (id {vid})"
 
     def _open_manifest(self, entry: RemoteGeneration, vid: str, gid: str) -> Manifest:
         """The manifest of a listed generation, opened and checked against its key.
