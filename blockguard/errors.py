@@ -462,11 +462,28 @@ class WireTruncated(WireClosed):
 
 
 class TargetUnreachable(WireError):
-    """ssh could not reach the target's sshd (refused, timed out, no route, no such
-    name): the link or the target host is down; nothing was sent, a later run retries."""
+    """ssh could not reach the target's sshd, or a connection to an object store's
+    endpoint failed (refused, timed out, no route, no such name): the link or the target
+    host is down; nothing was committed, a later run retries."""
 
     template = "cannot reach target {target} at {address}: {reason}"
     dbus_name = f"{DBUS_PREFIX}.TargetUnreachable"
+
+
+class StoreFailed(WireError):
+    """An object store answered, but with a server fault (a 5xx, a volume server down, a
+    bucket it made read-only): nothing is committed by the failed request, a later run
+    retries it."""
+
+    template = "object store {target} failed while {op} {key}: {detail}"
+    dbus_name = f"{DBUS_PREFIX}.StoreFailed"
+
+
+class CredentialsFileRefused(KeyFileRefused):
+    """An object store's credentials file that others could read, or that is not one."""
+
+    template = "credentials file {path} refused: {reason}"
+    dbus_name = f"{DBUS_PREFIX}.CredentialsFileRefused"
 
 
 class HostKeyMismatch(BlockguardError):

@@ -459,6 +459,22 @@ TREE = Cmd(
             (Arg("generation", help="db@7, db@latest, db@latest~2 or db@<id prefix>"), NO_WAIT),
         ),
         Cmd(
+            "mount",
+            "mount a generation's file system read-only to browse it",
+            Action("browse.mount"),
+            (
+                Arg("generation", help="db@7, db@latest, db@latest~2 or db@<id prefix>"),
+                Arg("mountpoint", help="an empty directory"),
+            ),
+        ),
+        Cmd(
+            "umount",
+            "unmount a generation mounted by mount (its loop and FUSE devices too)",
+            Action("browse.umount"),
+            (Arg("mountpoint"),),
+        ),
+        Cmd("mounts", "list the generations mounted by mount", Action("browse.mounts"), ()),
+        Cmd(
             "status",
             "health of every volume and pool: last backup, RPO and RTO, pool space",
             Action("health.status"),

@@ -12,7 +12,7 @@ from blockguard.cli.actions import finish_job
 from blockguard.cli.client import Client, plain, variant
 from blockguard.cli.errors import CliError
 from blockguard.cli.output import Column, Output, text
-from blockguard.core.vocab import format_ago, format_rate, format_size
+from blockguard.core.vocab import format_ago, format_rate, format_size, format_time
 from blockguard.errors import ExitCode
 
 #: An exported key is about 90 characters; a file much larger is not one.
@@ -64,6 +64,14 @@ def _rows(target: dict[str, Any]) -> list[tuple[str, Any]]:
             + (f" ({target['state_reason']})" if target.get("state_reason") else ""),
         ),
     ]
+    if "retry_at" in target:
+        rows.append(
+            (
+                "scheduled transfers",
+                f"held back after {target['failures']} failure(s) in a row; next try at "
+                f"{format_time(target['retry_at'])} (`blockguardctl transfer VOLUME` tries now)",
+            )
+        )
     if "link_down" in target:
         rows += [
             ("link down", format_rate(target["link_down"])),
@@ -73,6 +81,16 @@ def _rows(target: dict[str, Any]) -> list[tuple[str, Any]]:
         rows.append(("round trip", f"{target['link_round_trip'] * 1000:.1f} ms"))
     if "link_measured_at" in target:
         rows.append(("link measured", format_ago(target["link_measured_at"])))
+    for area in target.get("areas", []):
+        if "read" in area:
+            speeds = (
+                f"read {format_rate(area['read'])}, write {format_rate(area['write'])} "
+                "(the slower of the area and the link)"
+            )
+        else:
+            speeds = "not measured (the link stands for it)"
+        size = f", {format_size(area['total'])}" if "total" in area else ""
+        rows.append((f"area {area['name']}", f"{speeds}, {area.get('disk', 'unknown')}{size}"))
     if "space_total" in target:
         rows.append(
             (
@@ -83,6 +101,17 @@ def _rows(target: dict[str, Any]) -> list[tuple[str, Any]]:
             )
         )
     return rows
+
+
+def _area_speeds(target: dict[str, Any]) -> str:
+    """The measured areas' read/write as seen from here (each the slower of area and
+    link), or "-" when the target reports none measured."""
+    shown = [
+        f"{a['name']} {format_rate(a['read'])}/{format_rate(a['write'])}"
+        for a in target.get("areas", [])
+        if "read" in a and "write" in a
+    ]
+    return ", ".join(shown) or "-"
 
 
 def target_list(client: Client, args: argparse.Namespace, out: Output) -> None:
@@ -100,6 +129,7 @@ def target_list(client: Client, args: argparse.Namespace, out: Output) -> None:
             Column("down"),
             Column("up"),
             Column("round trip", drop=1),
+            Column("area read/write", drop=2),
             Column("free", drop=1),
         ),
         (
@@ -111,6 +141,7 @@ def target_list(client: Client, args: argparse.Namespace, out: Output) -> None:
                 format_rate(t["link_down"]) if "link_down" in t else "-",
                 format_rate(t["link_up"]) if "link_up" in t else "-",
                 f"{t['link_round_trip'] * 1000:.1f} ms" if "link_round_trip" in t else "-",
+                _area_speeds(t),
                 format_size(t["space_free"]) if "space_free" in t else "-",
             ]
             for t in found

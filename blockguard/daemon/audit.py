@@ -43,6 +43,9 @@ MUTATING_METHODS: frozenset[str] = frozenset(
         "CancelJob",
         "ReleaseSwapIn",
         "Verify",
+        # Mount and unmount a generation's file system (loop and FUSE devices).
+        "Mount",
+        "Unmount",
         "Drill",
         "DrillVolume",
         "AddTarget",

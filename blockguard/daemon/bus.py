@@ -293,6 +293,25 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_method()
     @handler()
+    async def Mount(self, generation: Str, mountpoint: Str) -> VarDict:
+        """Mount a generation's file system read-only at an empty directory (its image
+        over FUSE, a read-only loop device); returns the mount's record."""
+        return to_vardict(await self._call(self.service.mount, generation, mountpoint))
+
+    @dbus_method()
+    @handler()
+    async def Unmount(self, mountpoint: Str) -> VarDict:
+        """Tear down the browse mount at ``mountpoint`` (file system, loop, FUSE)."""
+        return to_vardict(await self._call(self.service.unmount, mountpoint))
+
+    @dbus_method()
+    @handler(read_only=True)
+    async def ListMounts(self) -> VarDicts:
+        """The browse mounts of generations."""
+        return [to_vardict(m) for m in await self._call(self.service.list_mounts)]
+
+    @dbus_method()
+    @handler()
     async def Verify(self, generation: Str) -> ObjPath:
         return self.tree.job(await self._call(self.service.verify, generation))
 

@@ -37,12 +37,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from blockguard.core.catalog import Catalog
+from blockguard.core.catalog import Catalog, Target
+from blockguard.core.health import AlertKind
 from blockguard.engine import ids, protection, swapins
 from blockguard.engine import service as svc
 from blockguard.engine.alerts import AlertCenter
 from blockguard.engine.background import run_in_background
+from blockguard.engine.backoff import TargetBackoff
 from blockguard.engine.backups import back_up
+from blockguard.engine.browsing import Browser
 from blockguard.engine.calibration import run_drill_job
 from blockguard.engine.cmdguard import GuardedRunner
 from blockguard.engine.events import EventHub
@@ -68,7 +71,14 @@ from blockguard.engine.targets import TargetRegistry, default_client_id
 from blockguard.engine.transfers import Transfers
 from blockguard.engine.voldrills import start_volume_drill
 from blockguard.engine.volumes import VolumeRegistry, is_detached
-from blockguard.errors import BlockguardError, Busy, CatalogLost, EnvironmentProblem, NotFound
+from blockguard.errors import (
+    BlockguardError,
+    Busy,
+    CatalogLost,
+    EnvironmentProblem,
+    NotFound,
+    PoolSpaceLow,
+)
 from blockguard.storage import dm
 from blockguard.storage.drill import DRILL_VOLUME
 from blockguard.storage.manifest import write_atomic
@@ -112,6 +122,9 @@ class Engine:
         self._health: HealthKeeper | None = None
         self._monitor: HealthMonitor | None = None
         self._targets: TargetRegistry | None = None
+        #: Targets that could not be reached, held back from scheduled transfers.
+        self.target_backoff = TargetBackoff()
+        self._browser: Browser | None = None
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -136,7 +149,23 @@ class Engine:
     @property
     def transfers(self) -> Transfers:
         return Transfers(
-            self.catalog_or_fail(), self.targets, self.pools, self.settings.default_speed
+            self.catalog_or_fail(),
+            self.targets,
+            self.pools,
+            self.settings.default_speed,
+            backoff=self.target_backoff,
+            on_target_full=self._target_full,
+        )
+
+    def _target_full(self, target: str, exc: PoolSpaceLow) -> None:
+        """A transfer found the target's area full: the space alert, naming the target
+        (one-shot: the target's space is not watched between transfers)."""
+        subject = f"target:{target}"
+        self.alerts.fire(
+            AlertKind.POOL_SPACE_LOW,
+            subject,
+            f"target {target}: no room for the transfer: {exc}",
+            {"target": target},
         )
 
     @property
@@ -172,6 +201,8 @@ class Engine:
             self._recover_points_in_time()
             self._pools.open_all()
             self._volumes.open_all()
+            self._browser = Browser(self.state_dir, self._pools, self._volumes, self.cmd)
+            self._browser.clean_stale()
             self._open_health()
         except BaseException:
             self.close()
@@ -278,6 +309,9 @@ class Engine:
             log.error("cannot undo the point-in-time copies of interrupted backups: %s", exc)
 
     def close(self) -> None:
+        if self._browser is not None:
+            self._browser.close()
+            self._browser = None
         if self._volumes is not None:
             self._stop_drills()
         if self._monitor is not None:
@@ -349,7 +383,19 @@ class Engine:
             start_drill=self.drill_volume,
             max_interval=self.settings.scheduler_max_interval,
             start_transfer=self.transfer_now,
+            transfer_held=self.transfer_hold,
         )
+
+    def transfer_hold(self, volume: str) -> float:
+        """Seconds before the scheduler may start a transfer of ``volume``: its target's
+        back-off after failures (0: now). A transfer asked by hand is never held."""
+        try:
+            target = self.volumes.objectives_of(volume).get("remote_target")
+        except BlockguardError:
+            return 0.0
+        if not isinstance(target, str) or not target:
+            return 0.0
+        return self.target_backoff.wait(target, time.time())
 
     # --- pools ----------------------------------------------------------------------------
 
@@ -643,10 +689,13 @@ class Engine:
             self.jobs.release(key)
 
     def list_targets(self) -> list[dict[str, Any]]:
-        return [self.targets.describe(t) for t in self.catalog_or_fail().list_targets()]
+        return [self._describe_target(t) for t in self.catalog_or_fail().list_targets()]
 
     def get_target(self, target: str) -> dict[str, Any]:
-        return self.targets.describe(self.catalog_or_fail().get_target(target))
+        return self._describe_target(self.catalog_or_fail().get_target(target))
+
+    def _describe_target(self, target: Target) -> dict[str, Any]:
+        return self.targets.describe(target) | self.target_backoff.describe(target.id)
 
     def export_key(self) -> dict[str, str]:
         return self.targets.export_key()
@@ -731,6 +780,21 @@ class Engine:
     def release_swap_in(self, which: str) -> dict[str, Any]:
         with self._lock:
             return swapins.release_swap_in(self.pools, which)
+
+    @property
+    def browser(self) -> Browser:
+        if self._browser is None:
+            raise EnvironmentProblem(detail="the service is not open")
+        return self._browser
+
+    def mount(self, generation: str, mountpoint: str) -> dict[str, Any]:
+        return self.browser.mount(generation, mountpoint)
+
+    def unmount(self, mountpoint: str) -> dict[str, Any]:
+        return self.browser.unmount(mountpoint)
+
+    def list_mounts(self) -> list[dict[str, Any]]:
+        return self.browser.list()
 
     def verify(self, generation: str) -> Job:
         with self._lock:

@@ -22,7 +22,7 @@ from typing import Any
 
 from pyroaring import BitMap
 
-from blockguard.core.catalog import Catalog, link_perf_key
+from blockguard.core.catalog import Catalog, area_of_perf_key, link_perf_key
 from blockguard.core.objective_sets import RemoteObjectives, remote_of
 from blockguard.core.objectives import IntervalRPO, RecoveryObjectives
 from blockguard.core.perftable import DeviceSpeed
@@ -244,17 +244,26 @@ def remote_plan_dict(plan: RemotePlan) -> dict[str, Any]:
 def link_speed(catalog: Catalog, target: str, default: float) -> tuple[DeviceSpeed, bool]:
     """The target's speeds for the restore model and whether they were measured.
 
-    The link's performance-table row (reads down, writes up); the target must be
-    registered. Until the target reports its areas, the link stands for ``min(area, link)``.
+    The row of the target's area (each figure ``min(area, link)``, written by
+    registration): the area named as the target's pool, else its only area. A target
+    that reports no measured area is planned with the link's row (reads down, writes
+    up); one with neither, with ``default``.
 
     :raises NotFound: no target of that id.
     """
-    catalog.get_target(target)
-    entry = catalog.get_perf(link_perf_key(target), "pool")
-    if entry is not None:
-        figures = (entry.seq_read, entry.seq_write, entry.rand_read, entry.rand_write)
+    record = catalog.get_target(target)
+    areas = {
+        name: e
+        for e in catalog.list_perf("pool")
+        if (name := area_of_perf_key(target, e.device_key)) is not None
+    }
+    entry = areas.get(record.pool) or (next(iter(areas.values())) if len(areas) == 1 else None)
+    for row in (entry, catalog.get_perf(link_perf_key(target), "pool")):
+        if row is None:
+            continue
+        figures = (row.seq_read, row.seq_write, row.rand_read, row.rand_write)
         if all(figures):
-            return DeviceSpeed(*figures, chunk_size=entry.chunk_size or 65536), True  # type: ignore[arg-type]  # all() checked them
+            return DeviceSpeed(*figures, chunk_size=row.chunk_size or 65536), True  # type: ignore[arg-type]  # all() checked them
     return DeviceSpeed.uniform(default), False
 
 

@@ -76,6 +76,8 @@ class Scheduler:
     :param clock: the time (unix seconds), for tests.
     :param start_transfer: starts a volume's transfer to its target (raises Busy if a
         job runs).
+    :param transfer_held: seconds before a volume's transfer may be started again (its
+        target's back-off after failures; 0: now).
     """
 
     def __init__(
@@ -89,9 +91,11 @@ class Scheduler:
         max_interval: float | None = None,
         clock: Callable[[], float] = time.time,
         start_transfer: Callable[[str], object] | None = None,
+        transfer_held: Callable[[str], float] | None = None,
     ) -> None:
         self.volumes = volumes
         self.start_transfer = start_transfer
+        self.transfer_held = transfer_held
         self.held = held
         self.start_backup = start_backup
         self.busy = busy
@@ -182,7 +186,11 @@ class Scheduler:
         transfer = None if self.start_transfer is None else self.volumes.transfer_due.get(name)
         if transfer is not None:
             if transfer.due:
-                times.append((now, "transfer due"))
+                wait = self._transfer_wait(name)
+                why = (
+                    f"transfer held back {wait:.0f}s: its target failed" if wait else "transfer due"
+                )
+                times.append((now + wait, why))
             elif transfer.next_due is not None:
                 times.append((transfer.next_due.timestamp(), "transfer due"))
         if not times:
@@ -355,6 +363,9 @@ class Scheduler:
             due = self.volumes.transfer_due.get(name)
             if due is None or not due.due:
                 continue
+            if wait := self._transfer_wait(name):
+                log.debug("transfer of %s held back %.0fs: its target failed", name, wait)
+                continue
             try:
                 self.start_transfer(name)
             except BlockguardError as exc:
@@ -363,6 +374,9 @@ class Scheduler:
             log.info("scheduled transfer of %s: %s", name, due.reason, extra={"VOLUME": name})
             started.append(name)
         return started
+
+    def _transfer_wait(self, name: str) -> float:
+        return 0.0 if self.transfer_held is None else max(0.0, self.transfer_held(name))
 
     def _not_held(self, chosen: list[str], groups: dict[str, list[str]]) -> list[str]:
         """``chosen`` without the volumes (and groups with a member) in retry back-off."""

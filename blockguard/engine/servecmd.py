@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from blockguard.errors import BlockguardError, ExitCode
+from blockguard.storage.remote import areaprobe
 from blockguard.storage.remote.channel import Channel
 from blockguard.storage.remote.packstore import PackStore
 
@@ -43,6 +44,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--create",
         action="store_true",
         help="make the client's root and exit (an administrator's step, never in a forced command)",
+    )
+    parser.add_argument(
+        "--area",
+        help="the area's name in the areas answer (default: the root's directory name)",
+    )
+    parser.add_argument(
+        "--probe-seconds",
+        type=float,
+        default=areaprobe.DEFAULT_DURATION,
+        help="seconds per test and depth when the area's speeds are measured (once, kept "
+        "in the area)",
     )
     parser.add_argument(
         "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
@@ -76,7 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         reader, writer = take_stdio()
         channel = Channel(reader, writer, peer=f"client {args.client}")
-        serve_client(channel, args.root, args.client)
+        name = args.area or args.root.resolve().name
+        root = args.root
+
+        def areas() -> list[areaprobe.AreaReport]:
+            return [areaprobe.area_report(root, name, duration=args.probe_seconds)]
+
+        serve_client(channel, args.root, args.client, areas)
     except BlockguardError as exc:
         log.error("%s", exc)
         return int(exc.exit_code)

@@ -387,6 +387,19 @@ class Service(Protocol):
 
     def verify(self, generation: str) -> Job: ...
 
+    def mount(self, generation: str, mountpoint: str) -> dict[str, Any]:
+        """Mount a generation's file system read-only at ``mountpoint`` (an empty
+        directory); returns the mount's record (mountpoint, loop, fstype, chain...)."""
+        ...
+
+    def unmount(self, mountpoint: str) -> dict[str, Any]:
+        """Tear down the browse mount at ``mountpoint``; returns its record."""
+        ...
+
+    def list_mounts(self) -> list[dict[str, Any]]:
+        """The browse mounts of this daemon."""
+        ...
+
     def drill_volume(self, volume: str) -> Job:
         """Run the restore drill of a volume now (a job): its newest generation restored
         into scratch space on its pool, read back against the stored checksums, timed

@@ -22,6 +22,7 @@ mark-damaged  generation, reason, chunk=None          - (``list`` shows it as th
 space         -                                       free, total, used
 probe         down=0; any bytes (discarded)           received; ``down`` bytes
 link          generation, source, packs=[[from, to]]  packs (index entries of the packs made)
+areas         - (protocol 2)                          areas: name, total, free, speeds, disk type
 ============  ======================================  ===========================================
 
 ``link`` makes packs of an open generation from packs of a committed one of the same
@@ -46,7 +47,8 @@ from blockguard.errors import (
     NotAuthorized,
     NotFound,
 )
-from blockguard.storage.remote.channel import PROTOCOL_VERSIONS, Channel
+from blockguard.storage.remote.areaprobe import AreaReport
+from blockguard.storage.remote.channel import AREAS_VERSION, PROTOCOL_VERSIONS, Channel
 from blockguard.storage.remote.packstore import PackStore
 from blockguard.storage.remote.packvalues import GenerationState
 from blockguard.storage.remote.wire import Frame
@@ -58,6 +60,8 @@ _META_ROOM = 64 << 10
 _MISSING = object()
 
 Result = tuple[Mapping[str, Any], bytes]
+#: The target's areas for this client, with their speeds (measured or cached on call).
+AreasSource = Callable[[], list[AreaReport]]
 
 
 def _args(request: Frame, **spec: tuple[type, Any]) -> dict[str, Any]:
@@ -99,11 +103,15 @@ class Serving:
 
     :param channel: the conversation; the hello is :meth:`run`'s first step.
     :param store: the client's store; closed when the conversation ends.
+    :param areas: the target's areas (``areas``); ``None``: refused as not served here.
     """
 
-    def __init__(self, channel: Channel, store: PackStore) -> None:
+    def __init__(
+        self, channel: Channel, store: PackStore, areas: AreasSource | None = None
+    ) -> None:
         self.channel = channel
         self.store = store
+        self.areas = areas
         self._ops: dict[str, Callable[[Frame], Result]] = {
             "begin": self._begin,
             "status": self._status,
@@ -116,6 +124,7 @@ class Serving:
             "mark-damaged": self._mark_damaged,
             "probe": self._probe,
             "link": self._link,
+            "areas": self._areas,
         }
 
     def run(self) -> None:
@@ -229,8 +238,19 @@ class Serving:
             raise InvalidInput(detail="link: a pack is made twice")
         return {"packs": self.store.link(a["generation"], a["source"], pairs)}, b""
 
+    def _areas(self, request: Frame) -> Result:
+        # A client that agreed on version 1 does not know the answer's shape.
+        if (self.channel.version or 0) < AREAS_VERSION:
+            raise InvalidInput(detail=f"areas needs protocol version {AREAS_VERSION}")
+        _args(request)
+        if self.areas is None:
+            raise InvalidInput(detail="this target reports no areas")
+        return {"areas": [a.as_dict() for a in self.areas()]}, b""
 
-def serve_client(channel: Channel, area: Path, client: str) -> None:
+
+def serve_client(
+    channel: Channel, area: Path, client: str, areas: AreasSource | None = None
+) -> None:
     """Serve one conversation of ``client`` on ``area``.
 
     A client without a root on the area is refused at the hello (an ERROR with id 0,
@@ -247,4 +267,4 @@ def serve_client(channel: Channel, area: Path, client: str) -> None:
         channel.receive()  # the client's hello: it speaks first
         channel.refuse(None, refusal)
         raise refusal from exc
-    Serving(channel, store).run()
+    Serving(channel, store, areas).run()

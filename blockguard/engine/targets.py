@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from blockguard.core import vocab
-from blockguard.core.catalog import Catalog, PerfEntry, Target, link_perf_key
+from blockguard.core.catalog import (
+    Catalog,
+    PerfEntry,
+    Target,
+    area_of_perf_key,
+    area_perf_key,
+    link_perf_key,
+)
 from blockguard.errors import (
     AlreadyExists,
     Busy,
@@ -38,6 +45,7 @@ from blockguard.errors import (
 )
 from blockguard.storage.pool.remotepool import RemotePool
 from blockguard.storage.remote import keys, ssh
+from blockguard.storage.remote.areaprobe import AreaReport
 from blockguard.storage.remote.linkprobe import LinkSpeed, measure_link
 from blockguard.storage.remote.session import RemoteSession, Space
 from blockguard.storage.runner import Runner
@@ -77,6 +85,42 @@ def default_client_id() -> str:
         return vocab.check_name("client id", name)
     except InvalidInput:
         return "host"
+
+
+def area_entry(
+    target_id: str, url: str, area: AreaReport, link: LinkSpeed, now: float
+) -> PerfEntry:
+    """A target area's performance-table row as seen from this host: each figure the
+    slower of the area's own and the link's (reads come down, writes go up). An area the
+    target could not measure gets no figures (the planner then takes the link alone)."""
+    speed = area.speed
+    limited = None if speed is None else link.limit(speed)
+    return PerfEntry(
+        device_key=area_perf_key(target_id, area.name),
+        kind="pool",
+        measured_at=area.measured_at or now,
+        source="probe",
+        device_path=f"{url} {area.name}",
+        capacity=area.total,
+        rotational=None if area.disk not in ("hdd", "ssd") else area.disk == "hdd",
+        transport="ssh",
+        layout=area.layout or None,
+        seq_read=None if limited is None else limited.seq_read,
+        seq_write=None if limited is None else limited.seq_write,
+        rand_read=None if limited is None else limited.rand_read,
+        rand_write=None if limited is None else limited.rand_write,
+        chunk_size=None if limited is None else limited.chunk_size,
+    )
+
+
+def target_areas(catalog: Catalog, target_id: str) -> dict[str, PerfEntry]:
+    """The performance-table rows of the target's areas, by area name."""
+    found = {}
+    for entry in catalog.list_perf("pool"):
+        name = area_of_perf_key(target_id, entry.device_key)
+        if name is not None:
+            found[name] = entry
+    return found
 
 
 class TargetRegistry:
@@ -203,8 +247,11 @@ class TargetRegistry:
                 ) from exc
             with session:
                 space = session.space()
+                reported = self._areas(request.id, session)
                 link = self.measure(session)
             log.info("target %s: %s", request.id, link.describe())
+            now = self.catalog.now()
+            areas = [area_entry(request.id, request.address.url, a, link, now) for a in reported]
             speed = link.device_speed()
             entry = PerfEntry(
                 device_key=link_perf_key(request.id),
@@ -220,12 +267,17 @@ class TargetRegistry:
                 chunk_size=speed.chunk_size,
             )
             with self._hosts_lock:
-                return self._record(request, entry, link, space)
+                return self._record(request, entry, link, space, areas)
         finally:
             request.known_hosts.unlink(missing_ok=True)
 
     def _record(
-        self, request: TargetRequest, entry: PerfEntry, link: LinkSpeed, space: Space
+        self,
+        request: TargetRequest,
+        entry: PerfEntry,
+        link: LinkSpeed,
+        space: Space,
+        areas: list[PerfEntry],
     ) -> Target:
         """Pin the host key and record the target, as one step against other writers of
         known_hosts (the caller holds ``_hosts_lock``)."""
@@ -241,11 +293,26 @@ class TargetRegistry:
                 link=entry,
                 round_trip=link.round_trip,
                 space=(space.free, space.total, space.used),
+                areas=areas,
             )
         except BaseException:
             # Back as it was: another target may share the address and its key.
             self._rewrite_known_hosts(request.address.known_hosts_name, before)
             raise
+
+    @staticmethod
+    def _areas(target_id: str, session: RemoteSession) -> list[AreaReport]:
+        """The target's areas; none from a target that predates them or refuses them (the
+        planner then takes the link alone)."""
+        try:
+            found = session.areas()
+        except InvalidInput as exc:
+            log.warning("target %s reports no areas: %s", target_id, exc)
+            return []
+        if found is None:
+            log.info("target %s predates areas: planning with the link alone", target_id)
+            return []
+        return found
 
     def remove(self, target_id: str) -> None:
         """Forget a target: its record, its link's figures and its pinned host key (when
@@ -314,6 +381,21 @@ class TargetRegistry:
             found["link_measured_at"] = link.measured_at
         if target.round_trip is not None:
             found["link_round_trip"] = target.round_trip
+        areas = target_areas(self.catalog, target.id)
+        if areas:
+            found["areas"] = [
+                {
+                    "name": name,
+                    "read": e.seq_read,
+                    "write": e.seq_write,
+                    "rand_read": e.rand_read,
+                    "rand_write": e.rand_write,
+                    "total": e.capacity,
+                    "disk": {None: "unknown", True: "hdd", False: "ssd"}[e.rotational],
+                    "measured_at": e.measured_at,
+                }
+                for name, e in areas.items()
+            ]
         if target.space_total is not None:
             found["space_free"] = target.space_free
             found["space_total"] = target.space_total

@@ -17,11 +17,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from blockguard.core.catalog import Catalog, RemoteGenerationRow
 from blockguard.core.objective_sets import RemoteObjectives, remote_of
+from blockguard.core.objectives import IntervalRPO
 from blockguard.core.vocab import GenerationKind
+from blockguard.engine.backoff import MAX_WAIT, TargetBackoff
 from blockguard.engine.calibration import copy_target_of
 from blockguard.engine.ids import public_id
 from blockguard.engine.jobbook import JobProgress
@@ -36,7 +39,13 @@ from blockguard.engine.remoteplan import (
     sent_generations,
 )
 from blockguard.engine.targets import TargetRegistry
-from blockguard.errors import EnvironmentProblem, InvalidInput, NotFound, WireError
+from blockguard.errors import (
+    EnvironmentProblem,
+    InvalidInput,
+    NotFound,
+    PoolSpaceLow,
+    WireError,
+)
 from blockguard.storage.manifest import Manifest
 from blockguard.storage.pool.remotepool import RemotePool
 from blockguard.storage.transfer import transfer_generation, transfer_spec
@@ -77,6 +86,16 @@ def _row(
     )
 
 
+def _retry_cap(plan: RemotePlan) -> float:
+    """The longest back-off for the plan's target: its remote RPO interval, if it has
+    one (a longer wait would miss the RPO by itself), else :data:`MAX_WAIT`."""
+    objectives = plan.objectives.objectives
+    rpo = None if objectives is None else objectives.rpo
+    if isinstance(rpo, IntervalRPO):
+        return min(MAX_WAIT, rpo.interval.total_seconds())
+    return MAX_WAIT
+
+
 class Transfers:
     """Plans and runs transfers (the work of a ``transfer`` job).
 
@@ -84,6 +103,9 @@ class Transfers:
     :param targets: the registered targets (their stores).
     :param pools: the local pools (the source generations).
     :param default_speed: the link's speed while it is not measured.
+    :param backoff: where a target that cannot be reached is held back (and a reached
+        one released), for the scheduler.
+    :param on_target_full: told when the target refused for want of space (the alert).
     """
 
     def __init__(
@@ -92,11 +114,15 @@ class Transfers:
         targets: TargetRegistry,
         pools: PoolRegistry,
         default_speed: float,
+        backoff: TargetBackoff | None = None,
+        on_target_full: Callable[[str, PoolSpaceLow], None] | None = None,
     ) -> None:
         self.catalog = catalog
         self.targets = targets
         self.pools = pools
         self.default_speed = default_speed
+        self.backoff = backoff
+        self.on_target_full = on_target_full
 
     def plan(
         self, volume: str, pool: str, given: dict[str, Any], local: list[Manifest]
@@ -193,8 +219,24 @@ class Transfers:
                     # (committed just before an earlier cut): nothing to forget here.
                     with contextlib.suppress(NotFound):
                         self.catalog.remove_remote_generation(target, volume, gid)
+        except PoolSpaceLow as exc:
+            # The target's area is full: nothing is committed there or here (the writer
+            # removed its open generation, which could not be resumed without room
+            # anyway); the link worked, so no back-off.
+            self._mark(target, "ok")
+            if self.on_target_full is not None:
+                self.on_target_full(target, exc)
+            raise
         except WireError as exc:
             self._mark(target, "unreachable", str(exc))
+            if self.backoff is not None:
+                retry = self.backoff.failed(target, time.time(), str(exc), cap=_retry_cap(plan))
+                log.warning(
+                    "target %s: %d failure(s) in a row; scheduled transfers wait %.0fs",
+                    target,
+                    retry.failures,
+                    retry.retry_at - retry.last_failure,
+                )
             raise
         self._mark(target, "ok")
         result.update(
@@ -248,6 +290,8 @@ class Transfers:
         return None
 
     def _mark(self, target: str, state: str, reason: str = "") -> None:
+        if state == "ok" and self.backoff is not None:
+            self.backoff.succeeded(target)
         try:
             if self.catalog.get_target(target).state != state:
                 self.catalog.set_target_state(target, state, reason)

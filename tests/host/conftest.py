@@ -8,3 +8,4 @@ from tests.support.fixtures import (  # noqa: F401 (fixtures, used by name)
     shared_dir,
 )
 from tests.support.netlab import net_lab  # noqa: F401 (a fixture, used by name)
+from tests.support.seaweed import seaweed  # noqa: F401 (a fixture, used by name)

@@ -78,7 +78,8 @@ def authorize(lab: NetLab, daemon: Daemon, area: Path) -> None:
     assert shown.returncode == 0, shown.stderr
     line = json.loads(shown.stdout)["authorized_keys_line"]
     argv = [sys.executable, "-m", "blockguard.engine.servecmd", "--client", CLIENT]
-    serve = shlex.join([*argv, "--root", str(area)])
+    # A short probe: the area's speeds are measured at the first ``areas`` (then kept).
+    serve = shlex.join([*argv, "--root", str(area), "--probe-seconds", "0.05"])
     command = f"cd {shlex.quote(str(REPO))} && PYTHONPATH=. exec {serve}"
     options, _, public = line.partition('" ')
     assert options.startswith('restrict,command="python3 -m blockguard.engine.servecmd')
@@ -142,6 +143,12 @@ def test_target_registration_and_key_export_through_blockguardctl(
     )
     assert shown["link_down"] > 0 and shown["link_up"] > 0 and shown["link_round_trip"] > 0
     assert shown["space_total"] > 0
+    # The target's area, probed there, as seen from here: never faster than the link.
+    [area_row] = shown["areas"]
+    assert area_row["name"] == "area" and area_row["total"] > 0
+    assert 0 < area_row["read"] <= shown["link_down"] and 0 < area_row["write"] <= shown["link_up"]
+    shown_text = ctl(daemon, "target", "show", "offsite").stdout
+    assert "area area" in shown_text and "the slower of the area and the link" in shown_text
     assert f"[{TARGET_ADDR}]:{net_lab.port} " in (daemon.state_dir / "known_hosts").read_text()
     listed = json.loads(ctl(daemon, "--json", "target", "list").stdout)["targets"]
     assert [t["id"] for t in listed] == ["offsite"]

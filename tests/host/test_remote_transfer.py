@@ -279,3 +279,51 @@ def test_the_remote_rpo_starts_transfers_by_itself(
         time.sleep(0.2)
     assert done == ["backup", "transfer"], done
     assert remote_plan(daemon)["reasons"] == ["the newest generation is there"]
+
+
+def stop_sshd(lab: NetLab) -> None:
+    """Stop the target's sshd (by its PID; the lab reaps it at the end): the target host
+    is down, ssh's connection is refused."""
+    os.kill(lab.sshd_pid, signal.SIGTERM)
+    stat = Path(f"/proc/{lab.sshd_pid}/stat")
+    deadline = time.monotonic() + scaled(30)
+    while stat.exists() and stat.read_text().split(")")[-1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "sshd did not stop"
+        time.sleep(0.05)
+
+
+def transfer_jobs(daemon: Daemon) -> list[dict[str, Any]]:
+    jobs = sorted(as_json(daemon, "jobs")["jobs"], key=lambda j: j["id"])
+    return [j for j in jobs if j["kind"] == "transfer"]
+
+
+def test_a_down_target_is_retried_after_a_growing_wait_not_at_every_look(
+    net_lab: NetLab, engine: EngineHarness, loopdev: Callable[..., str]
+) -> None:
+    daemon, _volume = set_up(net_lab, engine, loopdev, BLOCKGUARD_SCHEDULER_INTERVAL="0.2")
+    deadline = time.monotonic() + scaled(120)
+    while "backup" not in done_jobs(daemon):  # the scheduler makes the first full
+        assert time.monotonic() < deadline, daemon.log()[-4000:]
+        time.sleep(0.2)
+    stop_sshd(net_lab)
+    ok(daemon, "objectives", "db", "--target", "offsite", "--remote-rpo", "changed 1MiB")
+    while not [j for j in transfer_jobs(daemon) if j["state"] == "failed"]:
+        assert time.monotonic() < deadline, daemon.log()[-4000:]
+        time.sleep(0.2)
+    shown = as_json(daemon, "target", "show", "offsite")["target"]
+    assert shown["state"] == "unreachable" and shown["failures"] == 1, shown
+    assert "cannot reach target offsite" in shown["retry_reason"]
+    retry_at = shown["retry_at"]
+    # Many scheduler looks later (every 0.2 s), still the one attempt: the transfer is
+    # held back until retry_at (a minute after the failure), not tried at each look.
+    time.sleep(scaled(3))
+    assert time.time() < retry_at
+    [failed] = transfer_jobs(daemon)
+    assert "cannot reach target offsite" in failed["error"]["message"], failed
+    assert "next try at" in ok(daemon, "target", "show", "offsite").stdout
+    # By hand it is tried at once (and fails again: the wait grows).
+    by_hand = ctl(daemon, "transfer", "db")
+    assert by_hand.returncode != 0 and "cannot reach target offsite" in by_hand.stderr
+    assert len(transfer_jobs(daemon)) == 2
+    again = as_json(daemon, "target", "show", "offsite")["target"]
+    assert again["failures"] == 2 and again["retry_at"] - again["last_failure"] == 120

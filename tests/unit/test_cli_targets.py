@@ -9,7 +9,7 @@ import pytest
 
 from blockguard.cli.client import RemoteError
 from blockguard.cli.errors import CliError, next_step
-from blockguard.cli.targets import MAX_KEY_FILE, _read_key_file
+from blockguard.cli.targets import MAX_KEY_FILE, _area_speeds, _read_key_file, _rows
 from blockguard.errors import ExitCode
 
 
@@ -45,3 +45,22 @@ def test_a_key_file_is_read_whole_or_refused_named(tmp_path: Path) -> None:
     assert info.value.exit_code == ExitCode.USAGE
     with pytest.raises(CliError, match="missing"):
         _read_key_file(str(tmp_path / "missing"))
+
+
+def test_measured_areas_are_shown_with_their_speeds_and_unmeasured_ones_not() -> None:
+    target = {
+        "id": "offsite", "url": "ssh://bg@192.0.2.2", "pool": "main", "client_id": "h1",
+        "host_key": "SHA256:x", "state": "ok",
+        "areas": [
+            {"name": "main", "read": 30e6, "write": 10e6, "disk": "hdd", "total": 1 << 30},
+            {"name": "cold", "disk": "unknown"},
+        ],
+        "failures": 2, "retry_at": 1_800_000_000.0,
+    }  # fmt: skip
+    assert _area_speeds(target).startswith("main ") and "cold" not in _area_speeds(target)
+    assert _area_speeds({}) == "-"
+    rows = dict(_rows(target))
+    assert "the slower of the area and the link" in rows["area main"]
+    assert "hdd" in rows["area main"] and "not measured" in rows["area cold"]
+    assert "2 failure(s)" in rows["scheduled transfers"]
+    assert "next try at" in rows["scheduled transfers"]

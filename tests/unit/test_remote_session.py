@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,8 @@ from blockguard.errors import (
     WireClosed,
     WireCorrupt,
 )
+from blockguard.storage.remote import session as session_module
+from blockguard.storage.remote.areaprobe import keep_area_speed
 from blockguard.storage.remote.linkprobe import LinkSpeed, measure_link
 from blockguard.storage.remote.packstore import PackStore, pack_digest
 from blockguard.storage.remote.session import RemoteSession
@@ -172,3 +175,27 @@ def test_a_goodbye_that_fails_still_reaps_the_child(
         session.close()
     assert session.child.poll() == -9
     assert_reaped(session.child.pid)
+
+
+def test_areas_are_reported_with_the_figures_the_target_keeps(area: Path) -> None:
+    keep_area_speed(area, DeviceSpeed(300e6, 200e6, 30e6, 20e6), time.time())
+    with serve(area) as session:
+        assert session.channel.version == 2
+        [found] = session.areas() or []
+    assert found.name == area.resolve().name and found.layout == "dir"
+    assert found.speed == DeviceSpeed(300e6, 200e6, 30e6, 20e6)
+    assert found.total > 0 and 0 < found.free <= found.total
+
+
+def test_a_target_speaking_version_1_is_not_asked_for_areas(
+    area: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The client offers only version 1, as a target that predates areas would agree on.
+    monkeypatch.setattr(session_module, "PROTOCOL_VERSIONS", (1,))
+    with serve(area) as session:
+        assert session.channel.version == 1
+        assert session.areas() is None
+        # Asked anyway, the target refuses by name and the conversation goes on.
+        with pytest.raises(InvalidInput, match="areas needs protocol version 2"):
+            session._call("areas")
+        assert session.space().total > 0

@@ -22,7 +22,7 @@ from blockguard.errors import (
     NotFound,
     WireClosed,
 )
-from blockguard.storage.remote.channel import Channel
+from blockguard.storage.remote.channel import PROTOCOL_VERSIONS, Channel
 from blockguard.storage.remote.packstore import PackStore, pack_digest
 from blockguard.storage.remote.wire import Frame, FrameKind, encode_frame
 from tests.timeouts import scaled
@@ -78,7 +78,7 @@ def test_a_generation_sent_with_requests_in_flight_comes_back_byte_exact(area: P
         ]
     }
     with served(area) as (channel, proc):
-        assert channel.greet() == 1
+        assert channel.greet() == max(PROTOCOL_VERSIONS)
         state = channel.call("begin", {"generation": "v1@g1", "meta": {"kind": "full"}}).meta
         assert state["committed"] is False and state["packs"] == []
         assert (state["generation"], state["meta"]) == ("v1@g1", {"kind": "full"})

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from blockguard.core.catalog import Catalog, link_perf_key
-from blockguard.engine.targets import TargetRegistry
+from blockguard.core.catalog import Catalog, PerfEntry, area_perf_key, link_perf_key
+from blockguard.core.perftable import DeviceSpeed
+from blockguard.engine.remoteplan import link_speed
+from blockguard.engine.targets import TargetRegistry, area_entry
 from blockguard.errors import (
     AlreadyExists,
     HostKeyMismatch,
@@ -22,7 +25,8 @@ from blockguard.errors import (
     NotAuthorized,
 )
 from blockguard.storage.remote import keys
-from blockguard.storage.remote.linkprobe import measure_link
+from blockguard.storage.remote.areaprobe import AreaReport, keep_area_speed
+from blockguard.storage.remote.linkprobe import LinkSpeed, measure_link
 from blockguard.storage.remote.packstore import PackStore
 from blockguard.storage.runner import Runner
 
@@ -62,7 +66,7 @@ class Lab:
         PackStore.create(self.area, "host1").close()
         serve = (
             f"PYTHONPATH={REPO} exec {sys.executable} -m blockguard.engine.servecmd "
-            f"--client host1 --root {self.area}\n"
+            f"--client host1 --root {self.area} --probe-seconds 0.02\n"
         )
         refused = "echo 'bg@192.0.2.2: Permission denied (publickey).' >&2\nexit 255\n"
         binaries = {
@@ -268,3 +272,65 @@ def test_registrations_at_the_same_time_keep_every_pinned_host_key(lab: Lab) -> 
         f"[192.0.2.{n + 10}]:2222" for n in range(4)
     )
     assert {t.id for t in lab.catalog.list_targets()} == set(urls)
+
+
+def test_a_registration_records_each_area_as_the_slower_of_area_and_link(lab: Lab) -> None:
+    # The target keeps its area's probed figures; the link is slower up, faster down.
+    keep_area_speed(lab.area, DeviceSpeed(30e6, 400e6, 5e6, 300e6), time.time())
+    lab.registry.measure = lambda _s: LinkSpeed(down=50e6, up=10e6, round_trip=0.002)
+    request = lab.registry.prepare("offsite", URL, "area", lab.fingerprint, client_id="host1")
+    lab.registry.register(request)
+    row = lab.catalog.get_perf(area_perf_key("offsite", "area"), "pool")
+    assert row is not None
+    assert (row.seq_read, row.seq_write, row.rand_read, row.rand_write) == (30e6, 10e6, 5e6, 10e6)
+    assert row.capacity is not None and row.capacity > 0 and row.transport == "ssh"
+    [shown] = lab.registry.describe(lab.catalog.get_target("offsite"))["areas"]
+    assert (shown["name"], shown["read"], shown["write"]) == ("area", 30e6, 10e6)
+    # The planner's remote speeds are the area's row, not the link's.
+    speed, measured = link_speed(lab.catalog, "offsite", default=1.0)
+    assert measured and speed == DeviceSpeed(30e6, 10e6, 5e6, 10e6)
+    lab.registry.remove("offsite")
+    lab.nothing_recorded()
+
+
+def test_an_unmeasured_area_is_planned_with_the_link(lab: Lab) -> None:
+    link = LinkSpeed(down=50e6, up=10e6, round_trip=0.002)
+    unmeasured = AreaReport("main", total=1 << 30, free=1 << 29)
+    entries = [area_entry("offsite", URL, unmeasured, link, 100.0)]
+    assert entries[0].seq_read is None and entries[0].capacity == 1 << 30
+    lab.catalog.add_target(
+        "offsite",
+        url=URL,
+        client_id="host1",
+        pool="main",
+        host_key=lab.fingerprint,
+        link=PerfEntry(
+            link_perf_key("offsite"),
+            "pool",
+            100.0,
+            "probe",
+            seq_read=50e6,
+            seq_write=10e6,
+            rand_read=50e6,
+            rand_write=10e6,
+            chunk_size=65536,
+        ),
+        round_trip=0.002,
+        areas=entries,
+    )
+    speed, measured = link_speed(lab.catalog, "offsite", default=1.0)
+    assert measured and speed == link.device_speed()
+    # A row under another target's key is refused, nothing recorded.
+    lab.catalog.remove_target("offsite")
+    with pytest.raises(InvalidInput, match="target:offsite:area:NAME"):
+        lab.catalog.add_target(
+            "offsite",
+            url=URL,
+            client_id="host1",
+            pool="main",
+            host_key=lab.fingerprint,
+            link=PerfEntry(link_perf_key("offsite"), "pool", 1.0, "probe"),
+            round_trip=0.002,
+            areas=[area_entry("other", URL, unmeasured, link, 1.0)],
+        )
+    assert lab.catalog.list_targets() == [] and lab.catalog.list_perf() == []

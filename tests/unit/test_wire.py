@@ -28,7 +28,13 @@ from blockguard.errors import (
     WireTruncated,
     WireVersionMismatch,
 )
-from blockguard.storage.remote.channel import Channel, error_meta, peer_error
+from blockguard.storage.remote.channel import (
+    PROTOCOL_VERSIONS,
+    Channel,
+    error_meta,
+    peer_error,
+    versions_text,
+)
 from blockguard.storage.remote.wire import (
     HEADER_SIZE,
     MAGIC,
@@ -362,7 +368,7 @@ def test_a_conversation_through_pipes_with_a_child_process() -> None:
     peer = Peer()
     try:
         channel = peer.channel
-        assert channel.greet() == 1
+        assert channel.greet() == max(PROTOCOL_VERSIONS)
         # Small requests with large answers in flight at once (packs fetched for a
         # restore), collected newest first: earlier answers wait, paired, for their call.
         sizes = [0, 1, 65536, 3 << 20]
@@ -398,12 +404,12 @@ def test_a_target_dying_mid_answer_is_a_truncated_frame_not_half_an_answer() -> 
 
 def test_a_version_mismatch_with_a_child_process_names_both_versions() -> None:
     peer = Peer(7)
+    ours = versions_text(PROTOCOL_VERSIONS)
     try:
-        with pytest.raises(
-            WireVersionMismatch, match="speaks blockguard protocol version 7, this side speaks 1"
-        ):
+        wanted = f"speaks blockguard protocol version 7, this side speaks {ours}"
+        with pytest.raises(WireVersionMismatch, match=wanted):
             peer.channel.greet()
     finally:
         code, err = peer.close()
     assert code == 3
-    assert "client speaks blockguard protocol version 1, this side speaks 7" in err
+    assert f"client speaks blockguard protocol version {ours}, this side speaks 7" in err

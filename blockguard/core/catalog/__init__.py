@@ -26,6 +26,8 @@ from blockguard.core.catalog.rows import (
     RestoreRecord,
     Target,
     Volume,
+    area_of_perf_key,
+    area_perf_key,
     link_perf_key,
 )
 from blockguard.core.catalog.schema import CURRENT_VERSION
@@ -71,6 +73,8 @@ __all__ = [
     "RestoreRecord",
     "Target",
     "Volume",
+    "area_of_perf_key",
+    "area_perf_key",
     "default_catalog_path",
     "link_perf_key",
 ]

@@ -149,6 +149,18 @@ def link_perf_key(target: str) -> str:
     return f"target:{target}:link"
 
 
+def area_perf_key(target: str, area: str) -> str:
+    """The performance table key of an area of ``target`` as seen from this host (a
+    pool-kind row: each figure the slower of the area's own and the link's)."""
+    return f"target:{target}:area:{area}"
+
+
+def area_of_perf_key(target: str, device_key: str) -> str | None:
+    """The area named by an :func:`area_perf_key` of ``target``, else ``None``."""
+    prefix = area_perf_key(target, "")
+    return device_key[len(prefix) :] if device_key.startswith(prefix) else None
+
+
 @dataclass(frozen=True)
 class Generation:
     id: str

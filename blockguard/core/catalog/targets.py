@@ -8,6 +8,7 @@ one transaction so a target is never recorded without its link or the other way 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 
 from blockguard.core import vocab
 from blockguard.core.catalog.pools import PoolStore
@@ -15,6 +16,8 @@ from blockguard.core.catalog.rows import (
     TARGET_STATES,
     PerfEntry,
     Target,
+    area_of_perf_key,
+    area_perf_key,
     check_count,
     check_number,
     check_text,
@@ -56,10 +59,12 @@ class TargetStore(PoolStore):
         link: PerfEntry,
         round_trip: float,
         space: tuple[int, int, int] | None = None,
+        areas: Sequence[PerfEntry] = (),
     ) -> Target:
         """Record a target whose link was measured.
 
         :param link: the link's figures (stored under ``target:ID:link``, kind pool)
+        :param areas: the target's areas as seen from here (``target:ID:area:NAME``)
         :param space: the target's ``(free, total, used)`` bytes when it was asked
         :raises AlreadyExists: a target of that id exists
         """
@@ -75,6 +80,12 @@ class TargetStore(PoolStore):
                 detail=f"the link of target {target_id} must be stored as "
                 f"{link_perf_key(target_id)} (kind pool), not {link.device_key} ({link.kind})"
             )
+        for entry in areas:
+            if area_of_perf_key(target_id, entry.device_key) is None or entry.kind != "pool":
+                raise InvalidInput(
+                    detail=f"an area of target {target_id} must be stored as "
+                    f"{area_perf_key(target_id, 'NAME')} (kind pool), not {entry.device_key}"
+                )
         free = total = used = None
         if space is not None:
             free, total, used = (check_count(f"space of target {target_id}", n) for n in space)
@@ -101,6 +112,8 @@ class TargetStore(PoolStore):
                 ),
             )
             self.upsert_perf(link)
+            for entry in areas:
+                self.upsert_perf(entry)
             return self.get_target(target_id)
 
     def get_target(self, target_id: str) -> Target:
@@ -133,7 +146,7 @@ class TargetStore(PoolStore):
             return self.get_target(target_id)
 
     def remove_target(self, target_id: str) -> None:
-        """Forget a target and its link's figures.
+        """Forget a target and its link's and areas' figures.
 
         :raises NotFound: no target of that id
         """
@@ -144,6 +157,12 @@ class TargetStore(PoolStore):
             conn.execute(
                 "DELETE FROM perf WHERE device_key = ? AND kind = 'pool'",
                 (link_perf_key(target_id),),
+            )
+            prefix = area_perf_key(target_id, "")
+            # substr, not LIKE: a target id may hold LIKE's wildcard "_".
+            conn.execute(
+                "DELETE FROM perf WHERE kind = 'pool' AND substr(device_key, 1, ?) = ?",
+                (len(prefix), prefix),
             )
 
     @staticmethod

@@ -223,6 +223,25 @@ class PoolBackend(ABC):
     def __init__(self, name: str, alert: AlertCallback | None = None) -> None:
         self.name = name
         self.alert = alert
+        # Generation id -> who holds it (a browse mount reading it): never removed.
+        self._holds: dict[str, str] = {}
+
+    # --- holds -----------------------------------------------------------------------
+
+    def hold(self, generation_ids: Iterable[str], holder: str) -> None:
+        """Keep ``generation_ids`` from removal (by retention or by hand) until
+        :meth:`release`; ``holder`` is named when a removal is refused."""
+        for gid in generation_ids:
+            self._holds.setdefault(gid, holder)
+
+    def release(self, holder: str) -> None:
+        """Drop every hold of ``holder``."""
+        for gid in [g for g, h in self._holds.items() if h == holder]:
+            del self._holds[gid]
+
+    def holder_of(self, generation_id: str) -> str | None:
+        """Who holds ``generation_id``, or None."""
+        return self._holds.get(generation_id)
 
     # --- devices and space --------------------------------------------------------
 
@@ -312,6 +331,9 @@ class PoolBackend(ABC):
         target = next((m for m in gens if m.generation_id == generation_id), None)
         if target is None:
             raise NotFound(what="generation", name=f"{volume}/{generation_id}")
+        holder = self.holder_of(generation_id)
+        if holder is not None:
+            raise Busy(what=f"generation {generation_id}", reason=f"it is in use by {holder}")
         users = [m.generation_id for m in gens if generation_id in (m.parent_id, m.base_id)]
         if users:
             raise Busy(
@@ -510,6 +532,17 @@ class PoolBackend(ABC):
         """
         policy = keep if isinstance(keep, RetentionPolicy) else RetentionPolicy(last=keep)
         doomed = choose(generation_refs(self.generations(volume)), policy).deleted
+        # A held generation stays (and so does all it reads: the holder holds its whole
+        # chain); it is removed by a later retention once released.
+        kept = [g for g in doomed if self.holder_of(g) is not None]
+        if kept:
+            log.info(
+                "retention of %s keeps %s: in use (%s)",
+                volume,
+                ", ".join(kept),
+                ", ".join(sorted({self.holder_of(g) or "" for g in kept})),
+            )
+            doomed = [g for g in doomed if g not in kept]
         if not doomed:
             return RetentionResult([], 0)  # no space question (an lvs on an lvm pool)
         before = self.capacity().free

@@ -44,7 +44,10 @@ from blockguard.storage.remote.wire import (
 )
 
 #: The protocol versions this blockguard speaks; two sides use the highest they share.
-PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
+#: 2 adds ``areas``: a client that agreed on 1 does not ask it (the target predates it).
+PROTOCOL_VERSIONS: tuple[int, ...] = (1, 2)
+#: The first version with the ``areas`` operation.
+AREAS_VERSION = 2
 #: Requests a client may have outstanding: bounds the answers held back for pairing.
 MAX_OUTSTANDING = 8
 #: How much of a peer's error message is shown: it is text from another host.

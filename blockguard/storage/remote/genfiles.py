@@ -29,7 +29,15 @@ from typing import Any
 
 import xxhash
 
-from blockguard.errors import AlreadyExists, Busy, DataError, InvalidInput, NotFound, PoolSpaceLow
+from blockguard.errors import (
+    AlreadyExists,
+    BlockguardError,
+    Busy,
+    DataError,
+    InvalidInput,
+    NotFound,
+    PoolSpaceLow,
+)
 from blockguard.storage.ioedge import SPACE, map_oserror
 from blockguard.storage.manifest import (
     check_component,
@@ -136,11 +144,19 @@ class GenerationFiles:
         if len(data) > (free := self._free()):
             raise PoolSpaceLow(pool=self.label, free=free, needed=len(data))
         packs = gdir / PACKS
-        with self._edge(f"{gen}/{PACKS}/{name}", "writing", needed=len(data)):
-            write_durable(packs / f".{name}.tmp", data)
-            crash_point("remote-pack")
-            os.rename(packs / f".{name}.tmp", packs / name)
-            fsync_dir(packs)
+        tmp = packs / f".{name}.tmp"
+        try:
+            with self._edge(f"{gen}/{PACKS}/{name}", "writing", needed=len(data)):
+                write_durable(tmp, data)
+                crash_point("remote-pack")
+                os.rename(tmp, packs / name)
+                fsync_dir(packs)
+        except BlockguardError:
+            # A half-written pack (ENOSPC, EIO) gives its space back at once; the
+            # generation stays open with the packs stored before it.
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
 
     def commit(self, gen: str, index: Mapping[str, Any], manifest: bytes) -> GenerationState:
         """Commit ``gen``: check every pack ``index`` names, then write the manifest and

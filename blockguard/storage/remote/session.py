@@ -21,8 +21,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blockguard.errors import BlockguardError, WireClosed, WireCorrupt, WireError, stderr_tail
-from blockguard.storage.remote.channel import MAX_OUTSTANDING, PROTOCOL_VERSIONS, Channel
+from blockguard.errors import (
+    BlockguardError,
+    WireClosed,
+    WireCorrupt,
+    WireError,
+    stderr_tail,
+)
+from blockguard.storage.remote.areaprobe import AreaReport
+from blockguard.storage.remote.channel import (
+    AREAS_VERSION,
+    MAX_OUTSTANDING,
+    PROTOCOL_VERSIONS,
+    Channel,
+)
 from blockguard.storage.remote.packvalues import GenerationState, Space
 from blockguard.storage.remote.ssh import SshOptions, TargetAddress, ssh_argv, ssh_failure
 from blockguard.storage.remote.wire import Frame
@@ -328,6 +340,22 @@ class RemoteSession:
         """The target area's free and total bytes and what this client uses."""
         meta = self._call("space").meta
         return Space(self._int(meta, "free"), self._int(meta, "total"), self._int(meta, "used"))
+
+    def areas(self) -> list[AreaReport] | None:
+        """The target's areas with their sizes and measured speeds.
+
+        :returns: ``None`` when the target predates ``areas`` (the hello agreed on an
+            older protocol version): the caller plans with the link alone.
+        """
+        if (self.channel.version or 0) < AREAS_VERSION:
+            return None
+        found = self._call("areas").meta.get("areas")
+        if not isinstance(found, list):
+            raise self._corrupt("an areas answer without a list of areas")
+        try:
+            return [AreaReport.from_dict(a) for a in found]
+        except ValueError as exc:
+            raise self._corrupt(f"an areas answer that does not fit: {exc}") from None
 
     def probe(self, down: int = 0, up: bytes = b"") -> bytes:
         """Send ``up`` (discarded by the target), receive ``down`` random bytes."""

@@ -1,0 +1,148 @@
+"""Browse mounts of generations: ``mount V@GEN DIR``, ``umount DIR``, the list, and the
+cleanup of what a killed daemon left behind.
+
+While mounted, a generation's whole chain is held in its pool: retention skips it and a
+removal by hand is refused (Busy, naming the mount point).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+from blockguard.engine import ids
+from blockguard.engine.pools import PoolRegistry
+from blockguard.engine.restores import find_generation
+from blockguard.engine.volumes import VolumeRegistry
+from blockguard.errors import AlreadyExists, BlockguardError, InvalidInput, NotFound
+from blockguard.storage.browse import BrowseMount, MountBook, MountRecord, mounted_at, teardown
+from blockguard.storage.genimage import GenerationImage
+from blockguard.storage.runner import Runner
+
+log = logging.getLogger(__name__)
+
+
+class Browser:
+    """The daemon's browse mounts (their FUSE servers run in its threads).
+
+    :param state_dir: records live in ``<state_dir>/mounts``, FUSE directories in
+        ``<state_dir>/browse``.
+    """
+
+    def __init__(
+        self, state_dir: Path, pools: PoolRegistry, volumes: VolumeRegistry, cmd: Runner
+    ) -> None:
+        self.book = MountBook(state_dir)
+        self.fuse_root = Path(state_dir) / "browse"
+        self.pools = pools
+        self.volumes = volumes
+        self.cmd = cmd
+        self._lock = threading.Lock()
+        self._mounts: dict[str, BrowseMount] = {}
+
+    def clean_stale(self) -> list[str]:
+        """Tear down every recorded mount (left by a daemon that was killed); returns the
+        mount points cleaned. A failure is logged and its record kept for the next start."""
+        cleaned = []
+        for record in self.book.all():
+            try:
+                teardown(record, self.cmd)
+            except (BlockguardError, OSError) as exc:
+                log.error("stale browse mount at %s not cleaned: %s", record.mountpoint, exc)
+                continue
+            self.book.drop(record)
+            log.info("cleaned stale browse mount of %s at %s", record.generation, record.mountpoint)
+            cleaned.append(record.mountpoint)
+        return cleaned
+
+    def mount(self, generation: str, mountpoint: str) -> dict[str, Any]:
+        """Mount ``generation`` (``V@GEN``, any form the CLI takes) read-only at ``mountpoint``.
+
+        :raises InvalidInput: the mount point is not an empty directory, or is in use.
+        :raises NotFound: no such volume or generation.
+        """
+        volume, _ = ids.split_public_id(generation)
+        vol = self.volumes.catalog.get_volume(volume)
+        if vol.pool is None:
+            raise InvalidInput(detail=f"volume {volume} has no pool")
+        point = _check_mountpoint(mountpoint)
+        manifest = find_generation(self.volumes, volume, generation)
+        pool = self.pools.backend(vol.pool)
+        public = ids.public_id(volume, manifest.generation_id)
+        with self._lock:
+            if point in self._mounts:
+                raise AlreadyExists(what="browse mount", name=point)
+            image = GenerationImage(pool, volume, manifest.generation_id)
+            name = uuid.uuid4().hex[:12]
+            record = MountRecord(
+                name=name,
+                volume=volume,
+                pool=vol.pool,
+                generation=public,
+                chain=image.chain,
+                mountpoint=point,
+                fuse_dir=str(self.fuse_root / name),
+            )
+            pool.hold(image.chain, f"the browse mount at {point}")
+            mount = BrowseMount(record, image, self.book)
+            try:
+                mount.start(self.cmd)
+            except BaseException:
+                pool.release(f"the browse mount at {point}")
+                raise
+            self._mounts[point] = mount
+        log.info("mounted %s at %s (loop %s)", public, point, mount.record.loop)
+        return mount.record.to_dict()
+
+    def unmount(self, mountpoint: str) -> dict[str, Any]:
+        """Unmount the browse mount at ``mountpoint`` (lazily if a process still uses it).
+
+        :raises NotFound: no browse mount there.
+        """
+        point = os.path.realpath(mountpoint) if mountpoint else mountpoint
+        with self._lock:
+            mount = self._mounts.get(point)
+            if mount is None:
+                raise NotFound(what="browse mount", name=mountpoint or '""')
+            mount.stop(self.cmd)
+            del self._mounts[point]
+            self._release(mount.record)
+        log.info("unmounted %s from %s", mount.record.generation, point)
+        return mount.record.to_dict()
+
+    def list(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [m.record.to_dict() for m in self._mounts.values()]
+
+    def close(self) -> None:
+        """Tear down every mount (the daemon stops: its FUSE servers end with it)."""
+        with self._lock:
+            for point, mount in list(self._mounts.items()):
+                try:
+                    mount.stop(self.cmd)
+                except (BlockguardError, OSError) as exc:
+                    log.error("browse mount at %s not torn down: %s", point, exc)
+                self._release(mount.record)
+                del self._mounts[point]
+
+    def _release(self, record: MountRecord) -> None:
+        backend = self.pools.open_pools.get(record.pool)
+        if backend is not None:
+            backend.release(f"the browse mount at {record.mountpoint}")
+
+
+def _check_mountpoint(mountpoint: str) -> str:
+    if not mountpoint or not os.path.isabs(mountpoint):
+        raise InvalidInput(detail=f"the mount point must be an absolute path: {mountpoint!r}")
+    point = os.path.realpath(mountpoint)
+    if not os.path.isdir(point):
+        raise InvalidInput(detail=f"the mount point {mountpoint} is not a directory")
+    if os.listdir(point):
+        raise InvalidInput(detail=f"the mount point {mountpoint} is not empty")
+    if mounted_at(point) is not None:
+        raise InvalidInput(detail=f"something is already mounted at {mountpoint}")
+    return point

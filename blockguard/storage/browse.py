@@ -1,0 +1,208 @@
+"""Browse a generation: its image over FUSE, a read-only loop device on it, and its file
+system mounted read-only; and the teardown of all three, also after a crash.
+
+Each mount is recorded in a file of the state directory before anything is set up, and
+that record is all a restarted daemon needs to undo it: the teardown touches only what the
+record names, and checks first that it is still ours (the mount point's source is the
+recorded loop device; the loop's backing file is the recorded FUSE image; the FUSE mount
+is of type ``fuse.blockguard``). See docs/design/browse.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from blockguard.errors import BlockguardError, CorruptMetadata, EnvironmentProblem, InvalidInput
+from blockguard.storage import fuse
+from blockguard.storage.genimage import GenerationImage
+from blockguard.storage.manifest import write_atomic
+from blockguard.storage.runner import Runner
+
+log = logging.getLogger(__name__)
+
+IMAGE_NAME = "image"
+#: Mount options per file system: read-only and without replaying a journal, which would
+#: write to the (read-only) device or fail.
+FS_OPTIONS = {"ext4": "ro,noload", "ext3": "ro,noload", "xfs": "ro,norecovery,nouuid"}
+
+
+@dataclass(frozen=True)
+class MountRecord:
+    """One browse mount, as recorded in ``<state>/mounts/<name>.json``.
+
+    :param name: the record's name (also the FUSE directory's).
+    :param generation: the generation's public id (``VOLUME@ID``).
+    :param chain: the generations it reads (held against removal while mounted).
+    :param fuse_dir: where the FUSE file system with the image is mounted.
+    :param loop: the read-only loop device on the image ("" until attached).
+    :param fstype: the file system mounted at ``mountpoint``.
+    """
+
+    name: str
+    volume: str
+    pool: str
+    generation: str
+    chain: tuple[str, ...]
+    mountpoint: str
+    fuse_dir: str
+    loop: str = ""
+    fstype: str = ""
+
+    @property
+    def image(self) -> str:
+        return str(Path(self.fuse_dir) / IMAGE_NAME)
+
+    def to_dict(self) -> dict[str, object]:
+        return {**asdict(self), "chain": list(self.chain), "image": self.image}
+
+
+class MountBook:
+    """The mount records of a state directory."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = Path(state_dir) / "mounts"
+
+    def save(self, record: MountRecord) -> None:
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomic(self.dir / f"{record.name}.json", json.dumps(asdict(record)).encode())
+
+    def drop(self, record: MountRecord) -> None:
+        (self.dir / f"{record.name}.json").unlink(missing_ok=True)
+
+    def all(self) -> list[MountRecord]:
+        """Every record; an unreadable one is logged and left for a human."""
+        found: list[MountRecord] = []
+        for path in sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []:
+            try:
+                raw = json.loads(path.read_bytes())
+                raw["chain"] = tuple(raw["chain"])
+                found.append(MountRecord(**raw))
+            except (OSError, ValueError, TypeError, KeyError) as exc:
+                log.error("%s", CorruptMetadata(what=f"mount record {path}", detail=str(exc)))
+        return found
+
+
+def mounted_at(path: str) -> tuple[str, str] | None:
+    """``(fstype, source)`` of what is mounted at ``path`` (the topmost), or None."""
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as info:
+        for line in info:
+            fields = line.split()
+            sep = fields.index("-")
+            point = fields[4].encode().decode("unicode_escape")
+            if point == path:
+                found = (fields[sep + 1], fields[sep + 2])
+    return found
+
+
+def loop_backing_file(loop: str) -> str | None:
+    """The backing file of loop device ``loop``, or None when it is not attached."""
+    name = Path(loop).name
+    try:
+        text = Path(f"/sys/block/{name}/loop/backing_file").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    return text.rstrip("\n")
+
+
+class BrowseMount:
+    """A mount being set up or served: the image's FUSE server lives here.
+
+    :param record: what to set up (saved, with the loop device, as it goes).
+    """
+
+    def __init__(self, record: MountRecord, image: GenerationImage, book: MountBook) -> None:
+        self.record = record
+        self.image = image
+        self.book = book
+        # The image is closed by the serving thread when it ends, which after a lazy
+        # unmount (a process still in the file system) is later than ``stop``.
+        self.server = fuse.FuseFile(
+            Path(record.fuse_dir), IMAGE_NAME, image.size, self._read, on_exit=image.close
+        )
+
+    def _read(self, offset: int, size: int) -> bytes:
+        try:
+            return self.image.read(offset, size)
+        except BlockguardError as exc:
+            # The named error in the log; the reader sees EIO for this read only.
+            log.error("browse mount %s: %s", self.record.mountpoint, exc)
+            raise OSError(5, str(exc)) from exc
+
+    def start(self, runner: Runner) -> None:
+        """FUSE image, read-only loop device, file system mounted read-only.
+
+        On failure everything done so far is undone before the error propagates.
+
+        :raises InvalidInput: no file system this can mount is on the generation.
+        """
+        rec = self.record
+        Path(rec.fuse_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.book.save(rec)
+        try:
+            self.server.start()
+            loop = runner.run(
+                ["losetup", "--find", "--show", "--read-only", rec.image], timeout=60
+            ).stdout.strip()
+            rec = self.record = _with(rec, loop=loop)
+            self.book.save(rec)
+            fstype = runner.run(
+                ["blkid", "-p", "-o", "value", "-s", "TYPE", loop], timeout=60, check=False
+            ).stdout.strip()
+            if not fstype:
+                raise InvalidInput(
+                    detail=f"generation {rec.generation} holds no file system that blkid "
+                    "recognises: there is nothing to mount"
+                )
+            rec = self.record = _with(rec, fstype=fstype)
+            self.book.save(rec)
+            options = FS_OPTIONS.get(fstype, "ro")
+            argv = ["mount", "-o", options, "-t", fstype, loop]
+            runner.run([*argv, rec.mountpoint], timeout=120)
+        except BaseException:
+            self.stop(runner)
+            raise
+
+    def stop(self, runner: Runner) -> None:
+        """Tear down in reverse: file system, loop, FUSE; then forget the record."""
+        started = self.server.serving
+        teardown(self.record, runner, server=self.server)
+        if not started:
+            self.image.close()
+        self.book.drop(self.record)
+
+
+def _with(record: MountRecord, **changes: str) -> MountRecord:
+    return MountRecord(**{**asdict(record), **changes})
+
+
+def teardown(record: MountRecord, runner: Runner, server: fuse.FuseFile | None = None) -> None:
+    """Undo what ``record`` names and is still ours (after a crash, too).
+
+    :raises EnvironmentProblem: a step failed (the record is then kept for a retry).
+    """
+    if record.loop:
+        at = mounted_at(record.mountpoint)
+        if at is not None and os.path.realpath(at[1]) == os.path.realpath(record.loop):
+            fuse.unmount(record.mountpoint)
+        if loop_backing_file(record.loop) == record.image:
+            runner.run(["losetup", "-d", record.loop], timeout=60)
+    if server is not None:
+        if not server.stop():
+            log.info(
+                "%s is still in use: unmounted lazily, served until released", record.mountpoint
+            )
+    else:
+        at = mounted_at(record.fuse_dir)
+        if at is not None and at[0] == fuse.FS_TYPE:
+            fuse.unmount(record.fuse_dir)
+    if mounted_at(record.fuse_dir) is not None:
+        raise EnvironmentProblem(detail=f"{record.fuse_dir} is still mounted")
+    with contextlib.suppress(OSError):
+        # Empty once unmounted; it stays only while a lazy unmount still holds it.
+        os.rmdir(record.fuse_dir)
