@@ -425,7 +425,20 @@ class TargetRegistry:
                 runner=self.runner,
             )
 
-        return RemotePool(f"target:{target.id}", session, key, target=target.id, area=target.pool)
+        def volume_names() -> set[str]:
+            # What this host calls its volumes: a generation whose manifest does not open
+            # is shown by its volume's name, not the id the target knows it by.
+            names = {v.name for v in self.catalog.list_volumes()}
+            return names | {r.volume for r in self.catalog.list_remote_generations(target.id)}
+
+        return RemotePool(
+            f"target:{target.id}",
+            session,
+            key,
+            target=target.id,
+            area=target.pool,
+            volume_names=volume_names,
+        )
 
     def master_key(self, imported: keys.MasterKey | None = None) -> keys.MasterKey:
         """This host's master key: loaded, or made now (``imported`` on a new host)."""

@@ -162,6 +162,21 @@ def test_volume_ids_are_the_hmac_of_the_name_and_stable() -> None:
 PINNED_VOLUME_ID = "d90823497f7537a224742455cd127b4d"
 
 
+def test_the_name_key_is_derived_once_per_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    derived: list[tuple[str, ...]] = []
+    derive = MasterKey._derive
+
+    def counting(self: MasterKey, *info: str) -> bytes:
+        derived.append(info)
+        return derive(self, *info)
+
+    monkeypatch.setattr(MasterKey, "_derive", counting)
+    key = MasterKey(bytes(range(32)))
+    ids = [key.volume_id(name) for name in ("db", "web", "db", "mail")]
+    assert ids[0] == ids[2] == PINNED_VOLUME_ID and len(set(ids)) == 3
+    assert derived == [("name",)]
+
+
 def test_fields_encode_without_ambiguity() -> None:
     assert encode_fields("ab", "c") != encode_fields("a", "bc")
     assert encode_fields("1") != encode_fields(1)

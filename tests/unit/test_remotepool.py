@@ -52,6 +52,7 @@ class Target:
         self.sessions: list[RemoteSession] = []
         self.puts = 0
         self.gets = 0
+        self.lists = 0
         self.kill_after_puts: int | None = None
         #: Puts after this many go out as a pack number the target refuses.
         self.spoil_after_puts: int | None = None
@@ -71,6 +72,8 @@ class Target:
                     args = {**args, "pack": 10**7}  # type: ignore[dict-item]
             elif op == "get":
                 self.gets += 1
+            elif op == "list":
+                self.lists += 1
             return request(op, args, payload)  # type: ignore[arg-type]
 
         session.channel.request = counted  # type: ignore[method-assign]
@@ -112,10 +115,11 @@ def backup(
     *,
     base_id: str | None = None,
     parent_id: str | None = None,
+    volume: VolumeIdentity = VOLUME,
 ) -> Manifest:
     """What ``run_backup`` does with a device, with bytes: chunks in order, in extents,
     into the pool's writer, then the commit with their checksums."""
-    spec = GenerationSpec(VOLUME, kind, CHUNK, changed, base_id, parent_id)
+    spec = GenerationSpec(volume, kind, CHUNK, changed, base_id, parent_id)
     nchunks = chunk_count(SIZE, CHUNK)
     with pool.begin_generation(spec) as writer:
         sums = array.array("Q")
@@ -272,6 +276,25 @@ def test_a_new_pool_object_resumes_the_generation_it_is_told_of(
         assert restore(again, gid) == data
 
 
+def test_a_volume_whose_device_number_changed_resumes(target: Target, pool: RemotePool) -> None:
+    # As after a reboot that numbered the volume's device anew: the volume and the
+    # generation are the same, so the generation the cut left open is continued.
+    rng = random.Random(19)
+    data = rng.randbytes(SIZE)
+    target.kill_after_puts, target.window = 2, 1
+    with pytest.raises(WireError):
+        backup(pool, data)
+    target.kill_after_puts, target.window = None, 4
+    [gdir] = target.generation_dirs()
+    sent_before = target.puts
+    full = backup(pool, data, volume=VolumeIdentity("db", SIZE, "7:17"))
+    assert gdir.name.endswith("@" + full.generation_id)
+    assert [d.name for d in target.generation_dirs()] == [gdir.name]
+    assert target.puts - sent_before == 2, "only the missing packs are sent"
+    assert full.volume.device_id == "7:17"
+    assert restore(pool, full.generation_id) == data
+
+
 def test_a_manifest_that_does_not_open_is_reported_damaged(
     target: Target, pool: RemotePool, key: MasterKey
 ) -> None:
@@ -296,6 +319,46 @@ def test_a_manifest_that_does_not_open_is_reported_damaged(
         assert other.scan().manifests == [] and len(other.scan().damaged) == 2
     pool.mark_damaged("db", good, "a test found it", chunk=3)
     assert pool.scan("db").damaged[0].found_on_use
+
+
+def test_a_manifest_that_does_not_open_is_shown_by_its_volume_name(
+    target: Target, pool: RemotePool, key: MasterKey
+) -> None:
+    rng = random.Random(23)
+    backup(pool, rng.randbytes(SIZE))
+    bad = backup(pool, rng.randbytes(SIZE)).generation_id
+    [gdir] = [d for d in target.generation_dirs() if d.name.endswith("@" + bad)]
+    sealed = bytearray((gdir / "manifest.sealed").read_bytes())
+    sealed[-1] ^= 0x80
+    (gdir / "manifest.sealed").write_bytes(sealed)
+    index = json.loads((gdir / "index.json").read_text())
+    index["manifest"] = {"size": len(sealed), "xxh3_128": pack_digest(bytes(sealed))}
+    (gdir / "index.json").write_text(json.dumps(index))
+
+    def damaged_volumes(p: RemotePool) -> list[str]:
+        return [d.volume for d in p.scan().damaged]
+
+    # Named by the volume's other generations, by the caller's names, or said unknown:
+    # never by the id the target knows it by, which would read as a volume's name.
+    with RemotePool("offsite", target.session, key, target="t1", area="main") as fresh:
+        assert damaged_volumes(fresh) == ["db"]
+    good = next(d for d in target.generation_dirs() if d != gdir)
+    (good / "manifest.sealed").write_bytes(b"not a sealed manifest")
+    with RemotePool("offsite", target.session, key, target="t1", area="main") as fresh:
+        unknown = f"unknown volume (id {key.volume_id('db')})"
+        assert damaged_volumes(fresh) == [unknown, unknown]
+    asked: list[str] = []
+
+    def names() -> list[str]:
+        asked.append("names")
+        return ["web", "db"]
+
+    with RemotePool(
+        "offsite", target.session, key, target="t1", area="main", volume_names=names
+    ) as fresh:
+        assert damaged_volumes(fresh) == ["db", "db"]
+        assert len(asked) == 1, "the names are asked once, not per damaged entry"
+        assert [d.volume for d in fresh.scan("db").damaged] == ["db", "db"]
 
 
 def test_removal_retention_space_and_refusals(target: Target, pool: RemotePool) -> None:
@@ -356,6 +419,42 @@ def test_a_resume_on_another_copy_commits_nothing_and_the_next_backup_sends_all(
     assert target.generation_dirs() == [] and pool.generations() == []
     full = backup(pool, changed)
     assert restore(pool, full.generation_id) == changed
+
+
+def test_a_backup_neither_lists_nor_opens_what_the_pool_knows(
+    target: Target, pool: RemotePool, key: MasterKey
+) -> None:
+    # Each backup needs the volume's next sequence number (and a synthesized full its
+    # source): the pool keeps what it listed once and what it committed since.
+    rng = random.Random(21)
+    data = bytearray(rng.randbytes(SIZE))
+    full = backup(pool, bytes(data))
+    assert target.lists == 1, "a pool that knows nothing of the volume lists once"
+    parent, made = full, [full]
+    since_full = BitMap()
+    for chunk in (1, 2, 3):  # all in pack 0: the synthesized full links packs 1 and 2
+        data[chunk * CHUNK : chunk * CHUNK + 100] = rng.randbytes(100)
+        changed = BitMap([chunk])
+        since_full |= changed
+        parent = backup(
+            pool, bytes(data), GenerationKind.INCREMENTAL, changed, parent_id=parent.generation_id
+        )
+        made.append(parent)
+    assert target.lists == 1 and target.gets == 0
+    synthesized = synthesize(pool, bytes(data), full, since_full)  # reads the full's checksums
+    made.append(synthesized)
+    assert target.lists == 1
+    assert [m.sequence for m in made] == [1, 2, 3, 4, 5]
+    # Its removals count too; a fresh pool object (listing) numbers as this one does.
+    pool.remove_generation("db", synthesized.generation_id)
+    after = backup(
+        pool, bytes(data), GenerationKind.INCREMENTAL, BitMap([1]), parent_id=parent.generation_id
+    )
+    with RemotePool("offsite", target.session, key, target="t1", area="main") as fresh:
+        assert fresh.next_sequence("db") == after.sequence + 1 == 6
+        assert [m.generation_id for m in fresh.generations("db")] == [
+            m.generation_id for m in pool.generations("db")
+        ]
 
 
 # --- fulls synthesized on the target ------------------------------------------------------

@@ -124,6 +124,19 @@ def test_a_synthetic_nonce_seals_the_same_pack_to_the_same_bytes_and_differs_oth
         seal_pack(key, aad, data, nonce=b"short")
 
 
+@pytest.mark.parametrize("data", [compressible(64 * 1024), os.urandom(64 * 1024)])
+def test_a_pack_sealed_from_a_view_of_its_buffer_is_the_same_bytes(data: bytes) -> None:
+    # The writer seals a pack from its buffer (no copy): the same pack as from bytes.
+    aad = pack_aad(data)
+    key = MASTER.pack_key(aad.volume_id, aad.generation_id)
+    buffer = bytearray(data)
+    with memoryview(buffer) as view:
+        from_view = seal_pack(key, aad, view, nonce=pack_nonce(key, aad, view))
+    assert type(from_view) is bytes
+    assert from_view == seal_pack(key, aad, data, nonce=pack_nonce(key, aad, data))
+    assert open_pack(key, aad, from_view) == data
+
+
 # --- a changed byte --------------------------------------------------------------------
 
 

@@ -208,6 +208,30 @@ def test_a_target_that_holds_generations_is_not_removed(lab: Lab) -> None:
     lab.nothing_recorded()
 
 
+def test_a_manifest_that_does_not_open_is_shown_by_the_catalogs_volume_name(lab: Lab) -> None:
+    from blockguard.core.catalog import RemoteGenerationRow
+
+    request = lab.registry.prepare("offsite", URL, "main", lab.fingerprint, client_id="host1")
+    lab.registry.register(request)
+    vid = lab.registry.master_key().volume_id("db")
+    gen = "20261103T120501.123456Z-1a2b3c4d"
+    with PackStore.open(lab.area, "host1") as store:
+        store.begin(f"{vid}@{gen}", {"format": 1, "volume": vid})
+        store.commit(f"{vid}@{gen}", {"packs": []}, b"not a sealed manifest")
+    with lab.registry.remote_pool("offsite") as remote:
+        [damaged] = remote.scan().damaged
+        assert damaged.volume == f"unknown volume (id {vid})"
+    # The catalog knows the volume (here by a generation it recorded on the target).
+    row = RemoteGenerationRow(
+        "offsite", "db", gen, "full", None, None, 1.0, 8192, 8192, 1, 2.0, 0.5
+    )  # fmt: skip
+    lab.catalog.record_remote_generation(row)
+    with lab.registry.remote_pool("offsite") as remote:
+        [damaged] = remote.scan().damaged
+        assert (damaged.volume, damaged.generation_id) == ("db", gen)
+    lab.catalog.remove_remote_generation("offsite", "db", gen)
+
+
 def test_a_failed_registration_keeps_the_key_another_target_pinned_for_the_address(
     lab: Lab,
 ) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,7 @@ from blockguard.storage.manifest import (
     generation_clock,
     generation_id_time,
     new_generation_id,
+    sequence_numbers,
 )
 from blockguard.storage.pool.base import (
     AlertCallback,
@@ -89,6 +90,9 @@ class RemotePool(PoolBackend):
     :param key: the master key (sub-keys seal the packs, manifests and volume ids).
     :param target: the target's id here (named in devices and errors).
     :param area: the pool's name on the target (the client's area there).
+    :param volume_names: the names of the volumes the caller knows (the engine: its
+        catalog's), asked only to name a generation whose manifest does not open by its
+        volume instead of the volume id the target knows it by.
     """
 
     kind = "remote"
@@ -102,16 +106,26 @@ class RemotePool(PoolBackend):
         target: str,
         area: str,
         alert: AlertCallback | None = None,
+        volume_names: Callable[[], Iterable[str]] | None = None,
     ) -> None:
         super().__init__(name, alert)
         self.target = target
         self.area = area
+        self._volume_names = volume_names
+        #: Volume id -> name, of every manifest this pool opened (and names it was asked).
+        self._names: dict[str, str] = {}
         self._sessions = sessions
         self._key = key
         self._blob_key = key.blob_key()
         self._session: RemoteSession | None = None
         self._lock = threading.RLock()
         self._open_drafts: dict[tuple[Any, ...], Manifest] = {}
+        #: What this pool knows of a volume's generations there (volume id -> its last
+        #: scan, with this pool's own commits and removals since): a backup takes its
+        #: sequence number and synthesis source from it instead of listing and opening
+        #: every manifest of the volume each time. Every scan refreshes it (the target
+        #: stays the source of truth for what is listed, retained and damaged).
+        self._known: dict[str, PoolScan] = {}
         #: False once the target refused ``link`` as unknown (an older target).
         self._can_link = True
         #: The writer begun last: what it sent, for the transfer's result and the link row.
@@ -179,8 +193,9 @@ class RemotePool(PoolBackend):
                 stored = self.call(lambda s: s.begin(key, meta))
             except AlreadyExists:
                 # The cut came after its commit point: that one is committed, this
-                # writer makes a new generation.
+                # writer makes a new generation (numbered after it: list again).
                 self._open_drafts.pop(spec_key, None)
+                self._known.pop(vid, None)
                 draft = None
         if draft is None:
             draft = self._draft(spec, previous=previous)
@@ -191,9 +206,14 @@ class RemotePool(PoolBackend):
             self._open_drafts[spec_key] = draft
         assert stored is not None
 
-        def finished(done: bool) -> None:
+        def finished(done: bool, committed: Manifest | None) -> None:
             if done:
                 self._open_drafts.pop(spec_key, None)
+            if committed is not None:
+                self._remember(vid, committed)
+            else:
+                # A cut may have come after the target's commit point: ask it next time.
+                self._known.pop(vid, None)
 
         writer_args: dict[str, Any] = {
             "volume_id": vid,
@@ -238,7 +258,7 @@ class RemotePool(PoolBackend):
         one it names to clone, committed there, of the same chunks; else None (sent whole)."""
         if not (spec.is_full and spec.clone_from and spec.changed is not None and self._can_link):
             return None
-        for manifest in self.generations(spec.volume.name):
+        for manifest in self._known_scan(spec.volume.name).manifests:
             if manifest.generation_id == spec.clone_from:
                 if can_synthesize_from(manifest, vid, spec.chunk_size, spec.volume.size):
                     return manifest
@@ -295,6 +315,37 @@ class RemotePool(PoolBackend):
         slots = len(draft.changed)
         return draft.with_(storage=PackLayout.new_storage(chunk_size, slots, origins))
 
+    def next_sequence(self, volume: str) -> int:
+        # From what this pool knows (no listing per backup), as the base class counts.
+        found = self._known_scan(volume)
+        readable = found.manifests + [d.manifest for d in found.damaged if d.manifest]
+        return max(sequence_numbers(readable).values(), default=0) + 1
+
+    def _known_scan(self, volume: str) -> PoolScan:
+        """The generations of ``volume`` as this pool knows them; listed when it knows
+        nothing of the volume yet."""
+        found = self._known.get(self._key.volume_id(volume))
+        return self.scan(volume) if found is None else found
+
+    def _remember(self, vid: str, committed: Manifest) -> None:
+        """Add a generation this pool committed to what it knows (if it knows the
+        volume: else the next backup lists it)."""
+        found = self._known.get(vid)
+        if found is not None:
+            good = [m for m in found.manifests if m.generation_id != committed.generation_id]
+            good.append(committed)
+            good.sort(key=lambda m: (m.created, m.generation_id))
+            self._known[vid] = PoolScan(good, found.damaged)
+
+    def _forget(self, vid: str, generation_id: str) -> None:
+        """Drop a generation this pool removed from what it knows."""
+        found = self._known.get(vid)
+        if found is not None:
+            self._known[vid] = PoolScan(
+                [m for m in found.manifests if m.generation_id != generation_id],
+                [d for d in found.damaged if d.generation_id != generation_id],
+            )
+
     def _seal_manifest(self, manifest: Manifest) -> bytes:
         vid = self._key.volume_id(manifest.volume.name)
         aad = BlobAAD("manifest", vid, manifest.generation_id)
@@ -304,34 +355,58 @@ class RemotePool(PoolBackend):
         return manifests_of(self.scan(volume))
 
     def scan(self, volume: str | None = None) -> PoolScan:
-        wanted = None if volume is None else self._key.volume_id(volume)
+        wanted = None
+        if volume is not None:
+            wanted = self._key.volume_id(volume)
+            self._names[wanted] = volume
         listed: list[RemoteGeneration] = self.call(lambda s: s.list())
-        good: list[Manifest] = []
-        damaged: list[DamagedGeneration] = []
+        unopened: list[tuple[str, str, str]] = []
+        by_volume: dict[str, PoolScan] = {} if wanted is None else {wanted: PoolScan([])}
         for entry in listed:
             vid, _, gid = entry.generation.partition("@")
             if wanted is not None and vid != wanted:
                 continue
+            found = by_volume.setdefault(vid, PoolScan([]))
             try:
                 manifest = self._open_manifest(entry, vid, gid)
             except DataError as exc:
                 log.error("pool %s: generation %s: %s", self.name, entry.generation, exc)
-                damaged.append(
-                    DamagedGeneration(volume or vid, gid, f"its manifest does not open: {exc}")
-                )
+                unopened.append((vid, gid, f"its manifest does not open: {exc}"))
                 continue
+            self._names[vid] = manifest.volume.name
             if entry.problem:
                 found_on_use = entry.problem.startswith("marked damaged")
-                damaged.append(
+                found.damaged.append(
                     DamagedGeneration(
                         manifest.volume.name, gid, entry.problem, manifest, found_on_use
                     )
                 )
             else:
-                good.append(manifest)
+                found.manifests.append(manifest)
+        for vid, gid, reason in unopened:
+            by_volume[vid].damaged.append(DamagedGeneration(self._volume_name(vid), gid, reason))
+        for found in by_volume.values():
+            found.manifests.sort(key=lambda m: (m.created, m.generation_id))
+            found.damaged.sort(key=lambda d: d.generation_id)
+        if wanted is None:
+            self._known = by_volume
+        else:
+            self._known[wanted] = by_volume[wanted]
+        good = [m for found in by_volume.values() for m in found.manifests]
+        damaged = [d for found in by_volume.values() for d in found.damaged]
         good.sort(key=lambda m: (m.created, m.generation_id))
         damaged.sort(key=lambda d: d.generation_id)
         return PoolScan(good, damaged)
+
+    def _volume_name(self, vid: str) -> str:
+        """The name of the volume a target knows by ``vid``, for a generation whose
+        manifest does not open: from another of its manifests, or the caller's names;
+        else it says the volume is unknown (the id alone would look like a name)."""
+        if vid not in self._names and self._volume_names is not None:
+            for name in self._volume_names():
+                self._names.setdefault(self._key.volume_id(name), name)
+        name = self._names.get(vid)
+        return name if name is not None else f"unknown volume (id {vid})"
 
     def _open_manifest(self, entry: RemoteGeneration, vid: str, gid: str) -> Manifest:
         """The manifest of a listed generation, opened and checked against its key.
@@ -362,15 +437,17 @@ class RemotePool(PoolBackend):
 
     def remove_generation(self, volume: str, generation_id: str) -> FreedGeneration:
         target = self._removable(volume, generation_id)
-        key = generation_key(self._key.volume_id(volume), generation_id)
-        self.call(lambda s: s.remove(key))
+        vid = self._key.volume_id(volume)
+        self.call(lambda s: s.remove(generation_key(vid, generation_id)))
+        self._forget(vid, generation_id)
         return FreedGeneration(generation_id, target.kind.value, target.bytes_stored)
 
     def mark_damaged(
         self, volume: str, generation_id: str, reason: str, chunk: int | None = None
     ) -> bool:
-        key = generation_key(self._key.volume_id(volume), generation_id)
-        self.call(lambda s: s.mark_damaged(key, reason, chunk))
+        vid = self._key.volume_id(volume)
+        self.call(lambda s: s.mark_damaged(generation_key(vid, generation_id), reason, chunk))
+        self._known.pop(vid, None)
         return True
 
     def swap_in(self, full: Manifest, label: str) -> SwapInVolume:
@@ -385,10 +462,14 @@ class RemotePool(PoolBackend):
 
 
 def _spec_key(spec: GenerationSpec) -> tuple[Any, ...]:
-    """What makes a later writer the same generation as one a cut left open."""
+    """What makes a later writer the same generation as one a cut left open: the volume
+    (its name, which its id on the target is made of, and its size) and what the
+    generation is to hold. Not the volume's device id: a device numbered anew after a
+    reboot (``MAJ:MIN``) is the same volume, and its cut transfer resumes."""
     changed = None if spec.changed is None else spec.changed.serialize()
     return (
-        spec.volume,
+        spec.volume.name,
+        spec.volume.size,
         spec.kind,
         spec.chunk_size,
         changed,

@@ -63,12 +63,15 @@ def encode_fields(*parts: str | int) -> bytes:
 class MasterKey:
     """The master key; derives the sub-keys. Its repr never shows the key."""
 
-    __slots__ = ("_key",)
+    __slots__ = ("_key", "_name_key")
 
     def __init__(self, key: bytes) -> None:
         if type(key) is not bytes or len(key) != KEY_BYTES:
             raise InvalidInput(detail=f"a master key is {KEY_BYTES} bytes")
         self._key = key
+        #: The name key, derived on first use: every backup, scan and open asks for
+        #: volume ids, and an HKDF per call is wasted work for the same bytes.
+        self._name_key: bytes | None = None
 
     @classmethod
     def generate(cls) -> MasterKey:
@@ -102,7 +105,9 @@ class MasterKey:
         """The id a target knows a volume by: HMAC of its name under the name key, in hex.
         Stable for this key (a new host with the imported key finds its volumes), and
         says nothing of the name to whoever lacks the key."""
-        digest = hmac.new(self.name_key(), volume.encode(), hashlib.sha256).hexdigest()
+        if self._name_key is None:
+            self._name_key = self.name_key()
+        digest = hmac.new(self._name_key, volume.encode(), hashlib.sha256).hexdigest()
         return digest[:VOLUME_ID_HEX]
 
     def raw(self) -> bytes:

@@ -185,8 +185,9 @@ class RemoteGenerationWriter(GenerationWriter):
 
     :param call: runs a function on the pool's session.
     :param seal_manifest: seals the committed manifest (the blob key is the pool's).
-    :param finished: told when the writer ends: ``True`` committed or removed, ``False``
-        cut (the generation stays open on the target for a resume).
+    :param finished: told when the writer ends: ``True`` committed (with the committed
+        manifest) or removed (with None), ``False`` cut (the generation stays open on the
+        target for a resume).
     """
 
     def __init__(
@@ -198,7 +199,7 @@ class RemoteGenerationWriter(GenerationWriter):
         call: SessionCall,
         seal_manifest: Callable[[Manifest], bytes],
         stored: GenerationState,
-        finished: Callable[[bool], None],
+        finished: Callable[[bool, Manifest | None], None],
     ) -> None:
         super().__init__(draft, None)
         self.key = generation_key(volume_id, draft.generation_id)
@@ -241,12 +242,14 @@ class RemoteGenerationWriter(GenerationWriter):
             off, count = off + n, count - take
             self._next_slot += take
             if self._next_slot % per == 0 or self._next_slot == self.layout.slots:
-                self._send(self.layout.data_aad(self._pack), bytes(self._buffer))
+                # Sealed from the buffer itself: a pack's plaintext is not copied again.
+                with memoryview(self._buffer) as plain:
+                    self._send(self.layout.data_aad(self._pack), plain)
                 self._buffer.clear()
                 self._pack += 1
         self._bytes += len(view)
 
-    def _send(self, aad: PackAAD, plain: bytes) -> None:
+    def _send(self, aad: PackAAD, plain: bytes | memoryview) -> None:
         sealed = seal_pack(self._pack_key, aad, plain, nonce=pack_nonce(self._pack_key, aad, plain))
         self._index[aad.pack] = {
             "pack": aad.pack,
@@ -286,8 +289,9 @@ class RemoteGenerationWriter(GenerationWriter):
             )
         raw = checksum_bytes(checksums)
         per = self.layout.checksums_per_pack * 8
-        for index in range(self.layout.checksum_packs):
-            self._send(self.layout.checksum_aad(index), raw[index * per : (index + 1) * per])
+        with memoryview(raw) as whole:
+            for index in range(self.layout.checksum_packs):
+                self._send(self.layout.checksum_aad(index), whole[index * per : (index + 1) * per])
         manifest = self.draft.with_(
             bytes_stored=self._bytes,
             checksum_count=len(checksums),
@@ -315,16 +319,16 @@ class RemoteGenerationWriter(GenerationWriter):
                 "is committed, the next backup sends it whole"
             ) from exc
         self.committed = manifest
-        self._finished(True)
+        self._finished(True, manifest)
         return manifest
 
     def abort(self) -> None:
         if self.committed is not None:
             return
         if self._cut:
-            self._finished(False)  # what the target stored stays for a resume
+            self._finished(False, None)  # what the target stored stays for a resume
             return
-        self._finished(True)
+        self._finished(True, None)
         # Best effort: an open generation left on the target is harmless (resumable,
         # never listed) and the error that aborted the writer is the one to report.
         with contextlib.suppress(Exception):

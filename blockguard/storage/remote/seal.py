@@ -139,7 +139,9 @@ class BlobAAD:
         return f"{self.kind} {self.name} of volume {self.volume_id}"
 
 
-def seal_pack(key: bytes, aad: PackAAD, plaintext: bytes, *, nonce: bytes | None = None) -> bytes:
+def seal_pack(
+    key: bytes, aad: PackAAD, plaintext: bytes | memoryview, *, nonce: bytes | None = None
+) -> bytes:
     """Seal a pack with its generation's pack key (:meth:`MasterKey.pack_key`).
 
     :param nonce: the nonce to use (:func:`pack_nonce`), else a random one.
@@ -153,7 +155,7 @@ def seal_pack(key: bytes, aad: PackAAD, plaintext: bytes, *, nonce: bytes | None
     return _seal(PACK_MAGIC, key, aad.format_version, aad.encode(), plaintext, nonce)
 
 
-def pack_nonce(key: bytes, aad: PackAAD, plaintext: bytes) -> bytes:
+def pack_nonce(key: bytes, aad: PackAAD, plaintext: bytes | memoryview) -> bytes:
     """A synthetic nonce: a keyed BLAKE2b of the pack's place and plaintext.
 
     The same pack sealed twice (a resumed transfer re-making a pack the target already
@@ -200,7 +202,12 @@ def open_blob(key: bytes, aad: BlobAAD, blob: bytes) -> bytes:
 
 
 def _seal(
-    magic: bytes, key: bytes, version: int, aad: bytes, plaintext: bytes, nonce: bytes | None = None
+    magic: bytes,
+    key: bytes,
+    version: int,
+    aad: bytes,
+    plaintext: bytes | memoryview,
+    nonce: bytes | None = None,
 ) -> bytes:
     if nonce is None:
         nonce = os.urandom(NONCE_BYTES)
@@ -213,7 +220,7 @@ def _seal(
     return header + _cipher(ALGORITHM_CHACHA20_POLY1305, key).encrypt(nonce, body, header + aad)
 
 
-def _compress(plaintext: bytes) -> tuple[bytes, int]:
+def _compress(plaintext: bytes | memoryview) -> tuple[bytes | memoryview, int]:
     """zstd of ``plaintext`` (its frame names its length), or the plaintext itself when
     that is not smaller."""
     packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(plaintext)

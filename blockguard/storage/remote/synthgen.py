@@ -82,7 +82,7 @@ class SynthesizedFullWriter(RemoteGenerationWriter):
         call: SessionCall,
         seal_manifest: Callable[[Manifest], bytes],
         stored: GenerationState,
-        finished: Callable[[bool], None],
+        finished: Callable[[bool, Manifest | None], None],
     ) -> None:
         super().__init__(
             draft,
@@ -173,7 +173,7 @@ class SynthesizedFullWriter(RemoteGenerationWriter):
                 self._previous_reader().read_chunks(
                     run_first, view[(run_first - first) * cs : stop]
                 )
-        self._send(self.layout.data_aad(pack), bytes(self._buffer))
+            self._send(self.layout.data_aad(pack), view)  # sealed from the buffer, no copy
         self._buffer = bytearray()
         self._sent.add(pack)
         self._current = None

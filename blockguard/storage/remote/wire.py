@@ -103,8 +103,10 @@ def _head_sum(head: bytes) -> int:
     return xxhash.xxh3_64_intdigest(head) & 0xFFFFFFFF
 
 
-def frame_parts(frame: Frame) -> tuple[bytes, bytes, bytes]:
-    """The header, meta part and payload of ``frame`` as sent (joined: the whole frame)."""
+def frame_parts(frame: Frame) -> tuple[bytes, bytes, bytes | memoryview]:
+    """The header, meta part and payload of ``frame`` as sent (joined: the whole frame).
+    The payload is the frame's own bytes (a view when they are not ``bytes``), not a copy:
+    a put's pack is large."""
     kind = FrameKind(frame.kind)
     if not 0 <= frame.request_id <= MAX_REQUEST_ID:
         raise ValueError(f"request id {frame.request_id} does not fit the frame header")
@@ -117,7 +119,8 @@ def frame_parts(frame: Frame) -> tuple[bytes, bytes, bytes]:
     if length > MAX_REQUEST_ID:
         raise ValueError(f"a frame body of {length} bytes does not fit the frame header")
     head = _HEAD.pack(MAGIC, kind, 0, frame.request_id, length, body_sum.intdigest())
-    return head + _HEAD_SUM.pack(_head_sum(head)), meta_part, bytes(frame.payload)
+    payload = frame.payload if type(frame.payload) is bytes else memoryview(frame.payload)
+    return head + _HEAD_SUM.pack(_head_sum(head)), meta_part, payload
 
 
 def encode_frame(frame: Frame) -> bytes:
