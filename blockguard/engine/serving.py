@@ -48,7 +48,12 @@ from blockguard.errors import (
     NotFound,
 )
 from blockguard.storage.remote.areaprobe import AreaReport
-from blockguard.storage.remote.channel import AREAS_VERSION, PROTOCOL_VERSIONS, Channel
+from blockguard.storage.remote.channel import (
+    AREAS_VERSION,
+    LINK_VERSION,
+    PROTOCOL_VERSIONS,
+    Channel,
+)
 from blockguard.storage.remote.packstore import PackStore
 from blockguard.storage.remote.packvalues import GenerationState
 from blockguard.storage.remote.wire import Frame
@@ -222,6 +227,8 @@ class Serving:
     # --- synthesized fulls (issue 11: unchanged data never crosses the link again) ------
 
     def _link(self, request: Frame) -> Result:
+        if (self.channel.version or 0) < LINK_VERSION:
+            raise InvalidInput(detail=f"link needs protocol version {LINK_VERSION}")
         a = _args(
             request, generation=(str, _MISSING), source=(str, _MISSING), packs=(list, _MISSING)
         )

@@ -198,4 +198,8 @@ def test_a_target_speaking_version_1_is_not_asked_for_areas(
         # Asked anyway, the target refuses by name and the conversation goes on.
         with pytest.raises(InvalidInput, match="areas needs protocol version 2"):
             session._call("areas")
+        # So is ``link`` (synthesized fulls): not asked, and refused by name if asked.
+        assert session.link("v1@g2", "v1@g1", [(0, 0)]) is None
+        with pytest.raises(InvalidInput, match="link needs protocol version 2"):
+            session._call("link", {"generation": "v1@g2", "source": "v1@g1", "packs": [[0, 0]]})
         assert session.space().total > 0

@@ -32,6 +32,7 @@ from blockguard.storage.copyengine import Progress, extents
 from blockguard.storage.manifest import Manifest, VolumeIdentity, chunk_count
 from blockguard.storage.pool.base import GenerationSpec
 from blockguard.storage.pool.remotepool import RemotePool
+from blockguard.storage.remote import session as session_module
 from blockguard.storage.remote.keys import MasterKey
 from blockguard.storage.remote.packstore import PackStore, pack_digest
 from blockguard.storage.remote.session import RemoteSession
@@ -544,20 +545,11 @@ def test_a_changed_chunk_not_written_commits_nothing(target: Target, pool: Remot
     assert len(target.generation_dirs()) == 1
 
 
-def test_a_target_without_link_gets_the_full_whole(target: Target, pool: RemotePool) -> None:
-    real = target.session
-
-    def older() -> RemoteSession:
-        session = real()
-        request = session.channel.request
-
-        def without_link(op: str, args: object = None, payload: bytes = b"") -> int:
-            return request("linkx" if op == "link" else op, args, payload)  # type: ignore[arg-type]
-
-        session.channel.request = without_link  # type: ignore[method-assign]
-        return session
-
-    pool._sessions = older
+def test_a_target_without_link_gets_the_full_whole(
+    target: Target, pool: RemotePool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A target that predates ``link`` agrees on protocol version 1 at the hello.
+    monkeypatch.setattr(session_module, "PROTOCOL_VERSIONS", (1,))
     rng = random.Random(15)
     data = bytearray(rng.randbytes(SIZE))
     first = backup(pool, bytes(data))

@@ -31,7 +31,6 @@ from blockguard.errors import (
     CorruptMetadata,
     DataError,
     EnvironmentProblem,
-    InvalidInput,
 )
 from blockguard.storage.manifest import (
     Manifest,
@@ -126,7 +125,7 @@ class RemotePool(PoolBackend):
         #: every manifest of the volume each time. Every scan refreshes it (the target
         #: stays the source of truth for what is listed, retained and damaged).
         self._known: dict[str, PoolScan] = {}
-        #: False once the target refused ``link`` as unknown (an older target).
+        #: False once the target turned out to predate ``link`` (protocol version 1).
         self._can_link = True
         #: The writer begun last: what it sent, for the transfer's result and the link row.
         self.last_writer: RemoteGenerationWriter | None = None
@@ -228,11 +227,8 @@ class RemotePool(PoolBackend):
             self.last_writer = RemoteGenerationWriter(draft, **writer_args)
             return self.last_writer
         source = generation_key(vid, previous.generation_id)
-        try:
-            linked = self.call(lambda s: s.link(key, source, [(p, p) for p in sorted(origins)]))
-        except InvalidInput as exc:
-            if "unknown operation" not in str(exc):
-                raise
+        linked = self.call(lambda s: s.link(key, source, [(p, p) for p in sorted(origins)]))
+        if linked is None:
             # An older target: this full, and every later one, is sent whole.
             log.warning(
                 "pool %s: target %s cannot link packs: fulls are sent whole", self.name, self.target

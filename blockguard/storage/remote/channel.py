@@ -44,10 +44,13 @@ from blockguard.storage.remote.wire import (
 )
 
 #: The protocol versions this blockguard speaks; two sides use the highest they share.
-#: 2 adds ``areas``: a client that agreed on 1 does not ask it (the target predates it).
+#: 2 adds ``areas`` and ``link``: a client that agreed on 1 does not ask them (the target
+#: predates them).
 PROTOCOL_VERSIONS: tuple[int, ...] = (1, 2)
 #: The first version with the ``areas`` operation.
 AREAS_VERSION = 2
+#: The first version with the ``link`` operation (synthesized fulls).
+LINK_VERSION = 2
 #: Requests a client may have outstanding: bounds the answers held back for pairing.
 MAX_OUTSTANDING = 8
 #: How much of a peer's error message is shown: it is text from another host.

@@ -31,6 +31,7 @@ from blockguard.errors import (
 from blockguard.storage.remote.areaprobe import AreaReport
 from blockguard.storage.remote.channel import (
     AREAS_VERSION,
+    LINK_VERSION,
     MAX_OUTSTANDING,
     PROTOCOL_VERSIONS,
     Channel,
@@ -316,12 +317,15 @@ class RemoteSession:
 
     def link(
         self, generation: str, source: str, packs: Iterable[tuple[int, int]]
-    ) -> dict[int, dict[str, Any]]:
+    ) -> dict[int, dict[str, Any]] | None:
         """Make packs of the open ``generation`` on the target from packs of its committed
         ``source`` (``(source pack, pack)`` pairs): a synthesized full's unchanged packs.
 
-        :returns: pack -> its index entry (``pack``, ``size``, ``xxh3_128``).
+        :returns: pack -> its index entry (``pack``, ``size``, ``xxh3_128``); ``None`` when
+            the target predates ``link`` (the hello agreed on an older version).
         """
+        if (self.channel.version or 0) < LINK_VERSION:
+            return None
         args = {"generation": generation, "source": source, "packs": [list(p) for p in packs]}
         answer = self._call("link", args)
         made: dict[int, dict[str, Any]] = {}
