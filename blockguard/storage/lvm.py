@@ -20,6 +20,8 @@ TIMEOUT = 300
 # What a command did to a VG's allocation, for :attr:`Lvm.allocation_changed`.
 LV_CREATED = "lv-created"  # a new LV: no other LV moved
 LV_REMOVED = "lv-removed"
+#: A thin LV removed: its blocks go back to the thin pool, the VG's allocation is unchanged.
+THIN_REMOVED = "thin-removed"
 VG_CHANGED = "vg-changed"  # anything else: PVs, the VG, an LV grown
 
 
@@ -215,8 +217,10 @@ class Lvm:
     def deactivate(self, vg: str, lv: str) -> None:
         self._lvm("lvchange", "-qq", "-an", f"{vg}/{lv}")
 
-    def remove_lv(self, vg: str, lv: str) -> None:
-        self._allocate(LV_REMOVED, f"{vg}/{lv}", "lvremove", "-qq", "-f", f"{vg}/{lv}")
+    def remove_lv(self, vg: str, lv: str, *, thin: bool = False) -> None:
+        """:param thin: ``lv`` is a thin LV (the VG's allocation does not change)."""
+        effect = THIN_REMOVED if thin else LV_REMOVED
+        self._allocate(effect, f"{vg}/{lv}", "lvremove", "-qq", "-f", f"{vg}/{lv}")
 
     def extend(self, vg: str, lv: str, grow: int, pvs: Sequence[str] = ()) -> None:
         self._allocate(

@@ -32,6 +32,8 @@ class FakeLvm:
         self.lvs: dict[str, tuple[str, int]] = {}  # name -> (pv, size)
         self.calls: list[tuple[str, ...]] = []
         self.fail: set[str] = set()
+        #: thin LVs of the VG's thin pool (their space is the pool's, not the VG's)
+        self.thin: set[str] = set()
 
     def run(self, argv: Sequence[str], *, timeout: float, check: bool = True, **_: object):
         argv = tuple(argv)
@@ -57,8 +59,11 @@ class FakeLvm:
             self.lvs[name] = (pv, size)
         elif argv[1] == "lvremove":
             name = argv[-1].split("/")[1]
-            pv, size = self.lvs.pop(name)
-            self.free[pv] += size
+            if name in self.thin:
+                self.thin.discard(name)  # its blocks go back to the thin pool, not the VG
+            else:
+                pv, size = self.lvs.pop(name)
+                self.free[pv] += size
         else:
             raise AssertionError(f"unexpected command {argv}")
         if check and rc:
@@ -131,3 +136,16 @@ def test_space_taken_behind_the_pools_back_is_a_refusal_not_a_failed_command() -
     assert err.value.fields["free"] == 0
     assert err.value.fields["needed"] == 8 * EXTENT
     assert "g1" not in fake.lvs
+
+
+def test_removing_a_thin_lv_keeps_the_vgs_space() -> None:
+    """Retention of a full (a thin LV) gives blocks back to the thin pool, not to the VG:
+    the kept figure stays right, so the next delta job asks LVM nothing."""
+    fake = FakeLvm()
+    vg = pool_vg(fake)
+    fake.thin.add("full1")
+    before = vg.vg_space()
+    reads = fake.count("pvs")
+    vg.remove_lv("full1", thin=True)
+    assert vg.vg_space() == before == (2 * PV_SIZE, sum(fake.free.values()))
+    assert fake.count("pvs") == reads

@@ -249,8 +249,8 @@ class LvmPool(DiskStore):
         """The verified device node of VG/LV, activating it when needed."""
         return self.volume_group.lv_device(lv)
 
-    def _remove_lv(self, lv: str) -> None:
-        self.volume_group.remove_lv(lv)
+    def _remove_lv(self, lv: str, *, thin: bool = False) -> None:
+        self.volume_group.remove_lv(lv, thin=thin)
 
     def lv_devices(self, manifest: Manifest) -> list[str]:
         """The PVs a generation's data is allocated on (for a full: the thin pool's)."""
@@ -385,7 +385,8 @@ class LvmPool(DiskStore):
                 self._remove_lv(lv)
             raise
         storage = {"layout": LAYOUT_THIN if draft.is_full else LAYOUT_PACKED, "lv": lv}
-        drop = (lambda: self._remove_lv(lv)) if lv else None
+        thin = draft.is_full
+        drop = (lambda: self._remove_lv(lv, thin=thin)) if lv else None
         # A new thin LV maps no block: it reads zeros until written. Skipping its zero chunks
         # is safe only when a chunk covers whole thin blocks: a smaller chunk written into a
         # block leaves the rest of that block as the pool provisioned it, which is stale data
@@ -396,7 +397,7 @@ class LvmPool(DiskStore):
     def _drop_data(self, manifest: Manifest) -> None:
         lv = manifest.storage.get("lv")
         if lv:
-            self._remove_lv(lv)
+            self._remove_lv(lv, thin=manifest.storage.get("layout") == LAYOUT_THIN)
 
     def open_generation(self, manifest: Manifest) -> StoredGenerationReader:
         gen_dir = self._gen_dir(manifest.volume.name, manifest.generation_id)

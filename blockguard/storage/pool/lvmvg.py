@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from blockguard.errors import CommandFailed, NotFound, PoolSpaceLow
 from blockguard.storage.blockdev import mounted_devnos
 from blockguard.storage.dm import DeviceMapper
-from blockguard.storage.lvm import LV_CREATED, LV_REMOVED, Lvm
+from blockguard.storage.lvm import LV_CREATED, LV_REMOVED, THIN_REMOVED, Lvm
 from blockguard.storage.pool.label import VG_TAG
 from blockguard.storage.pool.thinspace import (
     ThinShortfall,
@@ -110,6 +110,11 @@ class PoolVg:
     def _allocation_changed(self, effect: str, target: str) -> None:
         with self._lock:
             self._changes += 1
+            if effect == THIN_REMOVED:
+                # Its blocks go back to the thin pool: the VG's space and every other
+                # LV's place stay as they were.
+                self._devices_of.pop(target.rsplit("/", 1)[-1], None)
+                return
             self._space = None
             if effect == LV_REMOVED:
                 self._devices_of.pop(target.rsplit("/", 1)[-1], None)
@@ -253,9 +258,10 @@ class PoolVg:
             raise
         return self.dm.node(name)
 
-    def remove_lv(self, lv: str) -> None:
+    def remove_lv(self, lv: str, *, thin: bool = False) -> None:
+        """:param thin: ``lv`` is a thin LV of the pool (the VG's space is kept)."""
         try:
-            self.lvm.remove_lv(self.name, lv)
+            self.lvm.remove_lv(self.name, lv, thin=thin)
         except CommandFailed:
             if lv in self.lvs():
                 raise
