@@ -149,3 +149,13 @@ def test_removing_a_thin_lv_keeps_the_vgs_space() -> None:
     vg.remove_lv("full1", thin=True)
     assert vg.vg_space() == before == (2 * PV_SIZE, sum(fake.free.values()))
     assert fake.count("pvs") == reads
+
+
+def test_a_failed_create_is_reported_even_when_the_re_read_fails_too() -> None:
+    fake = FakeLvm()
+    vg = pool_vg(fake)
+    pvs = vg.place(8 * EXTENT, A)
+    fake.fail.update({"lvcreate", "pvs"})
+    with pytest.raises(CommandFailed) as err:
+        vg.create_linear("g1", 8 * EXTENT, pvs, wipe=False)
+    assert err.value.argv[1] == "lvcreate"

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from blockguard.errors import CommandFailed, NotFound, PoolSpaceLow
+from blockguard.errors import BlockguardError, CommandFailed, NotFound, PoolSpaceLow
 from blockguard.storage.blockdev import mounted_devnos
 from blockguard.storage.dm import DeviceMapper
 from blockguard.storage.lvm import LV_CREATED, LV_REMOVED, THIN_REMOVED, Lvm
@@ -229,7 +229,10 @@ class PoolVg:
         except CommandFailed as exc:
             # The room was decided on a kept figure: when the space went behind the
             # pool's back, say so as the refusal it is.
-            fresh = self.space(fresh=True)
+            try:
+                fresh = self.space(fresh=True)
+            except BlockguardError:
+                raise exc from None  # the failed lvcreate is the news, not the re-read
             free = fresh.pvs.get(pvs[0], (0, 0))[1] if len(pvs) == 1 else fresh.free
             if free < size:
                 raise PoolSpaceLow(pool=self.pool, free=free, needed=size) from exc
