@@ -347,3 +347,21 @@ def test_link_refuses_other_clients_volumes_and_missing_packs_and_creates_nothin
     # A generation not begun on this connection is not written.
     with PackStore.open(area, "C1") as store, pytest.raises(InvalidInput, match="not begun"):
         store.link("g2", "g1", [(0, 0)])
+
+
+def test_a_pack_linked_twice_then_sent_never_rewrites_the_committed_source(area: Path) -> None:
+    """A resumed synthesized full links its packs again, and a later attempt may send a
+    linked pack whole: the committed generation it came from keeps its bytes, and no
+    second name of a committed pack is left behind to be written through."""
+    old = packs_of(2)
+    store_and_commit(area, "g1", old, b"m1")
+    with PackStore.open(area, "C1") as store:
+        store.begin("g2", {"volume": "v1"})
+        store.link("g2", "g1", [(0, 0), (1, 1)])
+    with PackStore.open(area, "C1") as store:  # the next attempt, after a cut
+        store.begin("g2", {"volume": "v1"})
+        store.link("g2", "g1", [(0, 0), (1, 1)])
+        packs = area / "clients/C1/generations/g2/packs"
+        assert sorted(p.name for p in packs.iterdir()) == ["000000.pack", "000001.pack"]
+        store.put("g2", 0, b"sent whole this time")
+        assert [store.get("g1", n) for n in range(2)] == old

@@ -147,6 +147,9 @@ class GenerationFiles:
         tmp = packs / f".{name}.tmp"
         try:
             with self._edge(f"{gen}/{PACKS}/{name}", "writing", needed=len(data)):
+                # A leftover temporary name may be a hard link to a committed pack (a link
+                # cut before its rename): writing through it would rewrite that pack.
+                tmp.unlink(missing_ok=True)
                 write_durable(tmp, data)
                 crash_point("remote-pack")
                 os.rename(tmp, packs / name)
@@ -246,16 +249,23 @@ class GenerationFiles:
         for src, dst, _ in made:
             name = pack_name(dst)
             tmp = target / f".{name}.tmp"
+            origin = sdir / PACKS / pack_name(src)
             with self._edge(f"{gen}/{PACKS}/{name}", "linking", needed=0):
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
+                with contextlib.suppress(FileNotFoundError):
+                    if os.path.samefile(origin, target / name):
+                        continue  # linked already (a resumed synthesized full)
                 try:
-                    os.link(sdir / PACKS / pack_name(src), tmp)
+                    os.link(origin, tmp)
                 except OSError as exc:
                     if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                         raise
-                    write_durable(tmp, (sdir / PACKS / pack_name(src)).read_bytes())
+                    write_durable(tmp, origin.read_bytes())
                 os.rename(tmp, target / name)
+                # rename(2) of two names of one file does nothing: never leave a second
+                # name of a committed pack behind, which a later put would write through.
+                tmp.unlink(missing_ok=True)
         with self._edge(gen, "linking"):
             fsync_dir(target)
         return [entry for _, _, entry in made]
