@@ -37,11 +37,13 @@ from blockguard.core.catalog import (
 )
 from blockguard.errors import (
     AlreadyExists,
+    BlockguardError,
     Busy,
     HostKeyUnconfirmed,
     InvalidInput,
     NotAuthorized,
     NotFound,
+    WireError,
 )
 from blockguard.storage.pool.remotepool import RemotePool
 from blockguard.storage.remote import keys, ssh
@@ -306,7 +308,9 @@ class TargetRegistry:
         planner then takes the link alone)."""
         try:
             found = session.areas()
-        except InvalidInput as exc:
+        except WireError:
+            raise  # the link itself failed: the registration fails as for any call
+        except BlockguardError as exc:  # a refusal of the target's: plan with the link
             log.warning("target %s reports no areas: %s", target_id, exc)
             return []
         if found is None:

@@ -279,8 +279,13 @@ class Transfers:
             raise
         self._mark(target, "ok")
         sent_bytes = writer.sent_bytes if writer is not None else 0
+        # Only a transfer that sent every pack it made says how fast the link is: a
+        # resumed one sealed packs it did not send, a synthesized full read the previous
+        # full's checksums, and both would count that time as the link's.
+        plain = writer is not None and writer.skipped == 0 and writer.cloned_from is None
         try:
-            observe_link(self.catalog, target, sent_bytes, done.duration, self.default_speed)
+            if plain:
+                observe_link(self.catalog, target, sent_bytes, done.duration, self.default_speed)
         except EnvironmentProblem as exc:  # the generation is committed and recorded
             log.error("cannot update the link row of target %s: %s", target, exc)
         result.update(

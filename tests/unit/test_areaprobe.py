@@ -72,6 +72,18 @@ def test_an_area_too_full_to_probe_is_reported_unmeasured(
     assert area_report(tmp_path, "main").speed is None
 
 
+def test_an_area_the_serve_cannot_write_is_reported_unmeasured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The probe lock cannot be made (an area root the serve user may read, not write).
+    def refused(root: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(root / areaprobe.LOCK))
+
+    monkeypatch.setattr(areaprobe, "_probe_lock", refused)
+    found = area_report(tmp_path, "main")
+    assert found.speed is None and found.total > 0 and found.free > 0
+
+
 @pytest.mark.parametrize(
     "bad",
     [

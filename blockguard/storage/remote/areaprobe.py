@@ -201,6 +201,39 @@ def _probe_lock(root: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def _speed_figures(
+    root: Path, name: str, st_dev: int, max_age: float, duration: float, size: int, clock: Any
+) -> dict[str, Any]:
+    """The area's kept figures, measured now when none are kept (or they are stale);
+    empty when the probe failed.
+
+    :raises OSError: the probe lock could not be taken.
+    """
+    figures: dict[str, Any] = {}
+    with _probe_lock(root):
+        now = clock()
+        cached = _cached(root, st_dev, now, max_age)
+        if cached is None:
+            try:
+                speed = probe_area(root, duration=duration, size=size)
+            except (OSError, BlockguardError) as exc:
+                log.warning("area %s: probe failed: %s", name, exc)
+                speed = None
+            if speed is not None:
+                cached = _figures(st_dev, speed, now)
+                try:
+                    write_atomic(root / CACHE, json.dumps(cached).encode())
+                except OSError as exc:  # a full area: measured again next time
+                    log.warning("area %s: cannot keep its probe: %s", name, exc)
+        if cached is not None:
+            figures = {
+                k: cached[k]
+                for k in ("seq_read", "seq_write", "rand_read", "rand_write", "chunk_size")
+            }
+            figures["measured_at"] = cached["measured_at"]
+    return figures
+
+
 def _cached(root: Path, st_dev: int, now: float, max_age: float) -> dict[str, Any] | None:
     try:
         st = os.lstat(root / CACHE)
@@ -260,28 +293,11 @@ def area_report(
     vocab.check_name("target area", name)
     st = os.statvfs(root)
     st_dev = os.stat(root).st_dev
-    figures: dict[str, Any] = {}
-    with _probe_lock(root):
-        now = clock()
-        cached = _cached(root, st_dev, now, max_age)
-        if cached is None:
-            try:
-                speed = probe_area(root, duration=duration, size=size)
-            except (OSError, BlockguardError) as exc:
-                log.warning("area %s: probe failed: %s", name, exc)
-                speed = None
-            if speed is not None:
-                cached = _figures(st_dev, speed, now)
-                try:
-                    write_atomic(root / CACHE, json.dumps(cached).encode())
-                except OSError as exc:  # a full area: measured again next time
-                    log.warning("area %s: cannot keep its probe: %s", name, exc)
-        if cached is not None:
-            figures = {
-                k: cached[k]
-                for k in ("seq_read", "seq_write", "rand_read", "rand_write", "chunk_size")
-            }
-            figures["measured_at"] = cached["measured_at"]
+    try:
+        figures = _speed_figures(root, name, st_dev, max_age, duration, size, clock)
+    except OSError as exc:  # the lock (an area the serve may not write): unmeasured
+        log.warning("area %s: cannot probe it: %s", name, exc)
+        figures = {}
     return AreaReport(
         name=name,
         total=st.f_blocks * st.f_frsize,
