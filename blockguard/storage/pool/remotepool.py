@@ -31,6 +31,7 @@ from blockguard.errors import (
     CorruptMetadata,
     DataError,
     EnvironmentProblem,
+    WireCorrupt,
 )
 from blockguard.storage.manifest import (
     Manifest,
@@ -198,7 +199,11 @@ class RemotePool(PoolBackend):
                 draft = None
         if draft is None:
             draft = self._draft(spec, previous=previous)
-            stores = len(spec.changed or ()) if previous is not None else len(draft.changed)
+            stores = len(draft.changed)
+            if previous is not None:
+                # Every pack not linked is sent whole, however few of its chunks changed.
+                layout = PackLayout.of(draft, vid)
+                stores = min(stores, (layout.data_packs - len(layout.origins)) * layout.pack_chunks)
             needed = self.estimate_bytes(volume, stores, spec.chunk_size)
             key = generation_key(vid, draft.generation_id)
             stored = self.call(lambda s: s.begin(key, meta, needed))
@@ -228,16 +233,8 @@ class RemotePool(PoolBackend):
             return self.last_writer
         source = generation_key(vid, previous.generation_id)
         linked = self.call(lambda s: s.link(key, source, [(p, p) for p in sorted(origins)]))
-        if linked is None:
-            # An older target: this full, and every later one, is sent whole.
-            log.warning(
-                "pool %s: target %s cannot link packs: fulls are sent whole", self.name, self.target
-            )
-            self._can_link = False
-            draft = self._draft(spec, draft.generation_id)
-            self._open_drafts[spec_key] = draft
-            self.last_writer = RemoteGenerationWriter(draft, **writer_args)
-            return self.last_writer
+        if linked is None:  # the session agreed on the version link needs: cannot be
+            raise WireCorrupt(peer=f"target {self.target}", detail="link refused at version 2")
         assert spec.changed is not None
         self.last_writer = SynthesizedFullWriter(
             draft,
@@ -253,6 +250,13 @@ class RemotePool(PoolBackend):
         """The previous full a new full ``spec`` is synthesized from on the target: the
         one it names to clone, committed there, of the same chunks; else None (sent whole)."""
         if not (spec.is_full and spec.clone_from and spec.changed is not None and self._can_link):
+            return None
+        if not self.call(lambda s: s.can_link):
+            # An older target (protocol 1): this full, and every later one, is sent whole.
+            log.warning(
+                "pool %s: target %s cannot link packs: fulls are sent whole", self.name, self.target
+            )
+            self._can_link = False
             return None
         for manifest in self._known_scan(spec.volume.name).manifests:
             if manifest.generation_id == spec.clone_from:

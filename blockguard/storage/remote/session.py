@@ -315,6 +315,11 @@ class RemoteSession:
             args["chunk"] = chunk
         self._call("mark-damaged", args)
 
+    @property
+    def can_link(self) -> bool:
+        """The target links packs (``link``: protocol version 2 and later)."""
+        return (self.channel.version or 0) >= LINK_VERSION
+
     def link(
         self, generation: str, source: str, packs: Iterable[tuple[int, int]]
     ) -> dict[int, dict[str, Any]] | None:
@@ -324,7 +329,7 @@ class RemoteSession:
         :returns: pack -> its index entry (``pack``, ``size``, ``xxh3_128``); ``None`` when
             the target predates ``link`` (the hello agreed on an older version).
         """
-        if (self.channel.version or 0) < LINK_VERSION:
+        if not self.can_link:
             return None
         args = {"generation": generation, "source": source, "packs": [list(p) for p in packs]}
         answer = self._call("link", args)
