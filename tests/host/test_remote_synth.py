@@ -76,7 +76,10 @@ def test_a_full_is_synthesized_on_the_target_from_the_changed_packs(
         assert plan["method"] == "full", plan
         result = transfer(daemon)
         assert result["method"] == "full"
-        # One 8 MiB pack of the sixteen crossed the link: unchanged data did not.
+        # One 8 MiB pack of the sixteen crossed the link (with the checksum pack):
+        # unchanged data did not.
+        assert result["packs_sent"] == 2, result
+        assert result["bytes_sent"] < SIZE // 10, result
         assert result["bytes"] < SIZE // 10, result
         assert len(result["freed"]) == 1, result  # the previous full went
         [after] = generations_on_target(net_lab).values()
