@@ -15,6 +15,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from blockguard.core.health import retry_delay
+
 #: The first wait after a failure, and the longest.
 FIRST_WAIT = 60.0
 MAX_WAIT = 3600.0
@@ -31,10 +33,10 @@ class TargetRetry:
 
 
 def retry_wait(failures: int, cap: float = MAX_WAIT) -> float:
-    """The wait after ``failures`` failures in a row: doubling from :data:`FIRST_WAIT`,
-    at most ``cap`` (and :data:`MAX_WAIT`)."""
-    limit = max(1.0, min(cap, MAX_WAIT))
-    return min(limit, FIRST_WAIT * 2.0 ** min(max(failures - 1, 0), 32))
+    """The wait after ``failures`` failures in a row: doubling from :data:`FIRST_WAIT`
+    (the rule of the scheduler's back-off for failing volumes), at most ``cap`` and
+    :data:`MAX_WAIT` (and at least a second)."""
+    return retry_delay(max(failures, 1), FIRST_WAIT, max(1.0, min(cap, MAX_WAIT)))
 
 
 class TargetBackoff:
