@@ -201,13 +201,15 @@ def _xattrs(path: Path) -> dict[str, bytes]:
     return {name: os.getxattr(path, name, follow_symlinks=False) for name in sorted(names)}
 
 
-def _walk(root: Path, relative: str) -> Iterator[Path]:
+def _walk(root: Path, relative: str, device: int) -> Iterator[Path]:
+    """``relative`` and, for a directory, everything below it on file system
+    ``device`` (a file system mounted below is not entered)."""
     top = root / relative
     yield top
     if top.is_dir() and not top.is_symlink():
         for dirpath, dirnames, filenames in os.walk(top):
-            dirnames.sort()
             base = Path(dirpath)
+            dirnames[:] = sorted(d for d in dirnames if os.lstat(base / d).st_dev == device)
             for name in [*dirnames, *sorted(filenames)]:
                 yield base / name
 
@@ -254,7 +256,7 @@ def build_file_list(root: Path, paths: Iterable[str], *, device: int | None = No
     entries: list[FileEntry] = []
     listed: set[str] = set()
     for given in paths:
-        for path in _walk(root, _relative(root, given)):
+        for path in _walk(root, _relative(root, given), root_dev):
             rel = str(path.relative_to(root))
             if rel in listed:
                 continue

@@ -138,3 +138,18 @@ def test_bad_paths_are_named_and_nothing_is_listed(mounted: tuple, tmp_path: Pat
     assert [e.path for e in build_file_list(root, ["a"], device=os.stat(root).st_dev).entries] == [
         "a"
     ]
+
+
+def test_a_file_system_mounted_below_is_not_listed(mounted: tuple) -> None:
+    _, root = mounted
+    (root / "keep").write_bytes(b"mine")
+    (root / "other").mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(root / "other")], check=True
+    )
+    try:
+        (root / "other" / "theirs").write_bytes(b"not on the volume")
+        listed = [e.path for e in build_file_list(root, ["."]).entries]
+    finally:
+        subprocess.run(["umount", str(root / "other")], check=True, timeout=60)
+    assert "keep" in listed and not any(p.startswith("other") for p in listed)
