@@ -82,7 +82,7 @@ def _rows(target: dict[str, Any]) -> list[tuple[str, Any]]:
     if "link_measured_at" in target:
         rows.append(("link measured", format_ago(target["link_measured_at"])))
     for area in target.get("areas", []):
-        if "read" in area:
+        if _measured(area):
             speeds = (
                 f"read {format_rate(area['read'])}, write {format_rate(area['write'])} "
                 "(the slower of the area and the link)"
@@ -109,9 +109,15 @@ def _area_speeds(target: dict[str, Any]) -> str:
     shown = [
         f"{a['name']} {format_rate(a['read'])}/{format_rate(a['write'])}"
         for a in target.get("areas", [])
-        if "read" in a and "write" in a
+        if _measured(a)
     ]
     return ", ".join(shown) or "-"
+
+
+def _measured(area: dict[str, Any]) -> bool:
+    """The daemon reported both of the area's figures (a partial answer is shown as
+    not measured, never as a crash)."""
+    return "read" in area and "write" in area
 
 
 def target_list(client: Client, args: argparse.Namespace, out: Output) -> None:

@@ -54,6 +54,7 @@ def test_measured_areas_are_shown_with_their_speeds_and_unmeasured_ones_not() ->
         "areas": [
             {"name": "main", "read": 30e6, "write": 10e6, "disk": "hdd", "total": 1 << 30},
             {"name": "cold", "disk": "unknown"},
+            {"name": "half", "read": 5e6},  # a partial answer: shown as not measured
         ],
         "failures": 2, "retry_at": 1_800_000_000.0,
     }  # fmt: skip
@@ -62,5 +63,6 @@ def test_measured_areas_are_shown_with_their_speeds_and_unmeasured_ones_not() ->
     rows = dict(_rows(target))
     assert "the slower of the area and the link" in rows["area main"]
     assert "hdd" in rows["area main"] and "not measured" in rows["area cold"]
+    assert "not measured" in rows["area half"] and "half" not in _area_speeds(target)
     assert "2 failure(s)" in rows["scheduled transfers"]
     assert "next try at" in rows["scheduled transfers"]
