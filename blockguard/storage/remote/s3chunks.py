@@ -100,12 +100,18 @@ class ChunkIndex:
         self._store = store
         self._blob_key = blob_key
         self._lock = threading.Lock()
+        self._refreshing = threading.Lock()
         self._places: dict[bytes, ChunkPlace] = {}
         self._packs: dict[str, tuple[int, int]] = {}  # pack id -> (length, chunk count)
         self._seen: set[str] = set()
 
     def refresh(self) -> None:
-        """List ``index/`` and read the index objects not seen yet."""
+        """List ``index/`` and read the index objects not seen yet (one caller at a
+        time: two readers opening at once read each object once)."""
+        with self._refreshing:
+            self._refresh()
+
+    def _refresh(self) -> None:
         listed = self._store.list(INDEX_PREFIX)
         for info in listed:
             pack_id = info.key[len(INDEX_PREFIX) :]
@@ -330,13 +336,15 @@ class S3GenerationReader(GenerationReader):
         self, manifest: Manifest, store: ObjectStore, index: ChunkIndex, pack_key_bytes: bytes
     ) -> None:
         super().__init__(manifest)
-        self._ids, self._sums = slots_of(manifest)
+        self._ids, self._sum_bytes = slots_of(manifest)
         self._store = store
         self._index = index
         self._pack_key = pack_key_bytes
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict[str, bytes] = collections.OrderedDict()
-        self._refreshed = False
+        if any(cid not in index for cid in set(self._ids)):
+            # Stored by another host (or by this one) since the index was read.
+            index.refresh()
         #: Packs fetched from the store.
         self.gets = 0
 
@@ -358,11 +366,6 @@ class S3GenerationReader(GenerationReader):
 
     def _place(self, cid: bytes) -> ChunkPlace:
         place = self._index.get(cid)
-        if place is None and not self._refreshed:
-            # Stored by another host (or this one) since the index was read.
-            self._refreshed = True
-            self._index.refresh()
-            place = self._index.get(cid)
         if place is None:
             raise CorruptMetadata(
                 what=f"generation {self.manifest.generation_id}",
@@ -392,7 +395,7 @@ class S3GenerationReader(GenerationReader):
 
     def _load_checksums(self) -> array.array[int]:
         return checksums_from_bytes(
-            self._sums, self.manifest, f"checksums of generation {self.manifest.generation_id}"
+            self._sum_bytes, self.manifest, f"checksums of generation {self.manifest.generation_id}"
         )
 
     def close(self) -> None:
