@@ -14,6 +14,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 
 import pytest
 from pyroaring import BitMap
@@ -25,7 +26,8 @@ from blockguard.storage.manifest import VolumeIdentity
 from blockguard.storage.pool.s3pool import S3Pool
 from blockguard.storage.remote.keys import MasterKey
 from blockguard.storage.remote.objstore import Credentials, ObjectStore
-from blockguard.storage.remote.s3chunks import DATA_PREFIX
+from blockguard.storage.remote.s3chunks import DATA_PREFIX, pack_key, slots_of
+from blockguard.storage.remote.s3gc import SweepResult, sweep
 from blockguard.storage.restore import restore_to_device
 from tests.support.seaweed import ADMIN, REGION, SeaweedCluster
 from tests.timeouts import scaled
@@ -168,15 +170,19 @@ def test_a_tampered_pack_is_named_on_restore(
     pool = S3Pool("fleet", new_store(bucket), key)
     history, _ = history_of(loopdev, pool, "db", seed=5)
     client = bucket.client()
-    packs = [o.key for o in pool.store.list(DATA_PREFIX)]
-    assert packs
-    raw = f"{PREFIX}/{packs[0]}"
+    full = history[0][0]
+    # The pack of the full's first chunk (random ids: not the first one listed).
+    first_chunk = slots_of(pool.manifest("db", full))[0][0]
+    place = pool.index.get(first_chunk)
+    assert place is not None
+    raw = f"{PREFIX}/{pack_key(place.pack_id)}"
     body = bytearray(client.get_object(Bucket=BUCKET, Key=raw)["Body"].read())  # type: ignore[attr-defined]
     body[len(body) // 2] ^= 0x01
     client.put_object(Bucket=BUCKET, Key=raw, Body=bytes(body))  # type: ignore[attr-defined]
     fresh = S3Pool("fleet", new_store(bucket), key)
-    full = history[0][0]
-    with pytest.raises(TamperedPack, match=f"generation {full} failed its authentication"):
+    with pytest.raises(
+        TamperedPack, match=f"pack {place.pack_id} of generation {full} failed its authentication"
+    ):
         restore_to_device(fresh, "db", full, loopdev(SIZE, "restore.img"))
 
 
@@ -230,3 +236,58 @@ def test_a_volume_server_killed_during_backups(
                 assert time.monotonic() < deadline, f"{gid} unreadable after the restart"
                 time.sleep(0.5)
         assert sha256_of(target) == sha, f"generation {gid} restored wrong"
+
+
+def test_gc_deletes_only_packs_unreferenced_since_a_grace_period(
+    loopdev: Callable[..., str], bucket: SeaweedCluster
+) -> None:
+    """Two-phase sweep (grace 0 here): a removed generation's packs are marked by one
+    sweep and deleted by the next; a backup between the two that holds the same chunks
+    stores them again (marked packs are not reused) and restores bit-exact after both;
+    the other volume's packs are never touched."""
+    key = MasterKey.generate()
+    pool = S3Pool("fleet", new_store(bucket), key)
+    ident_a, ident_b = VolumeIdentity("a", SIZE, "7:0"), VolumeIdentity("b", SIZE, "7:1")
+    data_a, data_b = random.Random(1).randbytes(SIZE), random.Random(2).randbytes(SIZE)
+    snap = loopdev(SIZE, "snap.img")
+    copy_to(snap, data_a)
+    old_a = run_backup(pool, ident_a, snap, GenerationKind.FULL, None, chunk_size=CHUNK)
+    copy_to(snap, data_b)
+    gen_b = run_backup(pool, ident_b, snap, GenerationKind.FULL, None, chunk_size=CHUNK)
+    sha_b = sha256_of(snap)
+    packs_before = {o.key for o in pool.store.list(DATA_PREFIX)}
+    pool.remove_generation("a", old_a.manifest.generation_id)
+
+    first = sweep(pool, timedelta(0))
+    assert first.deleted == () and len(first.marked) == 3  # 24 MiB in 8 MiB packs
+    assert {o.key for o in pool.store.list(DATA_PREFIX)} == packs_before
+
+    # Another host backs up a's content again between the sweeps: it does not reuse
+    # the marked packs.
+    other = S3Pool("fleet", new_store(bucket), key)
+    copy_to(snap, data_a)
+    new_a = run_backup(other, ident_a, snap, GenerationKind.FULL, None, chunk_size=CHUNK)
+    sha_a = sha256_of(snap)
+    assert other.last_writer is not None and other.last_writer.packs == 3
+
+    second = sweep(pool, timedelta(0))
+    # The marked packs' chunks are referenced again (by chunk id): spared, not lost.
+    assert second.deleted == () and len(second.spared) == 3
+    target = loopdev(SIZE, "restore-a.img")
+    restore_to_device(
+        S3Pool("fleet", new_store(bucket), key), "a", new_a.manifest.generation_id, target
+    )
+    assert sha256_of(target) == sha_a
+    # Remove the new generation too: now the old and new packs of a go, b's stay.
+    other.remove_generation("a", new_a.manifest.generation_id)
+    sweep(pool, timedelta(0))
+    third = sweep(pool, timedelta(0))
+    assert len(third.deleted) == 6
+    left = {o.key for o in pool.store.list(DATA_PREFIX)}
+    assert len(left) == 3 and left < packs_before
+    # A long grace spares everything young.
+    assert sweep(pool, timedelta(days=1)) == SweepResult((), (), ())
+    for host in (pool, S3Pool("fleet", new_store(bucket), key)):
+        target = loopdev(SIZE, f"restore-b-{id(host)}.img")
+        restore_to_device(host, "b", gen_b.manifest.generation_id, target)
+        assert sha256_of(target) == sha_b

@@ -45,13 +45,8 @@ from blockguard.storage.pool.base import (
 from blockguard.storage.pool.gendir import manifests_of
 from blockguard.storage.remote.keys import MasterKey
 from blockguard.storage.remote.objstore import ObjectStore
-from blockguard.storage.remote.s3chunks import (
-    STORAGE_FORMAT,
-    ChunkIndex,
-    S3GenerationReader,
-    S3GenerationWriter,
-    slots_of,
-)
+from blockguard.storage.remote.s3chunks import STORAGE_FORMAT, ChunkIndex, slots_of
+from blockguard.storage.remote.s3gen import S3GenerationReader, S3GenerationWriter
 from blockguard.storage.remote.seal import BlobAAD, open_blob, seal_blob
 
 if TYPE_CHECKING:
@@ -104,6 +99,11 @@ class S3Pool(PoolBackend):
         self._manifests: dict[str, Manifest] = {}
         #: The writer begun last (what it stored and reused).
         self.last_writer: S3GenerationWriter | None = None
+
+    @property
+    def blob_key(self) -> bytes:
+        """The key that seals manifests, indexes and marks (for the collection)."""
+        return self._blob_key
 
     # --- devices and space ------------------------------------------------------------
 

@@ -1,6 +1,8 @@
-"""Deduplicated chunk packs in an object store: the chunk ids, the pack index, and one
-generation's writer and reader (the data side of
+"""Deduplicated chunk packs in an object store (the data side of
 :class:`~blockguard.storage.pool.s3pool.S3Pool`; layout in docs/design/s3.md).
+
+The chunk ids, the packs and their index (the writer and reader of one generation are
+:mod:`.s3gen`).
 
 A chunk's id is a keyed BLAKE2b of its plaintext under the key's chunk-id key: the
 hosts of one key get the same id for the same data, the store learns nothing of it. New
@@ -15,31 +17,24 @@ last, by the pool).
 
 from __future__ import annotations
 
-import array
 import base64
-import collections
 import hashlib
 import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from blockguard.errors import CorruptMetadata, DataError, InvalidInput, TamperedPack
+from blockguard.errors import CorruptMetadata, DataError
 from blockguard.storage.manifest import (
     Manifest,
-    checksum_bytes,
-    checksum_digest,
-    checksums_from_bytes,
 )
-from blockguard.storage.pool.base import GenerationReader, GenerationWriter
 from blockguard.storage.remote.objstore import ObjectStore
 from blockguard.storage.remote.seal import (
     BlobAAD,
     PackAAD,
     open_blob,
-    open_pack,
     seal_blob,
     seal_pack,
 )
@@ -55,10 +50,11 @@ STORAGE_FORMAT = "s3-chunks-v1"
 #: The "volume" of a pack's and an index's AAD: packs belong to the key's domain, not
 #: to a volume or a generation (a chunk is shared by all of them).
 DOMAIN = "chunks"
-#: Opened packs a reader keeps (the copy engine's readers ask for neighbouring windows).
-PACK_CACHE = 4
 DATA_PREFIX = "data/"
 INDEX_PREFIX = "index/"
+#: Garbage-collection marks (``s3gc.py``): packs to delete after a grace period, which
+#: writers no longer deduplicate against.
+GC_PREFIX = "gc/"
 
 
 def chunk_id(key: bytes, data: bytes | memoryview) -> bytes:
@@ -104,6 +100,8 @@ class ChunkIndex:
         self._places: dict[bytes, ChunkPlace] = {}
         self._packs: dict[str, tuple[int, int]] = {}  # pack id -> (length, chunk count)
         self._seen: set[str] = set()
+        self._marked: set[str] = set()
+        self._entries: dict[str, list[bytes]] = {}
 
     def refresh(self) -> None:
         """List ``index/`` and read the index objects not seen yet (one caller at a
@@ -112,7 +110,24 @@ class ChunkIndex:
             self._refresh()
 
     def _refresh(self) -> None:
+        # Marks first: a chunk stored again because its pack is marked takes the place
+        # of the marked one, whatever order the index objects come in.
+        marked = read_marks(self._store, self._blob_key)
         listed = self._store.list(INDEX_PREFIX)
+        names = {info.key[len(INDEX_PREFIX) :] for info in listed}
+        with self._lock:
+            self._marked = {p for mark in marked for p in mark.packs}
+            # A pack whose index is gone was deleted by a collection: forget it (a
+            # cached place in it would make a writer reference a missing chunk).
+            gone = [p for p in self._packs if p not in names]
+            for pack_id in gone:
+                del self._packs[pack_id]
+                self._seen.discard(pack_id)
+            if gone:
+                dropped = set(gone)
+                self._places = {
+                    c: pl for c, pl in self._places.items() if pl.pack_id not in dropped
+                }
         for info in listed:
             pack_id = info.key[len(INDEX_PREFIX) :]
             with self._lock:
@@ -146,7 +161,22 @@ class ChunkIndex:
             self._seen.add(pack_id)
             self._packs[pack_id] = (length, len(entries))
             for cid, off, n in entries:
-                self._places.setdefault(cid, ChunkPlace(pack_id, off, n))
+                known = self._places.get(cid)
+                if known is None or (known.pack_id in self._marked and pack_id not in self._marked):
+                    self._places[cid] = ChunkPlace(pack_id, off, n)
+            self._entries[pack_id] = [cid for cid, _, _ in entries]
+
+    def reusable(self, cid: bytes) -> bool:
+        """True when a writer may reference ``cid`` without storing it: it is in a pack
+        no collection has marked (kopia's rule: never reference what is being deleted)."""
+        with self._lock:
+            place = self._places.get(cid)
+            return place is not None and place.pack_id not in self._marked
+
+    def packs(self) -> dict[str, list[bytes]]:
+        """Every indexed pack and the chunk ids it holds."""
+        with self._lock:
+            return {p: list(ids) for p, ids in self._entries.items() if p in self._packs}
 
     def get(self, cid: bytes) -> ChunkPlace | None:
         with self._lock:
@@ -216,188 +246,31 @@ def slots_of(manifest: Manifest) -> tuple[list[bytes], bytes]:
     return [ids[i : i + CHUNK_ID_BYTES] for i in range(0, len(ids), CHUNK_ID_BYTES)], sums
 
 
-class S3GenerationWriter(GenerationWriter):
-    """Hashes each chunk, gathers the ones the store lacks into packs and stores them
-    (pack, then its index); the commit stores the manifest last.
+@dataclass(frozen=True)
+class GcMark:
+    """A collection's mark: packs no manifest referenced at ``marked`` (seconds since the
+    epoch, the sweeper's clock), deleted by a sweep at least a grace period later."""
 
-    An abort deletes nothing: a pack this writer stored may already be referenced by
-    another writer of the key (it deduplicated against the index), so only the garbage
-    collection, which knows every manifest, removes unreferenced packs.
-
-    :param commit_manifest: stores the sealed manifest (the commit point).
-    """
-
-    def __init__(
-        self,
-        draft: Manifest,
-        *,
-        store: ObjectStore,
-        index: ChunkIndex,
-        chunk_id_key: bytes,
-        pack_key_bytes: bytes,
-        blob_key: bytes,
-        commit_manifest: Callable[[Manifest], None],
-    ) -> None:
-        super().__init__(draft, None)
-        self._store = store
-        self._index = index
-        self._id_key = chunk_id_key
-        self._pack_key = pack_key_bytes
-        self._blob_key = blob_key
-        self._commit_manifest = commit_manifest
-        self._slots = draft.chunks if draft.is_full else len(draft.changed)
-        self._ids: list[bytes] = []
-        self._buffer = bytearray()
-        self._pending: list[tuple[bytes, int, int]] = []
-        self._pending_ids: set[bytes] = set()
-        self._bytes = 0
-        #: Chunks this writer found in the store already (deduplicated).
-        self.reused = 0
-        #: Packs this writer stored and their sealed bytes.
-        self.packs = 0
-        self.sent_bytes = 0
-
-    def write_chunks(self, first: int, view: memoryview, digests: Sequence[int]) -> None:
-        m = self.draft
-        slot = first if m.is_full else m.changed.rank(first) - 1
-        if slot != len(self._ids):
-            raise InvalidInput(
-                detail=f"generation {self.generation_id}: chunk {first} is at slot {slot}, "
-                f"slot {len(self._ids)} was expected next"
-            )
-        off = 0
-        for i in range(len(digests)):
-            chunk = slot + i if m.is_full else m.changed[slot + i]
-            n = m.chunk_bytes(chunk)
-            data = view[off : off + n]
-            if len(data) != n:
-                raise InvalidInput(
-                    detail=f"generation {self.generation_id}: chunk {chunk} is short"
-                )
-            off += n
-            cid = chunk_id(self._id_key, data)
-            self._ids.append(cid)
-            if cid in self._pending_ids or cid in self._index:
-                self.reused += 1
-                continue
-            self._pending.append((cid, len(self._buffer), n))
-            self._pending_ids.add(cid)
-            self._buffer += data
-            if len(self._buffer) >= PACK_BYTES:
-                self._flush()
-        self._bytes += off
-
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        with memoryview(self._buffer) as plain:
-            _, size = store_pack(
-                self._store, self._index, self._pack_key, self._blob_key, plain, self._pending
-            )
-        self.packs += 1
-        self.sent_bytes += size
-        self._buffer = bytearray()
-        self._pending = []
-        self._pending_ids = set()
-
-    def commit(self, checksums: array.array[int]) -> Manifest:
-        if len(self._ids) != self._slots:
-            raise InvalidInput(
-                detail=f"generation {self.generation_id}: {len(self._ids)} of {self._slots} "
-                "chunks written at commit"
-            )
-        self._flush()
-        raw = checksum_bytes(checksums)
-        storage = dict(self.draft.storage)
-        storage["chunk_ids"] = base64.b64encode(b"".join(self._ids)).decode()
-        storage["checksums"] = base64.b64encode(raw).decode()
-        manifest = self.draft.with_(
-            storage=storage,
-            bytes_stored=self._bytes,
-            checksum_count=len(checksums),
-            checksum_digest=checksum_digest(raw),
-        )
-        self._commit_manifest(manifest)
-        self.committed = manifest
-        return manifest
-
-    def abort(self) -> None:
-        # Nothing to remove (see the class docstring): unreferenced packs are garbage.
-        self._buffer = bytearray()
-        self._pending = []
+    name: str
+    marked: float
+    packs: tuple[str, ...]
 
 
-class S3GenerationReader(GenerationReader):
-    """Reads a committed generation: each chunk by its id from its pack (fetched whole,
-    opened: a changed or replaced pack is :class:`~blockguard.errors.TamperedPack`
-    naming this generation), with a small cache of opened packs."""
-
-    def __init__(
-        self, manifest: Manifest, store: ObjectStore, index: ChunkIndex, pack_key_bytes: bytes
-    ) -> None:
-        super().__init__(manifest)
-        self._ids, self._sum_bytes = slots_of(manifest)
-        self._store = store
-        self._index = index
-        self._pack_key = pack_key_bytes
-        self._lock = threading.Lock()
-        self._cache: collections.OrderedDict[str, bytes] = collections.OrderedDict()
-        if any(cid not in index for cid in set(self._ids)):
-            # Stored by another host (or by this one) since the index was read.
-            index.refresh()
-        #: Packs fetched from the store.
-        self.gets = 0
-
-    def read_chunks(self, first: int, view: memoryview) -> None:
-        m = self.manifest
-        slot = m.checksum_slot(first)
-        pos = 0
-        while pos < len(view):
-            if slot >= len(self._ids):
-                raise CorruptMetadata(
-                    what=f"generation {m.generation_id}", detail=f"it has no slot {slot}"
-                )
-            place = self._place(self._ids[slot])
-            plain = self._pack(place.pack_id)
-            n = min(len(view) - pos, place.length)
-            view[pos : pos + n] = plain[place.offset : place.offset + n]
-            pos += n
-            slot += 1
-
-    def _place(self, cid: bytes) -> ChunkPlace:
-        place = self._index.get(cid)
-        if place is None:
-            raise CorruptMetadata(
-                what=f"generation {self.manifest.generation_id}",
-                detail=f"its chunk {cid.hex()[:16]}... is in no pack of the store",
-            )
-        return place
-
-    def _pack(self, pack_id: str) -> bytes:
-        with self._lock:
-            plain = self._cache.get(pack_id)
-            if plain is not None:
-                self._cache.move_to_end(pack_id)
-                return plain
-        sealed = self._store.get(pack_key(pack_id))
+def read_marks(store: ObjectStore, blob_key: bytes) -> list[GcMark]:
+    """Every mark under ``gc/``; one that does not open is logged and left out (its packs
+    are then neither deleted nor avoided: a later sweep marks them again)."""
+    marks = []
+    for info in store.list(GC_PREFIX):
+        name = info.key[len(GC_PREFIX) :]
         try:
-            plain = open_pack(self._pack_key, self._index.pack_aad(pack_id), sealed)
-        except TamperedPack as exc:
-            raise TamperedPack(
-                pack=pack_id, generation=self.manifest.generation_id, reason=exc.fields["reason"]
-            ) from exc
-        self.gets += 1
-        with self._lock:
-            self._cache[pack_id] = plain
-            while len(self._cache) > PACK_CACHE:
-                self._cache.popitem(last=False)
-        return plain
+            plain = open_blob(blob_key, BlobAAD("gc", DOMAIN, name), store.get(info.key))
+            body = json.loads(plain)
+            marks.append(GcMark(name, float(body["marked"]), tuple(str(p) for p in body["packs"])))
+        except (DataError, KeyError, TypeError, ValueError) as exc:
+            log.error("target %s: gc mark %s: %s", store.target, name, exc)
+    return marks
 
-    def _load_checksums(self) -> array.array[int]:
-        return checksums_from_bytes(
-            self._sum_bytes, self.manifest, f"checksums of generation {self.manifest.generation_id}"
-        )
 
-    def close(self) -> None:
-        with self._lock:
-            self._cache.clear()
+def write_mark(store: ObjectStore, blob_key: bytes, mark: GcMark) -> None:
+    raw = json.dumps({"marked": mark.marked, "packs": list(mark.packs)}).encode()
+    store.put(GC_PREFIX + mark.name, seal_blob(blob_key, BlobAAD("gc", DOMAIN, mark.name), raw))
