@@ -97,6 +97,16 @@ class MasterKey:
         """The key that seals manifests and volume records."""
         return self._derive("blob")
 
+    def chunk_id_key(self) -> bytes:
+        """The key of an object store's chunk ids (a keyed hash of a chunk's plaintext):
+        equal chunks of every host of the key get one id, the store learns nothing."""
+        return self._derive("chunk")
+
+    def store_pack_key(self) -> bytes:
+        """The key that seals an object store's packs (shared by every volume and host of
+        the key: a pack's chunks are deduplicated across them)."""
+        return self._derive("store pack")
+
     def name_key(self) -> bytes:
         """The key of :meth:`volume_id` (names are never sealed, only hashed)."""
         return self._derive("name")

@@ -37,7 +37,7 @@ import stat
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import obstore
@@ -102,6 +102,8 @@ class ObjectInfo:
     key: str
     size: int
     etag: str | None
+    #: When the store says it was written (listings only).
+    modified: datetime | None = None
 
 
 def load_credentials(path: Path, profile: str = "default") -> Credentials:
@@ -280,7 +282,10 @@ class ObjectStore:
         with self._edge("listing", prefix or "/"):
             for batch in obstore.list(self._store, prefix or None):
                 found.extend(
-                    ObjectInfo(str(m["path"]), int(m["size"]), m.get("e_tag")) for m in batch
+                    ObjectInfo(
+                        str(m["path"]), int(m["size"]), m.get("e_tag"), m.get("last_modified")
+                    )
+                    for m in batch
                 )
         return sorted(found, key=lambda info: info.key)
 

@@ -1,0 +1,222 @@
+"""One generation in an S3 pool: its writer (hash each chunk, store the new ones in
+packs, the manifest last) and its reader (each chunk by id from its pack). The chunk
+ids, packs and their index are :mod:`.s3chunks`; the pool is
+:class:`~blockguard.storage.pool.s3pool.S3Pool`."""
+
+from __future__ import annotations
+
+import array
+import base64
+import collections
+import threading
+from collections.abc import Callable, Sequence
+
+from blockguard.errors import CorruptMetadata, InvalidInput, TamperedPack
+from blockguard.storage.manifest import (
+    Manifest,
+    checksum_bytes,
+    checksum_digest,
+    checksums_from_bytes,
+)
+from blockguard.storage.pool.base import GenerationReader, GenerationWriter
+from blockguard.storage.remote.objstore import ObjectStore
+from blockguard.storage.remote.s3chunks import (
+    PACK_BYTES,
+    ChunkIndex,
+    ChunkPlace,
+    chunk_id,
+    pack_key,
+    slots_of,
+    store_pack,
+)
+from blockguard.storage.remote.seal import open_pack
+
+#: Opened packs a reader keeps (the copy engine's readers ask for neighbouring windows).
+PACK_CACHE = 4
+
+
+class S3GenerationWriter(GenerationWriter):
+    """Hashes each chunk, gathers the ones the store lacks into packs and stores them
+    (pack, then its index); the commit stores the manifest last.
+
+    An abort deletes nothing: a pack this writer stored may already be referenced by
+    another writer of the key (it deduplicated against the index), so only the garbage
+    collection, which knows every manifest, removes unreferenced packs.
+
+    :param commit_manifest: stores the sealed manifest (the commit point).
+    """
+
+    def __init__(
+        self,
+        draft: Manifest,
+        *,
+        store: ObjectStore,
+        index: ChunkIndex,
+        chunk_id_key: bytes,
+        pack_key_bytes: bytes,
+        blob_key: bytes,
+        commit_manifest: Callable[[Manifest], None],
+    ) -> None:
+        super().__init__(draft, None)
+        self._store = store
+        self._index = index
+        self._id_key = chunk_id_key
+        self._pack_key = pack_key_bytes
+        self._blob_key = blob_key
+        self._commit_manifest = commit_manifest
+        self._slots = draft.chunks if draft.is_full else len(draft.changed)
+        self._ids: list[bytes] = []
+        self._buffer = bytearray()
+        self._pending: list[tuple[bytes, int, int]] = []
+        self._pending_ids: set[bytes] = set()
+        self._bytes = 0
+        #: Chunks this writer found in the store already (deduplicated).
+        self.reused = 0
+        #: Packs this writer stored and their sealed bytes.
+        self.packs = 0
+        self.sent_bytes = 0
+
+    def write_chunks(self, first: int, view: memoryview, digests: Sequence[int]) -> None:
+        m = self.draft
+        slot = first if m.is_full else m.changed.rank(first) - 1
+        if slot != len(self._ids):
+            raise InvalidInput(
+                detail=f"generation {self.generation_id}: chunk {first} is at slot {slot}, "
+                f"slot {len(self._ids)} was expected next"
+            )
+        off = 0
+        for i in range(len(digests)):
+            chunk = slot + i if m.is_full else m.changed[slot + i]
+            n = m.chunk_bytes(chunk)
+            data = view[off : off + n]
+            if len(data) != n:
+                raise InvalidInput(
+                    detail=f"generation {self.generation_id}: chunk {chunk} is short"
+                )
+            off += n
+            cid = chunk_id(self._id_key, data)
+            self._ids.append(cid)
+            if cid in self._pending_ids or self._index.reusable(cid):
+                self.reused += 1
+                continue
+            self._pending.append((cid, len(self._buffer), n))
+            self._pending_ids.add(cid)
+            self._buffer += data
+            if len(self._buffer) >= PACK_BYTES:
+                self._flush()
+        self._bytes += off
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        with memoryview(self._buffer) as plain:
+            _, size = store_pack(
+                self._store, self._index, self._pack_key, self._blob_key, plain, self._pending
+            )
+        self.packs += 1
+        self.sent_bytes += size
+        self._buffer = bytearray()
+        self._pending = []
+        self._pending_ids = set()
+
+    def commit(self, checksums: array.array[int]) -> Manifest:
+        if len(self._ids) != self._slots:
+            raise InvalidInput(
+                detail=f"generation {self.generation_id}: {len(self._ids)} of {self._slots} "
+                "chunks written at commit"
+            )
+        self._flush()
+        raw = checksum_bytes(checksums)
+        storage = dict(self.draft.storage)
+        storage["chunk_ids"] = base64.b64encode(b"".join(self._ids)).decode()
+        storage["checksums"] = base64.b64encode(raw).decode()
+        manifest = self.draft.with_(
+            storage=storage,
+            bytes_stored=self._bytes,
+            checksum_count=len(checksums),
+            checksum_digest=checksum_digest(raw),
+        )
+        self._commit_manifest(manifest)
+        self.committed = manifest
+        return manifest
+
+    def abort(self) -> None:
+        # Nothing to remove (see the class docstring): unreferenced packs are garbage.
+        self._buffer = bytearray()
+        self._pending = []
+
+
+class S3GenerationReader(GenerationReader):
+    """Reads a committed generation: each chunk by its id from its pack (fetched whole,
+    opened: a changed or replaced pack is :class:`~blockguard.errors.TamperedPack`
+    naming this generation), with a small cache of opened packs."""
+
+    def __init__(
+        self, manifest: Manifest, store: ObjectStore, index: ChunkIndex, pack_key_bytes: bytes
+    ) -> None:
+        super().__init__(manifest)
+        self._ids, self._sum_bytes = slots_of(manifest)
+        self._store = store
+        self._index = index
+        self._pack_key = pack_key_bytes
+        self._lock = threading.Lock()
+        self._cache: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        if any(cid not in index for cid in set(self._ids)):
+            # Stored by another host (or by this one) since the index was read.
+            index.refresh()
+        #: Packs fetched from the store.
+        self.gets = 0
+
+    def read_chunks(self, first: int, view: memoryview) -> None:
+        m = self.manifest
+        slot = m.checksum_slot(first)
+        pos = 0
+        while pos < len(view):
+            if slot >= len(self._ids):
+                raise CorruptMetadata(
+                    what=f"generation {m.generation_id}", detail=f"it has no slot {slot}"
+                )
+            place = self._place(self._ids[slot])
+            plain = self._pack(place.pack_id)
+            n = min(len(view) - pos, place.length)
+            view[pos : pos + n] = plain[place.offset : place.offset + n]
+            pos += n
+            slot += 1
+
+    def _place(self, cid: bytes) -> ChunkPlace:
+        place = self._index.get(cid)
+        if place is None:
+            raise CorruptMetadata(
+                what=f"generation {self.manifest.generation_id}",
+                detail=f"its chunk {cid.hex()[:16]}... is in no pack of the store",
+            )
+        return place
+
+    def _pack(self, pack_id: str) -> bytes:
+        with self._lock:
+            plain = self._cache.get(pack_id)
+            if plain is not None:
+                self._cache.move_to_end(pack_id)
+                return plain
+        sealed = self._store.get(pack_key(pack_id))
+        try:
+            plain = open_pack(self._pack_key, self._index.pack_aad(pack_id), sealed)
+        except TamperedPack as exc:
+            raise TamperedPack(
+                pack=pack_id, generation=self.manifest.generation_id, reason=exc.fields["reason"]
+            ) from exc
+        self.gets += 1
+        with self._lock:
+            self._cache[pack_id] = plain
+            while len(self._cache) > PACK_CACHE:
+                self._cache.popitem(last=False)
+        return plain
+
+    def _load_checksums(self) -> array.array[int]:
+        return checksums_from_bytes(
+            self._sum_bytes, self.manifest, f"checksums of generation {self.manifest.generation_id}"
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._cache.clear()

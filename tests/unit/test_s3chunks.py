@@ -1,0 +1,122 @@
+"""S3Pool's chunk layer on an in-memory object store (no cluster, no device): equal
+chunks are stored once and read back; the store holds no plaintext and no plain hash;
+an index object that does not open counts as absent (its chunks are stored again);
+a manifest sealed for another generation is reported damaged."""
+
+from __future__ import annotations
+
+import array
+import hashlib
+import os
+
+import xxhash
+
+from blockguard.core.vocab import GenerationKind
+from blockguard.storage.manifest import VolumeIdentity
+from blockguard.storage.pool.base import GenerationSpec
+from blockguard.storage.pool.s3pool import S3Pool
+from blockguard.storage.remote.keys import MasterKey
+from blockguard.storage.remote.objstore import ObjectInfo
+from blockguard.storage.remote.s3chunks import DATA_PREFIX, INDEX_PREFIX
+
+CHUNK = 64 << 10
+
+
+class MemoryStore:
+    """The part of ObjectStore the pool uses, in a dict."""
+
+    target = "mem"
+    endpoint = "http://mem"
+    bucket = "b"
+    prefix = "p"
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+
+    def put(self, key: str, data: bytes) -> None:
+        self.objects[key] = bytes(data)
+
+    def get(self, key: str) -> bytes:
+        return self.objects[key]
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        return [
+            ObjectInfo(k, len(v), None)
+            for k, v in sorted(self.objects.items())
+            if k.startswith(prefix)
+        ]
+
+    def delete(self, key: str) -> None:
+        self.objects.pop(key, None)
+
+
+def backup(pool: S3Pool, name: str, data: bytes) -> str:
+    spec = GenerationSpec(VolumeIdentity(name, len(data), "7:0"), GenerationKind.FULL, CHUNK)
+    writer = pool.begin_generation(spec)
+    sums = array.array(
+        "Q", [xxhash.xxh3_64_intdigest(data[o : o + CHUNK]) for o in range(0, len(data), CHUNK)]
+    )
+    with writer:
+        writer.write_chunks(0, memoryview(data), list(sums))
+        return writer.commit(sums).generation_id
+
+
+def read_back(pool: S3Pool, name: str, gid: str) -> bytes:
+    manifest = pool.manifest(name, gid)
+    out = bytearray(manifest.volume.size)
+    with pool.open_generation(manifest) as reader:
+        reader.read_chunks(0, memoryview(out))
+        assert list(reader.checksums()) == [
+            xxhash.xxh3_64_intdigest(out[o : o + CHUNK]) for o in range(0, len(out), CHUNK)
+        ]
+    return bytes(out)
+
+
+def test_equal_chunks_are_stored_once_and_read_back() -> None:
+    store = MemoryStore()
+    key = MasterKey.generate()
+    pool = S3Pool("p", store, key)  # type: ignore[arg-type]
+    a, b = os.urandom(CHUNK), os.urandom(CHUNK - 512)  # the volume's last chunk is short
+    data = a * 5 + b
+    gid = backup(pool, "v", data)
+    assert pool.last_writer is not None and pool.last_writer.reused == 4
+    assert read_back(pool, "v", gid) == data
+    packs = [k for k in store.objects if k.startswith(DATA_PREFIX)]
+    assert len(packs) == 1
+    stored = b"".join(store.objects.values())
+    assert a[:64] not in stored and b[:64] not in stored
+    assert (
+        hashlib.sha256(a).digest() not in stored
+        and hashlib.sha256(a).hexdigest().encode() not in stored
+    )
+    # The same content under another name: nothing new is stored.
+    before = dict(store.objects)
+    gid2 = backup(pool, "w", data)
+    assert pool.last_writer.packs == 0
+    assert {k for k in store.objects if k not in before} == {
+        k for k in store.objects if k.endswith(gid2)
+    }
+    assert read_back(S3Pool("p", store, key), "w", gid2) == data  # type: ignore[arg-type]
+
+
+def test_an_index_that_does_not_open_counts_as_absent() -> None:
+    store = MemoryStore()
+    key = MasterKey.generate()
+    pool = S3Pool("p", store, key)  # type: ignore[arg-type]
+    data = os.urandom(3 * CHUNK)
+    backup(pool, "v", data)
+    (index,) = [k for k in store.objects if k.startswith(INDEX_PREFIX)]
+    store.objects[index] = store.objects[index][:-1] + bytes([store.objects[index][-1] ^ 1])
+    other = S3Pool("p", store, key)  # type: ignore[arg-type]
+    gid = backup(other, "v", data)
+    assert other.last_writer is not None and other.last_writer.packs == 1
+    assert read_back(other, "v", gid) == data
+
+
+def test_a_manifest_of_another_key_is_damaged_not_dropped() -> None:
+    store = MemoryStore()
+    backup(S3Pool("p", store, MasterKey.generate()), "v", os.urandom(CHUNK))  # type: ignore[arg-type]
+    found = S3Pool("p", store, MasterKey.generate()).scan()  # type: ignore[arg-type]
+    assert found.manifests == []
+    assert len(found.damaged) == 1
+    assert "does not open" in found.damaged[0].reason
