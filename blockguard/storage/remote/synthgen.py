@@ -21,6 +21,7 @@ from typing import Any
 from pyroaring import BitMap
 
 from blockguard.errors import InvalidInput
+from blockguard.storage.copyengine import extents
 from blockguard.storage.manifest import Manifest
 from blockguard.storage.pool.base import GenerationReader
 from blockguard.storage.remote.packvalues import GenerationState
@@ -168,8 +169,8 @@ class SynthesizedFullWriter(RemoteGenerationWriter):
                 "not written"
             )
         with memoryview(self._buffer) as view:
-            for run_first, run_end in _runs(missing):
-                stop = min((run_end - first) * cs, len(view))
+            for run_first, count in extents(missing, self.draft.chunks, per):
+                stop = min((run_first + count - first) * cs, len(view))
                 self._previous_reader().read_chunks(
                     run_first, view[(run_first - first) * cs : stop]
                 )
@@ -211,18 +212,3 @@ class SynthesizedFullWriter(RemoteGenerationWriter):
             with contextlib.suppress(Exception):
                 self._previous.close()
             self._previous = None
-
-
-def _runs(chunks: BitMap) -> Iterator[tuple[int, int]]:
-    """``chunks`` as half-open runs, in order."""
-    start = prev = None
-    for c in chunks:
-        if start is None:
-            start = prev = c
-        elif c == prev + 1:  # type: ignore[operator]
-            prev = c
-        else:
-            yield start, prev + 1  # type: ignore[operator]
-            start = prev = c
-    if start is not None:
-        yield start, prev + 1  # type: ignore[operator]
