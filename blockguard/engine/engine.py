@@ -39,7 +39,7 @@ from typing import Any
 
 from blockguard.core.catalog import Catalog, Target
 from blockguard.core.health import AlertKind
-from blockguard.engine import ids, protection, swapins
+from blockguard.engine import filegroups, ids, protection, swapins
 from blockguard.engine import service as svc
 from blockguard.engine.alerts import AlertCenter
 from blockguard.engine.background import run_in_background
@@ -795,6 +795,23 @@ class Engine:
 
     def list_mounts(self) -> list[dict[str, Any]]:
         return self.browser.list()
+
+    def create_file_group(self, name: str, volume: str, paths: list[str]) -> dict[str, Any]:
+        return filegroups.create(self._open_catalog(), name, volume, paths)
+
+    def list_file_groups(self) -> list[dict[str, Any]]:
+        return filegroups.list_groups(self._open_catalog())
+
+    def show_file_group(self, name: str) -> dict[str, Any]:
+        return filegroups.show(self._open_catalog(), name)
+
+    def remove_file_group(self, name: str) -> None:
+        filegroups.remove(self._open_catalog(), name)
+
+    def _open_catalog(self) -> Catalog:
+        if self.catalog is None:
+            raise EnvironmentProblem(detail="the service is not open")
+        return self.catalog
 
     def verify(self, generation: str) -> Job:
         with self._lock:

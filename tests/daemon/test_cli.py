@@ -223,6 +223,7 @@ def test_argument_tree_is_data() -> None:
         "mount",
         "umount",
         "mounts",
+        "filegroup",
         "status",
         "plan",
         "jobs",

@@ -3,6 +3,7 @@ or volume is wrong (nothing recorded then), removed with their volume."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,22 @@ def test_removed_with_their_volume(catalog: Catalog) -> None:
     catalog.add_file_group("conf", "db", ["etc"])
     catalog.remove_volume("db")
     assert catalog.list_file_groups() == []
+
+
+def test_mount_point_of_reads_mountinfo_by_device_number(tmp_path: Path) -> None:
+    from blockguard.storage.filemap import mount_point_of
+
+    dev = os.stat("/dev/null").st_rdev
+    ident = f"{os.major(dev)}:{os.minor(dev)}"
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        f"30 1 {ident} /sub /mnt/bind rw - ext4 /dev/x rw\n"
+        f"31 1 {ident} / /mnt/with\\040space rw - ext4 /dev/x rw\n"
+        f"32 1 {ident} / /mnt/second rw - ext4 /dev/x rw\n"
+    )
+    # A bind mount of a subdirectory is skipped; escapes are decoded; the first wins.
+    assert mount_point_of("/dev/null", mountinfo=str(info)) == "/mnt/with space"
+    info.write_text("30 1 0:99 / /other rw - ext4 /dev/y rw\n")
+    assert mount_point_of("/dev/null", mountinfo=str(info)) is None
+    with pytest.raises(NotFound, match="/dev/nope"):
+        mount_point_of("/dev/nope", mountinfo=str(info))

@@ -1,0 +1,110 @@
+"""File groups with the real daemon (issue 13): ``filegroup create NAME --volume V PATH...``
+checks its paths on the volume's mounted file system and records them relative to the
+mount point; list, show and remove; a group is refused, and nothing recorded, when the
+volume is not mounted or a path is outside it or missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from blockguard.cli.client import Client, RemoteError, plain, variant
+from tests.support.bus import REPO
+from tests.support.daemon import Daemon, EngineHarness
+from tests.support.devices import MiB
+
+CLI = [sys.executable, "-m", "blockguard.cli.main"]
+
+
+def run(argv: list[str]) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=120).stdout
+
+
+def cli(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, "--bus", daemon.address, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+@pytest.fixture
+def fs_dir(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "fs"
+    path.mkdir()
+    yield path
+    subprocess.run(["umount", str(path)], capture_output=True, timeout=60)
+
+
+def test_filegroup_create_list_show_remove(
+    engine: EngineHarness, loopdev: Callable[..., str], fs_dir: Path, tmp_path: Path
+) -> None:
+    pool_disk = loopdev(400 * MiB, "pool.img")
+    volume = loopdev(32 * MiB, "db.img")
+    run(["mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", volume])
+    daemon = engine.start()
+    with Client(daemon.address) as client:
+        client.call("CreatePool", "ssasb", "p1", "dir", [pool_disk], False)
+        client.call("Protect", "sstssa{sv}", volume, "db", 0, "", "", {})
+        client.call("SetObjectives", "sa{sv}", "db", {"rpo": variant("1h")})
+
+        # Not mounted: refused, naming the volume.
+        with pytest.raises(RemoteError) as info:
+            client.call("CreateFileGroup", "ssas", "conf", "db", ["etc"])
+        assert info.value.name.endswith(".InvalidInput")
+        assert "volume db" in info.value.message and "not mounted" in info.value.message
+
+        run(["mount", volume, str(fs_dir)])
+        (fs_dir / "etc").mkdir()
+        (fs_dir / "etc/app.conf").write_text("x = 1\n")
+        (fs_dir / "data.bin").write_bytes(b"\0" * 4096)
+        (fs_dir / "escape").symlink_to(tmp_path)
+        outside = tmp_path / "elsewhere"
+        outside.mkdir()
+
+        for paths, error, words in (
+            (["../elsewhere"], "InvalidInput", ".."),
+            ([str(outside)], "InvalidInput", "not below"),
+            (["escape"], "InvalidInput", "symlink"),
+            (["etc", "missing.txt"], "NotFound", "missing.txt"),
+            (["."], "InvalidInput", "whole file system"),
+        ):
+            with pytest.raises(RemoteError) as info:
+                client.call("CreateFileGroup", "ssas", "conf", "db", paths)
+            assert info.value.name.endswith("." + error), (paths, info.value)
+            assert words in info.value.message, (paths, info.value.message)
+        assert plain(client.call("ListFileGroups")) == []
+
+        done = cli(daemon, "--json", "filegroup", "create", "conf", "--volume", "db",
+                   "etc", str(fs_dir / "data.bin"))  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        made = json.loads(done.stdout)["filegroup"]
+        # Paths are kept relative to the mount point, an absolute one below it too.
+        assert (made["name"], made["volume"], made["paths"]) == ("conf", "db", ["etc", "data.bin"])
+
+        again = cli(daemon, "filegroup", "create", "conf", "--volume", "db", "etc")
+        assert again.returncode != 0 and "conf" in again.stderr
+
+        listed = cli(daemon, "--json", "filegroup", "list")
+        assert listed.returncode == 0, listed.stderr
+        assert json.loads(listed.stdout)["filegroups"] == [made]
+        shown = cli(daemon, "--json", "filegroup", "show", "conf")
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["filegroup"] == {**made, "mounted_at": str(fs_dir)}
+        text = cli(daemon, "filegroup", "show", "conf")
+        assert text.returncode == 0 and str(fs_dir) in text.stdout, text
+
+        gone = cli(daemon, "filegroup", "remove", "conf")
+        assert gone.returncode == 0, gone.stderr
+        assert plain(client.call("ListFileGroups")) == []
+        missing = cli(daemon, "filegroup", "show", "conf")
+        assert missing.returncode != 0 and "conf" in missing.stderr
