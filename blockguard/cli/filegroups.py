@@ -41,6 +41,35 @@ def filegroup_show(client: Client, args: argparse.Namespace, out: Output) -> Non
     out.line(f"  mounted: {found.get('mounted_at') or 'no'}")
     for path in found["paths"]:
         out.line(f"  path:    {path}")
+    out.table(
+        "Generations",
+        (
+            Column("generation", keep=True),
+            Column("kind"),
+            Column("files"),
+            Column("bytes"),
+            Column("changed", keep=True),
+            Column("note", drop=2),
+        ),
+        (
+            [
+                g["generation"],
+                g["kind"],
+                str(g.get("files", "")),
+                str(g.get("bytes", "")),
+                str(g.get("changed_bytes", "")),
+                _note(g),
+            ]
+            for g in found.get("generations", [])
+        ),
+    )
+
+
+def _note(row: dict[str, object]) -> str:
+    if not row.get("listed"):
+        return "no file list (the volume was not mounted, or the group is newer)"
+    unsettled = row.get("unsettled") or []
+    return f"{len(unsettled)} files changed during the backup" if unsettled else ""
 
 
 def filegroup_remove(client: Client, args: argparse.Namespace, out: Output) -> None:

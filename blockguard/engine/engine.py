@@ -803,7 +803,10 @@ class Engine:
         return filegroups.list_groups(self._open_catalog())
 
     def show_file_group(self, name: str) -> dict[str, Any]:
-        return filegroups.show(self._open_catalog(), name)
+        catalog = self._open_catalog()
+        vol = catalog.get_volume(catalog.get_file_group(name).volume)
+        pool = None if vol.pool is None else self.pools.backend(vol.pool)
+        return filegroups.show(catalog, pool, name)
 
     def remove_file_group(self, name: str) -> None:
         filegroups.remove(self._open_catalog(), name)

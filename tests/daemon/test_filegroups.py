@@ -6,6 +6,7 @@ volume is not mounted or a path is outside it or missing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 
 from blockguard.cli.client import Client, RemoteError, plain, variant
 from tests.support.bus import REPO
-from tests.support.daemon import Daemon, EngineHarness
+from tests.support.daemon import Daemon, EngineHarness, run_job
 from tests.support.devices import MiB
 
 CLI = [sys.executable, "-m", "blockguard.cli.main"]
@@ -99,7 +100,11 @@ def test_filegroup_create_list_show_remove(
         assert json.loads(listed.stdout)["filegroups"] == [made]
         shown = cli(daemon, "--json", "filegroup", "show", "conf")
         assert shown.returncode == 0, shown.stderr
-        assert json.loads(shown.stdout)["filegroup"] == {**made, "mounted_at": str(fs_dir)}
+        assert json.loads(shown.stdout)["filegroup"] == {
+            **made,
+            "mounted_at": str(fs_dir),
+            "generations": [],
+        }
         text = cli(daemon, "filegroup", "show", "conf")
         assert text.returncode == 0 and str(fs_dir) in text.stdout, text
 
@@ -108,3 +113,59 @@ def test_filegroup_create_list_show_remove(
         assert plain(client.call("ListFileGroups")) == []
         missing = cli(daemon, "filegroup", "show", "conf")
         assert missing.returncode != 0 and "conf" in missing.stderr
+
+
+def write(path: Path, nbytes: int, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(hashlib.shake_256(seed.to_bytes(8, "little")).digest(nbytes))
+
+
+def back_up(client: Client) -> dict[str, object]:
+    props = run_job(client, client.call("BackupNow", "s", "db"))
+    assert props["State"] == "done", props["Error"]
+    return dict(props["Result"])  # type: ignore[call-overload]
+
+
+def test_each_backup_keeps_the_group_list_and_its_changed_bytes(
+    engine: EngineHarness, loopdev: Callable[..., str], fs_dir: Path
+) -> None:
+    pool_disk = loopdev(400 * MiB, "pool.img")
+    volume = loopdev(32 * MiB, "db.img")
+    run(["mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", volume])
+    run(["mount", volume, str(fs_dir)])
+    write(fs_dir / "grp/a.bin", 600_000, 1)
+    write(fs_dir / "grp/sub/b.bin", 70_000, 2)
+    write(fs_dir / "other.bin", 2_000_000, 3)
+    daemon = engine.start()
+    with Client(daemon.address) as client:
+        client.call("CreatePool", "ssasb", "p1", "dir", [pool_disk], False)
+        client.call("Protect", "sstssa{sv}", volume, "db", 0, "", "", {})
+        client.call("SetObjectives", "sa{sv}", "db", {"rpo": variant("1h")})
+        client.call("CreateFileGroup", "ssas", "grp", "db", ["grp"])
+        first = back_up(client)
+        assert first["warnings"] == []
+        # Only files outside the group change: the group changed nothing.
+        write(fs_dir / "other.bin", 2_000_000, 30)
+        second = back_up(client)
+        # A file of the group is rewritten in place (its blocks), one appended to.
+        with open(fs_dir / "grp/a.bin", "r+b") as f:
+            f.seek(100_000)
+            f.write(b"x" * 50_000)
+        with open(fs_dir / "grp/sub/b.bin", "ab") as f:
+            f.write(b"y" * 10_000)
+        third = back_up(client)
+
+        shown = plain(client.call("ShowFileGroup", "s", "grp"))
+        rows = {r["generation"]: r for r in shown["generations"]}
+        assert list(rows) == [first["generation"], second["generation"], third["generation"]]
+        assert all(r["listed"] and r["files"] == 2 and not r["unsettled"] for r in rows.values())
+        full, quiet, changed = (rows[str(g["generation"])] for g in (first, second, third))
+        # Block-rounded extents: at least the files' bytes, at most a block more each.
+        assert 670_000 <= full["bytes"] <= 670_000 + 2 * 4096
+        assert full["changed_bytes"] == full["bytes"]
+        assert quiet["changed_bytes"] == 0
+        assert changed["bytes"] >= 680_000
+        assert 60_000 <= changed["changed_bytes"] < changed["bytes"]
+        text = cli(daemon, "filegroup", "show", "grp")
+        assert text.returncode == 0, text.stderr
+        assert all(str(g["generation"]) in text.stdout for g in (first, second, third))
