@@ -4,6 +4,7 @@ CreateFileGroup, ListFileGroups, ShowFileGroup and RemoveFileGroup."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from blockguard.cli.client import Client, plain
 from blockguard.cli.output import Column, Output
@@ -78,3 +79,13 @@ def filegroup_remove(client: Client, args: argparse.Namespace, out: Output) -> N
         out.json({"removed": args.name})
     else:
         out.line(f"removed file group {args.name}")
+
+
+def restore_files(client: Client, args: argparse.Namespace, out: Output) -> None:
+    from blockguard.cli.actions import finish_job
+
+    # The daemon resolves paths in its own root: hand it an absolute one.
+    path = client.call(
+        "RestoreFiles", "sassb", args.group, args.paths, os.path.abspath(args.to), args.overwrite
+    )
+    finish_job(client, path, args, out)

@@ -475,6 +475,27 @@ TREE = Cmd(
         ),
         Cmd("mounts", "list the generations mounted by mount", Action("browse.mounts"), ()),
         Cmd(
+            "restore-files",
+            "restore files of a file group from a generation into a directory",
+            Action("filegroups.restore_files"),
+            (
+                Arg("group", help="GROUP (its newest generation) or GROUP@GEN (as for a volume)"),
+                Arg(
+                    "paths",
+                    nargs="*",
+                    metavar="PATH",
+                    help="paths of the group (and what is below them); none: all",
+                ),
+                Arg("--to", required=True, metavar="DIR", help="the directory to restore into"),
+                Arg(
+                    "--overwrite",
+                    action="store_true",
+                    help="replace files that exist there (refused otherwise, nothing written)",
+                ),
+                NO_WAIT,
+            ),
+        ),
+        Cmd(
             "filegroup",
             "file groups: paths on a protected volume's file system, restored by file",
             sub=(

@@ -337,6 +337,13 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_method()
     @handler()
+    async def RestoreFiles(self, group: Str, paths: Strs, to: Str, overwrite: Bool) -> ObjPath:
+        """Restore a file group's files (``GROUP[@GEN]``) into a directory; a job."""
+        job = await self._call(self.service.restore_files, group, list(paths), to, overwrite)
+        return self.tree.job(job)
+
+    @dbus_method()
+    @handler()
     async def Verify(self, generation: Str) -> ObjPath:
         return self.tree.job(await self._call(self.service.verify, generation))
 

@@ -417,6 +417,13 @@ class Service(Protocol):
         """Forget a file group (its volume's generations are kept)."""
         ...
 
+    def restore_files(self, group: str, paths: list[str], to: str, overwrite: bool) -> Job:
+        """Restore the files of ``group`` (``GROUP`` or ``GROUP@GEN``, GEN as for a
+        volume) below the absolute directory ``to``: ``paths`` (of the group's list) and
+        what is below them, or all. Refused before the job, with nothing written, for an
+        existing file unless ``overwrite``."""
+        ...
+
     def drill_volume(self, volume: str) -> Job:
         """Run the restore drill of a volume now (a job): its newest generation restored
         into scratch space on its pool, read back against the stored checksums, timed

@@ -224,6 +224,7 @@ def test_argument_tree_is_data() -> None:
         "umount",
         "mounts",
         "filegroup",
+        "restore-files",
         "status",
         "plan",
         "jobs",

@@ -169,3 +169,118 @@ def test_each_backup_keeps_the_group_list_and_its_changed_bytes(
         text = cli(daemon, "filegroup", "show", "grp")
         assert text.returncode == 0, text.stderr
         assert all(str(g["generation"]) in text.stdout for g in (first, second, third))
+
+
+def tree_of(root: Path) -> dict[str, tuple[object, ...]]:
+    """Relative path -> what restore-files must keep: a file's sha256, mode, owner and
+    mtime; a symlink's target; a directory's mode and owner."""
+    found: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, names in os.walk(root):
+        for name in [*dirnames, *names]:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            rel = str(path.relative_to(root))
+            if path.is_symlink():
+                found[rel] = ("symlink", os.readlink(path))
+            elif path.is_dir():
+                found[rel] = ("dir", st.st_mode, st.st_uid, st.st_gid)
+            else:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                found[rel] = ("file", digest, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns)
+    return found
+
+
+def test_restore_files_of_every_generation(
+    engine: EngineHarness, loopdev: Callable[..., str], fs_dir: Path, tmp_path: Path
+) -> None:
+    pool_disk = loopdev(400 * MiB, "pool.img")
+    volume = loopdev(48 * MiB, "db.img")
+    run(["mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", volume])
+    run(["mount", volume, str(fs_dir)])
+    grp = fs_dir / "grp"
+    daemon = engine.start()
+    backups: list[tuple[dict[str, object], dict[str, tuple[object, ...]]]] = []
+    with Client(daemon.address) as client:
+        client.call("CreatePool", "ssasb", "p1", "dir", [pool_disk], False)
+        client.call("Protect", "sstssa{sv}", volume, "db", 0, "", "", {})
+        client.call("SetObjectives", "sa{sv}", "db", {"rpo": variant("1h")})
+        for round_ in range(4):
+            if round_ == 0:
+                write(grp / "a.bin", 600_000, 1)
+                write(grp / "sub/b.bin", 70_000, 2)
+                with open(grp / "sparse.bin", "wb") as f:
+                    f.seek(5 * MiB)
+                    f.write(b"end" * 1000)
+                (grp / "link").symlink_to("a.bin")
+                os.link(grp / "sub/b.bin", grp / "sub/b.hard")
+                os.chmod(grp / "a.bin", 0o600)
+                os.chown(grp / "sub/b.bin", 1234, 5678)
+                os.setxattr(grp / "a.bin", "user.tag", b"kept")
+                client.call("CreateFileGroup", "ssas", "grp", "db", ["grp"])
+            elif round_ == 1:
+                with open(grp / "a.bin", "ab") as f:  # append
+                    f.write(b"appended" * 5000)
+                write(grp / "sub/b.bin", 90_000, 12)  # rewrite (hard link follows)
+                (grp / "sparse.bin").unlink()  # delete
+                write(grp / "c.bin", 200_000, 13)
+            elif round_ == 2:
+                with open(grp / "a.bin", "r+b") as f:  # rewrite in place
+                    f.seek(100_000)
+                    f.write(b"x" * 50_000)
+                os.link(grp / "c.bin", grp / "c2.bin")
+            else:
+                (grp / "c.bin").unlink()  # c2.bin keeps the inode
+                with open(grp / "sparse2.bin", "wb") as f:
+                    f.write(b"head" * 1000)
+                    f.seek(3 * MiB)
+                    f.write(b"tail" * 1000)
+            write(fs_dir / "other.bin", 1_000_000, 100 + round_)  # outside the group
+            backups.append((back_up(client), tree_of(fs_dir / "grp")))
+            assert backups[-1][0]["warnings"] == [], backups[-1][0]
+
+        for n, (result, want) in enumerate(backups):
+            into = tmp_path / f"restore-{n}"
+            into.mkdir()
+            done = cli(
+                daemon, "--json", "restore-files", f"grp@{result['number']}", "--to", str(into)
+            )
+            assert done.returncode == 0, done.stderr
+            job = json.loads(done.stdout)["job"]
+            assert (
+                job["result"]["seconds"] >= 0
+                and job["result"]["generation"] == result["generation"]
+            )
+            # Only the group: nothing else of the volume comes along.
+            assert os.listdir(into) == ["grp"]
+            assert tree_of(into / "grp") == want, n
+            assert os.getxattr(into / "grp/a.bin", "user.tag") == b"kept"
+            if (into / "grp/sub/b.hard").exists():
+                assert (into / "grp/sub/b.hard").stat().st_ino == (
+                    into / "grp/sub/b.bin"
+                ).stat().st_ino
+        sparse = tmp_path / "restore-0/grp/sparse.bin"
+        assert sparse.stat().st_blocks * 512 < 1 * MiB  # the hole stayed a hole
+
+        # Existing files: refused without --overwrite, and nothing is written.
+        into = tmp_path / "restore-0"
+        (into / "grp/a.bin").write_bytes(b"local change")
+        before = tree_of(into)
+        again = cli(daemon, "restore-files", f"grp@{backups[0][0]['number']}", "--to", str(into))
+        assert again.returncode != 0
+        assert "a.bin" in again.stderr and "--overwrite" in again.stderr, again.stderr
+        assert tree_of(into) == before
+        forced = cli(daemon, "restore-files", f"grp@{backups[0][0]['number']}", "--to", str(into),
+                     "--overwrite")  # fmt: skip
+        assert forced.returncode == 0, forced.stderr
+        assert tree_of(into / "grp") == backups[0][1]
+
+        # Some paths only: them and the directories above them.
+        into = tmp_path / "restore-sub"
+        into.mkdir()
+        part = cli(daemon, "restore-files", "grp", "grp/sub", "--to", str(into))
+        assert part.returncode == 0, part.stderr
+        assert tree_of(into / "grp") == {
+            k: v for k, v in backups[-1][1].items() if k == "sub" or k.startswith("sub/")
+        }
+        missing = cli(daemon, "restore-files", "grp", "grp/nope", "--to", str(into))
+        assert missing.returncode != 0 and "grp/nope" in missing.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import pytest
 from pyroaring import BitMap
@@ -67,3 +68,38 @@ def test_bytes_in_chunks() -> None:
     assert bytes_in_chunks(ranges, BitMap(range(20)), cs) == 3 * cs + 50 + cs
     # Within one chunk.
     assert bytes_in_chunks([(cs + 10, 20)], BitMap([1]), cs) == 20
+
+
+def test_restore_plan_refusals(tmp_path: Path) -> None:
+    from blockguard.errors import AlreadyExists, InvalidInput, NotFound
+    from blockguard.storage.filerestore import plan_files
+
+    ext = (Extent(0, 1 << 20, 4096, ExtentFlag.LAST),)
+    files = FileList(
+        "/mnt",
+        1,
+        (
+            FileEntry("d", "dir", 4096, inode=2, **COMMON),
+            FileEntry("d/f", "file", 4000, inode=3, extents=ext, **COMMON),
+            FileEntry("d/inline", "file", 10, inode=4, by_content=True, **COMMON),
+            FileEntry("d/moving", "file", 4000, inode=5, extents=ext, **COMMON),
+        ),
+    )
+    stored = StoredFileList("g", files, ("d/moving",))
+    plan = plan_files(stored, ["d/f"], tmp_path, overwrite=False)
+    assert [e.path for e in plan.entries] == ["d", "d/f"] and plan.data_bytes == 4000
+    with pytest.raises(InvalidInput, match="d/inline"):
+        plan_files(stored, ["d/inline"], tmp_path, overwrite=False)
+    with pytest.raises(InvalidInput, match="d/moving"):
+        plan_files(stored, ["d/moving"], tmp_path, overwrite=False)
+    with pytest.raises(NotFound, match="d/nope"):
+        plan_files(stored, ["d/nope"], tmp_path, overwrite=False)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d/f").write_bytes(b"mine")
+    with pytest.raises(AlreadyExists, match="d/f"):
+        plan_files(stored, ["d/f"], tmp_path, overwrite=False)
+    assert plan_files(stored, ["d/f"], tmp_path, overwrite=True).data_bytes == 4000
+    escaping = FileEntry("../x", "file", 1, inode=9, **COMMON)
+    bad = StoredFileList("g", FileList("/mnt", 1, (escaping,)))
+    with pytest.raises(CorruptMetadata, match=r"\.\./x"):
+        plan_files(bad, [], tmp_path, overwrite=True)
