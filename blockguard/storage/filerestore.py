@@ -134,8 +134,8 @@ def _select(entries: Sequence[FileEntry], paths: Sequence[str]) -> list[FileEntr
     chosen = [e for e in entries if any(e.path == p or e.path.startswith(p + "/") for p in wanted)]
     # The directories above a chosen path come along (created, their metadata kept).
     parents = {str(q) for e in chosen for q in PurePosixPath(e.path).parents if str(q) != "."}
-    above = [e for e in entries if e.path in parents and e not in chosen]
-    return sorted([*above, *chosen], key=lambda e: entries.index(e))
+    picked = {e.path for e in chosen} | parents
+    return [e for e in entries if e.path in picked]
 
 
 def write_files(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -190,12 +191,20 @@ def tree_of(root: Path) -> dict[str, tuple[object, ...]]:
     return found
 
 
+@pytest.mark.parametrize("fstype", ["ext4", "xfs"])
 def test_restore_files_of_every_generation(
-    engine: EngineHarness, loopdev: Callable[..., str], fs_dir: Path, tmp_path: Path
+    engine: EngineHarness, loopdev: Callable[..., str], fs_dir: Path, tmp_path: Path, fstype: str
 ) -> None:
-    pool_disk = loopdev(400 * MiB, "pool.img")
-    volume = loopdev(48 * MiB, "db.img")
-    run(["mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", volume])
+    if shutil.which(f"mkfs.{fstype}") is None:
+        pytest.skip(f"mkfs.{fstype} is not installed")
+    xfs = fstype == "xfs"
+    # mkfs.xfs refuses file systems under 300 MB.
+    pool_disk = loopdev(900 * MiB if xfs else 400 * MiB, "pool.img")
+    volume = loopdev(320 * MiB if xfs else 48 * MiB, "db.img")
+    if xfs:
+        run(["mkfs.xfs", "-q", volume])
+    else:
+        run(["mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", volume])
     run(["mount", volume, str(fs_dir)])
     grp = fs_dir / "grp"
     daemon = engine.start()
