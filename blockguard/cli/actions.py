@@ -158,6 +158,8 @@ def _result_line(job: dict[str, Any]) -> str:
         parts.append(f"from target {result['from_target']}")
     if result.get("predicted_seconds") is not None and result.get("from_target"):
         parts.append(f"estimated {format_duration(result['predicted_seconds'])}")
+    if result.get("estimated_seconds") is not None and result.get("group"):
+        parts.append(f"estimated {format_duration(result['estimated_seconds'])}")
     if result.get("to_target"):
         parts.append(f"to target {result['to_target']}")
     if result.get("up_to_date"):

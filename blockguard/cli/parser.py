@@ -475,6 +475,61 @@ TREE = Cmd(
         ),
         Cmd("mounts", "list the generations mounted by mount", Action("browse.mounts"), ()),
         Cmd(
+            "restore-files",
+            "restore files of a file group from a generation into a directory",
+            Action("filegroups.restore_files"),
+            (
+                Arg("group", help="GROUP (its newest generation) or GROUP@GEN (as for a volume)"),
+                Arg(
+                    "paths",
+                    nargs="*",
+                    metavar="PATH",
+                    help="paths of the group (and what is below them); none: all",
+                ),
+                Arg("--to", required=True, metavar="DIR", help="the directory to restore into"),
+                Arg(
+                    "--overwrite",
+                    action="store_true",
+                    help="replace files that exist there (refused otherwise, nothing written)",
+                ),
+                NO_WAIT,
+            ),
+        ),
+        Cmd(
+            "filegroup",
+            "file groups: paths on a protected volume's file system, restored by file",
+            sub=(
+                Cmd(
+                    "create",
+                    "record a file group (the volume's file system must be mounted)",
+                    Action("filegroups.filegroup_create"),
+                    (
+                        Arg("name"),
+                        Arg("--volume", required=True, help="the protected volume"),
+                        Arg(
+                            "paths",
+                            nargs="+",
+                            metavar="PATH",
+                            help="files or directories, relative to the volume's mount point",
+                        ),
+                    ),
+                ),
+                Cmd("list", "list file groups", Action("filegroups.filegroup_list")),
+                Cmd(
+                    "show",
+                    "show one file group",
+                    Action("filegroups.filegroup_show"),
+                    (Arg("name"),),
+                ),
+                Cmd(
+                    "remove",
+                    "forget a file group (the volume's generations are kept)",
+                    Action("filegroups.filegroup_remove"),
+                    (Arg("name"),),
+                ),
+            ),
+        ),
+        Cmd(
             "status",
             "health of every volume and pool: last backup, RPO and RTO, pool space",
             Action("health.status"),

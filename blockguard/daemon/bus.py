@@ -312,6 +312,38 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_method()
     @handler()
+    async def CreateFileGroup(self, name: Str, volume: Str, paths: Strs) -> VarDict:
+        """Record a file group: paths of a protected volume's mounted file system."""
+        found = await self._call(self.service.create_file_group, name, volume, list(paths))
+        return to_vardict(found)
+
+    @dbus_method()
+    @handler(read_only=True)
+    async def ListFileGroups(self) -> VarDicts:
+        """Every file group (name, volume, paths, created)."""
+        return [to_vardict(g) for g in await self._call(self.service.list_file_groups)]
+
+    @dbus_method()
+    @handler(read_only=True)
+    async def ShowFileGroup(self, name: Str) -> VarDict:
+        """One file group, with where its volume is mounted now."""
+        return to_vardict(await self._call(self.service.show_file_group, name))
+
+    @dbus_method()
+    @handler()
+    async def RemoveFileGroup(self, name: Str) -> None:
+        """Forget a file group."""
+        await self._call(self.service.remove_file_group, name)
+
+    @dbus_method()
+    @handler()
+    async def RestoreFiles(self, group: Str, paths: Strs, to: Str, overwrite: Bool) -> ObjPath:
+        """Restore a file group's files (``GROUP[@GEN]``) into a directory; a job."""
+        job = await self._call(self.service.restore_files, group, list(paths), to, overwrite)
+        return self.tree.job(job)
+
+    @dbus_method()
+    @handler()
     async def Verify(self, generation: Str) -> ObjPath:
         return self.tree.job(await self._call(self.service.verify, generation))
 

@@ -29,7 +29,7 @@ from pyroaring import BitMap
 from blockguard.core.planner import PlanDecision
 from blockguard.core.retention import RetentionPolicy
 from blockguard.core.vocab import GenerationKind, devno
-from blockguard.engine import ids, poolspace
+from blockguard.engine import filegroups, ids, poolspace
 from blockguard.engine import service as svc
 from blockguard.engine.events import EventHub
 from blockguard.engine.jobbook import JobProgress
@@ -186,6 +186,12 @@ def back_up(
             f"backed up. If it is the right one, unprotect {name} (its generations stay) "
             "and protect the device again",
         )
+    group_warnings: list[str] = []
+    # File groups' lists come first: FIEMAP_FLAG_SYNC writes their files' dirty pages,
+    # so the point in time (a snapshot, or the scan of the device) holds the bytes the
+    # lists map; what changes after is found when they are stored (docs/design/
+    # filegroups.md "The point in time of a file list").
+    captured = filegroups.capture_lists(volumes.catalog, name, group_warnings)
     unchanged = None if full else _unchanged(name, vol.device_path, volumes, tracking)
     if unchanged is not None:
         point, inputs, decision = unchanged
@@ -235,7 +241,9 @@ def back_up(
         tracking.abort_point(point)
         raise
     tracking.end_point(point)
+    filegroups.store_lists(pool, name, result.manifest.generation_id, captured, group_warnings)
     _keep_key(volumes, name, rdev, key)
+    result = dataclasses.replace(result, warnings=(*result.warnings, *group_warnings))
     return _after_commit(name, volumes, pool, events, inputs.keep, decision, result)
 
 

@@ -39,7 +39,7 @@ from typing import Any
 
 from blockguard.core.catalog import Catalog, Target
 from blockguard.core.health import AlertKind
-from blockguard.engine import ids, protection, swapins
+from blockguard.engine import filegroups, ids, protection, swapins
 from blockguard.engine import service as svc
 from blockguard.engine.alerts import AlertCenter
 from blockguard.engine.background import run_in_background
@@ -49,6 +49,7 @@ from blockguard.engine.browsing import Browser
 from blockguard.engine.calibration import run_drill_job
 from blockguard.engine.cmdguard import GuardedRunner
 from blockguard.engine.events import EventHub
+from blockguard.engine.filerestores import check_restore_files, run_restore_files
 from blockguard.engine.health import HealthKeeper, HealthMonitor
 from blockguard.engine.importing import import_pool
 from blockguard.engine.jobbook import JobBook
@@ -795,6 +796,44 @@ class Engine:
 
     def list_mounts(self) -> list[dict[str, Any]]:
         return self.browser.list()
+
+    def create_file_group(self, name: str, volume: str, paths: list[str]) -> dict[str, Any]:
+        return filegroups.create(self._open_catalog(), name, volume, paths)
+
+    def list_file_groups(self) -> list[dict[str, Any]]:
+        return filegroups.list_groups(self._open_catalog())
+
+    def show_file_group(self, name: str) -> dict[str, Any]:
+        catalog = self._open_catalog()
+        vol = catalog.get_volume(catalog.get_file_group(name).volume)
+        pool = None if vol.pool is None else self.pools.backend(vol.pool)
+        return filegroups.show(catalog, pool, name)
+
+    def remove_file_group(self, name: str) -> None:
+        filegroups.remove(self._open_catalog(), name)
+
+    def restore_files(self, group: str, paths: list[str], to: str, overwrite: bool) -> Job:
+        with self._lock:
+            request = check_restore_files(
+                self.volumes, self.pools, group, paths, to, bool(overwrite)
+            )
+
+            def work(progress: ProgressReporter, _record: str) -> dict[str, Any]:
+                return run_restore_files(request, self.pools, progress)
+
+            return self.jobs.submit(
+                JobKind.RESTORE,
+                request.volume,
+                f"{request.group}@{request.manifest.generation_id}",
+                work,
+                pool=request.pool,
+                generation=ids.catalog_id(request.volume, request.manifest.generation_id),
+            )
+
+    def _open_catalog(self) -> Catalog:
+        if self.catalog is None:
+            raise EnvironmentProblem(detail="the service is not open")
+        return self.catalog
 
     def verify(self, generation: str) -> Job:
         with self._lock:

@@ -400,6 +400,30 @@ class Service(Protocol):
         """The browse mounts of this daemon."""
         ...
 
+    def create_file_group(self, name: str, volume: str, paths: list[str]) -> dict[str, Any]:
+        """Record file group ``name``: ``paths`` of ``volume``'s mounted file system
+        (relative to its mount point); returns the group (name, volume, paths, created)."""
+        ...
+
+    def list_file_groups(self) -> list[dict[str, Any]]:
+        """Every file group."""
+        ...
+
+    def show_file_group(self, name: str) -> dict[str, Any]:
+        """One file group, with where its volume is mounted now (``""``: not mounted)."""
+        ...
+
+    def remove_file_group(self, name: str) -> None:
+        """Forget a file group (its volume's generations are kept)."""
+        ...
+
+    def restore_files(self, group: str, paths: list[str], to: str, overwrite: bool) -> Job:
+        """Restore the files of ``group`` (``GROUP`` or ``GROUP@GEN``, GEN as for a
+        volume) below the absolute directory ``to``: ``paths`` (of the group's list) and
+        what is below them, or all. Refused before the job, with nothing written, for an
+        existing file unless ``overwrite``."""
+        ...
+
     def drill_volume(self, volume: str) -> Job:
         """Run the restore drill of a volume now (a job): its newest generation restored
         into scratch space on its pool, read back against the stored checksums, timed

@@ -214,6 +214,44 @@ def _walk(root: Path, relative: str, device: int) -> Iterator[Path]:
                 yield base / name
 
 
+def mount_point_of(device_path: str, *, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """Where the file system on block device ``device_path`` is mounted (its first mount
+    in ``mountinfo``, matched by device number), or None when it is not mounted.
+
+    :raises NotFound: no such device.
+    """
+    try:
+        rdev = os.stat(device_path).st_rdev
+    except FileNotFoundError:
+        raise NotFound(what="device", name=device_path) from None
+    want = f"{os.major(rdev)}:{os.minor(rdev)}"
+    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as info:
+        for line in info:
+            fields = line.split()
+            # fields[3] is the root of the mount inside its file system: a bind mount of
+            # a subdirectory is not where the volume's paths start.
+            if len(fields) > 4 and fields[2] == want and fields[3] == "/":
+                return _unescape(fields[4])
+    return None
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo path: space, tab, newline and backslash are written as octal escapes."""
+    for code in ("040", "011", "012", "134"):
+        field = field.replace("\\" + code, chr(int(code, 8)))
+    return field
+
+
+def relative_path(root: Path, given: str) -> str:
+    """``given`` (relative to ``root``, or absolute below it) as a relative path, checked.
+
+    :raises InvalidInput: it contains ``..``, is outside ``root`` or leaves it through a
+        symlink.
+    :raises NotFound: it does not exist.
+    """
+    return _relative(Path(root), given)
+
+
 def _relative(root: Path, given: str) -> str:
     """``given`` as a path below ``root`` without ``..`` or symlinks leaving it."""
     candidate = Path(given)

@@ -223,6 +223,8 @@ def test_argument_tree_is_data() -> None:
         "mount",
         "umount",
         "mounts",
+        "filegroup",
+        "restore-files",
         "status",
         "plan",
         "jobs",

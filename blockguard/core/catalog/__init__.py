@@ -2,12 +2,14 @@
 
 Volumes and groups with their objectives, pools and pool devices, the performance
 table, generations (a mirror of the pool manifests, rebuildable from them), jobs with
-their history, measured restores, and backup targets. Standard library only; see :class:`Catalog`.
+their history, measured restores, backup targets and file groups. Standard library only;
+see :class:`Catalog`.
 """
 
 from __future__ import annotations
 
 from blockguard.core.catalog._db import BUSY_TIMEOUT, DEFAULT_STATE_DIR, default_catalog_path
+from blockguard.core.catalog.filegroups import FileGroup, FileGroupStore
 from blockguard.core.catalog.generations import GenerationStore
 from blockguard.core.catalog.jobs import JobStore
 from blockguard.core.catalog.pools import PoolStore
@@ -36,7 +38,13 @@ from blockguard.core.catalog.volumes import UNSET, VolumeStore
 
 
 class Catalog(
-    VolumeStore, TargetStore, RemoteGenerationStore, PoolStore, GenerationStore, JobStore
+    FileGroupStore,
+    VolumeStore,
+    TargetStore,
+    RemoteGenerationStore,
+    PoolStore,
+    GenerationStore,
+    JobStore,
 ):
     """The catalog. One SQLite connection, safe to share between threads.
 
@@ -61,6 +69,7 @@ __all__ = [
     "UNSET",
     "Catalog",
     "DeviceIdentity",
+    "FileGroup",
     "Generation",
     "Group",
     "Job",

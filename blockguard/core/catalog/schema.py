@@ -303,6 +303,19 @@ _V6 = (
     )""",
 )
 
+# v7: file groups (issue 13): named sets of paths on a protected volume's file system.
+# A group's generations are its volume's; their file lists live in the pool beside the
+# generation's manifest (a new host reading the pool has them too), not here.
+_V7 = (
+    """
+    CREATE TABLE file_groups (
+        name TEXT PRIMARY KEY NOT NULL CHECK (length(name) > 0),
+        volume TEXT NOT NULL REFERENCES volumes(name) ON DELETE CASCADE,
+        paths TEXT NOT NULL CHECK (json_valid(paths)),
+        created REAL NOT NULL
+    )""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "volumes, groups, pools, performance table, generations, jobs", _V1),
     Migration(2, "probe jobs, job results, measured restores", _V2),
@@ -318,6 +331,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(5, "backup targets, target registration jobs", _V5),
     Migration(6, "generations on backup targets, transfer jobs", _V6),
+    Migration(7, "file groups", _V7),
 )
 
 CURRENT_VERSION = MIGRATIONS[-1].version

@@ -423,6 +423,25 @@ class PoolBackend(ABC):
                 continue
             fsync_dir(directory.parent)
 
+    # --- file lists (issue 13) --------------------------------------------------------
+
+    def write_generation_file(
+        self, volume: str, generation_id: str, name: str, data: bytes
+    ) -> None:
+        """Store ``data`` as file ``name`` with a committed generation (a file group's list):
+        removed with it.
+
+        :raises EnvironmentProblem: this kind of pool keeps no such files.
+        """
+        raise EnvironmentProblem(detail=f"a {type(self).__name__} keeps no files with generations")
+
+    def read_generation_file(self, volume: str, generation_id: str, name: str) -> bytes:
+        """A file stored by :meth:`write_generation_file`.
+
+        :raises NotFound: the generation has no such file.
+        """
+        raise NotFound(what="file of generation", name=f"{volume}/{generation_id}/{name}")
+
     # --- volume records ---------------------------------------------------------------
 
     @abstractmethod

@@ -35,6 +35,7 @@ from blockguard.storage.manifest import (
     fsync_dir,
     generation_clock,
     new_generation_id,
+    write_atomic,
 )
 from blockguard.storage.pool.base import (
     AlertCallback,
@@ -217,6 +218,21 @@ class GenerationStore(PoolBackend):
         self._drop_data(target)
         shutil.rmtree(doomed)
         return FreedGeneration(generation_id, target.kind.value, target.bytes_stored)
+
+    def write_generation_file(
+        self, volume: str, generation_id: str, name: str, data: bytes
+    ) -> None:
+        check_name(name, "generation file name")
+        write_atomic(self._gen_dir(volume, generation_id) / name, data)
+
+    def read_generation_file(self, volume: str, generation_id: str, name: str) -> bytes:
+        check_name(name, "generation file name")
+        try:
+            return (self._gen_dir(volume, generation_id) / name).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(
+                what="file of generation", name=f"{volume}/{generation_id}/{name}"
+            ) from None
 
     def record_dirs(self) -> list[Path]:
         return [root.parent / RECORDS_DIR for root in self._volume_roots()]
