@@ -19,6 +19,7 @@ from pathlib import Path
 
 from blockguard.errors import BlockguardError, CorruptMetadata, EnvironmentProblem, InvalidInput
 from blockguard.storage import fuse
+from blockguard.storage.blockdev import unescape_mount
 from blockguard.storage.genimage import GenerationImage
 from blockguard.storage.manifest import write_atomic
 from blockguard.storage.runner import Runner
@@ -87,17 +88,24 @@ class MountBook:
         return found
 
 
-def mounted_at(path: str) -> tuple[str, str] | None:
-    """``(fstype, source)`` of what is mounted at ``path`` (the topmost), or None."""
-    found = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as info:
+def mount_table(mountinfo: str = "/proc/self/mountinfo") -> dict[str, tuple[str, str]]:
+    """Mount point -> ``(fstype, source)`` of what is mounted there (the topmost).
+
+    :param mountinfo: the table to read (tests give a file of their own).
+    """
+    table: dict[str, tuple[str, str]] = {}
+    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as info:
         for line in info:
             fields = line.split()
             sep = fields.index("-")
-            point = fields[4].encode().decode("unicode_escape")
-            if point == path:
-                found = (fields[sep + 1], fields[sep + 2])
-    return found
+            # Later lines are mounted over earlier ones: the last one at a point wins.
+            table[unescape_mount(fields[4])] = (fields[sep + 1], fields[sep + 2])
+    return table
+
+
+def mounted_at(path: str) -> tuple[str, str] | None:
+    """``(fstype, source)`` of what is mounted at ``path`` (the topmost), or None."""
+    return mount_table().get(path)
 
 
 def loop_backing_file(loop: str) -> str | None:
@@ -186,8 +194,9 @@ def teardown(record: MountRecord, runner: Runner, server: fuse.FuseFile | None =
 
     :raises EnvironmentProblem: a step failed (the record is then kept for a retry).
     """
+    table = mount_table()
     if record.loop:
-        at = mounted_at(record.mountpoint)
+        at = table.get(record.mountpoint)
         if at is not None and os.path.realpath(at[1]) == os.path.realpath(record.loop):
             fuse.unmount(record.mountpoint)
         if loop_backing_file(record.loop) == record.image:
@@ -198,7 +207,7 @@ def teardown(record: MountRecord, runner: Runner, server: fuse.FuseFile | None =
                 "%s is still in use: unmounted lazily, served until released", record.mountpoint
             )
     else:
-        at = mounted_at(record.fuse_dir)
+        at = table.get(record.fuse_dir)
         if at is not None and at[0] == fuse.FS_TYPE:
             fuse.unmount(record.fuse_dir)
     if mounted_at(record.fuse_dir) is not None:
