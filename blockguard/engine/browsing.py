@@ -76,7 +76,16 @@ class Browser:
         with self._lock:
             if point in self._mounts:
                 raise AlreadyExists(what="browse mount", name=point)
-            image = GenerationImage(pool, volume, manifest.generation_id)
+            # Held before it is opened: a retention between the two would remove what
+            # the image is about to read.
+            chain = pool.chain(volume, manifest.generation_id)
+            holder = f"the browse mount at {point}"
+            pool.hold([m.generation_id for m in chain], holder)
+            try:
+                image = GenerationImage(pool, volume, manifest.generation_id, chain)
+            except BaseException:
+                pool.release(holder)
+                raise
             name = uuid.uuid4().hex[:12]
             record = MountRecord(
                 name=name,
@@ -87,13 +96,10 @@ class Browser:
                 mountpoint=point,
                 fuse_dir=str(self.fuse_root / name),
             )
-            pool.hold(image.chain, f"the browse mount at {point}")
-            mount = BrowseMount(record, image, self.book)
-            try:
-                mount.start(self.cmd)
-            except BaseException:
-                pool.release(f"the browse mount at {point}")
-                raise
+            # Released once the FUSE server ends (after a lazy unmount, when the last
+            # reader lets go), or by a start that failed before serving.
+            mount = BrowseMount(record, image, self.book, on_done=lambda: pool.release(holder))
+            mount.start(self.cmd)
             self._mounts[point] = mount
         log.info("mounted %s at %s (loop %s)", public, point, mount.record.loop)
         return mount.record.to_dict()
@@ -110,7 +116,6 @@ class Browser:
                 raise NotFound(what="browse mount", name=mountpoint or '""')
             mount.stop(self.cmd)
             del self._mounts[point]
-            self._release(mount.record)
         log.info("unmounted %s from %s", mount.record.generation, point)
         return mount.record.to_dict()
 
@@ -126,13 +131,7 @@ class Browser:
                     mount.stop(self.cmd)
                 except (BlockguardError, OSError) as exc:
                     log.error("browse mount at %s not torn down: %s", point, exc)
-                self._release(mount.record)
                 del self._mounts[point]
-
-    def _release(self, record: MountRecord) -> None:
-        backend = self.pools.open_pools.get(record.pool)
-        if backend is not None:
-            backend.release(f"the browse mount at {record.mountpoint}")
 
 
 def _check_mountpoint(mountpoint: str) -> str:

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -124,15 +125,34 @@ class BrowseMount:
     :param record: what to set up (saved, with the loop device, as it goes).
     """
 
-    def __init__(self, record: MountRecord, image: GenerationImage, book: MountBook) -> None:
+    def __init__(
+        self,
+        record: MountRecord,
+        image: GenerationImage,
+        book: MountBook,
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
         self.record = record
         self.image = image
         self.book = book
-        # The image is closed by the serving thread when it ends, which after a lazy
-        # unmount (a process still in the file system) is later than ``stop``.
+        self._on_done = on_done
+        self._finished = False
+        # The image is closed (and ``on_done`` called: the chain's hold released) by the
+        # serving thread when it ends, which after a lazy unmount (a process still in the
+        # file system) is later than ``stop``: until then the chain is still read.
         self.server = fuse.FuseFile(
-            Path(record.fuse_dir), IMAGE_NAME, image.size, self._read, on_exit=image.close
+            Path(record.fuse_dir), IMAGE_NAME, image.size, self._read, on_exit=self._finish
         )
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        try:
+            self.image.close()
+        finally:
+            if self._on_done is not None:
+                self._on_done()
 
     def _read(self, offset: int, size: int) -> bytes:
         try:
@@ -179,9 +199,11 @@ class BrowseMount:
     def stop(self, runner: Runner) -> None:
         """Tear down in reverse: file system, loop, FUSE; then forget the record."""
         started = self.server.serving
-        teardown(self.record, runner, server=self.server)
-        if not started:
-            self.image.close()
+        try:
+            teardown(self.record, runner, server=self.server)
+        finally:
+            if not started:
+                self._finish()
         self.book.drop(self.record)
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Sequence
 
 from pyroaring import BitMap
 
 from blockguard.storage.copyengine import DEFAULT_EXTENT_BYTES, copy_chunks
+from blockguard.storage.manifest import Manifest
 from blockguard.storage.pool.base import PoolBackend
 from blockguard.storage.restore import gathered_items, plan_chunks
 
@@ -27,8 +29,17 @@ class GenerationImage:
     :raises CorruptMetadata: a link of its chain is missing or damaged.
     """
 
-    def __init__(self, pool: PoolBackend, volume: str, generation_id: str) -> None:
-        chain = pool.chain(volume, generation_id)
+    def __init__(
+        self,
+        pool: PoolBackend,
+        volume: str,
+        generation_id: str,
+        chain: Sequence[Manifest] | None = None,
+    ) -> None:
+        """:param chain: ``pool.chain(volume, generation_id)`` when the caller has it
+        already (to hold it before it is opened)."""
+        if chain is None:
+            chain = pool.chain(volume, generation_id)
         self.chain = tuple(m.generation_id for m in chain)
         self.size = chain[0].volume.size
         self.chunk_size = chain[0].chunk_size

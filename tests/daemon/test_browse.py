@@ -344,13 +344,30 @@ def test_umount_while_a_file_is_open_is_lazy(
             point = tmp_path / "browse"
             point.mkdir()
             record = plain(client.call("Mount", "ss", gen, str(point)))
+            client.call("SetObjectives", "sa{sv}", "db", {"generations": variant(1)})
+
+            def full_backup() -> str:
+                job = client.call("BackupNowWithOptions", "sa{sv}", "db", {"full": variant(True)})
+                props = run_job(client, job)
+                assert props["State"] == "done", props["Error"]
+                return str(props["Result"]["generation"])  # type: ignore[index]
+
+            def listed() -> set[str]:
+                return {g[0] for g in plain(client.call("ListGenerations", "s", "db"))}
+
             with open(point / "open.bin", "rb") as held:
                 client.call("Unmount", "s", str(point))
                 assert str(point) not in mountinfo_points()
                 assert not plain(client.call("ListMounts"))
+                # Unmounted, but still read: a retention now must keep the chain.
+                new = full_backup()
+                assert listed() == {gen, new}
                 # Still served to the process that had it open, whole.
                 assert hashlib.sha256(held.read()).hexdigest() == want
             assert_gone(record)
             assert not list((daemon.state_dir / "mounts").glob("*.json"))
+            # Released with its last reader: the next retention takes it.
+            newest = full_backup()
+            assert listed() == {newest}
     finally:
         forget(record)
