@@ -28,6 +28,7 @@ from blockguard.storage.runner import Runner
 log = logging.getLogger(__name__)
 
 IMAGE_NAME = "image"
+SYS_BLOCK = Path("/sys/block")
 #: Mount options per file system: read-only and without replaying a journal, which would
 #: write to the (read-only) device or fail.
 FS_OPTIONS = {"ext4": "ro,noload", "ext3": "ro,noload", "xfs": "ro,norecovery,nouuid"}
@@ -113,10 +114,22 @@ def loop_backing_file(loop: str) -> str | None:
     """The backing file of loop device ``loop``, or None when it is not attached."""
     name = Path(loop).name
     try:
-        text = Path(f"/sys/block/{name}/loop/backing_file").read_text(encoding="utf-8")
+        text = (SYS_BLOCK / name / "loop" / "backing_file").read_text(encoding="utf-8")
     except OSError:
         return None
     return text.rstrip("\n")
+
+
+def loops_backed_by(image: str) -> list[str]:
+    """Every loop device whose backing file is ``image`` (from sysfs only: a stat of an
+    image on a dead FUSE connection would fail or hang)."""
+    if not SYS_BLOCK.is_dir():
+        return []
+    return sorted(
+        f"/dev/{entry.name}"
+        for entry in SYS_BLOCK.iterdir()
+        if entry.name.startswith("loop") and loop_backing_file(entry.name) == image
+    )
 
 
 class BrowseMount:
@@ -217,12 +230,14 @@ def teardown(record: MountRecord, runner: Runner, server: fuse.FuseFile | None =
     :raises EnvironmentProblem: a step failed (the record is then kept for a retry).
     """
     table = mount_table()
-    if record.loop:
+    # A daemon killed between losetup and saving the record left the loop unnamed: it
+    # is found by its backing file, the recorded image (a path only this mount uses).
+    for loop in [record.loop] if record.loop else loops_backed_by(record.image):
         at = table.get(record.mountpoint)
-        if at is not None and os.path.realpath(at[1]) == os.path.realpath(record.loop):
+        if at is not None and os.path.realpath(at[1]) == os.path.realpath(loop):
             fuse.unmount(record.mountpoint)
-        if loop_backing_file(record.loop) == record.image:
-            runner.run(["losetup", "-d", record.loop], timeout=60)
+        if loop_backing_file(loop) == record.image:
+            runner.run(["losetup", "-d", loop], timeout=60)
     if server is not None:
         if not server.stop():
             log.info(
