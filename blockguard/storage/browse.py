@@ -1,5 +1,5 @@
-"""Browse a generation: its image over FUSE, a read-only loop device on it, and its file
-system mounted read-only; and the teardown of all three, also after a crash.
+"""Browse a generation: its image over FUSE and a read-only loop device on it, whose file
+system the CLI mounts read-only; and the teardown of all three, also after a crash.
 
 Each mount is recorded in a file of the state directory before anything is set up, and
 that record is all a restarted daemon needs to undo it: the teardown touches only what the
@@ -43,7 +43,10 @@ class MountRecord:
     :param chain: the generations it reads (held against removal while mounted).
     :param fuse_dir: where the FUSE file system with the image is mounted.
     :param loop: the read-only loop device on the image ("" until attached).
-    :param fstype: the file system mounted at ``mountpoint``.
+    :param fstype: the file system on the loop device.
+    :param options: the options to mount it with (read-only, no journal replay).
+    :param mountpoint: where the CLI mounts the loop device, in the caller's mount
+        namespace (the daemon's may differ: systemd's ProtectSystem/PrivateTmp).
     """
 
     name: str
@@ -55,6 +58,7 @@ class MountRecord:
     fuse_dir: str
     loop: str = ""
     fstype: str = ""
+    options: str = ""
 
     @property
     def image(self) -> str:
@@ -176,7 +180,10 @@ class BrowseMount:
             raise OSError(5, str(exc)) from exc
 
     def start(self, runner: Runner) -> None:
-        """FUSE image, read-only loop device, file system mounted read-only.
+        """FUSE image and read-only loop device on it; the file system type and the
+        options to mount it with are recorded. The mount itself is the caller's (the
+        CLI's): a mount made in the daemon's mount namespace, which systemd makes
+        private, would not be seen by the user (docs/design/browse.md).
 
         On failure everything done so far is undone before the error propagates.
 
@@ -200,11 +207,8 @@ class BrowseMount:
                     detail=f"generation {rec.generation} holds no file system that blkid "
                     "recognises: there is nothing to mount"
                 )
-            rec = self.record = _with(rec, fstype=fstype)
+            rec = self.record = _with(rec, fstype=fstype, options=FS_OPTIONS.get(fstype, "ro"))
             self.book.save(rec)
-            options = FS_OPTIONS.get(fstype, "ro")
-            argv = ["mount", "-o", options, "-t", fstype, loop]
-            runner.run([*argv, rec.mountpoint], timeout=120)
         except BaseException:
             self.stop(runner)
             raise
