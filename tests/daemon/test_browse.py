@@ -328,6 +328,28 @@ def test_retention_keeps_a_mounted_generation(
             client.call("Unmount", "s", str(point))
             newest = full_backup()
             assert listed() == {newest}
+            # The CLI's mount fails (a mount(8) that refuses, first on its PATH): the daemon's
+            # loop device and FUSE image are taken down again.
+            fake = tmp_path / "bin"
+            fake.mkdir()
+            script = "#!/bin/sh\necho 'mount: refused by the test' >&2\nexit 32\n"
+            (fake / "mount").write_text(script)
+            (fake / "mount").chmod(0o755)
+            point = tmp_path / "refused"
+            point.mkdir()
+            path = os.environ["PATH"]
+            done = subprocess.run(
+                [*CLI, "--bus", daemon.address, "mount", newest, str(point)],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                env={**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{fake}:{path}"},
+            )
+            assert done.returncode != 0
+            assert "refused by the test" in done.stderr and str(point) in done.stderr
+            assert not plain(client.call("ListMounts"))
+            assert not list((daemon.state_dir / "mounts").glob("*.json"))
+            assert str(daemon.state_dir / "browse") not in run(["losetup", "-a"])
     finally:
         forget(record)
 
