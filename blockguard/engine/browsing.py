@@ -19,7 +19,7 @@ from blockguard.engine.pools import PoolRegistry
 from blockguard.engine.restores import find_generation
 from blockguard.engine.volumes import VolumeRegistry
 from blockguard.errors import AlreadyExists, BlockguardError, InvalidInput, NotFound
-from blockguard.storage.browse import BrowseMount, MountBook, MountRecord, mounted_at, teardown
+from blockguard.storage.browse import BrowseMount, MountBook, MountRecord, teardown
 from blockguard.storage.genimage import GenerationImage
 from blockguard.storage.runner import Runner
 
@@ -60,9 +60,12 @@ class Browser:
         return cleaned
 
     def mount(self, generation: str, mountpoint: str) -> dict[str, Any]:
-        """Mount ``generation`` (``V@GEN``, any form the CLI takes) read-only at ``mountpoint``.
+        """Make ``generation`` (``V@GEN``, any form the CLI takes) a read-only loop device
+        for the caller to mount at ``mountpoint``; the record names the loop device, its
+        file system and the mount options.
 
-        :raises InvalidInput: the mount point is not an empty directory, or is in use.
+        :raises InvalidInput: the mount point is not an absolute path, or the generation
+            holds no file system.
         :raises NotFound: no such volume or generation.
         """
         volume, _ = ids.split_public_id(generation)
@@ -76,7 +79,16 @@ class Browser:
         with self._lock:
             if point in self._mounts:
                 raise AlreadyExists(what="browse mount", name=point)
-            image = GenerationImage(pool, volume, manifest.generation_id)
+            # Held before it is opened: a retention between the two would remove what
+            # the image is about to read.
+            chain = pool.chain(volume, manifest.generation_id)
+            holder = f"the browse mount at {point}"
+            pool.hold([m.generation_id for m in chain], holder)
+            try:
+                image = GenerationImage(pool, volume, manifest.generation_id, chain)
+            except BaseException:
+                pool.release(holder)
+                raise
             name = uuid.uuid4().hex[:12]
             record = MountRecord(
                 name=name,
@@ -87,30 +99,29 @@ class Browser:
                 mountpoint=point,
                 fuse_dir=str(self.fuse_root / name),
             )
-            pool.hold(image.chain, f"the browse mount at {point}")
-            mount = BrowseMount(record, image, self.book)
-            try:
-                mount.start(self.cmd)
-            except BaseException:
-                pool.release(f"the browse mount at {point}")
-                raise
+            # Released once the FUSE server ends (after a lazy unmount, when the last
+            # reader lets go), or by a start that failed before serving.
+            mount = BrowseMount(record, image, self.book, on_done=lambda: pool.release(holder))
+            mount.start(self.cmd)
             self._mounts[point] = mount
-        log.info("mounted %s at %s (loop %s)", public, point, mount.record.loop)
+        log.info("attached %s as %s for the mount at %s", public, mount.record.loop, point)
         return mount.record.to_dict()
 
     def unmount(self, mountpoint: str) -> dict[str, Any]:
-        """Unmount the browse mount at ``mountpoint`` (lazily if a process still uses it).
+        """Take down the browse mount at ``mountpoint``: its file system if it is still
+        mounted in the daemon's namespace (lazily if a process still uses it), the loop
+        device (released by the kernel once the caller's mount of it is gone) and the FUSE
+        image.
 
         :raises NotFound: no browse mount there.
         """
-        point = os.path.realpath(mountpoint) if mountpoint else mountpoint
+        point = os.path.normpath(mountpoint) if mountpoint else mountpoint
         with self._lock:
             mount = self._mounts.get(point)
             if mount is None:
                 raise NotFound(what="browse mount", name=mountpoint or '""')
             mount.stop(self.cmd)
             del self._mounts[point]
-            self._release(mount.record)
         log.info("unmounted %s from %s", mount.record.generation, point)
         return mount.record.to_dict()
 
@@ -126,23 +137,12 @@ class Browser:
                     mount.stop(self.cmd)
                 except (BlockguardError, OSError) as exc:
                     log.error("browse mount at %s not torn down: %s", point, exc)
-                self._release(mount.record)
                 del self._mounts[point]
-
-    def _release(self, record: MountRecord) -> None:
-        backend = self.pools.open_pools.get(record.pool)
-        if backend is not None:
-            backend.release(f"the browse mount at {record.mountpoint}")
 
 
 def _check_mountpoint(mountpoint: str) -> str:
+    # Only its form: the directory is the caller's, in the caller's mount namespace (the
+    # CLI checks it is an empty directory with nothing mounted), which need not be ours.
     if not mountpoint or not os.path.isabs(mountpoint):
         raise InvalidInput(detail=f"the mount point must be an absolute path: {mountpoint!r}")
-    point = os.path.realpath(mountpoint)
-    if not os.path.isdir(point):
-        raise InvalidInput(detail=f"the mount point {mountpoint} is not a directory")
-    if os.listdir(point):
-        raise InvalidInput(detail=f"the mount point {mountpoint} is not empty")
-    if mounted_at(point) is not None:
-        raise InvalidInput(detail=f"something is already mounted at {mountpoint}")
-    return point
+    return os.path.normpath(mountpoint)

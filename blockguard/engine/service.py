@@ -388,8 +388,9 @@ class Service(Protocol):
     def verify(self, generation: str) -> Job: ...
 
     def mount(self, generation: str, mountpoint: str) -> dict[str, Any]:
-        """Mount a generation's file system read-only at ``mountpoint`` (an empty
-        directory); returns the mount's record (mountpoint, loop, fstype, chain...)."""
+        """Make a generation a read-only loop device for the caller to mount at
+        ``mountpoint`` (the caller mounts: its mount namespace need not be the daemon's);
+        returns the mount's record (mountpoint, loop, fstype, options, chain...)."""
         ...
 
     def unmount(self, mountpoint: str) -> dict[str, Any]:

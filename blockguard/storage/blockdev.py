@@ -180,7 +180,7 @@ def write_count(rdev: int) -> int | None:
         return None
 
 
-def _unescape_mount(field: str) -> str:
+def unescape_mount(field: str) -> str:
     """A mountinfo path field: spaces, tabs, newlines and backslashes come octal-escaped."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
@@ -196,14 +196,14 @@ def sync_written(path: str) -> None:
     with BlockDevice(path) as dev:
         devno = vocab.devno(dev.rdev)
         with open("/proc/self/mountinfo") as f:
-            points = [_unescape_mount(ln.split()[4]) for ln in f if ln.split()[2:3] == [devno]]
+            points = [unescape_mount(ln.split()[4]) for ln in f if ln.split()[2:3] == [devno]]
         for point in points:
             try:
                 fd = os.open(point, os.O_RDONLY | os.O_DIRECTORY)
             except OSError:
                 continue  # gone since, or not ours to open: its writes are the kernel's
             try:
-                if _libc().syncfs(fd) != 0:
+                if libc().syncfs(fd) != 0:
                     code = ctypes.get_errno()
                     if code != errno.ENOSYS:  # a write-back failed: never hidden
                         raise DeviceIOError(
@@ -217,7 +217,8 @@ def sync_written(path: str) -> None:
 
 
 @functools.cache
-def _libc() -> ctypes.CDLL:
+def libc() -> ctypes.CDLL:
+    """The C library (one handle for the daemon; errno kept for ``ctypes.get_errno``)."""
     return ctypes.CDLL(None, use_errno=True)
 
 

@@ -1,5 +1,5 @@
-"""Browse a generation: its image over FUSE, a read-only loop device on it, and its file
-system mounted read-only; and the teardown of all three, also after a crash.
+"""Browse a generation: its image over FUSE and a read-only loop device on it, whose file
+system the CLI mounts read-only; and the teardown of all three, also after a crash.
 
 Each mount is recorded in a file of the state directory before anything is set up, and
 that record is all a restarted daemon needs to undo it: the teardown touches only what the
@@ -14,11 +14,13 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from blockguard.errors import BlockguardError, CorruptMetadata, EnvironmentProblem, InvalidInput
 from blockguard.storage import fuse
+from blockguard.storage.blockdev import unescape_mount
 from blockguard.storage.genimage import GenerationImage
 from blockguard.storage.manifest import write_atomic
 from blockguard.storage.runner import Runner
@@ -26,6 +28,7 @@ from blockguard.storage.runner import Runner
 log = logging.getLogger(__name__)
 
 IMAGE_NAME = "image"
+SYS_BLOCK = Path("/sys/block")
 #: Mount options per file system: read-only and without replaying a journal, which would
 #: write to the (read-only) device or fail.
 FS_OPTIONS = {"ext4": "ro,noload", "ext3": "ro,noload", "xfs": "ro,norecovery,nouuid"}
@@ -40,7 +43,10 @@ class MountRecord:
     :param chain: the generations it reads (held against removal while mounted).
     :param fuse_dir: where the FUSE file system with the image is mounted.
     :param loop: the read-only loop device on the image ("" until attached).
-    :param fstype: the file system mounted at ``mountpoint``.
+    :param fstype: the file system on the loop device.
+    :param options: the options to mount it with (read-only, no journal replay).
+    :param mountpoint: where the CLI mounts the loop device, in the caller's mount
+        namespace (the daemon's may differ: systemd's ProtectSystem/PrivateTmp).
     """
 
     name: str
@@ -52,6 +58,7 @@ class MountRecord:
     fuse_dir: str
     loop: str = ""
     fstype: str = ""
+    options: str = ""
 
     @property
     def image(self) -> str:
@@ -87,27 +94,46 @@ class MountBook:
         return found
 
 
-def mounted_at(path: str) -> tuple[str, str] | None:
-    """``(fstype, source)`` of what is mounted at ``path`` (the topmost), or None."""
-    found = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as info:
+def mount_table(mountinfo: str = "/proc/self/mountinfo") -> dict[str, tuple[str, str]]:
+    """Mount point -> ``(fstype, source)`` of what is mounted there (the topmost).
+
+    :param mountinfo: the table to read (tests give a file of their own).
+    """
+    table: dict[str, tuple[str, str]] = {}
+    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as info:
         for line in info:
             fields = line.split()
             sep = fields.index("-")
-            point = fields[4].encode().decode("unicode_escape")
-            if point == path:
-                found = (fields[sep + 1], fields[sep + 2])
-    return found
+            # Later lines are mounted over earlier ones: the last one at a point wins.
+            table[unescape_mount(fields[4])] = (fields[sep + 1], fields[sep + 2])
+    return table
+
+
+def mounted_at(path: str) -> tuple[str, str] | None:
+    """``(fstype, source)`` of what is mounted at ``path`` (the topmost), or None."""
+    return mount_table().get(path)
 
 
 def loop_backing_file(loop: str) -> str | None:
     """The backing file of loop device ``loop``, or None when it is not attached."""
     name = Path(loop).name
     try:
-        text = Path(f"/sys/block/{name}/loop/backing_file").read_text(encoding="utf-8")
+        text = (SYS_BLOCK / name / "loop" / "backing_file").read_text(encoding="utf-8")
     except OSError:
         return None
     return text.rstrip("\n")
+
+
+def loops_backed_by(image: str) -> list[str]:
+    """Every loop device whose backing file is ``image`` (from sysfs only: a stat of an
+    image on a dead FUSE connection would fail or hang)."""
+    if not SYS_BLOCK.is_dir():
+        return []
+    return sorted(
+        f"/dev/{entry.name}"
+        for entry in SYS_BLOCK.iterdir()
+        if entry.name.startswith("loop") and loop_backing_file(entry.name) == image
+    )
 
 
 class BrowseMount:
@@ -116,15 +142,34 @@ class BrowseMount:
     :param record: what to set up (saved, with the loop device, as it goes).
     """
 
-    def __init__(self, record: MountRecord, image: GenerationImage, book: MountBook) -> None:
+    def __init__(
+        self,
+        record: MountRecord,
+        image: GenerationImage,
+        book: MountBook,
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
         self.record = record
         self.image = image
         self.book = book
-        # The image is closed by the serving thread when it ends, which after a lazy
-        # unmount (a process still in the file system) is later than ``stop``.
+        self._on_done = on_done
+        self._finished = False
+        # The image is closed (and ``on_done`` called: the chain's hold released) by the
+        # serving thread when it ends, which after a lazy unmount (a process still in the
+        # file system) is later than ``stop``: until then the chain is still read.
         self.server = fuse.FuseFile(
-            Path(record.fuse_dir), IMAGE_NAME, image.size, self._read, on_exit=image.close
+            Path(record.fuse_dir), IMAGE_NAME, image.size, self._read, on_exit=self._finish
         )
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        try:
+            self.image.close()
+        finally:
+            if self._on_done is not None:
+                self._on_done()
 
     def _read(self, offset: int, size: int) -> bytes:
         try:
@@ -135,7 +180,10 @@ class BrowseMount:
             raise OSError(5, str(exc)) from exc
 
     def start(self, runner: Runner) -> None:
-        """FUSE image, read-only loop device, file system mounted read-only.
+        """FUSE image and read-only loop device on it; the file system type and the
+        options to mount it with are recorded. The mount itself is the caller's (the
+        CLI's): a mount made in the daemon's mount namespace, which systemd makes
+        private, would not be seen by the user (docs/design/browse.md).
 
         On failure everything done so far is undone before the error propagates.
 
@@ -159,11 +207,8 @@ class BrowseMount:
                     detail=f"generation {rec.generation} holds no file system that blkid "
                     "recognises: there is nothing to mount"
                 )
-            rec = self.record = _with(rec, fstype=fstype)
+            rec = self.record = _with(rec, fstype=fstype, options=FS_OPTIONS.get(fstype, "ro"))
             self.book.save(rec)
-            options = FS_OPTIONS.get(fstype, "ro")
-            argv = ["mount", "-o", options, "-t", fstype, loop]
-            runner.run([*argv, rec.mountpoint], timeout=120)
         except BaseException:
             self.stop(runner)
             raise
@@ -171,9 +216,11 @@ class BrowseMount:
     def stop(self, runner: Runner) -> None:
         """Tear down in reverse: file system, loop, FUSE; then forget the record."""
         started = self.server.serving
-        teardown(self.record, runner, server=self.server)
-        if not started:
-            self.image.close()
+        try:
+            teardown(self.record, runner, server=self.server)
+        finally:
+            if not started:
+                self._finish()
         self.book.drop(self.record)
 
 
@@ -186,19 +233,22 @@ def teardown(record: MountRecord, runner: Runner, server: fuse.FuseFile | None =
 
     :raises EnvironmentProblem: a step failed (the record is then kept for a retry).
     """
-    if record.loop:
-        at = mounted_at(record.mountpoint)
-        if at is not None and os.path.realpath(at[1]) == os.path.realpath(record.loop):
+    table = mount_table()
+    # A daemon killed between losetup and saving the record left the loop unnamed: it
+    # is found by its backing file, the recorded image (a path only this mount uses).
+    for loop in [record.loop] if record.loop else loops_backed_by(record.image):
+        at = table.get(record.mountpoint)
+        if at is not None and os.path.realpath(at[1]) == os.path.realpath(loop):
             fuse.unmount(record.mountpoint)
-        if loop_backing_file(record.loop) == record.image:
-            runner.run(["losetup", "-d", record.loop], timeout=60)
+        if loop_backing_file(loop) == record.image:
+            runner.run(["losetup", "-d", loop], timeout=60)
     if server is not None:
         if not server.stop():
             log.info(
                 "%s is still in use: unmounted lazily, served until released", record.mountpoint
             )
     else:
-        at = mounted_at(record.fuse_dir)
+        at = table.get(record.fuse_dir)
         if at is not None and at[0] == fuse.FS_TYPE:
             fuse.unmount(record.fuse_dir)
     if mounted_at(record.fuse_dir) is not None:

@@ -15,7 +15,6 @@ Requests are served one at a time by one thread: the callable need not be thread
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -27,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from blockguard.errors import BlockguardError, EnvironmentProblem
+from blockguard.storage import blockdev
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ READ_IN = struct.Struct("<QQI")  # fh, offset, size (then flags we do not need)
 STATFS_OUT = struct.Struct("<QQQQQIIII24x")  # blocks..ffree, bsize, namelen, frsize, pad
 DIRENT = struct.Struct("<QQII")  # ino, off, namelen, type
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = blockdev.libc()
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
@@ -118,7 +118,13 @@ class FuseFile:
 
         :raises EnvironmentProblem: /dev/fuse cannot be opened or the mount is refused.
         """
-        self._fd = os.open(FUSE_DEV, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self._fd = os.open(FUSE_DEV, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            # Mapped here, at the edge: no /dev/fuse, or a device cgroup without it.
+            raise EnvironmentProblem(
+                detail=f"cannot open {FUSE_DEV}: {exc.strerror} (FUSE is needed to browse)"
+            ) from exc
         data = (
             f"fd={self._fd},rootmode=40000,user_id=0,group_id=0,allow_other,"
             f"max_read={MAX_PAGES * 4096}"

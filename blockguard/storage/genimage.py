@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Sequence
 
 from pyroaring import BitMap
 
-from blockguard.storage.copyengine import DEFAULT_EXTENT_BYTES, copy_chunks
+from blockguard.errors import ChecksumMismatch
+from blockguard.storage.copyengine import copy_chunks
+from blockguard.storage.manifest import Manifest
 from blockguard.storage.pool.base import PoolBackend
 from blockguard.storage.restore import gathered_items, plan_chunks
+
+#: The unit of reading the image: what one copy of chunks reads.
+WINDOW_BYTES = 4 << 20
 
 
 class GenerationImage:
@@ -27,8 +33,17 @@ class GenerationImage:
     :raises CorruptMetadata: a link of its chain is missing or damaged.
     """
 
-    def __init__(self, pool: PoolBackend, volume: str, generation_id: str) -> None:
-        chain = pool.chain(volume, generation_id)
+    def __init__(
+        self,
+        pool: PoolBackend,
+        volume: str,
+        generation_id: str,
+        chain: Sequence[Manifest] | None = None,
+    ) -> None:
+        """:param chain: ``pool.chain(volume, generation_id)`` when the caller has it
+        already (to hold it before it is opened)."""
+        if chain is None:
+            chain = pool.chain(volume, generation_id)
         self.chain = tuple(m.generation_id for m in chain)
         self.size = chain[0].volume.size
         self.chunk_size = chain[0].chunk_size
@@ -42,7 +57,11 @@ class GenerationImage:
             self._stack.close()
             raise
         self._lock = threading.Lock()
-        # The last window read: the kernel reads a file in pieces smaller than a chunk.
+        # Reads go through fixed, aligned windows of whole chunks: the kernel reads the
+        # file in pieces of 128 KiB to 1 MiB, mostly in order, and each miss starts a copy
+        # engine (a thread and its buffers); one window serves many reads in a row.
+        self.window = max(self.chunk_size, WINDOW_BYTES // self.chunk_size * self.chunk_size)
+        # The last window(s) read: ``(offset, data)``.
         self._cached: tuple[int, bytes] | None = None
 
     def read(self, offset: int, size: int) -> bytes:
@@ -54,23 +73,33 @@ class GenerationImage:
         end = min(offset + size, self.size)
         if offset >= end:
             return b""
-        cs = self.chunk_size
-        first, last = offset // cs, (end + cs - 1) // cs
+        cs, window = self.chunk_size, self.window
         with self._lock:
             cached = self._cached
             if cached is not None:
                 start, data = cached
                 if start <= offset and end <= start + len(data):
                     return data[offset - start : end - start]
-            data = self._read_chunks(first, last)
-            self._cached = (first * cs, data)
-        return data[offset - first * cs : end - first * cs]
+            # The window(s) the range falls in: two when it straddles a boundary.
+            start = offset // window * window
+            stop = min(((end - 1) // window + 1) * window, self.size)
+            try:
+                data = self._read_chunks(start // cs, (stop + cs - 1) // cs)
+            except ChecksumMismatch:
+                # A damaged chunk fails only the reads that need it: read just this
+                # range's chunks (which raises if it is one of them), uncached.
+                start = offset // cs * cs
+                data = self._read_chunks(offset // cs, (end + cs - 1) // cs)
+                return data[offset - start : end - start]
+            self._cached = (start, data)
+        return data[offset - start : end - start]
 
     def _read_chunks(self, first: int, last: int) -> bytes:
         cs = self.chunk_size
         window = BitMap(range(first, last))
         buf = bytearray(min(last * cs, self.size) - first * cs)
-        extent = max(DEFAULT_EXTENT_BYTES, (last - first) * cs)
+        # Sized to the window: a default extent would allocate buffers of 8 MiB for it.
+        extent = (last - first) * cs
 
         def sink(chunk: int, view: memoryview, _digests: object) -> None:
             at = (chunk - first) * cs

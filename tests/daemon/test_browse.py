@@ -86,6 +86,13 @@ def cli(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def browse(daemon: Daemon, generation: str, point: Path) -> dict[str, object]:
+    """``blockguardctl mount``: the daemon attaches the loop device, the CLI mounts it."""
+    done = cli(daemon, "--json", "mount", generation, str(point))
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout)["mount"])
+
+
 def mountinfo_points() -> set[str]:
     with open("/proc/self/mountinfo") as info:
         return {line.split()[4] for line in info}
@@ -198,7 +205,7 @@ def test_mount_each_generation_shows_its_files(
             # Mounted, then the daemon is killed: the next start removes what was left.
             point = tmp_path / "browse-killed"
             point.mkdir()
-            record = plain(client.call("Mount", "ss", incr, str(point)))
+            record = browse(daemon, incr, point)
             records.append(record)
             assert files_of(point) == second
         daemon.kill()
@@ -224,7 +231,7 @@ def test_mount_each_generation_shows_its_files(
         with Client(daemon.address) as client:
             point = tmp_path / "browse-damaged"
             point.mkdir()
-            record = plain(client.call("Mount", "ss", incr, str(point)))
+            record = browse(daemon, incr, point)
             records.append(record)
             with pytest.raises(OSError) as info:
                 (point / "keep.bin").read_bytes()
@@ -263,11 +270,11 @@ def test_mount_refuses_a_bad_mountpoint(
         busy = tmp_path / "busy"
         busy.mkdir()
         (busy / "file").write_bytes(b"x")
+        # The CLI checks the directory: it is the caller's, in the caller's namespace.
         for point, why in ((busy, "not empty"), (tmp_path / "none", "not a directory")):
-            with pytest.raises(RemoteError) as info:
-                client.call("Mount", "ss", gen, str(point))
-            assert info.value.name == "org.blockguard1.Error.InvalidInput"
-            assert why in str(info.value) and str(point) in str(info.value)
+            done = cli(daemon, "mount", gen, str(point))
+            assert done.returncode != 0
+            assert why in done.stderr and str(point) in done.stderr
         assert not plain(client.call("ListMounts"))
         # The volume holds no file system: refused, and nothing is left behind.
         empty = tmp_path / "empty"
@@ -302,7 +309,7 @@ def test_retention_keeps_a_mounted_generation(
             old = back_up(client, "full")
             point = tmp_path / "browse"
             point.mkdir()
-            record = plain(client.call("Mount", "ss", old, str(point)))
+            record = browse(daemon, old, point)
             client.call("SetObjectives", "sa{sv}", "db", {"generations": variant(1)})
 
             def full_backup() -> str:
@@ -321,6 +328,28 @@ def test_retention_keeps_a_mounted_generation(
             client.call("Unmount", "s", str(point))
             newest = full_backup()
             assert listed() == {newest}
+            # The CLI's mount fails (a mount(8) that refuses, first on its PATH): the daemon's
+            # loop device and FUSE image are taken down again.
+            fake = tmp_path / "bin"
+            fake.mkdir()
+            script = "#!/bin/sh\necho 'mount: refused by the test' >&2\nexit 32\n"
+            (fake / "mount").write_text(script)
+            (fake / "mount").chmod(0o755)
+            point = tmp_path / "refused"
+            point.mkdir()
+            path = os.environ["PATH"]
+            done = subprocess.run(
+                [*CLI, "--bus", daemon.address, "mount", newest, str(point)],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                env={**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{fake}:{path}"},
+            )
+            assert done.returncode != 0
+            assert "refused by the test" in done.stderr and str(point) in done.stderr
+            assert not plain(client.call("ListMounts"))
+            assert not list((daemon.state_dir / "mounts").glob("*.json"))
+            assert str(daemon.state_dir / "browse") not in run(["losetup", "-a"])
     finally:
         forget(record)
 
@@ -343,14 +372,32 @@ def test_umount_while_a_file_is_open_is_lazy(
             gen = back_up(client, "full")
             point = tmp_path / "browse"
             point.mkdir()
-            record = plain(client.call("Mount", "ss", gen, str(point)))
+            record = browse(daemon, gen, point)
+            client.call("SetObjectives", "sa{sv}", "db", {"generations": variant(1)})
+
+            def full_backup() -> str:
+                job = client.call("BackupNowWithOptions", "sa{sv}", "db", {"full": variant(True)})
+                props = run_job(client, job)
+                assert props["State"] == "done", props["Error"]
+                return str(props["Result"]["generation"])  # type: ignore[index]
+
+            def listed() -> set[str]:
+                return {g[0] for g in plain(client.call("ListGenerations", "s", "db"))}
+
             with open(point / "open.bin", "rb") as held:
-                client.call("Unmount", "s", str(point))
+                done = cli(daemon, "umount", str(point))
+                assert done.returncode == 0, done.stderr
                 assert str(point) not in mountinfo_points()
                 assert not plain(client.call("ListMounts"))
+                # Unmounted, but still read: a retention now must keep the chain.
+                new = full_backup()
+                assert listed() == {gen, new}
                 # Still served to the process that had it open, whole.
                 assert hashlib.sha256(held.read()).hexdigest() == want
             assert_gone(record)
             assert not list((daemon.state_dir / "mounts").glob("*.json"))
+            # Released with its last reader: the next retention takes it.
+            newest = full_backup()
+            assert listed() == {newest}
     finally:
         forget(record)

@@ -65,6 +65,12 @@ def test_main_unit_is_notify_with_watchdog_and_bus_name() -> None:
         assert f"-{path}" in writable.group(1).split(), path
 
 
+def test_main_unit_lets_the_daemon_open_dev_fuse_for_browse_mounts() -> None:
+    text = (REPO / "systemd" / "blockguard.service").read_text()
+    assert re.search(r"^DevicePolicy=closed$", text, re.M)
+    assert re.search(r"^DeviceAllow=/dev/fuse rw$", text, re.M)
+
+
 @pytest.mark.parametrize("unit", [u.name for u in UNITS])
 def test_units_do_not_cut_off_device_events_or_wait_for_udev_settle(unit: str) -> None:
     text = (REPO / "systemd" / unit).read_text()

@@ -223,8 +223,9 @@ class PoolBackend(ABC):
     def __init__(self, name: str, alert: AlertCallback | None = None) -> None:
         self.name = name
         self.alert = alert
-        # Generation id -> who holds it (a browse mount reading it): never removed.
-        self._holds: dict[str, str] = {}
+        # Generation id -> who holds it (browse mounts reading it): never removed. A set:
+        # two mounts share the chain's full, and one unmount must not drop the other's hold.
+        self._holds: dict[str, set[str]] = {}
 
     # --- holds -----------------------------------------------------------------------
 
@@ -232,16 +233,20 @@ class PoolBackend(ABC):
         """Keep ``generation_ids`` from removal (by retention or by hand) until
         :meth:`release`; ``holder`` is named when a removal is refused."""
         for gid in generation_ids:
-            self._holds.setdefault(gid, holder)
+            self._holds.setdefault(gid, set()).add(holder)
 
     def release(self, holder: str) -> None:
-        """Drop every hold of ``holder``."""
-        for gid in [g for g, h in self._holds.items() if h == holder]:
-            del self._holds[gid]
+        """Drop every hold of ``holder`` (the other holders' stay)."""
+        for gid in list(self._holds):
+            holders = self._holds[gid]
+            holders.discard(holder)
+            if not holders:
+                del self._holds[gid]
 
     def holder_of(self, generation_id: str) -> str | None:
-        """Who holds ``generation_id``, or None."""
-        return self._holds.get(generation_id)
+        """Who holds ``generation_id`` (the first by name when several do), or None."""
+        holders = self._holds.get(generation_id)
+        return min(holders) if holders else None
 
     # --- devices and space --------------------------------------------------------
 
