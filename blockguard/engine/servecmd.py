@@ -27,6 +27,7 @@ from blockguard.errors import BlockguardError, ExitCode
 from blockguard.storage.remote import areaprobe
 from blockguard.storage.remote.channel import Channel
 from blockguard.storage.remote.packstore import PackStore
+from blockguard.storage.remote.readahead import ReadAhead
 
 from .serving import serve_client
 
@@ -87,7 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             PackStore.create(args.root, args.client).close()
             return 0
         reader, writer = take_stdio()
-        channel = Channel(reader, writer, peer=f"client {args.client}")
+        # The next pack arrives while one is stored (readahead.py says why).
+        ahead = ReadAhead(reader, name="serve-read-ahead")
+        channel = Channel(ahead, writer, peer=f"client {args.client}")
         name = args.area or args.root.resolve().name
         root = args.root
 

@@ -13,6 +13,7 @@ import collections
 import contextlib
 import dataclasses
 import enum
+import fcntl
 import logging
 import os
 import shutil
@@ -97,6 +98,19 @@ class CommandResult:
     stdout: str
     stderr: str
     duration: float
+
+
+def widen_pipe(fd: int, size: int) -> int:
+    """Ask for a pipe capacity of ``size`` bytes; returns the capacity it has.
+
+    Best effort: above ``/proc/sys/fs/pipe-max-size`` an unprivileged process is refused
+    (EPERM), and a user over its pipe quota too; the pipe then keeps its capacity.
+    """
+    try:
+        return fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+    except OSError as exc:
+        log.debug("pipe capacity %d refused (%s); kept the default", size, exc)
+        return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
 
 
 class Runner:
@@ -209,6 +223,7 @@ class Runner:
         close_timeout: float,
         env: Mapping[str, str] | None = None,
         stderr_limit: int = 64 << 10,
+        pipe_bytes: int | None = None,
     ) -> SpawnedChild:
         """Start ``argv`` as a long-lived child that talks over pipes (``ssh -T`` to a
         backup target): its stdin and stdout are the caller's, its stderr is drained by a
@@ -220,6 +235,8 @@ class Runner:
 
         :param close_timeout: seconds a closed child has to end before it is killed.
         :param stderr_limit: bytes of its error output kept (the last ones).
+        :param pipe_bytes: the capacity asked for its stdin and stdout pipes (the kernel's
+            default is 64 KiB); best effort: a size the kernel refuses leaves its default.
         :raises CommandNotFound: the program does not exist.
         """
         argv, call_env = self._prepare(argv, close_timeout, env)
@@ -242,6 +259,10 @@ class Runner:
             raise
         with self._lock:
             record.pid = proc.pid
+        if pipe_bytes is not None:
+            assert proc.stdin and proc.stdout
+            for pipe in (proc.stdin, proc.stdout):
+                widen_pipe(pipe.fileno(), pipe_bytes)
 
         def finish(killed: bool, returncode: int, stderr: str) -> None:
             state = CommandState.KILLED if killed else CommandState.FINISHED

@@ -7,6 +7,7 @@ shaped for the performance table."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sys
 import time
@@ -58,6 +59,9 @@ def index_of(packs: dict[int, bytes]) -> dict[str, object]:
 def test_a_generation_round_trips_with_puts_in_flight(area: Path) -> None:
     packs = {n: os.urandom(300 * KiB + n) for n in range(7)}
     with serve(area, window=3) as session:
+        # The pipes to the child are widened (a put then blocks less while ssh drains).
+        for pipe in (session.child.stdin, session.child.stdout):
+            assert fcntl.fcntl(pipe.fileno(), fcntl.F_GETPIPE_SZ) == session_module.PIPE_BYTES
         assert session.begin("v1@g1", {"kind": "full"}).packs == {}
         assert session.put_packs("v1@g1", list(packs.items())[:5]) == {
             n: len(p) for n, p in list(packs.items())[:5]

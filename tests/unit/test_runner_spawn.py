@@ -4,6 +4,7 @@ after a clean close, a child that will not end, and an exception in the caller."
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -82,3 +83,15 @@ def test_bad_commands_are_refused_before_anything_runs() -> None:
     with pytest.raises(CommandNotFound, match="no-such-program-blockguard"):
         runner.spawn(["no-such-program-blockguard"], close_timeout=5)
     assert runner.history() == []
+
+
+def test_a_child_can_have_wider_pipes_and_still_talks_over_them() -> None:
+    # ``pipe_bytes`` widens both of its pipes (the kernel's default is 64 KiB); what goes
+    # through them is unchanged, more than the default's worth of it in one piece.
+    with Runner().spawn(["cat"], close_timeout=scaled(30), pipe_bytes=1 << 20) as child:
+        for pipe in (child.stdin, child.stdout):
+            assert fcntl.fcntl(pipe.fileno(), fcntl.F_GETPIPE_SZ) == 1 << 20
+        data = os.urandom(512 << 10)
+        child.stdin.write(data)
+        child.stdin.flush()
+        assert child.stdout.read(len(data)) == data

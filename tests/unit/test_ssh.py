@@ -95,7 +95,13 @@ def test_the_ssh_command_line_trusts_only_the_pinned_key_and_the_client_key() ->
         "ConnectTimeout=20",
         "ServerAliveInterval=10",
         "ServerAliveCountMax=3",
+        # The line carries sealed (compressed) packs: no ssh compression, a cheap cipher
+        # first, and best effort rather than OpenSSH's lower-effort class for bulk.
+        "Compression=no",
+        "IPQoS=cs0",
     } <= opts
+    [ciphers] = [o.split("=", 1)[1] for o in opts if o.startswith("Ciphers=")]
+    assert ciphers.split(",")[0] == "aes128-gcm@openssh.com"
     assert argv[argv.index("-F") + 1] == "none"
     assert argv[argv.index("-i") + 1] == "/var/lib/blockguard/keys/ssh_ed25519"
     assert argv[argv.index("-p") + 1] == "2222"

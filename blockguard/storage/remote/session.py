@@ -44,6 +44,14 @@ from blockguard.storage.runner import Runner, SpawnedChild, default_runner
 #: Puts in flight by default: enough to fill a long link with 8 MiB packs, few enough
 #: that a cut re-sends little (see docs/design/remote.md, Resume).
 DEFAULT_WINDOW = 4
+#: The capacity of the pipes to and from ssh (the kernel's default is 64 KiB; 1 MiB is
+#: what an unprivileged process may ask by default). A put blocks on the pipe while ssh
+#: drains it onto the line, and the next pack is read and sealed only after; the larger
+#: pipe, with ssh's channel window and the socket's buffer behind it, keeps the line busy
+#: through that and through a daemon that a loaded host does not schedule for a while.
+#: Restores read through the other one: ssh goes on reading the socket while a pack is
+#: opened here.
+PIPE_BYTES = 1 << 20
 #: Seconds a closed ssh has to end (after BYE it ends at once) before it is killed.
 DEFAULT_CLOSE_TIMEOUT = 30.0
 
@@ -110,7 +118,9 @@ class RemoteSession:
         :raises NotAuthorized: the target refused this client at the hello.
         :raises BlockguardError: the child's failure as ``failure`` names it.
         """
-        child = (runner or default_runner()).spawn(argv, close_timeout=close_timeout, env=env)
+        child = (runner or default_runner()).spawn(
+            argv, close_timeout=close_timeout, env=env, pipe_bytes=PIPE_BYTES
+        )
         session = cls(child, peer=peer, failure=failure, window=window)
         try:
             with session._guard():
