@@ -53,7 +53,7 @@ def test_main_unit_is_notify_with_watchdog_and_bus_name() -> None:
         "ProtectSystem=strict",
         "DeviceAllow=block-* rwm",
         "DeviceAllow=/dev/mapper/control rwm",
-        "RestrictAddressFamilies=AF_UNIX AF_NETLINK",
+        "RestrictAddressFamilies=AF_UNIX AF_NETLINK AF_INET AF_INET6",
         f"ExecStart={INSTALLED} --bus system --state-dir /var/lib/blockguard",
     ):
         assert re.search(rf"^{re.escape(line)}$", text, re.M), line
@@ -81,6 +81,17 @@ def test_units_do_not_cut_off_device_events_or_wait_for_udev_settle(unit: str) -
         line == f"ExecStart={INSTALLED}" or line.startswith(f"ExecStart={INSTALLED} ")
         for line in directives
     )
+
+
+def test_ip_only_where_a_backup_target_is_reached() -> None:
+    """The main unit spawns ssh to targets (issue 11): IP sockets allowed, no IPAddressDeny
+    (an admin's drop-in narrows it, docs/install.md). The early unit never reaches a
+    target: no IP at all."""
+    main = (REPO / "systemd" / "blockguard.service").read_text()
+    assert not re.search(r"^IPAddress(Deny|Allow)=", main, re.M)
+    early = (REPO / "systemd" / "blockguard-early.service").read_text()
+    assert re.search(r"^RestrictAddressFamilies=AF_UNIX AF_NETLINK$", early, re.M)
+    assert re.search(r"^IPAddressDeny=any$", early, re.M)
 
 
 def test_early_unit_runs_before_filesystems() -> None:
