@@ -58,6 +58,10 @@ MUTATING_METHODS: frozenset[str] = frozenset(
         "ExportKey",
         # Makes this host's ssh key on first use.
         "ClientKey",
+        "CreateFileGroup",
+        "RemoveFileGroup",
+        # Writes files into a directory the caller names.
+        "RestoreFiles",
     }
 )
 
