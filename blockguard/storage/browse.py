@@ -4,8 +4,11 @@ system the CLI mounts read-only; and the teardown of all three, also after a cra
 Each mount is recorded in a file of the state directory before anything is set up, and
 that record is all a restarted daemon needs to undo it: the teardown touches only what the
 record names, and checks first that it is still ours (the mount point's source is the
-recorded loop device; the loop's backing file is the recorded FUSE image; the FUSE mount
-is of type ``fuse.blockguard``). See docs/design/browse.md.
+recorded loop device; the loop device is the recorded attachment, by its own identity in
+sysfs: name and disk sequence number, in the same boot; the FUSE mount is of type
+``fuse.blockguard``). Never by the loop's backing path: once the FUSE mount is detached (a
+lazy unmount, or the mount namespace of a daemon that died) sysfs names the file just
+``/image``. See docs/design/browse.md.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_NAME = "image"
 SYS_BLOCK = Path("/sys/block")
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 #: Mount options per file system: read-only and without replaying a journal, which would
 #: write to the (read-only) device or fail.
 FS_OPTIONS = {"ext4": "ro,noload", "ext3": "ro,noload", "xfs": "ro,norecovery,nouuid"}
@@ -47,6 +51,13 @@ class MountRecord:
     :param options: the options to mount it with (read-only, no journal replay).
     :param mountpoint: where the CLI mounts the loop device, in the caller's mount
         namespace (the daemon's may differ: systemd's ProtectSystem/PrivateTmp).
+    :param boot: the kernel's boot id when recorded (a loop device is not the same one
+        after a reboot, whatever its name and sequence number).
+    :param loop_seq: the loop device's disk sequence number (``/sys/block/loopN/diskseq``,
+        new at each attach): with ``loop`` and ``boot``, the attachment that is ours.
+    :param image_dev: ``MAJ:MIN`` of the FUSE file system, and
+    :param image_ino: the image's inode: what a loop attached but not yet recorded (a kill
+        between ``losetup`` and the save) is found by (the loop's backing device and inode).
     """
 
     name: str
@@ -59,6 +70,10 @@ class MountRecord:
     loop: str = ""
     fstype: str = ""
     options: str = ""
+    boot: str = ""
+    loop_seq: int = 0
+    image_dev: str = ""
+    image_ino: int = 0
 
     @property
     def image(self) -> str:
@@ -124,16 +139,63 @@ def loop_backing_file(loop: str) -> str | None:
     return text.rstrip("\n")
 
 
-def loops_backed_by(image: str) -> list[str]:
-    """Every loop device whose backing file is ``image`` (from sysfs only: a stat of an
-    image on a dead FUSE connection would fail or hang)."""
-    if not SYS_BLOCK.is_dir():
+def loop_diskseq(loop: str) -> int | None:
+    """The disk sequence number of loop device ``loop`` while it is attached, else None.
+
+    The kernel gives a loop device a new number, from one counter for the whole boot, each
+    time it is attached: with the name it tells one attachment from any later one.
+    """
+    name = Path(loop).name
+    if loop_backing_file(name) is None:
+        return None
+    try:
+        return int((SYS_BLOCK / name / "diskseq").read_text(encoding="ascii"))
+    except (OSError, ValueError):
+        return None
+
+
+def boot_id() -> str:
+    try:
+        return BOOT_ID.read_text(encoding="ascii").strip()
+    except OSError:
+        return ""
+
+
+def loops_backed_by(dev: str, ino: int, runner: Runner) -> list[str]:
+    """Every loop device whose backing file is inode ``ino`` of device ``dev``
+    (``MAJ:MIN``), as the loop driver reports them (``losetup --list``): a FUSE file
+    system's device number is its own while a loop device still holds its file."""
+    done = runner.run(
+        ["losetup", "--list", "--json", "--output", "NAME,BACK-MAJ:MIN,BACK-INO"],
+        timeout=60,
+        check=False,
+    )
+    try:
+        listed = json.loads(done.stdout or "{}").get("loopdevices", [])
+    except ValueError:
+        log.error("losetup --list gave no JSON: %r", done.stdout[:200])
         return []
     return sorted(
-        f"/dev/{entry.name}"
-        for entry in SYS_BLOCK.iterdir()
-        if entry.name.startswith("loop") and loop_backing_file(entry.name) == image
+        str(entry["name"])
+        for entry in listed
+        if str(entry.get("back-maj:min", "")).strip() == dev
+        and str(entry.get("back-ino", "")).strip() == str(ino)
     )
+
+
+def owned_loops(record: MountRecord, runner: Runner) -> list[str]:
+    """The loop devices of ``record`` that are still its own: the recorded attachment (name
+    and disk sequence number), or for a record saved before its loop device, those backed
+    by the recorded image's device and inode; none after a reboot."""
+    if not record.boot or record.boot != boot_id():
+        return []
+    if record.loop:
+        if record.loop_seq and loop_diskseq(record.loop) == record.loop_seq:
+            return [record.loop]
+        return []
+    if record.image_dev and record.image_ino:
+        return loops_backed_by(record.image_dev, record.image_ino, runner)
+    return []
 
 
 class BrowseMount:
@@ -189,15 +251,26 @@ class BrowseMount:
 
         :raises InvalidInput: no file system this can mount is on the generation.
         """
-        rec = self.record
+        rec = self.record = _with(self.record, boot=boot_id())
         Path(rec.fuse_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
         self.book.save(rec)
         try:
             self.server.start()
+            # The image's identity before the loop device exists: a kill between losetup
+            # and the next save leaves a loop device found by it (not by its path).
+            st = os.stat(rec.image)
+            dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+            rec = self.record = _with(rec, image_dev=dev, image_ino=st.st_ino)
+            self.book.save(rec)
             loop = runner.run(
                 ["losetup", "--find", "--show", "--read-only", rec.image], timeout=60
             ).stdout.strip()
-            rec = self.record = _with(rec, loop=loop)
+            seq = loop_diskseq(loop)
+            if seq is None:
+                # Ours a moment ago: without its number it could not be told from a later
+                # attachment of the same name, so it is detached now, found by its inode.
+                raise EnvironmentProblem(detail=f"{loop} has no disk sequence number in sysfs")
+            rec = self.record = _with(rec, loop=loop, loop_seq=seq)
             self.book.save(rec)
             fstype = runner.run(
                 ["blkid", "-p", "-o", "value", "-s", "TYPE", loop], timeout=60, check=False
@@ -224,7 +297,7 @@ class BrowseMount:
         self.book.drop(self.record)
 
 
-def _with(record: MountRecord, **changes: str) -> MountRecord:
+def _with(record: MountRecord, **changes: str | int) -> MountRecord:
     return MountRecord(**{**asdict(record), **changes})
 
 
@@ -234,14 +307,11 @@ def teardown(record: MountRecord, runner: Runner, server: fuse.FuseFile | None =
     :raises EnvironmentProblem: a step failed (the record is then kept for a retry).
     """
     table = mount_table()
-    # A daemon killed between losetup and saving the record left the loop unnamed: it
-    # is found by its backing file, the recorded image (a path only this mount uses).
-    for loop in [record.loop] if record.loop else loops_backed_by(record.image):
+    for loop in owned_loops(record, runner):
         at = table.get(record.mountpoint)
         if at is not None and os.path.realpath(at[1]) == os.path.realpath(loop):
             fuse.unmount(record.mountpoint)
-        if loop_backing_file(loop) == record.image:
-            runner.run(["losetup", "-d", loop], timeout=60)
+        runner.run(["losetup", "-d", loop], timeout=60)
     if server is not None:
         if not server.stop():
             log.info(

@@ -90,7 +90,14 @@ def browse(daemon: Daemon, generation: str, point: Path) -> dict[str, object]:
     """``blockguardctl mount``: the daemon attaches the loop device, the CLI mounts it."""
     done = cli(daemon, "--json", "mount", generation, str(point))
     assert done.returncode == 0, done.stderr
-    return dict(json.loads(done.stdout)["mount"])
+    record = dict(json.loads(done.stdout)["mount"])
+    record["seen_seq"] = diskseq(str(record["loop"]))
+    return record
+
+
+def diskseq(loop: str) -> str:
+    """The loop device's disk sequence number: new at each attach."""
+    return Path(f"/sys/block/{Path(loop).name}/diskseq").read_text().strip()
 
 
 def mountinfo_points() -> set[str]:
@@ -102,16 +109,25 @@ def loop_attached(loop: str) -> bool:
     return Path(f"/sys/block/{Path(loop).name}/loop/backing_file").exists()
 
 
+def still_attached(record: dict[str, object]) -> bool:
+    """The record's own attachment of its loop device is still there (its name and its
+    disk sequence number: the name alone may since have been attached by someone else)."""
+    loop = str(record.get("loop") or "")
+    if not loop or not loop_attached(loop):
+        return False
+    return diskseq(loop) == record.setdefault("seen_seq", diskseq(loop))
+
+
 def assert_gone(record: dict[str, object]) -> None:
     """Nothing the mount's record names is left: no mount, no loop device (a loop device
     detached while its last user lets go is released a moment later)."""
     deadline = time.monotonic() + scaled(30)
-    while loop_attached(str(record["loop"])) and time.monotonic() < deadline:
+    while still_attached(record) and time.monotonic() < deadline:
         time.sleep(0.05)
     points = mountinfo_points()
     assert record["mountpoint"] not in points
     assert record["fuse_dir"] not in points
-    assert not loop_attached(str(record["loop"])), record["loop"]
+    assert not still_attached(record), record["loop"]
 
 
 def forget(record: dict[str, object]) -> None:
@@ -119,11 +135,8 @@ def forget(record: dict[str, object]) -> None:
     for point in (record.get("mountpoint"), record.get("fuse_dir")):
         if point in mountinfo_points():
             subprocess.run(["umount", "-l", str(point)], capture_output=True, timeout=60)
-    loop = str(record.get("loop") or "")
-    if loop and loop_attached(loop):
-        backing = Path(f"/sys/block/{Path(loop).name}/loop/backing_file").read_text().strip()
-        if backing == record.get("image"):
-            subprocess.run(["losetup", "-d", loop], capture_output=True, timeout=60)
+    if still_attached(record):
+        subprocess.run(["losetup", "-d", str(record["loop"])], capture_output=True, timeout=60)
 
 
 def physical_offset(path: Path, at: int) -> int:
@@ -401,3 +414,43 @@ def test_umount_while_a_file_is_open_is_lazy(
             assert listed() == {newest}
     finally:
         forget(record)
+
+
+def test_umount_and_restart_after_the_fuse_side_was_detached(
+    engine: EngineHarness, loopdev: Callable[..., str], tmp_path: Path
+) -> None:
+    """Once the FUSE mount is detached (a lazy unmount; the namespace of a daemon that
+    died), sysfs names the loop's backing file just "/image": ``umount`` and the cleanup
+    by a restarted daemon still find and detach the loop device the record names."""
+    pool_disk = loopdev(POOL_SIZE, "pool.img")
+    volume = loopdev(SIZE, "db.img")
+    run(["mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", volume])
+    daemon = engine.start()
+    records: list[dict[str, object]] = []
+    try:
+        with Client(daemon.address) as client:
+            setup_volume(client, pool_disk, volume)
+            gen = back_up(client, "full")
+            for how in ("umount", "restart"):
+                point = tmp_path / f"browse-{how}"
+                point.mkdir()
+                record = browse(daemon, gen, point)
+                records.append(record)
+                run(["umount", "-l", str(record["fuse_dir"])])
+                backing = Path(f"/sys/block/{Path(str(record['loop'])).name}/loop/backing_file")
+                assert backing.read_text().strip() == "/image"
+                assert (point / "lost+found").is_dir()  # the loop still reads the image
+                if how == "umount":
+                    done = cli(daemon, "umount", str(point))
+                    assert done.returncode == 0, done.stderr
+                    assert_gone(record)
+                    assert not plain(client.call("ListMounts"))
+        daemon.kill()
+        assert records[-1]["mountpoint"] in mountinfo_points()  # left behind by the kill
+        # The caller's mount of the loop (the daemon's own namespace is the test's here).
+        daemon = engine.start()
+        assert_gone(records[-1])
+        assert not list((daemon.state_dir / "mounts").glob("*.json"))
+    finally:
+        for record in records:
+            forget(record)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -46,11 +47,15 @@ class _Runner:
         self.calls.append(argv)
 
 
-def test_teardown_without_a_recorded_loop_detaches_the_loop_on_its_image(
+def test_teardown_detaches_the_recorded_attachment_whatever_its_backing_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A crash between losetup and saving the record: the loop is found by its image."""
+    """The loop is the record's by name and disk sequence number in this boot: detached
+    though sysfs names its file "/image" (a detached FUSE mount); a loop of that name
+    attached since (another number), or a record of another boot, is left alone."""
     sys_block = tmp_path / "sys"
+    boot = tmp_path / "boot_id"
+    boot.write_text("b1\n")
     record = MountRecord(
         name="abc",
         volume="db",
@@ -59,17 +64,20 @@ def test_teardown_without_a_recorded_loop_detaches_the_loop_on_its_image(
         chain=("1",),
         mountpoint=str(tmp_path / "point"),
         fuse_dir=str(tmp_path / "fuse"),
+        loop="/dev/loop7",
+        boot="b1",
+        loop_seq=41,
     )
-    for loop, backing in (
-        ("loop3", "/elsewhere/image"),
-        ("loop7", record.image),
-        ("sda", record.image),
-    ):
-        (sys_block / loop / "loop").mkdir(parents=True)
-        (sys_block / loop / "loop" / "backing_file").write_text(backing + "\n")
+    (sys_block / "loop7" / "loop").mkdir(parents=True)
+    (sys_block / "loop7" / "loop" / "backing_file").write_text("/image\n")
+    (sys_block / "loop7" / "diskseq").write_text("41\n")
     monkeypatch.setattr(browse, "SYS_BLOCK", sys_block)
+    monkeypatch.setattr(browse, "BOOT_ID", boot)
+
+    for other in (replace(record, loop_seq=40), replace(record, boot="b0")):
+        runner = _Runner()
+        teardown(other, runner)  # type: ignore[arg-type]
+        assert runner.calls == []
     runner = _Runner()
-
     teardown(record, runner)  # type: ignore[arg-type]
-
     assert runner.calls == [["losetup", "-d", "/dev/loop7"]]
