@@ -176,6 +176,8 @@ def _result_line(job: dict[str, Any]) -> str:
     line = done + (f": {', '.join(parts)}" if parts else "")
     for warning in result.get("warnings", []) or []:
         line += f"\nwarning: {warning}"
+    for note in result.get("notes", []) or []:
+        line += f"\nnote: {note}"
     if result.get("mode") == "swap-in" and result.get("target"):
         line += (
             f"\nservice can resume on {result['target']}; once it moved off it again: "

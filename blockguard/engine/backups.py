@@ -390,6 +390,10 @@ def _after_commit(
         "feasible": decision.feasible,
         "freed": [ids.public_id(name, g) for g in freed],
         "warnings": warnings,
+        "notes": [
+            f"retention kept {ids.public_id(name, g)}: it is in use by {who}"
+            for g, who in ({} if retention is None else retention.kept).items()
+        ],
     }
 
 

@@ -24,6 +24,7 @@ from blockguard.storage.backup import run_backup
 from blockguard.storage.copyengine import Progress
 from blockguard.storage.manifest import VolumeIdentity
 from blockguard.storage.pool.dirpool import DirPool
+from blockguard.storage.pool.values import FreedGeneration
 from blockguard.storage.restore import restore_in_place, restore_to_device, swap_in, verify
 from tests.fsutil import frozen
 
@@ -380,3 +381,42 @@ def test_keep_three_over_ten_generations(pool: DirPool, loopdev) -> None:
         assert chain[0].is_full
         restore_to_device(pool, "v", m.generation_id, target)
         assert sha256_of(target, VOLUME_SIZE) == shas[m.generation_id]
+
+
+def test_retention_keeps_a_generation_held_after_its_plan(
+    pool: DirPool, loopdev, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mount taken between retention's plan and its removals (a fault hook takes it
+    once the first removal is done) keeps its generation and all it reads; the rest goes,
+    and the kept one is named with its holder and still restores bit-exact."""
+    rng = random.Random(5)
+    orig = loopdev(VOLUME_SIZE, "volume.img")
+    snap = loopdev(VOLUME_SIZE, "snap.img")
+    target = loopdev(VOLUME_SIZE, "target.img")
+    vol = Volume(orig, rng)
+    try:
+        history = make_history(pool, vol, snap, KINDS[:6], VolumeIdentity("v", VOLUME_SIZE))
+    finally:
+        vol.close()
+    ids = [m.generation_id for m, _ in history]
+    held = ids[2]  # an incremental: it reads the full and the first incremental
+    chain = [m.generation_id for m in pool.chain("v", held)]
+    holder = "the browse mount at /mnt/late"
+    remove = pool.remove_generation
+
+    def remove_then_mount(volume: str, generation_id: str) -> FreedGeneration:
+        freed = remove(volume, generation_id)
+        pool.hold(chain, holder)
+        return freed
+
+    monkeypatch.setattr(pool, "remove_generation", remove_then_mount)
+    result = pool.apply_retention("v", 1)
+    monkeypatch.undo()
+
+    assert result.kept == {ids[2]: holder, ids[1]: holder, ids[0]: holder}
+    assert result.freed_ids == [ids[3], ids[4]]
+    assert [m.generation_id for m in pool.generations("v")] == [ids[0], ids[1], ids[2], ids[5]]
+    restore_to_device(pool, "v", held, target)
+    assert sha256_of(target, VOLUME_SIZE) == history[2][1]
+    pool.release(holder)
+    assert pool.apply_retention("v", 1).freed_ids == ids[:3]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import array
 import logging
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -226,27 +227,33 @@ class PoolBackend(ABC):
         # Generation id -> who holds it (browse mounts reading it): never removed. A set:
         # two mounts share the chain's full, and one unmount must not drop the other's hold.
         self._holds: dict[str, set[str]] = {}
+        # Taken by a hold and by retention's check-and-remove of each generation: a hold
+        # comes before that check or after the removal, never in between.
+        self._holds_lock = threading.RLock()
 
     # --- holds -----------------------------------------------------------------------
 
     def hold(self, generation_ids: Iterable[str], holder: str) -> None:
         """Keep ``generation_ids`` from removal (by retention or by hand) until
         :meth:`release`; ``holder`` is named when a removal is refused."""
-        for gid in generation_ids:
-            self._holds.setdefault(gid, set()).add(holder)
+        with self._holds_lock:
+            for gid in generation_ids:
+                self._holds.setdefault(gid, set()).add(holder)
 
     def release(self, holder: str) -> None:
         """Drop every hold of ``holder`` (the other holders' stay)."""
-        for gid in list(self._holds):
-            holders = self._holds[gid]
-            holders.discard(holder)
-            if not holders:
-                del self._holds[gid]
+        with self._holds_lock:
+            for gid in list(self._holds):
+                holders = self._holds[gid]
+                holders.discard(holder)
+                if not holders:
+                    del self._holds[gid]
 
     def holder_of(self, generation_id: str) -> str | None:
         """Who holds ``generation_id`` (the first by name when several do), or None."""
-        holders = self._holds.get(generation_id)
-        return min(holders) if holders else None
+        with self._holds_lock:
+            holders = self._holds.get(generation_id)
+            return min(holders) if holders else None
 
     # --- devices and space --------------------------------------------------------
 
@@ -555,27 +562,38 @@ class PoolBackend(ABC):
         :param keep: the volume's policy, or how many of the newest to keep.
         """
         policy = keep if isinstance(keep, RetentionPolicy) else RetentionPolicy(last=keep)
-        doomed = choose(generation_refs(self.generations(volume)), policy).deleted
-        # A held generation stays (and so does all it reads: the holder holds its whole
-        # chain); it is removed by a later retention once released.
-        kept = [g for g in doomed if self.holder_of(g) is not None]
+        gens = self.generations(volume)
+        doomed = choose(generation_refs(gens), policy).deleted
+        if not doomed:
+            return RetentionResult([], 0)  # no space question (an lvs on an lvm pool)
+        reads = {m.generation_id: {m.parent_id, m.base_id} for m in gens}
+        before = self.capacity().free
+        freed: list[FreedGeneration] = []
+        kept: dict[str, str] = {}
+        # Newest first: a generation is removed only after everything that depends on
+        # it, so an interrupted retention never leaves a broken chain behind.
+        for gid in reversed(doomed):
+            # The hold is checked now, not when the plan was made: a browse mount or a
+            # restore taken since keeps its generation, and what a kept one reads stays
+            # too. A later retention removes them once released.
+            with self._holds_lock:
+                holder = self.holder_of(gid) or next(
+                    (who for k, who in kept.items() if gid in reads.get(k, ())), None
+                )
+                if holder is not None:
+                    kept[gid] = holder
+                    continue
+                freed.append(self.remove_generation(volume, gid))
+        freed.reverse()
         if kept:
             log.info(
                 "retention of %s keeps %s: in use (%s)",
                 volume,
-                ", ".join(kept),
-                ", ".join(sorted({self.holder_of(g) or "" for g in kept})),
+                ", ".join(sorted(kept)),
+                ", ".join(sorted(set(kept.values()))),
             )
-            doomed = [g for g in doomed if g not in kept]
-        if not doomed:
-            return RetentionResult([], 0)  # no space question (an lvs on an lvm pool)
-        before = self.capacity().free
-        # Newest first: a generation is removed only after everything that depends on
-        # it, so an interrupted retention never leaves a broken chain behind.
-        freed = [self.remove_generation(volume, gid) for gid in reversed(doomed)]
-        freed.reverse()
         after = self.capacity().free if freed else before
-        return RetentionResult(freed, max(0, after - before))
+        return RetentionResult(freed, max(0, after - before), kept)
 
 
 def generation_refs(manifests: Iterable[Manifest]) -> list[GenerationRef]:

@@ -131,6 +131,9 @@ class RetentionResult:
 
     freed: list[FreedGeneration] = field(default_factory=list)
     measured_bytes: int = 0  # free-space growth the pool measured (0 if it cannot tell)
+    #: Generation id -> its holder: chosen for removal but held (or read by a held one)
+    #: when its turn came; a later retention removes it once released.
+    kept: dict[str, str] = field(default_factory=dict)
 
     @property
     def freed_ids(self) -> list[str]:
