@@ -486,6 +486,33 @@ def synthesize(
         return writer.commit(sums)
 
 
+def full_from(pool: RemotePool, data: bytes, previous: Manifest, changed: BitMap) -> Manifest:
+    """A full cloned from ``previous`` as ``run_backup`` makes one (what the writer asks
+    for is written, the rest of the checksums are the clone's); sent whole, every chunk
+    written, when ``previous`` is no longer there to synthesize from."""
+    spec = GenerationSpec(
+        VOLUME, GenerationKind.FULL, CHUNK, changed, clone_from=previous.generation_id
+    )
+    nchunks = chunk_count(SIZE, CHUNK)
+    with pool.begin_generation(spec) as writer:
+        sums = array.array("Q", [0] * nchunks)
+        todo = writer.clone_reads(changed) if writer.cloned_from is not None else None
+        for first, count in extents(todo, nchunks, 40):
+            view = memoryview(data)[first * CHUNK : min(SIZE, (first + count) * CHUNK)]
+            digests = [
+                xxhash.xxh3_64_intdigest(view[o : o + CHUNK]) for o in range(0, len(view), CHUNK)
+            ]
+            writer.write_chunks(first, view, digests)
+            sums[first : first + len(digests)] = array.array("Q", digests)
+        if writer.cloned_from is not None:
+            with pool.open_generation(writer.cloned_from) as prev:
+                old = prev.checksums()
+            for chunk in range(nchunks):
+                if todo is not None and chunk not in todo:
+                    sums[chunk] = old[chunk]
+        return writer.commit(sums)
+
+
 def test_a_synthesized_full_sends_the_changed_packs_and_outlives_its_sources(
     target: Target, pool: RemotePool
 ) -> None:
@@ -588,3 +615,37 @@ def test_a_cut_synthesized_full_resumes_with_the_missing_packs(
     assert second.storage["origins"] == {"1": first.generation_id}
     pool.remove_generation("db", first.generation_id)
     assert restore(pool, second.generation_id) == bytes(data)
+
+
+def test_a_new_pool_object_resumes_a_synthesized_full_whose_source_is_gone(
+    target: Target, pool: RemotePool, key: MasterKey
+) -> None:
+    """As after a restart of the daemon, which kept only the generation id: which packs
+    the cut writer linked is not known, so every stored data pack this writer does not
+    link is sent again rather than taken by its size (a linked one would fail the commit)."""
+    rng = random.Random(18)
+    data = bytearray(rng.randbytes(SIZE))
+    first = backup(pool, bytes(data))
+    per = 8 * MiB // CHUNK
+    changed = BitMap([3, 2 * per + 1])
+    for chunk in changed:
+        data[chunk * CHUNK] ^= 0x5A
+    target.puts = 0
+    target.kill_after_puts, target.window = 1, 1
+    pool.close()
+    with pytest.raises(WireError):
+        synthesize(pool, bytes(data), first, changed)
+    target.kill_after_puts, target.window = None, 4
+    pool.remove_generation("db", first.generation_id)
+    [gdir] = target.generation_dirs()
+    gid = gdir.name.split("@")[1]
+    spec = GenerationSpec(
+        VOLUME, GenerationKind.FULL, CHUNK, changed, clone_from=first.generation_id
+    )
+    with RemotePool("offsite", target.session, key, target="t1", area="main") as again:
+        again.expect_resume(spec, gid)
+        target.puts = 0
+        full = full_from(again, bytes(data), first, changed)
+        assert full.generation_id == gid
+        assert target.puts == 3 + 1  # every data pack, then the checksum pack
+        assert restore(again, gid) == bytes(data)

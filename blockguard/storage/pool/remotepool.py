@@ -56,6 +56,7 @@ from blockguard.storage.pool.base import (
 )
 from blockguard.storage.pool.gendir import manifests_of
 from blockguard.storage.remote.keys import MasterKey
+from blockguard.storage.remote.packvalues import GenerationState
 from blockguard.storage.remote.remotegen import (
     PackLayout,
     RemoteGenerationReader,
@@ -120,6 +121,8 @@ class RemotePool(PoolBackend):
         self._session: RemoteSession | None = None
         self._lock = threading.RLock()
         self._open_drafts: dict[tuple[Any, ...], Manifest] = {}
+        #: Specs of :meth:`expect_resume`: which packs their cut writer linked is unknown.
+        self._unknown_links: set[tuple[Any, ...]] = set()
         #: What this pool knows of a volume's generations there (volume id -> its last
         #: scan, with this pool's own commits and removals since): a backup takes its
         #: sequence number and synthesis source from it instead of listing and opening
@@ -186,11 +189,13 @@ class RemotePool(PoolBackend):
         stored = None
         if draft is not None:
             # A resume (or an id the caller named): the layout follows today's source.
-            draft = self._draft(spec, draft.generation_id, previous)
+            cut = draft
+            draft = self._draft(spec, cut.generation_id, previous)
             self._open_drafts[spec_key] = draft
             key = generation_key(vid, draft.generation_id)
             try:
                 stored = self.call(lambda s: s.begin(key, meta))
+                stored = self._without_stale_links(spec, vid, cut, draft, stored)
             except AlreadyExists:
                 # The cut came after its commit point: that one is committed, this
                 # writer makes a new generation (numbered after it: list again).
@@ -246,6 +251,43 @@ class RemotePool(PoolBackend):
         )
         return self.last_writer
 
+    def _without_stale_links(
+        self,
+        spec: GenerationSpec,
+        vid: str,
+        cut: Manifest,
+        draft: Manifest,
+        stored: GenerationState,
+    ) -> GenerationState:
+        """What a resumed writer may take as stored of what the target holds: not a pack
+        the cut writer linked from an earlier full that is sealed here now (its source
+        full gone since, say). That pack is sealed under another generation's key: the
+        same plaintext seals to the same size here, so the writer would take it by its
+        size and the commit would refuse it. Left out, it is sent again (``put`` replaces
+        the link; the earlier full's own name of the file is not touched)."""
+        linked_now = set(PackLayout.of(draft, vid).origins)
+        spec_key = _spec_key(spec)
+        if spec_key in self._unknown_links:
+            # A writer of another pool object (another daemon run): any data pack it may
+            # have linked, if it synthesized this full, is suspect.
+            self._unknown_links.discard(spec_key)
+            maybe = range(PackLayout.of(draft, vid).data_packs) if spec.clone_from else ()
+            linked_then = set(maybe)
+        else:
+            linked_then = set(PackLayout.of(cut, vid).origins)
+        stale = (linked_then - linked_now) & set(stored.packs)
+        if not stale:
+            return stored
+        log.info(
+            "pool %s: generation %s resumes without the target's source full: packs %s, "
+            "linked by the cut transfer, are sent again",
+            self.name,
+            draft.generation_id,
+            sorted(stale),
+        )
+        packs = {n: size for n, size in stored.packs.items() if n not in stale}
+        return GenerationState(stored.generation, stored.committed, packs, stored.meta)
+
     def _synthesis_source(self, spec: GenerationSpec, vid: str) -> Manifest | None:
         """The previous full a new full ``spec`` is synthesized from on the target: the
         one it names to clone, committed there, of the same chunks; else None (sent whole)."""
@@ -281,6 +323,7 @@ class RemotePool(PoolBackend):
         """
         check_component(generation_id, "generation id")
         self._open_drafts[_spec_key(spec)] = self._draft(spec, generation_id)
+        self._unknown_links.add(_spec_key(spec))
 
     def _draft(
         self,
