@@ -4,7 +4,9 @@ previous full of the volume, only the packs a change touched cross the link (the
 bytes sent are a small part of the volume: unchanged data does not cross the link again),
 the others are linked there from the previous full; remote retention then removes every
 older generation and the synthesized full still restores bit-exact, also the next one,
-synthesized from a synthesized full."""
+synthesized from a synthesized full. A synthesized full leaves the link's performance row
+as the plain first transfer measured it (only a transfer that sent every pack it made
+refines the link)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import pytest
 
 from blockguard.storage.remote.packstore import PackStore
 from tests.host.test_remote_targets import CLIENT, authorize, host_fingerprint, in_prot_env
-from tests.host.test_remote_transfer import as_json, ok, restore_from, transfer
+from tests.host.test_remote_transfer import as_json, link_row, ok, restore_from, transfer
 from tests.support.daemon import Daemon, EngineHarness
 from tests.support.devices import MiB, sha256_of, write_random
 from tests.support.netlab import TARGET_ADDR, NetLab, require_netlab
@@ -74,8 +76,12 @@ def test_a_full_is_synthesized_on_the_target_from_the_changed_packs(
         want = sha256_of(volume)
         plan = as_json(daemon, "plan", "db")["plan"]["remote"]
         assert plan["method"] == "full", plan
+        link = link_row(daemon)
         result = transfer(daemon)
         assert result["method"] == "full"
+        # Its time includes reading the previous full's checksums on the target: not the
+        # link's, so the link row keeps what the plain first transfer measured.
+        assert link_row(daemon) == link
         # One 8 MiB pack of the sixteen crossed the link (with the checksum pack):
         # unchanged data did not.
         assert result["packs_sent"] == 2, result
