@@ -190,8 +190,18 @@ def owned_loops(record: MountRecord, runner: Runner) -> list[str]:
     if not record.boot or record.boot != boot_id():
         return []
     if record.loop:
-        if record.loop_seq and loop_diskseq(record.loop) == record.loop_seq:
+        seq = loop_diskseq(record.loop)
+        if record.loop_seq and seq == record.loop_seq:
             return [record.loop]
+        if seq is not None:
+            log.warning(
+                "%s is not the attachment recorded for the browse mount at %s "
+                "(sequence number %s, recorded %s): left alone",
+                record.loop,
+                record.mountpoint,
+                seq,
+                record.loop_seq or "none",
+            )
         return []
     if record.image_dev and record.image_ino:
         return loops_backed_by(record.image_dev, record.image_ino, runner)
