@@ -567,7 +567,7 @@ class PoolBackend(ABC):
         if not doomed:
             return RetentionResult([], 0)  # no space question (an lvs on an lvm pool)
         reads = {m.generation_id: {m.parent_id, m.base_id} for m in gens}
-        before = self.capacity().free
+        before: int | None = None  # asked only when something is removed (lvs on lvm)
         freed: list[FreedGeneration] = []
         kept: dict[str, str] = {}
         # Newest first: a generation is removed only after everything that depends on
@@ -583,6 +583,8 @@ class PoolBackend(ABC):
                 if holder is not None:
                     kept[gid] = holder
                     continue
+                if before is None:
+                    before = self.capacity().free
                 freed.append(self.remove_generation(volume, gid))
         freed.reverse()
         if kept:
@@ -592,8 +594,8 @@ class PoolBackend(ABC):
                 ", ".join(sorted(kept)),
                 ", ".join(sorted(set(kept.values()))),
             )
-        after = self.capacity().free if freed else before
-        return RetentionResult(freed, max(0, after - before), kept)
+        grown = 0 if before is None else max(0, self.capacity().free - before)
+        return RetentionResult(freed, grown, kept)
 
 
 def generation_refs(manifests: Iterable[Manifest]) -> list[GenerationRef]:
