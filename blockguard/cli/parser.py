@@ -256,16 +256,35 @@ TREE = Cmd(
         ),
         Cmd(
             "target",
-            "backup targets: other hosts that keep copies, reached over ssh",
+            "backup targets: other hosts reached over ssh, or S3-compatible object stores",
             sub=(
                 Cmd(
                     "add",
-                    "register a backup target (its host key confirmed, the link measured)",
+                    "register a backup target (its host key confirmed, the link measured; an "
+                    "object store's PUT/GET measured)",
                     Action("targets.target_add"),
                     (
                         Arg("id", help="the name this host gives the target"),
-                        Arg("url", help="ssh://user@host[:port]"),
-                        Arg("--pool", required=True, help="the pool on the target to store into"),
+                        Arg("url", help="ssh://user@host[:port] or s3://BUCKET/PREFIX"),
+                        Arg(
+                            "--pool",
+                            default="",
+                            help="the pool on the target to store into (ssh targets: required)",
+                        ),
+                        Arg(
+                            "--endpoint",
+                            default="",
+                            metavar="URL",
+                            help="the object store's http(s) URL (s3:// targets: required)",
+                        ),
+                        Arg(
+                            "--credentials",
+                            default="",
+                            metavar="FILE",
+                            help="a root-only (0600) AWS credentials file for the object store "
+                            "(default: the daemon's AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
+                            "its AWS profile); its path is recorded, never its secret",
+                        ),
                         Arg(
                             "--host-key",
                             default="",

@@ -37,9 +37,17 @@ def _read_key_file(name: str) -> str:
 
 
 def target_add(client: Client, args: argparse.Namespace, out: Output) -> None:
+    credentials = os.path.abspath(args.credentials) if args.credentials else ""
     options = {
         name: variant(value)
-        for name, value in (("host_key", args.host_key), ("client_id", args.client))
+        for name, value in (
+            ("host_key", args.host_key),
+            ("client_id", args.client),
+            ("endpoint", args.endpoint),
+            # Only the path travels: the daemon reads the file (and refuses it unless
+            # root-only), so the secret is on no command line and in no message.
+            ("credentials", credentials),
+        )
         if value
     }
     if args.key:
@@ -52,12 +60,23 @@ def target_add(client: Client, args: argparse.Namespace, out: Output) -> None:
 
 def _rows(target: dict[str, Any]) -> list[tuple[str, Any]]:
     """A target's fields for a person."""
-    rows: list[tuple[str, Any]] = [
-        ("id", target["id"]),
-        ("url", target["url"]),
-        ("pool", target["pool"]),
-        ("client id", target["client_id"]),
-        ("host key", target["host_key"]),
+    s3 = target.get("kind") == "s3"
+    rows: list[tuple[str, Any]] = [("id", target["id"]), ("url", target["url"])]
+    if s3:
+        rows += [
+            ("kind", "object store (S3)"),
+            ("endpoint", target["endpoint"]),
+            ("bucket", target["bucket"]),
+            ("prefix", target["prefix"] or "-"),
+            ("credentials", target["credentials"]),
+        ]
+    else:
+        rows += [
+            ("pool", target["pool"]),
+            ("client id", target["client_id"]),
+            ("host key", target["host_key"]),
+        ]
+    rows += [
         (
             "state",
             target["state"]
@@ -73,12 +92,14 @@ def _rows(target: dict[str, Any]) -> list[tuple[str, Any]]:
             )
         )
     if "link_down" in target:
+        down, up = ("GET", "PUT") if s3 else ("link down", "link up")
         rows += [
-            ("link down", format_rate(target["link_down"])),
-            ("link up", format_rate(target["link_up"])),
+            (down, format_rate(target["link_down"])),
+            (up, format_rate(target["link_up"])),
         ]
     if "link_round_trip" in target:
-        rows.append(("round trip", f"{target['link_round_trip'] * 1000:.1f} ms"))
+        latency = "small GET" if s3 else "round trip"
+        rows.append((latency, f"{target['link_round_trip'] * 1000:.1f} ms"))
     if "link_measured_at" in target:
         rows.append(("link measured", format_ago(target["link_measured_at"])))
     for area in target.get("areas", []):
@@ -142,7 +163,7 @@ def target_list(client: Client, args: argparse.Namespace, out: Output) -> None:
             [
                 t["id"],
                 t["url"],
-                t["pool"],
+                t["pool"] or "-",
                 t["state"],
                 format_rate(t["link_down"]) if "link_down" in t else "-",
                 format_rate(t["link_up"]) if "link_up" in t else "-",

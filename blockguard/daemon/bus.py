@@ -415,10 +415,12 @@ class ManagerInterface(ServiceInterface):
 
         ``options``: ``host_key`` (the confirmed ``SHA256:...`` fingerprint; without it the
         call is refused with ``HostKeyUnconfirmed`` naming the offered ones), ``key_text``
-        (an exported master key to import on a new host), ``client_id``.
+        (an exported master key to import on a new host), ``client_id``; for an
+        ``s3://BUCKET/PREFIX`` URL: ``endpoint`` and ``credentials`` (a file's path).
         """
         opts = {k: from_variant(v) for k, v in options.items()}
-        unknown = sorted(set(opts) - {"host_key", "key_text", "client_id"})
+        known = {"host_key", "key_text", "client_id", "endpoint", "credentials"}
+        unknown = sorted(set(opts) - known)
         if unknown:
             raise InvalidInput(detail=f"unknown AddTarget options {', '.join(unknown)}")
         for name, value in opts.items():
@@ -432,6 +434,8 @@ class ManagerInterface(ServiceInterface):
             opts.get("host_key", ""),
             opts.get("key_text", ""),
             opts.get("client_id", ""),
+            opts.get("endpoint", ""),
+            opts.get("credentials", ""),
         )
         return self.tree.job(job)
 

@@ -583,10 +583,13 @@ class Engine:
         host_key: str = "",
         key_text: str = "",
         client_id: str = "",
+        endpoint: str = "",
+        credentials: str = "",
     ) -> Job:
         """Register a backup target: checked and its host key pinned now (refused with
         the offered fingerprints when none was confirmed), connected and measured in a
-        job (see :mod:`.targets`)."""
+        job (see :mod:`.targets`); an ``s3://`` URL is an object store at ``endpoint``
+        (see :mod:`.s3targets`)."""
         key = f"target:{target}"
         # Not under the engine's lock: asking the target's sshd for its keys may take
         # seconds, and a registration touches no volume or pool. The reservation keeps
@@ -594,7 +597,14 @@ class Engine:
         self.jobs.reserve(key)
         try:
             request = self.targets.prepare(
-                target, url, pool, host_key, key_text=key_text, client_id=client_id
+                target,
+                url,
+                pool,
+                host_key,
+                key_text=key_text,
+                client_id=client_id,
+                endpoint=endpoint,
+                credentials=credentials,
             )
 
             def work(progress: ProgressReporter, _record: str) -> dict[str, Any]:

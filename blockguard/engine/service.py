@@ -462,16 +462,25 @@ class Service(Protocol):
         host_key: str = "",
         key_text: str = "",
         client_id: str = "",
+        endpoint: str = "",
+        credentials: str = "",
     ) -> Job:
         """Register a backup target at ``url`` (``ssh://user@host[:port]``), storing into
         its pool ``pool``; a job connects and measures the link, and records the target.
+        An ``s3://BUCKET/PREFIX`` URL is an object store at ``endpoint`` (no pool, no host
+        key); a job measures its PUT/GET and records it.
 
         :param host_key: the confirmed ``SHA256:...`` fingerprint of its host key.
+        :param endpoint: an object store's http(s) URL.
+        :param credentials: an object store's root-only credentials file ("" for the
+            daemon's AWS environment).
         :param key_text: an exported master key to import (a new host).
         :raises HostKeyUnconfirmed: no ``host_key``: names the fingerprints offered.
         :raises HostKeyMismatch: the target offers no key with that fingerprint.
         :raises KeyTextInvalid: ``key_text`` does not parse.
         :raises AlreadyExists: a target of that id exists.
+        :raises CredentialsFileRefused: (in the job) others may read the credentials.
+        :raises NotAuthorized: (in the job) the target refused the key.
         """
 
     def remove_target(self, target: str) -> None:

@@ -35,6 +35,8 @@ from blockguard.core.catalog import (
     area_perf_key,
     link_perf_key,
 )
+from blockguard.engine import s3targets
+from blockguard.engine.s3targets import S3TargetRequest, StoreMeasure
 from blockguard.errors import (
     AlreadyExists,
     BlockguardError,
@@ -46,10 +48,12 @@ from blockguard.errors import (
     WireError,
 )
 from blockguard.storage.pool.remotepool import RemotePool
+from blockguard.storage.pool.s3pool import S3Pool
 from blockguard.storage.remote import keys, ssh
 from blockguard.storage.remote.areaprobe import AreaReport
 from blockguard.storage.remote.linkprobe import LinkSpeed, measure_link
 from blockguard.storage.remote.session import RemoteSession, Space
+from blockguard.storage.remote.storeprobe import measure_store
 from blockguard.storage.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -140,11 +144,13 @@ class TargetRegistry:
         state_dir: Path,
         runner: Runner,
         measure: LinkMeasure = measure_link,
+        measure_s3: StoreMeasure = measure_store,
     ) -> None:
         self.catalog = catalog
         self.state_dir = Path(state_dir)
         self.runner = runner
         self.measure = measure
+        self.measure_s3 = measure_s3
         # The key files are made once: a registration's job and a ClientKey call must
         # not both find none and race to make one.
         self._keys_lock = threading.Lock()
@@ -174,9 +180,12 @@ class TargetRegistry:
         *,
         key_text: str = "",
         client_id: str = "",
-    ) -> TargetRequest:
+        endpoint: str = "",
+        credentials: str = "",
+    ) -> TargetRequest | S3TargetRequest:
         """Check a ``target add`` and pin the confirmed host key for it (see the module
-        docstring); nothing is recorded.
+        docstring); nothing is recorded. An ``s3://`` URL is an object store
+        (:mod:`.s3targets`): ``endpoint`` and ``credentials`` are for it alone.
 
         :param host_key: the ``SHA256:...`` fingerprint the administrator confirmed, or
             empty to be shown the target's.
@@ -189,8 +198,18 @@ class TargetRegistry:
         :raises TargetUnreachable: its sshd does not answer.
         """
         vocab.check_name("target", target_id)
-        address = ssh.parse_target_url(url)
-        vocab.check_name("target pool", pool)
+        s3 = s3targets.is_s3_url(url)
+        if not s3 and (endpoint or credentials):
+            raise InvalidInput(
+                detail="--endpoint and --credentials are for object-store targets (s3://...)"
+            )
+        if s3 and (pool or host_key):
+            raise InvalidInput(
+                detail="an object-store target (s3://...) has no --pool or --host-key"
+            )
+        address = None if s3 else ssh.parse_target_url(url)
+        if not s3:
+            vocab.check_name("target pool", pool)
         client_id = vocab.check_name("client id", client_id or default_client_id())
         imported = keys.parse_key_text(key_text) if key_text else None
         if imported is not None and self.key_path.exists():
@@ -203,6 +222,17 @@ class TargetRegistry:
         with contextlib.suppress(NotFound):
             self.catalog.get_target(target_id)
             raise AlreadyExists(what="target", name=target_id)
+        if s3:
+            return s3targets.prepare_s3(
+                target_id,
+                url,
+                endpoint,
+                credentials,
+                client_id=client_id,
+                imported=imported,
+                existing=self.catalog.list_targets(),
+            )
+        assert address is not None
         if not host_key:
             offered = ssh.scan_host_keys(address, target=target_id, runner=self.runner)
             first = offered[0].fingerprint
@@ -219,7 +249,7 @@ class TargetRegistry:
 
     # --- doing -----------------------------------------------------------------------------
 
-    def register(self, request: TargetRequest) -> Target:
+    def register(self, request: TargetRequest | S3TargetRequest) -> Target:
         """Connect to the target, measure the link and record it (the long half of
         ``target add``; runs in a job).
 
@@ -227,6 +257,8 @@ class TargetRegistry:
             line for its authorized_keys) or its client id.
         :raises WireError: the link failed (nothing is recorded).
         """
+        if isinstance(request, S3TargetRequest):
+            return self._register_s3(request)
         try:
             self.master_key(request.key)
             public = self.client_public_key()
@@ -272,6 +304,35 @@ class TargetRegistry:
                 return self._record(request, entry, link, space, areas)
         finally:
             request.known_hosts.unlink(missing_ok=True)
+
+    def _register_s3(self, request: S3TargetRequest) -> Target:
+        """Make (or import) the master key, load the credentials, measure the store and
+        record the target with its figures; nothing is recorded when any step fails.
+
+        :raises NotAuthorized: the store refused the key.
+        :raises NotFound: no such bucket, or no credentials.
+        :raises TargetUnreachable: the endpoint does not answer.
+        :raises CredentialsFileRefused: others may read the credentials file.
+        """
+        self.master_key(request.key)
+        address = request.address
+        credentials = s3targets.resolve_credentials(request.credentials)
+        store = s3targets.object_store(request.id, address, request.endpoint, credentials)
+        speed = self.measure_s3(store)
+        where = f"{request.endpoint}/{address.bucket}/{address.prefix}".rstrip("/")
+        entry = s3targets.store_entry(request.id, where, speed, self.catalog.now())
+        return self.catalog.add_target(
+            request.id,
+            url=address.url,
+            client_id=request.client_id,
+            pool="",
+            host_key="",
+            link=entry,
+            round_trip=speed.latency,
+            kind="s3",
+            endpoint=request.endpoint,
+            credentials=request.credentials,
+        )
 
     def _record(
         self,
@@ -330,6 +391,10 @@ class TargetRegistry:
         users = self._users(target_id)
         if users:
             raise Busy(what=f"target {target_id}", reason=users)
+        if target.kind == "s3":
+            # Nothing pinned: the record and its figures only (the bucket is left as it is).
+            self.catalog.remove_target(target_id)
+            return
         with self._hosts_lock:
             self._forget(target)
 
@@ -341,6 +406,7 @@ class TargetRegistry:
         if not any(
             ssh.parse_target_url(t.url).known_hosts_name == address.known_hosts_name
             for t in self.catalog.list_targets()
+            if t.kind == "ssh"
         ):
             self._unpin(address)
 
@@ -371,6 +437,7 @@ class TargetRegistry:
         link = self.catalog.get_perf(link_perf_key(target.id), "pool")
         found: dict[str, Any] = {
             "id": target.id,
+            "kind": target.kind,
             "url": target.url,
             "pool": target.pool,
             "client_id": target.client_id,
@@ -379,6 +446,8 @@ class TargetRegistry:
             "state_reason": target.state_reason,
             "added": target.added,
         }
+        if target.kind == "s3":
+            found |= s3targets.describe_s3(target)
         if link is not None:
             found["link_down"] = link.seq_read
             found["link_up"] = link.seq_write
@@ -409,15 +478,16 @@ class TargetRegistry:
 
     # --- key material ----------------------------------------------------------------------
 
-    def remote_pool(self, target_id: str) -> RemotePool:
+    def remote_pool(self, target_id: str) -> RemotePool | S3Pool:
         """The generation store on a registered target: ssh with the pinned known_hosts
-        and the client key, sealed with the master key (a new session after a cut).
+        and the client key, sealed with the master key (a new session after a cut); or
+        the bucket of an object-store target.
 
         :raises NotFound: no target of that id.
         :raises KeyFileRefused: the master key cannot be loaded.
+        :raises CredentialsFileRefused: an object store's credentials cannot be loaded.
         """
         target = self.catalog.get_target(target_id)
-        address = ssh.parse_target_url(target.url)
         key = keys.load_key_file(self.key_path)
 
         def session() -> RemoteSession:
@@ -435,6 +505,9 @@ class TargetRegistry:
             names = {v.name for v in self.catalog.list_volumes()}
             return names | {r.volume for r in self.catalog.list_remote_generations(target.id)}
 
+        if target.kind == "s3":
+            return s3targets.s3_pool(target, key, volume_names)
+        address = ssh.parse_target_url(target.url)
         return RemotePool(
             f"target:{target.id}",
             session,

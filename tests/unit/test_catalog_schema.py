@@ -88,7 +88,7 @@ def test_v1_catalog_is_upgraded_with_its_data(tmp_path: Path) -> None:
     path = tmp_path / "catalog.db"
     ids = _make_v1(path)
     with Catalog(path) as c:
-        assert c.schema_version == CURRENT_VERSION == 7
+        assert c.schema_version == CURRENT_VERSION == 8
         assert c.integrity_problems() == []
         # v1 data is all there.
         vol = c.get_volume("pg")

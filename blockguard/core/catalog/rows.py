@@ -117,7 +117,8 @@ class PerfEntry:
 
 @dataclass(frozen=True)
 class Target:
-    """A registered backup target: another host's blockguard reached over ssh.
+    """A registered backup target: another host's blockguard reached over ssh, or a
+    bucket of an S3-compatible object store (``kind``).
 
     :param client_id: the id this host has on the target (its forced command's ``--client``)
     :param pool: the pool (area) on the target this host stores into
@@ -141,6 +142,15 @@ class Target:
     space_used: int | None
     checked_at: float | None
     added: float
+    #: ``ssh`` (issue 11) or ``s3`` (issue 12: ``url`` is ``s3://BUCKET/PREFIX``, no pool
+    #: or host key; ``credentials`` the credentials file's path, "" for the environment)
+    kind: str = "ssh"
+    endpoint: str = ""
+    credentials: str = ""
+
+
+#: The kinds of backup target.
+TARGET_KINDS = ("ssh", "s3")
 
 
 def link_perf_key(target: str) -> str:

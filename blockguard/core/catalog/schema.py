@@ -316,6 +316,39 @@ _V7 = (
     )""",
 )
 
+# v8: object-store targets (issue 12). A target records its kind: ``ssh`` (issue 11's:
+# a pinned host key and an area on the target) or ``s3`` (a bucket and prefix at an
+# endpoint: no host key, no area; the credentials file's path, never a secret, or "" for
+# the daemon's AWS environment). SQLite cannot relax a CHECK in place: the table is
+# rebuilt with its rows (every existing target is an ssh one).
+_V8 = (
+    """
+    CREATE TABLE targets_v8 (
+        id TEXT PRIMARY KEY NOT NULL CHECK (length(id) > 0),
+        kind TEXT NOT NULL DEFAULT 'ssh' CHECK (kind IN ('ssh', 's3')),
+        url TEXT NOT NULL CHECK (length(url) > 0),
+        client_id TEXT NOT NULL CHECK (length(client_id) > 0),
+        pool TEXT NOT NULL CHECK (kind = 's3' OR length(pool) > 0),
+        host_key TEXT NOT NULL CHECK (kind = 's3' OR host_key LIKE 'SHA256:%'),
+        endpoint TEXT NOT NULL DEFAULT '' CHECK (kind = 'ssh' OR length(endpoint) > 0),
+        credentials TEXT NOT NULL DEFAULT '',
+        state TEXT NOT NULL DEFAULT 'ok' CHECK (state IN ('ok', 'unreachable', 'refused')),
+        state_reason TEXT NOT NULL DEFAULT '',
+        round_trip REAL CHECK (round_trip IS NULL OR round_trip >= 0),
+        space_free INTEGER CHECK (space_free IS NULL OR space_free >= 0),
+        space_total INTEGER CHECK (space_total IS NULL OR space_total >= 0),
+        space_used INTEGER CHECK (space_used IS NULL OR space_used >= 0),
+        checked_at REAL,
+        added REAL NOT NULL
+    )""",
+    """INSERT INTO targets_v8 (id, kind, url, client_id, pool, host_key, state, state_reason,
+           round_trip, space_free, space_total, space_used, checked_at, added)
+       SELECT id, 'ssh', url, client_id, pool, host_key, state, state_reason, round_trip,
+           space_free, space_total, space_used, checked_at, added FROM targets""",
+    "DROP TABLE targets",
+    "ALTER TABLE targets_v8 RENAME TO targets",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "volumes, groups, pools, performance table, generations, jobs", _V1),
     Migration(2, "probe jobs, job results, measured restores", _V2),
@@ -332,6 +365,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "backup targets, target registration jobs", _V5),
     Migration(6, "generations on backup targets, transfer jobs", _V6),
     Migration(7, "file groups", _V7),
+    Migration(8, "object-store targets", _V8),
 )
 
 CURRENT_VERSION = MIGRATIONS[-1].version

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from blockguard.core import vocab
 from blockguard.core.catalog.pools import PoolStore
 from blockguard.core.catalog.rows import (
+    TARGET_KINDS,
     TARGET_STATES,
     PerfEntry,
     Target,
@@ -42,6 +43,9 @@ def _target(row: sqlite3.Row) -> Target:
         space_used=row["space_used"],
         checked_at=row["checked_at"],
         added=row["added"],
+        kind=row["kind"],
+        endpoint=row["endpoint"],
+        credentials=row["credentials"],
     )
 
 
@@ -60,8 +64,14 @@ class TargetStore(PoolStore):
         round_trip: float,
         space: tuple[int, int, int] | None = None,
         areas: Sequence[PerfEntry] = (),
+        kind: str = "ssh",
+        endpoint: str = "",
+        credentials: str = "",
     ) -> Target:
         """Record a target whose link was measured.
+
+        :param kind: ``ssh`` (a pinned host key, a pool there) or ``s3`` (an object store
+            at ``endpoint``: no pool or host key; ``credentials`` a file's path or "")
 
         :param link: the link's figures (stored under ``target:ID:link``, kind pool)
         :param areas: the target's areas as seen from here (``target:ID:area:NAME``)
@@ -70,10 +80,18 @@ class TargetStore(PoolStore):
         """
         vocab.check_name("target", target_id)
         vocab.check_name("client id", client_id)
-        vocab.check_name("target pool", pool)
+        check_choice("target kind", kind, TARGET_KINDS)
         check_text(f"URL of target {target_id}", url)
-        if not isinstance(host_key, str) or not host_key.startswith("SHA256:"):
-            raise InvalidInput(detail=f"host key {host_key!r:.80} is not a SHA256 fingerprint")
+        if kind == "ssh":
+            vocab.check_name("target pool", pool)
+            if not isinstance(host_key, str) or not host_key.startswith("SHA256:"):
+                raise InvalidInput(detail=f"host key {host_key!r:.80} is not a SHA256 fingerprint")
+        else:
+            check_text(f"endpoint of target {target_id}", endpoint)
+            if pool or host_key:
+                raise InvalidInput(
+                    detail=f"target {target_id} is an object store: it has no pool or host key"
+                )
         check_number(f"round trip of target {target_id}", round_trip)
         if link.device_key != link_perf_key(target_id) or link.kind != "pool":
             raise InvalidInput(
@@ -94,11 +112,15 @@ class TargetStore(PoolStore):
                 raise AlreadyExists(what="target", name=target_id)
             now = self.now()
             conn.execute(
-                """INSERT INTO targets (id, url, client_id, pool, host_key, round_trip,
-                       space_free, space_total, space_used, checked_at, added)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                """INSERT INTO targets (id, kind, endpoint, credentials, url, client_id,
+                       pool, host_key, round_trip, space_free, space_total, space_used,
+                       checked_at, added)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     target_id,
+                    kind,
+                    endpoint,
+                    credentials,
                     url,
                     client_id,
                     pool,
