@@ -156,6 +156,7 @@ class Engine:
             self.settings.default_speed,
             backoff=self.target_backoff,
             on_target_full=self._target_full,
+            gc_grace=self.settings.s3_gc_grace,
         )
 
     def _target_full(self, target: str, exc: PoolSpaceLow) -> None:

@@ -62,6 +62,11 @@ tests (and slow or fast hosts) override them:
     seconds to listen for another process's hold of that snapshot before reserving it
     when one was seen lately (default 5): reserving right after its release, not just
     before its next reservation, keeps it from failing.
+``s3_gc_grace`` (``BLOCKGUARD_S3_GC_GRACE``)
+    seconds a pack of an object-store target no generation references is kept after a
+    garbage-collection sweep marked it (default 86400: well above the longest backup
+    run, which must be shorter than it; docs/design/s3.md). Each transfer to the target
+    runs one sweep after its commit.
 ``metrics_file`` (``BLOCKGUARD_METRICS_FILE``)
     the Prometheus textfile-collector file written after each assessment (default
     ``/var/lib/prometheus/node-exporter/blockguard.prom``, written only if that directory
@@ -130,6 +135,7 @@ class Settings:
     retry_cap: float = 3600.0
     thin_metadata_wait: float = 300.0
     thin_metadata_quiet: float = 5.0
+    s3_gc_grace: float = 86400.0
     #: empty (in the file or the environment): no metrics file
     metrics_file: Path | None = DEFAULT_METRICS_FILE
     test_clock_file: Path | None = None

@@ -15,6 +15,16 @@ Every transfer that put enough bytes is also a measurement of the link's up dire
 its sealed bytes over its time are blended into the link's performance-table row
 (:func:`observe_link`), as live I/O refines a pool device's, so the remote plan's figure
 follows the link as it is used, not only as registration measured it once.
+
+An object-store target (issue 12) takes the same path: its pool is an
+:class:`~blockguard.storage.pool.s3pool.S3Pool`, whose writer uploads only the chunks
+no pack of the bucket holds yet (every host of the key deduplicates against the same
+index), so a full costs the new chunks and a manifest; the result says so
+(``chunks_reused``, ``bytes_uploaded``). Its PUT rate refines the target's row as a
+link's up direction does. After the commit and the keep-last retention (which removes
+manifests only), one garbage-collection sweep (:func:`~blockguard.storage.remote.s3gc.sweep`)
+marks the packs no generation references and deletes those marked at least
+``gc_grace`` ago.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from blockguard.core.catalog import Catalog, PerfEntry, RemoteGenerationRow, link_perf_key
@@ -47,6 +58,7 @@ from blockguard.engine.remoteplan import (
 )
 from blockguard.engine.targets import TargetRegistry
 from blockguard.errors import (
+    BlockguardError,
     EnvironmentProblem,
     InvalidInput,
     NotFound,
@@ -55,6 +67,9 @@ from blockguard.errors import (
 )
 from blockguard.storage.manifest import Manifest
 from blockguard.storage.pool.remotepool import RemotePool
+from blockguard.storage.pool.s3pool import S3Pool
+from blockguard.storage.remote.s3gc import sweep
+from blockguard.storage.remote.s3gen import S3GenerationWriter
 from blockguard.storage.transfer import transfer_generation, transfer_spec
 
 log = logging.getLogger(__name__)
@@ -144,6 +159,8 @@ class Transfers:
     :param backoff: where a target that cannot be reached is held back (and a reached
         one released), for the scheduler.
     :param on_target_full: told when the target refused for want of space (the alert).
+    :param gc_grace: seconds an unreferenced pack of an object-store target is kept
+        after a sweep marked it (each transfer there runs a sweep after its commit).
     """
 
     def __init__(
@@ -154,6 +171,7 @@ class Transfers:
         default_speed: float,
         backoff: TargetBackoff | None = None,
         on_target_full: Callable[[str, PoolSpaceLow], None] | None = None,
+        gc_grace: float = 86400.0,
     ) -> None:
         self.catalog = catalog
         self.targets = targets
@@ -161,6 +179,7 @@ class Transfers:
         self.default_speed = default_speed
         self.backoff = backoff
         self.on_target_full = on_target_full
+        self.gc_grace = gc_grace
 
     def plan(
         self, volume: str, pool: str, given: dict[str, Any], local: list[Manifest]
@@ -258,6 +277,7 @@ class Transfers:
                     # (committed just before an earlier cut): nothing to forget here.
                     with contextlib.suppress(NotFound):
                         self.catalog.remove_remote_generation(target, volume, gid)
+                collected = self._collect(remote)
         except PoolSpaceLow as exc:
             # The target's area is full: nothing is committed there or here (the writer
             # removed its open generation, which could not be resumed without room
@@ -302,7 +322,31 @@ class Transfers:
             freed=[public_id(volume, g) for g in freed],
             warnings=list(done.warnings),
         )
+        if isinstance(writer, S3GenerationWriter):
+            # Dedup made visible: what this host found in the store already, and all it
+            # PUT (packs and the manifest; a pack's index object is a few hundred bytes).
+            result.update(
+                chunks_reused=writer.reused,
+                manifest_bytes=writer.manifest_bytes,
+                bytes_uploaded=sent_bytes + writer.manifest_bytes,
+            )
+        if collected is not None:
+            result.update(collected)
         return result
+
+    def _collect(self, remote: RemotePool | S3Pool) -> dict[str, Any] | None:
+        """One garbage-collection sweep of an object-store target after a commit (its
+        packs no generation references go after the grace period; docs/design/s3.md).
+        A failed sweep fails nothing: the generation is committed and recorded, the next
+        transfer sweeps again."""
+        if not isinstance(remote, S3Pool):
+            return None
+        try:
+            swept = sweep(remote, timedelta(seconds=self.gc_grace))
+        except BlockguardError as exc:
+            log.error("target %s: garbage collection failed: %s", remote.store.target, exc)
+            return {"gc_error": str(exc)}
+        return {"gc_marked": len(swept.marked), "gc_deleted": len(swept.deleted)}
 
     def import_target(self, target: str) -> dict[str, Any]:
         """What ``target`` holds of this host (its master key), recorded in the catalog:
@@ -338,7 +382,9 @@ class Transfers:
         }
 
     @staticmethod
-    def _committed_there(remote: RemotePool, volume: str, generation_id: str) -> Manifest | None:
+    def _committed_there(
+        remote: RemotePool | S3Pool, volume: str, generation_id: str
+    ) -> Manifest | None:
         for manifest in remote.generations(volume):
             if manifest.generation_id == generation_id:
                 return manifest

@@ -26,7 +26,9 @@ from pyroaring import BitMap
 from blockguard.errors import CorruptMetadata, DataError, EnvironmentProblem
 from blockguard.storage.manifest import (
     Manifest,
+    check_component,
     generation_clock,
+    generation_id_time,
     new_generation_id,
 )
 from blockguard.storage.pool.base import (
@@ -99,6 +101,8 @@ class S3Pool(PoolBackend):
         self._manifests: dict[str, Manifest] = {}
         #: The writer begun last (what it stored and reused).
         self.last_writer: S3GenerationWriter | None = None
+        #: Volume name -> the id its next generation takes (:meth:`expect_resume`).
+        self._named_ids: dict[str, str] = {}
 
     @property
     def blob_key(self) -> bytes:
@@ -128,11 +132,13 @@ class S3Pool(PoolBackend):
         draft = self._draft(spec)
         vid = self._key.volume_id(spec.volume.name)
 
-        def commit(manifest: Manifest) -> None:
+        def commit(manifest: Manifest) -> int:
             key = manifest_key(vid, manifest.generation_id)
-            self.store.put(key, self._seal_manifest(manifest))
+            sealed = self._seal_manifest(manifest)
+            self.store.put(key, sealed)
             with self._lock:
                 self._manifests[key] = manifest
+            return len(sealed)
 
         self.last_writer = S3GenerationWriter(
             draft,
@@ -145,10 +151,25 @@ class S3Pool(PoolBackend):
         )
         return self.last_writer
 
+    def expect_resume(self, spec: GenerationSpec, generation_id: str) -> None:
+        """Give the next generation of ``spec``'s volume the id ``generation_id`` (a
+        transfer's copy has the local generation's id and point in time). Nothing is
+        resumed as such: a re-run after a cut finds the packs the cut run stored in the
+        index and references them instead of storing them again.
+
+        :raises InvalidInput: not a generation id.
+        """
+        check_component(generation_id, "generation id")
+        self._named_ids[spec.volume.name] = generation_id
+
     def _draft(self, spec: GenerationSpec) -> Manifest:
         created = generation_clock()
+        named = self._named_ids.pop(spec.volume.name, None)
+        if named is not None:
+            stamped = generation_id_time(named)
+            created = created if stamped is None else stamped
         draft = Manifest(
-            generation_id=new_generation_id(created),
+            generation_id=named or new_generation_id(created),
             volume=spec.volume,
             chunk_size=spec.chunk_size,
             kind=spec.kind,

@@ -43,8 +43,14 @@ class S3GenerationWriter(GenerationWriter):
     another writer of the key (it deduplicated against the index), so only the garbage
     collection, which knows every manifest, removes unreferenced packs.
 
-    :param commit_manifest: stores the sealed manifest (the commit point).
+    :param commit_manifest: stores the sealed manifest (the commit point); returns
+        the bytes it stored.
     """
+
+    #: A transfer's result reads these of any remote writer: an S3 writer never resumes
+    #: packs of a cut run (a re-run finds them in the index: reused) nor clones a full.
+    skipped = 0
+    cloned_from: str | None = None
 
     def __init__(
         self,
@@ -55,7 +61,7 @@ class S3GenerationWriter(GenerationWriter):
         chunk_id_key: bytes,
         pack_key_bytes: bytes,
         blob_key: bytes,
-        commit_manifest: Callable[[Manifest], None],
+        commit_manifest: Callable[[Manifest], int],
     ) -> None:
         super().__init__(draft, None)
         self._store = store
@@ -75,6 +81,13 @@ class S3GenerationWriter(GenerationWriter):
         #: Packs this writer stored and their sealed bytes.
         self.packs = 0
         self.sent_bytes = 0
+        #: The sealed manifest's bytes (stored at the commit).
+        self.manifest_bytes = 0
+
+    @property
+    def puts(self) -> int:
+        """Packs stored (as a remote writer counts them)."""
+        return self.packs
 
     def write_chunks(self, first: int, view: memoryview, digests: Sequence[int]) -> None:
         m = self.draft
@@ -136,7 +149,7 @@ class S3GenerationWriter(GenerationWriter):
             checksum_count=len(checksums),
             checksum_digest=checksum_digest(raw),
         )
-        self._commit_manifest(manifest)
+        self.manifest_bytes = self._commit_manifest(manifest)
         self.committed = manifest
         return manifest
 
