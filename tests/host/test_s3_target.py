@@ -1,0 +1,273 @@
+"""An S3 object store as a backup target through blockguardctl only (issue 12): the real
+daemon on a private bus, a real SeaweedFS cluster (master, two volume servers, filer, S3
+gateway), loop devices.
+
+Three "hosts" (three daemons, each with its own state directory, one after the other on
+the test's bus) share one bucket and one master key: the second host's full of a volume
+identical to the first host's uploads < 5 % of its size (the chunks are in the bucket
+already), and a third, fresh host with only the exported key and the bucket restores
+both bit-exact. Faults: credentials others may read and a wrong secret are refused by
+name at ``target add`` (nothing recorded); the gateway stopped and the key revoked fail
+a transfer by name (nothing recorded), and the next transfer recovers by itself.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.host.test_remote_targets import ctl
+from tests.support.bus import NotifyListener
+from tests.support.daemon import Daemon, EngineHarness
+from tests.support.devices import MiB, sha256_of, write_random
+from tests.support.seaweed import ADMIN, SeaweedCluster
+
+pytestmark = pytest.mark.root
+
+SIZE = 32 * MiB
+POOL_SIZE = 400 * MiB
+BUCKET = "fleet"
+URL = f"s3://{BUCKET}/site-a"
+
+
+def ok(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    out = ctl(daemon, *args)
+    assert out.returncode == 0, f"{args}: {out.stderr}\n{daemon.log()[-4000:]}"
+    return out
+
+
+def as_json(daemon: Daemon, *args: str) -> Any:
+    return json.loads(ok(daemon, "--json", *args).stdout)
+
+
+def failed_job(daemon: Daemon, *args: str) -> dict[str, Any]:
+    """Start a job with ``args`` and return its failure (state failed, the error)."""
+    job = as_json(daemon, *args, "--no-wait")["job"]
+    waited = ctl(daemon, "--json", "jobs", "wait", str(job["id"]))
+    assert waited.returncode != 0, waited.stdout
+    found = json.loads(waited.stdout)["job"]
+    assert found["state"] == "failed", found
+    return found["error"]  # type: ignore[no-any-return]
+
+
+def credentials_file(path: Path, secret: str = ADMIN.secret_key, mode: int = 0o600) -> Path:
+    path.write_text(
+        f"[default]\naws_access_key_id = {ADMIN.access_key}\naws_secret_access_key = {secret}\n"
+    )
+    path.chmod(mode)
+    return path
+
+
+def add_target(daemon: Daemon, cluster: SeaweedCluster, creds: Path, *extra: str) -> Any:
+    ok(daemon, "target", "add", "fleet", URL, "--endpoint", cluster.endpoint,
+       "--credentials", str(creds), *extra)  # fmt: skip
+    return as_json(daemon, "target", "show", "fleet")["target"]
+
+
+def protect(daemon: Daemon, loopdev: Callable[..., str], name: str, seed: int) -> str:
+    """Pool p1 and volume ``name`` (random bytes of ``seed``) sent to target fleet."""
+    ok(daemon, "pool", "create", "p1", loopdev(POOL_SIZE, f"pool-{name}.img"))
+    volume = loopdev(SIZE, f"{name}.img")
+    write_random(volume, 0, SIZE, seed=seed)
+    ok(daemon, "protect", volume, name, "--rpo", "1h")
+    ok(daemon, "objectives", name, "--target", "fleet", "--remote-rto", "1h")
+    return volume
+
+
+def transfer(daemon: Daemon, volume: str) -> dict[str, Any]:
+    job = as_json(daemon, "transfer", volume)["job"]
+    assert job["state"] == "done", job
+    return job["result"]  # type: ignore[no-any-return]
+
+
+def restore_from(daemon: Daemon, generation: str, device: str) -> dict[str, Any]:
+    job = as_json(daemon, "restore", generation, "--from", "fleet", "--target", device)["job"]
+    assert job["state"] == "done", job
+    return job["result"]  # type: ignore[no-any-return]
+
+
+def another_host(engine: EngineHarness, notify: NotifyListener, root: Path) -> EngineHarness:
+    root.mkdir()
+    return EngineHarness(engine.bus, root, notify)
+
+
+@pytest.fixture
+def bucket(seaweed: SeaweedCluster) -> SeaweedCluster:
+    seaweed.client().create_bucket(Bucket=BUCKET)  # type: ignore[attr-defined]
+    return seaweed
+
+
+def test_two_hosts_share_one_bucket_and_a_third_restores_bit_exact(
+    bucket: SeaweedCluster,
+    engine: EngineHarness,
+    loopdev: Callable[..., str],
+    tmp_path: Path,
+    notify_socket: NotifyListener,
+) -> None:
+    creds = credentials_file(tmp_path / "s3-credentials")
+    key = tmp_path / "key.txt"
+
+    # Host A: the target is registered with the store's measured figures.
+    first = engine.start()
+    shown = add_target(first, bucket, creds)
+    assert (shown["kind"], shown["endpoint"], shown["bucket"], shown["prefix"]) == (
+        "s3",
+        bucket.endpoint,
+        BUCKET,
+        "site-a",
+    )
+    assert shown["credentials"] == str(creds)
+    assert shown["link_down"] > 0 and shown["link_up"] > 0 and shown["link_round_trip"] > 0
+    text = ok(first, "target", "show", "fleet").stdout
+    assert "PUT" in text and "GET" in text and bucket.endpoint in text
+    assert ADMIN.secret_key not in text + json.dumps(shown)
+    listed = ok(first, "target", "list").stdout
+    assert "fleet" in listed and URL in listed
+    # The probe's objects are gone: only what backups write is in the bucket.
+    assert _keys(bucket, "site-a/probe/") == []
+
+    volume_a = protect(first, loopdev, "web1", seed=7)
+    ok(first, "backup", "web1")
+    plan = as_json(first, "plan", "web1")["plan"]["remote"]
+    assert (plan["target"], plan["method"]) == ("fleet", "full"), plan
+    sent = transfer(first, "web1")
+    assert sent["method"] == "full" and sent["generation"] == plan["source"]
+    # Random data does not compress: every chunk went up once.
+    assert SIZE <= sent["bytes_uploaded"] < SIZE * 1.02, sent
+    assert sent["chunks_reused"] == 0 and sent["seconds"] > 0, sent
+    assert as_json(first, "plan", "web1")["plan"]["remote"]["up_to_date"] is True
+    ok(first, "key", "export", "--output", str(key))
+    sum_a = sha256_of(volume_a)
+    first.stop()
+
+    # Host B: the same key, the same bucket; an identical volume costs its manifest.
+    host_b = another_host(engine, notify_socket, tmp_path / "host-b")
+    try:
+        second = host_b.start()
+        add_target(second, bucket, creds, "--key", str(key))
+        volume_b = protect(second, loopdev, "web2", seed=7)
+        ok(second, "backup", "web2")
+        deduped = transfer(second, "web2")
+        assert deduped["method"] == "full", deduped
+        assert deduped["bytes_uploaded"] < SIZE * 0.05, deduped
+        assert deduped["chunks_reused"] > 0 and deduped["packs_sent"] == 0, deduped
+        web2 = deduped["generation"]
+        sum_b = sha256_of(volume_b)
+        assert sum_b == sum_a
+    finally:
+        host_b.cleanup()
+
+    # Host C: nothing but the exported key and the bucket.
+    host_c = another_host(engine, notify_socket, tmp_path / "host-c")
+    try:
+        third = host_c.start()
+        add_target(third, bucket, creds, "--key", str(key))
+        found = as_json(third, "target", "import", "fleet")["import"]
+        assert sorted(g["volume"] for g in found["generations"]) == ["web1", "web2"]
+        assert found["damaged"] == []
+        for generation in (web2, sent["generation"]):
+            device = loopdev(SIZE, f"restore-{generation.split('@')[0]}.img")
+            restored = restore_from(third, generation, device)
+            assert sha256_of(device) == sum_a
+            assert restored["predicted_seconds"] > 0 and restored["from_target"] == "fleet"
+    finally:
+        host_c.cleanup()
+
+
+def test_named_errors_commit_nothing_and_the_next_run_recovers(
+    bucket: SeaweedCluster,
+    engine: EngineHarness,
+    loopdev: Callable[..., str],
+    tmp_path: Path,
+) -> None:
+    daemon = engine.start()
+    # Credentials others may read, and a wrong secret: refused by name, nothing recorded.
+    loose = credentials_file(tmp_path / "loose", mode=0o644)
+    out = ctl(daemon, "target", "add", "fleet", URL, "--endpoint", bucket.endpoint,
+              "--credentials", str(loose))  # fmt: skip
+    assert out.returncode != 0 and "credentials file" in out.stderr and "0644" in out.stderr
+    assert ADMIN.secret_key not in out.stderr
+    wrong = credentials_file(tmp_path / "wrong", secret="not-the-secret")
+    error = failed_job(daemon, "target", "add", "fleet", URL, "--endpoint", bucket.endpoint,
+                       "--credentials", str(wrong))  # fmt: skip
+    assert error["name"] == "org.blockguard1.Error.NotAuthorized", error
+    assert "not-the-secret" not in json.dumps(error)
+    creds = credentials_file(tmp_path / "s3-credentials")
+    assert as_json(daemon, "target", "list")["targets"] == []
+
+    # Added, removed (nothing refers to it yet), added again.
+    add_target(daemon, bucket, creds)
+    ok(daemon, "target", "remove", "fleet")
+    assert as_json(daemon, "target", "list")["targets"] == []
+    add_target(daemon, bucket, creds)
+    volume = protect(daemon, loopdev, "db", seed=3)
+    ok(daemon, "backup", "db")
+    first = transfer(daemon, "db")
+    sums = {first["generation"]: sha256_of(volume)}
+
+    write_random(volume, 4 * MiB, 2 * MiB, seed=4)
+    ok(daemon, "backup", "db")
+    # The gateway is down: TargetUnreachable, nothing recorded.
+    bucket.s3.kill()
+    error = failed_job(daemon, "transfer", "db")
+    assert error["name"] == "org.blockguard1.Error.TargetUnreachable", error
+    assert as_json(daemon, "plan", "db")["plan"]["remote"]["method"] == "incremental"
+    assert as_json(daemon, "target", "show", "fleet")["target"]["state"] == "unreachable"
+    bucket.restart(bucket.s3)
+
+    # The key is revoked (its file now holds a wrong secret): NotAuthorized, nothing lost.
+    credentials_file(creds, secret="revoked")
+    error = failed_job(daemon, "transfer", "db")
+    assert error["name"] == "org.blockguard1.Error.NotAuthorized", error
+    assert "revoked" not in json.dumps(error)
+    credentials_file(creds)
+
+    # The next run recovers by itself; every committed generation restores bit-exact.
+    second = transfer(daemon, "db")
+    assert second["method"] == "incremental", second
+    sums[second["generation"]] = sha256_of(volume)
+    assert as_json(daemon, "target", "show", "fleet")["target"]["state"] == "ok"
+    for generation, digest in sums.items():
+        device = loopdev(SIZE, f"restore-{len(digest)}-{generation[-8:]}.img")
+        restore_from(daemon, generation, device)
+        assert sha256_of(device) == digest, generation
+
+
+def _keys(cluster: SeaweedCluster, prefix: str) -> list[str]:
+    listed = cluster.client().list_objects_v2(Bucket=BUCKET, Prefix=prefix)  # type: ignore[attr-defined]
+    return [o["Key"] for o in listed.get("Contents", [])]
+
+
+def test_retention_on_the_target_collects_what_no_generation_references(
+    bucket: SeaweedCluster, engine: EngineHarness, loopdev: Callable[..., str], tmp_path: Path
+) -> None:
+    # A grace of 0 s: a pack no generation references is marked by one sweep and
+    # deleted by the next (each transfer runs one after its commit).
+    daemon = engine.start(BLOCKGUARD_S3_GC_GRACE="0")
+    add_target(daemon, bucket, credentials_file(tmp_path / "s3-credentials"))
+    volume = protect(daemon, loopdev, "db", seed=11)
+    # One generation here and one there: each round's full replaces the previous one.
+    ok(daemon, "objectives", "db", "--generations", "1", "--remote-generations", "1")
+    rounds = []
+    for n in range(3):
+        write_random(volume, 0, SIZE, seed=20 + n)
+        ok(daemon, "backup", "db", "--full")
+        rounds.append(transfer(daemon, "db"))
+        assert rounds[-1]["method"] == "full", rounds[-1]
+    # Round 2 freed round 1's generation and marked its packs; round 3 freed round 2's,
+    # deleted round 1's packs and marked round 2's.
+    assert [len(r["freed"]) for r in rounds] == [0, 1, 1], rounds
+    assert [r["gc_marked"] for r in rounds][1:] == [rounds[1]["gc_marked"]] * 2, rounds
+    assert rounds[1]["gc_marked"] > 0 and rounds[1]["gc_deleted"] == 0, rounds
+    assert rounds[2]["gc_deleted"] == rounds[1]["gc_marked"], rounds
+    # What is left: round 2's marked packs and round 3's, and round 3 restores bit-exact.
+    packs = [k for k in _keys(bucket, "site-a/data/")]
+    assert len(packs) == rounds[1]["gc_marked"] + rounds[2]["packs_sent"], packs
+    device = loopdev(SIZE, "restore.img")
+    restore_from(daemon, rounds[2]["generation"], device)
+    assert sha256_of(device) == sha256_of(volume)
