@@ -219,7 +219,15 @@ def _mark_on_target(remote: Any, request: RemoteRestoreRequest, exc: BlockguardE
         return
     culprit, damage = found
     try:
-        remote.mark_damaged(request.volume, culprit, damage.reason, damage.chunk)
+        if not remote.mark_damaged(request.volume, culprit, damage.reason, damage.chunk):
+            # An object-store target keeps no damage markers yet (docs/design/s3.md).
+            log.error(
+                "generation %s on target %s is damaged (%s); the target cannot record it",
+                culprit,
+                request.target_id,
+                damage.reason,
+            )
+            return
         log.error(
             "generation %s on target %s marked damaged: %s",
             culprit,
