@@ -315,3 +315,31 @@ def test_a_volume_server_killed_during_an_upload(
         device = loopdev(big, f"restore-{n}.img")
         restore_from(daemon, generation, device)
         assert sha256_of(device) == digest, generation
+
+
+def test_the_remote_rpo_sends_to_the_store_by_itself(
+    bucket: SeaweedCluster, engine: EngineHarness, loopdev: Callable[..., str], tmp_path: Path
+) -> None:
+    daemon = engine.start(BLOCKGUARD_SCHEDULER_INTERVAL="0.2")
+    add_target(daemon, bucket, credentials_file(tmp_path / "s3-credentials"))
+    volume = protect(daemon, loopdev, "db", seed=9)
+    ok(daemon, "objectives", "db", "--remote-rpo", "changed 1MiB")
+    deadline = time.monotonic() + scaled(120)
+    # The scheduler backs the volume up (its first full is due) and then sends it.
+    while "transfer" not in (done := _done_jobs(daemon)):
+        assert time.monotonic() < deadline, daemon.log()[-4000:]
+        time.sleep(0.2)
+    assert done == ["backup", "transfer"], done
+    remote = as_json(daemon, "plan", "db")["plan"]["remote"]
+    assert remote["reasons"] == ["the newest generation is there"], remote
+    sent = as_json(daemon, "target", "import", "fleet")["import"]["generations"]
+    assert [g["volume"] for g in sent] == ["db"]
+    device = loopdev(SIZE, "restore.img")
+    restore_from(daemon, sent[0]["generation"], device)
+    assert sha256_of(device) == sha256_of(volume)
+
+
+def _done_jobs(daemon: Daemon) -> list[str]:
+    """The kinds of the jobs done, oldest first, but the target's registration."""
+    jobs = sorted(as_json(daemon, "jobs")["jobs"], key=lambda j: j["id"])
+    return [j["kind"] for j in jobs if j["state"] == "done" and j["kind"] != "target"]
