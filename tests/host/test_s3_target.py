@@ -14,7 +14,6 @@ a transfer by name (nothing recorded), and the next transfer recovers by itself.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.host.test_remote_targets import ctl
+from tests.host.test_remote_transfer import as_json, done_jobs, ok
 from tests.support.bus import NotifyListener
 from tests.support.daemon import Daemon, EngineHarness
 from tests.support.devices import MiB, sha256_of, write_random
@@ -35,16 +35,6 @@ SIZE = 32 * MiB
 POOL_SIZE = 400 * MiB
 BUCKET = "fleet"
 URL = f"s3://{BUCKET}/site-a"
-
-
-def ok(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
-    out = ctl(daemon, *args)
-    assert out.returncode == 0, f"{args}: {out.stderr}\n{daemon.log()[-4000:]}"
-    return out
-
-
-def as_json(daemon: Daemon, *args: str) -> Any:
-    return json.loads(ok(daemon, "--json", *args).stdout)
 
 
 def failed_job(daemon: Daemon, *args: str) -> dict[str, Any]:
@@ -326,7 +316,7 @@ def test_the_remote_rpo_sends_to_the_store_by_itself(
     ok(daemon, "objectives", "db", "--remote-rpo", "changed 1MiB")
     deadline = time.monotonic() + scaled(120)
     # The scheduler backs the volume up (its first full is due) and then sends it.
-    while "transfer" not in (done := _done_jobs(daemon)):
+    while "transfer" not in (done := done_jobs(daemon)):
         assert time.monotonic() < deadline, daemon.log()[-4000:]
         time.sleep(0.2)
     assert done == ["backup", "transfer"], done
@@ -337,9 +327,3 @@ def test_the_remote_rpo_sends_to_the_store_by_itself(
     device = loopdev(SIZE, "restore.img")
     restore_from(daemon, sent[0]["generation"], device)
     assert sha256_of(device) == sha256_of(volume)
-
-
-def _done_jobs(daemon: Daemon) -> list[str]:
-    """The kinds of the jobs done, oldest first, but the target's registration."""
-    jobs = sorted(as_json(daemon, "jobs")["jobs"], key=lambda j: j["id"])
-    return [j["kind"] for j in jobs if j["state"] == "done" and j["kind"] != "target"]
