@@ -1,7 +1,8 @@
 """S3Pool's chunk layer on an in-memory object store (no cluster, no device): equal
 chunks are stored once and read back; the store holds no plaintext and no plain hash;
 an index object that does not open counts as absent (its chunks are stored again);
-a manifest sealed for another generation is reported damaged."""
+a manifest sealed for another generation is reported damaged; a pack upload that fails
+(in the writer's upload thread) fails the generation and commits nothing."""
 
 from __future__ import annotations
 
@@ -9,15 +10,17 @@ import array
 import hashlib
 import os
 
+import pytest
 import xxhash
 
 from blockguard.core.vocab import GenerationKind
+from blockguard.errors import StoreFailed
 from blockguard.storage.manifest import VolumeIdentity
 from blockguard.storage.pool.base import GenerationSpec
 from blockguard.storage.pool.s3pool import S3Pool
 from blockguard.storage.remote.keys import MasterKey
 from blockguard.storage.remote.objstore import ObjectInfo
-from blockguard.storage.remote.s3chunks import DATA_PREFIX, INDEX_PREFIX
+from blockguard.storage.remote.s3chunks import DATA_PREFIX, INDEX_PREFIX, PACK_BYTES
 
 CHUNK = 64 << 10
 
@@ -120,3 +123,40 @@ def test_a_manifest_of_another_key_is_damaged_not_dropped() -> None:
     assert found.manifests == []
     assert len(found.damaged) == 1
     assert "does not open" in found.damaged[0].reason
+
+
+class FailingStore(MemoryStore):
+    """A store whose ``fail_at``-th pack PUT fails as a volume server's fault would."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.fail_at = fail_at
+        self.pack_puts = 0
+
+    def put(self, key: str, data: bytes) -> None:
+        if key.startswith(DATA_PREFIX):
+            self.pack_puts += 1
+            if self.pack_puts == self.fail_at:
+                raise StoreFailed(target=self.target, op="putting", key=key, detail="HTTP 500")
+        super().put(key, data)
+
+
+def test_a_failed_pack_upload_fails_the_generation_and_commits_nothing() -> None:
+    # Packs go up in a worker while the next one fills: the failure of one still
+    # reaches the writer, and no manifest names packs that did not land.
+    for fail_at in (1, 2, 3):
+        store = FailingStore(fail_at)
+        pool = S3Pool("p", store, MasterKey.generate())  # type: ignore[arg-type]
+        data = os.urandom(3 * PACK_BYTES)  # three full packs
+        with pytest.raises(StoreFailed):
+            backup(pool, "v", data)
+        assert not [k for k in store.objects if k.startswith("snapshots/")], fail_at
+        assert pool.generations("v") == []
+    # And without a fault, the same backup commits every pack before its manifest.
+    store = FailingStore(0)
+    pool = S3Pool("p", store, MasterKey.generate())  # type: ignore[arg-type]
+    data = os.urandom(3 * PACK_BYTES + CHUNK)
+    gid = backup(pool, "v", data)
+    assert store.pack_puts == 4 and pool.last_writer is not None
+    assert (pool.last_writer.packs, pool.last_writer.reused) == (4, 0)
+    assert read_back(pool, "v", gid) == data

@@ -8,8 +8,10 @@ from __future__ import annotations
 import array
 import base64
 import collections
+import contextlib
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from blockguard.errors import CorruptMetadata, InvalidInput, TamperedPack
 from blockguard.storage.manifest import (
@@ -43,6 +45,11 @@ class S3GenerationWriter(GenerationWriter):
     another writer of the key (it deduplicated against the index), so only the garbage
     collection, which knows every manifest, removes unreferenced packs.
 
+    A full pack is sealed and stored by one worker thread while the next one fills (at
+    most one in flight: two packs of memory), so hashing and sealing overlap the PUT
+    (``bench/bench_s3_target.py``). Its failure is raised by the next flush or the
+    commit; the commit stores the manifest only after every pack and index landed.
+
     :param commit_manifest: stores the sealed manifest (the commit point); returns
         the bytes it stored.
     """
@@ -75,6 +82,11 @@ class S3GenerationWriter(GenerationWriter):
         self._buffer = bytearray()
         self._pending: list[tuple[bytes, int, int]] = []
         self._pending_ids: set[bytes] = set()
+        #: The pack being stored by the worker and its chunk ids (referenced by later
+        #: chunks before the index has them: it lands before the commit or nothing does).
+        self._inflight: Future[tuple[str, int]] | None = None
+        self._inflight_ids: set[bytes] = set()
+        self._worker: ThreadPoolExecutor | None = None
         self._bytes = 0
         #: Chunks this writer found in the store already (deduplicated).
         self.reused = 0
@@ -109,7 +121,7 @@ class S3GenerationWriter(GenerationWriter):
             off += n
             cid = chunk_id(self._id_key, data)
             self._ids.append(cid)
-            if cid in self._pending_ids or self._index.reusable(cid):
+            if cid in self._pending_ids or cid in self._inflight_ids or self._index.reusable(cid):
                 self.reused += 1
                 continue
             self._pending.append((cid, len(self._buffer), n))
@@ -120,17 +132,35 @@ class S3GenerationWriter(GenerationWriter):
         self._bytes += off
 
     def _flush(self) -> None:
+        """Hand the filled pack to the worker (after the one in flight landed)."""
+        self._settle()
         if not self._pending:
             return
-        with memoryview(self._buffer) as plain:
-            _, size = store_pack(
-                self._store, self._index, self._pack_key, self._blob_key, plain, self._pending
-            )
-        self.packs += 1
-        self.sent_bytes += size
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="s3-pack")
+        plain, entries = bytes(self._buffer), self._pending
+        self._inflight = self._worker.submit(
+            store_pack, self._store, self._index, self._pack_key, self._blob_key, plain, entries
+        )
+        self._inflight_ids = self._pending_ids
         self._buffer = bytearray()
         self._pending = []
         self._pending_ids = set()
+
+    def _settle(self) -> None:
+        """Wait for the pack in flight; its failure is raised here."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return
+        self._inflight_ids = set()
+        _, size = inflight.result()
+        self.packs += 1
+        self.sent_bytes += size
+
+    def _stop_worker(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
 
     def commit(self, checksums: array.array[int]) -> Manifest:
         if len(self._ids) != self._slots:
@@ -138,7 +168,11 @@ class S3GenerationWriter(GenerationWriter):
                 detail=f"generation {self.generation_id}: {len(self._ids)} of {self._slots} "
                 "chunks written at commit"
             )
-        self._flush()
+        try:
+            self._flush()
+            self._settle()  # every pack and its index before the manifest names them
+        finally:
+            self._stop_worker()
         raw = checksum_bytes(checksums)
         storage = dict(self.draft.storage)
         storage["chunk_ids"] = base64.b64encode(b"".join(self._ids)).decode()
@@ -155,6 +189,11 @@ class S3GenerationWriter(GenerationWriter):
 
     def abort(self) -> None:
         # Nothing to remove (see the class docstring): unreferenced packs are garbage.
+        # The pack in flight is waited for (no upload outlives its writer); its error,
+        # if any, is not the abort's cause.
+        with contextlib.suppress(Exception):
+            self._settle()
+        self._stop_worker()
         self._buffer = bytearray()
         self._pending = []
 
