@@ -135,7 +135,11 @@ floor, which the guest's fits were 2-4x above): 22.4 % overall, 43/48 within the
 fast copy 13.1 % 7/12, fast swap-in 18.0 % 12/12, slow copy 54.0 % 12/12 (over-estimates:
 the drill's copies of the delayed disk took 0.28-0.69 s for the same 32 MiB, 0.56-1.09 s
 for 64 MiB, and fitted 45 ms a generation), slow swap-in 22.5 % 12/12 (over-estimates:
-40 ms an extent drilled, 31-39 ms implied by the 128 MiB restores).
+40 ms an extent drilled, 31-39 ms implied by the 128 MiB restores). Again on 873c884
+(diff 30 % and the floor; the same command with --timeout 1800; 1 guest CPU, host load
+4-6): 11.5 % overall, 46/48 within the upper (96 %); fast copy 23.0 % 11/12 (signed -20 %,
+over-estimated), fast swap-in 16.7 % 12/12 (signed +17 %), slow copy 17.0 % 11/12, slow
+swap-in 5.7 % 12/12 (37 ms an extent drilled). Both targets met overall, not in every cell.
 """
 
 from __future__ import annotations
