@@ -97,6 +97,49 @@ bandwidth-bound and steadier: median errors 1.6-8.4 %, its misses of the upper a
 cent (upper factors 1.07-1.16: its drill's restores agree with each other) but for the
 stalls of run 5. Not met on this host: the median error of the fast disk's swap-ins,
 and >= 95 % within the upper on a machine at load 8-9.
+
+Issue 14, branch rto14 (2026-12-03): why the fast disk's swap-ins missed, and two fixes.
+Timed by phase (a swap-in is a reflink clone, its delta extents written one at a time,
+each a synchronous copy-on-write write, then the clone read back), the fast loop disk's
+delta writes took 0.4-0.8 ms an extent (0.03 s for 79, 0.25-0.60 s for 692) and the
+read-back of 128 MiB 0.11-0.26 s. The term is ``per_extent``; the drill barely measured
+it: its largest shape had ~117 extents (a 10 % random differential of 1024 chunks is ~92
+runs), ~50 ms inside restores whose two repeats differ by 15-27 % (median |a-b|/(a+b),
+now printed), while the bench restores 400-700. The fit gave it 0.94 ms in one run and 0
+in the next; the many-extent swap-ins were under-estimated by 24-44 %. The drill's
+differential now holds 30 % (~215 runs), and ``per_extent`` came out 0.25-0.51 ms
+(1.5 ms in the last run; guest: 6.8 ms fast, 40 ms on the 20 ms dm-delay disk, two
+delayed I/Os a copy-on-write write). Second, ``per_byte`` is held to the pool disk's
+probed sequential read rate (``fit_terms(min_per_byte=)``): the throttled disk's drill
+once fitted 0.24 s + 5.8 ns/B (faster than its 100 MB/s) and every 128 MiB swap-in then
+missed its upper. Host runs (``--size-mib 128 --drill-mib 64 --slow-mbps 100`` but run 1;
+load at start-end on 2 CPUs), median |error| and measured <= upper per cell:
+
+    run (load)                  overall       fast copy     fast swap     slow copy     slow swap
+    main, no slow (0.5-1.7)     23.8 % 14/24  26.1 % 4/12   20.2 % 10/12
+    main (2.0-4.7)              9.7 % 46/48   13.6 % 12/12  26.4 % 12/12  9.4 % 10/12   6.9 % 12/12
+    diff 30 % (1.8-8.9)         7.8 % 43/48   15.9 % 11/12  18.8 % 12/12  3.2 % 12/12   6.8 % 8/12
+    diff 30 % (9.0-9.0)         9.7 % 39/48   19.8 % 11/12  20.1 % 9/12   1.7 % 12/12   7.9 % 7/12
+    diff 30 % (6.7-9.4)         8.9 % 47/48   14.9 % 12/12  27.2 % 11/12  4.1 % 12/12   4.7 % 12/12
+    diff 30 % (7.2-10.0)        22.4 % 29/48  25.4 % 6/12   29.1 % 10/12  7.1 % 12/12   24.7 % 1/12
+    + floor (6.9-7.0)           20.7 % 31/48  31.3 % 8/12   59.8 % 4/12   4.7 % 11/12   4.4 % 8/12
+    + floor (2.4-10.2)          14.2 % 46/48  27.5 % 12/12  17.2 % 12/12  12.5 % 12/12  4.4 % 10/12
+
+The fast disk's remaining error on this host is noise the drill cannot foresee: the same
+swap-in took 0.25 s in one run and 1.1 s in the next (a full and 8 incrementals), as other
+sessions' tests came and went; the slow disk, bandwidth-bound, errs 2-12 %. Guest (scripts/vm
+run --timeout 2700 --mem 2048 --disk 1G --disk 1G --disk 128M --disk 1G -- .venv/bin/python
+bench/bench_restore_model.py --size-mib 128 --drill-mib 64 --devices /dev/vda /dev/vdb
+/dev/vdc --slow-device /dev/vdd --slow-ms 20; 1 guest CPU, host load 7-9; diff 30 %, no
+floor, which the guest's fits were 2-4x above): 22.4 % overall, 43/48 within the upper;
+fast copy 13.1 % 7/12, fast swap-in 18.0 % 12/12, slow copy 54.0 % 12/12 (over-estimates:
+the drill's copies of the delayed disk took 0.28-0.69 s for the same 32 MiB, 0.56-1.09 s
+for 64 MiB, and fitted 45 ms a generation), slow swap-in 22.5 % 12/12 (over-estimates:
+40 ms an extent drilled, 31-39 ms implied by the 128 MiB restores). Again on 873c884
+(diff 30 % and the floor; the same command with --timeout 1800; 1 guest CPU, host load
+4-6): 11.5 % overall, 46/48 within the upper (96 %); fast copy 23.0 % 11/12 (signed -20 %,
+over-estimated), fast swap-in 16.7 % 12/12 (signed +17 %), slow copy 17.0 % 11/12, slow
+swap-in 5.7 % 12/12 (37 ms an extent drilled). Both targets met overall, not in every cell.
 """
 
 from __future__ import annotations
@@ -165,6 +208,20 @@ def write_random_chunks(dev: str, chunks: BitMap, chunk: int) -> None:
         d.flush()
 
 
+def repeat_spread(samples: list) -> float | None:
+    """Median over the drill's shapes of |a - b| / (a + b) of two restores of one shape:
+    how far one restore lies from the mean of two, the noise a model cannot fit."""
+    times: dict[str, list[float]] = {}
+    for s in samples:
+        times.setdefault(s.shape, []).append(s.seconds)
+    pairs = [abs(t[0] - t[1]) / (t[0] + t[1]) for t in times.values() if len(t) >= 2]
+    return statistics.median(pairs) if pairs else None
+
+
+def load() -> str:
+    return "load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def speed_of(path: str, chunk: int, duration: float):
     with BlockDevice(path) as d:
         size = d.size
@@ -219,7 +276,9 @@ def run_pool(
                     )
                     for s in drill.samples
                     if s.mode == mode
-                ]
+                ],
+                # As the engine fits: no faster than the pool disk's probed reads.
+                min_per_byte=1.0 / pool_speed.read(False),
             )
             if fitted is not None:
                 if mode == "copy":
@@ -231,6 +290,10 @@ def run_pool(
             print(f"{name}: drill {mode} samples (shape: seconds): " + ", ".join(
                 f"{s.shape} {s.seconds:.3f}" for s in drill.samples if s.mode == mode
             ))  # fmt: skip
+            if spread := repeat_spread([s for s in drill.samples if s.mode == mode]):
+                # No model can be nearer a single restore than its repeats are to each other.
+                print(f"{name}: drill {mode} repeats: median |a - b| / (a + b) "
+                      f"{100 * spread:.1f} %")  # fmt: skip
 
         full = run_backup(pool, ident, src, "full", None, chunk_size=chunk)
         full_id = parent = full.manifest.generation_id
@@ -354,6 +417,7 @@ def main() -> int:
         return 2
     size, chunk = args.size_mib * MiB, args.chunk_kib * 1024
     out = Results()
+    print(f"start: {load()} on {os.cpu_count()} CPUs")
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=args.tmp)))
         if args.devices:
@@ -410,6 +474,14 @@ def main() -> int:
     print(f"median error, drill-calibrated: {100 * statistics.median(cal_err):.1f} % over "
           f"{len(cal_err)} restores (target <= 15 %); measured <= upper in "
           f"{within}/{len(cal_err)} ({share:.0f} %, target >= 95 %)")  # fmt: skip
+    cells: dict[str, list[tuple[float, bool]]] = {}
+    for (label, _, upper, measured), err in zip(calibrated, cal_err, strict=True):
+        key = f"{label.split()[0]} {label.split()[-1]}"
+        cells.setdefault(key, []).append((err, measured <= upper))
+    for key, rows in cells.items():
+        print(f"  {key:<24} median error {100 * statistics.median(e for e, _ in rows):5.1f} %, "
+              f"measured <= upper {sum(w for _, w in rows)}/{len(rows)}")  # fmt: skip
+    print(f"end: {load()}")
     return 0
 
 

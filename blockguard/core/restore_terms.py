@@ -13,7 +13,10 @@ grows with the chain (issue 14: restores took 1.5-6.7x the promise, worse with c
 length), so the four terms are fitted together, per pool device and restore mode, by a
 robust non-negative least squares over recent samples (restore drills and real restores).
 The fit minimises relative errors, since the promise is relative to an RTO, and down-weights
-outliers (Huber weights, re-weighted a few times).
+outliers (Huber weights, re-weighted a few times). ``per_byte`` is held to at least 1 / the
+pool device's probed sequential read rate when that was measured: every byte a restore moves
+is read from that device, and short drill restores can otherwise trade the bytes' cost for a
+fixed one (a bursty or noisy disk), which a larger restore then pays.
 
 Everything here is arithmetic: no devices, no catalog.
 """
@@ -257,6 +260,7 @@ def fit_terms(
     min_samples: int = MIN_SAMPLES,
     rounds: int = IRLS_ROUNDS,
     loo: bool = True,
+    min_per_byte: float = 0.0,
 ) -> PathTerms | None:
     """Fit the four terms to measured samples of one pool device and mode.
 
@@ -272,27 +276,40 @@ def fit_terms(
     :param samples: recent samples, any order.
     :param loo: compute the upper factor leave-one-shape-out (else from the fit's own
         residuals).
+    :param min_per_byte: the fitted ``per_byte`` is at least this: 1 / the best probed
+        sequential read rate of the pool device, since every byte a restore moves is read
+        from it (see below). 0: no floor.
     :returns: the terms, or None with fewer than ``min_samples`` usable samples.
     """
+    if not math.isfinite(min_per_byte) or min_per_byte < 0:
+        raise InvalidInput(detail=f"least seconds per byte {min_per_byte!r} is not >= 0")
     usable = _usable(samples)
     if len(usable) < max(1, min_samples):
         return None
     raw = [s.shape.row() for s in usable]
     y = [s.measured_seconds for s in usable]
+    # The floor is fitted as a known part of every sample: the terms fit what is left
+    # (per_byte above the floor), the errors stay relative to what was measured. Without
+    # it, drills of 32 and 64 MiB on a noisy or bursty disk could put the bytes' cost into
+    # the fixed term: on the host's 100 MB/s disk (a blkio throttle, which lets short
+    # restores run ahead of its rate) one fitted 0.24 s + 5.8 ns/B, 172 MB/s, and every
+    # 128 MiB swap-in then took 13-40 % longer than its estimate.
+    rest = [yi - min_per_byte * r[3] for yi, r in zip(y, raw, strict=True)]
     scale = [max(abs(r[i]) for r in raw) or 1.0 for i in range(4)]
     rows = [[r[i] / scale[i] for i in range(4)] for r in raw]
     robust = [1.0] * len(rows)
     x = [0.0] * 4
     for _ in range(max(1, rounds)):
         weights = [h / (yi * yi) for h, yi in zip(robust, y, strict=True)]
-        x = nnls(rows, y, weights)
+        x = nnls(rows, rest, weights)
         predicted = [sum(a * b for a, b in zip(x, r, strict=True)) for r in rows]
-        residuals = [(p - yi) / yi for p, yi in zip(predicted, y, strict=True)]
+        residuals = [(p - ri) / yi for p, ri, yi in zip(predicted, rest, y, strict=True)]
         centre = statistics.median(residuals)
         mad = statistics.median(abs(r - centre) for r in residuals)
         s = max(MIN_SCALE, 1.4826 * mad)
         robust = [1.0 if abs(r) <= HUBER_K * s else HUBER_K * s / abs(r) for r in residuals]
     coef = [x[i] / scale[i] for i in range(4)]
+    coef[3] += min_per_byte
     terms = PathTerms(coef[0], coef[1], coef[2], coef[3], samples=len(usable))
     if not loo or len(usable) <= max(1, min_samples):
         ratios = [s.measured_seconds / p for s in usable if (p := terms.seconds(s.shape)) > 0]
@@ -309,6 +326,7 @@ def fit_terms(
                 min_samples=min_samples,
                 rounds=LOO_ROUNDS,
                 loo=False,
+                min_per_byte=min_per_byte,
             )
             model = terms if others is None else others
             if (p := model.seconds(shape)) > 0:

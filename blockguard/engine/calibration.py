@@ -104,20 +104,24 @@ def samples_of(records: Iterable[PathSampleRecord]) -> list[PathSample]:
 
 
 @functools.lru_cache(maxsize=64)
-def _fit(samples: tuple[PathSample, ...]) -> PathTerms | None:
+def _fit(samples: tuple[PathSample, ...], min_per_byte: float = 0.0) -> PathTerms | None:
     # Plans are recomputed on every volume change; the samples change far less often.
-    return fit_terms(samples)
+    return fit_terms(samples, min_per_byte=min_per_byte)
 
 
 def calibration(
     catalog: Catalog,
     devices: Sequence[str],
     speeds: Mapping[str, DeviceSpeed] | None = None,
+    floors: Mapping[str, float] | None = None,
 ) -> Calibration:
     """Fit the terms of each of ``devices`` in each mode from its recent samples.
 
     :param speeds: probed speeds of ``devices`` when they are one pool's: a device without
         enough samples then borrows the terms of the one with the most (see the module).
+    :param floors: least seconds per byte of a restore reading each device (1 / its
+        measured sequential read rate, :meth:`~.pools.PoolRegistry.read_floors`); a
+        device without one is fitted without a floor.
     """
     terms: dict[tuple[str, str], PathTerms] = {}
     counts: dict[tuple[str, str], int] = {}
@@ -125,7 +129,7 @@ def calibration(
         for mode in RESTORE_MODES:
             records = catalog.path_samples(device, mode, FIT_WINDOW)
             counts[device, mode] = len(records)
-            fitted = _fit(tuple(samples_of(records)))
+            fitted = _fit(tuple(samples_of(records)), (floors or {}).get(device, 0.0))
             if fitted is not None:
                 terms[device, mode] = fitted
     borrowed: dict[tuple[str, str], tuple[str, float]] = {}
@@ -251,7 +255,7 @@ def record_drill(
         key = sample.full.generation_id
         if key not in devices:
             devices[key] = pools.device_of(pool, sample.full)
-    before = calibration(catalog, sorted(set(devices.values())))
+    before = calibration(catalog, sorted(set(devices.values())), floors=pools.read_floors(pool))
     scratch = DeviceSpeed.uniform(result.copy_write_rate) if result.copy_write_rate > 0 else None
     rows = []
     for sample in result.samples:
@@ -311,7 +315,7 @@ def run_drill_job(
         )
     rows = record_drill(pools.catalog, pools, pool, result)
     devices = sorted({r["device"] for r in rows})
-    after = calibration(pools.catalog, devices)
+    after = calibration(pools.catalog, devices, floors=pools.read_floors(pool))
     return {
         "pool": pool,
         "samples": rows,

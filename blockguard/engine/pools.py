@@ -419,6 +419,17 @@ class PoolRegistry:
             if d.state == "ok"
         }
 
+    def read_floors(self, pool: str) -> dict[str, float]:
+        """Pool disk path -> least seconds per byte a restore reading it can take (1 / its
+        probed sequential read rate), for the disks that were measured; the fit of the
+        restore terms is held to it (:func:`~blockguard.core.restore_terms.fit_terms`)."""
+        floors = {}
+        for d in self.catalog.list_pool_devices(pool):
+            speed, measured = self.speed_of(d.device_path)
+            if d.state == "ok" and measured and speed.read(False) > 0:
+                floors[d.device_path] = 1.0 / speed.read(False)
+        return floors
+
     def device_of(self, pool: str, manifest: Manifest) -> str:
         """The pool disk a generation is stored on."""
         backend = self.backend(pool)

@@ -209,7 +209,12 @@ def restore_estimate(
     for path in device.values():
         speeds.setdefault(path, copy_target)
     mode = request.how.mode
-    cal = calibration(pools.catalog, sorted(set(device.values()) | set(speeds)), pool_speeds)
+    cal = calibration(
+        pools.catalog,
+        sorted(set(device.values()) | set(speeds)),
+        pool_speeds,
+        pools.read_floors(request.pool),
+    )
     planned = estimate_chain(model, speeds, mode, copy_target, correction, cal.terms)
     probe = estimate_chain(model, speeds, mode, copy_target)
     return planned, probe, device[full.generation_id]

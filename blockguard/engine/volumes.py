@@ -400,7 +400,9 @@ class VolumeRegistry:
             lost_reason=problem,
             full_required=gens.full_required,
             generations=gens,
-            calibration=calibration(self.catalog, sorted(speeds), pool_speeds),
+            calibration=calibration(
+                self.catalog, sorted(speeds), pool_speeds, self.pools.read_floors(vol.pool)
+            ),
             floors=floors_of(self.drills.last(name), drill_mode(objectives), manifests),
             restore_mode=restore_mode_of(given),
         )

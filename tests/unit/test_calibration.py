@@ -175,3 +175,16 @@ def test_a_copy_target_is_the_pools_newest_drilled_scratch_rate_else_the_default
         sample("/dev/sdb", 3e8, volume="db")  # a volume drill into the pool's scratch
         found = copy_target_of(pools, "p1")  # type: ignore[arg-type]
         assert found.speed.write(False) == 3e8 and "drill of volume db" in found.source
+
+
+def test_a_device_with_a_read_floor_is_fitted_no_faster_than_it(tmp_path: Path) -> None:
+    """Every byte a restore moves is read from the pool disk: a disk measured at 50 MB/s
+    is fitted at least 20 ns/B, whatever its drill's restores ran at; one without a floor
+    (not measured) is fitted as its samples say."""
+    with Catalog(tmp_path / "catalog.db") as c:
+        for device in ("/dev/sdb", "/dev/sdc"):
+            for shape in SHAPES:
+                _record(c, shape, device=device)
+        cal = calibration(c, ["/dev/sdb", "/dev/sdc"], floors={"/dev/sdb": 1 / 50e6})
+        assert cal.terms["/dev/sdb", "copy"].per_byte >= 1 / 50e6
+        assert cal.terms["/dev/sdc", "copy"].per_byte == pytest.approx(TRUE.per_byte, rel=0.01)

@@ -90,6 +90,31 @@ def test_fit_needs_enough_samples_and_terms_stay_non_negative() -> None:
     assert min(fitted.fixed, fitted.per_generation, fitted.per_extent, fitted.per_byte) >= 0
 
 
+def test_the_bytes_term_is_held_to_the_disks_read_rate() -> None:
+    """Restores of 32 and 64 MiB that ran ahead of the disk's rate (a throttle's burst)
+    fit a fixed cost and a bytes term faster than the disk; held to its probed read rate,
+    the fit's estimate of a 128 MiB restore is what such a restore takes, and a fit
+    already slower than the floor does not change."""
+    disk = 100 * MB  # its probed sequential read rate
+    shapes = [RestoreShape(g, 0, 0, size) for size in (32 * MiB, 64 * MiB) for g in (1, 3, 5, 9)]
+    # What the host's throttled disk measured: 0.24 s + 5.8 ns/B, faster than 10 ns/B.
+    bursty = [PathSample(s, 0.24 + 5.8e-9 * s.nbytes) for s in shapes]
+    large = RestoreShape(1, 0, 0, 128 * MiB)
+    free = fit_terms(bursty)
+    held = fit_terms(bursty, min_per_byte=1 / disk)
+    assert free is not None and held is not None
+    assert free.per_byte < 1 / disk <= held.per_byte
+    assert held.seconds(large) >= large.nbytes / disk
+    assert free.seconds(large) < large.nbytes / disk
+    # Terms slower than the floor are the same with it.
+    slow = [PathSample(s, TRUE.seconds(s)) for s in _shapes()]
+    a, b = fit_terms(slow), fit_terms(slow, min_per_byte=1 / (300 * MB))
+    assert a is not None and b is not None
+    assert b.per_byte == pytest.approx(a.per_byte, rel=1e-6)
+    with pytest.raises(InvalidInput, match="seconds per byte"):
+        fit_terms(slow, min_per_byte=-1.0)
+
+
 def test_nnls_solves_an_exact_system() -> None:
     rows = [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]
     assert nnls(rows, [2.0, 3.0, 5.0], [1.0, 1.0, 1.0]) == pytest.approx([2.0, 3.0])
