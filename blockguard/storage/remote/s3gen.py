@@ -27,8 +27,8 @@ from blockguard.storage.remote.s3chunks import (
     chunk_id,
     pack_key,
     slots_of,
-    store_pack,
 )
+from blockguard.storage.remote.s3upload import PackUploads
 from blockguard.storage.remote.seal import open_pack
 
 #: Opened packs a reader keeps (the copy engine's readers ask for neighbouring windows).
@@ -37,7 +37,8 @@ PACK_CACHE = 4
 
 class S3GenerationWriter(GenerationWriter):
     """Hashes each chunk, gathers the ones the store lacks into packs and stores them
-    (pack, then its index); the commit stores the manifest last.
+    (pack, then its index; a few packs at once, :mod:`.s3upload`); the commit waits for
+    every pack and stores the manifest last.
 
     An abort deletes nothing: a pack this writer stored may already be referenced by
     another writer of the key (it deduplicated against the index), so only the garbage
@@ -70,9 +71,11 @@ class S3GenerationWriter(GenerationWriter):
         self._pending: list[tuple[bytes, int, int]] = []
         self._pending_ids: set[bytes] = set()
         self._bytes = 0
+        self._uploads = PackUploads(store, index, pack_key_bytes, blob_key)
         #: Chunks this writer found in the store already (deduplicated).
         self.reused = 0
-        #: Packs this writer stored and their sealed bytes.
+        #: Packs this writer stored and their sealed bytes (known once it committed or
+        #: aborted: the packs go up in the background).
         self.packs = 0
         self.sent_bytes = 0
 
@@ -96,7 +99,7 @@ class S3GenerationWriter(GenerationWriter):
             off += n
             cid = chunk_id(self._id_key, data)
             self._ids.append(cid)
-            if cid in self._pending_ids or self._index.reusable(cid):
+            if cid in self._pending_ids or self._uploads.holds(cid) or self._index.reusable(cid):
                 self.reused += 1
                 continue
             self._pending.append((cid, len(self._buffer), n))
@@ -107,17 +110,14 @@ class S3GenerationWriter(GenerationWriter):
         self._bytes += off
 
     def _flush(self) -> None:
+        # The pack goes up in the background (s3upload.py) while the next one fills.
         if not self._pending:
             return
-        with memoryview(self._buffer) as plain:
-            _, size = store_pack(
-                self._store, self._index, self._pack_key, self._blob_key, plain, self._pending
-            )
-        self.packs += 1
-        self.sent_bytes += size
+        plain, entries = memoryview(self._buffer), self._pending  # handed over, not copied
         self._buffer = bytearray()
         self._pending = []
         self._pending_ids = set()
+        self._uploads.submit(plain, entries)
 
     def commit(self, checksums: array.array[int]) -> Manifest:
         if len(self._ids) != self._slots:
@@ -126,6 +126,10 @@ class S3GenerationWriter(GenerationWriter):
                 "chunks written at commit"
             )
         self._flush()
+        try:
+            self._uploads.finish()
+        finally:
+            self.packs, self.sent_bytes = self._uploads.packs, self._uploads.sent_bytes
         raw = checksum_bytes(checksums)
         storage = dict(self.draft.storage)
         storage["chunk_ids"] = base64.b64encode(b"".join(self._ids)).decode()
@@ -142,6 +146,8 @@ class S3GenerationWriter(GenerationWriter):
 
     def abort(self) -> None:
         # Nothing to remove (see the class docstring): unreferenced packs are garbage.
+        self._uploads.close()
+        self.packs, self.sent_bytes = self._uploads.packs, self._uploads.sent_bytes
         self._buffer = bytearray()
         self._pending = []
 
