@@ -1,7 +1,8 @@
-"""S3Pool's packs go up several at once (s3upload.py), on an in-memory object store
-whose PUTs of packs can be held: the bytes still read back exact, a chunk is still
-stored once when its first pack is still on its way, a failed PUT fails the backup
-before its manifest (and the next backup stores everything)."""
+"""S3Pool's packs go up several at once (s3upload.py) and come down ahead of the reads
+(s3fetch.py), on an in-memory object store whose PUTs and GETs of packs can be held:
+the bytes still read back exact, a chunk is still stored once when its first pack is
+still on its way, a failed PUT fails the backup before its manifest (and the next
+backup stores everything), and a restore fetches each pack once."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import threading
 
 import pytest
 
-from blockguard.errors import StoreFailed
+from blockguard.errors import StoreFailed, TamperedPack
 from blockguard.storage.pool.s3pool import S3Pool
 from blockguard.storage.remote.keys import MasterKey
-from blockguard.storage.remote.s3chunks import DATA_PREFIX, PACK_BYTES
+from blockguard.storage.remote.s3chunks import DATA_PREFIX, PACK_BYTES, slots_of
+from blockguard.storage.remote.s3fetch import FETCH_THREADS
 from blockguard.storage.remote.s3upload import UPLOAD_THREADS
 from tests.timeouts import scaled
 from tests.unit.test_s3chunks import CHUNK, MemoryStore, backup, read_back
@@ -125,3 +127,39 @@ def test_a_failed_pack_fails_the_backup_before_its_manifest() -> None:
     again = S3Pool("p", store, key)  # type: ignore[arg-type]
     gid = backup(again, "v", data)
     assert read_back(again, "v", gid) == data
+
+
+def test_a_restore_fetches_packs_ahead_each_once() -> None:
+    store = HeldStore()
+    key = MasterKey.generate()
+    data = os.urandom(6 * PACK_BYTES)
+    gid = backup(S3Pool("p", store, key), "v", data)  # type: ignore[arg-type]
+    # Each GET of a pack waits until a second one is on its way: only a read-ahead
+    # lets the first read finish.
+    store.hold_gets(2)
+    fresh = S3Pool("p", store, key)  # type: ignore[arg-type]
+    assert read_back(fresh, "v", gid) == data
+    assert 2 <= store.most["get"] <= FETCH_THREADS
+    assert sorted(store.pack_gets) == sorted(set(store.pack_gets))
+    assert len(store.pack_gets) == 6
+    assert not [t for t in threading.enumerate() if t.name.startswith("blockguard-get")]
+
+
+def test_a_tampered_pack_fetched_ahead_is_named_when_read() -> None:
+    store = HeldStore()
+    key = MasterKey.generate()
+    data = os.urandom(3 * PACK_BYTES)
+    pool = S3Pool("p", store, key)  # type: ignore[arg-type]
+    gid = backup(pool, "v", data)
+    # The pack of the last chunk: fetched ahead while the first ones are read.
+    ids, _ = slots_of(pool.manifest("v", gid))
+    last = pool.index.get(ids[-1])
+    assert last is not None
+    victim = next(k for k in store.objects if k.endswith(last.pack_id))
+    sealed = bytearray(store.objects[victim])
+    sealed[-1] ^= 1
+    store.objects[victim] = bytes(sealed)
+    with pytest.raises(TamperedPack) as caught:
+        read_back(S3Pool("p", store, key), "v", gid)  # type: ignore[arg-type]
+    assert caught.value.fields["pack"] == last.pack_id
+    assert caught.value.fields["generation"] == gid

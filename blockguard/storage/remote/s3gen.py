@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import array
 import base64
-import collections
 import threading
 from collections.abc import Callable, Sequence
 
@@ -28,11 +27,9 @@ from blockguard.storage.remote.s3chunks import (
     pack_key,
     slots_of,
 )
+from blockguard.storage.remote.s3fetch import PackFetcher
 from blockguard.storage.remote.s3upload import PackUploads
 from blockguard.storage.remote.seal import open_pack
-
-#: Opened packs a reader keeps (the copy engine's readers ask for neighbouring windows).
-PACK_CACHE = 4
 
 
 class S3GenerationWriter(GenerationWriter):
@@ -155,7 +152,8 @@ class S3GenerationWriter(GenerationWriter):
 class S3GenerationReader(GenerationReader):
     """Reads a committed generation: each chunk by its id from its pack (fetched whole,
     opened: a changed or replaced pack is :class:`~blockguard.errors.TamperedPack`
-    naming this generation), with a small cache of opened packs."""
+    naming this generation); the packs are fetched a few at once, ahead of the reads, in
+    the order of the generation's slots (:mod:`.s3fetch`)."""
 
     def __init__(
         self, manifest: Manifest, store: ObjectStore, index: ChunkIndex, pack_key_bytes: bytes
@@ -166,10 +164,10 @@ class S3GenerationReader(GenerationReader):
         self._index = index
         self._pack_key = pack_key_bytes
         self._lock = threading.Lock()
-        self._cache: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         if any(cid not in index for cid in set(self._ids)):
             # Stored by another host (or by this one) since the index was read.
             index.refresh()
+        self._packs = PackFetcher(self._fetch, _pack_order(index, self._ids))
         #: Packs fetched from the store.
         self.gets = 0
 
@@ -183,9 +181,10 @@ class S3GenerationReader(GenerationReader):
                     what=f"generation {m.generation_id}", detail=f"it has no slot {slot}"
                 )
             place = self._place(self._ids[slot])
-            plain = self._pack(place.pack_id)
+            plain = self._packs.get(place.pack_id)
             n = min(len(view) - pos, place.length)
-            view[pos : pos + n] = plain[place.offset : place.offset + n]
+            with memoryview(plain) as whole:  # one copy of the chunk, not two
+                view[pos : pos + n] = whole[place.offset : place.offset + n]
             pos += n
             slot += 1
 
@@ -198,12 +197,8 @@ class S3GenerationReader(GenerationReader):
             )
         return place
 
-    def _pack(self, pack_id: str) -> bytes:
-        with self._lock:
-            plain = self._cache.get(pack_id)
-            if plain is not None:
-                self._cache.move_to_end(pack_id)
-                return plain
+    def _fetch(self, pack_id: str) -> bytes:
+        """GET and open one pack (in a fetch thread)."""
         sealed = self._store.get(pack_key(pack_id))
         try:
             plain = open_pack(self._pack_key, self._index.pack_aad(pack_id), sealed)
@@ -211,11 +206,8 @@ class S3GenerationReader(GenerationReader):
             raise TamperedPack(
                 pack=pack_id, generation=self.manifest.generation_id, reason=exc.fields["reason"]
             ) from exc
-        self.gets += 1
         with self._lock:
-            self._cache[pack_id] = plain
-            while len(self._cache) > PACK_CACHE:
-                self._cache.popitem(last=False)
+            self.gets += 1
         return plain
 
     def _load_checksums(self) -> array.array[int]:
@@ -224,5 +216,14 @@ class S3GenerationReader(GenerationReader):
         )
 
     def close(self) -> None:
-        with self._lock:
-            self._cache.clear()
+        self._packs.close()
+
+
+def _pack_order(index: ChunkIndex, ids: Sequence[bytes]) -> list[str]:
+    """The packs holding ``ids``, each once, in the order of its first chunk."""
+    order: dict[str, None] = {}
+    for cid in ids:
+        place = index.get(cid)
+        if place is not None:
+            order.setdefault(place.pack_id)
+    return list(order)
