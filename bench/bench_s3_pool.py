@@ -75,7 +75,7 @@ from blockguard.storage.remote.keys import MasterKey
 from blockguard.storage.remote.objstore import Credentials, ObjectStore
 from blockguard.storage.remote.s3chunks import PACK_BYTES
 from blockguard.storage.restore import rehearse, restore_to_device
-from tests.support.devices import LoopFactory
+from tests.support.devices import LoopFactory, sha256_of
 from tests.support.seaweed import ADMIN, REGION, VOLUME_MAX, VOLUME_SIZE_MB, seaweed_cluster
 
 MiB = 1 << 20
@@ -129,17 +129,6 @@ def fill_random(path: str, size: int, seed: int) -> str:
             digest.update(block)
         f.flush()
         os.fsync(f.fileno())
-    return digest.hexdigest()
-
-
-def sha256_of(path: str, size: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        left = size
-        while left:
-            block = f.read(min(16 * MiB, left))
-            digest.update(block)
-            left -= len(block)
     return digest.hexdigest()
 
 
