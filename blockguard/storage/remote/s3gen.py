@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import array
 import base64
-import collections
-import contextlib
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 
 from blockguard.errors import CorruptMetadata, InvalidInput, TamperedPack
 from blockguard.storage.manifest import (
@@ -29,26 +26,20 @@ from blockguard.storage.remote.s3chunks import (
     chunk_id,
     pack_key,
     slots_of,
-    store_pack,
 )
+from blockguard.storage.remote.s3fetch import PackFetcher
+from blockguard.storage.remote.s3upload import PackUploads
 from blockguard.storage.remote.seal import open_pack
-
-#: Opened packs a reader keeps (the copy engine's readers ask for neighbouring windows).
-PACK_CACHE = 4
 
 
 class S3GenerationWriter(GenerationWriter):
     """Hashes each chunk, gathers the ones the store lacks into packs and stores them
-    (pack, then its index); the commit stores the manifest last.
+    (pack, then its index; a few packs at once, :mod:`.s3upload`); the commit waits for
+    every pack and stores the manifest last.
 
     An abort deletes nothing: a pack this writer stored may already be referenced by
     another writer of the key (it deduplicated against the index), so only the garbage
     collection, which knows every manifest, removes unreferenced packs.
-
-    A full pack is sealed and stored by one worker thread while the next one fills (at
-    most one in flight: two packs of memory), so hashing and sealing overlap the PUT
-    (``bench/bench_s3_target.py``). Its failure is raised by the next flush or the
-    commit; the commit stores the manifest only after every pack and index landed.
 
     :param commit_manifest: stores the sealed manifest (the commit point); returns
         the bytes it stored.
@@ -82,15 +73,12 @@ class S3GenerationWriter(GenerationWriter):
         self._buffer = bytearray()
         self._pending: list[tuple[bytes, int, int]] = []
         self._pending_ids: set[bytes] = set()
-        #: The pack being stored by the worker and its chunk ids (referenced by later
-        #: chunks before the index has them: it lands before the commit or nothing does).
-        self._inflight: Future[tuple[str, int]] | None = None
-        self._inflight_ids: set[bytes] = set()
-        self._worker: ThreadPoolExecutor | None = None
         self._bytes = 0
+        self._uploads = PackUploads(store, index, pack_key_bytes, blob_key)
         #: Chunks this writer found in the store already (deduplicated).
         self.reused = 0
-        #: Packs this writer stored and their sealed bytes.
+        #: Packs this writer stored and their sealed bytes (known once it committed or
+        #: aborted: the packs go up in the background).
         self.packs = 0
         self.sent_bytes = 0
         #: The sealed manifest's bytes (stored at the commit).
@@ -121,7 +109,7 @@ class S3GenerationWriter(GenerationWriter):
             off += n
             cid = chunk_id(self._id_key, data)
             self._ids.append(cid)
-            if cid in self._pending_ids or cid in self._inflight_ids or self._index.reusable(cid):
+            if cid in self._pending_ids or self._uploads.holds(cid) or self._index.reusable(cid):
                 self.reused += 1
                 continue
             self._pending.append((cid, len(self._buffer), n))
@@ -132,35 +120,14 @@ class S3GenerationWriter(GenerationWriter):
         self._bytes += off
 
     def _flush(self) -> None:
-        """Hand the filled pack to the worker (after the one in flight landed)."""
-        self._settle()
+        # The pack goes up in the background (s3upload.py) while the next one fills.
         if not self._pending:
             return
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(1, thread_name_prefix="s3-pack")
-        plain, entries = bytes(self._buffer), self._pending
-        self._inflight = self._worker.submit(
-            store_pack, self._store, self._index, self._pack_key, self._blob_key, plain, entries
-        )
-        self._inflight_ids = self._pending_ids
+        plain, entries = memoryview(self._buffer), self._pending  # handed over, not copied
         self._buffer = bytearray()
         self._pending = []
         self._pending_ids = set()
-
-    def _settle(self) -> None:
-        """Wait for the pack in flight; its failure is raised here."""
-        inflight, self._inflight = self._inflight, None
-        if inflight is None:
-            return
-        self._inflight_ids = set()
-        _, size = inflight.result()
-        self.packs += 1
-        self.sent_bytes += size
-
-    def _stop_worker(self) -> None:
-        if self._worker is not None:
-            self._worker.shutdown(wait=True)
-            self._worker = None
+        self._uploads.submit(plain, entries)
 
     def commit(self, checksums: array.array[int]) -> Manifest:
         if len(self._ids) != self._slots:
@@ -168,11 +135,11 @@ class S3GenerationWriter(GenerationWriter):
                 detail=f"generation {self.generation_id}: {len(self._ids)} of {self._slots} "
                 "chunks written at commit"
             )
+        self._flush()
         try:
-            self._flush()
-            self._settle()  # every pack and its index before the manifest names them
+            self._uploads.finish()
         finally:
-            self._stop_worker()
+            self.packs, self.sent_bytes = self._uploads.packs, self._uploads.sent_bytes
         raw = checksum_bytes(checksums)
         storage = dict(self.draft.storage)
         storage["chunk_ids"] = base64.b64encode(b"".join(self._ids)).decode()
@@ -189,11 +156,8 @@ class S3GenerationWriter(GenerationWriter):
 
     def abort(self) -> None:
         # Nothing to remove (see the class docstring): unreferenced packs are garbage.
-        # The pack in flight is waited for (no upload outlives its writer); its error,
-        # if any, is not the abort's cause.
-        with contextlib.suppress(Exception):
-            self._settle()
-        self._stop_worker()
+        self._uploads.close()
+        self.packs, self.sent_bytes = self._uploads.packs, self._uploads.sent_bytes
         self._buffer = bytearray()
         self._pending = []
 
@@ -201,7 +165,8 @@ class S3GenerationWriter(GenerationWriter):
 class S3GenerationReader(GenerationReader):
     """Reads a committed generation: each chunk by its id from its pack (fetched whole,
     opened: a changed or replaced pack is :class:`~blockguard.errors.TamperedPack`
-    naming this generation), with a small cache of opened packs."""
+    naming this generation); the packs are fetched a few at once, ahead of the reads, in
+    the order of the generation's slots (:mod:`.s3fetch`)."""
 
     def __init__(
         self, manifest: Manifest, store: ObjectStore, index: ChunkIndex, pack_key_bytes: bytes
@@ -212,10 +177,10 @@ class S3GenerationReader(GenerationReader):
         self._index = index
         self._pack_key = pack_key_bytes
         self._lock = threading.Lock()
-        self._cache: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         if any(cid not in index for cid in set(self._ids)):
             # Stored by another host (or by this one) since the index was read.
             index.refresh()
+        self._packs = PackFetcher(self._fetch, _pack_order(index, self._ids))
         #: Packs fetched from the store.
         self.gets = 0
 
@@ -229,9 +194,10 @@ class S3GenerationReader(GenerationReader):
                     what=f"generation {m.generation_id}", detail=f"it has no slot {slot}"
                 )
             place = self._place(self._ids[slot])
-            plain = self._pack(place.pack_id)
+            plain = self._packs.get(place.pack_id)
             n = min(len(view) - pos, place.length)
-            view[pos : pos + n] = plain[place.offset : place.offset + n]
+            with memoryview(plain) as whole:  # one copy of the chunk, not two
+                view[pos : pos + n] = whole[place.offset : place.offset + n]
             pos += n
             slot += 1
 
@@ -244,12 +210,8 @@ class S3GenerationReader(GenerationReader):
             )
         return place
 
-    def _pack(self, pack_id: str) -> bytes:
-        with self._lock:
-            plain = self._cache.get(pack_id)
-            if plain is not None:
-                self._cache.move_to_end(pack_id)
-                return plain
+    def _fetch(self, pack_id: str) -> bytes:
+        """GET and open one pack (in a fetch thread)."""
         sealed = self._store.get(pack_key(pack_id))
         try:
             plain = open_pack(self._pack_key, self._index.pack_aad(pack_id), sealed)
@@ -257,11 +219,8 @@ class S3GenerationReader(GenerationReader):
             raise TamperedPack(
                 pack=pack_id, generation=self.manifest.generation_id, reason=exc.fields["reason"]
             ) from exc
-        self.gets += 1
         with self._lock:
-            self._cache[pack_id] = plain
-            while len(self._cache) > PACK_CACHE:
-                self._cache.popitem(last=False)
+            self.gets += 1
         return plain
 
     def _load_checksums(self) -> array.array[int]:
@@ -270,5 +229,14 @@ class S3GenerationReader(GenerationReader):
         )
 
     def close(self) -> None:
-        with self._lock:
-            self._cache.clear()
+        self._packs.close()
+
+
+def _pack_order(index: ChunkIndex, ids: Sequence[bytes]) -> list[str]:
+    """The packs holding ``ids``, each once, in the order of its first chunk."""
+    order: dict[str, None] = {}
+    for cid in ids:
+        place = index.get(cid)
+        if place is not None:
+            order.setdefault(place.pack_id)
+    return list(order)
