@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from pyroaring import BitMap
 
-from blockguard.errors import CorruptMetadata, DataError, EnvironmentProblem
+from blockguard.errors import CorruptMetadata, DataError, EnvironmentProblem, NotFound
 from blockguard.storage.manifest import (
     Manifest,
     check_component,
@@ -230,6 +230,9 @@ class S3Pool(PoolBackend):
             vid = place.rpartition("/")[2]
             try:
                 manifest = self._manifest_of(info.key, place, gid)
+            except NotFound:
+                # Removed since the listing (a retention of its host): not there.
+                continue
             except DataError as exc:
                 log.error("pool %s: generation %s: %s", self.name, info.key, exc)
                 damaged.append(
