@@ -132,9 +132,15 @@ def prepare_s3(
     # by name before anything is made. The job loads them again for its own use.
     resolve_credentials(credentials)
     for other in existing:
-        if other.kind == "s3" and (other.endpoint, other.url) == (endpoint, address.url):
-            # Two registrations of one place would each sweep it with its own grace.
-            raise InvalidInput(detail=f"target {other.id} already is {address.url} at {endpoint}")
+        place = (other.endpoint, other.url, other.client_id)
+        if other.kind == "s3" and place == (endpoint, address.url, client_id):
+            # One host's generations are one chain per volume: two registrations of them
+            # would each write and prune it. Another client id is another host's view
+            # (a new host restoring what several hosts sent).
+            raise InvalidInput(
+                detail=f"target {other.id} already is {address.url} at {endpoint} "
+                f"for client {client_id}"
+            )
     return S3TargetRequest(target_id, address, endpoint, credentials, client_id, imported)
 
 
@@ -209,7 +215,13 @@ def s3_pool(
     target: Target, key: keys.MasterKey, volume_names: Callable[[], Iterable[str]]
 ) -> S3Pool:
     """The generation store of an object-store target."""
-    return S3Pool(f"target:{target.id}", store_of(target), key, volume_names=volume_names)
+    return S3Pool(
+        f"target:{target.id}",
+        store_of(target),
+        key,
+        volume_names=volume_names,
+        client=target.client_id,
+    )
 
 
 def describe_s3(target: Target) -> dict[str, object]:

@@ -327,3 +327,100 @@ def test_the_remote_rpo_sends_to_the_store_by_itself(
     device = loopdev(SIZE, "restore.img")
     restore_from(daemon, sent[0]["generation"], device)
     assert sha256_of(device) == sha256_of(volume)
+
+
+def protect_on(
+    daemon: Daemon, loopdev: Callable[..., str], host: str, name: str, seed: int, target: str
+) -> str:
+    """Pool p1 and volume ``name`` of ``host`` (random bytes of ``seed``), sent to
+    ``target`` (files named by host: two hosts may protect one volume name)."""
+    ok(daemon, "pool", "create", "p1", loopdev(POOL_SIZE, f"{host}-pool.img"))
+    volume = loopdev(SIZE, f"{host}-{name}.img")
+    write_random(volume, 0, SIZE, seed=seed)
+    ok(daemon, "protect", volume, name, "--rpo", "1h")
+    ok(daemon, "objectives", name, "--target", target)
+    return volume
+
+
+def test_two_hosts_with_one_volume_name_own_their_chains(
+    bucket: SeaweedCluster,
+    engine: EngineHarness,
+    loopdev: Callable[..., str],
+    tmp_path: Path,
+    notify_socket: NotifyListener,
+) -> None:
+    """Hosts A and B (client ids hosta, hostb) both protect a volume web1 into one
+    bucket; host A's keep-last retention and garbage collection (grace 0 s) run over it:
+    every generation of host B still restores bit-exact, and a fresh host C restores
+    each host's by naming the host (``target add --client HOST``, as for ssh targets)."""
+    creds = credentials_file(tmp_path / "s3-credentials")
+    key = tmp_path / "key.txt"
+    sums: dict[str, str] = {}
+
+    # Host B: a full and an incremental of its web1, whose first bytes are host A's.
+    host_b = another_host(engine, notify_socket, tmp_path / "host-b")
+    try:
+        b = host_b.start(BLOCKGUARD_S3_GC_GRACE="0")
+        add_target(b, bucket, creds, "--client", "hostb")
+        ok(b, "key", "export", "--output", str(key))
+        volume_b = protect_on(b, loopdev, "b", "web1", seed=31, target="fleet")
+        b_gens = []
+        for n in range(2):
+            ok(b, "backup", "web1")
+            b_gens.append(transfer(b, "web1"))
+            sums[b_gens[-1]["generation"]] = sha256_of(volume_b)
+            write_random(volume_b, 4 * MiB, 2 * MiB, seed=40 + n)
+        assert [g["method"] for g in b_gens] == ["full", "incremental"], b_gens
+    finally:
+        host_b.cleanup()
+
+    # Host A: the same key and volume name; one generation kept there, and a sweep
+    # after each transfer. Its first full is host B's first bytes: deduplicated.
+    a = engine.start(BLOCKGUARD_S3_GC_GRACE="0")
+    add_target(a, bucket, creds, "--client", "hosta", "--key", str(key))
+    volume_a = protect_on(a, loopdev, "a", "web1", seed=31, target="fleet")
+    ok(a, "objectives", "web1", "--generations", "1", "--remote-generations", "1")
+    a_gens = []
+    for n in range(3):
+        if n:
+            write_random(volume_a, 0, SIZE, seed=50 + n)
+        ok(a, "backup", "web1", "--full")
+        a_gens.append(transfer(a, "web1"))
+        assert a_gens[-1]["method"] == "full", a_gens[-1]
+    # Host A's chain is its own: its first full chained onto nothing of host B's and
+    # stored no pack (the chunks are shared); its retention freed its own generations.
+    assert a_gens[0]["packs_sent"] == 0 and a_gens[0]["chunks_reused"] > 0, a_gens[0]
+    assert [len(g["freed"]) for g in a_gens] == [0, 1, 1], a_gens
+    freed = {f for g in a_gens for f in g["freed"]}
+    assert not freed & set(sums), (freed, sums)
+    listed = as_json(a, "target", "import", "fleet")["import"]["generations"]
+    assert [g["generation"] for g in listed] == [a_gens[-1]["generation"]]
+    sum_a = sha256_of(volume_a)
+    a.stop()
+
+    # Host C: only the key and the bucket; one registration per host it restores.
+    host_c = another_host(engine, notify_socket, tmp_path / "host-c")
+    try:
+        c = host_c.start()
+        for host in ("hosta", "hostb"):
+            ok(c, "target", "add", f"fleet-{host}", URL, "--endpoint", bucket.endpoint,
+               "--credentials", str(creds), "--client", host, "--key", str(key))  # fmt: skip
+        seen = {
+            host: as_json(c, "target", "import", f"fleet-{host}")["import"]
+            for host in ("hosta", "hostb")
+        }
+        assert [g["generation"] for g in seen["hosta"]["generations"]] == [a_gens[-1]["generation"]]
+        assert sorted(g["generation"] for g in seen["hostb"]["generations"]) == sorted(sums)
+        assert seen["hosta"]["damaged"] == [] and seen["hostb"]["damaged"] == []
+        restored = {}
+        for host, generation in [("hosta", a_gens[-1]["generation"])] + [
+            ("hostb", g) for g in sums
+        ]:
+            device = loopdev(SIZE, f"c-{host}-{generation[-8:]}.img")
+            job = as_json(c, "restore", generation, "--from", f"fleet-{host}",
+                          "--target", device)["job"]  # fmt: skip
+            assert job["state"] == "done", job
+            restored[generation] = sha256_of(device)
+        assert restored == {a_gens[-1]["generation"]: sum_a} | sums
+    finally:
+        host_c.cleanup()

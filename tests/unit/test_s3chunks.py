@@ -1,7 +1,8 @@
 """S3Pool's chunk layer on an in-memory object store (no cluster, no device): equal
 chunks are stored once and read back; the store holds no plaintext and no plain hash;
 an index object that does not open counts as absent (its chunks are stored again);
-a manifest sealed for another generation is reported damaged; a pack upload that fails
+a manifest sealed for another generation is reported damaged; two hosts with a volume
+of one name share its chunks but not its chain; a pack upload that fails
 (in the writer's upload thread) fails the generation and commits nothing."""
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import array
 import hashlib
 import os
+import time
+from datetime import timedelta
 
 import pytest
 import xxhash
@@ -16,11 +19,12 @@ import xxhash
 from blockguard.core.vocab import GenerationKind
 from blockguard.errors import StoreFailed
 from blockguard.storage.manifest import VolumeIdentity
-from blockguard.storage.pool.base import GenerationSpec
+from blockguard.storage.pool.base import GenerationSpec, PoolScan
 from blockguard.storage.pool.s3pool import S3Pool
 from blockguard.storage.remote.keys import MasterKey
 from blockguard.storage.remote.objstore import ObjectInfo
 from blockguard.storage.remote.s3chunks import DATA_PREFIX, INDEX_PREFIX, PACK_BYTES
+from blockguard.storage.remote.s3gc import sweep
 
 CHUNK = 64 << 10
 
@@ -119,10 +123,44 @@ def test_an_index_that_does_not_open_counts_as_absent() -> None:
 def test_a_manifest_of_another_key_is_damaged_not_dropped() -> None:
     store = MemoryStore()
     backup(S3Pool("p", store, MasterKey.generate()), "v", os.urandom(CHUNK))  # type: ignore[arg-type]
-    found = S3Pool("p", store, MasterKey.generate()).scan()  # type: ignore[arg-type]
+    other = S3Pool("p", store, MasterKey.generate())  # type: ignore[arg-type]
+    # Its host id is another: it is none of this host's, and every host's scan (the
+    # garbage collection's) reports it damaged.
+    assert other.scan() == PoolScan([], [])
+    found = other.scan(every_host=True)
     assert found.manifests == []
     assert len(found.damaged) == 1
     assert "does not open" in found.damaged[0].reason
+
+
+def test_two_hosts_with_one_volume_name_share_chunks_not_chains() -> None:
+    store = MemoryStore()
+    key = MasterKey.generate()
+    host_a = S3Pool("p", store, key, client="hosta")  # type: ignore[arg-type]
+    host_b = S3Pool("p", store, key, client="hostb")  # type: ignore[arg-type]
+    data = os.urandom(4 * CHUNK)
+    gid_a = backup(host_a, "web1", data)
+    gid_b = backup(host_b, "web1", data)
+    # The chunks are shared: host B stored its manifest only.
+    assert host_b.last_writer is not None and host_b.last_writer.packs == 0
+    assert [m.generation_id for m in host_a.generations("web1")] == [gid_a]
+    assert [m.generation_id for m in host_b.generations("web1")] == [gid_b]
+    everyone = host_a.scan(every_host=True)
+    assert sorted(m.generation_id for m in everyone.manifests) == sorted([gid_a, gid_b])
+    # Host A's retention removes its own generation; host B's is there, whole.
+    host_a.remove_generation("web1", gid_a)
+    assert host_a.generations("web1") == []
+    fresh_b = S3Pool("p", store, key, client="hostb")  # type: ignore[arg-type]
+    assert read_back(fresh_b, "web1", gid_b) == data
+    # Nothing of the shared packs is collectable: host B's chain references them.
+    swept = sweep(host_a, timedelta(0), now=time.time() + 3600)
+    assert swept.marked == () and swept.deleted == ()
+    # A manifest moved into another host's place does not open there.
+    (key_b,) = [k for k in store.objects if k.endswith(gid_b)]
+    host_a_place = key_b.replace(key.host_id("hostb"), key.host_id("hosta"))
+    store.objects[host_a_place] = store.objects[key_b]
+    moved = S3Pool("p", store, key, client="hosta").scan()  # type: ignore[arg-type]
+    assert moved.manifests == [] and len(moved.damaged) == 1
 
 
 class FailingStore(MemoryStore):

@@ -4,10 +4,14 @@
 Chunks are deduplicated across generations, volumes and hosts of the key: a backup
 stores only the chunks whose keyed id no pack of the store holds yet
 (:mod:`blockguard.storage.remote.s3chunks`), then the generation's sealed manifest
-``snapshots/VOLUME_ID/GENERATION_ID`` last: the commit point. The store is the source of
+``snapshots/HOST_ID/VOLUME_ID/GENERATION_ID`` last: the commit point. Chunks are shared
+by every host, chains are not: a volume's place is keyed by the host (its client id) and
+the volume name, so two hosts with a volume of one name have a chain each, and one host's
+retention never touches another's generations. The store is the source of
 truth: :meth:`S3Pool.scan` lists the manifests and opens each; one that fails to open is
 reported damaged, never dropped. A new pool object with only the key, the endpoint and
-the bucket finds every generation and restores it.
+the bucket finds every generation of its client id and restores it (a new host reads
+another host's generations by registering the target with that host's client id).
 
 Removing a generation removes its manifest only; the packs it alone referenced stay
 until a garbage collection (not built yet; its safety rules are in the design).
@@ -23,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from pyroaring import BitMap
 
-from blockguard.errors import CorruptMetadata, DataError, EnvironmentProblem
+from blockguard.errors import CorruptMetadata, DataError, EnvironmentProblem, NotFound
 from blockguard.storage.manifest import (
     Manifest,
     check_component,
@@ -61,8 +65,13 @@ SNAPSHOT_PREFIX = "snapshots/"
 UNBOUNDED = 1 << 60
 
 
-def manifest_key(volume_id: str, generation_id: str) -> str:
-    return f"{SNAPSHOT_PREFIX}{volume_id}/{generation_id}"
+#: The client id of a pool made without one (tests, benches).
+DEFAULT_CLIENT = "host"
+
+
+def manifest_key(place: str, generation_id: str) -> str:
+    """``place`` is ``HOST_ID/VOLUME_ID``."""
+    return f"{SNAPSHOT_PREFIX}{place}/{generation_id}"
 
 
 class S3Pool(PoolBackend):
@@ -74,6 +83,9 @@ class S3Pool(PoolBackend):
         manifests).
     :param volume_names: names of volumes the caller knows, asked only to name a
         generation whose manifest does not open.
+    :param client: this host's client id: the generations it writes, lists and removes
+        are its own (``snapshots/HOST_ID/``); :meth:`scan` with ``every_host`` (the
+        garbage collection) reads every host's.
     """
 
     kind = "s3"
@@ -86,10 +98,13 @@ class S3Pool(PoolBackend):
         *,
         alert: AlertCallback | None = None,
         volume_names: Callable[[], Iterable[str]] | None = None,
+        client: str = DEFAULT_CLIENT,
     ) -> None:
         super().__init__(name, alert)
         self.store = store
         self._key = key
+        self.client = client
+        self._host = key.host_id(client)
         self._blob_key = key.blob_key()
         self._pack_key = key.store_pack_key()
         self._id_key = key.chunk_id_key()
@@ -130,10 +145,10 @@ class S3Pool(PoolBackend):
         # Chunks other hosts stored since the last backup are reused, not sent again.
         self.index.refresh()
         draft = self._draft(spec)
-        vid = self._key.volume_id(spec.volume.name)
+        place = self._place(spec.volume.name)
 
         def commit(manifest: Manifest) -> int:
-            key = manifest_key(vid, manifest.generation_id)
+            key = manifest_key(place, manifest.generation_id)
             sealed = self._seal_manifest(manifest)
             self.store.put(key, sealed)
             with self._lock:
@@ -185,26 +200,39 @@ class S3Pool(PoolBackend):
             draft = draft.with_(changed=BitMap(range(draft.chunks)))
         return draft
 
+    def _place(self, volume: str) -> str:
+        """``HOST_ID/VOLUME_ID``: where this host keeps ``volume``'s generations (and what
+        their manifests are sealed to: one moved to another place does not open)."""
+        return f"{self._host}/{self._key.volume_id(volume)}"
+
     def _seal_manifest(self, manifest: Manifest) -> bytes:
-        vid = self._key.volume_id(manifest.volume.name)
-        aad = BlobAAD("manifest", vid, manifest.generation_id)
+        place = self._place(manifest.volume.name)
+        aad = BlobAAD("manifest", place, manifest.generation_id)
         return seal_blob(self._blob_key, aad, manifest.to_json())
 
     def generations(self, volume: str | None = None) -> list[Manifest]:
         return manifests_of(self.scan(volume))
 
-    def scan(self, volume: str | None = None) -> PoolScan:
-        prefix = SNAPSHOT_PREFIX
-        if volume is not None:
-            vid = self._key.volume_id(volume)
-            self._names[vid] = volume
-            prefix = f"{SNAPSHOT_PREFIX}{vid}/"
+    def scan(self, volume: str | None = None, *, every_host: bool = False) -> PoolScan:
+        """This host's generations (of ``volume``, or of every volume); with
+        ``every_host``, those of every host of the bucket (what the garbage collection
+        must keep), ``volume`` ignored."""
+        prefix = f"{SNAPSHOT_PREFIX}{self._host}/"
+        if every_host:
+            prefix = SNAPSHOT_PREFIX
+        elif volume is not None:
+            self._names[self._key.volume_id(volume)] = volume
+            prefix = f"{SNAPSHOT_PREFIX}{self._place(volume)}/"
         good: list[Manifest] = []
         damaged: list[DamagedGeneration] = []
         for info in self.store.list(prefix):
-            vid, _, gid = info.key[len(SNAPSHOT_PREFIX) :].partition("/")
+            place, _, gid = info.key[len(SNAPSHOT_PREFIX) :].rpartition("/")
+            vid = place.rpartition("/")[2]
             try:
-                manifest = self._manifest_of(info.key, vid, gid)
+                manifest = self._manifest_of(info.key, place, gid)
+            except NotFound:
+                # Removed since the listing (a retention of its host): not there.
+                continue
             except DataError as exc:
                 log.error("pool %s: generation %s: %s", self.name, info.key, exc)
                 damaged.append(
@@ -221,8 +249,9 @@ class S3Pool(PoolBackend):
         damaged.sort(key=lambda d: d.generation_id)
         return PoolScan(good, damaged)
 
-    def _manifest_of(self, key: str, vid: str, gid: str) -> Manifest:
-        """The manifest stored as ``key``, opened and checked against its key.
+    def _manifest_of(self, key: str, place: str, gid: str) -> Manifest:
+        """The manifest stored as ``key`` (at ``place``, ``HOST_ID/VOLUME_ID``), opened
+        and checked against its key.
 
         :raises DataError: it does not open, or is not the generation its key names.
         """
@@ -230,9 +259,12 @@ class S3Pool(PoolBackend):
             known = self._manifests.get(key)
         if known is not None:
             return known
-        if not vid or not gid or "/" in gid:
-            raise CorruptMetadata(what=f"object {key}", detail="its key is not VOLUME_ID/ID")
-        plain = open_blob(self._blob_key, BlobAAD("manifest", vid, gid), self.store.get(key))
+        host, _, vid = place.partition("/")
+        if not host or not vid or "/" in vid or not gid:
+            raise CorruptMetadata(
+                what=f"object {key}", detail="its key is not HOST_ID/VOLUME_ID/ID"
+            )
+        plain = open_blob(self._blob_key, BlobAAD("manifest", place, gid), self.store.get(key))
         manifest = Manifest.from_json(plain, f"manifest {key}")
         if manifest.generation_id != gid or self._key.volume_id(manifest.volume.name) != vid:
             raise CorruptMetadata(what=f"manifest {key}", detail="it names another generation")
@@ -253,7 +285,7 @@ class S3Pool(PoolBackend):
 
     def remove_generation(self, volume: str, generation_id: str) -> FreedGeneration:
         target = self._removable(volume, generation_id)
-        key = manifest_key(self._key.volume_id(volume), generation_id)
+        key = manifest_key(self._place(volume), generation_id)
         self.store.delete(key)
         with self._lock:
             self._manifests.pop(key, None)

@@ -120,6 +120,11 @@ class MasterKey:
         digest = hmac.new(self._name_key, volume.encode(), hashlib.sha256).hexdigest()
         return digest[:VOLUME_ID_HEX]
 
+    def host_id(self, client: str) -> str:
+        """The id an object store knows a host (its client id) by: HMAC of the client id
+        under the name key, apart from every volume id (no volume name holds a NUL)."""
+        return self.volume_id(f"\0client\0{client}")
+
     def raw(self) -> bytes:
         """The key's bytes (for its file and its export only)."""
         return self._key

@@ -26,7 +26,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from blockguard.errors import CorruptMetadata, DataError
+from blockguard.errors import CorruptMetadata, DataError, NotFound
 from blockguard.storage.manifest import (
     Manifest,
 )
@@ -135,6 +135,11 @@ class ChunkIndex:
                     continue
             try:
                 entries, length = self._read(pack_id)
+            except NotFound:
+                # Deleted since the listing by another host's collection (with its pack):
+                # its chunks are absent, as if it had not been listed.
+                log.info("target %s: index of pack %s: collected", self._store.target, pack_id)
+                continue
             except DataError as exc:
                 log.error("target %s: index of pack %s: %s", self._store.target, pack_id, exc)
                 continue
@@ -266,6 +271,9 @@ def read_marks(store: ObjectStore, blob_key: bytes) -> list[GcMark]:
             plain = open_blob(blob_key, BlobAAD("gc", DOMAIN, name), store.get(info.key))
             body = json.loads(plain)
             marks.append(GcMark(name, float(body["marked"]), tuple(str(p) for p in body["packs"])))
+        except NotFound:
+            # Deleted since the listing by another host's sweep: that sweep dealt with it.
+            continue
         except (DataError, KeyError, TypeError, ValueError) as exc:
             log.error("target %s: gc mark %s: %s", store.target, name, exc)
     return marks

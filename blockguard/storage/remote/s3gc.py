@@ -60,7 +60,8 @@ def sweep(pool: S3Pool, grace: timedelta, now: float | None = None) -> SweepResu
     now = time.time() if now is None else now
     store = pool.store
     marks = read_marks(store, pool.blob_key)
-    found = pool.scan()
+    # Every host's generations: a pack another host's chain references is referenced.
+    found = pool.scan(every_host=True)
     if found.damaged:
         raise CorruptMetadata(
             what=f"pool {pool.name}",
