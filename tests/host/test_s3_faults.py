@@ -72,9 +72,10 @@ def keys(cluster: SeaweedCluster, prefix: str) -> list[str]:
         token = {"ContinuationToken": page["NextContinuationToken"]}
 
 
-def protected(daemon: Daemon, endpoint: str, creds: Path, loopdev: Callable[..., str]) -> str:
-    """Target fleet at ``endpoint``, pool p1, volume db of SIZE random bytes, its first
-    full sent (FULL_PACKS packs); returns the volume's device."""
+def protected(daemon: Daemon, endpoint: str, tmp: Path, loopdev: Callable[..., str]) -> str:
+    """Target fleet at ``endpoint`` (a credentials file in ``tmp``), pool p1, volume db of
+    SIZE random bytes backed up; returns the volume's device."""
+    creds = credentials_file(tmp / "s3-credentials")
     ok(daemon, "target", "add", "fleet", URL, "--endpoint", endpoint,
        "--credentials", str(creds))  # fmt: skip
     ok(daemon, "pool", "create", "p1", loopdev(POOL_SIZE, "pool.img"))
@@ -98,10 +99,9 @@ def restores_bit_exact(
 def test_a_pack_put_cut_mid_transfer_fails_by_name_and_the_next_run_sends_the_rest(
     bucket: SeaweedCluster, engine: EngineHarness, loopdev: Callable[..., str], tmp_path: Path
 ) -> None:
-    creds = credentials_file(tmp_path / "s3-credentials")
     with CutProxy((HOST, bucket.s3.port)) as proxy:
         daemon = engine.start()
-        volume = protected(daemon, proxy.endpoint, creds, loopdev)
+        volume = protected(daemon, proxy.endpoint, tmp_path, loopdev)
         first = transfer(daemon, "db")
         assert first["packs_sent"] == FULL_PACKS, first
         sums = {first["generation"]: sha256_of(volume)}
@@ -147,8 +147,7 @@ def test_a_bucket_over_its_quota_fails_by_name_and_the_next_run_recovers(
     bucket: SeaweedCluster, engine: EngineHarness, loopdev: Callable[..., str], tmp_path: Path
 ) -> None:
     daemon = engine.start()
-    creds = credentials_file(tmp_path / "s3-credentials")
-    volume = protected(daemon, bucket.endpoint, creds, loopdev)
+    volume = protected(daemon, bucket.endpoint, tmp_path, loopdev)
     first = transfer(daemon, "db")
     sums = {first["generation"]: sha256_of(volume)}
     write_random(volume, 8 * MiB, CHANGED, seed=63)
@@ -183,8 +182,7 @@ def test_a_tampered_pack_fails_the_restore_by_name(
     bucket: SeaweedCluster, engine: EngineHarness, loopdev: Callable[..., str], tmp_path: Path
 ) -> None:
     daemon = engine.start()
-    creds = credentials_file(tmp_path / "s3-credentials")
-    volume = protected(daemon, bucket.endpoint, creds, loopdev)
+    volume = protected(daemon, bucket.endpoint, tmp_path, loopdev)
     sent = transfer(daemon, "db")
     generation = sent["generation"]
     gid = generation.split("@", 1)[1]
