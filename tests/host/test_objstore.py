@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pytest
 
@@ -17,11 +19,17 @@ from blockguard.errors import (
     NotFound,
     StoreFailed,
     TargetUnreachable,
+    WireClosed,
 )
 from blockguard.storage.remote.objstore import MULTIPART_THRESHOLD, Credentials, ObjectStore
-from tests.support.seaweed import ADMIN, OTHER, REGION, SeaweedCluster
+from blockguard.storage.remote.s3fetch import FETCH_THREADS
+from blockguard.storage.remote.s3upload import UPLOAD_THREADS
+from blockguard.storage.remote.storeprobe import measure_store
+from tests.support.cutproxy import CutProxy
+from tests.support.seaweed import ADMIN, HOST, OTHER, REGION, SeaweedCluster
 from tests.timeouts import scaled
 
+T = TypeVar("T")
 BUCKET = "bg-objstore"
 MiB = 1024 * 1024
 
@@ -33,10 +41,11 @@ def store(
     key: str = ADMIN.access_key,
     secret: str = ADMIN.secret_key,
     bucket: str = BUCKET,
+    endpoint: str | None = None,
 ) -> ObjectStore:
     return ObjectStore(
         target="s3t",
-        endpoint=cluster.endpoint,
+        endpoint=endpoint or cluster.endpoint,
         bucket=bucket,
         prefix=prefix,
         credentials=Credentials(key, secret),
@@ -131,6 +140,30 @@ def test_gateway_stopped_is_unreachable_and_nothing_committed_is_lost(
     assert [o.key for o in s.list()] == ["kept"]
 
 
+def test_a_put_cut_in_the_middle_is_wire_closed_and_stores_nothing(
+    bucket: SeaweedCluster,
+) -> None:
+    """A connection reset once 1 MiB of a PUT went up (a real TCP proxy in front of the
+    gateway): WireClosed naming the target and the key, not "cannot reach"; nothing is
+    stored under the key, and the same PUT succeeds once the link is healed."""
+    with CutProxy((HOST, bucket.s3.port)) as proxy:
+        s = store(bucket, endpoint=proxy.endpoint)
+        s.put("before", b"b")
+        proxy.cut_requests(f"PUT /{BUCKET}/host1/cut", after=1 * MiB)
+        data = os.urandom(4 * MiB)
+        with pytest.raises(
+            WireClosed,
+            match=rf"connection to object store s3t \({proxy.endpoint}\) ended while "
+            rf"putting {BUCKET}/host1/cut \(connection reset by peer\)",
+        ):
+            s.put("cut", data)
+        assert proxy.cut == 1
+        assert [o.key for o in s.list()] == ["before"]
+        proxy.heal()
+        s.put("cut", data)
+        assert s.get("cut") == data
+
+
 def test_volume_server_killed_mid_upload(bucket: SeaweedCluster) -> None:
     """Each put either succeeds or fails with a named error; every put that succeeded
     reads back bit-exact once the server is back."""
@@ -198,3 +231,64 @@ def test_bucket_over_quota(bucket: SeaweedCluster) -> None:
         s.put("second", b"z" * 100_000)
     assert s.get("first") == data
     assert [o.key for o in s.list()] == ["first"]
+
+
+class InFlight(ObjectStore):
+    """An ObjectStore that counts its PUTs and GETs of probe objects in flight; the first
+    ``wait_for`` of each kind wait until that many are in flight together, so a probe
+    that sends fewer at once breaks the barrier (and fails) instead of passing by luck."""
+
+    def __init__(self, wait_for: int, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.lock = threading.Lock()
+        self.started = {"put": 0, "get": 0}
+        self.now = {"put": 0, "get": 0}
+        self.most = {"put": 0, "get": 0}
+        self.barriers = {k: threading.Barrier(wait_for, timeout=scaled(60)) for k in self.now}
+
+    def _counted(self, kind: str, call: Callable[[], T]) -> T:
+        with self.lock:
+            self.started[kind] += 1
+            first = self.started[kind] <= self.barriers[kind].parties
+            self.now[kind] += 1
+            self.most[kind] = max(self.most[kind], self.now[kind])
+        try:
+            if first:
+                self.barriers[kind].wait()
+            return call()
+        finally:
+            with self.lock:
+                self.now[kind] -= 1
+
+    def put(self, key: str, data: bytes) -> str | None:
+        if len(data) < MiB:  # the small object of the latency figure: one at a time
+            return super().put(key, data)
+        return self._counted("put", lambda: super(InFlight, self).put(key, data))
+
+    def get(self, key: str, *args: Any, **kwargs: Any) -> bytes:
+        if "small" in key:
+            return super().get(key, *args, **kwargs)
+        return self._counted("get", lambda: super(InFlight, self).get(key, *args, **kwargs))
+
+
+def test_the_probe_measures_at_the_writer_and_reader_concurrency(bucket: SeaweedCluster) -> None:
+    """The store probe keeps as many PUTs and GETs in flight as the generation writer and
+    reader do (s3upload.UPLOAD_THREADS, s3fetch.FETCH_THREADS), never more, and leaves
+    nothing behind."""
+    assert UPLOAD_THREADS == FETCH_THREADS  # one barrier size serves both
+    s = InFlight(
+        UPLOAD_THREADS,
+        target="s3t",
+        endpoint=bucket.endpoint,
+        bucket=BUCKET,
+        prefix="host1",
+        credentials=Credentials(ADMIN.access_key, ADMIN.secret_key),
+        region=REGION,
+    )
+    speed = measure_store(s, total=2 * UPLOAD_THREADS * MiB, object_bytes=MiB)
+    assert not any(b.broken for b in s.barriers.values()), s.most
+    assert s.most == {"put": UPLOAD_THREADS, "get": FETCH_THREADS}, s.most
+    assert (speed.put_concurrency, speed.get_concurrency) == (UPLOAD_THREADS, FETCH_THREADS)
+    assert speed.objects == 2 * UPLOAD_THREADS and speed.object_bytes == MiB
+    assert speed.put_rate > 0 and speed.get_rate > 0 and speed.latency > 0
+    assert s.list() == []

@@ -10,6 +10,8 @@ exceptions is done once, here (the I/O edge of a remote store, as
 the store says                          error
 =====================================  ==============================================
 no connection (refused, timeout, DNS)   :class:`~blockguard.errors.TargetUnreachable`
+the connection reset or closed in the   :class:`~blockguard.errors.WireClosed`
+middle of a request
 401, 403 (bad signature, unknown key,   :class:`~blockguard.errors.NotAuthorized`
 access denied)
 404 (no such key, no such bucket)       :class:`~blockguard.errors.NotFound`
@@ -59,6 +61,7 @@ from blockguard.errors import (
     PoolSpaceLow,
     StoreFailed,
     TargetUnreachable,
+    WireClosed,
 )
 from blockguard.storage.ioedge import io_edge
 
@@ -76,6 +79,10 @@ SPACE_CODES = frozenset(
 INSUFFICIENT_STORAGE = 507
 _STATUS = re.compile(r"status code: (\d{3})")
 _CODE = re.compile(r"<Code>([A-Za-z0-9.]+)</Code>")
+#: obstore's debug dump of an HTTP error that came after the connection was made (hyper
+#: "SendRequest" with a reset, a broken pipe or an early close), and the OS's words.
+_INTERRUPTED = re.compile(r"kind: Interrupted\b|connection closed before message completed")
+_OS_MESSAGE = re.compile(r'message: "([^"]{1,120})"')
 _NO_CONNECTION = (
     "error sending request",
     "connection refused",
@@ -313,6 +320,15 @@ class ObjectStore:
         reason = _short(text)
         where = f"{self.bucket}/{self.prefix + '/' if self.prefix else ''}{key}"
         log.debug("%s %s on target %s failed: %s", op, where, self.target, reason)
+        if status is None and _INTERRUPTED.search(text):
+            # The store was reached and the request was on its way: not "cannot reach",
+            # but a link that dropped (a load balancer, a proxy, a reset); retried next run.
+            cause = _OS_MESSAGE.search(text)
+            return WireClosed(
+                peer=f"object store {self.target} ({self.endpoint})",
+                where=f"while {op} {where}"
+                + (f" ({cause.group(1).lower()})" if cause else " (connection closed)"),
+            )
         if status is None and (
             isinstance(exc, ConnectionError | TimeoutError)
             or any(mark in text.lower() for mark in _NO_CONNECTION)
