@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from blockguard.errors import CorruptMetadata
+from blockguard.errors import CorruptMetadata, NotFound
 from blockguard.storage.pool.s3pool import S3Pool
 from blockguard.storage.remote.s3chunks import (
     DATA_PREFIX,
@@ -56,6 +56,29 @@ from blockguard.storage.remote.s3lease import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Written at the end of every sweep of the bucket (by any host): its Last-Modified, the
+#: store's clock, is when the bucket was last swept (:func:`sweep_due`).
+SWEPT_KEY = "gc-swept"
+
+
+def sweep_due(pool: S3Pool, interval: float) -> float:
+    """Seconds until the bucket's next scheduled sweep: 0 when one is due (no host swept
+    it in the last ``interval`` seconds of the store's clock, or never).
+
+    One sweep per interval for the whole bucket, whichever host runs it: a fleet of N
+    hosts does not list the bucket N times per interval.
+    """
+    if interval <= 0:
+        return 0.0
+    try:
+        last = pool.store.head(SWEPT_KEY).modified
+    except NotFound:
+        return 0.0
+    if last is None:
+        return 0.0
+    age = store_time(pool.store, pool.host_id) - last.timestamp()
+    return max(0.0, interval - age)
 
 
 @dataclass(frozen=True)
@@ -193,6 +216,7 @@ def sweep(
     )
     # This pool's own index forgets the deleted packs now (others at their next refresh).
     pool.index.refresh()
+    store.put(SWEPT_KEY, b"")
     return SweepResult(
         candidates,
         tuple(deleted),
