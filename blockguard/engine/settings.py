@@ -201,8 +201,6 @@ class Settings:
             ("alert_pool_free_percent", settings.alert_pool_free_percent > 100, "is over 100"),
             ("alert_failed_backups", settings.alert_failed_backups < 1, "must be at least 1"),
             ("alert_hook_timeout", settings.alert_hook_timeout <= 0, "must be positive"),
-            ("s3_gc_grace", settings.s3_gc_grace < 0, "must not be negative"),
-            ("s3_gc_interval", settings.s3_gc_interval < 0, "must not be negative"),
             ("s3_lease_timeout", settings.s3_lease_timeout <= 0, "must be positive"),
         ):
             if bad:
