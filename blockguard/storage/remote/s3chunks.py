@@ -257,12 +257,14 @@ class GcMark:
     epoch, the sweeper's clock, for the log), deleted by a sweep at least a grace period
     after ``store_marked`` (the store's clock, taken once the mark was stored: a writer
     whose lease started later read the index with the mark in it). A mark without
-    ``store_marked`` (its sweeper stopped in between) is never carried out."""
+    ``store_marked`` (its sweeper is between its two writes, or stopped there) is never
+    carried out; ``written`` is its object's Last-Modified (the store's clock)."""
 
     name: str
     marked: float
     packs: tuple[str, ...]
     store_marked: float | None = None
+    written: float | None = None
 
 
 def read_marks(store: ObjectStore, blob_key: bytes) -> list[GcMark]:
@@ -281,6 +283,7 @@ def read_marks(store: ObjectStore, blob_key: bytes) -> list[GcMark]:
                     float(body["marked"]),
                     tuple(str(p) for p in body["packs"]),
                     None if at is None else float(at),
+                    None if info.modified is None else info.modified.timestamp(),
                 )
             )
         except NotFound:

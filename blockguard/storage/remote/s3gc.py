@@ -163,10 +163,14 @@ def sweep(
             pending.update(mark.packs)
             continue
         if at is None:
-            # Its sweeper stopped before it knew the store's time of the mark: never
-            # carried out; its packs are marked again below.
-            log.warning("pool %s: gc mark %s has no store time: dropped", pool.name, mark.name)
-            store.delete(GC_PREFIX + mark.name)
+            # Its sweeper is between its two writes of it (its packs stay avoided), or
+            # stopped there long ago: then it is dropped and its packs marked again below.
+            # Never carried out: when writers began avoiding its packs is unknown.
+            if mark.written is not None and now - mark.written > lease_timeout:
+                log.warning("pool %s: gc mark %s has no store time: dropped", pool.name, mark.name)
+                store.delete(GC_PREFIX + mark.name)
+            else:
+                pending.update(mark.packs)
             continue
         for pack_id in mark.packs:
             if pack_id not in stored:
