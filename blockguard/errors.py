@@ -479,6 +479,18 @@ class StoreFailed(WireError):
     dbus_name = f"{DBUS_PREFIX}.StoreFailed"
 
 
+class LeaseLost(EnvironmentProblem):
+    """A writer into an object store went longer than its lease timeout without renewing
+    its lease (the store unreachable, the process paused): a garbage collection may have
+    taken the chunks it reused, so it commits nothing; the next run stores them again."""
+
+    template = (
+        "object store {target}: the writer's lease {lease} was not renewed for {gap:.0f}s "
+        "(its timeout is {timeout:.0f}s); nothing was committed, the next run retries"
+    )
+    dbus_name = f"{DBUS_PREFIX}.LeaseLost"
+
+
 class CredentialsFileRefused(KeyFileRefused):
     """An object store's credentials file that others could read, or that is not one."""
 

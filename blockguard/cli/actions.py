@@ -168,11 +168,26 @@ def _result_line(job: dict[str, Any]) -> str:
         parts.append(f"ok {text(result['ok'])}")
     if result.get("freed"):
         parts.append(f"retention removed {text(result['freed'])}")
-    done = (
-        f"target {job['Target']} registered"
-        if job["Kind"] == "target"
-        else f"{job['Kind']} of {job['Target']} done"
-    )
+    if "gc_marked" in result:
+        parts.append(
+            f"swept: {result['gc_marked']} pack(s) marked, {result['gc_deleted']} deleted, "
+            f"{result['gc_spared']} spared"
+        )
+        if result.get("gc_held"):
+            parts.append(
+                f"{result['gc_held']} mark(s) held back by {result['gc_leases']} running backup(s)"
+            )
+        for lease in result.get("gc_expired_leases", []) or []:
+            parts.append(f"expired lease removed: {text(lease)}")
+    if job["Kind"] == "target":
+        swept = "gc_marked" in result
+        done = (
+            f"sweep of target {job['Target']} done"
+            if swept
+            else f"target {job['Target']} registered"
+        )
+    else:
+        done = f"{job['Kind']} of {job['Target']} done"
     line = done + (f": {', '.join(parts)}" if parts else "")
     for warning in result.get("warnings", []) or []:
         line += f"\nwarning: {warning}"

@@ -317,6 +317,13 @@ TREE = Cmd(
                     (Arg("id"),),
                 ),
                 Cmd(
+                    "gc",
+                    "sweep an object-store target's bucket now (garbage collection: packs "
+                    "no generation of any host references, after the grace period)",
+                    Action("targets.target_gc"),
+                    (Arg("id"), NO_WAIT),
+                ),
+                Cmd(
                     "remove",
                     "forget a backup target, its link figures and its pinned host key",
                     Action("targets.target_remove"),

@@ -230,6 +230,11 @@ def key_export(client: Client, args: argparse.Namespace, out: Output) -> None:
     out.note(f"warning: {text(warning)}")
 
 
+def target_gc(client: Client, args: argparse.Namespace, out: Output) -> None:
+    path = client.call("CollectTarget", "s", args.id)
+    finish_job(client, path, args, out)
+
+
 def target_import(client: Client, args: argparse.Namespace, out: Output) -> None:
     found = plain(client.call("ImportTarget", "s", args.id))
     if out.as_json:

@@ -54,6 +54,8 @@ MUTATING_METHODS: frozenset[str] = frozenset(
         "RestoreFromTarget",
         # Records what the target holds in the catalog.
         "ImportTarget",
+        # Deletes unreferenced packs from an object store.
+        "CollectTarget",
         # Changes nothing, but hands out the master key: root only, and in the trail.
         "ExportKey",
         # Makes this host's ssh key on first use.

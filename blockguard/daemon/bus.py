@@ -452,6 +452,13 @@ class ManagerInterface(ServiceInterface):
         return to_vardict(await self._call(self.service.import_target, target))
 
     @dbus_method()
+    @handler()
+    async def CollectTarget(self, target: Str) -> ObjPath:
+        """Sweep object-store target ``target``'s bucket now (garbage collection); returns
+        the job."""
+        return self.tree.job(await self._call(self.service.collect_target, target))
+
+    @dbus_method()
     @handler(read_only=True)
     async def ListTargets(self) -> VarDicts:
         return [to_vardict(t) for t in await self._call(self.service.list_targets)]

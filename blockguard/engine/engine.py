@@ -157,6 +157,8 @@ class Engine:
             backoff=self.target_backoff,
             on_target_full=self._target_full,
             gc_grace=self.settings.s3_gc_grace,
+            gc_interval=self.settings.s3_gc_interval,
+            lease_timeout=self.settings.s3_lease_timeout,
         )
 
     def _target_full(self, target: str, exc: PoolSpaceLow) -> None:
@@ -197,7 +199,12 @@ class Engine:
             )
             self._jobs = JobBook(self.catalog, self.runner, self.events, recorder=self.cmd)
             self._jobs.keep_ids_in(self.state_dir / "last-job-id")
-            self._targets = TargetRegistry(self.catalog, self.state_dir, self.cmd)
+            self._targets = TargetRegistry(
+                self.catalog,
+                self.state_dir,
+                self.cmd,
+                lease_timeout=self.settings.s3_lease_timeout,
+            )
             self._refuse_lost_catalog()
             self._jobs.fail_interrupted()
             self._recover_points_in_time()
@@ -699,6 +706,24 @@ class Engine:
             return self.transfers.import_target(target)
         finally:
             self.jobs.release(key)
+
+    def collect_target(self, target: str) -> Job:
+        """Sweep object-store target ``target``'s bucket now (``target gc``), a job."""
+        key = f"target:{target}"
+        self.jobs.reserve(key)  # not while its registration runs, nor twice at once
+        try:
+            self.catalog_or_fail().get_target(target)
+
+            def work(progress: ProgressReporter, _record: str) -> dict[str, Any]:
+                progress(0, 1)
+                found = self.transfers.collect(target)
+                progress(1, 1)
+                return found
+
+            return self.jobs.submit(JobKind.TARGET, key, target, work, reserved=True)
+        except BaseException:
+            self.jobs.release(key)
+            raise
 
     def list_targets(self) -> list[dict[str, Any]]:
         return [self._describe_target(t) for t in self.catalog_or_fail().list_targets()]

@@ -35,6 +35,7 @@ from blockguard.storage.remote.objstore import (
     credentials_from_env,
     load_credentials,
 )
+from blockguard.storage.remote.s3lease import DEFAULT_LEASE_TIMEOUT
 from blockguard.storage.remote.storeprobe import StoreSpeed
 
 #: Bucket names as S3 allows them (3-63 lower-case letters, digits, dots, hyphens).
@@ -212,15 +213,20 @@ def store_entry(target_id: str, where: str, speed: StoreSpeed, now: float) -> Pe
 
 
 def s3_pool(
-    target: Target, key: keys.MasterKey, volume_names: Callable[[], Iterable[str]]
+    target: Target,
+    key: keys.MasterKey,
+    volume_names: Callable[[], Iterable[str]],
+    lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
 ) -> S3Pool:
-    """The generation store of an object-store target."""
+    """The generation store of an object-store target (its writers' leases live
+    ``lease_timeout`` seconds without a renewal)."""
     return S3Pool(
         f"target:{target.id}",
         store_of(target),
         key,
         volume_names=volume_names,
         client=target.client_id,
+        lease_timeout=lease_timeout,
     )
 
 

@@ -372,6 +372,11 @@ class Service(Protocol):
         """Record and return the volumes and generations ``target`` holds of this host
         (``target import``, e.g. on a new host with the exported key)."""
 
+    def collect_target(self, target: str) -> Job:
+        """Sweep object-store target ``target``'s bucket now (``target gc``): mark the
+        packs no generation of any host references, delete the ones marked at least the
+        grace period ago that no live writer lease holds back."""
+
     def transfer_now(self, volume: str) -> Job:
         """Send the newest local generation of ``volume`` to its backup target (its
         objectives' ``remote_target``), by the method the remote plan chooses."""

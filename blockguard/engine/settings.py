@@ -64,9 +64,18 @@ tests (and slow or fast hosts) override them:
     before its next reservation, keeps it from failing.
 ``s3_gc_grace`` (``BLOCKGUARD_S3_GC_GRACE``)
     seconds a pack of an object-store target no generation references is kept after a
-    garbage-collection sweep marked it (default 86400: well above the longest backup
-    run, which must be shorter than it; docs/design/s3.md). Each transfer to the target
-    runs one sweep after its commit.
+    garbage-collection sweep marked it (default 86400). A backup may run longer: its
+    writer lease holds the collection back (docs/design/s3.md).
+``s3_gc_interval`` (``BLOCKGUARD_S3_GC_INTERVAL``)
+    seconds between two scheduled sweeps of an object-store target's bucket (default
+    21600): a transfer sweeps after its commit only when no host of the bucket swept it
+    within this time (the store's clock); ``0`` sweeps after every transfer.
+    ``blockguardctl target gc ID`` sweeps at once.
+``s3_lease_timeout`` (``BLOCKGUARD_S3_LEASE_TIMEOUT``)
+    seconds a writer's lease in an object-store target lives without a renewal (default
+    600; renewed every fifth of it). A writer that could not renew for longer commits
+    nothing (``LeaseLost``); a crashed writer's lease stops holding the collection back
+    after it.
 ``metrics_file`` (``BLOCKGUARD_METRICS_FILE``)
     the Prometheus textfile-collector file written after each assessment (default
     ``/var/lib/prometheus/node-exporter/blockguard.prom``, written only if that directory
@@ -136,6 +145,8 @@ class Settings:
     thin_metadata_wait: float = 300.0
     thin_metadata_quiet: float = 5.0
     s3_gc_grace: float = 86400.0
+    s3_gc_interval: float = 21600.0
+    s3_lease_timeout: float = 600.0
     #: empty (in the file or the environment): no metrics file
     metrics_file: Path | None = DEFAULT_METRICS_FILE
     test_clock_file: Path | None = None
@@ -190,6 +201,7 @@ class Settings:
             ("alert_pool_free_percent", settings.alert_pool_free_percent > 100, "is over 100"),
             ("alert_failed_backups", settings.alert_failed_backups < 1, "must be at least 1"),
             ("alert_hook_timeout", settings.alert_hook_timeout <= 0, "must be positive"),
+            ("s3_lease_timeout", settings.s3_lease_timeout <= 0, "must be positive"),
         ):
             if bad:
                 raise InvalidConfig(source=key, detail=why)

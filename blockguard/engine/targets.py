@@ -145,8 +145,11 @@ class TargetRegistry:
         runner: Runner,
         measure: LinkMeasure = measure_link,
         measure_s3: StoreMeasure = measure_store,
+        lease_timeout: float = s3targets.DEFAULT_LEASE_TIMEOUT,
     ) -> None:
         self.catalog = catalog
+        #: Seconds an object-store writer's lease lives without a renewal.
+        self.lease_timeout = lease_timeout
         self.state_dir = Path(state_dir)
         self.runner = runner
         self.measure = measure
@@ -506,7 +509,7 @@ class TargetRegistry:
             return names | {r.volume for r in self.catalog.list_remote_generations(target.id)}
 
         if target.kind == "s3":
-            return s3targets.s3_pool(target, key, volume_names)
+            return s3targets.s3_pool(target, key, volume_names, self.lease_timeout)
         address = ssh.parse_target_url(target.url)
         return RemotePool(
             f"target:{target.id}",

@@ -22,9 +22,11 @@ no pack of the bucket holds yet (every host of the key deduplicates against the 
 index), so a full costs the new chunks and a manifest; the result says so
 (``chunks_reused``, ``bytes_uploaded``). Its PUT rate refines the target's row as a
 link's up direction does. After the commit and the keep-last retention (which removes
-manifests only), one garbage-collection sweep (:func:`~blockguard.storage.remote.s3gc.sweep`)
+manifests only), a garbage-collection sweep (:func:`~blockguard.storage.remote.s3gc.sweep`)
 marks the packs no generation references and deletes those marked at least
-``gc_grace`` ago.
+``gc_grace`` ago, when one is due: at most once per ``gc_interval`` for the bucket,
+whichever host swept it last (:func:`~blockguard.storage.remote.s3gc.sweep_due`).
+:meth:`Transfers.collect` sweeps at once (``target gc``).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ from blockguard.errors import (
 from blockguard.storage.manifest import Manifest
 from blockguard.storage.pool.remotepool import RemotePool
 from blockguard.storage.pool.s3pool import S3Pool
-from blockguard.storage.remote.s3gc import sweep
+from blockguard.storage.remote.s3gc import SweepResult, sweep, sweep_due
 from blockguard.storage.remote.s3gen import S3GenerationWriter
 from blockguard.storage.transfer import transfer_generation, transfer_spec
 
@@ -139,6 +141,19 @@ def _row(
     )
 
 
+def _gc_fields(swept: SweepResult) -> dict[str, Any]:
+    """A sweep in a job's result."""
+    return {
+        "gc_marked": len(swept.marked),
+        "gc_deleted": len(swept.deleted),
+        "gc_spared": len(swept.spared),
+        # Marks a live writer lease older than them holds back (a backup still running).
+        "gc_held": len(swept.held),
+        "gc_leases": swept.leases,
+        "gc_expired_leases": list(swept.expired),
+    }
+
+
 def _retry_cap(plan: RemotePlan) -> float:
     """The longest back-off for the plan's target: its remote RPO interval, if it has
     one (a longer wait would miss the RPO by itself), else :data:`MAX_WAIT`."""
@@ -160,7 +175,10 @@ class Transfers:
         one released), for the scheduler.
     :param on_target_full: told when the target refused for want of space (the alert).
     :param gc_grace: seconds an unreferenced pack of an object-store target is kept
-        after a sweep marked it (each transfer there runs a sweep after its commit).
+        after a sweep marked it.
+    :param gc_interval: seconds between two sweeps of an object-store target's bucket
+        after transfers (0: after every transfer).
+    :param lease_timeout: what a sweep assumes of a writer lease that does not open.
     """
 
     def __init__(
@@ -172,6 +190,8 @@ class Transfers:
         backoff: TargetBackoff | None = None,
         on_target_full: Callable[[str, PoolSpaceLow], None] | None = None,
         gc_grace: float = 86400.0,
+        gc_interval: float = 21600.0,
+        lease_timeout: float = 600.0,
     ) -> None:
         self.catalog = catalog
         self.targets = targets
@@ -180,6 +200,8 @@ class Transfers:
         self.backoff = backoff
         self.on_target_full = on_target_full
         self.gc_grace = gc_grace
+        self.gc_interval = gc_interval
+        self.lease_timeout = lease_timeout
 
     def plan(
         self, volume: str, pool: str, given: dict[str, Any], local: list[Manifest]
@@ -335,18 +357,39 @@ class Transfers:
         return result
 
     def _collect(self, remote: RemotePool | S3Pool) -> dict[str, Any] | None:
-        """One garbage-collection sweep of an object-store target after a commit (its
-        packs no generation references go after the grace period; docs/design/s3.md).
-        A failed sweep fails nothing: the generation is committed and recorded, the next
-        transfer sweeps again."""
+        """A garbage-collection sweep of an object-store target after a commit, when one
+        is due (its packs no generation references go after the grace period;
+        docs/design/s3.md). A failed sweep fails nothing: the generation is committed
+        and recorded, a later transfer sweeps again."""
         if not isinstance(remote, S3Pool):
             return None
         try:
-            swept = sweep(remote, timedelta(seconds=self.gc_grace))
+            wait = sweep_due(remote, self.gc_interval)
+            if wait > 0:
+                return {"gc_due_in": round(wait)}
+            swept = self._sweep(remote)
         except BlockguardError as exc:
             log.error("target %s: garbage collection failed: %s", remote.store.target, exc)
             return {"gc_error": str(exc)}
-        return {"gc_marked": len(swept.marked), "gc_deleted": len(swept.deleted)}
+        return _gc_fields(swept)
+
+    def _sweep(self, remote: S3Pool) -> SweepResult:
+        return sweep(remote, timedelta(seconds=self.gc_grace), lease_timeout=self.lease_timeout)
+
+    def collect(self, target: str) -> dict[str, Any]:
+        """One garbage-collection sweep of object-store target ``target`` now, due or not
+        (``target gc``).
+
+        :raises InvalidInput: not an object-store target.
+        :raises CorruptMetadata: a manifest does not open (nothing deleted or marked).
+        """
+        with self.targets.remote_pool(target) as remote:
+            if not isinstance(remote, S3Pool):
+                raise InvalidInput(
+                    detail=f"target {target} is not an object store: its pool collects "
+                    "its own garbage"
+                )
+            return _gc_fields(self._sweep(remote))
 
     def import_target(self, target: str) -> dict[str, Any]:
         """What ``target`` holds of this host (its master key), recorded in the catalog:

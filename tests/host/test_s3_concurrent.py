@@ -80,7 +80,7 @@ def test_two_hosts_prune_and_back_up_at_once(
     restore_to: dict[str, str] = {}
     sums: dict[str, dict[str, str]] = {"hosta": {}, "hostb": {}}
     for host, harness in (("hosta", engine), ("hostb", second_engine)):
-        daemon = harness.start(BLOCKGUARD_S3_GC_GRACE=GRACE)
+        daemon = harness.start(BLOCKGUARD_S3_GC_GRACE=GRACE, BLOCKGUARD_S3_GC_INTERVAL="0")
         extra = ("--key", str(key)) if key.exists() else ()
         ok(daemon, "target", "add", "fleet", URL, "--endpoint", bucket.endpoint,
            "--credentials", str(creds), "--client", host, *extra)  # fmt: skip

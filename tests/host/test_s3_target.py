@@ -240,7 +240,7 @@ def test_retention_on_the_target_collects_what_no_generation_references(
 ) -> None:
     # A grace of 0 s: a pack no generation references is marked by one sweep and
     # deleted by the next (each transfer runs one after its commit).
-    daemon = engine.start(BLOCKGUARD_S3_GC_GRACE="0")
+    daemon = engine.start(BLOCKGUARD_S3_GC_GRACE="0", BLOCKGUARD_S3_GC_INTERVAL="0")
     add_target(daemon, bucket, credentials_file(tmp_path / "s3-credentials"))
     volume = protect(daemon, loopdev, "db", seed=11)
     # One generation here and one there: each round's full replaces the previous one.
@@ -263,6 +263,43 @@ def test_retention_on_the_target_collects_what_no_generation_references(
     device = loopdev(SIZE, "restore.img")
     restore_from(daemon, rounds[2]["generation"], device)
     assert sha256_of(device) == sha256_of(volume)
+
+
+def test_the_sweep_runs_on_its_own_schedule_and_by_hand(
+    bucket: SeaweedCluster, engine: EngineHarness, loopdev: Callable[..., str], tmp_path: Path
+) -> None:
+    """The default interval (hours): the first transfer sweeps the never-swept bucket,
+    the next ones do not (they say when the next sweep is due); ``target gc`` sweeps at
+    once: it marks the freed generation's packs, deletes them the next time (grace 0),
+    and what is kept restores bit-exact. A target that does not exist is named."""
+    daemon = engine.start(BLOCKGUARD_S3_GC_GRACE="0")
+    add_target(daemon, bucket, credentials_file(tmp_path / "s3-credentials"))
+    volume = protect(daemon, loopdev, "db", seed=51)
+    ok(daemon, "objectives", "db", "--generations", "1", "--remote-generations", "1")
+    rounds = []
+    for n in range(2):
+        write_random(volume, 0, SIZE, seed=60 + n)
+        ok(daemon, "backup", "db", "--full")
+        rounds.append(transfer(daemon, "db"))
+    assert "gc_marked" in rounds[0] and "gc_due_in" not in rounds[0], rounds[0]
+    assert rounds[1]["freed"] and "gc_marked" not in rounds[1], rounds[1]
+    assert 0 < rounds[1]["gc_due_in"] <= 21600, rounds[1]
+    freed_packs = rounds[0]["packs_sent"]
+    assert len(_keys(bucket, "site-a/data/")) == freed_packs + rounds[1]["packs_sent"]
+
+    marked = as_json(daemon, "target", "gc", "fleet")["job"]
+    assert marked["state"] == "done" and marked["kind"] == "target", marked
+    assert marked["result"]["gc_marked"] == freed_packs, marked
+    assert marked["result"]["gc_deleted"] == 0 and marked["result"]["gc_held"] == 0, marked
+    swept = ok(daemon, "target", "gc", "fleet").stdout
+    assert f"sweep of target fleet done: swept: 0 pack(s) marked, {freed_packs} deleted" in swept
+    assert len(_keys(bucket, "site-a/data/")) == rounds[1]["packs_sent"]
+    device = loopdev(SIZE, "restore.img")
+    restore_from(daemon, rounds[1]["generation"], device)
+    assert sha256_of(device) == sha256_of(volume)
+
+    missing = ctl(daemon, "target", "gc", "nosuch")
+    assert missing.returncode != 0 and "nosuch" in missing.stderr, missing
 
 
 def test_a_volume_server_killed_during_an_upload(
@@ -360,7 +397,7 @@ def test_two_hosts_with_one_volume_name_own_their_chains(
     # Host B: a full and an incremental of its web1, whose first bytes are host A's.
     host_b = another_host(engine, notify_socket, tmp_path / "host-b")
     try:
-        b = host_b.start(BLOCKGUARD_S3_GC_GRACE="0")
+        b = host_b.start(BLOCKGUARD_S3_GC_GRACE="0", BLOCKGUARD_S3_GC_INTERVAL="0")
         add_target(b, bucket, creds, "--client", "hostb")
         ok(b, "key", "export", "--output", str(key))
         volume_b = protect_on(b, loopdev, "b", "web1", seed=31, target="fleet")
@@ -376,7 +413,7 @@ def test_two_hosts_with_one_volume_name_own_their_chains(
 
     # Host A: the same key and volume name; one generation kept there, and a sweep
     # after each transfer. Its first full is host B's first bytes: deduplicated.
-    a = engine.start(BLOCKGUARD_S3_GC_GRACE="0")
+    a = engine.start(BLOCKGUARD_S3_GC_GRACE="0", BLOCKGUARD_S3_GC_INTERVAL="0")
     add_target(a, bucket, creds, "--client", "hosta", "--key", str(key))
     volume_a = protect_on(a, loopdev, "a", "web1", seed=31, target="fleet")
     ok(a, "objectives", "web1", "--generations", "1", "--remote-generations", "1")

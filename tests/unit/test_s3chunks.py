@@ -11,7 +11,7 @@ import array
 import hashlib
 import os
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import xxhash
@@ -39,22 +39,29 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}
+        #: Last-Modified of each object: the store's clock (leases and marks read it).
+        self.modified: dict[str, datetime] = {}
 
     def put(self, key: str, data: bytes) -> None:
         self.objects[key] = bytes(data)
+        self.modified[key] = datetime.now(tz=UTC)
 
     def get(self, key: str) -> bytes:
         return self.objects[key]
 
+    def head(self, key: str) -> ObjectInfo:
+        return ObjectInfo(key, len(self.objects[key]), None, self.modified[key])
+
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         return [
-            ObjectInfo(k, len(v), None)
+            ObjectInfo(k, len(v), None, self.modified.get(k))
             for k, v in sorted(self.objects.items())
             if k.startswith(prefix)
         ]
 
     def delete(self, key: str) -> None:
         self.objects.pop(key, None)
+        self.modified.pop(key, None)
 
 
 def backup(pool: S3Pool, name: str, data: bytes) -> str:

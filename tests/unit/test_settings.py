@@ -64,6 +64,8 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
         ("drill_bytes = 1.5\n", "drill_bytes: 1.5 is not a whole number"),
         ("cow_size = -1\n", "cow_size: -1 is negative"),
         ("default_speed = 0\n", "default_speed: must be positive"),
+        ("s3_lease_timeout = 0\n", "s3_lease_timeout: must be positive"),
+        ("s3_gc_interval = -1.0\n", "s3_gc_interval: -1.0 is negative"),
         ("probe_seconds = \n", "not valid TOML"),
         ("state_dir = '/x'\n", "unknown key 'state_dir'"),
     ],

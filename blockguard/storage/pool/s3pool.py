@@ -14,7 +14,10 @@ the bucket finds every generation of its client id and restores it (a new host r
 another host's generations by registering the target with that host's client id).
 
 Removing a generation removes its manifest only; the packs it alone referenced stay
-until a garbage collection (not built yet; its safety rules are in the design).
+until a garbage collection (:mod:`blockguard.storage.remote.s3gc`). Each writer holds a
+lease in the bucket (:mod:`blockguard.storage.remote.s3lease`) from before it reads the
+chunk index until its manifest is stored, so a collection never takes a chunk a running
+backup reused, however long it runs.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from blockguard.storage.remote.keys import MasterKey
 from blockguard.storage.remote.objstore import ObjectStore
 from blockguard.storage.remote.s3chunks import STORAGE_FORMAT, ChunkIndex, slots_of
 from blockguard.storage.remote.s3gen import S3GenerationReader, S3GenerationWriter
+from blockguard.storage.remote.s3lease import DEFAULT_LEASE_TIMEOUT, WriterLease
 from blockguard.storage.remote.seal import BlobAAD, open_blob, seal_blob
 
 if TYPE_CHECKING:
@@ -86,6 +90,7 @@ class S3Pool(PoolBackend):
     :param client: this host's client id: the generations it writes, lists and removes
         are its own (``snapshots/HOST_ID/``); :meth:`scan` with ``every_host`` (the
         garbage collection) reads every host's.
+    :param lease_timeout: seconds a writer's lease lives without a renewal.
     """
 
     kind = "s3"
@@ -99,11 +104,13 @@ class S3Pool(PoolBackend):
         alert: AlertCallback | None = None,
         volume_names: Callable[[], Iterable[str]] | None = None,
         client: str = DEFAULT_CLIENT,
+        lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
     ) -> None:
         super().__init__(name, alert)
         self.store = store
         self._key = key
         self.client = client
+        self.lease_timeout = lease_timeout
         self._host = key.host_id(client)
         self._blob_key = key.blob_key()
         self._pack_key = key.store_pack_key()
@@ -118,6 +125,11 @@ class S3Pool(PoolBackend):
         self.last_writer: S3GenerationWriter | None = None
         #: Volume name -> the id its next generation takes (:meth:`expect_resume`).
         self._named_ids: dict[str, str] = {}
+
+    @property
+    def host_id(self) -> str:
+        """This host's id in the bucket (``MasterKey.host_id`` of its client id)."""
+        return self._host
 
     @property
     def blob_key(self) -> bytes:
@@ -142,9 +154,17 @@ class S3Pool(PoolBackend):
     # --- generations ------------------------------------------------------------------
 
     def begin_generation(self, spec: GenerationSpec) -> GenerationWriter:
-        # Chunks other hosts stored since the last backup are reused, not sent again.
-        self.index.refresh()
-        draft = self._draft(spec)
+        # The lease before the index: a collection that marks a pack after this point
+        # waits for this writer (it may reuse the pack's chunks, read just below).
+        lease = WriterLease(self.store, self._blob_key, self._host, self.client, self.lease_timeout)
+        lease.acquire()
+        try:
+            # Chunks other hosts stored since the last backup are reused, not sent again.
+            self.index.refresh()
+            draft = self._draft(spec)
+        except BaseException:
+            lease.release()
+            raise
         place = self._place(spec.volume.name)
 
         def commit(manifest: Manifest) -> int:
@@ -163,6 +183,7 @@ class S3Pool(PoolBackend):
             pack_key_bytes=self._pack_key,
             blob_key=self._blob_key,
             commit_manifest=commit,
+            lease=lease,
         )
         return self.last_writer
 

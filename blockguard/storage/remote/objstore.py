@@ -109,7 +109,7 @@ class ObjectInfo:
     key: str
     size: int
     etag: str | None
-    #: When the store says it was written (listings only).
+    #: When the store says it was written (its own clock: listings and :meth:`head`).
     modified: datetime | None = None
 
 
@@ -281,7 +281,7 @@ class ObjectStore:
         """What the store says of ``key``."""
         with self._edge("looking up", key):
             meta = obstore.head(self._store, key)
-        return ObjectInfo(key, int(meta["size"]), meta.get("e_tag"))
+        return ObjectInfo(key, int(meta["size"]), meta.get("e_tag"), meta.get("last_modified"))
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         """Every object whose key starts with ``prefix`` (a folder: ``"packs/"``), sorted."""

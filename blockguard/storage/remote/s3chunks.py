@@ -254,11 +254,17 @@ def slots_of(manifest: Manifest) -> tuple[list[bytes], bytes]:
 @dataclass(frozen=True)
 class GcMark:
     """A collection's mark: packs no manifest referenced at ``marked`` (seconds since the
-    epoch, the sweeper's clock), deleted by a sweep at least a grace period later."""
+    epoch, the sweeper's clock, for the log), deleted by a sweep at least a grace period
+    after ``store_marked`` (the store's clock, taken once the mark was stored: a writer
+    whose lease started later read the index with the mark in it). A mark without
+    ``store_marked`` (its sweeper is between its two writes, or stopped there) is never
+    carried out; ``written`` is its object's Last-Modified (the store's clock)."""
 
     name: str
     marked: float
     packs: tuple[str, ...]
+    store_marked: float | None = None
+    written: float | None = None
 
 
 def read_marks(store: ObjectStore, blob_key: bytes) -> list[GcMark]:
@@ -270,7 +276,16 @@ def read_marks(store: ObjectStore, blob_key: bytes) -> list[GcMark]:
         try:
             plain = open_blob(blob_key, BlobAAD("gc", DOMAIN, name), store.get(info.key))
             body = json.loads(plain)
-            marks.append(GcMark(name, float(body["marked"]), tuple(str(p) for p in body["packs"])))
+            at = body.get("store_marked")
+            marks.append(
+                GcMark(
+                    name,
+                    float(body["marked"]),
+                    tuple(str(p) for p in body["packs"]),
+                    None if at is None else float(at),
+                    None if info.modified is None else info.modified.timestamp(),
+                )
+            )
         except NotFound:
             # Deleted since the listing by another host's sweep: that sweep dealt with it.
             continue
@@ -280,5 +295,8 @@ def read_marks(store: ObjectStore, blob_key: bytes) -> list[GcMark]:
 
 
 def write_mark(store: ObjectStore, blob_key: bytes, mark: GcMark) -> None:
-    raw = json.dumps({"marked": mark.marked, "packs": list(mark.packs)}).encode()
+    body: dict[str, object] = {"marked": mark.marked, "packs": list(mark.packs)}
+    if mark.store_marked is not None:
+        body["store_marked"] = mark.store_marked
+    raw = json.dumps(body).encode()
     store.put(GC_PREFIX + mark.name, seal_blob(blob_key, BlobAAD("gc", DOMAIN, mark.name), raw))

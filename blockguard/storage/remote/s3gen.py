@@ -28,6 +28,7 @@ from blockguard.storage.remote.s3chunks import (
     slots_of,
 )
 from blockguard.storage.remote.s3fetch import PackFetcher
+from blockguard.storage.remote.s3lease import WriterLease
 from blockguard.storage.remote.s3upload import PackUploads
 from blockguard.storage.remote.seal import open_pack
 
@@ -43,6 +44,9 @@ class S3GenerationWriter(GenerationWriter):
 
     :param commit_manifest: stores the sealed manifest (the commit point); returns
         the bytes it stored.
+    :param lease: the writer's lease in the bucket (taken by the pool before it read the
+        index): checked right before the manifest is stored, released after it or at an
+        abort.
     """
 
     #: A transfer's result reads these of any remote writer: an S3 writer never resumes
@@ -60,8 +64,10 @@ class S3GenerationWriter(GenerationWriter):
         pack_key_bytes: bytes,
         blob_key: bytes,
         commit_manifest: Callable[[Manifest], int],
+        lease: WriterLease | None = None,
     ) -> None:
         super().__init__(draft, None)
+        self.lease = lease
         self._store = store
         self._index = index
         self._id_key = chunk_id_key
@@ -150,13 +156,22 @@ class S3GenerationWriter(GenerationWriter):
             checksum_count=len(checksums),
             checksum_digest=checksum_digest(raw),
         )
+        if self.lease is not None:
+            # A lease that lapsed no longer held back the collection: a chunk this
+            # writer reused may be gone, so nothing is committed (LeaseLost).
+            self.lease.check()
         self.manifest_bytes = self._commit_manifest(manifest)
         self.committed = manifest
+        if self.lease is not None:
+            # Only now: a sweep that finds no lease finds this manifest.
+            self.lease.release()
         return manifest
 
     def abort(self) -> None:
         # Nothing to remove (see the class docstring): unreferenced packs are garbage.
         self._uploads.close()
+        if self.lease is not None:
+            self.lease.release()
         self.packs, self.sent_bytes = self._uploads.packs, self._uploads.sent_bytes
         self._buffer = bytearray()
         self._pending = []
