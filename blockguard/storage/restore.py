@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from pyroaring import BitMap
 
+from blockguard.core.restore_model import MergedDeltas
 from blockguard.core.vocab import RestoreTarget
 from blockguard.errors import CorruptMetadata, DeviceInUse, DeviceTooSmall, InvalidInput
 from blockguard.storage.blockdev import BlockDevice, in_use_reasons
@@ -538,8 +539,21 @@ def _window(parts: Sequence[_Part], chunk_size: int, pool: Executor | None) -> C
     )
 
 
+def runs(chunks: BitMap) -> int:
+    """Runs of adjacent chunks in a set."""
+    return len(chunks) - len(chunks & chunks.shift(1))
+
+
 def _delta_extents(plan: Sequence[tuple[Manifest, BitMap]]) -> int:
-    """Runs of adjacent chunks the deltas of a plan write (the full's are sequential)."""
-    return sum(
-        sum(1 for _ in extents(own, gen.chunks, gen.chunks)) for gen, own in plan if not gen.is_full
-    )
+    """Runs of adjacent chunks the deltas of a plan write (the full's are sequential):
+    those of their union, since adjacent chunks of different generations are one window
+    (:func:`gathered_items`), and each chunk is taken once."""
+    return runs(BitMap.union(BitMap(), *(own for gen, own in plan if not gen.is_full)))
+
+
+def merged_deltas(chain: Sequence[Manifest]) -> MergedDeltas:
+    """The distinct delta chunks and their runs a restore of ``chain``'s newest generation
+    writes, from the manifests' chunk sets alone (no data read): the restore-time model's
+    shape of the restore as :func:`plan_chunks` will really do it."""
+    plan = plan_chunks(chain)
+    return MergedDeltas(sum(len(own) for gen, own in plan if not gen.is_full), _delta_extents(plan))
