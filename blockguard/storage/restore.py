@@ -44,6 +44,12 @@ RESTORE_READERS = 4
 #: 10 ms read latency (host, emulated) such a restore of 128 MiB took 0.38 s against
 #: 0.19 s for the full alone.
 GATHER_READERS = 8
+#: Delta windows a swap-in writes at once. Its windows are scattered (the full is already
+#: in the clone, so only runs of delta chunks are written, each its own place): one at a
+#: time, each waited for the last, a copy-on-write allocation or a slow disk's latency
+#: apiece, while the reads had RESTORE_READERS in flight. The windows never overlap, so
+#: they are written with the same depth as they are read.
+SWAP_IN_WRITERS = RESTORE_READERS
 
 
 @dataclass(frozen=True)
@@ -174,7 +180,9 @@ def swap_in(
             todo = sum(gen.bytes_of(own) for gen, own in deltas)
             progress.start(todo + (full.bytes_of(plan[0][1]) if verify_base else 0))
             sink = device_sink(dev, full.chunk_size)
-            written = _copy_parts(pool, deltas, sink, full, progress, extent_bytes)
+            written = _copy_parts(
+                pool, deltas, sink, full, progress, extent_bytes, writers=SWAP_IN_WRITERS
+            )
             read = written
             if verify_base:
                 with pool.open_generation(full) as base:
@@ -305,9 +313,11 @@ def _copy_parts(
     full: Manifest,
     progress: Progress,
     extent_bytes: int,
+    writers: int = 1,
 ) -> int:
     """Copy each generation's chunks of ``parts`` (of the chain of ``full``) to ``sink``
-    in gathered windows, in target order; returns the bytes copied."""
+    in gathered windows, in target order (``writers`` > 1: that many at once, in any
+    order); returns the bytes copied."""
     with contextlib.ExitStack() as stack:
         readers = [stack.enter_context(pool.open_generation(g)) for g, _ in parts]
         gather = None
@@ -323,6 +333,7 @@ def _copy_parts(
             progress=progress,
             extent_bytes=extent_bytes,
             readers=RESTORE_READERS,
+            writers=writers,
         )
 
 
