@@ -181,7 +181,7 @@ from blockguard.storage.drill import run_drill
 from blockguard.storage.manifest import VolumeIdentity
 from blockguard.storage.pool.dirpool import DirPool
 from blockguard.storage.probe import WritableRegion, probe_device
-from blockguard.storage.restore import restore_to_device, swap_in
+from blockguard.storage.restore import merged_deltas, restore_to_device, swap_in
 
 MiB = 1 << 20
 # (kind, fraction of chunks changed since the previous backup): chains of 1-8
@@ -331,6 +331,9 @@ def run_pool(
             chain = chain.with_backup(
                 GenerationKind(kind), len(copy_set) * chunk, "pool", extents=runs(BitMap(copy_set))
             )
+            # As the daemon's restore estimate (engine/restores.py): the restore plan's
+            # distinct chunks and merged runs, from the manifests.
+            chain = dataclasses.replace(chain, merged=merged_deltas(pool.chain("benchvol", parent)))
             label = f"{kind[:4]} {len(copy_set)} ch, {len(chain.restore_deltas())} deltas"
             measure(label, chain)
 
