@@ -140,6 +140,19 @@ for 64 MiB, and fitted 45 ms a generation), slow swap-in 22.5 % 12/12 (over-esti
 4-6): 11.5 % overall, 46/48 within the upper (96 %); fast copy 23.0 % 11/12 (signed -20 %,
 over-estimated), fast swap-in 16.7 % 12/12 (signed +17 %), slow copy 17.0 % 11/12, slow
 swap-in 5.7 % 12/12 (37 ms an extent drilled). Both targets met overall, not in every cell.
+
+Branch rto14c (issue 14's structural fixes): estimates now count the restore plan's merged
+shape (each delta chunk once, adjacent chunks of different generations one run: this bench
+sets ``Chain.merged`` from the manifests as the daemon does; its random deltas rarely
+overlap, so the shapes barely change here), a borrowing disk's per-extent term is scaled
+by the disks' random reads (not exercised here: each pool is drilled itself), and a
+swap-in writes its scattered delta windows 4 at once. Host, the command above with
+``--slow-mbps 100``, load 5.3 at start, 9.7 at the end (2 CPUs, a guest of another session
+running): 18.5 % overall, 44/48 within the upper; fast copy 16.5 % 11/12, fast swap-in
+36.2 % 9/12 (under-estimates: the drill ran at the lower load, 0.08-0.28 s for 64 MiB
+swap-ins, the 128 MiB ones took 0.26-1.25 s), slow copy 9.7 % 12/12, slow swap-in 15.7 %
+12/12 (over-estimates: with parallel writes its swap-ins took 1.23-1.48 s whatever their
+extents, 20-508 chunks, where the drill fitted 0.8 ms an extent).
 """
 
 from __future__ import annotations
