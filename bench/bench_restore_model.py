@@ -140,6 +140,27 @@ for 64 MiB, and fitted 45 ms a generation), slow swap-in 22.5 % 12/12 (over-esti
 4-6): 11.5 % overall, 46/48 within the upper (96 %); fast copy 23.0 % 11/12 (signed -20 %,
 over-estimated), fast swap-in 16.7 % 12/12 (signed +17 %), slow copy 17.0 % 11/12, slow
 swap-in 5.7 % 12/12 (37 ms an extent drilled). Both targets met overall, not in every cell.
+
+Branch rto14c (issue 14's structural fixes): estimates now count the restore plan's merged
+shape (each delta chunk once, adjacent chunks of different generations one run: this bench
+sets ``Chain.merged`` from the manifests as the daemon does; its random deltas rarely
+overlap, so the shapes barely change here), a borrowing disk's per-extent term is scaled
+by the disks' random reads (not exercised here: each pool is drilled itself), and a
+swap-in writes its scattered delta windows 4 at once. Host, the command above with
+``--slow-mbps 100``, load 5.3 at start, 9.7 at the end (2 CPUs, a guest of another session
+running): 18.5 % overall, 44/48 within the upper; fast copy 16.5 % 11/12, fast swap-in
+36.2 % 9/12 (under-estimates: the drill ran at the lower load, 0.08-0.28 s for 64 MiB
+swap-ins, the 128 MiB ones took 0.26-1.25 s), slow copy 9.7 % 12/12, slow swap-in 15.7 %
+12/12 (over-estimates: with parallel writes its swap-ins took 1.23-1.48 s whatever their
+extents, 20-508 chunks, where the drill fitted 0.8 ms an extent). Guest, the guest command
+above with --timeout 2700, in one boot after tests/guest/test_rto_promise.py and
+test_drill_scratch_lvm.py (both passed); 1 guest CPU, host load 1.2 at start: 19.3 %
+overall, 46/48 within the upper (96 %); fast copy 15.5 % 11/12, fast swap-in 18.2 % 11/12,
+slow copy 51.0 % 12/12 (over-estimates, the copy path is unchanged: the drill's copies of
+the delayed disk took 0.19-0.81 s, the 128 MiB ones 0.67-1.28 s), slow swap-in 8.6 % 12/12.
+The dm-delay disk's swap-in per-extent cost drilled 21 ms with 4 writers (37-40 ms one at a
+time, two delayed I/Os a copy-on-write write); the fast disk's 6.5 ms (6.8 ms before) did
+not shrink on one CPU.
 """
 
 from __future__ import annotations
@@ -181,7 +202,7 @@ from blockguard.storage.drill import run_drill
 from blockguard.storage.manifest import VolumeIdentity
 from blockguard.storage.pool.dirpool import DirPool
 from blockguard.storage.probe import WritableRegion, probe_device
-from blockguard.storage.restore import restore_to_device, swap_in
+from blockguard.storage.restore import merged_deltas, restore_to_device, swap_in
 
 MiB = 1 << 20
 # (kind, fraction of chunks changed since the previous backup): chains of 1-8
@@ -331,6 +352,9 @@ def run_pool(
             chain = chain.with_backup(
                 GenerationKind(kind), len(copy_set) * chunk, "pool", extents=runs(BitMap(copy_set))
             )
+            # As the daemon's restore estimate (engine/restores.py): the restore plan's
+            # distinct chunks and merged runs, from the manifests.
+            chain = dataclasses.replace(chain, merged=merged_deltas(pool.chain("benchvol", parent)))
             label = f"{kind[:4]} {len(copy_set)} ch, {len(chain.restore_deltas())} deltas"
             measure(label, chain)
 

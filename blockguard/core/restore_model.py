@@ -97,17 +97,44 @@ class StoredDelta:
 
 
 @dataclass(frozen=True)
+class MergedDeltas:
+    """What a restore of a chain's newest generation really writes of its deltas.
+
+    The restore plan takes each chunk once, from the newest generation holding it, and
+    writes adjacent chunks as one run whichever generation they come from; so a chunk
+    changed in four incrementals is one chunk, and summing the deltas' own extents
+    over-counts (issue 14: the per-extent term of long chains). Computed from the
+    manifests' chunk sets, without reading data
+    (:func:`blockguard.storage.restore.merged_deltas`).
+
+    :param chunks: distinct delta chunks the restore writes.
+    :param extents: runs of adjacent chunks in their union.
+    """
+
+    chunks: int
+    extents: int
+
+    def __post_init__(self) -> None:
+        check_bytes("merged delta chunks", self.chunks)
+        check_bytes("merged delta extents", self.extents)
+
+
+@dataclass(frozen=True)
 class Chain:
     """The generations since (and including) the last full, oldest first.
 
     :param full_bytes: size of the full base.
     :param full_device_id: pool device holding the full.
     :param deltas: the differentials and incrementals taken since, oldest first.
+    :param merged: the restore plan's distinct chunks and runs of the newest generation's
+        deltas, when the chain's chunk sets are known; None: the deltas' own sizes and
+        extents are summed (an upper bound).
     """
 
     full_bytes: int
     full_device_id: str
     deltas: tuple[StoredDelta, ...] = ()
+    merged: MergedDeltas | None = None
 
     def __post_init__(self) -> None:
         check_bytes("full size", self.full_bytes)
@@ -145,28 +172,39 @@ class Chain:
         :param scattered: whether a delta's chunks are scattered.
         :param extents: a delta's runs of adjacent chunks, when known.
         """
-        if GenerationKind(method) is GenerationKind.FULL:
+        method = GenerationKind(method)
+        if method is GenerationKind.FULL:
             return Chain(nbytes, device_id)
-        return Chain(
-            self.full_bytes,
-            self.full_device_id,
-            (*self.deltas, StoredDelta(method, nbytes, device_id, scattered, extents)),
-        )
+        delta = StoredDelta(method, nbytes, device_id, scattered, extents)
+        merged = None
+        if method is GenerationKind.INCREMENTAL and self.merged is not None:
+            # Where the new chunks fall is not known yet: adding them all is an upper
+            # bound (a union's runs never outnumber its parts' runs).
+            merged = MergedDeltas(
+                self.merged.chunks + -(-nbytes // DEFAULT_EXTENT_BYTES),
+                self.merged.extents + delta.extent_count,
+            )
+        # A differential holds everything since the full: the restore applies it alone,
+        # and its own extents are exact (merged None sums just it).
+        return Chain(self.full_bytes, self.full_device_id, (*self.deltas, delta), merged)
 
     def shape(self) -> RestoreShape:
         """The shape of a restore of the newest generation (see :class:`RestoreShape`).
 
         Every chunk is moved once (copy: read and written; swap-in: the deltas written and
         the rest of the clone read back to verify it), so the bytes are the full's size.
-        Overlaps between deltas are not known here: their extents are summed (an upper
-        bound).
+        The deltas' chunks and extents are those of the restore plan (:attr:`merged`)
+        when known; otherwise overlaps between deltas are not known and their own chunks
+        and extents are summed (an upper bound).
         """
         deltas = self.restore_deltas()
+        if self.merged is not None:
+            chunks, extents = self.merged.chunks, self.merged.extents
+        else:
+            chunks = -(-sum(d.nbytes for d in deltas) // DEFAULT_EXTENT_BYTES)
+            extents = sum(d.extent_count for d in deltas)
         return RestoreShape(
-            generations=1 + len(deltas),
-            chunks=-(-sum(d.nbytes for d in deltas) // DEFAULT_EXTENT_BYTES),
-            extents=sum(d.extent_count for d in deltas),
-            nbytes=self.full_bytes,
+            generations=1 + len(deltas), chunks=chunks, extents=extents, nbytes=self.full_bytes
         )
 
 

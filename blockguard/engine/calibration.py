@@ -7,8 +7,12 @@ planner's terms are fitted from the recent samples of each pool device and resto
 (:func:`blockguard.core.restore_terms.fit_terms`); a pool device and mode without enough
 samples is "uncalibrated" and planned with the probe-only model — unless another device
 of the same pool was drilled: a drill places its synthetic chain on one device of the
-pool, so the others borrow its terms, their bytes term scaled by the two devices' probed
-read speeds and never cheaper than the drilled device's.
+pool, so the others borrow its terms, never cheaper than the drilled device's: the bytes
+term scaled by the two devices' probed sequential read speeds, the per-extent term by
+their probed random reads at the chunk size (a slow, high-latency disk pays each scattered
+extent its own latency; copied unscaled, a 20 ms disk borrowing a fast disk's 0.5 ms per
+extent was under-estimated). ``plan`` says which terms were borrowed, from where, and by
+what factors.
 
 A pool drill restores its copies into scratch space on the pool (:mod:`.scratch`), whose
 probed write rate is kept with each copy sample: the fit takes those writes out of the
@@ -54,17 +58,19 @@ class Calibration:
 
     terms: dict[tuple[str, str], PathTerms] = field(default_factory=dict)
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
-    #: (device, mode) -> (the drilled device whose terms it borrowed, bytes scale)
-    borrowed: dict[tuple[str, str], tuple[str, float]] = field(default_factory=dict)
+    #: (device, mode) -> (the drilled device whose terms it borrowed, bytes scale,
+    #: per-extent scale)
+    borrowed: dict[tuple[str, str], tuple[str, float, float]] = field(default_factory=dict)
 
     def describe(self, device: str, mode: str) -> str:
         """``calibrated (N samples)`` or why not, for ``plan``."""
         n = self.counts.get((device, mode), 0)
         if (device, mode) in self.borrowed:
-            donor, scale = self.borrowed[device, mode]
+            donor, scale, extent_scale = self.borrowed[device, mode]
             return (
-                f"calibrated from {self.counts.get((donor, mode), 0)} restore samples of "
-                f"{donor} in {mode} mode (same pool; bytes x{scale:.2f} by probed read speeds)"
+                f"borrowed: calibrated from {self.counts.get((donor, mode), 0)} restore samples "
+                f"of {donor} in {mode} mode (same pool; bytes x{scale:.2f} by probed "
+                f"sequential reads, per-extent x{extent_scale:.2f} by probed random reads)"
             )
         if (device, mode) in self.terms:
             return f"calibrated from {n} restore samples of {device} in {mode} mode"
@@ -132,19 +138,30 @@ def calibration(
             fitted = _fit(tuple(samples_of(records)), (floors or {}).get(device, 0.0))
             if fitted is not None:
                 terms[device, mode] = fitted
-    borrowed: dict[tuple[str, str], tuple[str, float]] = {}
+    borrowed: dict[tuple[str, str], tuple[str, float, float]] = {}
     for device in devices:
         for mode in RESTORE_MODES:
             donors = [d for d in devices if (d, mode) in terms and d in (speeds or {})]
             if (device, mode) in terms or speeds is None or device not in speeds or not donors:
                 continue
             donor = max(donors, key=lambda d, mode=mode: counts[d, mode])
-            own = speeds[device].read(False)
-            scale = max(1.0, speeds[donor].read(False) / own) if own > 0 else 1.0
+            scale = _slower_by(speeds[donor].read(False), speeds[device].read(False))
+            # Random reads at the chunk size: the probe's figure of each scattered read's
+            # latency (its ratio is the latencies' at the same request size and depth).
+            extent_scale = _slower_by(speeds[donor].read(True), speeds[device].read(True))
             fitted = terms[donor, mode]
-            terms[device, mode] = dataclasses.replace(fitted, per_byte=fitted.per_byte * scale)
-            borrowed[device, mode] = (donor, scale)
+            terms[device, mode] = dataclasses.replace(
+                fitted,
+                per_byte=fitted.per_byte * scale,
+                per_extent=fitted.per_extent * extent_scale,
+            )
+            borrowed[device, mode] = (donor, scale, extent_scale)
     return Calibration(terms, counts, borrowed)
+
+
+def _slower_by(donor_rate: float, own_rate: float) -> float:
+    """How many times slower a borrower is than its donor (at least 1: never cheaper)."""
+    return max(1.0, donor_rate / own_rate) if own_rate > 0 else 1.0
 
 
 def estimate_dict(estimate: RestoreEstimate, cal: Calibration) -> dict[str, Any]:
@@ -162,6 +179,9 @@ def estimate_dict(estimate: RestoreEstimate, cal: Calibration) -> dict[str, Any]
     fitted = cal.terms.get((estimate.device_id, mode))
     if fitted is not None:
         found["terms"] = fitted.as_dict()
+    if (estimate.device_id, mode) in cal.borrowed:
+        donor, scale, extent_scale = cal.borrowed[estimate.device_id, mode]
+        found["borrowed"] = {"from": donor, "bytes_scale": scale, "extent_scale": extent_scale}
     return found
 
 

@@ -49,6 +49,7 @@ from blockguard.engine.calibration import Calibration, estimate_dict
 from blockguard.engine.ids import public_id, short_id
 from blockguard.storage.manifest import Manifest
 from blockguard.storage.pool.base import generation_refs
+from blockguard.storage.restore import merged_deltas
 from blockguard.storage.tracking import ChangeSet
 
 if TYPE_CHECKING:
@@ -97,14 +98,19 @@ def chain_view(manifests: Sequence[Manifest], device_of: Callable[[Manifest], st
     if not fulls:
         return ChainView(None, newest, None)
     full = fulls[-1]
+    on_full = [m for m in manifests if not m.is_full and m.base_id == full.generation_id]
     deltas = tuple(
         StoredDelta(
             GenerationKind(m.kind.value), m.bytes_stored, device_of(m), extents=runs(m.changed)
         )
-        for m in manifests
-        if not m.is_full and m.base_id == full.generation_id
+        for m in on_full
     )
-    return ChainView(Chain(full.volume.size, device_of(full), deltas), newest, full)
+    # What a restore of the newest applies (as Chain.restore_deltas): the last
+    # differential and the incrementals after it, each chunk once.
+    differential = GenerationKind.DIFFERENTIAL.value
+    start = max((i for i, m in enumerate(on_full) if m.kind.value == differential), default=0)
+    merged = merged_deltas([full, *on_full[start:]])
+    return ChainView(Chain(full.volume.size, device_of(full), deltas, merged), newest, full)
 
 
 @dataclass

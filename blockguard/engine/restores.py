@@ -52,6 +52,7 @@ from blockguard.storage.manifest import Manifest
 from blockguard.storage.pool.base import PoolBackend
 from blockguard.storage.restore import (
     RestoreResult,
+    merged_deltas,
     restore_in_place,
     restore_to_device,
     swap_in,
@@ -203,6 +204,7 @@ def restore_estimate(
             )
             for m in chain[1:]
         ),
+        merged_deltas(chain),
     )
     speeds = pools.speeds(request.pool)
     pool_speeds = dict(speeds)

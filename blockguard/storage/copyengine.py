@@ -3,7 +3,8 @@
 Changed chunks are coalesced into extents of up to ``extent_bytes`` (8 MiB by default).
 A reader thread fills page-aligned buffers (``O_DIRECT``-safe) with ``preadv``, hashes
 each chunk with xxh3_64 and, when the item carries expected checksums, verifies them; the
-calling thread writes the buffers out. A small fixed set of buffers bounds the memory and
+calling thread writes the buffers out (or, for a sink of items that never overlap, a few
+writer threads at once). A small fixed set of buffers bounds the memory and
 makes the two sides run in parallel (``preadv``/``pwritev`` and xxhash release the GIL).
 There is one system call per extent per side, never one per chunk.
 
@@ -17,6 +18,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -249,43 +252,69 @@ def copy_chunks(
     progress: Progress | None = None,
     extent_bytes: int = DEFAULT_EXTENT_BYTES,
     readers: int = DEFAULT_READERS,
+    writers: int = 1,
 ) -> int:
     """Copy every item to ``sink``, overlapping reads and writes; returns the bytes copied.
 
     ``readers`` threads read (and hash) items in parallel, which keeps several requests
-    in flight for scattered small extents; the sink still receives the items strictly in
-    their given order, from the calling thread (an item of several ``runs``: one call
-    per run, in order). Items must have ``count * chunk_size <=
+    in flight for scattered small extents; with one writer the sink receives the items
+    strictly in their given order, from the calling thread (an item of several ``runs``:
+    one call per run, in order). Items must have ``count * chunk_size <=
     extent_bytes``. The last chunk of the volume may be short: the views passed around
     are cut to the volume's end.
 
+    :param writers: items written at once. Above 1 the sink is called from that many
+        threads and items may land in any order: only for a sink writing each item to its
+        own place (a device sink of items that do not overlap, e.g. a swap-in's scattered
+        delta windows, which one at a time each waited for the last). Every write has
+        finished (or failed) when this returns or raises.
     :raises ChecksumMismatch: an item's data does not match its expected checksums.
     :raises BlockguardError: the copy was cancelled through ``progress``.
     """
+    if writers < 1:
+        raise EnvironmentProblem(detail=f"copy writers {writers!r} must be at least 1")
     progress = progress or Progress()
     progress.start()
 
     def read(item: CopyItem, buf: memoryview) -> _Read:
         return _read_item(item, buf, chunk_size, volume_size, extent_bytes, progress)
 
-    ahead = _ReadAhead(iter(items), read, readers, extent_bytes)
+    def write(item: CopyItem, buf: memoryview, nbytes: int, digests: list[int]) -> None:
+        if item.runs:
+            # Every sink's contract is contiguous chunks from ``first`` (a writer
+            # that places or hashes chunks by index relies on it): one call per run.
+            off = done = 0
+            for first, count in item.runs:
+                n = min(count * chunk_size, nbytes - off)
+                sink(first, buf[off : off + n], digests[done : done + count])
+                off, done = off + n, done + count
+        else:
+            sink(item.first, buf[:nbytes], digests)
+        progress.advance(nbytes)
+        ahead.recycle(buf)
+
+    # Each writer in flight holds a buffer: the readers keep theirs.
+    ahead = _ReadAhead(iter(items), read, readers, extent_bytes, spare=writers - 1)
     copied = 0
+    pool = None if writers == 1 else ThreadPoolExecutor(writers, "blockguard-copy-writer")
+    pending: set[Future[None]] = set()
     try:
         for item, buf, nbytes, digests in ahead.in_order():
-            if item.runs:
-                # Every sink's contract is contiguous chunks from ``first`` (a writer
-                # that places or hashes chunks by index relies on it): one call per run.
-                off = done = 0
-                for first, count in item.runs:
-                    n = min(count * chunk_size, nbytes - off)
-                    sink(first, buf[off : off + n], digests[done : done + count])
-                    off, done = off + n, done + count
+            if pool is None:
+                write(item, buf, nbytes, digests)
             else:
-                sink(item.first, buf[:nbytes], digests)
+                if len(pending) >= writers:
+                    done, pending = wait_futures(pending, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        f.result()
+                pending.add(pool.submit(write, item, buf, nbytes, digests))
             copied += nbytes
-            progress.advance(nbytes)
-            ahead.recycle(buf)
+        for f in pending:
+            f.result()
     finally:
+        if pool is not None:
+            # No write may still land once this returns (or raises).
+            pool.shutdown(wait=True, cancel_futures=True)
         ahead.close()
         progress.finish()
     return copied
@@ -349,12 +378,13 @@ class _ReadAhead:
         read: Callable[[CopyItem, memoryview], _Read],
         readers: int,
         extent_bytes: int,
+        spare: int = 0,
     ) -> None:
         self._source = source
         self._read = read
         self._readers = readers
         self._free: queue.Queue[memoryview | None] = queue.Queue()
-        for _ in range(readers + 2):
+        for _ in range(readers + 2 + spare):
             self._free.put(memoryview(aligned_buffer(extent_bytes)))
         self._take = threading.Lock()
         self._ready = threading.Condition()

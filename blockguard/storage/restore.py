@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from pyroaring import BitMap
 
+from blockguard.core.restore_model import MergedDeltas
 from blockguard.core.vocab import RestoreTarget
 from blockguard.errors import CorruptMetadata, DeviceInUse, DeviceTooSmall, InvalidInput
 from blockguard.storage.blockdev import BlockDevice, in_use_reasons
@@ -43,6 +44,12 @@ RESTORE_READERS = 4
 #: 10 ms read latency (host, emulated) such a restore of 128 MiB took 0.38 s against
 #: 0.19 s for the full alone.
 GATHER_READERS = 8
+#: Delta windows a swap-in writes at once. Its windows are scattered (the full is already
+#: in the clone, so only runs of delta chunks are written, each its own place): one at a
+#: time, each waited for the last, a copy-on-write allocation or a slow disk's latency
+#: apiece, while the reads had RESTORE_READERS in flight. The windows never overlap, so
+#: they are written with the same depth as they are read.
+SWAP_IN_WRITERS = RESTORE_READERS
 
 
 @dataclass(frozen=True)
@@ -173,7 +180,9 @@ def swap_in(
             todo = sum(gen.bytes_of(own) for gen, own in deltas)
             progress.start(todo + (full.bytes_of(plan[0][1]) if verify_base else 0))
             sink = device_sink(dev, full.chunk_size)
-            written = _copy_parts(pool, deltas, sink, full, progress, extent_bytes)
+            written = _copy_parts(
+                pool, deltas, sink, full, progress, extent_bytes, writers=SWAP_IN_WRITERS
+            )
             read = written
             if verify_base:
                 with pool.open_generation(full) as base:
@@ -304,9 +313,11 @@ def _copy_parts(
     full: Manifest,
     progress: Progress,
     extent_bytes: int,
+    writers: int = 1,
 ) -> int:
     """Copy each generation's chunks of ``parts`` (of the chain of ``full``) to ``sink``
-    in gathered windows, in target order; returns the bytes copied."""
+    in gathered windows, in target order (``writers`` > 1: that many at once, in any
+    order); returns the bytes copied."""
     with contextlib.ExitStack() as stack:
         readers = [stack.enter_context(pool.open_generation(g)) for g, _ in parts]
         gather = None
@@ -322,6 +333,7 @@ def _copy_parts(
             progress=progress,
             extent_bytes=extent_bytes,
             readers=RESTORE_READERS,
+            writers=writers,
         )
 
 
@@ -538,8 +550,21 @@ def _window(parts: Sequence[_Part], chunk_size: int, pool: Executor | None) -> C
     )
 
 
+def runs(chunks: BitMap) -> int:
+    """Runs of adjacent chunks in a set."""
+    return len(chunks) - len(chunks & chunks.shift(1))
+
+
 def _delta_extents(plan: Sequence[tuple[Manifest, BitMap]]) -> int:
-    """Runs of adjacent chunks the deltas of a plan write (the full's are sequential)."""
-    return sum(
-        sum(1 for _ in extents(own, gen.chunks, gen.chunks)) for gen, own in plan if not gen.is_full
-    )
+    """Runs of adjacent chunks the deltas of a plan write (the full's are sequential):
+    those of their union, since adjacent chunks of different generations are one window
+    (:func:`gathered_items`), and each chunk is taken once."""
+    return runs(BitMap.union(BitMap(), *(own for gen, own in plan if not gen.is_full)))
+
+
+def merged_deltas(chain: Sequence[Manifest]) -> MergedDeltas:
+    """The distinct delta chunks and their runs a restore of ``chain``'s newest generation
+    writes, from the manifests' chunk sets alone (no data read): the restore-time model's
+    shape of the restore as :func:`plan_chunks` will really do it."""
+    plan = plan_chunks(chain)
+    return MergedDeltas(sum(len(own) for gen, own in plan if not gen.is_full), _delta_extents(plan))

@@ -78,18 +78,54 @@ def test_an_undrilled_device_of_the_pool_borrows_the_drilled_ones_terms(tmp_path
         drilled = cal.terms["/dev/sdb", "copy"]
         slow, fast = cal.terms["/dev/sdc", "copy"], cal.terms["/dev/sdd", "copy"]
         assert slow.per_byte == pytest.approx(2 * drilled.per_byte)
-        assert (slow.fixed, slow.per_generation, slow.per_extent) == (
-            drilled.fixed,
-            drilled.per_generation,
-            drilled.per_extent,
-        )
+        assert slow.per_extent == pytest.approx(2 * drilled.per_extent)
+        assert (slow.fixed, slow.per_generation) == (drilled.fixed, drilled.per_generation)
         assert fast == drilled
         assert cal.describe("/dev/sdc", "copy") == (
-            "calibrated from 5 restore samples of /dev/sdb in copy mode "
-            "(same pool; bytes x2.00 by probed read speeds)"
+            "borrowed: calibrated from 5 restore samples of /dev/sdb in copy mode "
+            "(same pool; bytes x2.00 by probed sequential reads, per-extent x2.00 by probed "
+            "random reads)"
         )
         # Nothing to borrow in a mode no device was measured in.
         assert ("/dev/sdc", "swap-in") not in cal.terms
+
+
+def test_a_high_latency_disk_that_borrows_pays_its_own_latency_per_extent(
+    tmp_path: Path,
+) -> None:
+    """A disk as fast as the drilled one when streaming but 10x slower at scattered reads
+    (a 20 ms disk beside a fast one) pays 10x the drilled per-extent cost, not the fast
+    disk's; ``plan`` says the terms are borrowed and by what factors."""
+    from blockguard.core.perftable import DeviceSpeed
+    from blockguard.core.restore_model import Chain, StoredDelta, estimate_chain
+    from blockguard.core.vocab import GenerationKind, RestoreMode
+    from blockguard.engine.calibration import estimate_dict
+
+    speeds = {
+        "/dev/sdb": DeviceSpeed(500e6, 500e6, 100e6, 100e6),
+        "/dev/sdd": DeviceSpeed(500e6, 500e6, 10e6, 10e6),
+    }
+    with Catalog(tmp_path / "catalog.db") as c:
+        for shape in SHAPES:
+            _record(c, shape, mode="swap-in")
+        cal = calibration(c, sorted(speeds), speeds)
+        drilled, slow = cal.terms["/dev/sdb", "swap-in"], cal.terms["/dev/sdd", "swap-in"]
+        assert drilled.per_extent > 0
+        assert slow.per_extent == pytest.approx(10 * drilled.per_extent)
+        assert slow.per_byte == drilled.per_byte
+        chain = Chain(
+            64 << 20,
+            "/dev/sdd",
+            (StoredDelta(GenerationKind.INCREMENTAL, 0, "/dev/sdd", extents=100),),
+        )
+        estimate = estimate_chain(chain, speeds, RestoreMode.SWAP_IN, terms=cal.terms)
+        assert estimate.breakdown.extents == pytest.approx(100 * 10 * drilled.per_extent)
+        shown = estimate_dict(estimate, cal)
+        assert shown["borrowed"] == {"from": "/dev/sdb", "bytes_scale": 1.0, "extent_scale": 10.0}
+        assert shown["calibration"].startswith(
+            "borrowed: calibrated from 5 restore samples of /dev/sdb"
+        )
+        assert "per-extent x10.00" in shown["calibration"]
 
 
 def test_real_copy_restores_are_not_charged_their_target_writes_twice(tmp_path: Path) -> None:
