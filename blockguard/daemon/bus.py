@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
-from dbus_fast import BusType, Message, MessageType, NameFlag, RequestNameReply
+from dbus_fast import BusType, Message, MessageType, NameFlag, RequestNameReply, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusSignature
 from dbus_fast.constants import PropertyAccess
@@ -337,10 +337,19 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_method()
     @handler()
-    async def RestoreFiles(self, group: Str, paths: Strs, to: Str, overwrite: Bool) -> ObjPath:
-        """Restore a file group's files (``GROUP[@GEN]``) into a directory; a job."""
-        job = await self._call(self.service.restore_files, group, list(paths), to, overwrite)
-        return self.tree.job(job)
+    async def RestoreFiles(self, group: Str, paths: Strs, to: Str) -> VarDict:
+        """Serve a file group's files (``GROUP[@GEN]``) for the caller to write into its
+        directory ``to``: a read-only loop device of the generation and what to write
+        (``entries``: compressed JSON, ``ay``); end with FinishRestoreFiles."""
+        found = await self._call(self.service.restore_files, group, list(paths), to)
+        return to_vardict({**found, "entries": Variant("ay", found["entries"])})
+
+    @dbus_method()
+    @handler()
+    async def FinishRestoreFiles(self, served: Str, result: VarDict) -> None:
+        """The caller of RestoreFiles is done (``result``: files, bytes, seconds, or
+        error): the loop device is released."""
+        await self._call(self.service.finish_restore_files, served, from_variant(result))
 
     @dbus_method()
     @handler()

@@ -254,11 +254,10 @@ def test_restore_files_of_every_generation(
                 daemon, "--json", "restore-files", f"grp@{result['number']}", "--to", str(into)
             )
             assert done.returncode == 0, done.stderr
-            job = json.loads(done.stdout)["job"]
-            assert (
-                job["result"]["seconds"] >= 0
-                and job["result"]["generation"] == result["generation"]
-            )
+            restored = json.loads(done.stdout)["restore"]
+            assert restored["seconds"] >= 0 and restored["generation"] == result["generation"]
+            assert restored["target"] == str(into)
+            assert_nothing_served(daemon)
             # Only the group: nothing else of the volume comes along.
             assert os.listdir(into) == ["grp"]
             assert tree_of(into / "grp") == want, n
@@ -293,3 +292,61 @@ def test_restore_files_of_every_generation(
         }
         missing = cli(daemon, "restore-files", "grp", "grp/nope", "--to", str(into))
         assert missing.returncode != 0 and "grp/nope" in missing.stderr
+        assert_nothing_served(daemon)
+
+
+def assert_nothing_served(daemon: Daemon) -> None:
+    """No loop device over the daemon's generation images, no FUSE mount of them, no
+    record left: restore-files released what it was served."""
+    browse = str(daemon.state_dir / "browse")
+    assert not list((daemon.state_dir / "mounts").glob("*.json"))
+    with open("/proc/self/mountinfo") as info:
+        assert not [line for line in info if browse in line.split()[4]]
+    for entry in Path("/sys/block").iterdir():
+        backing = entry / "loop" / "backing_file"
+        if backing.exists():
+            assert not backing.read_text().startswith(browse), entry.name
+
+
+def test_restore_files_stops_at_a_damaged_chunk(
+    engine: EngineHarness, loopdev: Callable[..., str], fs_dir: Path, tmp_path: Path
+) -> None:
+    """A chunk of a file's data fails its checksum: restore-files stops with a named data
+    error, leaves no file (or part of one) under the damaged file's name, and releases
+    the device; the files restored before it are whole."""
+    from tests.daemon.test_browse import physical_offset
+
+    pool_disk = loopdev(400 * MiB, "pool.img")
+    volume = loopdev(32 * MiB, "db.img")
+    run(["mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", volume])
+    run(["mount", volume, str(fs_dir)])
+    write(fs_dir / "grp/a.bin", 300_000, 1)
+    write(fs_dir / "grp/b.bin", 3 * MiB, 2)
+    good = hashlib.sha256((fs_dir / "grp/a.bin").read_bytes()).hexdigest()
+    damaged_at = physical_offset(fs_dir / "grp/b.bin", 2 * MiB)
+    daemon = engine.start()
+    with Client(daemon.address) as client:
+        client.call("CreatePool", "ssasb", "p1", "dir", [pool_disk], False)
+        client.call("Protect", "sstssa{sv}", volume, "db", 0, "", "", {})
+        client.call("SetObjectives", "sa{sv}", "db", {"rpo": variant("1h")})
+        client.call("CreateFileGroup", "ssas", "grp", "db", ["grp"])
+        result = back_up(client)
+    gen_id = str(result["generation"]).split("@")[1]
+    image = next((daemon.state_dir / "pools" / "p1").glob(f"area-*/volumes/db/{gen_id}/image"))
+    with open(image, "r+b") as data:
+        data.seek(damaged_at)
+        byte = data.read(1)
+        data.seek(damaged_at)
+        data.write(bytes([byte[0] ^ 0xFF]))
+
+    into = tmp_path / "restore"
+    into.mkdir()
+    done = cli(daemon, "restore-files", "grp", "--to", str(into))
+    assert done.returncode == 6, (done.returncode, done.stderr)  # ExitCode.DATA
+    assert "could not be read" in done.stderr and "grp/b.bin" in done.stderr, done.stderr
+    assert "checksum mismatch in generation" in daemon.log()
+    # Nothing under the damaged file's name, no partial file beside it.
+    assert sorted(os.listdir(into / "grp")) == ["a.bin"]
+    assert hashlib.sha256((into / "grp/a.bin").read_bytes()).hexdigest() == good
+    assert "failed" in daemon.log()
+    assert_nothing_served(daemon)
