@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from blockguard.cli.client import Client, RemoteError, plain, variant
 from tests.support.bus import REPO
 from tests.support.daemon import Daemon, EngineHarness, run_job
 from tests.support.devices import MiB
+from tests.timeouts import scaled
 
 CLI = [sys.executable, "-m", "blockguard.cli.main"]
 
@@ -350,3 +352,14 @@ def test_restore_files_stops_at_a_damaged_chunk(
     assert hashlib.sha256((into / "grp/a.bin").read_bytes()).hexdigest() == good
     assert "failed" in daemon.log()
     assert_nothing_served(daemon)
+
+    # A client that is served and leaves the bus without finishing (a killed CLI): the
+    # daemon releases what it served it.
+    with Client(daemon.address) as client:
+        served = plain(client.call("RestoreFiles", "sass", "grp", ["grp/a.bin"], str(into)))
+        assert Path(f"/sys/block/{Path(served['device']).name}/loop/backing_file").exists()
+    deadline = time.monotonic() + scaled(60)
+    while list((daemon.state_dir / "mounts").glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert_nothing_served(daemon)
+    assert "left the bus before it finished" in daemon.log()
