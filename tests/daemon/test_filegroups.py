@@ -88,6 +88,20 @@ def test_filegroup_create_list_show_remove(
             assert words in info.value.message, (paths, info.value.message)
         assert plain(client.call("ListFileGroups")) == []
 
+        # Another file system over the volume's mount point (as the daemon's own /tmp is
+        # under PrivateTmp): the mount table names the volume there, the path leads
+        # elsewhere; refused rather than map another file system's files.
+        run(["mount", "-t", "tmpfs", "-o", "size=1m", "hide", str(fs_dir)])
+        try:
+            (fs_dir / "etc").mkdir()
+            with pytest.raises(RemoteError) as info:
+                client.call("CreateFileGroup", "ssas", "conf", "db", ["etc"])
+            assert info.value.name.endswith(".InvalidInput")
+            assert "does not see it" in info.value.message, info.value.message
+        finally:
+            run(["umount", str(fs_dir)])
+        assert plain(client.call("ListFileGroups")) == []
+
         done = cli(daemon, "--json", "filegroup", "create", "conf", "--volume", "db",
                    "etc", str(fs_dir / "data.bin"))  # fmt: skip
         assert done.returncode == 0, done.stderr
