@@ -137,6 +137,14 @@ def write(path: Path, nbytes: int, seed: int) -> None:
     path.write_bytes(hashlib.shake_256(seed.to_bytes(8, "little")).digest(nbytes))
 
 
+def protect_with_group(client: Client, pool_disk: str, volume: str) -> None:
+    """Pool p1 on ``pool_disk``, ``volume`` protected as db, group grp of its ``grp``."""
+    client.call("CreatePool", "ssasb", "p1", "dir", [pool_disk], False)
+    client.call("Protect", "sstssa{sv}", volume, "db", 0, "", "", {})
+    client.call("SetObjectives", "sa{sv}", "db", {"rpo": variant("1h")})
+    client.call("CreateFileGroup", "ssas", "grp", "db", ["grp"])
+
+
 def back_up(client: Client) -> dict[str, object]:
     props = run_job(client, client.call("BackupNow", "s", "db"))
     assert props["State"] == "done", props["Error"]
@@ -155,10 +163,7 @@ def test_each_backup_keeps_the_group_list_and_its_changed_bytes(
     write(fs_dir / "other.bin", 2_000_000, 3)
     daemon = engine.start()
     with Client(daemon.address) as client:
-        client.call("CreatePool", "ssasb", "p1", "dir", [pool_disk], False)
-        client.call("Protect", "sstssa{sv}", volume, "db", 0, "", "", {})
-        client.call("SetObjectives", "sa{sv}", "db", {"rpo": variant("1h")})
-        client.call("CreateFileGroup", "ssas", "grp", "db", ["grp"])
+        protect_with_group(client, pool_disk, volume)
         first = back_up(client)
         assert first["warnings"] == []
         # Only files outside the group change: the group changed nothing.
@@ -342,10 +347,7 @@ def test_restore_files_stops_at_a_damaged_chunk(
     damaged_at = physical_offset(fs_dir / "grp/b.bin", 2 * MiB)
     daemon = engine.start()
     with Client(daemon.address) as client:
-        client.call("CreatePool", "ssasb", "p1", "dir", [pool_disk], False)
-        client.call("Protect", "sstssa{sv}", volume, "db", 0, "", "", {})
-        client.call("SetObjectives", "sa{sv}", "db", {"rpo": variant("1h")})
-        client.call("CreateFileGroup", "ssas", "grp", "db", ["grp"])
+        protect_with_group(client, pool_disk, volume)
         result = back_up(client)
     gen_id = str(result["generation"]).split("@")[1]
     image = next((daemon.state_dir / "pools" / "p1").glob(f"area-*/volumes/db/{gen_id}/image"))
