@@ -261,6 +261,19 @@ class ChecksumMismatch(DataError):
     dbus_name = f"{DBUS_PREFIX}.ChecksumMismatch"
 
 
+class GenerationUnreadable(DataError):
+    """A generation served to a client (``restore-files``) failed a read: its image
+    answers EIO for a chunk that does not match its stored checksum (or that its pool
+    could not read); the daemon's log names the chunk. Nothing garbled is written."""
+
+    template = (
+        "generation {generation} could not be read at byte {offset} of the volume "
+        "(for {path}): {reason}; a stored chunk is damaged or its pool disk failed "
+        "(the daemon's log names the chunk)"
+    )
+    dbus_name = f"{DBUS_PREFIX}.GenerationUnreadable"
+
+
 class DrillMismatch(DataError):
     """A restore drill read back bytes that differ from what the generation stores (the
     stored chunk was read and checked whole: the restore path wrote it wrong)."""

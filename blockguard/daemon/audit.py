@@ -62,8 +62,10 @@ MUTATING_METHODS: frozenset[str] = frozenset(
         "ClientKey",
         "CreateFileGroup",
         "RemoveFileGroup",
-        # Writes files into a directory the caller names.
+        # Serves a generation (a loop device, its chain held) for the caller to write
+        # files into a directory it names; and releases it.
         "RestoreFiles",
+        "FinishRestoreFiles",
     }
 )
 

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
-from dbus_fast import BusType, Message, MessageType, NameFlag, RequestNameReply
+from dbus_fast import BusType, Message, MessageType, NameFlag, RequestNameReply, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusSignature
 from dbus_fast.constants import PropertyAccess
@@ -36,6 +36,7 @@ from blockguard.daemon.dbusutil import (
     UInt64,
     VarDict,
     VarDicts,
+    current_sender,
     from_variant,
     handler,
     job_path,
@@ -143,6 +144,8 @@ class ManagerInterface(ServiceInterface):
         self.tree = tree
         self.authorizer = authorizer
         self.status_line = ""
+        #: Generations served to restore-files (their id) -> the caller's unique bus name.
+        self.served_to: dict[str, str] = {}
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(fn, *args)
@@ -337,10 +340,30 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_method()
     @handler()
-    async def RestoreFiles(self, group: Str, paths: Strs, to: Str, overwrite: Bool) -> ObjPath:
-        """Restore a file group's files (``GROUP[@GEN]``) into a directory; a job."""
-        job = await self._call(self.service.restore_files, group, list(paths), to, overwrite)
-        return self.tree.job(job)
+    async def RestoreFiles(self, group: Str, paths: Strs, to: Str) -> VarDict:
+        """Serve a file group's files (``GROUP[@GEN]``) for the caller to write into its
+        directory ``to``: a read-only loop device of the generation and what to write
+        (``entries``: compressed JSON, ``ay``); end with FinishRestoreFiles."""
+        found = await self._call(self.service.restore_files, group, list(paths), to)
+        self.served_to[found["id"]] = current_sender()
+        return to_vardict({**found, "entries": Variant("ay", found["entries"])})
+
+    @dbus_method()
+    @handler()
+    async def FinishRestoreFiles(self, served: Str, result: VarDict) -> None:
+        """The caller of RestoreFiles is done (``result``: files, bytes, seconds, or
+        error): the loop device is released."""
+        await self._call(self.service.finish_restore_files, served, from_variant(result))
+        self.served_to.pop(served, None)
+
+    async def client_left(self, name: str) -> None:
+        """A bus client went away: what it was served and did not finish is released
+        (a restore-files killed while it wrote must not hold the generation)."""
+        for served in [k for k, v in self.served_to.items() if v == name]:
+            self.served_to.pop(served, None)
+            result = {"error": f"the client {name} left the bus before it finished"}
+            with contextlib.suppress(NotFound):  # finished meanwhile
+                await self._call(self.service.finish_restore_files, served, result)
 
     @dbus_method()
     @handler()
@@ -569,6 +592,14 @@ async def connect(address: str) -> MessageBus:
         ) from exc
 
 
+#: The bus's signal that a name lost its owner (arg2, the new owner, empty): for a unique
+#: name, that client left the bus.
+NAME_OWNER_CHANGED = (
+    "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
+    "member='NameOwnerChanged',arg2=''"
+)
+
+
 class DaemonBus:
     """Everything blockguardd exports, wired to a service.
 
@@ -597,6 +628,17 @@ class DaemonBus:
         """Export the objects, then take the bus name (fails if someone else holds it)."""
         self.bus.add_message_handler(record_current_call)
         self.bus.add_message_handler(self._unknown_object)
+        self.bus.add_message_handler(self._name_lost)
+        await self.bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="AddMatch",
+                signature="s",
+                body=[NAME_OWNER_CHANGED],
+            )
+        )
         self.bus.export(ROOT_PATH, self.manager)
         for pool in self.service.list_pools():
             self.tree.pool(pool)
@@ -613,6 +655,20 @@ class DaemonBus:
                 "is another blockguardd running?"
             )
         log.info("holding bus name %s", BUS_NAME)
+
+    def _name_lost(self, msg: Message) -> bool:
+        """NameOwnerChanged of a unique name to nobody: that client left the bus."""
+        if (
+            msg.message_type == MessageType.SIGNAL
+            and msg.member == "NameOwnerChanged"
+            and msg.sender == "org.freedesktop.DBus"
+            and len(msg.body) == 3
+            and msg.body[0].startswith(":")
+            and not msg.body[2]
+            and msg.body[0] in self.manager.served_to.values()
+        ):
+            self.loop.create_task(self.manager.client_left(msg.body[0]))
+        return False
 
     def _unknown_object(self, msg: Message) -> Message | bool:
         """Calls to a volume, pool or job that does not exist get our named NotFound error.

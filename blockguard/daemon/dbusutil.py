@@ -79,6 +79,12 @@ def record_current_call(msg: Message) -> bool:
     return False
 
 
+def current_sender() -> str:
+    """The unique bus name of the sender of the method call being run ("" outside one)."""
+    msg = _current_call.get()
+    return (msg.sender or "") if msg is not None else ""
+
+
 # --- path names ----------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ from blockguard.engine.volumes import VolumeRegistry
 from blockguard.errors import AlreadyExists, BlockguardError, InvalidInput, NotFound
 from blockguard.storage.browse import BrowseMount, MountBook, MountRecord, teardown
 from blockguard.storage.genimage import GenerationImage
+from blockguard.storage.manifest import Manifest
 from blockguard.storage.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class Browser:
         self.cmd = cmd
         self._lock = threading.Lock()
         self._mounts: dict[str, BrowseMount] = {}
+        #: Generations served to file restores, by record name.
+        self._served: dict[str, BrowseMount] = {}
 
     def clean_stale(self) -> list[str]:
         """Tear down every recorded mount (left by a daemon that was killed); returns the
@@ -52,11 +55,11 @@ class Browser:
             try:
                 teardown(record, self.cmd)
             except (BlockguardError, OSError) as exc:
-                log.error("stale browse mount at %s not cleaned: %s", record.mountpoint, exc)
+                log.error("stale %s not cleaned: %s", record.label, exc)
                 continue
             self.book.drop(record)
-            log.info("cleaned stale browse mount of %s at %s", record.generation, record.mountpoint)
-            cleaned.append(record.mountpoint)
+            log.info("cleaned stale %s of %s", record.label, record.generation)
+            cleaned.append(record.mountpoint or record.purpose)
         return cleaned
 
     def mount(self, generation: str, mountpoint: str) -> dict[str, Any]:
@@ -74,38 +77,80 @@ class Browser:
             raise InvalidInput(detail=f"volume {volume} has no pool")
         point = _check_mountpoint(mountpoint)
         manifest = find_generation(self.volumes, volume, generation)
-        pool = self.pools.backend(vol.pool)
-        public = ids.public_id(volume, manifest.generation_id)
         with self._lock:
             if point in self._mounts:
                 raise AlreadyExists(what="browse mount", name=point)
-            # Held before it is opened: a retention between the two would remove what
-            # the image is about to read.
-            chain = pool.chain(volume, manifest.generation_id)
-            holder = f"the browse mount at {point}"
-            pool.hold([m.generation_id for m in chain], holder)
-            try:
-                image = GenerationImage(pool, volume, manifest.generation_id, chain)
-            except BaseException:
-                pool.release(holder)
-                raise
-            name = uuid.uuid4().hex[:12]
-            record = MountRecord(
-                name=name,
-                volume=volume,
-                pool=vol.pool,
-                generation=public,
-                chain=image.chain,
-                mountpoint=point,
-                fuse_dir=str(self.fuse_root / name),
-            )
-            # Released once the FUSE server ends (after a lazy unmount, when the last
-            # reader lets go), or by a start that failed before serving.
-            mount = BrowseMount(record, image, self.book, on_done=lambda: pool.release(holder))
-            mount.start(self.cmd)
+            mount = self._attach(volume, vol.pool, manifest, point, f"the browse mount at {point}")
             self._mounts[point] = mount
-        log.info("attached %s as %s for the mount at %s", public, mount.record.loop, point)
+        log.info(
+            "attached %s as %s for the mount at %s",
+            mount.record.generation,
+            mount.record.loop,
+            point,
+        )
         return mount.record.to_dict()
+
+    def serve(self, volume: str, pool_name: str, manifest: Manifest, purpose: str) -> MountRecord:
+        """Serve a generation as a read-only loop device for a client that reads it (a
+        file restore: the files are written by the client, in its own mount namespace),
+        until :meth:`release`. Its chain is held meanwhile; a daemon restart tears down
+        one that was never released, like a browse mount.
+
+        :param purpose: what it serves, for the log and the hold's ``Busy`` message.
+        """
+        with self._lock:
+            mount = self._attach(volume, pool_name, manifest, "", purpose)
+            self._served[mount.record.name] = mount
+        log.info("attached %s as %s for %s", mount.record.generation, mount.record.loop, purpose)
+        return mount.record
+
+    def release(self, name: str) -> MountRecord:
+        """Take down what :meth:`serve` set up (loop device, FUSE image, the hold).
+
+        :raises NotFound: nothing served under ``name``.
+        """
+        with self._lock:
+            mount = self._served.get(name)
+            if mount is None:
+                raise NotFound(what="served generation", name=name or '""')
+            mount.stop(self.cmd)
+            del self._served[name]
+        log.info("released %s, served for %s", mount.record.generation, mount.record.purpose)
+        return mount.record
+
+    def _attach(
+        self, volume: str, pool_name: str, manifest: Manifest, point: str, purpose: str
+    ) -> BrowseMount:
+        """FUSE image and read-only loop device of ``manifest``'s generation, its chain
+        held (the lock is the caller's)."""
+        pool = self.pools.backend(pool_name)
+        public = ids.public_id(volume, manifest.generation_id)
+        # Held before it is opened: a retention between the two would remove what the
+        # image is about to read.
+        chain = pool.chain(volume, manifest.generation_id)
+        name = uuid.uuid4().hex[:12]
+        holder = purpose if point else f"{purpose} ({name})"
+        pool.hold([m.generation_id for m in chain], holder)
+        try:
+            image = GenerationImage(pool, volume, manifest.generation_id, chain)
+        except BaseException:
+            pool.release(holder)
+            raise
+        record = MountRecord(
+            name=name,
+            volume=volume,
+            pool=pool_name,
+            generation=public,
+            chain=image.chain,
+            mountpoint=point,
+            fuse_dir=str(self.fuse_root / name),
+            purpose="" if point else purpose,
+        )
+        # Released once the FUSE server ends (after a lazy unmount, when the last reader
+        # lets go), or by a start that failed before serving.
+        mount = BrowseMount(record, image, self.book, on_done=lambda: pool.release(holder))
+        mount.start(self.cmd, probe_fs=bool(point))
+        return mount
 
     def unmount(self, mountpoint: str) -> dict[str, Any]:
         """Take down the browse mount at ``mountpoint``: its file system if it is still
@@ -132,12 +177,13 @@ class Browser:
     def close(self) -> None:
         """Tear down every mount (the daemon stops: its FUSE servers end with it)."""
         with self._lock:
-            for point, mount in list(self._mounts.items()):
-                try:
-                    mount.stop(self.cmd)
-                except (BlockguardError, OSError) as exc:
-                    log.error("browse mount at %s not torn down: %s", point, exc)
-                del self._mounts[point]
+            for book in (self._mounts, self._served):
+                for key, mount in list(book.items()):
+                    try:
+                        mount.stop(self.cmd)
+                    except (BlockguardError, OSError) as exc:
+                        log.error("%s not torn down: %s", mount.record.label, exc)
+                    del book[key]
 
 
 def _check_mountpoint(mountpoint: str) -> str:

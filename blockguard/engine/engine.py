@@ -49,7 +49,11 @@ from blockguard.engine.browsing import Browser
 from blockguard.engine.calibration import run_drill_job
 from blockguard.engine.cmdguard import GuardedRunner
 from blockguard.engine.events import EventHub
-from blockguard.engine.filerestores import check_restore_files, run_restore_files
+from blockguard.engine.filerestores import (
+    check_restore_files,
+    finish_restore_files,
+    serve_restore_files,
+)
 from blockguard.engine.health import HealthKeeper, HealthMonitor
 from blockguard.engine.importing import import_pool
 from blockguard.engine.jobbook import JobBook
@@ -848,23 +852,12 @@ class Engine:
     def remove_file_group(self, name: str) -> None:
         filegroups.remove(self._open_catalog(), name)
 
-    def restore_files(self, group: str, paths: list[str], to: str, overwrite: bool) -> Job:
-        with self._lock:
-            request = check_restore_files(
-                self.volumes, self.pools, group, paths, to, bool(overwrite)
-            )
+    def restore_files(self, group: str, paths: list[str], to: str) -> dict[str, Any]:
+        request = check_restore_files(self.volumes, self.pools, group, paths, to)
+        return serve_restore_files(request, self.browser)
 
-            def work(progress: ProgressReporter, _record: str) -> dict[str, Any]:
-                return run_restore_files(request, self.pools, progress)
-
-            return self.jobs.submit(
-                JobKind.RESTORE,
-                request.volume,
-                f"{request.group}@{request.manifest.generation_id}",
-                work,
-                pool=request.pool,
-                generation=ids.catalog_id(request.volume, request.manifest.generation_id),
-            )
+    def finish_restore_files(self, served_id: str, result: dict[str, Any]) -> None:
+        finish_restore_files(self.browser, served_id, result)
 
     def _open_catalog(self) -> Catalog:
         if self.catalog is None:

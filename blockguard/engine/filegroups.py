@@ -48,6 +48,23 @@ def mounted_root(catalog: Catalog, volume: str) -> Path:
             detail=f"the file system of volume {volume} ({vol.device_path}) is not mounted: "
             "a file group's paths are checked on it"
         )
+    # The mount table names the volume's mount, but the path may lead elsewhere: a mount
+    # over it, or (under the unit's PrivateTmp) the daemon's own /tmp in place of the
+    # admin's. Its files would then be another file system's: their extents are not the
+    # volume's bytes.
+    try:
+        seen = os.stat(point).st_dev
+    except OSError as exc:
+        seen = None
+        why = exc.strerror
+    else:
+        why = "another file system is mounted over it"
+    if seen != os.stat(vol.device_path).st_rdev:
+        raise InvalidInput(
+            detail=f"the file system of volume {volume} is mounted at {point}, but the daemon "
+            f"does not see it there ({why}; a volume mounted under /tmp is hidden from "
+            "the daemon by its unit's PrivateTmp)"
+        )
     return Path(point)
 
 

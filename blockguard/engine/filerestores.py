@@ -1,30 +1,30 @@
 """``restore-files GROUP[@GEN] [PATH...] --to DIR``: a file group's files from any
-generation of its volume, as a job (a restore: it holds its volume like one).
+generation of its volume.
 
-Everything is checked when the job is asked for (the group, the generation, its file
-list, the paths, the files already in the target), so a refused request writes nothing;
-the job checks again when it starts, then reads the files' extents from the generation's
-image (checksum-verified) and writes them (:mod:`blockguard.storage.filerestore`).
+The daemon checks the request (the group, the generation, its file list, the paths,
+files it cannot vouch for) and serves the generation's checksum-verified image as a
+read-only loop device, its chain held, as a browse mount does; the client reads the
+files' extents from it and writes them in its own mount namespace
+(:mod:`blockguard.cli.filewriter`), then reports what it did, and the device is released.
+Under the systemd unit the daemon could not write the admin's directories itself
+(docs/design/filegroups.md).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any
 
 from blockguard.engine import ids
+from blockguard.engine.browsing import Browser
 from blockguard.engine.filegroups import read_list
-from blockguard.engine.jobs import ProgressReporter
 from blockguard.engine.pools import PoolRegistry
 from blockguard.engine.restores import find_generation
 from blockguard.engine.volumes import VolumeRegistry
 from blockguard.errors import InvalidInput, NotFound
-from blockguard.storage.filelists import StoredFileList
-from blockguard.storage.filerestore import FilesRestore, plan_files, write_files
-from blockguard.storage.genimage import GenerationImage
+from blockguard.storage.filerestore import FilesRestore, encode_items, plan_files
 from blockguard.storage.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,7 @@ class FilesRequest:
     volume: str
     pool: str
     manifest: Manifest
-    stored: StoredFileList
-    paths: tuple[str, ...]
-    dest: Path
-    overwrite: bool
+    target: str
     plan: FilesRestore
     #: The estimate before (None: the pool's read speed is not measured yet).
     estimated_seconds: float | None
@@ -50,43 +47,34 @@ class FilesRequest:
 
 
 def check_restore_files(
-    volumes: VolumeRegistry,
-    pools: PoolRegistry,
-    group_at: str,
-    paths: list[str],
-    to: str,
-    overwrite: bool,
+    volumes: VolumeRegistry, pools: PoolRegistry, group_at: str, paths: list[str], to: str
 ) -> FilesRequest:
     """The request, checked (see :func:`~blockguard.storage.filerestore.plan_files`).
+    The target directory is the client's (its mount namespace): only its form is
+    checked here.
 
     :raises NotFound: no such group or generation, or the generation has no list of it.
-    :raises InvalidInput: ``to`` is not an absolute directory; a path is refused.
-    :raises AlreadyExists: a file exists in ``to`` and ``overwrite`` is False.
+    :raises InvalidInput: ``to`` is not an absolute path; a path is refused.
     """
     name, _, gen = group_at.partition("@")
     group = volumes.catalog.get_file_group(name)
     vol = volumes.catalog.get_volume(group.volume)
     if vol.pool is None:
         raise InvalidInput(detail=f"volume {group.volume} has no pool")
-    if not to or not Path(to).is_absolute():
+    if not to or not PurePosixPath(to).is_absolute():
         raise InvalidInput(detail=f"the target must be an absolute path: {to!r}")
     manifest = find_generation(volumes, group.volume, f"{group.volume}@{gen}" if gen else "")
-    pool = pools.backend(vol.pool)
-    stored = read_list(pool, group.volume, manifest.generation_id, name)
+    stored = read_list(pools.backend(vol.pool), group.volume, manifest.generation_id, name)
     public = ids.public_id(group.volume, manifest.generation_id)
     if stored is None:
         raise NotFound(what=f"file list of group {name} in generation", name=public)
-    dest = Path(to)
-    plan = plan_files(stored, paths, dest, overwrite=overwrite)
+    plan = plan_files(stored, paths)
     return FilesRequest(
         name,
         group.volume,
         vol.pool,
         manifest,
-        stored,
-        tuple(paths),
-        dest,
-        overwrite,
+        to,
         plan,
         _estimate(pools, vol.pool, manifest, plan.data_bytes),
     )
@@ -106,47 +94,53 @@ def _estimate(pools: PoolRegistry, pool: str, manifest: Manifest, nbytes: int) -
     return nbytes / speed.rand_read
 
 
-def run_restore_files(
-    request: FilesRequest, pools: PoolRegistry, progress: ProgressReporter
-) -> dict[str, Any]:
-    """The body of a restore-files job."""
-    pool = pools.backend(request.pool)
-    # Asked again: files may have appeared in the target since the request.
-    plan = plan_files(request.stored, request.paths, request.dest, overwrite=request.overwrite)
-    holder = f"the file restore of {request.group} into {request.dest}"
-    started = time.monotonic()
-    image = GenerationImage(pool, request.volume, request.manifest.generation_id)
-    pool.hold(image.chain, holder)
-    try:
-        total = plan.data_bytes
-        written = write_files(
-            image,
-            plan,
-            request.dest,
-            overwrite=request.overwrite,
-            progress=lambda done: progress(done, total),
-        )
-    finally:
-        pool.release(holder)
-        image.close()
-    seconds = time.monotonic() - started
+def serve_restore_files(request: FilesRequest, browser: Browser) -> dict[str, Any]:
+    """Serve the request's generation to the client; what the client needs to write the
+    files: ``id`` (to give back to :func:`finish_restore_files`), ``device`` (the
+    read-only loop device), ``entries`` (what to write, compressed JSON:
+    :func:`~blockguard.storage.filerestore.encode_items`), and the request's summary."""
+    purpose = f"the file restore of {request.group} into {request.target}"
+    record = browser.serve(request.volume, request.pool, request.manifest, purpose)
     log.info(
-        "restored %d entries of file group %s from %s into %s: %d bytes in %.2fs",
-        len(plan.entries),
+        "file restore of %s from %s into %s: %d entries, %d bytes, served as %s",
         request.group,
         request.generation,
-        request.dest,
-        written,
-        seconds,
+        request.target,
+        len(request.plan.entries),
+        request.plan.data_bytes,
+        record.loop,
         extra={"VOLUME": request.volume, "GENERATION": request.generation},
     )
     return {
+        "id": record.name,
+        "device": record.loop,
+        "entries": encode_items(request.plan),
         "group": request.group,
         "generation": request.generation,
         "number": request.manifest.sequence,
-        "target": str(request.dest),
-        "files": sum(1 for e in plan.entries if e.kind != "dir"),
-        "bytes": written,
+        "target": request.target,
+        "files": request.plan.files,
+        "bytes": request.plan.data_bytes,
         "estimated_seconds": request.estimated_seconds,
-        "seconds": seconds,
     }
+
+
+def finish_restore_files(browser: Browser, served_id: str, result: dict[str, Any]) -> None:
+    """Release what :func:`serve_restore_files` served, and log the client's result
+    (``files``, ``bytes``, ``seconds``, or ``error``).
+
+    :raises NotFound: nothing served under ``served_id``.
+    """
+    record = browser.release(served_id)
+    if result.get("error"):
+        log.error("%s failed: %s", record.purpose, result["error"], extra={"VOLUME": record.volume})
+    else:
+        log.info(
+            "%s from %s: %s files, %s bytes in %.2fs",
+            record.purpose,
+            record.generation,
+            result.get("files"),
+            result.get("bytes"),
+            float(result.get("seconds", 0.0)),
+            extra={"VOLUME": record.volume, "GENERATION": record.generation},
+        )

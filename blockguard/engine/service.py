@@ -423,11 +423,23 @@ class Service(Protocol):
         """Forget a file group (its volume's generations are kept)."""
         ...
 
-    def restore_files(self, group: str, paths: list[str], to: str, overwrite: bool) -> Job:
-        """Restore the files of ``group`` (``GROUP`` or ``GROUP@GEN``, GEN as for a
-        volume) below the absolute directory ``to``: ``paths`` (of the group's list) and
-        what is below them, or all. Refused before the job, with nothing written, for an
-        existing file unless ``overwrite``."""
+    def restore_files(self, group: str, paths: list[str], to: str) -> dict[str, Any]:
+        """Serve the files of ``group`` (``GROUP`` or ``GROUP@GEN``, GEN as for a volume)
+        for a client to write below its directory ``to`` (an absolute path in the
+        client's mount namespace): ``paths`` (of the group's list) and what is below them,
+        or all. Returns ``id``, ``device`` (a read-only loop device over the generation's
+        checksum-verified image, the chain held), ``entries`` (what to write: compressed
+        JSON) and the summary (group, generation, number, target, files, bytes,
+        estimated_seconds). Refused before anything is served: no such group, generation
+        or path (NotFound), files kept by content or unsettled (InvalidInput, named), a
+        corrupt list (CorruptMetadata)."""
+        ...
+
+    def finish_restore_files(self, served_id: str, result: dict[str, Any]) -> None:
+        """The client of :meth:`restore_files` is done (``result``: files, bytes, seconds,
+        or error): the device is released and the result logged.
+
+        :raises NotFound: nothing served under ``served_id``."""
         ...
 
     def drill_volume(self, volume: str) -> Job:

@@ -50,7 +50,8 @@ class MountRecord:
     :param fstype: the file system on the loop device.
     :param options: the options to mount it with (read-only, no journal replay).
     :param mountpoint: where the CLI mounts the loop device, in the caller's mount
-        namespace (the daemon's may differ: systemd's ProtectSystem/PrivateTmp).
+        namespace (the daemon's may differ: systemd's ProtectSystem/PrivateTmp); "" for
+        a device served to a file restore.
     :param boot: the kernel's boot id when recorded (a loop device is not the same one
         after a reboot, whatever its name and sequence number).
     :param loop_seq: the loop device's disk sequence number (``/sys/block/loopN/diskseq``,
@@ -74,6 +75,14 @@ class MountRecord:
     loop_seq: int = 0
     image_dev: str = ""
     image_ino: int = 0
+    #: What the device is served for, when not a browse mount (``mountpoint`` is then
+    #: ""): a file restore, whose client reads the loop device and mounts nothing.
+    purpose: str = ""
+
+    @property
+    def label(self) -> str:
+        """The mount or the use, for the log."""
+        return self.purpose or f"browse mount {self.mountpoint}"
 
     @property
     def image(self) -> str:
@@ -195,10 +204,10 @@ def owned_loops(record: MountRecord, runner: Runner) -> list[str]:
             return [record.loop]
         if seq is not None:
             log.warning(
-                "%s is not the attachment recorded for the browse mount at %s "
+                "%s is not the attachment recorded for the %s "
                 "(sequence number %s, recorded %s): left alone",
                 record.loop,
-                record.mountpoint,
+                record.label,
                 seq,
                 record.loop_seq or "none",
             )
@@ -248,10 +257,10 @@ class BrowseMount:
             return self.image.read(offset, size)
         except BlockguardError as exc:
             # The named error in the log; the reader sees EIO for this read only.
-            log.error("browse mount %s: %s", self.record.mountpoint, exc)
+            log.error("%s: %s", self.record.label, exc)
             raise OSError(5, str(exc)) from exc
 
-    def start(self, runner: Runner) -> None:
+    def start(self, runner: Runner, *, probe_fs: bool = True) -> None:
         """FUSE image and read-only loop device on it; the file system type and the
         options to mount it with are recorded. The mount itself is the caller's (the
         CLI's): a mount made in the daemon's mount namespace, which systemd makes
@@ -259,6 +268,8 @@ class BrowseMount:
 
         On failure everything done so far is undone before the error propagates.
 
+        :param probe_fs: find the file system to mount (``restore-files`` reads the
+            device at the files' extents and mounts nothing: False).
         :raises InvalidInput: no file system this can mount is on the generation.
         """
         rec = self.record = _with(self.record, boot=boot_id())
@@ -282,6 +293,8 @@ class BrowseMount:
                 raise EnvironmentProblem(detail=f"{loop} has no disk sequence number in sysfs")
             rec = self.record = _with(rec, loop=loop, loop_seq=seq)
             self.book.save(rec)
+            if not probe_fs:
+                return
             fstype = runner.run(
                 ["blkid", "-p", "-o", "value", "-s", "TYPE", loop], timeout=60, check=False
             ).stdout.strip()
@@ -318,15 +331,13 @@ def teardown(record: MountRecord, runner: Runner, server: fuse.FuseFile | None =
     """
     table = mount_table()
     for loop in owned_loops(record, runner):
-        at = table.get(record.mountpoint)
+        at = table.get(record.mountpoint) if record.mountpoint else None
         if at is not None and os.path.realpath(at[1]) == os.path.realpath(loop):
             fuse.unmount(record.mountpoint)
         runner.run(["losetup", "-d", loop], timeout=60)
     if server is not None:
         if not server.stop():
-            log.info(
-                "%s is still in use: unmounted lazily, served until released", record.mountpoint
-            )
+            log.info("%s is still in use: unmounted lazily, served until released", record.label)
     else:
         at = table.get(record.fuse_dir)
         if at is not None and at[0] == fuse.FS_TYPE:

@@ -1,39 +1,36 @@
-"""Restore the files of a file group from a generation (``restore-files``).
+"""What a ``restore-files`` restores, decided from a generation's file list: the
+entries chosen, checked, and their wire form for the client that writes them.
 
-Each file's bytes are read at its extents from the generation's image
-(:class:`~blockguard.storage.genimage.GenerationImage`: the restore's own chunk plan,
-every chunk checked against its stored checksum), and written with its metadata: size
-(holes and unwritten extents stay holes), mode, owner, mtime/atime, xattrs; hard links
-as links, symlinks, directories.
+The daemon decides; the CLI writes, in the caller's mount namespace (under its systemd
+unit the daemon sees a read-only, partly private file system): it reads each file's
+bytes from the read-only loop device the daemon serves over the generation's
+checksum-verified image (docs/design/browse.md) and writes files, links, symlinks,
+xattrs, owner, mode and times (:mod:`blockguard.cli.filewriter`, the one writer).
 
-Everything that can be refused is refused before the first byte is written: a path the
-list does not hold, a file kept *by content* (not on the volume: this slice stores no
-content) or *unsettled* (it changed during its backup), an existing file without
-``overwrite``, a path of the list that would leave the target directory.
+Everything the list can refuse is refused before the device is served, so before the
+first byte is written: a path the list does not hold, a file kept *by content* (not on
+the volume: this slice stores no content) or *unsettled* (it changed during its
+backup), a path of the list that would leave the target directory. Existing files in
+the target are the client's check (the target is in its namespace).
 """
 
 from __future__ import annotations
 
-import contextlib
+import base64
 import dataclasses
-import errno
-import os
-import stat
-from collections.abc import Callable, Sequence
+import gzip
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Protocol
+from pathlib import PurePosixPath
+from typing import Any
 
-from blockguard.errors import AlreadyExists, CorruptMetadata, InvalidInput, NotFound
+from blockguard.errors import CorruptMetadata, InvalidInput, NotFound
 from blockguard.storage.filelists import StoredFileList
 from blockguard.storage.filemap import FileEntry
 
-#: Bytes read from the image per request.
-_PIECE = 4 << 20
-
-
-class ImageReader(Protocol):
-    def read(self, offset: int, size: int) -> bytes: ...
+#: The format of the entries sent to the writer; it refuses a newer one by name.
+ITEMS_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -44,20 +41,19 @@ class FilesRestore:
     #: Bytes to read from the image (the files' data on the volume).
     data_bytes: int
 
+    @property
+    def files(self) -> int:
+        return sum(1 for e in self.entries if e.kind != "dir")
 
-def plan_files(
-    stored: StoredFileList, paths: Sequence[str], dest: Path, *, overwrite: bool
-) -> FilesRestore:
+
+def plan_files(stored: StoredFileList, paths: Sequence[str]) -> FilesRestore:
     """The entries of ``stored`` to restore (``paths``: those paths and what is below
-    them; none: all) into directory ``dest``, checked.
+    them; none: all), checked.
 
     :raises NotFound: a path the list does not hold.
-    :raises InvalidInput: ``dest`` is not a directory; a selected file is kept by
-        content or unsettled (named); a path of the list is not a plain relative path.
-    :raises AlreadyExists: a file exists at a target path and ``overwrite`` is False.
+    :raises InvalidInput: a selected file is kept by content or unsettled (named).
+    :raises CorruptMetadata: a path of the list is not a plain relative path.
     """
-    if not dest.is_dir():
-        raise InvalidInput(detail=f"the target {dest} is not a directory")
     for entry in stored.files.entries:
         _check_relative(entry.path)
     chosen = _with_own_data(_select(stored.files.entries, paths), stored.files.entries)
@@ -73,19 +69,42 @@ def plan_files(
             detail="changed while this generation was taken, so its bytes cannot be vouched "
             f"for: {', '.join(sorted(unsettled)[:20])}"
         )
-    if not overwrite:
-        existing = [
-            e.path
-            for e in chosen
-            if os.path.lexists(dest / e.path) and not (e.kind == "dir" and (dest / e.path).is_dir())
-        ]
-        if existing:
-            raise AlreadyExists(
-                what="file",
-                name=f"{', '.join(str(dest / p) for p in existing[:20])} (give --overwrite)",
-            )
     data = sum(length for e in chosen if e.link_to is None for _, length in e.volume_ranges())
     return FilesRestore(tuple(chosen), data)
+
+
+def encode_items(plan: FilesRestore) -> bytes:
+    """The planned entries as the writer takes them (compressed JSON): per entry its
+    path, kind, size, metadata, and the byte ranges to copy as ``[file offset, volume
+    offset, length]`` (cut to the size; holes and unwritten extents left out: they stay
+    holes)."""
+    items = []
+    for e in plan.entries:
+        item: dict[str, Any] = {
+            "path": e.path,
+            "kind": e.kind,
+            "size": e.size,
+            "mode": e.mode,
+            "uid": e.uid,
+            "gid": e.gid,
+            "mtime_ns": e.mtime_ns,
+            "atime_ns": e.atime_ns,
+        }
+        if e.xattrs:
+            item["xattrs"] = {k: base64.b64encode(v).decode() for k, v in e.xattrs.items()}
+        if e.link_to is not None:
+            item["link_to"] = e.link_to
+        elif e.kind == "file":
+            item["ranges"] = [
+                [x.logical, x.physical, min(x.length, e.size - x.logical)]
+                for x in e.extents
+                if not x.zeros and x.logical < e.size
+            ]
+        if e.target is not None:
+            item["target"] = e.target
+        items.append(item)
+    doc = {"version": ITEMS_VERSION, "entries": items}
+    return gzip.compress(json.dumps(doc, separators=(",", ":")).encode(), mtime=0)
 
 
 def _with_own_data(chosen: list[FileEntry], entries: Sequence[FileEntry]) -> list[FileEntry]:
@@ -136,94 +155,3 @@ def _select(entries: Sequence[FileEntry], paths: Sequence[str]) -> list[FileEntr
     parents = {str(q) for e in chosen for q in PurePosixPath(e.path).parents if str(q) != "."}
     picked = {e.path for e in chosen} | parents
     return [e for e in entries if e.path in picked]
-
-
-def write_files(
-    image: ImageReader,
-    plan: FilesRestore,
-    dest: Path,
-    *,
-    overwrite: bool,
-    progress: Callable[[int], None] = lambda _n: None,
-) -> int:
-    """Write the planned entries below ``dest``; returns the data bytes written.
-
-    :param progress: called with the data bytes written so far.
-    """
-    done = 0
-    for entry in plan.entries:
-        target = dest / entry.path
-        _check_parent(dest, target)
-        if entry.kind == "dir":
-            target.mkdir(exist_ok=True)
-            continue
-        if os.path.lexists(target):
-            if not overwrite:  # appeared since the plan was checked
-                raise AlreadyExists(what="file", name=str(target))
-            if target.is_dir() and not target.is_symlink():
-                raise InvalidInput(detail=f"{target} is a directory, the generation has a file")
-            target.unlink()
-        if entry.kind == "symlink":
-            assert entry.target is not None
-            os.symlink(entry.target, target)
-        elif entry.link_to is not None:
-            os.link(dest / entry.link_to, target)
-            continue  # the first path of the inode set its metadata
-        else:
-            done = _write_data(image, entry, target, done, progress)
-        _set_metadata(target, entry)
-    # Directories last, deepest first: creating their children changed their times.
-    for entry in reversed(plan.entries):
-        if entry.kind == "dir":
-            _set_metadata(dest / entry.path, entry)
-    return done
-
-
-def _check_parent(dest: Path, target: Path) -> None:
-    """The target's directory is below ``dest`` (no symlink of the target tree leads
-    out of it)."""
-    real = Path(os.path.realpath(target.parent))
-    if not real.is_relative_to(os.path.realpath(dest)):
-        raise InvalidInput(detail=f"{target.parent} leads out of {dest} through a symlink")
-
-
-def _write_data(
-    image: ImageReader, entry: FileEntry, target: Path, done: int, progress: Callable[[int], None]
-) -> int:
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.ftruncate(fd, entry.size)  # holes and unwritten extents stay holes
-        for ext in entry.extents:
-            if ext.zeros or ext.logical >= entry.size:
-                continue
-            length = min(ext.length, entry.size - ext.logical)
-            for at in range(0, length, _PIECE):
-                n = min(_PIECE, length - at)
-                data = image.read(ext.physical + at, n)
-                if len(data) != n:
-                    raise CorruptMetadata(
-                        detail=f"{entry.path}: its extent at byte {ext.physical} of the volume "
-                        "lies past the generation's end"
-                    )
-                os.pwrite(fd, data, ext.logical + at)
-                done += n
-                progress(done)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return done
-
-
-def _set_metadata(target: Path, entry: FileEntry) -> None:
-    link = entry.kind == "symlink"
-    with contextlib.suppress(PermissionError):  # not root: the files are the restorer's
-        os.chown(target, entry.uid, entry.gid, follow_symlinks=False)
-    if not link:
-        os.chmod(target, stat.S_IMODE(entry.mode))
-        for name, value in entry.xattrs.items():
-            try:
-                os.setxattr(target, name, value, follow_symlinks=False)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
-                    raise
-    os.utime(target, ns=(entry.atime_ns, entry.mtime_ns), follow_symlinks=False)

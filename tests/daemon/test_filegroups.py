@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from blockguard.cli.client import Client, RemoteError, plain, variant
 from tests.support.bus import REPO
 from tests.support.daemon import Daemon, EngineHarness, run_job
 from tests.support.devices import MiB
+from tests.timeouts import scaled
 
 CLI = [sys.executable, "-m", "blockguard.cli.main"]
 
@@ -86,6 +88,20 @@ def test_filegroup_create_list_show_remove(
             assert words in info.value.message, (paths, info.value.message)
         assert plain(client.call("ListFileGroups")) == []
 
+        # Another file system over the volume's mount point (as the daemon's own /tmp is
+        # under PrivateTmp): the mount table names the volume there, the path leads
+        # elsewhere; refused rather than map another file system's files.
+        run(["mount", "-t", "tmpfs", "-o", "size=1m", "hide", str(fs_dir)])
+        try:
+            (fs_dir / "etc").mkdir()
+            with pytest.raises(RemoteError) as info:
+                client.call("CreateFileGroup", "ssas", "conf", "db", ["etc"])
+            assert info.value.name.endswith(".InvalidInput")
+            assert "does not see it" in info.value.message, info.value.message
+        finally:
+            run(["umount", str(fs_dir)])
+        assert plain(client.call("ListFileGroups")) == []
+
         done = cli(daemon, "--json", "filegroup", "create", "conf", "--volume", "db",
                    "etc", str(fs_dir / "data.bin"))  # fmt: skip
         assert done.returncode == 0, done.stderr
@@ -121,6 +137,14 @@ def write(path: Path, nbytes: int, seed: int) -> None:
     path.write_bytes(hashlib.shake_256(seed.to_bytes(8, "little")).digest(nbytes))
 
 
+def protect_with_group(client: Client, pool_disk: str, volume: str) -> None:
+    """Pool p1 on ``pool_disk``, ``volume`` protected as db, group grp of its ``grp``."""
+    client.call("CreatePool", "ssasb", "p1", "dir", [pool_disk], False)
+    client.call("Protect", "sstssa{sv}", volume, "db", 0, "", "", {})
+    client.call("SetObjectives", "sa{sv}", "db", {"rpo": variant("1h")})
+    client.call("CreateFileGroup", "ssas", "grp", "db", ["grp"])
+
+
 def back_up(client: Client) -> dict[str, object]:
     props = run_job(client, client.call("BackupNow", "s", "db"))
     assert props["State"] == "done", props["Error"]
@@ -139,10 +163,7 @@ def test_each_backup_keeps_the_group_list_and_its_changed_bytes(
     write(fs_dir / "other.bin", 2_000_000, 3)
     daemon = engine.start()
     with Client(daemon.address) as client:
-        client.call("CreatePool", "ssasb", "p1", "dir", [pool_disk], False)
-        client.call("Protect", "sstssa{sv}", volume, "db", 0, "", "", {})
-        client.call("SetObjectives", "sa{sv}", "db", {"rpo": variant("1h")})
-        client.call("CreateFileGroup", "ssas", "grp", "db", ["grp"])
+        protect_with_group(client, pool_disk, volume)
         first = back_up(client)
         assert first["warnings"] == []
         # Only files outside the group change: the group changed nothing.
@@ -254,11 +275,10 @@ def test_restore_files_of_every_generation(
                 daemon, "--json", "restore-files", f"grp@{result['number']}", "--to", str(into)
             )
             assert done.returncode == 0, done.stderr
-            job = json.loads(done.stdout)["job"]
-            assert (
-                job["result"]["seconds"] >= 0
-                and job["result"]["generation"] == result["generation"]
-            )
+            restored = json.loads(done.stdout)["restore"]
+            assert restored["seconds"] >= 0 and restored["generation"] == result["generation"]
+            assert restored["target"] == str(into)
+            assert_nothing_served(daemon)
             # Only the group: nothing else of the volume comes along.
             assert os.listdir(into) == ["grp"]
             assert tree_of(into / "grp") == want, n
@@ -293,3 +313,69 @@ def test_restore_files_of_every_generation(
         }
         missing = cli(daemon, "restore-files", "grp", "grp/nope", "--to", str(into))
         assert missing.returncode != 0 and "grp/nope" in missing.stderr
+        assert_nothing_served(daemon)
+
+
+def assert_nothing_served(daemon: Daemon) -> None:
+    """No loop device over the daemon's generation images, no FUSE mount of them, no
+    record left: restore-files released what it was served."""
+    browse = str(daemon.state_dir / "browse")
+    assert not list((daemon.state_dir / "mounts").glob("*.json"))
+    with open("/proc/self/mountinfo") as info:
+        assert not [line for line in info if browse in line.split()[4]]
+    for entry in Path("/sys/block").iterdir():
+        backing = entry / "loop" / "backing_file"
+        if backing.exists():
+            assert not backing.read_text().startswith(browse), entry.name
+
+
+def test_restore_files_stops_at_a_damaged_chunk(
+    engine: EngineHarness, loopdev: Callable[..., str], fs_dir: Path, tmp_path: Path
+) -> None:
+    """A chunk of a file's data fails its checksum: restore-files stops with a named data
+    error, leaves no file (or part of one) under the damaged file's name, and releases
+    the device; the files restored before it are whole."""
+    from tests.daemon.test_browse import physical_offset
+
+    pool_disk = loopdev(400 * MiB, "pool.img")
+    volume = loopdev(32 * MiB, "db.img")
+    run(["mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", volume])
+    run(["mount", volume, str(fs_dir)])
+    write(fs_dir / "grp/a.bin", 300_000, 1)
+    write(fs_dir / "grp/b.bin", 3 * MiB, 2)
+    good = hashlib.sha256((fs_dir / "grp/a.bin").read_bytes()).hexdigest()
+    damaged_at = physical_offset(fs_dir / "grp/b.bin", 2 * MiB)
+    daemon = engine.start()
+    with Client(daemon.address) as client:
+        protect_with_group(client, pool_disk, volume)
+        result = back_up(client)
+    gen_id = str(result["generation"]).split("@")[1]
+    image = next((daemon.state_dir / "pools" / "p1").glob(f"area-*/volumes/db/{gen_id}/image"))
+    with open(image, "r+b") as data:
+        data.seek(damaged_at)
+        byte = data.read(1)
+        data.seek(damaged_at)
+        data.write(bytes([byte[0] ^ 0xFF]))
+
+    into = tmp_path / "restore"
+    into.mkdir()
+    done = cli(daemon, "restore-files", "grp", "--to", str(into))
+    assert done.returncode == 6, (done.returncode, done.stderr)  # ExitCode.DATA
+    assert "could not be read" in done.stderr and "grp/b.bin" in done.stderr, done.stderr
+    assert "checksum mismatch in generation" in daemon.log()
+    # Nothing under the damaged file's name, no partial file beside it.
+    assert sorted(os.listdir(into / "grp")) == ["a.bin"]
+    assert hashlib.sha256((into / "grp/a.bin").read_bytes()).hexdigest() == good
+    assert "failed" in daemon.log()
+    assert_nothing_served(daemon)
+
+    # A client that is served and leaves the bus without finishing (a killed CLI): the
+    # daemon releases what it served it.
+    with Client(daemon.address) as client:
+        served = plain(client.call("RestoreFiles", "sass", "grp", ["grp/a.bin"], str(into)))
+        assert Path(f"/sys/block/{Path(served['device']).name}/loop/backing_file").exists()
+    deadline = time.monotonic() + scaled(60)
+    while list((daemon.state_dir / "mounts").glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert_nothing_served(daemon)
+    assert "left the bus before it finished" in daemon.log()

@@ -17,11 +17,12 @@ its nodes (a drop-in of the test, as the guest's other tests set it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,63 @@ def test_lvm_pool_through_blockguardctl_with_hardening_on(installed: str, disk: 
     assert sh("vgs", "--noheadings", "-o", "vg_name", "bg_sysd").stdout.strip() == "bg_sysd"
     # LVM wrote its metadata backup although /etc is read-only for the unit.
     assert Path("/etc/lvm/backup/bg_sysd").is_file()
+    assert show("NRestarts")["NRestarts"] == "0"
+
+
+def sha256_tree(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 of each regular file, the target of each symlink."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            found[rel] = "-> " + os.readlink(path)
+        elif path.is_file():
+            found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def test_file_group_under_home_restored_by_the_client(
+    installed: str, loopdev: Callable[..., str]
+) -> None:
+    """A file group on a volume mounted under /home (ProtectHome=read-only: the daemon
+    walks it), a backup, restore-files into /srv (read-only for the daemon: the CLI
+    writes the files), bytes equal; nothing served is left afterwards. Before the device
+    events' test: its synthetic "remove" of the pool disk leaves the pool without a
+    working disk."""
+    volume = loopdev(32 * 1024 * 1024, "fg.img")
+    sh("mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", volume)
+    home = Path("/home/bgfg")
+    into = Path("/srv/bg-restore")
+    home.mkdir(parents=True)
+    into.mkdir(parents=True)
+    sh("mount", volume, str(home))  # after the unit started: it propagates into its view
+    try:
+        grp = home / "grp"
+        (grp / "sub").mkdir(parents=True)
+        (grp / "a.bin").write_bytes(os.urandom(300_000))
+        (grp / "sub/b.txt").write_text("kept\n" * 1000)
+        (grp / "link").symlink_to("a.bin")
+        (home / "other.bin").write_bytes(os.urandom(100_000))
+        want = sha256_tree(grp)
+        # Tracked by scanning: the file system is mounted on the loop device itself (era
+        # would have to be stacked under the mount, which a mounted device refuses).
+        ctl("protect", volume, "fgvol", "--pool", "sysd", "--backend", "scan")
+        ctl("filegroup", "create", "grp", "--volume", "fgvol", str(grp))
+        backup = json.loads(ctl("--json", "backup", "fgvol").stdout)["job"]
+        assert backup["state"] == "done" and backup["result"]["warnings"] == [], backup
+        done = json.loads(ctl("--json", "restore-files", "grp", "--to", str(into)).stdout)
+        assert done["restore"]["generation"] == backup["result"]["generation"], done
+        assert os.listdir(into) == ["grp"]
+        assert sha256_tree(into / "grp") == want
+        # Released: no loop device over the daemon's images, no FUSE mount of them.
+        browse = "/var/lib/blockguard/browse"
+        assert browse not in Path("/proc/self/mountinfo").read_text()
+        for entry in Path("/sys/block").iterdir():
+            backing = entry / "loop" / "backing_file"
+            assert not (backing.exists() and backing.read_text().startswith(browse)), entry
+    finally:
+        sh("blockguardctl", "unprotect", "fgvol", "--delete-generations", check=False)
+        sh("umount", str(home), check=False)
     assert show("NRestarts")["NRestarts"] == "0"
 
 

@@ -71,8 +71,9 @@ def test_bytes_in_chunks() -> None:
 
 
 def test_restore_plan_refusals(tmp_path: Path) -> None:
+    from blockguard.cli.filewriter import check_target, decode_items
     from blockguard.errors import AlreadyExists, InvalidInput, NotFound
-    from blockguard.storage.filerestore import plan_files
+    from blockguard.storage.filerestore import encode_items, plan_files
 
     ext = (Extent(0, 1 << 20, 4096, ExtentFlag.LAST),)
     files = FileList(
@@ -86,20 +87,49 @@ def test_restore_plan_refusals(tmp_path: Path) -> None:
         ),
     )
     stored = StoredFileList("g", files, ("d/moving",))
-    plan = plan_files(stored, ["d/f"], tmp_path, overwrite=False)
+    plan = plan_files(stored, ["d/f"])
     assert [e.path for e in plan.entries] == ["d", "d/f"] and plan.data_bytes == 4000
     with pytest.raises(InvalidInput, match="d/inline"):
-        plan_files(stored, ["d/inline"], tmp_path, overwrite=False)
+        plan_files(stored, ["d/inline"])
     with pytest.raises(InvalidInput, match="d/moving"):
-        plan_files(stored, ["d/moving"], tmp_path, overwrite=False)
+        plan_files(stored, ["d/moving"])
     with pytest.raises(NotFound, match="d/nope"):
-        plan_files(stored, ["d/nope"], tmp_path, overwrite=False)
-    (tmp_path / "d").mkdir()
-    (tmp_path / "d/f").write_bytes(b"mine")
-    with pytest.raises(AlreadyExists, match="d/f"):
-        plan_files(stored, ["d/f"], tmp_path, overwrite=False)
-    assert plan_files(stored, ["d/f"], tmp_path, overwrite=True).data_bytes == 4000
+        plan_files(stored, ["d/nope"])
     escaping = FileEntry("../x", "file", 1, inode=9, **COMMON)
     bad = StoredFileList("g", FileList("/mnt", 1, (escaping,)))
     with pytest.raises(CorruptMetadata, match=r"\.\./x"):
-        plan_files(bad, [], tmp_path, overwrite=True)
+        plan_files(bad, [])
+
+    # What the client writes: the file's data cut to its size, at its place on the volume.
+    items = decode_items(encode_items(plan))
+    assert [(i.path, i.kind, i.ranges) for i in items] == [
+        ("d", "dir", ()),
+        ("d/f", "file", ((0, 1 << 20, 4000),)),
+    ]
+    check_target(items, tmp_path, overwrite=False)
+    (tmp_path / "d").mkdir()  # an existing directory is no conflict
+    check_target(items, tmp_path, overwrite=False)
+    (tmp_path / "d/f").write_bytes(b"mine")
+    with pytest.raises(AlreadyExists, match="d/f"):
+        check_target(items, tmp_path, overwrite=False)
+    check_target(items, tmp_path, overwrite=True)
+    with pytest.raises(InvalidInput, match="not a directory"):
+        check_target(items, tmp_path / "d/f", overwrite=True)
+
+
+def test_the_writer_refuses_paths_leaving_the_target() -> None:
+    import gzip
+    import json
+
+    from blockguard.cli.filewriter import decode_items
+
+    entry = {"kind": "file", "size": 1, "mode": 0o100644, "uid": 0, "gid": 0}
+    entry |= {"mtime_ns": 0, "atime_ns": 0}
+    for path, link in (("../x", None), ("/etc/x", None), ("a", "../b")):
+        raw = {**entry, "path": path, **({"link_to": link} if link else {})}
+        doc = gzip.compress(json.dumps({"version": 1, "entries": [raw]}).encode())
+        with pytest.raises(CorruptMetadata, match="not below the target"):
+            decode_items(doc)
+    newer = gzip.compress(json.dumps({"version": 99, "entries": []}).encode())
+    with pytest.raises(CorruptMetadata, match="newer"):
+        decode_items(newer)
