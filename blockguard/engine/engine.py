@@ -752,6 +752,12 @@ class Engine:
                 tracking = self.volumes.tracking.get(volume)
                 if tracking is not None:
                     run_in_background(tracking.tidy, f"tidy {volume}")
+                if job.snapshot().state is JobState.DONE:
+                    # The next backup's storage (an lvm pool's delta area), made now.
+                    run_in_background(
+                        lambda: self.pools.backend(vol.pool).prepare_ahead(volume),
+                        f"ahead {volume}",
+                    )
 
             job = self.jobs.submit(
                 JobKind.BACKUP, volume, volume, work, finished, pool=vol.pool, reserved=True

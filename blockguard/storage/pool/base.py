@@ -409,6 +409,10 @@ class PoolBackend(ABC):
         returns what was removed."""
         return []
 
+    def prepare_ahead(self, volume: str) -> None:  # noqa: B027 - optional hook
+        """Make now, outside any backup, what the next backup of ``volume`` would have
+        to make in its own time (the ``lvm`` pool: a spare delta area)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the pool (unmount what this object mounted)."""
 
