@@ -753,10 +753,12 @@ class Engine:
                 if tracking is not None:
                     run_in_background(tracking.tidy, f"tidy {volume}")
                 if job.snapshot().state is JobState.DONE:
-                    # The next backup's storage (an lvm pool's delta area), made now.
+                    # The next backup's storage (an lvm pool's delta area), made now. Not
+                    # lowered: the next backup waits for it if it comes while it is made.
                     run_in_background(
                         lambda: self.pools.backend(vol.pool).prepare_ahead(volume),
                         f"ahead {volume}",
+                        lowered=False,
                     )
 
             job = self.jobs.submit(

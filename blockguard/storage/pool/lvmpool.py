@@ -134,6 +134,8 @@ class LvmPool(DiskStore):
         self.preferred_device: str | None = None
         #: The delta area made ahead (see :mod:`.lvmspare`).
         self.spare = SpareArea(self.volume_group, lambda: self.preferred_device)
+        #: volume -> bytes of its last delta with data made by this object (sizes the spare)
+        self._last_delta: dict[str, int] = {}
         self._mounted_by_me = False
 
     # --- creation, opening, removal ---------------------------------------------------
@@ -339,11 +341,13 @@ class LvmPool(DiskStore):
         (sized on its last delta that stored anything, else 1 % of the volume), unless
         the spare there fits it already or the VG lacks the room. For after a backup,
         outside it."""
-        gens = self.generations(volume)
-        if not gens:
-            return
-        stored = [m.bytes_stored for m in gens if not m.is_full and m.storage.get("lv")]
-        last = stored[-1] if stored else gens[-1].volume.size // 100
+        last = self._last_delta.get(volume)
+        if last is None:  # none written since the pool was opened: read the manifests
+            gens = self.generations(volume)
+            if not gens:
+                return
+            stored = [m.bytes_stored for m in gens if not m.is_full and m.storage.get("lv")]
+            last = stored[-1] if stored else gens[-1].volume.size // 100
         self.spare.make(spare_size_for(last))
 
     # --- garbage --------------------------------------------------------------------
@@ -436,6 +440,7 @@ class LvmPool(DiskStore):
             elif draft.is_full:
                 self.lvm.create_thin(self.vg, THIN_POOL, lv, draft.volume.size)
             elif draft.changed:
+                self._last_delta[draft.volume.name] = len(draft.changed) * draft.chunk_size
                 lv = self._delta_lv(lv, round_up(len(draft.changed) * draft.chunk_size, EXTENT))
             else:
                 lv = None
