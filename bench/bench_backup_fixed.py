@@ -17,7 +17,8 @@ job's final state, the client's start-up not included. Printed, never asserted:
   the LV there (``iflag=direct oflag=direct``);
 - for each job, every external command the daemon ran and its time (the runner's
   ``rc=N in S: argv`` debug lines), and the daemon's CPU time over the job (its own and
-  its finished children's: under TCG with one guest CPU, nearly all of the wall);
+  its finished children's: under TCG with one guest CPU, nearly all of the wall); the
+  commands run between two jobs (the last one's background aftermath) are listed too;
 - the idle daemon's CPU over ``--idle-seconds`` after the backups: with only a number
   of generations set (nothing ever due), then with an RPO of every 6 h (not due for
   hours) and one of changed 1 GiB (never reached: the amount trigger polls).
@@ -47,6 +48,8 @@ from tests.guest.daemon_fixture import engine_on_private_bus, remove_dm, resume_
 MiB = 1 << 20
 CHUNK = 64 << 10
 VG = "bgbench"
+#: where the last job's commands ended in the daemon's log
+_last_end = [0]
 RUN_LINE = re.compile(r"rc=(-?\d+) in ([0-9.]+)s: \[(.*)\]")
 
 
@@ -127,7 +130,9 @@ def backup(
     restore_to: str | None = None,
 ) -> None:
     """A backup job of ``vol`` (a restore of its newest generation to ``restore_to``)."""
-    _, mark = commands(log, 0)
+    between, mark = commands(log, _last_end[0])
+    for seconds, argv in between:  # the last job's aftermath (tidy, a delta area made ahead)
+        print(f"  between jobs, in the background: {seconds:7.3f} s  {argv[:200]}", flush=True)
     cpu0 = cpu_seconds(proc)
     t0 = time.monotonic()
     if restore_to is None:
@@ -139,7 +144,7 @@ def backup(
     cpu = cpu_seconds(proc) - cpu0
     assert props["State"] == "done", props["Error"]
     result = plain(props["Result"])
-    cmds, _ = commands(log, mark)
+    cmds, _last_end[0] = commands(log, mark)
     figures[label] = wall
     print(
         f"\n{label}: {wall:.2f} s wall, {cpu:.2f} s daemon CPU, method {result.get('method')}, "
