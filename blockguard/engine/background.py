@@ -33,18 +33,11 @@ def lower_this_thread(nice: int = NICE) -> None:
         log.debug("cannot lower the priority of thread %s: %s", threading.current_thread(), exc)
 
 
-def run_in_background(
-    work: Callable[[], object], name: str, *, lowered: bool = True
-) -> threading.Thread:
-    """Run ``work`` in a new daemon thread of lowered priority; its errors are logged.
-
-    :param lowered: False for work the next client call may wait for (a lock it holds):
-        lowered, it would make that call wait behind everything else on the CPU.
-    """
+def run_in_background(work: Callable[[], object], name: str) -> threading.Thread:
+    """Run ``work`` in a new daemon thread of lowered priority; its errors are logged."""
 
     def body() -> None:
-        if lowered:
-            lower_this_thread()
+        lower_this_thread()
         try:
             work()
         except Exception:

@@ -36,14 +36,3 @@ def test_background_work_and_its_commands_run_lowered_and_the_caller_is_untouche
     with caplog.at_level("ERROR"):
         run_in_background(fails, "failing work").join(30)
     assert "background work failing work failed" in caplog.text and "boom" in caplog.text
-
-
-def test_work_the_next_call_may_wait_for_runs_unlowered() -> None:
-    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    seen: list[int] = []
-
-    def work() -> None:
-        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-
-    run_in_background(work, "awaited work", lowered=False).join(30)
-    assert seen == [mine]

@@ -8,6 +8,8 @@ real thing runs in ``tests/guest/test_lvm_spare.py`` and the guest crash test.
 
 from __future__ import annotations
 
+import threading
+
 from blockguard.storage.pool.lvmspare import AREA_PREFIX, SpareArea, fits, spare_size_for
 from blockguard.storage.pool.lvmvg import EXTENT, LvFacts
 from tests.unit.test_lvm_vg_space import FakeLvm, pool_vg
@@ -70,3 +72,36 @@ def test_the_next_open_keeps_the_largest_unnamed_closed_area_only() -> None:
     removed = spare.sort_out(lvs, {"delta-b"})
     assert spare.name == "delta-c" and spare.size == 2 * EXTENT
     assert removed == [f"{vg.name}/delta-a"] and set(fake.lvs) == {"delta-b", "delta-c"}
+
+
+def test_a_job_that_comes_stops_the_making_before_its_next_command() -> None:
+    fake = FakeLvm()
+    spare = SpareArea(pool_vg(fake), lambda: None)
+    assert spare.make(2 * EXTENT, go_on=lambda: False) is None
+    assert fake.count("lvcreate") == 0 and spare.size == 0
+    first = spare.make(2 * EXTENT)
+    # Replacing it: stopped before the lvremove, the old spare stays the spare.
+    assert spare.make(40 * EXTENT, go_on=lambda: False) is None
+    assert spare.name == first and set(fake.lvs) == {first}
+
+
+def test_nothing_waits_for_a_spare_being_made_but_a_removal_for_space() -> None:
+    fake = FakeLvm()
+    spare = SpareArea(pool_vg(fake), lambda: None)
+    seen: dict[str, object] = {}
+    remover: list[threading.Thread] = []
+
+    def go_on() -> bool:  # called with the making under way, just before its lvcreate
+        seen["claim"] = spare.claim(EXTENT)  # a delta now makes its own LV: no wait
+        seen["again"] = spare.make(EXTENT)  # a second making does not start
+        t = threading.Thread(target=lambda: seen.setdefault("freed", spare.give_way()))
+        t.start()
+        remover.append(t)
+        return True
+
+    made = spare.make(2 * EXTENT, go_on=go_on)
+    remover[0].join(timeout=600)
+    assert seen["claim"] is None and seen["again"] is None
+    # The removal waited for the lvcreate, then removed what it made.
+    assert made is not None and seen["freed"] == 2 * EXTENT
+    assert made not in fake.lvs and spare.size == 0

@@ -44,7 +44,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from blockguard.errors import (
@@ -336,11 +336,11 @@ class LvmPool(DiskStore):
 
     # --- the delta area made ahead ----------------------------------------------------
 
-    def prepare_ahead(self, volume: str) -> None:
+    def prepare_ahead(self, volume: str, go_on: Callable[[], bool] = lambda: True) -> None:
         """Make the spare delta area the next delta of ``volume`` is likely to fit
         (sized on its last delta that stored anything, else 1 % of the volume), unless
-        the spare there fits it already or the VG lacks the room. For after a backup,
-        outside it."""
+        the spare there fits it already or the VG lacks the room. For when the pool is
+        idle; ``go_on`` False (a job came) stops before the next LVM command."""
         last = self._last_delta.get(volume)
         if last is None:  # none written since the pool was opened: read the manifests
             gens = self.generations(volume)
@@ -348,7 +348,8 @@ class LvmPool(DiskStore):
                 return
             stored = [m.bytes_stored for m in gens if not m.is_full and m.storage.get("lv")]
             last = stored[-1] if stored else gens[-1].volume.size // 100
-        self.spare.make(spare_size_for(last))
+        if go_on():
+            self.spare.make(spare_size_for(last), go_on)
 
     # --- garbage --------------------------------------------------------------------
 

@@ -2,9 +2,10 @@
 is written to, so that its ``lvcreate`` is no part of the backup.
 
 An ``lvcreate`` is a commit of the VG's metadata: 0.6 s of a 3.5 s incremental of 1 %
-in the guest under TCG (``bench/bench_backup_fixed.py``). After a backup, the engine asks
-the pool to make a spare (:meth:`LvmPool.prepare_ahead`), sized on the volume's last
-delta; the next delta that fits it is written to it under the spare's own name
+in the guest under TCG (``bench/bench_backup_fixed.py``). When the pool has been idle a
+while after a backup (no job of any of its volumes; :mod:`blockguard.engine.idle`), the
+engine asks it to make a spare (:meth:`LvmPool.prepare_ahead`), sized on the volume's
+last delta; the next delta that fits it is written to it under the spare's own name
 ``delta-<hex>`` (an ``lvrename`` would cost as much as the ``lvcreate`` it saves). A
 delta that does not fit gets a new ``g<GENERATION_ID>`` LV as before.
 
@@ -62,15 +63,20 @@ def fits(needed: int, size: int) -> bool:
 
 class SpareArea:
     """The pool's one spare delta area (none at first; found by the pool's garbage
-    collection, made by :meth:`make`, taken by :meth:`claim`)."""
+    collection, made by :meth:`make`, taken by :meth:`claim`).
+
+    No lock is held across an LVM command: while a spare is being made, a claim does not
+    wait for it (the delta makes its own LV, as it would with no spare) and a removal for
+    space (:meth:`give_way`) waits for that one command, then removes what it made.
+    """
 
     def __init__(self, vg: PoolVg, preferred: Callable[[], str | None]) -> None:
         self.vg = vg
         self._preferred = preferred
-        # Held across the lvcreate of make(): a claim waits for the spare being made
-        # (never longer than making its own LV would take).
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._spare: tuple[str, int] | None = None
+        #: a make() is running its lvremove/lvcreate (outside the lock)
+        self._making = False
 
     @property
     def size(self) -> int:
@@ -109,8 +115,9 @@ class SpareArea:
 
     def claim(self, needed: int) -> str | None:
         """Take the spare for a delta of ``needed`` bytes (whole extents) if it
-        :func:`fits`; None: make a new LV. The caller records the name in the
-        generation's manifest; uncommitted, the LV is a spare again for the next open."""
+        :func:`fits`; None: make a new LV (also while a spare is being made: never wait
+        for it). The caller records the name in the generation's manifest; uncommitted,
+        the LV is a spare again for the next open."""
         with self._lock:
             if self._spare is None or not fits(needed, self._spare[1]):
                 return None
@@ -120,12 +127,17 @@ class SpareArea:
         return lv
 
     def give_way(self) -> int:
-        """Remove the spare (the space is wanted); the bytes freed."""
+        """Remove the spare (the space is wanted), after the one being made if any is
+        made; the bytes freed."""
         with self._lock:
+            while self._making:
+                self._lock.wait()
             if self._spare is None:
                 return 0
             lv, size = self._spare
             self._spare = None
+            # Held across the lvremove: a make() meanwhile would count the VG's space
+            # before the removal, and a claim finds no spare either way.
             try:
                 self.vg.remove_lv(lv)
             except BlockguardError:
@@ -134,25 +146,43 @@ class SpareArea:
         log.info("spare delta area %s/%s removed: its space is needed", self.vg.name, lv)
         return size
 
-    def make(self, size: int) -> str | None:
+    def make(self, size: int, go_on: Callable[[], bool] = lambda: True) -> str | None:
         """Have a spare that takes a delta of ``size`` bytes: keep the one there when it
         does, else replace it, when the VG keeps 1/:data:`KEEP_FREE` of its size free
-        besides (no spare otherwise). The spare's name, or None."""
+        besides (no spare otherwise). ``go_on`` is asked before each LVM command: False
+        (a job came) stops there. The spare's name, or None."""
         size = round_up(size, EXTENT)
         with self._lock:
+            if self._making:
+                return None
             if self._spare is not None and fits(size, self._spare[1]):
                 return self._spare[0]
-            if self._spare is not None:
-                old, _ = self._spare
-                self._spare = None
-                self.vg.remove_lv(old)
+            old, self._spare = self._spare, None
+            self._making = True
+        lv: str | None = None
+        try:
+            if old is not None:
+                if not go_on():
+                    self._put_back(old)
+                    return None
+                self.vg.remove_lv(old[0])
             total, free = self.vg.vg_space()
             if free - size < max(size, total // KEEP_FREE):
                 log.debug("no spare delta area of %d bytes: the VG has %d free", size, free)
                 return None
+            if not go_on():
+                return None
             lv = f"{AREA_PREFIX}{uuid.uuid4().hex[:16]}"
             pvs = self.vg.place(size, self._preferred())
             self.vg.create_linear(lv, size, pvs, wipe=False, zero=False)
-            self._spare = (lv, size)
+            self._put_back((lv, size))
+        finally:
+            with self._lock:
+                self._making = False
+                self._lock.notify_all()
         log.debug("spare delta area %s/%s made: %d bytes", self.vg.name, lv, size)
         return lv
+
+    def _put_back(self, spare: tuple[str, int]) -> None:
+        with self._lock:
+            self._spare = spare
