@@ -17,7 +17,7 @@ Layout of pool ``NAME`` (VG ``bg_NAME``, 1 MiB extents, on the pool disks as PVs
   changed chunks packed in chunk order (a chunk's slot is its rank in the manifest's
   changed set), allocated on a chosen PV: :attr:`LvmPool.preferred_device` (for example
   the faster disk), else the PV with the most free space. A delta with no changed chunk
-  has no LV. A delta that fits the spare made ahead after the last backup is written to
+  has no LV. A delta that fits the spare made ahead (while the pool was idle) is written to
   it instead, under its name ``delta-<hex>`` (see :mod:`.lvmspare`: no ``lvcreate`` in
   the backup).
 - ``cow-*``: linear LVs lent out as dm-snapshot exception stores (:meth:`cow_store`);
