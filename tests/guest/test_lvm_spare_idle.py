@@ -77,7 +77,7 @@ def wait_for(what, timeout: float = 120):
 
 @pytest.fixture
 def world(pool_disks: list[str], loopdev, tmp_path: Path) -> Iterator[tuple[list[str], str]]:
-    pv = loopdev(48 * MiB, "vg.img")
+    pv = loopdev(80 * MiB, "vg.img")
     target = loopdev(SIZE, "target.img")
     sh("lvm", "pvcreate", "-qq", pv)
     sh("lvm", "vgcreate", "-qq", VG, pv)
