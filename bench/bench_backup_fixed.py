@@ -16,8 +16,13 @@ job's final state, the client's start-up not included. Printed, never asserted:
 - with a fourth disk, a restore (copy) of the newest generation to it, and ``dd`` copying
   the LV there (``iflag=direct oflag=direct``);
 - for each job, every external command the daemon ran and its time (the runner's
-  ``rc=N in S: argv`` debug lines), and the daemon's CPU time over the job (its own and
-  its finished children's: under TCG with one guest CPU, nearly all of the wall);
+  ``rc=N in S: argv`` debug lines), the pool's ``delta-*`` LVs before it (spare delta
+  areas, and generations written to one), and the daemon's CPU time over the job (its own and
+  its finished children's: under TCG with one guest CPU, nearly all of the wall); the
+  commands run between two jobs (the last one's background aftermath) are listed too;
+- ``--pause-seconds N`` waits N s after each job (the spare delta area is made once the
+  pool was idle for the daemon's ``idle_quiet``, ``--idle-quiet``); 0 runs the jobs back
+  to back, as the rows of main were measured;
 - the idle daemon's CPU over ``--idle-seconds`` after the backups: with only a number
   of generations set (nothing ever due), then with an RPO of every 6 h (not due for
   hours) and one of changed 1 GiB (never reached: the amount trigger polls).
@@ -47,6 +52,12 @@ from tests.guest.daemon_fixture import engine_on_private_bus, remove_dm, resume_
 MiB = 1 << 20
 CHUNK = 64 << 10
 VG = "bgbench"
+#: where the last job's commands ended in the daemon's log
+_last_end = [0]
+#: seconds to wait after each job (--pause-seconds)
+_pause = [0.0]
+#: the pool's VG (its delta-* LVs are the spare delta areas)
+POOL_VG = "bg_p1"
 RUN_LINE = re.compile(r"rc=(-?\d+) in ([0-9.]+)s: \[(.*)\]")
 
 
@@ -127,7 +138,10 @@ def backup(
     restore_to: str | None = None,
 ) -> None:
     """A backup job of ``vol`` (a restore of its newest generation to ``restore_to``)."""
-    _, mark = commands(log, 0)
+    spares = sorted(n for n in lp.lv_names(POOL_VG) if n.startswith("delta-"))
+    between, mark = commands(log, _last_end[0])
+    for seconds, argv in between:  # the last job's aftermath (tidy, a delta area made ahead)
+        print(f"  between jobs, in the background: {seconds:7.3f} s  {argv[:200]}", flush=True)
     cpu0 = cpu_seconds(proc)
     t0 = time.monotonic()
     if restore_to is None:
@@ -139,23 +153,40 @@ def backup(
     cpu = cpu_seconds(proc) - cpu0
     assert props["State"] == "done", props["Error"]
     result = plain(props["Result"])
-    cmds, _ = commands(log, mark)
+    cmds, _last_end[0] = commands(log, mark)
     figures[label] = wall
     print(
         f"\n{label}: {wall:.2f} s wall, {cpu:.2f} s daemon CPU, method {result.get('method')}, "
         f"{result.get('bytes', '?')} bytes copied; {len(cmds)} commands, "
-        f"{sum(s for s, _ in cmds):.2f} s in them:",
+        f"{sum(s for s, _ in cmds):.2f} s in them; delta-* LVs before it: {spares or 'none'}:",
         flush=True,
     )
     for seconds, argv in cmds:
         print(f"  {seconds:7.3f} s  {argv[:300]}", flush=True)
+    if _pause[0] > 0:
+        time.sleep(_pause[0])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument(
+        "--pause-seconds", type=float, default=0.0,
+        help="seconds to wait after each job before the next step (0: back to back)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--idle-quiet", type=float, default=None,
+        help="the daemon's idle_quiet (BLOCKGUARD_IDLE_QUIET; default: the daemon's)",
+    )  # fmt: skip
     args = parser.parse_args()
+    _pause[0] = args.pause_seconds
+    quiet = {} if args.idle_quiet is None else {"BLOCKGUARD_IDLE_QUIET": str(args.idle_quiet)}
+    print(
+        f"jobs {'back to back' if args.pause_seconds <= 0 else f'{args.pause_seconds:g} s apart'}"
+        f", daemon idle_quiet {args.idle_quiet if args.idle_quiet is not None else 'default'}",
+        flush=True,
+    )
     size = args.size_mib * MiB
     disks = os.environ.get("BLOCKGUARD_VM_DISKS", "").split()
     if len(disks) < 3:
@@ -179,7 +210,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp, engine_on_private_bus(Path(tmp)) as harness:
             # The production scheduler (the test harness's never looks): the idle figures.
             daemon = harness.start(
-                BLOCKGUARD_SCHEDULER_INTERVAL="30", BLOCKGUARD_SCHEDULER_MAX_INTERVAL="300"
+                BLOCKGUARD_SCHEDULER_INTERVAL="30", BLOCKGUARD_SCHEDULER_MAX_INTERVAL="300", **quiet
             )
             proc = psutil.Process(daemon.process.pid)
             with Client(daemon.address) as client:
@@ -217,7 +248,8 @@ def main() -> None:
         for d in (*pool_disks, *([target] if target else [])):
             lp.release(d)
     full = figures["full"]
-    print(f"\n| {args.size_mib} MiB thin LV, D-Bus job walls | s | / full | target |")
+    pause = "back to back" if args.pause_seconds <= 0 else f"{args.pause_seconds:g} s apart"
+    print(f"\n| {args.size_mib} MiB thin LV, D-Bus job walls ({pause}) | s | / full | target |")
     print("|---|---|---|---|")
     print(f"| dd read (bs=1M iflag=direct) | {figures['dd']:.2f} | {figures['dd'] / full:.2f} | |")
     print(f"| full | {full:.2f} | 1.00 | <= 1.3 x dd |")

@@ -55,6 +55,7 @@ from blockguard.engine.filerestores import (
     serve_restore_files,
 )
 from blockguard.engine.health import HealthKeeper, HealthMonitor
+from blockguard.engine.idle import IdleWork
 from blockguard.engine.importing import import_pool
 from blockguard.engine.jobbook import JobBook
 from blockguard.engine.jobs import Job, JobKind, JobRunner, JobState, ProgressReporter
@@ -130,6 +131,8 @@ class Engine:
         #: Targets that could not be reached, held back from scheduled transfers.
         self.target_backoff = TargetBackoff()
         self._browser: Browser | None = None
+        #: What the next backups would make in their own time, made when a pool is idle.
+        self.idle = IdleWork(self._pool_busy, self.settings.idle_quiet)
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -322,6 +325,7 @@ class Engine:
             log.error("cannot undo the point-in-time copies of interrupted backups: %s", exc)
 
     def close(self) -> None:
+        self.idle.stop()
         if self._browser is not None:
             self._browser.close()
             self._browser = None
@@ -343,6 +347,22 @@ class Engine:
 
     def subscribe(self, callback: svc.EventCallback) -> None:
         self.events.subscribe(callback)
+
+    def _pool_busy(self, pool: str) -> bool:
+        """Whether a job of ``pool`` (a pool-wide one, or one of any of its volumes) is
+        queued or running. Takes no lock of the engine's (the idle work asks it)."""
+        jobs, pools = self._jobs, self._pools
+        if jobs is None or pools is None:
+            return True
+        for key in jobs.busy_volumes():
+            if key == pool or key.endswith(f":{pool}"):
+                return True
+            try:
+                if pools.catalog.get_volume(key).pool == pool:
+                    return True
+            except BlockguardError:
+                continue  # a target's or another pool's key
+        return False
 
     def status(self) -> dict[str, Any]:
         volumes = self.volumes.all_infos()
@@ -759,6 +779,7 @@ class Engine:
             vol = self.volumes.catalog.get_volume(volume)
             self.volumes.require_attached(volume)
             self.jobs.reserve(volume)
+            self.idle.touch(vol.pool)  # its idle work waits, or stops before its next step
             serial = next(self._serial)
 
             def work(progress: ProgressReporter, _record: str) -> dict[str, Any]:
@@ -781,6 +802,15 @@ class Engine:
                 tracking = self.volumes.tracking.get(volume)
                 if tracking is not None:
                     run_in_background(tracking.tidy, f"tidy {volume}")
+                self.idle.touch(vol.pool)
+                if job.snapshot().state is JobState.DONE:
+                    # The next backup's storage (an lvm pool's delta area), made once the
+                    # pool is idle: never in the time of a job that comes right after.
+                    self.idle.after_job(
+                        vol.pool,
+                        f"ahead {volume}",
+                        lambda go_on: self.pools.backend(vol.pool).prepare_ahead(volume, go_on),
+                    )
 
             job = self.jobs.submit(
                 JobKind.BACKUP, volume, volume, work, finished, pool=vol.pool, reserved=True

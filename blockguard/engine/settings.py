@@ -62,6 +62,10 @@ tests (and slow or fast hosts) override them:
     seconds to listen for another process's hold of that snapshot before reserving it
     when one was seen lately (default 5): reserving right after its release, not just
     before its next reservation, keeps it from failing.
+``idle_quiet`` (``BLOCKGUARD_IDLE_QUIET``)
+    seconds a pool must be without any job before the work made ahead for its next
+    backup is done (an lvm pool's spare delta area; default 5; see
+    :mod:`blockguard.engine.idle`).
 ``s3_gc_grace`` (``BLOCKGUARD_S3_GC_GRACE``)
     seconds a pack of an object-store target no generation references is kept after a
     garbage-collection sweep marked it (default 86400). A backup may run longer: its
@@ -144,6 +148,7 @@ class Settings:
     retry_cap: float = 3600.0
     thin_metadata_wait: float = 300.0
     thin_metadata_quiet: float = 5.0
+    idle_quiet: float = 5.0
     s3_gc_grace: float = 86400.0
     s3_gc_interval: float = 21600.0
     s3_lease_timeout: float = 600.0

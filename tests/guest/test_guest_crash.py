@@ -1,6 +1,9 @@
 """An lvm-pool backup killed at any point: committed generations survive, the partial one
 leaves no garbage after the next open, and the same backup run again is correct.
 
+Every other step has a spare delta area that fits it (the rest make LVs of their own), and
+some steps kill the making of a spare: the next open keeps at most one spare.
+
 Each backup runs in a forked child (its own process group, as the daemon's service would
 be) that opens the pool and is SIGKILLed — with whatever lvm command it was running —
 either at a named point of the commit protocol (``BLOCKGUARD_TEST_CRASH_AT``) or after a
@@ -27,8 +30,8 @@ from blockguard.storage.backup import run_backup
 from blockguard.storage.blockdev import BlockDevice
 from blockguard.storage.manifest import MANIFEST_NAME, VolumeIdentity
 from blockguard.storage.pool.gendir import LOCK
-from blockguard.storage.pool.lvmgen import lv_name_of
 from blockguard.storage.pool.lvmpool import LvmPool
+from blockguard.storage.pool.lvmspare import AREA_PREFIX
 from blockguard.storage.restore import restore_to_device, verify
 from tests.guest import test_lvmpool as lp
 from tests.guest.test_lvmpool import lv_names
@@ -44,6 +47,7 @@ EXTENT = 128 << 10  # small extents: many "chunks-written" points per backup
 
 # (kind, crash point or None for a random delay, keep)
 PLAN: list[tuple[str, str | None, int | None]] = [
+    ("incremental", "area-claimed", None),  # even steps have a spare that fits
     ("incremental", "lv-created", None),
     ("incremental", "chunks-written@1", None),
     ("differential", "chunks-written@2", None),
@@ -55,13 +59,16 @@ PLAN: list[tuple[str, str | None, int | None]] = [
     ("differential", "before-manifest", None),
     ("differential", "atomic-manifest.json", None),
     ("incremental", "after-manifest", None),
+    ("ahead", None, None),
     ("full", "lv-created", None),
     ("full", "before-manifest", None),
     ("full", "after-manifest", None),
     ("incremental", "remove-renamed", 4),
     ("incremental", "remove-renamed@2", 3),
     ("differential", "after-manifest", None),
+    ("ahead", None, None),
     ("full", "after-checksums", None),
+    ("ahead", None, None),
     ("incremental", None, None),
     ("differential", None, None),
     ("full", None, None),
@@ -94,9 +101,11 @@ def no_garbage(pool: LvmPool) -> None:
         assert (gen / MANIFEST_NAME).exists(), f"uncommitted generation left: {gen}"
         assert not gen.name.endswith(".deleted"), f"half-removed generation left: {gen}"
         assert not (gen / LOCK).exists() and not list(gen.glob(".*.tmp"))
-    stored = {lv_name_of(m.generation_id) for m in pool.generations() if m.storage.get("lv")}
-    lvs = {n for n in lv_names(pool.vg) if n.startswith(("g", "cow-"))}
-    assert lvs == stored, f"stray LVs: {lvs - stored}; committed {sorted(committed)}"
+    stored = {m.storage["lv"] for m in pool.generations() if m.storage.get("lv")}
+    lvs = {n for n in lv_names(pool.vg) if n.startswith(("g", "cow-", AREA_PREFIX))}
+    spare = {pool.spare.name} if pool.spare.name else set()
+    assert lvs == stored | spare, f"stray LVs: {lvs - stored}; committed {sorted(committed)}"
+    assert not spare & stored, "a generation's LV taken for the spare"
 
 
 def run_child(args: dict, point: str | None, delay: float) -> int:
@@ -113,6 +122,9 @@ def run_child(args: dict, point: str | None, delay: float) -> int:
             manifest_module._crash_hits.clear()
             pool = LvmPool.open(args["pool"], args["devices"], args["mount_root"])
             os.write(w, b"r")
+            if args["kind"] == "ahead":  # replace the spare (lvremove, lvcreate)
+                pool.spare.make(pool.spare.size + (1 << 20))
+                os._exit(0)
             run_backup(pool, args["ident"], args["source"], args["kind"], args["changed"],
                        chunk_size=CHUNK, base_id=args["base_id"], parent_id=args["parent_id"],
                        keep=args["keep"], extent_bytes=EXTENT)  # fmt: skip
@@ -147,8 +159,19 @@ def test_kill_backup_at_many_points(make_pool, loopdev, tmp_path: Path) -> None:
     marks[first.generation_id], shas[first.generation_id] = len(events), sha
 
     killed_at: list[str] = []
-    for kind, point, keep in PLAN:
+    for step, (kind, point, keep) in enumerate(PLAN):
         gens = pool.generations("cv")
+        if kind == "ahead":
+            delay = rng.uniform(0.0, 1.5)
+            args = {"pool": "crash", "devices": disks, "mount_root": mount_root, "kind": kind}
+            run_child(args, None, delay)
+            killed_at.append(f"ahead:after {delay:.2f} s")
+            pool = LvmPool.open("crash", disks, mount_root)
+            no_garbage(pool)
+            assert [m.generation_id for m in pool.generations("cv")] == [
+                m.generation_id for m in gens
+            ]
+            continue
         last, last_full = gens[-1], next(m for m in reversed(gens) if m.is_full)
         ref = last if kind == "incremental" else last_full
         sha = snapshot(rng, vol, snap, events)
@@ -161,6 +184,10 @@ def test_kill_backup_at_many_points(make_pool, loopdev, tmp_path: Path) -> None:
             "parent_id": ref.generation_id if kind == "incremental" else None,
         }  # fmt: skip
         before = {m.generation_id for m in gens}
+        # The child's open adopts the spare the parent leaves (or finds none).
+        pool.spare.give_way()
+        if step % 2 == 0 and kind != "full":
+            pool.spare.make(len(changed) * CHUNK)
         delay = rng.uniform(0.0, 1.5)
         status = run_child(args, point, delay)
         if point is not None:

@@ -27,7 +27,7 @@ import array
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -408,6 +408,13 @@ class PoolBackend(ABC):
         """Remove a scratch space :data:`DRILL_SCRATCH` a crash left (that name only);
         returns what was removed."""
         return []
+
+    def prepare_ahead(  # noqa: B027 - optional hook
+        self, volume: str, go_on: Callable[[], bool] = lambda: True
+    ) -> None:
+        """Make now, while the pool is idle, what the next backup of ``volume`` would
+        have to make in its own time (the ``lvm`` pool: a spare delta area). ``go_on``
+        is asked before each step that takes time: False (a job came) stops there."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the pool (unmount what this object mounted)."""

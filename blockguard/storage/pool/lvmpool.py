@@ -17,7 +17,9 @@ Layout of pool ``NAME`` (VG ``bg_NAME``, 1 MiB extents, on the pool disks as PVs
   changed chunks packed in chunk order (a chunk's slot is its rank in the manifest's
   changed set), allocated on a chosen PV: :attr:`LvmPool.preferred_device` (for example
   the faster disk), else the PV with the most free space. A delta with no changed chunk
-  has no LV.
+  has no LV. A delta that fits the spare made ahead (while the pool was idle) is written to
+  it instead, under its name ``delta-<hex>`` (see :mod:`.lvmspare`: no ``lvcreate`` in
+  the backup).
 - ``cow-*``: linear LVs lent out as dm-snapshot exception stores (:meth:`cow_store`);
   ``s-*``: swap-in volumes (thin snapshots of a full) handed to the caller;
   ``bg-drill-scratch``: a restore drill's scratch space (:meth:`drill_scratch`).
@@ -27,7 +29,8 @@ then its LV is created and written, flushed (which also commits the thin pool's 
 then the checksums, then the manifest. A generation directory without a manifest whose
 lock can be taken, a ``*.deleted`` directory (an interrupted removal; the rename is the
 removal's commit point), a ``g*`` LV that no directory names, a ``cow-*`` LV that
-nothing holds open and a drill's scratch LV are garbage, removed by :meth:`LvmPool.open`.
+nothing holds open and a drill's scratch LV are garbage, removed by :meth:`LvmPool.open`;
+of the ``delta-*`` LVs no manifest names, one is kept as the spare, the others removed.
 
 Every LVM command is confined to the pool's disks by a devices filter, so the pool can
 never touch another disk. LVM does not scan LVs for PV labels (``scan_lvs = 0``, the
@@ -41,11 +44,13 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from blockguard.errors import (
     AlreadyExists,
+    BlockguardError,
+    CommandFailed,
     CorruptMetadata,
     InvalidInput,
     NotFound,
@@ -54,6 +59,7 @@ from blockguard.errors import (
 from blockguard.storage.blockdev import BlockDevice, device_rdev, mounted_devnos
 from blockguard.storage.lvm import Lvm
 from blockguard.storage.manifest import (
+    MANIFEST_NAME,
     Manifest,
     VolumeIdentity,
     check_name,
@@ -75,11 +81,13 @@ from blockguard.storage.pool.lvmgen import (
     lv_name_of,
 )
 from blockguard.storage.pool.lvmlend import COW_PREFIX, LvCowStore, LvLender, LvScratch
+from blockguard.storage.pool.lvmspare import SpareArea, fits, is_area, spare_size_for
 from blockguard.storage.pool.lvmvg import (
     EXTENT,
     META_LV,
     THIN_BLOCK,
     THIN_POOL,
+    LvFacts,
     PoolVg,
     dm_name,
     round_up,
@@ -87,6 +95,7 @@ from blockguard.storage.pool.lvmvg import (
 from blockguard.storage.pool.records import POOL_FILE, read_pool_file, write_pool_file
 from blockguard.storage.pool.registration import DiskAdmission, DiskCheck, devno, wipe_if_forced
 from blockguard.storage.pool.store import StoredData, StoredGenerationReader
+from blockguard.storage.pool.thinspace import ThinShortfall
 from blockguard.storage.runner import Runner, default_runner
 from blockguard.storage.safety import SafetyGate
 
@@ -123,6 +132,10 @@ class LvmPool(DiskStore):
         self.lending = LvLender(self.volume_group)
         #: Deltas and COW stores go on this PV when it has room (a faster disk, say).
         self.preferred_device: str | None = None
+        #: The delta area made ahead (see :mod:`.lvmspare`).
+        self.spare = SpareArea(self.volume_group, lambda: self.preferred_device)
+        #: volume -> bytes of its last delta with data made by this object (sizes the spare)
+        self._last_delta: dict[str, int] = {}
         self._mounted_by_me = False
 
     # --- creation, opening, removal ---------------------------------------------------
@@ -273,7 +286,8 @@ class LvmPool(DiskStore):
         space are given apart too."""
         size, vg_free = self.volume_group.vg_space()
         thin = self.volume_group.thin_space()
-        free = vg_free + thin.data_free
+        # The spare delta area is free space the pool lent itself: it gives way on need.
+        free = vg_free + thin.data_free + self.spare.size
         return PoolCapacity(
             size, size - free, free,
             thin.data_total, thin.data_free, thin.meta_total, thin.meta_free,
@@ -294,38 +308,95 @@ class LvmPool(DiskStore):
     def _admit_full(self, needed: int, volume: VolumeIdentity) -> None:
         """:raises PoolSpaceLow: the thin pool's data or metadata cannot take ``needed``
         bytes with its margin, even grown from the VG (after alerting)."""
-        short = self.volume_group.admit_thin(needed, volume.size, self.preferred_device)
+        short = self._admit_thin(needed, volume.size)
         if short is not None:
             self.refuse_space(short.free, short.needed, volume.name, short.resource)
+
+    def _admit_thin(self, needed: int, volume_size: int) -> ThinShortfall | None:
+        """The thin pool's admission, the spare giving way when it falls short."""
+        short = self.volume_group.admit_thin(needed, volume_size, self.preferred_device)
+        if short is not None and self.spare.give_way():
+            short = self.volume_group.admit_thin(needed, volume_size, self.preferred_device)
+        return short
+
+    def _vg_room(self, needed: int) -> int:
+        """The VG's free bytes for a new LV of ``needed`` bytes, the spare giving way
+        when they lack (a refusal is made on a fresh read)."""
+        free = self.volume_group.vg_free_for(needed)
+        if free < needed and self.spare.give_way():
+            free = self.volume_group.space(fresh=True).free
+        return free
 
     def _create_linear(self, lv: str, size: int) -> None:
         """A linear LV to be written over (no wiping, no zeroing), on the preferred PV
         when it has room."""
+        self._vg_room(size)
         pvs = self.volume_group.place(size, self.preferred_device)
         self.volume_group.create_linear(lv, size, pvs, wipe=False, zero=False)
+
+    # --- the delta area made ahead ----------------------------------------------------
+
+    def prepare_ahead(self, volume: str, go_on: Callable[[], bool] = lambda: True) -> None:
+        """Make the spare delta area the next delta of ``volume`` is likely to fit
+        (sized on its last delta that stored anything, else 1 % of the volume), unless
+        the spare there fits it already or the VG lacks the room. For when the pool is
+        idle; ``go_on`` False (a job came) stops before the next LVM command."""
+        last = self._last_delta.get(volume)
+        if last is None:  # none written since the pool was opened: read the manifests
+            gens = self.generations(volume)
+            if not gens:
+                return
+            stored = [m.bytes_stored for m in gens if not m.is_full and m.storage.get("lv")]
+            last = stored[-1] if stored else gens[-1].volume.size // 100
+        if go_on():
+            self.spare.make(spare_size_for(last), go_on)
 
     # --- garbage --------------------------------------------------------------------
 
     def collect_garbage(self) -> list[str]:
-        """Remove uncommitted and half-removed generations, and stray LVs."""
+        """Remove uncommitted and half-removed generations, and stray LVs; keep one
+        ``delta-*`` LV that no manifest names as the spare."""
         lvs = self.volume_group.lvs()
+        gone: set[str] = set()
 
-        def drop(gid: str) -> None:
-            if lv_name_of(gid) in lvs:
-                self._remove_lv(lv_name_of(gid))
+        def drop(gid: str, gen: Path) -> None:
+            # A removal interrupted after its rename still has the manifest naming the LV.
+            lv = lv_name_of(gid)
+            try:
+                data = (gen / MANIFEST_NAME).read_bytes()
+                lv = Manifest.from_json(data, str(gen)).storage.get("lv") or lv
+            except (OSError, BlockguardError):
+                pass
+            if lv in lvs and lv not in gone:
+                self._remove_lv(lv)
+                gone.add(lv)
 
         removed, seen = self._collect_generation_dirs(drop)
         named = {lv_name_of(gid) for gid in seen}
         for lv in lvs.values():
             stray_gen = lv.name.startswith(GEN_PREFIX) and lv.name not in named
             stray_cow = lv.name.startswith(COW_PREFIX) and not lv.is_open
-            if stray_gen or stray_cow:
+            if (stray_gen or stray_cow) and lv.name not in gone:
                 self._remove_lv(lv.name)
                 removed.append(f"{self.vg}/{lv.name}")
+        removed += self._sort_areas({n: f for n, f in lvs.items() if n not in gone})
         removed += self.remove_drill_scratch()
         if removed:
             log.info("pool %s: removed garbage %s", self.name, removed)
         return removed
+
+    def _sort_areas(self, lvs: dict[str, LvFacts]) -> list[str]:
+        """Keep one ``delta-*`` LV no manifest names as the spare, remove the others."""
+        self.spare.forget()
+        areas = [lv for lv in lvs.values() if is_area(lv.name)]
+        if not areas:
+            return []
+        found = self.scan()
+        if any(d.manifest is None for d in found.damaged):
+            log.warning("pool %s: a manifest cannot be read: every delta-* LV stays", self.name)
+            return []
+        manifests = [*found.manifests, *(d.manifest for d in found.damaged if d.manifest)]
+        return self.spare.sort_out(areas, {m.storage.get("lv") or "" for m in manifests})
 
     # --- generations: where the bytes live ------------------------------------------
 
@@ -352,9 +423,9 @@ class LvmPool(DiskStore):
             return self.meta_dir / "volumes", source
         if spec.is_full:
             self._admit_full(needed, volume)
-        else:
+        elif not fits(round_up(needed, EXTENT), self.spare.size):
             # A delta is a linear LV: only the VG's unallocated space can hold it.
-            vg_free = self.volume_group.vg_free_for(needed)
+            vg_free = self._vg_room(needed)
             if vg_free < needed:
                 self.refuse_space(vg_free, needed, volume.name)
         return self.meta_dir / "volumes", source
@@ -370,7 +441,8 @@ class LvmPool(DiskStore):
             elif draft.is_full:
                 self.lvm.create_thin(self.vg, THIN_POOL, lv, draft.volume.size)
             elif draft.changed:
-                self._create_linear(lv, round_up(len(draft.changed) * draft.chunk_size, EXTENT))
+                self._last_delta[draft.volume.name] = len(draft.changed) * draft.chunk_size
+                lv = self._delta_lv(lv, round_up(len(draft.changed) * draft.chunk_size, EXTENT))
             else:
                 lv = None
             crash_point("lv-created")
@@ -393,6 +465,21 @@ class LvmPool(DiskStore):
         # where the admin's lvm.conf turned thin_pool_zero off.
         zeroed = draft.is_full and source is None and draft.chunk_size % THIN_BLOCK == 0
         return StoredData(target, source, storage, drop, zeroed=zeroed)
+
+    def _delta_lv(self, lv: str, size: int) -> str:
+        """The spare delta area when it fits ``size`` bytes and is there, else a new
+        linear LV ``lv``; returns the LV's name."""
+        area = self.spare.claim(size)
+        if area is not None:
+            crash_point("area-claimed")
+            try:
+                self._lv_device(area)
+                return area
+            except (NotFound, CommandFailed):
+                # Gone behind the pool's back (removed by hand): the delta needs an LV.
+                log.warning("spare delta area %s/%s is gone", self.vg, area)
+        self._create_linear(lv, size)
+        return lv
 
     def _drop_data(self, manifest: Manifest) -> None:
         lv = manifest.storage.get("lv")
@@ -438,10 +525,12 @@ class LvmPool(DiskStore):
         """
         size = round_up(max(size, EXTENT), EXTENT)
         self.require_space(size)
+        self._vg_room(size)
         return self.lending.cow_store(size, label, self.preferred_device)
 
     def lend_device(self, name: str, size: int, volume: str | None = None) -> str:
         self.require_space(size, volume)
+        self._vg_room(size)
         return self.lending.lend(name, size)
 
     def lent_device(self, name: str) -> str:
@@ -454,11 +543,12 @@ class LvmPool(DiskStore):
         """:raises PoolSpaceLow: the thin pool (or, without one, the VG) lacks the room."""
         size = round_up(max(size, EXTENT), EXTENT)
         if THIN_POOL in self.volume_group.lvs():
-            short = self.volume_group.admit_thin(size, size, self.preferred_device)
+            short = self._admit_thin(size, size)
             if short is not None:
                 self.refuse_space(short.free, short.needed, None, short.resource)
         else:
             self.require_space(size)
+            self._vg_room(size)
         return self.lending.scratch(size, self.preferred_device)
 
     def remove_drill_scratch(self) -> list[str]:

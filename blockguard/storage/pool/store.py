@@ -243,10 +243,11 @@ class GenerationStore(PoolBackend):
     # --- garbage ----------------------------------------------------------------------
 
     def _collect_generation_dirs(
-        self, drop: Callable[[str], None] | None = None
+        self, drop: Callable[[str, Path], None] | None = None
     ) -> tuple[list[str], set[str]]:
         """Remove uncommitted and half-removed generation directories (and, through
-        ``drop``, their data kept elsewhere, by generation id).
+        ``drop``, their data kept elsewhere, by generation id and directory, before the
+        directory goes).
 
         :returns: what was removed, and the ids of every generation directory seen.
         """
@@ -266,7 +267,7 @@ class GenerationStore(PoolBackend):
                     if writer_alive(gen):
                         continue
                     if drop is not None:
-                        drop(gid)
+                        drop(gid, gen)
                     shutil.rmtree(gen, ignore_errors=True)
                     removed.append(str(gen))
                 if removed:
