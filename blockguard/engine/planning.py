@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from pyroaring import BitMap
-
 from blockguard.core.objective_sets import (
     CLEAR,
     OBJECTIVE_KEYS,
@@ -49,7 +47,7 @@ from blockguard.engine.calibration import Calibration, estimate_dict
 from blockguard.engine.ids import public_id, short_id
 from blockguard.storage.manifest import Manifest
 from blockguard.storage.pool.base import generation_refs
-from blockguard.storage.restore import merged_deltas
+from blockguard.storage.restore import merged_deltas, runs
 from blockguard.storage.tracking import ChangeSet
 
 if TYPE_CHECKING:
@@ -84,11 +82,6 @@ class ChainView:
     chain: Chain | None
     newest: Manifest | None
     newest_full: Manifest | None
-
-
-def runs(chunks: BitMap) -> int:
-    """Runs of adjacent chunks in a set (the extents a restore writes them as)."""
-    return len(chunks) - len(chunks & chunks.shift(1))
 
 
 def chain_view(manifests: Sequence[Manifest], device_of: Callable[[Manifest], str]) -> ChainView:

@@ -32,8 +32,9 @@ from blockguard.core.scheduler import ScheduleDecision, schedule
 from blockguard.core.vocab import GenerationKind, RestoreMode
 from blockguard.core.what_if import ChangeSets
 from blockguard.engine.ids import public_id
-from blockguard.engine.planning import PlanInputs, runs
+from blockguard.engine.planning import PlanInputs
 from blockguard.storage.manifest import Manifest
+from blockguard.storage.restore import runs
 
 
 @dataclass(frozen=True)

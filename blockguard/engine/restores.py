@@ -33,7 +33,7 @@ from blockguard.engine.calibration import calibration, copy_target_of, record_re
 from blockguard.engine.events import EventHub
 from blockguard.engine.jobbook import JobProgress
 from blockguard.engine.jobs import ProgressReporter
-from blockguard.engine.planning import correction_from, runs
+from blockguard.engine.planning import correction_from
 from blockguard.engine.pools import PoolRegistry, _block_device
 from blockguard.engine.volumes import VolumeRegistry, is_detached
 from blockguard.errors import (
@@ -55,6 +55,7 @@ from blockguard.storage.restore import (
     merged_deltas,
     restore_in_place,
     restore_to_device,
+    runs,
     swap_in,
     verify,
 )

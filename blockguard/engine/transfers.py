@@ -49,7 +49,6 @@ from blockguard.engine.calibration import copy_target_of
 from blockguard.engine.ids import public_id
 from blockguard.engine.jobbook import JobProgress
 from blockguard.engine.jobs import ProgressReporter
-from blockguard.engine.planning import runs
 from blockguard.engine.pools import PoolRegistry
 from blockguard.engine.remoteplan import (
     RemotePlan,
@@ -72,6 +71,7 @@ from blockguard.storage.pool.remotepool import RemotePool
 from blockguard.storage.pool.s3pool import S3Pool
 from blockguard.storage.remote.s3gc import SweepResult, sweep, sweep_due
 from blockguard.storage.remote.s3gen import S3GenerationWriter
+from blockguard.storage.restore import runs
 from blockguard.storage.transfer import transfer_generation, transfer_spec
 
 log = logging.getLogger(__name__)

@@ -56,7 +56,6 @@ from blockguard.engine.planning import (
     plan_dict,
     restore_mode_of,
     retention_of,
-    runs,
     schedule_of,
 )
 from blockguard.engine.pools import PoolRegistry
@@ -76,6 +75,7 @@ from blockguard.errors import (
 from blockguard.storage.blockdev import BlockDevice
 from blockguard.storage.manifest import Manifest
 from blockguard.storage.pool.base import PoolBackend, VolumeRecord
+from blockguard.storage.restore import runs
 from blockguard.storage.runner import Runner
 from blockguard.storage.tracking import (
     ChangeSet,
